@@ -1,0 +1,87 @@
+// The backend interface: what the EP needs from a device that implements the GEMM contract.
+// Knows nothing of ONNX Runtime: plain pointers, shapes and strides.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "gemm_contract.h"
+
+namespace xdna::kernels {
+
+// Any failure of a backend step. The EP turns it into a logged CPU fallback for that node.
+class BackendFault : public std::runtime_error {
+ public:
+  BackendFault(std::string step, const std::string& what)
+      : std::runtime_error(step + ": " + what), step_(std::move(step)) {}
+  const std::string& step() const { return step_; }  // "open", "load", "upload", "run", "timeout", "result"
+
+ private:
+  std::string step_;
+};
+
+// B in the contract's packed bf16 layout, in host memory. Built once per weight at Compile.
+struct PackedB {
+  PaddedShape shape{};  // M fields unused
+  std::vector<uint16_t> data;
+};
+
+// Packs B[k][n] = src[k * stride_k + n * stride_n] (strides in elements, so transB is stride_k=1, stride_n=K).
+PackedB pack_b(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n);
+
+// A weight as a backend holds it (e.g. a device buffer). Always keeps the host copy: it is the CPU fallback's input.
+class DeviceWeight {
+ public:
+  explicit DeviceWeight(std::shared_ptr<const PackedB> host) : host_(std::move(host)) {}
+  virtual ~DeviceWeight() = default;
+  const PackedB& host() const { return *host_; }
+
+ private:
+  std::shared_ptr<const PackedB> host_;
+};
+
+// One GEMM call: C[M, N] (row stride ldc) = bf16(A)[M, K] (fp32, row stride lda) . B.
+struct GemmArgs {
+  const float* a;
+  int64_t M;
+  int64_t lda;
+  float* c;
+  int64_t ldc;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;            // "emulator", "xrt"
+  virtual std::string device_description() const = 0;
+  // Whether this backend can run a GEMM of this shape (xrt: a kernel was built for it). M<=0 means "any M".
+  virtual bool can_run(int64_t M, int64_t K, int64_t N, std::string* why_not) const = 0;
+  // Makes a weight resident (xrt: copies it into a device buffer once). Throws BackendFault.
+  virtual std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) = 0;
+  // Runs one GEMM. Thread-safe. Throws BackendFault; on a throw C's contents are unspecified.
+  virtual void gemm(const GemmArgs& args, const DeviceWeight& b) = 0;
+};
+
+struct BackendConfig {
+  std::string kind = "auto";  // auto | emulator | xrt
+  std::string kernel_dir;     // xrt: directory holding manifest.json + xclbins (empty: XDNA_KERNEL_DIR or default)
+  std::string plugin_dir;     // where libxdna_xrt_backend.so lives (next to the EP library)
+  int threads = 0;            // emulator: 0 = all cores
+  // Testing aid: make the chosen backend fail at one step ("upload", "run", "result"; "" = never), to prove
+  // that every fault ends in a logged CPU fallback with correct numbers.
+  std::string fault_inject;
+};
+
+// Wraps `inner` so that it throws BackendFault(step) at the configured step (see BackendConfig::fault_inject);
+// "result" corrupts nothing but reports a wrong result size, as a driver could.
+std::unique_ptr<Backend> make_fault_injecting_backend(std::unique_ptr<Backend> inner, const std::string& step);
+
+// Creates the backend named by cfg.kind. "auto" tries xrt and falls back to the emulator; `why` receives a
+// human-readable account of every choice made (e.g. "xrt: no /dev/accel/accel0; using emulator").
+// Throws std::runtime_error when an explicitly requested backend cannot be created.
+std::unique_ptr<Backend> make_backend(const BackendConfig& cfg, std::string* why);
+
+}  // namespace xdna::kernels

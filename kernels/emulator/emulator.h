@@ -1,0 +1,20 @@
+// The emulator: the GEMM contract (gemm_contract.h) executed on the CPU. It is the definition every other
+// backend is tested against, and the CPU fallback of the EP.
+#pragma once
+
+#include <memory>
+
+#include "../backend.h"
+
+namespace xdna::kernels {
+
+// C = bf16(A) . B for one call, multi-threaded over `threads` workers (0 = all cores).
+// Free function so the EP's CPU fallback can use it without any backend object.
+void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads = 0);
+
+// Slow, obviously-correct scalar version of the contract (double-checked spec for tests).
+void reference_gemm(const GemmArgs& args, const PackedB& b);
+
+std::unique_ptr<Backend> make_emulator_backend(int threads);
+
+}  // namespace xdna::kernels

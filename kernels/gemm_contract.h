@@ -1,0 +1,80 @@
+// The NPU GEMM contract: the one definition every backend implements (emulator on the CPU, xrt on the NPU).
+//
+//   C[M,N] = bf16(A)[M,K] · bf16(B)[K,N]        accumulated in fp32, returned as fp32
+//
+// Numerics
+//   * A and B are converted fp32 -> bf16 on the HOST with round-to-nearest-even (NaN stays a quiet NaN,
+//     +-Inf stay Inf, finite values that round past the bf16 maximum become Inf). The AIE's own fp32->bf16
+//     conversion defaults to round-toward-minus-infinity, which is why the host does it.
+//   * Every product of two bf16 values is exact in fp32; the sum over K is carried in fp32. The order of
+//     summation is not part of the contract (the AIE sums 4x8x4 MACs per cycle, then tile by tile).
+//   * Subnormal bf16 inputs may be flushed to zero by a backend (AIE-ML and AVX512-BF16 both may).
+//   * Epilogues (alpha, beta*C, bias) are applied by the host in fp32 after the kernel; not by the kernel.
+//   Error bound used by the tests: |C - C_exact| <= (2^-8 + K * 2^-23) * (|A|.|B|) elementwise.
+//
+// Tiling for the Phoenix (npu1) array: 4 usable columns x 4 AIE-ML cores.
+//   * Each core computes one kTileM x kTileN tile of C, looping over K in kTileK steps.
+//     L1 budget (64 KiB/core): A 64x64 bf16 (8 KiB) x2 + B 64x64 bf16 (8 KiB) x2 + C 64x64 fp32 (16 KiB) = 48 KiB.
+//   * The 4 core rows split M, the 4 columns split N: one array pass covers kBlockM x kBlockN of C.
+//
+// Layouts (host memory, shared DDR on Phoenix)
+//   * A: row-major bf16 [Mpad, Kpad]. The mem-tile DMA cuts it into the core's 4x8 (r x s) sub-blocks.
+//   * B: packed once at Compile into tiles of kTileK x kTileN, each tile row-major (K rows of kTileN
+//     contiguous values), tiles ordered n-tile major then k-tile: tile (kt, nt) starts at
+//     ((nt * Kpad/kTileK) + kt) * kTileK * kTileN. A core column streams its n-tiles contiguously.
+//   * C: row-major fp32 [Mpad, Npad].
+//   * Padding: Kpad = round_up(K, kTileK), Npad = round_up(N, kBlockN), Mpad = round_up(M, kBlockM).
+//     Pads are zero in A and B, so they add exact zeros to the sums; padded rows/columns of C are discarded.
+//     (Backends may skip work on pads; that never changes a kept value.)
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace xdna::kernels {
+
+inline constexpr int64_t kTileM = 64;
+inline constexpr int64_t kTileK = 64;
+inline constexpr int64_t kTileN = 64;
+inline constexpr int64_t kArrayRows = 4;  // AIE-ML core rows per column on npu1
+inline constexpr int64_t kArrayCols = 4;  // columns an application may use on npu1
+inline constexpr int64_t kBlockM = kTileM * kArrayRows;
+inline constexpr int64_t kBlockN = kTileN * kArrayCols;
+
+constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+struct PaddedShape {
+  int64_t M, K, N;           // logical
+  int64_t Mpad, Kpad, Npad;  // what the array computes
+};
+
+constexpr PaddedShape padded_shape(int64_t M, int64_t K, int64_t N) {
+  return {M, K, N, round_up(M, kBlockM), round_up(K, kTileK), round_up(N, kBlockN)};
+}
+
+// Offset (in elements) of B[k][n] inside the packed B buffer.
+constexpr int64_t packed_b_offset(int64_t Kpad, int64_t k, int64_t n) {
+  const int64_t kt = k / kTileK, nt = n / kTileN;
+  return ((nt * (Kpad / kTileK) + kt) * kTileK + (k % kTileK)) * kTileN + (n % kTileN);
+}
+
+// fp32 -> bf16, round to nearest even; NaN stays (quiet) NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// The value a backend sees for an fp32 input.
+inline float round_to_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+}  // namespace xdna::kernels
