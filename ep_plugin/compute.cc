@@ -1,1 +1,272 @@
-// placeholder
+#include "compute.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/emulator/emulator.h"
+
+namespace xdna::ep {
+namespace {
+
+using Dims = std::vector<int64_t>;
+
+struct Tensor {
+  const float* data = nullptr;
+  Dims dims;
+};
+
+Tensor input(const OrtApi& api, OrtKernelContext* ctx, int index) {
+  const OrtValue* v = nullptr;
+  check(api, api.KernelContext_GetInput(ctx, static_cast<size_t>(index), &v));
+  if (!v) throw OrtError(ORT_EP_FAIL, "missing runtime input " + std::to_string(index));
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(api, api.GetTensorTypeAndShape(v, &info));
+  size_t rank = 0;
+  api.GetDimensionsCount(info, &rank);
+  Tensor t;
+  t.dims.resize(rank);
+  api.GetDimensions(info, t.dims.data(), rank);
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  const void* p = nullptr;
+  check(api, api.GetTensorData(v, &p));
+  t.data = static_cast<const float*>(p);
+  return t;
+}
+
+float* output(const OrtApi& api, OrtKernelContext* ctx, const Dims& dims) {
+  OrtValue* v = nullptr;
+  check(api, api.KernelContext_GetOutput(ctx, 0, dims.data(), dims.size(), &v));
+  void* p = nullptr;
+  check(api, api.GetTensorMutableData(v, &p));
+  return static_cast<float*>(p);
+}
+
+int64_t count(const Dims& d, size_t begin = 0, size_t end = SIZE_MAX) {
+  int64_t n = 1;
+  for (size_t i = begin; i < std::min(end, d.size()); ++i) n *= d[i];
+  return n;
+}
+
+// numpy-style broadcast of two batch shapes.
+Dims broadcast(const Dims& a, const Dims& b) {
+  Dims out(std::max(a.size(), b.size()));
+  for (size_t i = 0; i < out.size(); ++i) {
+    const int64_t da = i < out.size() - a.size() ? 1 : a[i - (out.size() - a.size())];
+    const int64_t db = i < out.size() - b.size() ? 1 : b[i - (out.size() - b.size())];
+    if (da != db && da != 1 && db != 1)
+      throw OrtError(ORT_INVALID_ARGUMENT, "MatMul batch dimensions do not broadcast");
+    out[i] = da == 1 ? db : da;
+  }
+  return out;
+}
+
+// Flat index into `dims` (right-aligned against `out`) for the multi-index of flat output position `pos`.
+int64_t broadcast_index(const Dims& out, const Dims& dims, int64_t pos) {
+  int64_t idx = 0, stride = 1;
+  for (size_t i = out.size(); i-- > 0;) {
+    const int64_t coord = pos % out[i];
+    pos /= out[i];
+    const size_t offset = out.size() - dims.size();
+    if (i >= offset) {
+      const int64_t d = dims[i - offset];
+      if (d != 1) idx += coord * stride;
+      stride *= d;
+    }
+  }
+  return idx;
+}
+
+std::string shape_str(int64_t M, int64_t K, int64_t N) {
+  return std::to_string(M) + "x" + std::to_string(K) + "x" + std::to_string(N);
+}
+
+}  // namespace
+
+NodeKernel::NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_inputs,
+                       std::shared_ptr<kernels::Backend> backend, int threads, Log log)
+    : plan_(std::move(plan)), runtime_inputs_(std::move(runtime_inputs)), backend_(std::move(backend)),
+      threads_(threads), log_(log) {
+  for (auto& m : plan_.weights.mats) weights_.push_back(make_weight(m, true));
+  plan_.weights.mats.clear();  // weights_ owns them now
+}
+
+NodeKernel::~NodeKernel() {
+  log_(ORT_LOGGING_LEVEL_INFO, "node '" + plan_.node_name + "': " + std::to_string(device_calls_.load()) +
+                                   " GEMM calls on " + backend_->name() + ", " + std::to_string(cpu_calls_.load()) +
+                                   " on the CPU fallback");
+}
+
+NodeKernel::Weight NodeKernel::make_weight(std::shared_ptr<const kernels::PackedB> packed, bool log_faults) {
+  Weight w{std::move(packed), nullptr};
+  if (!device_ok_) return w;
+  try {
+    w.device = backend_->upload(w.host);
+  } catch (const kernels::BackendFault& f) {
+    if (log_faults) fall_back(f.what());
+    else device_ok_ = false;
+  }
+  return w;
+}
+
+void NodeKernel::fall_back(const std::string& why) {
+  if (device_ok_.exchange(false))
+    log_(ORT_LOGGING_LEVEL_WARNING, "node '" + plan_.node_name + "': backend '" + backend_->name() + "' fault (" +
+                                        why + "); this node now runs on the CPU (same bf16 arithmetic)");
+}
+
+int NodeKernel::runtime_index(const std::string& name) const {
+  for (size_t i = 0; i < runtime_inputs_.size(); ++i)
+    if (runtime_inputs_[i] == name) return static_cast<int>(i);
+  throw OrtError(ORT_EP_FAIL, "node '" + plan_.node_name + "': input '" + name + "' not among the fused inputs");
+}
+
+void NodeKernel::run(const kernels::GemmArgs& args, const Weight& w) {
+  if (args.M == 0 || w.host->shape.N == 0) return;
+  const auto& s = w.host->shape;
+  if (device_ok_ && w.device) {
+    std::string why;
+    if (backend_->can_run(args.M, s.K, s.N, &why)) {
+      try {
+        backend_->gemm(args, *w.device);
+        ++device_calls_;
+        return;
+      } catch (const kernels::BackendFault& f) {
+        fall_back(f.what());
+      }
+    } else {
+      std::call_once(no_kernel_logged_, [&] {
+        log_(ORT_LOGGING_LEVEL_INFO, "node '" + plan_.node_name + "': " + backend_->name() + " cannot run " +
+                                         shape_str(args.M, s.K, s.N) + " (" + why + "); using the CPU path");
+      });
+    }
+  }
+  kernels::emulator_gemm(args, *w.host, threads_);
+  ++cpu_calls_;
+}
+
+void NodeKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
+  if (plan_.op == graph::GemmPlan::Op::kGemm) compute_gemm(api, ctx);
+  else compute_matmul(api, ctx);
+}
+
+void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
+  Tensor a = input(api, ctx, runtime_index(plan_.a.name));
+  Dims b_dims;
+  Tensor b;
+  if (plan_.b.constant) {
+    b_dims = plan_.weights.batch_shape;
+    const auto& s = weights_.at(0).host->shape;
+    b_dims.push_back(s.K);
+    b_dims.push_back(s.N);
+    if (plan_.b.rank == 1) b_dims = {s.K};
+  } else {
+    b = input(api, ctx, runtime_index(plan_.b.name));
+    b_dims = b.dims;
+  }
+  const bool a_vec = a.dims.size() == 1, b_vec = b_dims.size() == 1;
+  Dims a2 = a_vec ? Dims{1, a.dims[0]} : a.dims;
+  Dims b2 = b_vec ? Dims{b_dims[0], 1} : b_dims;
+  const int64_t M = a2[a2.size() - 2], K = a2.back(), N = b2.back();
+  if (b2[b2.size() - 2] != K)
+    throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': MatMul inner dimensions differ");
+  const Dims batch_a(a2.begin(), a2.end() - 2), batch_b(b2.begin(), b2.end() - 2);
+  const Dims batch = broadcast(batch_a, batch_b);
+  Dims out_dims = batch;
+  if (!a_vec) out_dims.push_back(M);
+  if (!b_vec) out_dims.push_back(N);
+  float* y = output(api, ctx, out_dims);
+  const int64_t batches = count(batch);
+  if (batches == 0 || M == 0 || N == 0) return;
+
+  // A 2-D (or batch-broadcast) B shared by every batch of a contiguous A: one tall GEMM.
+  const bool shared_b = count(batch_b) == 1;
+  if (shared_b && count(batch_a) == batches) {
+    Weight dyn;
+    const Weight* w = nullptr;
+    if (plan_.b.constant) {
+      w = &weights_.at(0);
+    } else {
+      dyn = make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b.data, K, N, N, 1)), true);
+      w = &dyn;
+    }
+    run({a.data, batches * M, K, y, N}, *w);
+    return;
+  }
+  for (int64_t i = 0; i < batches; ++i) {
+    const int64_t ia = broadcast_index(batch, batch_a, i), ib = broadcast_index(batch, batch_b, i);
+    Weight dyn;
+    const Weight* w;
+    if (plan_.b.constant) {
+      w = &weights_.at(static_cast<size_t>(ib));
+    } else {
+      dyn = make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b.data + ib * K * N, K, N, N, 1)),
+                        true);
+      w = &dyn;
+    }
+    run({a.data + ia * M * K, M, K, y + i * M * N, N}, *w);
+  }
+}
+
+void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
+  Tensor a = input(api, ctx, runtime_index(plan_.a.name));
+  const int64_t M = plan_.trans_a ? a.dims[1] : a.dims[0];
+  const int64_t K = plan_.trans_a ? a.dims[0] : a.dims[1];
+  Weight dyn;
+  const Weight* w;
+  if (plan_.b.constant) {
+    w = &weights_.at(0);
+  } else {
+    Tensor b = input(api, ctx, runtime_index(plan_.b.name));
+    const int64_t Kb = plan_.trans_b ? b.dims[1] : b.dims[0], Nb = plan_.trans_b ? b.dims[0] : b.dims[1];
+    if (Kb != K) throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Gemm inner dims differ");
+    dyn = make_weight(std::make_shared<const kernels::PackedB>(
+                          plan_.trans_b ? kernels::pack_b(b.data, Kb, Nb, 1, Kb) : kernels::pack_b(b.data, Kb, Nb, Nb, 1)),
+                      true);
+    w = &dyn;
+  }
+  const int64_t N = w->host->shape.N;
+  if (w->host->shape.K != K)
+    throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Gemm inner dimensions differ");
+  float* y = output(api, ctx, {M, N});
+  if (M == 0 || N == 0) return;
+
+  std::vector<float> a_t;  // transA: the kernel wants row-major [M, K]
+  const float* a_rows = a.data;
+  if (plan_.trans_a) {
+    a_t.resize(static_cast<size_t>(M * K));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t m = 0; m < M; ++m) a_t[m * K + k] = a.data[k * M + m];
+    a_rows = a_t.data();
+  }
+  if (K == 0) std::fill(y, y + M * N, 0.f);
+  else run({a_rows, M, K, y, N}, *w);
+  if (plan_.alpha != 1.f)
+    for (int64_t i = 0; i < M * N; ++i) y[i] *= plan_.alpha;
+
+  // beta * C, C unidirectionally broadcast to [M, N].
+  if (!plan_.c.present || plan_.beta == 0.f) return;
+  const float* c;
+  Dims c_dims;
+  if (plan_.c.constant) {
+    c = plan_.c_value.data();
+    c_dims = plan_.c.dims;
+  } else {
+    Tensor ct = input(api, ctx, runtime_index(plan_.c.name));
+    c = ct.data;
+    c_dims = ct.dims;
+  }
+  const int64_t cm = c_dims.size() == 2 ? c_dims[0] : 1;
+  const int64_t cn = c_dims.empty() ? 1 : c_dims.back();
+  if ((cm != 1 && cm != M) || (cn != 1 && cn != N))
+    throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Gemm C does not broadcast to [M, N]");
+  for (int64_t m = 0; m < M; ++m) {
+    const float* crow = c + (cm == 1 ? 0 : m * cn);
+    float* yrow = y + m * N;
+    if (cn == 1)
+      for (int64_t n = 0; n < N; ++n) yrow[n] += plan_.beta * crow[0];
+    else
+      for (int64_t n = 0; n < N; ++n) yrow[n] += plan_.beta * crow[n];
+  }
+}
+
+}  // namespace xdna::ep

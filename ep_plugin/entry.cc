@@ -1,1 +1,27 @@
-// placeholder
+// The plugin library's only exports (see exports.map).
+#include "factory.h"
+
+extern "C" {
+
+__attribute__((visibility("default"))) OrtStatus* CreateEpFactories(const char* /*registered_name*/,
+                                                                    const OrtApiBase* ort_api_base,
+                                                                    const OrtLogger* default_logger,
+                                                                    OrtEpFactory** factories, size_t max_factories,
+                                                                    size_t* num_factories) {
+  const OrtApi* api = ort_api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // runtime older than our headers; cannot even report an error
+  *num_factories = 0;
+  if (max_factories < 1)
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, "XDNAExecutionProvider: no room for its factory");
+  return xdna::ep::guard(*api, [&] {
+    factories[0] = new xdna::ep::XdnaEpFactory(*api, *api->GetEpApi(), default_logger);
+    *num_factories = 1;
+  });
+}
+
+__attribute__((visibility("default"))) OrtStatus* ReleaseEpFactory(OrtEpFactory* factory) {
+  delete static_cast<xdna::ep::XdnaEpFactory*>(factory);
+  return nullptr;
+}
+
+}  // extern "C"

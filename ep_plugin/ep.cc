@@ -1,1 +1,175 @@
-// placeholder
+#include "ep.h"
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+
+#include "compute.h"
+#include "graph_passes/op_registry.h"
+
+namespace xdna::ep {
+namespace {
+
+// OrtNodeComputeInfo for one fused node. Its callbacks are plain function pointers (not noexcept in the header).
+struct ComputeInfo : OrtNodeComputeInfo {
+  ComputeInfo(const OrtApi& api, std::unique_ptr<NodeKernel> k) : api(api), kernel(std::move(k)) {
+    ort_version_supported = ORT_API_VERSION;
+    CreateState = CreateStateImpl;
+    Compute = ComputeImpl;
+    ReleaseState = ReleaseStateImpl;
+  }
+  static OrtStatus* ORT_API_CALL CreateStateImpl(OrtNodeComputeInfo* self, OrtNodeComputeContext*, void** state) {
+    *state = static_cast<ComputeInfo*>(self)->kernel.get();
+    return nullptr;
+  }
+  static OrtStatus* ORT_API_CALL ComputeImpl(OrtNodeComputeInfo* self, void* state, OrtKernelContext* ctx) {
+    auto* info = static_cast<ComputeInfo*>(self);
+    return guard(info->api, [&] { static_cast<NodeKernel*>(state)->compute(info->api, ctx); });
+  }
+  static void ORT_API_CALL ReleaseStateImpl(OrtNodeComputeInfo*, void*) {}
+
+  const OrtApi& api;
+  std::unique_ptr<NodeKernel> kernel;
+};
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+std::mutex g_report_mutex;  // several sessions may append to the same report file
+
+}  // namespace
+
+XdnaEp::XdnaEp(ApiPtrs api, EpOptions options, std::shared_ptr<kernels::Backend> backend, const OrtLogger* logger)
+    : api_(api), options_(std::move(options)), backend_(std::move(backend)),
+      log_(api.ort, logger, options_.log_level) {
+  std::memset(static_cast<OrtEp*>(this), 0, sizeof(OrtEp));  // optional members stay nullptr
+  ort_version_supported = ORT_API_VERSION;
+  GetName = GetNameImpl;
+  GetCapability = GetCapabilityImpl;
+  Compile = CompileImpl;
+  ReleaseNodeComputeInfos = ReleaseNodeComputeInfosImpl;
+  log_(ORT_LOGGING_LEVEL_INFO, "backend: " + backend_->name() + " (" + backend_->device_description() + ")");
+}
+
+XdnaEp::~XdnaEp() = default;
+
+const char* ORT_API_CALL XdnaEp::GetNameImpl(const OrtEp*) noexcept { return kEpName; }
+
+OrtStatus* ORT_API_CALL XdnaEp::GetCapabilityImpl(OrtEp* self, const OrtGraph* graph,
+                                                  OrtEpGraphSupportInfo* info) noexcept {
+  auto* ep = static_cast<XdnaEp*>(self);
+  return guard(ep->api_.ort, [&] { ep->get_capability(graph, info); });
+}
+
+OrtStatus* ORT_API_CALL XdnaEp::CompileImpl(OrtEp* self, const OrtGraph** graphs, const OrtNode** fused_nodes,
+                                            size_t count, OrtNodeComputeInfo** infos,
+                                            OrtNode** ep_context_nodes) noexcept {
+  auto* ep = static_cast<XdnaEp*>(self);
+  for (size_t i = 0; i < count; ++i) infos[i] = nullptr;
+  OrtStatus* st = guard(ep->api_.ort, [&] {
+    for (size_t i = 0; i < count; ++i) {
+      if (ep_context_nodes) ep_context_nodes[i] = nullptr;
+      ep->compile(graphs[i], fused_nodes[i], &infos[i]);
+    }
+  });
+  if (st) {  // ORT does not release infos of a failed Compile
+    ReleaseNodeComputeInfosImpl(self, infos, count);
+    for (size_t i = 0; i < count; ++i) infos[i] = nullptr;
+  }
+  return st;
+}
+
+void ORT_API_CALL XdnaEp::ReleaseNodeComputeInfosImpl(OrtEp*, OrtNodeComputeInfo** infos, size_t count) noexcept {
+  for (size_t i = 0; i < count; ++i) delete static_cast<ComputeInfo*>(infos[i]);
+}
+
+void XdnaEp::report(const std::string& line) {
+  if (options_.partition_report.empty()) return;
+  std::lock_guard<std::mutex> lock(g_report_mutex);
+  std::ofstream out(options_.partition_report, std::ios::app);
+  out << line << "\n";
+}
+
+void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) {
+  const OrtApi& ort = api_.ort;
+  size_t n = 0;
+  check(ort, ort.Graph_GetNumNodes(graph, &n));
+  std::vector<const OrtNode*> nodes(n);
+  if (n) check(ort, ort.Graph_GetNodes(graph, nodes.data(), n));
+  const char* graph_name = "";
+  check(ort, ort.Graph_GetName(graph, &graph_name));
+
+  OrtNodeFusionOptions fusion{};
+  fusion.ort_version_supported = ORT_API_VERSION;
+  fusion.drop_constant_initializers = true;  // ORT frees the fp32 weights; we keep only the packed bf16 copy
+
+  size_t claimed = 0, considered = 0;
+  for (const OrtNode* node : nodes) {
+    const char* op_type = nullptr;
+    const char* domain = nullptr;
+    check(ort, ort.Node_GetOperatorType(node, &op_type));
+    check(ort, ort.Node_GetDomain(node, &domain));
+    if (!graph::is_gemm_family(domain, op_type)) continue;
+    ++considered;
+    graph::Analysis a = graph::analyze_node(ort, node, /*load_weights=*/false);
+    if (a.ok && a.plan.mflop < options_.min_mflop) {
+      a.ok = false;
+      a.reason = "below min_mflop (" + std::to_string(a.plan.mflop) + " MFLOP)";
+    }
+    if (a.ok) {
+      check(ort, api_.ep.EpGraphSupportInfo_AddNodesToFuse(info, &node, 1, &fusion));
+      ++claimed;
+    }
+    log_(a.ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
+         std::string(a.ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" +
+             a.reason + ")");
+    std::ostringstream line;
+    line << "{\"graph\": \"" << json_escape(graph_name ? graph_name : "") << "\", \"node\": \""
+         << json_escape(a.plan.node_name) << "\", \"op_type\": \"" << op_type << "\", \"claimed\": "
+         << (a.ok ? "true" : "false") << ", \"reason\": \"" << json_escape(a.reason) << "\", \"mflop\": "
+         << a.plan.mflop << ", \"mflop_lower_bound\": " << (a.plan.mflop_lower_bound ? "true" : "false") << "}";
+    report(line.str());
+  }
+  log_(ORT_LOGGING_LEVEL_INFO, "GetCapability on graph '" + std::string(graph_name ? graph_name : "") + "': claimed " +
+                                   std::to_string(claimed) + " of " + std::to_string(considered) + " MatMul/Gemm nodes");
+}
+
+void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeComputeInfo** info) {
+  const OrtApi& ort = api_.ort;
+  size_t n = 0;
+  check(ort, ort.Graph_GetNumNodes(graph, &n));
+  if (n != 1) throw OrtError(ORT_EP_FAIL, "expected one node per fused group, got " + std::to_string(n));
+  const OrtNode* node = nullptr;
+  check(ort, ort.Graph_GetNodes(graph, &node, 1));
+  graph::Analysis a = graph::analyze_node(ort, node, /*load_weights=*/true);
+  if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node no longer claimable: " + a.reason);
+
+  size_t num_inputs = 0;
+  check(ort, ort.Node_GetNumInputs(fused_node, &num_inputs));
+  std::vector<const OrtValueInfo*> inputs(num_inputs);
+  if (num_inputs) check(ort, ort.Node_GetInputs(fused_node, inputs.data(), num_inputs));
+  std::vector<std::string> names;
+  for (const OrtValueInfo* vi : inputs) {
+    const char* name = nullptr;
+    if (vi) check(ort, ort.GetValueInfoName(vi, &name));
+    names.emplace_back(name ? name : "");
+  }
+  auto kernel = std::make_unique<NodeKernel>(std::move(a.plan), std::move(names), backend_, options_.threads, log_);
+  *info = new ComputeInfo(ort, std::move(kernel));
+}
+
+}  // namespace xdna::ep

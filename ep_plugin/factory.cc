@@ -1,1 +1,143 @@
-// placeholder
+#include "factory.h"
+
+#include <dlfcn.h>
+
+#include <vector>
+
+#include "ep.h"
+
+namespace xdna::ep {
+namespace {
+
+// Directory of this shared library: the XRT backend library is installed next to it.
+std::string plugin_dir() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&plugin_dir), &info) == 0 || info.dli_fname == nullptr) return "";
+  std::string path = info.dli_fname;
+  const auto slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+}  // namespace
+
+XdnaEpFactory::XdnaEpFactory(const OrtApi& ort, const OrtEpApi& ep_api, const OrtLogger* default_logger)
+    : OrtEpFactory{}, ort_(ort), ep_api_(ep_api), default_logger_(default_logger) {
+  ort_version_supported = ORT_API_VERSION;
+  GetName = GetNameImpl;
+  GetVendor = GetVendorImpl;
+  GetVendorId = GetVendorIdImpl;
+  GetVersion = GetVersionImpl;
+  GetSupportedDevices = GetSupportedDevicesImpl;
+  CreateEp = CreateEpImpl;
+  ReleaseEp = ReleaseEpImpl;
+  ValidateCompiledModelCompatibilityInfo = ValidateCompiledModelCompatibilityInfoImpl;
+  CreateAllocator = CreateAllocatorImpl;
+  ReleaseAllocator = ReleaseAllocatorImpl;
+  CreateDataTransfer = CreateDataTransferImpl;
+  IsStreamAware = IsStreamAwareImpl;
+  CreateSyncStreamForDevice = CreateSyncStreamForDeviceImpl;
+}
+
+const char* ORT_API_CALL XdnaEpFactory::GetNameImpl(const OrtEpFactory*) noexcept { return kEpName; }
+const char* ORT_API_CALL XdnaEpFactory::GetVendorImpl(const OrtEpFactory*) noexcept { return kEpVendor; }
+uint32_t ORT_API_CALL XdnaEpFactory::GetVendorIdImpl(const OrtEpFactory*) noexcept { return kAmdVendorId; }
+const char* ORT_API_CALL XdnaEpFactory::GetVersionImpl(const OrtEpFactory*) noexcept { return kEpVersion; }
+
+std::shared_ptr<kernels::Backend> XdnaEpFactory::backend_for(const EpOptions& o, std::string* why) {
+  kernels::BackendConfig cfg;
+  cfg.kind = o.backend;
+  cfg.kernel_dir = o.kernel_dir;
+  cfg.plugin_dir = plugin_dir();
+  cfg.threads = o.threads;
+  cfg.fault_inject = o.fault_inject;
+  const std::string key = cfg.kind + "|" + cfg.kernel_dir + "|" + std::to_string(cfg.threads) + "|" + cfg.fault_inject;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = backends_.find(key);
+  if (it == backends_.end()) {
+    std::string reason;
+    it = backends_.emplace(key, std::shared_ptr<kernels::Backend>(kernels::make_backend(cfg, &reason))).first;
+    backend_why_[key] = reason;
+  }
+  if (why) *why = backend_why_[key];
+  return it->second;
+}
+
+OrtStatus* ORT_API_CALL XdnaEpFactory::GetSupportedDevicesImpl(OrtEpFactory* self,
+                                                               const OrtHardwareDevice* const* devices,
+                                                               size_t num_devices, OrtEpDevice** ep_devices,
+                                                               size_t max_ep_devices, size_t* num_ep_devices) noexcept {
+  auto* f = static_cast<XdnaEpFactory*>(self);
+  *num_ep_devices = 0;
+  return guard(f->ort_, [&] {
+    // Prefer an AMD NPU (ORT >= 1.31 enumerates /sys/class/accel); otherwise offer the EP on the CPU device so
+    // the emulator works everywhere.
+    const OrtHardwareDevice* chosen = nullptr;
+    for (size_t i = 0; i < num_devices && !chosen; ++i)
+      if (f->ort_.HardwareDevice_Type(devices[i]) == OrtHardwareDeviceType_NPU &&
+          f->ort_.HardwareDevice_VendorId(devices[i]) == kAmdVendorId)
+        chosen = devices[i];
+    for (size_t i = 0; i < num_devices && !chosen; ++i)
+      if (f->ort_.HardwareDevice_Type(devices[i]) == OrtHardwareDeviceType_CPU) chosen = devices[i];
+    if (!chosen || max_ep_devices == 0) return;
+
+    std::string why;
+    auto backend = f->backend_for(EpOptions{}, &why);
+    OrtKeyValuePairs* meta = nullptr;
+    f->ort_.CreateKeyValuePairs(&meta);
+    f->ort_.AddKeyValuePair(meta, "backend", backend->name().c_str());
+    f->ort_.AddKeyValuePair(meta, "backend_device", backend->device_description().c_str());
+    f->ort_.AddKeyValuePair(meta, "backend_reason", why.c_str());
+    OrtEpDevice* ep_device = nullptr;
+    OrtStatus* st = f->ep_api_.CreateEpDevice(f, chosen, meta, nullptr, &ep_device);
+    f->ort_.ReleaseKeyValuePairs(meta);
+    check(f->ort_, st);
+    ep_devices[0] = ep_device;
+    *num_ep_devices = 1;
+  });
+}
+
+OrtStatus* ORT_API_CALL XdnaEpFactory::CreateEpImpl(OrtEpFactory* self, const OrtHardwareDevice* const*,
+                                                    const OrtKeyValuePairs* const*, size_t,
+                                                    const OrtSessionOptions* session_options, const OrtLogger* logger,
+                                                    OrtEp** ep) noexcept {
+  auto* f = static_cast<XdnaEpFactory*>(self);
+  *ep = nullptr;
+  return guard(f->ort_, [&] {
+    EpOptions options = parse_options(f->ort_, session_options);  // session_options are only valid here
+    std::string why;
+    auto backend = f->backend_for(options, &why);
+    *ep = new XdnaEp(ApiPtrs{f->ort_, f->ep_api_}, std::move(options), std::move(backend),
+                     logger ? logger : f->default_logger_);
+  });
+}
+
+void ORT_API_CALL XdnaEpFactory::ReleaseEpImpl(OrtEpFactory*, OrtEp* ep) noexcept { delete static_cast<XdnaEp*>(ep); }
+
+OrtStatus* ORT_API_CALL XdnaEpFactory::ValidateCompiledModelCompatibilityInfoImpl(
+    OrtEpFactory*, const OrtHardwareDevice* const*, size_t, const char*,
+    OrtCompiledModelCompatibility* compatibility) noexcept {
+  *compatibility = OrtCompiledModelCompatibility_EP_NOT_APPLICABLE;
+  return nullptr;
+}
+
+// No device allocator or data transfer: ORT then treats our memory as CPU memory, which on Phoenix's shared
+// DDR is the zero-copy path.
+OrtStatus* ORT_API_CALL XdnaEpFactory::CreateAllocatorImpl(OrtEpFactory*, const OrtMemoryInfo*,
+                                                           const OrtKeyValuePairs*, OrtAllocator** allocator) noexcept {
+  *allocator = nullptr;
+  return nullptr;
+}
+void ORT_API_CALL XdnaEpFactory::ReleaseAllocatorImpl(OrtEpFactory*, OrtAllocator*) noexcept {}
+OrtStatus* ORT_API_CALL XdnaEpFactory::CreateDataTransferImpl(OrtEpFactory*, OrtDataTransferImpl** dt) noexcept {
+  *dt = nullptr;
+  return nullptr;
+}
+bool ORT_API_CALL XdnaEpFactory::IsStreamAwareImpl(const OrtEpFactory*) noexcept { return false; }
+OrtStatus* ORT_API_CALL XdnaEpFactory::CreateSyncStreamForDeviceImpl(OrtEpFactory*, const OrtMemoryDevice*,
+                                                                     const OrtKeyValuePairs*,
+                                                                     OrtSyncStreamImpl** stream) noexcept {
+  *stream = nullptr;
+  return nullptr;
+}
+
+}  // namespace xdna::ep

@@ -1,1 +1,278 @@
-// placeholder
+#include "op_registry.h"
+
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+
+namespace xdna::graph {
+namespace {
+
+void check(const OrtApi& api, OrtStatus* st) {
+  if (!st) return;
+  std::string msg = api.GetErrorMessage(st);
+  api.ReleaseStatus(st);
+  throw std::runtime_error(msg);
+}
+
+// Reads name, element type and shape of one node input (nullptr = absent optional input).
+Operand describe(const OrtApi& api, const OrtValueInfo* vi, ONNXTensorElementDataType* type) {
+  Operand op;
+  *type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  if (vi == nullptr) return op;
+  op.present = true;
+  const char* name = nullptr;
+  check(api, api.GetValueInfoName(vi, &name));
+  op.name = name ? name : "";
+  const OrtTypeInfo* ti = nullptr;
+  check(api, api.GetValueInfoTypeInfo(vi, &ti));
+  ONNXType onnx_type = ONNX_TYPE_UNKNOWN;
+  if (ti) check(api, api.GetOnnxTypeFromTypeInfo(ti, &onnx_type));
+  if (onnx_type == ONNX_TYPE_TENSOR) {
+    const OrtTensorTypeAndShapeInfo* tsi = nullptr;
+    check(api, api.CastTypeInfoToTensorInfo(ti, &tsi));
+    if (tsi) {
+      check(api, api.GetTensorElementType(tsi, type));
+      size_t rank = 0;
+      check(api, api.GetDimensionsCount(tsi, &rank));
+      op.dims.resize(rank);
+      check(api, api.GetDimensions(tsi, op.dims.data(), rank));
+      op.rank = static_cast<int>(rank);
+    }
+  }
+  bool is_const = false;
+  check(api, api.ValueInfo_IsConstantInitializer(vi, &is_const));
+  if (!is_const) {
+    // If-branch subgraphs (optimum's merged decoder) use weights from the outer scope.
+    bool outer = false;
+    check(api, api.ValueInfo_IsFromOuterScope(vi, &outer));
+    if (outer) {
+      const OrtValue* v = nullptr;
+      check(api, api.ValueInfo_GetInitializerValue(vi, &v));
+      is_const = v != nullptr;
+    }
+  }
+  op.constant = is_const;
+  return op;
+}
+
+// The constant's data as fp32 (copied), with its shape.
+std::vector<float> read_constant(const OrtApi& api, const OrtValueInfo* vi, std::vector<int64_t>* shape) {
+  const OrtValue* v = nullptr;
+  check(api, api.ValueInfo_GetInitializerValue(vi, &v));
+  if (!v) throw std::runtime_error("initializer value not available");
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(api, api.GetTensorTypeAndShape(v, &info));
+  size_t rank = 0, count = 0;
+  api.GetDimensionsCount(info, &rank);
+  shape->resize(rank);
+  api.GetDimensions(info, shape->data(), rank);
+  api.GetTensorShapeElementCount(info, &count);
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  const void* data = nullptr;
+  check(api, api.GetTensorData(v, &data));
+  const float* f = static_cast<const float*>(data);
+  return std::vector<float>(f, f + count);
+}
+
+double product_lower_bound(const std::vector<int64_t>& dims, size_t begin, size_t end, bool* symbolic) {
+  double p = 1;
+  for (size_t i = begin; i < end && i < dims.size(); ++i) {
+    if (dims[i] < 0) *symbolic = true;
+    else p *= static_cast<double>(dims[i]);
+  }
+  return p;
+}
+
+Analysis reject(std::string why) {
+  Analysis a;
+  a.reason = std::move(why);
+  return a;
+}
+
+const char* dtype_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED: return "unknown";
+    default: return "non-float32";
+  }
+}
+
+struct NodeIo {
+  std::vector<const OrtValueInfo*> inputs, outputs;
+};
+
+NodeIo node_io(const OrtApi& api, const OrtNode* node) {
+  NodeIo io;
+  size_t n = 0;
+  check(api, api.Node_GetNumInputs(node, &n));
+  io.inputs.resize(n);
+  if (n) check(api, api.Node_GetInputs(node, io.inputs.data(), n));
+  check(api, api.Node_GetNumOutputs(node, &n));
+  io.outputs.resize(n);
+  if (n) check(api, api.Node_GetOutputs(node, io.outputs.data(), n));
+  return io;
+}
+
+// Common checks: float32 operands with known rank, float32 output.
+std::string check_float_operands(const OrtApi& api, const NodeIo& io, GemmPlan* plan) {
+  ONNXTensorElementDataType ta, tb, ty;
+  plan->a = describe(api, io.inputs[0], &ta);
+  plan->b = describe(api, io.inputs[1], &tb);
+  describe(api, io.outputs.empty() ? nullptr : io.outputs[0], &ty);
+  for (auto [t, what] : {std::pair{ta, "A"}, {tb, "B"}, {ty, "output"}})
+    if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      return std::string(what) + " is " + dtype_name(t) + " (only float32 is offloaded)";
+  if (plan->a.rank <= 0 || plan->b.rank <= 0) return "operand rank unknown";
+  if (plan->a.constant) return "A is a constant (ORT folds or the CPU EP runs constant-only products)";
+  return "";
+}
+
+// Packs every matrix of a constant B of shape [..., K, N] (or [K] for 1-D B -> K x 1).
+void pack_constant_b(const OrtApi& api, const OrtValueInfo* vi, bool trans_b, GemmPlan* plan) {
+  std::vector<int64_t> shape;
+  const std::vector<float> data = read_constant(api, vi, &shape);
+  if (shape.size() == 1) shape = {shape[0], 1};
+  const int64_t rows = shape[shape.size() - 2], cols = shape[shape.size() - 1];
+  const int64_t K = trans_b ? cols : rows, N = trans_b ? rows : cols;
+  plan->weights.batch_shape.assign(shape.begin(), shape.end() - 2);
+  int64_t batches = 1;
+  for (int64_t d : plan->weights.batch_shape) batches *= d;
+  for (int64_t i = 0; i < batches; ++i) {
+    const float* m = data.data() + i * rows * cols;
+    plan->weights.mats.push_back(std::make_shared<const kernels::PackedB>(
+        trans_b ? kernels::pack_b(m, K, N, 1, K) : kernels::pack_b(m, K, N, N, 1)));
+  }
+}
+
+Analysis analyze_matmul(const OrtApi& api, const OrtNode* node, bool load_weights) {
+  Analysis r;
+  GemmPlan& p = r.plan;
+  p.op = GemmPlan::Op::kMatMul;
+  NodeIo io = node_io(api, node);
+  if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1]) return reject("MatMul without two inputs");
+  if (auto why = check_float_operands(api, io, &p); !why.empty()) return reject(why);
+  const auto& a = p.a.dims;
+  const auto& b = p.b.dims;
+  const int64_t Ka = a.back(), Kb = p.b.rank == 1 ? b[0] : b[b.size() - 2];
+  if (Ka >= 0 && Kb >= 0 && Ka != Kb) return reject("inner dimensions differ");
+  bool sym = false;
+  const double M = p.a.rank == 1 ? 1 : product_lower_bound(a, a.size() - 2, a.size() - 1, &sym);
+  const double K = product_lower_bound(a, a.size() - 1, a.size(), &sym);
+  const double N = p.b.rank == 1 ? 1 : product_lower_bound(b, b.size() - 1, b.size(), &sym);
+  const double batch_a = product_lower_bound(a, 0, a.size() >= 2 ? a.size() - 2 : 0, &sym);
+  const double batch_b = product_lower_bound(b, 0, b.size() >= 2 ? b.size() - 2 : 0, &sym);
+  p.mflop = 2.0 * M * K * N * std::max(batch_a, batch_b) / 1e6;
+  p.mflop_lower_bound = sym;
+  if (p.b.constant && load_weights) pack_constant_b(api, io.inputs[1], false, &p);
+  r.ok = true;
+  r.reason = p.b.constant ? "constant weight" : "both operands at run time";
+  return r;
+}
+
+Analysis analyze_gemm(const OrtApi& api, const OrtNode* node, bool load_weights) {
+  Analysis r;
+  GemmPlan& p = r.plan;
+  p.op = GemmPlan::Op::kGemm;
+  NodeIo io = node_io(api, node);
+  if (io.inputs.size() < 2 || !io.inputs[0] || !io.inputs[1]) return reject("Gemm without A and B");
+  if (auto why = check_float_operands(api, io, &p); !why.empty()) return reject(why);
+  if (p.a.rank != 2 || p.b.rank != 2) return reject("Gemm operands are not 2-D");
+  auto int_attr = [&](const char* name, int64_t dflt) {
+    const OrtOpAttr* attr = nullptr;
+    OrtStatus* st = api.Node_GetAttributeByName(node, name, &attr);
+    if (st) { api.ReleaseStatus(st); return dflt; }
+    if (!attr) return dflt;
+    int64_t v = dflt;
+    size_t out = 0;
+    check(api, api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &v, sizeof v, &out));
+    return v;
+  };
+  auto float_attr = [&](const char* name, float dflt) {
+    const OrtOpAttr* attr = nullptr;
+    OrtStatus* st = api.Node_GetAttributeByName(node, name, &attr);
+    if (st) { api.ReleaseStatus(st); return dflt; }
+    if (!attr) return dflt;
+    float v = dflt;
+    size_t out = 0;
+    check(api, api.ReadOpAttr(attr, ORT_OP_ATTR_FLOAT, &v, sizeof v, &out));
+    return v;
+  };
+  p.trans_a = int_attr("transA", 0) != 0;
+  p.trans_b = int_attr("transB", 0) != 0;
+  p.alpha = float_attr("alpha", 1.f);
+  p.beta = float_attr("beta", 1.f);
+  if (io.inputs.size() >= 3 && io.inputs[2]) {
+    ONNXTensorElementDataType tc;
+    p.c = describe(api, io.inputs[2], &tc);
+    if (tc != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return reject(std::string("C is ") + dtype_name(tc));
+    if (p.c.rank > 2) return reject("C has rank > 2");
+    if (p.c.constant && load_weights) {
+      std::vector<int64_t> shape;
+      p.c_value = read_constant(api, io.inputs[2], &shape);
+      p.c.dims = shape;
+      p.c.rank = static_cast<int>(shape.size());
+    }
+  }
+  bool sym = false;
+  const auto& a = p.a.dims;
+  const auto& b = p.b.dims;
+  const double M = product_lower_bound(a, p.trans_a ? 1 : 0, p.trans_a ? 2 : 1, &sym);
+  const double K = product_lower_bound(a, p.trans_a ? 0 : 1, p.trans_a ? 1 : 2, &sym);
+  const double N = product_lower_bound(b, p.trans_b ? 0 : 1, p.trans_b ? 1 : 2, &sym);
+  p.mflop = 2.0 * M * K * N / 1e6;
+  p.mflop_lower_bound = sym;
+  if (p.b.constant && load_weights) pack_constant_b(api, io.inputs[1], p.trans_b, &p);
+  r.ok = true;
+  r.reason = p.b.constant ? "constant weight" : "both operands at run time";
+  return r;
+}
+
+struct OpEntry {
+  const char* domain;
+  const char* op_type;
+  int min_since_version;
+  Analysis (*analyze)(const OrtApi&, const OrtNode*, bool);
+};
+
+// The registry. Adding an op = one analyze function here + its execution in ep_plugin/compute.cc.
+constexpr OpEntry kOps[] = {
+    {"", "MatMul", 1, analyze_matmul},
+    {"", "Gemm", 1, analyze_gemm},
+};
+
+}  // namespace
+
+bool is_gemm_family(const std::string& domain, const std::string& op_type) {
+  for (const auto& e : kOps)
+    if (domain == e.domain && op_type == e.op_type) return true;
+  return false;
+}
+
+Analysis analyze_node(const OrtApi& api, const OrtNode* node, bool load_weights) {
+  const char* op_type = nullptr;
+  const char* domain = nullptr;
+  const char* name = nullptr;
+  int since = 0;
+  check(api, api.Node_GetOperatorType(node, &op_type));
+  check(api, api.Node_GetDomain(node, &domain));
+  check(api, api.Node_GetName(node, &name));
+  check(api, api.Node_GetSinceVersion(node, &since));
+  for (const auto& e : kOps) {
+    if (std::strcmp(domain, e.domain) != 0 || std::strcmp(op_type, e.op_type) != 0) continue;
+    if (since < e.min_since_version) return reject("opset too old");
+    Analysis r = e.analyze(api, node, load_weights);
+    r.plan.node_name = name ? name : "";
+    r.plan.op_type = op_type;
+    return r;
+  }
+  return reject(std::string("op ") + op_type + " is not a GEMM");
+}
+
+}  // namespace xdna::graph

@@ -1,0 +1,51 @@
+// Running one claimed node: shapes and broadcasting at run time, the backend call, and the CPU fallback.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "graph_passes/op_registry.h"
+#include "kernels/backend.h"
+#include "ort_api.h"
+
+namespace xdna::ep {
+
+class NodeKernel {
+ public:
+  // `runtime_inputs`: the fused node's input names, in the order Compute receives them.
+  NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_inputs,
+             std::shared_ptr<kernels::Backend> backend, int threads, Log log);
+  ~NodeKernel();
+
+  void compute(const OrtApi& api, OrtKernelContext* ctx);
+  const std::string& name() const { return plan_.node_name; }
+
+ private:
+  struct Weight {
+    std::shared_ptr<const kernels::PackedB> host;
+    std::shared_ptr<kernels::DeviceWeight> device;  // null: this weight runs on the CPU path
+  };
+
+  int runtime_index(const std::string& name) const;
+  void compute_matmul(const OrtApi& api, OrtKernelContext* ctx);
+  void compute_gemm(const OrtApi& api, OrtKernelContext* ctx);
+  // One GEMM through the backend, or on the CPU (emulator arithmetic) with a logged reason.
+  void run(const kernels::GemmArgs& args, const Weight& w);
+  Weight make_weight(std::shared_ptr<const kernels::PackedB> packed, bool upload);
+  void fall_back(const std::string& why);
+
+  graph::GemmPlan plan_;
+  std::vector<std::string> runtime_inputs_;
+  std::shared_ptr<kernels::Backend> backend_;
+  int threads_;
+  Log log_;
+  std::vector<Weight> weights_;  // constant B, one per batch matrix
+  std::atomic<bool> device_ok_{true};
+  std::atomic<uint64_t> device_calls_{0}, cpu_calls_{0};
+  std::once_flag no_kernel_logged_;
+};
+
+}  // namespace xdna::ep

@@ -1,0 +1,33 @@
+// Provider options of XDNAExecutionProvider, parsed and validated once at session creation.
+#pragma once
+
+#include <string>
+
+#include "ort_api.h"
+
+namespace xdna::ep {
+
+inline constexpr const char* kEpName = "XDNAExecutionProvider";
+inline constexpr const char* kEpVendor = "AMD";
+inline constexpr uint32_t kAmdVendorId = 0x1022;
+inline constexpr const char* kEpVersion = "0.1.0";
+
+struct EpOptions {
+  std::string backend = "auto";   // auto | emulator | xrt
+  std::string precision = "bf16"; // the only precision the kernels implement today
+  double min_mflop = 0.0;         // nodes with fewer (statically known) MFLOP per run stay on the CPU EP
+  OrtLoggingLevel log_level = ORT_LOGGING_LEVEL_WARNING;
+  int threads = 0;                // emulator worker threads, 0 = all cores
+  std::string kernel_dir;         // xrt: manifest directory (else $XDNA_KERNEL_DIR, else the cache)
+  std::string partition_report;   // if set: write one JSON line per considered node (used by `xdna partition`)
+  std::string fault_inject;       // testing: make the backend fail at upload|run|timeout|result
+};
+
+// Reads `ep.xdnaexecutionprovider.<key>` entries (how ORT delivers provider options to plugin EPs).
+// Unknown keys and bad values throw OrtError(ORT_INVALID_ARGUMENT) naming the key and what is accepted.
+EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* session_options);
+
+// Session config flag (e.g. "ep.context_enable") as bool.
+bool session_flag(const OrtApi& api, const OrtSessionOptions* so, const char* key);
+
+}  // namespace xdna::ep
