@@ -1,0 +1,141 @@
+"""What ran where: ORT's own node assignment, and the EP's claim decisions with their reasons and FLOPs."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
+
+
+def session_options(base=None):
+    """SessionOptions that record node placement (needed by `placement()`)."""
+    import onnxruntime as ort
+
+    so = base if base is not None else ort.SessionOptions()
+    so.add_session_config_entry(ASSIGNMENT_KEY, "1")
+    return so
+
+
+@dataclass
+class Placement:
+    """ORT's assignment of graph nodes to execution providers (the ground truth of what ran where)."""
+
+    nodes: list[tuple[str, str, str]]  # (ep_name, node_name, op_type)
+
+    def on(self, ep: str) -> list[tuple[str, str]]:
+        return [(name, op) for e, name, op in self.nodes if e == ep]
+
+    def count(self, ep: str, op_types: tuple[str, ...] | None = None) -> int:
+        return sum(1 for e, _, op in self.nodes if e == ep and (op_types is None or op in op_types))
+
+    def summary(self) -> str:
+        by_ep: dict[str, Counter] = {}
+        for ep, _, op in self.nodes:
+            by_ep.setdefault(ep, Counter())[op] += 1
+        lines = []
+        for ep, ops in sorted(by_ep.items()):
+            detail = ", ".join(f"{op} x{n}" for op, n in ops.most_common())
+            lines.append(f"{ep}: {sum(ops.values())} nodes ({detail})")
+        return "\n".join(lines)
+
+
+def placement(session) -> Placement:
+    """Node placement of a session created with `session_options()` (or the assignment config entry set)."""
+    try:
+        info = session.get_provider_graph_assignment_info()
+    except Exception:  # ORT raises when the entry was not set at session creation
+        info = []
+    nodes = [(sub.ep_name, n.name, n.op_type) for sub in info for n in sub.get_nodes()]
+    if not nodes:
+        raise RuntimeError(
+            f"no placement recorded: create the session with onnxruntime_ep_xdna.session_options() "
+            f"(sets '{ASSIGNMENT_KEY}=1')"
+        )
+    return Placement(nodes)
+
+
+@dataclass
+class NodeDecision:
+    graph: str
+    node: str
+    op_type: str
+    claimed: bool
+    reason: str
+    mflop: float
+    mflop_lower_bound: bool
+    placed_on: str = "?"
+
+
+@dataclass
+class PartitionReport:
+    model: str
+    decisions: list[NodeDecision]
+    placement: Placement
+    providers: list[str] = field(default_factory=list)
+
+    @property
+    def total_mflop(self) -> float:
+        return sum(d.mflop for d in self.decisions)
+
+    @property
+    def ep_mflop(self) -> float:
+        from . import EP_NAME
+
+        return sum(d.mflop for d in self.decisions if d.placed_on == EP_NAME)
+
+    @property
+    def ep_share(self) -> float:
+        """Share of MatMul/Gemm FLOPs placed on the EP (symbolic dims counted as 1)."""
+        return self.ep_mflop / self.total_mflop if self.total_mflop else 0.0
+
+    def table(self) -> str:
+        from . import EP_NAME
+
+        rows = [f"{'node':48} {'op':7} {'MFLOP':>10}  placed on / why not"]
+        for d in sorted(self.decisions, key=lambda d: -d.mflop):
+            mflop = f"{d.mflop:10.2f}" + ("*" if d.mflop_lower_bound else " ")
+            where = "XDNA" if d.placed_on == EP_NAME else f"CPU: {d.reason}"
+            rows.append(f"{d.node[:48]:48} {d.op_type:7} {mflop} {where}")
+        on_ep = sum(1 for d in self.decisions if d.placed_on == EP_NAME)
+        rows.append(
+            f"{on_ep}/{len(self.decisions)} MatMul/Gemm nodes on {EP_NAME}: "
+            f"{self.ep_mflop:.1f} of {self.total_mflop:.1f} MFLOP ({100 * self.ep_share:.1f}%)"
+            + ("  (* symbolic dims counted as 1)" if any(d.mflop_lower_bound for d in self.decisions) else "")
+        )
+        rows.append(self.placement.summary())
+        return "\n".join(rows)
+
+
+def partition(model, provider_options: dict | None = None, graph_optimization_level=None) -> PartitionReport:
+    """Creates a session of `model` with the EP and reports every MatMul/Gemm: placed where, why, FLOPs."""
+    import onnxruntime as ort
+
+    from . import EP_NAME, register
+
+    register()
+    fd, report_path = tempfile.mkstemp(prefix="xdna-partition-", suffix=".jsonl")
+    os.close(fd)
+    try:
+        so = session_options()
+        if graph_optimization_level is not None:
+            so.graph_optimization_level = graph_optimization_level
+        opts = dict(provider_options or {})
+        opts["partition_report"] = report_path
+        session = ort.InferenceSession(str(model), so, providers=[(EP_NAME, opts), "CPUExecutionProvider"])
+        place = placement(session)
+        decisions: dict[tuple[str, str], NodeDecision] = {}
+        with open(report_path) as f:
+            for line in f:
+                d = json.loads(line)
+                # GetCapability may run more than once per graph; the last decision is the one ORT used.
+                decisions[(d["graph"], d["node"])] = NodeDecision(**d)
+    finally:
+        os.unlink(report_path)
+    where = {name: ep for ep, name, _ in place.nodes}
+    for d in decisions.values():
+        d.placed_on = where.get(d.node, "?")
+    return PartitionReport(str(model), list(decisions.values()), place, session.get_providers())

@@ -1,0 +1,143 @@
+"""`xdna` command: info, partition, transcribe, model."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import platform
+import sys
+
+
+def _versions() -> list[tuple[str, str]]:
+    from importlib import metadata
+
+    rows = [("python", platform.python_version()), ("linux kernel", platform.release())]
+    for dist in ("onnxruntime-ep-xdna", "onnxruntime", "onnx", "numpy"):
+        try:
+            rows.append((dist, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            rows.append((dist, "not installed"))
+    return rows
+
+
+def _npu_facts() -> list[tuple[str, str]]:
+    """What the machine shows of an NPU, independent of XRT (so the reason for 'no NPU' is visible)."""
+    accel = sorted(glob.glob("/dev/accel/accel*"))
+    rows = [("/dev/accel", ", ".join(accel) if accel else "none (no NPU driver loaded: amdxdna needs Linux >= 6.14)")]
+    for dev in sorted(glob.glob("/sys/class/accel/accel*")):
+        def read(name: str) -> str:
+            try:
+                with open(os.path.join(dev, "device", name)) as f:
+                    return f.read().strip()
+            except OSError:
+                return "?"
+
+        driver = os.path.basename(os.path.realpath(os.path.join(dev, "device", "driver")))
+        rows.append((os.path.basename(dev), f"vendor {read('vendor')} device {read('device')} driver {driver}"))
+    return rows
+
+
+def cmd_info(args) -> int:
+    import onnxruntime as ort
+
+    from . import EP_NAME, _native, get_library_path, register
+
+    for k, v in _versions():
+        print(f"{k:18} {v}")
+    print(f"{'EP library':18} {get_library_path()}")
+    register()
+    print(f"{'registered':18} {EP_NAME in ort.get_available_providers()}")
+    for dev in ort.get_ep_devices():
+        if dev.ep_name != EP_NAME:
+            continue
+        meta = dict(dev.ep_metadata)
+        print(f"{'ORT device':18} {dev.device.type} vendor_id=0x{dev.device.vendor_id:04x}")
+        print(f"{'backend (auto)':18} {meta.get('backend', '?')}: {meta.get('backend_device', '')}")
+        print(f"{'why':18} {meta.get('backend_reason', '')}")
+    for k, v in _npu_facts():
+        print(f"{k:18} {v}")
+    probe = _native.backend_probe("auto", args.kernel_dir or "")
+    if probe["backend"] != "xrt":
+        print("NPU: not used. Every GEMM runs on the emulator (the NPU kernel contract computed on the CPU).")
+    return 0
+
+
+def cmd_partition(args) -> int:
+    import onnxruntime as ort
+
+    from . import partition
+
+    opts = {}
+    for kv in args.option or []:
+        key, _, value = kv.partition("=")
+        opts[key] = value
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if args.no_optimize else None
+    report = partition(args.model, opts, level)
+    print(report.table())
+    return 0
+
+
+def cmd_model_fetch(args) -> int:
+    from .whisper.model import ensure_model
+
+    path = ensure_model(args.name, cache_dir=args.cache_dir, log=lambda m: print(m, file=sys.stderr))
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xdna", description="XDNA (AMD Phoenix NPU) execution provider for ONNX Runtime")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, backend, device, and why there is no NPU if there is none")
+    info.add_argument("--kernel-dir", help="NPU kernel manifest directory (default: $XDNA_KERNEL_DIR or the cache)")
+    info.set_defaults(func=cmd_info)
+
+    part = sub.add_parser("partition", help="which MatMul/Gemm nodes of a model go to the EP, FLOP share, and why not")
+    part.add_argument("model")
+    part.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
+    part.add_argument("--no-optimize", action="store_true", help="disable ORT graph optimizations (ORT_DISABLE_ALL)")
+    part.set_defaults(func=cmd_partition)
+
+    model = sub.add_parser("model", help="Whisper model management")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    fetch = msub.add_parser("fetch", help="download, convert and export a Whisper model into the cache")
+    fetch.add_argument("name", nargs="?", default="base", help="base | tiny.en")
+    fetch.add_argument("--cache-dir")
+    fetch.set_defaults(func=cmd_model_fetch)
+
+    try:
+        from .whisper.transcribe import add_transcribe_arguments, run_transcribe
+    except ImportError as e:  # the whisper extra is not installed
+        missing = str(e)
+
+        def run_transcribe(args) -> int:
+            print(f"xdna transcribe needs the whisper extra: pip install 'onnxruntime-ep-xdna[whisper]' ({missing})",
+                  file=sys.stderr)
+            return 2
+
+        def add_transcribe_arguments(parser) -> None:
+            parser.add_argument("files", nargs="*")
+
+    tr = sub.add_parser("transcribe", help="transcribe audio files with Whisper on the EP")
+    add_transcribe_arguments(tr)
+    tr.set_defaults(func=run_transcribe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a one-line message, not a traceback, for anything we did not foresee
+        if os.environ.get("XDNA_DEBUG"):
+            raise
+        print(f"xdna {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Registration, provider selection, options, threads, and backend faults falling back to the CPU."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import onnxruntime_ep_xdna as xdna
+from ep_helpers import EP, assert_within, bf16_bound, ep_nodes, init, make_model, rng, tensor, xdna_session
+
+
+def linear_model(k=48, n=40, seed=0):
+    w = rng(seed).standard_normal((k, n)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")],
+        [tensor("a", ["batch", k])],
+        [tensor("y", ["batch", n])],
+        [init("w", w)],
+    )
+    return model, w
+
+
+def test_import_registers_nothing_and_register_is_idempotent():
+    import subprocess
+    import sys
+
+    code = (
+        "import onnxruntime as ort, onnxruntime_ep_xdna as x\n"
+        "assert x.EP_NAME not in ort.get_available_providers()\n"
+        "assert x.register() == x.EP_NAME and x.register() == x.EP_NAME\n"
+        "print(ort.get_available_providers())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert EP in out
+
+
+def test_locator():
+    assert xdna.get_ep_name() == EP
+    assert xdna.get_ep_names() == [EP]
+    assert xdna.get_library_path().endswith("libonnxruntime_ep_xdna.so")
+
+
+def test_selection_by_name_in_providers_list():
+    model, w = linear_model()
+    xdna.register()
+    so = xdna.session_options()
+    sess = ort.InferenceSession(model, so, providers=[EP, "CPUExecutionProvider"])
+    assert sess.get_providers()[0] == EP
+    assert ep_nodes(sess) == [("mm", "MatMul")]
+
+
+def test_selection_through_ep_devices():
+    model, w = linear_model()
+    xdna.register()
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP]
+    assert len(devices) == 1
+    assert devices[0].ep_metadata["backend"] in ("emulator", "xrt")
+    so = xdna.session_options()
+    so.add_provider_for_devices(devices, {"backend": "emulator"})
+    sess = ort.InferenceSession(model, so)
+    assert ep_nodes(sess) == [("mm", "MatMul")]
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"no_such_option": "1"}, "unknown option 'no_such_option'"),
+        ({"backend": "gpu"}, "bad value 'gpu' for option 'backend'"),
+        ({"precision": "int4"}, "bad value 'int4' for option 'precision'"),
+        ({"min_mflop": "lots"}, "bad value 'lots' for option 'min_mflop'"),
+        ({"log_level": "loud"}, "bad value 'loud' for option 'log_level'"),
+    ],
+)
+def test_bad_options_fail_at_session_creation(options, message, capfd):
+    # The EP refuses to be created. ORT's Python InferenceSession then prints the error and retries with the
+    # CPU EP only (its own fallback, not ours): the message must be there and nothing may run on the EP.
+    model, _ = linear_model()
+    sess = xdna_session(model, options)
+    assert message in capfd.readouterr().out
+    assert EP not in sess.get_providers()
+
+
+def test_explicit_xrt_backend_without_npu_is_a_clear_error(capfd):
+    import glob
+
+    if glob.glob("/dev/accel/accel*"):
+        pytest.skip("this machine has an NPU")
+    model, _ = linear_model()
+    sess = xdna_session(model, {"backend": "xrt"})
+    assert "backend=xrt requested but unavailable" in capfd.readouterr().out
+    assert EP not in sess.get_providers()
+
+
+def test_concurrent_runs_on_one_session():
+    model, w = linear_model(k=96, n=130)
+    sess = xdna_session(model)
+    r = rng(3)
+    inputs = [r.standard_normal((int(r.integers(1, 200)), 96)).astype(np.float32) for _ in range(16)]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = sess.run(None, {"a": inputs[i]})[0]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, a in enumerate(inputs):
+        assert_within(results[i], a.astype(np.float64) @ w, bf16_bound(a, w, 96), f"thread {i}")
+
+
+@pytest.mark.parametrize("step", ["upload", "run", "timeout", "result"])
+def test_backend_fault_falls_back_to_cpu_with_logged_reason(step, capfd):
+    model, w = linear_model(k=64, n=72, seed=4)
+    sess = xdna_session(model, {"fault_inject": step, "backend": "emulator"})
+    assert ep_nodes(sess) == [("mm", "MatMul")]
+    for m in (3, 17):  # the first call faults (or the upload did), later calls stay on the CPU path
+        a = rng(m).standard_normal((m, 64)).astype(np.float32)
+        assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, 64), step)
+    err = capfd.readouterr().err
+    assert f"fault ({step}: injected fault" in err
+    assert "now runs on the CPU" in err
+
+
+def test_fault_in_dynamic_operand_path():
+    b_shape = (1, 2, 16, 20)
+    a = rng(8).standard_normal((1, 2, 20, 16)).astype(np.float32)
+    b = rng(9).standard_normal(b_shape).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["a", "b"], ["y"], name="qk")],
+        [tensor("a", list(a.shape)), tensor("b", list(b_shape))],
+        [tensor("y", [1, 2, 20, 20])],
+    )
+    sess = xdna_session(model, {"fault_inject": "run"})
+    out = sess.run(None, {"a": a, "b": b})[0]
+    assert_within(out, np.matmul(a.astype(np.float64), b), bf16_bound(a, b, 16))
+
+
+def test_placement_requires_recording():
+    model, _ = linear_model()
+    xdna.register()
+    sess = ort.InferenceSession(model, providers=[EP, "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="no placement recorded"):
+        xdna.placement(sess)
+
+
+def test_partition_report_names_reasons_and_flop_share(tmp_path):
+    from onnx import TensorProto
+
+    w = rng(1).standard_normal((32, 64)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["a", "w"], ["h"], name="proj"),
+         helper.make_node("Cast", ["h"], ["hd"], to=TensorProto.DOUBLE),
+         helper.make_node("MatMul", ["hd", "wd"], ["y"], name="double_mm")],
+        [tensor("a", [100, 32])], [tensor("y", [100, 4], TensorProto.DOUBLE)],
+        [init("w", w), init("wd", np.ones((64, 4)))],
+    )
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    report = xdna.partition(path)
+    by_name = {d.node: d for d in report.decisions}
+    assert by_name["proj"].placed_on == EP and by_name["proj"].claimed
+    assert by_name["double_mm"].placed_on == "CPUExecutionProvider"
+    assert "float64" in by_name["double_mm"].reason
+    assert by_name["proj"].mflop == pytest.approx(2 * 100 * 32 * 64 / 1e6)
+    assert report.ep_share == pytest.approx(by_name["proj"].mflop / (by_name["proj"].mflop + by_name["double_mm"].mflop))
+    table = report.table()
+    assert "double_mm" in table and "CPU: A is float64" in table
+
+
+def test_cli_info_and_partition(tmp_path, capsys):
+    from onnxruntime_ep_xdna import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "registered         True" in out
+    assert "backend (auto)" in out and "/dev/accel" in out
+    model, _ = linear_model()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    assert cli.main(["partition", str(path)]) == 0
+    assert "1/1 MatMul/Gemm nodes on XDNAExecutionProvider" in capsys.readouterr().out
+    assert cli.main(["partition", str(tmp_path / "missing.onnx")]) == 1
+    assert "error" in capsys.readouterr().err
