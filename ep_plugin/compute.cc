@@ -83,9 +83,10 @@ std::string shape_str(int64_t M, int64_t K, int64_t N) {
 }  // namespace
 
 NodeKernel::NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_inputs,
-                       std::shared_ptr<kernels::Backend> backend, int threads, Log log)
+                       std::shared_ptr<kernels::Backend> backend, int threads, Log log,
+                       std::function<void(const std::string&)> report)
     : plan_(std::move(plan)), runtime_inputs_(std::move(runtime_inputs)), backend_(std::move(backend)),
-      threads_(threads), log_(log) {
+      threads_(threads), log_(log), report_(std::move(report)) {
   for (auto& m : plan_.weights.mats) weights_.push_back(make_weight(m, true));
   plan_.weights.mats.clear();  // weights_ owns them now
 }
@@ -94,6 +95,17 @@ NodeKernel::~NodeKernel() {
   log_(ORT_LOGGING_LEVEL_INFO, "node '" + plan_.node_name + "': " + std::to_string(device_calls_.load()) +
                                    " GEMM calls on " + backend_->name() + ", " + std::to_string(cpu_calls_.load()) +
                                    " on the CPU fallback");
+  if (report_) {
+    std::string name;
+    for (char c : plan_.node_name) {
+      if (c == '"' || c == '\\') name += '\\';
+      name += c;
+    }
+    report_("{\"runtime\": true, \"node\": \"" + name + "\", \"backend\": \"" + backend_->name() +
+            "\", \"device_calls\": " + std::to_string(device_calls_.load()) + ", \"cpu_calls\": " +
+            std::to_string(cpu_calls_.load()) + ", \"device_mflop\": " + std::to_string(device_flop_.load() / 1e6) +
+            ", \"cpu_mflop\": " + std::to_string(cpu_flop_.load() / 1e6) + "}");
+  }
 }
 
 NodeKernel::Weight NodeKernel::make_weight(std::shared_ptr<const kernels::PackedB> packed, bool log_faults) {
@@ -123,12 +135,14 @@ int NodeKernel::runtime_index(const std::string& name) const {
 void NodeKernel::run(const kernels::GemmArgs& args, const Weight& w) {
   if (args.M == 0 || w.host->shape.N == 0) return;
   const auto& s = w.host->shape;
+  const uint64_t flop = 2ull * static_cast<uint64_t>(args.M) * static_cast<uint64_t>(s.K) * static_cast<uint64_t>(s.N);
   if (device_ok_ && w.device) {
     std::string why;
     if (backend_->can_run(args.M, s.K, s.N, &why)) {
       try {
         backend_->gemm(args, *w.device);
         ++device_calls_;
+        device_flop_ += flop;
         return;
       } catch (const kernels::BackendFault& f) {
         fall_back(f.what());
@@ -142,6 +156,7 @@ void NodeKernel::run(const kernels::GemmArgs& args, const Weight& w) {
   }
   kernels::emulator_gemm(args, *w.host, threads_);
   ++cpu_calls_;
+  cpu_flop_ += flop;
 }
 
 void NodeKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -16,8 +17,10 @@ namespace xdna::ep {
 class NodeKernel {
  public:
   // `runtime_inputs`: the fused node's input names, in the order Compute receives them.
+  // `report` (may be empty) receives one JSON line of run-time statistics when the kernel is destroyed.
   NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_inputs,
-             std::shared_ptr<kernels::Backend> backend, int threads, Log log);
+             std::shared_ptr<kernels::Backend> backend, int threads, Log log,
+             std::function<void(const std::string&)> report);
   ~NodeKernel();
 
   void compute(const OrtApi& api, OrtKernelContext* ctx);
@@ -44,7 +47,9 @@ class NodeKernel {
   Log log_;
   std::vector<Weight> weights_;  // constant B, one per batch matrix
   std::atomic<bool> device_ok_{true};
+  std::function<void(const std::string&)> report_;
   std::atomic<uint64_t> device_calls_{0}, cpu_calls_{0};
+  std::atomic<uint64_t> device_flop_{0}, cpu_flop_{0};  // executed, so symbolic dims are real here
   std::once_flag no_kernel_logged_;
 };
 

@@ -49,7 +49,12 @@ std::string json_escape(const std::string& s) {
   return out;
 }
 
-std::mutex g_report_mutex;  // several sessions may append to the same report file
+// Appends one JSON line to the partition report; several sessions and kernels may share the file.
+void append_report(const std::string& path, const std::string& line) {
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::ofstream(path, std::ios::app) << line << "\n";
+}
 
 }  // namespace
 
@@ -98,10 +103,7 @@ void ORT_API_CALL XdnaEp::ReleaseNodeComputeInfosImpl(OrtEp*, OrtNodeComputeInfo
 }
 
 void XdnaEp::report(const std::string& line) {
-  if (options_.partition_report.empty()) return;
-  std::lock_guard<std::mutex> lock(g_report_mutex);
-  std::ofstream out(options_.partition_report, std::ios::app);
-  out << line << "\n";
+  if (!options_.partition_report.empty()) append_report(options_.partition_report, line);
 }
 
 void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) {
@@ -168,7 +170,11 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
     if (vi) check(ort, ort.GetValueInfoName(vi, &name));
     names.emplace_back(name ? name : "");
   }
-  auto kernel = std::make_unique<NodeKernel>(std::move(a.plan), std::move(names), backend_, options_.threads, log_);
+  std::function<void(const std::string&)> report_fn;
+  if (!options_.partition_report.empty())
+    report_fn = [path = options_.partition_report](const std::string& line) { append_report(path, line); };
+  auto kernel = std::make_unique<NodeKernel>(std::move(a.plan), std::move(names), backend_, options_.threads, log_,
+                                             std::move(report_fn));
   *info = new ComputeInfo(ort, std::move(kernel));
 }
 

@@ -193,3 +193,15 @@ def test_cli_info_and_partition(tmp_path, capsys):
     assert "1/1 MatMul/Gemm nodes on XDNAExecutionProvider" in capsys.readouterr().out
     assert cli.main(["partition", str(tmp_path / "missing.onnx")]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_partition_run_counts_executed_flops_for_symbolic_dims(tmp_path):
+    model, _ = linear_model(k=48, n=40)  # a: ["batch", 48]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    static = xdna.partition(path).decisions[0]
+    assert static.mflop_lower_bound and static.mflop == pytest.approx(2 * 48 * 40 / 1e6)
+    ran = xdna.partition(path, run=True, dims={"batch": 100}).decisions[0]
+    assert not ran.mflop_lower_bound
+    assert ran.mflop == pytest.approx(2 * 100 * 48 * 40 / 1e6)
+    assert ran.executed["device_calls"] + ran.executed["cpu_calls"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -68,6 +69,7 @@ class NodeDecision:
     mflop: float
     mflop_lower_bound: bool
     placed_on: str = "?"
+    executed: dict | None = None  # after a run: backend, device_calls, cpu_calls, device_mflop, cpu_mflop
 
 
 @dataclass
@@ -99,6 +101,10 @@ class PartitionReport:
         for d in sorted(self.decisions, key=lambda d: -d.mflop):
             mflop = f"{d.mflop:10.2f}" + ("*" if d.mflop_lower_bound else " ")
             where = "XDNA" if d.placed_on == EP_NAME else f"CPU: {d.reason}"
+            if d.placed_on == EP_NAME and d.executed is not None:
+                e = d.executed
+                where += f" ({e['backend']} x{e['device_calls']}" + (
+                    f", CPU fallback x{e['cpu_calls']})" if e["cpu_calls"] else ")")
             rows.append(f"{d.node[:48]:48} {d.op_type:7} {mflop} {where}")
         on_ep = sum(1 for d in self.decisions if d.placed_on == EP_NAME)
         rows.append(
@@ -110,8 +116,29 @@ class PartitionReport:
         return "\n".join(rows)
 
 
-def partition(model, provider_options: dict | None = None, graph_optimization_level=None) -> PartitionReport:
-    """Creates a session of `model` with the EP and reports every MatMul/Gemm: placed where, why, FLOPs."""
+def _dummy_feeds(session, dims: dict[str, int]):
+    import numpy as np
+
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) and d >= 0 else dims.get(str(d), 1) for d in i.shape]
+        if "float" in i.type:
+            dtype = np.float16 if "float16" in i.type else np.float32
+            feeds[i.name] = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+        elif "bool" in i.type:
+            feeds[i.name] = np.ones(shape, dtype=bool)
+        else:
+            feeds[i.name] = np.zeros(shape, dtype=np.int64 if "int64" in i.type else np.int32)
+    return feeds
+
+
+def partition(model, provider_options: dict | None = None, graph_optimization_level=None, run: bool = False,
+              dims: dict[str, int] | None = None) -> PartitionReport:
+    """Creates a session of `model` with the EP and reports every MatMul/Gemm: placed where, why, FLOPs.
+
+    With `run=True` the model is run once on dummy inputs (symbolic dims from `dims`, else 1) and the FLOPs of the
+    EP's nodes are the executed ones, so symbolic dimensions no longer count as 1.
+    """
     import onnxruntime as ort
 
     from . import EP_NAME, register
@@ -127,15 +154,27 @@ def partition(model, provider_options: dict | None = None, graph_optimization_le
         opts["partition_report"] = report_path
         session = ort.InferenceSession(str(model), so, providers=[(EP_NAME, opts), "CPUExecutionProvider"])
         place = placement(session)
+        providers = session.get_providers()
+        if run:
+            session.run(None, _dummy_feeds(session, dims or {}))
+        del session  # the EP's kernels append their run-time statistics when released
+        gc.collect()
         decisions: dict[tuple[str, str], NodeDecision] = {}
+        executed: dict[str, dict] = {}
         with open(report_path) as f:
             for line in f:
                 d = json.loads(line)
-                # GetCapability may run more than once per graph; the last decision is the one ORT used.
-                decisions[(d["graph"], d["node"])] = NodeDecision(**d)
+                if d.pop("runtime", False):
+                    executed[d.pop("node")] = d
+                else:  # GetCapability may run more than once per graph; the last decision is the one ORT used.
+                    decisions[(d["graph"], d["node"])] = NodeDecision(**d)
     finally:
         os.unlink(report_path)
     where = {name: ep for ep, name, _ in place.nodes}
     for d in decisions.values():
         d.placed_on = where.get(d.node, "?")
-    return PartitionReport(str(model), list(decisions.values()), place, session.get_providers())
+        if run and d.node in executed and d.placed_on == EP_NAME:
+            d.executed = executed[d.node]
+            d.mflop = d.executed["device_mflop"] + d.executed["cpu_mflop"]
+            d.mflop_lower_bound = False
+    return PartitionReport(str(model), list(decisions.values()), place, providers)

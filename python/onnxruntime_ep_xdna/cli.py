@@ -72,8 +72,12 @@ def cmd_partition(args) -> int:
     for kv in args.option or []:
         key, _, value = kv.partition("=")
         opts[key] = value
+    dims = {}
+    for kv in args.dim or []:
+        key, _, value = kv.partition("=")
+        dims[key] = int(value)
     level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if args.no_optimize else None
-    report = partition(args.model, opts, level)
+    report = partition(args.model, opts, level, run=args.run or bool(dims), dims=dims)
     print(report.table())
     return 0
 
@@ -98,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("model")
     part.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
     part.add_argument("--no-optimize", action="store_true", help="disable ORT graph optimizations (ORT_DISABLE_ALL)")
+    part.add_argument("--run", action="store_true", help="run once on dummy inputs: FLOPs of EP nodes as executed")
+    part.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dim (implies --run)")
     part.set_defaults(func=cmd_partition)
 
     model = sub.add_parser("model", help="Whisper model management")
