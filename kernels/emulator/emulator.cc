@@ -1,9 +1,27 @@
-// Placeholder straightforward emulator; replaced by the blocked/vectorised version.
+// The emulator: the GEMM contract on the CPU. reference_gemm is the spec in a dozen lines; emulator_gemm is the
+// same contract blocked, vectorised (kernels in emulator_<isa>.cc, chosen once at run time) and multi-threaded.
 #include "emulator.h"
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
+#include "emulator_isa.h"
+
 namespace xdna::kernels {
+
+static_assert(kTileK == 64 && kTileN == 64, "emulator kernels assume 64x64 B tiles");
 
 void reference_gemm(const GemmArgs& args, const PackedB& b) {
   const auto& s = b.shape;
@@ -16,14 +34,254 @@ void reference_gemm(const GemmArgs& args, const PackedB& b) {
     }
 }
 
-void emulator_gemm(const GemmArgs& args, const PackedB& b, int) { reference_gemm(args, b); }
+namespace emu {
+
+float* scratch(int slot, size_t floats) {
+  struct Buffer {
+    float* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[4];
+  Buffer& buf = buffers[slot];
+  if (buf.size < floats) {
+    const size_t bytes = (std::max(floats, buf.size * 2) * sizeof(float) + 63) / 64 * 64;
+    void* fresh = std::aligned_alloc(64, bytes);
+    if (!fresh) throw std::bad_alloc();
+    std::free(buf.data);
+    buf.data = static_cast<float*>(fresh);
+    buf.size = bytes / sizeof(float);
+  }
+  return buf.data;
+}
+
+namespace {
+
+const IsaKernels& best_supported_kernels() {
+#if defined(XDNA_EMULATOR_X86)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512) return avx512_kernels();
+  if (avx2) return avx2_kernels();
+#endif
+  return generic_kernels();
+}
+
+// XDNA_EMULATOR_ISA=generic|avx2|avx512 forces a kernel set (tests use it to cover every path on one machine);
+// an ISA the CPU lacks is refused with a message, never executed.
+const IsaKernels& select_kernels() {
+  const IsaKernels& best = best_supported_kernels();
+  const char* forced = std::getenv("XDNA_EMULATOR_ISA");
+  if (!forced || !*forced) return best;
+  std::vector<const IsaKernels*> usable{&generic_kernels()};
+#if defined(XDNA_EMULATOR_X86)
+  if (&best != &generic_kernels()) usable.push_back(&avx2_kernels());
+  if (&best == &avx512_kernels()) usable.push_back(&avx512_kernels());
+#endif
+  for (const IsaKernels* k : usable)
+    if (std::string(forced) == k->name) {
+      std::fprintf(stderr, "xdna emulator: kernels '%s' (forced by XDNA_EMULATOR_ISA)\n", k->name);
+      return *k;
+    }
+  std::fprintf(stderr, "xdna emulator: XDNA_EMULATOR_ISA=%s is not available on this CPU; using '%s'\n", forced,
+               best.name);
+  return best;
+}
+
+const IsaKernels& kernels() {
+  static const IsaKernels& chosen = select_kernels();
+  return chosen;
+}
+
+// Busy-wait step: sched_yield, not pause. The scheduler may put the caller and a helper on one core (seen on the
+// 2-vCPU VM this was tuned on, even when idle); spinning there would hold the core the other needs, while a
+// yield on an otherwise idle core returns at once.
+void relax() { std::this_thread::yield(); }
+
+// A small persistent pool. One job at a time (callers queue on job_mutex_); the calling thread works too.
+// Idle workers spin for kSpin before they sleep: the decoder issues GEMVs a few microseconds apart, and a
+// condition-variable wake-up would cost more than such a GEMV.
+class ThreadPool {
+ public:
+  static ThreadPool& instance() {
+    static ThreadPool pool;
+    return pool;
+  }
+
+  // Runs fn(0..tasks-1) on up to `threads` threads (the caller included) and returns when all are done.
+  // Rethrows the first exception a task threw.
+  void run(int threads, int64_t tasks, const std::function<void(int64_t)>& fn) {
+    std::lock_guard<std::mutex> job_lock(job_mutex_);
+    const int helpers = static_cast<int>(std::min<int64_t>(threads, tasks)) - 1;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(workers_.size()) < helpers)
+        workers_.emplace_back([this, index = static_cast<int>(workers_.size())] { worker_loop(index); });
+      fn_ = &fn;
+      tasks_ = tasks;
+      next_.store(0, std::memory_order_relaxed);
+      helpers_ = helpers;
+      busy_.store(helpers, std::memory_order_relaxed);
+      error_ = nullptr;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleepers_.load(std::memory_order_acquire) > 0) work_cv_.notify_all();
+    work_off();
+    while (busy_.load(std::memory_order_acquire) != 0) relax();
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    work_cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+ private:
+  static constexpr std::chrono::microseconds kSpin{200};
+
+  void work_off() {
+    for (int64_t t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) {
+      try {
+        (*fn_)(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(tasks_, std::memory_order_relaxed);
+      }
+    }
+  }
+
+  // Waits for a generation other than `seen`: spins for kSpin, then sleeps on the condition variable.
+  uint64_t wait_for_job(uint64_t seen) {
+    const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 0;; ++i) {
+      const uint64_t g = generation_.load(std::memory_order_acquire);
+      if (g != seen) return g;
+      relax();
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) break;
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    sleepers_.fetch_add(1, std::memory_order_acq_rel);
+    work_cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+    sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+    return generation_.load(std::memory_order_acquire);
+  }
+
+  void worker_loop(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      seen = wait_for_job(seen);
+      bool stop, mine;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);  // pairs with run()'s publication of the job
+        // Re-read: a job this worker sat out may have ended and the next begun since wait_for_job returned.
+        seen = generation_.load(std::memory_order_relaxed);
+        stop = stop_;
+        mine = index < helpers_;
+      }
+      if (stop) return;
+      if (!mine) continue;
+      work_off();
+      busy_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  std::mutex job_mutex_;
+  std::mutex mutex_;
+  std::condition_variable work_cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t tasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int helpers_ = 0;
+  std::atomic<int> busy_{0}, sleepers_{0};
+  std::atomic<uint64_t> generation_{0};
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Splitting a call costs a few microseconds of synchronisation, so a thread must get at least this much work:
+// multiply-adds for the blocked path, bytes of B for the (memory-bound) direct path.
+constexpr int64_t kMinMacsPerThread = int64_t{1} << 18;
+constexpr int64_t kMinBBytesPerThread = int64_t{64} << 10;
+// Tasks are pulled dynamically; several per thread keep all threads busy when a core is shared with other work.
+constexpr int64_t kTasksPerThread = 8;
+
+}  // namespace
+}  // namespace emu
+
+using emu::kMinBBytesPerThread;
+using emu::kMinMacsPerThread;
+using emu::kTasksPerThread;
+
+void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
+  const PaddedShape& s = b.shape;
+  const int64_t M = args.M, K = s.K, N = s.N;
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(args.c + m * args.ldc, args.c + m * args.ldc + N, 0.f);
+    return;
+  }
+  const emu::IsaKernels& kern = emu::kernels();
+  const emu::Problem p{args.a, args.lda, args.c, args.ldc, b.data.data(), M, K, N, s.Kpad};
+
+  static const int all_cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (threads <= 0) threads = all_cores;
+  const int64_t n_tiles = emu::ceil_div(N, kTileN);
+
+  // Small M (GEMV): memory bound on B, so threads split the n-tiles and each streams its share of B once.
+  if (M <= kern.direct_max_m) {
+    threads = static_cast<int>(std::clamp<int64_t>(K * N * 2 / kMinBBytesPerThread, 1, threads));
+    const int64_t tasks = std::min<int64_t>(n_tiles, threads == 1 ? 1 : kTasksPerThread * threads);
+    const int64_t tiles_per_task = emu::ceil_div(n_tiles, tasks);
+    auto task = [&](int64_t t) {
+      const int64_t n0 = t * tiles_per_task * kTileN, n1 = std::min(N, n0 + tiles_per_task * kTileN);
+      if (n0 < n1) kern.direct(p, 0, M, n0, n1);
+    };
+    if (tasks == 1) task(0);
+    else emu::ThreadPool::instance().run(threads, tasks, task);
+    return;
+  }
+
+  // Large M: tasks are (row block, column block) pairs; enough of them to balance the threads.
+  threads = static_cast<int>(std::clamp<int64_t>(M * K * N / kMinMacsPerThread, 1, threads));
+  const int64_t m_blocks = emu::ceil_div(M, kern.block_m);
+  const int64_t rows_per_block = emu::ceil_div(M, m_blocks);
+  const int64_t n_blocks = std::min(n_tiles, threads == 1 ? 1 : emu::ceil_div(kTasksPerThread * threads, m_blocks));
+  const int64_t tiles_per_block = emu::ceil_div(n_tiles, n_blocks);
+  auto task = [&](int64_t t) {
+    const int64_t mb = t / n_blocks, nb = t % n_blocks;
+    const int64_t m0 = mb * rows_per_block, m1 = std::min(M, m0 + rows_per_block);
+    const int64_t n0 = nb * tiles_per_block * kTileN, n1 = std::min(N, n0 + tiles_per_block * kTileN);
+    if (m0 < m1 && n0 < n1) kern.blocked(p, m0, m1, n0, n1);
+  };
+  if (threads == 1) {
+    for (int64_t t = 0; t < m_blocks * n_blocks; ++t) task(t);
+  } else {
+    emu::ThreadPool::instance().run(threads, m_blocks * n_blocks, task);
+  }
+}
+
+const char* emulator_kernel_name() { return emu::kernels().name; }
 
 namespace {
 class EmulatorBackend final : public Backend {
  public:
   explicit EmulatorBackend(int threads) : threads_(threads) {}
   std::string name() const override { return "emulator"; }
-  std::string device_description() const override { return "CPU emulator of the NPU GEMM contract"; }
+  std::string device_description() const override {
+    return std::string("CPU emulator of the NPU GEMM contract (") + emulator_kernel_name() + " kernels)";
+  }
   bool can_run(int64_t, int64_t, int64_t, std::string*) const override { return true; }
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     return std::make_shared<DeviceWeight>(std::move(b));

@@ -1,0 +1,175 @@
+"""GEMM benchmark: the emulator backend (the NPU GEMM contract executed on the CPU) against ONNX Runtime's CPU EP.
+
+Everything here runs on the CPU; no figure is an NPU figure. For each shape M x K x N it times
+  * CPU EP:   a one-node ONNX MatMul (B as an initializer) in an InferenceSession with CPUExecutionProvider;
+  * emulator: onnxruntime_ep_xdna._native.emulator_gemm on a B packed once beforehand (bf16, contract layout);
+  * XDNA EP:  the same one-node model with providers=[XDNAExecutionProvider, CPUExecutionProvider], if the
+              package's EP can be registered (it runs the emulator backend when there is no NPU).
+Runners take turns in two blocks each so background load hits all alike; medians are printed.
+
+    python3 benchmarks/gemm.py            # full run
+    python3 benchmarks/gemm.py --quick    # fewer shapes and repetitions
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxruntime_ep_xdna import _native
+
+SHAPES = [  # (M, K, N, what)
+    (1500, 512, 512, "whisper-base encoder q/k/v/o"),
+    (1500, 512, 2048, "whisper-base encoder fc1"),
+    (1500, 2048, 512, "whisper-base encoder fc2"),
+    (1500, 64, 1500, "attention scores (one head)"),
+    (1500, 1500, 64, "attention values (one head)"),
+    (1, 512, 51865, "decoder logits GEMV"),
+    (1, 512, 512, "decoder GEMV"),
+    (5, 512, 2048, "decoder, 5 beams"),
+]
+QUICK_SHAPES = [SHAPES[0], SHAPES[5], SHAPES[6]]
+
+
+def machine_line():
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        isa = [name for name in ("avx512_bf16", "avx512f", "avx2", "amx_bf16") if f" {name}" in text]
+        flags = ", ".join(isa)
+    except OSError:
+        pass
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f"{model}, {os.cpu_count()} logical cores ({flags}); onnxruntime {ort.__version__}; "
+            f"numpy {np.__version__}; {date}")
+
+
+def matmul_model(b):
+    k, n = b.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, ["M", n])],
+        [numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def xdna_ep_available():
+    """Registers the package's plugin EP if it can; returns a reason string when it cannot."""
+    try:
+        import onnxruntime_ep_xdna
+        onnxruntime_ep_xdna.register()
+        names = {d.ep_name for d in ort.get_ep_devices()}
+        if "XDNAExecutionProvider" not in names:
+            return "XDNAExecutionProvider not among ort.get_ep_devices()"
+        return None
+    except Exception as e:  # the EP is optional here: the benchmark still measures the kernel
+        return f"{type(e).__name__}: {e}"
+
+
+def xdna_session(model_bytes):
+    options = ort.SessionOptions()
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "XDNAExecutionProvider"]
+    options.add_provider_for_devices(devices, {})
+    return ort.InferenceSession(model_bytes, sess_options=options)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_shape(m, k, n, reps, threads, use_xdna_ep):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    model = matmul_model(b)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    cpu = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    packed = _native.pack_b(b)
+    runners = {
+        "cpu": lambda: cpu.run(None, {"A": a}),
+        "emu": lambda: _native.emulator_gemm(a, packed, threads),
+    }
+    if use_xdna_ep:
+        try:
+            xdna = xdna_session(model)
+            runners["xdna"] = lambda: xdna.run(None, {"A": a})
+        except Exception as e:
+            print(f"  (XDNA EP session for {m}x{k}x{n} failed: {type(e).__name__}: {e})")
+
+    # Sanity: the emulator result must be the contract's (close to fp32 within bf16 input rounding).
+    c_cpu, c_emu = runners["cpu"]()[0], runners["emu"]()
+    scale = np.abs(a) @ np.abs(b)
+    worst = float(np.max(np.abs(c_emu - c_cpu) / (scale + 1e-30)))
+    assert worst <= 2.0**-7 + 2 * k * 2.0**-23, f"emulator result off by {worst} (relative to |A|.|B|)"
+
+    # Runners take turns in blocks (A..B..C..A..B..C..), not call by call: ORT's intra-op threads keep spinning for
+    # a while after each run and would steal the cores from whichever runner comes next.
+    times = {name: [] for name in runners}
+    for block in range(2):
+        for name, fn in runners.items():
+            time.sleep(0.05)  # let the previous runner's threads go idle
+            fn()  # warm-up (thread pools, first touch of buffers)
+            times[name] += [timed(fn) for _ in range((reps + 1) // 2)]
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 shapes, few repetitions")
+    parser.add_argument("--threads", type=int, default=0, help="threads for both (0 = all cores)")
+    parser.add_argument("--reps", type=int, default=0, help="timed repetitions per shape (default: by size)")
+    parser.add_argument("--no-ep", action="store_true", help="skip the XDNA EP column")
+    args = parser.parse_args()
+
+    print("GEMM benchmark: emulator backend (NPU contract computed on the CPU) vs ONNX Runtime CPU EP")
+    print("machine:", machine_line())
+    print("emulator kernels:", getattr(_native, "emulator_kernel_name", lambda: "(not exposed)")())
+    why_not = "--no-ep given" if args.no_ep else xdna_ep_available()
+    print("XDNA EP column:", "yes (no NPU here: it runs the emulator)" if why_not is None else f"no ({why_not})")
+    print(f"threads: {args.threads or os.cpu_count()}; times in ms are medians of repeated runs")
+    print()
+
+    header = f"{'M x K x N':>18} {'GFLOP':>7} {'CPU EP':>9} {'emulator':>9} {'ratio':>6} {'emu GFLOPS':>10}"
+    if why_not is None:
+        header += f" {'XDNA EP':>9} {'ratio':>6}"
+    print(header + "   shape")
+    for m, k, n, what in (QUICK_SHAPES if args.quick else SHAPES):
+        gflop = 2.0 * m * k * n / 1e9
+        reps = args.reps or (5 if args.quick else (10 if gflop > 1 else 30 if gflop > 0.05 else 200))
+        ms = bench_shape(m, k, n, reps, args.threads, why_not is None)
+        line = (f"{f'{m}x{k}x{n}':>18} {gflop:7.3f} {ms['cpu']:9.3f} {ms['emu']:9.3f} "
+                f"{ms['cpu'] / ms['emu']:5.2f}x {gflop / ms['emu'] * 1e3:10.1f}")
+        if "xdna" in ms:
+            line += f" {ms['xdna']:9.3f} {ms['cpu'] / ms['xdna']:5.2f}x"
+        elif why_not is None:
+            line += f" {'-':>9} {'-':>6}"
+        print(line + f"   {what}", flush=True)
+    print("\nratio = CPU EP time / emulator time (>1: the emulator is faster). All on the CPU.")
+
+
+if __name__ == "__main__":
+    main()

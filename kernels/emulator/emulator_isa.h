@@ -1,0 +1,45 @@
+// Internal interface between the emulator's driver (emulator.cc: dispatch, threads, work split) and its
+// per-ISA kernel translation units (emulator_<isa>.cc, each compiled with its own -m flags).
+// Only plain data and function pointers cross this boundary: no inline function here may be emitted into an
+// ISA-specific object, or the linker could hand AVX-512 code to an AVX2-only machine.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace xdna::kernels::emu {
+
+// One GEMM call in the contract's terms; B is the packed bf16 buffer (gemm_contract.h).
+struct Problem {
+  const float* a;
+  int64_t lda;
+  float* c;
+  int64_t ldc;
+  const uint16_t* b;
+  int64_t M, K, N, Kpad;
+};
+
+struct IsaKernels {
+  const char* name;
+  // Rows of C per blocked task (a multiple of the micro-kernel height).
+  int64_t block_m;
+  // Largest M the direct (GEMV-like) kernel handles in one pass over B.
+  int64_t direct_max_m;
+  // C[m0:m1, n0:n1] = bf16(A) . B over all of K. n0 is a multiple of kTileN; n1 <= N. K >= 1.
+  // `blocked` converts B to fp32 once per k-chunk and reuses it over up to block_m rows (large M);
+  // `direct` streams the packed bf16 B straight into the FMAs (m1 - m0 <= direct_max_m; GEMV).
+  void (*blocked)(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*direct)(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+};
+
+// Thread-local scratch owned by the driver: slot 0..3, at least `floats` floats, 64-byte aligned.
+// Valid until the same thread asks for the same slot again. Throws std::bad_alloc.
+float* scratch(int slot, size_t floats);
+
+const IsaKernels& generic_kernels();
+#if defined(XDNA_EMULATOR_X86)
+const IsaKernels& avx2_kernels();
+const IsaKernels& avx512_kernels();
+#endif
+
+}  // namespace xdna::kernels::emu

@@ -1,0 +1,248 @@
+"""The emulator backend against the GEMM contract (kernels/gemm_contract.h).
+
+reference_gemm is the contract written as a scalar loop; emulator_gemm is the fast version. Both are checked
+against numpy in float64 on bf16-rounded inputs, within the contract's bound
+    |C - C_exact| <= (2^-8 + K * 2^-23) * (|A|.|B|) + tiny,
+and against each other. Every kernel set the CPU supports (generic, avx2, avx512) is exercised through
+XDNA_EMULATOR_ISA in a subprocess, since the choice is made once per process.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import onnxruntime_ep_xdna
+from onnxruntime_ep_xdna import _native
+
+TINY = 1e-30  # absolute slack for subnormal products a backend may flush
+
+
+def bf16_round(x):
+    """fp32 -> bf16 -> fp32 with round-to-nearest-even; NaN stays a quiet NaN (the contract's f32_to_bf16)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    quiet_nan = (u | 0x00400000) & 0xFFFF0000
+    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(is_nan, quiet_nan, rounded).astype(np.uint32).view(np.float32)
+
+
+def exact_and_bound(a, b):
+    a64 = bf16_round(a).astype(np.float64)
+    b64 = bf16_round(b).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        exact = a64 @ b64
+        scale = np.abs(a64) @ np.abs(b64)
+    k = a.shape[1]
+    return exact, (2.0**-8 + k * 2.0**-23) * scale + TINY
+
+
+def assert_within_contract(c, a, b):
+    exact, bound = exact_and_bound(a, b)
+    assert c.shape == exact.shape and c.dtype == np.float32
+    err = np.abs(c.astype(np.float64) - exact)
+    bad = ~(err <= bound)
+    assert not bad.any(), f"{bad.sum()} elements outside the bound; worst err {err.max()} at {np.argmax(err)}"
+
+
+def random_problem(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    # Mixed magnitudes so that rounding of A and B both matter and sums cancel.
+    a = (rng.standard_normal((m, k)) * np.exp2(rng.integers(-4, 5, (m, k)))).astype(np.float32)
+    b = (rng.standard_normal((k, n)) * np.exp2(rng.integers(-4, 5, (k, n)))).astype(np.float32)
+    return a, b
+
+
+SHAPES = [
+    (1, 1, 1),
+    (1, 64, 64),
+    (1, 513, 300),  # GEMV, K and N not multiples of 64
+    (1, 512, 1000),
+    (2, 100, 257),
+    (4, 70, 700),
+    (5, 129, 256),  # just above the direct-kernel row count
+    (7, 1, 300),  # K = 1
+    (300, 300, 1),  # N = 1
+    (65, 257, 130),
+    (193, 200, 70),  # more rows than one blocked task
+    (250, 300, 513),
+]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_emulator_and_reference_within_contract(m, k, n):
+    a, b = random_problem(m, k, n, seed=m * 7919 + k * 31 + n)
+    packed = _native.pack_b(b)
+    c_emu = _native.emulator_gemm(a, packed)
+    c_ref = _native.reference_gemm(a, packed)
+    assert_within_contract(c_emu, a, b)
+    assert_within_contract(c_ref, a, b)
+
+
+def test_large_k_error_stays_in_bound():
+    # K = 4096 exercises many k-chunks accumulating into C.
+    a, b = random_problem(9, 4096, 70, seed=1)
+    assert_within_contract(_native.emulator_gemm(a, _native.pack_b(b)), a, b)
+
+
+def test_result_does_not_depend_on_thread_count():
+    a, b = random_problem(301, 333, 450, seed=2)
+    packed = _native.pack_b(b)
+    first = _native.emulator_gemm(a, packed, threads=1)
+    for threads in (0, 2, 3, 8):
+        np.testing.assert_array_equal(_native.emulator_gemm(a, packed, threads=threads), first)
+
+
+@pytest.mark.parametrize("m,k,n", [(0, 5, 7), (3, 5, 0), (0, 0, 0), (3, 0, 7), (1, 0, 1)])
+def test_zero_sized_dimensions(m, k, n):
+    a = np.ones((m, k), np.float32)
+    b = np.ones((k, n), np.float32)
+    packed = _native.pack_b(b)
+    for c in (_native.emulator_gemm(a, packed), _native.reference_gemm(a, packed)):
+        assert c.shape == (m, n)
+        np.testing.assert_array_equal(c, np.zeros((m, n), np.float32))  # K = 0: empty sums are 0
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 200, 130), (4, 64, 64), (6, 100, 70), (150, 90, 200)])
+def test_nan_and_inf_propagate_like_ieee(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    a[0, 3] = np.inf  # row 0: Inf*0 = NaN in the first half of the columns, +-Inf in the rest
+    b[3, : n // 2] = 0.0
+    b[9, n - 1] = np.nan  # last column: NaN in every row
+    if m >= 4:
+        a[1, 5], a[1, 6] = -np.inf, np.inf  # row 1: -Inf + Inf = NaN where B[5, j], B[6, j] share a sign
+        a[2, 7] = np.nan  # row 2: NaN everywhere
+        b[10, 0] = np.inf  # column 0: 0*Inf = NaN, except row 3 where 2*Inf = Inf
+        a[:, 10] = 0.0
+        a[3, 10] = 2.0
+    exact, bound = exact_and_bound(a, b)
+    assert np.isnan(exact).any() and np.isinf(exact).any()
+    finite = np.isfinite(exact)
+    packed = _native.pack_b(b)
+    for c in (_native.emulator_gemm(a, packed), _native.reference_gemm(a, packed)):
+        np.testing.assert_array_equal(np.isnan(c), np.isnan(exact))
+        np.testing.assert_array_equal(np.isposinf(c), np.isposinf(exact))
+        np.testing.assert_array_equal(np.isneginf(c), np.isneginf(exact))
+        assert (np.abs(c[finite] - exact[finite]) <= bound[finite]).all()
+
+
+def packed_offset(kpad, k, n):
+    tk, tn = _native.TILE_K, _native.TILE_N
+    return ((n // tn * (kpad // tk) + k // tk) * tk + k % tk) * tn + n % tn
+
+
+ROUNDING_CASES = [  # (fp32 bits, expected bf16 bits)
+    (0x3F808000, 0x3F80),  # 1 + 2^-8: tie, rounds to even (down)
+    (0x3F818000, 0x3F82),  # 1 + 3*2^-8: tie, rounds to even (up)
+    (0x3F808001, 0x3F81),  # just above the tie: up
+    (0x3F807FFF, 0x3F80),  # just below the tie: down
+    (0xBF818000, 0xBF82),  # negative tie
+    (0x7F7FFFFF, 0x7F80),  # fp32 max rounds past the bf16 max: +Inf
+    (0xFF7FFFFF, 0xFF80),  # -Inf
+    (0x7F7F7FFF, 0x7F7F),  # stays the largest finite bf16
+    (0x7F800000, 0x7F80),  # +Inf stays
+    (0xFF800000, 0xFF80),  # -Inf stays
+    (0x7FC00000, 0x7FC0),  # quiet NaN stays
+    (0x7F800001, 0x7FC0),  # signalling NaN with a low payload: still a NaN (quiet), not Inf
+    (0xFFFFFFFF, 0xFFFF),  # negative NaN keeps its sign
+    (0x80000000, 0x8000),  # -0
+    (0x00000001, 0x0000),  # tiny subnormal rounds to 0
+]
+
+
+def test_pack_b_rounds_to_nearest_even():
+    bits = np.array([c[0] for c in ROUNDING_CASES], dtype=np.uint32)
+    b = np.zeros((70, 3), np.float32)  # K > 64: values land in the second k-tile too
+    b[:, 1] = np.resize(bits, 70).view(np.float32)
+    packed = _native.pack_b(b)
+    assert (packed.K, packed.N, packed.Kpad, packed.Npad) == (70, 3, 128, 256)
+    data = packed.data
+    assert data.shape == (128 * 256,)
+    expected = np.resize(np.array([c[1] for c in ROUNDING_CASES], dtype=np.uint16), 70)
+    got = np.array([data[packed_offset(128, k, 1)] for k in range(70)], dtype=np.uint16)
+    np.testing.assert_array_equal(got, expected)
+    # Pads are exact zeros.
+    mask = np.ones(data.shape, bool)
+    for k in range(70):
+        for n in range(3):
+            mask[packed_offset(128, k, n)] = False
+    assert not data[mask].any()
+
+
+def test_a_is_rounded_like_b():
+    # C = A . I picks out bf16(A), so every corner case of the rounding shows up in C.
+    bits = np.array([c[0] for c in ROUNDING_CASES], dtype=np.uint32)
+    expected_bits = np.array([c[1] for c in ROUNDING_CASES], dtype=np.uint32) << 16
+    a = bits.view(np.float32).reshape(-1, 1)
+    packed = _native.pack_b(np.ones((1, 1), np.float32))
+    for c in (_native.emulator_gemm(a, packed), _native.reference_gemm(a, packed)):
+        got = c.reshape(-1)
+        want = expected_bits.view(np.float32)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        finite = ~np.isnan(want)
+        # A product with +1 and a sum starting at +0 turn -0 into +0 (IEEE): compare values, not bits, there.
+        np.testing.assert_array_equal(got[finite], want[finite] + np.float32(0))
+
+
+def test_concurrent_calls_from_python_threads():
+    problems = [random_problem(m, k, n, seed=i) for i, (m, k, n) in
+                enumerate([(1, 512, 2000), (300, 256, 300), (3, 700, 129), (100, 64, 1000)])]
+    packed = [_native.pack_b(b) for _, b in problems]
+    expected = [_native.emulator_gemm(a, p, threads=1) for (a, _), p in zip(problems, packed)]
+    errors = []
+
+    def worker(worker_id):
+        try:
+            for round_ in range(8):
+                i = (worker_id + round_) % len(problems)
+                c = _native.emulator_gemm(problems[i][0], packed[i], threads=worker_id % 3)
+                np.testing.assert_array_equal(c, expected[i])
+        except Exception as e:  # surfaced below: a failing thread must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+# ---- every kernel set this CPU can run, each in its own process ----
+
+_ISA_CHECK = textwrap.dedent("""
+    import numpy as np
+    from onnxruntime_ep_xdna import _native
+    rng = np.random.default_rng(5)
+    for m, k, n in [(1, 1, 1), (1, 300, 700), (3, 65, 63), (4, 512, 256), (7, 130, 200), (200, 257, 300)]:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        if k > 2:
+            a[0, 1] = np.inf; b[1, :n // 2] = 0; a[-1, 2] = np.nan
+        p = _native.pack_b(b)
+        c, r = _native.emulator_gemm(a, p), _native.reference_gemm(a, p)
+        assert (np.isnan(c) == np.isnan(r)).all() and (np.isinf(c) == np.isinf(r)).all(), (m, k, n)
+        ok = np.isfinite(r)
+        tol = (2.0**-7 + 2 * k * 2.0**-23) * (np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64))) + 1e-30
+        assert (np.abs(c[ok] - r[ok]) <= tol[ok] * 1.02).all(), (m, k, n)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_each_kernel_set(isa):
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(onnxruntime_ep_xdna.__file__)))
+    env = dict(os.environ, XDNA_EMULATOR_ISA=isa,
+               PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    if "not available on this CPU" in proc.stderr:
+        pytest.skip(f"{isa} kernels not supported here")
+    assert proc.returncode == 0, proc.stderr
+    assert f"kernels '{isa}' (forced by XDNA_EMULATOR_ISA)" in proc.stderr  # the forced set really ran
+    assert proc.stdout.strip() == "ok"
