@@ -76,10 +76,6 @@ int64_t broadcast_index(const Dims& out, const Dims& dims, int64_t pos) {
   return idx;
 }
 
-std::string shape_str(int64_t M, int64_t K, int64_t N) {
-  return std::to_string(M) + "x" + std::to_string(K) + "x" + std::to_string(N);
-}
-
 }  // namespace
 
 NodeKernel::NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_inputs,
@@ -111,6 +107,11 @@ NodeKernel::~NodeKernel() {
 NodeKernel::Weight NodeKernel::make_weight(std::shared_ptr<const kernels::PackedB> packed, bool log_faults) {
   Weight w{std::move(packed), nullptr};
   if (!device_ok_) return w;
+  std::string why;
+  if (!backend_->can_run(0, w.host->shape.K, w.host->shape.N, &why)) {
+    note_cpu_path(w.host->shape.K, w.host->shape.N, why);
+    return w;
+  }
   try {
     w.device = backend_->upload(w.host);
   } catch (const kernels::BackendFault& f) {
@@ -118,6 +119,14 @@ NodeKernel::Weight NodeKernel::make_weight(std::shared_ptr<const kernels::Packed
     else device_ok_ = false;
   }
   return w;
+}
+
+void NodeKernel::note_cpu_path(int64_t K, int64_t N, const std::string& why) {
+  std::call_once(cpu_path_logged_, [&] {
+    log_(ORT_LOGGING_LEVEL_INFO, "node '" + plan_.node_name + "': " + backend_->name() + " cannot run K=" +
+                                     std::to_string(K) + " N=" + std::to_string(N) + " (" + why +
+                                     "); computing on the CPU path (same bf16 arithmetic)");
+  });
 }
 
 void NodeKernel::fall_back(const std::string& why) {
@@ -148,10 +157,7 @@ void NodeKernel::run(const kernels::GemmArgs& args, const Weight& w) {
         fall_back(f.what());
       }
     } else {
-      std::call_once(no_kernel_logged_, [&] {
-        log_(ORT_LOGGING_LEVEL_INFO, "node '" + plan_.node_name + "': " + backend_->name() + " cannot run " +
-                                         shape_str(args.M, s.K, s.N) + " (" + why + "); using the CPU path");
-      });
+      note_cpu_path(s.K, s.N, "M=" + std::to_string(args.M) + ": " + why);
     }
   }
   kernels::emulator_gemm(args, *w.host, threads_);

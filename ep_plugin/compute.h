@@ -39,6 +39,7 @@ class NodeKernel {
   void run(const kernels::GemmArgs& args, const Weight& w);
   Weight make_weight(std::shared_ptr<const kernels::PackedB> packed, bool upload);
   void fall_back(const std::string& why);
+  void note_cpu_path(int64_t K, int64_t N, const std::string& why);  // logged once per node
 
   graph::GemmPlan plan_;
   std::vector<std::string> runtime_inputs_;
@@ -50,7 +51,7 @@ class NodeKernel {
   std::function<void(const std::string&)> report_;
   std::atomic<uint64_t> device_calls_{0}, cpu_calls_{0};
   std::atomic<uint64_t> device_flop_{0}, cpu_flop_{0};  // executed, so symbolic dims are real here
-  std::once_flag no_kernel_logged_;
+  std::once_flag cpu_path_logged_;
 };
 
 }  // namespace xdna::ep

@@ -5,6 +5,7 @@
 #include <onnxruntime_c_api.h>
 // onnxruntime_c_api.h includes onnxruntime_ep_c_api.h itself (which has no include guard).
 
+#include <cstdio>
 #include <exception>
 #include <stdexcept>
 #include <string>
@@ -50,14 +51,25 @@ OrtStatus* guard(const OrtApi& api, Fn&& fn) noexcept {
   }
 }
 
-// Logging through ORT's logger, filtered by the EP's own `log_level` option as well.
+// Logging through ORT's logger, filtered by the EP's own `log_level` option. ORT hands plugin EPs its default
+// logger, whose severity is the process-wide one (WARNING unless set_default_logger_severity was called); lines the
+// user asked for with `log_level` but ORT's logger would drop go to stderr directly, so the option always works.
 class Log {
  public:
   Log(const OrtApi& api, const OrtLogger* logger, OrtLoggingLevel min_level)
       : api_(&api), logger_(logger), min_level_(min_level) {}
   void operator()(OrtLoggingLevel level, const std::string& msg, const char* file = __builtin_FILE(),
                   int line = __builtin_LINE(), const char* func = __builtin_FUNCTION()) const noexcept {
-    if (logger_ == nullptr || level < min_level_) return;
+    if (level < min_level_) return;
+    OrtLoggingLevel ort_level = ORT_LOGGING_LEVEL_WARNING;
+    if (logger_ != nullptr) {
+      OrtStatus* st = api_->Logger_GetLoggingSeverityLevel(logger_, &ort_level);
+      if (st) api_->ReleaseStatus(st);
+    }
+    if (logger_ == nullptr || level < ort_level) {
+      std::fprintf(stderr, "[XDNA] %s\n", msg.c_str());
+      return;
+    }
     OrtStatus* st = api_->Logger_LogMessage(logger_, level, ("[XDNA] " + msg).c_str(), file, line, func);
     if (st) api_->ReleaseStatus(st);
   }

@@ -5,6 +5,11 @@
 
 #include "kernels/backend.h"
 #include "kernels/emulator/emulator.h"
+#include "kernels/xrt/cost_model.h"
+#include "kernels/xrt/fake_device.h"
+#include "kernels/xrt/manifest.h"
+#include "kernels/xrt/npu_backend.h"
+#include "kernels/xrt/xrt_loader.h"
 
 namespace py = pybind11;
 namespace k = xdna::kernels;
@@ -29,6 +34,133 @@ py::array_t<float> run_gemm(F32Array a, const k::PackedB& b, bool reference, int
     else k::emulator_gemm(args, b, threads);
   }
   return c;
+}
+
+}  // namespace
+
+// ---- NPU / XRT backend access (kernels/xrt): probe, fake device, fault injection, cost model ----
+namespace {
+
+// BackendFault -> _native.BackendFault(RuntimeError) with a `.step` attribute.
+PyObject* g_backend_fault_type = nullptr;
+
+struct NpuWeightHandle {
+  std::shared_ptr<k::DeviceWeight> weight;
+};
+
+struct NpuBackendHandle {
+  std::unique_ptr<k::Backend> backend;
+  std::shared_ptr<k::npu::FakeStats> stats;  // fake device only
+
+  py::tuple can_run(int64_t M, int64_t K, int64_t N) const {
+    std::string why;
+    const bool ok = backend->can_run(M, K, N, &why);
+    return py::make_tuple(ok, why);
+  }
+  NpuWeightHandle upload(std::shared_ptr<k::PackedB> b) {
+    py::gil_scoped_release release;
+    return {backend->upload(std::move(b))};
+  }
+  py::array_t<float> gemm(F32Array a, const NpuWeightHandle& w) {
+    const k::PackedB& b = w.weight->host();
+    if (a.ndim() != 2 || a.shape(1) != b.shape.K) throw std::invalid_argument("A must be [M, K] matching B");
+    const int64_t M = a.shape(0), N = b.shape.N;
+    py::array_t<float> c({M, N});
+    k::GemmArgs args{a.data(), M, b.shape.K, c.mutable_data(), N};
+    {
+      py::gil_scoped_release release;
+      backend->gemm(args, *w.weight);
+    }
+    return c;
+  }
+  py::dict fake_stats() const {
+    if (!stats) throw std::runtime_error("not a fake-device backend");
+    return py::dict(py::arg("contexts") = stats->contexts.load(), py::arg("runs") = stats->runs.load(),
+                    py::arg("instr_buffers") = stats->buffers[0].load(), py::arg("a_buffers") = stats->buffers[1].load(),
+                    py::arg("b_buffers") = stats->buffers[2].load(), py::arg("c_buffers") = stats->buffers[3].load());
+  }
+};
+
+void register_npu_bindings(py::module_& m) {
+  g_backend_fault_type = PyErr_NewException("_native.BackendFault", PyExc_RuntimeError, nullptr);
+  m.add_object("BackendFault", py::handle(g_backend_fault_type));
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const k::BackendFault& e) {
+      py::object exc = py::reinterpret_borrow<py::object>(g_backend_fault_type)(e.what());
+      exc.attr("step") = e.step();
+      PyErr_SetObject(g_backend_fault_type, exc.ptr());
+    }
+  });
+
+  py::class_<NpuWeightHandle>(m, "NpuWeight");
+  py::class_<NpuBackendHandle>(m, "NpuBackend")
+      .def_property_readonly("name", [](const NpuBackendHandle& h) { return h.backend->name(); })
+      .def_property_readonly("description", [](const NpuBackendHandle& h) { return h.backend->device_description(); })
+      .def("can_run", &NpuBackendHandle::can_run, py::arg("M"), py::arg("K"), py::arg("N"))
+      .def("upload", &NpuBackendHandle::upload, py::arg("b"), py::keep_alive<0, 1>())
+      .def("gemm", &NpuBackendHandle::gemm, py::arg("a"), py::arg("weight"))
+      .def("fake_stats", &NpuBackendHandle::fake_stats);
+
+  m.def("npu_fake_backend", [](const std::string& kernel_dir, const std::string& fail_at, int max_contexts,
+                               int timeout_ms) {
+        k::npu::Manifest manifest;
+        std::string why;
+        if (!k::npu::load_manifest(kernel_dir, &manifest, &why)) throw std::runtime_error(why);
+        k::npu::FakeOptions options;
+        options.fail_at = fail_at;
+        k::npu::NpuBackendOptions backend_options = k::npu::NpuBackendOptions::from_env();  // XDNA_XRT_COST_MODEL
+        backend_options.max_contexts = max_contexts;
+        backend_options.timeout = std::chrono::milliseconds(timeout_ms);
+        std::unique_ptr<k::npu::NpuDevice> device;
+        try {
+          device = k::npu::make_fake_device(options);
+        } catch (const std::exception& e) {
+          throw k::BackendFault("open", e.what());
+        }
+        return NpuBackendHandle{k::npu::make_npu_backend(std::move(device), std::move(manifest), backend_options),
+                                options.stats};
+      }, py::arg("kernel_dir"), py::arg("fail_at") = "", py::arg("max_contexts") = 6, py::arg("timeout_ms") = 10000,
+      "The xrt backend's protocol over the fake device (tests only)");
+  m.def("xrt_backend", [](const std::string& kind, const std::string& kernel_dir, const std::string& plugin_dir,
+                          const std::string& fault_inject) {
+        k::BackendConfig cfg;
+        cfg.kind = kind;
+        cfg.kernel_dir = kernel_dir;
+        cfg.plugin_dir = plugin_dir;
+        cfg.fault_inject = fault_inject;
+        std::string why;
+        auto backend = k::make_backend(cfg, &why);
+        return py::make_tuple(NpuBackendHandle{std::move(backend), nullptr}, why);
+      }, py::arg("kind") = "auto", py::arg("kernel_dir") = "", py::arg("plugin_dir") = "", py::arg("fault_inject") = "",
+      "make_backend() as the EP calls it: returns (backend, why)");
+  m.def("xrt_probe", [](const std::string& kernel_dir, const std::string& plugin_dir) {
+        k::BackendConfig cfg;
+        cfg.kernel_dir = kernel_dir;
+        cfg.plugin_dir = plugin_dir;
+        const k::XrtProbe probe = k::probe_xrt(cfg);
+        py::list pieces;
+        for (const auto& p : probe.pieces)
+          pieces.append(py::dict(py::arg("name") = p.name, py::arg("ok") = p.ok, py::arg("detail") = p.detail));
+        return py::dict(py::arg("ready") = probe.ready(), py::arg("pieces") = pieces,
+                        py::arg("summary") = probe.summary(),
+                        py::arg("kernel_dir") = k::npu::resolve_kernel_dir(kernel_dir));
+      }, py::arg("kernel_dir") = "", py::arg("plugin_dir") = "", "Every piece the NPU path needs, for `xdna info`");
+  m.def("npu_fake_insts", [](int64_t m_rows, int64_t Kpad, int64_t Npad) {
+        const auto words = k::npu::fake_insts(m_rows, Kpad, Npad);
+        return py::array_t<uint32_t>(words.size(), words.data());
+      }, py::arg("m_rows"), py::arg("Kpad"), py::arg("Npad"));
+  m.def("npu_plan_row_chunks", &k::npu::plan_row_chunks, py::arg("M"), py::arg("heights"));
+  m.def("npu_cost", [](int64_t M, int64_t K, int64_t N, double cpu_gflops, int64_t m_rows) {
+        k::NpuCostParams p;
+        if (cpu_gflops > 0) p.cpu_gflops = cpu_gflops;
+        if (m_rows > 0) p.m_rows = m_rows;
+        const k::GemmCost c = k::predict_gemm_cost(M, K, N, p);
+        return py::dict(py::arg("npu_us") = c.npu_us, py::arg("cpu_us") = c.cpu_us, py::arg("runs") = c.runs,
+                        py::arg("npu_wins") = c.npu_wins());
+      }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("cpu_gflops") = 0.0, py::arg("m_rows") = 0,
+      "kernels/xrt/cost_model.h: predicted NPU vs CPU time (estimates, not silicon measurements)");
 }
 
 }  // namespace
@@ -62,4 +194,5 @@ PYBIND11_MODULE(_native, m) {
   m.attr("TILE_N") = k::kTileN;
   m.attr("BLOCK_M") = k::kBlockM;
   m.attr("BLOCK_N") = k::kBlockN;
+  register_npu_bindings(m);  // keep last: NPU/XRT hooks (kernels/xrt)
 }

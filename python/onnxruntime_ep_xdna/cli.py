@@ -57,8 +57,11 @@ def cmd_info(args) -> int:
         print(f"{'why':18} {meta.get('backend_reason', '')}")
     for k, v in _npu_facts():
         print(f"{k:18} {v}")
-    probe = _native.backend_probe("auto", args.kernel_dir or "")
-    if probe["backend"] != "xrt":
+    print("NPU path, piece by piece:")
+    probe = _native.xrt_probe(args.kernel_dir or "", os.path.dirname(get_library_path()))
+    for line in probe["summary"].splitlines():
+        print(f"  {line}")
+    if not probe["ready"]:
         print("NPU: not used. Every GEMM runs on the emulator (the NPU kernel contract computed on the CPU).")
     return 0
 

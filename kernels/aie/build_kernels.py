@@ -1,0 +1,237 @@
+"""Builds the NPU GEMM kernels for a model and writes the manifest the xrt backend reads.
+
+One kernel per distinct padded weight shape (K, N) and row height m_rows (a multiple of 256 rows of A per run).
+Variants of one K share one xclbin (the core program depends on K only) and so one hardware context; each has its
+own instruction stream. Needs mlir-aie (IRON, aiecc) + Peano (llvm-aie) + xclbinutil; not an NPU.
+
+    python3 kernels/aie/build_kernels.py --model encoder_model.onnx --model decoder_model.onnx \\
+        --m-rows 256,1536 --out ~/.cache/onnxruntime-ep-xdna/kernels
+    python3 kernels/aie/build_kernels.py --shape 512x2048 --shape 2048x512 --dry-run
+
+Toolchain (wheels from GitHub releases, not on PyPI):
+    pip install mlir_aie -f https://github.com/Xilinx/mlir-aie/releases/expanded_assets/latest-wheels-2
+    pip install llvm-aie -f https://github.com/Xilinx/llvm-aie/releases/expanded_assets/nightly
+    export PEANO_INSTALL_DIR=$(pip show llvm-aie | sed -n 's/^Location: //p')/llvm-aie
+    xclbinutil: from XRT (Debian sid: libxrt-utils; AMD: /opt/xilinx/xrt/bin)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import gemm_design as design  # noqa: E402
+from model_shapes import padded, weight_shapes  # noqa: E402
+
+CONTRACT_VERSION = 1  # kernels/xrt/manifest.h kContractVersion
+FORMAT = "onnxruntime-ep-xdna-kernels"
+DEFAULT_OUT = Path.home() / ".cache" / "onnxruntime-ep-xdna" / "kernels"
+
+
+class ToolchainMissing(RuntimeError):
+    pass
+
+
+def find_toolchain() -> dict:
+    """Locates aiecc, Peano's clang++, the AIE API headers and xclbinutil; raises ToolchainMissing naming each gap."""
+    missing, found = [], {}
+    try:
+        import aie  # noqa: F401  (mlir-aie's Python package)
+        import aie.iron  # noqa: F401
+
+        found["mlir_aie_python"] = os.path.dirname(aie.__file__)
+    except ImportError as e:
+        missing.append(f"mlir-aie Python package ('import aie.iron' failed: {e})")
+    aiecc = shutil.which("aiecc.py") or shutil.which("aiecc")
+    if aiecc:
+        found["aiecc"] = aiecc
+    else:
+        missing.append("aiecc.py (installed with the mlir_aie wheel)")
+
+    include = None
+    roots = [os.environ.get("MLIR_AIE_INSTALL_DIR", "")]
+    if "mlir_aie_python" in found:
+        p = Path(found["mlir_aie_python"])
+        roots += [str(p.parents[i]) for i in range(min(4, len(p.parents)))]
+    for r in filter(None, roots):
+        if (Path(r) / "include" / "aie_api" / "aie.hpp").is_file():
+            include = str(Path(r) / "include")
+            break
+    if include:
+        found["aie_api_include"] = include
+    else:
+        missing.append("AIE API headers include/aie_api/aie.hpp (set MLIR_AIE_INSTALL_DIR)")
+
+    peano = os.environ.get("PEANO_INSTALL_DIR", "")
+    if peano and (Path(peano) / "bin" / "clang++").is_file():
+        found["peano"] = peano
+    else:
+        missing.append("Peano (llvm-aie): set PEANO_INSTALL_DIR to the llvm-aie install dir (with bin/clang++)")
+
+    xclbinutil = os.environ.get("AIE_XCLBINUTIL_PATH") or shutil.which("xclbinutil")
+    if not xclbinutil and Path("/opt/xilinx/xrt/bin/xclbinutil").is_file():
+        xclbinutil = "/opt/xilinx/xrt/bin/xclbinutil"
+    if xclbinutil:
+        found["xclbinutil"] = xclbinutil
+    else:
+        missing.append("xclbinutil (XRT tools: Debian sid libxrt-utils, or /opt/xilinx/xrt/bin)")
+    if missing:
+        raise ToolchainMissing("the AIE kernel toolchain is not installed; missing:\n  - " + "\n  - ".join(missing) +
+                               "\nSee the header of kernels/aie/build_kernels.py and docs/npu.md (no NPU is needed "
+                               "to build kernels).")
+    return found
+
+
+def plan(shapes: set[tuple[int, int]], m_rows: list[int]) -> tuple[list[dict], list[str]]:
+    """Kernel variants to build (sorted), and the shapes the design cannot take (they stay on the CPU)."""
+    out, skipped = [], []
+    for m in m_rows:
+        if m <= 0 or m % design.BLOCK_M:
+            raise ValueError(f"--m-rows {m}: must be a positive multiple of {design.BLOCK_M}")
+    for k, n in sorted(shapes):
+        try:
+            for m in sorted(set(m_rows)):
+                design.check_shape(m, k, n)
+        except ValueError as e:
+            skipped.append(f"{k}x{n}: {e}")
+            continue
+        out.extend({"K": k, "N": n, "m_rows": m} for m in sorted(set(m_rows)))
+    return out, skipped
+
+
+def _static_part(mlir: str) -> str:
+    """The design without its runtime sequence: what goes into the xclbin."""
+    start = mlir.find("aiex.runtime_sequence")
+    if start < 0:
+        return mlir
+    depth, i = 0, mlir.index("{", start)
+    while i < len(mlir):
+        depth += {"{": 1, "}": -1}.get(mlir[i], 0)
+        if depth == 0:
+            break
+        i += 1
+    return mlir[:start] + mlir[i + 1:]
+
+
+def run(cmd: list[str], cwd: Path, log: Path) -> None:
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:2])} ... failed (exit {r.returncode}); see {log}")
+
+
+def build(variants: list[dict], out: Path, tools: dict, work: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    obj = work / design.KERNEL_OBJECT
+    run([str(Path(tools["peano"]) / "bin" / "clang++"), "--target=aie2-none-unknown-elf", "-O2", "-std=c++20",
+         "-DNDEBUG", "-Wno-parentheses", "-Wno-attributes", "-Wno-macro-redefined", f"-I{tools['aie_api_include']}",
+         "-c", str(HERE / "gemm_bf16.cc"), "-o", str(obj)], work, work / "peano.log")
+
+    static_by_k: dict[int, tuple[str, str]] = {}  # K -> (static MLIR hash, xclbin file name)
+    entries = []
+    for v in variants:
+        name = f"gemm_k{v['K']}_n{v['N']}_m{v['m_rows']}"
+        d = work / name
+        d.mkdir(exist_ok=True)
+        shutil.copy2(obj, d / design.KERNEL_OBJECT)
+        mlir = str(design.iron_module(v["m_rows"], v["K"], v["N"]))
+        (d / "design.mlir").write_text(mlir)
+        static = hashlib.sha256(_static_part(mlir).encode()).hexdigest()
+        shared = static_by_k.get(v["K"])
+        share = shared is not None and shared[0] == static
+        cmd = [tools["aiecc"], "--no-aiesim", "--no-xchesscc", "--no-xbridge", "--no-compile-host",
+               f"--peano={tools['peano']}", "--aie-generate-npu-insts", "--npu-insts-name=insts.bin"]
+        if not share:
+            cmd += ["--aie-generate-xclbin", "--xclbin-name=final.xclbin"]
+        env_log = d / "aiecc.log"
+        os.environ.setdefault("AIE_XCLBINUTIL_PATH", tools["xclbinutil"])
+        run(cmd + ["design.mlir"], d, env_log)
+        insts = f"{name}.insts.bin"
+        shutil.copy2(d / "insts.bin", out / insts)
+        if share:
+            xclbin = shared[1]
+        else:
+            xclbin = f"gemm_k{v['K']}_{static[:8]}.xclbin"
+            shutil.copy2(d / "final.xclbin", out / xclbin)
+            static_by_k.setdefault(v["K"], (static, xclbin))
+        entries.append({**v, "dtype": "bf16_f32", "xclbin": xclbin, "insts": insts, "kernel": "MLIR_AIE"})
+        print(f"built {name} -> {xclbin}{' (shared)' if share else ''}, {insts}")
+    return manifest(entries)
+
+
+def manifest(entries: list[dict]) -> dict:
+    return {"format": FORMAT, "contract_version": CONTRACT_VERSION,
+            "tile": {"m": design.TILE_M, "k": design.TILE_K, "n": design.TILE_N},
+            "array": {"rows": design.ROWS, "cols": design.COLS}, "device": "npu1", "kernels": entries}
+
+
+def parse_shape(s: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)[xX,](\d+)", s.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"shape '{s}': expected KxN, e.g. 512x2048")
+    return int(m.group(1)), int(m.group(2))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", action="append", default=[], help="ONNX model whose MatMul/Gemm weights need kernels")
+    p.add_argument("--shape", action="append", type=parse_shape, default=[], help="extra weight shape KxN")
+    p.add_argument("--m-rows", default="256,1536",
+                   help="comma-separated rows of A per run (multiples of 256); a call of M rows is cut into runs of "
+                        "these heights (default 256,1536: decoder-size calls and a 30 s Whisper encoder in one run)")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("XDNA_KERNEL_DIR", DEFAULT_OUT)))
+    p.add_argument("--work", type=Path, help="build directory (default: <out>/build)")
+    p.add_argument("--dry-run", action="store_true", help="print the kernels that would be built; needs no toolchain")
+    args = p.parse_args(argv)
+
+    shapes = {padded(k, n) for k, n in args.shape}
+    for m in args.model:
+        shapes |= {padded(k, n) for k, n in weight_shapes(m)}
+    if not shapes:
+        p.error("no shapes: give --model and/or --shape")
+    try:
+        m_rows = [int(x) for x in args.m_rows.split(",") if x.strip()]
+        variants, skipped = plan(shapes, m_rows)
+    except ValueError as e:
+        print(f"build_kernels: {e}", file=sys.stderr)
+        return 2
+    for s in skipped:
+        print(f"skipping {s} (those GEMMs stay on the CPU)", file=sys.stderr)
+    if not variants:
+        print("build_kernels: nothing to build", file=sys.stderr)
+        return 2
+    ks = sorted({v["K"] for v in variants})
+    print(f"{len(variants)} kernel(s) for {len(shapes)} shape(s); {len(ks)} xclbin(s) / hardware context(s) "
+          f"(one per K: {', '.join(map(str, ks))})")
+    if len(ks) > 6:
+        print("warning: more than 6 distinct K: Phoenix has 6 hardware contexts per device; the backend will run "
+              "the shapes of the first ones it loads and leave the rest on the CPU", file=sys.stderr)
+    if args.dry_run:
+        for v in variants:
+            print(f"  K={v['K']:5} N={v['N']:5} m_rows={v['m_rows']:5}")
+        return 0
+    try:
+        tools = find_toolchain()
+    except ToolchainMissing as e:
+        print(f"build_kernels: {e}", file=sys.stderr)
+        return 3
+    result = build(variants, args.out, tools, args.work or args.out / "build")
+    (args.out / "manifest.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+// Host stand-in for the few AIE API pieces gemm_bf16.cc uses, so its blocked indexing can be unit-tested with
+// g++ (tests/test_xrt_aie_design.py). Scalar and slow; bfloat16 is stored as its 16 bits. Not the AIE API.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <cstring>
+
+struct bfloat16 {
+  uint16_t bits;
+  operator float() const {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+struct accfloat {};
+inline void event0() {}
+inline void event1() {}
+
+namespace aie {
+template <typename T, unsigned L>
+struct vector {
+  std::array<T, L> v;
+};
+template <unsigned L, typename T>
+vector<T, L> load_v(const T* p) {
+  vector<T, L> r;
+  for (unsigned i = 0; i < L; ++i) r.v[i] = p[i];
+  return r;
+}
+template <typename T, unsigned L>
+void store_v(T* p, const vector<T, L>& x) {
+  for (unsigned i = 0; i < L; ++i) p[i] = x.v[i];
+}
+template <typename T, unsigned L>
+vector<T, L> zeros() {
+  vector<T, L> r{};
+  return r;
+}
+template <unsigned R, unsigned S, unsigned T, typename TA, typename TB, typename TAcc>
+struct mmul {
+  static constexpr unsigned size_A = R * S, size_B = S * T, size_C = R * T;
+  std::array<float, size_C> acc;
+  explicit mmul(const vector<float, size_C>& c) : acc(c.v) {}
+  void mac(const vector<TA, size_A>& a, const vector<TB, size_B>& b) {
+    for (unsigned r = 0; r < R; ++r)
+      for (unsigned t = 0; t < T; ++t)
+        for (unsigned s = 0; s < S; ++s) acc[r * T + t] += float(a.v[r * S + s]) * float(b.v[s * T + t]);
+  }
+  template <typename Out>
+  vector<Out, size_C> to_vector() const {
+    vector<Out, size_C> r;
+    r.v = acc;
+    return r;
+  }
+};
+}  // namespace aie

@@ -1,0 +1,132 @@
+#include "fake_device.h"
+
+#include <cstring>
+#include <fstream>
+#include <stdexcept>
+
+#include "../emulator/emulator.h"
+
+namespace xdna::kernels::npu {
+namespace {
+
+constexpr uint32_t kFakeInstsMagic = 0x46414b45u;  // "FAKE"
+
+class FakeBuffer final : public DeviceBuffer {
+ public:
+  FakeBuffer(BufferKind kind, size_t bytes, size_t reported) : kind(kind), host(bytes), device(bytes),
+                                                               reported_(reported) {}
+  void* map() override { return host.data(); }
+  size_t size() const override { return reported_; }
+  void to_device(size_t bytes, size_t offset) override { copy(host, device, bytes, offset); }
+  void from_device(size_t bytes, size_t offset) override { copy(device, host, bytes, offset); }
+
+  BufferKind kind;
+  std::vector<unsigned char> host, device;
+
+ private:
+  static void copy(const std::vector<unsigned char>& from, std::vector<unsigned char>& to, size_t bytes,
+                   size_t offset) {
+    if (offset + bytes > from.size()) throw std::runtime_error("sync beyond the end of the buffer");
+    std::memcpy(to.data() + offset, from.data() + offset, bytes);
+  }
+  size_t reported_;
+};
+
+class FakeRun final : public PendingRun {
+ public:
+  FakeRun(RunState state, std::string detail) : state_(state), detail_(std::move(detail)) {}
+  RunState wait(std::chrono::milliseconds, std::string* detail) override {
+    if (detail) *detail = detail_;
+    return state_;
+  }
+
+ private:
+  RunState state_;
+  std::string detail_;
+};
+
+FakeBuffer& as_fake(DeviceBuffer& b, BufferKind expected, const char* arg) {
+  auto* f = dynamic_cast<FakeBuffer*>(&b);
+  if (!f || f->kind != expected)
+    throw std::runtime_error(std::string("argument ") + arg + " is not a buffer of the right kind/group");
+  return *f;
+}
+
+class FakeKernel final : public LoadedKernel {
+ public:
+  explicit FakeKernel(FakeOptions options) : options_(std::move(options)) {}
+
+  std::unique_ptr<DeviceBuffer> alloc(BufferKind kind, size_t bytes) override {
+    if (kind == BufferKind::b && options_.fail_at == "upload")
+      throw std::runtime_error("fake: bo allocation failed (injected)");
+    ++options_.stats->buffers[static_cast<int>(kind)];
+    return std::make_unique<FakeBuffer>(kind, bytes, bytes);
+  }
+
+  std::unique_ptr<PendingRun> start(DeviceBuffer& instr_buf, uint32_t n_words, DeviceBuffer& a_buf,
+                                    DeviceBuffer& b_buf, DeviceBuffer& c_buf) override {
+    if (options_.fail_at == "run") throw std::runtime_error("fake: kernel start failed (injected)");
+    FakeBuffer& instr = as_fake(instr_buf, BufferKind::instructions, "1 (instructions)");
+    FakeBuffer& a = as_fake(a_buf, BufferKind::a, "3 (A)");
+    FakeBuffer& b = as_fake(b_buf, BufferKind::b, "4 (B)");
+    FakeBuffer& c = as_fake(c_buf, BufferKind::c, "5 (C)");
+    ++options_.stats->runs;
+    if (options_.fail_at == "run_state") return std::make_unique<FakeRun>(RunState::failed, "ERT_CMD_STATE_ERROR");
+    if (options_.fail_at == "timeout") return std::make_unique<FakeRun>(RunState::timeout, "ERT_CMD_STATE_TIMEOUT");
+
+    // The device sees only what was synced: read the instruction header from the device copy.
+    if (n_words < 4 || instr.device.size() < 16) throw std::runtime_error("fake: instruction stream too short");
+    uint32_t header[4];
+    std::memcpy(header, instr.device.data(), sizeof header);
+    if (header[0] != kFakeInstsMagic) throw std::runtime_error("fake: instructions were not synced to the device");
+    const int64_t m_rows = header[1], Kpad = header[2], Npad = header[3];
+    if (a.device.size() < static_cast<size_t>(m_rows * Kpad) * 2 || b.device.size() != static_cast<size_t>(Kpad * Npad) * 2 ||
+        c.device.size() < static_cast<size_t>(m_rows * Npad) * 4)
+      throw std::runtime_error("fake: buffer sizes do not match the kernel's GEMM");
+    if (options_.fail_at == "result") return std::make_unique<FakeRun>(RunState::completed, "");
+
+    // Execute with the emulator: the kernel's inputs are already bf16, so widening them is exact.
+    std::vector<float> a32(static_cast<size_t>(m_rows * Kpad));
+    const auto* a16 = reinterpret_cast<const uint16_t*>(a.device.data());
+    for (size_t i = 0; i < a32.size(); ++i) a32[i] = bf16_to_f32(a16[i]);
+    PackedB packed;
+    packed.shape = padded_shape(0, Kpad, Npad);
+    packed.data.resize(static_cast<size_t>(Kpad * Npad));
+    std::memcpy(packed.data.data(), b.device.data(), packed.data.size() * 2);
+    GemmArgs args{a32.data(), m_rows, Kpad, reinterpret_cast<float*>(c.device.data()), Npad};
+    emulator_gemm(args, packed, 1);
+    return std::make_unique<FakeRun>(RunState::completed, "");
+  }
+
+ private:
+  FakeOptions options_;
+};
+
+class FakeDevice final : public NpuDevice {
+ public:
+  explicit FakeDevice(FakeOptions options) : options_(std::move(options)) {}
+  std::string description() const override { return "fake NPU (emulator behind the XRT protocol; tests only)"; }
+  std::unique_ptr<LoadedKernel> load(const std::string& xclbin_path, const std::string& kernel_name) override {
+    if (options_.fail_at == "load") throw std::runtime_error("fake: failed to create hardware context (injected)");
+    if (!std::ifstream(xclbin_path)) throw std::runtime_error("fake: cannot read " + xclbin_path);
+    if (kernel_name != "MLIR_AIE") throw std::runtime_error("fake: no kernel named " + kernel_name);
+    ++options_.stats->contexts;
+    return std::make_unique<FakeKernel>(options_);
+  }
+
+ private:
+  FakeOptions options_;
+};
+
+}  // namespace
+
+std::unique_ptr<NpuDevice> make_fake_device(const FakeOptions& options) {
+  if (options.fail_at == "open") throw std::runtime_error("Could not open device with index '0' (fake, injected)");
+  return std::make_unique<FakeDevice>(options);
+}
+
+std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad) {
+  return {kFakeInstsMagic, static_cast<uint32_t>(m_rows), static_cast<uint32_t>(Kpad), static_cast<uint32_t>(Npad)};
+}
+
+}  // namespace xdna::kernels::npu

@@ -1,0 +1,36 @@
+// A fake NPU for tests: implements the device shim with separate "host" and "device" copies of every buffer
+// (so a missing sync gives wrong numbers, as on the real NPU), executes a run with the emulator, and can fail
+// at any protocol step. Its instruction streams are not AIE code: see fake_insts().
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "npu_device.h"
+
+namespace xdna::kernels::npu {
+
+// What the fake saw; shared with the test so it can check pooling and context sharing.
+struct FakeStats {
+  std::atomic<int> contexts{0};        // load() calls that succeeded
+  std::atomic<int> buffers[4] = {};    // allocations by BufferKind
+  std::atomic<int> runs{0};            // runs started
+};
+
+struct FakeOptions {
+  // Step to fail at: "open" (device creation), "load", "upload" (B buffer), "run" (start throws),
+  // "run_state" (wait reports a failed command), "timeout", "result" (run completes without writing C);
+  // "" = never.
+  std::string fail_at;
+  std::shared_ptr<FakeStats> stats = std::make_shared<FakeStats>();
+};
+
+// Throws std::runtime_error for fail_at == "open", as xrt::device(0) does without a device.
+std::unique_ptr<NpuDevice> make_fake_device(const FakeOptions& options);
+
+// The "instruction stream" the fake executes: a header naming the GEMM one run computes.
+std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad);
+
+}  // namespace xdna::kernels::npu

@@ -1,0 +1,267 @@
+#include "manifest.h"
+
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+
+#include "../gemm_contract.h"
+
+namespace xdna::kernels::npu {
+namespace {
+
+// A small JSON reader: enough for the manifest (objects, arrays, strings, numbers, true/false/null).
+struct Json {
+  enum Type { null, boolean, number, string, array, object } type = null;
+  bool b = false;
+  double num = 0;
+  std::string str;
+  std::vector<Json> items;
+  std::map<std::string, Json> fields;
+
+  const Json* get(const std::string& key) const {
+    auto it = fields.find(key);
+    return type == object && it != fields.end() ? &it->second : nullptr;
+  }
+};
+
+class JsonParser {
+ public:
+  explicit JsonParser(const std::string& text) : s_(text) {}
+  Json parse() {
+    Json v = value();
+    skip_ws();
+    if (pos_ != s_.size()) fail("trailing characters");
+    return v;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) {
+    throw std::runtime_error("invalid JSON at offset " + std::to_string(pos_) + ": " + what);
+  }
+  void skip_ws() {
+    while (pos_ < s_.size() && (s_[pos_] == ' ' || s_[pos_] == '\n' || s_[pos_] == '\r' || s_[pos_] == '\t')) ++pos_;
+  }
+  bool eat(char c) {
+    skip_ws();
+    if (pos_ < s_.size() && s_[pos_] == c) { ++pos_; return true; }
+    return false;
+  }
+  void expect(char c) {
+    if (!eat(c)) fail(std::string("expected '") + c + "'");
+  }
+  bool literal(const char* word) {
+    const size_t n = std::char_traits<char>::length(word);
+    if (s_.compare(pos_, n, word) != 0) return false;
+    pos_ += n;
+    return true;
+  }
+  Json value() {
+    if (++depth_ > 64) fail("nested too deeply");
+    skip_ws();
+    if (pos_ >= s_.size()) fail("unexpected end");
+    Json v;
+    const char c = s_[pos_];
+    if (c == '{') {
+      ++pos_;
+      v.type = Json::object;
+      if (!eat('}')) {
+        do {
+          skip_ws();
+          std::string key = string_body();
+          expect(':');
+          v.fields[key] = value();
+        } while (eat(','));
+        expect('}');
+      }
+    } else if (c == '[') {
+      ++pos_;
+      v.type = Json::array;
+      if (!eat(']')) {
+        do v.items.push_back(value()); while (eat(','));
+        expect(']');
+      }
+    } else if (c == '"') {
+      v.type = Json::string;
+      v.str = string_body();
+    } else if (literal("true")) {
+      v.type = Json::boolean, v.b = true;
+    } else if (literal("false")) {
+      v.type = Json::boolean;
+    } else if (literal("null")) {
+    } else {
+      const char* begin = s_.c_str() + pos_;
+      char* end = nullptr;
+      v.num = std::strtod(begin, &end);
+      if (end == begin) fail("unexpected character");
+      v.type = Json::number;
+      pos_ += static_cast<size_t>(end - begin);
+    }
+    --depth_;
+    return v;
+  }
+  std::string string_body() {
+    if (pos_ >= s_.size() || s_[pos_] != '"') fail("expected a string");
+    ++pos_;
+    std::string out;
+    while (pos_ < s_.size() && s_[pos_] != '"') {
+      char c = s_[pos_++];
+      if (c == '\\') {
+        if (pos_ >= s_.size()) break;
+        const char e = s_[pos_++];
+        switch (e) {
+          case 'n': c = '\n'; break;
+          case 't': c = '\t'; break;
+          case 'r': c = '\r'; break;
+          case 'b': c = '\b'; break;
+          case 'f': c = '\f'; break;
+          case 'u': fail("\\u escapes are not supported in the manifest");
+          default: c = e;  // \" \\ \/
+        }
+      }
+      out += c;
+    }
+    if (pos_ >= s_.size()) fail("unterminated string");
+    ++pos_;
+    return out;
+  }
+
+  const std::string& s_;
+  size_t pos_ = 0;
+  int depth_ = 0;
+};
+
+bool is_file(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+std::string join(const std::string& dir, const std::string& name) {
+  if (!name.empty() && name[0] == '/') return name;
+  return dir + "/" + name;
+}
+
+bool int_field(const Json& obj, const char* key, int64_t* out) {
+  const Json* v = obj.get(key);
+  if (!v || v->type != Json::number || v->num != static_cast<double>(static_cast<int64_t>(v->num))) return false;
+  *out = static_cast<int64_t>(v->num);
+  return true;
+}
+
+std::string str_field(const Json& obj, const char* key, const std::string& dflt = "") {
+  const Json* v = obj.get(key);
+  return v && v->type == Json::string ? v->str : dflt;
+}
+
+// Checks the contract parameters the kernels were built for against this build's gemm_contract.h.
+bool check_geometry(const Json& root, std::string* why) {
+  const Json* tile = root.get("tile");
+  const Json* array = root.get("array");
+  int64_t m = 0, k = 0, n = 0, rows = 0, cols = 0;
+  if (!tile || !array || !int_field(*tile, "m", &m) || !int_field(*tile, "k", &k) || !int_field(*tile, "n", &n) ||
+      !int_field(*array, "rows", &rows) || !int_field(*array, "cols", &cols)) {
+    *why = "manifest lacks tile {m,k,n} / array {rows,cols}";
+    return false;
+  }
+  if (m != kTileM || k != kTileK || n != kTileN || rows != kArrayRows || cols != kArrayCols) {
+    std::ostringstream os;
+    os << "kernels were built for tile " << m << "x" << k << "x" << n << " on " << rows << "x" << cols
+       << " cores, this build expects " << kTileM << "x" << kTileK << "x" << kTileN << " on " << kArrayRows << "x"
+       << kArrayCols;
+    *why = os.str();
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string resolve_kernel_dir(const std::string& configured) {
+  if (!configured.empty()) return configured;
+  if (const char* env = std::getenv("XDNA_KERNEL_DIR"); env && *env) return env;
+  const char* home = std::getenv("HOME");
+  return std::string(home && *home ? home : ".") + "/.cache/onnxruntime-ep-xdna/kernels";
+}
+
+bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
+  const std::string path = dir + "/manifest.json";
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    *why = "no kernels built: " + path + " not found (build them with kernels/aie/build_kernels.py, or set "
+           "XDNA_KERNEL_DIR / the kernel_dir provider option)";
+    return false;
+  }
+  std::stringstream buf;
+  buf << in.rdbuf();
+  const std::string text = buf.str();
+  Json root;
+  try {
+    root = JsonParser(text).parse();
+  } catch (const std::exception& e) {
+    *why = path + ": " + e.what();
+    return false;
+  }
+  if (root.type != Json::object || str_field(root, "format") != kManifestFormat) {
+    *why = path + ": not an onnxruntime-ep-xdna kernel manifest (\"format\" must be \"" + kManifestFormat + "\")";
+    return false;
+  }
+  int64_t version = 0;
+  if (!int_field(root, "contract_version", &version) || version != kContractVersion) {
+    *why = path + ": contract_version " + (version ? std::to_string(version) : std::string("missing")) +
+           ", this build implements version " + std::to_string(kContractVersion) + " (rebuild the kernels)";
+    return false;
+  }
+  std::string geometry_why;
+  if (!check_geometry(root, &geometry_why)) {
+    *why = path + ": " + geometry_why;
+    return false;
+  }
+  const Json* kernels = root.get("kernels");
+  if (!kernels || kernels->type != Json::array) {
+    *why = path + ": \"kernels\" must be an array";
+    return false;
+  }
+
+  Manifest m;
+  m.dir = dir;
+  for (size_t i = 0; i < kernels->items.size(); ++i) {
+    const Json& item = kernels->items[i];
+    const std::string where = "kernels[" + std::to_string(i) + "]";
+    KernelEntry e;
+    if (item.type != Json::object || !int_field(item, "K", &e.K) || !int_field(item, "N", &e.N) ||
+        !int_field(item, "m_rows", &e.m_rows)) {
+      m.skipped.push_back(where + ": needs integer K, N, m_rows");
+      continue;
+    }
+    const std::string dtype = str_field(item, "dtype");
+    if (dtype != "bf16_f32") {
+      m.skipped.push_back(where + ": dtype '" + dtype + "' (only bf16_f32 implements the contract)");
+      continue;
+    }
+    if (e.K <= 0 || e.K % kTileK || e.N <= 0 || e.N % kBlockN || e.m_rows <= 0 || e.m_rows % kBlockM) {
+      m.skipped.push_back(where + ": K must be a multiple of " + std::to_string(kTileK) + ", N of " +
+                          std::to_string(kBlockN) + ", m_rows of " + std::to_string(kBlockM));
+      continue;
+    }
+    e.xclbin = join(dir, str_field(item, "xclbin"));
+    e.insts = join(dir, str_field(item, "insts"));
+    e.kernel_name = str_field(item, "kernel", "MLIR_AIE");
+    if (!is_file(e.xclbin) || !is_file(e.insts)) {
+      m.skipped.push_back(where + ": missing " + (is_file(e.xclbin) ? e.insts : e.xclbin));
+      continue;
+    }
+    m.kernels.push_back(std::move(e));
+  }
+  if (m.kernels.empty()) {
+    *why = path + ": no usable kernels" + (m.skipped.empty() ? std::string() : " (" + m.skipped.front() + ")");
+    return false;
+  }
+  *out = std::move(m);
+  return true;
+}
+
+}  // namespace xdna::kernels::npu

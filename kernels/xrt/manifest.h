@@ -1,0 +1,41 @@
+// The kernel manifest: which AIE GEMM kernels were built (by kernels/aie/build_kernels.py) and where they are.
+//
+// <kernel_dir>/manifest.json:
+//   { "format": "onnxruntime-ep-xdna-kernels", "contract_version": 1,
+//     "tile": {"m": 64, "k": 64, "n": 64}, "array": {"rows": 4, "cols": 4}, "device": "npu1",
+//     "kernels": [ {"K": 512, "N": 2048, "m_rows": 256, "dtype": "bf16_f32",
+//                   "xclbin": "gemm_k512.xclbin", "insts": "gemm_k512_n2048_m256.insts.bin",
+//                   "kernel": "MLIR_AIE"}, ... ] }
+// K and N are the padded sizes the kernel computes (Kpad, Npad of gemm_contract.h); m_rows is how many rows of
+// A (a multiple of kBlockM) one run consumes. Kernels with the same xclbin share one hardware context.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace xdna::kernels::npu {
+
+inline constexpr int kContractVersion = 1;
+inline constexpr const char* kManifestFormat = "onnxruntime-ep-xdna-kernels";
+
+struct KernelEntry {
+  int64_t K = 0, N = 0, m_rows = 0;  // padded K, padded N, rows of A per run
+  std::string xclbin;                // absolute path
+  std::string insts;                 // absolute path
+  std::string kernel_name = "MLIR_AIE";
+};
+
+struct Manifest {
+  std::string dir;
+  std::vector<KernelEntry> kernels;
+  std::vector<std::string> skipped;  // entries ignored, with the reason (wrong dtype, bad padding, missing file)
+};
+
+// Reads <dir>/manifest.json. Returns false with *why on a missing/unreadable/incompatible manifest.
+bool load_manifest(const std::string& dir, Manifest* out, std::string* why);
+
+// cfg.kernel_dir, else $XDNA_KERNEL_DIR, else ~/.cache/onnxruntime-ep-xdna/kernels.
+std::string resolve_kernel_dir(const std::string& configured);
+
+}  // namespace xdna::kernels::npu

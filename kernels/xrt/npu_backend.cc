@@ -1,0 +1,425 @@
+#include "npu_backend.h"
+
+#include "cost_model.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+namespace xdna::kernels::npu {
+namespace {
+
+// Written into C before a run: a signalling-NaN payload no bf16 x bf16 -> fp32 kernel can produce (NaNs that
+// come from bf16 operands have zero low 16 bits, fresh ones are 0x7fc00000). If it survives the run, the
+// kernel did not write its output although the command "completed".
+constexpr uint32_t kCanary = 0x7fa5a5a5u;
+
+// Runs `fn`; any exception that is not already a BackendFault becomes one for `step`.
+template <typename Fn>
+auto at_step(const char* step, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const BackendFault&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw BackendFault(step, e.what());
+  } catch (...) {
+    throw BackendFault(step, "unknown error");
+  }
+}
+
+std::vector<uint32_t> read_insts(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  const auto bytes = static_cast<size_t>(in.tellg());
+  if (bytes == 0 || bytes % 4) throw std::runtime_error(path + ": size " + std::to_string(bytes) +
+                                                        " is not a non-zero multiple of 4 (uint32 words)");
+  std::vector<uint32_t> words(bytes / 4);
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(words.data()), static_cast<std::streamsize>(bytes));
+  if (!in) throw std::runtime_error("short read of " + path);
+  return words;
+}
+
+struct Staging {  // A and C buffers of one run
+  std::unique_ptr<DeviceBuffer> a, c;
+};
+
+// One kernel height (m_rows) of a K x N shape: its instruction stream and a pool of run buffers.
+struct Variant {
+  KernelEntry entry;
+  std::unique_ptr<DeviceBuffer> instr;
+  uint32_t n_words = 0;
+  std::mutex pool_mu;
+  std::vector<std::unique_ptr<Staging>> pool;
+};
+
+struct Shape {
+  int64_t K = 0, N = 0;
+  std::string xclbin, kernel_name;
+  std::vector<std::unique_ptr<Variant>> variants;  // by m_rows, descending
+  LoadedKernel* kernel = nullptr;                  // set once loaded (owned by NpuBackend::contexts_)
+};
+
+class NpuWeight final : public DeviceWeight {
+ public:
+  NpuWeight(std::shared_ptr<const PackedB> host, Shape* shape, std::unique_ptr<DeviceBuffer> b)
+      : DeviceWeight(std::move(host)), shape(shape), b(std::move(b)) {}
+  Shape* shape;
+  std::unique_ptr<DeviceBuffer> b;
+};
+
+class NpuBackend final : public Backend {
+ public:
+  NpuBackend(std::unique_ptr<NpuDevice> device, Manifest manifest, NpuBackendOptions options)
+      : device_(std::move(device)), manifest_(std::move(manifest)), options_(options) {
+    for (const KernelEntry& e : manifest_.kernels) {
+      auto& shape = shapes_[{e.K, e.N}];
+      if (!shape) {
+        shape = std::make_unique<Shape>();
+        shape->K = e.K, shape->N = e.N, shape->xclbin = e.xclbin, shape->kernel_name = e.kernel_name;
+      }
+      // All heights of one shape run on one hardware context, so they must come from one xclbin.
+      if (e.xclbin != shape->xclbin || e.kernel_name != shape->kernel_name) {
+        manifest_.skipped.push_back("K=" + std::to_string(e.K) + " N=" + std::to_string(e.N) + " m_rows=" +
+                                    std::to_string(e.m_rows) + ": other xclbin than the shape's first kernel");
+        continue;
+      }
+      auto v = std::make_unique<Variant>();
+      v->entry = e;
+      shape->variants.push_back(std::move(v));
+    }
+    for (auto& [key, shape] : shapes_)
+      std::sort(shape->variants.begin(), shape->variants.end(),
+                [](const auto& a, const auto& b) { return a->entry.m_rows > b->entry.m_rows; });
+  }
+
+  ~NpuBackend() override {
+    // Buffers of runs that never finished may still be used by the device: do not free them.
+    for (auto& s : quarantine_) {
+      (void)s->a.release();
+      (void)s->c.release();
+    }
+  }
+
+  std::string name() const override { return "xrt"; }
+
+  std::string device_description() const override {
+    std::ostringstream os;
+    os << device_->description() << "; kernels from " << manifest_.dir << ":";
+    for (const auto& [key, shape] : shapes_) {
+      os << " " << key.first << "x" << key.second << " (m_rows";
+      for (const auto& v : shape->variants) os << " " << v->entry.m_rows;
+      os << ")";
+    }
+    if (disabled_) os << "; DISABLED: " << disabled_reason();
+    return os.str();
+  }
+
+  bool can_run(int64_t M, int64_t K, int64_t N, std::string* why_not) const override {
+    if (options_.cost_model && M > 0) {
+      const GemmCost cost = predict_gemm_cost(M, K, N);
+      if (!cost.npu_wins()) {
+        if (why_not) {
+          std::ostringstream os;
+          os << "cost model: CPU faster (predicted NPU " << cost.npu_us << " us incl. dispatch vs CPU " << cost.cpu_us
+             << " us)";
+          *why_not = os.str();
+        }
+        return false;
+      }
+    }
+    if (disabled_) {
+      if (why_not) *why_not = "xrt backend disabled: " + disabled_reason();
+      return false;
+    }
+    const PaddedShape p = padded_shape(0, K, N);
+    auto it = shapes_.find({p.Kpad, p.Npad});
+    if (it == shapes_.end()) {
+      if (why_not) {
+        std::ostringstream os;
+        os << "no NPU kernel built for K=" << K << " N=" << N << " (padded " << p.Kpad << "x" << p.Npad
+           << "); built:";
+        for (const auto& [key, shape] : shapes_) os << " " << key.first << "x" << key.second;
+        *why_not = os.str();
+      }
+      return false;
+    }
+    std::lock_guard<std::mutex> lock(load_mu_);
+    if (!it->second->kernel && !contexts_.count(it->second->xclbin) &&
+        static_cast<int>(contexts_.size()) >= options_.max_contexts) {
+      if (why_not) *why_not = context_limit_message();
+      return false;
+    }
+    return true;
+  }
+
+  std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
+    if (!b) throw BackendFault("upload", "null weight");
+    if (disabled_) throw BackendFault("upload", "xrt backend disabled: " + disabled_reason());
+    auto it = shapes_.find({b->shape.Kpad, b->shape.Npad});
+    if (it == shapes_.end())
+      throw BackendFault("load", "no NPU kernel for padded shape " + std::to_string(b->shape.Kpad) + "x" +
+                                     std::to_string(b->shape.Npad));
+    Shape* shape = it->second.get();
+    ensure_loaded(shape);
+    const size_t bytes = static_cast<size_t>(b->shape.Kpad * b->shape.Npad) * sizeof(uint16_t);
+    if (b->data.size() * sizeof(uint16_t) != bytes)
+      throw BackendFault("upload", "packed B holds " + std::to_string(b->data.size()) + " values, expected " +
+                                       std::to_string(bytes / 2));
+    auto buffer = at_step("upload", [&] {
+      auto buf = shape->kernel->alloc(BufferKind::b, bytes);
+      if (buf->size() < bytes) throw std::runtime_error("device buffer for B is smaller than requested");
+      std::memcpy(buf->map(), b->data.data(), bytes);
+      buf->to_device(bytes, 0);
+      return buf;
+    });
+    return std::make_shared<NpuWeight>(std::move(b), shape, std::move(buffer));
+  }
+
+  void gemm(const GemmArgs& args, const DeviceWeight& weight) override {
+    const auto* w = dynamic_cast<const NpuWeight*>(&weight);
+    if (!w) throw BackendFault("run", "weight was not uploaded by the xrt backend");
+    if (disabled_) throw BackendFault("run", "xrt backend disabled: " + disabled_reason());
+    if (args.M <= 0) return;
+    Shape& shape = *w->shape;
+    const PaddedShape& p = w->host().shape;
+
+    std::vector<int64_t> heights;
+    for (const auto& v : shape.variants) heights.push_back(v->entry.m_rows);
+    const std::vector<int64_t> plan = plan_row_chunks(args.M, heights);
+
+    struct InFlight {
+      Variant* variant;
+      std::unique_ptr<Staging> staging;
+      std::unique_ptr<PendingRun> run;
+      int64_t row0, rows;
+    };
+    std::vector<InFlight> runs;
+    runs.reserve(plan.size());
+    try {
+      // Stage and start every run first, then wait: the NPU works on run i while the host stages run i+1.
+      int64_t row0 = 0;
+      for (int64_t height : plan) {
+        Variant* v = variant_for(shape, height);
+        InFlight f{v, nullptr, nullptr, row0, std::min(height, args.M - row0)};
+        f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
+        at_step("run", [&] { stage_a(args, p, f.row0, f.rows, height, *f.staging->a); });
+        at_step("run", [&] { plant_canary(*f.staging->c, height * p.Npad); });
+        runs.push_back(std::move(f));
+        InFlight& r = runs.back();
+        r.run = at_step("run", [&] {
+          return shape.kernel->start(*v->instr, v->n_words, *r.staging->a, *w->b, *r.staging->c);
+        });
+        row0 += height;
+      }
+      for (InFlight& r : runs) {
+        std::string detail;
+        const RunState state = at_step("run", [&] { return r.run->wait(options_.timeout, &detail); });
+        r.run.reset();
+        if (state == RunState::timeout) {
+          disable("a run timed out after " + std::to_string(options_.timeout.count()) + " ms");
+          throw BackendFault("timeout", "run did not complete within " + std::to_string(options_.timeout.count()) +
+                                            " ms" + (detail.empty() ? "" : " (" + detail + ")"));
+        }
+        if (state != RunState::completed) throw BackendFault("run", "command failed: " + detail);
+        at_step("result", [&] { read_c(*r.staging->c, p, r.row0, r.rows, r.variant->entry.m_rows, args); });
+        give_back(*r.variant, std::move(r.staging));
+      }
+    } catch (...) {
+      settle(runs);
+      throw;
+    }
+  }
+
+ private:
+  std::string context_limit_message() const {
+    return "hardware context limit hit: " + std::to_string(contexts_.size()) + " of " +
+           std::to_string(options_.max_contexts) +
+           " contexts in use by this backend (Phoenix allows 6 per device; set XDNA_XRT_MAX_CONTEXTS)";
+  }
+
+  void ensure_loaded(Shape* shape) {
+    std::lock_guard<std::mutex> lock(load_mu_);
+    if (shape->kernel) return;
+    auto it = contexts_.find(shape->xclbin);
+    if (it == contexts_.end()) {
+      if (static_cast<int>(contexts_.size()) >= options_.max_contexts)
+        throw BackendFault("load", context_limit_message());
+      auto kernel = at_step("load", [&] { return device_->load(shape->xclbin, shape->kernel_name); });
+      if (!kernel) throw BackendFault("load", "device returned no kernel for " + shape->xclbin);
+      it = contexts_.emplace(shape->xclbin, std::move(kernel)).first;
+    }
+    LoadedKernel* kernel = it->second.get();
+    for (auto& v : shape->variants) {
+      at_step("load", [&] {
+        const std::vector<uint32_t> words = read_insts(v->entry.insts);
+        const size_t bytes = words.size() * sizeof(uint32_t);
+        auto instr = kernel->alloc(BufferKind::instructions, bytes);
+        if (instr->size() < bytes) throw std::runtime_error("instruction buffer smaller than requested");
+        std::memcpy(instr->map(), words.data(), bytes);
+        instr->to_device(bytes, 0);
+        v->instr = std::move(instr);
+        v->n_words = static_cast<uint32_t>(words.size());
+      });
+    }
+    shape->kernel = kernel;  // only now: a failed load leaves the shape unloaded and retryable
+  }
+
+  static Variant* variant_for(Shape& shape, int64_t height) {
+    for (auto& v : shape.variants)
+      if (v->entry.m_rows == height) return v.get();
+    throw BackendFault("run", "internal: no kernel of height " + std::to_string(height));
+  }
+
+  std::unique_ptr<Staging> take_staging(Variant& v, Shape& shape, const PaddedShape& p) {
+    {
+      std::lock_guard<std::mutex> lock(v.pool_mu);
+      if (!v.pool.empty()) {
+        auto s = std::move(v.pool.back());
+        v.pool.pop_back();
+        return s;
+      }
+    }
+    auto s = std::make_unique<Staging>();
+    s->a = shape.kernel->alloc(BufferKind::a, static_cast<size_t>(v.entry.m_rows * p.Kpad) * sizeof(uint16_t));
+    s->c = shape.kernel->alloc(BufferKind::c, static_cast<size_t>(v.entry.m_rows * p.Npad) * sizeof(float));
+    return s;
+  }
+
+  static void give_back(Variant& v, std::unique_ptr<Staging> s) {
+    std::lock_guard<std::mutex> lock(v.pool_mu);
+    v.pool.push_back(std::move(s));
+  }
+
+  // A rows [row0, row0 + rows) -> bf16 row-major [height, Kpad], zero pads (contract: exact zeros).
+  static void stage_a(const GemmArgs& args, const PaddedShape& p, int64_t row0, int64_t rows, int64_t height,
+                      DeviceBuffer& a) {
+    const size_t bytes = static_cast<size_t>(height * p.Kpad) * sizeof(uint16_t);
+    if (a.size() < bytes) throw std::runtime_error("A buffer is smaller than one run's rows");
+    auto* dst = static_cast<uint16_t*>(a.map());
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = args.a + (row0 + r) * args.lda;
+      uint16_t* out = dst + r * p.Kpad;
+      for (int64_t k = 0; k < p.K; ++k) out[k] = f32_to_bf16(src[k]);
+      std::fill(out + p.K, out + p.Kpad, uint16_t{0});
+    }
+    std::fill(dst + rows * p.Kpad, dst + height * p.Kpad, uint16_t{0});
+    a.to_device(bytes, 0);
+  }
+
+  static void plant_canary(DeviceBuffer& c, int64_t elements) {
+    auto* words = static_cast<uint32_t*>(c.map());
+    words[0] = kCanary;
+    words[elements - 1] = kCanary;
+    c.to_device(sizeof(uint32_t), 0);
+    c.to_device(sizeof(uint32_t), static_cast<size_t>(elements - 1) * sizeof(uint32_t));
+  }
+
+  static void read_c(DeviceBuffer& c, const PaddedShape& p, int64_t row0, int64_t rows, int64_t height,
+                     const GemmArgs& args) {
+    const size_t bytes = static_cast<size_t>(height * p.Npad) * sizeof(float);
+    if (c.size() < bytes)
+      throw std::runtime_error("result buffer holds " + std::to_string(c.size()) + " bytes, expected " +
+                               std::to_string(bytes));
+    c.from_device(bytes, 0);
+    const auto* words = static_cast<const uint32_t*>(c.map());
+    if (words[0] == kCanary || words[height * p.Npad - 1] == kCanary)
+      throw std::runtime_error("the kernel completed but did not write its result");
+    const auto* src = static_cast<const float*>(c.map());
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(args.c + (row0 + r) * args.ldc, src + r * p.Npad, static_cast<size_t>(p.N) * sizeof(float));
+  }
+
+  // After a fault: wait (briefly) for runs still in flight; buffers of runs that do not finish are never reused.
+  template <typename Runs>
+  void settle(Runs& runs) {
+    for (auto& r : runs) {
+      if (!r.staging) continue;
+      bool finished = !r.run;
+      if (r.run) {
+        try {
+          std::string detail;
+          finished = r.run->wait(options_.timeout, &detail) != RunState::timeout;
+        } catch (...) {
+          finished = false;
+        }
+      }
+      if (finished) {
+        give_back(*r.variant, std::move(r.staging));
+      } else {
+        std::lock_guard<std::mutex> lock(load_mu_);
+        quarantine_.push_back(std::move(r.staging));
+      }
+    }
+  }
+
+  void disable(const std::string& reason) {
+    {
+      std::lock_guard<std::mutex> lock(load_mu_);
+      if (disabled_) return;
+      disabled_reason_ = reason;
+    }
+    disabled_ = true;
+  }
+  std::string disabled_reason() const {
+    std::lock_guard<std::mutex> lock(load_mu_);
+    return disabled_reason_;
+  }
+
+  std::unique_ptr<NpuDevice> device_;
+  Manifest manifest_;
+  NpuBackendOptions options_;
+  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<Shape>> shapes_;  // by (Kpad, Npad)
+  mutable std::mutex load_mu_;
+  std::map<std::string, std::unique_ptr<LoadedKernel>> contexts_;  // by xclbin path: one hardware context each
+  std::vector<std::unique_ptr<Staging>> quarantine_;
+  std::atomic<bool> disabled_{false};
+  std::string disabled_reason_;
+};
+
+int env_int(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return dflt;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  return end && *end == '\0' && x > 0 ? static_cast<int>(x) : dflt;
+}
+
+}  // namespace
+
+NpuBackendOptions NpuBackendOptions::from_env() {
+  NpuBackendOptions o;
+  o.max_contexts = env_int("XDNA_XRT_MAX_CONTEXTS", o.max_contexts);
+  o.timeout = std::chrono::milliseconds(env_int("XDNA_XRT_TIMEOUT_MS", static_cast<int>(o.timeout.count())));
+  const char* cm = std::getenv("XDNA_XRT_COST_MODEL");
+  o.cost_model = !(cm && std::string(cm) == "0");
+  return o;
+}
+
+std::vector<int64_t> plan_row_chunks(int64_t M, std::vector<int64_t> heights) {
+  std::sort(heights.begin(), heights.end(), std::greater<>());
+  heights.erase(std::unique(heights.begin(), heights.end()), heights.end());
+  std::vector<int64_t> plan;
+  if (heights.empty() || M <= 0) return plan;
+  int64_t remaining = round_up(M, kBlockM);
+  while (remaining > 0) {
+    auto fit = std::find_if(heights.begin(), heights.end(), [&](int64_t h) { return h <= remaining; });
+    const int64_t h = fit != heights.end() ? *fit : heights.back();  // none fits: pad up to the smallest
+    plan.push_back(h);
+    remaining -= h;
+  }
+  return plan;
+}
+
+std::unique_ptr<Backend> make_npu_backend(std::unique_ptr<NpuDevice> device, Manifest manifest,
+                                          NpuBackendOptions options) {
+  return std::make_unique<NpuBackend>(std::move(device), std::move(manifest), options);
+}
+
+}  // namespace xdna::kernels::npu

@@ -1,0 +1,164 @@
+// The real device shim over XRT >= 2.18 (the NPU API: register_xclbin + hw_context). Compiled into
+// libxdna_xrt_backend.so, which links no XRT library: its xrt:: symbols come from the libxrt_coreutil.so.2 that
+// xrt_loader.cc loads RTLD_GLOBAL before dlopen'ing this library.
+//
+// Protocol of mlir-aie GEMM designs: device(0) -> xclbin -> register_xclbin -> hw_context -> kernel "MLIR_AIE";
+// instruction BO cacheable in group_id(1); A/B/C host_only in group_id(3/4/5); run = kernel(3, instr, n_words,
+// A, B, C). Exceptions propagate as std::exception (see npu_device.h).
+#include <cstdio>
+#include <cstring>
+
+#include <xrt/xrt_bo.h>
+#include <xrt/xrt_device.h>
+#include <xrt/xrt_hw_context.h>
+#include <xrt/xrt_kernel.h>
+#include <xrt/experimental/xrt_xclbin.h>
+
+#include "npu_device.h"
+
+namespace xdna::kernels::npu {
+namespace {
+
+class XrtBuffer final : public DeviceBuffer {
+ public:
+  explicit XrtBuffer(xrt::bo bo) : bo(std::move(bo)), host_(this->bo.map()) {}
+  void* map() override { return host_; }
+  size_t size() const override { return bo.size(); }
+  void to_device(size_t bytes, size_t offset) override { bo.sync(XCL_BO_SYNC_BO_TO_DEVICE, bytes, offset); }
+  void from_device(size_t bytes, size_t offset) override { bo.sync(XCL_BO_SYNC_BO_FROM_DEVICE, bytes, offset); }
+
+  xrt::bo bo;
+
+ private:
+  void* host_;
+};
+
+const char* state_name(ert_cmd_state s) {
+  switch (s) {
+    case ERT_CMD_STATE_NEW: return "ERT_CMD_STATE_NEW";
+    case ERT_CMD_STATE_QUEUED: return "ERT_CMD_STATE_QUEUED";
+    case ERT_CMD_STATE_RUNNING: return "ERT_CMD_STATE_RUNNING";
+    case ERT_CMD_STATE_COMPLETED: return "ERT_CMD_STATE_COMPLETED";
+    case ERT_CMD_STATE_ERROR: return "ERT_CMD_STATE_ERROR";
+    case ERT_CMD_STATE_ABORT: return "ERT_CMD_STATE_ABORT";
+    case ERT_CMD_STATE_SUBMITTED: return "ERT_CMD_STATE_SUBMITTED";
+    case ERT_CMD_STATE_TIMEOUT: return "ERT_CMD_STATE_TIMEOUT";
+    case ERT_CMD_STATE_NORESPONSE: return "ERT_CMD_STATE_NORESPONSE";
+    default: return "unknown command state";
+  }
+}
+
+class XrtRun final : public PendingRun {
+ public:
+  explicit XrtRun(xrt::run run) : run_(std::move(run)) {}
+  RunState wait(std::chrono::milliseconds timeout, std::string* detail) override {
+    const ert_cmd_state s = run_.wait(timeout);
+    if (s == ERT_CMD_STATE_COMPLETED) return RunState::completed;
+    if (detail) *detail = state_name(s);
+    if (s == ERT_CMD_STATE_TIMEOUT || s == ERT_CMD_STATE_NEW || s == ERT_CMD_STATE_QUEUED ||
+        s == ERT_CMD_STATE_RUNNING || s == ERT_CMD_STATE_SUBMITTED) {
+      try {
+        run_.abort();  // XRT leaves aborting a timed-out run to the caller
+      } catch (const std::exception& e) {
+        if (detail) *detail += std::string("; abort failed: ") + e.what();
+      }
+      return RunState::timeout;
+    }
+    return RunState::failed;
+  }
+
+ private:
+  xrt::run run_;
+};
+
+xrt::bo& bo_of(DeviceBuffer& b) { return dynamic_cast<XrtBuffer&>(b).bo; }
+
+class XrtKernel final : public LoadedKernel {
+ public:
+  XrtKernel(xrt::device device, xrt::hw_context context, xrt::kernel kernel)
+      : device_(std::move(device)), context_(std::move(context)), kernel_(std::move(kernel)) {}
+
+  std::unique_ptr<DeviceBuffer> alloc(BufferKind kind, size_t bytes) override {
+    switch (kind) {
+      case BufferKind::instructions:
+        return std::make_unique<XrtBuffer>(xrt::bo(device_, bytes, XCL_BO_FLAGS_CACHEABLE, kernel_.group_id(1)));
+      case BufferKind::a:
+        return std::make_unique<XrtBuffer>(xrt::bo(device_, bytes, XRT_BO_FLAGS_HOST_ONLY, kernel_.group_id(3)));
+      case BufferKind::b:
+        return std::make_unique<XrtBuffer>(xrt::bo(device_, bytes, XRT_BO_FLAGS_HOST_ONLY, kernel_.group_id(4)));
+      case BufferKind::c:
+        return std::make_unique<XrtBuffer>(xrt::bo(device_, bytes, XRT_BO_FLAGS_HOST_ONLY, kernel_.group_id(5)));
+    }
+    throw std::invalid_argument("unknown buffer kind");
+  }
+
+  std::unique_ptr<PendingRun> start(DeviceBuffer& instr, uint32_t n_instr_words, DeviceBuffer& a, DeviceBuffer& b,
+                                    DeviceBuffer& c) override {
+    constexpr unsigned int kOpcodeTransaction = 3;  // mlir-aie: "run the instruction stream in arg 1"
+    // Exactly the five BOs/values the design declares: passing more makes XRT crash.
+    return std::make_unique<XrtRun>(kernel_(kOpcodeTransaction, bo_of(instr), n_instr_words, bo_of(a), bo_of(b),
+                                            bo_of(c)));
+  }
+
+ private:
+  xrt::device device_;
+  xrt::hw_context context_;  // must outlive the kernel and its runs
+  xrt::kernel kernel_;
+};
+
+class XrtDevice final : public NpuDevice {
+ public:
+  XrtDevice() : device_(0u) {}
+
+  std::string description() const override {
+    std::string name;
+    try {
+      name = device_.get_info<xrt::info::device::name>();
+    } catch (const std::exception&) {
+      name = "device 0";
+    }
+    return "XRT " + name;
+  }
+
+  std::unique_ptr<LoadedKernel> load(const std::string& xclbin_path, const std::string& kernel_name) override {
+    xrt::xclbin xclbin(xclbin_path);
+    // The xclbin may name its kernel with a suffix; take the first whose name starts with kernel_name.
+    std::string name;
+    for (const auto& k : xclbin.get_kernels())
+      if (k.get_name().rfind(kernel_name, 0) == 0) {
+        name = k.get_name();
+        break;
+      }
+    if (name.empty()) throw std::runtime_error(xclbin_path + " has no kernel named " + kernel_name + "*");
+    device_.register_xclbin(xclbin);
+    xrt::hw_context context(device_, xclbin.get_uuid());
+    xrt::kernel kernel(context, name);
+    return std::make_unique<XrtKernel>(device_, std::move(context), std::move(kernel));
+  }
+
+ private:
+  xrt::device device_;
+};
+
+}  // namespace
+}  // namespace xdna::kernels::npu
+
+extern "C" {
+
+__attribute__((visibility("default"))) int xdna_xrt_shim_abi_version() {
+  return xdna::kernels::npu::kShimAbiVersion;
+}
+
+__attribute__((visibility("default"))) xdna::kernels::npu::NpuDevice* xdna_xrt_open_device(char* err,
+                                                                                          size_t err_size) {
+  try {
+    return new xdna::kernels::npu::XrtDevice();
+  } catch (const std::exception& e) {
+    if (err && err_size) std::snprintf(err, err_size, "%s", e.what());
+  } catch (...) {
+    if (err && err_size) std::snprintf(err, err_size, "unknown error");
+  }
+  return nullptr;
+}
+
+}  // extern "C"
