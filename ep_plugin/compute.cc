@@ -202,52 +202,48 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
   // A 2-D (or batch-broadcast) B shared by every batch of a contiguous A: one tall GEMM.
   const bool shared_b = count(batch_b) == 1;
   if (shared_b && count(batch_a) == batches) {
-    Weight dyn;
-    const Weight* w = nullptr;
-    if (plan_.b.constant) {
-      w = &weights_.at(0);
-    } else {
-      dyn = make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b.data, K, N, N, 1)), true);
-      w = &dyn;
-    }
-    run({a.data, batches * M, K, y, N}, *w);
+    if (plan_.b.constant) run({a.data, batches * M, K, y, N}, weights_.at(0));
+    else run_runtime_b({a.data, batches * M, K, y, N}, b.data, K, N);
     return;
   }
   for (int64_t i = 0; i < batches; ++i) {
     const int64_t ia = broadcast_index(batch, batch_a, i), ib = broadcast_index(batch, batch_b, i);
-    Weight dyn;
-    const Weight* w;
-    if (plan_.b.constant) {
-      w = &weights_.at(static_cast<size_t>(ib));
-    } else {
-      dyn = make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b.data + ib * K * N, K, N, N, 1)),
-                        true);
-      w = &dyn;
-    }
-    run({a.data + ia * M * K, M, K, y + i * M * N, N}, *w);
+    const kernels::GemmArgs args{a.data + ia * M * K, M, K, y + i * M * N, N};
+    if (plan_.b.constant) run(args, weights_.at(static_cast<size_t>(ib)));
+    else run_runtime_b(args, b.data + ib * K * N, K, N);
   }
+}
+
+void NodeKernel::run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N) {
+  if (args.M == 0 || N == 0) return;
+  if (args.M <= kernels::kUnpackedMaxM) {
+    // A few rows against a fresh B (decoder attention): packing B would cost more than the product, and no
+    // device dispatch pays off for so little work, so the CPU path computes it from B as it lies.
+    kernels::emulator_gemm_unpacked(args, b, N, K, N, threads_);
+    ++cpu_calls_;
+    cpu_flop_ += 2ull * static_cast<uint64_t>(args.M) * static_cast<uint64_t>(K) * static_cast<uint64_t>(N);
+    return;
+  }
+  const Weight w = make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b, K, N, N, 1)), true);
+  run(args, w);
 }
 
 void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
   Tensor a = input(api, ctx, runtime_index(plan_.a.name));
   const int64_t M = plan_.trans_a ? a.dims[1] : a.dims[0];
   const int64_t K = plan_.trans_a ? a.dims[0] : a.dims[1];
-  Weight dyn;
-  const Weight* w;
+  Tensor b;
+  int64_t N;
   if (plan_.b.constant) {
-    w = &weights_.at(0);
+    const auto& s = weights_.at(0).host->shape;
+    if (s.K != K) throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Gemm inner dimensions differ");
+    N = s.N;
   } else {
-    Tensor b = input(api, ctx, runtime_index(plan_.b.name));
-    const int64_t Kb = plan_.trans_b ? b.dims[1] : b.dims[0], Nb = plan_.trans_b ? b.dims[0] : b.dims[1];
+    b = input(api, ctx, runtime_index(plan_.b.name));
+    const int64_t Kb = plan_.trans_b ? b.dims[1] : b.dims[0];
+    N = plan_.trans_b ? b.dims[0] : b.dims[1];
     if (Kb != K) throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Gemm inner dims differ");
-    dyn = make_weight(std::make_shared<const kernels::PackedB>(
-                          plan_.trans_b ? kernels::pack_b(b.data, Kb, Nb, 1, Kb) : kernels::pack_b(b.data, Kb, Nb, Nb, 1)),
-                      true);
-    w = &dyn;
   }
-  const int64_t N = w->host->shape.N;
-  if (w->host->shape.K != K)
-    throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Gemm inner dimensions differ");
   float* y = output(api, ctx, {M, N});
   if (M == 0 || N == 0) return;
 
@@ -259,8 +255,11 @@ void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
       for (int64_t m = 0; m < M; ++m) a_t[m * K + k] = a.data[k * M + m];
     a_rows = a_t.data();
   }
+  const kernels::GemmArgs args{a_rows, M, K, y, N};
   if (K == 0) std::fill(y, y + M * N, 0.f);
-  else run({a_rows, M, K, y, N}, *w);
+  else if (plan_.b.constant) run(args, weights_.at(0));
+  else if (!plan_.trans_b) run_runtime_b(args, b.data, K, N);
+  else run(args, make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b.data, K, N, 1, K)), true));
   if (plan_.alpha != 1.f)
     for (int64_t i = 0; i < M * N; ++i) y[i] *= plan_.alpha;
 

@@ -37,6 +37,8 @@ class NodeKernel {
   void compute_gemm(const OrtApi& api, OrtKernelContext* ctx);
   // One GEMM through the backend, or on the CPU (emulator arithmetic) with a logged reason.
   void run(const kernels::GemmArgs& args, const Weight& w);
+  // B given at run time, row-major [K, N] (ldb = N): small M unpacked on the CPU path, else packed and run().
+  void run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N);
   Weight make_weight(std::shared_ptr<const kernels::PackedB> packed, bool upload);
   void fall_back(const std::string& why);
   void note_cpu_path(int64_t K, int64_t N, const std::string& why);  // logged once per node

@@ -107,6 +107,29 @@ def test_zero_sized_dimensions(m, k, n):
         np.testing.assert_array_equal(c, np.zeros((m, n), np.float32))  # K = 0: empty sums are 0
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 64, 1500), (1, 1500, 64), (3, 7, 5), (4, 65, 33), (5, 130, 200), (16, 64, 100)])
+def test_unpacked_run_time_b_within_contract(m, k, n):
+    # Decoder attention: a few rows against a fresh K/V that is not worth packing; same contract, same answer.
+    a, b = random_problem(m, k, n, seed=m * 7 + n)
+    c = _native.emulator_gemm_unpacked(a, b)
+    assert_within_contract(c, a, b)
+    np.testing.assert_allclose(c, _native.reference_gemm(a, _native.pack_b(b)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(_native.emulator_gemm_unpacked(a, b, threads=1), c)
+
+
+def test_unpacked_nan_inf_and_zero_k():
+    a = np.ones((2, 8), np.float32)
+    b = np.ones((8, 40), np.float32)
+    a[0, 1] = np.inf
+    b[1, :20] = 0.0  # Inf * 0 = NaN in row 0, columns < 20
+    b[2, 39] = np.nan
+    c = _native.emulator_gemm_unpacked(a, b)
+    assert np.isnan(c[0, :20]).all() and np.isposinf(c[0, 20:39]).all() and np.isnan(c[:, 39]).all()
+    np.testing.assert_array_equal(c[1, :39], np.r_[np.full(20, 7.0), np.full(19, 8.0)].astype(np.float32))
+    np.testing.assert_array_equal(_native.emulator_gemm_unpacked(np.ones((3, 0), np.float32),
+                                                                 np.ones((0, 5), np.float32)), np.zeros((3, 5)))
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 200, 130), (4, 64, 64), (6, 100, 70), (150, 90, 200)])
 def test_nan_and_inf_propagate_like_ieee(m, k, n):
     rng = np.random.default_rng(m + k + n)
@@ -226,11 +249,12 @@ _ISA_CHECK = textwrap.dedent("""
         if k > 2:
             a[0, 1] = np.inf; b[1, :n // 2] = 0; a[-1, 2] = np.nan
         p = _native.pack_b(b)
-        c, r = _native.emulator_gemm(a, p), _native.reference_gemm(a, p)
-        assert (np.isnan(c) == np.isnan(r)).all() and (np.isinf(c) == np.isinf(r)).all(), (m, k, n)
-        ok = np.isfinite(r)
-        tol = (2.0**-7 + 2 * k * 2.0**-23) * (np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64))) + 1e-30
-        assert (np.abs(c[ok] - r[ok]) <= tol[ok] * 1.02).all(), (m, k, n)
+        r = _native.reference_gemm(a, p)
+        for c in (_native.emulator_gemm(a, p), _native.emulator_gemm_unpacked(a, b)):
+            assert (np.isnan(c) == np.isnan(r)).all() and (np.isinf(c) == np.isinf(r)).all(), (m, k, n)
+            ok = np.isfinite(r)
+            tol = (2.0**-7 + 2 * k * 2.0**-23) * (np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64))) + 1e-30
+            assert (np.abs(c[ok] - r[ok]) <= tol[ok] * 1.02).all(), (m, k, n)
     print("ok")
 """)
 

@@ -272,6 +272,30 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
   }
 }
 
+void emulator_gemm_unpacked(const GemmArgs& args, const float* b, int64_t ldb, int64_t K, int64_t N, int threads) {
+  const int64_t M = args.M;
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(args.c + m * args.ldc, args.c + m * args.ldc + N, 0.f);
+    return;
+  }
+  const emu::IsaKernels& kern = emu::kernels();
+  const emu::UnpackedProblem p{args.a, args.lda, args.c, args.ldc, b, ldb, M, K, N};
+  static const int all_cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (threads <= 0) threads = all_cores;
+  // Memory bound on B like the direct path: threads split the columns, in 64-wide strips.
+  threads = static_cast<int>(std::clamp<int64_t>(K * N * 4 / kMinBBytesPerThread, 1, threads));
+  const int64_t strips = emu::ceil_div(N, kTileN);
+  const int64_t tasks = std::min<int64_t>(strips, threads == 1 ? 1 : kTasksPerThread * threads);
+  const int64_t strips_per_task = emu::ceil_div(strips, tasks);
+  auto task = [&](int64_t t) {
+    const int64_t n0 = t * strips_per_task * kTileN, n1 = std::min(N, n0 + strips_per_task * kTileN);
+    if (n0 < n1) kern.unpacked(p, 0, M, n0, n1);
+  };
+  if (tasks == 1) task(0);
+  else emu::ThreadPool::instance().run(threads, tasks, task);
+}
+
 const char* emulator_kernel_name() { return emu::kernels().name; }
 
 namespace {

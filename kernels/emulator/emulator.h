@@ -12,6 +12,12 @@ namespace xdna::kernels {
 // Free function so the EP's CPU fallback can use it without any backend object.
 void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads = 0);
 
+// The same contract for a run-time B that was never packed: fp32 row-major B[k][n] = b[k * ldb + n], rounded to
+// bf16 on the fly. Cheaper than pack_b + emulator_gemm when M is at most kUnpackedMaxM (B read M/4 times instead
+// of packed once); used by the EP's CPU path for run-time operands such as decoder attention K/V.
+inline constexpr int64_t kUnpackedMaxM = 16;
+void emulator_gemm_unpacked(const GemmArgs& args, const float* b, int64_t ldb, int64_t K, int64_t N, int threads = 0);
+
 // Slow, obviously-correct scalar version of the contract (double-checked spec for tests).
 void reference_gemm(const GemmArgs& args, const PackedB& b);
 

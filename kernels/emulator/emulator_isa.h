@@ -19,6 +19,18 @@ struct Problem {
   int64_t M, K, N, Kpad;
 };
 
+// Small M against a run-time B left in its fp32 row-major layout (B[k][n] = b[k * ldb + n]): for a few rows,
+// rounding B on the fly costs less than packing it (decoder attention: a fresh K/V every step).
+struct UnpackedProblem {
+  const float* a;
+  int64_t lda;
+  float* c;
+  int64_t ldc;
+  const float* b;
+  int64_t ldb;
+  int64_t M, K, N;
+};
+
 struct IsaKernels {
   const char* name;
   // Rows of C per blocked task (a multiple of the micro-kernel height).
@@ -30,6 +42,8 @@ struct IsaKernels {
   // `direct` streams the packed bf16 B straight into the FMAs (m1 - m0 <= direct_max_m; GEMV).
   void (*blocked)(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*direct)(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // C[m0:m1, n0:n1] = bf16(A) . bf16(B) with B unpacked (UnpackedProblem); any M, meant for small ones.
+  void (*unpacked)(const UnpackedProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
 
 // Thread-local scratch owned by the driver: slot 0..3, at least `floats` floats, 64-byte aligned.
