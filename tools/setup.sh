@@ -27,7 +27,7 @@ case "$mode" in
     cd "$repo"
     "$venv/bin/xdna" info
     "$venv/bin/xdna" model fetch base
-    "$venv/bin/xdna" transcribe --model base "$("$venv/bin/python" -c 'import onnxruntime_ep_xdna.samples as s; print(s.SAMPLE_PATH)')"
+    "$venv/bin/xdna" transcribe --model base  # no FILE: the bundled real-speech sample
     ;;
   test)
     cd "$repo/tests"  # run against the installed package, not the source tree
