@@ -310,7 +310,8 @@ class WhisperOnnx:
             self.task_to_id = {"transcribe": token("<|transcribe|>"), "translate": token("<|translate|>")}
         self.suppress = np.array(gen.get("suppress_tokens") or config.get("suppress_tokens") or [], dtype=np.int64)
         self.max_initial_timestamp = gen.get("max_initial_timestamp_index", MAX_INITIAL_TIMESTAMP)
-        self.begin_suppress = np.array(gen.get("begin_suppress_tokens") or [220, self.eot], dtype=np.int64)
+        self.begin_suppress = np.array(gen.get("begin_suppress_tokens") or config.get("begin_suppress_tokens")
+                                       or [220, self.eot], dtype=np.int64)
 
         self._dec_outputs = [o.name for o in self.decoder.get_outputs()]
         self._past_outputs = [o.name for o in self.decoder_with_past.get_outputs()]
