@@ -48,6 +48,14 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* so) {
     if (std::strncmp(keys[i], prefix.c_str(), prefix.size()) == 0) ours[keys[i] + prefix.size()] = values[i];
   api.ReleaseKeyValuePairs(kvps);
 
+  // ORT's intra-op workers busy-wait between nodes unless session.intra_op.allow_spinning=0. Helper threads of
+  // the emulator then wait for cores those spinners hold (a Whisper decoder step measured 3-10x slower on 2
+  // cores), so unless `threads` is given, GEMMs run on the calling thread alone while spinning is on.
+  if (!ours.count("threads")) {
+    const std::string spinning = config_entry(api, so, "session.intra_op.allow_spinning");
+    o.threads_limited_by_spinning = spinning != "0";
+    if (o.threads_limited_by_spinning) o.threads = 1;
+  }
   for (const auto& [key, v] : ours) {
     if (key == "backend") o.backend = one_of(key, v, {"auto", "emulator", "xrt"});
     else if (key == "precision") o.precision = one_of(key, v, {"bf16"});
@@ -73,14 +81,20 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* so) {
   return o;
 }
 
-bool session_flag(const OrtApi& api, const OrtSessionOptions* so, const char* key) {
+std::string config_entry(const OrtApi& api, const OrtSessionOptions* so, const char* key) {
   int has = 0;
   check(api, api.HasSessionConfigEntry(so, key, &has));
-  if (!has) return false;
-  char buf[16] = {};
-  size_t size = sizeof buf;
-  check(api, api.GetSessionConfigEntry(so, key, buf, &size));
-  return std::strcmp(buf, "1") == 0;
+  if (!has) return "";
+  size_t size = 0;
+  check(api, api.GetSessionConfigEntry(so, key, nullptr, &size));  // asks for the size, NUL included
+  std::string value(size, '\0');
+  check(api, api.GetSessionConfigEntry(so, key, value.data(), &size));
+  value.resize(std::strlen(value.c_str()));
+  return value;
+}
+
+bool session_flag(const OrtApi& api, const OrtSessionOptions* so, const char* key) {
+  return config_entry(api, so, key) == "1";
 }
 
 }  // namespace xdna::ep

@@ -18,6 +18,7 @@ struct EpOptions {
   double min_mflop = 0.0;         // nodes with fewer (statically known) MFLOP per run stay on the CPU EP
   OrtLoggingLevel log_level = ORT_LOGGING_LEVEL_WARNING;
   int threads = 0;                // emulator worker threads, 0 = all cores
+  bool threads_limited_by_spinning = false;  // `threads` unset and ORT's intra-op spinning on: threads = 1
   std::string kernel_dir;         // xrt: manifest directory (else $XDNA_KERNEL_DIR, else the cache)
   std::string partition_report;   // if set: write one JSON line per considered node (used by `xdna partition`)
   std::string fault_inject;       // testing: make the backend fail at upload|run|timeout|result
@@ -26,6 +27,9 @@ struct EpOptions {
 // Reads `ep.xdnaexecutionprovider.<key>` entries (how ORT delivers provider options to plugin EPs).
 // Unknown keys and bad values throw OrtError(ORT_INVALID_ARGUMENT) naming the key and what is accepted.
 EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* session_options);
+
+// A session config entry's value ("" when absent).
+std::string config_entry(const OrtApi& api, const OrtSessionOptions* so, const char* key);
 
 // Session config flag (e.g. "ep.context_enable") as bool.
 bool session_flag(const OrtApi& api, const OrtSessionOptions* so, const char* key);

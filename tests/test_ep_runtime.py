@@ -205,3 +205,29 @@ def test_partition_run_counts_executed_flops_for_symbolic_dims(tmp_path):
     assert not ran.mflop_lower_bound
     assert ran.mflop == pytest.approx(2 * 100 * 48 * 40 / 1e6)
     assert ran.executed["device_calls"] + ran.executed["cpu_calls"] == 1
+
+
+@pytest.mark.parametrize("spinning,threads_option,limited", [(None, None, True), ("1", None, True),
+                                                             ("0", None, False), (None, "2", False)])
+def test_one_thread_while_ort_threads_spin(capfd, spinning, threads_option, limited):
+    # ORT's spinning intra-op workers starve the emulator's helper threads; the EP says so and uses one thread.
+    model, w = linear_model()
+    xdna.register()
+    so = ort.SessionOptions()
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options = {"log_level": "info"}
+    if threads_option:
+        options["threads"] = threads_option
+    sess = ort.InferenceSession(model, so, providers=[(EP, options), "CPUExecutionProvider"])
+    a = rng(3).standard_normal((5, 48)).astype(np.float32)
+    assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, 48))
+    assert ("ORT intra-op spinning is on" in capfd.readouterr().err) == limited
+
+
+def test_session_options_turn_spinning_off():
+    so = xdna.session_options()
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.record_ep_graph_assignment_info") == "1"
+    with pytest.raises(RuntimeError):  # spinning=True leaves ORT's default (no entry at all)
+        xdna.session_options(spinning=True).get_session_config_entry("session.intra_op.allow_spinning")
