@@ -217,10 +217,30 @@ constexpr int64_t kMinBBytesPerThread = int64_t{64} << 10;
 // Tasks are pulled dynamically; several per thread keep all threads busy when a core is shared with other work.
 constexpr int64_t kTasksPerThread = 8;
 
+int resolve_threads(int threads) {
+  static const int all_cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return threads <= 0 ? all_cores : threads;
+}
+
+// For calls bound by reading B (`b_bytes` of it): threads split the columns [0, N) into 64-wide strips so that
+// each streams its share of B once; run_cols(n0, n1) computes columns n0..n1-1 for every row.
+template <class RunCols>
+void split_columns(int64_t N, int64_t b_bytes, int threads, RunCols&& run_cols) {
+  threads = static_cast<int>(std::clamp<int64_t>(b_bytes / kMinBBytesPerThread, 1, threads));
+  const int64_t strips = ceil_div(N, kTileN);
+  const int64_t tasks = std::min<int64_t>(strips, threads == 1 ? 1 : kTasksPerThread * threads);
+  const int64_t strips_per_task = ceil_div(strips, tasks);
+  auto task = [&](int64_t t) {
+    const int64_t n0 = t * strips_per_task * kTileN, n1 = std::min(N, n0 + strips_per_task * kTileN);
+    if (n0 < n1) run_cols(n0, n1);
+  };
+  if (tasks == 1) task(0);
+  else ThreadPool::instance().run(threads, tasks, task);
+}
+
 }  // namespace
 }  // namespace emu
 
-using emu::kMinBBytesPerThread;
 using emu::kMinMacsPerThread;
 using emu::kTasksPerThread;
 
@@ -235,21 +255,12 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
   const emu::IsaKernels& kern = emu::kernels();
   const emu::Problem p{args.a, args.lda, args.c, args.ldc, b.data.data(), M, K, N, s.Kpad};
 
-  static const int all_cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  if (threads <= 0) threads = all_cores;
+  threads = emu::resolve_threads(threads);
   const int64_t n_tiles = emu::ceil_div(N, kTileN);
 
   // Small M (GEMV): memory bound on B, so threads split the n-tiles and each streams its share of B once.
   if (M <= kern.direct_max_m) {
-    threads = static_cast<int>(std::clamp<int64_t>(K * N * 2 / kMinBBytesPerThread, 1, threads));
-    const int64_t tasks = std::min<int64_t>(n_tiles, threads == 1 ? 1 : kTasksPerThread * threads);
-    const int64_t tiles_per_task = emu::ceil_div(n_tiles, tasks);
-    auto task = [&](int64_t t) {
-      const int64_t n0 = t * tiles_per_task * kTileN, n1 = std::min(N, n0 + tiles_per_task * kTileN);
-      if (n0 < n1) kern.direct(p, 0, M, n0, n1);
-    };
-    if (tasks == 1) task(0);
-    else emu::ThreadPool::instance().run(threads, tasks, task);
+    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) { kern.direct(p, 0, M, n0, n1); });
     return;
   }
 
@@ -281,19 +292,9 @@ void emulator_gemm_unpacked(const GemmArgs& args, const float* b, int64_t ldb, i
   }
   const emu::IsaKernels& kern = emu::kernels();
   const emu::UnpackedProblem p{args.a, args.lda, args.c, args.ldc, b, ldb, M, K, N};
-  static const int all_cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  if (threads <= 0) threads = all_cores;
-  // Memory bound on B like the direct path: threads split the columns, in 64-wide strips.
-  threads = static_cast<int>(std::clamp<int64_t>(K * N * 4 / kMinBBytesPerThread, 1, threads));
-  const int64_t strips = emu::ceil_div(N, kTileN);
-  const int64_t tasks = std::min<int64_t>(strips, threads == 1 ? 1 : kTasksPerThread * threads);
-  const int64_t strips_per_task = emu::ceil_div(strips, tasks);
-  auto task = [&](int64_t t) {
-    const int64_t n0 = t * strips_per_task * kTileN, n1 = std::min(N, n0 + strips_per_task * kTileN);
-    if (n0 < n1) kern.unpacked(p, 0, M, n0, n1);
-  };
-  if (tasks == 1) task(0);
-  else emu::ThreadPool::instance().run(threads, tasks, task);
+  // Memory bound on B like the direct path.
+  emu::split_columns(N, K * N * 4, emu::resolve_threads(threads),
+                     [&](int64_t n0, int64_t n1) { kern.unpacked(p, 0, M, n0, n1); });
 }
 
 const char* emulator_kernel_name() { return emu::kernels().name; }
