@@ -106,12 +106,11 @@ OrtStatus* ORT_API_CALL XdnaEpFactory::CreateEpImpl(OrtEpFactory* self, const Or
     EpOptions options = parse_options(f->ort_, session_options);  // session_options are only valid here
     std::string why;
     auto backend = f->backend_for(options, &why);
-    if (options.threads_limited_by_spinning)
+    if (options.ort_threads_spin && backend->name() != "xrt")
       Log(f->ort_, logger ? logger : f->default_logger_, options.log_level)(
           ORT_LOGGING_LEVEL_INFO,
-          "ORT intra-op spinning is on, so CPU-path GEMMs use one thread (its spinning threads would starve more); "
-          "set session.intra_op.allow_spinning=0 (onnxruntime_ep_xdna.session_options() does) or the 'threads' "
-          "option to use more cores");
+          "ORT intra-op spinning is on: its idle threads hold cores that the CPU-path GEMMs could use; "
+          "session.intra_op.allow_spinning=0 (onnxruntime_ep_xdna.session_options() sets it) is faster");
     *ep = new XdnaEp(ApiPtrs{f->ort_, f->ep_api_}, std::move(options), std::move(backend),
                      logger ? logger : f->default_logger_);
   });

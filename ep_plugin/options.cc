@@ -48,14 +48,9 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* so) {
     if (std::strncmp(keys[i], prefix.c_str(), prefix.size()) == 0) ours[keys[i] + prefix.size()] = values[i];
   api.ReleaseKeyValuePairs(kvps);
 
-  // ORT's intra-op workers busy-wait between nodes unless session.intra_op.allow_spinning=0. Helper threads of
-  // the emulator then wait for cores those spinners hold (a Whisper decoder step measured 3-10x slower on 2
-  // cores), so unless `threads` is given, GEMMs run on the calling thread alone while spinning is on.
-  if (!ours.count("threads")) {
-    const std::string spinning = config_entry(api, so, "session.intra_op.allow_spinning");
-    o.threads_limited_by_spinning = spinning != "0";
-    if (o.threads_limited_by_spinning) o.threads = 1;
-  }
+  // ORT's intra-op workers busy-wait between nodes unless session.intra_op.allow_spinning=0, holding cores the
+  // CPU path's threads could use (Whisper's encoder measured ~1.5x slower on 2 cores). Noted for the log.
+  o.ort_threads_spin = config_entry(api, so, "session.intra_op.allow_spinning") != "0";
   for (const auto& [key, v] : ours) {
     if (key == "backend") o.backend = one_of(key, v, {"auto", "emulator", "xrt"});
     else if (key == "precision") o.precision = one_of(key, v, {"bf16"});

@@ -18,7 +18,7 @@ struct EpOptions {
   double min_mflop = 0.0;         // nodes with fewer (statically known) MFLOP per run stay on the CPU EP
   OrtLoggingLevel log_level = ORT_LOGGING_LEVEL_WARNING;
   int threads = 0;                // emulator worker threads, 0 = all cores
-  bool threads_limited_by_spinning = false;  // `threads` unset and ORT's intra-op spinning on: threads = 1
+  bool ort_threads_spin = true;   // session.intra_op.allow_spinning is not "0" (ORT's default)
   std::string kernel_dir;         // xrt: manifest directory (else $XDNA_KERNEL_DIR, else the cache)
   std::string partition_report;   // if set: write one JSON line per considered node (used by `xdna partition`)
   std::string fault_inject;       // testing: make the backend fail at upload|run|timeout|result

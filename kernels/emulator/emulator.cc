@@ -11,6 +11,7 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <memory>
 #include <new>
 #include <string>
 #include <thread>
@@ -103,6 +104,9 @@ void relax() { std::this_thread::yield(); }
 // A small persistent pool. One job at a time (callers queue on job_mutex_); the calling thread works too.
 // Idle workers spin for kSpin before they sleep: the decoder issues GEMVs a few microseconds apart, and a
 // condition-variable wake-up would cost more than such a GEMV.
+// The caller waits for the job's tasks, never for helpers to show up: a helper that other programs' spinning
+// threads keep off a core (ORT's or torch's OpenMP pool between nodes) finds the tasks gone when it runs, instead
+// of stalling every GEMM until the scheduler gets to it.
 class ThreadPool {
  public:
   static ThreadPool& instance() {
@@ -115,23 +119,23 @@ class ThreadPool {
   void run(int threads, int64_t tasks, const std::function<void(int64_t)>& fn) {
     std::lock_guard<std::mutex> job_lock(job_mutex_);
     const int helpers = static_cast<int>(std::min<int64_t>(threads, tasks)) - 1;
+    auto job = std::make_shared<Job>(fn, tasks);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       while (static_cast<int>(workers_.size()) < helpers)
         workers_.emplace_back([this, index = static_cast<int>(workers_.size())] { worker_loop(index); });
-      fn_ = &fn;
-      tasks_ = tasks;
-      next_.store(0, std::memory_order_relaxed);
+      job_ = job;
       helpers_ = helpers;
-      busy_.store(helpers, std::memory_order_relaxed);
-      error_ = nullptr;
       generation_.fetch_add(1, std::memory_order_release);
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) work_cv_.notify_all();
-    work_off();
-    while (busy_.load(std::memory_order_acquire) != 0) relax();
-    fn_ = nullptr;
-    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    job->work_off();
+    while (job->done.load(std::memory_order_acquire) != tasks) relax();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_.reset();  // late helpers still holding it find no task left; `fn` is never called after this
+    }
+    if (job->error) std::rethrow_exception(job->error);
   }
 
   ~ThreadPool() {
@@ -147,17 +151,26 @@ class ThreadPool {
  private:
   static constexpr std::chrono::microseconds kSpin{200};
 
-  void work_off() {
-    for (int64_t t; (t = next_.fetch_add(1, std::memory_order_relaxed)) < tasks_;) {
-      try {
-        (*fn_)(t);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (!error_) error_ = std::current_exception();
-        next_.store(tasks_, std::memory_order_relaxed);
+  struct Job {
+    Job(const std::function<void(int64_t)>& f, int64_t n) : fn(f), tasks(n) {}
+    const std::function<void(int64_t)>& fn;  // valid while done < tasks (the caller is still waiting)
+    const int64_t tasks;
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex error_mutex;
+    std::exception_ptr error;
+
+    void work_off() {
+      for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+        try {
+          fn(t);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (!error) error = std::current_exception();
+        }
+        done.fetch_add(1, std::memory_order_acq_rel);  // release: this task's writes; acquire: error
       }
     }
-  }
+  };
 
   // Waits for a generation other than `seen`: spins for kSpin, then sleeps on the condition variable.
   uint64_t wait_for_job(uint64_t seen) {
@@ -179,18 +192,15 @@ class ThreadPool {
     uint64_t seen = 0;
     for (;;) {
       seen = wait_for_job(seen);
-      bool stop, mine;
+      std::shared_ptr<Job> job;
       {
-        std::lock_guard<std::mutex> lock(mutex_);  // pairs with run()'s publication of the job
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (stop_) return;
         // Re-read: a job this worker sat out may have ended and the next begun since wait_for_job returned.
         seen = generation_.load(std::memory_order_relaxed);
-        stop = stop_;
-        mine = index < helpers_;
+        if (index < helpers_) job = job_;
       }
-      if (stop) return;
-      if (!mine) continue;
-      work_off();
-      busy_.fetch_sub(1, std::memory_order_release);
+      if (job) job->work_off();
     }
   }
 
@@ -198,14 +208,11 @@ class ThreadPool {
   std::mutex mutex_;
   std::condition_variable work_cv_;
   std::vector<std::thread> workers_;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t tasks_ = 0;
-  std::atomic<int64_t> next_{0};
+  std::shared_ptr<Job> job_;  // the running job (null between jobs)
   int helpers_ = 0;
-  std::atomic<int> busy_{0}, sleepers_{0};
+  std::atomic<int> sleepers_{0};
   std::atomic<uint64_t> generation_{0};
   bool stop_ = false;
-  std::exception_ptr error_;
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
