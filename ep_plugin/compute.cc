@@ -76,6 +76,48 @@ int64_t broadcast_index(const Dims& out, const Dims& dims, int64_t pos) {
   return idx;
 }
 
+Dims contiguous_strides(const Dims& dims) {
+  Dims strides(dims.size());
+  int64_t s = 1;
+  for (size_t i = dims.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= dims[i];
+  }
+  return strides;
+}
+
+// An operand as the MatMul sees it: its dims and element strides into `data`. A fused Transpose makes both a
+// permutation of the tensor's own (operand dim d = tensor dim perm[d]).
+struct View {
+  const float* data = nullptr;
+  Dims dims, strides;
+};
+
+View view_of(const Tensor& t, const std::vector<int64_t>& perm) {
+  View v{t.data, t.dims, contiguous_strides(t.dims)};
+  if (perm.empty()) return v;
+  if (perm.size() != t.dims.size()) throw OrtError(ORT_INVALID_ARGUMENT, "Transpose perm does not match its input");
+  View p{t.data, Dims(perm.size()), Dims(perm.size())};
+  for (size_t d = 0; d < perm.size(); ++d) {
+    p.dims[d] = v.dims[static_cast<size_t>(perm[d])];
+    p.strides[d] = v.strides[static_cast<size_t>(perm[d])];
+  }
+  return p;
+}
+
+// Element offset of the matrix at flat output batch position `pos`, for batch dims right-aligned against `out`
+// (broadcast dims of size 1 stay at index 0).
+int64_t batch_offset(const Dims& out, const Dims& dims, const Dims& strides, int64_t pos) {
+  int64_t offset = 0;
+  const size_t shift = out.size() - dims.size();
+  for (size_t i = out.size(); i-- > 0;) {
+    const int64_t coord = pos % out[i];
+    pos /= out[i];
+    if (i >= shift && dims[i - shift] != 1) offset += coord * strides[i - shift];
+  }
+  return offset;
+}
+
 }  // namespace
 
 NodeKernel::NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_inputs,
@@ -90,7 +132,7 @@ NodeKernel::NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_in
 NodeKernel::~NodeKernel() {
   log_(ORT_LOGGING_LEVEL_INFO, "node '" + plan_.node_name + "': " + std::to_string(device_calls_.load()) +
                                    " GEMM calls on " + backend_->name() + ", " + std::to_string(cpu_calls_.load()) +
-                                   " on the CPU fallback");
+                                   " on the CPU path (fallbacks, shapes without a kernel, few-row run-time B)");
   if (report_) {
     std::string name;
     for (char c : plan_.node_name) {
@@ -171,26 +213,26 @@ void NodeKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
 }
 
 void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
-  Tensor a = input(api, ctx, runtime_index(plan_.a.name));
-  Dims b_dims;
-  Tensor b;
+  const View a = view_of(input(api, ctx, runtime_index(plan_.a.name)), plan_.a.perm);
+  View b;
   if (plan_.b.constant) {
-    b_dims = plan_.weights.batch_shape;
+    b.dims = plan_.weights.batch_shape;
     const auto& s = weights_.at(0).host->shape;
-    b_dims.push_back(s.K);
-    b_dims.push_back(s.N);
-    if (plan_.b.rank == 1) b_dims = {s.K};
+    b.dims.push_back(s.K);
+    b.dims.push_back(s.N);
+    if (plan_.b.rank == 1) b.dims = {s.K};
+    b.strides = contiguous_strides(b.dims);
   } else {
-    b = input(api, ctx, runtime_index(plan_.b.name));
-    b_dims = b.dims;
+    b = view_of(input(api, ctx, runtime_index(plan_.b.name)), plan_.b.perm);
   }
-  const bool a_vec = a.dims.size() == 1, b_vec = b_dims.size() == 1;
-  Dims a2 = a_vec ? Dims{1, a.dims[0]} : a.dims;
-  Dims b2 = b_vec ? Dims{b_dims[0], 1} : b_dims;
-  const int64_t M = a2[a2.size() - 2], K = a2.back(), N = b2.back();
-  if (b2[b2.size() - 2] != K)
+  const bool a_vec = a.dims.size() == 1, b_vec = b.dims.size() == 1;
+  const View a2 = a_vec ? View{a.data, {1, a.dims[0]}, {a.dims[0], 1}} : a;
+  const View b2 = b_vec ? View{b.data, {b.dims[0], 1}, {1, 1}} : b;
+  const size_t ra = a2.dims.size(), rb = b2.dims.size();
+  const int64_t M = a2.dims[ra - 2], K = a2.dims[ra - 1], N = b2.dims[rb - 1];
+  if (b2.dims[rb - 2] != K)
     throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': MatMul inner dimensions differ");
-  const Dims batch_a(a2.begin(), a2.end() - 2), batch_b(b2.begin(), b2.end() - 2);
+  const Dims batch_a(a2.dims.begin(), a2.dims.end() - 2), batch_b(b2.dims.begin(), b2.dims.end() - 2);
   const Dims batch = broadcast(batch_a, batch_b);
   Dims out_dims = batch;
   if (!a_vec) out_dims.push_back(M);
@@ -200,28 +242,62 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
   if (batches == 0 || M == 0 || N == 0) return;
 
   // A 2-D (or batch-broadcast) B shared by every batch of a contiguous A: one tall GEMM.
-  const bool shared_b = count(batch_b) == 1;
-  if (shared_b && count(batch_a) == batches) {
+  const bool plain = plan_.a.perm.empty() && plan_.b.perm.empty();
+  if (plain && count(batch_b) == 1 && count(batch_a) == batches) {
     if (plan_.b.constant) run({a.data, batches * M, K, y, N}, weights_.at(0));
     else run_runtime_b({a.data, batches * M, K, y, N}, b.data, K, N);
     return;
   }
+  const Dims a_batch_strides(a2.strides.begin(), a2.strides.end() - 2);
+  const Dims b_batch_strides(b2.strides.begin(), b2.strides.end() - 2);
+  const int64_t a_m_stride = a2.strides[ra - 2], a_k_stride = a2.strides[ra - 1];
+  const int64_t b_k_stride = b2.strides[rb - 2], b_n_stride = b2.strides[rb - 1];
+  // The kernels read A rows with unit stride; a fused Transpose that moves A's last dim gets A gathered.
+  std::vector<float> a_gathered(a_k_stride == 1 ? 0 : static_cast<size_t>(batches * M * K));
+  std::vector<kernels::UnpackedGemm> unpacked;  // run-time B, few rows: all batches in one call
   for (int64_t i = 0; i < batches; ++i) {
-    const int64_t ia = broadcast_index(batch, batch_a, i), ib = broadcast_index(batch, batch_b, i);
-    const kernels::GemmArgs args{a.data + ia * M * K, M, K, y + i * M * N, N};
-    if (plan_.b.constant) run(args, weights_.at(static_cast<size_t>(ib)));
-    else run_runtime_b(args, b.data + ib * K * N, K, N);
+    const float* ap = a.data + batch_offset(batch, batch_a, a_batch_strides, i);
+    int64_t lda = a_m_stride;
+    if (a_k_stride != 1) {
+      float* dst = a_gathered.data() + i * M * K;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) dst[m * K + k] = ap[m * a_m_stride + k * a_k_stride];
+      ap = dst;
+      lda = K;
+    }
+    const kernels::GemmArgs args{ap, M, lda, y + i * M * N, N};
+    if (plan_.b.constant) {
+      run(args, weights_.at(static_cast<size_t>(broadcast_index(batch, batch_b, i))));
+      continue;
+    }
+    const float* bp = b.data + batch_offset(batch, batch_b, b_batch_strides, i);
+    if (M <= kernels::kUnpackedMaxM && (b_n_stride == 1 || b_k_stride == 1)) {
+      if (b_n_stride == 1) unpacked.push_back({args, bp, b_k_stride, false});
+      else unpacked.push_back({args, bp, b_n_stride, true});  // K^T read from K as it lies
+    } else {
+      run(args, make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(bp, K, N, b_k_stride, b_n_stride)),
+                            true));
+    }
   }
+  run_unpacked(unpacked.data(), unpacked.size(), K, N);
+}
+
+void NodeKernel::run_unpacked(const kernels::UnpackedGemm* calls, size_t count, int64_t K, int64_t N) {
+  // A few rows against a fresh B (decoder attention): packing B would cost more than the product, and no device
+  // dispatch pays off for so little work, so the CPU path computes it from B as it lies.
+  if (count == 0) return;
+  kernels::emulator_gemm_unpacked(calls, count, K, N, threads_);
+  uint64_t flop = 0;
+  for (size_t i = 0; i < count; ++i) flop += 2ull * static_cast<uint64_t>(calls[i].args.M * K * N);
+  cpu_calls_ += count;
+  cpu_flop_ += flop;
 }
 
 void NodeKernel::run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N) {
   if (args.M == 0 || N == 0) return;
   if (args.M <= kernels::kUnpackedMaxM) {
-    // A few rows against a fresh B (decoder attention): packing B would cost more than the product, and no
-    // device dispatch pays off for so little work, so the CPU path computes it from B as it lies.
-    kernels::emulator_gemm_unpacked(args, b, N, K, N, threads_);
-    ++cpu_calls_;
-    cpu_flop_ += 2ull * static_cast<uint64_t>(args.M) * static_cast<uint64_t>(K) * static_cast<uint64_t>(N);
+    const kernels::UnpackedGemm call{args, b, N};
+    run_unpacked(&call, 1, K, N);
     return;
   }
   const Weight w = make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b, K, N, N, 1)), true);

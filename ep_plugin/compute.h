@@ -10,6 +10,7 @@
 
 #include "graph_passes/op_registry.h"
 #include "kernels/backend.h"
+#include "kernels/emulator/emulator.h"
 #include "ort_api.h"
 
 namespace xdna::ep {
@@ -39,6 +40,7 @@ class NodeKernel {
   void run(const kernels::GemmArgs& args, const Weight& w);
   // B given at run time, row-major [K, N] (ldb = N): small M unpacked on the CPU path, else packed and run().
   void run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N);
+  void run_unpacked(const kernels::UnpackedGemm* calls, size_t count, int64_t K, int64_t N);
   Weight make_weight(std::shared_ptr<const kernels::PackedB> packed, bool upload);
   void fall_back(const std::string& why);
   void note_cpu_path(int64_t K, int64_t N, const std::string& why);  // logged once per node

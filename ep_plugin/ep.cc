@@ -119,6 +119,7 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
   fusion.ort_version_supported = ORT_API_VERSION;
   fusion.drop_constant_initializers = true;  // ORT frees the fp32 weights; we keep only the packed bf16 copy
 
+  const graph::GraphIndex index = graph::GraphIndex::of(ort, graph);
   size_t claimed = 0, considered = 0;
   for (const OrtNode* node : nodes) {
     const char* op_type = nullptr;
@@ -127,13 +128,15 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     check(ort, ort.Node_GetDomain(node, &domain));
     if (!graph::is_gemm_family(domain, op_type)) continue;
     ++considered;
-    graph::Analysis a = graph::analyze_node(ort, node, /*load_weights=*/false);
+    graph::Analysis a = graph::analyze_node(ort, node, /*load_weights=*/false, &index);
     if (a.ok && a.plan.mflop < options_.min_mflop) {
       a.ok = false;
       a.reason = "below min_mflop (" + std::to_string(a.plan.mflop) + " MFLOP)";
     }
     if (a.ok) {
-      check(ort, api_.ep.EpGraphSupportInfo_AddNodesToFuse(info, &node, 1, &fusion));
+      std::vector<const OrtNode*> group = a.fused_producers;  // Transposes read through, then the node
+      group.push_back(node);
+      check(ort, api_.ep.EpGraphSupportInfo_AddNodesToFuse(info, group.data(), group.size(), &fusion));
       ++claimed;
     }
     log_(a.ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
@@ -154,11 +157,23 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
   const OrtApi& ort = api_.ort;
   size_t n = 0;
   check(ort, ort.Graph_GetNumNodes(graph, &n));
-  if (n != 1) throw OrtError(ORT_EP_FAIL, "expected one node per fused group, got " + std::to_string(n));
-  const OrtNode* node = nullptr;
-  check(ort, ort.Graph_GetNodes(graph, &node, 1));
-  graph::Analysis a = graph::analyze_node(ort, node, /*load_weights=*/true);
+  std::vector<const OrtNode*> group(n);
+  if (n) check(ort, ort.Graph_GetNodes(graph, group.data(), n));
+  const OrtNode* node = nullptr;  // the group's one MatMul/Gemm; the others are the Transposes it reads through
+  for (const OrtNode* g : group) {
+    const char* op_type = nullptr;
+    const char* domain = nullptr;
+    check(ort, ort.Node_GetOperatorType(g, &op_type));
+    check(ort, ort.Node_GetDomain(g, &domain));
+    if (graph::is_gemm_family(domain, op_type)) node = g;
+  }
+  if (!node) throw OrtError(ORT_EP_FAIL, "Compile: fused group without a MatMul/Gemm");
+  const graph::GraphIndex index = graph::GraphIndex::of(ort, graph);
+  graph::Analysis a = graph::analyze_node(ort, node, /*load_weights=*/true, &index);
   if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node no longer claimable: " + a.reason);
+  if (a.fused_producers.size() + 1 != n)
+    throw OrtError(ORT_EP_FAIL, "Compile: fused group of " + std::to_string(n) + " nodes, expected " +
+                                    std::to_string(a.fused_producers.size() + 1));
 
   size_t num_inputs = 0;
   check(ort, ort.Node_GetNumInputs(fused_node, &num_inputs));

@@ -151,7 +151,55 @@ void pack_constant_b(const OrtApi& api, const OrtValueInfo* vi, bool trans_b, Ge
   }
 }
 
-Analysis analyze_matmul(const OrtApi& api, const OrtNode* node, bool load_weights) {
+std::string value_name(const OrtApi& api, const OrtValueInfo* vi) {
+  const char* name = nullptr;
+  if (vi) check(api, api.GetValueInfoName(vi, &name));
+  return name ? name : "";
+}
+
+// If operand `op` (of rank >= 2, computed at run time) is the output of a float Transpose whose only use is this
+// MatMul, redirect it to the Transpose's input and record the permutation and the node.
+void read_through_transpose(const OrtApi& api, const GraphIndex* index, Operand* op, Analysis* r) {
+  if (!index || op->constant || op->rank < 2) return;
+  const auto it = index->producer.find(op->name);
+  const auto uses = index->uses.find(op->name);
+  if (it == index->producer.end() || uses == index->uses.end() || uses->second != 1) return;
+  const OrtNode* producer = it->second;
+  const char* type = nullptr;
+  const char* domain = nullptr;
+  check(api, api.Node_GetOperatorType(producer, &type));
+  check(api, api.Node_GetDomain(producer, &domain));
+  if (std::strcmp(type, "Transpose") != 0 || std::strcmp(domain, "") != 0) return;
+  NodeIo io = node_io(api, producer);
+  if (io.inputs.size() != 1 || !io.inputs[0]) return;
+  ONNXTensorElementDataType t;
+  Operand source = describe(api, io.inputs[0], &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || source.rank != op->rank || source.constant) return;
+  std::vector<int64_t> perm(static_cast<size_t>(op->rank));
+  for (int d = 0; d < op->rank; ++d) perm[d] = op->rank - 1 - d;  // ONNX default: reverse
+  const OrtOpAttr* attr = nullptr;
+  OrtStatus* st = api.Node_GetAttributeByName(producer, "perm", &attr);
+  if (st) api.ReleaseStatus(st);
+  if (attr) {
+    size_t n = 0;
+    st = api.ReadOpAttr(attr, ORT_OP_ATTR_INTS, perm.data(), perm.size() * sizeof(int64_t), &n);
+    if (st) {
+      api.ReleaseStatus(st);
+      return;
+    }
+    if (n != perm.size() * sizeof(int64_t)) return;  // `n` counts bytes
+  }
+  std::vector<bool> seen(perm.size(), false);
+  for (int64_t p : perm) {
+    if (p < 0 || p >= op->rank || seen[static_cast<size_t>(p)]) return;
+    seen[static_cast<size_t>(p)] = true;
+  }
+  op->name = source.name;
+  op->perm = std::move(perm);
+  r->fused_producers.push_back(producer);
+}
+
+Analysis analyze_matmul(const OrtApi& api, const OrtNode* node, bool load_weights, const GraphIndex* index) {
   Analysis r;
   GemmPlan& p = r.plan;
   p.op = GemmPlan::Op::kMatMul;
@@ -171,12 +219,15 @@ Analysis analyze_matmul(const OrtApi& api, const OrtNode* node, bool load_weight
   p.mflop = 2.0 * M * K * N * std::max(batch_a, batch_b) / 1e6;
   p.mflop_lower_bound = sym;
   if (p.b.constant && load_weights) pack_constant_b(api, io.inputs[1], false, &p);
+  read_through_transpose(api, index, &p.a, &r);
+  read_through_transpose(api, index, &p.b, &r);
   r.ok = true;
   r.reason = p.b.constant ? "constant weight" : "both operands at run time";
+  if (!r.fused_producers.empty()) r.reason += ", with the Transpose of its input(s)";
   return r;
 }
 
-Analysis analyze_gemm(const OrtApi& api, const OrtNode* node, bool load_weights) {
+Analysis analyze_gemm(const OrtApi& api, const OrtNode* node, bool load_weights, const GraphIndex*) {
   Analysis r;
   GemmPlan& p = r.plan;
   p.op = GemmPlan::Op::kGemm;
@@ -238,7 +289,7 @@ struct OpEntry {
   const char* domain;
   const char* op_type;
   int min_since_version;
-  Analysis (*analyze)(const OrtApi&, const OrtNode*, bool);
+  Analysis (*analyze)(const OrtApi&, const OrtNode*, bool, const GraphIndex*);
 };
 
 // The registry. Adding an op = one analyze function here + its execution in ep_plugin/compute.cc.
@@ -255,7 +306,35 @@ bool is_gemm_family(const std::string& domain, const std::string& op_type) {
   return false;
 }
 
-Analysis analyze_node(const OrtApi& api, const OrtNode* node, bool load_weights) {
+GraphIndex GraphIndex::of(const OrtApi& api, const OrtGraph* graph) {
+  GraphIndex index;
+  size_t n = 0;
+  check(api, api.Graph_GetNumNodes(graph, &n));
+  std::vector<const OrtNode*> nodes(n);
+  if (n) check(api, api.Graph_GetNodes(graph, nodes.data(), n));
+  for (const OrtNode* node : nodes) {
+    NodeIo io = node_io(api, node);
+    for (const OrtValueInfo* vi : io.outputs)
+      if (vi) index.producer[value_name(api, vi)] = node;
+    for (const OrtValueInfo* vi : io.inputs)
+      if (vi) ++index.uses[value_name(api, vi)];
+    size_t implicit = 0;
+    check(api, api.Node_GetNumImplicitInputs(node, &implicit));
+    std::vector<const OrtValueInfo*> implicit_inputs(implicit);
+    if (implicit) check(api, api.Node_GetImplicitInputs(node, implicit_inputs.data(), implicit));
+    for (const OrtValueInfo* vi : implicit_inputs)
+      if (vi) ++index.uses[value_name(api, vi)];
+  }
+  size_t outputs = 0;
+  check(api, api.Graph_GetNumOutputs(graph, &outputs));
+  std::vector<const OrtValueInfo*> graph_outputs(outputs);
+  if (outputs) check(api, api.Graph_GetOutputs(graph, graph_outputs.data(), outputs));
+  for (const OrtValueInfo* vi : graph_outputs)
+    if (vi) ++index.uses[value_name(api, vi)];
+  return index;
+}
+
+Analysis analyze_node(const OrtApi& api, const OrtNode* node, bool load_weights, const GraphIndex* index) {
   const char* op_type = nullptr;
   const char* domain = nullptr;
   const char* name = nullptr;
@@ -267,7 +346,7 @@ Analysis analyze_node(const OrtApi& api, const OrtNode* node, bool load_weights)
   for (const auto& e : kOps) {
     if (std::strcmp(domain, e.domain) != 0 || std::strcmp(op_type, e.op_type) != 0) continue;
     if (since < e.min_since_version) return reject("opset too old");
-    Analysis r = e.analyze(api, node, load_weights);
+    Analysis r = e.analyze(api, node, load_weights, index);
     r.plan.node_name = name ? name : "";
     r.plan.op_type = op_type;
     return r;

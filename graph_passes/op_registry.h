@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -20,6 +21,9 @@ struct Operand {
   bool constant = false;  // constant initializer: read once at Compile, not a runtime input
   int rank = -1;
   std::vector<int64_t> dims;  // -1 for symbolic dims
+  // Read through a Transpose fused into the same partition: `name` is the Transpose's input and the operand is
+  // that tensor with its dims permuted (operand dim d = input dim perm[d]). Empty: the tensor as it is.
+  std::vector<int64_t> perm;
 };
 
 // Constant B, packed once per matrix of its batch dimensions (2-D B: one matrix, batch_shape empty).
@@ -47,11 +51,23 @@ struct Analysis {
   bool ok = false;
   std::string reason;  // why not (or a note when ok)
   GemmPlan plan;
+  // Transpose nodes whose only consumer is this node: claimed with it, so the permuted copy is never made
+  // (the kernels read the operand through strides). MatMul only.
+  std::vector<const OrtNode*> fused_producers;
+};
+
+// Who produces and how often each value of one graph is used (node inputs, subgraph implicit inputs and graph
+// outputs all count), so that an operand can be read through the Transpose that made it.
+struct GraphIndex {
+  std::unordered_map<std::string, const OrtNode*> producer;
+  std::unordered_map<std::string, int> uses;
+  static GraphIndex of(const OrtApi& api, const OrtGraph* graph);
 };
 
 // Returns ok=false with a reason when the node is left to the CPU EP. With load_weights, also reads and packs
-// constant weights (only valid while the OrtGraph is alive: GetCapability/Compile).
-Analysis analyze_node(const OrtApi& api, const OrtNode* node, bool load_weights);
+// constant weights (only valid while the OrtGraph is alive: GetCapability/Compile). With an index of the node's
+// graph, MatMul operands made by a Transpose used only there are read through it (Analysis::fused_producers).
+Analysis analyze_node(const OrtApi& api, const OrtNode* node, bool load_weights, const GraphIndex* index = nullptr);
 
 // True for op types the registry knows (whether or not a given node of that type is claimable).
 bool is_gemm_family(const std::string& domain, const std::string& op_type);

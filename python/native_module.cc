@@ -178,19 +178,24 @@ PYBIND11_MODULE(_native, m) {
   m.def("pack_b", &pack, py::arg("b"), "Pack fp32 B[K,N] into the contract's bf16 tiled layout");
   m.def("emulator_gemm", [](F32Array a, const k::PackedB& b, int threads) { return run_gemm(a, b, false, threads); },
         py::arg("a"), py::arg("b"), py::arg("threads") = 0);
-  m.def("emulator_gemm_unpacked", [](F32Array a, F32Array b, int threads) {
-        if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != b.shape(0))
-          throw std::invalid_argument("A must be [M, K] and B [K, N]");
-        const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+  m.def("emulator_gemm_unpacked", [](F32Array a, F32Array b, int threads, bool b_transposed) {
+        // b_transposed: `b` holds B^T [N, K] (B read as it lies, column by column).
+        const int64_t Kb = b.ndim() == 2 ? b.shape(b_transposed ? 1 : 0) : -1;
+        if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != Kb)
+          throw std::invalid_argument("A must be [M, K] and B [K, N] (or [N, K] with b_transposed)");
+        const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(b_transposed ? 0 : 1);
         py::array_t<float> c({M, N});
         k::GemmArgs args{a.data(), M, K, c.mutable_data(), N};
         {
           py::gil_scoped_release release;
-          k::emulator_gemm_unpacked(args, b.data(), N, K, N, threads);
+          const k::UnpackedGemm call{args, b.data(), b_transposed ? K : N, b_transposed};
+          k::emulator_gemm_unpacked(&call, 1, K, N, threads);
         }
         return c;
-      }, py::arg("a"), py::arg("b"), py::arg("threads") = 0, "The contract on an unpacked run-time B (small M)");
+      }, py::arg("a"), py::arg("b"), py::arg("threads") = 0, py::arg("b_transposed") = false,
+      "The contract on an unpacked run-time B (small M)");
   m.attr("UNPACKED_MAX_M") = k::kUnpackedMaxM;
+  m.def("emulator_kernel_name", &k::emulator_kernel_name, "avx512 | avx2 | generic: the kernel set in use");
   m.def("reference_gemm", [](F32Array a, const k::PackedB& b) { return run_gemm(a, b, true, 1); },
         py::arg("a"), py::arg("b"));
   m.def("backend_probe", [](const std::string& kind, const std::string& kernel_dir) {

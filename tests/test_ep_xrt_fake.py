@@ -45,7 +45,7 @@ def test_ep_runs_on_fake_npu(fake_npu, capfd):
     del sess
     err = capfd.readouterr().err
     assert "backend: xrt" in err
-    assert "3 GEMM calls on xrt, 0 on the CPU fallback" in err
+    assert "3 GEMM calls on xrt, 0 on the CPU path" in err
 
 
 def test_shape_without_kernel_runs_on_cpu_path(fake_npu, capfd):

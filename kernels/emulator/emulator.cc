@@ -248,6 +248,7 @@ void split_columns(int64_t N, int64_t b_bytes, int threads, RunCols&& run_cols) 
 }  // namespace
 }  // namespace emu
 
+using emu::kMinBBytesPerThread;
 using emu::kMinMacsPerThread;
 using emu::kTasksPerThread;
 
@@ -290,18 +291,36 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
   }
 }
 
-void emulator_gemm_unpacked(const GemmArgs& args, const float* b, int64_t ldb, int64_t K, int64_t N, int threads) {
-  const int64_t M = args.M;
-  if (M <= 0 || N <= 0) return;
+void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads) {
+  if (count == 0 || N <= 0) return;
   if (K == 0) {
-    for (int64_t m = 0; m < M; ++m) std::fill(args.c + m * args.ldc, args.c + m * args.ldc + N, 0.f);
+    for (size_t i = 0; i < count; ++i)
+      for (int64_t m = 0; m < calls[i].args.M; ++m)
+        std::fill(calls[i].args.c + m * calls[i].args.ldc, calls[i].args.c + m * calls[i].args.ldc + N, 0.f);
     return;
   }
   const emu::IsaKernels& kern = emu::kernels();
-  const emu::UnpackedProblem p{args.a, args.lda, args.c, args.ldc, b, ldb, M, K, N};
-  // Memory bound on B like the direct path.
-  emu::split_columns(N, K * N * 4, emu::resolve_threads(threads),
-                     [&](int64_t n0, int64_t n1) { kern.unpacked(p, 0, M, n0, n1); });
+  // Memory bound on B: every task streams at least kMinBBytesPerThread of one call's B, in 64-column strips.
+  const int64_t strip_bytes = K * kTileN * 4;
+  const int64_t strips = emu::ceil_div(N, kTileN);
+  const int64_t strips_per_task = std::min(strips, std::max<int64_t>(1, kMinBBytesPerThread / strip_bytes));
+  const int64_t tasks_per_call = emu::ceil_div(strips, strips_per_task);
+  const int64_t tasks = tasks_per_call * static_cast<int64_t>(count);
+  const int64_t total_bytes = K * N * 4 * static_cast<int64_t>(count);
+  threads = static_cast<int>(std::clamp<int64_t>(total_bytes / kMinBBytesPerThread, 1, emu::resolve_threads(threads)));
+  auto task = [&](int64_t t) {
+    const UnpackedGemm& call = calls[t / tasks_per_call];
+    const int64_t n0 = (t % tasks_per_call) * strips_per_task * kTileN, n1 = std::min(N, n0 + strips_per_task * kTileN);
+    if (call.args.M <= 0 || n0 >= n1) return;
+    const emu::UnpackedProblem p{call.args.a, call.args.lda, call.args.c, call.args.ldc, call.b, call.ldb,
+                                 call.args.M, K, N, call.b_transposed};
+    kern.unpacked(p, 0, call.args.M, n0, n1);
+  };
+  if (threads == 1) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+  } else {
+    emu::ThreadPool::instance().run(threads, tasks, task);
+  }
 }
 
 const char* emulator_kernel_name() { return emu::kernels().name; }

@@ -16,7 +16,15 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads = 0);
 // bf16 on the fly. Cheaper than pack_b + emulator_gemm when M is at most kUnpackedMaxM (B read M/4 times instead
 // of packed once); used by the EP's CPU path for run-time operands such as decoder attention K/V.
 inline constexpr int64_t kUnpackedMaxM = 16;
-void emulator_gemm_unpacked(const GemmArgs& args, const float* b, int64_t ldb, int64_t K, int64_t N, int threads = 0);
+struct UnpackedGemm {
+  GemmArgs args;   // A [M, K] and C [M, N]
+  const float* b;  // B[k][n] = b[k * ldb + n], or b[n * ldb + k] when b_transposed
+  int64_t ldb;
+  bool b_transposed = false;
+};
+// `count` independent products of one K x N shape (e.g. the batch x heads of an attention MatMul), spread over
+// the threads as one job: many small calls would otherwise each pay the pool's synchronisation.
+void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads = 0);
 
 // Slow, obviously-correct scalar version of the contract (double-checked spec for tests).
 void reference_gemm(const GemmArgs& args, const PackedB& b);

@@ -19,8 +19,9 @@ struct Problem {
   int64_t M, K, N, Kpad;
 };
 
-// Small M against a run-time B left in its fp32 row-major layout (B[k][n] = b[k * ldb + n]): for a few rows,
-// rounding B on the fly costs less than packing it (decoder attention: a fresh K/V every step).
+// Small M against a run-time B left in its fp32 layout: B[k][n] = b[k * ldb + n], or b[n * ldb + k] when
+// b_transposed (K^T read from K as it lies). For a few rows, rounding B on the fly costs less than packing it
+// (decoder attention: a fresh K/V every step).
 struct UnpackedProblem {
   const float* a;
   int64_t lda;
@@ -29,6 +30,7 @@ struct UnpackedProblem {
   const float* b;
   int64_t ldb;
   int64_t M, K, N;
+  bool b_transposed;
 };
 
 struct IsaKernels {

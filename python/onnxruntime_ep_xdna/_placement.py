@@ -114,7 +114,7 @@ class PartitionReport:
             if d.placed_on == EP_NAME and d.executed is not None:
                 e = d.executed
                 where += f" ({e['backend']} x{e['device_calls']}" + (
-                    f", CPU fallback x{e['cpu_calls']})" if e["cpu_calls"] else ")")
+                    f", CPU path x{e['cpu_calls']})" if e["cpu_calls"] else ")")
             rows.append(f"{d.node[:48]:48} {d.op_type:7} {mflop} {where}")
         on_ep = sum(1 for d in self.decisions if d.placed_on == EP_NAME)
         rows.append(
