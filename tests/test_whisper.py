@@ -224,6 +224,13 @@ def test_cli_formats(tiny_en, tmp_path, fmt):
         assert text.startswith("WEBVTT")
 
 
+def test_cli_condition_on_previous_text_over_long_audio(tiny_en, tmp_path):
+    wav = write_wav(tmp_path / "long.wav", chirp(45.0, seed=5))
+    proc = run_cli("--model", tiny_en, "--condition-on-previous-text", "--format", "json", wav)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["duration"] == pytest.approx(45.0)
+
+
 def test_cli_reads_stereo_44k1(tiny_en, tmp_path):
     stereo = np.repeat(chirp(2.0)[:, None], 2, axis=1)
     import soundfile as sf

@@ -558,6 +558,9 @@ def add_transcribe_arguments(parser) -> None:
                         help="translate = speech in any language to English text")
     parser.add_argument("--format", choices=FORMATS, default="txt", help="output format (default txt)")
     parser.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
+    parser.add_argument("--condition-on-previous-text", action="store_true",
+                        help="prompt each 30 s window with the previous window's text (OpenAI's default): keeps "
+                             "casing and punctuation across windows, but risks repeating a hallucination")
     parser.add_argument("--progress", action="store_true", help="progress bar on stderr even when it is not a terminal")
 
 
@@ -627,7 +630,8 @@ def run_transcribe(args) -> int:
         bar = _ProgressBar(Path(f).name) if show_progress else None
         try:
             result = transcribe(f, whisper, language=args.language, task=args.task,
-                                timestamps=True if args.format in ("srt", "vtt") else None, progress=bar)
+                                timestamps=True if args.format in ("srt", "vtt") else None,
+                                condition_on_previous_text=args.condition_on_previous_text, progress=bar)
         except (AudioError, TranscribeError) as e:
             if bar:
                 bar.close()
