@@ -293,12 +293,33 @@ def test_model_fetch_without_network_is_a_message(tmp_path):
     assert not list((tmp_path / "models").iterdir())  # nothing half-built left behind
 
 
+def test_model_fetch_names_missing_packages_before_downloading(tmp_path, monkeypatch):
+    import importlib.util
+
+    from onnxruntime_ep_xdna.whisper import model as wmodel
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(wmodel.ModelFetchError, match=r"needs torch: pip install 'onnxruntime-ep-xdna\[whisper\]'"):
+        wmodel.ensure_model("tiny.en", cache_dir=tmp_path, log=lambda m: None)
+    assert not (tmp_path / "models").exists()
+
+
 def test_model_fetch_checks_disk_space_first(tmp_path, monkeypatch):
     from onnxruntime_ep_xdna.whisper import model as wmodel
 
     monkeypatch.setattr(wmodel.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000_000})())
     with pytest.raises(wmodel.ModelFetchError, match="not enough disk space"):
         wmodel.ensure_model("base", cache_dir=tmp_path, log=lambda m: None)
+
+
+def test_cli_without_the_whisper_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "soundfile" else real(name, *a))
+    assert T.main(["whatever.wav"]) == 1
+    assert "soundfile not installed: pip install 'onnxruntime-ep-xdna[whisper]'" in capsys.readouterr().err
 
 
 def test_cli_bad_model_dir_is_a_message(tmp_path):

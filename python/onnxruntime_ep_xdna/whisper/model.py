@@ -336,6 +336,12 @@ def ensure_model(name: str = "base", cache_dir: str | Path | None = None, log=pr
 
     if (target / MARKER).is_file() and is_complete_export(target):
         return target
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "optimum", "soundfile") if importlib.util.find_spec(m) is None]
+    if missing:  # say so before downloading anything
+        raise ModelFetchError(f"building the model needs {', '.join(missing)}: "
+                              "pip install 'onnxruntime-ep-xdna[whisper]'")
 
     steps = _Steps(log)
     with steps("prepare cache directory"):

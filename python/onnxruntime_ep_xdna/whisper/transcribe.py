@@ -12,6 +12,7 @@ here (`tokenizers`, numpy), so the command starts in well under a second before 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +36,8 @@ from .audio import (
 from .formats import FORMATS, render
 
 XDNA_EP = "XDNAExecutionProvider"
+# What transcribing an already exported model needs beyond numpy and onnxruntime (fetching one needs torch too).
+RUNTIME_MODULES = ("soundfile", "tokenizers")
 CPU_EP = "CPUExecutionProvider"
 SECONDS_PER_TIMESTAMP = 0.02  # Whisper timestamp tokens count 20 ms steps
 SAMPLES_PER_TIMESTAMP = int(SECONDS_PER_TIMESTAMP * SAMPLE_RATE)
@@ -597,6 +600,10 @@ def run_transcribe(args) -> int:
     def err(msg: str) -> None:
         print(f"xdna transcribe: error: {msg}", file=sys.stderr)
 
+    missing = [m for m in RUNTIME_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        err(f"{', '.join(missing)} not installed: pip install 'onnxruntime-ep-xdna[whisper]'")
+        return 1
     files = list(args.files) or [str(sample_path())]
     if not args.files:
         print(f"no FILE given: transcribing the bundled sample {files[0]}", file=sys.stderr)
