@@ -3,7 +3,7 @@
 reference_gemm is the contract written as a scalar loop; emulator_gemm is the fast version. Both are checked
 against numpy in float64 on bf16-rounded inputs, within the contract's bound
     |C - C_exact| <= (2^-8 + K * 2^-23) * (|A|.|B|) + tiny,
-and against each other. Every kernel set the CPU supports (generic, avx2, avx512) is exercised through
+and against each other. Every kernel set the CPU supports (generic, avx2, avx512, avx512bf16) is exercised through
 XDNA_EMULATOR_ISA in a subprocess, since the choice is made once per process.
 """
 
@@ -262,7 +262,7 @@ _ISA_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16"])
 def test_each_kernel_set(isa):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(onnxruntime_ep_xdna.__file__)))
     env = dict(os.environ, XDNA_EMULATOR_ISA=isa,

@@ -64,13 +64,14 @@ const IsaKernels& best_supported_kernels() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return avx512bf16_kernels();
   if (avx512) return avx512_kernels();
   if (avx2) return avx2_kernels();
 #endif
   return generic_kernels();
 }
 
-// XDNA_EMULATOR_ISA=generic|avx2|avx512 forces a kernel set (tests use it to cover every path on one machine);
+// XDNA_EMULATOR_ISA=generic|avx2|avx512|avx512bf16 forces a kernel set (tests use it to cover every path on one machine);
 // an ISA the CPU lacks is refused with a message, never executed.
 const IsaKernels& select_kernels() {
   const IsaKernels& best = best_supported_kernels();
@@ -79,7 +80,8 @@ const IsaKernels& select_kernels() {
   std::vector<const IsaKernels*> usable{&generic_kernels()};
 #if defined(XDNA_EMULATOR_X86)
   if (&best != &generic_kernels()) usable.push_back(&avx2_kernels());
-  if (&best == &avx512_kernels()) usable.push_back(&avx512_kernels());
+  if (&best == &avx512_kernels() || &best == &avx512bf16_kernels()) usable.push_back(&avx512_kernels());
+  if (&best == &avx512bf16_kernels()) usable.push_back(&avx512bf16_kernels());
 #endif
   for (const IsaKernels* k : usable)
     if (std::string(forced) == k->name) {

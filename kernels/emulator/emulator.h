@@ -31,7 +31,7 @@ void reference_gemm(const GemmArgs& args, const PackedB& b);
 
 std::unique_ptr<Backend> make_emulator_backend(int threads);
 
-// Name of the kernel set emulator_gemm runs on this CPU: "avx512", "avx2" or "generic" (chosen once, at first
+// Name of the kernel set emulator_gemm runs on this CPU: "avx512bf16", "avx512", "avx2" or "generic" (chosen once, at first
 // use, from the CPU's features; XDNA_EMULATOR_ISA=<name> forces a supported one, for tests).
 const char* emulator_kernel_name();
 

@@ -56,6 +56,7 @@ const IsaKernels& generic_kernels();
 #if defined(XDNA_EMULATOR_X86)
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
+const IsaKernels& avx512bf16_kernels();
 #endif
 
 }  // namespace xdna::kernels::emu
