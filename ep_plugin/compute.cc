@@ -209,6 +209,7 @@ void NodeKernel::run(const kernels::GemmArgs& args, const Weight& w) {
 
 void NodeKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
   if (plan_.op == graph::GemmPlan::Op::kGemm) compute_gemm(api, ctx);
+  else if (plan_.op == graph::GemmPlan::Op::kConv) compute_conv(api, ctx);
   else compute_matmul(api, ctx);
 }
 
@@ -302,6 +303,41 @@ void NodeKernel::run_runtime_b(const kernels::GemmArgs& args, const float* b, in
   }
   const Weight w = make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b, K, N, N, 1)), true);
   run(args, w);
+}
+
+void NodeKernel::compute_conv(const OrtApi& api, OrtKernelContext* ctx) {
+  const graph::ConvParams& c = plan_.conv;
+  const Tensor x = input(api, ctx, runtime_index(plan_.a.name));
+  if (x.dims.size() != 3 || x.dims[1] != c.in_channels)
+    throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Conv input is not [N, " +
+                                             std::to_string(c.in_channels) + ", T]");
+  const int64_t batches = x.dims[0], t_in = x.dims[2];
+  const int64_t span = c.dilation * (c.kernel - 1) + 1;
+  const int64_t t_out = std::max<int64_t>(0, (t_in + c.pad_begin + c.pad_end - span) / c.stride + 1);
+  float* y = output(api, ctx, {batches, c.out_channels, t_out});
+  if (batches == 0 || t_out == 0 || c.out_channels == 0) return;
+  const int64_t K = c.in_channels * c.kernel, N = c.out_channels;
+  // im2col rows (one per output position, zeros where the window reaches into the padding) and the GEMM result
+  // [t_out, Cout], written back transposed to the [Cout, t_out] layout of Conv's output.
+  std::vector<float> cols(static_cast<size_t>(t_out * K)), yt(static_cast<size_t>(t_out * N));
+  for (int64_t n = 0; n < batches; ++n) {
+    const float* xn = x.data + n * c.in_channels * t_in;
+    for (int64_t t = 0; t < t_out; ++t) {
+      float* row = cols.data() + t * K;
+      const int64_t start = t * c.stride - c.pad_begin;
+      for (int64_t ci = 0; ci < c.in_channels; ++ci)
+        for (int64_t kk = 0; kk < c.kernel; ++kk) {
+          const int64_t pos = start + kk * c.dilation;
+          row[ci * c.kernel + kk] = pos >= 0 && pos < t_in ? xn[ci * t_in + pos] : 0.f;
+        }
+    }
+    run({cols.data(), t_out, K, yt.data(), N}, weights_.at(0));
+    float* yn = y + n * N * t_out;
+    for (int64_t co = 0; co < N; ++co) {
+      const float bias = plan_.c_value.empty() ? 0.f : plan_.c_value[static_cast<size_t>(co)];
+      for (int64_t t = 0; t < t_out; ++t) yn[co * t_out + t] = yt[t * N + co] + bias;
+    }
+  }
 }
 
 void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {

@@ -36,6 +36,7 @@ class NodeKernel {
   int runtime_index(const std::string& name) const;
   void compute_matmul(const OrtApi& api, OrtKernelContext* ctx);
   void compute_gemm(const OrtApi& api, OrtKernelContext* ctx);
+  void compute_conv(const OrtApi& api, OrtKernelContext* ctx);
   // One GEMM through the backend, or on the CPU (emulator arithmetic) with a logged reason.
   void run(const kernels::GemmArgs& args, const Weight& w);
   // B given at run time, row-major [K, N] (ldb = N): small M unpacked on the CPU path, else packed and run().

@@ -150,7 +150,7 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     report(line.str());
   }
   log_(ORT_LOGGING_LEVEL_INFO, "GetCapability on graph '" + std::string(graph_name ? graph_name : "") + "': claimed " +
-                                   std::to_string(claimed) + " of " + std::to_string(considered) + " MatMul/Gemm nodes");
+                                   std::to_string(claimed) + " of " + std::to_string(considered) + " MatMul/Gemm/Conv nodes");
 }
 
 void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeComputeInfo** info) {
@@ -159,7 +159,7 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
   check(ort, ort.Graph_GetNumNodes(graph, &n));
   std::vector<const OrtNode*> group(n);
   if (n) check(ort, ort.Graph_GetNodes(graph, group.data(), n));
-  const OrtNode* node = nullptr;  // the group's one MatMul/Gemm; the others are the Transposes it reads through
+  const OrtNode* node = nullptr;  // the group's one MatMul/Gemm/Conv; the others are the Transposes it reads through
   for (const OrtNode* g : group) {
     const char* op_type = nullptr;
     const char* domain = nullptr;

@@ -1,5 +1,7 @@
 #include "op_registry.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -285,6 +287,114 @@ Analysis analyze_gemm(const OrtApi& api, const OrtNode* node, bool load_weights,
   return r;
 }
 
+// Reads an INTS attribute; `dflt` when absent. Returns false when present but unreadable.
+bool ints_attr(const OrtApi& api, const OrtNode* node, const char* name, std::vector<int64_t>* out) {
+  const OrtOpAttr* attr = nullptr;
+  OrtStatus* st = api.Node_GetAttributeByName(node, name, &attr);
+  if (st) api.ReleaseStatus(st);
+  if (!attr) return true;
+  size_t bytes = 0;
+  st = api.ReadOpAttr(attr, ORT_OP_ATTR_INTS, nullptr, 0, &bytes);  // asks for the size
+  if (st) api.ReleaseStatus(st);
+  out->assign(bytes / sizeof(int64_t), 0);
+  if (out->empty()) return true;
+  st = api.ReadOpAttr(attr, ORT_OP_ATTR_INTS, out->data(), out->size() * sizeof(int64_t), &bytes);
+  if (st) {
+    api.ReleaseStatus(st);
+    return false;
+  }
+  return true;
+}
+
+// Conv over one spatial dimension (Whisper's encoder front end), group 1, constant weights: a GEMM with the
+// weights as the packed B. Anything else stays on the CPU EP.
+Analysis analyze_conv(const OrtApi& api, const OrtNode* node, bool load_weights, const GraphIndex*) {
+  Analysis r;
+  GemmPlan& p = r.plan;
+  p.op = GemmPlan::Op::kConv;
+  NodeIo io = node_io(api, node);
+  if (io.inputs.size() < 2 || !io.inputs[0] || !io.inputs[1]) return reject("Conv without X and W");
+  if (auto why = check_float_operands(api, io, &p); !why.empty()) return reject(why);
+  if (p.a.rank != 3 || p.b.rank != 3) return reject("not a 1-D convolution (X and W of rank 3)");
+  if (!p.b.constant) return reject("weights computed at run time");
+  std::string auto_pad = "NOTSET";
+  {
+    const OrtOpAttr* attr = nullptr;
+    OrtStatus* st = api.Node_GetAttributeByName(node, "auto_pad", &attr);
+    if (st) api.ReleaseStatus(st);
+    if (attr) {
+      char buf[32] = {};
+      size_t n = 0;
+      st = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, buf, sizeof buf - 1, &n);
+      if (st) {
+        api.ReleaseStatus(st);
+        return reject("unreadable auto_pad");
+      }
+      auto_pad.assign(buf, n);
+    }
+  }
+  if (auto_pad != "NOTSET" && auto_pad != "VALID") return reject("auto_pad " + auto_pad);
+  std::vector<int64_t> group{1}, strides{1}, dilations{1}, pads{0, 0}, kernel_shape;
+  {
+    const OrtOpAttr* attr = nullptr;
+    OrtStatus* st = api.Node_GetAttributeByName(node, "group", &attr);
+    if (st) api.ReleaseStatus(st);
+    if (attr) {
+      size_t n = 0;
+      st = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, group.data(), sizeof(int64_t), &n);
+      if (st) {
+        api.ReleaseStatus(st);
+        return reject("unreadable group");
+      }
+    }
+  }
+  if (group[0] != 1) return reject("grouped convolution (group " + std::to_string(group[0]) + ")");
+  if (!ints_attr(api, node, "strides", &strides) || !ints_attr(api, node, "dilations", &dilations) ||
+      !ints_attr(api, node, "pads", &pads) || !ints_attr(api, node, "kernel_shape", &kernel_shape))
+    return reject("unreadable attributes");
+  if (strides.size() != 1 || dilations.size() != 1 || pads.size() != 2 || kernel_shape.size() > 1)
+    return reject("attributes do not describe a 1-D convolution");
+  const auto& w = p.b.dims;  // [Cout, Cin, k]
+  if (w[0] <= 0 || w[1] <= 0 || w[2] <= 0) return reject("weight shape unknown");
+  if (p.a.dims[1] >= 0 && p.a.dims[1] != w[1]) return reject("X channels differ from W");
+  if (strides[0] < 1 || dilations[0] < 1 || pads[0] < 0 || pads[1] < 0) return reject("bad strides/dilations/pads");
+  ConvParams& c = p.conv;
+  c.out_channels = w[0];
+  c.in_channels = w[1];
+  c.kernel = w[2];
+  c.stride = strides[0];
+  c.dilation = dilations[0];
+  c.pad_begin = pads[0];
+  c.pad_end = pads[1];
+  if (io.inputs.size() >= 3 && io.inputs[2]) {
+    ONNXTensorElementDataType tc;
+    p.c = describe(api, io.inputs[2], &tc);
+    if (tc != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !p.c.constant) return reject("bias is not a float constant");
+    if (load_weights) {
+      std::vector<int64_t> shape;
+      p.c_value = read_constant(api, io.inputs[2], &shape);
+      if (static_cast<int64_t>(p.c_value.size()) != c.out_channels) return reject("bias size differs from Cout");
+    }
+  }
+  bool sym = false;
+  const double t_in = product_lower_bound(p.a.dims, 2, 3, &sym);
+  const double t_out = std::max(1.0, std::floor((t_in + c.pad_begin + c.pad_end - c.dilation * (c.kernel - 1) - 1) /
+                                                c.stride) + 1);
+  const double batch = product_lower_bound(p.a.dims, 0, 1, &sym);
+  p.mflop = 2.0 * batch * t_out * static_cast<double>(c.in_channels * c.kernel * c.out_channels) / 1e6;
+  p.mflop_lower_bound = sym;
+  if (load_weights) {
+    // W [Cout, Cin, k] is W^T of the GEMM: B[ci*k + kk][co] = W[co][ci][kk].
+    std::vector<int64_t> shape;
+    const std::vector<float> data = read_constant(api, io.inputs[1], &shape);
+    const int64_t K = c.in_channels * c.kernel;
+    p.weights.mats.push_back(std::make_shared<const kernels::PackedB>(kernels::pack_b(data.data(), K, c.out_channels, 1, K)));
+  }
+  r.ok = true;
+  r.reason = "1-D convolution as a GEMM (constant weight)";
+  return r;
+}
+
 struct OpEntry {
   const char* domain;
   const char* op_type;
@@ -296,6 +406,7 @@ struct OpEntry {
 constexpr OpEntry kOps[] = {
     {"", "MatMul", 1, analyze_matmul},
     {"", "Gemm", 1, analyze_gemm},
+    {"", "Conv", 1, analyze_conv},
 };
 
 }  // namespace

@@ -32,8 +32,14 @@ struct PackedWeights {
   std::vector<std::shared_ptr<const kernels::PackedB>> mats;
 };
 
+// 1-D convolution run as a GEMM: Y[n]^T [T_out, Cout] = im2col(X[n]) [T_out, Cin*k] . W^T [Cin*k, Cout].
+struct ConvParams {
+  int64_t in_channels = 0, out_channels = 0, kernel = 0;
+  int64_t stride = 1, dilation = 1, pad_begin = 0, pad_end = 0;
+};
+
 struct GemmPlan {
-  enum class Op { kMatMul, kGemm };
+  enum class Op { kMatMul, kGemm, kConv };
   Op op = Op::kMatMul;
   std::string node_name;
   std::string op_type;
@@ -41,7 +47,8 @@ struct GemmPlan {
   // Gemm attributes (MatMul: the defaults)
   bool trans_a = false, trans_b = false;
   float alpha = 1.f, beta = 1.f;
-  std::vector<float> c_value;  // constant C, if any (shape in c.dims)
+  std::vector<float> c_value;  // constant C (Gemm) or bias (Conv), if any (shape in c.dims)
+  ConvParams conv;             // Conv only
   PackedWeights weights;       // constant B only, filled when analyze() is asked for weights
   double mflop = 0;            // per run, symbolic dims counted as 1
   bool mflop_lower_bound = false;

@@ -190,7 +190,7 @@ def test_cli_info_and_partition(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     path.write_bytes(model)
     assert cli.main(["partition", str(path)]) == 0
-    assert "1/1 MatMul/Gemm nodes on XDNAExecutionProvider" in capsys.readouterr().out
+    assert "1/1 MatMul/Gemm/Conv nodes on XDNAExecutionProvider" in capsys.readouterr().out
     assert cli.main(["partition", str(tmp_path / "missing.onnx")]) == 1
     assert "error" in capsys.readouterr().err
 

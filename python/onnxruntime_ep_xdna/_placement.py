@@ -101,7 +101,7 @@ class PartitionReport:
 
     @property
     def ep_share(self) -> float:
-        """Share of MatMul/Gemm FLOPs placed on the EP (symbolic dims counted as 1)."""
+        """Share of MatMul/Gemm/Conv FLOPs placed on the EP (symbolic dims counted as 1)."""
         return self.ep_mflop / self.total_mflop if self.total_mflop else 0.0
 
     def table(self) -> str:
@@ -118,7 +118,7 @@ class PartitionReport:
             rows.append(f"{d.node[:48]:48} {d.op_type:7} {mflop} {where}")
         on_ep = sum(1 for d in self.decisions if d.placed_on == EP_NAME)
         rows.append(
-            f"{on_ep}/{len(self.decisions)} MatMul/Gemm nodes on {EP_NAME}: "
+            f"{on_ep}/{len(self.decisions)} MatMul/Gemm/Conv nodes on {EP_NAME}: "
             f"{self.ep_mflop:.1f} of {self.total_mflop:.1f} MFLOP ({100 * self.ep_share:.1f}%)"
             + ("  (* symbolic dims counted as 1)" if any(d.mflop_lower_bound for d in self.decisions) else "")
         )
@@ -144,7 +144,7 @@ def _dummy_feeds(session, dims: dict[str, int]):
 
 def partition(model, provider_options: dict | None = None, graph_optimization_level=None, run: bool = False,
               dims: dict[str, int] | None = None) -> PartitionReport:
-    """Creates a session of `model` with the EP and reports every MatMul/Gemm: placed where, why, FLOPs.
+    """Creates a session of `model` with the EP and reports every MatMul/Gemm/Conv: placed where, why, FLOPs.
 
     With `run=True` the model is run once on dummy inputs (symbolic dims from `dims`, else 1) and the FLOPs of the
     EP's nodes are the executed ones, so symbolic dimensions no longer count as 1.

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--kernel-dir", help="NPU kernel manifest directory (default: $XDNA_KERNEL_DIR or the cache)")
     info.set_defaults(func=cmd_info)
 
-    part = sub.add_parser("partition", help="which MatMul/Gemm nodes of a model go to the EP, FLOP share, and why not")
+    part = sub.add_parser("partition", help="which MatMul/Gemm/Conv nodes of a model go to the EP, FLOP share, and why not")
     part.add_argument("model")
     part.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
     part.add_argument("--no-optimize", action="store_true", help="disable ORT graph optimizations (ORT_DISABLE_ALL)")
