@@ -105,6 +105,17 @@ def _model(path: Path):
     onnx.save(helper.make_model(graph), path)
 
 
+def test_model_shapes_count_conv1d_as_its_gemm(tmp_path):
+    w = numpy_helper.from_array(np.zeros((512, 80, 3), np.float32), "w")
+    g = numpy_helper.from_array(np.zeros((8, 2, 3), np.float32), "g")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1]),
+             helper.make_node("Conv", ["x2", "g"], ["z"], group=4)]  # grouped: not a GEMM the EP runs
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "x2")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")], [w, g])
+    onnx.save(helper.make_model(graph), tmp_path / "c.onnx")
+    assert model_shapes.weight_shapes(str(tmp_path / "c.onnx")) == {(240, 512): 1}
+
+
 def test_model_shapes(tmp_path):
     _model(tmp_path / "m.onnx")
     shapes = model_shapes.weight_shapes(str(tmp_path / "m.onnx"))

@@ -1,7 +1,9 @@
 """Distinct GEMM weight shapes (K, N) of an ONNX model: the kernels build_kernels.py must build for it.
 
 A MatMul whose second input is an initializer of rank 2 contributes (K, N) = its shape; a Gemm with a constant B
-contributes (K, N) after transB. Shapes are reported as the model has them and padded per the GEMM contract.
+contributes (K, N) after transB; a 1-D Conv (group 1) with constant weights [Cout, Cin, k] contributes
+(Cin * k, Cout), the GEMM the EP runs it as. Shapes are reported as the model has them and padded per the GEMM
+contract.
 
     python3 kernels/aie/model_shapes.py encoder_model.onnx [decoder_model.onnx ...] [--json]
 """
@@ -25,7 +27,7 @@ def padded(k: int, n: int) -> tuple[int, int]:
 
 
 def weight_shapes(model_path: str) -> Counter:
-    """Counter of (K, N) -> number of nodes, for MatMul/Gemm nodes whose weight is a 2-D initializer."""
+    """Counter of (K, N) -> number of nodes, for MatMul/Gemm/Conv nodes with constant weights (see above)."""
     import onnx
 
     model = onnx.load(model_path, load_external_data=False)
@@ -39,9 +41,14 @@ def weight_shapes(model_path: str) -> Counter:
                     visit(attr.g)
                 for g in attr.graphs:
                     visit(g)
-            if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2:
                 continue
             dims = inits.get(node.input[1])
+            if node.op_type == "Conv":
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                if dims is not None and len(dims) == 3 and group == 1:
+                    shapes[(int(dims[1] * dims[2]), int(dims[0]))] += 1
+                continue
             if dims is None or len(dims) != 2:
                 continue
             k, n = dims
