@@ -159,6 +159,47 @@ std::string value_name(const OrtApi& api, const OrtValueInfo* vi) {
   return name ? name : "";
 }
 
+// Node attributes. Each reader returns false when the attribute is present but cannot be read as that type, and
+// leaves `*out` (the default) untouched when it is absent.
+const OrtOpAttr* find_attr(const OrtApi& api, const OrtNode* node, const char* name) {
+  const OrtOpAttr* attr = nullptr;
+  OrtStatus* st = api.Node_GetAttributeByName(node, name, &attr);
+  if (st) api.ReleaseStatus(st);
+  return st ? nullptr : attr;
+}
+
+bool read_attr(const OrtApi& api, const OrtOpAttr* attr, OrtOpAttrType type, void* data, size_t bytes, size_t* out) {
+  OrtStatus* st = api.ReadOpAttr(attr, type, data, bytes, out);
+  if (st) api.ReleaseStatus(st);
+  return st == nullptr;
+}
+
+template <class T>
+bool scalar_attr(const OrtApi& api, const OrtNode* node, const char* name, OrtOpAttrType type, T* out) {
+  const OrtOpAttr* attr = find_attr(api, node, name);
+  size_t n = 0;
+  return !attr || read_attr(api, attr, type, out, sizeof *out, &n);
+}
+
+bool ints_attr(const OrtApi& api, const OrtNode* node, const char* name, std::vector<int64_t>* out) {
+  const OrtOpAttr* attr = find_attr(api, node, name);
+  if (!attr) return true;
+  size_t bytes = 0;
+  read_attr(api, attr, ORT_OP_ATTR_INTS, nullptr, 0, &bytes);  // asks for the size (in bytes)
+  out->assign(bytes / sizeof(int64_t), 0);
+  return out->empty() || read_attr(api, attr, ORT_OP_ATTR_INTS, out->data(), bytes, &bytes);
+}
+
+bool string_attr(const OrtApi& api, const OrtNode* node, const char* name, std::string* out) {
+  const OrtOpAttr* attr = find_attr(api, node, name);
+  if (!attr) return true;
+  char buf[64] = {};
+  size_t n = 0;
+  if (!read_attr(api, attr, ORT_OP_ATTR_STRING, buf, sizeof buf - 1, &n)) return false;
+  out->assign(buf, std::min(n, sizeof buf - 1));
+  return true;
+}
+
 // If operand `op` (of rank >= 2, computed at run time) is the output of a float Transpose whose only use is this
 // MatMul, redirect it to the Transpose's input and record the permutation and the node.
 void read_through_transpose(const OrtApi& api, const GraphIndex* index, Operand* op, Analysis* r) {
@@ -179,18 +220,7 @@ void read_through_transpose(const OrtApi& api, const GraphIndex* index, Operand*
   if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || source.rank != op->rank || source.constant) return;
   std::vector<int64_t> perm(static_cast<size_t>(op->rank));
   for (int d = 0; d < op->rank; ++d) perm[d] = op->rank - 1 - d;  // ONNX default: reverse
-  const OrtOpAttr* attr = nullptr;
-  OrtStatus* st = api.Node_GetAttributeByName(producer, "perm", &attr);
-  if (st) api.ReleaseStatus(st);
-  if (attr) {
-    size_t n = 0;
-    st = api.ReadOpAttr(attr, ORT_OP_ATTR_INTS, perm.data(), perm.size() * sizeof(int64_t), &n);
-    if (st) {
-      api.ReleaseStatus(st);
-      return;
-    }
-    if (n != perm.size() * sizeof(int64_t)) return;  // `n` counts bytes
-  }
+  if (!ints_attr(api, producer, "perm", &perm) || perm.size() != static_cast<size_t>(op->rank)) return;
   std::vector<bool> seen(perm.size(), false);
   for (int64_t p : perm) {
     if (p < 0 || p >= op->rank || seen[static_cast<size_t>(p)]) return;
@@ -237,25 +267,14 @@ Analysis analyze_gemm(const OrtApi& api, const OrtNode* node, bool load_weights,
   if (io.inputs.size() < 2 || !io.inputs[0] || !io.inputs[1]) return reject("Gemm without A and B");
   if (auto why = check_float_operands(api, io, &p); !why.empty()) return reject(why);
   if (p.a.rank != 2 || p.b.rank != 2) return reject("Gemm operands are not 2-D");
+  // A Gemm attribute of the wrong type makes the model invalid: an error, not a node left to the CPU.
   auto int_attr = [&](const char* name, int64_t dflt) {
-    const OrtOpAttr* attr = nullptr;
-    OrtStatus* st = api.Node_GetAttributeByName(node, name, &attr);
-    if (st) { api.ReleaseStatus(st); return dflt; }
-    if (!attr) return dflt;
-    int64_t v = dflt;
-    size_t out = 0;
-    check(api, api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &v, sizeof v, &out));
-    return v;
+    if (!scalar_attr(api, node, name, ORT_OP_ATTR_INT, &dflt)) throw std::runtime_error(std::string("unreadable Gemm attribute ") + name);
+    return dflt;
   };
   auto float_attr = [&](const char* name, float dflt) {
-    const OrtOpAttr* attr = nullptr;
-    OrtStatus* st = api.Node_GetAttributeByName(node, name, &attr);
-    if (st) { api.ReleaseStatus(st); return dflt; }
-    if (!attr) return dflt;
-    float v = dflt;
-    size_t out = 0;
-    check(api, api.ReadOpAttr(attr, ORT_OP_ATTR_FLOAT, &v, sizeof v, &out));
-    return v;
+    if (!scalar_attr(api, node, name, ORT_OP_ATTR_FLOAT, &dflt)) throw std::runtime_error(std::string("unreadable Gemm attribute ") + name);
+    return dflt;
   };
   p.trans_a = int_attr("transA", 0) != 0;
   p.trans_b = int_attr("transB", 0) != 0;
@@ -287,25 +306,6 @@ Analysis analyze_gemm(const OrtApi& api, const OrtNode* node, bool load_weights,
   return r;
 }
 
-// Reads an INTS attribute; `dflt` when absent. Returns false when present but unreadable.
-bool ints_attr(const OrtApi& api, const OrtNode* node, const char* name, std::vector<int64_t>* out) {
-  const OrtOpAttr* attr = nullptr;
-  OrtStatus* st = api.Node_GetAttributeByName(node, name, &attr);
-  if (st) api.ReleaseStatus(st);
-  if (!attr) return true;
-  size_t bytes = 0;
-  st = api.ReadOpAttr(attr, ORT_OP_ATTR_INTS, nullptr, 0, &bytes);  // asks for the size
-  if (st) api.ReleaseStatus(st);
-  out->assign(bytes / sizeof(int64_t), 0);
-  if (out->empty()) return true;
-  st = api.ReadOpAttr(attr, ORT_OP_ATTR_INTS, out->data(), out->size() * sizeof(int64_t), &bytes);
-  if (st) {
-    api.ReleaseStatus(st);
-    return false;
-  }
-  return true;
-}
-
 // Conv over one spatial dimension (Whisper's encoder front end), group 1, constant weights: a GEMM with the
 // weights as the packed B. Anything else stays on the CPU EP.
 Analysis analyze_conv(const OrtApi& api, const OrtNode* node, bool load_weights, const GraphIndex*) {
@@ -318,37 +318,12 @@ Analysis analyze_conv(const OrtApi& api, const OrtNode* node, bool load_weights,
   if (p.a.rank != 3 || p.b.rank != 3) return reject("not a 1-D convolution (X and W of rank 3)");
   if (!p.b.constant) return reject("weights computed at run time");
   std::string auto_pad = "NOTSET";
-  {
-    const OrtOpAttr* attr = nullptr;
-    OrtStatus* st = api.Node_GetAttributeByName(node, "auto_pad", &attr);
-    if (st) api.ReleaseStatus(st);
-    if (attr) {
-      char buf[32] = {};
-      size_t n = 0;
-      st = api.ReadOpAttr(attr, ORT_OP_ATTR_STRING, buf, sizeof buf - 1, &n);
-      if (st) {
-        api.ReleaseStatus(st);
-        return reject("unreadable auto_pad");
-      }
-      auto_pad.assign(buf, n);
-    }
-  }
+  if (!string_attr(api, node, "auto_pad", &auto_pad)) return reject("unreadable auto_pad");
   if (auto_pad != "NOTSET" && auto_pad != "VALID") return reject("auto_pad " + auto_pad);
-  std::vector<int64_t> group{1}, strides{1}, dilations{1}, pads{0, 0}, kernel_shape;
-  {
-    const OrtOpAttr* attr = nullptr;
-    OrtStatus* st = api.Node_GetAttributeByName(node, "group", &attr);
-    if (st) api.ReleaseStatus(st);
-    if (attr) {
-      size_t n = 0;
-      st = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, group.data(), sizeof(int64_t), &n);
-      if (st) {
-        api.ReleaseStatus(st);
-        return reject("unreadable group");
-      }
-    }
-  }
-  if (group[0] != 1) return reject("grouped convolution (group " + std::to_string(group[0]) + ")");
+  int64_t group = 1;
+  std::vector<int64_t> strides{1}, dilations{1}, pads{0, 0}, kernel_shape;
+  if (!scalar_attr(api, node, "group", ORT_OP_ATTR_INT, &group)) return reject("unreadable group");
+  if (group != 1) return reject("grouped convolution (group " + std::to_string(group) + ")");
   if (!ints_attr(api, node, "strides", &strides) || !ints_attr(api, node, "dilations", &dilations) ||
       !ints_attr(api, node, "pads", &pads) || !ints_attr(api, node, "kernel_shape", &kernel_shape))
     return reject("unreadable attributes");
