@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "kernels/emulator/emulator.h"
 
@@ -116,6 +117,16 @@ int64_t batch_offset(const Dims& out, const Dims& dims, const Dims& strides, int
     if (i >= shift && dims[i - shift] != 1) offset += coord * strides[i - shift];
   }
   return offset;
+}
+
+// A run-time B with a unit stride along K or N, few rows against it: the unpacked CPU-path call (packing a fresh B
+// would cost more than the product, and no device dispatch pays off for so little work). Otherwise none.
+std::optional<kernels::UnpackedGemm> as_unpacked(const kernels::GemmArgs& args, const float* b, int64_t stride_k,
+                                                 int64_t stride_n) {
+  if (args.M > kernels::kUnpackedMaxM) return std::nullopt;
+  if (stride_n == 1) return kernels::UnpackedGemm{args, b, stride_k, false};
+  if (stride_k == 1) return kernels::UnpackedGemm{args, b, stride_n, true};  // K^T read from K as it lies
+  return std::nullopt;
 }
 
 }  // namespace
@@ -246,7 +257,7 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
   const bool plain = plan_.a.perm.empty() && plan_.b.perm.empty();
   if (plain && count(batch_b) == 1 && count(batch_a) == batches) {
     if (plan_.b.constant) run({a.data, batches * M, K, y, N}, weights_.at(0));
-    else run_runtime_b({a.data, batches * M, K, y, N}, b.data, K, N);
+    else run_runtime_b({a.data, batches * M, K, y, N}, b.data, K, N, N, 1);
     return;
   }
   const Dims a_batch_strides(a2.strides.begin(), a2.strides.end() - 2);
@@ -272,20 +283,13 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
       continue;
     }
     const float* bp = b.data + batch_offset(batch, batch_b, b_batch_strides, i);
-    if (M <= kernels::kUnpackedMaxM && (b_n_stride == 1 || b_k_stride == 1)) {
-      if (b_n_stride == 1) unpacked.push_back({args, bp, b_k_stride, false});
-      else unpacked.push_back({args, bp, b_n_stride, true});  // K^T read from K as it lies
-    } else {
-      run(args, make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(bp, K, N, b_k_stride, b_n_stride)),
-                            true));
-    }
+    if (auto call = as_unpacked(args, bp, b_k_stride, b_n_stride)) unpacked.push_back(*call);
+    else run_runtime_b(args, bp, K, N, b_k_stride, b_n_stride);
   }
   run_unpacked(unpacked.data(), unpacked.size(), K, N);
 }
 
 void NodeKernel::run_unpacked(const kernels::UnpackedGemm* calls, size_t count, int64_t K, int64_t N) {
-  // A few rows against a fresh B (decoder attention): packing B would cost more than the product, and no device
-  // dispatch pays off for so little work, so the CPU path computes it from B as it lies.
   if (count == 0) return;
   kernels::emulator_gemm_unpacked(calls, count, K, N, threads_);
   uint64_t flop = 0;
@@ -294,15 +298,14 @@ void NodeKernel::run_unpacked(const kernels::UnpackedGemm* calls, size_t count, 
   cpu_flop_ += flop;
 }
 
-void NodeKernel::run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N) {
+void NodeKernel::run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N,
+                               int64_t stride_k, int64_t stride_n) {
   if (args.M == 0 || N == 0) return;
-  if (args.M <= kernels::kUnpackedMaxM) {
-    const kernels::UnpackedGemm call{args, b, N};
-    run_unpacked(&call, 1, K, N);
+  if (auto call = as_unpacked(args, b, stride_k, stride_n)) {
+    run_unpacked(&*call, 1, K, N);
     return;
   }
-  const Weight w = make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b, K, N, N, 1)), true);
-  run(args, w);
+  run(args, make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b, K, N, stride_k, stride_n)), true));
 }
 
 void NodeKernel::compute_conv(const OrtApi& api, OrtKernelContext* ctx) {
@@ -370,8 +373,8 @@ void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
   const kernels::GemmArgs args{a_rows, M, K, y, N};
   if (K == 0) std::fill(y, y + M * N, 0.f);
   else if (plan_.b.constant) run(args, weights_.at(0));
-  else if (!plan_.trans_b) run_runtime_b(args, b.data, K, N);
-  else run(args, make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b.data, K, N, 1, K)), true));
+  else if (!plan_.trans_b) run_runtime_b(args, b.data, K, N, N, 1);
+  else run_runtime_b(args, b.data, K, N, 1, K);
   if (plan_.alpha != 1.f)
     for (int64_t i = 0; i < M * N; ++i) y[i] *= plan_.alpha;
 

@@ -39,8 +39,10 @@ class NodeKernel {
   void compute_conv(const OrtApi& api, OrtKernelContext* ctx);
   // One GEMM through the backend, or on the CPU (emulator arithmetic) with a logged reason.
   void run(const kernels::GemmArgs& args, const Weight& w);
-  // B given at run time, row-major [K, N] (ldb = N): small M unpacked on the CPU path, else packed and run().
-  void run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N);
+  // B given at run time, B[k][n] = b[k * stride_k + n * stride_n]: few rows unpacked on the CPU path (when one
+  // stride is 1), else packed and run().
+  void run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N, int64_t stride_k,
+                     int64_t stride_n);
   void run_unpacked(const kernels::UnpackedGemm* calls, size_t count, int64_t K, int64_t N);
   Weight make_weight(std::shared_ptr<const kernels::PackedB> packed, bool upload);
   void fall_back(const std::string& why);
