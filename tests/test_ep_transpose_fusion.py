@@ -7,13 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from ep_helpers import assert_within, ep_nodes, make_model, rng, tensor, xdna_session
-
-
-def bf16_bound_batched(a, b):
-    """The contract's bound (ep_helpers.bf16_bound) for batched operands."""
-    mag = np.matmul(np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64)))
-    return (2.0**-7 + 2.0**-16 + a.shape[-1] * 2.0**-23) * mag + 1e-30
+from ep_helpers import assert_within, bf16_bound, ep_nodes, make_model, rng, tensor, xdna_session
 
 
 def run_case(nodes, feeds, a, b):
@@ -22,7 +16,7 @@ def run_case(nodes, feeds, a, b):
     model = make_model(nodes, [tensor(name, list(v.shape)) for name, v in feeds.items()], [tensor("y", out_shape)])
     sess = xdna_session(model)
     y = sess.run(None, feeds)[0]
-    assert_within(y, np.matmul(a.astype(np.float64), b.astype(np.float64)), bf16_bound_batched(a, b))
+    assert_within(y, np.matmul(a.astype(np.float64), b.astype(np.float64)), bf16_bound(a, b, a.shape[-1]))
     return sess
 
 
@@ -74,4 +68,4 @@ def test_shared_transpose_stays_on_the_cpu():
     assert ep_nodes(sess) == [("mm", "MatMul")]
     kt = k.transpose(0, 1, 3, 2)
     np.testing.assert_array_equal(r, np.maximum(kt, 0))
-    assert_within(y, q.astype(np.float64) @ kt.astype(np.float64), bf16_bound_batched(q, kt))
+    assert_within(y, q.astype(np.float64) @ kt.astype(np.float64), bf16_bound(q, kt, q.shape[-1]))
