@@ -44,10 +44,13 @@ Operand describe(const OrtApi& api, const OrtValueInfo* vi, ONNXTensorElementDat
   bool is_const = false;
   check(api, api.ValueInfo_IsConstantInitializer(vi, &is_const));
   if (!is_const) {
-    // If-branch subgraphs (optimum's merged decoder) use weights from the outer scope.
-    bool outer = false;
+    // If-branch subgraphs (optimum's merged decoder) use weights from the outer scope. ValueInfo_GetInitializerValue
+    // also finds an initializer that is a graph input of the enclosing graph (ORT flags it an optional graph
+    // input): only a default the caller may override, never a constant.
+    bool outer = false, overridable = false;
     check(api, api.ValueInfo_IsFromOuterScope(vi, &outer));
-    if (outer) {
+    if (outer) check(api, api.ValueInfo_IsOptionalGraphInput(vi, &overridable));
+    if (outer && !overridable) {
       const OrtValue* v = nullptr;
       check(api, api.ValueInfo_GetInitializerValue(vi, &v));
       is_const = v != nullptr;
@@ -65,11 +68,14 @@ std::vector<float> read_constant(const OrtApi& api, const OrtValueInfo* vi, std:
   OrtTensorTypeAndShapeInfo* info = nullptr;
   check(api, api.GetTensorTypeAndShape(v, &info));
   size_t rank = 0, count = 0;
-  api.GetDimensionsCount(info, &rank);
-  shape->resize(rank);
-  api.GetDimensions(info, shape->data(), rank);
-  api.GetTensorShapeElementCount(info, &count);
+  OrtStatus* st = api.GetDimensionsCount(info, &rank);
+  if (!st) {
+    shape->resize(rank);
+    st = api.GetDimensions(info, shape->data(), rank);
+  }
+  if (!st) st = api.GetTensorShapeElementCount(info, &count);
   api.ReleaseTensorTypeAndShapeInfo(info);
+  check(api, st);
   const void* data = nullptr;
   check(api, api.GetTensorData(v, &data));
   const float* f = static_cast<const float*>(data);
