@@ -13,6 +13,7 @@
 #include <mutex>
 #include <memory>
 #include <new>
+#include <pthread.h>
 #include <string>
 #include <thread>
 #include <utility>
@@ -109,11 +110,19 @@ void relax() { std::this_thread::yield(); }
 // The caller waits for the job's tasks, never for helpers to show up: a helper that other programs' spinning
 // threads keep off a core (ORT's or torch's OpenMP pool between nodes) finds the tasks gone when it runs, instead
 // of stalling every GEMM until the scheduler gets to it.
+//
+// The pool is never destroyed: its destructor would join workers that a fork()ed child does not have (the child's
+// exit() hung in pthread_cond_destroy). A fork()ed child starts with a fresh pool instead of its copy of the
+// parent's, whose mutexes may have been held by threads that do not exist in the child; the copy is leaked.
 class ThreadPool {
  public:
   static ThreadPool& instance() {
-    static ThreadPool pool;
-    return pool;
+    static std::once_flag once;
+    std::call_once(once, [] {
+      current_.store(new ThreadPool, std::memory_order_release);
+      pthread_atfork(nullptr, nullptr, [] { current_.store(new ThreadPool, std::memory_order_release); });
+    });
+    return *current_.load(std::memory_order_acquire);
   }
 
   // Runs fn(0..tasks-1) on up to `threads` threads (the caller included) and returns when all are done.
@@ -138,16 +147,6 @@ class ThreadPool {
       job_.reset();  // late helpers still holding it find no task left; `fn` is never called after this
     }
     if (job->error) std::rethrow_exception(job->error);
-  }
-
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    work_cv_.notify_all();
-    for (auto& t : workers_) t.join();
   }
 
  private:
@@ -197,7 +196,6 @@ class ThreadPool {
       std::shared_ptr<Job> job;
       {
         std::lock_guard<std::mutex> lock(mutex_);
-        if (stop_) return;
         // Re-read: a job this worker sat out may have ended and the next begun since wait_for_job returned.
         seen = generation_.load(std::memory_order_relaxed);
         if (index < helpers_) job = job_;
@@ -205,6 +203,11 @@ class ThreadPool {
       if (job) job->work_off();
     }
   }
+
+  static inline std::atomic<ThreadPool*> current_{nullptr};
+
+  ThreadPool() = default;
+  ~ThreadPool() = delete;
 
   std::mutex job_mutex_;
   std::mutex mutex_;
@@ -214,7 +217,6 @@ class ThreadPool {
   int helpers_ = 0;
   std::atomic<int> sleepers_{0};
   std::atomic<uint64_t> generation_{0};
-  bool stop_ = false;
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
