@@ -4,6 +4,7 @@
 #include <cstring>
 #include <optional>
 
+#include "json.h"
 #include "kernels/emulator/emulator.h"
 
 namespace xdna::ep {
@@ -23,11 +24,14 @@ Tensor input(const OrtApi& api, OrtKernelContext* ctx, int index) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   check(api, api.GetTensorTypeAndShape(v, &info));
   size_t rank = 0;
-  api.GetDimensionsCount(info, &rank);
   Tensor t;
-  t.dims.resize(rank);
-  api.GetDimensions(info, t.dims.data(), rank);
+  OrtStatus* st = api.GetDimensionsCount(info, &rank);
+  if (!st) {
+    t.dims.resize(rank);
+    st = api.GetDimensions(info, t.dims.data(), rank);
+  }
   api.ReleaseTensorTypeAndShapeInfo(info);
+  check(api, st);
   const void* p = nullptr;
   check(api, api.GetTensorData(v, &p));
   t.data = static_cast<const float*>(p);
@@ -141,19 +145,17 @@ NodeKernel::NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_in
 }
 
 NodeKernel::~NodeKernel() {
-  log_(ORT_LOGGING_LEVEL_INFO, "node '" + plan_.node_name + "': " + std::to_string(device_calls_.load()) +
-                                   " GEMM calls on " + backend_->name() + ", " + std::to_string(cpu_calls_.load()) +
-                                   " on the CPU path (fallbacks, shapes without a kernel, few-row run-time B)");
-  if (report_) {
-    std::string name;
-    for (char c : plan_.node_name) {
-      if (c == '"' || c == '\\') name += '\\';
-      name += c;
-    }
-    report_("{\"runtime\": true, \"node\": \"" + name + "\", \"backend\": \"" + backend_->name() +
-            "\", \"device_calls\": " + std::to_string(device_calls_.load()) + ", \"cpu_calls\": " +
-            std::to_string(cpu_calls_.load()) + ", \"device_mflop\": " + std::to_string(device_flop_.load() / 1e6) +
-            ", \"cpu_mflop\": " + std::to_string(cpu_flop_.load() / 1e6) + "}");
+  try {  // a destructor is noexcept: the report and the log line are best effort
+    log_(ORT_LOGGING_LEVEL_INFO, "node '" + plan_.node_name + "': " + std::to_string(device_calls_.load()) +
+                                     " GEMM calls on " + backend_->name() + ", " + std::to_string(cpu_calls_.load()) +
+                                     " on the CPU path (fallbacks, shapes without a kernel, few-row run-time B)");
+    if (report_)
+      report_("{\"runtime\": true, \"node\": " + json_string(plan_.node_name) + ", \"backend\": " +
+              json_string(backend_->name()) + ", \"device_calls\": " + std::to_string(device_calls_.load()) +
+              ", \"cpu_calls\": " + std::to_string(cpu_calls_.load()) + ", \"device_mflop\": " +
+              json_number(device_flop_.load() / 1e6) + ", \"cpu_mflop\": " + json_number(cpu_flop_.load() / 1e6) +
+              "}");
+  } catch (...) {
   }
 }
 

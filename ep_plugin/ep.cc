@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "compute.h"
+#include "json.h"
 #include "graph_passes/op_registry.h"
 
 namespace xdna::ep {
@@ -33,21 +34,6 @@ struct ComputeInfo : OrtNodeComputeInfo {
   const OrtApi& api;
   std::unique_ptr<NodeKernel> kernel;
 };
-
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-      continue;
-    }
-    out += c;
-  }
-  return out;
-}
 
 // Appends one JSON line to the partition report; several sessions and kernels may share the file.
 void append_report(const std::string& path, const std::string& line) {
@@ -142,12 +128,11 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     log_(a.ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
          std::string(a.ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" +
              a.reason + ")");
-    std::ostringstream line;
-    line << "{\"graph\": \"" << json_escape(graph_name ? graph_name : "") << "\", \"node\": \""
-         << json_escape(a.plan.node_name) << "\", \"op_type\": \"" << op_type << "\", \"claimed\": "
-         << (a.ok ? "true" : "false") << ", \"reason\": \"" << json_escape(a.reason) << "\", \"mflop\": "
-         << a.plan.mflop << ", \"mflop_lower_bound\": " << (a.plan.mflop_lower_bound ? "true" : "false") << "}";
-    report(line.str());
+    report("{\"graph\": " + json_string(graph_name ? graph_name : "") + ", \"node\": " +
+           json_string(a.plan.node_name) + ", \"op_type\": " + json_string(op_type) + ", \"claimed\": " +
+           (a.ok ? "true" : "false") + ", \"reason\": " + json_string(a.reason) + ", \"mflop\": " +
+           json_number(a.plan.mflop) + ", \"mflop_lower_bound\": " + (a.plan.mflop_lower_bound ? "true" : "false") +
+           "}");
   }
   log_(ORT_LOGGING_LEVEL_INFO, "GetCapability on graph '" + std::string(graph_name ? graph_name : "") + "': claimed " +
                                    std::to_string(claimed) + " of " + std::to_string(considered) + " MatMul/Gemm/Conv nodes");

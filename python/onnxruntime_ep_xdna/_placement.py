@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -173,7 +174,8 @@ def partition(model, provider_options: dict | None = None, graph_optimization_le
         executed: dict[str, dict] = {}
         with open(report_path) as f:
             for line in f:
-                d = json.loads(line)
+                # null numbers: too large for a double (huge declared dims)
+                d = {k: math.inf if v is None and "mflop" in k else v for k, v in json.loads(line).items()}
                 if d.pop("runtime", False):
                     executed[d.pop("node")] = d
                 else:  # GetCapability may run more than once per graph; the last decision is the one ORT used.
