@@ -8,9 +8,11 @@ __attribute__((visibility("default"))) OrtStatus* CreateEpFactories(const char* 
                                                                     const OrtLogger* default_logger,
                                                                     OrtEpFactory** factories, size_t max_factories,
                                                                     size_t* num_factories) {
-  const OrtApi* api = ort_api_base->GetApi(ORT_API_VERSION);
+  if (num_factories) *num_factories = 0;  // set first: every early return below must leave "no factory"
+  const OrtApi* api = ort_api_base ? ort_api_base->GetApi(ORT_API_VERSION) : nullptr;
   if (api == nullptr) return nullptr;  // runtime older than our headers; cannot even report an error
-  *num_factories = 0;
+  if (!factories || !num_factories)
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, "XDNAExecutionProvider: null output arguments");
   if (max_factories < 1)
     return api->CreateStatus(ORT_INVALID_ARGUMENT, "XDNAExecutionProvider: no room for its factory");
   return xdna::ep::guard(*api, [&] {

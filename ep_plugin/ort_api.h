@@ -66,12 +66,15 @@ class Log {
       OrtStatus* st = api_->Logger_GetLoggingSeverityLevel(logger_, &ort_level);
       if (st) api_->ReleaseStatus(st);
     }
-    if (logger_ == nullptr || level < ort_level) {
-      std::fprintf(stderr, "[XDNA] %s\n", msg.c_str());
-      return;
+    if (logger_ != nullptr && level >= ort_level) {
+      try {  // the prefixed copy allocates; out of memory, the line goes to stderr below instead
+        OrtStatus* st = api_->Logger_LogMessage(logger_, level, ("[XDNA] " + msg).c_str(), file, line, func);
+        if (st) api_->ReleaseStatus(st);
+        return;
+      } catch (...) {
+      }
     }
-    OrtStatus* st = api_->Logger_LogMessage(logger_, level, ("[XDNA] " + msg).c_str(), file, line, func);
-    if (st) api_->ReleaseStatus(st);
+    std::fprintf(stderr, "[XDNA] %s\n", msg.c_str());
   }
 
  private:
