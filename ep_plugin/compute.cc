@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <unordered_map>
 
 #include "json.h"
 #include "kernels/emulator/emulator.h"
@@ -12,14 +13,10 @@ namespace {
 
 using Dims = std::vector<int64_t>;
 
-struct Tensor {
-  const float* data = nullptr;
-  Dims dims;
-};
-
-Tensor input(const OrtApi& api, OrtKernelContext* ctx, int index) {
+// A tensor ORT holds: an input of the fused node.
+Tensor ort_input(const OrtApi& api, OrtKernelContext* ctx, size_t index) {
   const OrtValue* v = nullptr;
-  check(api, api.KernelContext_GetInput(ctx, static_cast<size_t>(index), &v));
+  check(api, api.KernelContext_GetInput(ctx, index, &v));
   if (!v) throw OrtError(ORT_EP_FAIL, "missing runtime input " + std::to_string(index));
   OrtTensorTypeAndShapeInfo* info = nullptr;
   check(api, api.GetTensorTypeAndShape(v, &info));
@@ -38,9 +35,9 @@ Tensor input(const OrtApi& api, OrtKernelContext* ctx, int index) {
   return t;
 }
 
-float* output(const OrtApi& api, OrtKernelContext* ctx, const Dims& dims) {
+float* ort_output(const OrtApi& api, OrtKernelContext* ctx, size_t index, const Dims& dims) {
   OrtValue* v = nullptr;
-  check(api, api.KernelContext_GetOutput(ctx, 0, dims.data(), dims.size(), &v));
+  check(api, api.KernelContext_GetOutput(ctx, index, dims.data(), dims.size(), &v));
   void* p = nullptr;
   check(api, api.GetTensorMutableData(v, &p));
   return static_cast<float*>(p);
@@ -135,11 +132,9 @@ std::optional<kernels::UnpackedGemm> as_unpacked(const kernels::GemmArgs& args, 
 
 }  // namespace
 
-NodeKernel::NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_inputs,
-                       std::shared_ptr<kernels::Backend> backend, int threads, Log log,
+NodeKernel::NodeKernel(graph::GemmPlan plan, std::shared_ptr<kernels::Backend> backend, int threads, Log log,
                        std::function<void(const std::string&)> report)
-    : plan_(std::move(plan)), runtime_inputs_(std::move(runtime_inputs)), backend_(std::move(backend)),
-      threads_(threads), log_(log), report_(std::move(report)) {
+    : plan_(std::move(plan)), backend_(std::move(backend)), threads_(threads), log_(log), report_(std::move(report)) {
   for (auto& m : plan_.weights.mats) weights_.push_back(make_weight(m, true));
   plan_.weights.mats.clear();  // weights_ owns them now
 }
@@ -190,10 +185,11 @@ void NodeKernel::fall_back(const std::string& why) {
                                         why + "); this node now runs on the CPU (same bf16 arithmetic)");
 }
 
-int NodeKernel::runtime_index(const std::string& name) const {
-  for (size_t i = 0; i < runtime_inputs_.size(); ++i)
-    if (runtime_inputs_[i] == name) return static_cast<int>(i);
-  throw OrtError(ORT_EP_FAIL, "node '" + plan_.node_name + "': input '" + name + "' not among the fused inputs");
+std::vector<std::string> NodeKernel::runtime_operands() const {
+  std::vector<std::string> names{plan_.a.name};
+  if (!plan_.b.constant) names.push_back(plan_.b.name);
+  if (plan_.op == graph::GemmPlan::Op::kGemm && plan_.c.present && !plan_.c.constant) names.push_back(plan_.c.name);
+  return names;
 }
 
 void NodeKernel::run(const kernels::GemmArgs& args, const Weight& w) {
@@ -220,14 +216,14 @@ void NodeKernel::run(const kernels::GemmArgs& args, const Weight& w) {
   cpu_flop_ += flop;
 }
 
-void NodeKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
-  if (plan_.op == graph::GemmPlan::Op::kGemm) compute_gemm(api, ctx);
-  else if (plan_.op == graph::GemmPlan::Op::kConv) compute_conv(api, ctx);
-  else compute_matmul(api, ctx);
+void NodeKernel::compute(TensorIo& io) {
+  if (plan_.op == graph::GemmPlan::Op::kGemm) compute_gemm(io);
+  else if (plan_.op == graph::GemmPlan::Op::kConv) compute_conv(io);
+  else compute_matmul(io);
 }
 
-void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
-  const View a = view_of(input(api, ctx, runtime_index(plan_.a.name)), plan_.a.perm);
+void NodeKernel::compute_matmul(TensorIo& io) {
+  const View a = view_of(io.input(plan_.a.name), plan_.a.perm);
   View b;
   if (plan_.b.constant) {
     b.dims = plan_.weights.batch_shape;
@@ -237,7 +233,7 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
     if (plan_.b.rank == 1) b.dims = {s.K};
     b.strides = contiguous_strides(b.dims);
   } else {
-    b = view_of(input(api, ctx, runtime_index(plan_.b.name)), plan_.b.perm);
+    b = view_of(io.input(plan_.b.name), plan_.b.perm);
   }
   const bool a_vec = a.dims.size() == 1, b_vec = b.dims.size() == 1;
   const View a2 = a_vec ? View{a.data, {1, a.dims[0]}, {a.dims[0], 1}} : a;
@@ -251,7 +247,7 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
   Dims out_dims = batch;
   if (!a_vec) out_dims.push_back(M);
   if (!b_vec) out_dims.push_back(N);
-  float* y = output(api, ctx, out_dims);
+  float* y = io.output(plan_.output, out_dims);
   const int64_t batches = count(batch);
   if (batches == 0 || M == 0 || N == 0) return;
 
@@ -310,16 +306,16 @@ void NodeKernel::run_runtime_b(const kernels::GemmArgs& args, const float* b, in
   run(args, make_weight(std::make_shared<const kernels::PackedB>(kernels::pack_b(b, K, N, stride_k, stride_n)), true));
 }
 
-void NodeKernel::compute_conv(const OrtApi& api, OrtKernelContext* ctx) {
+void NodeKernel::compute_conv(TensorIo& io) {
   const graph::ConvParams& c = plan_.conv;
-  const Tensor x = input(api, ctx, runtime_index(plan_.a.name));
+  const Tensor x = io.input(plan_.a.name);
   if (x.dims.size() != 3 || x.dims[1] != c.in_channels)
     throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Conv input is not [N, " +
                                              std::to_string(c.in_channels) + ", T]");
   const int64_t batches = x.dims[0], t_in = x.dims[2];
   const int64_t span = c.dilation * (c.kernel - 1) + 1;
   const int64_t t_out = std::max<int64_t>(0, (t_in + c.pad_begin + c.pad_end - span) / c.stride + 1);
-  float* y = output(api, ctx, {batches, c.out_channels, t_out});
+  float* y = io.output(plan_.output, {batches, c.out_channels, t_out});
   if (batches == 0 || t_out == 0 || c.out_channels == 0) return;
   const int64_t K = c.in_channels * c.kernel, N = c.out_channels;
   // im2col rows (one per output position, zeros where the window reaches into the padding) and the GEMM result
@@ -345,8 +341,8 @@ void NodeKernel::compute_conv(const OrtApi& api, OrtKernelContext* ctx) {
   }
 }
 
-void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
-  Tensor a = input(api, ctx, runtime_index(plan_.a.name));
+void NodeKernel::compute_gemm(TensorIo& io) {
+  Tensor a = io.input(plan_.a.name);
   const int64_t M = plan_.trans_a ? a.dims[1] : a.dims[0];
   const int64_t K = plan_.trans_a ? a.dims[0] : a.dims[1];
   Tensor b;
@@ -356,12 +352,12 @@ void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
     if (s.K != K) throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Gemm inner dimensions differ");
     N = s.N;
   } else {
-    b = input(api, ctx, runtime_index(plan_.b.name));
+    b = io.input(plan_.b.name);
     const int64_t Kb = plan_.trans_b ? b.dims[1] : b.dims[0];
     N = plan_.trans_b ? b.dims[0] : b.dims[1];
     if (Kb != K) throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Gemm inner dims differ");
   }
-  float* y = output(api, ctx, {M, N});
+  float* y = io.output(plan_.output, {M, N});
   if (M == 0 || N == 0) return;
 
   std::vector<float> a_t;  // transA: the kernel wants row-major [M, K]
@@ -388,7 +384,7 @@ void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
     c = plan_.c_value.data();
     c_dims = plan_.c.dims;
   } else {
-    Tensor ct = input(api, ctx, runtime_index(plan_.c.name));
+    Tensor ct = io.input(plan_.c.name);
     c = ct.data;
     c_dims = ct.dims;
   }
@@ -403,6 +399,70 @@ void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
       for (int64_t n = 0; n < N; ++n) yrow[n] += plan_.beta * crow[0];
     else
       for (int64_t n = 0; n < N; ++n) yrow[n] += plan_.beta * crow[n];
+  }
+}
+
+FusedKernel::FusedKernel(std::vector<std::unique_ptr<NodeKernel>> nodes, std::vector<std::string> inputs,
+                         std::vector<std::string> outputs)
+    : nodes_(std::move(nodes)), inputs_(std::move(inputs)), outputs_(std::move(outputs)) {
+  std::unordered_map<std::string, size_t> last_reader;
+  for (size_t i = 0; i < nodes_.size(); ++i)
+    for (const std::string& name : nodes_[i]->runtime_operands()) last_reader[name] = i;
+  release_after_.resize(nodes_.size());
+  for (const auto& node : nodes_) {
+    const std::string& out = node->output_name();
+    const auto it = last_reader.find(out);
+    const bool fused_output = std::find(outputs_.begin(), outputs_.end(), out) != outputs_.end();
+    if (it != last_reader.end() && !fused_output) release_after_[it->second].push_back(out);
+  }
+}
+
+void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
+  // Tensors of this call: fused-node inputs as ORT gives them, fused-node outputs in ORT's buffers, and the
+  // intermediates only the group reads in buffers of our own.
+  class Io final : public TensorIo {
+   public:
+    Io(const OrtApi& api, OrtKernelContext* ctx, const FusedKernel& k) : api_(api), ctx_(ctx), k_(k) {}
+    Tensor input(const std::string& name) override {
+      if (const auto it = made_.find(name); it != made_.end()) return it->second;
+      for (size_t i = 0; i < k_.inputs_.size(); ++i)
+        if (k_.inputs_[i] == name) return made_[name] = ort_input(api_, ctx_, i);
+      throw OrtError(ORT_EP_FAIL, "fused node: value '" + name + "' is neither an input nor made by the group");
+    }
+    float* output(const std::string& name, const Dims& dims) override {
+      float* data = nullptr;
+      const auto out = std::find(k_.outputs_.begin(), k_.outputs_.end(), name);
+      if (out != k_.outputs_.end()) {
+        data = ort_output(api_, ctx_, static_cast<size_t>(out - k_.outputs_.begin()), dims);
+      } else {
+        std::vector<float>& buf = owned_[name];
+        buf.resize(static_cast<size_t>(checked_count(dims)));
+        data = buf.data();
+      }
+      made_[name] = Tensor{data, dims};
+      return data;
+    }
+    void release(const std::string& name) {
+      made_.erase(name);
+      owned_.erase(name);
+    }
+
+   private:
+    static int64_t checked_count(const Dims& dims) {
+      int64_t n = 1;
+      for (int64_t d : dims)
+        if (d < 0 || __builtin_mul_overflow(n, d, &n)) throw OrtError(ORT_EP_FAIL, "intermediate tensor too large");
+      return n;
+    }
+    const OrtApi& api_;
+    OrtKernelContext* ctx_;
+    const FusedKernel& k_;
+    std::unordered_map<std::string, Tensor> made_;
+    std::unordered_map<std::string, std::vector<float>> owned_;
+  } io(api, ctx, *this);
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    nodes_[i]->compute(io);
+    for (const std::string& name : release_after_[i]) io.release(name);
   }
 }
 

@@ -1,4 +1,5 @@
-// Running one claimed node: shapes and broadcasting at run time, the backend call, and the CPU fallback.
+// Running claimed nodes: one NodeKernel per node (shapes and broadcasting at run time, the backend call, the CPU
+// fallback), and one FusedKernel per fused node that runs its NodeKernels in order with the tensors between them.
 #pragma once
 
 #include <atomic>
@@ -15,17 +16,31 @@
 
 namespace xdna::ep {
 
+struct Tensor {
+  const float* data = nullptr;
+  std::vector<int64_t> dims;
+};
+
+// Where a node's run-time operands come from and where its output goes (the fused node's inputs and outputs, or
+// tensors made by earlier nodes of the group). Lives for one Compute call.
+class TensorIo {
+ public:
+  virtual ~TensorIo() = default;
+  virtual Tensor input(const std::string& name) = 0;
+  virtual float* output(const std::string& name, const std::vector<int64_t>& dims) = 0;
+};
+
 class NodeKernel {
  public:
-  // `runtime_inputs`: the fused node's input names, in the order Compute receives them.
   // `report` (may be empty) receives one JSON line of run-time statistics when the kernel is destroyed.
-  NodeKernel(graph::GemmPlan plan, std::vector<std::string> runtime_inputs,
-             std::shared_ptr<kernels::Backend> backend, int threads, Log log,
+  NodeKernel(graph::GemmPlan plan, std::shared_ptr<kernels::Backend> backend, int threads, Log log,
              std::function<void(const std::string&)> report);
   ~NodeKernel();
 
-  void compute(const OrtApi& api, OrtKernelContext* ctx);
+  void compute(TensorIo& io);
   const std::string& name() const { return plan_.node_name; }
+  const std::string& output_name() const { return plan_.output; }
+  std::vector<std::string> runtime_operands() const;  // names compute() reads through io.input()
 
  private:
   struct Weight {
@@ -33,10 +48,9 @@ class NodeKernel {
     std::shared_ptr<kernels::DeviceWeight> device;  // null: this weight runs on the CPU path
   };
 
-  int runtime_index(const std::string& name) const;
-  void compute_matmul(const OrtApi& api, OrtKernelContext* ctx);
-  void compute_gemm(const OrtApi& api, OrtKernelContext* ctx);
-  void compute_conv(const OrtApi& api, OrtKernelContext* ctx);
+  void compute_matmul(TensorIo& io);
+  void compute_gemm(TensorIo& io);
+  void compute_conv(TensorIo& io);
   // One GEMM through the backend, or on the CPU (emulator arithmetic) with a logged reason.
   void run(const kernels::GemmArgs& args, const Weight& w);
   // B given at run time, B[k][n] = b[k * stride_k + n * stride_n]: few rows unpacked on the CPU path (when one
@@ -49,7 +63,6 @@ class NodeKernel {
   void note_cpu_path(int64_t K, int64_t N, const std::string& why);  // logged once per node
 
   graph::GemmPlan plan_;
-  std::vector<std::string> runtime_inputs_;
   std::shared_ptr<kernels::Backend> backend_;
   int threads_;
   Log log_;
@@ -59,6 +72,21 @@ class NodeKernel {
   std::atomic<uint64_t> device_calls_{0}, cpu_calls_{0};
   std::atomic<uint64_t> device_flop_{0}, cpu_flop_{0};  // executed, so symbolic dims are real here
   std::once_flag cpu_path_logged_;
+};
+
+// One fused node: its claimed nodes in topological order. Tensors passed between them live for one Compute call and
+// are freed after their last reader.
+class FusedKernel {
+ public:
+  // `inputs`/`outputs`: the fused node's value names, in the order Compute receives and returns them.
+  FusedKernel(std::vector<std::unique_ptr<NodeKernel>> nodes, std::vector<std::string> inputs,
+              std::vector<std::string> outputs);
+  void compute(const OrtApi& api, OrtKernelContext* ctx);
+
+ private:
+  std::vector<std::unique_ptr<NodeKernel>> nodes_;
+  std::vector<std::string> inputs_, outputs_;
+  std::vector<std::vector<std::string>> release_after_;  // per node: intermediates it is the last reader of
 };
 
 }  // namespace xdna::ep

@@ -8,14 +8,15 @@
 
 #include "compute.h"
 #include "json.h"
+#include "graph_passes/fusion_groups.h"
 #include "graph_passes/op_registry.h"
 
 namespace xdna::ep {
 namespace {
 
-// OrtNodeComputeInfo for one fused node. Its callbacks are plain function pointers (not noexcept in the header).
+// OrtNodeComputeInfo for one fused node (a group of claimed nodes). Its callbacks are plain function pointers (not noexcept in the header).
 struct ComputeInfo : OrtNodeComputeInfo {
-  ComputeInfo(const OrtApi& api, std::unique_ptr<NodeKernel> k) : api(api), kernel(std::move(k)) {
+  ComputeInfo(const OrtApi& api, std::unique_ptr<FusedKernel> k) : api(api), kernel(std::move(k)) {
     ort_version_supported = ORT_API_VERSION;
     CreateState = CreateStateImpl;
     Compute = ComputeImpl;
@@ -27,12 +28,12 @@ struct ComputeInfo : OrtNodeComputeInfo {
   }
   static OrtStatus* ORT_API_CALL ComputeImpl(OrtNodeComputeInfo* self, void* state, OrtKernelContext* ctx) {
     auto* info = static_cast<ComputeInfo*>(self);
-    return guard(info->api, [&] { static_cast<NodeKernel*>(state)->compute(info->api, ctx); });
+    return guard(info->api, [&] { static_cast<FusedKernel*>(state)->compute(info->api, ctx); });
   }
   static void ORT_API_CALL ReleaseStateImpl(OrtNodeComputeInfo*, void*) {}
 
   const OrtApi& api;
-  std::unique_ptr<NodeKernel> kernel;
+  std::unique_ptr<FusedKernel> kernel;
 };
 
 // Appends one JSON line to the partition report; several sessions and kernels may share the file.
@@ -106,7 +107,8 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
   fusion.drop_constant_initializers = true;  // ORT frees the fp32 weights; we keep only the packed bf16 copy
 
   const graph::GraphIndex index = graph::GraphIndex::of(ort, graph);
-  size_t claimed = 0, considered = 0;
+  size_t considered = 0;
+  std::vector<graph::ClaimedUnit> claimed;
   for (const OrtNode* node : nodes) {
     const char* op_type = nullptr;
     const char* domain = nullptr;
@@ -119,12 +121,7 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
       a.ok = false;
       a.reason = "below min_mflop (" + std::to_string(a.plan.mflop) + " MFLOP)";
     }
-    if (a.ok) {
-      std::vector<const OrtNode*> group = a.fused_producers;  // Transposes read through, then the node
-      group.push_back(node);
-      check(ort, api_.ep.EpGraphSupportInfo_AddNodesToFuse(info, group.data(), group.size(), &fusion));
-      ++claimed;
-    }
+    if (a.ok) claimed.push_back({node, a.fused_producers});
     log_(a.ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
          std::string(a.ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" +
              a.reason + ")");
@@ -134,47 +131,57 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
            json_number(a.plan.mflop) + ", \"mflop_lower_bound\": " + (a.plan.mflop_lower_bound ? "true" : "false") +
            "}");
   }
+  const auto groups = graph::fusion_groups(ort, nodes, claimed, index);
+  for (const auto& group : groups)
+    check(ort, api_.ep.EpGraphSupportInfo_AddNodesToFuse(info, group.data(), group.size(), &fusion));
   log_(ORT_LOGGING_LEVEL_INFO, "GetCapability on graph '" + std::string(graph_name ? graph_name : "") + "': claimed " +
-                                   std::to_string(claimed) + " of " + std::to_string(considered) + " MatMul/Gemm/Conv nodes");
+                                   std::to_string(claimed.size()) + " of " + std::to_string(considered) +
+                                   " MatMul/Gemm/Conv nodes, in " + std::to_string(groups.size()) + " fused node(s)");
 }
 
 void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeComputeInfo** info) {
   const OrtApi& ort = api_.ort;
   size_t n = 0;
   check(ort, ort.Graph_GetNumNodes(graph, &n));
-  std::vector<const OrtNode*> group(n);
+  std::vector<const OrtNode*> group(n);  // topological order
   if (n) check(ort, ort.Graph_GetNodes(graph, group.data(), n));
-  const OrtNode* node = nullptr;  // the group's one MatMul/Gemm/Conv; the others are the Transposes it reads through
+  const graph::GraphIndex index = graph::GraphIndex::of(ort, graph);
+  std::function<void(const std::string&)> report_fn;
+  if (!options_.partition_report.empty())
+    report_fn = [path = options_.partition_report](const std::string& line) { append_report(path, line); };
+  // The group's MatMul/Gemm/Conv nodes, each with the Transposes it reads through (the group's other nodes).
+  std::vector<std::unique_ptr<NodeKernel>> kernels;
+  size_t covered = 0;
   for (const OrtNode* g : group) {
     const char* op_type = nullptr;
     const char* domain = nullptr;
     check(ort, ort.Node_GetOperatorType(g, &op_type));
     check(ort, ort.Node_GetDomain(g, &domain));
-    if (graph::is_gemm_family(domain, op_type)) node = g;
+    if (!graph::is_gemm_family(domain, op_type)) continue;
+    graph::Analysis a = graph::analyze_node(ort, g, /*load_weights=*/true, &index);
+    if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);
+    covered += 1 + a.fused_producers.size();
+    kernels.push_back(std::make_unique<NodeKernel>(std::move(a.plan), backend_, options_.threads, log_, report_fn));
   }
-  if (!node) throw OrtError(ORT_EP_FAIL, "Compile: fused group without a MatMul/Gemm");
-  const graph::GraphIndex index = graph::GraphIndex::of(ort, graph);
-  graph::Analysis a = graph::analyze_node(ort, node, /*load_weights=*/true, &index);
-  if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node no longer claimable: " + a.reason);
-  if (a.fused_producers.size() + 1 != n)
-    throw OrtError(ORT_EP_FAIL, "Compile: fused group of " + std::to_string(n) + " nodes, expected " +
-                                    std::to_string(a.fused_producers.size() + 1));
+  if (kernels.empty() || covered != n)
+    throw OrtError(ORT_EP_FAIL, "Compile: fused group of " + std::to_string(n) + " nodes, of which " +
+                                    std::to_string(covered) + " are claimed MatMul/Gemm/Conv nodes or their Transposes");
 
-  size_t num_inputs = 0;
-  check(ort, ort.Node_GetNumInputs(fused_node, &num_inputs));
-  std::vector<const OrtValueInfo*> inputs(num_inputs);
-  if (num_inputs) check(ort, ort.Node_GetInputs(fused_node, inputs.data(), num_inputs));
-  std::vector<std::string> names;
-  for (const OrtValueInfo* vi : inputs) {
-    const char* name = nullptr;
-    if (vi) check(ort, ort.GetValueInfoName(vi, &name));
-    names.emplace_back(name ? name : "");
-  }
-  std::function<void(const std::string&)> report_fn;
-  if (!options_.partition_report.empty())
-    report_fn = [path = options_.partition_report](const std::string& line) { append_report(path, line); };
-  auto kernel = std::make_unique<NodeKernel>(std::move(a.plan), std::move(names), backend_, options_.threads, log_,
-                                             std::move(report_fn));
+  auto value_names = [&](bool inputs) {
+    size_t count = 0;
+    check(ort, inputs ? ort.Node_GetNumInputs(fused_node, &count) : ort.Node_GetNumOutputs(fused_node, &count));
+    std::vector<const OrtValueInfo*> values(count);
+    if (count) check(ort, inputs ? ort.Node_GetInputs(fused_node, values.data(), count)
+                                 : ort.Node_GetOutputs(fused_node, values.data(), count));
+    std::vector<std::string> names;
+    for (const OrtValueInfo* vi : values) {
+      const char* name = nullptr;
+      if (vi) check(ort, ort.GetValueInfoName(vi, &name));
+      names.emplace_back(name ? name : "");
+    }
+    return names;
+  };
+  auto kernel = std::make_unique<FusedKernel>(std::move(kernels), value_names(true), value_names(false));
   *info = new ComputeInfo(ort, std::move(kernel));
 }
 

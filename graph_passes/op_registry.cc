@@ -441,6 +441,12 @@ Analysis analyze_node(const OrtApi& api, const OrtNode* node, bool load_weights,
     Analysis r = e.analyze(api, node, load_weights, index);
     r.plan.node_name = name ? name : "";
     r.plan.op_type = op_type;
+    const NodeIo io = node_io(api, node);
+    if (r.ok && (io.outputs.size() != 1 || !io.outputs[0])) {
+      r.ok = false;
+      r.reason = std::string(op_type) + " without exactly one output";
+    }
+    if (r.ok) r.plan.output = value_name(api, io.outputs[0]);
     return r;
   }
   return reject(std::string("op ") + op_type + " is not a GEMM");

@@ -43,6 +43,7 @@ struct GemmPlan {
   Op op = Op::kMatMul;
   std::string node_name;
   std::string op_type;
+  std::string output;  // the node's output value
   Operand a, b, c;  // c: Gemm only
   // Gemm attributes (MatMul: the defaults)
   bool trans_a = false, trans_b = false;
