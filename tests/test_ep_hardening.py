@@ -161,3 +161,59 @@ def test_create_ep_factories_without_api_reports_no_factory():
     status = create(b"xdna", ctypes.addressof(base), None, factories, 4, ctypes.byref(num))
     assert status is None  # no API table: no way to make a status
     assert num.value == 0
+
+
+# ---- 5. claimed nodes are fused in groups (one fused node per claimed node made session creation quadratic)
+
+def info_so():
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    return so
+
+
+def test_chain_is_fused_with_intermediates_inside_and_out(capfd):
+    # x -> mm0 -> mm1 -> mm2 -> Relu (CPU) -> mm3 -> mm4 -> y; mm2's output is also a graph output
+    ws = [rng(i).standard_normal((8, 8)).astype(np.float32) / 3 for i in range(5)]
+    names = ["x", "h0", "h1", "h2", "r", "h3", "y"]
+    nodes = [helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]], name=f"mm{i}") for i in range(3)]
+    nodes.append(helper.make_node("Relu", ["h2"], ["r"], name="relu"))
+    nodes += [helper.make_node("MatMul", [names[i + 1], f"w{i}"], [names[i + 2]], name=f"mm{i}") for i in (3, 4)]
+    model = make_model(nodes, [tensor("x", [8, 8])], [tensor("y", [8, 8]), tensor("h2", [8, 8])],
+                       [init(f"w{i}", w) for i, w in enumerate(ws)])
+    sess = xdna_session(model, {"log_level": "info"}, so=info_so())
+    x = rng(9).standard_normal((8, 8)).astype(np.float32)
+    y, h2 = sess.run(None, {"x": x})
+    # the same chain in numpy, every product rounded as the contract does (bf16 operands, exact products)
+    def bf16(v):
+        v = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
+        return ((v + 0x7FFF + ((v >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+    h = x
+    for i in range(5):
+        h = (bf16(h) @ bf16(ws[i])).astype(np.float32)
+        if i == 2:
+            np.testing.assert_allclose(h2, h, rtol=1e-5, atol=1e-5)
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-5)
+    assert {n for n, _ in ep_nodes(sess)} == {f"mm{i}" for i in range(5)}
+    # mm0-mm2 have no CPU node before them, mm3-mm4 one: two fused nodes
+    assert "claimed 5 of 5 MatMul/Gemm/Conv nodes, in 2 fused node(s)" in capfd.readouterr().err
+
+
+def test_groups_never_make_a_cycle_through_a_cpu_node():
+    # c = MatMul(Relu(a_out), a_out): mm_a and mm_c are connected directly AND through Relu. One fused node for both
+    # would be a cycle (its output feeds Relu, which feeds it); they must stay in separate fused nodes.
+    w = rng(1).standard_normal((6, 6)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm_a"),
+                        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                        helper.make_node("MatMul", ["r", "a"], ["y"], name="mm_c")],
+                       [tensor("x", [6, 6])], [tensor("y", [6, 6])], [init("w", w)])
+    sess = xdna_session(model)
+    x = rng(2).standard_normal((6, 6)).astype(np.float32)
+    a = x.astype(np.float64) @ w
+    r = np.maximum(a, 0)
+    y = sess.run(None, {"x": x})[0]
+    # bound: r and a carry mm_a's bf16 error (relative 2^-7 of |x|.|w|), then mm_c's own
+    a_err = bf16_bound(x, w, 6)
+    bound = bf16_bound(r, a, 6) + np.abs(r) @ a_err + a_err @ np.abs(a) + a_err @ a_err
+    assert_within(y, r @ a, bound)
+    assert {n for n, _ in ep_nodes(sess)} == {"mm_a", "mm_c"}
