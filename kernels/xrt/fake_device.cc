@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "../emulator/emulator.h"
+#include "manifest.h"
 
 namespace xdna::kernels::npu {
 namespace {
@@ -80,6 +81,8 @@ class FakeKernel final : public LoadedKernel {
     std::memcpy(header, instr.device.data(), sizeof header);
     if (header[0] != kFakeInstsMagic) throw std::runtime_error("fake: instructions were not synced to the device");
     const int64_t m_rows = header[1], Kpad = header[2], Npad = header[3];
+    if (m_rows > kMaxKernelRows || Kpad > kMaxKernelK || Npad > kMaxKernelN)
+      throw std::runtime_error("fake: instruction header out of range");
     if (a.device.size() < static_cast<size_t>(m_rows * Kpad) * 2 || b.device.size() != static_cast<size_t>(Kpad * Npad) * 2 ||
         c.device.size() < static_cast<size_t>(m_rows * Npad) * 4)
       throw std::runtime_error("fake: buffer sizes do not match the kernel's GEMM");

@@ -1,8 +1,15 @@
 #include "manifest.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -135,19 +142,48 @@ class JsonParser {
   int depth_ = 0;
 };
 
-bool is_file(const std::string& path) {
+// Where `name` (from the manifest) points: a regular file inside `dir`, at most max_bytes. Empty + *why if not.
+std::string file_in_dir(const std::string& dir, const std::string& name, int64_t max_bytes, std::string* why) {
+  if (name.empty() || name[0] == '/') {
+    *why = "'" + name + "' is not a path relative to the kernel directory";
+    return "";
+  }
+  for (size_t begin = 0; begin <= name.size();) {
+    const size_t end = std::min(name.find('/', begin), name.size());
+    if (name.compare(begin, end - begin, "..") == 0 && end - begin == 2) {
+      *why = "'" + name + "' leaves the kernel directory";
+      return "";
+    }
+    begin = end + 1;
+  }
+  const std::string path = dir + "/" + name;
+  char real_dir[PATH_MAX], real_file[PATH_MAX];
+  if (!::realpath(dir.c_str(), real_dir) || !::realpath(path.c_str(), real_file)) {
+    *why = "missing " + path;
+    return "";
+  }
+  if (std::string(real_file).rfind(std::string(real_dir) + "/", 0) != 0) {
+    *why = "'" + name + "' resolves to " + real_file + ", outside the kernel directory";
+    return "";
+  }
   struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+  if (::stat(real_file, &st) != 0 || !S_ISREG(st.st_mode)) {
+    *why = path + " is not a regular file";
+    return "";
+  }
+  if (st.st_size > max_bytes) {
+    *why = path + " is larger than " + std::to_string(max_bytes) + " bytes";
+    return "";
+  }
+  return path;
 }
 
-std::string join(const std::string& dir, const std::string& name) {
-  if (!name.empty() && name[0] == '/') return name;
-  return dir + "/" + name;
-}
-
-bool int_field(const Json& obj, const char* key, int64_t* out) {
+// An integer-valued JSON number in [lo, hi]. Range-checked as a double first: casting 1e30, inf or nan is undefined.
+bool int_field(const Json& obj, const char* key, int64_t* out, int64_t lo = INT32_MIN, int64_t hi = INT32_MAX) {
   const Json* v = obj.get(key);
-  if (!v || v->type != Json::number || v->num != static_cast<double>(static_cast<int64_t>(v->num))) return false;
+  if (!v || v->type != Json::number || !std::isfinite(v->num) || v->num < static_cast<double>(lo) ||
+      v->num > static_cast<double>(hi) || v->num != std::floor(v->num))
+    return false;
   *out = static_cast<int64_t>(v->num);
   return true;
 }
@@ -187,17 +223,43 @@ std::string resolve_kernel_dir(const std::string& configured) {
   return std::string(home && *home ? home : ".") + "/.cache/onnxruntime-ep-xdna/kernels";
 }
 
+bool read_regular_file(const std::string& path, int64_t max_bytes, std::string* data, std::string* why) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) {
+    *why = path + ": " + std::strerror(errno);
+    return false;
+  }
+  struct stat st {};
+  bool ok = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+  if (!ok) *why = path + " is not a regular file";
+  else if (st.st_size > max_bytes) *why = path + " is larger than " + std::to_string(max_bytes) + " bytes", ok = false;
+  if (ok) {
+    data->clear();
+    char buf[65536];
+    for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) != 0;) {
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 || static_cast<int64_t>(data->size()) + n > max_bytes) {
+        *why = n < 0 ? path + ": " + std::strerror(errno) : path + " grew past " + std::to_string(max_bytes) + " bytes";
+        ok = false;
+        break;
+      }
+      data->append(buf, static_cast<size_t>(n));
+    }
+  }
+  ::close(fd);
+  return ok;
+}
+
 bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
   const std::string path = dir + "/manifest.json";
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
     *why = "no kernels built: " + path + " not found (build them with kernels/aie/build_kernels.py, or set "
            "XDNA_KERNEL_DIR / the kernel_dir provider option)";
     return false;
   }
-  std::stringstream buf;
-  buf << in.rdbuf();
-  const std::string text = buf.str();
+  std::string text;
+  if (!read_regular_file(path, kMaxManifestBytes, &text, why)) return false;
   Json root;
   try {
     root = JsonParser(text).parse();
@@ -232,9 +294,10 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
     const Json& item = kernels->items[i];
     const std::string where = "kernels[" + std::to_string(i) + "]";
     KernelEntry e;
-    if (item.type != Json::object || !int_field(item, "K", &e.K) || !int_field(item, "N", &e.N) ||
-        !int_field(item, "m_rows", &e.m_rows)) {
-      m.skipped.push_back(where + ": needs integer K, N, m_rows");
+    if (item.type != Json::object || !int_field(item, "K", &e.K, 1, kMaxKernelK) ||
+        !int_field(item, "N", &e.N, 1, kMaxKernelN) || !int_field(item, "m_rows", &e.m_rows, 1, kMaxKernelRows)) {
+      m.skipped.push_back(where + ": needs integer K in [1, " + std::to_string(kMaxKernelK) + "], N in [1, " +
+                          std::to_string(kMaxKernelN) + "], m_rows in [1, " + std::to_string(kMaxKernelRows) + "]");
       continue;
     }
     const std::string dtype = str_field(item, "dtype");
@@ -247,11 +310,12 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
                           std::to_string(kBlockN) + ", m_rows of " + std::to_string(kBlockM));
       continue;
     }
-    e.xclbin = join(dir, str_field(item, "xclbin"));
-    e.insts = join(dir, str_field(item, "insts"));
+    std::string file_why;
+    e.xclbin = file_in_dir(dir, str_field(item, "xclbin"), kMaxXclbinBytes, &file_why);
+    if (!e.xclbin.empty()) e.insts = file_in_dir(dir, str_field(item, "insts"), kMaxInstsBytes, &file_why);
     e.kernel_name = str_field(item, "kernel", "MLIR_AIE");
-    if (!is_file(e.xclbin) || !is_file(e.insts)) {
-      m.skipped.push_back(where + ": missing " + (is_file(e.xclbin) ? e.insts : e.xclbin));
+    if (e.xclbin.empty() || e.insts.empty()) {
+      m.skipped.push_back(where + ": " + file_why);
       continue;
     }
     m.kernels.push_back(std::move(e));

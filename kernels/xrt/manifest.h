@@ -32,8 +32,23 @@ struct Manifest {
   std::vector<std::string> skipped;  // entries ignored, with the reason (wrong dtype, bad padding, missing file)
 };
 
+// Limits on what a kernel directory may hold. A manifest is data from disk: a hostile or broken one must get a
+// clear refusal, never a hang (FIFO), an allocation of its choosing, or sizes that overflow.
+inline constexpr int64_t kMaxKernelK = int64_t{1} << 20;      // padded K and N of one kernel
+inline constexpr int64_t kMaxKernelN = int64_t{1} << 20;
+inline constexpr int64_t kMaxKernelRows = int64_t{1} << 16;   // m_rows: rows of A per run
+inline constexpr int64_t kMaxManifestBytes = int64_t{1} << 20;
+inline constexpr int64_t kMaxInstsBytes = int64_t{64} << 20;
+inline constexpr int64_t kMaxXclbinBytes = int64_t{512} << 20;
+
 // Reads <dir>/manifest.json. Returns false with *why on a missing/unreadable/incompatible manifest.
+// Entries whose files are not regular files inside `dir` (no absolute paths, no "..", no symlink leading out),
+// are larger than the caps above, or whose K, N, m_rows are out of range are skipped with the reason.
 bool load_manifest(const std::string& dir, Manifest* out, std::string* why);
+
+// Reads a regular file of at most max_bytes (opened without blocking: a FIFO or device is refused, not waited on).
+// Returns false with *why otherwise.
+bool read_regular_file(const std::string& path, int64_t max_bytes, std::string* data, std::string* why);
 
 // cfg.kernel_dir, else $XDNA_KERNEL_DIR, else ~/.cache/onnxruntime-ep-xdna/kernels.
 std::string resolve_kernel_dir(const std::string& configured);

@@ -33,16 +33,24 @@ auto at_step(const char* step, Fn&& fn) -> decltype(fn()) {
   }
 }
 
+// rows x cols elements of elem_bytes each, as a byte count; throws instead of wrapping (sizes come from a manifest
+// or a model).
+size_t bytes_of(int64_t rows, int64_t cols, size_t elem_bytes) {
+  int64_t elements = 0, bytes = 0;
+  if (rows < 0 || cols < 0 || __builtin_mul_overflow(rows, cols, &elements) ||
+      __builtin_mul_overflow(elements, static_cast<int64_t>(elem_bytes), &bytes))
+    throw std::runtime_error("buffer size overflows: " + std::to_string(rows) + " x " + std::to_string(cols));
+  return static_cast<size_t>(bytes);
+}
+
 std::vector<uint32_t> read_insts(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw std::runtime_error("cannot read " + path);
-  const auto bytes = static_cast<size_t>(in.tellg());
+  std::string data, why;
+  if (!read_regular_file(path, kMaxInstsBytes, &data, &why)) throw std::runtime_error(why);
+  const size_t bytes = data.size();
   if (bytes == 0 || bytes % 4) throw std::runtime_error(path + ": size " + std::to_string(bytes) +
                                                         " is not a non-zero multiple of 4 (uint32 words)");
   std::vector<uint32_t> words(bytes / 4);
-  in.seekg(0);
-  in.read(reinterpret_cast<char*>(words.data()), static_cast<std::streamsize>(bytes));
-  if (!in) throw std::runtime_error("short read of " + path);
+  std::memcpy(words.data(), data.data(), bytes);
   return words;
 }
 
@@ -168,7 +176,7 @@ class NpuBackend final : public Backend {
                                      std::to_string(b->shape.Npad));
     Shape* shape = it->second.get();
     ensure_loaded(shape);
-    const size_t bytes = static_cast<size_t>(b->shape.Kpad * b->shape.Npad) * sizeof(uint16_t);
+    const size_t bytes = bytes_of(b->shape.Kpad, b->shape.Npad, sizeof(uint16_t));
     if (b->data.size() * sizeof(uint16_t) != bytes)
       throw BackendFault("upload", "packed B holds " + std::to_string(b->data.size()) + " values, expected " +
                                        std::to_string(bytes / 2));
@@ -210,7 +218,7 @@ class NpuBackend final : public Backend {
         InFlight f{v, nullptr, nullptr, row0, std::min(height, args.M - row0)};
         f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
         at_step("run", [&] { stage_a(args, p, f.row0, f.rows, height, *f.staging->a); });
-        at_step("run", [&] { plant_canary(*f.staging->c, height * p.Npad); });
+        at_step("run", [&] { plant_canary(*f.staging->c, static_cast<int64_t>(bytes_of(height, p.Npad, 1))); });
         runs.push_back(std::move(f));
         InFlight& r = runs.back();
         r.run = at_step("run", [&] {
@@ -287,8 +295,8 @@ class NpuBackend final : public Backend {
       }
     }
     auto s = std::make_unique<Staging>();
-    s->a = shape.kernel->alloc(BufferKind::a, static_cast<size_t>(v.entry.m_rows * p.Kpad) * sizeof(uint16_t));
-    s->c = shape.kernel->alloc(BufferKind::c, static_cast<size_t>(v.entry.m_rows * p.Npad) * sizeof(float));
+    s->a = shape.kernel->alloc(BufferKind::a, bytes_of(v.entry.m_rows, p.Kpad, sizeof(uint16_t)));
+    s->c = shape.kernel->alloc(BufferKind::c, bytes_of(v.entry.m_rows, p.Npad, sizeof(float)));
     return s;
   }
 
@@ -300,8 +308,8 @@ class NpuBackend final : public Backend {
   // A rows [row0, row0 + rows) -> bf16 row-major [height, Kpad], zero pads (contract: exact zeros).
   static void stage_a(const GemmArgs& args, const PaddedShape& p, int64_t row0, int64_t rows, int64_t height,
                       DeviceBuffer& a) {
-    const size_t bytes = static_cast<size_t>(height * p.Kpad) * sizeof(uint16_t);
-    if (a.size() < bytes) throw std::runtime_error("A buffer is smaller than one run's rows");
+    const size_t bytes = bytes_of(height, p.Kpad, sizeof(uint16_t));
+    if (a.size() < bytes || rows > height) throw std::runtime_error("A buffer is smaller than one run's rows");
     auto* dst = static_cast<uint16_t*>(a.map());
     for (int64_t r = 0; r < rows; ++r) {
       const float* src = args.a + (row0 + r) * args.lda;
@@ -314,6 +322,8 @@ class NpuBackend final : public Backend {
   }
 
   static void plant_canary(DeviceBuffer& c, int64_t elements) {
+    if (elements <= 0 || c.size() < bytes_of(elements, 1, sizeof(uint32_t)))
+      throw std::runtime_error("C buffer is smaller than one run's rows");
     auto* words = static_cast<uint32_t*>(c.map());
     words[0] = kCanary;
     words[elements - 1] = kCanary;
@@ -323,8 +333,8 @@ class NpuBackend final : public Backend {
 
   static void read_c(DeviceBuffer& c, const PaddedShape& p, int64_t row0, int64_t rows, int64_t height,
                      const GemmArgs& args) {
-    const size_t bytes = static_cast<size_t>(height * p.Npad) * sizeof(float);
-    if (c.size() < bytes)
+    const size_t bytes = bytes_of(height, p.Npad, sizeof(float));
+    if (c.size() < bytes || rows > height)
       throw std::runtime_error("result buffer holds " + std::to_string(c.size()) + " bytes, expected " +
                                std::to_string(bytes));
     c.from_device(bytes, 0);
