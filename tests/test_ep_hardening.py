@@ -217,3 +217,92 @@ def test_groups_never_make_a_cycle_through_a_cpu_node():
     bound = bf16_bound(r, a, 6) + np.abs(r) @ a_err + a_err @ np.abs(a) + a_err @ a_err
     assert_within(y, r @ a, bound)
     assert {n for n, _ in ep_nodes(sess)} == {"mm_a", "mm_c"}
+
+
+# ---- 3. hostile kernel directories, against the fake NPU device
+
+def hostile_dir(tmp_path, name, edit, text_edit=None):
+    """A valid one-kernel directory whose single manifest entry is edited by `edit(entry)`."""
+    from test_xrt_backend import write_kernel_dir
+
+    d = write_kernel_dir(tmp_path / name, [(64, 256, 256)])
+    manifest = json.loads((d / "manifest.json").read_text())
+    edit(manifest["kernels"][0])
+    text = json.dumps(manifest)
+    (d / "manifest.json").write_text(text_edit(text) if text_edit else text)
+    return d
+
+
+@pytest.mark.parametrize("field,value,text_edit", [
+    ("m_rows", 2**58 + 256, None),  # m_rows x Kpad wrapped, stage_a wrote past a 32 KiB buffer
+    ("K", 1e30, None),
+    ("N", 2**40, None),
+    ("K", "INF", lambda t: t.replace('"INF"', "inf")),  # the reader takes strtod's inf/nan: never cast them
+    ("m_rows", "NAN", lambda t: t.replace('"NAN"', "nan")),
+    ("m_rows", -256, None),
+])
+def test_manifest_sizes_out_of_range_are_refused(tmp_path, field, value, text_edit):
+    from onnxruntime_ep_xdna import _native as nat
+
+    d = hostile_dir(tmp_path, "k", lambda e: e.update({field: value}), text_edit)
+    with pytest.raises(RuntimeError, match=r"no usable kernels.*m_rows in \[1, 65536\]"):
+        nat.npu_fake_backend(str(d))
+
+
+@pytest.mark.parametrize("target", ["../../../../etc/passwd", "/etc/passwd", "link", "sub/../../outside.bin"])
+def test_manifest_paths_stay_inside_the_kernel_dir(tmp_path, target):
+    from onnxruntime_ep_xdna import _native as nat
+
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 16)
+    d = hostile_dir(tmp_path, "k", lambda e: e.update({"insts": target}))
+    (d / "sub").mkdir()
+    (d / "link").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(RuntimeError, match="no usable kernels.*(not a path relative|leaves the kernel directory|"
+                                           "outside the kernel directory)"):
+        nat.npu_fake_backend(str(d))
+
+
+def test_oversized_kernel_files_are_refused(tmp_path):
+    from onnxruntime_ep_xdna import _native as nat
+
+    d = hostile_dir(tmp_path, "insts", lambda e: None)
+    with open(d / "gemm_k64_n256_m256.insts.bin", "r+b") as f:
+        f.truncate(65 << 20)  # sparse: 65 MiB of instructions
+    with pytest.raises(RuntimeError, match="no usable kernels.*larger than"):
+        nat.npu_fake_backend(str(d))
+    d = hostile_dir(tmp_path, "manifest", lambda e: None)
+    with open(d / "manifest.json", "a") as f:
+        f.truncate(2 << 20)  # valid JSON followed by NULs: refused for its size before any parsing
+    with pytest.raises(RuntimeError, match="larger than"):
+        nat.npu_fake_backend(str(d))
+
+
+def test_fifo_manifest_is_refused_without_blocking(tmp_path):
+    import os
+
+    d = tmp_path / "k"
+    d.mkdir()
+    os.mkfifo(d / "manifest.json")  # nobody writes: a blocking open() would wait for ever
+    (d / "x.xclbin").write_bytes(b"x")
+    code = ("from onnxruntime_ep_xdna import _native as nat\n"
+            f"try:\n    nat.npu_fake_backend({str(d)!r})\nexcept RuntimeError as e:\n    print(e)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a FIFO named manifest.json blocked the manifest loader")
+    assert "not a regular file" in out.stdout, out.stdout + out.stderr
+
+
+def test_ep_session_with_hostile_manifest_is_a_clear_error(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    d = hostile_dir(tmp_path, "k", lambda e: e.update({"m_rows": 2**58 + 256}))
+    w = rng(4).standard_normal((64, 256)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")], [tensor("a", ["m", 64])],
+                       [tensor("y", ["m", 256])], [init("w", w)])
+    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(d)})
+    assert "backend=xrt requested but unavailable" in capfd.readouterr().out
+    assert EP not in sess.get_providers()
+    sess = xdna_session(model, {"backend": "auto", "kernel_dir": str(d)})  # auto: the emulator, same numbers
+    a = rng(5).standard_normal((300, 64)).astype(np.float32)
+    assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, 64))
