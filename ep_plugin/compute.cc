@@ -313,14 +313,23 @@ void NodeKernel::compute_conv(TensorIo& io) {
     throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Conv input is not [N, " +
                                              std::to_string(c.in_channels) + ", T]");
   const int64_t batches = x.dims[0], t_in = x.dims[2];
-  const int64_t span = c.dilation * (c.kernel - 1) + 1;
-  const int64_t t_out = std::max<int64_t>(0, (t_in + c.pad_begin + c.pad_end - span) / c.stride + 1);
-  float* y = io.output(plan_.output, {batches, c.out_channels, t_out});
-  if (batches == 0 || t_out == 0 || c.out_channels == 0) return;
+  const int64_t span = c.dilation * (c.kernel - 1) + 1;  // no overflow: bounded when claimed
+  // As ORT's Conv: an input shorter than the dilated kernel (after padding) is an error, not an empty output.
+  const int64_t room = t_in + c.pad_begin + c.pad_end - span;
+  if (room < 0)
+    throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Conv input length " + std::to_string(t_in) +
+                                             " is shorter than its dilated kernel (" + std::to_string(span) +
+                                             ") after padding");
+  const int64_t t_out = room / c.stride + 1;
   const int64_t K = c.in_channels * c.kernel, N = c.out_channels;
+  int64_t cols_size = 0, yt_size = 0;
+  if (__builtin_mul_overflow(t_out, K, &cols_size) || __builtin_mul_overflow(t_out, N, &yt_size))
+    throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': Conv output too large");
+  float* y = io.output(plan_.output, {batches, c.out_channels, t_out});
+  if (batches == 0 || c.out_channels == 0) return;
   // im2col rows (one per output position, zeros where the window reaches into the padding) and the GEMM result
   // [t_out, Cout], written back transposed to the [Cout, t_out] layout of Conv's output.
-  std::vector<float> cols(static_cast<size_t>(t_out * K)), yt(static_cast<size_t>(t_out * N));
+  std::vector<float> cols(static_cast<size_t>(cols_size)), yt(static_cast<size_t>(yt_size));
   for (int64_t n = 0; n < batches; ++n) {
     const float* xn = x.data + n * c.in_channels * t_in;
     for (int64_t t = 0; t < t_out; ++t) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -142,6 +143,30 @@ std::string check_float_operands(const OrtApi& api, const NodeIo& io, GemmPlan* 
   return "";
 }
 
+// Packing pads every matrix of a constant B to kTileK x kBlockN bf16: many small matrices (a [20000, 1, 1] weight of
+// 80 KB packed to 630 MB) would cost far more than the weight. Returns why such a B stays on the CPU EP, or "".
+std::string packed_size_problem(const std::vector<int64_t>& shape, bool trans_b) {
+  std::vector<int64_t> s = shape;
+  if (s.size() == 1) s = {s[0], 1};
+  if (s.size() < 2) return "constant B of rank 0";
+  double batches = 1;
+  for (size_t i = 0; i + 2 < s.size(); ++i) batches *= static_cast<double>(s[i]);
+  const int64_t rows = s[s.size() - 2], cols = s[s.size() - 1];
+  const int64_t K = trans_b ? cols : rows, N = trans_b ? rows : cols;
+  if (K < 0 || N < 0) return "constant B of unknown shape";
+  const kernels::PaddedShape p = kernels::padded_shape(0, K, N);
+  const double packed = batches * static_cast<double>(p.Kpad) * static_cast<double>(p.Npad) * 2;
+  const double weight = batches * static_cast<double>(K) * static_cast<double>(N) * 4;
+  // A small multiple of the fp32 weight, plus 1 MiB so that a single small matrix (one padded block) still packs.
+  if (packed > 4 * weight + (1 << 20)) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "packing pads its %.0f matrices to %.3g MB, %.0fx the weight's %.3g MB", batches,
+                  packed / 1e6, weight > 0 ? packed / weight : 0.0, weight / 1e6);
+    return buf;
+  }
+  return "";
+}
+
 // Packs every matrix of a constant B of shape [..., K, N] (or [K] for 1-D B -> K x 1).
 void pack_constant_b(const OrtApi& api, const OrtValueInfo* vi, bool trans_b, GemmPlan* plan) {
   std::vector<int64_t> shape;
@@ -256,6 +281,8 @@ Analysis analyze_matmul(const OrtApi& api, const OrtNode* node, bool load_weight
   const double batch_b = product_lower_bound(b, 0, b.size() >= 2 ? b.size() - 2 : 0, &sym);
   p.mflop = 2.0 * M * K * N * std::max(batch_a, batch_b) / 1e6;
   p.mflop_lower_bound = sym;
+  if (p.b.constant)
+    if (auto why = packed_size_problem(p.b.dims, false); !why.empty()) return reject(why);
   if (p.b.constant && load_weights) pack_constant_b(api, io.inputs[1], false, &p);
   read_through_transpose(api, index, &p.a, &r);
   read_through_transpose(api, index, &p.b, &r);
@@ -306,6 +333,8 @@ Analysis analyze_gemm(const OrtApi& api, const OrtNode* node, bool load_weights,
   const double N = product_lower_bound(b, p.trans_b ? 0 : 1, p.trans_b ? 1 : 2, &sym);
   p.mflop = 2.0 * M * K * N / 1e6;
   p.mflop_lower_bound = sym;
+  if (p.b.constant)
+    if (auto why = packed_size_problem(p.b.dims, p.trans_b); !why.empty()) return reject(why);
   if (p.b.constant && load_weights) pack_constant_b(api, io.inputs[1], p.trans_b, &p);
   r.ok = true;
   r.reason = p.b.constant ? "constant weight" : "both operands at run time";
@@ -330,6 +359,9 @@ Analysis analyze_conv(const OrtApi& api, const OrtNode* node, bool load_weights,
   std::vector<int64_t> strides{1}, dilations{1}, pads{0, 0}, kernel_shape;
   if (!scalar_attr(api, node, "group", ORT_OP_ATTR_INT, &group)) return reject("unreadable group");
   if (group != 1) return reject("grouped convolution (group " + std::to_string(group) + ")");
+  // What ORT's CPU EP refuses (at session creation or run time) is left to it, so the user gets its error.
+  if (auto_pad != "NOTSET" && find_attr(api, node, "pads"))
+    return reject("auto_pad " + auto_pad + " together with pads (the CPU EP refuses this)");
   if (!ints_attr(api, node, "strides", &strides) || !ints_attr(api, node, "dilations", &dilations) ||
       !ints_attr(api, node, "pads", &pads) || !ints_attr(api, node, "kernel_shape", &kernel_shape))
     return reject("unreadable attributes");
@@ -337,8 +369,20 @@ Analysis analyze_conv(const OrtApi& api, const OrtNode* node, bool load_weights,
     return reject("attributes do not describe a 1-D convolution");
   const auto& w = p.b.dims;  // [Cout, Cin, k]
   if (w[0] <= 0 || w[1] <= 0 || w[2] <= 0) return reject("weight shape unknown");
+  if (!kernel_shape.empty() && kernel_shape[0] != w[2])
+    return reject("kernel_shape differs from W's (the CPU EP refuses this)");
   if (p.a.dims[1] >= 0 && p.a.dims[1] != w[1]) return reject("X channels differ from W");
-  if (strides[0] < 1 || dilations[0] < 1 || pads[0] < 0 || pads[1] < 0) return reject("bad strides/dilations/pads");
+  constexpr int64_t kMaxAttr = int64_t{1} << 31;
+  if (strides[0] < 1 || dilations[0] < 1 || pads[0] < 0 || pads[1] < 0 || strides[0] > kMaxAttr ||
+      dilations[0] > kMaxAttr || pads[0] > kMaxAttr || pads[1] > kMaxAttr)
+    return reject("bad strides/dilations/pads");
+  int64_t span = 0;  // dilation * (k - 1) + 1
+  if (__builtin_mul_overflow(dilations[0], w[2] - 1, &span) || span > (int64_t{1} << 62))
+    return reject("dilated kernel too long");
+  ++span;
+  if (p.a.dims[2] >= 0 && p.a.dims[2] + pads[0] + pads[1] < span)
+    return reject("output length below 1 (the CPU EP refuses this input)");
+  if (auto why = packed_size_problem({w[1] * w[2], w[0]}, false); !why.empty()) return reject(why);
   ConvParams& c = p.conv;
   c.out_channels = w[0];
   c.in_channels = w[1];

@@ -306,3 +306,72 @@ def test_ep_session_with_hostile_manifest_is_a_clear_error(tmp_path, monkeypatch
     sess = xdna_session(model, {"backend": "auto", "kernel_dir": str(d)})  # auto: the emulator, same numbers
     a = rng(5).standard_normal((300, 64)).astype(np.float32)
     assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, 64))
+
+
+# ---- 4. constant B with many tiny matrices: packing would pad each to a 64 x 256 block
+
+def test_many_tiny_weight_matrices_stay_on_cpu_with_reason(tmp_path):
+    w = rng(6).standard_normal((20000, 1, 1)).astype(np.float32)  # 80 KB; packed per matrix: 630 MB
+    model = make_model([helper.make_node("MatMul", ["a", "w"], ["y"], name="tiny")], [tensor("a", [20000, 2, 1])],
+                       [tensor("y", [20000, 2, 1])], [init("w", w)])
+    (tmp_path / "m.onnx").write_bytes(model)
+    (d,) = xdna.partition(tmp_path / "m.onnx").decisions
+    assert not d.claimed and "packing pads its 20000 matrices" in d.reason
+    sess = xdna_session(model)
+    assert ep_nodes(sess) == []
+    a = rng(7).standard_normal((20000, 2, 1)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"a": a})[0], a * w, rtol=1e-6)
+
+
+def test_small_batched_weights_are_still_claimed():
+    w = rng(8).standard_normal((8, 16, 16)).astype(np.float32)  # 8 KB, packed 256 KB: within the bound
+    model = make_model([helper.make_node("MatMul", ["a", "w"], ["y"], name="heads")], [tensor("a", [8, 4, 16])],
+                       [tensor("y", [8, 4, 16])], [init("w", w)])
+    sess = xdna_session(model)
+    assert ep_nodes(sess) == [("heads", "MatMul")]
+    a = rng(9).standard_normal((8, 4, 16)).astype(np.float32)
+    assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, 16))
+
+
+# ---- 6. Conv: what ORT's CPU EP refuses, the EP refuses too (never some output)
+
+def conv_model(attrs, x_dims, k=3):
+    w = rng(10).standard_normal((2, 1, k)).astype(np.float32)
+    return make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)], [tensor("x", x_dims)],
+                      [tensor("y", ["n", 2, "u"])], [init("w", w)])
+
+
+@pytest.mark.parametrize("attrs,x_dims,t", [
+    (dict(strides=[2]), [1, 1, 2], 2),          # input shorter than the kernel: (2-3)/2 truncated to 0 -> length 1
+    (dict(strides=[3]), ["n", 1, "t"], 2),      # the same with the length known only at run time
+    (dict(), ["n", 1, "t"], 2),
+    (dict(kernel_shape=[2]), [1, 1, 8], 8),     # kernel_shape contradicts W
+])
+def test_conv_inputs_the_cpu_ep_refuses_are_refused(attrs, x_dims, t):
+    model = conv_model(attrs, x_dims)
+    x = np.ones((1, 1, t), np.float32)
+    with pytest.raises(Exception) as cpu_error:
+        cpu_session(model).run(None, {"x": x})
+    sess = xdna_session(model)
+    with pytest.raises(Exception) as ep_error:
+        sess.run(None, {"x": x})
+    assert type(ep_error.value) is type(cpu_error.value)
+
+
+def test_conv_valid_with_pads_fails_like_the_cpu_ep():
+    model = conv_model(dict(auto_pad="VALID", pads=[1, 1]), [1, 1, 8])
+    with pytest.raises(Exception, match="both 'auto_pad' and 'pads'"):
+        cpu_session(model)
+    with pytest.raises(Exception, match="both 'auto_pad' and 'pads'"):
+        xdna_session(model)
+
+
+def test_conv_valid_without_pads_runs_on_the_ep():
+    model = conv_model(dict(auto_pad="VALID", kernel_shape=[3]), ["n", 1, "t"])
+    sess = xdna_session(model)
+    assert ep_nodes(sess) == [("conv", "Conv")]
+    x = rng(11).standard_normal((2, 1, 9)).astype(np.float32)
+    ref = cpu_session(model).run(None, {"x": x})[0]
+    y = sess.run(None, {"x": x})[0]
+    assert y.shape == ref.shape == (2, 2, 7)
+    np.testing.assert_allclose(y, ref, rtol=0.02, atol=0.02 * np.abs(ref).max())
