@@ -263,7 +263,10 @@ void NodeKernel::compute_matmul(TensorIo& io) {
   const int64_t a_m_stride = a2.strides[ra - 2], a_k_stride = a2.strides[ra - 1];
   const int64_t b_k_stride = b2.strides[rb - 2], b_n_stride = b2.strides[rb - 1];
   // The kernels read A rows with unit stride; a fused Transpose that moves A's last dim gets A gathered.
-  std::vector<float> a_gathered(a_k_stride == 1 ? 0 : static_cast<size_t>(batches * M * K));
+  int64_t gathered = 0;
+  if (a_k_stride != 1 && (__builtin_mul_overflow(batches, M, &gathered) || __builtin_mul_overflow(gathered, K, &gathered)))
+    throw OrtError(ORT_INVALID_ARGUMENT, "node '" + plan_.node_name + "': MatMul operand too large");
+  std::vector<float> a_gathered(a_k_stride == 1 ? 0 : static_cast<size_t>(gathered));
   std::vector<kernels::UnpackedGemm> unpacked;  // run-time B, few rows: all batches in one call
   for (int64_t i = 0; i < batches; ++i) {
     const float* ap = a.data + batch_offset(batch, batch_a, a_batch_strides, i);
