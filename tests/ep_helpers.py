@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,6 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxruntime_ep_xdna as xdna
 
 EP = xdna.EP_NAME
+# tools/sanitize.sh (ThreadSanitizer) sets this: ORT's uninstrumented thread pool synchronises where TSan cannot see
+# it, so ORT gets this many intra-op threads; the EP's own threads and the tests' threads still run concurrently.
+ORT_THREADS = int(os.environ.get("XDNA_TEST_ORT_THREADS", "0"))
 IR_VERSION = 10  # onnx 1.23 defaults to IR 14, which ORT 1.31 refuses
 OPSET = 17
 
@@ -32,6 +37,8 @@ def init(name, array):
 def xdna_session(model: bytes, options: dict | None = None, level=None, so=None):
     xdna.register()
     so = xdna.session_options(so)
+    if ORT_THREADS:
+        so.intra_op_num_threads = ORT_THREADS
     if level is not None:
         so.graph_optimization_level = level
     providers = [(EP, options) if options else EP, "CPUExecutionProvider"]
@@ -40,6 +47,8 @@ def xdna_session(model: bytes, options: dict | None = None, level=None, so=None)
 
 def cpu_session(model: bytes, level=None):
     so = ort.SessionOptions()
+    if ORT_THREADS:
+        so.intra_op_num_threads = ORT_THREADS
     if level is not None:
         so.graph_optimization_level = level
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
