@@ -157,8 +157,10 @@ std::string packed_size_problem(const std::vector<int64_t>& shape, bool trans_b)
   const kernels::PaddedShape p = kernels::padded_shape(0, K, N);
   const double packed = batches * static_cast<double>(p.Kpad) * static_cast<double>(p.Npad) * 2;
   const double weight = batches * static_cast<double>(K) * static_cast<double>(N) * 4;
-  // A small multiple of the fp32 weight, plus 1 MiB so that a single small matrix (one padded block) still packs.
-  if (packed > 4 * weight + (1 << 20)) {
+  // At most 4x the fp32 weight, plus the padding of one matrix: a 2-D weight always packs (its padding is at most
+  // one 64 x 256 block beyond its own size), while each matrix of a batch must pack within ~4x its own size.
+  const double one_matrix = static_cast<double>(p.Kpad) * static_cast<double>(p.Npad) * 2;
+  if (packed > 4 * weight + one_matrix) {
     char buf[160];
     std::snprintf(buf, sizeof buf, "packing pads its %.0f matrices to %.3g MB, %.0fx the weight's %.3g MB", batches,
                   packed / 1e6, weight > 0 ? packed / weight : 0.0, weight / 1e6);

@@ -323,14 +323,18 @@ def test_many_tiny_weight_matrices_stay_on_cpu_with_reason(tmp_path):
     np.testing.assert_allclose(sess.run(None, {"a": a})[0], a * w, rtol=1e-6)
 
 
-def test_small_batched_weights_are_still_claimed():
-    w = rng(8).standard_normal((8, 16, 16)).astype(np.float32)  # 8 KB, packed 256 KB: within the bound
-    model = make_model([helper.make_node("MatMul", ["a", "w"], ["y"], name="heads")], [tensor("a", [8, 4, 16])],
-                       [tensor("y", [8, 4, 16])], [init("w", w)])
+def test_batched_weights_are_claimed_when_their_packing_is_bounded():
+    w = rng(8).standard_normal((3, 64, 64)).astype(np.float32)  # 48 KB, packed 96 KB: within the bound
+    model = make_model([helper.make_node("MatMul", ["a", "w"], ["y"], name="heads")], [tensor("a", [3, 4, 64])],
+                       [tensor("y", [3, 4, 64])], [init("w", w)])
     sess = xdna_session(model)
     assert ep_nodes(sess) == [("heads", "MatMul")]
-    a = rng(9).standard_normal((8, 4, 16)).astype(np.float32)
-    assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, 16))
+    a = rng(9).standard_normal((3, 4, 64)).astype(np.float32)
+    assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, 64))
+    tiny = rng(8).standard_normal((8, 16, 16)).astype(np.float32)  # 8 KB, packed 256 KB: left to the CPU EP
+    model = make_model([helper.make_node("MatMul", ["a", "w"], ["y"], name="heads")], [tensor("a", [8, 4, 16])],
+                       [tensor("y", [8, 4, 16])], [init("w", tiny)])
+    assert ep_nodes(xdna_session(model)) == []
 
 
 # ---- 6. Conv: what ORT's CPU EP refuses, the EP refuses too (never some output)
