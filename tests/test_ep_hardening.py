@@ -54,6 +54,27 @@ def test_fed_overridable_initializer_is_used(in_if_branch):
     assert on_ep >= ({"mm_then", "mm_else"} if in_if_branch else {"mm"}), "claimed as a run-time B"
 
 
+def test_fed_overridable_initializer_in_nested_if_is_used():
+    inner = [helper.make_graph([helper.make_node("MatMul", ["a", "w"], [o], name=f"mm_{o}")], o, [],
+                               [tensor(o, [2, 3])]) for o in ("it", "ie")]
+    then_g = helper.make_graph([helper.make_node("If", ["c"], ["t"], name="if_inner", then_branch=inner[0],
+                                                 else_branch=inner[1])], "then", [], [tensor("t", [2, 3])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["e"], name="mm_e")], "else", [],
+                               [tensor("e", [2, 3])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], name="if", then_branch=then_g,
+                                                else_branch=else_g)], "g",
+                              [tensor("a", [2, 4]), tensor("w", [4, 3]), tensor("c", [], TensorProto.BOOL)],
+                              [tensor("y", [2, 3])], [init("w", np.full((4, 3), 0.5, np.float32))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              ir_version=IR_VERSION).SerializeToString()
+    sess = xdna_session(model)
+    a = rng(1).standard_normal((2, 4)).astype(np.float32)
+    fed = rng(2).standard_normal((4, 3)).astype(np.float32) * 10
+    y = sess.run(None, {"a": a, "w": fed, "c": np.array(True)})[0]  # through both If levels
+    assert_within(y, a.astype(np.float64) @ fed, bf16_bound(a, fed, 4))
+    assert ("mm_it", "MatMul") in ep_nodes(sess)
+
+
 # ---- 2. fork(): the child computes correctly and exits normally (it used to hang in exit())
 
 # The emulator's pool alone (no ORT in the process): ORT's own threads also hang a fork()ed child's normal exit
