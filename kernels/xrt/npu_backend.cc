@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -398,7 +399,7 @@ int env_int(const char* name, int dflt) {
   if (!v || !*v) return dflt;
   char* end = nullptr;
   const long x = std::strtol(v, &end, 10);
-  return end && *end == '\0' && x > 0 ? static_cast<int>(x) : dflt;
+  return end && *end == '\0' && x > 0 && x <= INT_MAX ? static_cast<int>(x) : dflt;
 }
 
 }  // namespace
