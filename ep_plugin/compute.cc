@@ -153,7 +153,8 @@ NodeKernel::~NodeKernel() {
     report_("{\"runtime\": true, \"node\": \"" + name + "\", \"backend\": \"" + backend_->name() +
             "\", \"device_calls\": " + std::to_string(device_calls_.load()) + ", \"cpu_calls\": " +
             std::to_string(cpu_calls_.load()) + ", \"device_mflop\": " + std::to_string(device_flop_.load() / 1e6) +
-            ", \"cpu_mflop\": " + std::to_string(cpu_flop_.load() / 1e6) + "}");
+            ", \"cpu_mflop\": " + std::to_string(cpu_flop_.load() / 1e6) +
+            (work_.empty() ? std::string() : ", \"work\": " + work_) + "}");
   }
 }
 
@@ -180,6 +181,16 @@ void NodeKernel::note_cpu_path(int64_t K, int64_t N, const std::string& why) {
                                      std::to_string(K) + " N=" + std::to_string(N) + " (" + why +
                                      "); computing on the CPU path (same bf16 arithmetic)");
   });
+}
+
+void NodeKernel::note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather,
+                           bool conv) {
+  if (!report_) return;
+  std::string w = "[" + std::to_string(batches) + ", " + std::to_string(M) + ", " + std::to_string(K) + ", " +
+                  std::to_string(N) + ", " + (runtime_b ? "1" : "0") + ", " + (a_gather ? "1" : "0") + ", " +
+                  (conv ? "1" : "0") + "]";
+  std::lock_guard<std::mutex> lock(work_mu_);
+  work_ = std::move(w);
 }
 
 void NodeKernel::fall_back(const std::string& why) {
@@ -255,7 +266,9 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
 
   // A 2-D (or batch-broadcast) B shared by every batch of a contiguous A: one tall GEMM.
   const bool plain = plan_.a.perm.empty() && plan_.b.perm.empty();
-  if (plain && count(batch_b) == 1 && count(batch_a) == batches) {
+  const bool tall = plain && count(batch_b) == 1 && count(batch_a) == batches;
+  note_work(tall ? 1 : batches, tall ? batches * M : M, K, N, !plan_.b.constant, a2.strides[ra - 1] != 1, false);
+  if (tall) {
     if (plan_.b.constant) run({a.data, batches * M, K, y, N}, weights_.at(0));
     else run_runtime_b({a.data, batches * M, K, y, N}, b.data, K, N, N, 1);
     return;
@@ -320,6 +333,7 @@ void NodeKernel::compute_conv(const OrtApi& api, OrtKernelContext* ctx) {
   float* y = output(api, ctx, {batches, c.out_channels, t_out});
   if (batches == 0 || t_out == 0 || c.out_channels == 0) return;
   const int64_t K = c.in_channels * c.kernel, N = c.out_channels;
+  note_work(batches, t_out, K, N, false, false, true);
   // im2col rows (one per output position, zeros where the window reaches into the padding) and the GEMM result
   // [t_out, Cout], written back transposed to the [Cout, t_out] layout of Conv's output.
   std::vector<float> cols(static_cast<size_t>(t_out * K)), yt(static_cast<size_t>(t_out * N));
@@ -371,6 +385,7 @@ void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
     a_rows = a_t.data();
   }
   const kernels::GemmArgs args{a_rows, M, K, y, N};
+  note_work(1, M, K, N, !plan_.b.constant, plan_.trans_a, false);
   if (K == 0) std::fill(y, y + M * N, 0.f);
   else if (plan_.b.constant) run(args, weights_.at(0));
   else if (!plan_.trans_b) run_runtime_b(args, b.data, K, N, N, 1);
