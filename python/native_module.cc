@@ -97,6 +97,8 @@ k::NpuModelParams model_params(const py::dict& overrides) {
     else if (key == "ddr_gbps") p.ddr_gbps = v;
     else if (key == "host_gbps") p.host_gbps = v;
     else if (key == "sync_gbps") p.sync_gbps = v;
+    else if (key == "pin_gbps") p.pin_gbps = v;
+    else if (key == "import_us") p.import_us = v;
     else if (key == "cpu_gflops") p.cpu_gflops = v;
     else if (key == "cpu_gbps") p.cpu_gbps = v;
     else if (key == "softmax_cycles_per_elem") p.softmax_cycles_per_elem = v;

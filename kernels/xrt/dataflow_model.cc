@@ -52,10 +52,11 @@ std::vector<ModelAssumption> npu_model_assumptions(const NpuModelParams& p) {
       {"host pass", fmt(p.host_gbps) + " GB/s per host copy/convert pass (one core)", "ASSUMED (the v1 model's figure)"},
       {"BO sync", fmt(p.sync_gbps) + " GB/s cache maintenance of an in-place range (flush before, invalidate after)",
        "ASSUMED (clflush over the range; amdxdna syncs user-pointer BOs by CPU cache maintenance)"},
-      {"XRT buffer import", "ORT's buffers become user-pointer BOs (page-enclosing range + offset); 0 us steady "
-                            "state",
-       "xdna-driver PR #574 (user pointer BO), #1309 (not mmapped); pages pinned once, imports cached by address "
-       "(ORT's arena reuses addresses run to run); first-run pinning not in the totals"},
+      {"XRT buffer import", "ORT's buffers become user-pointer BOs (enclosing pages + sub-BO at the offset), per "
+                            "call: " + fmt(p.import_us) + " us each + pinning at " + fmt(p.pin_gbps) + " GB/s",
+       "xdna-driver PR #574 (user pointer BO), #1309 (not mmapped); page-aligned ranges (driver rule). Pinning "
+       "cost ASSUMED (~100 ns per 4 KiB page). Not cached across calls: a freed and re-mapped address would "
+       "leave the NPU reading stale pinned pages"},
       {"CPU", fmt(p.cpu_gflops) + " GFLOPS, " + fmt(p.cpu_gbps) + " GB/s, " + fmt(p.cpu_call_us) + " us per call",
        "ASSUMED: 8 Zen 4 cores at laptop all-core clocks running the bf16 contract (this project's CPU EP/"
        "emulator measured 110-185 GFLOPS per server core, benchmarks/README.md)"},
@@ -154,7 +155,10 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   const double dma_bytes = b * (a_passes * Mp * Kp * a_elem + b_passes * Kp * Np * b_elem + Mp * Np * 4);
   c.dma_us = us_for_bytes(dma_bytes, p.ddr_gbps);
   c.compute_us = us_for_flop(2.0 * b * Mp * Kp * Np, peak_gflops(p) * p.gemm_efficiency);
-  c.host_us = us_for_bytes(host_bytes, p.host_gbps) + us_for_bytes(sync_bytes, p.sync_gbps);
+  // Every in-place range is imported (pinned) and synced once per call.
+  const double imports = (a_in_place ? 1 : 0) + (c_in_place ? 1 : 0) + (w.runtime_b ? 1 : 0);
+  c.host_us = us_for_bytes(host_bytes, p.host_gbps) + us_for_bytes(sync_bytes, p.sync_gbps) +
+              us_for_bytes(sync_bytes, p.pin_gbps) + imports * p.import_us;
 
   const int64_t runs = std::max<int64_t>(1, (s.Mpad + p.max_rows - 1) / p.max_rows);
   // Heads of a run-time product: one command (outer DMA dimension). Constant batched weights: one per matrix.
@@ -192,7 +196,7 @@ NodeCost model_attention_v2(int64_t heads, int64_t Tq, int64_t Tk, int64_t d, co
   const double passes = ceil_div(tqp, p.cores * kTileM);
   const double io = h * (tq * dd * 4 + tq * dd * 4), kv = h * 2.0 * tk * dd * 4;
   c.dma_us = us_for_bytes(io + passes * kv, p.ddr_gbps);
-  c.host_us = us_for_bytes(io + kv, p.sync_gbps);
+  c.host_us = us_for_bytes(io + kv, p.sync_gbps) + us_for_bytes(io + kv, p.pin_gbps) + 4 * p.import_us;
   c.npu_us = c.dispatch_us + c.host_us + std::max(c.dma_us, c.compute_us);
   // CPU: both products plus softmax passes over the fp32 scores (write, read+write, read).
   c.cpu_us = us_for_flop(4.0 * h * tq * tk * dd, p.cpu_gflops) + us_for_bytes(4.0 * h * tq * tk * 4, p.cpu_gbps) +

@@ -39,6 +39,8 @@ struct NpuModelParams {
   double ddr_gbps = 20;             // NPU <-> DDR, all shim DMA channels together
   double host_gbps = 10;            // one host core converting / copying operands
   double sync_gbps = 40;            // cache maintenance (clflush) of a BO range before/after a run
+  double pin_gbps = 40;             // pinning the pages of an imported (user-pointer) buffer
+  double import_us = 10;            // fixed cost of one import (BO + sub-BO ioctls)
   // CPU (the alternative): 8 Zen 4 cores of a Phoenix laptop running the same bf16 contract
   double cpu_gflops = 400;
   double cpu_gbps = 40;             // DRAM bandwidth a GEMV sees
