@@ -141,3 +141,30 @@ def test_build_script_without_toolchain(tmp_path):
     assert r.returncode == 3
     assert "toolchain is not installed" in r.stderr and "Peano" in r.stderr and "xclbinutil" in r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_core_kernel_converts_fp32_a_with_round_to_nearest_even(core_kernel):
+    """matmul_f32a_bf16_f32 (f32_f32 kernels): fp32 A half-tile rounded in the core. The host stand-in models the
+    AIE's conversion modes (default floor); the kernel must set RNE, so C equals the contract's host rounding bit for
+    bit. A holds ties and near-ties, where floor and RNE differ."""
+    rng = np.random.default_rng(2)
+    hi = rng.integers(0x3F00, 0x4100, (64, 32)).astype(np.uint32) << 16
+    low = rng.choice(np.array([0x8000, 0x7FFF, 0x8001, 0x0001, 0xFFFF], np.uint32), (64, 32))
+    sign = rng.choice(np.array([0, 0x80000000], np.uint32), (64, 32))
+    a = (hi | low | sign).view(np.float32)
+    b = np.zeros((32, 64), np.float32)
+    b[np.arange(32), np.arange(32)] = 1.0  # C[:, :32] = bf16(A), one exact product per sum
+    b[np.arange(32), 32 + np.arange(32)] = -2.0
+    a_blk = np.ascontiguousarray(a.reshape(16, 4, 4, 8).transpose(0, 2, 1, 3)).reshape(-1)
+    b16 = (b.view(np.uint32) >> 16).astype(np.uint16)
+    b_blk = np.ascontiguousarray(b16.reshape(4, 8, 16, 4).transpose(0, 2, 1, 3)).reshape(-1)
+    c = np.zeros(64 * 64, np.float32)
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    core_kernel.matmul_f32a_bf16_f32(ptr(a_blk), ptr(b_blk), ptr(c))
+    c = c.reshape(16, 16, 4, 4).transpose(0, 2, 1, 3).reshape(64, 64)
+    rne = bf16_rne(a)
+    np.testing.assert_array_equal(c[:, :32], rne)
+    np.testing.assert_array_equal(c[:, 32:], -2 * rne)
+    np.testing.assert_array_equal(c[:, :32], nat.emulator_gemm(a, nat.pack_b(np.eye(32, 64, dtype=np.float32)))[:, :32])
+    floor_ = np.where(sign != 0, a.view(np.uint32).astype(np.uint64) + 0xFFFF, a.view(np.uint32)) >> 16 << 16
+    assert np.any(floor_.astype(np.uint32).view(np.float32) != rne), "data must tell floor from RNE"

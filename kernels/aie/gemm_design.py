@@ -19,6 +19,13 @@ Array mapping (core (row r, column c), r, c in 0..3):
   The core program depends only on K (it loops forever over output tiles), so every (M, N) of one K shares one
   xclbin (hence one hardware context); M and N live in the runtime sequence (insts.bin) only.
 
+Issue 15 (dataflow v2, see docs/npu.md): kernels of manifest dtype f32_f32 read A as fp32 from ORT's own buffer
+(imported in place) in 64x32 halves of a K-tile and round it in the core (gemm_bf16.cc matmul_f32a_bf16_f32,
+round-to-nearest-even set explicitly); an exact height such as 1500 replicates row M-1 into the last block's
+padding on read and writes those rows back onto row M-1 (identical values). The core kernel and the host protocol
+(fake device) exist and are tested; this IRON program still builds the bf16-A, 256-multiple kernels only: the
+f32 A fifos (64x32 objects, two acquires per B tile) and the tail taps are the next step here.
+
 The pure-Python parts (transfer plans, layouts, `simulate`) run without mlir-aie; tests use `simulate` to check
 that the planned data movement and the core kernel's blocked indexing compute A . B exactly.
 """
