@@ -168,3 +168,23 @@ def test_core_kernel_converts_fp32_a_with_round_to_nearest_even(core_kernel):
     np.testing.assert_array_equal(c[:, :32], nat.emulator_gemm(a, nat.pack_b(np.eye(32, 64, dtype=np.float32)))[:, :32])
     floor_ = np.where(sign != 0, a.view(np.uint32).astype(np.uint64) + 0xFFFF, a.view(np.uint32)) >> 16 << 16
     assert np.any(floor_.astype(np.uint32).view(np.float32) != rne), "data must tell floor from RNE"
+
+
+@pytest.mark.parametrize("M,K,N", [(1500, 512, 512), (300, 128, 256), (257, 64, 512), (1300, 256, 256)])
+def test_v2_design_in_place_exact_height(M, K, N):
+    """Dataflow v2: fp32 A read in place with any height (tail rows replicate row M-1 and are written back onto it,
+    never outside A or C), A slab resident in the memtile, conversion in the core; the result is the contract's."""
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
+    packed = nat.pack_b(b)
+    b16 = bf16_bits_to_f32(np.asarray(packed.data)).astype(np.float64)
+    c = design.simulate_v2(a.reshape(-1), b16, M, packed.Kpad, packed.Npad)
+    ref = nat.reference_gemm(a, packed)
+    np.testing.assert_allclose(c[:, :N], ref, rtol=0, atol=1e-4 * K)
+    assert all(len(design.a_slab_taps_v2(M, K, (M - 1) // 256, r)) >= 1 for r in range(4))
+
+
+def test_v2_design_limits():
+    assert design.v2_fits(1024) and not design.v2_fits(2048)  # fc2 (K=2048) streams A as v1 does
+    with pytest.raises(ValueError):
+        design.simulate_v2(np.zeros(256 * 2048), np.zeros(2048 * 256), 256, 2048, 256)

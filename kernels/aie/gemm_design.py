@@ -147,6 +147,118 @@ def simulate(a: np.ndarray, b_packed: np.ndarray, M: int, K: int, N: int) -> np.
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Dataflow v2 (issue 15, manifest dtype f32_f32): fp32 A read in place from ORT's buffer, any height M.
+#   * Each core row's 64-row A slab is filled into its memtile once per 256-row block (fp32 64 x K <= 256 KiB, i.e.
+#     K <= 1024) and re-read from there for every column block, instead of re-streamed from DDR (see v2_fits).
+#   * Rows past M inside the last block are filled with copies of row M-1 (a second shim BD with row stride 0), so
+#     the DMA never reads outside the tensor; their C rows are then bit-identical to row M-1 (same operands, same
+#     core code, same order) and the shim writes them back onto row M-1, so it never writes outside C either.
+#   * The memtile sends A to the cores as 64x32 fp32 halves of a K-tile (8 KiB, blocked 4x8); the core rounds
+#     them to bf16 itself (gemm_bf16.cc matmul_f32a_bf16_f32, round-to-nearest-even) and uses the matching half
+#     of the 64x64 B tile. B and C travel as in v1.
+# The plan is pure Python; simulate_v2 runs it on numpy arrays (tests compare it with the contract).
+
+TILE_KH = TILE_K // 2  # fp32 A objects: 64 x 32 = 8 KiB, as a bf16 64 x 64 tile
+SLAB_BUDGET = 256 * 1024  # bytes of a memtile a resident A slab may take (the rest: B and C buffers)
+
+
+def v2_fits(K: int) -> bool:
+    """Whether the fp32 A slab of a core row fits its memtile. Larger K (fc2: 2048) streams A object by object as
+    v1 does, the last block's objects with two BDs each (real rows, then copies of row M-1); simulate_v2 covers the
+    resident-slab plan only."""
+    return TILE_M * K * 4 <= SLAB_BUDGET
+
+
+def a_slab_taps_v2(M: int, K: int, bm: int, row: int) -> list[Tap]:
+    """Shim BDs filling the 64-row fp32 A slab of core `row` in block bm (flat element offsets into A [M, K])."""
+    start = bm * BLOCK_M + row * TILE_M
+    valid = max(0, min(TILE_M, M - start))
+    taps = []
+    if valid:
+        taps.append(Tap(start * K, (1, 1, valid, K), (0, 0, K, 1)))
+    if valid < TILE_M:  # replicate row M-1
+        taps.append(Tap((M - 1) * K, (1, 1, TILE_M - valid, K), (0, 0, 0, 1)))
+    return taps
+
+
+def a_l1_dims_v2(K: int):
+    """Memtile slab (row stride K) -> core: one 64x32 fp32 object, blocked 4x8; offset kt_half * 32."""
+    m, k, r, s = TILE_M, TILE_KH, MMUL_R, MMUL_S
+    return [(m // r, r * K), (k // s, s), (r, K), (s, 1)]
+
+
+def c_taps_v2(M: int, N: int, bm: int, col: int, nb: int) -> list[Tap]:
+    """Shim BDs writing one 256x64 C slab (n-tile nb*4 + col of block bm) into C [M, N]: real rows, then the
+    padding rows onto row M-1."""
+    start = bm * BLOCK_M
+    valid = max(0, min(BLOCK_M, M - start))
+    n0 = (nb * COLS + col) * TILE_N
+    taps = []
+    if valid:
+        taps.append(Tap(start * N + n0, (1, 1, valid, TILE_N), (0, 0, N, 1)))
+    if valid < BLOCK_M:
+        taps.append(Tap((M - 1) * N + n0, (1, 1, BLOCK_M - valid, TILE_N), (0, 0, 0, 1)))
+    return taps
+
+
+def _rne_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 with round to nearest even, as values (NaN handling not modelled here)."""
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16).astype(np.uint32)).view(np.float32)
+
+
+def _core_half(a_blk: np.ndarray, b_half: np.ndarray, c_blk: np.ndarray) -> None:
+    """matmul_f32a_bf16_f32 on its blocked layouts: a 64x32 fp32 half (rounded here, as the core does), the
+    matching 32 rows of the blocked B tile, C += A.B (float64)."""
+    m, k, n, r, s, t = TILE_M, TILE_KH, TILE_N, MMUL_R, MMUL_S, MMUL_T
+    a = _rne_bf16(a_blk).astype(np.float64).reshape(m // r, k // s, r, s).transpose(0, 2, 1, 3).reshape(m, k)
+    b = b_half.reshape(k // s, n // t, s, t).transpose(0, 2, 1, 3).reshape(k, n)
+    c = c_blk.reshape(m // r, n // t, r, t)
+    c += (a @ b).reshape(m // r, r, n // t, t).transpose(0, 2, 1, 3)
+
+
+def simulate_v2(a: np.ndarray, b_packed: np.ndarray, M: int, K: int, N: int) -> np.ndarray:
+    """The v2 data movement on numpy arrays: a = flat fp32 A [M*K] (M any height), b_packed = flat bf16-valued
+    packed B [K*N]. Checks that every DMA stays inside A and C and that padding rows rewrite row M-1 unchanged."""
+    if M <= 0 or K % TILE_K or N % BLOCK_N or not v2_fits(K):
+        raise ValueError(f"v2 plan needs K a multiple of {TILE_K} and <= {SLAB_BUDGET // (TILE_M * 4)}, N of {BLOCK_N}")
+    c = np.full(M * N, np.nan)
+    written = np.zeros(M * N, bool)
+    tile_b = TILE_K * TILE_N
+    for bm in range(-(-M // BLOCK_M)):
+        slabs = []
+        for row in range(ROWS):
+            idx = np.concatenate([tap_indices(t) for t in a_slab_taps_v2(M, K, bm, row)])
+            assert idx.min() >= 0 and idx.max() < M * K, "A read outside the tensor"
+            slabs.append(a[idx].astype(np.float32))  # the memtile slab, 64 x K row-major
+        b_objs = [b_packed[tap_indices(b_tap(BLOCK_M, K, N, 0, c_))].reshape(-1, tile_b) for c_ in range(COLS)]
+        b_l1 = _indices(0, b_l1_dims())
+        for col in range(COLS):
+            for nb in range(N // BLOCK_N):
+                slab_c = np.zeros(BLOCK_M * TILE_N)
+                for row in range(ROWS):
+                    acc = slab_c[row * TILE_M * TILE_N:(row + 1) * TILE_M * TILE_N]
+                    for kt in range(K // TILE_K):
+                        b_tile = b_objs[col][nb * (K // TILE_K) + kt][b_l1]
+                        for half in range(2):
+                            a_obj = slabs[row][_indices((2 * kt + half) * TILE_KH, a_l1_dims_v2(K))]
+                            _core_half(a_obj, b_tile[half * TILE_KH * TILE_N:(half + 1) * TILE_KH * TILE_N], acc)
+                out = slab_c[_indices(0, c_l2_dims())]
+                pos = 0
+                for tap in c_taps_v2(M, N, bm, col, nb):
+                    idx = tap_indices(tap)
+                    assert idx.min() >= 0 and idx.max() < M * N, "C written outside the tensor"
+                    vals = out[pos:pos + idx.size]
+                    pos += idx.size
+                    again = written[idx]
+                    assert np.array_equal(c[idx][again], vals[again]), "a padding row changed row M-1"
+                    c[idx] = vals
+                    written[idx] = True
+                assert pos == out.size
+    return c.reshape(M, N)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The IRON program (needs mlir-aie).
 
 KERNEL_OBJECT = "gemm_bf16.o"  # built from gemm_bf16.cc with Peano by build_kernels.py
