@@ -280,6 +280,7 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
   // The kernels read A rows with unit stride; a fused Transpose that moves A's last dim gets A gathered.
   std::vector<float> a_gathered(a_k_stride == 1 ? 0 : static_cast<size_t>(batches * M * K));
   std::vector<kernels::UnpackedGemm> unpacked;  // run-time B, few rows: all batches in one call
+  std::vector<std::pair<kernels::GemmArgs, Weight>> batched;  // the others: one backend batch
   for (int64_t i = 0; i < batches; ++i) {
     const float* ap = a.data + batch_offset(batch, batch_a, a_batch_strides, i);
     int64_t lda = a_m_stride;
@@ -292,14 +293,47 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
     }
     const kernels::GemmArgs args{ap, M, lda, y + i * M * N, N};
     if (plan_.b.constant) {
-      run(args, weights_.at(static_cast<size_t>(broadcast_index(batch, batch_b, i))));
+      batched.emplace_back(args, weights_.at(static_cast<size_t>(broadcast_index(batch, batch_b, i))));
       continue;
     }
     const float* bp = b.data + batch_offset(batch, batch_b, b_batch_strides, i);
     if (auto call = as_unpacked(args, bp, b_k_stride, b_n_stride)) unpacked.push_back(*call);
-    else run_runtime_b(args, bp, K, N, b_k_stride, b_n_stride);
+    else batched.emplace_back(args, make_weight(std::make_shared<const kernels::PackedB>(
+                                                    kernels::pack_b(bp, K, N, b_k_stride, b_n_stride)),
+                                                true));
   }
   run_unpacked(unpacked.data(), unpacked.size(), K, N);
+  run_batch(batched);
+}
+
+void NodeKernel::run_batch(const std::vector<std::pair<kernels::GemmArgs, Weight>>& items) {
+  if (items.empty()) return;
+  std::vector<kernels::BatchItem> device;
+  bool all_device = device_ok_ && items.size() > 1;
+  uint64_t flop = 0;
+  for (const auto& [args, w] : items) {
+    if (!all_device) break;
+    const auto& s = w.host->shape;
+    if (args.M == 0 || s.N == 0) continue;
+    std::string why;
+    if (!w.device || !backend_->can_run(args.M, s.K, s.N, &why)) {
+      all_device = false;  // run() below takes the CPU path and says why
+      break;
+    }
+    device.push_back({args, w.device.get()});
+    flop += 2ull * static_cast<uint64_t>(args.M) * static_cast<uint64_t>(s.K) * static_cast<uint64_t>(s.N);
+  }
+  if (all_device && !device.empty()) {
+    try {
+      backend_->gemm_batch(device.data(), device.size());
+      device_calls_ += device.size();
+      device_flop_ += flop;
+      return;
+    } catch (const kernels::BackendFault& f) {
+      fall_back(f.what());  // every C of the batch is unspecified now: all of them again on the CPU path
+    }
+  }
+  for (const auto& [args, w] : items) run(args, w);
 }
 
 void NodeKernel::run_unpacked(const kernels::UnpackedGemm* calls, size_t count, int64_t K, int64_t N) {

@@ -44,6 +44,9 @@ class NodeKernel {
   void run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N, int64_t stride_k,
                      int64_t stride_n);
   void run_unpacked(const kernels::UnpackedGemm* calls, size_t count, int64_t K, int64_t N);
+  // Independent products of one node (batched MatMul: heads) through the backend together (one submission on
+  // the NPU), or each on the CPU path.
+  void run_batch(const std::vector<std::pair<kernels::GemmArgs, Weight>>& items);
   Weight make_weight(std::shared_ptr<const kernels::PackedB> packed, bool upload);
   void fall_back(const std::string& why);
   void note_cpu_path(int64_t K, int64_t N, const std::string& why);  // logged once per node

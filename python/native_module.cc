@@ -74,6 +74,29 @@ struct NpuBackendHandle {
     }
     return c;
   }
+  py::list gemm_batch(const py::list& items) {
+    std::vector<F32Array> as;
+    std::vector<py::array_t<float>> cs;
+    std::vector<k::BatchItem> batch;
+    for (auto item : items) {
+      auto pair = item.cast<py::tuple>();
+      F32Array a = pair[0].cast<F32Array>();
+      const auto& w = pair[1].cast<const NpuWeightHandle&>();
+      const k::PackedB& b = w.weight->host();
+      if (a.ndim() != 2 || a.shape(1) != b.shape.K) throw std::invalid_argument("A must be [M, K] matching B");
+      py::array_t<float> c({a.shape(0), static_cast<py::ssize_t>(b.shape.N)});
+      batch.push_back({k::GemmArgs{a.data(), a.shape(0), b.shape.K, c.mutable_data(), b.shape.N}, w.weight.get()});
+      as.push_back(std::move(a));
+      cs.push_back(std::move(c));
+    }
+    {
+      py::gil_scoped_release release;
+      backend->gemm_batch(batch.data(), batch.size());
+    }
+    py::list out;
+    for (auto& c : cs) out.append(c);
+    return out;
+  }
   py::dict fake_stats() const {
     if (!stats) throw std::runtime_error("not a fake-device backend");
     return py::dict(py::arg("contexts") = stats->contexts.load(), py::arg("runs") = stats->runs.load(),
@@ -134,6 +157,7 @@ void register_npu_bindings(py::module_& m) {
       .def("can_run", &NpuBackendHandle::can_run, py::arg("M"), py::arg("K"), py::arg("N"))
       .def("upload", &NpuBackendHandle::upload, py::arg("b"), py::keep_alive<0, 1>())
       .def("gemm", &NpuBackendHandle::gemm, py::arg("a"), py::arg("weight"))
+      .def("gemm_batch", &NpuBackendHandle::gemm_batch, py::arg("items"), "[(a, weight), ...] -> [c, ...]")
       .def("fake_stats", &NpuBackendHandle::fake_stats);
 
   m.def("npu_fake_backend", [](const std::string& kernel_dir, const std::string& fail_at, int max_contexts,

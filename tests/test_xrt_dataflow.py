@@ -222,3 +222,61 @@ def test_partition_npu_model_cli(tmp_path):
     total, npu, cpu = map(float, m.groups())
     assert total == pytest.approx(npu + cpu, abs=0.11)
     assert "before (v1 dataflow" in out
+
+
+# ---- batches: the heads of a product in one submission ----
+
+def test_batch_is_one_submission_per_context(f32_dir):
+    be = nat.npu_fake_backend(str(f32_dir))
+    heads = [(rand((1500, 512), 20 + h), rand((512, 512), 30 + h)) for h in range(4)]
+    items = [(a, be.upload(nat.pack_b(b))) for a, b in heads]
+    before = be.fake_stats()
+    cs = be.gemm_batch(items)
+    s = be.fake_stats()
+    assert s["submissions"] - before["submissions"] == 1 and s["runs"] - before["runs"] == 4
+    assert s["imports"] - before["imports"] == 8
+    for (a, b), c in zip(heads, cs):
+        assert_same_gemm(c, nat.emulator_gemm(a, nat.pack_b(b)), a, b)
+    # weights of another K live in another xclbin (hardware context): a second submission
+    other = rand((128, 512), 40)
+    cs = be.gemm_batch([(heads[0][0], items[0][1]), (rand((10, 128), 41), be.upload(nat.pack_b(other)))])
+    assert be.fake_stats()["submissions"] - s["submissions"] == 2
+    assert_same_gemm(cs[0], nat.emulator_gemm(heads[0][0], nat.pack_b(heads[0][1])), heads[0][0], heads[0][1])
+
+
+def _heads_model(h, t, d):
+    from ep_helpers import make_model, tensor
+
+    node = helper.make_node("MatMul", ["q", "kt"], ["s"], name="qk")
+    return make_model([node], [tensor("q", [h, t, d]), tensor("kt", [h, d, t])], [tensor("s", [h, t, t])])
+
+
+@pytest.mark.parametrize("fault", ["", "run_state", "result"])
+def test_ep_sends_all_heads_as_one_batch(tmp_path, monkeypatch, capfd, fault):
+    """The EP's batched MatMul with a run-time B (attention scores) hands every head to the backend in one batch;
+    a device fault in the batch recomputes every head on the CPU path."""
+    import onnxruntime as ort
+    from ep_helpers import assert_within, bf16_bound, xdna_session
+
+    h, t, d = 4, 256, 64
+    kdir = kernel_dir(tmp_path / "k", [(d, t, t, "f32_f32")])
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    if fault:
+        monkeypatch.setenv("XDNA_XRT_FAKE_FAULT", fault)
+    else:
+        monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    sess = xdna_session(_heads_model(h, t, d), {"backend": "xrt", "kernel_dir": str(kdir), "log_level": "info"},
+                        so=so)
+    rng = np.random.default_rng(50)
+    q, kt = rng.standard_normal((h, t, d)).astype(np.float32), rng.standard_normal((h, d, t)).astype(np.float32)
+    s = sess.run(None, {"q": q, "kt": kt})[0]
+    for i in range(h):
+        assert_within(s[i], q[i].astype(np.float64) @ kt[i], bf16_bound(q[i], kt[i], d), f"head {i}")
+    del sess
+    err = capfd.readouterr().err
+    if fault:
+        assert "fault" in err and f"0 GEMM calls on xrt, {h} on the CPU path" in err
+    else:
+        assert f"{h} GEMM calls on xrt, 0 on the CPU path" in err

@@ -186,49 +186,75 @@ class NpuBackend final : public Backend {
   }
 
   void gemm(const GemmArgs& args, const DeviceWeight& weight) override {
-    const auto* w = dynamic_cast<const NpuWeight*>(&weight);
-    if (!w) throw BackendFault("run", "weight was not uploaded by the xrt backend");
+    const BatchItem item{args, &weight};
+    gemm_batch(&item, 1);
+  }
+
+  // The products of a batch (the heads of an attention product) go to the device in one submission when their
+  // weights share one hardware context; otherwise one submission per product.
+  void gemm_batch(const BatchItem* items, size_t count) override {
+    std::vector<const NpuWeight*> weights(count);
+    for (size_t i = 0; i < count; ++i) {
+      weights[i] = dynamic_cast<const NpuWeight*>(items[i].weight);
+      if (!weights[i]) throw BackendFault("run", "weight was not uploaded by the xrt backend");
+    }
     if (disabled_) throw BackendFault("run", "xrt backend disabled: " + disabled_reason());
-    if (args.M <= 0) return;
-    Shape& shape = *w->shape;
-    const PaddedShape& p = w->host().shape;
+    size_t first = 0;
+    while (first < count) {
+      size_t last = first + 1;  // [first, last): products sharing the first one's context
+      while (last < count && weights[last]->shape->kernel == weights[first]->shape->kernel) ++last;
+      submit(items + first, weights.data() + first, last - first);
+      first = last;
+    }
+  }
 
-    std::vector<int64_t> heights;
-    for (const auto& v : shape.variants) heights.push_back(v->entry.m_rows);
-    const std::vector<int64_t> plan = plan_row_chunks(args.M, heights);
+ private:
+  struct InFlight {
+    const GemmArgs* args;
+    const PaddedShape* p;
+    Variant* variant;
+    std::unique_ptr<Staging> staging;         // staged A/C (null when both are imported)
+    std::unique_ptr<DeviceBuffer> a_in, c_in;  // ORT's own memory as user-pointer buffers (issue 15)
+    int64_t row0, rows;
+  };
 
-    struct InFlight {
-      Variant* variant;
-      std::unique_ptr<Staging> staging;         // staged A/C (null when both are imported)
-      std::unique_ptr<DeviceBuffer> a_in, c_in;  // ORT's own memory as user-pointer buffers (issue 15)
-      int64_t row0, rows;
-    };
+  // Every run of every product goes to the device in one submission (a runlist), then one wait.
+  void submit(const BatchItem* items, const NpuWeight* const* weights, size_t count) {
+    LoadedKernel* kernel = weights[0]->shape->kernel;
     std::vector<InFlight> runs;
-    runs.reserve(plan.size());
     std::unique_ptr<PendingRun> chain;
     try {
-      // Every run of the call goes to the device in one submission (a runlist), then one wait.
-      std::vector<RunArgs> submit;
-      int64_t row0 = 0;
-      for (int64_t height : plan) {
-        Variant* v = variant_for(shape, height);
-        InFlight f{v, nullptr, nullptr, nullptr, row0, std::min(height, args.M - row0)};
-        at_step("run", [&] { import_in_place(args, p, v->entry, height, f.row0, f.rows, f.a_in, f.c_in, *shape.kernel); });
-        if (!f.a_in) {
-          f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
-          at_step("run", [&] {
-            if (v->entry.a_f32) stage_a_f32(args, p, f.row0, f.rows, height, *f.staging->a);
-            else stage_a(args, p, f.row0, f.rows, height, *f.staging->a);
-            plant_canary(*f.staging->c, height * p.Npad);
-          });
-        }
-        runs.push_back(std::move(f));
-        InFlight& r = runs.back();
-        submit.push_back({v->instr.get(), v->n_words, r.a_in ? r.a_in.get() : r.staging->a.get(), w->b.get(),
+      std::vector<RunArgs> list;
+      for (size_t i = 0; i < count; ++i) {
+        const GemmArgs& args = items[i].args;
+        if (args.M <= 0) continue;
+        const NpuWeight* w = weights[i];
+        Shape& shape = *w->shape;
+        const PaddedShape& p = w->host().shape;
+        std::vector<int64_t> heights;
+        for (const auto& v : shape.variants) heights.push_back(v->entry.m_rows);
+        int64_t row0 = 0;
+        for (int64_t height : plan_row_chunks(args.M, heights)) {
+          Variant* v = variant_for(shape, height);
+          InFlight f{&args, &p, v, nullptr, nullptr, nullptr, row0, std::min(height, args.M - row0)};
+          at_step("run", [&] { import_in_place(args, p, v->entry, height, f.row0, f.rows, f.a_in, f.c_in, *kernel); });
+          if (!f.a_in) {
+            f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
+            at_step("run", [&] {
+              if (v->entry.a_f32) stage_a_f32(args, p, f.row0, f.rows, height, *f.staging->a);
+              else stage_a(args, p, f.row0, f.rows, height, *f.staging->a);
+              plant_canary(*f.staging->c, height * p.Npad);
+            });
+          }
+          runs.push_back(std::move(f));
+          InFlight& r = runs.back();
+          list.push_back({v->instr.get(), v->n_words, r.a_in ? r.a_in.get() : r.staging->a.get(), w->b.get(),
                           r.c_in ? r.c_in.get() : r.staging->c.get()});
-        row0 += height;
+          row0 += height;
+        }
       }
-      chain = at_step("run", [&] { return shape.kernel->start_chain(submit); });
+      if (list.empty()) return;
+      chain = at_step("run", [&] { return kernel->start_chain(list); });
       std::string detail;
       const RunState state = at_step("run", [&] { return chain->wait(options_.timeout, &detail); });
       chain.reset();
@@ -239,8 +265,8 @@ class NpuBackend final : public Backend {
       }
       if (state != RunState::completed) throw BackendFault("run", "command failed: " + detail);
       for (InFlight& r : runs) {
-        if (r.c_in) at_step("result", [&] { check_in_place_c(*r.c_in, r.rows * p.Npad); });
-        else at_step("result", [&] { read_c(*r.staging->c, p, r.row0, r.rows, r.variant->entry.m_rows, args); });
+        if (r.c_in) at_step("result", [&] { check_in_place_c(*r.c_in, r.rows * r.p->Npad); });
+        else at_step("result", [&] { read_c(*r.staging->c, *r.p, r.row0, r.rows, r.variant->entry.m_rows, *r.args); });
         r.a_in.reset();
         r.c_in.reset();
         if (r.staging) give_back(*r.variant, std::move(r.staging));
@@ -251,7 +277,6 @@ class NpuBackend final : public Backend {
     }
   }
 
- private:
   // In place (issue 15): a kernel that reads fp32 A (converting it in the core) over exactly the rows of this run,
   // on dense rows (lda = K, ldc = N) of whole tiles (K a multiple of 64, N of 256), gets ORT's A and C memory
   // imported as buffers. Anything else, or a device that refuses the import, leaves both null: the run is staged.
