@@ -121,6 +121,7 @@ k::NpuModelParams model_params(const py::dict& overrides) {
     else if (key == "host_gbps") p.host_gbps = v;
     else if (key == "sync_gbps") p.sync_gbps = v;
     else if (key == "pin_gbps") p.pin_gbps = v;
+    else if (key == "bf16_macs") p.bf16_macs = v;  // e.g. 256: int8's MAC rate, for the int8 route
     else if (key == "import_us") p.import_us = v;
     else if (key == "cpu_gflops") p.cpu_gflops = v;
     else if (key == "cpu_gbps") p.cpu_gbps = v;
