@@ -280,3 +280,23 @@ def test_ep_sends_all_heads_as_one_batch(tmp_path, monkeypatch, capfd, fault):
         assert "fault" in err and f"0 GEMM calls on xrt, {h} on the CPU path" in err
     else:
         assert f"{h} GEMM calls on xrt, 0 on the CPU path" in err
+
+
+def test_partition_reports_the_work_of_gemm_and_conv(tmp_path):
+    """The EP reports each node's executed work, which the model reads: Gemm with transA (A gathered on the host)
+    and a 1-D Conv (im2col rows x Cout)."""
+    from onnxruntime_ep_xdna import partition
+
+    w = numpy_helper.from_array(rand((64, 96), 60), "w")
+    cw = numpy_helper.from_array(rand((32, 8, 3), 61), "cw")
+    nodes = [helper.make_node("Gemm", ["at", "w"], ["y"], name="gemm", transA=1),
+             helper.make_node("Conv", ["x", "cw"], ["z"], name="conv", pads=[1, 1], strides=[2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("at", TensorProto.FLOAT, [64, 40]),
+                                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 50])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w, cw])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    report = partition(tmp_path / "m.onnx", run=True)
+    work = {d.node: d.executed["work"] for d in report.decisions if d.executed}
+    assert work["gemm"] == [1, 40, 64, 96, 0, 1, 0]
+    assert work["conv"] == [2, 25, 24, 32, 0, 0, 1]  # t_out = (50 + 2 - 3) // 2 + 1 = 25, K = 8 * 3

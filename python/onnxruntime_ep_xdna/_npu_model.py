@@ -89,7 +89,8 @@ def model_nodes(report, params: dict | None = None, fuse_attention: bool = True)
         kw = dict(batches=b, runtime_b=bool(rb), a_gather=bool(ag), conv=bool(conv), params=params)
         before = _native.npu_model(M, K, N, dataflow="v1", **kw)
         if d.node in fused_into:
-            rows.append(NodeModel(d.node, d.op_type, work, None, before, note=f"in the fused attention of {fused_into[d.node]}"))
+            rows.append(NodeModel(d.node, d.op_type, work, None, before,
+                                  note=f"in the fused attention of {fused_into[d.node]}"))
             continue
         if d.node in pairs and pairs[d.node] in fused_into:
             cost = _native.npu_model_attention(b, M, N, K, params=params)
