@@ -165,7 +165,8 @@ def test_v2_node_parts_add_up_and_decide():
     vocab = nat.npu_model(1, 512, 51865)
     assert not vocab["npu"] and "no kernel" in vocab["dataflow"]
     heads = nat.npu_model(1500, 64, 1500, batches=8, runtime_b=True)
-    assert heads["commands"] == 1 and "C staged" in heads["dataflow"], "N=1500 scores: the model says why"
+    assert heads["commands"] == 8 and "8 cmds in 1 submission" in heads["dataflow"]
+    assert "C staged" in heads["dataflow"] and "B packed" in heads["dataflow"], "copies: the model says why"
     conv = nat.npu_model(3000, 240, 512, conv=True)
     assert "im2col" in conv["dataflow"] and "pads A" in conv["dataflow"]
 
