@@ -187,23 +187,19 @@ class XrtKernel final : public LoadedKernel {
 
   std::unique_ptr<PendingRun> start_chain(const std::vector<RunArgs>& runs) override {
     if (runs.size() > 1 && chain_ok_) {
-      std::vector<xrt::run> objects;
-      bool built = false;
-      xrt::runlist list;
       try {
-        list = xrt::runlist(context_);
+        xrt::runlist list(context_);
+        std::vector<xrt::run> objects;
         for (const RunArgs& r : runs) {
           xrt::run run(kernel_);
           set_args(run, r);
           list.add(run);
           objects.push_back(std::move(run));
         }
-        built = true;
-        list.execute();
+        list.execute();  // one ERT_CMD_CHAIN: when it cannot be submitted, none of it runs
         return std::make_unique<XrtChain>(std::move(list), std::move(objects));
       } catch (const std::exception&) {
-        if (built) throw;  // submitted or failed on submission: the caller maps it to a fault
-        chain_ok_ = false;  // no runlist support here: plain runs from now on
+        chain_ok_ = false;  // no runlist support here (XRT plugin, firmware < 5.8): plain runs from now on
       }
     }
     std::vector<std::unique_ptr<PendingRun>> started;
