@@ -5,6 +5,7 @@ script's behaviour when mlir-aie/Peano are absent."""
 from __future__ import annotations
 
 import ctypes
+import json
 import shutil
 import subprocess
 import sys
@@ -126,8 +127,8 @@ def test_model_shapes(tmp_path):
 def test_build_script_without_toolchain(tmp_path):
     _model(tmp_path / "m.onnx")
     script = str(AIE / "build_kernels.py")
-    dry = subprocess.run([sys.executable, script, "--model", str(tmp_path / "m.onnx"), "--dry-run"],
-                         capture_output=True, text=True)
+    dry = subprocess.run([sys.executable, script, "--model", str(tmp_path / "m.onnx"), "--dtype", "bf16_f32",
+                          "--dry-run"], capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert "4 kernel(s) for 2 shape(s); 2 xclbin(s)" in dry.stdout and "K=  128 N=  512 m_rows= 1536" in dry.stdout
     try:
@@ -141,6 +142,73 @@ def test_build_script_without_toolchain(tmp_path):
     assert r.returncode == 3
     assert "toolchain is not installed" in r.stderr and "Peano" in r.stderr and "xclbinutil" in r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _whisper_like(path: Path):
+    """Whisper's encoder front in miniature: [batch, 80, 3000] -> conv k3 -> conv k3 stride 2 -> [batch, 1500, C]
+    -> MatMul. Same heights as whisper-base (3000, 1500), fewer channels."""
+    w1 = numpy_helper.from_array(np.zeros((16, 80, 3), np.float32), "w1")
+    w2 = numpy_helper.from_array(np.zeros((16, 16, 3), np.float32), "w2")
+    w3 = numpy_helper.from_array(np.zeros((16, 32), np.float32), "w3")
+    nodes = [helper.make_node("Conv", ["input_features", "w1"], ["h1"], pads=[1, 1]),
+             helper.make_node("Conv", ["h1", "w2"], ["h2"], pads=[1, 1], strides=[2]),
+             helper.make_node("Transpose", ["h2"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t", "w3"], ["y"])]
+    graph = helper.make_graph(nodes, "enc", [helper.make_tensor_value_info("input_features", TensorProto.FLOAT,
+                                                                           ["batch_size", 80, 3000])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w1, w2, w3])
+    onnx.save(helper.make_model(graph), path)
+
+
+def test_model_heights_and_f32_build_plan(tmp_path):
+    _whisper_like(tmp_path / "enc.onnx")
+    work = model_shapes.gemm_work(str(tmp_path / "enc.onnx"), {"batch_size": 1})
+    assert work == {(256, 256, 3000): 1, (64, 256, 1500): 2}  # conv1 (K 240), conv2 (K 48), MatMul (K 16)
+    # batch 2: the MatMul folds the batch into M (3000 rows); a Conv runs one GEMM per batch item (still 1500)
+    assert model_shapes.gemm_work(str(tmp_path / "enc.onnx"), {"batch_size": 2}) == \
+        {(256, 256, 3000): 1, (64, 256, 1500): 1, (64, 256, 3000): 1}
+    r = subprocess.run([sys.executable, str(AIE / "model_shapes.py"), str(tmp_path / "enc.onnx"), "--dim",
+                        "batch_size=1", "--heights"], capture_output=True, text=True)
+    assert r.returncode == 0 and "exact heights: 1500, 3000" in r.stderr, r.stderr
+    script = str(AIE / "build_kernels.py")
+    dry = subprocess.run([sys.executable, script, "--model", str(tmp_path / "enc.onnx"), "--dim", "batch_size=1",
+                          "--dry-run"], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert lines[0].startswith("4 kernel(s) for 2 shape(s); 2 xclbin(s)"), lines[0]
+    assert [ln.split(":")[0].split() for ln in lines[1:]] == [
+        ["K=", "64", "N=", "256", "m_rows=", "256", "f32_f32"], ["K=", "64", "N=", "256", "m_rows=", "1500", "f32_f32"],
+        ["K=", "256", "N=", "256", "m_rows=", "256", "f32_f32"],
+        ["K=", "256", "N=", "256", "m_rows=", "3000", "f32_f32"]]
+    assert "6 block(s) (last overlaps 36 rows)" in lines[2] and "A slab resident" in lines[2]
+    bad = subprocess.run([sys.executable, script, "--shape", "512x512", "--m-rows", "100", "--dry-run"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and ">= 256" in bad.stderr
+
+
+def test_f32_manifest_from_the_build_runs_on_the_fake_device(tmp_path):
+    """The manifest build_kernels.py writes for f32_f32 kernels (its entries; a fake device's instruction streams
+    in place of aiecc's) is accepted by the backend's loader and runs 1500 rows in place in one run."""
+    import build_kernels
+
+    variants, skipped = build_kernels.plan({(512, 512)}, [256], "f32_f32", {(512, 512): {1500}})
+    assert not skipped and [v["m_rows"] for v in variants] == [256, 1500]
+    entries = []
+    for v in variants:
+        insts = f"gemm_f32_f32_k512_n512_m{v['m_rows']}.insts.bin"
+        nat.npu_fake_insts(v["m_rows"], 512, 512, True).astype("<u4").tofile(tmp_path / insts)
+        entries.append({**v, "xclbin": "gemm_f32_f32_k512_x.xclbin", "insts": insts, "kernel": "MLIR_AIE"})
+    (tmp_path / "gemm_f32_f32_k512_x.xclbin").write_bytes(b"fake xclbin")
+    (tmp_path / "manifest.json").write_text(json.dumps(build_kernels.manifest(entries)))
+    assert all(e["dtype"] == "f32_f32" for e in json.loads((tmp_path / "manifest.json").read_text())["kernels"])
+    be = nat.npu_fake_backend(str(tmp_path))
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((1500, 512)).astype(np.float32), rng.standard_normal((512, 512)).astype(np.float32)
+    packed = nat.pack_b(b)
+    c = be.gemm(a, be.upload(packed))
+    s = be.fake_stats()
+    assert s["runs"] == 1 and s["imports"] == 2, s
+    np.testing.assert_array_equal(c, nat.emulator_gemm(a, packed))
 
 
 def test_core_kernel_converts_fp32_a_with_round_to_nearest_even(core_kernel):
@@ -170,24 +238,193 @@ def test_core_kernel_converts_fp32_a_with_round_to_nearest_even(core_kernel):
     assert np.any(floor_.astype(np.uint32).view(np.float32) != rne), "data must tell floor from RNE"
 
 
-@pytest.mark.parametrize("M,K,N", [(1500, 512, 512), (300, 128, 256), (257, 64, 512), (1300, 256, 256)])
-def test_v2_design_in_place_exact_height(M, K, N):
-    """Dataflow v2: fp32 A read in place with any height (tail rows replicate row M-1 and are written back onto it,
-    never outside A or C), A slab resident in the memtile, conversion in the core; the result is the contract's."""
+# ---- the f32_f32 design (dataflow v2): plan, simulation, recorded IRON program, build script ----
+
+import iron_layer  # noqa: E402
+
+WHISPER_F32 = [(256, 512, 3000), (512, 512, 1500), (512, 2048, 1500), (2048, 512, 1500), (1536, 512, 1500)]
+
+
+def _coverage(idx: np.ndarray, n: int) -> np.ndarray:
+    """How often each of n elements was touched; raises if an index is outside [0, n)."""
+    assert idx.min() >= 0 and idx.max() < n
+    return np.bincount(idx, minlength=n)
+
+
+@pytest.mark.parametrize("M,K,N,stream_a", [(1500, 512, 512, False), (300, 2048, 256, False), (257, 64, 512, False),
+                                            (3000, 256, 512, False), (600, 128, 512, True)])
+def test_f32_design_computes_the_contract_in_place(M, K, N, stream_a):
+    """simulate_f32 runs the f32_f32 plan (shim transfers checked encodable and inside A/B/C, memtile re-layouts,
+    the slab replayed per column block or A streamed, the core's acquire order, RNE rounding of A in the core, C
+    un-blocking) on fp32 A of an exact height. Against float64 on the RNE-rounded operands it can differ only by
+    the order of float64 sums: |c - ref| <= 2 K 2^-53 (|A|.|B|); against the contract's fp32 reference by fp32
+    summation order (2 K 2^-23 |A|.|B|). A, the packed B and C are each covered exactly: nothing outside, nothing
+    missed; C rows written twice (the overlapping last block) got the same bits (checked inside simulate_f32)."""
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
     packed = nat.pack_b(b)
     b16 = bf16_bits_to_f32(np.asarray(packed.data)).astype(np.float64)
-    c = design.simulate_v2(a.reshape(-1), b16, M, packed.Kpad, packed.Npad)
-    ref = nat.reference_gemm(a, packed)
-    np.testing.assert_allclose(c[:, :N], ref, rtol=0, atol=1e-4 * K)
-    assert all(len(design.a_slab_taps_v2(M, K, (M - 1) // 256, r)) >= 1 for r in range(4))
+    trace = {}
+    c = design.simulate_f32(a.reshape(-1), b16, M, packed.Kpad, packed.Npad, stream_a, trace)
+    a16, bb = bf16_rne(a).astype(np.float64), bf16_rne(b).astype(np.float64)
+    mag = np.abs(a16) @ np.abs(bb)
+    assert np.all(np.abs(c - a16 @ bb) <= 2 * K * 2.0**-53 * mag + 1e-300)
+    assert np.all(np.abs(c - nat.reference_gemm(a, packed)) <= 2 * K * 2.0**-23 * mag * 1.01 + 1e-30)
+    plan = design.plan_f32(M, K, N, stream_a)
+    reads_a = _coverage(trace["a"], M * K)
+    assert reads_a.min() >= 1, "every element of A is read"
+    assert _coverage(trace["b"], K * N).min() == len(plan.blocks), "B read once per 256-row block"
+    writes = _coverage(trace["c"], M * N).reshape(M, N)
+    overlap = len(plan.blocks) * 256 - M
+    assert writes.min() == 1 and writes.sum() == len(plan.blocks) * 256 * N
+    assert np.all(writes[M - 256:M - 256 + overlap] == 2) and np.all(writes[:M - 256] == 1)
+    a_passes = 1 if plan.resident else N // 256
+    assert reads_a.max() == 2 * a_passes if overlap else reads_a.max() == a_passes
 
 
-def test_v2_design_limits():
-    assert design.v2_fits(1024) and not design.v2_fits(2048)  # fc2 (K=2048) streams A as v1 does
-    with pytest.raises(ValueError):
-        design.simulate_v2(np.zeros(256 * 2048), np.zeros(2048 * 256), 256, 2048, 256)
+@pytest.mark.parametrize("K,N,M", WHISPER_F32)
+@pytest.mark.parametrize("stream_a", [False, True])
+def test_f32_transfers_are_encodable_for_whisper(K, N, M, stream_a):
+    """Every shim BD of the Whisper encoder's kernels (and the 256-row kernel) fits the AIE-ML limits and stays in
+    its tensor; the memtile re-layouts fit their buffers; L1 and memtile budgets hold."""
+    for rows in (M, 256):
+        plan = design.plan_f32(rows, K, N, stream_a)
+        design.check_plan_f32(plan)
+        assert plan.blocks[-1] + 256 == rows and plan.blocks[0] == 0
+        assert plan.l1_bytes() == 2 * 8192 + 2 * 4096 + 16384 <= design.L1_LIMIT
+        assert plan.memtile_bytes() <= design.MEMTILE_BYTES
+    assert plan.resident == (K <= 1024 and not stream_a)
+
+
+def test_f32_limits_and_what_the_shim_cannot_encode():
+    assert design.block_starts(1500) == [0, 256, 512, 768, 1024, 1244]
+    assert design.block_starts(256) == [0] and design.block_starts(257) == [0, 1]
+    assert design.a_resident(1024) and not design.a_resident(1536)
+    assert design.a_slab_depth(512) == 2 and design.a_slab_depth(1024) == 1
+    for bad in [(255, 64, 256), (1500, 60, 256), (1500, 64, 300), (1500, 64, 16640)]:
+        with pytest.raises(ValueError):
+            design.plan_f32(*bad)
+    # The old tail plan replicated row M-1 with a stride-0 row dimension: only the repeat dimension may do that.
+    with pytest.raises(ValueError, match="stride 0"):
+        design.check_shim_tap(design.Tap(1499 * 512, (1, 1, 36, 512), (0, 0, 0, 1)), 4, 1500 * 512)
+    with pytest.raises(ValueError, match="10-bit"):  # a 1024-wide fp32 row is 1024 words: over the d0 wrap
+        design.check_shim_tap(design.Tap(0, (1, 1, 64, 1024), (0, 0, 1024, 1)), 4, 64 * 1024)
+    with pytest.raises(ValueError, match="outside"):
+        design.check_shim_tap(design.Tap(1245 * 512, (1, 1, 256, 512), (0, 0, 512, 1)), 4, 1500 * 512)
+    design.check_shim_tap(design.Tap(0, (64, 1, 1, 32), (0, 0, 0, 1)), 4, 32)  # repeat with stride 0: fine
+
+
+@pytest.mark.parametrize("M,K,N", [(1500, 512, 512), (1500, 2048, 512), (3000, 256, 512), (1500, 512, 2048)])
+def test_f32_iron_program_as_recorded(M, K, N):
+    """iron_program_f32 through the recording stand-in of IRON: the program a real build hands to mlir-aie."""
+    plan = design.plan_f32(M, K, N)
+    rec = iron_layer.Recorder()
+    assert design.iron_program_f32(plan, rec) is rec and rec.resolved and rec.device == "npu1_4col"
+    f32, bf16 = rec.tensor_type(1, np.float32).dtype, "bfloat16"
+    # kernels: the object file build_kernels.py compiles, with the C signatures gemm_bf16.cc defines
+    kernels = {k.name: k for k in rec.kernels}
+    assert {k.bin_name for k in rec.kernels} == {design.KERNEL_OBJECT}
+    a_l1, b_l1, c_l1 = (iron_layer.TensorTy(64 * 32, f32), iron_layer.TensorTy(32 * 64, bf16),
+                        iron_layer.TensorTy(64 * 64, f32))
+    assert kernels["matmul_f32a_bf16_f32"].arg_types == [a_l1, b_l1, c_l1]
+    assert kernels["zero_f32"].arg_types == [c_l1]
+    src = (AIE / "gemm_bf16.cc").read_text()
+    assert "void matmul_f32a_bf16_f32(const float* __restrict a, const bfloat16* __restrict b, float* __restrict c)" \
+        in src and "void zero_f32(float* __restrict c)" in src
+    # workers: 16 cores, each one C tile per pass, K/32 (A half, B half) steps, acquires balanced
+    assert sorted((w.placement.col, w.placement.row) for w in rec.workers) == \
+        [(c, r) for c in range(4) for r in range(2, 6)]
+    rt = rec.runtimes[0]
+    assert rt.started == rec.workers and all(w.while_true for w in rec.workers)
+    for w in rec.workers:
+        col, row = w.placement.col, w.placement.row - 2
+        a_h, b_h, c_h = w.fn_args[:3]
+        A, B, C = a_h.fifo.name, b_h.fifo.name, c_h.fifo.name
+        assert (A, B, C) == (f"A_L2L1_{row}", f"B_L2L1_{col}", f"C_L1L2_{col}_{row}")
+        assert w.trace == [("acquire", C, 1), ("call", "zero_f32", (C,)),
+                           ("loop", K // 32, [("acquire", A, 1), ("acquire", B, 1),
+                                              ("call", "matmul_f32a_bf16_f32", (A, B, C)),
+                                              ("release", A, 1), ("release", B, 1)]),
+                           ("release", C, 1)]
+        l1 = sum(h.depth * h.fifo.obj_type.nbytes for h in (a_h, b_h, c_h))
+        assert l1 == plan.l1_bytes() <= design.L1_LIMIT
+    # fifos and memtile links
+    for i in range(4):
+        a_in, a_out = rec.fifos[f"A_L3L2_{i}"], rec.fifos[f"A_L2L1_{i}"]
+        assert a_in.obj_type == iron_layer.TensorTy(plan.a_l2_len, f32) and a_in.depth == plan.a_depth
+        (mem,) = a_in.consumers
+        assert [tuple(d) for d in mem.dims_from_stream or []] == list(plan.a_l2_from_stream)
+        assert [tuple(d) for d in a_out.dims_to_stream] == list(plan.a_l1_dims)
+        assert a_out.repeat_count == (N // 256 if plan.resident and N > 256 else None)
+        assert sorted(h.endpoint.placement.col for h in a_out.consumers) == [0, 1, 2, 3]
+        assert {h.endpoint.placement.row for h in a_out.consumers} == {2 + i}, "A of core row i"
+        b_out = rec.fifos[f"B_L2L1_{i}"]
+        assert [tuple(d) for d in b_out.dims_to_stream] == list(plan.b_l1_dims)
+        assert {(h.endpoint.placement.col, h.endpoint.placement.row) for h in b_out.consumers} == \
+            {(i, r) for r in range(2, 6)}, "B of core column i"
+        c_out = rec.fifos[f"C_L2L3_{i}"]
+        assert [tuple(d) for d in c_out.dims_to_stream] == list(plan.c_l2_dims)
+        links = [ln for ln in rec.links if ln.placement == iron_layer.Tile(i, 1)]
+        assert sorted(ln.kind for ln in links) == ["join", "split", "split"]
+        join = next(ln for ln in links if ln.kind == "join")
+        assert join.offsets == [0, 4096, 8192, 12288]
+        memtile = (mem.depth * a_in.obj_type.nbytes + rec.fifos[f"B_L3L2_{i}"].depth * 4096 +
+                   c_out.depth * c_out.obj_type.nbytes)
+        assert memtile == plan.memtile_bytes() <= design.MEMTILE_BYTES
+    # the runtime sequence: arguments A, B, C; each shim moves its own column's fifos; every task group finished
+    assert rt.arg_types == [rec.tensor_type(M * K, np.float32), rec.tensor_type(K * N, bf16),
+                            rec.tensor_type(M * N, np.float32)]
+    assert not rt.groups_open and rt.groups_finished
+    for t in rt.transfers:
+        col = t.placement.col
+        assert t.placement.row == 0 and t.fifo.endswith(f"_{col}")
+        assert (t.kind, t.tensor) in {("fill", "A"), ("fill", "B"), ("drain", "C")}
+        assert t.wait == (t.kind == "drain")
+    for g in rt.groups_finished:
+        for col in range(4):
+            assert sum(t.task_group == g and t.placement.col == col for t in rt.transfers) <= 16, "shim BDs"
+    # the recorded transfers are the plan's, and cover A, B and C exactly
+    want = {"A": [], "B": [], "C": []}
+    for start in plan.blocks:
+        for i in range(4):
+            want["A"] += [(i, t) for t in plan.a_taps(start, i)]
+            want["B"] += [(i, t) for t in plan.b_taps(start, i)]
+            want["C"] += [(i, t) for t in plan.c_taps(start, i)]
+    size = {"A": M * K, "B": K * N, "C": M * N}
+    for tensor in "ABC":
+        got = [(t.placement.col, design.Tap(t.tap.offset, t.tap.sizes, t.tap.strides))
+               for t in rt.transfers if t.tensor == tensor]
+        assert got == want[tensor]
+        assert all(t.tap.tensor_dims == (1, size[tensor]) for t in rt.transfers if t.tensor == tensor)
+        cover = _coverage(np.concatenate([design.tap_indices(tap) for _, tap in got]), size[tensor])
+        assert cover.min() >= 1
+
+
+def test_core_kernel_on_the_plans_layouts(core_kernel):
+    """The host-compiled matmul_f32a_bf16_f32 fed with the objects the plan's memtile re-layouts produce (A slab
+    re-laid half-major then blocked 4x8, B halves blocked 8x4) and un-blocked by the C join dims: C = A.B exactly
+    (small integers: every product and sum exact in bf16/fp32)."""
+    K, N = 128, 256
+    plan = design.plan_f32(256, K, N)
+    rng = np.random.default_rng(5)
+    a = rng.integers(-8, 8, (64, K)).astype(np.float32)  # core row 0's slab
+    b = rng.integers(-8, 8, (K, N)).astype(np.float32)
+    b_packed = bf16_bits_to_f32(np.asarray(nat.pack_b(b).data))
+    slab = np.empty(64 * K, np.float32)
+    slab[design._indices(0, plan.a_l2_from_stream)] = a.reshape(-1)  # memtile S2MM
+    a_objs = slab[design._indices(0, plan.a_l1_dims)].reshape(-1, 64 * 32)  # memtile MM2S, one column block
+    tap = plan.b_taps(0, 0)[0]  # column 0: n-tile 0 first
+    b_stream = b_packed[design.tap_indices(tap)][:K * 64].reshape(-1, 32 * 64)
+    b_l1 = design._indices(0, plan.b_l1_dims)
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    c = np.zeros(64 * 64, np.float32)
+    core_kernel.zero_f32(ptr(c))
+    for h in range(K // 32):
+        a_h = np.ascontiguousarray(a_objs[h])
+        b_h = np.ascontiguousarray((b_stream[h][b_l1].view(np.uint32) >> 16).astype(np.uint16))
+        core_kernel.matmul_f32a_bf16_f32(ptr(a_h), ptr(b_h), ptr(c))
+    c = c.reshape(16, 16, 4, 4).transpose(0, 2, 1, 3).reshape(64, 64)
+    np.testing.assert_array_equal(c, a @ b[:, :64])
 
 
 import attention_design as attn  # noqa: E402
