@@ -368,6 +368,11 @@ def test_f32_iron_program_as_recorded(M, K, N):
         assert sorted(ln.kind for ln in links) == ["join", "split", "split"]
         join = next(ln for ln in links if ln.kind == "join")
         assert join.offsets == [0, 4096, 8192, 12288]
+        # DMA channels: a memtile has 6 S2MM and 6 MM2S, a shim 2 of each
+        assert sum(len(ln.srcs) for ln in links) == 6 and sum(len(ln.dsts) for ln in links) == 3
+        shim = [t for t in rec.runtimes[0].transfers if t.placement == iron_layer.Tile(i, 0)]
+        assert len({t.fifo for t in shim if t.kind == "fill"}) == 2 and len({t.fifo for t in shim
+                                                                          if t.kind == "drain"}) == 1
         memtile = (mem.depth * a_in.obj_type.nbytes + rec.fifos[f"B_L3L2_{i}"].depth * 4096 +
                    c_out.depth * c_out.obj_type.nbytes)
         assert memtile == plan.memtile_bytes() <= design.MEMTILE_BYTES
