@@ -211,6 +211,67 @@ def test_f32_manifest_from_the_build_runs_on_the_fake_device(tmp_path):
     np.testing.assert_array_equal(c, nat.emulator_gemm(a, packed))
 
 
+def _recorded_mlir(M, K, N, stream_a=False):
+    """A stand-in for the MLIR text of iron_module_f32, made from the recorded program: the fifos, links, kernels
+    and workers (the static part) and the runtime transfers inside an aiex.runtime_sequence block."""
+    rec = iron_layer.Recorder()
+    design.iron_program_f32(design.plan_f32(M, K, N, stream_a), rec)
+    static = [f"fifo {f.name} {f.obj_type} {f.depth} {f.dims_to_stream} {f.repeat_count} "
+              f"{[(c.depth, c.dims_from_stream) for c in f.consumers]}" for f in rec.fifos.values()]
+    static += [f"link {ln.kind} {ln.placement} {ln.offsets}" for ln in rec.links]
+    static += [f"kernel {k.name} {k.bin_name} {k.arg_types}" for k in rec.kernels]
+    static += [f"core {w.placement} {w.trace}" for w in rec.workers]
+    seq = [f"{t.kind} {t.fifo} {t.tap} {t.task_group}" for t in rec.runtimes[0].transfers]
+    return "module {\n" + "\n".join(static) + f"\naiex.runtime_sequence({M}) {{\n" + "\n".join(seq) + "\n}\n}"
+
+
+def test_f32_build_shares_xclbins_by_program_and_writes_a_loadable_manifest(tmp_path, monkeypatch):
+    """build() with the toolchain's commands stubbed (aiecc writes a fake device's instruction stream): heights of a
+    shape share one xclbin because the recorded static program does not depend on M, distinct programs get their
+    own, and the manifest it returns runs on the fake device in place."""
+    import build_kernels
+
+    def fake_run(cmd, cwd, log):
+        if "-o" in cmd:  # Peano
+            Path(cmd[cmd.index("-o") + 1]).write_bytes(b"obj")
+            return
+        name = Path(cwd).name  # gemm_f32_f32_k{K}_n{N}_m{M}
+        k, n, m = (int(x[1:]) for x in name.split("_")[-3:])
+        assert Path(cwd, "design.mlir").read_text() == _recorded_mlir(m, k, n)
+        nat.npu_fake_insts(m, k, n, True).astype("<u4").tofile(Path(cwd) / "insts.bin")
+        if "--aie-generate-xclbin" in cmd:
+            Path(cwd, "final.xclbin").write_bytes(b"fake xclbin " + name.encode())
+
+    monkeypatch.setattr(build_kernels, "run", fake_run)
+    monkeypatch.setattr(build_kernels.design, "iron_module_f32", _recorded_mlir)
+    monkeypatch.setenv("AIE_XCLBINUTIL_PATH", "/nonexistent/xclbinutil")
+    variants, skipped = build_kernels.plan({(512, 512), (2048, 512)}, [256, 1500], "f32_f32")
+    assert not skipped
+    tools = {"peano": "/p", "aie_api_include": "/i", "aiecc": "aiecc.py", "xclbinutil": "/x"}
+    result = build_kernels.build(variants, tmp_path / "out", tools, tmp_path / "work")
+    entries = result["kernels"]
+    assert len(entries) == 4 and all(e["dtype"] == "f32_f32" for e in entries)
+    by_shape = {}
+    for e in entries:
+        by_shape.setdefault((e["K"], e["N"]), set()).add(e["xclbin"])
+    assert all(len(x) == 1 for x in by_shape.values()) and len(set.union(*by_shape.values())) == 2
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(result))
+    be = nat.npu_fake_backend(str(tmp_path / "out"))
+    rng = np.random.default_rng(10)
+    for K in (512, 2048):
+        a, b = rng.standard_normal((1500, K)).astype(np.float32), rng.standard_normal((K, 512)).astype(np.float32)
+        packed = nat.pack_b(b)
+        np.testing.assert_array_equal(be.gemm(a, be.upload(packed)), nat.emulator_gemm(a, packed))
+    assert be.fake_stats()["imports"] == 4, "A and C of both calls in place"
+    # a design whose static part depended on the height would need one context per height: the build refuses it
+    monkeypatch.setattr(build_kernels.design, "iron_module_f32",
+                        lambda M, K, N, stream_a=False: f"rows {M}\n" + _recorded_mlir(M, K, N))
+    monkeypatch.setattr(build_kernels, "run", lambda cmd, cwd, log: fake_run(cmd, cwd, log) if "-o" in cmd else (
+        Path(cwd, "insts.bin").write_bytes(b"i"), Path(cwd, "final.xclbin").write_bytes(b"x")))
+    with pytest.raises(RuntimeError, match="differs from the other heights"):
+        build_kernels.build(variants, tmp_path / "out2", tools, tmp_path / "work2")
+
+
 def test_core_kernel_converts_fp32_a_with_round_to_nearest_even(core_kernel):
     """matmul_f32a_bf16_f32 (f32_f32 kernels): fp32 A half-tile rounded in the core. The host stand-in models the
     AIE's conversion modes (default floor); the kernel must set RNE, so C equals the contract's host rounding bit for
