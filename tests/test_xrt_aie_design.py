@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,18 @@ def test_model_heights_and_f32_build_plan(tmp_path):
     bad = subprocess.run([sys.executable, script, "--shape", "512x512", "--m-rows", "100", "--dry-run"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and ">= 256" in bad.stderr
+
+
+def test_whisper_base_encoder_heights_are_the_issues_gemm_list():
+    """The real whisper-base encoder (one 30 s window): the GEMMs issue 15 lists, with the exact heights the f32_f32
+    kernels are built for (shape inference must see through the attention's Shape -> Reshape chains)."""
+    if os.environ.get("XDNA_SKIP_REAL_MODEL"):
+        pytest.skip("XDNA_SKIP_REAL_MODEL is set")
+    from onnxruntime_ep_xdna.whisper.model import ensure_model
+
+    enc = ensure_model("base", log=lambda m: print(m, file=sys.stderr)) / "encoder_model.onnx"
+    assert model_shapes.gemm_work(str(enc), {"batch_size": 1}) == {
+        (512, 512, 1500): 24, (512, 2048, 1500): 6, (2048, 512, 1500): 6, (256, 512, 3000): 1, (1536, 512, 1500): 1}
 
 
 def test_f32_manifest_from_the_build_runs_on_the_fake_device(tmp_path):

@@ -82,7 +82,7 @@ def gemm_work(model_path: str, dims: dict | None = None) -> Counter:
 
     model = onnx.load(model_path, load_external_data=False)
     _static_dims(model, dims or {})
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)  # through Shape -> Reshape chains
     g = inferred.graph
     shapes = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
