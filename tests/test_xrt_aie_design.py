@@ -479,6 +479,78 @@ def test_f32_iron_program_as_recorded(M, K, N):
         assert cover.min() >= 1
 
 
+# ---- designed, not wired: a head's Q rows and K^T read in place (issue 15 item 2) ----
+
+@pytest.mark.parametrize("T,H,h", [(300, 2, 1), (512, 3, 2)])
+def test_head_qkt_read_in_place_design(T, H, h):
+    """S_h = Q_h K_h^T with Q and K the projections' [T, H*64] outputs read in place (row stride H*64, base at the
+    head's columns) and S_h [T, T] written in place, N = T by an overlapping last column block. Against float64 on
+    the RNE-rounded operands: only float64 summation order differs (2 K 2^-53 |Q|.|K|^T). Exactly the head's 64
+    columns of Q and K are read; S is covered exactly, overlapped rows/columns twice with the same bits."""
+    D, ld = 64, H * 64
+    rng = np.random.default_rng(11)
+    q, k = rng.standard_normal((T, ld)).astype(np.float32), rng.standard_normal((T, ld)).astype(np.float32)
+    plan = design.plan_f32(T, D, T, b_kind="kt", lda=ld, ldb=ld, ldc=T)
+    base = h * D  # the backend would import the sub-buffers at the head's first column
+    a, b = q.reshape(-1)[base:base + plan.a_len], k.reshape(-1)[base:base + plan.b_len]
+    trace = {}
+    s = design.simulate_f32(a, b, T, D, T, trace=trace, plan=plan)
+    qh, kh = bf16_rne(q[:, base:base + D]).astype(np.float64), bf16_rne(k[:, base:base + D]).astype(np.float64)
+    assert np.all(np.abs(s - qh @ kh.T) <= 2 * D * 2.0**-53 * (np.abs(qh) @ np.abs(kh).T) + 1e-300)
+    head_cols = (np.arange(T)[:, None] * ld + np.arange(D)[None, :]).reshape(-1)
+    for name in ("a", "b"):
+        assert set(np.unique(trace[name])) == set(head_cols), f"{name}: exactly the head's columns"
+    writes = _coverage(trace["c"], T * T).reshape(T, T)
+    rows_twice = np.zeros(T, bool)
+    rows_twice[T - 256:(len(plan.blocks) - 1) * 256] = True
+    cols_twice = np.zeros(T, bool)
+    cols_twice[T - 256:(len(plan.col_blocks) - 1) * 256] = True
+    assert np.array_equal(writes, (1 + rows_twice[:, None]) * (1 + cols_twice[None, :]))
+    assert (T % 256 != 0) == rows_twice.any(), "the case has an overlap exactly when T is not whole blocks"
+
+
+def test_head_qkt_whisper_encodable_and_recorded():
+    """Whisper's heads (T 1500, 8 heads of 64): every transfer encodable and inside Q, K and S; the recorded program
+    uses the fp32-B kernel and its own xclbin (static key differs from the weights' kernels)."""
+    plan = design.plan_f32(1500, 64, 1500, b_kind="kt", lda=512, ldb=512, ldc=1500)
+    design.check_plan_f32(plan)
+    assert plan.l1_bytes() == design.L1_LIMIT and plan.col_blocks[-1] == 1244
+    assert plan.static_key != design.plan_f32(1500, 64, 1536).static_key
+    rec = iron_layer.Recorder()
+    design.iron_program_f32(plan, rec)
+    f32 = rec.tensor_type(1, np.float32).dtype
+    (mm,) = [k for k in rec.kernels if k.name.startswith("matmul")]
+    assert mm.name == "matmul_f32a_f32b_f32" and mm.arg_types[1] == iron_layer.TensorTy(32 * 64, f32)
+    assert rec.runtimes[0].arg_types == [rec.tensor_type(n, np.float32) for n in (plan.a_len, plan.b_len, 1500 * 1500)]
+    assert "void matmul_f32a_f32b_f32(const float* __restrict a, const float* __restrict b, float* __restrict c)" \
+        in (AIE / "gemm_bf16.cc").read_text()
+    for g in rec.runtimes[0].groups_finished:
+        for col in range(4):
+            assert sum(t.task_group == g and t.placement.col == col for t in rec.runtimes[0].transfers) <= 16
+
+
+def test_core_kernel_rounds_fp32_b_with_round_to_nearest_even(core_kernel):
+    """matmul_f32a_f32b_f32: A = [I 0] (exact), B fp32 with ties and near-ties: C's first 32 rows are RNE(B) bit
+    for bit, which the AIE's default (floor) would not give."""
+    rng = np.random.default_rng(12)
+    hi = rng.integers(0x3F00, 0x4100, (32, 64)).astype(np.uint32) << 16
+    low = rng.choice(np.array([0x8000, 0x7FFF, 0x8001, 0x0001, 0xFFFF], np.uint32), (32, 64))
+    sign = rng.choice(np.array([0, 0x80000000], np.uint32), (32, 64))
+    b = (hi | low | sign).view(np.float32)
+    a = np.zeros((64, 32), np.float32)
+    a[np.arange(32), np.arange(32)] = 1.0
+    a_blk = np.ascontiguousarray(a.reshape(16, 4, 4, 8).transpose(0, 2, 1, 3)).reshape(-1)
+    b_blk = np.ascontiguousarray(b.reshape(4, 8, 16, 4).transpose(0, 2, 1, 3)).reshape(-1)
+    c = np.zeros(64 * 64, np.float32)
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    core_kernel.matmul_f32a_f32b_f32(ptr(a_blk), ptr(b_blk), ptr(c))
+    c = c.reshape(16, 16, 4, 4).transpose(0, 2, 1, 3).reshape(64, 64)
+    np.testing.assert_array_equal(c[:32], bf16_rne(b))
+    assert not c[32:].any()
+    floor_ = np.where(sign != 0, b.view(np.uint32).astype(np.uint64) + 0xFFFF, b.view(np.uint32)) >> 16 << 16
+    assert np.any(floor_.astype(np.uint32).view(np.float32) != bf16_rne(b)), "data must tell floor from RNE"
+
+
 def test_core_kernel_on_the_plans_layouts(core_kernel):
     """The host-compiled matmul_f32a_bf16_f32 fed with the objects the plan's memtile re-layouts produce (A slab
     re-laid half-major then blocked 4x8, B halves blocked 8x4) and un-blocked by the C join dims: C = A.B exactly

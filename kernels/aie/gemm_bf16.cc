@@ -121,4 +121,54 @@ void matmul_f32a_bf16_f32(const float* __restrict a, const bfloat16* __restrict 
   event1();
 }
 
+// Issue 15 item 2 (designed, not wired into the backend): B read in place from a run-time fp32 tensor (a head's
+// keys, transposed into these blocks by the memtile), so it is rounded here too, with the same mode as A.
+// b is a 32x64 fp32 half of a B tile, blocked 8x4 (K-major blocks) like the bf16 B.
+void matmul_f32a_f32b_f32(const float* __restrict a, const float* __restrict b, float* __restrict c) {
+  constexpr unsigned kHalfK = kK / 2, kBlocksK = kHalfK / kS, kBlocksN = kN / kT;
+  aie::set_rounding(aie::rounding_mode::conv_even);
+  event0();
+  for (unsigned z = 0; z < kM / kR; z += 2) {
+    for (unsigned j = 0; j < kBlocksN; j += 2) {
+      float* __restrict c00 = c + (z * kBlocksN + j) * Mmul::size_C;
+      float* __restrict c01 = c00 + Mmul::size_C;
+      float* __restrict c10 = c00 + kBlocksN * Mmul::size_C;
+      float* __restrict c11 = c10 + Mmul::size_C;
+      Mmul acc00(aie::load_v<Mmul::size_C>(c00));
+      Mmul acc01(aie::load_v<Mmul::size_C>(c01));
+      Mmul acc10(aie::load_v<Mmul::size_C>(c10));
+      Mmul acc11(aie::load_v<Mmul::size_C>(c11));
+      const float* __restrict pa0 = a + z * kBlocksK * Mmul::size_A;
+      const float* __restrict pa1 = pa0 + kBlocksK * Mmul::size_A;
+      const float* __restrict pb0 = b + j * Mmul::size_B;
+      const float* __restrict pb1 = pb0 + Mmul::size_B;
+      for (unsigned i = 0; i < kBlocksK; ++i) {
+        aie::accum<accfloat, Mmul::size_A> ta0, ta1;
+        aie::accum<accfloat, Mmul::size_B> tb0, tb1;
+        ta0.from_vector(aie::load_v<Mmul::size_A>(pa0));
+        ta1.from_vector(aie::load_v<Mmul::size_A>(pa1));
+        tb0.from_vector(aie::load_v<Mmul::size_B>(pb0));
+        tb1.from_vector(aie::load_v<Mmul::size_B>(pb1));
+        const auto a0 = ta0.template to_vector<bfloat16>();
+        const auto a1 = ta1.template to_vector<bfloat16>();
+        const auto b0 = tb0.template to_vector<bfloat16>();
+        const auto b1 = tb1.template to_vector<bfloat16>();
+        pa0 += Mmul::size_A;
+        pa1 += Mmul::size_A;
+        pb0 += kBlocksN * Mmul::size_B;
+        pb1 += kBlocksN * Mmul::size_B;
+        acc00.mac(a0, b0);
+        acc01.mac(a0, b1);
+        acc10.mac(a1, b0);
+        acc11.mac(a1, b1);
+      }
+      aie::store_v(c00, acc00.template to_vector<float>());
+      aie::store_v(c01, acc01.template to_vector<float>());
+      aie::store_v(c10, acc10.template to_vector<float>());
+      aie::store_v(c11, acc11.template to_vector<float>());
+    }
+  }
+  event1();
+}
+
 }  // extern "C"

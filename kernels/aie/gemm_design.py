@@ -166,6 +166,8 @@ def simulate(a: np.ndarray, b_packed: np.ndarray, M: int, K: int, N: int) -> np.
 #     C tiles joined in the memtile into 256x64 slabs, un-blocked, written by the shim.
 # plan_f32 is pure Python; simulate_f32 runs it on numpy arrays and check_shim_tap checks each transfer against
 # the AIE-ML BD limits (mlir-aie's verifyStridesWraps: 10-bit wraps, 20-bit steps, 6-bit repeat on the shim).
+#   * Designed, not built or wired (issue 15 item 2): b_kind "kt" reads a head's K^T in place (fp32, rounded in
+#     the core by matmul_f32a_f32b_f32) with A's and C's row strides, for S_h = Q_h K_h^T; see F32Plan.
 
 TILE_KH = TILE_K // 2
 MEMTILE_BYTES = 512 * 1024  # AIETargetModel getMemTileSize (npu1)
@@ -175,8 +177,10 @@ MEM_DIMS, MEM_WRAP, MEM_STEP_WORDS = 4, 1023, 1 << 17  # memtile BD: 4 dimension
 A_HALF, B_HALF = TILE_M * TILE_KH, TILE_KH * TILE_N  # elements of one A / B object in L1
 
 
-def check_shape_f32(M: int, K: int, N: int) -> None:
-    check_shape(BLOCK_M, K, N)
+def check_shape_f32(M: int, K: int, N: int, b_kind: str = "packed") -> None:
+    check_shape(BLOCK_M, K, N if b_kind == "packed" else max(BLOCK_N, N // BLOCK_N * BLOCK_N))
+    if N < BLOCK_N:
+        raise ValueError(f"N={N}: must be >= {BLOCK_N}")
     if M < BLOCK_M:
         raise ValueError(f"f32_f32 height {M}: must be >= {BLOCK_M} (smaller calls run a 256-row kernel, staged)")
     if K // TILE_KH > MAX_DIM:
@@ -193,9 +197,15 @@ def block_starts(M: int) -> list[int]:
     return [min(i * BLOCK_M, M - BLOCK_M) for i in range(-(-M // BLOCK_M))]
 
 
-def a_slab_depth(K: int) -> int:
+def col_block_starts(N: int) -> list[int]:
+    """First column of each 256-column block; as for rows, the last one ends at column N (run-time B only: packed B
+    is padded to a multiple of 256 by pack_b)."""
+    return [min(j * BLOCK_N, N - BLOCK_N) for j in range(-(-N // BLOCK_N))]
+
+
+def a_slab_depth(K: int, b_elem: int = 2) -> int:
     """Double-buffer the slab (prefetch the next block's) when two fit beside B and C, else one."""
-    rest = FIFO_DEPTH * B_HALF * 2 + FIFO_DEPTH * BLOCK_M * TILE_N * 4
+    rest = FIFO_DEPTH * B_HALF * b_elem + FIFO_DEPTH * BLOCK_M * TILE_N * 4
     return 2 if 2 * TILE_M * K * 4 + rest <= MEMTILE_BYTES else 1
 
 
@@ -215,37 +225,90 @@ class F32Plan:
     b_l1_dims: tuple
     c_l2_dims: tuple
     blocks: tuple
+    # Run-time B (issue 15 item 2, designed, not wired into the backend): "kt" reads B = K_h^T in place from a
+    # head's keys (fp32 [N rows, ldb], B[k, n] = keys[n * ldb + k]) and rounds it in the core; "packed" is the
+    # weights' bf16 layout. lda, ldb, ldc: row strides in elements (0 = dense), e.g. H * 64 for a head's Q rows.
+    b_kind: str = "packed"
+    lda: int = 0
+    ldb: int = 0
+    ldc: int = 0
 
     @property
     def static_key(self) -> tuple:
         """What the xclbin depends on (not M): kernels of equal keys share one xclbin and hardware context."""
-        return ("f32_f32", self.K, self.resident, self.a_depth, self.a_repeat)
+        key = ("f32_f32", self.K, self.resident, self.a_depth, self.a_repeat)
+        return key if self.b_kind == "packed" else key + (self.b_kind,)
+
+    @property
+    def b_elem(self) -> int:
+        return 2 if self.b_kind == "packed" else 4
+
+    @property
+    def col_blocks(self) -> list[int]:
+        return col_block_starts(self.N)
+
+    @property
+    def a_len(self) -> int:  # elements of the A buffer the kernel reads: (M - 1) * lda + K
+        return (self.M - 1) * (self.lda or self.K) + self.K
+
+    @property
+    def b_len(self) -> int:
+        return self.K * self.N if self.b_kind == "packed" else (self.N - 1) * (self.ldb or self.K) + self.K
+
+    @property
+    def c_len(self) -> int:
+        return (self.M - 1) * (self.ldc or self.N) + self.N
 
     def a_taps(self, start: int, row: int) -> list[Tap]:
-        """Shim MM2S of core row `row` in the block starting at `start` (flat fp32 offsets into A [M, K])."""
-        K, first = self.K, (start + row * TILE_M) * self.K
+        """Shim MM2S of core row `row` in the block starting at `start` (flat fp32 offsets into A)."""
+        K, lda = self.K, self.lda or self.K
+        first = (start + row * TILE_M) * lda
         if self.resident:  # the 64-row slab, row-major (d0 = 64 elements: a K-wide row exceeds the 10-bit wrap)
-            return [Tap(first, (1, TILE_M, K // TILE_K, TILE_K), (0, K, TILE_K, 1))]
+            return [Tap(first, (1, TILE_M, K // TILE_K, TILE_K), (0, lda, TILE_K, 1))]
         # 64x32 halves in core order, all of them once per column block (repeat dimension, stride 0)
-        return [Tap(first, (self.N // BLOCK_N, K // TILE_KH, TILE_M, TILE_KH), (0, TILE_KH, K, 1))]
+        return [Tap(first, (len(self.col_blocks), K // TILE_KH, TILE_M, TILE_KH), (0, TILE_KH, lda, 1))]
 
     def b_taps(self, start: int, col: int) -> list[Tap]:
-        return [b_tap(BLOCK_M, self.K, self.N, 0, col)]  # the packed tiles of column col: as v1, per block
+        if self.b_kind == "packed":
+            return [b_tap(BLOCK_M, self.K, self.N, 0, col)]  # the packed tiles of column col: as v1, per block
+        # K^T in place: per column block and K-half, 64 key rows of 32 contiguous floats (n-major; the memtile
+        # transposes into the 8x4 blocks). Whole blocks through the repeat dimension, the overlapping last one apart.
+        K, ldb, full = self.K, self.ldb or self.K, self.N // BLOCK_N
+        taps = []
+        if full:
+            taps.append(Tap(col * TILE_N * ldb, (full, K // TILE_KH, TILE_N, TILE_KH),
+                            (BLOCK_N * ldb, TILE_KH, ldb, 1)))
+        if self.N % BLOCK_N:
+            taps.append(Tap((self.N - BLOCK_N + col * TILE_N) * ldb, (1, K // TILE_KH, TILE_N, TILE_KH),
+                            (0, TILE_KH, ldb, 1)))
+        return taps
 
     def c_taps(self, start: int, col: int) -> list[Tap]:
-        N = self.N
-        return [Tap(start * N + col * TILE_N, (1, N // BLOCK_N, BLOCK_M, TILE_N), (0, COLS * TILE_N, N, 1))]
+        N, ldc, full = self.N, self.ldc or self.N, self.N // BLOCK_N
+        taps = []
+        if full:
+            taps.append(Tap(start * ldc + col * TILE_N, (1, full, BLOCK_M, TILE_N), (0, COLS * TILE_N, ldc, 1)))
+        if N % BLOCK_N:
+            taps.append(Tap(start * ldc + N - BLOCK_N + col * TILE_N, (1, 1, BLOCK_M, TILE_N), (0, 0, ldc, 1)))
+        return taps
 
     def l1_bytes(self) -> int:
-        return FIFO_DEPTH * (A_HALF * 4 + B_HALF * 2) + C_L1_DEPTH * TILE_M * TILE_N * 4
+        return FIFO_DEPTH * (A_HALF * 4 + B_HALF * self.b_elem) + C_L1_DEPTH * TILE_M * TILE_N * 4
 
     def memtile_bytes(self) -> int:
-        return self.a_depth * self.a_l2_len * 4 + FIFO_DEPTH * B_HALF * 2 + FIFO_DEPTH * BLOCK_M * TILE_N * 4
+        return (self.a_depth * self.a_l2_len * 4 + FIFO_DEPTH * B_HALF * self.b_elem +
+                FIFO_DEPTH * BLOCK_M * TILE_N * 4)
 
 
-def plan_f32(M: int, K: int, N: int, stream_a: bool = False) -> F32Plan:
-    """The f32_f32 design for height M (>= 256), padded K and N. stream_a forces the streamed-A variant."""
-    check_shape_f32(M, K, N)
+def plan_f32(M: int, K: int, N: int, stream_a: bool = False, b_kind: str = "packed", lda: int = 0, ldb: int = 0,
+             ldc: int = 0) -> F32Plan:
+    """The f32_f32 design for height M (>= 256), padded K and N. stream_a forces the streamed-A variant. b_kind
+    "kt" (with N >= 256 any width, and the row strides) is the designed run-time-B variant, see F32Plan."""
+    if b_kind not in ("packed", "kt"):
+        raise ValueError(f"b_kind {b_kind!r}")
+    check_shape_f32(M, K, N, b_kind)
+    if (lda and lda < K) or (ldb and ldb < K) or (ldc and ldc < N) or (b_kind == "packed" and ldb):
+        raise ValueError("row strides must be at least the row length (and packed B has none)")
     resident = a_resident(K) and not stream_a
     m, h, r, s = TILE_M, TILE_KH, MMUL_R, MMUL_S
     if resident:
@@ -253,15 +316,18 @@ def plan_f32(M: int, K: int, N: int, stream_a: bool = False) -> F32Plan:
         from_stream = ((m, h), (K // h, m * h), (h, 1))
         # MM2S: halves are contiguous, so (half, row group) merge into one dimension of K/2 steps of 4 rows.
         l1 = ((K // h * (m // r), r * h), (h // s, s), (r, h), (s, 1))
-        l2_len, depth, repeat = m * K, a_slab_depth(K), N // BLOCK_N
+        l2_len, depth, repeat = m * K, a_slab_depth(K, 2 if b_kind == "packed" else 4), len(col_block_starts(N))
     else:
         from_stream = ()
         l1 = ((m // r, r * h), (h // s, s), (r, h), (s, 1))
         l2_len, depth, repeat = A_HALF, FIFO_DEPTH, 1
     kh, n, t = TILE_KH, TILE_N, MMUL_T
-    b_l1 = ((kh // s, s * n), (n // t, t), (s, n), (t, 1))  # one 32x64 half, blocked 8x4
+    if b_kind == "packed":
+        b_l1 = ((kh // s, s * n), (n // t, t), (s, n), (t, 1))  # one 32x64 half, blocked 8x4
+    else:  # an n-major 64 x 32 object ([n][k]) into the same 8x4 blocks: a transpose by the memtile's MM2S
+        b_l1 = ((kh // s, s), (n // t, t * kh), (s, 1), (t, kh))
     return F32Plan(M, K, N, resident, l2_len, depth, from_stream, l1, repeat, b_l1, tuple(c_l2_dims()),
-                   tuple(block_starts(M)))
+                   tuple(block_starts(M)), b_kind, lda, ldb, ldc)
 
 
 def check_shim_tap(tap: Tap, elem_bytes: int, tensor_len: int) -> None:
@@ -306,17 +372,16 @@ L1_LIMIT = 48 * 1024  # of the 64 KiB data memory: the rest for stack and the ke
 def check_plan_f32(plan: F32Plan) -> None:
     """Raises ValueError unless every shim transfer and memtile re-layout of the plan is encodable and inside its
     tensor or buffer, and the buffers fit L1 and the memtile."""
-    M, K, N = plan.M, plan.K, plan.N
     for start in plan.blocks:
         for i in range(COLS):
             for tap in plan.a_taps(start, i):
-                check_shim_tap(tap, 4, M * K)
+                check_shim_tap(tap, 4, plan.a_len)
             for tap in plan.b_taps(start, i):
-                check_shim_tap(tap, 2, K * N)
+                check_shim_tap(tap, plan.b_elem, plan.b_len)
             for tap in plan.c_taps(start, i):
-                check_shim_tap(tap, 4, M * N)
+                check_shim_tap(tap, 4, plan.c_len)
     check_mem_dims(plan.a_l1_dims, 4, plan.a_l2_len)
-    check_mem_dims(plan.b_l1_dims, 2, B_HALF)
+    check_mem_dims(plan.b_l1_dims, plan.b_elem, B_HALF)
     check_mem_dims(plan.c_l2_dims, 4, BLOCK_M * TILE_N)
     if plan.a_l2_from_stream:
         check_mem_dims(plan.a_l2_from_stream, 4, plan.a_l2_len)
@@ -343,28 +408,27 @@ def _core_half(a_blk: np.ndarray, b_half: np.ndarray, c_blk: np.ndarray) -> None
 
 
 def simulate_f32(a: np.ndarray, b_packed: np.ndarray, M: int, K: int, N: int, stream_a: bool = False,
-                 trace: dict | None = None) -> np.ndarray:
-    """Runs plan_f32's data movement on numpy arrays: a = flat fp32 A [M*K], b_packed = flat bf16-valued packed B
-    [K*N]. Every shim transfer is checked with check_shim_tap (encodable, inside its tensor), every memtile
-    re-layout with check_mem_dims; a C element written twice (overlapped rows) must get the same bits. trace, if
-    given, collects the flat indices of A, B and C the shim touched ('a', 'b', 'c')."""
-    plan = plan_f32(M, K, N, stream_a)
-    c = np.full(M * N, np.nan)
-    written = np.zeros(M * N, bool)
+                 trace: dict | None = None, plan: F32Plan | None = None) -> np.ndarray:
+    """Runs plan_f32's data movement on numpy arrays: a = flat fp32 A (plan.a_len), b_packed = flat bf16-valued
+    packed B [K*N] (or, for a "kt" plan, the flat fp32 keys, plan.b_len). Every shim transfer is checked with
+    check_shim_tap (encodable, inside its tensor), every memtile re-layout with check_mem_dims; a C element written
+    twice (overlapped rows or columns) must get the same bits. trace, if given, collects the flat indices of A, B
+    and C the shim touched ('a', 'b', 'c'). Returns C [M, N] (gathered from its row stride)."""
+    plan = plan or plan_f32(M, K, N, stream_a)
+    M, K, N = plan.M, plan.K, plan.N
+    assert a.size == plan.a_len and b_packed.size == plan.b_len
+    c = np.full(plan.c_len, np.nan)
+    written = np.zeros(plan.c_len, bool)
     seen = {"a": [], "b": [], "c": []}
     a_l1, b_l1, c_l2 = (_indices(0, d) for d in (plan.a_l1_dims, plan.b_l1_dims, plan.c_l2_dims))
-    check_mem_dims(plan.a_l1_dims, 4, plan.a_l2_len)
-    check_mem_dims(plan.b_l1_dims, 2, B_HALF)
-    check_mem_dims(plan.c_l2_dims, 4, BLOCK_M * TILE_N)
-    if plan.a_l2_from_stream:
-        check_mem_dims(plan.a_l2_from_stream, 4, plan.a_l2_len)
-    steps = K // TILE_KH  # core loop trip count per C tile
+    check_plan_f32(plan)
+    steps = K // TILE_KH
+    n_blocks = len(plan.col_blocks)  # core loop trip count per C tile
     for start in plan.blocks:
         a_objs = []
         for row in range(ROWS):
             stream = []
             for tap in plan.a_taps(start, row):
-                check_shim_tap(tap, 4, M * K)
                 idx = tap_indices(tap)
                 seen["a"].append(idx)
                 stream.append(a[idx].astype(np.float32))
@@ -378,21 +442,21 @@ def simulate_f32(a: np.ndarray, b_packed: np.ndarray, M: int, K: int, N: int, st
                     buf = l2
                 for _ in range(plan.a_repeat):  # the memtile BD replays the slab
                     objs.extend(buf[a_l1].reshape(-1, A_HALF))
-            assert len(objs) == (N // BLOCK_N) * steps, "A objects per core row and block"
+            assert len(objs) == n_blocks * steps, "A objects per core row and block"
             a_objs.append(objs)
         b_objs = []
         for col in range(COLS):
             stream = []
             for tap in plan.b_taps(start, col):
-                check_shim_tap(tap, 2, K * N)
                 idx = tap_indices(tap)
                 seen["b"].append(idx)
                 stream.append(b_packed[idx])
-            b_objs.append([h[b_l1] for h in np.concatenate(stream).reshape(-1, B_HALF)])
-            assert len(b_objs[col]) == (N // BLOCK_N) * steps
+            halves = [h[b_l1] for h in np.concatenate(stream).reshape(-1, B_HALF)]
+            b_objs.append(halves if plan.b_kind == "packed" else [_rne_bf16(h) for h in halves])  # core rounds B
+            assert len(b_objs[col]) == n_blocks * steps
         for col in range(COLS):
             out = []
-            for nb in range(N // BLOCK_N):
+            for nb in range(n_blocks):
                 slab = np.zeros(BLOCK_M * TILE_N)
                 for row in range(ROWS):  # core (row, col): one C tile per column block
                     acc = slab[row * TILE_M * TILE_N:(row + 1) * TILE_M * TILE_N]
@@ -402,19 +466,19 @@ def simulate_f32(a: np.ndarray, b_packed: np.ndarray, M: int, K: int, N: int, st
             out = np.concatenate(out)
             pos = 0
             for tap in plan.c_taps(start, col):
-                check_shim_tap(tap, 4, M * N)
                 idx = tap_indices(tap)
                 seen["c"].append(idx)
                 vals = out[pos:pos + idx.size]
                 pos += idx.size
                 again = written[idx]
-                assert np.array_equal(c[idx][again], vals[again]), "an overlapped row was written with other bits"
+                assert np.array_equal(c[idx][again], vals[again]), "an overlapped row/column got other bits"
                 c[idx] = vals
                 written[idx] = True
             assert pos == out.size, "the shim writes exactly what the memtile sends"
     if trace is not None:
         trace.update({k: np.concatenate(v) for k, v in seen.items()})
-    return c.reshape(M, N)
+    ldc = plan.ldc or N
+    return c[(np.arange(M)[:, None] * ldc + np.arange(N)[None, :])]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -505,13 +569,15 @@ def iron_program_f32(plan: F32Plan, iron):
     iron_layer.Recorder(): records the program for the host checks). The core program and the fifos depend on
     plan.static_key only; M lives in the runtime sequence (insts.bin)."""
     M, K, N = plan.M, plan.K, plan.N
-    f32, bf16, ty, Tile = np.float32, iron.bfloat16, iron.tensor_type, iron.Tile
-    a_ty, b_ty, c_ty = ty(M * K, f32), ty(K * N, bf16), ty(M * N, f32)
-    a_l2_ty, a_l1_ty, b_l1_ty = ty(plan.a_l2_len, f32), ty(A_HALF, f32), ty(B_HALF, bf16)
+    f32, ty, Tile = np.float32, iron.tensor_type, iron.Tile
+    b_dtype = iron.bfloat16 if plan.b_kind == "packed" else f32
+    a_ty, b_ty, c_ty = ty(plan.a_len, f32), ty(plan.b_len, b_dtype), ty(plan.c_len, f32)
+    a_l2_ty, a_l1_ty, b_l1_ty = ty(plan.a_l2_len, f32), ty(A_HALF, f32), ty(B_HALF, b_dtype)
     c_l1_ty, c_l2_ty = ty(TILE_M * TILE_N, f32), ty(BLOCK_M * TILE_N, f32)
 
     zero = iron.Kernel("zero_f32", KERNEL_OBJECT, [c_l1_ty])
-    matmul = iron.Kernel("matmul_f32a_bf16_f32", KERNEL_OBJECT, [a_l1_ty, b_l1_ty, c_l1_ty])
+    matmul = iron.Kernel("matmul_f32a_bf16_f32" if plan.b_kind == "packed" else "matmul_f32a_f32b_f32",
+                         KERNEL_OBJECT, [a_l1_ty, b_l1_ty, c_l1_ty])
 
     a_l3l2, a_l2l1, b_l3l2, b_l2l1, c_l2l3, c_l1l2 = [], [], [], [], [], []
     for i in range(COLS):  # memtile i: A of core row i, B and C of core column i
@@ -563,11 +629,11 @@ def iron_program_f32(plan: F32Plan, iron):
             for i in range(COLS):
                 shim = Tile(i, 0)
                 for tap in plan.a_taps(start, i):
-                    rt.fill(a_l3l2[i].prod(), A, tap=pattern(M * K, tap), task_group=tg, placement=shim)
+                    rt.fill(a_l3l2[i].prod(), A, tap=pattern(plan.a_len, tap), task_group=tg, placement=shim)
                 for tap in plan.b_taps(start, i):
-                    rt.fill(b_l3l2[i].prod(), B, tap=pattern(K * N, tap), task_group=tg, placement=shim)
+                    rt.fill(b_l3l2[i].prod(), B, tap=pattern(plan.b_len, tap), task_group=tg, placement=shim)
                 for tap in plan.c_taps(start, i):
-                    rt.drain(c_shim[i], C, tap=pattern(M * N, tap), wait=True, task_group=tg, placement=shim)
+                    rt.drain(c_shim[i], C, tap=pattern(plan.c_len, tap), wait=True, task_group=tg, placement=shim)
             if j % 2 == 1 or j == len(plan.blocks) - 1:
                 rt.finish_task_group(tg)
                 if j != len(plan.blocks) - 1:
