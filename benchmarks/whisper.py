@@ -22,10 +22,8 @@ background load hits all alike. Times are medians of the transcription call alon
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path

@@ -330,3 +330,27 @@ def test_digital_silence_is_skipped_but_quiet_audio_is_decoded():
     model = FakeModel(script, full_mel=F.log_mel_spectrogram(quiet))
     result = transcribe_all(quiet, model, beam_size=1, without_timestamps=True)
     assert model.windows == [3000] and result.text == "w3"
+
+
+def test_initial_prompt_prefix_and_hotwords_reach_the_prompt():
+    prompts = []
+
+    def script(window, seq):
+        row = np.zeros(VOCAB, np.float32)
+        row[TOKENS.eot if len(seq) >= 4 else 9] = 20.0
+        return row
+
+    class Recording(FakeModel):
+        def start(self, window, prompt):
+            prompts.append(list(prompt))
+            return super().start(window, prompt)
+
+    audio = np.random.default_rng(6).standard_normal(SR * 3).astype(np.float32) * 0.1
+    result = transcribe_all(audio, Recording(script), beam_size=2, without_timestamps=True,
+                            initial_prompt="w11 w12", prefix="w5 w6")
+    # prefix: the window's transcript starts with it; hotwords are dropped when a prefix is given (faster-whisper)
+    assert prompts[0] == [TOKENS.sot_prev, 11, 12, TOKENS.sot, TOKENS.no_timestamps, 5, 6]
+    assert result.text.split()[:2] == ["w5", "w6"]
+    prompts.clear()
+    transcribe_all(audio, Recording(script), beam_size=1, without_timestamps=True, hotwords="w20")
+    assert prompts[0] == [TOKENS.sot_prev, 20, TOKENS.sot, TOKENS.no_timestamps]

@@ -181,7 +181,6 @@ class LogMel:
         kept: list[np.ndarray] | None = []
         peak = -np.inf
         keep_frames = int(keep_seconds * FRAMES_PER_SECOND)
-        silent: list[np.ndarray] = []
         for block in blocks():
             if not np.isfinite(block).all():
                 from .audio import AudioError

@@ -26,7 +26,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import wave
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
