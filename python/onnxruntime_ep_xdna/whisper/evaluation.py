@@ -15,6 +15,7 @@ import tempfile
 import wave
 from pathlib import Path
 
+from .features import SAMPLE_RATE
 from .model import ModelFetchError, _pip_download, cache_root
 
 # Real recorded 16 kHz speech with transcripts, in the sdist's test data (BSD-2-Clause).
@@ -32,7 +33,7 @@ def load_wav_16k(path: str | Path):
     import numpy as np
 
     with wave.open(str(path), "rb") as w:
-        if w.getframerate() != 16_000 or w.getsampwidth() != 2 or w.getnchannels() != 1:
+        if w.getframerate() != SAMPLE_RATE or w.getsampwidth() != 2 or w.getnchannels() != 1:
             raise ModelFetchError(f"{path} is not 16 kHz mono 16-bit PCM")
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
@@ -111,7 +112,7 @@ def _extract_speech(sdist: Path, out: Path) -> list[tuple[str, str]]:
         samples.append((name, files[rel[:-4] + ".txt"].decode().strip()))
     if "test/data/goforward.raw" in files:  # headerless 16 kHz s16le -> wav
         with wave.open(str(out / "goforward.wav"), "wb") as w:
-            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(SAMPLE_RATE)
             w.writeframes(files["test/data/goforward.raw"])
         samples.append(("goforward.wav", GOFORWARD_TEXT))
     transcription = files.get("test/data/cards/cards.transcription", b"").decode()

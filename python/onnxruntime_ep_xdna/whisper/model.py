@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .features import SAMPLE_RATE
+
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
               "decoder_model_merged.onnx")
 EXPORT_TASK = "automatic-speech-recognition-with-past"
@@ -238,7 +240,7 @@ def verify_export(torch_model, onnx_dir: Path, audio, *, reference: str | None =
     from transformers import WhisperProcessor
 
     processor = WhisperProcessor.from_pretrained(str(onnx_dir))
-    features = processor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    features = processor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     with torch.no_grad():
         reference_hidden = torch_model.model.encoder(features).last_hidden_state.numpy()
     encoder = ort.InferenceSession(str(onnx_dir / "encoder_model.onnx"), providers=["CPUExecutionProvider"])
@@ -405,7 +407,7 @@ def make_tiny_random_whisper(out_dir: str | Path, *, seed: int = 0, multilingual
         hf_dir = Path(tmp)
         torch_model = build_tiny_random_transformers_dir(hf_dir, seed=seed, multilingual=multilingual)
         export_onnx(hf_dir, out_dir)
-        t = np.arange(16_000 * 2) / 16_000
+        t = np.arange(SAMPLE_RATE * 2) / SAMPLE_RATE
         chirp = (0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t)).astype(np.float32)
         verification = verify_export(torch_model, out_dir, chirp, max_new_tokens=16)
     info = {"name": "tiny-random", "seed": seed, "multilingual": multilingual, "task": EXPORT_TASK,

@@ -20,10 +20,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .. import EP_NAME as XDNA_EP
 from .features import N_TIMESTAMPS, mel_filter_bank
 from .rules import SpecialTokens
 
-XDNA_EP = "XDNAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
 
