@@ -44,12 +44,11 @@ class FakeModel:
         self.is_multilingual = False
         self.lang_to_id = {}
         self.model_suppress = []
-        self.timings = {}
         self.windows = []  # seeks of the windows decoded
         self.step_batches = []
         self.no_speech_logit = -10.0
 
-    def encode(self, mel):
+    def encode(self, mel, timings=None):
         seek = 0
         if self.full_mel is not None:  # which part of the file is this window? (noise audio: every frame unique)
             k = min(50, self.full_mel.shape[1])

@@ -74,9 +74,10 @@ def resolve_model_dir(model: str | os.PathLike, log: Callable[[str], None] = lam
 class Window:
     """One encoded 30 s window: the encoder output and, once the decoder has seen it, the cross-attention K/V."""
 
-    def __init__(self, encoded):
+    def __init__(self, encoded, timings: dict):
         self.encoded = encoded
         self.cross: dict | None = None  # past_key_values.N.encoder.{key,value} -> OrtValue (batch 1)
+        self.timings = timings  # the transcription's own dict: concurrent transcriptions do not mix figures
 
 
 class DecoderState:
@@ -162,7 +163,6 @@ class WhisperOnnx:
                                   "export with task automatic-speech-recognition-with-past")
         shape = next(i.shape for i in self.decoder_with_past.get_inputs() if i.name.endswith(".decoder.key"))
         self._kv_heads, self._kv_dim = int(shape[1]), int(shape[3])
-        self.timings: dict = {}
 
     @property
     def is_multilingual(self) -> bool:
@@ -172,10 +172,11 @@ class WhisperOnnx:
     def lang_to_id(self) -> dict:
         return self.tokens.languages
 
-    def _time(self, key: str, t0: float, steps: int = 0) -> None:
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+    @staticmethod
+    def _time(timings: dict, key: str, t0: float, steps: int = 0) -> None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
         if steps:
-            self.timings["decoder_steps"] = self.timings.get("decoder_steps", 0) + steps
+            timings["decoder_steps"] = timings.get("decoder_steps", 0) + steps
 
     # -- text --------------------------------------------------------------------------------------------------
 
@@ -191,13 +192,15 @@ class WhisperOnnx:
 
     # -- the model ---------------------------------------------------------------------------------------------
 
-    def encode(self, mel: np.ndarray) -> Window:
+    def encode(self, mel: np.ndarray, timings: dict | None = None) -> Window:
+        """One window's encoder output; `timings` (a dict per transcription) collects the time spent on it."""
         import onnxruntime as ort
 
+        timings = {} if timings is None else timings
         t0 = time.perf_counter()
         out = self.encoder.run_with_ort_values(None, {"input_features": ort.OrtValue.ortvalue_from_numpy(mel)})[0]
-        self._time("encoder_s", t0)
-        return Window(out)
+        self._time(timings, "encoder_s", t0)
+        return Window(out, timings)
 
     def start(self, window: Window, prompt: Sequence[int]) -> tuple[np.ndarray, DecoderState]:
         """The prompt through the decoder (batch 1): (logits (len, vocab), state). The first prompt of a window
@@ -222,7 +225,7 @@ class WhisperOnnx:
             out = self.decoder_with_past.run_with_ort_values(self._past_outputs, feed)
             self_kv = {self._as_past[n]: v for n, v in zip(self._past_outputs[1:], out[1:])}
         logits = out[0].numpy()[0]
-        self._time("decoder_prompt_s", t0)
+        self._time(window.timings, "decoder_prompt_s", t0)
         return logits, DecoderState(window, self_kv, 1)
 
     def step(self, state: DecoderState, tokens: np.ndarray, order: np.ndarray | None
@@ -244,7 +247,7 @@ class WhisperOnnx:
         out = self.decoder_with_past.run_with_ort_values(self._past_outputs, feed)
         new_kv = {self._as_past[n]: v for n, v in zip(self._past_outputs[1:], out[1:])}
         logits = out[0].numpy()[:, -1]
-        self._time("decoder_steps_s", t0, steps=1)
+        self._time(state.window.timings, "decoder_steps_s", t0, steps=1)
         return logits, DecoderState(state.window, new_kv, len(tokens))
 
 

@@ -108,7 +108,6 @@ class Transcription:
         toks = model.tokens
         t_start = time.perf_counter()
         timings = info.timings
-        model.timings = {}
         rng = np.random.default_rng(opt.seed)
         rules = LogitRules.make(toks, suppress_list(toks, opt.suppress_tokens, model.model_suppress),
                                 suppress_blank=opt.suppress_blank, without_timestamps=opt.without_timestamps,
@@ -136,7 +135,7 @@ class Transcription:
             else:
                 segment_mel = mel.window(seek, size)
                 timings["mel_s"] = timings.get("mel_s", 0.0) + time.perf_counter() - t0
-                window = model.encode(segment_mel)
+                window = model.encode(segment_mel, timings)
             self._first_window = None
             windows += 1
             prompt, sample_begin = build_prompt(
@@ -172,8 +171,6 @@ class Transcription:
             all_tokens += committed
             if not opt.condition_on_previous_text or result.temperature > opt.prompt_reset_on_temperature:
                 prompt_reset_since = len(all_tokens)
-        for k, v in model.timings.items():
-            timings[k] = timings.get(k, 0) + v
         timings["windows"] = timings.get("windows", 0) + windows
         timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_start
         if self._progress:
@@ -231,7 +228,7 @@ def transcribe(audio: str | os.PathLike | np.ndarray, model: str | os.PathLike |
     info = TranscriptionInfo(language if whisper.is_multilingual else "en", None, mel.duration, opt, timings=timings)
     first = None
     if whisper.is_multilingual and language is None:
-        first = whisper.encode(mel.window(0, min(N_FRAMES, mel.content_frames)))
+        first = whisper.encode(mel.window(0, min(N_FRAMES, mel.content_frames)), timings)
         probs = detect_language(whisper, first)
         info.language, info.language_probability = probs[0]
         info.all_language_probs = probs
@@ -250,7 +247,8 @@ def transcribe_all(audio, model="base", options: TranscriptionOptions | None = N
 
 class WhisperModel:
     """A loaded model (sessions + tokenizer) with faster-whisper's call shape:
-    `WhisperModel("base", provider="cpu").transcribe(audio, beam_size=5) -> (segments, info)`."""
+    `WhisperModel("base", provider="cpu").transcribe(audio, beam_size=5) -> (segments, info)`.
+    Transcriptions share the sessions and keep their own state (ORT sessions may be run from several threads)."""
 
     def __init__(self, model: str | os.PathLike = "base", provider: str = XDNA_EP,
                  log: Callable[[str], None] = lambda m: None):
