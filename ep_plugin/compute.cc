@@ -153,7 +153,8 @@ NodeKernel::~NodeKernel() {
     report_("{\"runtime\": true, \"node\": \"" + name + "\", \"backend\": \"" + backend_->name() +
             "\", \"device_calls\": " + std::to_string(device_calls_.load()) + ", \"cpu_calls\": " +
             std::to_string(cpu_calls_.load()) + ", \"device_mflop\": " + std::to_string(device_flop_.load() / 1e6) +
-            ", \"cpu_mflop\": " + std::to_string(cpu_flop_.load() / 1e6) + "}");
+            ", \"cpu_mflop\": " + std::to_string(cpu_flop_.load() / 1e6) +
+            (work_.empty() ? std::string() : ", \"work\": " + work_) + "}");
   }
 }
 
@@ -180,6 +181,16 @@ void NodeKernel::note_cpu_path(int64_t K, int64_t N, const std::string& why) {
                                      std::to_string(K) + " N=" + std::to_string(N) + " (" + why +
                                      "); computing on the CPU path (same bf16 arithmetic)");
   });
+}
+
+void NodeKernel::note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather,
+                           bool conv) {
+  if (!report_) return;
+  std::string w = "[" + std::to_string(batches) + ", " + std::to_string(M) + ", " + std::to_string(K) + ", " +
+                  std::to_string(N) + ", " + (runtime_b ? "1" : "0") + ", " + (a_gather ? "1" : "0") + ", " +
+                  (conv ? "1" : "0") + "]";
+  std::lock_guard<std::mutex> lock(work_mu_);
+  work_ = std::move(w);
 }
 
 void NodeKernel::fall_back(const std::string& why) {
@@ -255,7 +266,9 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
 
   // A 2-D (or batch-broadcast) B shared by every batch of a contiguous A: one tall GEMM.
   const bool plain = plan_.a.perm.empty() && plan_.b.perm.empty();
-  if (plain && count(batch_b) == 1 && count(batch_a) == batches) {
+  const bool tall = plain && count(batch_b) == 1 && count(batch_a) == batches;
+  note_work(tall ? 1 : batches, tall ? batches * M : M, K, N, !plan_.b.constant, a2.strides[ra - 1] != 1, false);
+  if (tall) {
     if (plan_.b.constant) run({a.data, batches * M, K, y, N}, weights_.at(0));
     else run_runtime_b({a.data, batches * M, K, y, N}, b.data, K, N, N, 1);
     return;
@@ -267,6 +280,7 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
   // The kernels read A rows with unit stride; a fused Transpose that moves A's last dim gets A gathered.
   std::vector<float> a_gathered(a_k_stride == 1 ? 0 : static_cast<size_t>(batches * M * K));
   std::vector<kernels::UnpackedGemm> unpacked;  // run-time B, few rows: all batches in one call
+  std::vector<std::pair<kernels::GemmArgs, Weight>> batched;  // the others: one backend batch
   for (int64_t i = 0; i < batches; ++i) {
     const float* ap = a.data + batch_offset(batch, batch_a, a_batch_strides, i);
     int64_t lda = a_m_stride;
@@ -279,14 +293,47 @@ void NodeKernel::compute_matmul(const OrtApi& api, OrtKernelContext* ctx) {
     }
     const kernels::GemmArgs args{ap, M, lda, y + i * M * N, N};
     if (plan_.b.constant) {
-      run(args, weights_.at(static_cast<size_t>(broadcast_index(batch, batch_b, i))));
+      batched.emplace_back(args, weights_.at(static_cast<size_t>(broadcast_index(batch, batch_b, i))));
       continue;
     }
     const float* bp = b.data + batch_offset(batch, batch_b, b_batch_strides, i);
     if (auto call = as_unpacked(args, bp, b_k_stride, b_n_stride)) unpacked.push_back(*call);
-    else run_runtime_b(args, bp, K, N, b_k_stride, b_n_stride);
+    else batched.emplace_back(args, make_weight(std::make_shared<const kernels::PackedB>(
+                                                    kernels::pack_b(bp, K, N, b_k_stride, b_n_stride)),
+                                                true));
   }
   run_unpacked(unpacked.data(), unpacked.size(), K, N);
+  run_batch(batched);
+}
+
+void NodeKernel::run_batch(const std::vector<std::pair<kernels::GemmArgs, Weight>>& items) {
+  if (items.empty()) return;
+  std::vector<kernels::BatchItem> device;
+  bool all_device = device_ok_ && items.size() > 1;
+  uint64_t flop = 0;
+  for (const auto& [args, w] : items) {
+    if (!all_device) break;
+    const auto& s = w.host->shape;
+    if (args.M == 0 || s.N == 0) continue;
+    std::string why;
+    if (!w.device || !backend_->can_run(args.M, s.K, s.N, &why)) {
+      all_device = false;  // run() below takes the CPU path and says why
+      break;
+    }
+    device.push_back({args, w.device.get()});
+    flop += 2ull * static_cast<uint64_t>(args.M) * static_cast<uint64_t>(s.K) * static_cast<uint64_t>(s.N);
+  }
+  if (all_device && !device.empty()) {
+    try {
+      backend_->gemm_batch(device.data(), device.size());
+      device_calls_ += device.size();
+      device_flop_ += flop;
+      return;
+    } catch (const kernels::BackendFault& f) {
+      fall_back(f.what());  // every C of the batch is unspecified now: all of them again on the CPU path
+    }
+  }
+  for (const auto& [args, w] : items) run(args, w);
 }
 
 void NodeKernel::run_unpacked(const kernels::UnpackedGemm* calls, size_t count, int64_t K, int64_t N) {
@@ -320,6 +367,7 @@ void NodeKernel::compute_conv(const OrtApi& api, OrtKernelContext* ctx) {
   float* y = output(api, ctx, {batches, c.out_channels, t_out});
   if (batches == 0 || t_out == 0 || c.out_channels == 0) return;
   const int64_t K = c.in_channels * c.kernel, N = c.out_channels;
+  note_work(batches, t_out, K, N, false, false, true);
   // im2col rows (one per output position, zeros where the window reaches into the padding) and the GEMM result
   // [t_out, Cout], written back transposed to the [Cout, t_out] layout of Conv's output.
   std::vector<float> cols(static_cast<size_t>(t_out * K)), yt(static_cast<size_t>(t_out * N));
@@ -371,6 +419,7 @@ void NodeKernel::compute_gemm(const OrtApi& api, OrtKernelContext* ctx) {
     a_rows = a_t.data();
   }
   const kernels::GemmArgs args{a_rows, M, K, y, N};
+  note_work(1, M, K, N, !plan_.b.constant, plan_.trans_a, false);
   if (K == 0) std::fill(y, y + M * N, 0.f);
   else if (plan_.b.constant) run(args, weights_.at(0));
   else if (!plan_.trans_b) run_runtime_b(args, b.data, K, N, N, 1);

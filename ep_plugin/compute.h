@@ -44,9 +44,14 @@ class NodeKernel {
   void run_runtime_b(const kernels::GemmArgs& args, const float* b, int64_t K, int64_t N, int64_t stride_k,
                      int64_t stride_n);
   void run_unpacked(const kernels::UnpackedGemm* calls, size_t count, int64_t K, int64_t N);
+  // Independent products of one node (batched MatMul: heads) through the backend together (one submission on
+  // the NPU), or each on the CPU path.
+  void run_batch(const std::vector<std::pair<kernels::GemmArgs, Weight>>& items);
   Weight make_weight(std::shared_ptr<const kernels::PackedB> packed, bool upload);
   void fall_back(const std::string& why);
   void note_cpu_path(int64_t K, int64_t N, const std::string& why);  // logged once per node
+  // The products one run computes, for the partition report (`xdna partition --npu-model` models them).
+  void note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather, bool conv);
 
   graph::GemmPlan plan_;
   std::vector<std::string> runtime_inputs_;
@@ -59,6 +64,8 @@ class NodeKernel {
   std::atomic<uint64_t> device_calls_{0}, cpu_calls_{0};
   std::atomic<uint64_t> device_flop_{0}, cpu_flop_{0};  // executed, so symbolic dims are real here
   std::once_flag cpu_path_logged_;
+  std::mutex work_mu_;
+  std::string work_;  // JSON array [batches, M, K, N, runtime_b, a_gather, conv] of the last run
 };
 
 }  // namespace xdna::ep

@@ -52,6 +52,12 @@ struct GemmArgs {
   int64_t ldc;
 };
 
+// One product of a batch: C = A . B with B uploaded by the same backend.
+struct BatchItem {
+  GemmArgs args;
+  const DeviceWeight* weight;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -63,6 +69,11 @@ class Backend {
   virtual std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) = 0;
   // Runs one GEMM. Thread-safe. Throws BackendFault; on a throw C's contents are unspecified.
   virtual void gemm(const GemmArgs& args, const DeviceWeight& b) = 0;
+  // Independent products (e.g. the heads of an attention MatMul) that a device may submit together (xrt: one
+  // runlist). Default: gemm() each. Throws BackendFault; on a throw every C of the batch is unspecified.
+  virtual void gemm_batch(const BatchItem* items, size_t count) {
+    for (size_t i = 0; i < count; ++i) gemm(items[i].args, *items[i].weight);
+  }
 };
 
 struct BackendConfig {

@@ -6,6 +6,7 @@
 #include "kernels/backend.h"
 #include "kernels/emulator/emulator.h"
 #include "kernels/xrt/cost_model.h"
+#include "kernels/xrt/dataflow_model.h"
 #include "kernels/xrt/fake_device.h"
 #include "kernels/xrt/manifest.h"
 #include "kernels/xrt/npu_backend.h"
@@ -73,13 +74,69 @@ struct NpuBackendHandle {
     }
     return c;
   }
+  py::list gemm_batch(const py::list& items) {
+    std::vector<F32Array> as;
+    std::vector<py::array_t<float>> cs;
+    std::vector<k::BatchItem> batch;
+    for (auto item : items) {
+      auto pair = item.cast<py::tuple>();
+      F32Array a = pair[0].cast<F32Array>();
+      const auto& w = pair[1].cast<const NpuWeightHandle&>();
+      const k::PackedB& b = w.weight->host();
+      if (a.ndim() != 2 || a.shape(1) != b.shape.K) throw std::invalid_argument("A must be [M, K] matching B");
+      py::array_t<float> c({a.shape(0), static_cast<py::ssize_t>(b.shape.N)});
+      batch.push_back({k::GemmArgs{a.data(), a.shape(0), b.shape.K, c.mutable_data(), b.shape.N}, w.weight.get()});
+      as.push_back(std::move(a));
+      cs.push_back(std::move(c));
+    }
+    {
+      py::gil_scoped_release release;
+      backend->gemm_batch(batch.data(), batch.size());
+    }
+    py::list out;
+    for (auto& c : cs) out.append(c);
+    return out;
+  }
   py::dict fake_stats() const {
     if (!stats) throw std::runtime_error("not a fake-device backend");
     return py::dict(py::arg("contexts") = stats->contexts.load(), py::arg("runs") = stats->runs.load(),
                     py::arg("instr_buffers") = stats->buffers[0].load(), py::arg("a_buffers") = stats->buffers[1].load(),
-                    py::arg("b_buffers") = stats->buffers[2].load(), py::arg("c_buffers") = stats->buffers[3].load());
+                    py::arg("b_buffers") = stats->buffers[2].load(), py::arg("c_buffers") = stats->buffers[3].load(),
+                    py::arg("submissions") = stats->submissions.load(), py::arg("imports") = stats->imports.load());
   }
 };
+
+// Model parameters by name (NpuModelParams' fields), for `xdna partition --npu-model` overrides.
+k::NpuModelParams model_params(const py::dict& overrides) {
+  k::NpuModelParams p;
+  for (auto item : overrides) {
+    const std::string key = py::str(item.first);
+    const double v = py::cast<double>(item.second);
+    if (!(v > 0)) throw std::invalid_argument("model parameter " + key + " must be > 0");
+    if (key == "aie_ghz") p.aie_ghz = v;
+    else if (key == "gemm_efficiency") p.gemm_efficiency = v;
+    else if (key == "submit_us") p.submit_us = v;
+    else if (key == "chain_us") p.chain_us = v;
+    else if (key == "ddr_gbps") p.ddr_gbps = v;
+    else if (key == "host_gbps") p.host_gbps = v;
+    else if (key == "sync_gbps") p.sync_gbps = v;
+    else if (key == "pin_gbps") p.pin_gbps = v;
+    else if (key == "bf16_macs") p.bf16_macs = v;  // e.g. 256: int8's MAC rate, for the int8 route
+    else if (key == "import_us") p.import_us = v;
+    else if (key == "cpu_gflops") p.cpu_gflops = v;
+    else if (key == "cpu_gbps") p.cpu_gbps = v;
+    else if (key == "softmax_cycles_per_elem") p.softmax_cycles_per_elem = v;
+    else throw std::invalid_argument("unknown model parameter " + key);
+  }
+  return p;
+}
+
+py::dict cost_dict(const k::NodeCost& c) {
+  return py::dict(py::arg("dispatch_us") = c.dispatch_us, py::arg("host_us") = c.host_us,
+                  py::arg("dma_us") = c.dma_us, py::arg("compute_us") = c.compute_us, py::arg("npu_us") = c.npu_us,
+                  py::arg("cpu_us") = c.cpu_us, py::arg("commands") = c.commands, py::arg("npu") = c.npu,
+                  py::arg("dataflow") = c.dataflow);
+}
 
 void register_npu_bindings(py::module_& m) {
   g_backend_fault_type = PyErr_NewException("_native.BackendFault", PyExc_RuntimeError, nullptr);
@@ -101,6 +158,7 @@ void register_npu_bindings(py::module_& m) {
       .def("can_run", &NpuBackendHandle::can_run, py::arg("M"), py::arg("K"), py::arg("N"))
       .def("upload", &NpuBackendHandle::upload, py::arg("b"), py::keep_alive<0, 1>())
       .def("gemm", &NpuBackendHandle::gemm, py::arg("a"), py::arg("weight"))
+      .def("gemm_batch", &NpuBackendHandle::gemm_batch, py::arg("items"), "[(a, weight), ...] -> [c, ...]")
       .def("fake_stats", &NpuBackendHandle::fake_stats);
 
   m.def("npu_fake_backend", [](const std::string& kernel_dir, const std::string& fail_at, int max_contexts,
@@ -147,10 +205,10 @@ void register_npu_bindings(py::module_& m) {
                         py::arg("summary") = probe.summary(),
                         py::arg("kernel_dir") = k::npu::resolve_kernel_dir(kernel_dir));
       }, py::arg("kernel_dir") = "", py::arg("plugin_dir") = "", "Every piece the NPU path needs, for `xdna info`");
-  m.def("npu_fake_insts", [](int64_t m_rows, int64_t Kpad, int64_t Npad) {
-        const auto words = k::npu::fake_insts(m_rows, Kpad, Npad);
+  m.def("npu_fake_insts", [](int64_t m_rows, int64_t Kpad, int64_t Npad, bool a_f32) {
+        const auto words = k::npu::fake_insts(m_rows, Kpad, Npad, a_f32);
         return py::array_t<uint32_t>(words.size(), words.data());
-      }, py::arg("m_rows"), py::arg("Kpad"), py::arg("Npad"));
+      }, py::arg("m_rows"), py::arg("Kpad"), py::arg("Npad"), py::arg("a_f32") = false);
   m.def("npu_plan_row_chunks", &k::npu::plan_row_chunks, py::arg("M"), py::arg("heights"));
   m.def("npu_cost", [](int64_t M, int64_t K, int64_t N, double cpu_gflops, int64_t m_rows) {
         k::NpuCostParams p;
@@ -161,6 +219,27 @@ void register_npu_bindings(py::module_& m) {
                         py::arg("npu_wins") = c.npu_wins());
       }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("cpu_gflops") = 0.0, py::arg("m_rows") = 0,
       "kernels/xrt/cost_model.h: predicted NPU vs CPU time (estimates, not silicon measurements)");
+  m.def("npu_model", [](int64_t M, int64_t K, int64_t N, int64_t batches, bool runtime_b, bool a_gather, bool conv,
+                        const std::string& dataflow, const py::dict& params) {
+        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv};
+        if (M < 0 || K < 0 || N < 0 || batches < 1) throw std::invalid_argument("bad GEMM shape");
+        const k::NpuModelParams p = model_params(params);
+        if (dataflow == "v1") return cost_dict(k::model_node_v1(w, p));
+        if (dataflow == "v2") return cost_dict(k::model_node_v2(w, p));
+        throw std::invalid_argument("dataflow must be v1 or v2");
+      }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("batches") = 1, py::arg("runtime_b") = false,
+      py::arg("a_gather") = false, py::arg("conv") = false, py::arg("dataflow") = "v2", py::arg("params") = py::dict(),
+      "kernels/xrt/dataflow_model.h: modelled Phoenix time of one node (a model, not a measurement)");
+  m.def("npu_model_attention", [](int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const py::dict& params) {
+        if (heads < 1 || Tq < 1 || Tk < 1 || d < 1) throw std::invalid_argument("bad attention shape");
+        return cost_dict(k::model_attention_v2(heads, Tq, Tk, d, model_params(params)));
+      }, py::arg("heads"), py::arg("Tq"), py::arg("Tk"), py::arg("d"), py::arg("params") = py::dict());
+  m.def("npu_model_assumptions", [](const py::dict& params) {
+        py::list out;
+        for (const auto& a : k::npu_model_assumptions(model_params(params)))
+          out.append(py::make_tuple(a.name, a.value, a.source));
+        return out;
+      }, py::arg("params") = py::dict());
 }
 
 }  // namespace

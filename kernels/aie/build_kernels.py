@@ -1,12 +1,19 @@
 """Builds the NPU GEMM kernels for a model and writes the manifest the xrt backend reads.
 
-One kernel per distinct padded weight shape (K, N) and row height m_rows (a multiple of 256 rows of A per run).
-Variants of one K share one xclbin (the core program depends on K only) and so one hardware context; each has its
-own instruction stream. Needs mlir-aie (IRON, aiecc) + Peano (llvm-aie) + xclbinutil; not an NPU.
+One kernel per distinct padded weight shape (K, N) and row height m_rows. Kernels whose programs differ only in
+their runtime sequence (the height) share one xclbin and so one hardware context; each has its own instruction
+stream. Needs mlir-aie (IRON, aiecc) + Peano (llvm-aie) + xclbinutil; not an NPU.
 
-    python3 kernels/aie/build_kernels.py --model encoder_model.onnx --model decoder_model.onnx \\
-        --m-rows 256,1536 --out ~/.cache/onnxruntime-ep-xdna/kernels
-    python3 kernels/aie/build_kernels.py --shape 512x2048 --shape 2048x512 --dry-run
+--dtype f32_f32 (default; issue 15's dataflow v2, gemm_design.iron_program_f32): fp32 A read in place and rounded
+in the core, C written in place, exact heights >= 256: 256 (small calls, staged) plus every height the models'
+GEMMs have once their symbolic sizes are given with --dim (model_shapes.gemm_work), e.g. 1500 and 3000 for a
+Whisper encoder window; --m-rows adds heights. Programs depend on K, and on N where the A slab stays in the
+memtile (its repeat count). --dtype bf16_f32: the v1 kernels (host-converted bf16 A, heights multiples of 256,
+one xclbin per K).
+
+    python3 kernels/aie/build_kernels.py --model encoder_model.onnx --dim batch_size=1 \\
+        --out ~/.cache/onnxruntime-ep-xdna/kernels
+    python3 kernels/aie/build_kernels.py --shape 512x2048 --shape 2048x512 --m-rows 1500 --dry-run
 
 Toolchain (wheels from GitHub releases, not on PyPI):
     pip install mlir_aie -f https://github.com/Xilinx/mlir-aie/releases/expanded_assets/latest-wheels-2
@@ -31,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import gemm_design as design  # noqa: E402
-from model_shapes import padded, weight_shapes  # noqa: E402
+import iron_layer  # noqa: E402
+from model_shapes import gemm_work, padded, parse_dims, weight_shapes  # noqa: E402
 
 CONTRACT_VERSION = 1  # kernels/xrt/manifest.h kContractVersion
 FORMAT = "onnxruntime-ep-xdna-kernels"
@@ -92,21 +100,53 @@ def find_toolchain() -> dict:
     return found
 
 
-def plan(shapes: set[tuple[int, int]], m_rows: list[int]) -> tuple[list[dict], list[str]]:
-    """Kernel variants to build (sorted), and the shapes the design cannot take (they stay on the CPU)."""
+def plan(shapes: set[tuple[int, int]], m_rows: list[int], dtype: str = "bf16_f32",
+         heights: dict | None = None, stream_a: bool = False) -> tuple[list[dict], list[str]]:
+    """Kernel variants to build (sorted), and the shapes the design cannot take (they stay on the CPU). heights:
+    (K, N) -> the exact heights a model needs for that shape (f32_f32 only), built besides m_rows."""
     out, skipped = [], []
     for m in m_rows:
-        if m <= 0 or m % design.BLOCK_M:
-            raise ValueError(f"--m-rows {m}: must be a positive multiple of {design.BLOCK_M}")
+        if dtype == "bf16_f32" and (m <= 0 or m % design.BLOCK_M):
+            raise ValueError(f"--m-rows {m}: bf16_f32 heights must be positive multiples of {design.BLOCK_M}")
+        if dtype == "f32_f32" and m < design.BLOCK_M:
+            raise ValueError(f"--m-rows {m}: f32_f32 heights must be >= {design.BLOCK_M}")
     for k, n in sorted(shapes):
+        rows = sorted(set(m_rows) | set((heights or {}).get((k, n), ())))
         try:
-            for m in sorted(set(m_rows)):
-                design.check_shape(m, k, n)
+            for m in rows:
+                if dtype == "f32_f32":
+                    design.check_plan_f32(design.plan_f32(m, k, n, stream_a))
+                else:
+                    design.check_shape(m, k, n)
         except ValueError as e:
             skipped.append(f"{k}x{n}: {e}")
             continue
-        out.extend({"K": k, "N": n, "m_rows": m} for m in sorted(set(m_rows)))
+        out.extend({"K": k, "N": n, "m_rows": m, "dtype": dtype} for m in rows)
     return out, skipped
+
+
+def program_key(v: dict, stream_a: bool = False) -> tuple:
+    """Variants of equal keys have the same program outside the runtime sequence (one xclbin)."""
+    if v["dtype"] == "f32_f32":
+        return design.plan_f32(v["m_rows"], v["K"], v["N"], stream_a).static_key
+    return ("bf16_f32", v["K"])
+
+
+def describe(v: dict, stream_a: bool = False) -> str:
+    """One dry-run line: the variant and, for f32_f32, its dataflow as recorded from the IRON program."""
+    line = f"  K={v['K']:5} N={v['N']:5} m_rows={v['m_rows']:5} {v['dtype']}"
+    if v["dtype"] != "f32_f32":
+        return line
+    p = design.plan_f32(v["m_rows"], v["K"], v["N"], stream_a)
+    rec = iron_layer.Recorder()
+    design.iron_program_f32(p, rec)  # records the program: the same calls a real build makes
+    transfers = rec.runtimes[0].transfers
+    overlap = len(p.blocks) * design.BLOCK_M - p.M
+    a = (f"A slab resident ({p.a_l2_len * 4 // 1024} KiB x{p.a_depth}, sent {p.a_repeat}x)" if p.resident
+         else f"A streamed ({v['N'] // design.BLOCK_N} pass(es))")
+    return (line + f": {a}, {len(p.blocks)} block(s)" + (f" (last overlaps {overlap} rows)" if overlap else "") +
+            f", {len(transfers)} shim transfers, memtile {p.memtile_bytes() // 1024} KiB, "
+            f"L1 {p.l1_bytes() // 1024} KiB")
 
 
 def _static_part(mlir: str) -> str:
@@ -130,7 +170,7 @@ def run(cmd: list[str], cwd: Path, log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd[:2])} ... failed (exit {r.returncode}); see {log}")
 
 
-def build(variants: list[dict], out: Path, tools: dict, work: Path) -> dict:
+def build(variants: list[dict], out: Path, tools: dict, work: Path, stream_a: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     obj = work / design.KERNEL_OBJECT
@@ -138,34 +178,38 @@ def build(variants: list[dict], out: Path, tools: dict, work: Path) -> dict:
          "-DNDEBUG", "-Wno-parentheses", "-Wno-attributes", "-Wno-macro-redefined", f"-I{tools['aie_api_include']}",
          "-c", str(HERE / "gemm_bf16.cc"), "-o", str(obj)], work, work / "peano.log")
 
-    static_by_k: dict[int, tuple[str, str]] = {}  # K -> (static MLIR hash, xclbin file name)
+    xclbins: dict[str, str] = {}  # static MLIR hash -> xclbin file name
+    shape_xclbin: dict[tuple, str] = {}  # (dtype, K, N) -> xclbin: the backend runs a shape's heights on one context
     entries = []
     for v in variants:
-        name = f"gemm_k{v['K']}_n{v['N']}_m{v['m_rows']}"
+        name = f"gemm_{v['dtype']}_k{v['K']}_n{v['N']}_m{v['m_rows']}"
         d = work / name
         d.mkdir(exist_ok=True)
         shutil.copy2(obj, d / design.KERNEL_OBJECT)
-        mlir = str(design.iron_module(v["m_rows"], v["K"], v["N"]))
+        if v["dtype"] == "f32_f32":
+            mlir = str(design.iron_module_f32(v["m_rows"], v["K"], v["N"], stream_a))
+        else:
+            mlir = str(design.iron_module(v["m_rows"], v["K"], v["N"]))
         (d / "design.mlir").write_text(mlir)
         static = hashlib.sha256(_static_part(mlir).encode()).hexdigest()
-        shared = static_by_k.get(v["K"])
-        share = shared is not None and shared[0] == static
+        share = static in xclbins
         cmd = [tools["aiecc"], "--no-aiesim", "--no-xchesscc", "--no-xbridge", "--no-compile-host",
                f"--peano={tools['peano']}", "--aie-generate-npu-insts", "--npu-insts-name=insts.bin"]
         if not share:
             cmd += ["--aie-generate-xclbin", "--xclbin-name=final.xclbin"]
-        env_log = d / "aiecc.log"
         os.environ.setdefault("AIE_XCLBINUTIL_PATH", tools["xclbinutil"])
-        run(cmd + ["design.mlir"], d, env_log)
+        run(cmd + ["design.mlir"], d, d / "aiecc.log")
         insts = f"{name}.insts.bin"
         shutil.copy2(d / "insts.bin", out / insts)
-        if share:
-            xclbin = shared[1]
-        else:
-            xclbin = f"gemm_k{v['K']}_{static[:8]}.xclbin"
-            shutil.copy2(d / "final.xclbin", out / xclbin)
-            static_by_k.setdefault(v["K"], (static, xclbin))
-        entries.append({**v, "dtype": "bf16_f32", "xclbin": xclbin, "insts": insts, "kernel": "MLIR_AIE"})
+        if not share:
+            xclbins[static] = f"gemm_{v['dtype']}_k{v['K']}_{static[:8]}.xclbin"
+            shutil.copy2(d / "final.xclbin", out / xclbins[static])
+        xclbin = xclbins[static]
+        first = shape_xclbin.setdefault((v["dtype"], v["K"], v["N"]), xclbin)
+        if first != xclbin:
+            raise RuntimeError(f"{name}: its program differs from the other heights of {v['K']}x{v['N']} outside the "
+                               "runtime sequence (a design bug: the backend needs one xclbin per shape)")
+        entries.append({**v, "xclbin": xclbin, "insts": insts, "kernel": "MLIR_AIE"})
         print(f"built {name} -> {xclbin}{' (shared)' if share else ''}, {insts}")
     return manifest(entries)
 
@@ -188,22 +232,45 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", action="append", default=[], help="ONNX model whose MatMul/Gemm weights need kernels")
     p.add_argument("--shape", action="append", type=parse_shape, default=[], help="extra weight shape KxN")
-    p.add_argument("--m-rows", default="256,1536",
-                   help="comma-separated rows of A per run (multiples of 256); a call of M rows is cut into runs of "
-                        "these heights (default 256,1536: decoder-size calls and a 30 s Whisper encoder in one run)")
+    p.add_argument("--dtype", choices=["f32_f32", "bf16_f32"], default="f32_f32",
+                   help="f32_f32: fp32 A in place, rounded in the core, exact heights (default); bf16_f32: v1")
+    p.add_argument("--m-rows",
+                   help="comma-separated rows of A per run; f32_f32: any height >= 256, besides 256 and the models' "
+                        "heights (default: those; 256,1500 when no model height is known); bf16_f32: multiples of "
+                        "256 (default 256,1536)")
+    p.add_argument("--dim", action="append", default=[],
+                   help="a model's symbolic size NAME=SIZE, to find its GEMM heights (e.g. batch_size=1)")
+    p.add_argument("--stream-a", action="store_true",
+                   help="f32_f32: stream A from DDR per column block instead of keeping its slab in the memtile")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("XDNA_KERNEL_DIR", DEFAULT_OUT)))
     p.add_argument("--work", type=Path, help="build directory (default: <out>/build)")
     p.add_argument("--dry-run", action="store_true", help="print the kernels that would be built; needs no toolchain")
     args = p.parse_args(argv)
 
     shapes = {padded(k, n) for k, n in args.shape}
-    for m in args.model:
-        shapes |= {padded(k, n) for k, n in weight_shapes(m)}
-    if not shapes:
-        p.error("no shapes: give --model and/or --shape")
+    heights: dict = {}
     try:
-        m_rows = [int(x) for x in args.m_rows.split(",") if x.strip()]
-        variants, skipped = plan(shapes, m_rows)
+        dims = parse_dims(args.dim)
+        for m in args.model:
+            shapes |= {padded(k, n) for k, n in weight_shapes(m)}
+            if args.dtype == "f32_f32":
+                for (k, n, rows), _ in gemm_work(m, dims).items():
+                    if rows >= design.BLOCK_M:  # smaller calls run the 256-row kernel, staged
+                        heights.setdefault((k, n), set()).add(rows)
+        if not shapes:
+            p.error("no shapes: give --model and/or --shape")
+        if args.m_rows:
+            m_rows = [int(x) for x in args.m_rows.split(",") if x.strip()]
+            if args.dtype == "f32_f32":
+                m_rows = sorted(set(m_rows) | {design.BLOCK_M})  # small calls: a 256-row kernel, staged
+        elif args.dtype == "bf16_f32":
+            m_rows = [256, 1536]
+        else:
+            m_rows = [256] if heights else [256, 1500]
+            if not heights:
+                print("build_kernels: no GEMM height from a model (give its symbolic sizes with --dim); building "
+                      "heights 256,1500", file=sys.stderr)
+        variants, skipped = plan(shapes, m_rows, args.dtype, heights, args.stream_a)
     except ValueError as e:
         print(f"build_kernels: {e}", file=sys.stderr)
         return 2
@@ -212,22 +279,27 @@ def main(argv=None) -> int:
     if not variants:
         print("build_kernels: nothing to build", file=sys.stderr)
         return 2
-    ks = sorted({v["K"] for v in variants})
-    print(f"{len(variants)} kernel(s) for {len(shapes)} shape(s); {len(ks)} xclbin(s) / hardware context(s) "
-          f"(one per K: {', '.join(map(str, ks))})")
-    if len(ks) > 6:
-        print("warning: more than 6 distinct K: Phoenix has 6 hardware contexts per device; the backend will run "
+    programs = sorted({program_key(v, args.stream_a) for v in variants}, key=str)
+    if args.dtype == "bf16_f32":
+        which = f"one per K: {', '.join(str(k[1]) for k in programs)}"
+    else:
+        which = "one per K" + (", and per N where the A slab stays in the memtile" if any(k[2] for k in programs)
+                               else "")
+    print(f"{len(variants)} kernel(s) for {len(shapes)} shape(s); {len(programs)} xclbin(s) / "
+          f"hardware context(s) ({which})")
+    if len(programs) > 6:
+        print("warning: more than 6 xclbins: Phoenix has 6 hardware contexts per device; the backend will run "
               "the shapes of the first ones it loads and leave the rest on the CPU", file=sys.stderr)
     if args.dry_run:
         for v in variants:
-            print(f"  K={v['K']:5} N={v['N']:5} m_rows={v['m_rows']:5}")
+            print(describe(v, args.stream_a))
         return 0
     try:
         tools = find_toolchain()
     except ToolchainMissing as e:
         print(f"build_kernels: {e}", file=sys.stderr)
         return 3
-    result = build(variants, args.out, tools, args.work or args.out / "build")
+    result = build(variants, args.out, tools, args.work or args.out / "build", args.stream_a)
     (args.out / "manifest.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out / 'manifest.json'}")
     return 0

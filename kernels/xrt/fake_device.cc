@@ -1,5 +1,6 @@
 #include "fake_device.h"
 
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
@@ -11,24 +12,34 @@ namespace {
 
 constexpr uint32_t kFakeInstsMagic = 0x46414b45u;  // "FAKE"
 
+// Host and device copies are separate, as without cache maintenance on the real NPU; an imported buffer's host
+// side is the caller's memory itself.
 class FakeBuffer final : public DeviceBuffer {
  public:
-  FakeBuffer(BufferKind kind, size_t bytes, size_t reported) : kind(kind), host(bytes), device(bytes),
-                                                               reported_(reported) {}
-  void* map() override { return host.data(); }
+  FakeBuffer(BufferKind kind, size_t bytes, size_t reported) : kind(kind), own(bytes), device(bytes),
+                                                               host_(own.data()), reported_(reported) {}
+  FakeBuffer(BufferKind kind, void* user, size_t bytes)
+      : kind(kind), device(bytes), host_(static_cast<unsigned char*>(user)), reported_(bytes) {}
+  void* map() override { return host_; }
   size_t size() const override { return reported_; }
-  void to_device(size_t bytes, size_t offset) override { copy(host, device, bytes, offset); }
-  void from_device(size_t bytes, size_t offset) override { copy(device, host, bytes, offset); }
+  void to_device(size_t bytes, size_t offset) override {
+    check(bytes, offset);
+    std::memcpy(device.data() + offset, host_ + offset, bytes);
+  }
+  void from_device(size_t bytes, size_t offset) override {
+    check(bytes, offset);
+    std::memcpy(host_ + offset, device.data() + offset, bytes);
+  }
 
   BufferKind kind;
-  std::vector<unsigned char> host, device;
+  std::vector<unsigned char> own, device;
 
  private:
-  static void copy(const std::vector<unsigned char>& from, std::vector<unsigned char>& to, size_t bytes,
-                   size_t offset) {
-    if (offset + bytes > from.size()) throw std::runtime_error("sync beyond the end of the buffer");
-    std::memcpy(to.data() + offset, from.data() + offset, bytes);
+  void check(size_t bytes, size_t offset) const {
+    if (offset > device.size() || bytes > device.size() - offset)
+      throw std::runtime_error("sync beyond the end of the buffer");
   }
+  unsigned char* host_;
   size_t reported_;
 };
 
@@ -63,9 +74,38 @@ class FakeKernel final : public LoadedKernel {
     return std::make_unique<FakeBuffer>(kind, bytes, bytes);
   }
 
+  std::unique_ptr<DeviceBuffer> import(BufferKind kind, void* ptr, size_t bytes) override {
+    if (options_.fail_at == "import") return nullptr;
+    // The shim DMA addresses 32-bit words: a buffer must start on a 4-byte boundary (page rounding is XRT's).
+    if (!ptr || reinterpret_cast<uintptr_t>(ptr) % 4 || bytes == 0 || kind == BufferKind::instructions)
+      return nullptr;
+    ++options_.stats->imports;
+    return std::make_unique<FakeBuffer>(kind, ptr, bytes);
+  }
+
+  std::unique_ptr<PendingRun> start_chain(const std::vector<RunArgs>& runs) override {
+    if (options_.fail_at == "run") throw std::runtime_error("fake: runlist submission failed (injected)");
+    ++options_.stats->submissions;
+    // Like a runlist: the commands run in order; the first that fails decides the chain's state.
+    for (const RunArgs& r : runs) {
+      auto run = execute(*r.instr, r.n_instr_words, *r.a, *r.b, *r.c);
+      std::string detail;
+      const RunState state = run->wait(std::chrono::milliseconds(0), &detail);
+      if (state != RunState::completed) return run;
+    }
+    return std::make_unique<FakeRun>(RunState::completed, "");
+  }
+
   std::unique_ptr<PendingRun> start(DeviceBuffer& instr_buf, uint32_t n_words, DeviceBuffer& a_buf,
                                     DeviceBuffer& b_buf, DeviceBuffer& c_buf) override {
     if (options_.fail_at == "run") throw std::runtime_error("fake: kernel start failed (injected)");
+    ++options_.stats->submissions;
+    return execute(instr_buf, n_words, a_buf, b_buf, c_buf);
+  }
+
+ private:
+  std::unique_ptr<PendingRun> execute(DeviceBuffer& instr_buf, uint32_t n_words, DeviceBuffer& a_buf,
+                                      DeviceBuffer& b_buf, DeviceBuffer& c_buf) {
     FakeBuffer& instr = as_fake(instr_buf, BufferKind::instructions, "1 (instructions)");
     FakeBuffer& a = as_fake(a_buf, BufferKind::a, "3 (A)");
     FakeBuffer& b = as_fake(b_buf, BufferKind::b, "4 (B)");
@@ -75,20 +115,29 @@ class FakeKernel final : public LoadedKernel {
     if (options_.fail_at == "timeout") return std::make_unique<FakeRun>(RunState::timeout, "ERT_CMD_STATE_TIMEOUT");
 
     // The device sees only what was synced: read the instruction header from the device copy.
-    if (n_words < 4 || instr.device.size() < 16) throw std::runtime_error("fake: instruction stream too short");
-    uint32_t header[4];
+    if (n_words < 5 || instr.device.size() < 20) throw std::runtime_error("fake: instruction stream too short");
+    uint32_t header[5];
     std::memcpy(header, instr.device.data(), sizeof header);
     if (header[0] != kFakeInstsMagic) throw std::runtime_error("fake: instructions were not synced to the device");
     const int64_t m_rows = header[1], Kpad = header[2], Npad = header[3];
-    if (a.device.size() < static_cast<size_t>(m_rows * Kpad) * 2 || b.device.size() != static_cast<size_t>(Kpad * Npad) * 2 ||
+    const bool a_f32 = header[4] != 0;
+    const size_t a_elem = a_f32 ? 4 : 2;
+    if (a.device.size() < static_cast<size_t>(m_rows * Kpad) * a_elem ||
+        b.device.size() != static_cast<size_t>(Kpad * Npad) * 2 ||
         c.device.size() < static_cast<size_t>(m_rows * Npad) * 4)
       throw std::runtime_error("fake: buffer sizes do not match the kernel's GEMM");
     if (options_.fail_at == "result") return std::make_unique<FakeRun>(RunState::completed, "");
 
-    // Execute with the emulator: the kernel's inputs are already bf16, so widening them is exact.
+    // Execute with the emulator. bf16 A: widening is exact. fp32 A: the core converts with round to nearest even
+    // (gemm_bf16.cc sets the rounding mode), which is f32_to_bf16, the contract's host conversion.
     std::vector<float> a32(static_cast<size_t>(m_rows * Kpad));
-    const auto* a16 = reinterpret_cast<const uint16_t*>(a.device.data());
-    for (size_t i = 0; i < a32.size(); ++i) a32[i] = bf16_to_f32(a16[i]);
+    if (a_f32) {
+      const auto* src = reinterpret_cast<const float*>(a.device.data());
+      for (size_t i = 0; i < a32.size(); ++i) a32[i] = bf16_to_f32(f32_to_bf16(src[i]));
+    } else {
+      const auto* a16 = reinterpret_cast<const uint16_t*>(a.device.data());
+      for (size_t i = 0; i < a32.size(); ++i) a32[i] = bf16_to_f32(a16[i]);
+    }
     PackedB packed;
     packed.shape = padded_shape(0, Kpad, Npad);
     packed.data.resize(static_cast<size_t>(Kpad * Npad));
@@ -98,7 +147,6 @@ class FakeKernel final : public LoadedKernel {
     return std::make_unique<FakeRun>(RunState::completed, "");
   }
 
- private:
   FakeOptions options_;
 };
 
@@ -125,8 +173,9 @@ std::unique_ptr<NpuDevice> make_fake_device(const FakeOptions& options) {
   return std::make_unique<FakeDevice>(options);
 }
 
-std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad) {
-  return {kFakeInstsMagic, static_cast<uint32_t>(m_rows), static_cast<uint32_t>(Kpad), static_cast<uint32_t>(Npad)};
+std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad, bool a_f32) {
+  return {kFakeInstsMagic, static_cast<uint32_t>(m_rows), static_cast<uint32_t>(Kpad), static_cast<uint32_t>(Npad),
+          a_f32 ? 1u : 0u};
 }
 
 }  // namespace xdna::kernels::npu

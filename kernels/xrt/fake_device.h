@@ -17,12 +17,14 @@ struct FakeStats {
   std::atomic<int> contexts{0};        // load() calls that succeeded
   std::atomic<int> buffers[4] = {};    // allocations by BufferKind
   std::atomic<int> runs{0};            // runs started
+  std::atomic<int> submissions{0};     // start() calls plus start_chain() calls: what the driver would see
+  std::atomic<int> imports{0};         // host buffers imported in place (user-pointer BOs)
 };
 
 struct FakeOptions {
   // Step to fail at: "open" (device creation), "load", "upload" (B buffer), "run" (start throws),
-  // "run_state" (wait reports a failed command), "timeout", "result" (run completes without writing C);
-  // "" = never.
+  // "run_state" (wait reports a failed command), "timeout", "result" (run completes without writing C),
+  // "import" (the device refuses user-pointer buffers: the backend must stage); "" = never.
   std::string fail_at;
   std::shared_ptr<FakeStats> stats = std::make_shared<FakeStats>();
 };
@@ -30,7 +32,8 @@ struct FakeOptions {
 // Throws std::runtime_error for fail_at == "open", as xrt::device(0) does without a device.
 std::unique_ptr<NpuDevice> make_fake_device(const FakeOptions& options);
 
-// The "instruction stream" the fake executes: a header naming the GEMM one run computes.
-std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad);
+// The "instruction stream" the fake executes: a header naming the GEMM one run computes. a_f32: the kernel reads
+// A as fp32 and converts it to bf16 in the core with round-to-nearest-even (manifest dtype f32_f32).
+std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad, bool a_f32 = false);
 
 }  // namespace xdna::kernels::npu

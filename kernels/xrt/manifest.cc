@@ -238,11 +238,13 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
       continue;
     }
     const std::string dtype = str_field(item, "dtype");
-    if (dtype != "bf16_f32") {
-      m.skipped.push_back(where + ": dtype '" + dtype + "' (only bf16_f32 implements the contract)");
+    if (dtype != "bf16_f32" && dtype != "f32_f32") {
+      m.skipped.push_back(where + ": dtype '" + dtype + "' (only bf16_f32 and f32_f32 implement the contract)");
       continue;
     }
-    if (e.K <= 0 || e.K % kTileK || e.N <= 0 || e.N % kBlockN || e.m_rows <= 0 || e.m_rows % kBlockM) {
+    e.a_f32 = dtype == "f32_f32";  // issue 15: fp32 A, converted in the core; exact heights allowed
+    if (e.K <= 0 || e.K % kTileK || e.N <= 0 || e.N % kBlockN || e.m_rows <= 0 ||
+        (e.m_rows % kBlockM && !e.a_f32)) {
       m.skipped.push_back(where + ": K must be a multiple of " + std::to_string(kTileK) + ", N of " +
                           std::to_string(kBlockN) + ", m_rows of " + std::to_string(kBlockM));
       continue;

@@ -24,6 +24,10 @@ struct KernelEntry {
   std::string xclbin;                // absolute path
   std::string insts;                 // absolute path
   std::string kernel_name = "MLIR_AIE";
+  // dtype "f32_f32" (issue 15): A is read as fp32 straight from ORT's buffer and converted to bf16 in the core
+  // (round to nearest even); m_rows may be any height (the build makes >= 256: its last 256-row block overlaps the
+  // one before, so no transfer leaves A or C; see gemm_design.py plan_f32).
+  bool a_f32 = false;
 };
 
 struct Manifest {

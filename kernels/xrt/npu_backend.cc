@@ -1,6 +1,6 @@
 #include "npu_backend.h"
 
-#include "cost_model.h"
+#include "dataflow_model.h"
 
 #include <algorithm>
 #include <atomic>
@@ -105,6 +105,7 @@ class NpuBackend final : public Backend {
       (void)s->a.release();
       (void)s->c.release();
     }
+    for (auto& b : quarantined_imports_) (void)b.release();
   }
 
   std::string name() const override { return "xrt"; }
@@ -123,11 +124,13 @@ class NpuBackend final : public Backend {
 
   bool can_run(int64_t M, int64_t K, int64_t N, std::string* why_not) const override {
     if (options_.cost_model && M > 0) {
-      const GemmCost cost = predict_gemm_cost(M, K, N);
-      if (!cost.npu_wins()) {
+      NodeWork work;
+      work.M = M, work.K = K, work.N = N;
+      const NodeCost cost = model_node_v2(work);  // the dataflow model `xdna partition --npu-model` prints
+      if (!cost.npu) {
         if (why_not) {
           std::ostringstream os;
-          os << "cost model: CPU faster (predicted NPU " << cost.npu_us << " us incl. dispatch vs CPU " << cost.cpu_us
+          os << "cost model: CPU faster (modelled NPU " << cost.npu_us << " us incl. dispatch vs CPU " << cost.cpu_us
              << " us)";
           *why_not = os.str();
         }
@@ -183,61 +186,139 @@ class NpuBackend final : public Backend {
   }
 
   void gemm(const GemmArgs& args, const DeviceWeight& weight) override {
-    const auto* w = dynamic_cast<const NpuWeight*>(&weight);
-    if (!w) throw BackendFault("run", "weight was not uploaded by the xrt backend");
+    const BatchItem item{args, &weight};
+    gemm_batch(&item, 1);
+  }
+
+  // The products of a batch (the heads of an attention product) go to the device in one submission when their
+  // weights share one hardware context; otherwise one submission per product.
+  void gemm_batch(const BatchItem* items, size_t count) override {
+    std::vector<const NpuWeight*> weights(count);
+    for (size_t i = 0; i < count; ++i) {
+      weights[i] = dynamic_cast<const NpuWeight*>(items[i].weight);
+      if (!weights[i]) throw BackendFault("run", "weight was not uploaded by the xrt backend");
+    }
     if (disabled_) throw BackendFault("run", "xrt backend disabled: " + disabled_reason());
-    if (args.M <= 0) return;
-    Shape& shape = *w->shape;
-    const PaddedShape& p = w->host().shape;
-
-    std::vector<int64_t> heights;
-    for (const auto& v : shape.variants) heights.push_back(v->entry.m_rows);
-    const std::vector<int64_t> plan = plan_row_chunks(args.M, heights);
-
-    struct InFlight {
-      Variant* variant;
-      std::unique_ptr<Staging> staging;
-      std::unique_ptr<PendingRun> run;
-      int64_t row0, rows;
-    };
-    std::vector<InFlight> runs;
-    runs.reserve(plan.size());
-    try {
-      // Stage and start every run first, then wait: the NPU works on run i while the host stages run i+1.
-      int64_t row0 = 0;
-      for (int64_t height : plan) {
-        Variant* v = variant_for(shape, height);
-        InFlight f{v, nullptr, nullptr, row0, std::min(height, args.M - row0)};
-        f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
-        at_step("run", [&] { stage_a(args, p, f.row0, f.rows, height, *f.staging->a); });
-        at_step("run", [&] { plant_canary(*f.staging->c, height * p.Npad); });
-        runs.push_back(std::move(f));
-        InFlight& r = runs.back();
-        r.run = at_step("run", [&] {
-          return shape.kernel->start(*v->instr, v->n_words, *r.staging->a, *w->b, *r.staging->c);
-        });
-        row0 += height;
-      }
-      for (InFlight& r : runs) {
-        std::string detail;
-        const RunState state = at_step("run", [&] { return r.run->wait(options_.timeout, &detail); });
-        r.run.reset();
-        if (state == RunState::timeout) {
-          disable("a run timed out after " + std::to_string(options_.timeout.count()) + " ms");
-          throw BackendFault("timeout", "run did not complete within " + std::to_string(options_.timeout.count()) +
-                                            " ms" + (detail.empty() ? "" : " (" + detail + ")"));
-        }
-        if (state != RunState::completed) throw BackendFault("run", "command failed: " + detail);
-        at_step("result", [&] { read_c(*r.staging->c, p, r.row0, r.rows, r.variant->entry.m_rows, args); });
-        give_back(*r.variant, std::move(r.staging));
-      }
-    } catch (...) {
-      settle(runs);
-      throw;
+    size_t first = 0;
+    while (first < count) {
+      size_t last = first + 1;  // [first, last): products sharing the first one's context
+      while (last < count && weights[last]->shape->kernel == weights[first]->shape->kernel) ++last;
+      submit(items + first, weights.data() + first, last - first);
+      first = last;
     }
   }
 
  private:
+  struct InFlight {
+    const GemmArgs* args;
+    const PaddedShape* p;
+    Variant* variant;
+    std::unique_ptr<Staging> staging;         // staged A/C (null when both are imported)
+    std::unique_ptr<DeviceBuffer> a_in, c_in;  // ORT's own memory as user-pointer buffers (issue 15)
+    int64_t row0, rows;
+  };
+
+  // Every run of every product goes to the device in one submission (a runlist), then one wait.
+  void submit(const BatchItem* items, const NpuWeight* const* weights, size_t count) {
+    LoadedKernel* kernel = weights[0]->shape->kernel;
+    std::vector<InFlight> runs;
+    std::unique_ptr<PendingRun> chain;
+    try {
+      std::vector<RunArgs> list;
+      for (size_t i = 0; i < count; ++i) {
+        const GemmArgs& args = items[i].args;
+        if (args.M <= 0) continue;
+        const NpuWeight* w = weights[i];
+        Shape& shape = *w->shape;
+        const PaddedShape& p = w->host().shape;
+        std::vector<int64_t> heights;
+        for (const auto& v : shape.variants) heights.push_back(v->entry.m_rows);
+        int64_t row0 = 0;
+        for (int64_t height : plan_row_chunks(args.M, heights)) {
+          Variant* v = variant_for(shape, height);
+          InFlight f{&args, &p, v, nullptr, nullptr, nullptr, row0, std::min(height, args.M - row0)};
+          at_step("run", [&] { import_in_place(args, p, v->entry, height, f.row0, f.rows, f.a_in, f.c_in, *kernel); });
+          if (!f.a_in) {
+            f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
+            at_step("run", [&] {
+              if (v->entry.a_f32) stage_a_f32(args, p, f.row0, f.rows, height, *f.staging->a);
+              else stage_a(args, p, f.row0, f.rows, height, *f.staging->a);
+              plant_canary(*f.staging->c, height * p.Npad);
+            });
+          }
+          runs.push_back(std::move(f));
+          InFlight& r = runs.back();
+          list.push_back({v->instr.get(), v->n_words, r.a_in ? r.a_in.get() : r.staging->a.get(), w->b.get(),
+                          r.c_in ? r.c_in.get() : r.staging->c.get()});
+          row0 += height;
+        }
+      }
+      if (list.empty()) return;
+      chain = at_step("run", [&] { return kernel->start_chain(list); });
+      std::string detail;
+      const RunState state = at_step("run", [&] { return chain->wait(options_.timeout, &detail); });
+      chain.reset();
+      if (state == RunState::timeout) {
+        disable("a run timed out after " + std::to_string(options_.timeout.count()) + " ms");
+        throw BackendFault("timeout", "run did not complete within " + std::to_string(options_.timeout.count()) +
+                                          " ms" + (detail.empty() ? "" : " (" + detail + ")"));
+      }
+      if (state != RunState::completed) throw BackendFault("run", "command failed: " + detail);
+      for (InFlight& r : runs) {
+        if (r.c_in) at_step("result", [&] { check_in_place_c(*r.c_in, r.rows * r.p->Npad); });
+        else at_step("result", [&] { read_c(*r.staging->c, *r.p, r.row0, r.rows, r.variant->entry.m_rows, *r.args); });
+        r.a_in.reset();
+        r.c_in.reset();
+        if (r.staging) give_back(*r.variant, std::move(r.staging));
+      }
+    } catch (...) {
+      settle(runs, chain);
+      throw;
+    }
+  }
+
+  // In place (issue 15): a kernel that reads fp32 A (converting it in the core) over exactly the rows of this run,
+  // on dense rows (lda = K, ldc = N) of whole tiles (K a multiple of 64, N of 256), gets ORT's A and C memory
+  // imported as buffers. Anything else, or a device that refuses the import, leaves both null: the run is staged.
+  static void import_in_place(const GemmArgs& args, const PaddedShape& p, const KernelEntry& e, int64_t height,
+                              int64_t row0, int64_t rows, std::unique_ptr<DeviceBuffer>& a_in,
+                              std::unique_ptr<DeviceBuffer>& c_in, LoadedKernel& kernel) {
+    if (!e.a_f32 || rows != height || p.K != p.Kpad || p.N != p.Npad || args.lda != p.K || args.ldc != p.N) return;
+    const size_t a_bytes = static_cast<size_t>(rows) * static_cast<size_t>(p.K) * sizeof(float);
+    const size_t c_bytes = static_cast<size_t>(rows) * static_cast<size_t>(p.N) * sizeof(float);
+    a_in = kernel.import(BufferKind::a, const_cast<float*>(args.a + row0 * args.lda), a_bytes);
+    if (a_in) c_in = kernel.import(BufferKind::c, args.c + row0 * args.ldc, c_bytes);
+    if (!a_in || !c_in || a_in->size() < a_bytes || c_in->size() < c_bytes) {
+      a_in.reset();
+      c_in.reset();
+      return;
+    }
+    a_in->to_device(a_bytes, 0);  // cache maintenance: the NPU reads DDR, not the CPU's caches
+    plant_canary(*c_in, rows * p.N);
+  }
+
+  static void check_in_place_c(DeviceBuffer& c, int64_t elements) {
+    c.from_device(static_cast<size_t>(elements) * sizeof(float), 0);
+    const auto* words = static_cast<const uint32_t*>(c.map());
+    if (words[0] == kCanary || words[elements - 1] == kCanary)
+      throw std::runtime_error("the kernel completed but did not write its result");
+  }
+
+  // A rows [row0, row0 + rows) -> fp32 row-major [height, Kpad] for a kernel that converts A in the core; pads
+  // zero (contract: exact zeros), tail rows zero.
+  static void stage_a_f32(const GemmArgs& args, const PaddedShape& p, int64_t row0, int64_t rows, int64_t height,
+                          DeviceBuffer& a) {
+    const size_t bytes = static_cast<size_t>(height) * static_cast<size_t>(p.Kpad) * sizeof(float);
+    if (a.size() < bytes) throw std::runtime_error("A buffer is smaller than one run's rows");
+    auto* dst = static_cast<float*>(a.map());
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(dst + r * p.Kpad, args.a + (row0 + r) * args.lda, static_cast<size_t>(p.K) * sizeof(float));
+      std::fill(dst + r * p.Kpad + p.K, dst + (r + 1) * p.Kpad, 0.f);
+    }
+    std::fill(dst + rows * p.Kpad, dst + height * p.Kpad, 0.f);
+    a.to_device(bytes, 0);
+  }
+
   std::string context_limit_message() const {
     return "hardware context limit hit: " + std::to_string(contexts_.size()) + " of " +
            std::to_string(options_.max_contexts) +
@@ -287,7 +368,8 @@ class NpuBackend final : public Backend {
       }
     }
     auto s = std::make_unique<Staging>();
-    s->a = shape.kernel->alloc(BufferKind::a, static_cast<size_t>(v.entry.m_rows * p.Kpad) * sizeof(uint16_t));
+    const size_t a_elem = v.entry.a_f32 ? sizeof(float) : sizeof(uint16_t);
+    s->a = shape.kernel->alloc(BufferKind::a, static_cast<size_t>(v.entry.m_rows * p.Kpad) * a_elem);
     s->c = shape.kernel->alloc(BufferKind::c, static_cast<size_t>(v.entry.m_rows * p.Npad) * sizeof(float));
     return s;
   }
@@ -336,25 +418,29 @@ class NpuBackend final : public Backend {
       std::memcpy(args.c + (row0 + r) * args.ldc, src + r * p.Npad, static_cast<size_t>(p.N) * sizeof(float));
   }
 
-  // After a fault: wait (briefly) for runs still in flight; buffers of runs that do not finish are never reused.
+  // After a fault: wait (briefly) for the submission still in flight. Buffers of runs that do not finish are never
+  // reused or freed (imported ones stay pinned: the device may still write them).
   template <typename Runs>
-  void settle(Runs& runs) {
-    for (auto& r : runs) {
-      if (!r.staging) continue;
-      bool finished = !r.run;
-      if (r.run) {
-        try {
-          std::string detail;
-          finished = r.run->wait(options_.timeout, &detail) != RunState::timeout;
-        } catch (...) {
-          finished = false;
-        }
+  void settle(Runs& runs, std::unique_ptr<PendingRun>& chain) {
+    bool finished = !chain;
+    if (chain) {
+      try {
+        std::string detail;
+        finished = chain->wait(options_.timeout, &detail) != RunState::timeout;
+      } catch (...) {
+        finished = false;
       }
+    }
+    for (auto& r : runs) {
       if (finished) {
-        give_back(*r.variant, std::move(r.staging));
+        r.a_in.reset();
+        r.c_in.reset();
+        if (r.staging) give_back(*r.variant, std::move(r.staging));
       } else {
         std::lock_guard<std::mutex> lock(load_mu_);
-        quarantine_.push_back(std::move(r.staging));
+        if (r.staging) quarantine_.push_back(std::move(r.staging));
+        if (r.a_in) quarantined_imports_.push_back(std::move(r.a_in));
+        if (r.c_in) quarantined_imports_.push_back(std::move(r.c_in));
       }
     }
   }
@@ -379,6 +465,7 @@ class NpuBackend final : public Backend {
   mutable std::mutex load_mu_;
   std::map<std::string, std::unique_ptr<LoadedKernel>> contexts_;  // by xclbin path: one hardware context each
   std::vector<std::unique_ptr<Staging>> quarantine_;
+  std::vector<std::unique_ptr<DeviceBuffer>> quarantined_imports_;
   std::atomic<bool> disabled_{false};
   std::string disabled_reason_;
 };
@@ -407,9 +494,12 @@ std::vector<int64_t> plan_row_chunks(int64_t M, std::vector<int64_t> heights) {
   heights.erase(std::unique(heights.begin(), heights.end()), heights.end());
   std::vector<int64_t> plan;
   if (heights.empty() || M <= 0) return plan;
-  int64_t remaining = round_up(M, kBlockM);
+  // Heights need not be multiples of kBlockM (f32_f32 kernels of an exact height, e.g. 1500): a height fits
+  // when it is at most the remaining rows rounded up to a block.
+  int64_t remaining = M;
   while (remaining > 0) {
-    auto fit = std::find_if(heights.begin(), heights.end(), [&](int64_t h) { return h <= remaining; });
+    const int64_t room = round_up(remaining, kBlockM);
+    auto fit = std::find_if(heights.begin(), heights.end(), [&](int64_t h) { return h <= room; });
     const int64_t h = fit != heights.end() ? *fit : heights.back();  // none fits: pad up to the smallest
     plan.push_back(h);
     remaining -= h;

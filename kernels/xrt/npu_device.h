@@ -13,12 +13,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace xdna::kernels::npu {
 
 // Version of this interface; libxdna_xrt_backend.so reports the one it was built with and the loader refuses a
 // mismatch (a stale library next to a newer EP).
-inline constexpr int kShimAbiVersion = 1;
+inline constexpr int kShimAbiVersion = 2;  // 2: import(), start_chain() (issue 15)
 
 // The kernel arguments of an mlir-aie GEMM design: kernel(opcode 3, instr BO, n_instr_words, A, B, C).
 // Each kind maps to a buffer flag and an argument's memory group: instructions -> cacheable, group_id(1);
@@ -44,6 +45,13 @@ class PendingRun {
   virtual RunState wait(std::chrono::milliseconds timeout, std::string* detail) = 0;
 };
 
+// One run of a chain: the arguments of start().
+struct RunArgs {
+  DeviceBuffer* instr;
+  uint32_t n_instr_words;
+  DeviceBuffer *a, *b, *c;
+};
+
 // One xclbin registered on the device with its own hardware context, and its kernel.
 class LoadedKernel {
  public:
@@ -52,6 +60,13 @@ class LoadedKernel {
   // Starts kernel(3, instr, n_instr_words, a, b, c). The buffers must stay alive until the run is waited for.
   virtual std::unique_ptr<PendingRun> start(DeviceBuffer& instr, uint32_t n_instr_words, DeviceBuffer& a,
                                             DeviceBuffer& b, DeviceBuffer& c) = 0;
+  // Host memory [ptr, ptr + bytes) as a buffer of `kind`, without a copy (XRT: a user-pointer BO over the enclosing
+  // pages, the amdxdna rule, and a sub-buffer at ptr's offset). map() is ptr itself; to_device/from_device are
+  // the cache maintenance the NPU needs. Returns nullptr when the memory cannot be imported (the caller stages).
+  // The memory must stay valid until the runs using the buffer are waited for and the buffer is destroyed.
+  virtual std::unique_ptr<DeviceBuffer> import(BufferKind kind, void* ptr, size_t bytes) = 0;
+  // Starts the runs as one submission (XRT runlist, one ERT_CMD_CHAIN); waiting for it waits for all of them.
+  virtual std::unique_ptr<PendingRun> start_chain(const std::vector<RunArgs>& runs) = 0;
 };
 
 class NpuDevice {

@@ -12,7 +12,12 @@
 #include <xrt/xrt_device.h>
 #include <xrt/xrt_hw_context.h>
 #include <xrt/xrt_kernel.h>
+#include <xrt/experimental/xrt_kernel.h>  // xrt::runlist
 #include <xrt/experimental/xrt_xclbin.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <vector>
 
 #include "npu_device.h"
 
@@ -71,7 +76,77 @@ class XrtRun final : public PendingRun {
   xrt::run run_;
 };
 
-xrt::bo& bo_of(DeviceBuffer& b) { return dynamic_cast<XrtBuffer&>(b).bo; }
+// ORT's memory as a user-pointer BO. amdxdna pins whole pages, so the BO covers the enclosing pages and the kernel
+// gets a sub-buffer at the tensor's offset; the shim DMA only touches [ptr, ptr + bytes). Never mapped: the
+// memory is the caller's (xdna-driver does not mmap user-pointer BOs).
+class XrtImported final : public DeviceBuffer {
+ public:
+  XrtImported(xrt::bo whole, xrt::bo sub, void* ptr, size_t bytes)
+      : whole_(std::move(whole)), bo(std::move(sub)), ptr_(ptr), bytes_(bytes) {}
+  void* map() override { return ptr_; }
+  size_t size() const override { return bytes_; }
+  void to_device(size_t bytes, size_t offset) override { bo.sync(XCL_BO_SYNC_BO_TO_DEVICE, bytes, offset); }
+  void from_device(size_t bytes, size_t offset) override { bo.sync(XCL_BO_SYNC_BO_FROM_DEVICE, bytes, offset); }
+
+ private:
+  xrt::bo whole_;  // declared first: outlives the sub-buffer
+
+ public:
+  xrt::bo bo;
+
+ private:
+  void* ptr_;
+  size_t bytes_;
+};
+
+xrt::bo& bo_of(DeviceBuffer& b) {
+  if (auto* imported = dynamic_cast<XrtImported*>(&b)) return imported->bo;
+  return dynamic_cast<XrtBuffer&>(b).bo;
+}
+
+// A runlist (one ERT_CMD_CHAIN submission). The run objects must live until the list completes.
+class XrtChain final : public PendingRun {
+ public:
+  XrtChain(xrt::runlist list, std::vector<xrt::run> runs) : list_(std::move(list)), runs_(std::move(runs)) {}
+  RunState wait(std::chrono::milliseconds timeout, std::string* detail) override {
+    try {
+      if (list_.wait(timeout) == std::cv_status::timeout) {
+        if (detail) *detail = "runlist did not complete";
+        return RunState::timeout;
+      }
+    } catch (const xrt::runlist::command_error& e) {
+      const ert_cmd_state s = e.get_command_state();
+      if (detail) *detail = std::string(state_name(s)) + ": " + e.what();
+      return s == ERT_CMD_STATE_TIMEOUT ? RunState::timeout : RunState::failed;
+    }
+    return RunState::completed;
+  }
+
+ private:
+  xrt::runlist list_;
+  std::vector<xrt::run> runs_;
+};
+
+// Runs started one by one, waited for together (no runlist support: firmware < 5.8 or an older XRT plugin).
+class XrtRuns final : public PendingRun {
+ public:
+  explicit XrtRuns(std::vector<std::unique_ptr<PendingRun>> runs) : runs_(std::move(runs)) {}
+  RunState wait(std::chrono::milliseconds timeout, std::string* detail) override {
+    RunState worst = RunState::completed;
+    for (auto& r : runs_) {
+      std::string d;
+      const RunState s = r->wait(timeout, &d);
+      if (s != RunState::completed && worst == RunState::completed) {
+        worst = s;
+        if (detail) *detail = d;
+      }
+    }
+    return worst;
+  }
+
+ private:
+  std::vector<std::unique_ptr<PendingRun>> runs_;
+};
 
 class XrtKernel final : public LoadedKernel {
  public:
@@ -92,6 +167,46 @@ class XrtKernel final : public LoadedKernel {
     throw std::invalid_argument("unknown buffer kind");
   }
 
+  std::unique_ptr<DeviceBuffer> import(BufferKind kind, void* ptr, size_t bytes) override {
+    if (!import_ok_ || kind == BufferKind::instructions || !ptr || bytes == 0 ||
+        reinterpret_cast<uintptr_t>(ptr) % 4)  // the shim DMA addresses 32-bit words
+      return nullptr;
+    const long page_size = sysconf(_SC_PAGESIZE);
+    const uintptr_t page = page_size > 0 ? static_cast<uintptr_t>(page_size) : 4096;
+    const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+    const uintptr_t begin = p & ~(page - 1), end = (p + bytes + page - 1) & ~(page - 1);
+    try {
+      xrt::bo whole(device_, reinterpret_cast<void*>(begin), end - begin, xrt::bo::flags::host_only, group_of(kind));
+      xrt::bo sub(whole, bytes, p - begin);
+      return std::make_unique<XrtImported>(std::move(whole), std::move(sub), ptr, bytes);
+    } catch (const std::exception&) {
+      import_ok_ = false;  // driver/XRT without user-pointer BOs: stage from now on
+      return nullptr;
+    }
+  }
+
+  std::unique_ptr<PendingRun> start_chain(const std::vector<RunArgs>& runs) override {
+    if (runs.size() > 1 && chain_ok_) {
+      try {
+        xrt::runlist list(context_);
+        std::vector<xrt::run> objects;
+        for (const RunArgs& r : runs) {
+          xrt::run run(kernel_);
+          set_args(run, r);
+          list.add(run);
+          objects.push_back(std::move(run));
+        }
+        list.execute();  // one ERT_CMD_CHAIN: when it cannot be submitted, none of it runs
+        return std::make_unique<XrtChain>(std::move(list), std::move(objects));
+      } catch (const std::exception&) {
+        chain_ok_ = false;  // no runlist support here (XRT plugin, firmware < 5.8): plain runs from now on
+      }
+    }
+    std::vector<std::unique_ptr<PendingRun>> started;
+    for (const RunArgs& r : runs) started.push_back(start(*r.instr, r.n_instr_words, *r.a, *r.b, *r.c));
+    return std::make_unique<XrtRuns>(std::move(started));
+  }
+
   std::unique_ptr<PendingRun> start(DeviceBuffer& instr, uint32_t n_instr_words, DeviceBuffer& a, DeviceBuffer& b,
                                     DeviceBuffer& c) override {
     constexpr unsigned int kOpcodeTransaction = 3;  // mlir-aie: "run the instruction stream in arg 1"
@@ -101,9 +216,22 @@ class XrtKernel final : public LoadedKernel {
   }
 
  private:
+  xrt::memory_group group_of(BufferKind kind) {
+    return kernel_.group_id(kind == BufferKind::a ? 3 : kind == BufferKind::b ? 4 : 5);
+  }
+  void set_args(xrt::run& run, const RunArgs& r) {
+    run.set_arg(0, 3u);  // opcode: run the instruction stream in arg 1
+    run.set_arg(1, bo_of(*r.instr));
+    run.set_arg(2, r.n_instr_words);
+    run.set_arg(3, bo_of(*r.a));
+    run.set_arg(4, bo_of(*r.b));
+    run.set_arg(5, bo_of(*r.c));
+  }
+
   xrt::device device_;
   xrt::hw_context context_;  // must outlive the kernel and its runs
   xrt::kernel kernel_;
+  std::atomic<bool> import_ok_{true}, chain_ok_{true};
 };
 
 class XrtDevice final : public NpuDevice {

@@ -80,8 +80,17 @@ def cmd_partition(args) -> int:
         key, _, value = kv.partition("=")
         dims[key] = int(value)
     level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if args.no_optimize else None
-    report = partition(args.model, opts, level, run=args.run or bool(dims), dims=dims)
+    report = partition(args.model, opts, level, run=args.run or bool(dims) or args.npu_model, dims=dims)
     print(report.table())
+    if args.npu_model:
+        from ._npu_model import table
+
+        params = {}
+        for kv in args.npu_param or []:
+            key, _, value = kv.partition("=")
+            params[key] = float(value)
+        print()
+        print(table(report, params))
     return 0
 
 
@@ -107,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--no-optimize", action="store_true", help="disable ORT graph optimizations (ORT_DISABLE_ALL)")
     part.add_argument("--run", action="store_true", help="run once on dummy inputs: FLOPs of EP nodes as executed")
     part.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dim (implies --run)")
+    part.add_argument("--npu-model", action="store_true",
+                      help="modelled Phoenix NPU time per claimed node (dispatch, host, DMA, compute) vs the CPU, with "
+                           "the model's assumptions (a model, not a measurement; implies --run)")
+    part.add_argument("--npu-param", action="append", metavar="NAME=VALUE",
+                      help="override a model parameter, e.g. aie_ghz=1.6, submit_us=50, ddr_gbps=32 (repeatable)")
     part.set_defaults(func=cmd_partition)
 
     model = sub.add_parser("model", help="Whisper model management")

@@ -19,6 +19,22 @@ inline void event0() {}
 inline void event1() {}
 
 namespace aie {
+// The AIE's fp32 -> bf16 conversion mode (UG1603 "Rounding and Saturation Modes"): floor (toward minus infinity)
+// unless the kernel sets another. Only the two modes the kernels care about are modelled.
+enum class rounding_mode { floor, conv_even };
+inline rounding_mode& current_rounding() {
+  static rounding_mode m = rounding_mode::floor;
+  return m;
+}
+inline void set_rounding(rounding_mode m) { current_rounding() = m; }
+inline bfloat16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bfloat16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  if (current_rounding() == rounding_mode::conv_even) u += 0x7fffu + ((u >> 16) & 1u);
+  else if ((u & 0x80000000u) && (u & 0xffffu) && (u & 0x7fffffffu) < 0x7f800000u) u += 0x10000u;  // toward -inf
+  return bfloat16{static_cast<uint16_t>(u >> 16)};
+}
 template <typename T, unsigned L>
 struct vector {
   std::array<T, L> v;
@@ -38,6 +54,17 @@ vector<T, L> zeros() {
   vector<T, L> r{};
   return r;
 }
+template <typename TAcc, unsigned L>
+struct accum {
+  std::array<float, L> v;
+  void from_vector(const vector<float, L>& x) { v = x.v; }
+  template <typename Out>
+  vector<Out, L> to_vector() const {
+    vector<Out, L> r;
+    for (unsigned i = 0; i < L; ++i) r.v[i] = to_bf16(v[i]);
+    return r;
+  }
+};
 template <unsigned R, unsigned S, unsigned T, typename TA, typename TB, typename TAcc>
 struct mmul {
   static constexpr unsigned size_A = R * S, size_B = S * T, size_C = R * T;
