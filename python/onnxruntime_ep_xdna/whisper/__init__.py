@@ -9,13 +9,17 @@
     cli.py         `xdna transcribe`;  formats.py  txt/srt/vtt/tsv/json writers;  audio.py  file decoding
     model.py       model fetching, conversion (ct2.py, convert.py), export and verification
     evaluation.py  real speech with transcripts, WER (tests and benchmarks)
+    vad.py         Silero VAD (ONNX, weights from the `silero-vad` wheel, MIT): speech chunks, timeline back
+    timing.py      word timestamps: alignment-head cross-attention + DTW, punctuation merging (OpenAI's method)
 """
 
 from .model import ModelFetchError, ensure_ct2_model, ensure_model, make_tiny_random_whisper
 from .onnx_model import TranscribeError, WhisperOnnx, load_model
 from .options import OptionsError, TranscriptionOptions
+from .timing import Word
 from .transcribe import Result, Segment, TranscriptionInfo, WhisperModel, transcribe, transcribe_all
+from .vad import VadOptions
 
 __all__ = ["ModelFetchError", "OptionsError", "Result", "Segment", "TranscribeError", "TranscriptionInfo",
-           "TranscriptionOptions", "WhisperModel", "WhisperOnnx", "ensure_ct2_model", "ensure_model", "load_model",
+           "TranscriptionOptions", "VadOptions", "WhisperModel", "Word", "WhisperOnnx", "ensure_ct2_model", "ensure_model", "load_model",
            "make_tiny_random_whisper", "transcribe", "transcribe_all"]

@@ -39,18 +39,46 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="*", metavar="FILE",
-                        help="audio files (wav/flac/ogg/mp3 via soundfile, anything else via ffmpeg); "
-                             "none = the bundled sample")
+                        help="audio files (wav/flac/ogg/mp3 via soundfile, anything else via ffmpeg), directories "
+                             "(their audio files), or - for audio on stdin; none = the bundled sample")
+    parser.add_argument("--recursive", action="store_true", help="look for audio in subdirectories of a directory too")
+    parser.add_argument("--file-list", metavar="LIST", help="a text file naming one input per line (- = stdin)")
     parser.add_argument("--model", default="base", help="base | tiny.en | DIR with an optimum ONNX export (default base)")
     parser.add_argument("--provider", choices=("xdna", "cpu"), default="xdna",
                         help="run the model's MatMuls on the XDNA EP (default) or everything on the CPU EP")
     parser.add_argument("--language", help="language code (e.g. en, de); detected from the first 30 s if absent")
     parser.add_argument("--task", choices=("transcribe", "translate"), default="transcribe",
                         help="translate = speech in any language to English text")
-    parser.add_argument("--format", choices=CHOICES, default="txt",
-                        help="output format (default txt); all = every format, needs -o")
+    parser.add_argument("--format", type=_formats, default=("txt",), metavar="FMT[,FMT...]",
+                        help=f"output format(s), comma-separated: {', '.join(CHOICES)} (default txt); all = every "
+                             "format; more than one needs -o")
     parser.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
     parser.add_argument("--progress", action="store_true", help="progress bar on stderr even when it is not a terminal")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print each segment on stderr as soon as it is decoded (instead of the progress bar)")
+    w = parser.add_argument_group("voice activity detection and word timestamps")
+    w.add_argument("--vad", action="store_true",
+                   help="Silero VAD first: transcribe only the speech (silence and noise yield no text)")
+    w.add_argument("--vad-threshold", type=float, default=0.5, help="speech probability threshold (default 0.5)")
+    w.add_argument("--vad-min-speech-duration-ms", type=int, default=0, help="shorter speech is dropped (default 0)")
+    w.add_argument("--vad-max-speech-duration-s", type=float, default=float("inf"),
+                   help="longer speech is split (default no limit)")
+    w.add_argument("--vad-min-silence-duration-ms", type=int, default=2000,
+                   help="a pause this long ends a speech chunk (default 2000)")
+    w.add_argument("--vad-speech-pad-ms", type=int, default=400, help="padding around speech chunks (default 400)")
+    w.add_argument("--word-timestamps", action="store_true",
+                   help="time every word (cross-attention + DTW); words in json, cues per word/line in srt/vtt")
+    w.add_argument("--prepend-punctuations", default=_D.prepend_punctuations,
+                   help="punctuation merged into the next word")
+    w.add_argument("--append-punctuations", default=_D.append_punctuations,
+                   help="punctuation merged into the previous word")
+    w.add_argument("--max-line-width", type=int, help="srt/vtt: characters per line (needs --word-timestamps)")
+    w.add_argument("--max-line-count", type=int, help="srt/vtt: lines per cue (needs --word-timestamps)")
+    w.add_argument("--max-words-per-line", type=int, help="srt/vtt: words per line (needs --word-timestamps)")
+    w.add_argument("--highlight-words", action="store_true",
+                   help="srt/vtt: one cue per word, the spoken word underlined (needs --word-timestamps)")
+    w.add_argument("--language-detection-segments", type=int, default=1,
+                   help="30 s windows whose language probabilities are averaged (default 1)")
     d = parser.add_argument_group("decoding (defaults: OpenAI whisper / faster-whisper)")
     d.add_argument("--beam-size", type=int, default=_D.beam_size, help=f"beams at temperature 0; 1 = greedy (default {_D.beam_size})")
     d.add_argument("--best-of", type=int, default=_D.best_of, help=f"candidates sampled at temperature > 0 (default {_D.best_of})")
@@ -85,6 +113,14 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--seed", type=int, default=_D.seed, help="random seed of sampling at temperature > 0 (default 0)")
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(x.strip().lower() for x in text.split(",") if x.strip()))
+    bad = [n for n in names if n not in CHOICES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown format {', '.join(bad) or text!r}; choose from {', '.join(CHOICES)}")
+    return FORMATS if "all" in names else names
+
+
 def options_from_args(args) -> TranscriptionOptions:
     temps: tuple[float, ...] = (args.temperature,)
     inc = args.temperature_increment_on_fallback
@@ -99,7 +135,14 @@ def options_from_args(args) -> TranscriptionOptions:
         prompt_reset_on_temperature=args.prompt_reset_on_temperature, initial_prompt=args.initial_prompt,
         prefix=args.prefix, hotwords=args.hotwords, suppress_tokens=args.suppress_tokens,
         suppress_blank=args.suppress_blank, without_timestamps=args.without_timestamps,
-        max_initial_timestamp=args.max_initial_timestamp, seed=args.seed)
+        max_initial_timestamp=args.max_initial_timestamp, seed=args.seed,
+        word_timestamps=args.word_timestamps, prepend_punctuations=args.prepend_punctuations,
+        append_punctuations=args.append_punctuations, vad_filter=args.vad,
+        vad_parameters=dict(threshold=args.vad_threshold, min_speech_duration_ms=args.vad_min_speech_duration_ms,
+                            max_speech_duration_s=args.vad_max_speech_duration_s,
+                            min_silence_duration_ms=args.vad_min_silence_duration_ms,
+                            speech_pad_ms=args.vad_speech_pad_ms) if args.vad else None,
+        language_detection_segments=args.language_detection_segments)
 
 
 def _importable(module: str) -> bool:
@@ -136,6 +179,70 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".webm", ".mkv",
+                    ".mov", ".wma", ".aif", ".aiff", ".caf", ".amr", ".au"}
+STDIN = "-"
+
+
+def expand_inputs(files: Sequence[str], recursive: bool = False, file_list: str | None = None
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Command-line inputs -> (audio inputs in order, [(input, error)]). A directory gives its audio files
+    (by extension, sorted; subdirectories with recursive); a list file names one input per line (# comments)."""
+    names = list(files)
+    problems: list[tuple[str, str]] = []
+    if file_list:
+        try:
+            text = sys.stdin.read() if file_list == STDIN else Path(file_list).read_text(encoding="utf-8")
+            names += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append((file_list, f"{file_list}: cannot read the file list ({getattr(e, 'strerror', None) or e})"))
+    out: list[str] = []
+    for name in names:
+        p = Path(name)
+        if name != STDIN and p.is_dir():
+            found = sorted(q for q in (p.rglob("*") if recursive else p.iterdir())
+                           if q.is_file() and q.suffix.lower() in AUDIO_EXTENSIONS)
+            if not found:
+                problems.append((name, f"{name}: directory holds no audio files"
+                                       f"{'' if recursive else ' (subdirectories need --recursive)'}"))
+            out += [str(q) for q in found]
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out)), problems
+
+
+def output_paths(inputs: Sequence[str], out_dir: Path, formats: Sequence[str]) -> dict[str, dict[str, Path]]:
+    """input -> {format: output path}: <stem>.<format>, made unique (two inputs with the same stem get -2, -3...)
+    and never the path of an input."""
+    taken = {str(Path(f).resolve()) for f in inputs if f != STDIN}
+    used: set[str] = set()
+    result = {}
+    for f in inputs:
+        stem = "stdin" if f == STDIN else Path(f).stem
+        n = 1
+        while True:
+            base = stem if n == 1 else f"{stem}-{n}"
+            paths = {fmt: out_dir / f"{base}.{fmt}" for fmt in formats}
+            keys = {str(p.resolve()) for p in paths.values()}
+            if not keys & (taken | used):
+                break
+            n += 1
+        used |= keys
+        result[f] = paths
+    return result
+
+
+def _read_stdin(tmp_dir: Path) -> Path:
+    path = tmp_dir / "stdin"
+    with open(path, "wb") as out:
+        while True:
+            block = sys.stdin.buffer.read(1 << 20)
+            if not block:
+                break
+            out.write(block)
+    return path
+
+
 def run_transcribe(args) -> int:
     def err(msg: str) -> None:
         print(f"xdna transcribe: error: {msg}", file=sys.stderr)
@@ -144,8 +251,10 @@ def run_transcribe(args) -> int:
     if missing:
         err(f"{', '.join(missing)} not installed: pip install 'onnxruntime-ep-xdna[whisper]'")
         return 1
+    import tempfile
+
     from .audio import AudioError, probe
-    from .formats import json_document, render
+    from .formats import WriterOptions, format_timestamp, json_document, render
     from .onnx_model import TranscribeError, load_model
     from .transcribe import transcribe_all
 
@@ -154,34 +263,82 @@ def run_transcribe(args) -> int:
     except OptionsError as e:
         err(str(e))
         return 1
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    if args.format == "all" and out_dir is None:
-        err("--format all writes one file per format: give an output directory with -o DIR")
+    wanted = [n for n, v in (("--max-line-width", args.max_line_width), ("--max-line-count", args.max_line_count),
+                             ("--max-words-per-line", args.max_words_per_line),
+                             ("--highlight-words", args.highlight_words)) if v]
+    if wanted and not args.word_timestamps:
+        err(f"{', '.join(wanted)} need(s) --word-timestamps")
         return 1
-    files = list(args.files) or [str(sample_path())]
-    if not args.files:
+    try:
+        writer_options = WriterOptions(args.max_line_width, args.max_line_count, args.max_words_per_line,
+                                       args.highlight_words)
+    except ValueError as e:
+        err(str(e))
+        return 1
+    formats = tuple(args.format) if not isinstance(args.format, str) else _formats(args.format)
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if len(formats) > 1 and out_dir is None:
+        err(f"{len(formats)} formats write one file each: give an output directory with -o DIR")
+        return 1
+    files, problems = expand_inputs(args.files, args.recursive, args.file_list)
+    if files.count(STDIN) and args.file_list == STDIN:
+        err("stdin cannot be both the file list and an audio input")
+        return 1
+    if not files and not problems:
+        files = [str(sample_path())]
         print(f"no FILE given: transcribing the bundled sample {files[0]}", file=sys.stderr)
-    usable, status = [], 0
+    total = len(files) + len(problems)
+    failed: list[tuple[str, str]] = []
     json_docs: list[dict] = []  # several files, json, stdout: one JSON array at the end
-    json_to_stdout = out_dir is None and args.format == "json" and len(files) > 1
-    for f in files:  # every input checked before the model is loaded
-        try:
-            probe(f)
-            usable.append(f)
-        except AudioError as e:
-            err(str(e))
-            status = 2
-            json_docs.append({"file": f, "error": str(e)})
-    if not usable:
-        if json_to_stdout:
-            sys.stdout.write(json.dumps(json_docs, ensure_ascii=False, indent=2) + "\n")
+    json_to_stdout = out_dir is None and formats == ("json",) and total > 1
+
+    def fail(name: str, message: str) -> None:
+        err(message)
+        failed.append((name, message))
+        json_docs.append({"file": name, "error": message})
+
+    for name, message in problems:
+        fail(name, message)
+    with tempfile.TemporaryDirectory(prefix="xdna-stdin-") as tmp:
+        sources: dict[str, str] = {}  # input name -> path to read
+        usable = []
+        for f in files:  # every input checked before the model is loaded
+            try:
+                path = str(_read_stdin(Path(tmp))) if f == STDIN else f
+                probe(path)
+                sources[f] = path
+                usable.append(f)
+            except AudioError as e:
+                fail(f, str(e).replace(str(Path(tmp) / "stdin"), "<stdin>"))
+            except OSError as e:
+                fail(f, f"{f}: cannot read ({e.strerror or e})")
+        status = _transcribe_files(args, options, writer_options, formats, out_dir, usable, sources, json_docs,
+                                   json_to_stdout, fail, err) if usable else 0
+    if json_to_stdout and (failed or usable) and status != 1:
+        sys.stdout.write(json.dumps(json_docs, ensure_ascii=False, indent=2) + "\n")
+    if status in (1, 130):
         return status
+    if failed:
+        print(f"xdna transcribe: {len(failed)} of {total} input(s) failed: "
+              f"{', '.join(name for name, _ in failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _transcribe_files(args, options, writer_options, formats, out_dir, usable, sources, json_docs, json_to_stdout,
+                      fail, err) -> int:
+    from .audio import AudioError
+    from .formats import format_timestamp, json_document, render
+    from .onnx_model import TranscribeError, load_model
+    from .transcribe import transcribe_all
+
     if out_dir:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             err(f"cannot create output directory {out_dir} ({e.strerror})")
             return 1
+        targets = output_paths(usable, out_dir, formats)
     try:
         t = time.perf_counter()
         whisper = load_model(args.model, args.provider, log=lambda m: print(m, file=sys.stderr))
@@ -190,20 +347,25 @@ def run_transcribe(args) -> int:
         err(str(e))
         return 1
     print(f"model {whisper.model_dir} loaded in {load_s:.1f} s on {whisper.provider}", file=sys.stderr)
-    show_progress = args.progress or sys.stderr.isatty()
-    formats = FORMATS if args.format == "all" else (args.format,)
+    verbose = getattr(args, "verbose", False)
+    show_progress = (args.progress or sys.stderr.isatty()) and not verbose
+
+    def live(seg) -> None:
+        print(f"[{format_timestamp(seg.start)} --> {format_timestamp(seg.end)}] {seg.text.strip()}",
+              file=sys.stderr, flush=True)
+
     for f in usable:
-        bar = _ProgressBar(Path(f).name) if show_progress else None
+        label = "<stdin>" if f == STDIN else f
+        bar = _ProgressBar(Path(label).name) if show_progress else None
         try:
-            result = transcribe_all(f, whisper, options, progress=bar)
+            result = transcribe_all(sources[f], whisper, options, progress=bar, on_segment=live if verbose else None)
         except (AudioError, TranscribeError, OptionsError) as e:
             if bar:
                 bar.close()
-            err(str(e))
             if isinstance(e, AudioError):
-                status = max(status, 2)
-                json_docs.append({"file": f, "error": str(e)})
+                fail(f, str(e).replace(sources[f], label))
                 continue
+            err(str(e))
             return 1  # a model or options problem fails every file alike
         except KeyboardInterrupt:
             if bar:
@@ -213,29 +375,25 @@ def run_transcribe(args) -> int:
         if bar:
             bar.close()
         if json_to_stdout:
-            json_docs.append(json_document(result, f))
+            json_docs.append(json_document(result, label))
         elif out_dir:
-            for fmt in formats:
-                target = out_dir / f"{Path(f).stem}.{fmt}"
+            for fmt, target in targets[f].items():
                 try:
-                    target.write_text(render(result, fmt), encoding="utf-8")
+                    target.write_text(render(result, fmt, writer_options), encoding="utf-8")
                     print(f"wrote {target}", file=sys.stderr)
                 except OSError as e:  # this file fails; the others still run
-                    err(f"{f}: cannot write {target} ({e.strerror or e})")
-                    status = max(status, 2)
+                    fail(f, f"{label}: cannot write {target} ({e.strerror or e})")
         else:
-            sys.stdout.write(render(result, args.format))
+            sys.stdout.write(render(result, formats[0], writer_options))
             sys.stdout.flush()
         if not result.text:
-            print(f"{f}: no speech detected (empty transcript)", file=sys.stderr)
+            print(f"{label}: no speech detected (empty transcript)", file=sys.stderr)
         proc = result.timings["total_s"]
         rtf = proc / result.duration if result.duration else float("nan")
         lang = f", language {result.language}" if result.language else ""
-        print(f"{Path(f).name}: audio {result.duration:.1f} s, processed in {proc:.2f} s, RTF {rtf:.3f}, "
+        print(f"{Path(label).name}: audio {result.duration:.1f} s, processed in {proc:.2f} s, RTF {rtf:.3f}, "
               f"provider {whisper.provider}{lang}", file=sys.stderr)
-    if json_to_stdout:
-        sys.stdout.write(json.dumps(json_docs, ensure_ascii=False, indent=2) + "\n")
-    return status
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

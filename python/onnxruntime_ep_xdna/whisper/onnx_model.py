@@ -26,6 +26,61 @@ from .rules import SpecialTokens
 
 CPU_EP = "CPUExecutionProvider"
 FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+# decoder_model.onnx + the cross-attention probabilities of the alignment-head layers as extra outputs (word
+# timestamps only). Versioned: a change of what it outputs gets a new name, old copies are simply not used.
+ATTENTION_DECODER = "decoder_model_cross_attention.v1.onnx"
+
+
+def attention_decoder(model_dir: Path, layers: Sequence[int]) -> Path:
+    """The word-timing decoder variant of `model_dir` (built once next to the model, or in the cache when that
+    directory is read-only): decoder_model.onnx with the Softmax outputs of the cross-attention of `layers` as
+    graph outputs `cross_attention.<layer>` (batch, heads, tokens, encoder frames). The default path never runs
+    it, so decoding without word timestamps costs exactly what it did."""
+    import hashlib
+    import tempfile
+
+    key = "-".join(str(x) for x in sorted(set(layers)))
+    name = ATTENTION_DECODER.replace(".onnx", f".layers-{key}.onnx")
+    candidates = [model_dir / name]
+    from .model import cache_root
+
+    digest = hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:12]
+    candidates.append(cache_root() / "attention" / f"{model_dir.resolve().name}-{digest}" / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        raise TranscribeError("word timestamps need the onnx package: pip install 'onnxruntime-ep-xdna[whisper]'") from None
+    graph_model = onnx.load(str(model_dir / FILES[1]))
+    softmax = {}
+    for node in graph_model.graph.node:
+        if node.op_type == "Softmax" and "encoder_attn" in node.name:
+            digits = [int(part.split(".")[1]) for part in node.name.split("/") if part.startswith("layers.")]
+            if digits:
+                softmax[digits[0]] = node.output[0]
+    missing = [x for x in layers if x not in softmax]
+    if missing:
+        raise TranscribeError(f"{model_dir}: no cross-attention Softmax found for decoder layer(s) {missing}; "
+                              "word timestamps need an optimum export of the eager attention")
+    for layer in sorted(set(layers)):
+        out = f"cross_attention.{layer}"
+        graph_model.graph.node.append(helper.make_node("Identity", [softmax[layer]], [out]))
+        graph_model.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+    data = graph_model.SerializeToString()
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # atomic: concurrent builders both write complete files
+            return path
+        except OSError:
+            continue
+    raise TranscribeError(f"cannot write the word-timing decoder next to {model_dir} nor into the cache")
 
 
 class TranscribeError(Exception):
@@ -163,6 +218,18 @@ class WhisperOnnx:
                                   "export with task automatic-speech-recognition-with-past")
         shape = next(i.shape for i in self.decoder_with_past.get_inputs() if i.name.endswith(".decoder.key"))
         self._kv_heads, self._kv_dim = int(shape[1]), int(shape[3])
+        heads = gen.get("alignment_heads") or []
+        self.alignment_heads = [(int(a), int(b)) for a, b in heads]  # (decoder layer, head), word timestamps
+        if not self.alignment_heads:  # OpenAI's fallback: every head of the second half of the layers
+            n_layers = int(config.get("decoder_layers", 0))
+            self.alignment_heads = [(layer, h) for layer in range(n_layers // 2, n_layers)
+                                    for h in range(self._kv_heads)]
+        self._session_options = session_options
+        self._providers = providers
+        self._attention = None  # the word-timing decoder session, created on first use
+        import threading
+
+        self._attention_lock = threading.Lock()
 
     @property
     def is_multilingual(self) -> bool:
@@ -249,6 +316,35 @@ class WhisperOnnx:
         logits = out[0].numpy()[:, -1]
         self._time(state.window.timings, "decoder_steps_s", t0, steps=1)
         return logits, DecoderState(state.window, new_kv, len(tokens))
+
+
+    def align(self, window: Window, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Word timing: `tokens` (sot sequence, <|notimestamps|>, text, <|endoftext|>) through the attention
+        decoder variant: (logits (len, vocab), cross-attention of the alignment heads (heads, len, frames))."""
+        import onnxruntime as ort
+
+        with self._attention_lock:
+            if self._attention is None:
+                t = time.perf_counter()
+                path = attention_decoder(self.model_dir, [layer for layer, _ in self.alignment_heads])
+                try:
+                    self._attention = ort.InferenceSession(str(path), sess_options=self._session_options,
+                                                           providers=self._providers)
+                except Exception as e:
+                    raise TranscribeError(f"{path}: ONNX Runtime could not load the word-timing decoder "
+                                          f"({one_line(e)})") from None
+                self._attention_outputs = ["logits"] + [f"cross_attention.{layer}" for layer in
+                                                        sorted({layer for layer, _ in self.alignment_heads})]
+                self._time(window.timings, "word_timing_load_s", t)
+        t0 = time.perf_counter()
+        ids = np.array([list(tokens)], dtype=np.int64)
+        out = self._attention.run_with_ort_values(self._attention_outputs, {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(ids), "encoder_hidden_states": window.encoded})
+        per_layer = {int(n.split(".")[1]): v.numpy()[0] for n, v in zip(self._attention_outputs[1:], out[1:])}
+        attention = np.stack([per_layer[layer][head] for layer, head in self.alignment_heads])
+        logits = out[0].numpy()[0]
+        self._time(window.timings, "word_timing_s", t0)
+        return logits, attention
 
 
 _MODEL_CACHE: dict[tuple[str, str], WhisperOnnx] = {}

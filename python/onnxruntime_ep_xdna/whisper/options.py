@@ -43,6 +43,14 @@ class TranscriptionOptions:
     max_initial_timestamp: the first timestamp of a window is at most this many seconds.
     sample_len: generated tokens per window at most (OpenAI: n_text_ctx // 2 = 224).
     seed: the sampling random generator's seed (temperature > 0), so that runs are reproducible.
+    word_timestamps: align every word (Segment.words: start, end, word, probability) from the cross-attention of
+      the checkpoint's alignment heads + DTW (OpenAI's timing.py); prepend_punctuations / append_punctuations are
+      merged into the next / previous word.
+    vad_filter: run Silero VAD first and transcribe only the speech (joined; times mapped back to the original).
+      vad_parameters: a vad.VadOptions or a dict of its fields (threshold, neg_threshold, min_speech_duration_ms,
+      max_speech_duration_s, min_silence_duration_ms, speech_pad_ms).
+    language_detection_segments: windows (30 s each, from the start) whose language probabilities are averaged
+      when the language is detected (OpenAI and faster-whisper: 1).
     """
 
     language: str | None = None
@@ -66,6 +74,12 @@ class TranscriptionOptions:
     max_initial_timestamp: float = 1.0
     sample_len: int | None = None
     seed: int = 0
+    word_timestamps: bool = False
+    prepend_punctuations: str = "\"'“¿([{-"
+    append_punctuations: str = "\"'.。,，!！?？:：”)]}、"
+    vad_filter: bool = False
+    vad_parameters: object = None
+    language_detection_segments: int = 1
 
     def __post_init__(self):
         t = self.temperature
@@ -74,6 +88,15 @@ class TranscriptionOptions:
         object.__setattr__(self, "suppress_tokens", tuple(int(x) for x in (self.suppress_tokens or ())))
         if isinstance(self.initial_prompt, (list, tuple)):
             object.__setattr__(self, "initial_prompt", tuple(int(x) for x in self.initial_prompt))
+        if isinstance(self.vad_parameters, dict):
+            from .vad import VadOptions
+
+            try:
+                object.__setattr__(self, "vad_parameters", VadOptions(**self.vad_parameters))
+            except TypeError as e:
+                raise OptionsError(f"vad_parameters: {e}") from None
+        if not isinstance(self.language_detection_segments, int) or self.language_detection_segments < 1:
+            raise OptionsError("language_detection_segments must be an integer >= 1")
         if self.task not in ("transcribe", "translate"):
             raise OptionsError(f"unknown task {self.task!r}: use transcribe or translate")
         if not temps or any(not math.isfinite(x) or x < 0 for x in temps):

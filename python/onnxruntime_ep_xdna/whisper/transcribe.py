@@ -29,6 +29,7 @@ from .onnx_model import XDNA_EP, TranscribeError, WhisperOnnx, load_model
 from .options import OptionsError, TranscriptionOptions
 from .rules import LogitRules, build_prompt, log_softmax, suppress_list
 from .search import DecodingResult, decode_with_fallback
+from .timing import Word, clip_long_words, find_alignment, fit_segment_words, merge_punctuations, word_durations
 
 
 @dataclass
@@ -43,16 +44,25 @@ class Segment:
     avg_logprob: float = 0.0
     compression_ratio: float = 0.0
     no_speech_prob: float = 0.0
+    words: list[Word] | None = None  # with word_timestamps: Word(start, end, word, probability), else None
 
 
 @dataclass
 class TranscriptionInfo:
+    """language_probs: {code: probability} over the model's languages when the language was detected (averaged
+    over language_detection_segments windows), else None; all_language_probs: the same, as (code, p) pairs,
+    highest first. With vad_filter: duration_after_vad (seconds of speech decoded) and speech_chunks (the
+    (start, end) seconds of the original audio that were decoded)."""
+
     language: str | None
     language_probability: float | None  # None when the language was given (or the model is English-only)
     duration: float  # seconds of audio
     options: TranscriptionOptions
     all_language_probs: list[tuple[str, float]] | None = None
     timings: dict = field(default_factory=dict)  # filled in while the segments are consumed
+    language_probs: dict[str, float] | None = None
+    duration_after_vad: float | None = None
+    speech_chunks: list[tuple[float, float]] | None = None
 
 
 @dataclass
@@ -64,6 +74,8 @@ class Result:
     language: str | None
     timings: dict
     duration: float = 0.0
+    language_probs: dict[str, float] | None = None  # detected language: every language's probability
+    speech_chunks: list[tuple[float, float]] | None = None  # vad_filter: the stretches of the original decoded
 
 
 def split_segments(tokens: Sequence[int], ts_begin: int) -> tuple[list[tuple[int, int, list[int]]], int | None]:
@@ -98,10 +110,62 @@ class Transcription:
 
     def __init__(self, model: WhisperOnnx, mel: features.LogMel, options: TranscriptionOptions,
                  info: TranscriptionInfo, first_window=None,
-                 progress: Callable[[float, float], None] | None = None):
+                 progress: Callable[[float, float], None] | None = None, timeline=None):
         self.model, self.mel, self.options, self.info = model, mel, options, info
         self._first_window = first_window
         self._progress = progress
+        self._timeline = timeline  # vad.SpeechTimeline: joined speech -> original times (None = no VAD)
+
+    def _to_original(self, segments: list[Segment]) -> None:
+        tl = self._timeline
+        if tl is None:
+            return
+        for seg in segments:
+            chunk = tl.chunk_of(seg.start)
+            for w in seg.words or ():
+                k = tl.chunk_of(w.start)
+                w.start, w.end = round(tl.original(w.start, k), 3), round(tl.original(w.end, k), 3)
+            seg.start = round(tl.original(seg.start, chunk), 3)
+            seg.end = max(seg.start, round(tl.original(seg.end, is_end=True), 3))
+            if seg.words:
+                seg.start = min(seg.start, seg.words[0].start)
+                seg.end = max(seg.end, seg.words[-1].end)
+
+    def _add_words(self, window, segments: list[Segment], offset: float, size: int, last_speech: float) -> float:
+        """Word timing of one window's segments (OpenAI's add_word_timestamps); returns the new last speech end."""
+        model, opt = self.model, self.options
+        toks = model.tokens
+        text_tokens = [[t for t in seg.tokens if t < toks.eot] for seg in segments]
+        flat = [t for part in text_tokens for t in part]
+        if not flat:
+            return last_speech
+        sot_seq = [toks.sot]
+        if toks.multilingual:
+            sot_seq += [toks.languages[self.info.language], toks.translate if opt.task == "translate" else toks.transcribe]
+        logits, attention = model.align(window, sot_seq + [toks.no_timestamps] + flat + [toks.eot])
+        sampled = logits[len(sot_seq):len(sot_seq) + len(flat), :toks.eot].astype(np.float64)
+        probs = np.exp(log_softmax(sampled))[np.arange(len(flat)), flat]
+        words = find_alignment(attention, len(sot_seq), probs, flat, size, model.text, toks.eot, self.info.language)
+        words = merge_punctuations(words, opt.prepend_punctuations, opt.append_punctuations)
+        median, max_duration = word_durations(words)
+        clip_long_words(words, max_duration)
+        # Hand the words out to their segments by token counts (punctuation merging keeps tokens together).
+        per_segment: list[list[Word]] = []
+        k = 0
+        for part in text_tokens:
+            taken, count = [], 0
+            while k < len(words) and count < len(part):
+                w = words[k]
+                count += len(w.tokens)
+                w.start = round(offset + w.start, 3)
+                w.end = round(offset + w.end, 3)
+                taken.append(w)
+                k += 1
+            per_segment.append(taken)
+        last_speech = fit_segment_words(per_segment, segments, median, max_duration, last_speech)
+        for seg, taken in zip(segments, per_segment):
+            seg.words = taken
+        return last_speech
 
     def __iter__(self) -> Iterator[Segment]:
         model, mel, opt, info = self.model, self.mel, self.options, self.info
@@ -121,11 +185,12 @@ class Transcription:
         prompt_reset_since = 0
         seek, content, n_id = 0, mel.content_frames, 0
         windows = 0
+        last_speech = 0.0
         while seek < content:
             size = min(N_FRAMES, content - seek)
             offset = seek * HOP_LENGTH / SAMPLE_RATE
             if self._progress:
-                self._progress(offset, info.duration)
+                self._progress(self._timeline.original(offset) if self._timeline else offset, info.duration)
             if mel.is_silent(seek, size):  # digital silence: nothing to decode (features.DIGITAL_SILENCE)
                 seek += size
                 continue
@@ -157,17 +222,30 @@ class Transcription:
             if advance is not None and advance <= 0:  # cannot happen with the timestamp rules; never stall
                 seek = previous_seek + size
             committed: list[int] = []
+            segments: list[Segment] = []
+            content_end = mel.duration
             for start_ts, end_ts, span in spans:
                 start = offset + (start_ts * TIME_PRECISION if start_ts is not None else 0.0)
                 end = offset + end_ts * TIME_PRECISION if end_ts is not None else window_end
-                start, end = min(start, info.duration), min(end, info.duration)
+                start, end = min(start, content_end), min(end, content_end)
                 text = model.text(span)
                 if start == end or not text.strip():  # OpenAI clears instantaneous or empty segments
                     continue
                 committed += span
-                yield Segment(n_id, previous_seek, start, max(end, start), text, list(span), result.temperature,
-                              result.avg_logprob, result.compression_ratio, result.no_speech_prob)
+                segments.append(Segment(0, previous_seek, start, max(end, start), text, list(span),
+                                        result.temperature, result.avg_logprob, result.compression_ratio,
+                                        result.no_speech_prob))
+            if opt.word_timestamps and segments:
+                last_speech = self._add_words(window, segments, offset, size, last_speech)
+                if advance is not None:  # OpenAI: an unfinished window resumes after its last aligned word
+                    ends = [w.end for seg in segments for w in (seg.words or ())]
+                    if ends and ends[-1] > offset:
+                        seek = max(previous_seek + 1, round(ends[-1] * 100))
+            self._to_original(segments)
+            for seg in segments:
+                seg.id = n_id
                 n_id += 1
+                yield seg
             all_tokens += committed
             if not opt.condition_on_previous_text or result.temperature > opt.prompt_reset_on_temperature:
                 prompt_reset_since = len(all_tokens)
@@ -213,10 +291,32 @@ def transcribe(audio: str | os.PathLike | np.ndarray, model: str | os.PathLike |
         language = language.lower()
         if language not in whisper.lang_to_id:
             raise OptionsError(f"unknown language {language!r}; the model knows: {', '.join(sorted(whisper.lang_to_id))}")
-    if isinstance(audio, np.ndarray):
+    timeline = None
+    t_vad = 0.0
+    if opt.vad_filter:
+        from .audio import load_audio
+        from .vad import VadOptions, collect_speech, speech_chunks
+
+        samples = np.asarray(audio, dtype=np.float32).reshape(-1) if isinstance(audio, np.ndarray) else None
+        if samples is None:
+            from .audio import probe
+
+            probe(audio)
+            samples = load_audio(audio)
+        if samples.size == 0:
+            raise AudioError(f"{'<array>' if isinstance(audio, np.ndarray) else audio}: contains no audio samples "
+                             "(zero length)")
+        t = time.perf_counter()
+        chunks = speech_chunks(samples, opt.vad_parameters or VadOptions())
+        t_vad = time.perf_counter() - t
+        duration = samples.size / SAMPLE_RATE
+        speech, timeline = collect_speech(samples, chunks)
+        mel = features.from_array(speech, whisper.n_mels, whisper.mel_filters) if speech.size else None
+    elif isinstance(audio, np.ndarray):
         if audio.size == 0:
             raise AudioError("<array>: contains no audio samples (zero length)")
         mel = features.from_array(audio, whisper.n_mels, whisper.mel_filters)
+        duration = mel.duration
     else:
         from .audio import probe
 
@@ -224,25 +324,53 @@ def transcribe(audio: str | os.PathLike | np.ndarray, model: str | os.PathLike |
         mel = features.from_file(audio, whisper.n_mels, whisper.mel_filters)
         if mel.n_samples == 0:
             raise AudioError(f"{audio}: contains no audio samples (zero length)")
-    timings = {"features_s": time.perf_counter() - t0}
-    info = TranscriptionInfo(language if whisper.is_multilingual else "en", None, mel.duration, opt, timings=timings)
+        duration = mel.duration
+    timings = {"features_s": time.perf_counter() - t0 - t_vad}
+    if opt.vad_filter:
+        timings["vad_s"] = t_vad
+    info = TranscriptionInfo(language if whisper.is_multilingual else "en", None, duration, opt, timings=timings)
+    if timeline is not None:
+        info.duration_after_vad = (mel.duration if mel is not None else 0.0)
+        info.speech_chunks = [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in timeline.chunks]
     first = None
+    if mel is None:  # VAD found no speech at all: nothing to decode
+        if whisper.is_multilingual and language is None:
+            info.language = None
+        return iter(()), info
     if whisper.is_multilingual and language is None:
         first = whisper.encode(mel.window(0, min(N_FRAMES, mel.content_frames)), timings)
-        probs = detect_language(whisper, first)
+        totals = dict(detect_language(whisper, first))
+        n = 1
+        for k in range(1, opt.language_detection_segments):
+            seek = k * N_FRAMES
+            if seek >= mel.content_frames:
+                break
+            window = whisper.encode(mel.window(seek, min(N_FRAMES, mel.content_frames - seek)), timings)
+            for code, p in detect_language(whisper, window):
+                totals[code] += p
+            n += 1
+        probs = sorted(((c, p / n) for c, p in totals.items()), key=lambda x: -x[1])
         info.language, info.language_probability = probs[0]
         info.all_language_probs = probs
+        info.language_probs = dict(probs)
     info.options = opt if info.language == opt.language else TranscriptionOptions.from_kwargs(opt, language=info.language)
-    return iter(Transcription(whisper, mel, info.options, info, first, progress)), info
+    return iter(Transcription(whisper, mel, info.options, info, first, progress, timeline)), info
 
 
-def transcribe_all(audio, model="base", options: TranscriptionOptions | None = None, **kwargs) -> Result:
-    """`transcribe` run to the end: all segments, the text, timings (total_s included)."""
+def transcribe_all(audio, model="base", options: TranscriptionOptions | None = None, *,
+                   on_segment: Callable[[Segment], None] | None = None, **kwargs) -> Result:
+    """`transcribe` run to the end: all segments, the text, timings (total_s included). `on_segment` is called
+    with each segment as soon as it is decoded (live output)."""
     t0 = time.perf_counter()
     segments, info = transcribe(audio, model, options, **kwargs)
-    segs = list(segments)
+    segs = []
+    for seg in segments:
+        segs.append(seg)
+        if on_segment is not None:
+            on_segment(seg)
     info.timings["total_s"] = time.perf_counter() - t0
-    return Result("".join(s.text for s in segs).strip(), segs, info.language, info.timings, info.duration)
+    return Result("".join(s.text for s in segs).strip(), segs, info.language, info.timings, info.duration,
+                  info.language_probs, info.speech_chunks)
 
 
 class WhisperModel:
