@@ -13,6 +13,8 @@ import shutil
 import tarfile
 import tempfile
 import wave
+
+import numpy as np
 from pathlib import Path
 
 from .features import SAMPLE_RATE
@@ -125,3 +127,62 @@ def _extract_speech(sdist: Path, out: Path) -> list[tuple[str, str]]:
     if len(samples) < 6:
         raise ModelFetchError(f"{sdist.name}: expected LibriVox and cards test recordings, found {len(samples)}")
     return samples
+
+
+def espeak_word_clip(words: list[str], gaps: list[float] | None = None, *, voice: str = "en-us", speed: int = 150,
+                     lead: float = 0.5) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+    """Speech with known word boundaries: each word synthesised on its own by espeak-ng (a system program,
+    `apt-get install espeak-ng`), trimmed to where its signal is above 1% of its peak, and joined with the given
+    silences (default 0.15-0.45 s, varied). Returns (16 kHz audio, [(word, start s, end s)])."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from .audio import resample
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise FileNotFoundError("espeak-ng is not installed (apt-get install espeak-ng)")
+    if gaps is None:
+        gaps = [0.15 + 0.3 * ((i * 7) % 5) / 4 for i in range(len(words))]
+    sr = 16_000
+    parts = [np.zeros(int(lead * sr), np.float32)]
+    bounds, t = [], lead
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, word in enumerate(words):
+            path = Path(tmp) / f"{i}.wav"
+            subprocess.run([exe, "-v", voice, "-s", str(speed), "-w", str(path), word], check=True,
+                           capture_output=True, timeout=60)
+            import soundfile as sf
+
+            audio, rate = sf.read(str(path), dtype="float32")
+            audio = resample(audio, rate, sr) if rate != sr else audio
+            loud = np.nonzero(np.abs(audio) > 0.01 * np.abs(audio).max())[0]
+            audio = audio[loud[0]:loud[-1] + 1]
+            bounds.append((word, t, t + audio.size / sr))
+            parts.append(audio)
+            gap = gaps[i] if i < len(gaps) else 0.3
+            parts.append(np.zeros(int(round(gap * sr)), np.float32))
+            t += audio.size / sr + int(round(gap * sr)) / sr
+    parts.append(np.zeros(int(lead * sr), np.float32))
+    return np.concatenate(parts), bounds
+
+
+def word_timing_errors(reference: list[tuple[str, float, float]], words) -> tuple[list[float], int]:
+    """|start - reference start| and |end - reference end| of the hypothesis words matched to the reference in
+    order by their normalised text (words that do not match are skipped); returns (errors, matched words)."""
+    import difflib
+
+    def norm(w: str) -> str:
+        return re.sub(r"[^a-z0-9']", "", w.lower())
+
+    ref = [norm(w) for w, _, _ in reference]
+    hyp = [norm(w.word) for w in words]
+    errors, matched = [], 0
+    for block in difflib.SequenceMatcher(a=ref, b=hyp, autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            _, s, e = reference[block.a + k]
+            w = words[block.b + k]
+            errors += [abs(w.start - s), abs(w.end - e)]
+            matched += 1
+    return errors, matched

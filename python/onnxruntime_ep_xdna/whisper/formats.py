@@ -70,8 +70,9 @@ def _subtitle_lines(result, opt: WriterOptions) -> Iterator[list[list]]:
                 text = w.word
                 pause = not keep_segments and last is not None and w.start - last > 3.0
                 fits = line_len + len(text) <= width
-                new_segment = keep_segments and first == 0 and i == 0 and bool(cue)
-                new_group = opt.max_words_per_line is not None and i == 0 and bool(cue) and not new_segment
+                # with segments kept, each segment - and each group of max_words_per_line words - is a cue
+                new_segment = keep_segments and i == 0 and bool(cue)
+                new_group = opt.max_words_per_line is not None and i == 0 and first > 0 and not keep_segments
                 if line_len > 0 and fits and not pause and not new_segment and not new_group:
                     line_len += len(text)
                 else:
