@@ -17,6 +17,14 @@ background load hits all alike. Times are medians of the transcription call alon
     python3 benchmarks/whisper.py                    # full run (~15 min on 2 cores)
     python3 benchmarks/whisper.py --quick            # 1 timed run, no long-form clip
     python3 benchmarks/whisper.py --json out.json --chart rtf.png
+    python3 benchmarks/whisper.py --section vad-words  # only VAD and word timestamps (issue 8), ~5 min
+
+Section vad-words: (1) a ~2 min clip of the real utterances separated by long digital silences and stretches of
+synthesised noise (white noise, a hum + harmonics, babble-like filtered noise), transcribed by `xdna transcribe`
+(XDNA EP, defaults) with and without vad_filter: words whose timing falls inside a silence/noise stretch
+("invented"), WER, time; (2) word timestamps against known boundaries: words synthesised one by one by espeak-ng
+and joined with known silences (0.15-0.45 s, and 0.05-0.15 s), |error| of word starts and ends on the XDNA EP
+and the CPU EP.
 """
 
 import argparse
@@ -229,6 +237,85 @@ def draw_chart(path, results, clips, header):
     print(f"\nchart: {path}")
 
 
+def noise_stretches(seconds: float, rng) -> list[np.ndarray]:
+    """Synthesised non-speech: white noise, a 50 Hz hum with harmonics, and low-passed noise bursts."""
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    white = 0.05 * rng.standard_normal(n)
+    hum = sum(0.08 / k * np.sin(2 * np.pi * 50 * k * t) for k in range(1, 8))
+    bursts = np.convolve(rng.standard_normal(n), np.ones(40) / 40, mode="same") * (
+        0.5 + 0.5 * np.sign(np.sin(2 * np.pi * 1.5 * t))) * 0.6
+    return [x.astype(np.float32) for x in (white, hum, bursts)]
+
+
+def pauses_clip(samples):
+    """Real utterances separated by 6-10 s of silence or noise; (audio, reference, [(start, end) non-speech])."""
+    rng = np.random.default_rng(8)
+    utts = [(load_wav_16k(p), text) for p, text in samples]
+    noises = noise_stretches(6.0, rng)
+    parts, quiet, refs, t = [], [], [], 0.0
+    for i, (audio, text) in enumerate(utts):
+        filler = np.zeros(int((6 + 2 * (i % 3)) * SR), np.float32) if i % 2 == 0 else noises[(i // 2) % 3]
+        quiet.append((t, t + filler.size / SR))
+        parts += [filler, audio]
+        refs.append(text)
+        t += (filler.size + audio.size) / SR
+    tail = np.zeros(5 * SR, np.float32)
+    quiet.append((t, t + tail.size / SR))
+    parts.append(tail)
+    return np.concatenate(parts), " ".join(refs), quiet
+
+
+def vad_words_section(model_dir, samples, results):
+    from onnxruntime_ep_xdna.whisper.evaluation import espeak_word_clip, word_timing_errors
+
+    audio, ref, quiet = pauses_clip(samples)
+    dur = audio.size / SR
+    print(f"VAD: {dur:.1f} s clip, {len(quiet)} silence/noise stretches "
+          f"({sum(b - a for a, b in quiet):.1f} s), {len(ref.split())} reference words", flush=True)
+    vad = results.setdefault("vad", {})
+    for provider in ("xdna",):
+        w = load_model(model_dir, provider)
+        for use_vad in (False, True):
+            transcribe_all(audio[: 5 * SR], w, language="en")  # warm-up
+            t0 = time.perf_counter()
+            timed_result = transcribe_all(audio, w, language="en", vad_filter=use_vad)
+            elapsed = time.perf_counter() - t0
+            r = transcribe_all(audio, w, language="en", vad_filter=use_vad, word_timestamps=True)
+            words = [x for s in r.segments for x in (s.words or [])]
+            invented = [x.word for x in words if any(a + 0.3 < (x.start + x.end) / 2 < b - 0.3 for a, b in quiet)]
+            key = f"{provider}, vad {'on' if use_vad else 'off'}"
+            vad[key] = {"time_s": elapsed, "rtf": elapsed / dur, "wer": total_wer([(ref, timed_result.text)]),
+                        "wer_with_words": total_wer([(ref, r.text)]), "invented_words": len(invented),
+                        "invented": invented, "windows": timed_result.timings.get("windows"),
+                        "vad_s": timed_result.timings.get("vad_s"), "text": timed_result.text}
+            print(f"  {key:20} {elapsed:6.1f} s  RTF {elapsed / dur:.3f}  WER {vad[key]['wer']:.3f}  "
+                  f"windows {vad[key]['windows']}  words inside silence/noise: {len(invented)} {invented[:8]}",
+                  flush=True)
+
+    words = "please call stella and ask her to bring these things with her from the store".split()
+    timing = results.setdefault("word_timing", {})
+    clips = {"gaps 0.15-0.45 s": espeak_word_clip(words),
+             "gaps 0.05-0.15 s": espeak_word_clip(words, [0.05 + 0.1 * ((i * 3) % 4) / 3 for i in range(len(words))])}
+    print("word timestamps vs known boundaries (espeak-ng words joined with known silences):", flush=True)
+    for clip_name, (clip, reference) in clips.items():
+        for provider in ("xdna", "cpu"):
+            w = load_model(model_dir, provider)
+            r = transcribe_all(clip, w, language="en", word_timestamps=True)
+            hyp = [x for s in r.segments for x in s.words]
+            errors, matched = word_timing_errors(reference, hyp)
+            starts, ends = errors[0::2], errors[1::2]
+            key = f"{clip_name}, {provider}"
+            timing[key] = {"median_abs_error_s": float(np.median(errors)), "mean_abs_error_s": float(np.mean(errors)),
+                           "median_start_error_s": float(np.median(starts)),
+                           "median_end_error_s": float(np.median(ends)), "max_abs_error_s": float(np.max(errors)),
+                           "matched": matched, "words": len(reference), "text": r.text}
+            c = timing[key]
+            print(f"  {key:26} median |err| {c['median_abs_error_s']:.3f} s (starts {c['median_start_error_s']:.3f}, "
+                  f"ends {c['median_end_error_s']:.3f}), mean {c['mean_abs_error_s']:.3f}, max "
+                  f"{c['max_abs_error_s']:.3f}; {matched}/{len(reference)} words matched", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 timed run, no long-form clip")
@@ -237,6 +324,8 @@ def main():
     parser.add_argument("--no-faster-whisper", action="store_true", help="skip the faster-whisper runner")
     parser.add_argument("--json", metavar="PATH", help="write all results (times, transcripts, WER) here")
     parser.add_argument("--chart", metavar="PATH.png", help="bar chart of RTF per clip and runner (matplotlib)")
+    parser.add_argument("--section", choices=("all", "decoding", "vad-words"), default="all",
+                        help="decoding = the runners' comparison; vad-words = VAD and word timestamps (issue 8)")
     args = parser.parse_args()
     runs = 1 if args.quick else args.runs
 
@@ -247,6 +336,19 @@ def main():
     ort.set_default_logger_severity(3)  # "some nodes not assigned to the preferred EP" is expected (shape ops)
 
     model_dir = ensure_model(args.model)
+    if args.section == "vad-words":
+        xdna.register()
+        meta = next((dict(d.ep_metadata) for d in ort.get_ep_devices() if d.ep_name == xdna.EP_NAME), {})
+        print("machine:", machine_line())
+        if meta.get("backend") != "xrt":
+            print("  -> no NPU: the XDNA EP ran every GEMM on the CPU emulator of the NPU kernel contract; "
+                  "all figures are CPU figures.")
+        extra = {"machine": machine_line(), "xdna_backend": meta}
+        vad_words_section(model_dir, fetch_speech_samples(), extra)
+        if args.json:
+            Path(args.json).write_text(json.dumps(extra, indent=1) + "\n")
+            print(f"json: {args.json}")
+        return
     clips, utterances = build_clips(fetch_speech_samples(), include_long=not args.quick)
     xdna.register()
     meta = next((dict(d.ep_metadata) for d in ort.get_ep_devices() if d.ep_name == xdna.EP_NAME), {})
@@ -347,6 +449,13 @@ def main():
              "baseline": BASELINE, "wer_references": [ref for _, ref in utterances], "results": results},
             indent=1) + "\n")
         print(f"json: {args.json}")
+    if args.section == "all":
+        extra = {}
+        vad_words_section(model_dir, fetch_speech_samples(), extra)
+        if args.json:
+            doc = json.loads(Path(args.json).read_text())
+            doc.update(extra)
+            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

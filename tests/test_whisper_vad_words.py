@@ -192,6 +192,41 @@ def test_word_timestamps_on_the_tiny_model_are_ordered_and_in_json(tiny_en, tmp_
     assert all("words" in s for s in doc["segments"])
 
 
+# ---- clip_timestamps, hallucination_silence_threshold ---------------------------------------------------------
+
+def test_clip_timestamps_and_hallucination_rules():
+    from onnxruntime_ep_xdna.whisper.transcribe import clip_frames, hallucination_cut, is_segment_anomaly
+
+    assert clip_frames(None, 5000) == [(0, 5000)]
+    assert clip_frames((1.0, 5.0, 20.0), 4000) == [(100, 500), (2000, 4000)]  # the last end = the end
+    assert clip_frames((1.0, 5.0, 60.0, 70.0), 4000) == [(100, 500)]  # beyond the audio: nothing
+    assert TranscriptionOptions(clip_timestamps="0,10,20").clip_timestamps == (0.0, 10.0, 20.0)
+    for bad in ("5,1", "a,b", "0,10,5,20"):
+        with pytest.raises(OptionsError):
+            TranscriptionOptions(clip_timestamps=bad)
+    with pytest.raises(OptionsError, match="word_timestamps"):
+        TranscriptionOptions(hallucination_silence_threshold=2.0)
+    W = T.Word
+    good = Segment(0, 0, 10.0, 12.0, " fine words here", words=[W(10.0, 10.5, " fine", 0.9), W(10.5, 11.2, " words", 0.9),
+                                                            W(11.2, 12.0, " here", 0.8)])
+    bad = Segment(1, 0, 20.0, 20.1, " uh", words=[W(20.0, 20.05, " uh", 0.05)])  # improbable and very short
+    assert not is_segment_anomaly(good) and is_segment_anomaly(bad)
+    # the anomaly sits between long silences: cut there; with speech right after it: kept
+    assert hallucination_cut([good, bad], 2.0, 9.0, 0.0, 30.0) == (1, 20.0)
+    close = Segment(2, 0, 20.2, 22.0, " more words", words=[W(20.2, 21.0, " more", 0.9), W(21.0, 22.0, " words", 0.9)])
+    assert hallucination_cut([good, bad, close], 2.0, 9.0, 0.0, 30.0) is None
+
+
+def test_clip_timestamps_decode_only_the_clips(tiny_en):
+    audio = np.concatenate([chirp(4.0, 1), np.zeros(6 * SR, np.float32), chirp(4.0, 2)])
+    result = transcribe_all(audio, str(tiny_en), provider="cpu", beam_size=1, temperature=0.0,
+                            clip_timestamps=(0.0, 4.0, 10.0), no_speech_threshold=None, log_prob_threshold=None)
+    assert result.segments
+    for seg in result.segments:
+        assert seg.start < 4.0 + 1e-6 or seg.start >= 10.0 - 1e-6, seg
+        assert not (4.0 + 1e-6 < seg.end <= 10.0 - 1e-6) or seg.start < 4.0, seg
+
+
 # ---- writers: golden files -------------------------------------------------------------------------------------
 
 def golden_result() -> Result:
@@ -317,6 +352,16 @@ def test_real_vad_no_text_in_silence_or_noise(whisper_base, speech_samples):
     for s, e in quiet:
         inside = [x.word for x in words if s + 0.5 < (x.start + x.end) / 2 < e - 0.5]
         assert not inside, (inside, s, e)
+
+
+def test_real_hallucination_silence_threshold_keeps_the_speech(whisper_base, speech_samples):
+    audio, speech, quiet, reference = speech_silence_noise(speech_samples)
+    result = transcribe_all(audio, WhisperOnnx(whisper_base, "cpu"), language="en", word_timestamps=True,
+                            hallucination_silence_threshold=2.0)
+    assert word_error_rate(reference, result.text) <= 0.2, result.text
+    words = [x for s in result.segments for x in s.words]
+    for s, e in quiet:
+        assert not [x.word for x in words if s + 0.5 < (x.start + x.end) / 2 < e - 0.5], result.text
 
 
 def test_real_language_probabilities(whisper_base):

@@ -77,6 +77,10 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--max-words-per-line", type=int, help="srt/vtt: words per line (needs --word-timestamps)")
     w.add_argument("--highlight-words", action="store_true",
                    help="srt/vtt: one cue per word, the spoken word underlined (needs --word-timestamps)")
+    w.add_argument("--hallucination-silence-threshold", type=float,
+                   help="with --word-timestamps: skip silences longer than this (s) around likely hallucinations")
+    w.add_argument("--clip-timestamps", help="only transcribe these stretches: start,end,start,end,... seconds "
+                                             "(a missing last end = the end of the file)")
     w.add_argument("--language-detection-segments", type=int, default=1,
                    help="30 s windows whose language probabilities are averaged (default 1)")
     d = parser.add_argument_group("decoding (defaults: OpenAI whisper / faster-whisper)")
@@ -142,7 +146,8 @@ def options_from_args(args) -> TranscriptionOptions:
                             max_speech_duration_s=args.vad_max_speech_duration_s,
                             min_silence_duration_ms=args.vad_min_silence_duration_ms,
                             speech_pad_ms=args.vad_speech_pad_ms) if args.vad else None,
-        language_detection_segments=args.language_detection_segments)
+        language_detection_segments=args.language_detection_segments,
+        hallucination_silence_threshold=args.hallucination_silence_threshold, clip_timestamps=args.clip_timestamps)
 
 
 def _importable(module: str) -> bool:

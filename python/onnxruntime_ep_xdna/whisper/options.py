@@ -49,6 +49,10 @@ class TranscriptionOptions:
     vad_filter: run Silero VAD first and transcribe only the speech (joined; times mapped back to the original).
       vad_parameters: a vad.VadOptions or a dict of its fields (threshold, neg_threshold, min_speech_duration_ms,
       max_speech_duration_s, min_silence_duration_ms, speech_pad_ms).
+    hallucination_silence_threshold: with word_timestamps, skip silences longer than this many seconds around a
+      segment that looks hallucinated (improbable, too short or too long words), OpenAI's rule; None = off.
+    clip_timestamps: only these stretches are transcribed: (start, end, start, end, ...) seconds or the same as a
+      comma-separated string ("0,30,60" = 0-30 s and 60 s to the end); None = everything.
     language_detection_segments: windows (30 s each, from the start) whose language probabilities are averaged
       when the language is detected (OpenAI and faster-whisper: 1).
     """
@@ -80,6 +84,8 @@ class TranscriptionOptions:
     vad_filter: bool = False
     vad_parameters: object = None
     language_detection_segments: int = 1
+    hallucination_silence_threshold: float | None = None
+    clip_timestamps: object = None
 
     def __post_init__(self):
         t = self.temperature
@@ -95,6 +101,26 @@ class TranscriptionOptions:
                 object.__setattr__(self, "vad_parameters", VadOptions(**self.vad_parameters))
             except TypeError as e:
                 raise OptionsError(f"vad_parameters: {e}") from None
+        clips = self.clip_timestamps
+        if isinstance(clips, str):
+            try:
+                clips = tuple(float(x) for x in clips.split(",") if x.strip())
+            except ValueError:
+                raise OptionsError(f"clip_timestamps must be numbers start,end,...: {self.clip_timestamps!r}") from None
+        if clips is not None:
+            clips = tuple(float(x) for x in clips)
+            if any(not math.isfinite(x) or x < 0 for x in clips) or any(
+                    b <= a for a, b in zip(clips[0::2], clips[1::2])) or any(
+                    b < a for a, b in zip(clips[1::2], clips[2::2])):
+                raise OptionsError(f"clip_timestamps must be increasing start,end pairs in seconds, not {clips!r}")
+            object.__setattr__(self, "clip_timestamps", clips or None)
+            if clips and self.vad_filter:
+                raise OptionsError("clip_timestamps and vad_filter cannot be combined (both choose what is decoded)")
+        if self.hallucination_silence_threshold is not None:
+            if not (self.hallucination_silence_threshold > 0 and math.isfinite(self.hallucination_silence_threshold)):
+                raise OptionsError("hallucination_silence_threshold must be a number of seconds > 0")
+            if not self.word_timestamps:
+                raise OptionsError("hallucination_silence_threshold needs word_timestamps")
         if not isinstance(self.language_detection_segments, int) or self.language_detection_segments < 1:
             raise OptionsError("language_detection_segments must be an integer >= 1")
         if self.task not in ("transcribe", "translate"):

@@ -183,11 +183,20 @@ class Transcription:
         hotwords = model.encode_text(opt.hotwords) if opt.hotwords else []
         prefix = model.encode_text(opt.prefix) if opt.prefix else []
         prompt_reset_since = 0
-        seek, content, n_id = 0, mel.content_frames, 0
+        content, n_id = mel.content_frames, 0
         windows = 0
         last_speech = 0.0
-        while seek < content:
-            size = min(N_FRAMES, content - seek)
+        clips = clip_frames(opt.clip_timestamps, content)
+        clip_index = 0
+        seek = clips[0][0] if clips else content
+        threshold = opt.hallucination_silence_threshold
+        while clip_index < len(clips):
+            clip_start, clip_end = clips[clip_index]
+            seek = max(seek, clip_start)
+            if seek >= clip_end:  # this clip is done: on to the next one
+                clip_index += 1
+                continue
+            size = min(N_FRAMES, clip_end - seek)
             offset = seek * HOP_LENGTH / SAMPLE_RATE
             if self._progress:
                 self._progress(self._timeline.original(offset) if self._timeline else offset, info.duration)
@@ -221,7 +230,6 @@ class Transcription:
             seek += size if advance is None else advance
             if advance is not None and advance <= 0:  # cannot happen with the timestamp rules; never stall
                 seek = previous_seek + size
-            committed: list[int] = []
             segments: list[Segment] = []
             content_end = mel.duration
             for start_ts, end_ts, span in spans:
@@ -231,16 +239,36 @@ class Transcription:
                 text = model.text(span)
                 if start == end or not text.strip():  # OpenAI clears instantaneous or empty segments
                     continue
-                committed += span
                 segments.append(Segment(0, previous_seek, start, max(end, start), text, list(span),
                                         result.temperature, result.avg_logprob, result.compression_ratio,
                                         result.no_speech_prob))
             if opt.word_timestamps and segments:
-                last_speech = self._add_words(window, segments, offset, size, last_speech)
-                if advance is not None:  # OpenAI: an unfinished window resumes after its last aligned word
-                    ends = [w.end for seg in segments for w in (seg.words or ())]
-                    if ends and ends[-1] > offset:
-                        seek = max(previous_seek + 1, round(ends[-1] * 100))
+                self._add_words(window, segments, offset, size, last_speech)
+                last_word_end = _last_word_end(segments)
+                if advance is not None and last_word_end is not None and last_word_end > offset:
+                    # OpenAI: an unfinished window resumes after its last aligned word (with a hallucination
+                    # threshold: only when more than that much of the window is left, else the whole window)
+                    if threshold is None or window_end - last_word_end > threshold:
+                        seek = max(previous_seek + 1, round(last_word_end * 100))
+                    else:
+                        seek = previous_seek + size
+                if threshold is not None:
+                    first = next((g for g in segments if g.words), None)
+                    if first is not None and is_segment_anomaly(first) and first.start - offset > threshold:
+                        # a likely hallucination after a long silence: decode again from where it starts
+                        seek = previous_seek + round((first.start - offset) * 100)
+                        continue
+                    cut = hallucination_cut(segments, threshold, last_speech, offset, window_end)
+                    if cut is not None:
+                        k, start = cut
+                        seek = round(max(offset + 1, start) * 100)
+                        if mel.duration - segments[k].end < threshold:
+                            seek = content
+                        del segments[k:]
+                last_word_end = _last_word_end(segments)
+                if last_word_end is not None:
+                    last_speech = last_word_end
+            committed = [t for seg in segments for t in seg.tokens]
             self._to_original(segments)
             for seg in segments:
                 seg.id = n_id
@@ -253,6 +281,69 @@ class Transcription:
         timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t_start
         if self._progress:
             self._progress(info.duration, info.duration)
+
+
+def clip_frames(clip_timestamps, content: int) -> list[tuple[int, int]]:
+    """OpenAI's clip_timestamps (start, end, start, end, ... seconds; a missing last end = the end of the audio)
+    as (start, end) mel frames inside the audio; None/empty = the whole audio."""
+    if not clip_timestamps:
+        return [(0, content)] if content > 0 else []
+    values = [float(x) for x in clip_timestamps]
+    if len(values) % 2:
+        values.append(content / 100)
+    clips = []
+    for a, b in zip(values[0::2], values[1::2]):
+        start, end = min(round(a * 100), content), min(round(b * 100), content)
+        if end > start:
+            clips.append((start, end))
+    return clips
+
+
+PUNCTUATION = set("\"'“¿([{-\"'.。,，!！?？:：”)]}、")
+
+
+def _last_word_end(segments: list[Segment]) -> float | None:
+    ends = [w.end for seg in segments for w in (seg.words or ())]
+    return ends[-1] if ends else None
+
+
+def word_anomaly_score(word: Word) -> float:
+    """OpenAI's score of a word that looks hallucinated: improbable, too short or too long."""
+    duration = word.end - word.start
+    score = 1.0 if word.probability < 0.15 else 0.0
+    if duration < 0.133:
+        score += (0.133 - duration) * 15
+    if duration > 2.0:
+        score += duration - 2.0
+    return score
+
+
+def is_segment_anomaly(segment: Segment | None) -> bool:
+    if segment is None or not segment.words:
+        return False
+    words = [w for w in segment.words if w.word not in PUNCTUATION][:8]
+    score = sum(word_anomaly_score(w) for w in words)
+    return score >= 3 or score + 0.01 >= len(words)
+
+
+def hallucination_cut(segments: list[Segment], threshold: float, last_speech: float, offset: float,
+                      window_end: float) -> tuple[int, float] | None:
+    """OpenAI's hallucination_silence_threshold rule: the first anomalous segment with silence (longer than the
+    threshold, or the window edge) or more anomalies on both sides -> (its index, its start); None = keep all."""
+    previous_end = last_speech
+    for i, seg in enumerate(segments):
+        if not seg.words:
+            continue
+        if is_segment_anomaly(seg):
+            following = next((g for g in segments[i + 1:] if g.words), None)
+            next_start = following.words[0].start if following is not None else window_end
+            silence_before = seg.start - previous_end > threshold or seg.start < threshold or seg.start - offset < 2.0
+            silence_after = (next_start - seg.end > threshold or is_segment_anomaly(following)
+                             or window_end - seg.end < 2.0)
+            if silence_before and silence_after:
+                return i, seg.start
+        previous_end = seg.end
+    return None
 
 
 def detect_language(model: WhisperOnnx, window) -> list[tuple[str, float]]:
