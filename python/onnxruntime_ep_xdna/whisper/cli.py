@@ -259,9 +259,7 @@ def run_transcribe(args) -> int:
     import tempfile
 
     from .audio import AudioError, probe
-    from .formats import WriterOptions, format_timestamp, json_document, render
-    from .onnx_model import TranscribeError, load_model
-    from .transcribe import transcribe_all
+    from .formats import WriterOptions
 
     try:
         options = options_from_args(args)

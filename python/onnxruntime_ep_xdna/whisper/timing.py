@@ -83,8 +83,8 @@ def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def split_words(tokens: list[int], decode, eot: int, language: str | None) -> tuple[list[str], list[list[int]]]:
     """Tokens -> words (text with leading space, tokens). A word begins at a token starting with a space, at a
     punctuation token or at a special token; languages without spaces split at every complete character."""
-    subwords, subtokens, current, start = [], [], [], 0
-    for k, t in enumerate(tokens):  # complete UTF-8 pieces: a token may end inside a character
+    subwords, subtokens, current = [], [], []
+    for t in tokens:  # complete UTF-8 pieces: a token may end inside a character
         current.append(t)
         text = decode(current) if t < eot else ""
         if t >= eot or "\ufffd" not in text:
