@@ -94,6 +94,7 @@ def test_vad_timeline_maps_joined_times_back():
     assert tl.original(0.5) == pytest.approx(2.5)
     assert tl.original(2.5) == pytest.approx(10.5)
     assert tl.original(2.0, is_end=True) == pytest.approx(4.0)  # the end of chunk 0, not the start of chunk 1
+    assert tl.clamp(1.7, 1) == pytest.approx(2.0) and tl.clamp(3.5, 1) == pytest.approx(3.0)
     with pytest.raises(OptionsError):
         TranscriptionOptions(vad_filter=True, vad_parameters={"threshold": 2})
     with pytest.raises(OptionsError):

@@ -121,15 +121,17 @@ class Transcription:
         if tl is None:
             return
         for seg in segments:
-            chunk = tl.chunk_of(seg.start)
             for w in seg.words or ():
-                k = tl.chunk_of(w.start)
-                w.start, w.end = round(tl.original(w.start, k), 3), round(tl.original(w.end, k), 3)
-            seg.start = round(tl.original(seg.start, chunk), 3)
-            seg.end = max(seg.start, round(tl.original(seg.end, is_end=True), 3))
-            if seg.words:
-                seg.start = min(seg.start, seg.words[0].start)
-                seg.end = max(seg.end, seg.words[-1].end)
+                # the chunk holding the word's middle; the joined neighbour's padding is not part of the word
+                # (in the original, removed silence lies between them)
+                k = tl.chunk_of((w.start + w.end) / 2)
+                w.start = round(tl.original(tl.clamp(w.start, k), k), 3)
+                w.end = round(tl.original(tl.clamp(w.end, k), k), 3)
+            first, last = tl.chunk_of(seg.start), tl.chunk_of(seg.end, is_end=True)
+            seg.start = round(tl.original(seg.start, first), 3)
+            seg.end = max(seg.start, round(tl.original(seg.end, last), 3))
+            if seg.words:  # with word timing the segment spans its words
+                seg.start, seg.end = seg.words[0].start, max(seg.words[-1].end, seg.words[0].start)
 
     def _add_words(self, window, segments: list[Segment], offset: float, size: int, last_speech: float) -> float:
         """Word timing of one window's segments (OpenAI's add_word_timestamps); returns the new last speech end."""

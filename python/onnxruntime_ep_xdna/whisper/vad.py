@@ -227,6 +227,14 @@ class SpeechTimeline:
         k = int(np.searchsorted(self.joined_starts, t, side="left" if is_end else "right")) - 1
         return min(max(k, 0), len(self.chunks) - 1)
 
+    def clamp(self, t: float, chunk: int) -> float:
+        """t limited to where chunk `chunk` lies in the joined speech."""
+        if not self.chunks:
+            return t
+        a = float(self.joined_starts[chunk])
+        b = a + (self.chunks[chunk][1] - self.chunks[chunk][0]) / SAMPLE_RATE
+        return min(max(t, a), b)
+
     def original(self, t: float, chunk: int | None = None, is_end: bool = False) -> float:
         if not self.chunks:
             return t
