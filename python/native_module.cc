@@ -277,6 +277,7 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("a"), py::arg("b"), py::arg("threads") = 0, py::arg("b_transposed") = false,
       "The contract on an unpacked run-time B (small M)");
   m.attr("UNPACKED_MAX_M") = k::kUnpackedMaxM;
+  m.attr("VERSION") = XDNA_VERSION;  // the EP library's, from pyproject.toml
   m.def("emulator_kernel_name", &k::emulator_kernel_name, "avx512bf16 | avx512 | avx2 | generic: the kernel set in use");
   m.def("reference_gemm", [](F32Array a, const k::PackedB& b) { return run_gemm(a, b, true, 1); },
         py::arg("a"), py::arg("b"));
