@@ -1,9 +1,7 @@
 #include "node_kernel.h"
 
 #include <algorithm>
-#include <cstring>
 #include <unordered_map>
-
 
 namespace xdna::ep {
 namespace {

@@ -38,14 +38,11 @@ struct ConvParams {
   int64_t stride = 1, dilation = 1, pad_begin = 0, pad_end = 0;
 };
 
-// The numeric format the products run in. One today (the contract's); a new precision adds a value here, the
-// claim rule that accepts it, and the backends' kernels for it.
-enum class Precision { kBf16 };
-
+// Every product runs in the contract's one precision (bf16 operands, fp32 sums: kernels/gemm_contract.h). A second
+// precision would be a field here, set by the claim rules that accept it, with kernels for it in the backends.
 struct OpPlan {
   enum class Op { kMatMul, kGemm, kConv };
   Op op = Op::kMatMul;
-  Precision precision = Precision::kBf16;
   std::string node_name;
   std::string output;  // the node's output value
   Operand a, b, c;     // c: Gemm's C or Conv's bias
