@@ -73,3 +73,17 @@ def test_device_fault_falls_back_with_reason(fake_npu, monkeypatch, capfd, step)
     assert err.count("backend 'xrt' fault (") == 1 and "now runs on the CPU" in err
     (node,) = [d for d in map(json.loads, report.read_text().splitlines()) if d.get("runtime")]
     assert node["device_calls"] == 0 and node["cpu_calls_by_reason"]["fault"] == 2  # both runs on the fallback
+
+
+def test_environment_knobs_are_part_of_the_backend_configuration(fake_npu, monkeypatch, capfd):
+    # Same options, another XDNA_XRT_FAKE_FAULT: a backend of its own (before, the first one was reused).
+    model, w = model_and_weight()
+    options = {"backend": "xrt", "kernel_dir": str(fake_npu)}
+    a = rng(4).standard_normal((5, K)).astype(np.float32)
+    healthy = xdna_session(model, options)
+    assert_within(healthy.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, K))
+    monkeypatch.setenv("XDNA_XRT_FAKE_FAULT", "run")
+    faulty = xdna_session(model, options)
+    for sess in (faulty, healthy):
+        assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, K))
+    assert capfd.readouterr().err.count("backend 'xrt' fault (run") == 1  # the new backend only
