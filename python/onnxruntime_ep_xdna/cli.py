@@ -131,17 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_model_fetch)
 
     try:
-        from .whisper.transcribe import add_transcribe_arguments, run_transcribe
-    except ImportError as e:  # the whisper extra is not installed
+        from .whisper.cli import add_transcribe_arguments, run_transcribe
+    except ImportError as e:  # a broken install: still take every flag, say what is missing, exit as the main path
         missing = str(e)
 
         def run_transcribe(args) -> int:
-            print(f"xdna transcribe needs the whisper extra: pip install 'onnxruntime-ep-xdna[whisper]' ({missing})",
-                  file=sys.stderr)
-            return 2
+            print(f"xdna transcribe: error: needs the whisper extra: pip install 'onnxruntime-ep-xdna[whisper]' "
+                  f"({missing})", file=sys.stderr)
+            return 1
 
         def add_transcribe_arguments(parser) -> None:
-            parser.add_argument("files", nargs="*")
+            parser.set_defaults(accepts_anything=True)  # main() lets every flag through to the message
 
     tr = sub.add_parser("transcribe", help="transcribe audio files with Whisper on the EP")
     add_transcribe_arguments(tr)
@@ -150,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_anything", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Audio input for Whisper: any file -> 16 kHz mono float32, streamed in blocks.
 
 soundfile (libsndfile) reads wav/flac/ogg/mp3 and friends; anything else goes through an `ffmpeg` subprocess when
-one is installed. Nothing here holds a whole long file in memory: `AudioStream` yields blocks and `Resampler`
+one is installed. Nothing here holds a whole long file in memory: `iter_audio` yields blocks and `Resampler`
 carries its filter state across them, so a 2 h recording costs the same memory as a 2 min one.
 Every failure is an `AudioError` whose message is one line meant for the user.
 """
@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from .features import SAMPLE_RATE
+
 _BLOCK_SECONDS = 30.0
 
 
@@ -221,6 +223,12 @@ def _iter_soundfile(info: AudioInfo, block_seconds: float) -> Iterator[np.ndarra
 def _iter_ffmpeg(info: AudioInfo, block_seconds: float) -> Iterator[np.ndarray]:
     cmd = [_ffmpeg(), "-nostdin", "-v", "error", "-i", info.path, "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # stderr is drained by a thread while stdout is read: a damaged file can make ffmpeg write more errors than
+    # a pipe holds (64 KiB), and ffmpeg would then block on stderr while we block on stdout.
+    err_chunks: list[bytes] = []
+    drain = threading.Thread(target=lambda: err_chunks.extend(iter(lambda: proc.stderr.read(65536), b"")),
+                             daemon=True)
+    drain.start()
     nbytes = int(block_seconds * SAMPLE_RATE) * 4
     try:
         while True:
@@ -229,8 +237,10 @@ def _iter_ffmpeg(info: AudioInfo, block_seconds: float) -> Iterator[np.ndarray]:
                 break
             usable = len(data) - len(data) % 4
             yield np.frombuffer(data[:usable], dtype="<f4").astype(np.float32)
-        err = proc.stderr.read().decode(errors="replace")
-        if proc.wait() != 0:
+        code = proc.wait()
+        drain.join()
+        if code != 0:
+            err = b"".join(err_chunks).decode(errors="replace")
             raise AudioError(f"{info.path}: ffmpeg failed to decode it ({_one_line(err)})")
     finally:
         if proc.poll() is None:
@@ -239,7 +249,7 @@ def _iter_ffmpeg(info: AudioInfo, block_seconds: float) -> Iterator[np.ndarray]:
 
 
 def load_audio(path: str | os.PathLike) -> np.ndarray:
-    """The whole file as 16 kHz mono float32 (for short files; long ones should use `AudioStream`)."""
+    """The whole file as 16 kHz mono float32 (for short files; transcription streams it through features.LogMel)."""
     blocks = list(iter_audio(path))
     audio = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     if audio.size == 0:
@@ -247,93 +257,3 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise AudioError(f"{path}: contains invalid sample values (NaN or infinity)")
     return audio
-
-
-class AudioStream:
-    """Random access into a forward-moving window of a (possibly very long) file.
-
-    `window(start, length)` returns samples [start, start+length) (shorter at the end of the file), reading
-    blocks on demand; everything before the last requested `start` is dropped, so memory stays at about one
-    window plus one block. Whisper's seek loop only ever moves forward, which is all this supports.
-    """
-
-    def __init__(self, source: str | os.PathLike | np.ndarray, block_seconds: float = _BLOCK_SECONDS):
-        if isinstance(source, np.ndarray):
-            self.info = AudioInfo("<array>", SAMPLE_RATE, 1, source.size / SAMPLE_RATE, "array")
-            self._blocks: Iterator[np.ndarray] = iter([np.asarray(source, dtype=np.float32).reshape(-1)])
-        else:
-            self.info = probe(source)
-            self._blocks = iter_audio(source, block_seconds)
-        self.name = self.info.path
-        self._buf = np.zeros(0, dtype=np.float32)
-        self._buf_start = 0
-        self._eof = False
-        self.peak = 0.0  # max |sample| seen so far (silence detection)
-
-    @property
-    def duration(self) -> float | None:
-        return self.info.duration
-
-    def _fill(self, end: int) -> None:
-        pieces = [self._buf]
-        have = self._buf_start + self._buf.size
-        while have < end and not self._eof:
-            block = next(self._blocks, None)
-            if block is None:
-                self._eof = True
-                break
-            if not np.isfinite(block).all():
-                raise AudioError(f"{self.name}: contains invalid sample values (NaN or infinity)")
-            if block.size:
-                self.peak = max(self.peak, float(np.abs(block).max()))
-            pieces.append(block)
-            have += block.size
-        if len(pieces) > 1:
-            self._buf = np.concatenate(pieces)
-
-    def window(self, start: int, length: int) -> np.ndarray:
-        if start < self._buf_start:
-            raise ValueError("AudioStream only moves forward")
-        self._fill(start + length)
-        drop = start - self._buf_start
-        if drop:
-            self._buf = self._buf[drop:]
-            self._buf_start = start
-        return self._buf[:length]
-
-    def at_end(self, position: int) -> bool:
-        """True when no samples exist at or after `position`."""
-        self._fill(position + 1)
-        return self._eof and position >= self._buf_start + self._buf.size
-
-    @property
-    def samples_read(self) -> int:
-        return self._buf_start + self._buf.size
-
-
-N_FFT = 400
-HOP_LENGTH = 160
-N_SAMPLES = 30 * SAMPLE_RATE  # one Whisper window
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
-
-
-def log_mel_spectrogram(window: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
-    """Whisper's log-mel features (1, n_mels, 3000) of one window, zero-padded to 30 s.
-
-    The same maths as WhisperFeatureExtractor (periodic Hann, reflect-padded centred STFT, power spectrum, mel
-    projection, log10 clamped at 1e-10, floor at max-8, (x+4)/4) in about a third of its time: one batched rfft
-    over a strided frame view. `mel_filters` is the extractor's (n_fft/2+1, n_mels) matrix.
-    """
-    audio = np.zeros(N_SAMPLES, dtype=np.float32)
-    n = min(window.size, N_SAMPLES)
-    audio[:n] = window[:n]
-    half = N_FFT // 2
-    padded = np.pad(audio, half, mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:N_FRAMES]
-    hann = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
-    spec = np.fft.rfft(frames * hann, axis=-1)
-    power = spec.real.astype(np.float32) ** 2 + spec.imag.astype(np.float32) ** 2
-    mel = power @ mel_filters.astype(np.float32)  # (3000, n_mels)
-    log_spec = np.log10(np.maximum(mel, 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).T[None].astype(np.float32, copy=False)

@@ -11,16 +11,11 @@ import json
 from pathlib import Path
 
 from .ct2 import CT2FormatError, WhisperDims
+from .features import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_TIMESTAMPS, SAMPLE_RATE, TIME_PRECISION
+from .options import TranscriptionOptions
 
-# openai/whisper's audio front end; WhisperFeatureExtractor's defaults match but we spell them out.
-SAMPLE_RATE = 16_000
-N_FFT = 400
-HOP_LENGTH = 160
-CHUNK_SECONDS = 30
-TIME_PRECISION = 0.02  # one timestamp token per 20 ms
-N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
-# openai/whisper decoding default (max_initial_timestamp=1.0 s).
-MAX_INITIAL_TIMESTAMP_INDEX = 50
+# transformers' generate() reads the decoding default (max_initial_timestamp 1.0 s) as a timestamp index.
+MAX_INITIAL_TIMESTAMP_INDEX = round(TranscriptionOptions.max_initial_timestamp / TIME_PRECISION)
 
 # Files transformers/optimum need besides the weights; copied over the optimum export afterwards.
 PROCESSOR_AND_CONFIG_FILES = (
@@ -121,7 +116,7 @@ def write_feature_extractor(out_dir: Path, num_mel_bins: int) -> None:
     from transformers import WhisperFeatureExtractor
 
     WhisperFeatureExtractor(
-        feature_size=num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=HOP_LENGTH, chunk_length=CHUNK_SECONDS,
+        feature_size=num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=HOP_LENGTH, chunk_length=CHUNK_LENGTH,
         n_fft=N_FFT, padding_value=0.0, return_attention_mask=False,
     ).save_pretrained(str(out_dir))
 

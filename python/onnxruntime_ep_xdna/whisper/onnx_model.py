@@ -1,0 +1,266 @@
+"""The three ONNX Runtime sessions of an optimum Whisper export, driven for batched decoding.
+
+Per window:  log-mel -> encoder_model.onnx (once)
+  -> decoder_model.onnx on the first prompt: logits and the cross-attention K/V of every layer (computed once
+     per window, kept in OrtValues, never copied to numpy and never repeated per beam: the decoder's attention
+     MatMuls broadcast a batch-1 K/V over the beams)
+  -> decoder_with_past_model.onnx once per step for ALL sequences of the window (beams or samples) as one batch.
+A second prompt on the same window (temperature fallback, language detection first) runs through
+decoder_with_past with an empty self-attention cache, reusing the cross-attention K/V.
+Only transformers-free pieces are used (`tokenizers`, numpy), so loading starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .. import EP_NAME as XDNA_EP
+from .features import N_TIMESTAMPS, mel_filter_bank
+from .rules import SpecialTokens
+
+CPU_EP = "CPUExecutionProvider"
+FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+class TranscribeError(Exception):
+    """A model or provider problem, phrased for the user (one line)."""
+
+
+def one_line(e: object) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def resolve_provider(provider: str) -> str:
+    """'xdna' / 'cpu' / a full EP name -> the EP name, registering the XDNA plugin when it is asked for."""
+    import onnxruntime as ort
+
+    name = {"xdna": XDNA_EP, "cpu": CPU_EP}.get(provider.lower(), provider)
+    if name == XDNA_EP:
+        try:
+            from .. import register
+
+            register()
+        except Exception as e:  # library missing, ABI mismatch, ...
+            raise TranscribeError(f"the XDNA execution provider is not available ({one_line(e)}); "
+                                  "use --provider cpu") from None
+    if name not in ort.get_available_providers():
+        raise TranscribeError(f"execution provider {name!r} is not available in this onnxruntime "
+                              f"({', '.join(ort.get_available_providers())})")
+    return name
+
+
+def resolve_model_dir(model: str | os.PathLike, log: Callable[[str], None] = lambda m: None) -> Path:
+    """A directory holding the ONNX export: a given DIR as is, otherwise `ensure_model` (fetch + convert once)."""
+    p = Path(model)
+    if p.is_dir() and (p / FILES[0]).is_file():
+        return p
+    try:
+        from .model import ensure_model
+    except ImportError as e:
+        raise TranscribeError(f"model {model!r}: no export there and model fetching is unavailable ({e})") from None
+    try:
+        return Path(ensure_model(str(model), log=log))
+    except Exception as e:
+        raise TranscribeError(f"model {model!r} could not be prepared: {one_line(e)}") from None
+
+
+class Window:
+    """One encoded 30 s window: the encoder output and, once the decoder has seen it, the cross-attention K/V."""
+
+    def __init__(self, encoded, timings: dict):
+        self.encoded = encoded
+        self.cross: dict | None = None  # past_key_values.N.encoder.{key,value} -> OrtValue (batch 1)
+        self.timings = timings  # the transcription's own dict: concurrent transcriptions do not mix figures
+
+
+class DecoderState:
+    """Self-attention K/V of `batch` sequences (OrtValues as the session returned them) + the window's cross K/V."""
+
+    def __init__(self, window: Window, self_kv: dict, batch: int):
+        self.window, self.self_kv, self.batch = window, self_kv, batch
+
+
+class WhisperOnnx:
+    """Sessions, tokenizer and special tokens of one Whisper ONNX export."""
+
+    def __init__(self, model_dir: str | os.PathLike, provider: str = XDNA_EP, session_options=None):
+        import onnxruntime as ort
+        import tokenizers
+
+        self.model_dir = Path(model_dir)
+        missing = [f for f in FILES + ("tokenizer.json", "config.json") if not (self.model_dir / f).is_file()]
+        if missing:
+            raise TranscribeError(f"{self.model_dir}: not a Whisper ONNX export (missing {', '.join(missing)})")
+        self.provider = resolve_provider(provider)
+        providers = [self.provider] if self.provider == CPU_EP else [self.provider, CPU_EP]
+        if session_options is None and self.provider == XDNA_EP:
+            from .._placement import session_options as xdna_session_options
+
+            session_options = xdna_session_options()  # placement recorded, ORT's thread spinning off (see there)
+        t = time.perf_counter()
+        try:
+            self.encoder, self.decoder, self.decoder_with_past = (
+                ort.InferenceSession(str(self.model_dir / f), sess_options=session_options, providers=providers)
+                for f in FILES
+            )
+        except Exception as e:
+            raise TranscribeError(f"{self.model_dir}: ONNX Runtime could not load the model ({one_line(e)})") from None
+        self.load_seconds = time.perf_counter() - t
+
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        config = json.loads((self.model_dir / "config.json").read_text())
+        gen_path = self.model_dir / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        self.n_mels = int(config.get("num_mel_bins", 80))
+        self.mel_filters = mel_filter_bank(self.n_mels)
+        self.vocab_size = int(config["vocab_size"])
+
+        def token(text: str, default: int | None = None) -> int | None:
+            tid = self.tokenizer.token_to_id(text)
+            return default if tid is None else tid
+
+        eot = int(gen.get("eos_token_id", config.get("eos_token_id", token("<|endoftext|>"))))
+        sot = int(gen.get("decoder_start_token_id", config.get("decoder_start_token_id",
+                                                                 token("<|startoftranscript|>"))))
+        no_timestamps = int(gen.get("no_timestamps_token_id", token("<|notimestamps|>")))
+        languages = {k.strip("<|>"): int(v) for k, v in (gen.get("lang_to_id") or {}).items()}
+        multilingual = bool(gen.get("is_multilingual", self.vocab_size >= 51865)) and bool(languages)
+        task_to_id = {k: int(v) for k, v in (gen.get("task_to_id") or {}).items()}
+        blank = self.tokenizer.encode(" ", add_special_tokens=False).ids
+        begin_suppress = gen.get("begin_suppress_tokens") or config.get("begin_suppress_tokens") or []
+        self.tokens = SpecialTokens(
+            eot=eot, sot=sot,
+            sot_prev=int(gen.get("prev_sot_token_id", token("<|startofprev|>", sot + 103))),
+            sot_lm=token("<|startoflm|>"),
+            no_speech=token("<|nospeech|>", token("<|nocaptions|>", no_timestamps - 1)),
+            no_timestamps=no_timestamps,
+            transcribe=task_to_id.get("transcribe", token("<|transcribe|>")),
+            translate=task_to_id.get("translate", token("<|translate|>")),
+            blank=int(blank[0]) if len(blank) == 1 else int(next((t for t in begin_suppress if t != eot), 220)),
+            languages=languages if multilingual else {},
+            n_ctx=int(config.get("max_target_positions", 448)),
+        )
+        if self.tokens.timestamp_begin + N_TIMESTAMPS > self.vocab_size:
+            raise TranscribeError(f"{self.model_dir}: the vocabulary has no timestamp tokens after <|notimestamps|>")
+        self.model_suppress = [int(t) for t in (gen.get("suppress_tokens") or config.get("suppress_tokens") or [])]
+
+        self._dec_outputs = [o.name for o in self.decoder.get_outputs()]
+        self._past_outputs = [o.name for o in self.decoder_with_past.get_outputs()]
+        past_inputs = {i.name for i in self.decoder_with_past.get_inputs()}
+        # present.N.{decoder,encoder}.{key,value} -> past_key_values.N.…; the with-past graph only re-emits the
+        # self-attention (decoder) half, the cross-attention half stays what decoder_model produced.
+        self._as_past = {o: o.replace("present.", "past_key_values.", 1) for o in self._dec_outputs[1:]}
+        unknown = [p for p in self._as_past.values() if p not in past_inputs]
+        if unknown:
+            raise TranscribeError(f"{self.model_dir}: unexpected decoder inputs/outputs ({unknown[:2]}…); "
+                                  "export with task automatic-speech-recognition-with-past")
+        shape = next(i.shape for i in self.decoder_with_past.get_inputs() if i.name.endswith(".decoder.key"))
+        self._kv_heads, self._kv_dim = int(shape[1]), int(shape[3])
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.tokens.multilingual
+
+    @property
+    def lang_to_id(self) -> dict:
+        return self.tokens.languages
+
+    @staticmethod
+    def _time(timings: dict, key: str, t0: float, steps: int = 0) -> None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        if steps:
+            timings["decoder_steps"] = timings.get("decoder_steps", 0) + steps
+
+    # -- text --------------------------------------------------------------------------------------------------
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` as Whisper prompts take it (with a leading space, no special tokens)."""
+        return self.tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
+
+    def text(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t < self.tokens.eot], skip_special_tokens=True)
+
+    def language_of(self, token: int) -> str | None:
+        return next((code for code, tid in self.tokens.languages.items() if tid == token), None)
+
+    # -- the model ---------------------------------------------------------------------------------------------
+
+    def encode(self, mel: np.ndarray, timings: dict | None = None) -> Window:
+        """One window's encoder output; `timings` (a dict per transcription) collects the time spent on it."""
+        import onnxruntime as ort
+
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        out = self.encoder.run_with_ort_values(None, {"input_features": ort.OrtValue.ortvalue_from_numpy(mel)})[0]
+        self._time(timings, "encoder_s", t0)
+        return Window(out, timings)
+
+    def start(self, window: Window, prompt: Sequence[int]) -> tuple[np.ndarray, DecoderState]:
+        """The prompt through the decoder (batch 1): (logits (len, vocab), state). The first prompt of a window
+        also computes its cross-attention K/V; later ones reuse them through decoder_with_past."""
+        import onnxruntime as ort
+
+        t0 = time.perf_counter()
+        ids = ort.OrtValue.ortvalue_from_numpy(np.array([list(prompt)], dtype=np.int64))
+        if window.cross is None:
+            out = self.decoder.run_with_ort_values(self._dec_outputs, {"input_ids": ids,
+                                                                        "encoder_hidden_states": window.encoded})
+            past = {self._as_past[n]: v for n, v in zip(self._dec_outputs[1:], out[1:])}
+            window.cross = {k: v for k, v in past.items() if ".encoder." in k}
+            self_kv = {k: v for k, v in past.items() if ".decoder." in k}
+        else:
+            empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self._kv_heads, 0, self._kv_dim), np.float32))
+            feed = dict(window.cross)
+            for name in self._as_past.values():
+                if ".decoder." in name:
+                    feed[name] = empty
+            feed["input_ids"] = ids
+            out = self.decoder_with_past.run_with_ort_values(self._past_outputs, feed)
+            self_kv = {self._as_past[n]: v for n, v in zip(self._past_outputs[1:], out[1:])}
+        logits = out[0].numpy()[0]
+        self._time(window.timings, "decoder_prompt_s", t0)
+        return logits, DecoderState(window, self_kv, 1)
+
+    def step(self, state: DecoderState, tokens: np.ndarray, order: np.ndarray | None
+             ) -> tuple[np.ndarray, DecoderState]:
+        """One token per sequence through decoder_with_past, all sequences in one call. `order` picks, for each
+        new sequence, the row of the cache it continues (beam search); None keeps the rows as they are."""
+        import onnxruntime as ort
+
+        t0 = time.perf_counter()
+        self_kv = state.self_kv
+        if order is not None:
+            # Only the self-attention cache (batch x heads x tokens x 64, small) is gathered; the cross-attention
+            # K/V stay batch 1 and are broadcast by the attention MatMuls.
+            self_kv = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[order]))
+                       for k, v in self_kv.items()}
+        feed = dict(state.window.cross)
+        feed.update(self_kv)
+        feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))
+        out = self.decoder_with_past.run_with_ort_values(self._past_outputs, feed)
+        new_kv = {self._as_past[n]: v for n, v in zip(self._past_outputs[1:], out[1:])}
+        logits = out[0].numpy()[:, -1]
+        self._time(state.window.timings, "decoder_steps_s", t0, steps=1)
+        return logits, DecoderState(state.window, new_kv, len(tokens))
+
+
+_MODEL_CACHE: dict[tuple[str, str], WhisperOnnx] = {}
+
+
+def load_model(model: str | os.PathLike | WhisperOnnx = "base", provider: str = XDNA_EP,
+               log: Callable[[str], None] = lambda m: None) -> WhisperOnnx:
+    """A WhisperOnnx for a model name or directory, cached per process (sessions are expensive to create)."""
+    if not isinstance(model, (str, os.PathLike)):  # a loaded model (or anything with its methods, e.g. a test fake)
+        return model
+    model_dir = resolve_model_dir(model, log)
+    key = (str(model_dir.resolve()), provider)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = WhisperOnnx(model_dir, provider)
+    return _MODEL_CACHE[key]

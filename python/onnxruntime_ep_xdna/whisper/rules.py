@@ -1,0 +1,166 @@
+"""Token rules of Whisper decoding: special token ids, the prompt, suppression and OpenAI's timestamp rules.
+
+Pure functions on numpy logits (one row per sequence), tested without a model. What they implement is OpenAI's
+`SuppressBlank`, `SuppressTokens` and `ApplyTimestampRules` logit filters (decoding.py), which transformers'
+WhisperTimeStampLogitsProcessor and CTranslate2 also follow.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .features import TIME_PRECISION
+
+# The language token is unknown until detected: `build_prompt` leaves this placeholder.
+LANGUAGE_PLACEHOLDER = -1
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Control token ids of one Whisper vocabulary (they differ between English-only and multilingual models)."""
+
+    eot: int
+    sot: int
+    sot_prev: int
+    sot_lm: int | None
+    no_speech: int
+    no_timestamps: int
+    transcribe: int | None
+    translate: int | None
+    blank: int  # the " " token (OpenAI's SuppressBlank)
+    languages: dict  # code -> token id; empty for English-only models
+    n_ctx: int  # decoder positions (448)
+
+    @property
+    def timestamp_begin(self) -> int:
+        return self.no_timestamps + 1
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.languages)
+
+
+def build_prompt(tokens: SpecialTokens, language: str | None, task: str, *, without_timestamps: bool,
+                 previous: Sequence[int] = (), hotwords: Sequence[int] = (), prefix: Sequence[int] = ()
+                 ) -> tuple[list[int], int]:
+    """faster-whisper's get_prompt: ([<|startofprev|> hotwords previous] <|startoftranscript|> [<|lang|> <|task|>]
+    [<|notimestamps|>] [<|0.00|> prefix], index where sampling begins). `previous` is cut to its last
+    n_ctx//2 - 1 tokens as OpenAI does; hotwords are left out when there is a prefix (faster-whisper)."""
+    half = tokens.n_ctx // 2 - 1
+    out: list[int] = []
+    hot = list(hotwords)[:half] if hotwords and not prefix else []
+    if previous or hot:
+        out.append(tokens.sot_prev)
+        out += hot
+        if previous:
+            out += list(previous)[-half:]
+    out.append(tokens.sot)
+    if tokens.multilingual:
+        out.append(tokens.languages[language] if language else LANGUAGE_PLACEHOLDER)
+        out.append(tokens.translate if task == "translate" else tokens.transcribe)
+    if without_timestamps:
+        out.append(tokens.no_timestamps)
+    sample_begin = len(out)
+    if prefix:
+        if not without_timestamps:
+            out.append(tokens.timestamp_begin)  # the prefix is the start of a first segment at 0.00
+        out += list(prefix)[:half]
+    return out, sample_begin
+
+
+def suppress_list(tokens: SpecialTokens, suppress: Sequence[int], model_suppress: Sequence[int]) -> np.ndarray:
+    """OpenAI's _get_suppress_tokens: the given ids, -1 meaning the model's non-speech set, plus the control
+    tokens that must never be generated."""
+    ids = [t for t in suppress if t >= 0]
+    if -1 in suppress:
+        ids += list(model_suppress)
+    ids += [t for t in (tokens.transcribe, tokens.translate, tokens.sot, tokens.sot_prev, tokens.sot_lm,
+                        tokens.no_speech) if t is not None]
+    return np.array(sorted(set(ids)), dtype=np.int64)
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(x.max())
+    if m == -np.inf:
+        return -np.inf
+    return m + math.log(float(np.exp(x - m).sum()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32 (rows of -inf stay -inf)."""
+    m = logits.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    shifted = logits - m
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, no_timestamps: int,
+                          max_initial: int | None) -> None:
+    """In place, one row: OpenAI's ApplyTimestampRules for the tokens sampled so far in this window.
+
+    Timestamps come in pairs (end of one segment, start of the next) except right before <|endoftext|>; they never
+    decrease and a segment has non-zero length; the window starts with a timestamp <= `max_initial` (index); and
+    when the timestamps together are more probable than the best text token, a timestamp is forced.
+    """
+    logits[no_timestamps] = -np.inf
+    last_ts = len(sampled) >= 1 and sampled[-1] >= ts_begin
+    penultimate_ts = len(sampled) < 2 or sampled[-2] >= ts_begin
+    if last_ts:
+        if penultimate_ts:
+            logits[ts_begin:] = -np.inf
+        else:
+            logits[:eot] = -np.inf
+    stamps = [t for t in sampled if t >= ts_begin]
+    if stamps:
+        floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
+        logits[ts_begin:floor] = -np.inf
+    if not sampled:
+        logits[:ts_begin] = -np.inf
+        if max_initial is not None:
+            logits[ts_begin + max_initial + 1:] = -np.inf
+    logprobs = logits - _logsumexp(logits)
+    text_best = float(logprobs[:ts_begin].max())
+    if _logsumexp(logprobs[ts_begin:]) > text_best:
+        logits[:ts_begin] = -np.inf
+
+
+@dataclass(frozen=True)
+class LogitRules:
+    """The filters of one decoding run, applied row by row to the next-token logits."""
+
+    suppress: np.ndarray  # ids never generated
+    begin_suppress: np.ndarray  # ids not generated as the first token (blank, <|endoftext|>)
+    timestamps: bool
+    ts_begin: int
+    eot: int
+    no_timestamps: int
+    max_initial: int | None  # index of the latest first timestamp
+
+    @staticmethod
+    def make(tokens: SpecialTokens, suppress: np.ndarray, *, suppress_blank: bool, without_timestamps: bool,
+             max_initial_timestamp: float | None) -> "LogitRules":
+        begin = np.array([tokens.blank, tokens.eot], dtype=np.int64) if suppress_blank else np.zeros(0, np.int64)
+        max_initial = None if max_initial_timestamp is None else int(round(max_initial_timestamp / TIME_PRECISION))
+        return LogitRules(suppress, begin, not without_timestamps, tokens.timestamp_begin, tokens.eot,
+                          tokens.no_timestamps, max_initial)
+
+    def apply(self, logits: np.ndarray, sampled: Sequence[int], n_generated: int) -> None:
+        """In place on one row. `sampled`: this window's tokens so far (prefix included, as the timestamp rules
+        must see it); `n_generated`: how many of them were generated (0 = the first generated token)."""
+        if n_generated == 0 and self.begin_suppress.size:
+            logits[self.begin_suppress] = -np.inf
+        if self.suppress.size:
+            logits[self.suppress] = -np.inf
+        if self.timestamps:
+            apply_timestamp_rules(logits, sampled, self.ts_begin, self.eot, self.no_timestamps, self.max_initial)
+
+
+def compression_ratio(text: str) -> float:
+    """len(utf-8) / len(zlib-compressed): the references' repetition measure (2.4 and above = a loop)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0

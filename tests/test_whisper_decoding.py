@@ -1,0 +1,355 @@
+"""Whisper decoding logic without a neural network: token rules, the temperature fallback, the no-speech rule and the
+long-form seek loop, driven by a scripted fake model whose next-token logits are chosen by the test.
+
+The ONNX-backed tests (beam search against a brute-force reference on a tiny exported Whisper, features against
+OpenAI's own code) are in test_whisper.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxruntime_ep_xdna.whisper import features as F
+from onnxruntime_ep_xdna.whisper import rules as R
+from onnxruntime_ep_xdna.whisper import search as S
+from onnxruntime_ep_xdna.whisper.options import OptionsError, TranscriptionOptions
+from onnxruntime_ep_xdna.whisper.transcribe import split_segments, transcribe, transcribe_all
+
+SR = F.SAMPLE_RATE
+N_TEXT = 400  # text tokens 0..399 of the fake vocabulary
+TOKENS = R.SpecialTokens(eot=400, sot=401, sot_prev=402, sot_lm=403, no_speech=404, no_timestamps=405,
+                         transcribe=None, translate=None, blank=399, languages={}, n_ctx=448)
+TS = TOKENS.timestamp_begin
+VOCAB = TS + F.N_TIMESTAMPS
+
+
+class FakeWindow:
+    def __init__(self, seek):
+        self.seek = seek
+
+
+class FakeModel:
+    """The DecoderModel interface over a Python function `script(window, generated tokens) -> logits row`.
+
+    The state is the list of token sequences per batch row, reordered like the real cache; every `step` call is
+    recorded with its batch size so tests can check that beams run as one batch."""
+
+    n_mels = 80
+
+    def __init__(self, script, full_mel=None):
+        self.script, self.full_mel = script, full_mel
+        self.tokens = TOKENS
+        self.mel_filters = F.mel_filter_bank(80)
+        self.is_multilingual = False
+        self.lang_to_id = {}
+        self.model_suppress = []
+        self.windows = []  # seeks of the windows decoded
+        self.step_batches = []
+        self.no_speech_logit = -10.0
+
+    def encode(self, mel, timings=None):
+        seek = 0
+        if self.full_mel is not None:  # which part of the file is this window? (noise audio: every frame unique)
+            k = min(50, self.full_mel.shape[1])
+            block = mel[0, :, :k]
+            seek = next(s for s in range(self.full_mel.shape[1])
+                        if np.allclose(self.full_mel[:, s:s + k], block[:, :self.full_mel[:, s:s + k].shape[1]],
+                                       atol=1e-6))
+        self.windows.append(seek)
+        return FakeWindow(seek)
+
+    def _row(self, window, seq):
+        return np.asarray(self.script(window, seq), np.float32)
+
+    def start(self, window, prompt):
+        rows = np.zeros((len(prompt), VOCAB), np.float32)
+        rows[:, TOKENS.no_speech] = self.no_speech_logit
+        rows[-1] = self._row(window, [])
+        return rows, (window, [[]])
+
+    def step(self, state, tokens, order):
+        window, seqs = state
+        if order is not None:
+            seqs = [list(seqs[i]) for i in order]
+        seqs = [s + [int(t)] for s, t in zip(seqs, tokens)]
+        self.step_batches.append(len(seqs))
+        return np.stack([self._row(window, s) for s in seqs]), (window, seqs)
+
+    def text(self, tokens):
+        return "".join(f" w{t}" for t in tokens if t < N_TEXT)
+
+    def encode_text(self, text):
+        return [int(w[1:]) for w in text.split()]
+
+
+def no_timestamps_rules(**kw):
+    return R.LogitRules.make(TOKENS, np.zeros(0, np.int64), suppress_blank=False, without_timestamps=True,
+                             max_initial_timestamp=1.0, **kw)
+
+
+# ---- token rules ------------------------------------------------------------------------------------------------
+
+
+def test_timestamp_rules_pair_and_never_go_back():
+    logits = np.zeros(VOCAB, np.float32)
+    R.apply_timestamp_rules(logits, [], TS, TOKENS.eot, TOKENS.no_timestamps, 50)
+    assert np.isneginf(logits[:TS]).all() and np.isneginf(logits[TS + 51:]).all() and np.isfinite(logits[TS:TS + 51]).all()
+    logits = np.zeros(VOCAB, np.float32)
+    R.apply_timestamp_rules(logits, [TS + 10, 5], TS, TOKENS.eot, TOKENS.no_timestamps, 50)
+    # After text, a timestamp must be later than the last one (segments have non-zero length).
+    assert np.isneginf(logits[TS:TS + 11]).all() and np.isfinite(logits[TS + 11:]).all()
+    logits = np.zeros(VOCAB, np.float32)
+    logits[TOKENS.eot] = 10.0  # (with flat logits the 1501 timestamps together would outweigh it and be forced)
+    R.apply_timestamp_rules(logits, [TS + 10, 5, TS + 20], TS, TOKENS.eot, TOKENS.no_timestamps, 50)
+    # A lone closing timestamp: the next token is its pair (>= it) or <|endoftext|>, never text.
+    assert np.isneginf(logits[:TOKENS.eot]).all() and np.isfinite(logits[TOKENS.eot])
+    assert np.isneginf(logits[TS:TS + 20]).all() and np.isfinite(logits[TS + 20])
+
+
+def test_prompt_layout_matches_faster_whisper():
+    ml = R.SpecialTokens(eot=400, sot=401, sot_prev=402, sot_lm=403, no_speech=404, no_timestamps=405,
+                         transcribe=406, translate=407, blank=399, languages={"en": 410, "de": 411}, n_ctx=448)
+    prompt, begin = R.build_prompt(ml, "de", "translate", without_timestamps=False, previous=list(range(300)),
+                                   hotwords=[7, 8], prefix=[])
+    assert prompt[:3] == [402, 7, 8] and prompt[3:3 + 223] == list(range(300))[-223:]
+    assert prompt[-3:] == [401, 411, 407] and begin == len(prompt)
+    prompt, begin = R.build_prompt(ml, None, "transcribe", without_timestamps=False, hotwords=[7], prefix=[5, 6])
+    # hotwords are dropped with a prefix; the prefix opens a segment at 0.00 and is part of the sampled tokens
+    assert prompt == [401, R.LANGUAGE_PLACEHOLDER, 406, ml.timestamp_begin, 5, 6] and begin == 3
+
+
+def test_split_segments_follows_timestamp_pairs():
+    tokens = [TS + 0, 1, 2, TS + 50, TS + 50, 3, TS + 100]  # <0.00> a b <1.00><1.00> c <2.00>
+    spans, advance = split_segments(tokens, TS)
+    assert [(s, e, [t for t in span if t < TS]) for s, e, span in spans] == [(0, 50, [1, 2]), (50, 100, [3])]
+    assert advance is None  # single ending timestamp: the whole window is done
+    # Speech runs past the last timestamp (or decoding stopped): the unfinished segment is dropped and the next
+    # window starts where the last complete one ended (OpenAI's seek): <2.00> = 200 mel frames.
+    spans, advance = split_segments(tokens + [TS + 100, 4, 5], TS)
+    assert [s for s, _, _ in spans] == [0, 50] and advance == 200
+
+
+def test_compression_ratio_flags_loops():
+    assert R.compression_ratio(" the" * 60) > 2.4
+    assert R.compression_ratio("And Mr. John Dashwood had then leisure to consider how much there might be") < 2.4
+
+
+def test_options_are_validated():
+    assert TranscriptionOptions().beam_size == 5 and TranscriptionOptions().temperature[-1] == 1.0
+    assert TranscriptionOptions(temperature=0).temperature == (0.0,)
+    for bad in ({"beam_size": 0}, {"temperature": (-1,)}, {"task": "summarise"}, {"patience": 0},
+                {"length_penalty": 3.0}, {"no_speech_threshold": float("nan")}):
+        with pytest.raises(OptionsError):
+            TranscriptionOptions(**bad)
+    with pytest.raises(OptionsError, match="unknown option"):
+        TranscriptionOptions.from_kwargs(beams=3)
+
+
+# ---- search -----------------------------------------------------------------------------------------------------
+
+
+def test_beams_run_as_one_batch_and_follow_the_reorder():
+    """A script whose best path needs a beam that was not first: beam search finds it, greedy does not, and each
+    step is one call with batch = beam_size."""
+    def script(window, seq):
+        row = np.full(VOCAB, -30.0, np.float32)
+        if not seq:
+            row[[1, 2]] = [0.0, -0.1]  # greedy takes 1 ...
+        elif seq == [1]:
+            row[[3, 4]] = [-3.0, -3.0]  # ... and is then stuck with two bad options
+        elif seq == [2]:
+            row[5] = 0.0  # ... while 2 leads on with certainty
+        else:
+            row[TOKENS.eot] = 0.0
+        return row
+
+    opt = TranscriptionOptions(beam_size=3, temperature=0)
+    model = FakeModel(script)
+    rules = no_timestamps_rules()
+    best = S.decode_window(model, FakeWindow(0), [TOKENS.sot], 1, rules, opt, 0.0, np.random.default_rng(0))
+    assert best.tokens == [2, 5]
+    assert set(model.step_batches) == {3}
+    greedy = S.decode_window(FakeModel(script), FakeWindow(0), [TOKENS.sot], 1, rules,
+                             TranscriptionOptions(beam_size=1), 0.0, np.random.default_rng(0))
+    assert greedy.tokens[0] == 1
+
+
+def test_fallback_triggers_on_a_repetitive_window():
+    """Greedy decoding of this window loops on one word (compression ratio far above 2.4); the fallback must
+    decode it again at the next temperature, where sampling breaks the loop, and return that result."""
+    def script(window, seq):
+        row = np.full(VOCAB, -30.0, np.float32)
+        row[:50] = 1.9
+        row[7] = 2.0  # argmax: "w7 w7 w7 ..."
+        if len(seq) >= 60:
+            row[TOKENS.eot] = 40.0
+        return row
+
+    opt = TranscriptionOptions(beam_size=1, best_of=3, without_timestamps=True, log_prob_threshold=None)
+    model = FakeModel(script)
+    at_zero = S.decode_window(model, FakeWindow(0), [TOKENS.sot], 1, no_timestamps_rules(), opt, 0.0,
+                              np.random.default_rng(0))
+    assert at_zero.tokens == [7] * 60 and at_zero.compression_ratio > 2.4
+    result = S.decode_with_fallback(FakeModel(script), FakeWindow(0), [TOKENS.sot], 1, no_timestamps_rules(), opt,
+                                    np.random.default_rng(0))
+    assert result.attempts >= 2 and result.temperature == pytest.approx(opt.temperature[result.attempts - 1])
+    assert result.temperature > 0 and result.compression_ratio <= 2.4
+    assert len(set(result.tokens)) > 10  # sampled text, not the loop
+    # Without a schedule there is nothing to fall back to: the loop is returned as decoded.
+    single = S.decode_with_fallback(FakeModel(script), FakeWindow(0), [TOKENS.sot], 1, no_timestamps_rules(),
+                                    TranscriptionOptions(beam_size=1, temperature=0), np.random.default_rng(0))
+    assert single.attempts == 1 and single.tokens == [7] * 60
+
+
+def test_no_speech_window_is_skipped_without_fallback():
+    def script(window, seq):
+        row = np.full(VOCAB, -3.0, np.float32)  # every token unlikely: avg log-prob far below -1
+        if len(seq) >= 3:
+            row[TOKENS.eot] = -2.9
+        return row
+
+    model = FakeModel(script)
+    model.no_speech_logit = 30.0  # P(no speech) ~ 1
+    audio = np.random.default_rng(0).standard_normal(SR * 5).astype(np.float32) * 0.1
+    segments, info = transcribe(audio, model, beam_size=1, without_timestamps=True)
+    assert list(segments) == [] and info.timings["fallbacks"] == 0 and model.windows == [0]
+
+
+# ---- long form ---------------------------------------------------------------------------------------------------
+
+
+def scripted_speech(duration, seed=0):
+    """Words (token id, start, end) every ~0.5 s in groups of three (a "sentence"), on the 20 ms timestamp grid."""
+    words, t, tok = [], 0.4, 0
+    rng = np.random.default_rng(seed)
+    while t + 1.6 < duration:
+        for _ in range(3):
+            words.append((tok, round(t, 2), round(t + 0.4, 2)))
+            tok, t = tok + 1, t + 0.5
+        t += 0.2 + 0.02 * int(rng.integers(0, 10))
+    return [(w, round(s / 0.02) * 0.02, round(e / 0.02) * 0.02) for w, s, e in words]
+
+
+def window_script(words, content_s):
+    """What a perfect Whisper would emit for the window at `seek`: <start> w w w <end> per sentence that starts in
+    the window; a sentence running past the window's end is emitted unfinished (no closing timestamp)."""
+    def tokens_for(window):
+        t0 = window.seek / F.FRAMES_PER_SECOND
+        t1 = min(t0 + 30.0, content_s)
+        out = []
+        sentences = [words[i:i + 3] for i in range(0, len(words), 3)]
+        for sent in sentences:
+            start, end = sent[0][1], sent[-1][2]
+            if start < t0 - 1e-9 or start >= t1:
+                continue
+            out.append(TS + round((start - t0) / 0.02))
+            out += [w for w, s, e in sent if e <= t1 + 1e-9]
+            if end > t1 + 1e-9:
+                return out  # unfinished: speech runs on past the window
+            out.append(TS + round((end - t0) / 0.02))
+        return out
+
+    def script(window, seq):
+        row = np.zeros(VOCAB, np.float32)
+        target = tokens_for(window)
+        nxt = target[len(seq)] if len(seq) < len(target) else TOKENS.eot
+        row[nxt] = 20.0
+        return row
+
+    return script
+
+
+def test_long_clip_cut_by_the_token_limit_loses_no_words():
+    """70 s of "speech" whose windows are cut by a 16-token limit mid-sentence: every word must come out exactly
+    once, in order, and every window must start where the previous one's last complete segment ended (OpenAI's
+    seek), never 30 s later."""
+    duration = 70.0
+    audio = np.random.default_rng(1).standard_normal(int(SR * duration)).astype(np.float32) * 0.1
+    words = scripted_speech(duration)
+    full = F.log_mel_spectrogram(audio)
+    model = FakeModel(window_script(words, duration), full_mel=full)
+    result = transcribe_all(audio, model, beam_size=5, sample_len=16, condition_on_previous_text=True)
+    got = [int(w[1:]) for w in result.text.split()]
+    assert got == [w for w, _, _ in words]
+    assert len(model.windows) > 6  # the limit cut many windows (70 s would be 3 windows otherwise)
+    # Each window starts at the end of the previous window's last complete segment.
+    ends = {round(s.end * F.FRAMES_PER_SECOND) for s in result.segments}
+    assert all(seek in ends for seek in model.windows[1:]), (model.windows, sorted(ends))
+    starts = [s.start for s in result.segments]
+    assert starts == sorted(starts) and all(0 <= s.start < s.end <= duration for s in result.segments)
+
+
+def test_long_clip_without_cuts_takes_whole_windows_when_sentences_end():
+    duration = 65.0
+    audio = np.random.default_rng(2).standard_normal(int(SR * duration)).astype(np.float32) * 0.1
+    words = scripted_speech(duration, seed=3)
+    model = FakeModel(window_script(words, duration), full_mel=F.log_mel_spectrogram(audio))
+    result = transcribe_all(audio, model, beam_size=1)
+    assert [int(w[1:]) for w in result.text.split()] == [w for w, _, _ in words]
+    assert len(model.windows) <= 4
+
+
+def test_prompt_holds_only_committed_text():
+    """The unfinished segment of a window is not in the next window's prompt (it is decoded again there)."""
+    duration = 40.0
+    audio = np.random.default_rng(4).standard_normal(int(SR * duration)).astype(np.float32) * 0.1
+    words = scripted_speech(duration, seed=5)
+    base = window_script(words, duration)
+    prompts = []
+
+    class Recording(FakeModel):
+        def start(self, window, prompt):
+            prompts.append((window.seek, list(prompt)))
+            return super().start(window, prompt)
+
+    model = Recording(base, full_mel=F.log_mel_spectrogram(audio))
+    result = transcribe_all(audio, model, beam_size=1, sample_len=12)
+    committed = [t for s in result.segments for t in s.tokens]
+    for seek, prompt in prompts[1:]:
+        assert prompt[0] == TOKENS.sot_prev
+        previous = prompt[1:prompt.index(TOKENS.sot)]
+        assert previous == committed[:len(previous)]  # a prefix of what was committed, nothing decoded later
+        text_in_prompt = [t for t in previous if t < N_TEXT]
+        seek_s = seek / F.FRAMES_PER_SECOND
+        assert all(next(s for w, s, e in words if w == t) < seek_s for t in text_in_prompt)
+
+
+def test_digital_silence_is_skipped_but_quiet_audio_is_decoded():
+    calls = []
+
+    def script(window, seq):
+        calls.append(window.seek)
+        row = np.zeros(VOCAB, np.float32)
+        row[TOKENS.eot if seq else 3] = 20.0
+        return row
+
+    quiet = np.random.default_rng(0).standard_normal(SR * 40).astype(np.float32) * 1e-3  # about -60 dBFS
+    quiet[: SR * 30 + 400] = 0.0  # the first window (and the STFT frames at its edge) is digital silence
+    model = FakeModel(script, full_mel=F.log_mel_spectrogram(quiet))
+    result = transcribe_all(quiet, model, beam_size=1, without_timestamps=True)
+    assert model.windows == [3000] and result.text == "w3"
+
+
+def test_initial_prompt_prefix_and_hotwords_reach_the_prompt():
+    prompts = []
+
+    def script(window, seq):
+        row = np.zeros(VOCAB, np.float32)
+        row[TOKENS.eot if len(seq) >= 4 else 9] = 20.0
+        return row
+
+    class Recording(FakeModel):
+        def start(self, window, prompt):
+            prompts.append(list(prompt))
+            return super().start(window, prompt)
+
+    audio = np.random.default_rng(6).standard_normal(SR * 3).astype(np.float32) * 0.1
+    result = transcribe_all(audio, Recording(script), beam_size=2, without_timestamps=True,
+                            initial_prompt="w11 w12", prefix="w5 w6")
+    # prefix: the window's transcript starts with it; hotwords are dropped when a prefix is given (faster-whisper)
+    assert prompts[0] == [TOKENS.sot_prev, 11, 12, TOKENS.sot, TOKENS.no_timestamps, 5, 6]
+    assert result.text.split()[:2] == ["w5", "w6"]
+    prompts.clear()
+    transcribe_all(audio, Recording(script), beam_size=1, without_timestamps=True, hotwords="w20")
+    assert prompts[0] == [TOKENS.sot_prev, 20, TOKENS.sot, TOKENS.no_timestamps]
