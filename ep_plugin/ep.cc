@@ -6,10 +6,11 @@
 #include <mutex>
 #include <sstream>
 
-#include "compute.h"
-#include "json.h"
 #include "graph_passes/fusion_groups.h"
-#include "graph_passes/op_registry.h"
+#include "json.h"
+#include "kernels/packing.h"
+#include "node_kernel.h"
+#include "ops/op.h"
 
 namespace xdna::ep {
 namespace {
@@ -43,10 +44,39 @@ void append_report(const std::string& path, const std::string& line) {
   std::ofstream(path, std::ios::app) << line << "\n";
 }
 
+int64_t element_count(const std::vector<int64_t>& dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) n *= d;
+  return n;
+}
+
+// Pack: the constants a claimed node's plan names, read from the graph and packed (kernels/packing.h). Only
+// Compile calls this: the claim rule never reads weight data.
+kernels::PackedWeights load_constants(const OrtApi& ort, const OrtNode* node, ops::OpPlan* plan) {
+  const ops::NodeIo io = ops::node_io(ort, node);
+  kernels::PackedWeights weights;
+  if (!plan->weight_shape.empty()) {
+    std::vector<int64_t> shape;
+    const std::vector<float> data = ops::read_constant(ort, io.inputs.at(1), &shape);
+    if (element_count(shape) != element_count(plan->weight_shape))
+      throw OrtError(ORT_EP_FAIL, "Compile: node '" + plan->node_name + "': weight differs from the claimed one");
+    weights = kernels::pack_weights(data.data(), plan->weight_shape, plan->weight_transposed);
+  }
+  if (plan->c.present && plan->c.constant) {
+    std::vector<int64_t> shape;
+    plan->c_value = ops::read_constant(ort, io.inputs.at(2), &shape);
+    plan->c.dims = shape;
+    plan->c.rank = static_cast<int>(shape.size());
+    if (plan->op == ops::OpPlan::Op::kConv && static_cast<int64_t>(plan->c_value.size()) != plan->conv.out_channels)
+      throw OrtError(ORT_EP_FAIL, "Compile: node '" + plan->node_name + "': bias differs from the claimed one");
+  }
+  return weights;
+}
+
 }  // namespace
 
-XdnaEp::XdnaEp(ApiPtrs api, EpOptions options, std::shared_ptr<kernels::Backend> backend, const OrtLogger* logger)
-    : api_(api), options_(std::move(options)), backend_(std::move(backend)),
+XdnaEp::XdnaEp(ApiPtrs api, EpOptions options, Backends backends, const OrtLogger* logger)
+    : api_(api), options_(std::move(options)), backends_(std::move(backends)),
       log_(api.ort, logger, options_.log_level) {
   std::memset(static_cast<OrtEp*>(this), 0, sizeof(OrtEp));  // optional members stay nullptr
   ort_version_supported = ORT_API_VERSION;
@@ -54,7 +84,8 @@ XdnaEp::XdnaEp(ApiPtrs api, EpOptions options, std::shared_ptr<kernels::Backend>
   GetCapability = GetCapabilityImpl;
   Compile = CompileImpl;
   ReleaseNodeComputeInfos = ReleaseNodeComputeInfosImpl;
-  log_(ORT_LOGGING_LEVEL_INFO, "backend: " + backend_->name() + " (" + backend_->device_description() + ")");
+  log_(ORT_LOGGING_LEVEL_INFO, "backend: " + backends_.primary->name() + " (" + backends_.primary->device_description() +
+                                   "), CPU fallback: " + backends_.cpu->name());
 }
 
 XdnaEp::~XdnaEp() = default;
@@ -106,7 +137,7 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
   fusion.ort_version_supported = ORT_API_VERSION;
   fusion.drop_constant_initializers = true;  // ORT frees the fp32 weights; we keep only the packed bf16 copy
 
-  const graph::GraphIndex index = graph::GraphIndex::of(ort, graph);
+  const ops::GraphIndex index = ops::GraphIndex::of(ort, graph);
   size_t considered = 0;
   std::vector<graph::ClaimedUnit> claimed;
   for (const OrtNode* node : nodes) {
@@ -114,9 +145,9 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     const char* domain = nullptr;
     check(ort, ort.Node_GetOperatorType(node, &op_type));
     check(ort, ort.Node_GetDomain(node, &domain));
-    if (!graph::is_gemm_family(domain, op_type)) continue;
+    if (!ops::find_op(domain, op_type)) continue;
     ++considered;
-    graph::Analysis a = graph::analyze_node(ort, node, /*load_weights=*/false, &index);
+    ops::Claim a = ops::claim_node(ort, node, index);
     if (a.ok && a.plan.mflop < options_.min_mflop) {
       a.ok = false;
       a.reason = "below min_mflop (" + std::to_string(a.plan.mflop) + " MFLOP)";
@@ -145,7 +176,7 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
   check(ort, ort.Graph_GetNumNodes(graph, &n));
   std::vector<const OrtNode*> group(n);  // topological order
   if (n) check(ort, ort.Graph_GetNodes(graph, group.data(), n));
-  const graph::GraphIndex index = graph::GraphIndex::of(ort, graph);
+  const ops::GraphIndex index = ops::GraphIndex::of(ort, graph);
   std::function<void(const std::string&)> report_fn;
   if (!options_.partition_report.empty())
     report_fn = [path = options_.partition_report](const std::string& line) { append_report(path, line); };
@@ -157,11 +188,13 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
     const char* domain = nullptr;
     check(ort, ort.Node_GetOperatorType(g, &op_type));
     check(ort, ort.Node_GetDomain(g, &domain));
-    if (!graph::is_gemm_family(domain, op_type)) continue;
-    graph::Analysis a = graph::analyze_node(ort, g, /*load_weights=*/true, &index);
+    if (!ops::find_op(domain, op_type)) continue;
+    ops::Claim a = ops::claim_node(ort, g, index);  // the claim rule GetCapability used
     if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);
     covered += 1 + a.fused_producers.size();
-    kernels.push_back(std::make_unique<NodeKernel>(std::move(a.plan), backend_, options_.threads, log_, report_fn));
+    kernels::PackedWeights weights = load_constants(ort, g, &a.plan);
+    kernels.push_back(std::make_unique<NodeKernel>(std::move(a.plan), std::move(weights), backends_.primary,
+                                                   backends_.cpu, log_, report_fn));
   }
   if (kernels.empty() || covered != n)
     throw OrtError(ORT_EP_FAIL, "Compile: fused group of " + std::to_string(n) + " nodes, of which " +

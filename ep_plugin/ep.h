@@ -1,4 +1,5 @@
-// The OrtEp: GetCapability (claim through the registry) and Compile (plan + packed weights -> NodeKernel).
+// The OrtEp: GetCapability (claim: each node's op module, ops/) and Compile (the same claim, the constants packed
+// (kernels/packing.h), one NodeKernel per node in a FusedKernel per fused node).
 #pragma once
 
 #include <memory>
@@ -13,7 +14,11 @@ namespace xdna::ep {
 
 class XdnaEp : public OrtEp {
  public:
-  XdnaEp(ApiPtrs api, EpOptions options, std::shared_ptr<kernels::Backend> backend, const OrtLogger* logger);
+  // The backends every node of this EP's sessions uses: the session's choice and the CPU fallback (the emulator).
+  struct Backends {
+    std::shared_ptr<kernels::Backend> primary, cpu;
+  };
+  XdnaEp(ApiPtrs api, EpOptions options, Backends backends, const OrtLogger* logger);
   ~XdnaEp();
 
  private:
@@ -32,7 +37,7 @@ class XdnaEp : public OrtEp {
 
   ApiPtrs api_;
   EpOptions options_;
-  std::shared_ptr<kernels::Backend> backend_;
+  Backends backends_;
   Log log_;
 };
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "ep.h"
+#include "kernels/emulator/emulator.h"
 
 namespace xdna::ep {
 namespace {
@@ -43,19 +44,23 @@ const char* ORT_API_CALL XdnaEpFactory::GetVendorImpl(const OrtEpFactory*) noexc
 uint32_t ORT_API_CALL XdnaEpFactory::GetVendorIdImpl(const OrtEpFactory*) noexcept { return kAmdVendorId; }
 const char* ORT_API_CALL XdnaEpFactory::GetVersionImpl(const OrtEpFactory*) noexcept { return kEpVersion; }
 
-std::shared_ptr<kernels::Backend> XdnaEpFactory::backend_for(const EpOptions& o, std::string* why) {
+XdnaEp::Backends XdnaEpFactory::backends_for(const EpOptions& o, std::string* why) {
   kernels::BackendConfig cfg;
+  cfg.with_environment();
   cfg.kind = o.backend;
   cfg.kernel_dir = o.kernel_dir;
   cfg.plugin_dir = plugin_dir();
   cfg.threads = o.threads;
   cfg.fault_inject = o.fault_inject;
-  const std::string key = cfg.kind + "|" + cfg.kernel_dir + "|" + std::to_string(cfg.threads) + "|" + cfg.fault_inject;
+  const std::string key = cfg.cache_key();
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = backends_.find(key);
   if (it == backends_.end()) {
     std::string reason;
-    it = backends_.emplace(key, std::shared_ptr<kernels::Backend>(kernels::make_backend(cfg, &reason))).first;
+    XdnaEp::Backends b;
+    b.primary = std::shared_ptr<kernels::Backend>(kernels::make_backend(cfg, &reason));
+    b.cpu = std::shared_ptr<kernels::Backend>(kernels::make_emulator_backend(cfg.threads));
+    it = backends_.emplace(key, std::move(b)).first;
     backend_why_[key] = reason;
   }
   if (why) *why = backend_why_[key];
@@ -81,7 +86,7 @@ OrtStatus* ORT_API_CALL XdnaEpFactory::GetSupportedDevicesImpl(OrtEpFactory* sel
     if (!chosen || max_ep_devices == 0) return;
 
     std::string why;
-    auto backend = f->backend_for(EpOptions{}, &why);
+    auto backend = f->backends_for(EpOptions{}, &why).primary;
     OrtKeyValuePairs* meta = nullptr;
     f->ort_.CreateKeyValuePairs(&meta);
     f->ort_.AddKeyValuePair(meta, "backend", backend->name().c_str());
@@ -105,13 +110,13 @@ OrtStatus* ORT_API_CALL XdnaEpFactory::CreateEpImpl(OrtEpFactory* self, const Or
   return guard(f->ort_, [&] {
     EpOptions options = parse_options(f->ort_, session_options);  // session_options are only valid here
     std::string why;
-    auto backend = f->backend_for(options, &why);
-    if (options.ort_threads_spin && backend->name() != "xrt")
+    auto backends = f->backends_for(options, &why);
+    if (options.ort_threads_spin && backends.primary->name() != "xrt")
       Log(f->ort_, logger ? logger : f->default_logger_, options.log_level)(
           ORT_LOGGING_LEVEL_INFO,
           "ORT intra-op spinning is on: its idle threads hold cores that the CPU-path GEMMs could use; "
           "session.intra_op.allow_spinning=0 (onnxruntime_ep_xdna.session_options() sets it) is faster");
-    *ep = new XdnaEp(ApiPtrs{f->ort_, f->ep_api_}, std::move(options), std::move(backend),
+    *ep = new XdnaEp(ApiPtrs{f->ort_, f->ep_api_}, std::move(options), std::move(backends),
                      logger ? logger : f->default_logger_);
   });
 }

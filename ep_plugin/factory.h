@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 
+#include "ep.h"
 #include "kernels/backend.h"
 #include "options.h"
 #include "ort_api.h"
@@ -42,13 +43,14 @@ class XdnaEpFactory : public OrtEpFactory {
                                                                OrtSyncStreamImpl** stream) noexcept;
 
   // One backend per configuration, shared by all sessions (Phoenix has at most 6 hardware contexts).
-  std::shared_ptr<kernels::Backend> backend_for(const EpOptions& o, std::string* why);
+  // Keyed by BackendConfig::cache_key(): options and XDNA_* environment.
+  XdnaEp::Backends backends_for(const EpOptions& o, std::string* why);
 
   const OrtApi& ort_;
   const OrtEpApi& ep_api_;
   const OrtLogger* default_logger_;
   std::mutex mutex_;
-  std::map<std::string, std::shared_ptr<kernels::Backend>> backends_;
+  std::map<std::string, XdnaEp::Backends> backends_;
   std::map<std::string, std::string> backend_why_;
 };
 

@@ -53,7 +53,6 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* so) {
   o.ort_threads_spin = config_entry(api, so, "session.intra_op.allow_spinning") != "0";
   for (const auto& [key, v] : ours) {
     if (key == "backend") o.backend = one_of(key, v, {"auto", "emulator", "xrt"});
-    else if (key == "precision") o.precision = one_of(key, v, {"bf16"});
     else if (key == "min_mflop") o.min_mflop = number(key, v, 0, 1e12);
     else if (key == "threads") o.threads = static_cast<int>(number(key, v, 0, 1024));
     else if (key == "kernel_dir") o.kernel_dir = v;
@@ -69,7 +68,7 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* so) {
     } else {
       throw OrtError(ORT_INVALID_ARGUMENT,
                      std::string(kEpName) + ": unknown option '" + key +
-                         "' (known: backend, precision, min_mflop, threads, kernel_dir, log_level, "
+                         "' (known: backend, min_mflop, threads, kernel_dir, log_level, "
                          "partition_report, fault_inject)");
     }
   }
@@ -86,10 +85,6 @@ std::string config_entry(const OrtApi& api, const OrtSessionOptions* so, const c
   check(api, api.GetSessionConfigEntry(so, key, value.data(), &size));
   value.resize(std::strlen(value.c_str()));
   return value;
-}
-
-bool session_flag(const OrtApi& api, const OrtSessionOptions* so, const char* key) {
-  return config_entry(api, so, key) == "1";
 }
 
 }  // namespace xdna::ep

@@ -10,11 +10,10 @@ namespace xdna::ep {
 inline constexpr const char* kEpName = "XDNAExecutionProvider";
 inline constexpr const char* kEpVendor = "AMD";
 inline constexpr uint32_t kAmdVendorId = 0x1022;
-inline constexpr const char* kEpVersion = "0.1.0";
+inline constexpr const char* kEpVersion = XDNA_VERSION;  // pyproject.toml's, set by CMakeLists.txt
 
 struct EpOptions {
   std::string backend = "auto";   // auto | emulator | xrt
-  std::string precision = "bf16"; // the only precision the kernels implement today
   double min_mflop = 0.0;         // nodes with fewer (statically known) MFLOP per run stay on the CPU EP
   OrtLoggingLevel log_level = ORT_LOGGING_LEVEL_WARNING;
   int threads = 0;                // emulator worker threads, 0 = all cores
@@ -31,7 +30,5 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* session_opti
 // A session config entry's value ("" when absent).
 std::string config_entry(const OrtApi& api, const OrtSessionOptions* so, const char* key);
 
-// Session config flag (e.g. "ep.context_enable") as bool.
-bool session_flag(const OrtApi& api, const OrtSessionOptions* so, const char* key);
 
 }  // namespace xdna::ep

@@ -6,15 +6,12 @@
 #include <string>
 #include <unordered_map>
 
+#include "ep_plugin/ort_api.h"
+
 namespace xdna::graph {
 namespace {
 
-void check(const OrtApi& api, OrtStatus* st) {
-  if (!st) return;
-  std::string msg = api.GetErrorMessage(st);
-  api.ReleaseStatus(st);
-  throw std::runtime_error(msg);
-}
+using ep::check;
 
 // Names a node reads: its inputs and, for If/Loop nodes, the outer-scope values its subgraphs use.
 std::vector<std::string> names_read(const OrtApi& api, const OrtNode* node) {
@@ -43,7 +40,7 @@ std::vector<std::string> names_read(const OrtApi& api, const OrtNode* node) {
 // A Transpose read through has exactly one consumer, its MatMul, so it joins its MatMul's group whatever its own
 // depth: every path through it continues through that MatMul.
 std::vector<std::vector<const OrtNode*>> fusion_groups(const OrtApi& api, const std::vector<const OrtNode*>& nodes,
-                                                       const std::vector<ClaimedUnit>& units, const GraphIndex& index) {
+                                                       const std::vector<ClaimedUnit>& units, const ops::GraphIndex& index) {
   std::unordered_map<const OrtNode*, size_t> unit_of;
   for (size_t u = 0; u < units.size(); ++u) {
     unit_of[units[u].node] = u;

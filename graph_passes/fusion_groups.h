@@ -7,11 +7,11 @@
 
 #include <vector>
 
-#include "op_registry.h"
+#include "ops/node_reader.h"
 
 namespace xdna::graph {
 
-// A claimed node and the Transposes it reads through (Analysis::fused_producers): always in one group.
+// A claimed node and the Transposes it reads through (ops::Claim::fused_producers): always in one group.
 struct ClaimedUnit {
   const OrtNode* node = nullptr;
   std::vector<const OrtNode*> fused_producers;
@@ -22,6 +22,6 @@ struct ClaimedUnit {
 // Graph_GetNodes returns them), `index` that graph's producers. Each returned group lists its nodes (Transposes
 // before the node that reads through them).
 std::vector<std::vector<const OrtNode*>> fusion_groups(const OrtApi& api, const std::vector<const OrtNode*>& nodes,
-                                                       const std::vector<ClaimedUnit>& units, const GraphIndex& index);
+                                                       const std::vector<ClaimedUnit>& units, const ops::GraphIndex& index);
 
 }  // namespace xdna::graph

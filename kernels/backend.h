@@ -8,7 +8,10 @@
 #include <string>
 #include <vector>
 
+#include <map>
+
 #include "gemm_contract.h"
+#include "packing.h"
 
 namespace xdna::kernels {
 
@@ -22,15 +25,6 @@ class BackendFault : public std::runtime_error {
  private:
   std::string step_;
 };
-
-// B in the contract's packed bf16 layout, in host memory. Built once per weight at Compile.
-struct PackedB {
-  PaddedShape shape{};  // M fields unused
-  std::vector<uint16_t> data;
-};
-
-// Packs B[k][n] = src[k * stride_k + n * stride_n] (strides in elements, so transB is stride_k=1, stride_n=K).
-PackedB pack_b(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n);
 
 // A weight as a backend holds it (e.g. a device buffer). Always keeps the host copy: it is the CPU fallback's input.
 class DeviceWeight {
@@ -58,6 +52,17 @@ struct BatchItem {
   const DeviceWeight* weight;
 };
 
+// A product whose B was never packed: fp32 B[k][n] = b[k * ldb + n], or b[n * ldb + k] when b_transposed, rounded
+// to bf16 on the fly. Worth it when at most kUnpackedMaxM rows meet a B given at run time (B read M/4 times
+// instead of packed once), e.g. decoder attention K/V.
+inline constexpr int64_t kUnpackedMaxM = 16;
+struct UnpackedGemm {
+  GemmArgs args;   // A [M, K] and C [M, N]
+  const float* b;
+  int64_t ldb;
+  bool b_transposed = false;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -74,6 +79,12 @@ class Backend {
   virtual void gemm_batch(const BatchItem* items, size_t count) {
     for (size_t i = 0; i < count; ++i) gemm(items[i].args, *items[i].weight);
   }
+  // `count` independent products of one K x N shape with unpacked B. Only the CPU backend (the emulator) offers
+  // this: it returns false when it does not, and never throws BackendFault.
+  virtual bool gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N) {
+    (void)calls, (void)count, (void)K, (void)N;
+    return false;
+  }
 };
 
 struct BackendConfig {
@@ -84,6 +95,15 @@ struct BackendConfig {
   // Testing aid: make the chosen backend fail at one step ("upload", "run", "result"; "" = never), to prove
   // that every fault ends in a logged CPU fallback with correct numbers.
   std::string fault_inject;
+  // The XDNA_* environment variables that change what a backend does (kernel directory, device shim, fake faults,
+  // timeouts, cost model), read once by with_environment(): backends read them from here, never from getenv, so
+  // that two configurations differing only in the environment never share a backend.
+  std::map<std::string, std::string> env;
+
+  static const std::vector<std::string>& environment_knobs();
+  BackendConfig& with_environment();                 // fills `env` from the process environment
+  std::string env_value(const std::string& name) const;  // "" when unset
+  std::string cache_key() const;                     // every field above
 };
 
 // Wraps `inner` so that it throws BackendFault(step) at the configured step (see BackendConfig::fault_inject);

@@ -10,8 +10,10 @@
 //     summation is not part of the contract (the AIE sums 4x8x4 MACs per cycle, then tile by tile).
 //   * Subnormal bf16 inputs may be flushed to zero by a backend (AIE-ML and AVX512-BF16 both may).
 //   * Epilogues (alpha, beta*C, bias) are applied by the host in fp32 after the kernel; not by the kernel.
-//   Error bound used by the tests: |C - C_exact| <= (2^-7 + K * 2^-23) * (|A|.|B|) elementwise
-//   (bf16 keeps 8 significant bits: each rounded operand is within 2^-8 relative, a product within ~2^-7).
+//   The error bound (stated here once; tests/numerics.py implements it, README quotes it):
+//     |C - C_exact| <= (2^-7 + 2^-16 + K * 2^-23) * (|A|.|B|) elementwise
+//   bf16 keeps 8 significant bits: each rounded operand is within 2^-8 relative, a product of two within
+//   (1 + 2^-8)^2 - 1 = 2^-7 + 2^-16; K * 2^-23 covers the fp32 sum, with a factor 2 of margin.
 //
 // Tiling for the Phoenix (npu1) array: 4 usable columns x 4 AIE-ML cores.
 //   * Each core computes one kTileM x kTileN tile of C, looping over K in kTileK steps.

@@ -168,7 +168,8 @@ void register_npu_bindings(py::module_& m) {
         if (!k::npu::load_manifest(kernel_dir, &manifest, &why)) throw std::runtime_error(why);
         k::npu::FakeOptions options;
         options.fail_at = fail_at;
-        k::npu::NpuBackendOptions backend_options = k::npu::NpuBackendOptions::from_env();  // XDNA_XRT_COST_MODEL
+        k::npu::NpuBackendOptions backend_options =
+            k::npu::NpuBackendOptions::from_config(k::BackendConfig().with_environment());  // XDNA_XRT_COST_MODEL
         backend_options.max_contexts = max_contexts;
         backend_options.timeout = std::chrono::milliseconds(timeout_ms);
         std::unique_ptr<k::npu::NpuDevice> device;
@@ -184,6 +185,7 @@ void register_npu_bindings(py::module_& m) {
   m.def("xrt_backend", [](const std::string& kind, const std::string& kernel_dir, const std::string& plugin_dir,
                           const std::string& fault_inject) {
         k::BackendConfig cfg;
+        cfg.with_environment();
         cfg.kind = kind;
         cfg.kernel_dir = kernel_dir;
         cfg.plugin_dir = plugin_dir;
@@ -195,6 +197,7 @@ void register_npu_bindings(py::module_& m) {
       "make_backend() as the EP calls it: returns (backend, why)");
   m.def("xrt_probe", [](const std::string& kernel_dir, const std::string& plugin_dir) {
         k::BackendConfig cfg;
+        cfg.with_environment();
         cfg.kernel_dir = kernel_dir;
         cfg.plugin_dir = plugin_dir;
         const k::XrtProbe probe = k::probe_xrt(cfg);
@@ -203,7 +206,7 @@ void register_npu_bindings(py::module_& m) {
           pieces.append(py::dict(py::arg("name") = p.name, py::arg("ok") = p.ok, py::arg("detail") = p.detail));
         return py::dict(py::arg("ready") = probe.ready(), py::arg("pieces") = pieces,
                         py::arg("summary") = probe.summary(),
-                        py::arg("kernel_dir") = k::npu::resolve_kernel_dir(kernel_dir));
+                        py::arg("kernel_dir") = k::npu::resolve_kernel_dir(kernel_dir, cfg.env_value("XDNA_KERNEL_DIR")));
       }, py::arg("kernel_dir") = "", py::arg("plugin_dir") = "", "Every piece the NPU path needs, for `xdna info`");
   m.def("npu_fake_insts", [](int64_t m_rows, int64_t Kpad, int64_t Npad, bool a_f32) {
         const auto words = k::npu::fake_insts(m_rows, Kpad, Npad, a_f32);
@@ -274,11 +277,13 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("a"), py::arg("b"), py::arg("threads") = 0, py::arg("b_transposed") = false,
       "The contract on an unpacked run-time B (small M)");
   m.attr("UNPACKED_MAX_M") = k::kUnpackedMaxM;
-  m.def("emulator_kernel_name", &k::emulator_kernel_name, "avx512 | avx2 | generic: the kernel set in use");
+  m.attr("VERSION") = XDNA_VERSION;  // the EP library's, from pyproject.toml
+  m.def("emulator_kernel_name", &k::emulator_kernel_name, "avx512bf16 | avx512 | avx2 | generic: the kernel set in use");
   m.def("reference_gemm", [](F32Array a, const k::PackedB& b) { return run_gemm(a, b, true, 1); },
         py::arg("a"), py::arg("b"));
   m.def("backend_probe", [](const std::string& kind, const std::string& kernel_dir) {
         k::BackendConfig cfg;
+        cfg.with_environment();
         cfg.kind = kind;
         cfg.kernel_dir = kernel_dir;
         std::string why;

@@ -1,4 +1,4 @@
-"""Shared helpers for the EP tests: tiny ONNX models, sessions on both EPs, the bf16 error bound."""
+"""Shared helpers for the EP tests: tiny ONNX models, sessions on both EPs (numerics: tests/numerics.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxruntime_ep_xdna as xdna
+from numerics import assert_within, bf16_bound, bf16_round  # noqa: F401  (re-exported for the tests)
 
 EP = xdna.EP_NAME
 # tools/sanitize.sh (ThreadSanitizer) sets this: ORT's uninstrumented thread pool synchronises where TSan cannot see
@@ -56,31 +57,6 @@ def cpu_session(model: bytes, level=None):
 
 def ep_nodes(session) -> list[tuple[str, str]]:
     return xdna.placement(session).on(EP)
-
-
-def bf16_bound(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
-    """Elementwise bound on |C_bf16 - C_exact| from the GEMM contract: (2^-7 + K*2^-23) * (|A|.|B|).
-
-    bf16 keeps 8 significant bits, so each rounded operand is within 2^-8 relative and a product of two within
-    2^-7 (+2^-16); K*2^-23 covers the fp32 accumulation (with
-    a factor 2 of margin, so the CPU EP's own fp32 error fits inside as well).
-    """
-    mag = np.matmul(np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64)))
-    return (2.0**-7 + 2.0**-16 + k * 2.0**-23) * mag + 1e-30
-
-
-def assert_within(actual, exact, bound, what=""):
-    actual = np.asarray(actual, dtype=np.float64)
-    exact = np.asarray(exact, dtype=np.float64)
-    assert actual.shape == exact.shape, f"{what}: shape {actual.shape} != {exact.shape}"
-    finite = np.isfinite(exact)
-    np.testing.assert_array_equal(np.isnan(actual), np.isnan(exact), err_msg=f"{what}: NaN positions differ")
-    np.testing.assert_array_equal(actual[~finite & ~np.isnan(exact)], exact[~finite & ~np.isnan(exact)],
-                                  err_msg=f"{what}: Inf differs")
-    err = np.abs(actual - exact)[finite]
-    lim = np.broadcast_to(bound, exact.shape)[finite]
-    worst = np.argmax(err - lim) if err.size else 0
-    assert np.all(err <= lim), f"{what}: error {err.flat[worst]:.3g} exceeds bf16 bound {lim.flat[worst]:.3g}"
 
 
 def rng(seed=0):

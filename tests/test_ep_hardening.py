@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
-from ep_helpers import (EP, IR_VERSION, OPSET, assert_within, bf16_bound, cpu_session, ep_nodes, init, make_model,
-                        rng, tensor, xdna_session)
+from ep_helpers import (EP, IR_VERSION, OPSET, assert_within, bf16_bound, bf16_round, cpu_session, ep_nodes, init,
+                        make_model, rng, tensor, xdna_session)
 
 
 # ---- 1. an initializer that is also a graph input may be fed: never a constant, in the main graph or an If branch
@@ -162,11 +162,23 @@ def test_partition_report_with_control_characters_and_huge_dims(tmp_path):
     assert d.node == name and d.executed is not None and d.executed["cpu_calls"] + d.executed["device_calls"] == 1
 
 
-# ---- 8. CreateEpFactories when GetApi fails: no factory, *num_factories set
+# ---- 8. CreateEpFactories when GetApi fails: no factory, *num_factories set, and the reason as a status when the
+# runtime offers any API table at all (CreateStatus is in every version's)
 
-def test_create_ep_factories_without_api_reports_no_factory():
+@pytest.mark.parametrize("oldest_table", [False, True])
+def test_create_ep_factories_without_api_reports_no_factory(oldest_table):
     lib = ctypes.CDLL(xdna.get_library_path())
-    get_api = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)(lambda version: None)
+    messages = []
+    sentinel = 0x5A5A0
+    create_status = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)(
+        lambda code, msg: messages.append((code, msg.decode())) or sentinel)
+
+    class OldestApi(ctypes.Structure):  # OrtApi version 1 starts with CreateStatus
+        _fields_ = [("CreateStatus", ctypes.c_void_p)]
+
+    oldest = OldestApi(ctypes.cast(create_status, ctypes.c_void_p))
+    get_api = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)(
+        lambda version: ctypes.addressof(oldest) if oldest_table and version == 1 else None)
     get_version = ctypes.CFUNCTYPE(ctypes.c_char_p)(lambda: b"0.0.0")
 
     class ApiBase(ctypes.Structure):
@@ -180,8 +192,13 @@ def test_create_ep_factories_without_api_reports_no_factory():
     create.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                        ctypes.POINTER(ctypes.c_size_t)]
     status = create(b"xdna", ctypes.addressof(base), None, factories, 4, ctypes.byref(num))
-    assert status is None  # no API table: no way to make a status
     assert num.value == 0
+    if not oldest_table:
+        assert status is None and messages == []  # no API table at all: nothing can carry an error
+    else:
+        assert status == sentinel
+        ((code, msg),) = messages
+        assert code == 9 and "ONNX Runtime >= 1.23" in msg  # ORT_NOT_IMPLEMENTED
 
 
 # ---- 5. claimed nodes are fused in groups (one fused node per claimed node made session creation quadratic)
@@ -205,12 +222,9 @@ def test_chain_is_fused_with_intermediates_inside_and_out(capfd):
     x = rng(9).standard_normal((8, 8)).astype(np.float32)
     y, h2 = sess.run(None, {"x": x})
     # the same chain in numpy, every product rounded as the contract does (bf16 operands, exact products)
-    def bf16(v):
-        v = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
-        return ((v + 0x7FFF + ((v >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32).astype(np.float64)
     h = x
     for i in range(5):
-        h = (bf16(h) @ bf16(ws[i])).astype(np.float32)
+        h = (bf16_round(h).astype(np.float64) @ bf16_round(ws[i]).astype(np.float64)).astype(np.float32)
         if i == 2:
             np.testing.assert_allclose(h2, h, rtol=1e-5, atol=1e-5)
             h = np.maximum(h, 0)

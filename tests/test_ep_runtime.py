@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -11,6 +12,11 @@ from onnx import helper
 
 import onnxruntime_ep_xdna as xdna
 from ep_helpers import EP, assert_within, bf16_bound, ep_nodes, init, make_model, rng, tensor, xdna_session
+
+
+def executed(report):
+    """The run-time lines of a partition report (one per claimed node, written when its session is released)."""
+    return [d for d in map(json.loads, report.read_text().splitlines()) if d.get("runtime")]
 
 
 def linear_model(k=48, n=40, seed=0):
@@ -70,7 +76,7 @@ def test_selection_through_ep_devices():
     [
         ({"no_such_option": "1"}, "unknown option 'no_such_option'"),
         ({"backend": "gpu"}, "bad value 'gpu' for option 'backend'"),
-        ({"precision": "int4"}, "bad value 'int4' for option 'precision'"),
+        ({"precision": "bf16"}, "unknown option 'precision'"),  # one precision today: not an option
         ({"min_mflop": "lots"}, "bad value 'lots' for option 'min_mflop'"),
         ({"log_level": "loud"}, "bad value 'loud' for option 'log_level'"),
     ],
@@ -121,19 +127,24 @@ def test_concurrent_runs_on_one_session():
 
 
 @pytest.mark.parametrize("step", ["upload", "run", "timeout", "result"])
-def test_backend_fault_falls_back_to_cpu_with_logged_reason(step, capfd):
+def test_backend_fault_falls_back_to_cpu_with_logged_reason(step, capfd, tmp_path):
     model, w = linear_model(k=64, n=72, seed=4)
-    sess = xdna_session(model, {"fault_inject": step, "backend": "emulator"})
+    report = tmp_path / "report.jsonl"
+    sess = xdna_session(model, {"fault_inject": step, "backend": "emulator", "partition_report": str(report)})
     assert ep_nodes(sess) == [("mm", "MatMul")]
     for m in (3, 17):  # the first call faults (or the upload did), later calls stay on the CPU path
         a = rng(m).standard_normal((m, 64)).astype(np.float32)
         assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, 64), step)
+    del sess
     err = capfd.readouterr().err
-    assert f"fault ({step}: injected fault" in err
+    assert err.count(f"fault ({step}: injected fault") == 1  # logged once, with its reason
     assert "now runs on the CPU" in err
+    (node,) = executed(report)  # the fault fired on the first product and the fallback ran both
+    assert node["device_calls"] == 0 and node["cpu_calls_by_reason"] == {"not_for_device": 0, "unpacked": 0,
+                                                                          "fault": 2}
 
 
-def test_fault_in_dynamic_operand_path():
+def test_fault_in_dynamic_operand_path(tmp_path, capfd):
     b_shape = (1, 2, 16, 20)
     a = rng(8).standard_normal((1, 2, 20, 16)).astype(np.float32)
     b = rng(9).standard_normal(b_shape).astype(np.float32)
@@ -142,9 +153,57 @@ def test_fault_in_dynamic_operand_path():
         [tensor("a", list(a.shape)), tensor("b", list(b_shape))],
         [tensor("y", [1, 2, 20, 20])],
     )
-    sess = xdna_session(model, {"fault_inject": "run"})
+    report = tmp_path / "report.jsonl"
+    sess = xdna_session(model, {"fault_inject": "run", "backend": "emulator", "partition_report": str(report)})
     out = sess.run(None, {"a": a, "b": b})[0]
     assert_within(out, np.matmul(a.astype(np.float64), b), bf16_bound(a, b, 16))
+    del sess
+    assert "fault (run: injected fault" in capfd.readouterr().err
+    (node,) = executed(report)  # 20 rows per head: both heads packed, the batch faulted, both ran on the CPU
+    assert node["device_calls"] == 0 and node["cpu_calls_by_reason"]["fault"] == 2
+
+
+def test_each_reason_for_the_cpu_is_logged_on_its_own(tmp_path, capfd):
+    # a decoder step: one row against a run-time B is read unpacked, on purpose; never called a fault
+    a = rng(1).standard_normal((1, 2, 1, 16)).astype(np.float32)
+    b = rng(2).standard_normal((1, 2, 16, 20)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["a", "b"], ["y"], name="step")],
+                       [tensor("a", list(a.shape)), tensor("b", list(b.shape))], [tensor("y", [1, 2, 1, 20])])
+    report = tmp_path / "report.jsonl"
+    so = ort.SessionOptions()
+    so.log_severity_level = 1  # ORT filters our INFO lines otherwise
+    sess = xdna_session(model, {"backend": "emulator", "log_level": "info", "partition_report": str(report)}, so=so)
+    assert_within(sess.run(None, {"a": a, "b": b})[0], np.matmul(a.astype(np.float64), b), bf16_bound(a, b, 16))
+    del sess
+    err = capfd.readouterr().err
+    assert "read unpacked, on purpose" in err and "fault (" not in err and "does not take" not in err
+    (node,) = executed(report)
+    assert node["cpu_calls_by_reason"] == {"not_for_device": 0, "unpacked": 2, "fault": 0}
+
+
+def test_one_version_everywhere():
+    from importlib import metadata
+
+    from onnxruntime_ep_xdna import _native
+
+    assert xdna.__version__ == metadata.version("onnxruntime-ep-xdna") == _native.VERSION
+
+
+def test_min_mflop_leaves_small_nodes_on_cpu():
+    r = rng(7)
+    w_small = r.standard_normal((8, 8)).astype(np.float32)
+    w_big = r.standard_normal((8, 512)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["a", "ws"], ["h"], name="small"),
+         helper.make_node("MatMul", ["h", "wb"], ["y"], name="big")],
+        [tensor("a", [64, 8])], [tensor("y", [64, 512])], [init("ws", w_small), init("wb", w_big)],
+    )
+    # small: 2*64*8*8 = 8192 FLOP; big: 2*64*8*512 = 524288 FLOP
+    sess = xdna_session(model, {"min_mflop": "0.1"})
+    assert ep_nodes(sess) == [("big", "MatMul")]
+    a = r.standard_normal((64, 8)).astype(np.float32)
+    h = np.matmul(a.astype(np.float64), w_small)
+    assert_within(sess.run(None, {"a": a})[0], h @ w_big, bf16_bound(h, w_big, 8) + 1e-5 * np.abs(h) @ np.abs(w_big))
 
 
 def test_placement_requires_recording():

@@ -3,6 +3,8 @@ the bf16 bound, and a fault at every device step ending in correct numbers from 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -61,9 +63,27 @@ def test_device_fault_falls_back_with_reason(fake_npu, monkeypatch, capfd, step)
     monkeypatch.setenv("XDNA_XRT_FAKE_FAULT", step)
     model, w = model_and_weight()
     # a kernel_dir of its own per test (tmp_path): backends are shared per configuration within the process
-    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(fake_npu)})
+    report = fake_npu.parent / "report.jsonl"
+    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(fake_npu), "partition_report": str(report)})
     for m in (3, 260):
         a = rng(m).standard_normal((m, K)).astype(np.float32)
         assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, K), step)
+    del sess
     err = capfd.readouterr().err
-    assert "backend 'xrt' fault (" in err and "now runs on the CPU" in err
+    assert err.count("backend 'xrt' fault (") == 1 and "now runs on the CPU" in err
+    (node,) = [d for d in map(json.loads, report.read_text().splitlines()) if d.get("runtime")]
+    assert node["device_calls"] == 0 and node["cpu_calls_by_reason"]["fault"] == 2  # both runs on the fallback
+
+
+def test_environment_knobs_are_part_of_the_backend_configuration(fake_npu, monkeypatch, capfd):
+    # Same options, another XDNA_XRT_FAKE_FAULT: a backend of its own (before, the first one was reused).
+    model, w = model_and_weight()
+    options = {"backend": "xrt", "kernel_dir": str(fake_npu)}
+    a = rng(4).standard_normal((5, K)).astype(np.float32)
+    healthy = xdna_session(model, options)
+    assert_within(healthy.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, K))
+    monkeypatch.setenv("XDNA_XRT_FAKE_FAULT", "run")
+    faulty = xdna_session(model, options)
+    for sess in (faulty, healthy):
+        assert_within(sess.run(None, {"a": a})[0], a.astype(np.float64) @ w, bf16_bound(a, w, K))
+    assert capfd.readouterr().err.count("backend 'xrt' fault (run") == 1  # the new backend only

@@ -23,16 +23,12 @@ AIE = Path(__file__).resolve().parents[1] / "kernels" / "aie"
 sys.path.insert(0, str(AIE))
 
 import gemm_design as design  # noqa: E402
+from numerics import bf16_round  # noqa: E402
 import model_shapes  # noqa: E402
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def bf16_rne(x: np.ndarray) -> np.ndarray:
-    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32) << 16).view(np.float32)
 
 
 @pytest.mark.parametrize("M,K,N", [(256, 64, 256), (512, 128, 512), (256, 200, 300)])
@@ -44,7 +40,7 @@ def test_design_data_movement_computes_the_contract(M, K, N):
     packed = nat.pack_b(b)
     Mp, Kp, Np = M, packed.Kpad, packed.Npad
     a16 = np.zeros((Mp, Kp), np.float32)
-    a16[:, :K] = bf16_rne(a)  # what the host stages into the A buffer
+    a16[:, :K] = bf16_round(a)  # what the host stages into the A buffer
     b16 = bf16_bits_to_f32(np.asarray(packed.data)).astype(np.float64)
     c = design.simulate(a16.reshape(-1).astype(np.float64), b16, Mp, Kp, Np)
     ref = nat.reference_gemm(a, packed)
@@ -304,7 +300,7 @@ def test_core_kernel_converts_fp32_a_with_round_to_nearest_even(core_kernel):
     ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     core_kernel.matmul_f32a_bf16_f32(ptr(a_blk), ptr(b_blk), ptr(c))
     c = c.reshape(16, 16, 4, 4).transpose(0, 2, 1, 3).reshape(64, 64)
-    rne = bf16_rne(a)
+    rne = bf16_round(a)
     np.testing.assert_array_equal(c[:, :32], rne)
     np.testing.assert_array_equal(c[:, 32:], -2 * rne)
     np.testing.assert_array_equal(c[:, :32], nat.emulator_gemm(a, nat.pack_b(np.eye(32, 64, dtype=np.float32)))[:, :32])
@@ -340,7 +336,7 @@ def test_f32_design_computes_the_contract_in_place(M, K, N, stream_a):
     b16 = bf16_bits_to_f32(np.asarray(packed.data)).astype(np.float64)
     trace = {}
     c = design.simulate_f32(a.reshape(-1), b16, M, packed.Kpad, packed.Npad, stream_a, trace)
-    a16, bb = bf16_rne(a).astype(np.float64), bf16_rne(b).astype(np.float64)
+    a16, bb = bf16_round(a).astype(np.float64), bf16_round(b).astype(np.float64)
     mag = np.abs(a16) @ np.abs(bb)
     assert np.all(np.abs(c - a16 @ bb) <= 2 * K * 2.0**-53 * mag + 1e-300)
     assert np.all(np.abs(c - nat.reference_gemm(a, packed)) <= 2 * K * 2.0**-23 * mag * 1.01 + 1e-30)
@@ -495,7 +491,7 @@ def test_head_qkt_read_in_place_design(T, H, h):
     a, b = q.reshape(-1)[base:base + plan.a_len], k.reshape(-1)[base:base + plan.b_len]
     trace = {}
     s = design.simulate_f32(a, b, T, D, T, trace=trace, plan=plan)
-    qh, kh = bf16_rne(q[:, base:base + D]).astype(np.float64), bf16_rne(k[:, base:base + D]).astype(np.float64)
+    qh, kh = bf16_round(q[:, base:base + D]).astype(np.float64), bf16_round(k[:, base:base + D]).astype(np.float64)
     assert np.all(np.abs(s - qh @ kh.T) <= 2 * D * 2.0**-53 * (np.abs(qh) @ np.abs(kh).T) + 1e-300)
     head_cols = (np.arange(T)[:, None] * ld + np.arange(D)[None, :]).reshape(-1)
     for name in ("a", "b"):
@@ -545,10 +541,10 @@ def test_core_kernel_rounds_fp32_b_with_round_to_nearest_even(core_kernel):
     ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     core_kernel.matmul_f32a_f32b_f32(ptr(a_blk), ptr(b_blk), ptr(c))
     c = c.reshape(16, 16, 4, 4).transpose(0, 2, 1, 3).reshape(64, 64)
-    np.testing.assert_array_equal(c[:32], bf16_rne(b))
+    np.testing.assert_array_equal(c[:32], bf16_round(b))
     assert not c[32:].any()
     floor_ = np.where(sign != 0, b.view(np.uint32).astype(np.uint64) + 0xFFFF, b.view(np.uint32)) >> 16 << 16
-    assert np.any(floor_.astype(np.uint32).view(np.float32) != bf16_rne(b)), "data must tell floor from RNE"
+    assert np.any(floor_.astype(np.uint32).view(np.float32) != bf16_round(b)), "data must tell floor from RNE"
 
 
 def test_core_kernel_on_the_plans_layouts(core_kernel):

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from numerics import assert_within, summation_order_bound
+
 from onnxruntime_ep_xdna import _native as nat
 
 
@@ -52,14 +54,8 @@ def rand(shape, seed):
 
 
 def assert_same_gemm(c, ref, a, b):
-    """Equal up to the order of fp32 summation (not part of the contract; the emulator picks its loop order by
-    M, the fake device always runs whole padded blocks): |c - ref| <= 2 K 2^-23 |A|.|B|. Any protocol error
-    (missing sync, wrong padding or offsets) is orders of magnitude larger."""
-    assert c.shape == ref.shape
-    k = a.shape[1]
-    bound = 2 * k * 2.0**-23 * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)) * 1.01 + 1e-30
-    err = np.abs(c.astype(np.float64) - ref)
-    assert np.all(err <= bound), f"max error {err.max()} (bound there {bound.flat[err.argmax()]})"
+    """The same bf16 products as the emulator's, summed in another order (numerics.summation_order_bound)."""
+    assert_within(c, ref, summation_order_bound(a, b))
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from numerics import assert_within, summation_order_bound
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxruntime_ep_xdna import _native as nat
@@ -45,11 +47,8 @@ def rand(shape, seed):
 
 
 def assert_same_gemm(c, ref, a, b):
-    """Equal up to the order of fp32 summation: |c - ref| <= 2 K 2^-23 |A|.|B| (see test_xrt_backend.py)."""
-    k = a.shape[1]
-    bound = 2 * k * 2.0**-23 * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)) * 1.01 + 1e-30
-    err = np.abs(c.astype(np.float64) - ref)
-    assert np.all(err <= bound), f"max error {err.max()}"
+    """The same bf16 products as the emulator's, summed in another order (numerics.summation_order_bound)."""
+    assert_within(c, ref, summation_order_bound(a, b))
 
 
 @pytest.fixture

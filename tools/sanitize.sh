@@ -23,7 +23,8 @@ jobs=${SANITIZE_JOBS:-2}
 if [ -n "${SANITIZE_TESTS:-}" ]; then
   read -r -a tests <<<"$SANITIZE_TESTS"
 else
-  tests=("$repo"/tests/test_ep_*.py "$repo/tests/test_kernels_emulator.py" "$repo/tests/test_xrt_backend.py")
+  tests=("$repo"/tests/test_ep_*.py "$repo/tests/test_backend_ops.py" "$repo/tests/test_kernels_emulator.py"
+         "$repo/tests/test_xrt_backend.py")
 fi
 
 build() {  # name, compiler/linker flags

@@ -21,10 +21,15 @@ from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ep_helpers import bf16_bound, init, make_model, tensor, xdna_session  # noqa: E402
+from numerics import assert_within  # noqa: E402
 
 
 def bf16_ok(y, exact, bound):
-    return y.shape == exact.shape and bool(np.all(np.abs(y.astype(np.float64) - exact) <= bound))
+    try:
+        assert_within(y, exact, bound)
+    except AssertionError:
+        return False
+    return True
 
 
 def case_matmul(r):

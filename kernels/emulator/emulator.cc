@@ -342,6 +342,10 @@ class EmulatorBackend final : public Backend {
     return std::make_shared<DeviceWeight>(std::move(b));
   }
   void gemm(const GemmArgs& args, const DeviceWeight& b) override { emulator_gemm(args, b.host(), threads_); }
+  bool gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N) override {
+    emulator_gemm_unpacked(calls, count, K, N, threads_);
+    return true;
+  }
 
  private:
   int threads_;

@@ -216,9 +216,9 @@ bool check_geometry(const Json& root, std::string* why) {
 
 }  // namespace
 
-std::string resolve_kernel_dir(const std::string& configured) {
+std::string resolve_kernel_dir(const std::string& configured, const std::string& from_env) {
   if (!configured.empty()) return configured;
-  if (const char* env = std::getenv("XDNA_KERNEL_DIR"); env && *env) return env;
+  if (!from_env.empty()) return from_env;
   const char* home = std::getenv("HOME");
   return std::string(home && *home ? home : ".") + "/.cache/onnxruntime-ep-xdna/kernels";
 }

@@ -55,6 +55,6 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why);
 bool read_regular_file(const std::string& path, int64_t max_bytes, std::string* data, std::string* why);
 
 // cfg.kernel_dir, else $XDNA_KERNEL_DIR, else ~/.cache/onnxruntime-ep-xdna/kernels.
-std::string resolve_kernel_dir(const std::string& configured);
+std::string resolve_kernel_dir(const std::string& configured, const std::string& from_env);
 
 }  // namespace xdna::kernels::npu

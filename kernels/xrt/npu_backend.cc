@@ -483,9 +483,10 @@ class NpuBackend final : public Backend {
   std::string disabled_reason_;
 };
 
-int env_int(const char* name, int dflt) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return dflt;
+int env_int(const BackendConfig& cfg, const char* name, int dflt) {
+  const std::string s = cfg.env_value(name);
+  const char* v = s.c_str();
+  if (!*v) return dflt;
   char* end = nullptr;
   const long x = std::strtol(v, &end, 10);
   return end && *end == '\0' && x > 0 && x <= INT_MAX ? static_cast<int>(x) : dflt;
@@ -493,12 +494,11 @@ int env_int(const char* name, int dflt) {
 
 }  // namespace
 
-NpuBackendOptions NpuBackendOptions::from_env() {
+NpuBackendOptions NpuBackendOptions::from_config(const BackendConfig& cfg) {
   NpuBackendOptions o;
-  o.max_contexts = env_int("XDNA_XRT_MAX_CONTEXTS", o.max_contexts);
-  o.timeout = std::chrono::milliseconds(env_int("XDNA_XRT_TIMEOUT_MS", static_cast<int>(o.timeout.count())));
-  const char* cm = std::getenv("XDNA_XRT_COST_MODEL");
-  o.cost_model = !(cm && std::string(cm) == "0");
+  o.max_contexts = env_int(cfg, "XDNA_XRT_MAX_CONTEXTS", o.max_contexts);
+  o.timeout = std::chrono::milliseconds(env_int(cfg, "XDNA_XRT_TIMEOUT_MS", static_cast<int>(o.timeout.count())));
+  o.cost_model = cfg.env_value("XDNA_XRT_COST_MODEL") != "0";
   return o;
 }
 

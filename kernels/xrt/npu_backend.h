@@ -16,7 +16,7 @@ struct NpuBackendOptions {
   int max_contexts = 6;                            // Phoenix: 6 hardware contexts per device, all processes
   std::chrono::milliseconds timeout{10000};        // per run; a timeout disables the backend (device is suspect)
   bool cost_model = true;                          // leave GEMMs the NPU cannot win (M=1 GEMVs) to the CPU path
-  static NpuBackendOptions from_env();             // XDNA_XRT_MAX_CONTEXTS, XDNA_XRT_TIMEOUT_MS, XDNA_XRT_COST_MODEL=0
+  static NpuBackendOptions from_config(const BackendConfig& cfg);  // XDNA_XRT_MAX_CONTEXTS, _TIMEOUT_MS, _COST_MODEL=0
 };
 
 // Takes ownership of an opened device. Kernels are loaded (one hardware context per distinct xclbin) on the

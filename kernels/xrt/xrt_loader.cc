@@ -37,8 +37,8 @@ std::string env(const char* name) {
   return v ? v : "";
 }
 
-// Test hook: a directory standing in for / when looking at /dev and /sys.
-std::string probe_root() { return env("XDNA_XRT_PROBE_ROOT"); }
+// Test hook (XDNA_XRT_PROBE_ROOT): a directory standing in for / when looking at /dev and /sys.
+std::string probe_root(const BackendConfig& cfg) { return cfg.env_value("XDNA_XRT_PROBE_ROOT"); }
 
 std::string read_line(const std::string& path) {
   std::ifstream in(path);
@@ -58,9 +58,9 @@ std::string link_basename(const std::string& path) {
   return slash == std::string::npos ? target : target.substr(slash + 1);
 }
 
-std::vector<std::string> accel_nodes() {
+std::vector<std::string> accel_nodes(const BackendConfig& cfg) {
   std::vector<std::string> nodes;
-  const std::string dir = probe_root() + "/dev/accel";
+  const std::string dir = probe_root(cfg) + "/dev/accel";
   if (DIR* d = ::opendir(dir.c_str())) {
     while (const dirent* e = ::readdir(d))
       if (std::string(e->d_name).rfind("accel", 0) == 0) nodes.push_back(e->d_name);
@@ -76,9 +76,9 @@ struct DeviceCheck {
 };
 
 // /dev/accel/accelN must exist, and its sysfs device must be an AMD Phoenix NPU bound to amdxdna.
-DeviceCheck check_device() {
+DeviceCheck check_device(const BackendConfig& cfg) {
   DeviceCheck c;
-  const auto nodes = accel_nodes();
+  const auto nodes = accel_nodes(cfg);
   if (nodes.empty()) {
     c.node_detail = "no /dev/accel/accel* (no NPU, or the amdxdna driver is not loaded: needs Linux >= 6.14 or the "
                     "out-of-tree xdna-driver, and NPU firmware amdnpu/1502_00/npu.sbin)";
@@ -92,7 +92,7 @@ DeviceCheck check_device() {
 
   std::vector<std::string> seen;
   for (const auto& n : nodes) {
-    const std::string dev = probe_root() + "/sys/class/accel/" + n + "/device";
+    const std::string dev = probe_root(cfg) + "/sys/class/accel/" + n + "/device";
     const std::string vendor = read_line(dev + "/vendor"), device = read_line(dev + "/device");
     const std::string driver = link_basename(dev + "/driver");
     seen.push_back(n + ": vendor " + (vendor.empty() ? "?" : vendor) + " device " + (device.empty() ? "?" : device) +
@@ -204,7 +204,7 @@ const LibraryState& load_libraries(const std::string& plugin_dir) {
 }
 
 bool read_manifest(const BackendConfig& cfg, npu::Manifest* m, std::string* why) {
-  return npu::load_manifest(npu::resolve_kernel_dir(cfg.kernel_dir), m, why);
+  return npu::load_manifest(npu::resolve_kernel_dir(cfg.kernel_dir, cfg.env_value("XDNA_KERNEL_DIR")), m, why);
 }
 
 std::unique_ptr<Backend> make_fake(const BackendConfig& cfg, std::string* why) {
@@ -215,7 +215,7 @@ std::unique_ptr<Backend> make_fake(const BackendConfig& cfg, std::string* why) {
     return nullptr;
   }
   npu::FakeOptions options;
-  options.fail_at = env("XDNA_XRT_FAKE_FAULT");
+  options.fail_at = cfg.env_value("XDNA_XRT_FAKE_FAULT");
   std::unique_ptr<npu::NpuDevice> device;
   try {
     device = npu::make_fake_device(options);
@@ -223,11 +223,11 @@ std::unique_ptr<Backend> make_fake(const BackendConfig& cfg, std::string* why) {
     *why = std::string("xrt::device(0) failed: ") + e.what();
     return nullptr;
   }
-  return npu::make_npu_backend(std::move(device), std::move(manifest), npu::NpuBackendOptions::from_env());
+  return npu::make_npu_backend(std::move(device), std::move(manifest), npu::NpuBackendOptions::from_config(cfg));
 }
 
 std::unique_ptr<Backend> make_real(const BackendConfig& cfg, std::string* why) {
-  const DeviceCheck dev = check_device();
+  const DeviceCheck dev = check_device(cfg);
   if (!dev.node_ok) {
     *why = dev.node_detail;
     return nullptr;
@@ -254,7 +254,7 @@ std::unique_ptr<Backend> make_real(const BackendConfig& cfg, std::string* why) {
            " (is the user in the 'render' group? is memlock unlimited? does `xrt-smi examine` list the NPU?)";
     return nullptr;
   }
-  return npu::make_npu_backend(std::move(device), std::move(manifest), npu::NpuBackendOptions::from_env());
+  return npu::make_npu_backend(std::move(device), std::move(manifest), npu::NpuBackendOptions::from_config(cfg));
 }
 
 }  // namespace
@@ -263,7 +263,7 @@ std::unique_ptr<Backend> try_make_xrt_backend(const BackendConfig& cfg, std::str
   std::string reason;
   std::unique_ptr<Backend> backend;
   try {
-    const std::string shim = env("XDNA_XRT_SHIM");
+    const std::string shim = cfg.env_value("XDNA_XRT_SHIM");
     if (shim == "fake") backend = make_fake(cfg, &reason);
     else if (shim.empty() || shim == "xrt") backend = make_real(cfg, &reason);
     else reason = "XDNA_XRT_SHIM='" + shim + "' (expected xrt or fake)";
@@ -293,7 +293,7 @@ std::string XrtProbe::summary() const {
 XrtProbe probe_xrt(const BackendConfig& cfg) {
   XrtProbe probe;
   try {
-    const DeviceCheck dev = check_device();
+    const DeviceCheck dev = check_device(cfg);
     probe.pieces.push_back({"device node", dev.node_ok, dev.node_detail});
     probe.pieces.push_back({"driver", dev.driver_ok, dev.driver_detail});
     const LibraryState& libs = load_libraries(cfg.plugin_dir);
@@ -301,7 +301,7 @@ XrtProbe probe_xrt(const BackendConfig& cfg) {
     probe.pieces.push_back({"backend library", libs.backend_ok, libs.backend_detail});
     npu::Manifest manifest;
     std::string why;
-    const std::string dir = npu::resolve_kernel_dir(cfg.kernel_dir);
+    const std::string dir = npu::resolve_kernel_dir(cfg.kernel_dir, cfg.env_value("XDNA_KERNEL_DIR"));
     if (npu::load_manifest(dir, &manifest, &why)) {
       std::ostringstream os;
       os << manifest.kernels.size() << " kernel(s) in " << dir;

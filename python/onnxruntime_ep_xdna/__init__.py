@@ -9,11 +9,12 @@ Importing this package registers nothing; `register()` does (idempotent).
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
 from pathlib import Path
 
 from ._placement import PartitionReport, Placement, partition, placement, session_options
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("onnxruntime-ep-xdna")  # pyproject.toml: the one version
 EP_NAME = "XDNAExecutionProvider"
 _LIBRARY = "libonnxruntime_ep_xdna.so"
 

@@ -1,0 +1,181 @@
+#include "dispatch.h"
+
+#include "json.h"
+
+namespace xdna::ep {
+namespace {
+
+uint64_t flop_of(int64_t M, int64_t K, int64_t N) {
+  return 2ull * static_cast<uint64_t>(M) * static_cast<uint64_t>(K) * static_cast<uint64_t>(N);
+}
+
+constexpr const char* kReasonKeys[] = {"not_for_device", "unpacked", "fault"};
+
+}  // namespace
+
+Dispatcher::Dispatcher(std::string node_name, kernels::PackedWeights constant_b,
+                       std::shared_ptr<kernels::Backend> primary, std::shared_ptr<kernels::Backend> cpu, Log log,
+                       std::function<void(const std::string&)> report)
+    : node_(std::move(node_name)), primary_(std::move(primary)), cpu_(std::move(cpu)), log_(log),
+      report_(std::move(report)), batch_shape_(std::move(constant_b.batch_shape)) {
+  for (auto& m : constant_b.mats) weights_.push_back(make_weight(std::move(m)));
+}
+
+Dispatcher::~Dispatcher() {
+  try {  // a destructor is noexcept: the report and the log line are best effort
+    const uint64_t cpu_calls = cpu_calls_[0] + cpu_calls_[1] + cpu_calls_[2];
+    const uint64_t cpu_flop = cpu_flop_[0] + cpu_flop_[1] + cpu_flop_[2];
+    log_(ORT_LOGGING_LEVEL_INFO, "node '" + node_ + "': " + std::to_string(device_calls_.load()) + " GEMM calls on " +
+                                     primary_->name() + ", " + std::to_string(cpu_calls) + " on the CPU path (" +
+                                     std::to_string(cpu_calls_[0].load()) + " not for the device, " +
+                                     std::to_string(cpu_calls_[1].load()) + " run-time B unpacked, " +
+                                     std::to_string(cpu_calls_[2].load()) + " after a fault)");
+    if (!report_) return;
+    std::string by_reason;
+    for (size_t r = 0; r < 3; ++r)
+      by_reason += std::string(r ? ", " : "") + json_string(kReasonKeys[r]) + ": " + std::to_string(cpu_calls_[r].load());
+    // work_ is a JSON array of integers (note_work)
+    report_("{\"runtime\": true, \"node\": " + json_string(node_) + ", \"backend\": " + json_string(primary_->name()) +
+            ", \"device_calls\": " + std::to_string(device_calls_.load()) + ", \"cpu_calls\": " +
+            std::to_string(cpu_calls) + ", \"cpu_calls_by_reason\": {" + by_reason + "}, \"device_mflop\": " +
+            json_number(device_flop_.load() / 1e6) + ", \"cpu_mflop\": " + json_number(cpu_flop / 1e6) +
+            (work_.empty() ? std::string() : ", \"work\": " + work_) + "}");
+  } catch (...) {
+  }
+}
+
+Dispatcher::Weight Dispatcher::make_weight(std::shared_ptr<const kernels::PackedB> packed) {
+  Weight w{std::move(packed), nullptr, nullptr};
+  w.cpu = cpu_->upload(w.host);
+  if (primary_ok_ && primary_->can_run(0, w.host->shape.K, w.host->shape.N, nullptr)) {
+    try {
+      w.device = primary_->upload(w.host);
+    } catch (const kernels::BackendFault& f) {
+      fault(f);
+    }
+  }
+  return w;
+}
+
+void Dispatcher::fault(const kernels::BackendFault& f) {
+  if (primary_ok_.exchange(false))
+    log_(ORT_LOGGING_LEVEL_WARNING, "node '" + node_ + "': backend '" + primary_->name() + "' fault (" + f.what() +
+                                        "); this node now runs on the CPU (same bf16 arithmetic)");
+}
+
+void Dispatcher::on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const std::string& detail) {
+  const auto r = static_cast<size_t>(reason);
+  cpu_calls_[r] += calls;
+  cpu_flop_[r] += flop;
+  if (reason == CpuReason::kFault) return;  // fault() logged it, with its reason
+  std::call_once(logged_[r], [&] {
+    log_(ORT_LOGGING_LEVEL_INFO, "node '" + node_ + "': " + detail + "; computed on the CPU (same bf16 arithmetic)");
+  });
+}
+
+void Dispatcher::run(const kernels::GemmArgs& args, const Weight& w) {
+  const auto& s = w.host->shape;
+  if (args.M == 0 || s.N == 0) return;
+  const uint64_t flop = flop_of(args.M, s.K, s.N);
+  CpuReason reason = CpuReason::kFault;
+  std::string why;
+  if (primary_ok_) {
+    if (w.device && primary_->can_run(args.M, s.K, s.N, &why)) {
+      try {
+        primary_->gemm(args, *w.device);
+        ++device_calls_;
+        device_flop_ += flop;
+        return;
+      } catch (const kernels::BackendFault& f) {
+        fault(f);
+      }
+    } else {
+      if (!w.device) primary_->can_run(0, s.K, s.N, &why);
+      reason = CpuReason::kNotForDevice;
+    }
+  }
+  cpu_->gemm(args, *w.cpu);
+  on_cpu(reason, 1, flop,
+         primary_->name() + " does not take M=" + std::to_string(args.M) + " K=" + std::to_string(s.K) +
+             " N=" + std::to_string(s.N) + " (" + why + ")");
+}
+
+void Dispatcher::run_batch(const std::vector<std::pair<kernels::GemmArgs, const Weight*>>& items) {
+  if (items.empty()) return;
+  std::vector<kernels::BatchItem> device;
+  bool all_device = primary_ok_ && items.size() > 1;
+  uint64_t flop = 0;
+  for (const auto& [args, w] : items) {
+    if (!all_device) break;
+    const auto& s = w->host->shape;
+    if (args.M == 0 || s.N == 0) continue;
+    if (!w->device || !primary_->can_run(args.M, s.K, s.N, nullptr)) {
+      all_device = false;  // run() below takes the CPU path and says why
+      break;
+    }
+    device.push_back({args, w->device.get()});
+    flop += flop_of(args.M, s.K, s.N);
+  }
+  if (all_device && !device.empty()) {
+    try {
+      primary_->gemm_batch(device.data(), device.size());
+      device_calls_ += device.size();
+      device_flop_ += flop;
+      return;
+    } catch (const kernels::BackendFault& f) {
+      fault(f);  // every C of the batch is unspecified now: all of them again on the CPU
+    }
+  }
+  for (const auto& [args, w] : items) run(args, *w);
+}
+
+void Dispatcher::gemm(const kernels::GemmArgs& args, size_t weight) { run(args, weights_.at(weight)); }
+
+void Dispatcher::gemm_batch(const std::vector<std::pair<kernels::GemmArgs, size_t>>& items) {
+  std::vector<std::pair<kernels::GemmArgs, const Weight*>> batch;
+  batch.reserve(items.size());
+  for (const auto& [args, i] : items) batch.emplace_back(args, &weights_.at(i));
+  run_batch(batch);
+}
+
+void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, RuntimeB>>& items, int64_t K, int64_t N) {
+  if (N == 0) return;
+  std::vector<kernels::UnpackedGemm> unpacked;
+  std::vector<Weight> packed;  // kept alive until the batch has run
+  std::vector<std::pair<kernels::GemmArgs, const Weight*>> batch;
+  packed.reserve(items.size());
+  uint64_t unpacked_flop = 0;
+  for (const auto& [args, b] : items) {
+    if (args.M == 0) continue;
+    // Few rows against B with a unit stride along K or N: read as it lies (K^T straight from K).
+    if (args.M <= kernels::kUnpackedMaxM && (b.stride_n == 1 || b.stride_k == 1)) {
+      unpacked.push_back(b.stride_n == 1 ? kernels::UnpackedGemm{args, b.b, b.stride_k, false}
+                                         : kernels::UnpackedGemm{args, b.b, b.stride_n, true});
+      unpacked_flop += flop_of(args.M, K, N);
+      continue;
+    }
+    packed.push_back(make_weight(
+        std::make_shared<const kernels::PackedB>(kernels::pack_b(b.b, K, N, b.stride_k, b.stride_n))));
+    batch.emplace_back(args, &packed.back());
+  }
+  if (!unpacked.empty()) {
+    if (!cpu_->gemm_unpacked(unpacked.data(), unpacked.size(), K, N))
+      throw OrtError(ORT_EP_FAIL, "the CPU backend '" + cpu_->name() + "' cannot run an unpacked B");
+    on_cpu(CpuReason::kUnpacked, unpacked.size(), unpacked_flop,
+           "run-time B with at most " + std::to_string(kernels::kUnpackedMaxM) +
+               " rows against it read unpacked, on purpose (packing or a device dispatch would cost more)");
+  }
+  run_batch(batch);
+}
+
+void Dispatcher::note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather,
+                           bool conv) {
+  if (!report_) return;
+  std::string w = "[" + std::to_string(batches) + ", " + std::to_string(M) + ", " + std::to_string(K) + ", " +
+                  std::to_string(N) + ", " + (runtime_b ? "1" : "0") + ", " + (a_gather ? "1" : "0") + ", " +
+                  (conv ? "1" : "0") + "]";
+  std::lock_guard<std::mutex> lock(work_mu_);
+  work_ = std::move(w);
+}
+
+}  // namespace xdna::ep

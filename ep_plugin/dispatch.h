@@ -1,0 +1,82 @@
+// Dispatch and fallback: where each product of a node runs. A node has a primary backend (the one its session
+// chose: xrt or the emulator) and a CPU fallback backend (the emulator: the same bf16 contract on the CPU). A
+// product runs on the CPU for one of three reasons, each counted and logged once per node on its own:
+//   * not for the device: the primary backend does not take this shape (xrt: no kernel built for it, or its cost
+//     model says the CPU is faster, e.g. M=1 GEMVs);
+//   * unpacked on purpose: a run-time B with few rows against it (decoder attention) is computed straight from B
+//     as it lies, since packing it or a device dispatch would cost more than the product;
+//   * a fault: the primary backend failed (upload, run, timeout, wrong result); this node uses the CPU from then on.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "ort_api.h"
+
+namespace xdna::ep {
+
+// A B given at run time: B[k][n] = b[k * stride_k + n * stride_n].
+struct RuntimeB {
+  const float* b;
+  int64_t stride_k, stride_n;
+};
+
+class Dispatcher {
+ public:
+  enum class CpuReason { kNotForDevice, kUnpacked, kFault };
+
+  // `constant_b`: the node's constant B, packed at Compile (may be empty). `report` (may be empty) receives one
+  // JSON line of run-time statistics when the dispatcher is destroyed.
+  Dispatcher(std::string node_name, kernels::PackedWeights constant_b, std::shared_ptr<kernels::Backend> primary,
+             std::shared_ptr<kernels::Backend> cpu, Log log, std::function<void(const std::string&)> report);
+  ~Dispatcher();
+
+  // The constant B: batch dims and each matrix's K and N.
+  const std::vector<int64_t>& weight_batch_shape() const { return batch_shape_; }
+  const kernels::PaddedShape& weight_shape(size_t i) const { return weights_.at(i).host->shape; }
+
+  // C = A . constant B matrix `weight`.
+  void gemm(const kernels::GemmArgs& args, size_t weight);
+  // Independent products against constant B matrices (the heads of an attention MatMul): one submission to the
+  // device when it takes them all.
+  void gemm_batch(const std::vector<std::pair<kernels::GemmArgs, size_t>>& items);
+  // Independent products of one K x N shape whose B is given at run time: few rows unpacked on the CPU, the
+  // others packed per call and sent like constant ones.
+  void gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, RuntimeB>>& items, int64_t K, int64_t N);
+  // The products one run computes, for the partition report (`xdna partition --npu-model` models them).
+  void note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather, bool conv);
+
+ private:
+  struct Weight {
+    std::shared_ptr<const kernels::PackedB> host;
+    std::shared_ptr<kernels::DeviceWeight> device;  // null: the primary backend does not hold it
+    std::shared_ptr<kernels::DeviceWeight> cpu;     // the fallback's copy (no upload: the host data itself)
+  };
+  Weight make_weight(std::shared_ptr<const kernels::PackedB> packed);
+  void run(const kernels::GemmArgs& args, const Weight& w);
+  void run_batch(const std::vector<std::pair<kernels::GemmArgs, const Weight*>>& items);
+  void on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const std::string& detail);
+  void fault(const kernels::BackendFault& f);
+
+  std::string node_;
+  std::shared_ptr<kernels::Backend> primary_, cpu_;
+  Log log_;
+  std::function<void(const std::string&)> report_;
+  std::vector<int64_t> batch_shape_;
+  std::vector<Weight> weights_;  // constant B, one per batch matrix
+  std::atomic<bool> primary_ok_{true};
+  std::atomic<uint64_t> device_calls_{0}, device_flop_{0};  // executed, so symbolic dims are real here
+  std::array<std::atomic<uint64_t>, 3> cpu_calls_{}, cpu_flop_{};
+  std::array<std::once_flag, 3> logged_;
+  std::mutex work_mu_;
+  std::string work_;  // JSON array [batches, M, K, N, runtime_b, a_gather, conv] of the last run
+};
+
+}  // namespace xdna::ep

@@ -1,0 +1,122 @@
+#include "node_kernel.h"
+
+#include <algorithm>
+#include <unordered_map>
+
+namespace xdna::ep {
+namespace {
+
+using Dims = std::vector<int64_t>;
+
+// A tensor ORT holds: an input of the fused node.
+ops::Tensor ort_input(const OrtApi& api, OrtKernelContext* ctx, size_t index) {
+  const OrtValue* v = nullptr;
+  check(api, api.KernelContext_GetInput(ctx, index, &v));
+  if (!v) throw OrtError(ORT_EP_FAIL, "missing runtime input " + std::to_string(index));
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(api, api.GetTensorTypeAndShape(v, &info));
+  size_t rank = 0;
+  ops::Tensor t;
+  OrtStatus* st = api.GetDimensionsCount(info, &rank);
+  if (!st) {
+    t.dims.resize(rank);
+    st = api.GetDimensions(info, t.dims.data(), rank);
+  }
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  check(api, st);
+  const void* p = nullptr;
+  check(api, api.GetTensorData(v, &p));
+  t.data = static_cast<const float*>(p);
+  return t;
+}
+
+float* ort_output(const OrtApi& api, OrtKernelContext* ctx, size_t index, const Dims& dims) {
+  OrtValue* v = nullptr;
+  check(api, api.KernelContext_GetOutput(ctx, index, dims.data(), dims.size(), &v));
+  void* p = nullptr;
+  check(api, api.GetTensorMutableData(v, &p));
+  return static_cast<float*>(p);
+}
+
+}  // namespace
+
+NodeKernel::NodeKernel(ops::OpPlan plan, kernels::PackedWeights constant_b,
+                       std::shared_ptr<kernels::Backend> primary, std::shared_ptr<kernels::Backend> cpu_fallback,
+                       Log log, std::function<void(const std::string&)> report)
+    : plan_(std::move(plan)),
+      module_(ops::module_of(plan_.op)),
+      dispatch_(plan_.node_name, std::move(constant_b), std::move(primary), std::move(cpu_fallback), log,
+                std::move(report)) {}
+
+std::vector<std::string> NodeKernel::runtime_operands() const {
+  std::vector<std::string> names{plan_.a.name};
+  if (!plan_.b.constant) names.push_back(plan_.b.name);
+  if (plan_.c.present && !plan_.c.constant) names.push_back(plan_.c.name);
+  return names;
+}
+
+FusedKernel::FusedKernel(std::vector<std::unique_ptr<NodeKernel>> nodes, std::vector<std::string> inputs,
+                         std::vector<std::string> outputs)
+    : nodes_(std::move(nodes)), inputs_(std::move(inputs)), outputs_(std::move(outputs)) {
+  std::unordered_map<std::string, size_t> last_reader;
+  for (size_t i = 0; i < nodes_.size(); ++i)
+    for (const std::string& name : nodes_[i]->runtime_operands()) last_reader[name] = i;
+  release_after_.resize(nodes_.size());
+  for (const auto& node : nodes_) {
+    const std::string& out = node->output_name();
+    const auto it = last_reader.find(out);
+    const bool fused_output = std::find(outputs_.begin(), outputs_.end(), out) != outputs_.end();
+    if (it != last_reader.end() && !fused_output) release_after_[it->second].push_back(out);
+  }
+}
+
+void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
+  // Tensors of this call: fused-node inputs as ORT gives them, fused-node outputs in ORT's buffers, and the
+  // intermediates only the group reads in buffers of our own.
+  class Io final : public ops::TensorIo {
+   public:
+    Io(const OrtApi& api, OrtKernelContext* ctx, const FusedKernel& k) : api_(api), ctx_(ctx), k_(k) {}
+    ops::Tensor input(const std::string& name) override {
+      if (const auto it = made_.find(name); it != made_.end()) return it->second;
+      for (size_t i = 0; i < k_.inputs_.size(); ++i)
+        if (k_.inputs_[i] == name) return made_[name] = ort_input(api_, ctx_, i);
+      throw OrtError(ORT_EP_FAIL, "fused node: value '" + name + "' is neither an input nor made by the group");
+    }
+    float* output(const std::string& name, const Dims& dims) override {
+      float* data = nullptr;
+      const auto out = std::find(k_.outputs_.begin(), k_.outputs_.end(), name);
+      if (out != k_.outputs_.end()) {
+        data = ort_output(api_, ctx_, static_cast<size_t>(out - k_.outputs_.begin()), dims);
+      } else {
+        std::vector<float>& buf = owned_[name];
+        buf.resize(static_cast<size_t>(checked_count(dims)));
+        data = buf.data();
+      }
+      made_[name] = ops::Tensor{data, dims};
+      return data;
+    }
+    void release(const std::string& name) {
+      made_.erase(name);
+      owned_.erase(name);
+    }
+
+   private:
+    static int64_t checked_count(const Dims& dims) {
+      int64_t n = 1;
+      for (int64_t d : dims)
+        if (d < 0 || __builtin_mul_overflow(n, d, &n)) throw OrtError(ORT_EP_FAIL, "intermediate tensor too large");
+      return n;
+    }
+    const OrtApi& api_;
+    OrtKernelContext* ctx_;
+    const FusedKernel& k_;
+    std::unordered_map<std::string, ops::Tensor> made_;
+    std::unordered_map<std::string, std::vector<float>> owned_;
+  } io(api, ctx, *this);
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    nodes_[i]->compute(io);
+    for (const std::string& name : release_after_[i]) io.release(name);
+  }
+}
+
+}  // namespace xdna::ep

@@ -1,0 +1,132 @@
+// Conv over one spatial dimension (Whisper's encoder front end), group 1, constant weights: im2col rows times the
+// packed weights, bias added after. Anything else stays on the CPU EP.
+#include <algorithm>
+#include <cmath>
+
+#include "ep_plugin/dispatch.h"
+#include "kernels/packing.h"
+#include "ops/op.h"
+
+namespace xdna::ops {
+namespace {
+
+Claim claim_conv(const OrtApi& api, const OrtNode* node, const GraphIndex&) {
+  Claim r;
+  OpPlan& p = r.plan;
+  p.op = OpPlan::Op::kConv;
+  NodeIo io = node_io(api, node);
+  if (io.inputs.size() < 2 || !io.inputs[0] || !io.inputs[1]) return reject("Conv without X and W");
+  if (auto why = read_float_operands(api, io, &p); !why.empty()) return reject(why);
+  if (p.a.rank != 3 || p.b.rank != 3) return reject("not a 1-D convolution (X and W of rank 3)");
+  if (!p.b.constant) return reject("weights computed at run time");
+  std::string auto_pad = "NOTSET";
+  if (!string_attr(api, node, "auto_pad", &auto_pad)) return reject("unreadable auto_pad");
+  if (auto_pad != "NOTSET" && auto_pad != "VALID") return reject("auto_pad " + auto_pad);
+  int64_t group = 1;
+  std::vector<int64_t> strides{1}, dilations{1}, pads{0, 0}, kernel_shape;
+  if (!int_attr(api, node, "group", &group)) return reject("unreadable group");
+  if (group != 1) return reject("grouped convolution (group " + std::to_string(group) + ")");
+  // What ORT's CPU EP refuses (at session creation or run time) is left to it, so the user gets its error.
+  if (auto_pad != "NOTSET" && has_attr(api, node, "pads"))
+    return reject("auto_pad " + auto_pad + " together with pads (the CPU EP refuses this)");
+  if (!ints_attr(api, node, "strides", &strides) || !ints_attr(api, node, "dilations", &dilations) ||
+      !ints_attr(api, node, "pads", &pads) || !ints_attr(api, node, "kernel_shape", &kernel_shape))
+    return reject("unreadable attributes");
+  if (strides.size() != 1 || dilations.size() != 1 || pads.size() != 2 || kernel_shape.size() > 1)
+    return reject("attributes do not describe a 1-D convolution");
+  const auto& w = p.b.dims;  // [Cout, Cin, k]
+  if (w[0] <= 0 || w[1] <= 0 || w[2] <= 0) return reject("weight shape unknown");
+  if (!kernel_shape.empty() && kernel_shape[0] != w[2])
+    return reject("kernel_shape differs from W's (the CPU EP refuses this)");
+  if (p.a.dims[1] >= 0 && p.a.dims[1] != w[1]) return reject("X channels differ from W");
+  constexpr int64_t kMaxAttr = int64_t{1} << 31;
+  if (strides[0] < 1 || dilations[0] < 1 || pads[0] < 0 || pads[1] < 0 || strides[0] > kMaxAttr ||
+      dilations[0] > kMaxAttr || pads[0] > kMaxAttr || pads[1] > kMaxAttr)
+    return reject("bad strides/dilations/pads");
+  int64_t span = 0;  // dilation * (k - 1) + 1
+  if (__builtin_mul_overflow(dilations[0], w[2] - 1, &span) || span > (int64_t{1} << 62))
+    return reject("dilated kernel too long");
+  ++span;
+  if (p.a.dims[2] >= 0 && p.a.dims[2] + pads[0] + pads[1] < span)
+    return reject("output length below 1 (the CPU EP refuses this input)");
+  // W [Cout, Cin, k] is the transposed B of the GEMM: B[ci*k + kk][co] = W[co][ci][kk].
+  p.weight_shape = {w[0], w[1] * w[2]};
+  p.weight_transposed = true;
+  if (auto why = kernels::packing_size_problem(p.weight_shape, true); !why.empty()) return reject(why);
+  ConvParams& c = p.conv;
+  c.out_channels = w[0];
+  c.in_channels = w[1];
+  c.kernel = w[2];
+  c.stride = strides[0];
+  c.dilation = dilations[0];
+  c.pad_begin = pads[0];
+  c.pad_end = pads[1];
+  if (io.inputs.size() >= 3 && io.inputs[2]) {
+    ONNXTensorElementDataType tc;
+    p.c = describe(api, io.inputs[2], &tc);
+    if (tc != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !p.c.constant) return reject("bias is not a float constant");
+    if (p.c.rank != 1 || p.c.dims[0] != c.out_channels)
+      return reject("bias length differs from the output channels (" + std::to_string(c.out_channels) + ")");
+  }
+  bool sym = false;
+  const double t_in = product_lower_bound(p.a.dims, 2, 3, &sym);
+  const double t_out = std::max(1.0, std::floor((t_in + c.pad_begin + c.pad_end - c.dilation * (c.kernel - 1) - 1) /
+                                                c.stride) + 1);
+  const double batch = product_lower_bound(p.a.dims, 0, 1, &sym);
+  p.mflop = 2.0 * batch * t_out * static_cast<double>(c.in_channels * c.kernel * c.out_channels) / 1e6;
+  p.mflop_lower_bound = sym;
+  r.ok = true;
+  r.reason = "1-D convolution as a GEMM (constant weight)";
+  return r;
+}
+
+void run_conv(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
+  const ConvParams& c = plan.conv;
+  const Tensor x = io.input(plan.a.name);
+  if (x.dims.size() != 3 || x.dims[1] != c.in_channels)
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': Conv input is not [N, " +
+                                                 std::to_string(c.in_channels) + ", T]");
+  const int64_t batches = x.dims[0], t_in = x.dims[2];
+  const int64_t span = c.dilation * (c.kernel - 1) + 1;  // no overflow: bounded when claimed
+  // As ORT's Conv: an input shorter than the dilated kernel (after padding) is an error, not an empty output.
+  const int64_t room = t_in + c.pad_begin + c.pad_end - span;
+  if (room < 0)
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': Conv input length " +
+                                                 std::to_string(t_in) + " is shorter than its dilated kernel (" +
+                                                 std::to_string(span) + ") after padding");
+  const int64_t t_out = room / c.stride + 1;
+  const int64_t K = c.in_channels * c.kernel, N = c.out_channels;
+  int64_t cols_size = 0, yt_size = 0;
+  if (__builtin_mul_overflow(t_out, K, &cols_size) || __builtin_mul_overflow(t_out, N, &yt_size))
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': Conv output too large");
+  float* y = io.output(plan.output, {batches, c.out_channels, t_out});
+  if (batches == 0 || c.out_channels == 0) return;
+  dispatch.note_work(batches, t_out, K, N, false, false, true);
+  // im2col rows (one per output position, zeros where the window reaches into the padding) and the GEMM result
+  // [t_out, Cout], written back transposed to the [Cout, t_out] layout of Conv's output.
+  std::vector<float> cols(static_cast<size_t>(cols_size)), yt(static_cast<size_t>(yt_size));
+  for (int64_t n = 0; n < batches; ++n) {
+    const float* xn = x.data + n * c.in_channels * t_in;
+    for (int64_t t = 0; t < t_out; ++t) {
+      float* row = cols.data() + t * K;
+      const int64_t start = t * c.stride - c.pad_begin;
+      for (int64_t ci = 0; ci < c.in_channels; ++ci)
+        for (int64_t kk = 0; kk < c.kernel; ++kk) {
+          const int64_t pos = start + kk * c.dilation;
+          row[ci * c.kernel + kk] = pos >= 0 && pos < t_in ? xn[ci * t_in + pos] : 0.f;
+        }
+    }
+    dispatch.gemm({cols.data(), t_out, K, yt.data(), N}, 0);
+    float* yn = y + n * N * t_out;
+    for (int64_t co = 0; co < N; ++co) {
+      const float bias = plan.c_value.empty() ? 0.f : plan.c_value[static_cast<size_t>(co)];
+      for (int64_t t = 0; t < t_out; ++t) yn[co * t_out + t] = yt[t * N + co] + bias;
+    }
+  }
+}
+
+}  // namespace
+
+extern const OpModule kConvModule{"", "Conv", 1, OpPlan::Op::kConv, claim_conv, run_conv};
+
+}  // namespace xdna::ops

@@ -1,0 +1,47 @@
+// Reading ONNX nodes through the ORT C API, for the claim rules: operands (type, shape, constness), attributes,
+// constant data (Compile only), and which node produces and how often each value of a graph is used.
+#pragma once
+
+#include <onnxruntime_c_api.h>
+
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace xdna::ops {
+
+struct Operand;
+
+struct NodeIo {
+  std::vector<const OrtValueInfo*> inputs, outputs;
+};
+NodeIo node_io(const OrtApi& api, const OrtNode* node);
+
+// Name, element type, shape and constness of one value (nullptr = absent optional input: present=false).
+Operand describe(const OrtApi& api, const OrtValueInfo* vi, ONNXTensorElementDataType* type);
+std::string value_name(const OrtApi& api, const OrtValueInfo* vi);
+const char* dtype_name(ONNXTensorElementDataType t);
+
+// The constant's data as fp32 (copied), with its shape. Only valid while the OrtGraph is alive (Compile).
+std::vector<float> read_constant(const OrtApi& api, const OrtValueInfo* vi, std::vector<int64_t>* shape);
+
+// Product of dims[begin, end), symbolic dims (-1) counted as 1 and flagged in *symbolic.
+double product_lower_bound(const std::vector<int64_t>& dims, size_t begin, size_t end, bool* symbolic);
+
+// Node attributes. Each reader returns false when the attribute is present but cannot be read as that type, and
+// leaves `*out` (the default) untouched when it is absent.
+bool has_attr(const OrtApi& api, const OrtNode* node, const char* name);
+bool int_attr(const OrtApi& api, const OrtNode* node, const char* name, int64_t* out);
+bool float_attr(const OrtApi& api, const OrtNode* node, const char* name, float* out);
+bool ints_attr(const OrtApi& api, const OrtNode* node, const char* name, std::vector<int64_t>* out);
+bool string_attr(const OrtApi& api, const OrtNode* node, const char* name, std::string* out);
+
+// Who produces and how often each value of one graph is used (node inputs, subgraph implicit inputs and graph
+// outputs all count), so that an operand can be read through the Transpose that made it.
+struct GraphIndex {
+  std::unordered_map<std::string, const OrtNode*> producer;
+  std::unordered_map<std::string, int> uses;
+  static GraphIndex of(const OrtApi& api, const OrtGraph* graph);
+};
+
+}  // namespace xdna::ops

@@ -1,0 +1,115 @@
+// One module per claimed op: its claim rule (with the reason a node is left to the CPU EP), the plan it builds,
+// and its run step. ops/op_table.cc lists the modules; adding an op = one file here + one row there.
+//
+// GetCapability and Compile call the same claim rule, so a node is claimed exactly when Compile can build its
+// plan. The claim rule reads shapes and attributes only, never weight data: Compile packs the constant weight the
+// plan describes (kernels/packing.h). The plan is plain data (names, shapes, attributes), so that it can be
+// stored and read back without the graph.
+#pragma once
+
+#include <onnxruntime_c_api.h>
+
+#include <string>
+#include <vector>
+
+#include "ops/node_reader.h"
+
+namespace xdna::ep {
+class Dispatcher;
+}
+
+namespace xdna::ops {
+
+// Where an operand comes from when the fused node runs.
+struct Operand {
+  std::string name;
+  bool present = false;   // optional inputs (Gemm's C) may be absent
+  bool constant = false;  // constant initializer: read once at Compile, not a run-time input
+  int rank = -1;
+  std::vector<int64_t> dims;  // -1 for symbolic dims
+  // Read through a Transpose fused into the same partition (ops/transpose_fusion.h): `name` is the Transpose's
+  // input and the operand is that tensor with its dims permuted (operand dim d = input dim perm[d]).
+  std::vector<int64_t> perm;
+};
+
+// 1-D convolution run as a GEMM: Y[n]^T [T_out, Cout] = im2col(X[n]) [T_out, Cin*k] . W^T [Cin*k, Cout].
+struct ConvParams {
+  int64_t in_channels = 0, out_channels = 0, kernel = 0;
+  int64_t stride = 1, dilation = 1, pad_begin = 0, pad_end = 0;
+};
+
+// Every product runs in the contract's one precision (bf16 operands, fp32 sums: kernels/gemm_contract.h). A second
+// precision would be a field here, set by the claim rules that accept it, with kernels for it in the backends.
+struct OpPlan {
+  enum class Op { kMatMul, kGemm, kConv };
+  Op op = Op::kMatMul;
+  std::string node_name;
+  std::string output;  // the node's output value
+  Operand a, b, c;     // c: Gemm's C or Conv's bias
+  // The constant B as packing sees it (input 1 of the node): its shape and whether it is stored transposed
+  // ([..., N, K]). Conv's W [Cout, Cin, k] is the transposed B [Cout, Cin*k]. Empty shape: B is not constant.
+  std::vector<int64_t> weight_shape;
+  bool weight_transposed = false;
+  // Gemm attributes (MatMul and Conv: the defaults)
+  bool trans_a = false, trans_b = false;
+  float alpha = 1.f, beta = 1.f;
+  std::vector<float> c_value;  // constant C (Gemm) or bias (Conv), read at Compile (shape in c.dims)
+  ConvParams conv;             // Conv only
+  double mflop = 0;            // per run, symbolic dims counted as 1
+  bool mflop_lower_bound = false;
+};
+
+struct Claim {
+  bool ok = false;
+  std::string reason;  // why the node is left to the CPU EP (or a note when claimed)
+  OpPlan plan;
+  // Transpose nodes whose only consumer is this node: claimed with it, so the permuted copy is never made.
+  std::vector<const OrtNode*> fused_producers;
+};
+
+inline Claim reject(std::string why) {
+  Claim c;
+  c.reason = std::move(why);
+  return c;
+}
+
+// A tensor of one Compute call.
+struct Tensor {
+  const float* data = nullptr;
+  std::vector<int64_t> dims;
+};
+
+// Where a node's run-time operands come from and where its output goes (the fused node's inputs and outputs, or
+// tensors made by earlier nodes of the group). Lives for one Compute call.
+class TensorIo {
+ public:
+  virtual ~TensorIo() = default;
+  virtual Tensor input(const std::string& name) = 0;
+  virtual float* output(const std::string& name, const std::vector<int64_t>& dims) = 0;
+};
+
+// One row of the op table.
+struct OpModule {
+  const char* domain;
+  const char* op_type;
+  int min_since_version;
+  OpPlan::Op op;
+  // Reads the node's shapes and attributes (never weight data) and decides. `index` (the node's graph) lets
+  // MatMul read operands through their Transpose.
+  Claim (*claim)(const OrtApi& api, const OrtNode* node, const GraphIndex& index);
+  // Runs one node: shapes and broadcasting at run time, each product sent to `dispatch`.
+  void (*run)(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch);
+};
+
+// What MatMul, Gemm and Conv share: float32 A, B and output of known rank, A not a constant. Fills plan->a and
+// plan->b; returns why the node stays on the CPU EP, or "".
+std::string read_float_operands(const OrtApi& api, const NodeIo& io, OpPlan* plan);
+
+// The module of an op type, or nullptr when the EP does not know it.
+const OpModule* find_op(const std::string& domain, const std::string& op_type);
+const OpModule& module_of(OpPlan::Op op);
+
+// The claim rule of the node's op, with what every op shares (opset, exactly one output).
+Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index);
+
+}  // namespace xdna::ops

@@ -1,0 +1,66 @@
+// The op table: every op the EP claims, one module each (ops/<op>.cc). Adding an op = its file + one row here.
+#include <cstring>
+
+#include "ep_plugin/ort_api.h"
+#include "ops/op.h"
+
+namespace xdna::ops {
+
+extern const OpModule kMatMulModule, kGemmModule, kConvModule;
+
+namespace {
+
+const OpModule* const kOps[] = {&kMatMulModule, &kGemmModule, &kConvModule};
+
+}  // namespace
+
+const OpModule* find_op(const std::string& domain, const std::string& op_type) {
+  for (const OpModule* m : kOps)
+    if (domain == m->domain && op_type == m->op_type) return m;
+  return nullptr;
+}
+
+const OpModule& module_of(OpPlan::Op op) {
+  for (const OpModule* m : kOps)
+    if (m->op == op) return *m;
+  throw std::logic_error("op without a module");
+}
+
+std::string read_float_operands(const OrtApi& api, const NodeIo& io, OpPlan* plan) {
+  ONNXTensorElementDataType ta, tb, ty;
+  plan->a = describe(api, io.inputs[0], &ta);
+  plan->b = describe(api, io.inputs[1], &tb);
+  describe(api, io.outputs.empty() ? nullptr : io.outputs[0], &ty);
+  for (auto [t, what] : {std::pair{ta, "A"}, {tb, "B"}, {ty, "output"}})
+    if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      return std::string(what) + " is " + dtype_name(t) + " (only float32 is offloaded)";
+  if (plan->a.rank <= 0 || plan->b.rank <= 0) return "operand rank unknown";
+  if (plan->a.constant) return "A is a constant (ORT folds or the CPU EP runs constant-only products)";
+  return "";
+}
+
+Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index) {
+  const char* op_type = nullptr;
+  const char* domain = nullptr;
+  const char* name = nullptr;
+  int since = 0;
+  ep::check(api, api.Node_GetOperatorType(node, &op_type));
+  ep::check(api, api.Node_GetDomain(node, &domain));
+  ep::check(api, api.Node_GetName(node, &name));
+  ep::check(api, api.Node_GetSinceVersion(node, &since));
+  const OpModule* m = find_op(domain, op_type);
+  if (!m) return reject(std::string("op ") + op_type + " is not a GEMM");
+  if (since < m->min_since_version) return reject("opset too old");
+  Claim r = m->claim(api, node, index);
+  r.plan.node_name = name ? name : "";
+  const NodeIo io = node_io(api, node);
+  if (r.ok && (io.outputs.size() != 1 || !io.outputs[0])) {
+    r.ok = false;
+    r.reason = std::string(op_type) + " without exactly one output";
+  }
+  if (r.ok) r.plan.output = value_name(api, io.outputs[0]);
+  if (!r.ok) r.fused_producers.clear();
+  return r;
+}
+
+}  // namespace xdna::ops

@@ -1,0 +1,61 @@
+#include "ops/transpose_fusion.h"
+
+#include <cstring>
+
+#include "ep_plugin/ort_api.h"
+
+namespace xdna::ops {
+
+void read_through_transpose(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim) {
+  if (op->constant || op->rank < 2) return;
+  const auto it = index.producer.find(op->name);
+  const auto uses = index.uses.find(op->name);
+  if (it == index.producer.end() || uses == index.uses.end() || uses->second != 1) return;
+  const OrtNode* producer = it->second;
+  const char* type = nullptr;
+  const char* domain = nullptr;
+  ep::check(api, api.Node_GetOperatorType(producer, &type));
+  ep::check(api, api.Node_GetDomain(producer, &domain));
+  if (std::strcmp(type, "Transpose") != 0 || std::strcmp(domain, "") != 0) return;
+  NodeIo io = node_io(api, producer);
+  if (io.inputs.size() != 1 || !io.inputs[0]) return;
+  ONNXTensorElementDataType t;
+  Operand source = describe(api, io.inputs[0], &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || source.rank != op->rank || source.constant) return;
+  std::vector<int64_t> perm(static_cast<size_t>(op->rank));
+  for (int d = 0; d < op->rank; ++d) perm[d] = op->rank - 1 - d;  // ONNX default: reverse
+  if (!ints_attr(api, producer, "perm", &perm) || perm.size() != static_cast<size_t>(op->rank)) return;
+  std::vector<bool> seen(perm.size(), false);
+  for (int64_t p : perm) {
+    if (p < 0 || p >= op->rank || seen[static_cast<size_t>(p)]) return;
+    seen[static_cast<size_t>(p)] = true;
+  }
+  op->name = source.name;
+  op->perm = std::move(perm);
+  claim->fused_producers.push_back(producer);
+}
+
+std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& dims) {
+  std::vector<int64_t> strides(dims.size());
+  int64_t s = 1;
+  for (size_t i = dims.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= dims[i];
+  }
+  return strides;
+}
+
+View view_of(const Tensor& t, const std::vector<int64_t>& perm) {
+  View v{t.data, t.dims, contiguous_strides(t.dims)};
+  if (perm.empty()) return v;
+  if (perm.size() != t.dims.size())
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "Transpose perm does not match its input");
+  View p{t.data, std::vector<int64_t>(perm.size()), std::vector<int64_t>(perm.size())};
+  for (size_t d = 0; d < perm.size(); ++d) {
+    p.dims[d] = v.dims[static_cast<size_t>(perm[d])];
+    p.strides[d] = v.strides[static_cast<size_t>(perm[d])];
+  }
+  return p;
+}
+
+}  // namespace xdna::ops

@@ -1,0 +1,25 @@
+// The Transpose fused into a MatMul (attention's head split and K^T): claimed with the MatMul when the MatMul is
+// its only user, and never materialised: the MatMul reads the Transpose's input through permuted strides.
+#pragma once
+
+#include <vector>
+
+#include "ops/op.h"
+
+namespace xdna::ops {
+
+// Claim rule: if operand `op` (of rank >= 2, computed at run time) is the output of a float Transpose whose only
+// use is this MatMul, redirect it to the Transpose's input, record the permutation and add the Transpose to
+// `claim->fused_producers`. Otherwise leaves both untouched (the Transpose stays where it is).
+void read_through_transpose(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim);
+
+// Run step: an operand as the MatMul sees it, its dims and element strides into `data` (operand dim d = tensor
+// dim perm[d]; empty perm: the tensor as it is).
+struct View {
+  const float* data = nullptr;
+  std::vector<int64_t> dims, strides;
+};
+View view_of(const Tensor& t, const std::vector<int64_t>& perm);
+std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& dims);
+
+}  // namespace xdna::ops

@@ -1,0 +1,52 @@
+"""The numerics every test checks against: one bf16 rounding, one error bound, one comparison.
+
+The bound is the contract's (kernels/gemm_contract.h, stated there once):
+    |C - C_exact| <= (2^-7 + 2^-16 + K * 2^-23) * (|A|.|B|)   elementwise,
+since bf16 keeps 8 significant bits (each rounded operand within 2^-8 relative, a product of two within
+(1 + 2^-8)^2 - 1 = 2^-7 + 2^-16) and K * 2^-23 covers the fp32 accumulation (with a factor 2 of margin, so that
+the CPU EP's own fp32 error fits inside as well).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TINY = 1e-30  # absolute slack for subnormal products a backend may flush to zero
+
+
+def bf16_round(x) -> np.ndarray:
+    """fp32 -> bf16 -> fp32 with round-to-nearest-even; NaN stays a quiet NaN (the contract's f32_to_bf16)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    quiet_nan = (u | 0x00400000) & 0xFFFF0000
+    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(is_nan, quiet_nan, rounded).astype(np.uint32).view(np.float32)
+
+
+def bf16_bound(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """The contract's elementwise bound on |C - A.B| for fp32 A [.., M, K] and B [.., K, N] (see the module doc)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        mag = np.matmul(np.abs(np.asarray(a, np.float64)), np.abs(np.asarray(b, np.float64)))
+    return (2.0**-7 + 2.0**-16 + k * 2.0**-23) * mag + TINY
+
+
+def summation_order_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two backends computing the same bf16 products may differ only in the order of the fp32 sum:
+    |c1 - c2| <= 2 K 2^-23 |A|.|B| (with 1% slack). Any protocol error is orders of magnitude larger."""
+    k = a.shape[-1]
+    return 2 * k * 2.0**-23 * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)) * 1.01 + TINY
+
+
+def assert_within(actual, exact, bound, what=""):
+    """|actual - exact| <= bound elementwise where exact is finite; NaN and +-Inf exactly where exact has them."""
+    actual = np.asarray(actual, dtype=np.float64)
+    exact = np.asarray(exact, dtype=np.float64)
+    assert actual.shape == exact.shape, f"{what}: shape {actual.shape} != {exact.shape}"
+    finite = np.isfinite(exact)
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(exact), err_msg=f"{what}: NaN positions differ")
+    inf = ~finite & ~np.isnan(exact)
+    np.testing.assert_array_equal(actual[inf], exact[inf], err_msg=f"{what}: Inf differs")
+    err = np.abs(actual[finite] - exact[finite])
+    lim = np.broadcast_to(bound, exact.shape)[finite]
+    worst = np.argmax(err - lim) if err.size else 0
+    assert np.all(err <= lim), f"{what}: error {err.flat[worst]:.3g} exceeds the bound {lim.flat[worst]:.3g}"
