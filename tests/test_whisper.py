@@ -151,7 +151,7 @@ def test_greedy_matches_optimum_generate(tiny_multilingual):
         if expected[: len(prompt)] == prompt:  # transformers returns the tokens with or without the prompt
             expected = expected[len(prompt):]
         generated = [t for t in expected if t != w.tokens.eot]
-        assert decoded.tokens == generated[: len(decoded.tokens)] and len(decoded.tokens) >= min(len(generated), 1)
+        assert decoded.tokens == generated
 
 
 def brute_force_beam_search(w, encoded, prompt, rules, beam_size, patience, length_penalty, sample_len):
@@ -243,16 +243,6 @@ def test_detected_language_is_used(tiny_multilingual):
     assert info.options.language == info.language
     given, _ = transcribe(audio, w, beam_size=1, sample_len=8, language=info.language)
     assert [s.text for s in given] == [s.text for s in transcribe(audio, w, beam_size=1, sample_len=8)[0]]
-
-
-def test_xdna_and_cpu_transcripts_come_from_the_same_loop(tiny_en):
-    audio = chirp(4.0, seed=2)
-    r_cpu = transcribe_all(audio, WhisperOnnx(tiny_en, "cpu"), sample_len=16)
-    r_xdna = transcribe_all(audio, WhisperOnnx(tiny_en, "xdna"), sample_len=16)
-    assert r_xdna.duration == pytest.approx(4.0) and r_cpu.duration == pytest.approx(4.0)
-    assert r_xdna.timings["windows"] == r_cpu.timings["windows"] == 1
-    for r in (r_cpu, r_xdna):
-        assert r.language == "en" and isinstance(r.text, str)
 
 
 def test_concurrent_transcriptions_on_one_model(tiny_en):
@@ -597,6 +587,13 @@ def test_real_whisper_base_transcribes_the_sample_on_the_ep(whisper_base):
     assert word_error_rate(SAMPLE_TEXT, result.text) <= 0.1, result.text
     assert result.segments and result.segments[0].start <= 1.0 and result.segments[-1].end <= result.duration
     assert xdna.placement(w.encoder).count(EP, ("MatMul",)) == matmul_count(whisper_base / "encoder_model.onnx")
+
+
+def test_real_whisper_base_xdna_and_cpu_transcripts_agree(whisper_base):
+    """The EP changes the arithmetic (bf16 operands), not the loop: on real speech both EPs give the same text."""
+    texts = {p: transcribe_all(sample_path(), WhisperOnnx(whisper_base, p), beam_size=1).text for p in ("cpu", "xdna")}
+    assert texts["xdna"] == texts["cpu"]
+    assert word_error_rate(SAMPLE_TEXT, texts["cpu"]) <= 0.1, texts["cpu"]
 
 
 def test_real_whisper_base_quiet_recording_is_not_dropped(whisper_base):
