@@ -23,7 +23,7 @@ function stamp(s) {
 
 function backendLine(h) {
   if (h.backend === "cpu") return "CPU execution provider (--provider cpu)";
-  if (h.backend === "emulator") return "XDNA EP on the emulator (no NPU: " + (h.backend_reason || "none found") + ")";
+  if (h.backend === "emulator") return "XDNA EP on the emulator (no NPU here; the NPU's bf16 contract on the CPU)";
   if (h.backend === "npu" || h.backend === "xrt") return "XDNA EP on the NPU";
   return "XDNA EP, backend " + h.backend;
 }
@@ -33,6 +33,7 @@ async function loadHealth() {
     const r = await fetch("/health");
     health = await r.json();
     $("where").textContent = "Model " + health.model + " — runs on " + backendLine(health) + ".";
+    $("where").title = health.backend_reason || "";
     $("key-label").hidden = !health.auth_required;
     const sel = $("language");
     for (const code of health.languages || []) {
