@@ -317,8 +317,21 @@ def create_app(model, config: ServerConfig) -> FastAPI:
             job = Job(form.file_path, options)
             if stream:
                 handed_over = True
-                return StreamingResponse(stream_events(job, form, place, words), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                running: list = []  # the job's asyncio task, once the event generator has started it
+
+                def free(*_):
+                    form.cleanup()
+                    place.release()
+
+                def on_close():  # the response ended: normally, by an error, or the client went away
+                    if running and not running[0].done():
+                        job.cancel("client disconnected")
+                        running[0].add_done_callback(free)  # the upload is freed when the worker lets go of it
+                    else:
+                        free()
+
+                return _Stream(stream_events(job, words, running), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, on_close=on_close)
             result, seconds = await run_watched(request, job)
             return render(result, seconds, fmt, task, words, job)
         except ApiError as e:
@@ -399,13 +412,14 @@ def create_app(model, config: ServerConfig) -> FastAPI:
             return PlainTextResponse(result.text + "\n", headers=headers)
         return PlainTextResponse(formats.render(result, fmt), headers=headers)
 
-    async def stream_events(job: Job, form, place, words):
+    async def stream_events(job: Job, words, running: list):
         """Server-sent events: one `transcript.text.delta` per segment (with the segment), then
         `transcript.text.done` with the text, the segments, every download format and where it ran."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         job.on_segment = lambda s: loop.call_soon_threadsafe(queue.put_nowait, s)
         task = asyncio.ensure_future(engine.run(job))
+        running.append(task)
         task.add_done_callback(lambda _: queue.put_nowait(None))
         deadline = loop.time() + config.timeout
         try:
@@ -439,15 +453,9 @@ def create_app(model, config: ServerConfig) -> FastAPI:
                                 "vtt": formats.render(result, "vtt"), "json": formats.render(result, "json")},
                     "x_xdna": run_facts(result, seconds)}
             yield sse(done)
-        finally:  # normal end, client gone (the generator is cancelled or closed), or an error
+        finally:  # normal end, client gone (the generator is cancelled or closed), or an error: see _Stream
             if not task.done():
                 job.cancel("client disconnected")
-                try:
-                    await asyncio.shield(task)
-                except BaseException:
-                    pass
-            form.cleanup()
-            place.release()
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
@@ -458,6 +466,21 @@ def create_app(model, config: ServerConfig) -> FastAPI:
         return await transcription(request, "translate")
 
     return app
+
+
+class _Stream(StreamingResponse):
+    """A StreamingResponse that frees its request's upload and queue place however it ends, also when the client
+    is gone before the event generator ever ran (then the generator's own `finally` never runs)."""
+
+    def __init__(self, *args, on_close, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()  # idempotent: cancel (no-op once done), delete, release
 
 
 def _looks_like_mp4(head: bytes) -> bool:
