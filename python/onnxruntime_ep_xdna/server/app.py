@@ -276,7 +276,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
         try:
             info = probe(form.file_path)
         except AudioError as e:
-            reason = str(e).split(": ", 1)[-1]
+            reason = scrub(str(e), form.file_path, name).split(": ", 1)[-1]
             if not form.head.startswith(MAGIC) and not _looks_like_mp4(form.head):
                 raise ApiError(415, f"{name}: not an audio format this server can decode ({reason}); send wav, "
                                "flac, ogg or mp3 (other formats need ffmpeg on the server)", param="file",
@@ -332,7 +332,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
 
                 return _Stream(stream_events(job, words, running), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, on_close=on_close)
-            result, seconds = await run_watched(request, job)
+            result, seconds = await run_watched(request, job, form.file_name or "the upload")
             return render(result, seconds, fmt, task, words, job)
         except ApiError as e:
             return error_response(e.status, e.message, e.param, e.code, e.headers)
@@ -342,7 +342,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
                     form.cleanup()
                 place.release()
 
-    async def run_watched(request: Request, job: Job):
+    async def run_watched(request: Request, job: Job, name: str):
         """Runs the job; cancels it when the client disconnects or the deadline passes."""
         task = asyncio.ensure_future(engine.run(job))
 
@@ -366,14 +366,14 @@ def create_app(model, config: ServerConfig) -> FastAPI:
                     raise ApiError(499, "client disconnected", code="client_closed")
                 raise ApiError(504, f"transcription took longer than {config.timeout:g} s (--timeout)",
                                code="timeout")
-            return map_errors(task)
+            return map_errors(task, job, name)
         except asyncio.CancelledError:  # the server is stopping this request
             job.cancel("request cancelled")
             raise
         finally:
             watcher.cancel()
 
-    def map_errors(task):
+    def map_errors(task, job: Job, name: str):
         try:
             return task.result()
         except ShuttingDown as e:
@@ -381,7 +381,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
         except Cancelled as e:
             raise ApiError(503, f"the job was cancelled ({e.reason})", code="cancelled") from None
         except AudioError as e:
-            raise ApiError(400, str(e).split(": ", 1)[-1], param="file", code="invalid_audio") from None
+            raise ApiError(400, scrub(str(e), job.path, name), param="file", code="invalid_audio") from None
         except (OptionsError, TranscribeError) as e:
             raise ApiError(400, str(e), code="invalid_value") from None
 
@@ -442,7 +442,7 @@ def create_app(model, config: ServerConfig) -> FastAPI:
                     event["words"] = words_json(item)
                 yield sse(event)
             try:
-                result, seconds = map_errors(task)
+                result, seconds = map_errors(task, job, "the upload")
             except ApiError as e:
                 yield sse(error_body(e.status, e.message, e.param, e.code))
                 return
@@ -485,6 +485,11 @@ class _Stream(StreamingResponse):
 
 def _looks_like_mp4(head: bytes) -> bool:
     return len(head) >= 8 and head[4:8] == b"ftyp"
+
+
+def scrub(message: str, path: str | None, name: str) -> str:
+    """The server's temporary file name never goes back to the client: it is the client's file name there."""
+    return message.replace(path, name) if path else message
 
 
 def sse(obj: dict) -> str:
