@@ -251,7 +251,7 @@ def test_bad_uploads_each_get_the_right_4xx_and_leave_no_file(server, clip):
         got, body = _post(server, files, data)
         assert got == status, (name, got, body)
         assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"], name
-        assert "upload-" not in body["error"]["message"] and str(server.tmp) not in body["error"]["message"], body
+        assert "/upload-" not in body["error"]["message"] and str(server.tmp) not in body["error"]["message"], body
         if code:
             assert body["error"]["code"] == code, (name, body)
     # not multipart at all; and a multipart body cut off in the middle of the file
