@@ -18,8 +18,8 @@ pip() { "$venv/bin/python" -m pip "$@"; }
 # PyTorch is only needed to convert/export Whisper. Installed first and pinned to the CPU build this project is
 # tested with, so that nothing later pulls a multi-GB CUDA build.
 "$venv/bin/python" -c 'import torch' 2>/dev/null || pip install -q "torch==2.13.0"
-extras="whisper"
-[ "$mode" = test ] && extras="whisper,test"
+extras="whisper,server"
+[ "$mode" = test ] && extras="whisper,server,test"
 pip install -q "$repo[$extras]"
 
 case "$mode" in

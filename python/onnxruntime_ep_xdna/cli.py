@@ -1,4 +1,4 @@
-"""`xdna` command: info, partition, transcribe, model."""
+"""`xdna` command: info, partition, transcribe, model, serve."""
 
 from __future__ import annotations
 
@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("transcribe", help="transcribe audio files with Whisper on the EP")
     add_transcribe_arguments(tr)
     tr.set_defaults(func=run_transcribe)
+
+    from .server.cli import add_serve_arguments, run_serve
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible transcription server with a local web page "
+                                         "(needs the server extra)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
     return p
 
 
