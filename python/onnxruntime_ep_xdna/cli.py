@@ -1,4 +1,4 @@
-"""`xdna` command: info, partition, transcribe, model."""
+"""`xdna` command: info, partition, transcribe, batch, model."""
 
 from __future__ import annotations
 
@@ -146,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("transcribe", help="transcribe audio files with Whisper on the EP")
     add_transcribe_arguments(tr)
     tr.set_defaults(func=run_transcribe)
+
+    try:
+        from .batch.cli import add_batch_arguments, run_batch_command
+    except ImportError as e:  # as for transcribe: every flag taken, the missing piece named
+        missing_batch = str(e)
+
+        def run_batch_command(args) -> int:
+            print(f"xdna batch: error: needs the whisper extra: pip install 'onnxruntime-ep-xdna[whisper]' "
+                  f"({missing_batch})", file=sys.stderr)
+            return 1
+
+        def add_batch_arguments(parser) -> None:
+            parser.set_defaults(accepts_anything=True)
+
+    ba = sub.add_parser("batch", help="transcribe many files (directories, list files) into a directory, resumable; "
+                                      "on this machine or a Ray cluster")
+    add_batch_arguments(ba)
+    ba.set_defaults(func=run_batch_command)
     return p
 
 
