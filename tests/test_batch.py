@@ -290,12 +290,21 @@ def test_an_input_that_always_kills_its_worker_is_failed_after_the_retries(tiny,
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, _node_ip_address="127.0.0.1",
-             logging_level="ERROR", log_to_driver=False)
+    from onnxruntime_ep_xdna.batch.ray_engine import loopback_only
+
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    loopback_only(ray)  # every server of this instance binds 127.0.0.1 (checked below)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, logging_level="ERROR",
+             log_to_driver=False)
     try:
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
         yield ray
     finally:
         ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
 
 
 def test_ray_batch_bad_files_recorded_and_resume(ray_local, tiny, tmp_path):

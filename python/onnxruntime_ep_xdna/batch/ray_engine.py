@@ -54,6 +54,17 @@ def _import_ray():
     return ray
 
 
+def loopback_only(ray) -> None:
+    """Makes a Ray instance started from this process bind 127.0.0.1 only (a one-machine batch has no reason to
+    listen on the network). Ray's switch for this is its single-machine mode (node IP = localhost); the
+    environment variable reaches the processes ray.init starts, the constant the already imported module."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    except AttributeError:
+        pass
+
+
 def placement(ray, workers: int | None, cpus_per_worker: float, npu_resource: str = NPU_RESOURCE
               ) -> tuple[int, dict, str]:
     """(number of actors, their ray options, a sentence for the log) from the cluster's resources."""
@@ -87,6 +98,8 @@ def run_ray(runner: BatchRunner, *, workers: int | None = None, address: str | N
         kwargs = {"include_dashboard": False, "logging_level": "ERROR"}
         if address:
             kwargs["address"] = address
+        elif not os.environ.get("RAY_ADDRESS"):
+            loopback_only(ray)  # a Ray instance for this batch only, on this machine
         ray.init(**kwargs)
         started_here = True
     try:
