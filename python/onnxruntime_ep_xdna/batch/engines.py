@@ -19,6 +19,7 @@ def run_inline(runner: BatchRunner) -> Summary:
         worker = Worker(runner.config)
     except ConfigError as e:
         return runner.finish(EXIT_CONFIG, str(e))
+    runner.worker_ready()
     try:
         while (job := runner.next_job()) is not None:
             runner.finished(job, worker.run(job.source))
@@ -108,6 +109,7 @@ def run_processes(runner: BatchRunner, workers: int, start_timeout: float = 600.
                         return runner.finish(EXIT_CONFIG, payload)
                     if kind == "ready":
                         p.ready = True
+                        runner.worker_ready()
                     elif kind == "result" and p.job is not None:
                         job, p.job = p.job, None
                         runner.finished(job, payload)

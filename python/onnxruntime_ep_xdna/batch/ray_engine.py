@@ -181,6 +181,7 @@ def _loop(ray, runner: BatchRunner, remote, config: WorkerConfig, n: int, start_
                     if not value.get("ok"):
                         return runner.finish(EXIT_CONFIG, value.get("error") or "worker could not start")
                     s.ready = ever_ready = True
+                    runner.worker_ready()
                 elif s.job is not None:
                     job, s.job = s.job, None
                     runner.finished(job, value)

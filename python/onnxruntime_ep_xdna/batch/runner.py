@@ -31,6 +31,8 @@ class Summary:
     audio_s: float = 0.0  # audio transcribed in this run
     wall_s: float = 0.0
     exit_code: int = EXIT_OK
+    ready_s: float | None = None  # from the start until the first worker had its model loaded
+    busy_s: float = 0.0  # seconds workers spent on inputs (their own clocks), this run
     message: str = ""  # why the batch stopped early (exit code 1 or 130)
     statuses: dict = field(default_factory=dict)  # input -> status
 
@@ -120,8 +122,13 @@ class BatchRunner:
         self.status[job.index] = "running"
         return job
 
+    def worker_ready(self) -> None:
+        if self.summary.ready_s is None:
+            self.summary.ready_s = time.monotonic() - self._t0
+
     def finished(self, job: J.Job, result: dict) -> None:
         self._dirty = True
+        self.summary.busy_s += float(result.get("time") or 0.0)
         if self.status.get(job.index) in ("done", "failed"):
             return  # a late duplicate answer: the first one won, nothing is written twice
         if result.get("ok"):

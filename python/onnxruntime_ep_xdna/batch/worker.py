@@ -69,12 +69,18 @@ class Worker:
 
         self._maybe_hold(source)
         t = time.perf_counter()
+        from .jobs import is_uri
+
+        if is_uri(source):
+            return {"ok": False, "time": 0.0, "error": f"{source}: URIs are not decoded by this version; mount the "
+                    "storage (NFS, s3fs, gcsfuse, rclone mount) at the same path on every worker and give paths"}
         try:
             result = transcribe_all(source, self.model, self.config.options)
             rendered = {fmt: render(result, fmt) for fmt in self.config.formats}
         except Exception as e:  # this input fails; the worker and the batch go on
             lines = str(e).strip().splitlines()
-            return {"ok": False, "error": (lines[-1].strip() if lines else type(e).__name__)}
+            return {"ok": False, "error": (lines[-1].strip() if lines else type(e).__name__),
+                    "time": round(time.perf_counter() - t, 3)}
         return {"ok": True, "rendered": rendered, "duration": round(result.duration, 3), "language": result.language,
                 "time": round(time.perf_counter() - t, 3), "provider": self.provider, "host": os.uname().nodename,
                 "pid": os.getpid()}
