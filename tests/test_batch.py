@@ -237,6 +237,23 @@ def test_cli_interrupted_run_resumes_where_it_stopped(tiny, tmp_path):
     assert {v["status"] for v in read_index(out).values()} == {"done", "skipped"}
 
 
+def test_one_batch_per_output_directory_and_leftover_temporaries_removed(tmp_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / ".a.txt.x1y2.tmp").write_text("half")  # what a run killed inside atomic_write leaves
+    (out / "keep.txt").write_text("a user's file")
+    with J.OutputLock(out):
+        assert not (out / "sub" / ".a.txt.x1y2.tmp").exists() and (out / "keep.txt").is_file()
+        code = ("import sys; from onnxruntime_ep_xdna.batch.jobs import OutputLock, BatchInputError\n"
+                "from pathlib import Path\n"
+                "try:\n    OutputLock(Path(sys.argv[1])).__enter__()\nexcept BatchInputError as e:\n"
+                "    print(e); sys.exit(3)\n")
+        p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 3 and f"pid {os.getpid()}" in p.stdout
+    with J.OutputLock(out):  # released: taken again
+        pass
+
+
 def test_cli_errors_are_messages(tiny, tmp_path):
     wav = write_wav(tmp_path / "a.wav", 0.5)
     p = run_cli("--model", tiny, "-o", tmp_path / "out", tmp_path / "nope.wav")

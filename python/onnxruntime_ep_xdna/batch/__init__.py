@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable
 
-from .jobs import BatchInputError, discover
+from .jobs import BatchInputError, OutputLock, discover
 from .runner import BatchRunner, Summary
 from .worker import ConfigError, WorkerConfig
 
@@ -45,12 +46,13 @@ def run_batch(inputs: Iterable[str], out_dir: str | os.PathLike, *, model: str =
     config = WorkerConfig(model=str(model), provider=provider, options=options or TranscriptionOptions(),
                           formats=formats, threads=threads, test_hold=test_hold)
     os.makedirs(out_dir, exist_ok=True)
-    runner = BatchRunner(jobs, out_dir, config, force=force, retries=retries, progress=progress, log=log)
-    if engine == "ray":
-        from .ray_engine import run_ray
+    with OutputLock(Path(out_dir)):
+        runner = BatchRunner(jobs, out_dir, config, force=force, retries=retries, progress=progress, log=log)
+        if engine == "ray":
+            from .ray_engine import run_ray
 
-        return run_ray(runner, workers=workers, address=ray_address, cpus_per_worker=cpus_per_worker,
-                       npu_resource=npu_resource, start_timeout=start_timeout)
-    if (workers or 1) > 1:
-        return run_processes(runner, workers, start_timeout=start_timeout)
-    return run_inline(runner)
+            return run_ray(runner, workers=workers, address=ray_address, cpus_per_worker=cpus_per_worker,
+                           npu_resource=npu_resource, start_timeout=start_timeout)
+        if (workers or 1) > 1:
+            return run_processes(runner, workers, start_timeout=start_timeout)
+        return run_inline(runner)

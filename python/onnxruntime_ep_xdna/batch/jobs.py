@@ -218,3 +218,45 @@ def index_line(job: Job, status: str) -> dict:
 
 def write_index(out_dir: Path, lines: list[dict]) -> None:
     atomic_write(out_dir / INDEX, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+
+
+class OutputLock:
+    """An exclusive lock on OUT_DIR for one batch at a time (flock on .xdna-batch/lock: released by the kernel
+    when the process ends, however it ends). Taking it also removes temporary files a killed run left behind."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / STATE_DIR / "lock"
+        self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            raise BatchInputError(f"{self.path.parent.parent}: another xdna batch (pid {holder}) is writing there; "
+                                  "wait for it or choose another output directory") from None
+        except OSError:
+            pass  # a file system without flock (some NFS setups): no lock, the writes stay atomic
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        root = self.path.parent.parent
+        for dirpath, _, filenames in os.walk(root):
+            for name in filenames:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    try:
+                        os.unlink(os.path.join(dirpath, name))
+                    except OSError:
+                        pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
