@@ -4,6 +4,7 @@ Decoding options are those of `xdna transcribe`, taken from its own parser (so t
 Exit status: 0 = every input done (now or in an earlier run), 1 = the batch could not run (model, provider,
 options, no worker; nothing not done is lost: re-run), 2 = at least one input failed (see index.jsonl; the others
 were done), 130 = interrupted (re-run to resume).
+XDNA_BATCH_TEST_HOLD (tests only) is WorkerConfig.test_hold: a worker waits on a given input so a test can kill it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _formats(text: str) -> tuple[str, ...]:
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="audio files, directories (searched recursively for audio files) or list files "
-                             "(.txt/.lst/.list: one path or URI per line)")
+                             "(.txt/.lst/.list: one path per line, relative to the list file)")
     parser.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR",
                         help="outputs mirror the inputs' relative paths here, with index.jsonl")
     parser.add_argument("--list", action="append", default=[], metavar="FILE", help="a list file of inputs (repeatable)")
