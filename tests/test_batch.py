@@ -324,6 +324,14 @@ def ray_local():
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
 
 
+def test_ray_unreachable_cluster_is_a_message_not_a_wait(tiny, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    wav = write_wav(tmp_path / "a.wav", 0.5)
+    p = run_cli("--model", tiny, "--engine", "ray", "--ray-address", "127.0.0.1:1", "-o", tmp_path / "out", wav)
+    assert p.returncode == 1 and "nothing answers at 127.0.0.1:1" in p.stderr and "Traceback" not in p.stderr
+    assert read_index(tmp_path / "out")[str(wav)]["status"] == "pending"
+
+
 def test_ray_batch_bad_files_recorded_and_resume(ray_local, tiny, tmp_path):
     f = make_corpus(tmp_path)
     good = [f["a"], f["b"], f["c"], f["d"]]

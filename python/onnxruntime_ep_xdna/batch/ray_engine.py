@@ -54,6 +54,19 @@ def _import_ray():
     return ray
 
 
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A host:port address must accept a TCP connection within `timeout` s (Ray itself retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # ray://..., "auto", or no address: Ray's own handling
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {address} ({e.strerror or e})") from None
+
+
 def loopback_only(ray) -> None:
     """Makes a Ray instance started from this process bind 127.0.0.1 only (a one-machine batch has no reason to
     listen on the network). Ray's switch for this is its single-machine mode (node IP = localhost); the
@@ -100,7 +113,13 @@ def run_ray(runner: BatchRunner, *, workers: int | None = None, address: str | N
             kwargs["address"] = address
         elif not os.environ.get("RAY_ADDRESS"):
             loopback_only(ray)  # a Ray instance for this batch only, on this machine
-        ray.init(**kwargs)
+        try:
+            _reachable(address or os.environ.get("RAY_ADDRESS") or "")
+            ray.init(**kwargs)
+        except Exception as e:  # unreachable address, version mismatch, missing auth token, ...
+            where = address or os.environ.get("RAY_ADDRESS") or "this machine"
+            return runner.finish(EXIT_CONFIG, f"cannot start or join the Ray cluster ({where}): "
+                                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
         started_here = True
     try:
         n, opts, why = placement(ray, workers, cpus_per_worker, npu_resource)
