@@ -1,4 +1,4 @@
-"""`xdna` command: info, partition, transcribe, model, serve."""
+"""`xdna` command: info, partition, transcribe, batch, model, serve."""
 
 from __future__ import annotations
 
@@ -153,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(needs the server extra)")
     add_serve_arguments(serve)
     serve.set_defaults(func=run_serve)
+
+    try:
+        from .batch.cli import add_batch_arguments, run_batch_command
+    except ImportError as e:  # as for transcribe: every flag taken, the missing piece named
+        missing_batch = str(e)
+
+        def run_batch_command(args) -> int:
+            print(f"xdna batch: error: needs the whisper extra: pip install 'onnxruntime-ep-xdna[whisper]' "
+                  f"({missing_batch})", file=sys.stderr)
+            return 1
+
+        def add_batch_arguments(parser) -> None:
+            parser.set_defaults(accepts_anything=True)
+
+    ba = sub.add_parser("batch", help="transcribe many files (directories, list files) into a directory, resumable; "
+                                      "on this machine or a Ray cluster")
+    add_batch_arguments(ba)
+    ba.set_defaults(func=run_batch_command)
     return p
 
 
