@@ -169,6 +169,58 @@ def test_dtw_follows_the_cheap_path():
     assert list(rows) == [0, 0, 0, 1, 1, 2, 2, 2] and list(cols) == list(range(8))
 
 
+def _loud_frames(audio: np.ndarray) -> np.ndarray | None:
+    from onnxruntime_ep_xdna.whisper import features
+
+    mel = features.from_array(audio.astype(np.float32), 80, features.mel_filter_bank(80))
+    return T.speech_frames(T.frame_energy_db(mel.window(0, mel.content_frames)[0, :, : mel.content_frames]))
+
+
+def _voiced(seconds: float, rng, syllables_hz: float = 0.0) -> np.ndarray:
+    """Speech-like sound: 120 Hz harmonics + a little noise, optionally amplitude-modulated (syllables)."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    x = sum(np.sin(2 * np.pi * 120 * k * t) / k for k in range(1, 20)) + 0.05 * rng.standard_normal(t.size)
+    if syllables_hz:
+        x *= 0.65 + 0.35 * np.sin(2 * np.pi * syllables_hz * t)  # dips of ~10 dB, never a pause
+    return 0.1 * x
+
+
+REFINE_FRAME_TOLERANCE_S = 0.03  # three mel frames (10 ms hop; the 25 ms STFT window blurs an edge over ~2.5)
+
+
+def test_word_timing_refine_moves_bounds_out_of_pauses():
+    rng = np.random.default_rng(0)
+    silence = lambda s: np.zeros(int(s * 16000))  # noqa: E731
+    # a burst of speech after 0.5 s of silence, a 0.3 s pause, a second burst, silence to the end
+    audio = np.concatenate([silence(0.5), _voiced(0.4, rng), silence(0.3), _voiced(0.5, rng), silence(0.8)])
+    loud = _loud_frames(audio)
+    assert loud is not None
+    # DTW-like: contiguous words, the first from the window's start, the boundary inside the first word's tail
+    words = [T.Word(0.0, 0.8, " one", 0.9), T.Word(0.8, 1.8, " two", 0.9)]
+    T.refine_word_times(words, loud, 0.0)
+    tol = REFINE_FRAME_TOLERANCE_S
+    assert words[0].start == pytest.approx(0.5, abs=tol) and words[0].end == pytest.approx(0.9, abs=tol), words
+    assert words[1].start == pytest.approx(1.2, abs=tol) and words[1].end == pytest.approx(1.7, abs=tol), words
+    # the same with the window starting at 10 s (times absolute) and a word already right: nothing else moves
+    words = [T.Word(10.5, 10.9, " one", 0.9), T.Word(10.9, 11.7, " two", 0.9)]
+    T.refine_word_times(words, loud, 10.0)
+    assert [x for w in words for x in (w.start, w.end)] == pytest.approx([10.5, 10.9, 11.2, 11.7], abs=tol), words
+
+
+def test_word_timing_refine_keeps_continuous_speech():
+    rng = np.random.default_rng(1)
+    # 2 s of continuous (modulated) speech then silence: the window has contrast, the words have no pause
+    audio = np.concatenate([_voiced(2.0, rng, syllables_hz=4.0), np.zeros(16000)])
+    loud = _loud_frames(audio)
+    assert loud is not None and loud[:200].all()
+    spans = [(0.0, 0.37), (0.37, 0.81), (0.81, 1.3), (1.3, 1.62), (1.62, 2.0)]
+    words = [T.Word(a, b, f" w{i}", 0.9) for i, (a, b) in enumerate(spans)]
+    T.refine_word_times(words, loud, 0.0)
+    assert [(w.start, w.end) for w in words] == spans
+    # no contrast in the window (no pause at all): nothing to refine against
+    assert _loud_frames(_voiced(2.0, rng, syllables_hz=4.0)) is None
+
+
 def test_words_split_and_punctuation_merged():
     vocab = {1: " Hello", 2: ",", 3: " wor", 4: "ld", 5: ".", 6: " \"Yes", 7: "\""}
     decode = lambda toks: "".join(vocab[t] for t in toks)  # noqa: E731
@@ -376,8 +428,12 @@ def test_real_language_probabilities(whisper_base):
 
 
 WORDS = "please call stella and ask her to bring these things with her from the store".split()
-# Tolerance of this test (the benchmark reports the measured figures): median |error| of word starts and ends.
-WORD_TIMING_TOLERANCE_S = 0.25
+# Tolerances of this test (benchmarks/README.md has the measured figures): median |error| of the word starts and,
+# separately, of the word ends (measured with word_timing_refine 0.002 / 0.010 s on this clip, at most 0.023 s on
+# the benchmark's tighter-gap clip: ~2x that, half the issue's 0.1 s target), and every word's (measured max
+# 0.106 s here, 0.238 s on the other clip).
+WORD_TIMING_TOLERANCE_S = 0.05
+WORD_TIMING_MAX_ERROR_S = 0.3
 
 
 @pytest.fixture(scope="session")
@@ -400,5 +456,6 @@ def test_real_word_timings_on_known_boundaries(whisper_base, known_word_clip, pr
     words = [x for s in result.segments for x in s.words]
     errors, matched = word_timing_errors(reference, words)
     assert matched >= len(WORDS) * 0.8, result.text
-    assert float(np.median(errors)) <= WORD_TIMING_TOLERANCE_S, (np.median(errors), words)
-    assert all(e < 1.0 for e in errors), errors
+    starts, ends = np.median(errors[0::2]), np.median(errors[1::2])
+    assert starts <= WORD_TIMING_TOLERANCE_S and ends <= WORD_TIMING_TOLERANCE_S, (starts, ends, words)
+    assert all(e < WORD_TIMING_MAX_ERROR_S for e in errors), errors

@@ -46,6 +46,8 @@ class TranscriptionOptions:
     word_timestamps: align every word (Segment.words: start, end, word, probability) from the cross-attention of
       the checkpoint's alignment heads + DTW (OpenAI's timing.py); prepend_punctuations / append_punctuations are
       merged into the next / previous word.
+    word_timing_refine: with word_timestamps, move word starts/ends that DTW put in a pause to the speech onset/
+      offset seen in the log-mel energy (the pause before a word is otherwise counted in it); False = OpenAI's.
     vad_filter: run Silero VAD first and transcribe only the speech (joined; times mapped back to the original).
       vad_parameters: a vad.VadOptions or a dict of its fields (threshold, neg_threshold, min_speech_duration_ms,
       max_speech_duration_s, min_silence_duration_ms, speech_pad_ms).
@@ -79,6 +81,7 @@ class TranscriptionOptions:
     sample_len: int | None = None
     seed: int = 0
     word_timestamps: bool = False
+    word_timing_refine: bool = True
     prepend_punctuations: str = "\"'“¿([{-"
     append_punctuations: str = "\"'.。,，!！?？:：”)]}、"
     vad_filter: bool = False

@@ -213,3 +213,82 @@ def fit_segment_words(segment_words: list[list[Word]], segments: list, median: f
             seg.end = last.end
         last_speech = seg.end
     return last_speech
+
+
+# Word-time refinement against the audio (stable-ts / WhisperX-style; option word_timing_refine). DTW makes words
+# contiguous: a pause before a word is counted in it (its start is early by about the pause) and a window's first
+# word starts at the window's first timestamp. The log-mel, already computed, tells where the pauses are: a word
+# start lying in a quiet stretch moves forward to the first loud frame of the word's own span, a word end lying in
+# a quiet stretch moves back to the last loud frame. Nothing moves in continuous speech (no frame of the span is
+# quiet at the boundary) or when the window has no clear quiet/loud contrast.
+REFINE_MIN_CONTRAST_DB = 20.0  # loud (95th percentile) minus quiet (5th percentile) frame energy of the window
+REFINE_THRESHOLD = 0.35  # a frame is quiet below quiet + this fraction of (loud - quiet), in dB
+REFINE_MIN_WORD_S = 0.02  # a refined word keeps at least this length
+REFINE_MIN_GAP_S = 0.1  # a pause between two words: at least this many seconds of quiet frames
+
+
+def frame_energy_db(log_mel: np.ndarray) -> np.ndarray:
+    """Per mel frame (100 per second) energy in dB from Whisper's normalised log-mel (n_mels, frames):
+    (log10 + 4) / 4 per bin -> 10 log10 of the mean mel power."""
+    x = 4.0 * np.asarray(log_mel, np.float64) - 4.0
+    top = x.max(axis=0)
+    return 10.0 * (top + np.log10(np.mean(10.0 ** (x - top), axis=0)))
+
+
+def speech_frames(energy_db: np.ndarray) -> np.ndarray | None:
+    """Loud (speech) frames of one window: above the window's quiet level + REFINE_THRESHOLD of its contrast;
+    None when the contrast is under REFINE_MIN_CONTRAST_DB (no clear pause: refine nothing)."""
+    if energy_db.size < 10:
+        return None
+    quiet, loud = np.percentile(energy_db, [5, 95])
+    if loud - quiet < REFINE_MIN_CONTRAST_DB:
+        return None
+    return energy_db > quiet + REFINE_THRESHOLD * (loud - quiet)
+
+
+def quiet_runs(loud: np.ndarray, min_frames: int) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of at least min_frames consecutive quiet frames."""
+    edges = np.diff(np.concatenate([[1], loud.astype(np.int8), [1]]))
+    starts, ends = np.nonzero(edges == -1)[0], np.nonzero(edges == 1)[0]
+    return [(int(a), int(b)) for a, b in zip(starts, ends) if b - a >= min_frames]
+
+
+def refine_word_times(words: list[Word], loud: np.ndarray | None, offset: float) -> None:
+    """Move word bounds (seconds; the window starts at `offset`, `loud` = speech_frames of its frames) to the
+    pauses the audio shows. (1) The boundary between two words (DTW: the previous word's end, the next word's
+    start) moves to the pause of at least REFINE_MIN_GAP_S nearest to it that overlaps the stretch between the
+    two words' middles and lies inside the two words: the
+    previous word ends where the pause begins, the next one starts where it ends (DTW tends to put the boundary
+    inside the previous word's tail, counting the whole pause in the next word). (2) A start still on a quiet
+    frame moves forward to the first loud frame of the word's span, an end on a quiet frame back to the last loud
+    one (a window's first word, the last word). Never past the word's other bound, never out of the window;
+    continuous speech (no such pause, bounds on loud frames) keeps its times."""
+    if loud is None or not words:
+        return
+    n = loud.size
+    runs = quiet_runs(loud, max(1, round(REFINE_MIN_GAP_S * 100)))
+
+    def frame(t: float) -> int:
+        return int(min(max(round((t - offset) * 100), 0), n))
+
+    for prev, nxt in zip(words[:-1], words[1:]):
+        lo = frame((prev.start + prev.end) / 2)
+        hi = frame((nxt.start + nxt.end) / 2)
+        t = (frame(prev.end) + frame(nxt.start)) / 2
+        first, last = frame(prev.start), frame(nxt.end)
+        inside = [(a, b) for a, b in runs if a < hi and b > lo and a > first and b < last]
+        if not inside:
+            continue
+        a, b = min(inside, key=lambda r: max(r[0] - t, t - r[1], 0.0))
+        prev.end = round(max(offset + a / 100, prev.start + REFINE_MIN_WORD_S), 3)
+        nxt.start = round(min(offset + b / 100, nxt.end - REFINE_MIN_WORD_S), 3)
+    for w in words:
+        a, b = frame(w.start), frame(w.end)
+        if b - a < 2 or not loud[a:b].any():
+            continue
+        if not loud[a]:
+            a = a + int(np.argmax(loud[a:b]))
+            w.start = round(min(offset + a / 100, w.end - REFINE_MIN_WORD_S), 3)
+        if not loud[b - 1]:
+            last = b - 1 - int(np.argmax(loud[a:b][::-1]))
+            w.end = round(max(offset + (last + 1) / 100, w.start + REFINE_MIN_WORD_S), 3)

@@ -29,7 +29,8 @@ from .onnx_model import XDNA_EP, TranscribeError, WhisperOnnx, load_model
 from .options import OptionsError, TranscriptionOptions
 from .rules import LogitRules, build_prompt, log_softmax, suppress_list
 from .search import DecodingResult, decode_with_fallback
-from .timing import Word, clip_long_words, find_alignment, fit_segment_words, merge_punctuations, word_durations
+from .timing import (Word, clip_long_words, find_alignment, fit_segment_words, frame_energy_db, merge_punctuations,
+                     refine_word_times, speech_frames, word_durations)
 
 
 @dataclass
@@ -149,6 +150,9 @@ class Transcription:
         probs = np.exp(log_softmax(sampled))[np.arange(len(flat)), flat]
         words = find_alignment(attention, len(sot_seq), probs, flat, size, model.text, toks.eot, self.info.language)
         words = merge_punctuations(words, opt.prepend_punctuations, opt.append_punctuations)
+        if opt.word_timing_refine:  # starts/ends out of pauses, from the window's log-mel (timing.refine_word_times)
+            seek = round(offset * SAMPLE_RATE / HOP_LENGTH)
+            refine_word_times(words, speech_frames(frame_energy_db(self.mel.window(seek, size)[0, :, :size])), 0.0)
         median, max_duration = word_durations(words)
         clip_long_words(words, max_duration)
         # Hand the words out to their segments by token counts (punctuation merging keeps tokens together).
