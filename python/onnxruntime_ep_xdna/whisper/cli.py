@@ -68,6 +68,9 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--vad-speech-pad-ms", type=int, default=400, help="padding around speech chunks (default 400)")
     w.add_argument("--word-timestamps", action="store_true",
                    help="time every word (cross-attention + DTW); words in json, cues per word/line in srt/vtt")
+    w.add_argument("--no-word-timing-refine", dest="word_timing_refine", action="store_false",
+                   help="keep DTW's word bounds as they are (by default they are moved onto pauses and speech onsets "
+                        "in the audio's energy)")
     w.add_argument("--prepend-punctuations", default=_D.prepend_punctuations,
                    help="punctuation merged into the next word")
     w.add_argument("--append-punctuations", default=_D.append_punctuations,
@@ -140,7 +143,8 @@ def options_from_args(args) -> TranscriptionOptions:
         prefix=args.prefix, hotwords=args.hotwords, suppress_tokens=args.suppress_tokens,
         suppress_blank=args.suppress_blank, without_timestamps=args.without_timestamps,
         max_initial_timestamp=args.max_initial_timestamp, seed=args.seed,
-        word_timestamps=args.word_timestamps, prepend_punctuations=args.prepend_punctuations,
+        word_timestamps=args.word_timestamps, word_timing_refine=args.word_timing_refine,
+        prepend_punctuations=args.prepend_punctuations,
         append_punctuations=args.append_punctuations, vad_filter=args.vad,
         vad_parameters=dict(threshold=args.vad_threshold, min_speech_duration_ms=args.vad_min_speech_duration_ms,
                             max_speech_duration_s=args.vad_max_speech_duration_s,
