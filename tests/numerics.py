@@ -50,3 +50,12 @@ def assert_within(actual, exact, bound, what=""):
     lim = np.broadcast_to(bound, exact.shape)[finite]
     worst = np.argmax(err - lim) if err.size else 0
     assert np.all(err <= lim), f"{what}: error {err.flat[worst]:.3g} exceeds the bound {lim.flat[worst]:.3g}"
+
+
+def assert_same_gemm(c, ref, a, b):
+    """The same bf16 products as a reference backend's, summed in another order (summation_order_bound)."""
+    assert_within(c, ref, summation_order_bound(a, b))
+
+
+def rand(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numerics import assert_within, summation_order_bound
+from numerics import assert_same_gemm, rand
 
 from onnxruntime_ep_xdna import _native as nat
 
@@ -47,15 +47,6 @@ def write_kernel_dir(root: Path, kernels, *, version=1, tile=(64, 64, 64), array
                 "kernels": entries}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
-
-
-def rand(shape, seed):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def assert_same_gemm(c, ref, a, b):
-    """The same bf16 products as the emulator's, summed in another order (numerics.summation_order_bound)."""
-    assert_within(c, ref, summation_order_bound(a, b))
 
 
 @pytest.fixture

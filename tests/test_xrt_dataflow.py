@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from numerics import assert_within, summation_order_bound
+from numerics import assert_same_gemm, rand
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxruntime_ep_xdna import _native as nat
@@ -40,15 +40,6 @@ def kernel_dir(root: Path, kernels) -> Path:
         {"format": "onnxruntime-ep-xdna-kernels", "contract_version": 1, "tile": {"m": 64, "k": 64, "n": 64},
          "array": {"rows": 4, "cols": 4}, "device": "npu1", "kernels": entries}))
     return root
-
-
-def rand(shape, seed):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def assert_same_gemm(c, ref, a, b):
-    """The same bf16 products as the emulator's, summed in another order (numerics.summation_order_bound)."""
-    assert_within(c, ref, summation_order_bound(a, b))
 
 
 @pytest.fixture
