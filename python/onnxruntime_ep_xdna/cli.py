@@ -102,6 +102,22 @@ def cmd_model_fetch(args) -> int:
     return 0
 
 
+def _needs_whisper_extra(command: str, error: ImportError):
+    """Stand-ins for a subcommand whose extra is not installed (a broken install): every flag is still taken, the
+    run says what is missing and exits as the main path does."""
+    missing = str(error)
+
+    def add_arguments(parser) -> None:
+        parser.set_defaults(accepts_anything=True)  # main() lets every flag through to the message
+
+    def run(args) -> int:
+        print(f"xdna {command}: error: needs the whisper extra: pip install 'onnxruntime-ep-xdna[whisper]' "
+              f"({missing})", file=sys.stderr)
+        return 1
+
+    return add_arguments, run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdna", description="XDNA (AMD Phoenix NPU) execution provider for ONNX Runtime")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,16 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:
         from .whisper.cli import add_transcribe_arguments, run_transcribe
-    except ImportError as e:  # a broken install: still take every flag, say what is missing, exit as the main path
-        missing = str(e)
-
-        def run_transcribe(args) -> int:
-            print(f"xdna transcribe: error: needs the whisper extra: pip install 'onnxruntime-ep-xdna[whisper]' "
-                  f"({missing})", file=sys.stderr)
-            return 1
-
-        def add_transcribe_arguments(parser) -> None:
-            parser.set_defaults(accepts_anything=True)  # main() lets every flag through to the message
+    except ImportError as e:
+        add_transcribe_arguments, run_transcribe = _needs_whisper_extra("transcribe", e)
 
     tr = sub.add_parser("transcribe", help="transcribe audio files with Whisper on the EP")
     add_transcribe_arguments(tr)
@@ -156,16 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:
         from .batch.cli import add_batch_arguments, run_batch_command
-    except ImportError as e:  # as for transcribe: every flag taken, the missing piece named
-        missing_batch = str(e)
-
-        def run_batch_command(args) -> int:
-            print(f"xdna batch: error: needs the whisper extra: pip install 'onnxruntime-ep-xdna[whisper]' "
-                  f"({missing_batch})", file=sys.stderr)
-            return 1
-
-        def add_batch_arguments(parser) -> None:
-            parser.set_defaults(accepts_anything=True)
+    except ImportError as e:
+        add_batch_arguments, run_batch_command = _needs_whisper_extra("batch", e)
 
     ba = sub.add_parser("batch", help="transcribe many files (directories, list files) into a directory, resumable; "
                                       "on this machine or a Ray cluster")
