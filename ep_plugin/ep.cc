@@ -172,6 +172,11 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
 
 void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeComputeInfo** info) {
   const OrtApi& ort = api_.ort;
+  if (options_.context_enable)
+    throw OrtError(ORT_NOT_IMPLEMENTED,
+                   std::string(kEpName) + " " + kEpVersion +
+                       ": EPContext generation (ep.context_enable=1, onnxruntime.ModelCompiler) is not supported "
+                       "yet (issue 12); create the session from the original model without ep.context_enable");
   size_t n = 0;
   check(ort, ort.Graph_GetNumNodes(graph, &n));
   std::vector<const OrtNode*> group(n);  // topological order

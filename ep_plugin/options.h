@@ -21,6 +21,7 @@ struct EpOptions {
   std::string kernel_dir;         // xrt: manifest directory (else $XDNA_KERNEL_DIR, else the cache)
   std::string partition_report;   // if set: write one JSON line per considered node (used by `xdna partition`)
   std::string fault_inject;       // testing: make the backend fail at upload|run|timeout|result
+  bool context_enable = false;    // session config ep.context_enable=1 (or ORT's compile API): EPContext requested
 };
 
 // Reads `ep.xdnaexecutionprovider.<key>` entries (how ORT delivers provider options to plugin EPs).
