@@ -62,7 +62,7 @@ def test_int8_zero_and_nonfinite_rows_and_columns():
     a[3, 7] = np.inf
     b[9, 4] = np.nan
     c = _native.emulator_gemm_int8(a, _native.quantize_b_int8(b))
-    assert np.all(c[1] == 0) and np.all(c[[0, 2], 2] == 0)
+    assert np.all(c[1, :4] == 0) and np.all(c[[0, 2], 2] == 0)  # column 4 is NaN everywhere
     assert np.all(np.isnan(c[3])) and np.all(np.isnan(c[:, 4]))
     ok = np.ix_([0, 2], [0, 1, 3])
     assert_within(c[ok], (a.astype(np.float64) @ b.astype(np.float64))[ok], int8_bound(a, b)[ok], "finite part")
