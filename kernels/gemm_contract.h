@@ -25,7 +25,8 @@
 //     * Epilogue in fp32: C = float(acc) * (sa_m * sb_n). A row of A or a column of B holding NaN or Inf gives
 //       NaN in that row / column of C (int8 has no such values; silently dropping them would hide them).
 //     * Run-time B operands (attention) stay in bf16: quantising them per call costs a pass over B for one use.
-//     Bound: a = sa (qa + da) with |da| <= 1/2 (+ <= 127 * 3 * 2^-24 from scaling by 127/amax in fp32; 0.0005 of slack), likewise b, so
+//     Bound: a = sa (qa + da) with |da| <= 1/2 (+ at most 127 * 3 * 2^-24 from scaling by 127/amax in fp32: 0.0005
+//       of slack), likewise b, so
 //       |C - C_exact| <= 0.5005 (sb_n sum_k |A[m][k]| + sa_m sum_k |B[k][n]|) + 0.2505 K sa_m sb_n
 //                        + 2^-21 (|A|.|B|)     (the last term: the epilogue's three fp32 roundings, doubled)
 //   bf16x3 (near fp32): x_hi = bf16(x), x_lo = bf16(x - x_hi) (x - x_hi is exact in fp32) for A and B, and
