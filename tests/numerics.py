@@ -76,8 +76,8 @@ def int8_scales(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def int8_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """int8 (A8W8): each operand is within half a quantisation step (+0.0005 for the fp32 scaling by 127/amax) of its int8
-    value, so |C - A.B| <= 0.5005 (sb sum|a| + sa sum|b|) + 0.2505 K sa sb + 2^-21 |A|.|B|."""
+    """int8 (A8W8): each operand is within half a quantisation step (+0.0005 for the fp32 scaling by 127/amax) of
+    its int8 value, so |C - A.B| <= 0.5005 (sb sum|a| + sa sum|b|) + 0.2505 K sa sb + 2^-21 |A|.|B|."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     k = a.shape[-1]
