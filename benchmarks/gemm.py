@@ -3,6 +3,8 @@
 Everything here runs on the CPU; no figure is an NPU figure. For each shape M x K x N it times
   * CPU EP:   a one-node ONNX MatMul (B as an initializer) in an InferenceSession with CPUExecutionProvider;
   * emulator: onnxruntime_ep_xdna._native.emulator_gemm on a B packed once beforehand (bf16, contract layout);
+  * int8, bf16x3: the emulator's other precision modes (gemm_contract.h), weights prepared once beforehand
+              (kernel level only: the EP cannot select them yet);
   * XDNA EP:  the same one-node model with providers=[XDNAExecutionProvider, CPUExecutionProvider], if the
               package's EP can be registered (it runs the emulator backend when there is no NPU).
 Runners take turns in two blocks each so background load hits all alike; medians are printed.
@@ -99,7 +101,7 @@ def timed(fn):
     return time.perf_counter() - t
 
 
-def bench_shape(m, k, n, reps, threads, use_xdna_ep):
+def bench_shape(m, k, n, reps, threads, use_xdna_ep, precisions=True):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k), dtype=np.float32)
     b = rng.standard_normal((k, n), dtype=np.float32)
@@ -113,6 +115,10 @@ def bench_shape(m, k, n, reps, threads, use_xdna_ep):
         "cpu": lambda: cpu.run(None, {"A": a}),
         "emu": lambda: _native.emulator_gemm(a, packed, threads),
     }
+    if precisions:
+        quantized, split = _native.quantize_b_int8(b), _native.pack_b_bf16x3(b)
+        runners["int8"] = lambda: _native.emulator_gemm_int8(a, quantized, threads)
+        runners["x3"] = lambda: _native.emulator_gemm_bf16x3(a, split, threads)
     if use_xdna_ep:
         try:
             xdna = xdna_session(model)
@@ -125,6 +131,9 @@ def bench_shape(m, k, n, reps, threads, use_xdna_ep):
     scale = np.abs(a) @ np.abs(b)
     worst = float(np.max(np.abs(c_emu - c_cpu) / (scale + 1e-30)))
     assert worst <= 2.0**-7 + 2 * k * 2.0**-23, f"emulator result off by {worst} (relative to |A|.|B|)"
+    if precisions:  # near-fp32 for bf16x3 (its contract bound, plus the CPU EP's own fp32 error)
+        worst = float(np.max(np.abs(runners["x3"]() - c_cpu) / (scale + 1e-30)))
+        assert worst <= 2.0**-14 + 4 * k * 2.0**-23, f"bf16x3 result off by {worst} (relative to |A|.|B|)"
 
     # Runners take turns in blocks (A..B..C..A..B..C..), not call by call: ORT's intra-op threads keep spinning for
     # a while after each run and would steal the cores from whichever runner comes next.
@@ -143,32 +152,38 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="threads for both (0 = all cores)")
     parser.add_argument("--reps", type=int, default=0, help="timed repetitions per shape (default: by size)")
     parser.add_argument("--no-ep", action="store_true", help="skip the XDNA EP column")
+    parser.add_argument("--no-precisions", action="store_true", help="skip the int8 and bf16x3 columns")
     args = parser.parse_args()
 
     print("GEMM benchmark: emulator backend (NPU contract computed on the CPU) vs ONNX Runtime CPU EP")
     print("machine:", machine_line())
-    print("emulator kernels:", _native.emulator_kernel_name())
+    print("emulator kernels:", _native.emulator_kernel_name(), "| int8 kernel:", _native.emulator_int8_kernel_name())
     why_not = "--no-ep given" if args.no_ep else xdna_ep_available()
     print("XDNA EP column:", "yes (no NPU here: it runs the emulator)" if why_not is None else f"no ({why_not})")
     print(f"threads: {args.threads or os.cpu_count()}; times in ms are medians of repeated runs")
     print()
 
     header = f"{'M x K x N':>18} {'GFLOP':>7} {'CPU EP':>9} {'emulator':>9} {'ratio':>6} {'emu GFLOPS':>10}"
+    if not args.no_precisions:
+        header += f" {'int8':>9} {'bf16x3':>9}"
     if why_not is None:
         header += f" {'XDNA EP':>9} {'ratio':>6}"
     print(header + "   shape")
     for m, k, n, what in (QUICK_SHAPES if args.quick else SHAPES):
         gflop = 2.0 * m * k * n / 1e9
         reps = args.reps or (5 if args.quick else (10 if gflop > 1 else 30 if gflop > 0.05 else 200))
-        ms = bench_shape(m, k, n, reps, args.threads, why_not is None)
+        ms = bench_shape(m, k, n, reps, args.threads, why_not is None, not args.no_precisions)
         line = (f"{f'{m}x{k}x{n}':>18} {gflop:7.3f} {ms['cpu']:9.3f} {ms['emu']:9.3f} "
                 f"{ms['cpu'] / ms['emu']:5.2f}x {gflop / ms['emu'] * 1e3:10.1f}")
+        if "int8" in ms:
+            line += f" {ms['int8']:9.3f} {ms['x3']:9.3f}"
         if "xdna" in ms:
             line += f" {ms['xdna']:9.3f} {ms['cpu'] / ms['xdna']:5.2f}x"
         elif why_not is None:
             line += f" {'-':>9} {'-':>6}"
         print(line + f"   {what}", flush=True)
-    print("\nratio = CPU EP time / emulator time (>1: the emulator is faster). All on the CPU.")
+    print("\nratio = CPU EP time / emulator time (>1: the emulator is faster). int8 / bf16x3: emulator ms in those")
+    print("precision modes. All on the CPU (a shared machine: other jobs' load is in every column alike).")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,26 @@
 //   bf16 keeps 8 significant bits: each rounded operand is within 2^-8 relative, a product of two within
 //   (1 + 2^-8)^2 - 1 = 2^-7 + 2^-16; K * 2^-23 covers the fp32 sum, with a factor 2 of margin.
 //
+// Precision modes beyond bf16 (issue 13). Implemented so far by the emulator only (emulator.h:
+// emulator_gemm_int8, emulator_gemm_bf16x3); not yet selectable in the EP.
+//   int8 (A8W8):
+//     * B (a constant weight) is quantised once at Compile, symmetric per output channel n:
+//         sb_n = max_k |B[k][n]| / 127,  qb = rne(B / sb_n) in [-127, 127]  (sb_n = 0: the column is all zero).
+//     * A is quantised at run time per row m, symmetric and dynamic: sa_m = max_k |A[m][k]| / 127, qa likewise.
+//     * sum_k qa*qb in int32: exact for K <= 133143 (K * 127^2 < 2^31), so every backend agrees bit for bit.
+//     * Epilogue in fp32: C = float(acc) * (sa_m * sb_n). A row of A or a column of B holding NaN or Inf gives
+//       NaN in that row / column of C (int8 has no such values; silently dropping them would hide them).
+//     * Run-time B operands (attention) stay in bf16: quantising them per call costs a pass over B for one use.
+//     Bound: a = sa (qa + da) with |da| <= 1/2 (+ at most 127 * 3 * 2^-24 from scaling by 127/amax in fp32: 0.0005
+//       of slack), likewise b, so
+//       |C - C_exact| <= 0.5005 (sb_n sum_k |A[m][k]| + sa_m sum_k |B[k][n]|) + 0.2505 K sa_m sb_n
+//                        + 2^-21 (|A|.|B|)     (the last term: the epilogue's three fp32 roundings, doubled)
+//   bf16x3 (near fp32): x_hi = bf16(x), x_lo = bf16(x - x_hi) (x - x_hi is exact in fp32) for A and B, and
+//       C = A_hi.B_hi + (A_lo.B_hi + A_hi.B_lo)  as three contract GEMMs summed in fp32. x = x_hi + x_lo + e,
+//       |e| <= 2^-16 |x|; the dropped A_lo.B_lo and the e terms add at most (3 * 2^-16 + 2^-23)|a||b| per product.
+//     Bound: |C - C_exact| <= (2^-14 + (K + 2) * 2^-23) * (|A|.|B|)    (fp32 sums over K and the two final
+//       additions, doubled as above; 2^-14 > 3.01 * 2^-16). Subnormal x_lo may be flushed (tests' absolute TINY).
+//
 // Tiling for the Phoenix (npu1) array: 4 usable columns x 4 AIE-ML cores.
 //   * Each core computes one kTileM x kTileN tile of C, looping over K in kTileK steps.
 //     L1 budget (64 KiB/core): A 64x64 bf16 (8 KiB) x2 + B 64x64 bf16 (8 KiB) x2 + C 64x64 fp32 (16 KiB) = 48 KiB.

@@ -277,6 +277,36 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("a"), py::arg("b"), py::arg("threads") = 0, py::arg("b_transposed") = false,
       "The contract on an unpacked run-time B (small M)");
   m.attr("UNPACKED_MAX_M") = k::kUnpackedMaxM;
+  // Precision modes (gemm_contract.h): weight preparation and GEMM, kernel level only.
+  py::class_<k::QuantizedB, std::shared_ptr<k::QuantizedB>>(m, "QuantizedB")
+      .def_property_readonly("scale", [](const k::QuantizedB& q) { return py::array_t<float>(q.scale.size(), q.scale.data()); });
+  py::class_<k::SplitB, std::shared_ptr<k::SplitB>>(m, "SplitB");
+  m.def("quantize_b_int8", [](F32Array b) {
+        if (b.ndim() != 2) throw std::invalid_argument("B must be 2-D [K, N]");
+        return std::make_shared<k::QuantizedB>(k::quantize_b_int8(b.data(), b.shape(0), b.shape(1), b.shape(1), 1));
+      }, py::arg("b"));
+  m.def("emulator_gemm_int8", [](F32Array a, const k::QuantizedB& b, int threads) {
+        if (a.ndim() != 2 || a.shape(1) != b.K) throw std::invalid_argument("A must be [M, K] matching B");
+        py::array_t<float> c({a.shape(0), static_cast<py::ssize_t>(b.N)});
+        k::GemmArgs args{a.data(), a.shape(0), b.K, c.mutable_data(), b.N};
+        py::gil_scoped_release release;
+        k::emulator_gemm_int8(args, b, threads);
+        return c;
+      }, py::arg("a"), py::arg("b"), py::arg("threads") = 0);
+  m.def("emulator_int8_kernel_name", &k::emulator_int8_kernel_name);
+  m.attr("INT8_MAX_K") = k::kInt8MaxK;
+  m.def("pack_b_bf16x3", [](F32Array b) {
+        if (b.ndim() != 2) throw std::invalid_argument("B must be 2-D [K, N]");
+        return std::make_shared<k::SplitB>(k::pack_b_bf16x3(b.data(), b.shape(0), b.shape(1), b.shape(1), 1));
+      }, py::arg("b"));
+  m.def("emulator_gemm_bf16x3", [](F32Array a, const k::SplitB& b, int threads) {
+        if (a.ndim() != 2 || a.shape(1) != b.hi.shape.K) throw std::invalid_argument("A must be [M, K] matching B");
+        py::array_t<float> c({a.shape(0), static_cast<py::ssize_t>(b.hi.shape.N)});
+        k::GemmArgs args{a.data(), a.shape(0), b.hi.shape.K, c.mutable_data(), b.hi.shape.N};
+        py::gil_scoped_release release;
+        k::emulator_gemm_bf16x3(args, b, threads);
+        return c;
+      }, py::arg("a"), py::arg("b"), py::arg("threads") = 0);
   m.attr("VERSION") = XDNA_VERSION;  // the EP library's, from pyproject.toml
   m.def("emulator_kernel_name", &k::emulator_kernel_name, "avx512bf16 | avx512 | avx2 | generic: the kernel set in use");
   m.def("reference_gemm", [](F32Array a, const k::PackedB& b) { return run_gemm(a, b, true, 1); },

@@ -59,3 +59,31 @@ def assert_same_gemm(c, ref, a, b):
 
 def rand(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ---- Precision modes (kernels/gemm_contract.h, "Precision modes"; derivations there) ----
+
+def bf16x3_bound(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """bf16x3: |C - A.B| <= (2^-14 + (K + 2) 2^-23) |A|.|B| (hi/lo split drops <= 3.01 * 2^-16 per product)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        mag = np.matmul(np.abs(np.asarray(a, np.float64)), np.abs(np.asarray(b, np.float64)))
+    return (2.0**-14 + (k + 2) * 2.0**-23) * mag + TINY
+
+
+def int8_scales(x: np.ndarray, axis: int) -> np.ndarray:
+    """Symmetric int8 scale max|x|/127 along `axis` (per row of A: axis=-1; per column of B: axis=-2)."""
+    return np.max(np.abs(np.asarray(x, np.float64)), axis=axis, keepdims=True) / 127.0
+
+
+def int8_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """int8 (A8W8): each operand is within half a quantisation step (+0.0005 for the fp32 scaling by 127/amax) of
+    its int8 value, so |C - A.B| <= 0.5005 (sb sum|a| + sa sum|b|) + 0.2505 K sa sb + 2^-21 |A|.|B|."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    k = a.shape[-1]
+    sa = int8_scales(a, -1)  # [M, 1]
+    sb = int8_scales(b, -2)  # [1, N]
+    row = np.abs(a).sum(axis=-1, keepdims=True)  # [M, 1]
+    col = np.abs(b).sum(axis=-2, keepdims=True)  # [1, N]
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: checked by position, not by bound
+        return 0.5005 * (sb * row + sa * col) + 0.2505 * k * sa * sb + 2.0**-21 * (np.abs(a) @ np.abs(b)) + TINY

@@ -3,6 +3,9 @@
 #include "emulator.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -20,6 +23,10 @@
 #include <vector>
 
 #include "emulator_isa.h"
+
+#if defined(XDNA_EMULATOR_X86)
+#include <immintrin.h>
+#endif
 
 namespace xdna::kernels {
 
@@ -353,5 +360,182 @@ class EmulatorBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_emulator_backend(int threads) { return std::make_unique<EmulatorBackend>(threads); }
+
+}  // namespace xdna::kernels
+
+// ---- Precision modes (gemm_contract.h). Kept beside the bf16 driver to share its thread pool. ----
+namespace xdna::kernels {
+namespace {
+
+// Symmetric int8 quantisation of n values (stride apart): returns the scale; NaN when a value is not finite.
+float quantize_run(const float* x, int64_t n, int64_t stride, int8_t* q) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i * stride];
+    finite &= std::isfinite(v);
+    amax = std::max(amax, std::fabs(v));
+  }
+  if (!finite) {
+    std::fill(q, q + n, int8_t{0});
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float scale = amax / 127.f;
+  const float inv = scale > 0.f ? 127.f / amax : 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = std::nearbyint(x[i * stride] * inv);  // round to nearest even (default rounding mode)
+    q[i] = static_cast<int8_t>(std::clamp(r, -127.f, 127.f));
+  }
+  return scale;
+}
+
+// acc[j] = sum_k qa[k] * qb[j][k] for the columns n0..n1-1, exact in int32. Generic: the compiler vectorises it
+// with whatever the TU's flags allow; int16 products widened to int32 never saturate.
+void int8_dots_generic(const int8_t* qa, const QuantizedB& b, int64_t n0, int64_t n1, int32_t* acc) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* qb = b.q.data() + n * b.Kpad;
+    int32_t s = 0;
+    for (int64_t k = 0; k < b.Kpad; ++k) s += int32_t{qa[k]} * int32_t{qb[k]};
+    acc[n - n0] = s;
+  }
+}
+
+#if defined(XDNA_EMULATOR_X86)
+// VPDPBUSD multiplies u8 by s8: A is offset to u8 (qa + 128, in [1, 255]) and 128 * colsum taken off again.
+// VPDPBUSD (not ...DS) wraps instead of saturating, so the offset sum may wrap mod 2^32; the difference, done in
+// uint32, is exact whenever the true sum fits in int32, which K <= kInt8MaxK guarantees.
+inline int32_t minus_offset(int32_t sum, int32_t colsum) {
+  return static_cast<int32_t>(static_cast<uint32_t>(sum) - 128u * static_cast<uint32_t>(colsum));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_dots_vnni(const int8_t* qa, const QuantizedB& b,
+                                                                          int64_t n0, int64_t n1, int32_t* acc) {
+  const int64_t chunks = b.Kpad / 64;
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    const int8_t* qb = b.q.data() + n * b.Kpad;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i ua = _mm512_xor_si512(_mm512_loadu_si512(qa + c * 64), offset);  // s8 + 128 as u8
+      s0 = _mm512_dpbusd_epi32(s0, ua, _mm512_loadu_si512(qb + c * 64));
+      s1 = _mm512_dpbusd_epi32(s1, ua, _mm512_loadu_si512(qb + b.Kpad + c * 64));
+      s2 = _mm512_dpbusd_epi32(s2, ua, _mm512_loadu_si512(qb + 2 * b.Kpad + c * 64));
+      s3 = _mm512_dpbusd_epi32(s3, ua, _mm512_loadu_si512(qb + 3 * b.Kpad + c * 64));
+    }
+    acc[n - n0] = minus_offset(_mm512_reduce_add_epi32(s0), b.colsum[n]);
+    acc[n - n0 + 1] = minus_offset(_mm512_reduce_add_epi32(s1), b.colsum[n + 1]);
+    acc[n - n0 + 2] = minus_offset(_mm512_reduce_add_epi32(s2), b.colsum[n + 2]);
+    acc[n - n0 + 3] = minus_offset(_mm512_reduce_add_epi32(s3), b.colsum[n + 3]);
+  }
+  for (; n < n1; ++n) {
+    __m512i s = _mm512_setzero_si512();
+    const int8_t* qb = b.q.data() + n * b.Kpad;
+    for (int64_t c = 0; c < chunks; ++c)
+      s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(_mm512_loadu_si512(qa + c * 64), offset),
+                              _mm512_loadu_si512(qb + c * 64));
+    acc[n - n0] = minus_offset(_mm512_reduce_add_epi32(s), b.colsum[n]);
+  }
+}
+#endif
+
+using Int8Dots = void (*)(const int8_t*, const QuantizedB&, int64_t, int64_t, int32_t*);
+
+Int8Dots select_int8_dots(const char** name) {
+  *name = "generic";
+#if defined(XDNA_EMULATOR_X86)
+  __builtin_cpu_init();
+  const char* forced = std::getenv("XDNA_EMULATOR_ISA");
+  const bool force_generic = forced && std::string(forced) == "generic";
+  if (!force_generic && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vnni")) {
+    *name = "vnni";
+    return int8_dots_vnni;
+  }
+#endif
+  return int8_dots_generic;
+}
+
+struct Int8Kernel {
+  const char* name;
+  Int8Dots dots;
+  Int8Kernel() { dots = select_int8_dots(&name); }
+};
+const Int8Kernel& int8_kernel() {
+  static const Int8Kernel k;
+  return k;
+}
+
+}  // namespace
+
+const char* emulator_int8_kernel_name() { return int8_kernel().name; }
+
+QuantizedB quantize_b_int8(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {
+  QuantizedB b;
+  b.K = K, b.N = N, b.Kpad = round_up(std::max<int64_t>(K, 1), kTileK);
+  b.q.assign(static_cast<size_t>(N * b.Kpad), 0);
+  b.scale.resize(N);
+  b.colsum.resize(N);
+  for (int64_t n = 0; n < N; ++n) {
+    int8_t* q = b.q.data() + n * b.Kpad;
+    b.scale[n] = quantize_run(src + n * stride_n, K, stride_k, q);
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += q[k];
+    b.colsum[n] = s;
+  }
+  return b;
+}
+
+void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) {
+  const int64_t M = args.M, K = b.K, N = b.N;
+  if (K > kInt8MaxK) throw std::invalid_argument("int8 GEMM: K past the int32-exact limit");
+  if (M <= 0 || N <= 0) return;
+  std::vector<int8_t> qa(static_cast<size_t>(M * b.Kpad), 0);
+  std::vector<float> sa(M);
+  for (int64_t m = 0; m < M; ++m) sa[m] = quantize_run(args.a + m * args.lda, K, 1, qa.data() + m * b.Kpad);
+  const Int8Dots dots = int8_kernel().dots;
+  emu::split_columns(N, b.Kpad * N, emu::resolve_threads(threads), [&](int64_t n0, int64_t n1) {
+    std::vector<int32_t> acc(n1 - n0);
+    for (int64_t m = 0; m < M; ++m) {
+      dots(qa.data() + m * b.Kpad, b, n0, n1, acc.data());
+      float* c = args.c + m * args.ldc;
+      for (int64_t n = n0; n < n1; ++n) c[n] = static_cast<float>(acc[n - n0]) * (sa[m] * b.scale[n]);
+    }
+  });
+}
+
+SplitB pack_b_bf16x3(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {
+  std::vector<float> hi(static_cast<size_t>(K * N)), lo(static_cast<size_t>(K * N));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) {
+      const float x = src[k * stride_k + n * stride_n], h = round_to_bf16(x);
+      hi[k * N + n] = h;
+      lo[k * N + n] = std::isfinite(h) ? round_to_bf16(x - h) : 0.f;  // x - h is exact in fp32
+    }
+  return {pack_b(hi.data(), K, N, N, 1), pack_b(lo.data(), K, N, N, 1)};
+}
+
+void emulator_gemm_bf16x3(const GemmArgs& args, const SplitB& b, int threads) {
+  const int64_t M = args.M, K = b.hi.shape.K, N = b.hi.shape.N;
+  if (M <= 0 || N <= 0) return;
+  std::vector<float> a_hi(static_cast<size_t>(M * K)), a_lo(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const float x = args.a[m * args.lda + k], h = round_to_bf16(x);
+      a_hi[m * K + k] = h;
+      a_lo[m * K + k] = std::isfinite(h) ? round_to_bf16(x - h) : 0.f;
+    }
+  std::vector<float> c1(static_cast<size_t>(M * N)), c2(static_cast<size_t>(M * N));
+  emulator_gemm({a_hi.data(), M, K, args.c, args.ldc}, b.hi, threads);
+  emulator_gemm({a_lo.data(), M, K, c1.data(), N}, b.hi, threads);
+  emulator_gemm({a_hi.data(), M, K, c2.data(), N}, b.lo, threads);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float& c = args.c[m * args.ldc + n];
+      // A non-finite hi product is the answer (Inf or NaN); the small terms could only turn an Inf into a NaN
+      // (Inf * a zero lo part).
+      if (std::isfinite(c)) c += c1[m * N + n] + c2[m * N + n];
+    }
+}
 
 }  // namespace xdna::kernels

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "../backend.h"
 
@@ -25,5 +26,34 @@ std::unique_ptr<Backend> make_emulator_backend(int threads);
 // Name of the kernel set emulator_gemm runs on this CPU: "avx512bf16", "avx512", "avx2" or "generic" (chosen once, at first
 // use, from the CPU's features; XDNA_EMULATOR_ISA=<name> forces a supported one, for tests).
 const char* emulator_kernel_name();
+
+}  // namespace xdna::kernels
+
+// ---- Precision modes (gemm_contract.h, "Precision modes"): not yet reachable from the EP ----
+namespace xdna::kernels {
+
+// int8 B: quantised once per output channel (symmetric). q is [N][Kpad] (K contiguous, zero padded) so that a
+// column is one contiguous dot product; colsum feeds the u8/s8 offset trick of VNNI kernels.
+struct QuantizedB {
+  int64_t K = 0, N = 0, Kpad = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;     // sb_n (NaN when the column holds NaN or Inf)
+  std::vector<int32_t> colsum;  // sum_k q[n][k]
+};
+QuantizedB quantize_b_int8(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n);
+// C = dequant(quant(A) . qB): per-row dynamic A scales, int32 sums, fp32 epilogue. Throws std::invalid_argument
+// for K past the int32-exact limit.
+void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads = 0);
+// "vnni" (AVX512-VNNI VPDPBUSD) or "generic": the int8 kernel in use (XDNA_EMULATOR_ISA=generic forces generic).
+const char* emulator_int8_kernel_name();
+inline constexpr int64_t kInt8MaxK = 133143;  // K * 127^2 < 2^31
+
+// bf16x3 B: B = hi + lo (+ 2^-16 relative), both in the contract's packed bf16 layout.
+struct SplitB {
+  PackedB hi, lo;
+};
+SplitB pack_b_bf16x3(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n);
+// C = A_hi.B_hi + (A_lo.B_hi + A_hi.B_lo): three bf16 contract GEMMs (the bf16 kernels), summed in fp32.
+void emulator_gemm_bf16x3(const GemmArgs& args, const SplitB& b, int threads = 0);
 
 }  // namespace xdna::kernels
