@@ -116,6 +116,9 @@ def run_serve(args) -> int:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        # Listen before announcing the URL: a client that reads "listening on" and connects before uvicorn starts
+        # would otherwise be refused (seen in CI). uvicorn's own listen() later only resets the backlog.
+        sock.listen(2048)
     except OSError as e:
         return err(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
     host, port = sock.getsockname()[:2]
