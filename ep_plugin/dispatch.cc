@@ -39,7 +39,8 @@ Dispatcher::~Dispatcher() {
             ", \"device_calls\": " + std::to_string(device_calls_.load()) + ", \"cpu_calls\": " +
             std::to_string(cpu_calls) + ", \"cpu_calls_by_reason\": {" + by_reason + "}, \"device_mflop\": " +
             json_number(device_flop_.load() / 1e6) + ", \"cpu_mflop\": " + json_number(cpu_flop / 1e6) +
-            (work_.empty() ? std::string() : ", \"work\": " + work_) + "}");
+            (work_.empty() ? std::string() : ", \"work\": " + work_) +
+            (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) + "}");
   } catch (...) {
   }
 }
@@ -166,6 +167,41 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
                " rows against it read unpacked, on purpose (packing or a device dispatch would cost more)");
   }
   run_batch(batch);
+}
+
+void Dispatcher::attention(const kernels::AttentionShape& shape, const std::vector<kernels::AttentionHead>& heads) {
+  if (heads.empty() || shape.M == 0 || shape.Dv == 0) return;
+  const uint64_t flop = heads.size() * (flop_of(shape.M, shape.D, shape.T) + flop_of(shape.M, shape.T, shape.Dv));
+  CpuReason reason = CpuReason::kFault;
+  std::string why;
+  if (primary_ok_) {
+    if (primary_->can_run_attention(shape, &why)) {
+      try {
+        primary_->attention(shape, heads.data(), heads.size());
+        device_calls_ += heads.size();
+        device_flop_ += flop;
+        return;
+      } catch (const kernels::BackendFault& f) {
+        fault(f);  // every O is unspecified now: all heads again on the CPU
+      }
+    } else {
+      reason = CpuReason::kNotForDevice;
+    }
+  }
+  if (!cpu_->can_run_attention(shape, nullptr))
+    throw OrtError(ORT_EP_FAIL, "the CPU backend '" + cpu_->name() + "' has no fused attention");
+  cpu_->attention(shape, heads.data(), heads.size());
+  on_cpu(reason, heads.size(), flop,
+         primary_->name() + " does not take the fused attention M=" + std::to_string(shape.M) + " T=" +
+             std::to_string(shape.T) + " D=" + std::to_string(shape.D) + " (" + why + ")");
+}
+
+void Dispatcher::note_attention(int64_t heads, int64_t Tq, int64_t Tk, int64_t d) {
+  if (!report_) return;
+  std::string w = "[" + std::to_string(heads) + ", " + std::to_string(Tq) + ", " + std::to_string(Tk) + ", " +
+                  std::to_string(d) + "]";
+  std::lock_guard<std::mutex> lock(work_mu_);
+  attention_work_ = std::move(w);
 }
 
 void Dispatcher::note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather,

@@ -50,8 +50,13 @@ class Dispatcher {
   // Independent products of one K x N shape whose B is given at run time: few rows unpacked on the CPU, the
   // others packed per call and sent like constant ones.
   void gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, RuntimeB>>& items, int64_t K, int64_t N);
+  // Fused attention, `count` heads of one shape (kernels/attention_contract.h): on the primary backend when it
+  // has a fused attention for the shape, else on the CPU (not for the device, or after a fault), logged once.
+  void attention(const kernels::AttentionShape& shape, const std::vector<kernels::AttentionHead>& heads);
   // The products one run computes, for the partition report (`xdna partition --npu-model` models them).
   void note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather, bool conv);
+  // A fused attention's work: heads x softmax([Tq, d] . [d, Tk]) . [Tk, d], reported as "attention".
+  void note_attention(int64_t heads, int64_t Tq, int64_t Tk, int64_t d);
 
  private:
   struct Weight {
@@ -77,6 +82,7 @@ class Dispatcher {
   std::array<std::once_flag, 3> logged_;
   std::mutex work_mu_;
   std::string work_;  // JSON array [batches, M, K, N, runtime_b, a_gather, conv] of the last run
+  std::string attention_work_;  // JSON array [heads, Tq, Tk, d] of the last run (fused attention only)
 };
 
 }  // namespace xdna::ep

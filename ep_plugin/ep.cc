@@ -140,25 +140,26 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
   const ops::GraphIndex index = ops::GraphIndex::of(ort, graph);
   size_t considered = 0;
   std::vector<graph::ClaimedUnit> claimed;
-  for (const OrtNode* node : nodes) {
-    const char* op_type = nullptr;
-    const char* domain = nullptr;
-    check(ort, ort.Node_GetOperatorType(node, &op_type));
-    check(ort, ort.Node_GetDomain(node, &domain));
-    if (!ops::find_op(domain, op_type)) continue;
-    ++considered;
-    ops::Claim a = ops::claim_node(ort, node, index);
-    if (a.ok && a.plan.mflop < options_.min_mflop) {
-      a.ok = false;
-      a.reason = "below min_mflop (" + std::to_string(a.plan.mflop) + " MFLOP)";
+  const auto below_min_mflop = [&](ops::Claim* a) {
+    if (a->ok && a->plan.mflop < options_.min_mflop) {
+      a->ok = false;
+      a->reason = "below min_mflop (" + std::to_string(a->plan.mflop) + " MFLOP)";
+      a->fused_producers.clear();
     }
-    if (a.ok) claimed.push_back({node, a.fused_producers});
-    log_(a.ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
-         std::string(a.ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" +
-             a.reason + ")");
+  };
+  for (const ops::NodeClaim& c : ops::claim_nodes(ort, nodes, index, below_min_mflop)) {
+    const char* op_type = nullptr;
+    check(ort, ort.Node_GetOperatorType(c.node, &op_type));
+    ++considered;
+    const ops::Claim& a = c.claim;
+    const bool ok = a.ok || !c.covered_by.empty();
+    const std::string reason = c.covered_by.empty() ? a.reason : "in the fused attention of '" + c.covered_by + "'";
+    if (a.ok) claimed.push_back({c.node, a.fused_producers});
+    log_(ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
+         std::string(ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" + reason + ")");
     report("{\"graph\": " + json_string(graph_name ? graph_name : "") + ", \"node\": " +
            json_string(a.plan.node_name) + ", \"op_type\": " + json_string(op_type) + ", \"claimed\": " +
-           (a.ok ? "true" : "false") + ", \"reason\": " + json_string(a.reason) + ", \"mflop\": " +
+           (ok ? "true" : "false") + ", \"reason\": " + json_string(reason) + ", \"mflop\": " +
            json_number(a.plan.mflop) + ", \"mflop_lower_bound\": " + (a.plan.mflop_lower_bound ? "true" : "false") +
            "}");
   }
@@ -185,25 +186,21 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
   std::function<void(const std::string&)> report_fn;
   if (!options_.partition_report.empty())
     report_fn = [path = options_.partition_report](const std::string& line) { append_report(path, line); };
-  // The group's MatMul/Gemm/Conv nodes, each with the Transposes it reads through (the group's other nodes).
+  // The group's claimed nodes, each with the nodes it fuses (Transposes, an attention's chain: the group's other nodes).
   std::vector<std::unique_ptr<NodeKernel>> kernels;
   size_t covered = 0;
-  for (const OrtNode* g : group) {
-    const char* op_type = nullptr;
-    const char* domain = nullptr;
-    check(ort, ort.Node_GetOperatorType(g, &op_type));
-    check(ort, ort.Node_GetDomain(g, &domain));
-    if (!ops::find_op(domain, op_type)) continue;
-    ops::Claim a = ops::claim_node(ort, g, index);  // the claim rule GetCapability used
+  for (ops::NodeClaim& c : ops::claim_nodes(ort, group, index)) {  // the claim rules GetCapability used
+    if (!c.covered_by.empty()) continue;  // counted with the node that covers it
+    ops::Claim& a = c.claim;
     if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);
     covered += 1 + a.fused_producers.size();
-    kernels::PackedWeights weights = load_constants(ort, g, &a.plan);
+    kernels::PackedWeights weights = load_constants(ort, c.node, &a.plan);
     kernels.push_back(std::make_unique<NodeKernel>(std::move(a.plan), std::move(weights), backends_.primary,
                                                    backends_.cpu, log_, report_fn));
   }
   if (kernels.empty() || covered != n)
     throw OrtError(ORT_EP_FAIL, "Compile: fused group of " + std::to_string(n) + " nodes, of which " +
-                                    std::to_string(covered) + " are claimed MatMul/Gemm/Conv nodes or their Transposes");
+                                    std::to_string(covered) + " are claimed MatMul/Gemm/Conv nodes or the nodes they fuse");
 
   auto value_names = [&](bool inputs) {
     size_t count = 0;

@@ -52,6 +52,7 @@ std::vector<std::string> NodeKernel::runtime_operands() const {
   std::vector<std::string> names{plan_.a.name};
   if (!plan_.b.constant) names.push_back(plan_.b.name);
   if (plan_.c.present && !plan_.c.constant) names.push_back(plan_.c.name);
+  if (plan_.v.present && !plan_.v.constant) names.push_back(plan_.v.name);
   return names;
 }
 

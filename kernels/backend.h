@@ -10,6 +10,7 @@
 
 #include <map>
 
+#include "attention_contract.h"
 #include "gemm_contract.h"
 #include "packing.h"
 
@@ -84,6 +85,18 @@ class Backend {
   virtual bool gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N) {
     (void)calls, (void)count, (void)K, (void)N;
     return false;
+  }
+  // Fused attention (attention_contract.h): whether this backend runs it for this shape, and why not.
+  virtual bool can_run_attention(const AttentionShape& shape, std::string* why_not) const {
+    (void)shape;
+    if (why_not) *why_not = name() + " has no fused attention";
+    return false;
+  }
+  // `count` heads of one shape. Throws BackendFault; on a throw every O is unspecified. Only called when
+  // can_run_attention said yes.
+  virtual void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) {
+    (void)shape, (void)heads, (void)count;
+    throw BackendFault("run", name() + " has no fused attention");
   }
 };
 

@@ -24,6 +24,15 @@ class FaultInjectingBackend final : public Backend {
     inner_->gemm(args, b);
     if (step_ == "result") throw BackendFault("result", "injected fault: result buffer has the wrong size");
   }
+  bool can_run_attention(const AttentionShape& shape, std::string* why) const override {
+    return inner_->can_run_attention(shape, why);
+  }
+  void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) override {
+    if (step_ == "run") throw BackendFault("run", "injected fault");
+    if (step_ == "timeout") throw BackendFault("timeout", "injected fault: command did not complete");
+    inner_->attention(shape, heads, count);
+    if (step_ == "result") throw BackendFault("result", "injected fault: result buffer has the wrong size");
+  }
 
  private:
   std::unique_ptr<Backend> inner_;

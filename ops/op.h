@@ -9,6 +9,7 @@
 
 #include <onnxruntime_c_api.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -41,7 +42,7 @@ struct ConvParams {
 // Every product runs in the contract's one precision (bf16 operands, fp32 sums: kernels/gemm_contract.h). A second
 // precision would be a field here, set by the claim rules that accept it, with kernels for it in the backends.
 struct OpPlan {
-  enum class Op { kMatMul, kGemm, kConv };
+  enum class Op { kMatMul, kGemm, kConv, kAttention };
   Op op = Op::kMatMul;
   std::string node_name;
   std::string output;  // the node's output value
@@ -57,6 +58,10 @@ struct OpPlan {
   ConvParams conv;             // Conv only
   double mflop = 0;            // per run, symbolic dims counted as 1
   bool mflop_lower_bound = false;
+  // Fused attention only (ops/attention.cc): a = Q, b = K^T, v = V, the node's output O; the product of every
+  // constant scale of the pattern (on Q, on K^T, on the scores), applied to the fp32 scores.
+  Operand v;
+  float attention_scale = 1.f;
 };
 
 struct Claim {
@@ -109,7 +114,20 @@ std::string read_float_operands(const OrtApi& api, const NodeIo& io, OpPlan* pla
 const OpModule* find_op(const std::string& domain, const std::string& op_type);
 const OpModule& module_of(OpPlan::Op op);
 
-// The claim rule of the node's op, with what every op shares (opset, exactly one output).
+// The claim rule of the node's op, with what every op shares (opset, exactly one output). When several modules
+// share the op type, the first that claims the node takes it.
 Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index);
+
+// The claims of a graph's nodes that find_op knows (`nodes` in topological order; the result in the same order).
+// A node that another claim takes as a fused producer (the QK^T MatMul of a fused attention) is not claimed on its
+// own: `covered_by` names the claiming node and `claim` is empty. `adjust` (may be empty) may veto a claim before
+// it covers anything (GetCapability's min_mflop).
+struct NodeClaim {
+  const OrtNode* node = nullptr;
+  Claim claim;
+  std::string covered_by;
+};
+std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const OrtNode*>& nodes,
+                                   const GraphIndex& index, const std::function<void(Claim*)>& adjust = {});
 
 }  // namespace xdna::ops

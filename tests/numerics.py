@@ -87,3 +87,34 @@ def int8_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     col = np.abs(b).sum(axis=-2, keepdims=True)  # [1, N]
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: checked by position, not by bound
         return 0.5005 * (sb * row + sa * col) + 0.2505 * k * sa * sb + 2.0**-21 * (np.abs(a) @ np.abs(b)) + TINY
+
+
+# ---- Fused attention (kernels/attention_contract.h) ----
+
+def attention_exact(q, kt, v, scale) -> np.ndarray:
+    """softmax(scale * Q K^T) V in float64 over the last two dims ([.., M, D], [.., D, T], [.., T, Dv])."""
+    s = scale * np.matmul(np.asarray(q, np.float64), np.asarray(kt, np.float64))
+    w = np.exp(s - s.max(axis=-1, keepdims=True))
+    w /= w.sum(axis=-1, keepdims=True)
+    return np.matmul(w, np.asarray(v, np.float64))
+
+
+def attention_bound(q, kt, v, scale) -> np.ndarray:
+    """The fused attention contract's elementwise bound on |O - O*|. Each score moves by at most
+        delta = |scale| (2^-7 + 2^-16 + (D + 2) 2^-23) |Q|.|K^T|  +  2^-22 max_t |s*_t|
+    (the GEMM contract's bound on Q K^T, the fp32 scaling, and the fp32 subtraction of the row max). The row max
+    cancels in P/l, so each weight is within a factor (1 + eta) of the exact softmax weight w*, with
+        eta = e^(2 max_t delta_t) (1 + rho) / (1 - rho) (1 + T 2^-23) - 1,  rho = 2^-8 + 2^-21
+    (P rounded to bf16, the fp32 exp's error, the fp32 row sum l). V rounded to bf16 (2^-8), the fp32 PV sum over T
+    and the final division add
+        |O - O*| <= ((1 + eta)(1 + 2^-8)(1 + (T + 1) 2^-23) - 1) sum_t w*_t |V[t]|."""
+    q, kt, v = (np.asarray(x, np.float64) for x in (q, kt, v))
+    d, t = q.shape[-1], kt.shape[-1]
+    s = scale * np.matmul(q, kt)
+    delta = abs(scale) * (2.0**-7 + 2.0**-16 + (d + 2) * 2.0**-23) * np.matmul(np.abs(q), np.abs(kt)) \
+        + 2.0**-22 * np.abs(s).max(axis=-1, keepdims=True)
+    rho = 2.0**-8 + 2.0**-21
+    eta = np.exp(2 * delta.max(axis=-1, keepdims=True)) * (1 + rho) / (1 - rho) * (1 + t * 2.0**-23) - 1
+    w = np.exp(s - s.max(axis=-1, keepdims=True))
+    w /= w.sum(axis=-1, keepdims=True)
+    return ((1 + eta) * (1 + 2.0**-8) * (1 + (t + 1) * 2.0**-23) - 1) * np.matmul(w, np.abs(v)) + TINY

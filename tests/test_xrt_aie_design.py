@@ -587,10 +587,10 @@ def test_attention_design_fits_l1_and_covers_every_query_tile():
 @pytest.mark.parametrize("T,H", [(300, 2), (97, 3)])
 def test_attention_design_computes_softmax_attention(T, H):
     """The fused design (online softmax over 32-key tiles, bf16 Q/K/V/P, head columns read through strides) against
-    float64 attention. Bound from the arithmetic: Q, K rounded to bf16 move each score by at most
-    delta = scale (2^-7 + D 2^-23) |q|.|k|, P's rounding by 2^-9 relative; so every softmax weight is within a factor
-    eta = e^(2 max delta) (1 + 2^-8)/(1 - 2^-8) - 1 of the exact one, and V's rounding adds 2^-8:
-    |O - O*| <= (eta + (1 + eta) 2^-8) sum_j w*_j |v_j|."""
+    float64 attention, within the fused attention contract's bound (numerics.attention_bound, derived there: the
+    design's float64 sums and exact exp are inside the contract's fp32 allowances)."""
+    from numerics import attention_bound, attention_exact
+
     rng = np.random.default_rng(4)
     q, k, v = (0.5 * rng.standard_normal((T, H * attn.D))).astype(np.float32), \
         (0.5 * rng.standard_normal((T, H * attn.D))).astype(np.float32), \
@@ -599,12 +599,7 @@ def test_attention_design_computes_softmax_attention(T, H):
     o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), T, H, scale)
     for h in range(H):
         cols = slice(h * attn.D, (h + 1) * attn.D)
-        qh, kh, vh = (x[:, cols].astype(np.float64) for x in (q, k, v))
-        s = scale * qh @ kh.T
-        w = np.exp(s - s.max(axis=1, keepdims=True))
-        w /= w.sum(axis=1, keepdims=True)
-        delta = scale * (2.0**-7 + attn.D * 2.0**-23) * (np.abs(qh) @ np.abs(kh).T)
-        eta = np.exp(2 * delta.max(axis=1)) * (1 + 2.0**-8) / (1 - 2.0**-8) - 1
-        bound = (eta + (1 + eta) * 2.0**-8)[:, None] * (w @ np.abs(vh)) + 1e-12
-        err = np.abs(o[:, cols] - w @ vh)
+        qh, kh, vh = (x[:, cols] for x in (q, k, v))
+        err = np.abs(o[:, cols] - attention_exact(qh, kh.T, vh, scale))
+        bound = attention_bound(qh, kh.T, vh, scale)
         assert np.all(err <= bound), f"head {h}: max error/bound {np.max(err / bound)}"

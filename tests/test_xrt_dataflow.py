@@ -206,7 +206,7 @@ def test_partition_npu_model_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "model assumptions" in out and "submission: 50 us" in out
-    assert f"1x{T}x64x{T}" in out and "fused attention" in out and "in the fused attention of qk" in out
+    assert f"1x{T}x64x{T}" in out and "v2 fused attention" in out and "in the fused attention of 'pv'" in out
     last = out.strip().splitlines()[-1]
     m = re.fullmatch(r"modelled Phoenix time: ([\d.]+) ms \(NPU ([\d.]+) ms, CPU ([\d.]+) ms\)", last)
     assert m, last

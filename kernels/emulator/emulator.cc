@@ -336,6 +336,15 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
 
 const char* emulator_kernel_name() { return emu::kernels().name; }
 
+void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(int64_t)>& fn) {
+  threads = static_cast<int>(std::min<int64_t>(emu::resolve_threads(threads), tasks));
+  if (threads <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+  } else {
+    emu::ThreadPool::instance().run(threads, tasks, fn);
+  }
+}
+
 namespace {
 class EmulatorBackend final : public Backend {
  public:
@@ -352,6 +361,10 @@ class EmulatorBackend final : public Backend {
   bool gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N) override {
     emulator_gemm_unpacked(calls, count, K, N, threads_);
     return true;
+  }
+  bool can_run_attention(const AttentionShape&, std::string*) const override { return true; }
+  void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) override {
+    emulator_attention(shape, heads, count, threads_);
   }
 
  private:

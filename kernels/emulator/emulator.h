@@ -2,6 +2,7 @@
 // backend is tested against, and the CPU fallback of the EP.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -16,6 +17,13 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads = 0);
 // threads as one job: many small calls (the batch x heads of an attention MatMul) would otherwise each pay the
 // pool's synchronisation.
 void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads = 0);
+
+// Fused attention (attention_contract.h): QK^T and PV on the GEMM kernels above, the softmax between them on
+// the CPU, `count` heads of one shape.
+void emulator_attention(const AttentionShape& shape, const AttentionHead* heads, size_t count, int threads = 0);
+
+// fn(0..tasks-1) on the emulator's thread pool (the caller works too).
+void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(int64_t)>& fn);
 
 // Slow, obviously-correct scalar version of the contract (double-checked spec for tests).
 void reference_gemm(const GemmArgs& args, const PackedB& b);

@@ -171,6 +171,18 @@ class NpuBackend final : public Backend {
     return true;
   }
 
+  // The manifest has no kernel kind for fused attention: kernels/aie/attention_design.py is a design with a host
+  // check, not built. Declined here, so the dispatcher runs it on the CPU with this reason logged.
+  bool can_run_attention(const AttentionShape& shape, std::string* why_not) const override {
+    if (why_not) {
+      std::ostringstream os;
+      os << "no fused attention kernel built (M=" << shape.M << " T=" << shape.T << " D=" << shape.D
+         << "; kernels/aie/attention_design.py is designed and host-checked, not built)";
+      *why_not = os.str();
+    }
+    return false;
+  }
+
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     if (!b) throw BackendFault("upload", "null weight");
     if (disabled_) throw BackendFault("upload", "xrt backend disabled: " + disabled_reason());
