@@ -124,6 +124,8 @@ k::NpuModelParams model_params(const py::dict& overrides) {
     else if (key == "bf16_macs") p.bf16_macs = v;  // e.g. 256: int8's MAC rate, for the int8 route
     else if (key == "import_us") p.import_us = v;
     else if (key == "cpu_gflops") p.cpu_gflops = v;
+    else if (key == "int8_macs") p.int8_macs = v;
+    else if (key == "cpu_int8_gflops") p.cpu_int8_gflops = v;
     else if (key == "cpu_gbps") p.cpu_gbps = v;
     else if (key == "softmax_cycles_per_elem") p.softmax_cycles_per_elem = v;
     else throw std::invalid_argument("unknown model parameter " + key);
@@ -223,8 +225,8 @@ void register_npu_bindings(py::module_& m) {
       }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("cpu_gflops") = 0.0, py::arg("m_rows") = 0,
       "kernels/xrt/cost_model.h: predicted NPU vs CPU time (estimates, not silicon measurements)");
   m.def("npu_model", [](int64_t M, int64_t K, int64_t N, int64_t batches, bool runtime_b, bool a_gather, bool conv,
-                        const std::string& dataflow, const py::dict& params) {
-        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv};
+                        const std::string& dataflow, const py::dict& params, bool int8) {
+        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv, int8};
         if (M < 0 || K < 0 || N < 0 || batches < 1) throw std::invalid_argument("bad GEMM shape");
         const k::NpuModelParams p = model_params(params);
         if (dataflow == "v1") return cost_dict(k::model_node_v1(w, p));
@@ -232,6 +234,7 @@ void register_npu_bindings(py::module_& m) {
         throw std::invalid_argument("dataflow must be v1 or v2");
       }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("batches") = 1, py::arg("runtime_b") = false,
       py::arg("a_gather") = false, py::arg("conv") = false, py::arg("dataflow") = "v2", py::arg("params") = py::dict(),
+      py::arg("int8") = false,
       "kernels/xrt/dataflow_model.h: modelled Phoenix time of one node (a model, not a measurement)");
   m.def("npu_model_attention", [](int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const py::dict& params) {
         if (heads < 1 || Tq < 1 || Tk < 1 || d < 1) throw std::invalid_argument("bad attention shape");
@@ -279,7 +282,10 @@ PYBIND11_MODULE(_native, m) {
   m.attr("UNPACKED_MAX_M") = k::kUnpackedMaxM;
   // Precision modes (gemm_contract.h): weight preparation and GEMM, kernel level only.
   py::class_<k::QuantizedB, std::shared_ptr<k::QuantizedB>>(m, "QuantizedB")
-      .def_property_readonly("scale", [](const k::QuantizedB& q) { return py::array_t<float>(q.scale.size(), q.scale.data()); });
+      .def_property_readonly("scale", [](const k::QuantizedB& q) { return py::array_t<float>(q.scale.size(), q.scale.data()); })
+      .def_property_readonly("q", [](const k::QuantizedB& q) {  // [N, Kpad]: column n's int8 values, K contiguous
+        return py::array_t<int8_t>({static_cast<py::ssize_t>(q.N), static_cast<py::ssize_t>(q.Kpad)}, q.q.data());
+      });
   py::class_<k::SplitB, std::shared_ptr<k::SplitB>>(m, "SplitB");
   m.def("quantize_b_int8", [](F32Array b) {
         if (b.ndim() != 2) throw std::invalid_argument("B must be 2-D [K, N]");

@@ -291,3 +291,17 @@ def test_partition_reports_the_work_of_gemm_and_conv(tmp_path):
     work = {d.node: d.executed["work"] for d in report.decisions if d.executed}
     assert work["gemm"] == [1, 40, 64, 96, 0, 1, 0]
     assert work["conv"] == [2, 25, 24, 32, 0, 0, 1]  # t_out = (50 + 2 - 3) // 2 + 1 = 25, K = 8 * 3
+
+
+def test_int8_model_doubles_the_mac_rate_and_halves_the_weight():
+    """int8 (constant B only): compute at 256 MACs/core/cycle, B int8, A quantised per row on the host (named);
+    a run-time B (attention) stays bf16 whatever the flag says."""
+    bf, i8 = nat.npu_model(1500, 512, 2048), nat.npu_model(1500, 512, 2048, int8=True)
+    assert i8["compute_us"] == pytest.approx(bf["compute_us"] / 2)
+    assert "int8" in i8["dataflow"] and "quantises A per row" in i8["dataflow"] and "A in place" not in i8["dataflow"]
+    gemv_bf, gemv_i8 = nat.npu_model(1, 512, 51200 // 4), nat.npu_model(1, 512, 51200 // 4, int8=True)
+    assert gemv_i8["cpu_us"] < gemv_bf["cpu_us"]  # the CPU alternative streams half the weight bytes too
+    heads = nat.npu_model(1500, 64, 1500, batches=8, runtime_b=True)
+    assert nat.npu_model(1500, 64, 1500, batches=8, runtime_b=True, int8=True) == heads
+    names = " ".join(a[0] for a in nat.npu_model_assumptions())
+    assert "int8 MACs" in names and "CPU int8" in names

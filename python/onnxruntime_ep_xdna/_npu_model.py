@@ -66,10 +66,15 @@ def attention_pairs(model_path: str) -> dict[str, str]:
     return pairs
 
 
-def model_nodes(report, params: dict | None = None, fuse_attention: bool = True) -> list[NodeModel]:
+def model_nodes(report, params: dict | None = None, fuse_attention: bool = True,
+                precision: str = "bf16") -> list[NodeModel]:
+    """`precision` "int8": every constant-weight GEMM (MatMul, Gemm, Conv) modelled on the int8 kernels
+    (kernels/aie/gemm_int8.cc); products with a run-time B (attention) stay bf16, as the contract says."""
     from . import EP_NAME
 
     params = dict(params or {})
+    if precision not in ("bf16", "int8"):
+        raise ValueError("precision must be bf16 or int8")
     on_ep = {d.node: d for d in report.decisions if d.placed_on == EP_NAME}
     pairs = attention_pairs(report.model) if fuse_attention else {}
     rows: list[NodeModel] = []
@@ -113,7 +118,7 @@ def model_nodes(report, params: dict | None = None, fuse_attention: bool = True)
             cost = _native.npu_model_attention(b, M, N, K, params=params)
             rows.append(NodeModel(d.node, d.op_type, work, cost, before, npu=cost["npu"], note="fused attention"))
             continue
-        cost = _native.npu_model(M, K, N, dataflow="v2", **kw)
+        cost = _native.npu_model(M, K, N, dataflow="v2", int8=precision == "int8" and not rb, **kw)
         rows.append(NodeModel(d.node, d.op_type, work, cost, before, npu=cost["npu"]))
     return rows
 
@@ -141,8 +146,8 @@ def assumptions_text(params: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def table(report, params: dict | None = None) -> str:
-    rows = model_nodes(report, params)
+def table(report, params: dict | None = None, precision: str = "bf16") -> str:
+    rows = model_nodes(report, params, precision=precision)
     ms = lambda us: f"{us / 1e3:8.3f}"  # noqa: E731
     out = [assumptions_text(params), "",
            f"{'node':44} {'op':6} {'work (b x M x K x N)':22} {'dispatch':>8} {'host':>8} {'DMA':>8} {'compute':>8}"
@@ -166,5 +171,7 @@ def table(report, params: dict | None = None) -> str:
                f"(NPU {bn / 1e3:.1f} ms, CPU {bc / 1e3:.1f} ms)")
     out.append(f"v2 without fused attention (QK^T and PV as separate batched nodes, scores through DDR): "
                f"{(un + uc) / 1e3:.1f} ms (NPU {un / 1e3:.1f} ms, CPU {uc / 1e3:.1f} ms)")
+    if precision != "bf16":
+        out.append(f"precision: {precision} for constant-weight GEMMs (attention stays bf16); the lines above are bf16")
     out.append(f"modelled Phoenix time: {(an + ac) / 1e3:.1f} ms (NPU {an / 1e3:.1f} ms, CPU {ac / 1e3:.1f} ms)")
     return "\n".join(out)

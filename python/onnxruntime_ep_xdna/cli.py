@@ -90,7 +90,7 @@ def cmd_partition(args) -> int:
             key, _, value = kv.partition("=")
             params[key] = float(value)
         print()
-        print(table(report, params))
+        print(table(report, params, precision=args.npu_precision))
     return 0
 
 
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "the model's assumptions (a model, not a measurement; implies --run)")
     part.add_argument("--npu-param", action="append", metavar="NAME=VALUE",
                       help="override a model parameter, e.g. aie_ghz=1.6, submit_us=50, ddr_gbps=32 (repeatable)")
+    part.add_argument("--npu-precision", choices=("bf16", "int8"), default="bf16",
+                      help="with --npu-model: model constant-weight GEMMs on the int8 kernels (attention stays bf16)")
     part.set_defaults(func=cmd_partition)
 
     model = sub.add_parser("model", help="Whisper model management")
