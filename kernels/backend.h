@@ -86,6 +86,13 @@ class Backend {
     (void)calls, (void)count, (void)K, (void)N;
     return false;
   }
+  // Whether an int8 (A8W8, gemm_contract.h) kernel exists for a padded K x N weight, and why not: the question the
+  // EP's per-node precision asks before choosing int8 for a node on this backend.
+  virtual bool has_int8_kernel(int64_t K, int64_t N, std::string* why_not) const {
+    (void)K, (void)N;
+    if (why_not) *why_not = name() + " has no int8 kernels";
+    return false;
+  }
   // Fused attention (attention_contract.h): whether this backend runs it for this shape, and why not.
   virtual bool can_run_attention(const AttentionShape& shape, std::string* why_not) const {
     (void)shape;

@@ -24,6 +24,9 @@ class FaultInjectingBackend final : public Backend {
     inner_->gemm(args, b);
     if (step_ == "result") throw BackendFault("result", "injected fault: result buffer has the wrong size");
   }
+  bool has_int8_kernel(int64_t K, int64_t N, std::string* why) const override {
+    return inner_->has_int8_kernel(K, N, why);
+  }
   bool can_run_attention(const AttentionShape& shape, std::string* why) const override {
     return inner_->can_run_attention(shape, why);
   }

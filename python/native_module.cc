@@ -158,6 +158,11 @@ void register_npu_bindings(py::module_& m) {
       .def_property_readonly("name", [](const NpuBackendHandle& h) { return h.backend->name(); })
       .def_property_readonly("description", [](const NpuBackendHandle& h) { return h.backend->device_description(); })
       .def("can_run", &NpuBackendHandle::can_run, py::arg("M"), py::arg("K"), py::arg("N"))
+      .def("has_int8_kernel", [](const NpuBackendHandle& h, int64_t K, int64_t N) {
+            std::string why;
+            const bool ok = h.backend->has_int8_kernel(K, N, &why);
+            return py::make_tuple(ok, why);
+          }, py::arg("K"), py::arg("N"))
       .def("upload", &NpuBackendHandle::upload, py::arg("b"), py::keep_alive<0, 1>())
       .def("gemm", &NpuBackendHandle::gemm, py::arg("a"), py::arg("weight"))
       .def("gemm_batch", &NpuBackendHandle::gemm_batch, py::arg("items"), "[(a, weight), ...] -> [c, ...]")

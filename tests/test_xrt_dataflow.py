@@ -305,3 +305,20 @@ def test_int8_model_doubles_the_mac_rate_and_halves_the_weight():
     assert nat.npu_model(1500, 64, 1500, batches=8, runtime_b=True, int8=True) == heads
     names = " ".join(a[0] for a in nat.npu_model_assumptions())
     assert "int8 MACs" in names and "CPU int8" in names
+
+
+def test_backend_says_whether_an_int8_kernel_exists(tmp_path):
+    """A manifest's i8_f32 entries (kernels/aie/gemm_int8.cc) tell the xrt backend which weight shapes have an int8
+    kernel (the EP's per-node precision asks before choosing int8); bf16 kernels are unaffected."""
+    root = kernel_dir(tmp_path / "k", [(512, 512, 256, "f32_f32")])
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "gemm_i8_k512.xclbin").write_bytes(b"fake xclbin")
+    (root / "gemm_i8.insts.bin").write_bytes(b"\0" * 16)
+    manifest["kernels"].append({"K": 512, "N": 2048, "m_rows": 1500, "dtype": "i8_f32",
+                                "xclbin": "gemm_i8_k512.xclbin", "insts": "gemm_i8.insts.bin", "kernel": "MLIR_AIE"})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    be = nat.npu_fake_backend(str(root))
+    assert be.has_int8_kernel(500, 2000) == (True, "")  # padded to 512 x 2048
+    ok, why = be.has_int8_kernel(512, 512)
+    assert not ok and "no int8 NPU kernel built for K=512 N=512" in why and "512x2048" in why
+    assert be.can_run(1500, 512, 512)[0] and not be.can_run(1500, 512, 2048)[0]  # bf16: only its own kernels

@@ -171,6 +171,24 @@ class NpuBackend final : public Backend {
     return true;
   }
 
+  // Whether the manifest lists an i8_f32 kernel for this weight shape. Existence only: this backend does not
+  // dispatch int8 kernels yet (host quantisation of A and the scale buffers are not written), so can_run() stays
+  // the bf16 question.
+  bool has_int8_kernel(int64_t K, int64_t N, std::string* why_not) const override {
+    const PaddedShape p = padded_shape(0, K, N);
+    for (const KernelEntry& e : manifest_.int8_kernels)
+      if (e.K == p.Kpad && e.N == p.Npad) return true;
+    if (why_not) {
+      std::ostringstream os;
+      os << "no int8 NPU kernel built for K=" << K << " N=" << N << " (padded " << p.Kpad << "x" << p.Npad
+         << "); int8 built:";
+      for (const KernelEntry& e : manifest_.int8_kernels) os << " " << e.K << "x" << e.N;
+      if (manifest_.int8_kernels.empty()) os << " none";
+      *why_not = os.str();
+    }
+    return false;
+  }
+
   // The manifest has no kernel kind for fused attention: kernels/aie/attention_design.py is a design with a host
   // check, not built. Declined here, so the dispatcher runs it on the CPU with this reason logged.
   bool can_run_attention(const AttentionShape& shape, std::string* why_not) const override {
