@@ -499,24 +499,38 @@ SplitB pack_b_bf16x3(const float* src, int64_t K, int64_t N, int64_t stride_k, i
 void emulator_gemm_bf16x3(const GemmArgs& args, const SplitB& b, int threads) {
   const int64_t M = args.M, K = b.hi.shape.K, N = b.hi.shape.N;
   if (M <= 0 || N <= 0) return;
-  std::vector<float> a_hi(static_cast<size_t>(M * K)), a_lo(static_cast<size_t>(M * K));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const float x = args.a[m * args.lda + k], h = round_to_bf16(x);
-      a_hi[m * K + k] = h;
-      a_lo[m * K + k] = std::isfinite(h) ? round_to_bf16(x - h) : 0.f;
-    }
-  std::vector<float> c1(static_cast<size_t>(M * N)), c2(static_cast<size_t>(M * N));
-  emulator_gemm({a_hi.data(), M, K, args.c, args.ldc}, b.hi, threads);
-  emulator_gemm({a_lo.data(), M, K, c1.data(), N}, b.hi, threads);
-  emulator_gemm({a_hi.data(), M, K, c2.data(), N}, b.lo, threads);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      float& c = args.c[m * args.ldc + n];
-      // A non-finite hi product is the answer (Inf or NaN); the small terms could only turn an Inf into a NaN
-      // (Inf * a zero lo part).
-      if (std::isfinite(c)) c += c1[m * N + n] + c2[m * N + n];
-    }
+  threads = emu::resolve_threads(threads);
+  // Thread-local scratch (slots 4 and 5, which the bf16 kernels never use): no allocation per call.
+  float* a_hi = emu::scratch(4, static_cast<size_t>(2 * M * K));
+  float* a_lo = a_hi + M * K;
+  float* small = emu::scratch(5, static_cast<size_t>(2 * M * N));  // A_lo.B_hi, then A_hi.B_lo
+  // Row-parallel passes over A and C (the split and the final sum): over the threads when there is enough work.
+  auto for_rows = [&](int64_t per_row, const std::function<void(int64_t, int64_t)>& fn) {
+    const int t = static_cast<int>(std::clamp<int64_t>(M * per_row / (int64_t{1} << 16), 1, threads));
+    if (t == 1) return fn(0, M);
+    const int64_t tasks = std::min<int64_t>(M, emu::kTasksPerThread * t), rows = emu::ceil_div(M, tasks);
+    emu::ThreadPool::instance().run(t, tasks, [&](int64_t i) { fn(i * rows, std::min(M, (i + 1) * rows)); });
+  };
+  for_rows(K, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const float x = args.a[m * args.lda + k], h = round_to_bf16(x);
+        a_hi[m * K + k] = h;
+        a_lo[m * K + k] = std::isfinite(h) ? round_to_bf16(x - h) : 0.f;  // x - h is exact in fp32
+      }
+  });
+  emulator_gemm({a_hi, M, K, args.c, args.ldc}, b.hi, threads);
+  emulator_gemm({a_lo, M, K, small, N}, b.hi, threads);
+  emulator_gemm({a_hi, M, K, small + M * N, N}, b.lo, threads);
+  for_rows(N, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float& c = args.c[m * args.ldc + n];
+        // A non-finite hi product is the answer (Inf or NaN); the small terms could only turn an Inf into a NaN
+        // (Inf * a zero lo part).
+        if (std::isfinite(c)) c += small[m * N + n] + small[M * N + m * N + n];
+      }
+  });
 }
 
 }  // namespace xdna::kernels
