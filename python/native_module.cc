@@ -289,7 +289,14 @@ PYBIND11_MODULE(_native, m) {
   py::class_<k::QuantizedB, std::shared_ptr<k::QuantizedB>>(m, "QuantizedB")
       .def_property_readonly("scale", [](const k::QuantizedB& q) { return py::array_t<float>(q.scale.size(), q.scale.data()); })
       .def_property_readonly("q", [](const k::QuantizedB& q) {  // [N, Kpad]: column n's int8 values, K contiguous
-        return py::array_t<int8_t>({static_cast<py::ssize_t>(q.N), static_cast<py::ssize_t>(q.Kpad)}, q.q.data());
+        // The emulator stores 16-column panels (emulator.cc quantize_b_int8); unpanel into the plain layout.
+        py::array_t<int8_t> out({static_cast<py::ssize_t>(q.N), static_cast<py::ssize_t>(q.Kpad)});
+        int8_t* dst = out.mutable_data();
+        for (int64_t n = 0; n < q.N; ++n) {
+          const int8_t* panel = q.q.data() + (n / 16) * q.Kpad * 16 + (n % 16) * 4;
+          for (int64_t k = 0; k < q.Kpad; ++k) dst[n * q.Kpad + k] = panel[(k / 4) * 64 + k % 4];
+        }
+        return out;
       });
   py::class_<k::SplitB, std::shared_ptr<k::SplitB>>(m, "SplitB");
   m.def("quantize_b_int8", [](F32Array b) {
