@@ -611,8 +611,12 @@ def test_cli_precision_option(tiny_en, tmp_path):
     proc = run_cli("--model", tiny_en, *FAST, "--precision", "int8:weight=sometimes", wav)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--precision: bad rule 'int8:weight=sometimes' in precision_policy" in proc.stderr
-    proc = run_cli("--model", tiny_en, *FAST, "--provider", "cpu", "--precision", "int8", wav)
-    assert proc.returncode == 0 and "--precision int8 applies to the XDNA EP only" in proc.stderr
+    proc = run_cli("--model", tiny_en, *FAST, "--provider", "cpu", "--precision", "bf16x3", wav)
+    assert proc.returncode == 0 and "--precision bf16x3 applies to the XDNA EP only" in proc.stderr
+    from onnxruntime_ep_xdna._precision import DEFAULT
+
+    proc = run_cli("--model", tiny_en, *FAST, wav)  # the default policy, said where the model is loaded
+    assert proc.returncode == 0 and f"on XDNAExecutionProvider, precision {DEFAULT}" in proc.stderr
 
 
 def test_serve_and_batch_take_the_precision_option(tiny_en, tmp_path):

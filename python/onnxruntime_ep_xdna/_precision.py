@@ -17,9 +17,10 @@ NAMED = {
     # as mixed, and the encoder's two Convs (the product right behind the log-mel input) in bf16 too
     "mixed-conv": "bf16:name=*proj_out*;bf16:op=Conv;int8:weight=constant",
 }
-# `xdna transcribe --precision` default: the fastest policy within 0.5 WER points of fp32 on the real-speech set
-# (benchmarks/whisper.py --section precision; benchmarks/README.md "Precision policies").
-DEFAULT = "bf16"
+# The default of --precision (xdna transcribe, serve, batch): the fastest policy within 0.5 WER points of fp32 on
+# the real-speech set, measured (benchmarks/whisper.py --section precision; benchmarks/README.md "Precision
+# policies"): int8, same WER as fp32 and the least CPU time. The Python API's precision=None keeps the EP's bf16.
+DEFAULT = "int8"
 
 
 def provider_options(policy: str | None) -> dict[str, str]:
