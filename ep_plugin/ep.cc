@@ -60,7 +60,7 @@ kernels::PackedWeights load_constants(const OrtApi& ort, const OrtNode* node, op
     const std::vector<float> data = ops::read_constant(ort, io.inputs.at(1), &shape);
     if (element_count(shape) != element_count(plan->weight_shape))
       throw OrtError(ORT_EP_FAIL, "Compile: node '" + plan->node_name + "': weight differs from the claimed one");
-    weights = kernels::pack_weights(data.data(), plan->weight_shape, plan->weight_transposed);
+    weights = kernels::pack_weights(data.data(), plan->weight_shape, plan->weight_transposed, plan->precision);
   }
   if (plan->c.present && plan->c.constant) {
     std::vector<int64_t> shape;
@@ -85,7 +85,8 @@ XdnaEp::XdnaEp(ApiPtrs api, EpOptions options, Backends backends, const OrtLogge
   Compile = CompileImpl;
   ReleaseNodeComputeInfos = ReleaseNodeComputeInfosImpl;
   log_(ORT_LOGGING_LEVEL_INFO, "backend: " + backends_.primary->name() + " (" + backends_.primary->device_description() +
-                                   "), CPU fallback: " + backends_.cpu->name());
+                                   "), CPU fallback: " + backends_.cpu->name() + "; " +
+                                   options_.precision.describe());
 }
 
 XdnaEp::~XdnaEp() = default;
@@ -140,14 +141,15 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
   const ops::GraphIndex index = ops::GraphIndex::of(ort, graph);
   size_t considered = 0;
   std::vector<graph::ClaimedUnit> claimed;
-  const auto below_min_mflop = [&](ops::Claim* a) {
+  const auto adjust = [&](ops::Claim* a) {
+    if (a->ok) ops::apply_precision_policy(options_.precision, a);
     if (a->ok && a->plan.mflop < options_.min_mflop) {
       a->ok = false;
       a->reason = "below min_mflop (" + std::to_string(a->plan.mflop) + " MFLOP)";
       a->fused_producers.clear();
     }
   };
-  for (const ops::NodeClaim& c : ops::claim_nodes(ort, nodes, index, below_min_mflop)) {
+  for (const ops::NodeClaim& c : ops::claim_nodes(ort, nodes, index, adjust)) {
     const char* op_type = nullptr;
     check(ort, ort.Node_GetOperatorType(c.node, &op_type));
     ++considered;
@@ -156,11 +158,16 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     const std::string reason = c.covered_by.empty() ? a.reason : "in the fused attention of '" + c.covered_by + "'";
     if (a.ok) claimed.push_back({c.node, a.fused_producers});
     log_(ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
-         std::string(ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" + reason + ")");
+         std::string(ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" + reason +
+             (a.ok ? std::string(", ") + kernels::precision_name(a.plan.precision) + ": " + a.precision_note
+                   : std::string()) + ")");
     report("{\"graph\": " + json_string(graph_name ? graph_name : "") + ", \"node\": " +
            json_string(a.plan.node_name) + ", \"op_type\": " + json_string(op_type) + ", \"claimed\": " +
            (ok ? "true" : "false") + ", \"reason\": " + json_string(reason) + ", \"mflop\": " +
            json_number(a.plan.mflop) + ", \"mflop_lower_bound\": " + (a.plan.mflop_lower_bound ? "true" : "false") +
+           (a.ok ? ", \"precision\": " + json_string(kernels::precision_name(a.plan.precision)) +
+                       ", \"precision_note\": " + json_string(a.precision_note)
+                 : std::string()) +
            "}");
   }
   const auto groups = graph::fusion_groups(ort, nodes, claimed, index);
@@ -189,7 +196,10 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
   // The group's claimed nodes, each with the nodes it fuses (Transposes, an attention's chain: the group's other nodes).
   std::vector<std::unique_ptr<NodeKernel>> kernels;
   size_t covered = 0;
-  for (ops::NodeClaim& c : ops::claim_nodes(ort, group, index)) {  // the claim rules GetCapability used
+  const auto with_precision = [&](ops::Claim* a) {
+    if (a->ok) ops::apply_precision_policy(options_.precision, a);
+  };
+  for (ops::NodeClaim& c : ops::claim_nodes(ort, group, index, with_precision)) {  // the rules GetCapability used
     if (!c.covered_by.empty()) continue;  // counted with the node that covers it
     ops::Claim& a = c.claim;
     if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);

@@ -13,7 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "kernels/gemm_contract.h"
 #include "ops/node_reader.h"
+#include "ops/precision_policy.h"
 
 namespace xdna::ep {
 class Dispatcher;
@@ -39,8 +41,8 @@ struct ConvParams {
   int64_t stride = 1, dilation = 1, pad_begin = 0, pad_end = 0;
 };
 
-// Every product runs in the contract's one precision (bf16 operands, fp32 sums: kernels/gemm_contract.h). A second
-// precision would be a field here, set by the claim rules that accept it, with kernels for it in the backends.
+// Every product of a node runs in the plan's precision (kernels/gemm_contract.h, "Precision modes"), set at claim
+// time from the session's policy (ops/precision_policy.h).
 struct OpPlan {
   enum class Op { kMatMul, kGemm, kConv, kAttention };
   Op op = Op::kMatMul;
@@ -62,6 +64,7 @@ struct OpPlan {
   // constant scale of the pattern (on Q, on K^T, on the scores), applied to the fp32 scores.
   Operand v;
   float attention_scale = 1.f;
+  kernels::Precision precision = kernels::Precision::kBf16;  // constant B packed in it, every product run in it
 };
 
 struct Claim {
@@ -70,6 +73,7 @@ struct Claim {
   OpPlan plan;
   // Transpose nodes whose only consumer is this node: claimed with it, so the permuted copy is never made.
   std::vector<const OrtNode*> fused_producers;
+  std::string precision_note;  // why plan.precision is what it is (apply_precision_policy), for the report
 };
 
 inline Claim reject(std::string why) {
@@ -129,5 +133,9 @@ struct NodeClaim {
 };
 std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const OrtNode*>& nodes,
                                    const GraphIndex& index, const std::function<void(Claim*)>& adjust = {});
+// Sets a claimed node's plan.precision: the policy's choice, unless the contract cannot take it there (int8 with a
+// run-time B or past its K limit: bf16); claim->precision_note says why it is what it is.
+// A fused attention plan runs its own contract (kernels/attention_contract.h: bf16 products, fp32 softmax): bf16.
+void apply_precision_policy(const PrecisionPolicy& policy, Claim* claim);
 
 }  // namespace xdna::ops

@@ -5,6 +5,7 @@
 #include <unordered_map>
 
 #include "ep_plugin/ort_api.h"
+#include "kernels/packing.h"
 #include "ops/op.h"
 
 namespace xdna::ops {
@@ -98,6 +99,29 @@ std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const Or
   }
   std::reverse(claims.begin(), claims.end());
   return claims;
+void apply_precision_policy(const PrecisionPolicy& policy, Claim* claim) {
+  OpPlan& plan = claim->plan;
+  if (plan.op == OpPlan::Op::kAttention) {
+    plan.precision = kernels::Precision::kBf16;
+    claim->precision_note = "fused attention: its own contract (bf16 products, fp32 softmax)";
+    return;
+  }
+  std::string rule;
+  const kernels::Precision wanted = policy.choose(module_of(plan.op).op_type, plan.node_name, plan.b.constant, &rule);
+  plan.precision = wanted;
+  claim->precision_note = rule.empty() ? "the precision option" : "rule '" + rule + "'";
+  if (wanted != kernels::Precision::kInt8) return;
+  if (!plan.b.constant) {
+    plan.precision = kernels::Precision::kBf16;
+    claim->precision_note += " asks int8; B is given at run time, which the int8 contract keeps in bf16";
+    return;
+  }
+  const auto& w = plan.weight_shape;
+  const int64_t K = w.size() == 1 ? w[0] : plan.weight_transposed ? w.back() : w[w.size() - 2];
+  if (auto why = kernels::precision_problem(wanted, K); !why.empty()) {
+    plan.precision = kernels::Precision::kBf16;
+    claim->precision_note += " asks int8; " + why + ", so bf16";
+  }
 }
 
 }  // namespace xdna::ops

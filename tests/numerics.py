@@ -118,3 +118,28 @@ def attention_bound(q, kt, v, scale) -> np.ndarray:
     w = np.exp(s - s.max(axis=-1, keepdims=True))
     w /= w.sum(axis=-1, keepdims=True)
     return ((1 + eta) * (1 + 2.0**-8) * (1 + (t + 1) * 2.0**-23) - 1) * np.matmul(w, np.abs(v)) + TINY
+def precision_bound(a: np.ndarray, b: np.ndarray, precision: str, runtime_b: bool = False) -> np.ndarray:
+    """The bound of `precision` ("bf16", "int8", "bf16x3") on |A.B - exact| for fp32 A [.., M, K] or [K] and
+    B [.., K, N] or [K], as the EP computes it: int8 keeps a run-time B in bf16 (the contract's rule)."""
+    a, b = np.asarray(a), np.asarray(b)
+    k = a.shape[-1]
+    if precision == "bf16x3":
+        return bf16x3_bound(a, b, k)
+    if precision == "bf16" or runtime_b or k == 0:
+        return bf16_bound(a, b, k)
+    assert precision == "int8", precision
+    out = int8_bound(a[None] if a.ndim == 1 else a, b[:, None] if b.ndim == 1 else b)
+    if b.ndim == 1:
+        out = out[..., 0]
+    if a.ndim == 1:
+        out = out[..., 0] if b.ndim == 1 else out[..., 0, :]
+    return out
+
+
+def int8_nan_rule(exact: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The int8 contract's NaN rule: a row of A or a column of B holding NaN or Inf makes that row / column of C
+    NaN (int8 has no such values). `exact` is A.B [M, N] for 2-D A and B."""
+    out = np.array(exact, dtype=np.float64)
+    out[~np.all(np.isfinite(a), axis=-1), :] = np.nan
+    out[:, ~np.all(np.isfinite(b), axis=-2)] = np.nan
+    return out

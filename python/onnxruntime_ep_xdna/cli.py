@@ -79,6 +79,14 @@ def cmd_partition(args) -> int:
     for kv in args.dim or []:
         key, _, value = kv.partition("=")
         dims[key] = int(value)
+    if args.precision:
+        from ._precision import provider_options
+
+        try:
+            opts.update(provider_options(args.precision))
+        except ValueError as e:
+            print(f"xdna partition: error: --precision: {e}", file=sys.stderr)
+            return 1
     level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if args.no_optimize else None
     report = partition(args.model, opts, level, run=args.run or bool(dims) or args.npu_model, dims=dims)
     print(report.table())
@@ -129,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="which MatMul/Gemm/Conv nodes of a model go to the EP, FLOP share, and why not")
     part.add_argument("model")
     part.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
+    part.add_argument("--precision", metavar="POLICY",
+                      help="precision policy as in xdna transcribe: bf16, int8, bf16x3, mixed, mixed-conv or rules "
+                           "(same as -o precision=... / -o precision_policy=...); the table shows each node's")
     part.add_argument("--no-optimize", action="store_true", help="disable ORT graph optimizations (ORT_DISABLE_ALL)")
     part.add_argument("--run", action="store_true", help="run once on dummy inputs: FLOPs of EP nodes as executed")
     part.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dim (implies --run)")

@@ -363,7 +363,7 @@ def detect_language(model: WhisperOnnx, window) -> list[tuple[str, float]]:
 
 
 def transcribe(audio: str | os.PathLike | np.ndarray, model: str | os.PathLike | WhisperOnnx = "base",
-               options: TranscriptionOptions | None = None, *, provider: str = XDNA_EP,
+               options: TranscriptionOptions | None = None, *, provider: str = XDNA_EP, precision: str | None = None,
                progress: Callable[[float, float], None] | None = None, **kwargs
                ) -> tuple[Iterator[Segment], TranscriptionInfo]:
     """Transcribes (or translates to English) a file or a 16 kHz mono float32 array.
@@ -371,11 +371,13 @@ def transcribe(audio: str | os.PathLike | np.ndarray, model: str | os.PathLike |
     Returns (segments, info) like faster-whisper: the audio is read and the language detected now (errors are
     raised here: AudioError, TranscribeError, OptionsError); the windows are decoded while `segments` is
     iterated. `options` and/or keyword arguments are TranscriptionOptions fields (beam_size=1 for greedy).
+    `precision`: the XDNA EP's precision policy when `model` is a name or directory (bf16, int8, bf16x3, mixed, or
+    rules: README "Precision modes"; None = the EP's bf16).
     """
     from .audio import AudioError
 
     opt = TranscriptionOptions.from_kwargs(options, **kwargs)
-    whisper = load_model(model, provider)
+    whisper = load_model(model, provider, precision=precision)
     t0 = time.perf_counter()
     language = opt.language
     if not whisper.is_multilingual:
@@ -476,8 +478,8 @@ class WhisperModel:
     Transcriptions share the sessions and keep their own state (ORT sessions may be run from several threads)."""
 
     def __init__(self, model: str | os.PathLike = "base", provider: str = XDNA_EP,
-                 log: Callable[[str], None] = lambda m: None):
-        self.onnx = load_model(model, provider, log)
+                 log: Callable[[str], None] = lambda m: None, precision: str | None = None):
+        self.onnx = load_model(model, provider, log, precision=precision)
 
     def transcribe(self, audio, options: TranscriptionOptions | None = None, **kwargs):
         return transcribe(audio, self.onnx, options, **kwargs)
