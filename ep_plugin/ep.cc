@@ -60,7 +60,7 @@ kernels::PackedWeights load_constants(const OrtApi& ort, const OrtNode* node, op
     const std::vector<float> data = ops::read_constant(ort, io.inputs.at(1), &shape);
     if (element_count(shape) != element_count(plan->weight_shape))
       throw OrtError(ORT_EP_FAIL, "Compile: node '" + plan->node_name + "': weight differs from the claimed one");
-    weights = kernels::pack_weights(data.data(), plan->weight_shape, plan->weight_transposed);
+    weights = kernels::pack_weights(data.data(), plan->weight_shape, plan->weight_transposed, plan->precision);
   }
   if (plan->c.present && plan->c.constant) {
     std::vector<int64_t> shape;
@@ -85,7 +85,8 @@ XdnaEp::XdnaEp(ApiPtrs api, EpOptions options, Backends backends, const OrtLogge
   Compile = CompileImpl;
   ReleaseNodeComputeInfos = ReleaseNodeComputeInfosImpl;
   log_(ORT_LOGGING_LEVEL_INFO, "backend: " + backends_.primary->name() + " (" + backends_.primary->device_description() +
-                                   "), CPU fallback: " + backends_.cpu->name());
+                                   "), CPU fallback: " + backends_.cpu->name() + "; " +
+                                   options_.precision.describe());
 }
 
 XdnaEp::~XdnaEp() = default;
@@ -148,6 +149,7 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     if (!ops::find_op(domain, op_type)) continue;
     ++considered;
     ops::Claim a = ops::claim_node(ort, node, index);
+    if (a.ok) ops::apply_precision_policy(options_.precision, op_type, &a);
     if (a.ok && a.plan.mflop < options_.min_mflop) {
       a.ok = false;
       a.reason = "below min_mflop (" + std::to_string(a.plan.mflop) + " MFLOP)";
@@ -155,11 +157,15 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     if (a.ok) claimed.push_back({node, a.fused_producers});
     log_(a.ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
          std::string(a.ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" +
-             a.reason + ")");
+             a.reason + (a.ok ? std::string(", ") + kernels::precision_name(a.plan.precision) + ": " +
+                                        a.precision_note : std::string()) + ")");
     report("{\"graph\": " + json_string(graph_name ? graph_name : "") + ", \"node\": " +
            json_string(a.plan.node_name) + ", \"op_type\": " + json_string(op_type) + ", \"claimed\": " +
            (a.ok ? "true" : "false") + ", \"reason\": " + json_string(a.reason) + ", \"mflop\": " +
            json_number(a.plan.mflop) + ", \"mflop_lower_bound\": " + (a.plan.mflop_lower_bound ? "true" : "false") +
+           (a.ok ? ", \"precision\": " + json_string(kernels::precision_name(a.plan.precision)) +
+                       ", \"precision_note\": " + json_string(a.precision_note)
+                 : std::string()) +
            "}");
   }
   const auto groups = graph::fusion_groups(ort, nodes, claimed, index);
@@ -196,6 +202,7 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
     if (!ops::find_op(domain, op_type)) continue;
     ops::Claim a = ops::claim_node(ort, g, index);  // the claim rule GetCapability used
     if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);
+    ops::apply_precision_policy(options_.precision, op_type, &a);
     covered += 1 + a.fused_producers.size();
     kernels::PackedWeights weights = load_constants(ort, g, &a.plan);
     kernels.push_back(std::make_unique<NodeKernel>(std::move(a.plan), std::move(weights), backends_.primary,

@@ -45,7 +45,7 @@ NodeKernel::NodeKernel(ops::OpPlan plan, kernels::PackedWeights constant_b,
                        Log log, std::function<void(const std::string&)> report)
     : plan_(std::move(plan)),
       module_(ops::module_of(plan_.op)),
-      dispatch_(plan_.node_name, std::move(constant_b), std::move(primary), std::move(cpu_fallback), log,
+      dispatch_(plan_.node_name, plan_.precision, std::move(constant_b), std::move(primary), std::move(cpu_fallback), log,
                 std::move(report)) {}
 
 std::vector<std::string> NodeKernel::runtime_operands() const {

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "ops/precision_policy.h"
 #include "ort_api.h"
 
 namespace xdna::ep {
@@ -22,6 +23,8 @@ struct EpOptions {
   std::string partition_report;   // if set: write one JSON line per considered node (used by `xdna partition`)
   std::string fault_inject;       // testing: make the backend fail at upload|run|timeout|result
   bool context_enable = false;    // session config ep.context_enable=1 (or ORT's compile API): EPContext requested
+  // `precision` (bf16 | int8 | bf16x3) and `precision_policy` (per-node rules, ops/precision_policy.h) together
+  ops::PrecisionPolicy precision;
 };
 
 // Reads `ep.xdnaexecutionprovider.<key>` entries (how ORT delivers provider options to plugin EPs).

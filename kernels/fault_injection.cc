@@ -14,6 +14,7 @@ class FaultInjectingBackend final : public Backend {
   bool can_run(int64_t M, int64_t K, int64_t N, std::string* why) const override {
     return inner_->can_run(M, K, N, why);
   }
+  bool supports(Precision precision, std::string* why) const override { return inner_->supports(precision, why); }
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     if (step_ == "upload") throw BackendFault("upload", "injected fault");
     return inner_->upload(std::move(b));

@@ -12,7 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "kernels/gemm_contract.h"
 #include "ops/node_reader.h"
+#include "ops/precision_policy.h"
 
 namespace xdna::ep {
 class Dispatcher;
@@ -38,8 +40,8 @@ struct ConvParams {
   int64_t stride = 1, dilation = 1, pad_begin = 0, pad_end = 0;
 };
 
-// Every product runs in the contract's one precision (bf16 operands, fp32 sums: kernels/gemm_contract.h). A second
-// precision would be a field here, set by the claim rules that accept it, with kernels for it in the backends.
+// Every product of a node runs in the plan's precision (kernels/gemm_contract.h, "Precision modes"), set at claim
+// time from the session's policy (ops/precision_policy.h).
 struct OpPlan {
   enum class Op { kMatMul, kGemm, kConv };
   Op op = Op::kMatMul;
@@ -57,6 +59,7 @@ struct OpPlan {
   ConvParams conv;             // Conv only
   double mflop = 0;            // per run, symbolic dims counted as 1
   bool mflop_lower_bound = false;
+  kernels::Precision precision = kernels::Precision::kBf16;  // constant B packed in it, every product run in it
 };
 
 struct Claim {
@@ -65,6 +68,7 @@ struct Claim {
   OpPlan plan;
   // Transpose nodes whose only consumer is this node: claimed with it, so the permuted copy is never made.
   std::vector<const OrtNode*> fused_producers;
+  std::string precision_note;  // why plan.precision is what it is (apply_precision_policy), for the report
 };
 
 inline Claim reject(std::string why) {
@@ -111,5 +115,9 @@ const OpModule& module_of(OpPlan::Op op);
 
 // The claim rule of the node's op, with what every op shares (opset, exactly one output).
 Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index);
+
+// Sets a claimed node's plan.precision: the policy's choice, unless the contract cannot take it there (int8 with a
+// run-time B or past its K limit: bf16); claim->precision_note says why it is what it is.
+void apply_precision_policy(const PrecisionPolicy& policy, const std::string& op_type, Claim* claim);
 
 }  // namespace xdna::ops

@@ -2,6 +2,7 @@
 #include <cstring>
 
 #include "ep_plugin/ort_api.h"
+#include "kernels/packing.h"
 #include "ops/op.h"
 
 namespace xdna::ops {
@@ -61,6 +62,26 @@ Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index
   if (r.ok) r.plan.output = value_name(api, io.outputs[0]);
   if (!r.ok) r.fused_producers.clear();
   return r;
+}
+
+void apply_precision_policy(const PrecisionPolicy& policy, const std::string& op_type, Claim* claim) {
+  OpPlan& plan = claim->plan;
+  std::string rule;
+  const kernels::Precision wanted = policy.choose(op_type, plan.node_name, plan.b.constant, &rule);
+  plan.precision = wanted;
+  claim->precision_note = rule.empty() ? "the precision option" : "rule '" + rule + "'";
+  if (wanted != kernels::Precision::kInt8) return;
+  if (!plan.b.constant) {
+    plan.precision = kernels::Precision::kBf16;
+    claim->precision_note += " asks int8; B is given at run time, which the int8 contract keeps in bf16";
+    return;
+  }
+  const auto& w = plan.weight_shape;
+  const int64_t K = w.size() == 1 ? w[0] : plan.weight_transposed ? w.back() : w[w.size() - 2];
+  if (auto why = kernels::precision_problem(wanted, K); !why.empty()) {
+    plan.precision = kernels::Precision::kBf16;
+    claim->precision_note += " asks int8; " + why + ", so bf16";
+  }
 }
 
 }  // namespace xdna::ops

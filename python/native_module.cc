@@ -11,6 +11,7 @@
 #include "kernels/xrt/manifest.h"
 #include "kernels/xrt/npu_backend.h"
 #include "kernels/xrt/xrt_loader.h"
+#include "ops/precision_policy.h"
 
 namespace py = pybind11;
 namespace k = xdna::kernels;
@@ -308,6 +309,13 @@ PYBIND11_MODULE(_native, m) {
         return c;
       }, py::arg("a"), py::arg("b"), py::arg("threads") = 0);
   m.attr("VERSION") = XDNA_VERSION;  // the EP library's, from pyproject.toml
+  m.def("precision_policy", [](const std::string& precision, const std::string& rules) {
+        k::Precision p;
+        if (!k::parse_precision(precision.c_str(), &p))
+          throw std::invalid_argument("bad precision '" + precision + "' (accepted: bf16, int8, bf16x3)");
+        return xdna::ops::PrecisionPolicy::parse(p, rules).describe();  // std::invalid_argument -> ValueError
+      }, py::arg("precision"), py::arg("rules") = "",
+      "Checks the `precision` and `precision_policy` provider options as the EP does; returns their description");
   m.def("emulator_kernel_name", &k::emulator_kernel_name, "avx512bf16 | avx512 | avx2 | generic: the kernel set in use");
   m.def("reference_gemm", [](F32Array a, const k::PackedB& b) { return run_gemm(a, b, true, 1); },
         py::arg("a"), py::arg("b"));

@@ -348,7 +348,20 @@ class EmulatorBackend final : public Backend {
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     return std::make_shared<DeviceWeight>(std::move(b));
   }
-  void gemm(const GemmArgs& args, const DeviceWeight& b) override { emulator_gemm(args, b.host(), threads_); }
+  bool supports(Precision, std::string*) const override { return true; }
+  void gemm(const GemmArgs& args, const DeviceWeight& b) override {
+    const PackedB& host = b.host();
+    switch (host.precision) {
+      case Precision::kInt8:
+        emulator_gemm_int8(args, *host.int8, threads_);
+        break;
+      case Precision::kBf16x3:
+        emulator_gemm_bf16x3(args, *host.bf16x3, threads_);
+        break;
+      default:
+        emulator_gemm(args, host, threads_);
+    }
+  }
   bool gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N) override {
     emulator_gemm_unpacked(calls, count, K, N, threads_);
     return true;

@@ -171,8 +171,21 @@ class NpuBackend final : public Backend {
     return true;
   }
 
+  // Declined modes run on the CPU backend in the same precision (dispatcher), never silently in bf16.
+  bool supports(Precision precision, std::string* why_not) const override {
+    if (precision == Precision::kBf16) return true;
+    if (why_not)
+      *why_not = precision == Precision::kInt8
+                     ? "declined: no int8 kernel built (the AIE int8 design is not in the kernel manifest)"
+                     : "declined: bf16x3 is not run on the device yet";
+    return false;
+  }
+
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     if (!b) throw BackendFault("upload", "null weight");
+    if (b->precision != Precision::kBf16)
+      throw BackendFault("upload", std::string("weight packed in ") + precision_name(b->precision) +
+                                       ", which this backend declines");
     if (disabled_) throw BackendFault("upload", "xrt backend disabled: " + disabled_reason());
     auto it = shapes_.find({b->shape.Kpad, b->shape.Npad});
     if (it == shapes_.end())
