@@ -240,6 +240,12 @@ def test_cli_frontend_ep_runs_end_to_end(tiny_en, tmp_path, capsys):
                          "--format", "txt", str(path)]) == 0
         texts[frontend] = capsys.readouterr().out
     assert texts["ep"] == texts["cpu"]
+    from onnxruntime_ep_xdna.whisper.transcribe import WhisperModel
+
+    model = WhisperModel(str(tiny_en), provider="cpu", frontend="ep")
+    segments, _ = model.transcribe(audio, beam_size=1)
+    assert "".join(s.text for s in segments).strip() == texts["cpu"].strip()
+    assert "ep" in model.onnx._frontends  # the ONNX front end ran
 
 
 @pytest.fixture(scope="module")

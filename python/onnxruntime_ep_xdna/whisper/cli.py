@@ -339,8 +339,8 @@ def _transcribe_files(args, options, writer_options, formats, out_dir, usable, s
                       fail, err) -> int:
     from .audio import AudioError
     from .formats import format_timestamp, json_document, render
-    from .onnx_model import TranscribeError, load_model
     from .frontend import DEFAULT_FRONTEND
+    from .onnx_model import TranscribeError, load_model
     from .transcribe import transcribe_all
 
     if out_dir:
