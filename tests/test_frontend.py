@@ -26,21 +26,6 @@ SR = F.SAMPLE_RATE
 MEL_K = FE.N_BINS  # K of the mel GEMM
 
 
-def _ep_has_bf16x3() -> bool:
-    """Whether this build's EP takes precision=bf16x3 (the provider option of issue 13)."""
-    try:
-        FE.frontend_session(FE.build_logmel_model(80, whole=False), "xdna", FE.EP_PRECISION)
-        return True
-    except Exception as e:
-        if "unknown option" in str(e) or "precision" in str(e):
-            return False
-        raise
-
-
-HAS_BF16X3 = _ep_has_bf16x3()
-needs_bf16x3 = pytest.mark.skipif(not HAS_BF16X3, reason="this EP build has no precision=bf16x3 option yet")
-
-
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
     from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples, load_wav_16k
@@ -103,10 +88,22 @@ def assert_gemms_on_the_ep(placed):
     assert placed.count("CPUExecutionProvider") == len(placed.nodes) - len(on_ep)
 
 
-def test_the_dft_and_the_mel_bank_run_on_the_ep_the_rest_on_the_cpu():
-    precision = FE.EP_PRECISION if HAS_BF16X3 else None
+def test_the_dft_and_the_mel_bank_run_on_the_ep_the_rest_on_the_cpu(tmp_path):
+    """Both model variants; and the nodes' precision is bf16x3 (the EP's partition report)."""
+    import onnx
+
+    from onnxruntime_ep_xdna._placement import partition
+
+    path = tmp_path / "logmel.onnx"
+    onnx.save(FE.build_logmel_model(80), str(path))
+    report = partition(path, {"precision": FE.EP_PRECISION}, run=True, dims={"samples": SR})
+    gemms = {d.node: d for d in report.decisions}
+    assert set(gemms) == {"dft", "mel_bank"}
+    for d in gemms.values():
+        assert d.placed_on == EP and d.precision == "bf16x3", d
+        assert d.executed["precision"] == "bf16x3" and d.executed["device_calls"] >= 1, d.executed
     for whole in (True, False):
-        sess = FE.frontend_session(FE.build_logmel_model(80, whole=whole), "xdna", precision)
+        sess = FE.frontend_session(FE.build_logmel_model(80, whole=whole), "xdna", FE.EP_PRECISION)
         placed = xdna.placement(sess)
         assert_gemms_on_the_ep(placed)
         signal = np.random.default_rng(2).standard_normal(SR).astype(np.float32)
@@ -147,7 +144,6 @@ def test_cpu_ep_model_matches_numpy_on_real_speech(speech):
     assert log10_max == pytest.approx(F.from_array(speech, 80, F.mel_filter_bank(80)).max, abs=1e-4)
 
 
-@needs_bf16x3
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_ep_bf16x3_matches_numpy_within_its_bound(name):
     audio = ADVERSARIAL[name]()
@@ -158,7 +154,6 @@ def test_ep_bf16x3_matches_numpy_within_its_bound(name):
         assert np.abs(got - (F.SILENT_LOG_MEL + F.NORM_OFFSET) / F.NORM_DIVISOR).max() <= 1e-6
 
 
-@needs_bf16x3
 @pytest.mark.parametrize("n_mels", [80, 128])  # 128: large-v3
 def test_ep_bf16x3_matches_numpy_on_real_speech(speech, n_mels):
     _, got, _ = run_whole(speech, "xdna", n_mels=n_mels)
@@ -168,7 +163,7 @@ def test_ep_bf16x3_matches_numpy_on_real_speech(speech, n_mels):
 
 def test_plain_bf16_breaks_the_bf16x3_bound(speech):
     """The bound is not vacuous: the same model with the EP's plain bf16 GEMMs falls outside it."""
-    _, got, _ = run_whole(speech, "xdna", precision="bf16" if HAS_BF16X3 else None)
+    _, got, _ = run_whole(speech, "xdna", precision="bf16")
     exact, parts = logmel_exact64(speech, F.mel_filter_bank(80))
     bound = logmel_bound(parts, bf16x3_eps(F.N_FFT), bf16x3_eps(MEL_K))
     assert (np.abs(got - exact) > bound).any()
@@ -177,9 +172,8 @@ def test_plain_bf16_breaks_the_bf16x3_bound(speech):
 def test_streaming_logmel_on_the_ep_front_end(speech):
     """features.LogMel with the EP front end (two passes, odd blocks): the windows transcribe() feeds the encoder
     are the float64 log-mel within the bound of the front end's arithmetic."""
-    frontend = FE.EpFrontEnd(80, precision=FE.EP_PRECISION if HAS_BF16X3 else None, provider="xdna" if HAS_BF16X3
-                             else "cpu")
-    eps = (bf16x3_eps(F.N_FFT), bf16x3_eps(MEL_K)) if HAS_BF16X3 else (fp32_eps(F.N_FFT), fp32_eps(MEL_K))
+    frontend = FE.EpFrontEnd(80, provider="xdna")  # bf16x3
+    eps = (bf16x3_eps(F.N_FFT), bf16x3_eps(MEL_K))
     blocks = [speech[i:i + 7_331] for i in range(0, speech.size, 7_331)]
     mel = F.LogMel(80, F.mel_filter_bank(80), lambda: iter(blocks), keep_seconds=10, frames_log10_mel=frontend)
     exact, parts = logmel_exact64(speech, F.mel_filter_bank(80))
@@ -257,7 +251,6 @@ def whisper_base():
     return ensure_model("base", log=lambda m: print(m, file=sys.stderr))
 
 
-@needs_bf16x3
 def test_real_whisper_base_transcript_unchanged_by_the_ep_front_end(whisper_base):
     from onnxruntime_ep_xdna.whisper.cli import sample_path
     from onnxruntime_ep_xdna.whisper.onnx_model import WhisperOnnx
