@@ -67,6 +67,9 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=("xdna", "cpu"), default="xdna",
                         help="run the model's MatMuls on the XDNA EP (default) or everything on the CPU EP")
     add_precision_argument(parser)
+    parser.add_argument("--frontend", choices=("cpu", "ep"), default=None,
+                        help="log-mel front end: numpy (cpu, the default: measured faster) or an ONNX model on "
+                             "--provider (ep: its DFT and mel GEMMs on the XDNA EP in bf16x3)")
     parser.add_argument("--language", help="language code (e.g. en, de); detected from the first 30 s if absent")
     parser.add_argument("--task", choices=("transcribe", "translate"), default="transcribe",
                         help="translate = speech in any language to English text")
@@ -357,6 +360,7 @@ def _transcribe_files(args, options, writer_options, formats, out_dir, usable, s
                       fail, err) -> int:
     from .audio import AudioError
     from .formats import format_timestamp, json_document, render
+    from .frontend import DEFAULT_FRONTEND
     from .onnx_model import TranscribeError, load_model
     from .transcribe import transcribe_all
 
@@ -388,7 +392,8 @@ def _transcribe_files(args, options, writer_options, formats, out_dir, usable, s
         label = "<stdin>" if f == STDIN else f
         bar = _ProgressBar(Path(label).name) if show_progress else None
         try:
-            result = transcribe_all(sources[f], whisper, options, progress=bar, on_segment=live if verbose else None)
+            result = transcribe_all(sources[f], whisper, options, progress=bar, on_segment=live if verbose else None,
+                                    frontend=getattr(args, "frontend", None) or DEFAULT_FRONTEND)
         except (AudioError, TranscribeError, OptionsError) as e:
             if bar:
                 bar.close()
