@@ -74,6 +74,9 @@ struct Claim {
   // Transpose nodes whose only consumer is this node: claimed with it, so the permuted copy is never made.
   std::vector<const OrtNode*> fused_producers;
   std::string precision_note;  // why plan.precision is what it is (apply_precision_policy), for the report
+  // Set by apply_precision_policy on a fused attention claim whose node the policy puts in bf16x3 (the fused
+  // contract is bf16): claim_nodes then claims the node as a plain product instead, so the policy is honoured.
+  bool unfuse = false;
 };
 
 inline Claim reject(std::string why) {
@@ -120,7 +123,8 @@ const OpModule& module_of(OpPlan::Op op);
 
 // The claim rule of the node's op, with what every op shares (opset, exactly one output). When several modules
 // share the op type, the first that claims the node takes it.
-Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index);
+// `fused`: false skips the modules that fuse several nodes into one plan (attention).
+Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index, bool fused = true);
 
 // The claims of a graph's nodes that find_op knows (`nodes` in topological order; the result in the same order).
 // A node that another claim takes as a fused producer (the QK^T MatMul of a fused attention) is not claimed on its

@@ -45,7 +45,7 @@ std::string read_float_operands(const OrtApi& api, const NodeIo& io, OpPlan* pla
   return "";
 }
 
-Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index) {
+Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index, bool fused) {
   const char* op_type = nullptr;
   const char* domain = nullptr;
   const char* name = nullptr;
@@ -59,6 +59,7 @@ Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index
   for (const OpModule* m : kOps) {
     if (domain != std::string(m->domain) || op_type != std::string(m->op_type) || since < m->min_since_version)
       continue;
+    if (!fused && m->op == OpPlan::Op::kAttention) continue;
     r = m->claim(api, node, index);
     if (r.ok) break;
   }
@@ -92,6 +93,10 @@ std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const Or
     } else {
       c.claim = claim_node(api, *it, index);
       if (adjust) adjust(&c.claim);
+      if (c.claim.unfuse) {  // the policy wants a precision the fused contract does not have: a plain product
+        c.claim = claim_node(api, *it, index, /*fused=*/false);
+        if (adjust) adjust(&c.claim);
+      }
       if (c.claim.ok)
         for (const OrtNode* p : c.claim.fused_producers) covered_by[p] = c.claim.plan.node_name;
     }
@@ -99,15 +104,18 @@ std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const Or
   }
   std::reverse(claims.begin(), claims.end());
   return claims;
+}
+
 void apply_precision_policy(const PrecisionPolicy& policy, Claim* claim) {
   OpPlan& plan = claim->plan;
+  std::string rule;
+  const kernels::Precision wanted = policy.choose(module_of(plan.op).op_type, plan.node_name, plan.b.constant, &rule);
   if (plan.op == OpPlan::Op::kAttention) {
     plan.precision = kernels::Precision::kBf16;
     claim->precision_note = "fused attention: its own contract (bf16 products, fp32 softmax)";
+    if (wanted == kernels::Precision::kBf16x3) claim->unfuse = true;  // separate bf16x3 products instead
     return;
   }
-  std::string rule;
-  const kernels::Precision wanted = policy.choose(module_of(plan.op).op_type, plan.node_name, plan.b.constant, &rule);
   plan.precision = wanted;
   claim->precision_note = rule.empty() ? "the precision option" : "rule '" + rule + "'";
   if (wanted != kernels::Precision::kInt8) return;

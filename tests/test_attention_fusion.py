@@ -110,6 +110,23 @@ def test_softmax_read_elsewhere_stays_separate():
     check_against_exact_and_cpu(out, cpu_out, f)
 
 
+@pytest.mark.parametrize("options", [{"precision": "bf16x3"}, {"precision_policy": "bf16x3:op=MatMul;bf16:*"}])
+def test_bf16x3_policy_unfuses_attention(options):
+    """The fused attention contract is bf16: a policy that puts its node in bf16x3 gets the two MatMuls as separate
+    bf16x3 products (the Softmax on the CPU EP) instead, so the policy's precision is what runs."""
+    B, H, M, T = 1, 2, 40, 50
+    model = sdpa_model(B, H, M, T)
+    sess = xdna_session(model, {"backend": "emulator", **options})
+    placed = ep_nodes(sess)
+    assert ("sm", "Softmax") not in placed and ("pv", "MatMul") in placed
+    f = feeds(B, H, M, T, 6)
+    out = sess.run(None, f)[0]
+    fused = xdna_session(model, {"backend": "emulator"}).run(None, f)[0]
+    cpu = cpu_session(model).run(None, f)[0]
+    # bf16x3 products: far closer to ORT's fp32 than the fused bf16 contract
+    assert np.abs(out - cpu).max() < np.abs(fused - cpu).max() / 10
+
+
 def test_non_finite_scores_give_nan_rows_as_the_cpu_ep():
     B, H, M, T = 1, 1, 4, 70
     model = sdpa_model(B, H, M, T, scale_on="mul")

@@ -19,8 +19,23 @@ NAMED = {
 }
 # The default of --precision (xdna transcribe, serve, batch): the fastest policy within 0.5 WER points of fp32 on
 # the real-speech set, measured (benchmarks/whisper.py --section precision; benchmarks/README.md "Precision
-# policies"): int8, same WER as fp32 and the least CPU time. The Python API's precision=None keeps the EP's bf16.
-DEFAULT = "int8"
+# policies"): int8 on the emulator, same WER as fp32 and the least CPU time. On an NPU (backend xrt) it is bf16,
+# because the xrt backend does not dispatch int8 kernels yet: int8 there would keep the NPU idle. The Python API's
+# precision=None keeps the EP's bf16.
+DEFAULT = "auto"
+
+
+def auto_policy() -> str:
+    """What `auto` means on this machine: bf16 when the XDNA EP's backend is the NPU (xrt), else int8."""
+    try:
+        import onnxruntime as ort
+
+        from . import EP_NAME
+
+        backends = {dict(d.ep_metadata).get("backend") for d in ort.get_ep_devices() if d.ep_name == EP_NAME}
+    except Exception:  # no devices listed (EP not registered yet): the emulator's choice
+        backends = set()
+    return "bf16" if "xrt" in backends else "int8"
 
 
 def provider_options(policy: str | None) -> dict[str, str]:
@@ -29,6 +44,8 @@ def provider_options(policy: str | None) -> dict[str, str]:
     policy = (policy or "").strip()
     if not policy:
         return {}
+    if policy == "auto":
+        policy = auto_policy()
     if policy in MODES:
         return {"precision": policy}
     rules = NAMED.get(policy, policy)
@@ -44,4 +61,6 @@ def provider_options(policy: str | None) -> dict[str, str]:
 def describe(policy: str | None) -> str:
     """One line for logs: the policy and, for a named one, its rules."""
     policy = (policy or "").strip() or "bf16"
+    if policy == "auto":
+        return f"auto ({auto_policy()})"
     return f"{policy} ({NAMED[policy]})" if policy in NAMED else policy
