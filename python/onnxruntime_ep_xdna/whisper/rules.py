@@ -99,6 +99,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def top_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `logits` (rows, vocab), the k most probable tokens, best first, and their log-probabilities:
+    exactly log_softmax(logits) at those tokens (same float32 steps), without building the whole log-softmax."""
+    m = logits.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    log_sum = np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+    top = np.argpartition(logits, logits.shape[-1] - k, axis=-1)[:, -k:]
+    lp = (np.take_along_axis(logits, top, axis=-1) - m) - log_sum
+    best_first = np.argsort(-lp, axis=-1, kind="stable")
+    return np.take_along_axis(top, best_first, axis=-1), np.take_along_axis(lp, best_first, axis=-1)
+
+
 def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, no_timestamps: int,
                           max_initial: int | None) -> None:
     """In place, one row: OpenAI's ApplyTimestampRules for the tokens sampled so far in this window.
