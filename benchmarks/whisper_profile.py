@@ -1,18 +1,20 @@
 """Where the time of `xdna transcribe` goes: one decoder step split by ORT's profiler, and a whole transcription
 split by wall-clock timers around each piece of the decode loop.
 
-Part 1 (ORT profiling, `SessionOptions.enable_profiling`): decoder_with_past_model.onnx run alone at batch 1
-(greedy) and batch 5 (beams; the cross-attention K/V at batch 1, as `xdna transcribe` feeds them), self-attention
-cache of 40 tokens. Per step: the EP's fused nodes (its GEMMs), the other nodes on the CPU EP by op type, and the
-rest of the run call (session overhead: input/output binding, allocation, copies of the KV cache in and out).
+Part 1 (ORT profiling, `SessionOptions.enable_profiling`): the encoder on one 30 s window, and
+decoder_with_past_model.onnx run alone at batch 1 (greedy) and batch 5 (beams; the cross-attention K/V at batch 1,
+as `xdna transcribe` feeds them), self-attention cache of 40 tokens. Per run: the EP's fused nodes (its GEMMs),
+the other nodes on the CPU EP by op type, and the rest of the run call (session overhead: binding inputs and
+outputs, allocation, partition hand-offs).
 
 Part 2 (timers): the 29 s clip of benchmarks/whisper.py transcribed with the defaults (beam 5) and greedy; time in
 the encoder, the prompt, the decoder_with_past runs, the KV-cache reorder, fetching the logits, the logit rules
-(suppression, timestamp rules), log-softmax + top-k and the rest of the Python loop.
+(suppression, timestamp rules), log-softmax + top-k and the rest of the Python loop. The loop's own pieces are
+timed by wrapping them (no change to the package's code).
 
 Without an NPU the XDNA EP computes on the CPU emulator of the NPU kernel contract: every figure is a CPU figure.
 
-    python3 benchmarks/whisper_profile.py [--provider xdna|cpu] [--steps 30] [--runs 3]
+    python3 benchmarks/whisper_profile.py [--provider xdna|cpu] [--steps 30] [--runs 3] [--threads 0 1]
 """
 
 import argparse
@@ -39,15 +41,48 @@ from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples  # noqa:
 from onnxruntime_ep_xdna.whisper.features import N_FRAMES  # noqa: E402
 
 
-def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int = 0) -> dict:
-    """ORT's per-node profile of `steps` decoder_with_past runs at `batch` rows: ms per step by category, each the
-    median over the steps (a loaded machine preempts single nodes now and then; medians keep that out)."""
+def profiled_session(w, graph: str, threads: int = 0):
     so = xdna.session_options() if w.provider == xdna.EP_NAME else ort.SessionOptions()
     so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "step")
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "profile")
     if threads:
         so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(w.model_dir / onnx_model.FILES[2]), sess_options=so, providers=w._providers)
+    return ort.InferenceSession(str(w.model_dir / graph), sess_options=so, providers=w._providers)
+
+
+def run_profile(sess, outputs, feed, runs: int) -> tuple[dict, float]:
+    """ORT's per-node profile of `runs` runs (after 2 warm-ups): per category (the EP's fused nodes, each CPU EP
+    op type, session overhead = model_run minus the nodes) the median ms per run over the runs (a loaded machine
+    preempts single nodes now and then; medians keep that out); and the median wall time of a run."""
+    for _ in range(2):
+        sess.run_with_ort_values(outputs, feed)
+    walls = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run_with_ort_values(outputs, feed)
+        walls.append(time.perf_counter() - t)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = []
+    for run in [e for e in events if e.get("name") == "model_run"][-runs:]:
+        lo, hi = run["ts"], run["ts"] + run["dur"]
+        by = defaultdict(float)
+        for e in nodes:
+            if lo <= e["ts"] <= hi:
+                provider = e["args"].get("provider", "?")
+                by[EP_KEY if provider == xdna.EP_NAME else f"CPU EP {e['args'].get('op_name', '?')}"] += e["dur"] / 1e3
+        by["model_run"] = run["dur"] / 1e3
+        by["cpu_nodes"] = sum(v for k, v in by.items() if k.startswith("CPU EP"))
+        by["overhead"] = by["model_run"] - by["cpu_nodes"] - by.get(EP_KEY, 0.0)
+        per_run.append(by)
+    keys = {k for r in per_run for k in r}
+    return {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in keys}, statistics.median(walls) * 1e3
+
+
+def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int = 0) -> dict:
+    """decoder_with_past at `batch` rows (the cross-attention K/V at batch 1, as `xdna transcribe` feeds them) with
+    a self-attention cache of `past_len` tokens."""
+    sess = profiled_session(w, onnx_model.FILES[2], threads)
     rng = np.random.default_rng(0)
     feed = dict(window.cross)
     for name in w._as_past.values():
@@ -55,33 +90,15 @@ def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int 
             kv = rng.standard_normal((batch, w._kv_heads, past_len, w._kv_dim)).astype(np.float32)
             feed[name] = ort.OrtValue.ortvalue_from_numpy(kv)
     feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.full((batch, 1), 440, np.int64))
-    outputs = w._past_outputs
-    for _ in range(3):  # warm-up (not in the figures: only the last `steps` runs are read)
-        sess.run_with_ort_values(outputs, feed)
-    walls = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        sess.run_with_ort_values(outputs, feed)
-        walls.append(time.perf_counter() - t)
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"][-steps:]
-    per_run = []
-    for run in runs:
-        lo, hi = run["ts"], run["ts"] + run["dur"]
-        by = defaultdict(float)
-        for e in events:
-            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and lo <= e["ts"] <= hi:
-                provider = e["args"].get("provider", "?")
-                by[EP_KEY if provider == xdna.EP_NAME else f"CPU EP {e['args'].get('op_name', '?')}"] += e["dur"] / 1e3
-        by["model_run"] = run["dur"] / 1e3
-        by["nodes"] = sum(v for k, v in by.items() if k != "model_run")
-        by["cpu_nodes"] = sum(v for k, v in by.items() if k.startswith("CPU EP"))
-        by["overhead"] = by["model_run"] - by["nodes"]
-        per_run.append(by)
-    keys = {k for r in per_run for k in r}
-    med = {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in keys}
-    return {"batch": batch, "past_len": past_len, "threads": threads, "wall_ms_median": statistics.median(walls) * 1e3,
-            "median_ms": med}
+    med, wall = run_profile(sess, w._past_outputs, feed, steps)
+    return {"what": f"decoder_with_past, batch {batch}, past {past_len} tokens", "threads": threads,
+            "wall_ms_median": wall, "median_ms": med}
+
+
+def encoder_profile(w, mel_window, runs: int, threads: int = 0) -> dict:
+    sess = profiled_session(w, onnx_model.FILES[0], threads)
+    med, wall = run_profile(sess, None, {"input_features": ort.OrtValue.ortvalue_from_numpy(mel_window)}, runs)
+    return {"what": "encoder, one 30 s window", "threads": threads, "wall_ms_median": wall, "median_ms": med}
 
 
 EP_KEY = "EP (fused GEMM nodes)"
@@ -89,9 +106,9 @@ EP_KEY = "EP (fused GEMM nodes)"
 
 def print_step_profile(p: dict) -> None:
     m = p["median_ms"]
-    print(f"\ndecoder_with_past, batch {p['batch']}, past {p['past_len']} tokens, intra-op threads "
-          f"{p['threads'] or 'default'}: wall {p['wall_ms_median']:.2f} ms/step, ORT model_run {m['model_run']:.2f} "
-          f"ms/step (medians; categories are medians each and need not add up exactly)")
+    print(f"\n{p['what']}, intra-op threads "
+          f"{p['threads'] or 'default'}: wall {p['wall_ms_median']:.2f} ms/run, ORT model_run {m['model_run']:.2f} "
+          f"ms/run (medians; categories are medians each and need not add up exactly)")
     print(f"  {EP_KEY:34} {m.get(EP_KEY, 0):7.2f} ms  {m.get(EP_KEY, 0) / m['model_run'] * 100:5.1f}%")
     print(f"  {'CPU EP nodes (all)':34} {m['cpu_nodes']:7.2f} ms  {m['cpu_nodes'] / m['model_run'] * 100:5.1f}%")
     for k, v in sorted(m.items(), key=lambda kv: -kv[1]):
@@ -157,7 +174,9 @@ def loop_breakdown(w, audio, beams: int, runs: int) -> dict:
         timers.wrap(onnx_model.WhisperOnnx, "step", "WhisperOnnx.step (all)")
         timers.wrap(onnx_model.WhisperOnnx, "start", "WhisperOnnx.start (all)")
         timers.wrap(rules.LogitRules, "apply", "logit rules (suppress, timestamps)")
-        timers.wrap(search, "log_softmax", "log-softmax")
+        timers.wrap(search, "log_softmax", "log-softmax + top-k")
+        timers.wrap(search, "top_logprobs", "log-softmax + top-k")
+        timers.wrap(onnx_model, "reorder_rows", "KV reorder (beams)")
         t0 = time.perf_counter()
         r = transcribe_all(audio, w, language="en", beam_size=beams)
         total = time.perf_counter() - t0
@@ -168,10 +187,11 @@ def loop_breakdown(w, audio, beams: int, runs: int) -> dict:
         tm["total"] = total
         tm["features + mel"] = r.timings.get("features_s", 0.0) + r.timings.get("mel_s", 0.0)
         tm["steps"] = timers.n["decoder_with_past run"]
-        tm["step python around the run"] = tm["WhisperOnnx.step (all)"] - tm.get("decoder_with_past run", 0.0)
+        tm["step python around the run"] = (tm["WhisperOnnx.step (all)"] - tm.get("decoder_with_past run", 0.0)
+                                            - tm.get("KV reorder (beams)", 0.0))
         tm["search loop python (rest)"] = (total - tm.get("encoder run", 0) - tm["WhisperOnnx.start (all)"]
                                            - tm["WhisperOnnx.step (all)"] - tm["logit rules (suppress, timestamps)"]
-                                           - tm["log-softmax"] - tm["features + mel"])
+                                           - tm["log-softmax + top-k"] - tm["features + mel"])
         for k, v in tm.items():
             samples[k].append(v)
     return {k: statistics.median(v) for k, v in samples.items()} | {"text": r.text}
@@ -183,7 +203,8 @@ def print_breakdown(name, b):
     print(f"\n{name}: {total:.3f} s total, {steps:.0f} decoder_with_past runs "
           f"({b.get('decoder_with_past run', 0) / max(steps, 1) * 1e3:.2f} ms per run)")
     keys = ["features + mel", "encoder run", "WhisperOnnx.start (all)", "decoder_with_past run",
-            "step python around the run", "logit rules (suppress, timestamps)", "log-softmax",
+            "KV reorder (beams)", "step python around the run", "logit rules (suppress, timestamps)",
+            "log-softmax + top-k",
             "search loop python (rest)"]
     for k in keys:
         v = b.get(k, 0.0)
@@ -212,7 +233,10 @@ def main():
         from onnxruntime_ep_xdna.whisper import features
 
         mel = features.from_array(audio, w.n_mels, w.mel_filters)
-        window = w.encode(mel.window(0, min(N_FRAMES, mel.content_frames)))
+        mel_window = mel.window(0, min(N_FRAMES, mel.content_frames))
+        for threads in args.threads:
+            print_step_profile(encoder_profile(w, mel_window, max(3, args.steps // 6), threads))
+        window = w.encode(mel_window)
         w.start(window, [w.tokens.sot])  # computes the window's cross-attention K/V
         for batch in (1, 5):
             for threads in args.threads:
