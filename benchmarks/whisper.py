@@ -321,6 +321,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 timed run, no long-form clip")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per clip and runner (default 3)")
+    parser.add_argument("--no-long", action="store_true", help="without the long-form clip")
     parser.add_argument("--model", default="base", help="model name or directory for ensure_model (default base)")
     parser.add_argument("--no-faster-whisper", action="store_true", help="skip the faster-whisper runner")
     parser.add_argument("--runners", nargs="+", metavar="TEXT",
@@ -353,7 +354,7 @@ def main():
             Path(args.json).write_text(json.dumps(extra, indent=1) + "\n")
             print(f"json: {args.json}")
         return
-    clips, utterances = build_clips(fetch_speech_samples(), include_long=not args.quick)
+    clips, utterances = build_clips(fetch_speech_samples(), include_long=not (args.quick or args.no_long))
     xdna.register()
     meta = next((dict(d.ep_metadata) for d in ort.get_ep_devices() if d.ep_name == xdna.EP_NAME), {})
     backend = f"{meta.get('backend', '?')} ({meta.get('backend_device', '')})"
