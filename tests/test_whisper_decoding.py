@@ -132,18 +132,20 @@ def test_split_segments_follows_timestamp_pairs():
 
 def test_top_logprobs_equal_the_full_log_softmax():
     """The beam step's top-k: the same tokens, order and float32 values as log_softmax over the whole row, also
-    with suppressed (-inf) tokens and a row where one token is left."""
+    with suppressed (-inf) tokens, a row where one token is left and a row that is mostly -inf."""
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((5, VOCAB)) * 4).astype(np.float32)
     x[:, rng.integers(0, VOCAB, 300)] = -np.inf
     x[3] = -np.inf
     x[3, 7] = 2.0
+    x[4, :VOCAB - 300] = -np.inf  # mostly -inf, as after a forced timestamp: the finite-only partition
     top, lp = R.top_logprobs(x, 6)
     full = R.log_softmax(x)
     for j in range(5):
         expected = np.sort(full[j])[::-1][:6]
         assert np.array_equal(lp[j], expected) and np.array_equal(full[j][top[j]], lp[j])
     assert top[3, 0] == 7 and lp[3, 0] == 0.0 and np.isneginf(lp[3, 1:]).all()
+    assert (top[4] >= VOCAB - 300).all()
 
 
 def test_kv_reorder_follows_the_beams_in_place():
