@@ -16,6 +16,7 @@ background load hits all alike. Times are medians of the transcription call alon
 
     python3 benchmarks/whisper.py                    # full run (~15 min on 2 cores)
     python3 benchmarks/whisper.py --quick            # 1 timed run, no long-form clip
+    python3 benchmarks/whisper.py --section decoding --runners "XDNA EP" "int8, beam 5"   # issue 7's target rows
     python3 benchmarks/whisper.py --json out.json --chart rtf.png
     python3 benchmarks/whisper.py --section vad-words  # only VAD and word timestamps (issue 8), ~5 min
     python3 benchmarks/whisper.py --section precision  # precision policies of the XDNA EP vs fp32 (issue 13)
@@ -404,8 +405,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 timed run, no long-form clip")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per clip and runner (default 3)")
+    parser.add_argument("--no-long", action="store_true", help="without the long-form clip")
     parser.add_argument("--model", default="base", help="model name or directory for ensure_model (default base)")
     parser.add_argument("--no-faster-whisper", action="store_true", help="skip the faster-whisper runner")
+    parser.add_argument("--runners", nargs="+", metavar="TEXT",
+                        help="only the runners whose name contains one of these (the baseline always runs), "
+                             "e.g. --runners 'XDNA EP' 'int8, beam 5'")
     parser.add_argument("--json", metavar="PATH", help="write all results (times, transcripts, WER) here")
     parser.add_argument("--chart", metavar="PATH.png", help="bar chart of RTF per clip and runner (matplotlib)")
     parser.add_argument("--policies", default=",".join(PRECISION_POLICIES),
@@ -453,7 +458,7 @@ def main():
             Path(args.json).write_text(json.dumps(extra, indent=1) + "\n")
             print(f"json: {args.json}")
         return
-    clips, utterances = build_clips(fetch_speech_samples(), include_long=not args.quick)
+    clips, utterances = build_clips(fetch_speech_samples(), include_long=not (args.quick or args.no_long))
     xdna.register()
     meta = next((dict(d.ep_metadata) for d in ort.get_ep_devices() if d.ep_name == xdna.EP_NAME), {})
     backend = f"{meta.get('backend', '?')} ({meta.get('backend_device', '')})"
@@ -494,6 +499,8 @@ def main():
         except ImportError:
             print("  faster-whisper: skipped (not installed; pip install 'onnxruntime-ep-xdna[bench]')")
             factories = {k: v for k, v in factories.items() if not k.startswith("faster-whisper")}
+    if args.runners:
+        factories = {k: v for k, v in factories.items() if k == BASELINE or any(t in k for t in args.runners)}
     runners, results = {}, {}
     for name, make in factories.items():
         try:

@@ -130,6 +130,45 @@ def test_split_segments_follows_timestamp_pairs():
     assert [s for s, _, _ in spans] == [0, 50] and advance == 200
 
 
+def test_top_logprobs_equal_the_full_log_softmax():
+    """The beam step's top-k: the same tokens, order and float32 values as log_softmax over the whole row, also
+    with suppressed (-inf) tokens, a row where one token is left and a row that is mostly -inf."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, VOCAB)) * 4).astype(np.float32)
+    x[:, rng.integers(0, VOCAB, 300)] = -np.inf
+    x[3] = -np.inf
+    x[3, 7] = 2.0
+    x[4, :VOCAB - 300] = -np.inf  # mostly -inf, as after a forced timestamp: the finite-only partition
+    top, lp = R.top_logprobs(x, 6)
+    full = R.log_softmax(x)
+    for j in range(5):
+        expected = np.sort(full[j])[::-1][:6]
+        assert np.array_equal(lp[j], expected) and np.array_equal(full[j][top[j]], lp[j])
+    assert top[3, 0] == 7 and lp[3, 0] == 0.0 and np.isneginf(lp[3, 1:]).all()
+    assert (top[4] >= VOCAB - 300).all()
+
+
+def test_kv_reorder_follows_the_beams_in_place():
+    """Beam reorder of the self-attention cache: the rows `order` picks, written into the last run's outputs
+    (same OrtValues, no new buffers) when the batch keeps its size; new values when it grows (first step)."""
+    import onnxruntime as ort
+
+    from onnxruntime_ep_xdna.whisper.onnx_model import reorder_rows
+
+    rng = np.random.default_rng(4)
+    data = {f"kv{i}": rng.standard_normal((5, 2, 3, 4)).astype(np.float32) for i in range(2)}
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v.copy()) for k, v in data.items()}
+    order = np.array([1, 1, 0, 3, 2])
+    out = reorder_rows(values, order)
+    for k, v in data.items():
+        assert out[k] is values[k]
+        assert np.array_equal(out[k].numpy(), v[order])
+    grown = reorder_rows({k: ort.OrtValue.ortvalue_from_numpy(v[:1].copy()) for k, v in data.items()},
+                         np.zeros(5, np.int64))
+    for k, v in data.items():
+        assert np.array_equal(grown[k].numpy(), np.repeat(v[:1], 5, axis=0))
+
+
 def test_compression_ratio_flags_loops():
     assert R.compression_ratio(" the" * 60) > 2.4
     assert R.compression_ratio("And Mr. John Dashwood had then leisure to consider how much there might be") < 2.4

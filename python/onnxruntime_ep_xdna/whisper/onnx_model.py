@@ -143,6 +143,26 @@ class DecoderState:
         self.window, self.self_kv, self.batch = window, self_kv, batch
 
 
+def reorder_rows(values: dict, order: np.ndarray) -> dict:
+    """The batch rows `order` of each OrtValue: new OrtValues when the batch changes size; otherwise in place,
+    copying only the rows that change. In place is safe because the values are the last run's outputs, owned by
+    this decoding alone, and `OrtValue.numpy()` is a view of their memory: a beam step then neither allocates nor
+    copies the rows that stay where they are (typically most of them)."""
+    import onnxruntime as ort
+
+    out = {}
+    for name, value in values.items():
+        rows = value.numpy()
+        if order.size != rows.shape[0]:
+            out[name] = ort.OrtValue.ortvalue_from_numpy(np.take(rows, order, axis=0))
+            continue
+        moved = np.flatnonzero(order != np.arange(order.size))
+        if moved.size:
+            rows[moved] = rows[order[moved]]  # the right side is gathered into a temporary first
+        out[name] = value
+    return out
+
+
 class WhisperOnnx:
     """Sessions, tokenizer and special tokens of one Whisper ONNX export."""
 
@@ -319,10 +339,9 @@ class WhisperOnnx:
         t0 = time.perf_counter()
         self_kv = state.self_kv
         if order is not None:
-            # Only the self-attention cache (batch x heads x tokens x 64, small) is gathered; the cross-attention
+            # Only the self-attention cache (batch x heads x tokens x 64) follows the beams; the cross-attention
             # K/V stay batch 1 and are broadcast by the attention MatMuls.
-            self_kv = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[order]))
-                       for k, v in self_kv.items()}
+            self_kv = reorder_rows(self_kv, np.asarray(order, dtype=np.int64))
         feed = dict(state.window.cross)
         feed.update(self_kv)
         feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))

@@ -99,6 +99,37 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the indices of the k largest entries (any order). argpartition slows down ~16x on a row that is
+    mostly -inf (a forced timestamp suppresses every text token: 8 ms instead of 0.5 ms per 5 x 51865), so such a
+    row is partitioned among its finite entries when they are at least k (the same k largest)."""
+    n = logits.shape[-1]
+    n_inf = np.count_nonzero(logits == -np.inf, axis=-1)
+    sparse = (n_inf > n // 2) & (n - n_inf >= k)
+    if not sparse.any():
+        return np.argpartition(logits, n - k, axis=-1)[:, -k:]
+    top = np.empty((logits.shape[0], k), np.int64)
+    for j, row in enumerate(logits):
+        if sparse[j]:
+            finite = np.flatnonzero(row != -np.inf)
+            top[j] = finite[np.argpartition(row[finite], finite.size - k)[-k:]]
+        else:
+            top[j] = np.argpartition(row, n - k)[-k:]
+    return top
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `logits` (rows, vocab), the k most probable tokens, best first, and their log-probabilities:
+    exactly log_softmax(logits) at those tokens (same float32 steps), without building the whole log-softmax."""
+    m = logits.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    log_sum = np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+    top = _top_k(logits, k)
+    lp = (np.take_along_axis(logits, top, axis=-1) - m) - log_sum
+    best_first = np.argsort(-lp, axis=-1, kind="stable")
+    return np.take_along_axis(top, best_first, axis=-1), np.take_along_axis(lp, best_first, axis=-1)
+
+
 def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, no_timestamps: int,
                           max_initial: int | None) -> None:
     """In place, one row: OpenAI's ApplyTimestampRules for the tokens sampled so far in this window.

@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from .options import TranscriptionOptions
-from .rules import LANGUAGE_PLACEHOLDER, LogitRules, compression_ratio, log_softmax
+from .rules import LANGUAGE_PLACEHOLDER, LogitRules, compression_ratio, log_softmax, top_logprobs
 
 
 class DecoderModel(Protocol):
@@ -162,14 +162,11 @@ def _beam_search(model, state, logits, prefix, rules, options, beam_size, sample
         sources: dict[tuple, int] = {}
         for j in range(beam_size):
             rules.apply(x[j], beams[j], i)
-        logprobs = log_softmax(x)
+        top, top_lp = top_logprobs(x, beam_size + 1)
         for j in range(beam_size):
-            row = logprobs[j]
-            top = np.argpartition(-row, beam_size)[: beam_size + 1]
-            top = top[np.argsort(-row[top], kind="stable")]
-            for t in top:
-                seq = beams[j] + (int(t),)
-                scores[seq] = sum_lp[j] + float(row[t])
+            for t, lp in zip(top[j].tolist(), top_lp[j].tolist()):
+                seq = beams[j] + (t,)
+                scores[seq] = sum_lp[j] + lp
                 sources[seq] = j
         new_beams, new_lp, origin = [], [], []
         newly: dict[tuple, float] = {}

@@ -1,0 +1,250 @@
+"""Where the time of `xdna transcribe` goes: one decoder step split by ORT's profiler, and a whole transcription
+split by wall-clock timers around each piece of the decode loop.
+
+Part 1 (ORT profiling, `SessionOptions.enable_profiling`): the encoder on one 30 s window, and
+decoder_with_past_model.onnx run alone at batch 1 (greedy) and batch 5 (beams; the cross-attention K/V at batch 1,
+as `xdna transcribe` feeds them), self-attention cache of 40 tokens. Per run: the EP's fused nodes (its GEMMs),
+the other nodes on the CPU EP by op type, and the rest of the run call (session overhead: binding inputs and
+outputs, allocation, partition hand-offs).
+
+Part 2 (timers): the 29 s clip of benchmarks/whisper.py transcribed with the defaults (beam 5) and greedy; time in
+the encoder, the prompt, the decoder_with_past runs, the KV-cache reorder, fetching the logits, the logit rules
+(suppression, timestamp rules), log-softmax + top-k and the rest of the Python loop. The loop's own pieces are
+timed by wrapping them (no change to the package's code).
+
+Without an NPU the XDNA EP computes on the CPU emulator of the NPU kernel contract: every figure is a CPU figure.
+
+    python3 benchmarks/whisper_profile.py [--provider xdna|cpu] [--steps 30] [--runs 3] [--threads 0 1]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemm import machine_line  # noqa: E402
+from whisper import SR, build_clips  # noqa: E402
+
+import onnxruntime_ep_xdna as xdna  # noqa: E402
+from onnxruntime_ep_xdna.whisper import ensure_model, load_model, transcribe_all  # noqa: E402
+from onnxruntime_ep_xdna.whisper import onnx_model, rules, search  # noqa: E402
+from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples  # noqa: E402
+from onnxruntime_ep_xdna.whisper.features import N_FRAMES  # noqa: E402
+
+
+def profiled_session(w, graph: str, threads: int = 0):
+    so = xdna.session_options() if w.provider == xdna.EP_NAME else ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "profile")
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(w.model_dir / graph), sess_options=so, providers=w._providers)
+
+
+def run_profile(sess, outputs, feed, runs: int) -> tuple[dict, float]:
+    """ORT's per-node profile of `runs` runs (after 2 warm-ups): per category (the EP's fused nodes, each CPU EP
+    op type, session overhead = model_run minus the nodes) the median ms per run over the runs (a loaded machine
+    preempts single nodes now and then; medians keep that out); and the median wall time of a run."""
+    for _ in range(2):
+        sess.run_with_ort_values(outputs, feed)
+    walls = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run_with_ort_values(outputs, feed)
+        walls.append(time.perf_counter() - t)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = []
+    for run in [e for e in events if e.get("name") == "model_run"][-runs:]:
+        lo, hi = run["ts"], run["ts"] + run["dur"]
+        by = defaultdict(float)
+        for e in nodes:
+            if lo <= e["ts"] <= hi:
+                provider = e["args"].get("provider", "?")
+                by[EP_KEY if provider == xdna.EP_NAME else f"CPU EP {e['args'].get('op_name', '?')}"] += e["dur"] / 1e3
+        by["model_run"] = run["dur"] / 1e3
+        by["cpu_nodes"] = sum(v for k, v in by.items() if k.startswith("CPU EP"))
+        by["overhead"] = by["model_run"] - by["cpu_nodes"] - by.get(EP_KEY, 0.0)
+        per_run.append(by)
+    keys = {k for r in per_run for k in r}
+    return {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in keys}, statistics.median(walls) * 1e3
+
+
+def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int = 0) -> dict:
+    """decoder_with_past at `batch` rows (the cross-attention K/V at batch 1, as `xdna transcribe` feeds them) with
+    a self-attention cache of `past_len` tokens."""
+    sess = profiled_session(w, onnx_model.FILES[2], threads)
+    rng = np.random.default_rng(0)
+    feed = dict(window.cross)
+    for name in w._as_past.values():
+        if ".decoder." in name:
+            kv = rng.standard_normal((batch, w._kv_heads, past_len, w._kv_dim)).astype(np.float32)
+            feed[name] = ort.OrtValue.ortvalue_from_numpy(kv)
+    feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.full((batch, 1), 440, np.int64))
+    med, wall = run_profile(sess, w._past_outputs, feed, steps)
+    return {"what": f"decoder_with_past, batch {batch}, past {past_len} tokens", "threads": threads,
+            "wall_ms_median": wall, "median_ms": med}
+
+
+def encoder_profile(w, mel_window, runs: int, threads: int = 0) -> dict:
+    sess = profiled_session(w, onnx_model.FILES[0], threads)
+    med, wall = run_profile(sess, None, {"input_features": ort.OrtValue.ortvalue_from_numpy(mel_window)}, runs)
+    return {"what": "encoder, one 30 s window", "threads": threads, "wall_ms_median": wall, "median_ms": med}
+
+
+EP_KEY = "EP (fused GEMM nodes)"
+
+
+def print_step_profile(p: dict) -> None:
+    m = p["median_ms"]
+    print(f"\n{p['what']}, intra-op threads "
+          f"{p['threads'] or 'default'}: wall {p['wall_ms_median']:.2f} ms/run, ORT model_run {m['model_run']:.2f} "
+          f"ms/run (medians; categories are medians each and need not add up exactly)")
+    print(f"  {EP_KEY:34} {m.get(EP_KEY, 0):7.2f} ms  {m.get(EP_KEY, 0) / m['model_run'] * 100:5.1f}%")
+    print(f"  {'CPU EP nodes (all)':34} {m['cpu_nodes']:7.2f} ms  {m['cpu_nodes'] / m['model_run'] * 100:5.1f}%")
+    for k, v in sorted(m.items(), key=lambda kv: -kv[1]):
+        if k.startswith("CPU EP ") and v >= 0.05:
+            print(f"    {k[7:]:32} {v:7.2f} ms")
+    print(f"  {'session overhead (run - nodes)':34} {m['overhead']:7.2f} ms  {m['overhead'] / m['model_run'] * 100:5.1f}%")
+
+
+class Timers:
+    """Wall-clock timers wrapped around the decode loop's pieces (monkeypatched; the code itself is unchanged)."""
+
+    def __init__(self):
+        self.t = defaultdict(float)
+        self.n = defaultdict(int)
+        self._undo = []
+
+    def wrap(self, owner, name, key):
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.t[key] += time.perf_counter() - t0
+                self.n[key] += 1
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, fn))
+
+    def undo(self):
+        for owner, name, fn in reversed(self._undo):
+            setattr(owner, name, fn)
+        self._undo.clear()
+
+
+def loop_breakdown(w, audio, beams: int, runs: int) -> dict:
+    """Median over `runs` of each timer for one transcription (seconds)."""
+    ort_run = {}
+
+    def session_timers(timers):
+        # the session's own run call, separated from the Python around it in WhisperOnnx.step/start
+        for s, key in ((w.encoder, "encoder run"), (w.decoder, "prompt run (decoder)"),
+                       (w.decoder_with_past, "decoder_with_past run")):
+            orig = s.run_with_ort_values
+
+            def timed(*a, _orig=orig, _key=key, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    timers.t[_key] += time.perf_counter() - t0
+                    timers.n[_key] += 1
+
+            s.run_with_ort_values = timed
+            ort_run[key] = (s, orig)
+
+    samples = defaultdict(list)
+    transcribe_all(audio, w, language="en", beam_size=beams)  # warm-up
+    for _ in range(runs):
+        timers = Timers()
+        session_timers(timers)
+        timers.wrap(onnx_model.WhisperOnnx, "step", "WhisperOnnx.step (all)")
+        timers.wrap(onnx_model.WhisperOnnx, "start", "WhisperOnnx.start (all)")
+        timers.wrap(rules.LogitRules, "apply", "logit rules (suppress, timestamps)")
+        timers.wrap(search, "log_softmax", "log-softmax + top-k")
+        timers.wrap(search, "top_logprobs", "log-softmax + top-k")
+        timers.wrap(onnx_model, "reorder_rows", "KV reorder (beams)")
+        t0 = time.perf_counter()
+        r = transcribe_all(audio, w, language="en", beam_size=beams)
+        total = time.perf_counter() - t0
+        timers.undo()
+        for key, (s, orig) in ort_run.items():
+            s.run_with_ort_values = orig
+        tm = dict(timers.t)
+        tm["total"] = total
+        tm["features + mel"] = r.timings.get("features_s", 0.0) + r.timings.get("mel_s", 0.0)
+        tm["steps"] = timers.n["decoder_with_past run"]
+        tm["step python around the run"] = (tm["WhisperOnnx.step (all)"] - tm.get("decoder_with_past run", 0.0)
+                                            - tm.get("KV reorder (beams)", 0.0))
+        tm["search loop python (rest)"] = (total - tm.get("encoder run", 0) - tm["WhisperOnnx.start (all)"]
+                                           - tm["WhisperOnnx.step (all)"] - tm["logit rules (suppress, timestamps)"]
+                                           - tm["log-softmax + top-k"] - tm["features + mel"])
+        for k, v in tm.items():
+            samples[k].append(v)
+    return {k: statistics.median(v) for k, v in samples.items()} | {"text": r.text}
+
+
+def print_breakdown(name, b):
+    total = b["total"]
+    steps = b["steps"]
+    print(f"\n{name}: {total:.3f} s total, {steps:.0f} decoder_with_past runs "
+          f"({b.get('decoder_with_past run', 0) / max(steps, 1) * 1e3:.2f} ms per run)")
+    keys = ["features + mel", "encoder run", "WhisperOnnx.start (all)", "decoder_with_past run",
+            "KV reorder (beams)", "step python around the run", "logit rules (suppress, timestamps)",
+            "log-softmax + top-k",
+            "search loop python (rest)"]
+    for k in keys:
+        v = b.get(k, 0.0)
+        print(f"  {k:40} {v:7.3f} s  {v / total * 100:5.1f}%")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--provider", default="xdna", help="xdna or cpu (default xdna)")
+    parser.add_argument("--steps", type=int, default=30, help="decoder steps profiled per batch size")
+    parser.add_argument("--runs", type=int, default=3, help="transcriptions per decoding mode (median)")
+    parser.add_argument("--model", default="base")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0],
+                        help="ORT intra-op thread counts to profile the step with (0 = ORT's default)")
+    parser.add_argument("--skip-steps", action="store_true", help="only the transcription breakdown")
+    args = parser.parse_args()
+    ort.set_default_logger_severity(3)
+    model_dir = ensure_model(args.model)
+    w = load_model(model_dir, provider=args.provider)
+    print("machine:", machine_line())
+    print(f"provider: {w.provider}" + (" (no NPU here: the CPU emulator of the NPU kernel contract)"
+                                       if w.provider == xdna.EP_NAME else ""))
+    clips, _ = build_clips(fetch_speech_samples(), include_long=False)
+    (clip_name, (audio, _, _)), = clips.items()
+    if not args.skip_steps:
+        from onnxruntime_ep_xdna.whisper import features
+
+        mel = features.from_array(audio, w.n_mels, w.mel_filters)
+        mel_window = mel.window(0, min(N_FRAMES, mel.content_frames))
+        for threads in args.threads:
+            print_step_profile(encoder_profile(w, mel_window, max(3, args.steps // 6), threads))
+        window = w.encode(mel_window)
+        w.start(window, [w.tokens.sot])  # computes the window's cross-attention K/V
+        for batch in (1, 5):
+            for threads in args.threads:
+                print_step_profile(step_profile(w, window, batch, 40, args.steps, threads))
+    print(f"\ntranscription of the {clip_name} clip, medians of {args.runs} runs:")
+    for beams, name in ((5, "beam 5 (defaults)"), (1, "greedy")):
+        print_breakdown(name, loop_breakdown(w, audio, beams, args.runs))
+
+
+if __name__ == "__main__":
+    main()
