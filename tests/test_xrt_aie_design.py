@@ -660,3 +660,110 @@ def test_int8_core_kernel_matches_the_emulator_bit_for_bit(int8_kernel, K):
     c = np.empty(64 * 64, np.float32)
     int8_kernel.dequant_i32_f32(ptr(acc), ptr(sa), ptr(sb), ptr(c))
     np.testing.assert_array_equal(_unblocked(c, 4, 8), nat.emulator_gemm_int8(a, qb_native))
+
+
+# ---- the i8_f32 design (issue 13 item 3): gemm_int8_design.py with gemm_int8.cc's entry points ----
+
+import gemm_int8_design as design_i8  # noqa: E402
+
+
+def _int8_case(m, k, n, seed):
+    """A, B and their quantisation as the contract (and emulator) defines it; padded device shapes."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    a[min(7, m - 1)] *= 300  # rows and columns of very different magnitude: per-row / per-column scales
+    b[:, min(5, n - 1)] *= 1e-3
+    qb_native = nat.quantize_b_int8(b)
+    qb = np.ascontiguousarray(qb_native.q[:, :k].T)
+    sb = np.ascontiguousarray(qb_native.scale, np.float32)[:n]
+    qa, sa = _quantize_rows(a)
+    M, K, N = (-(-m // 256) * 256), (-(-k // 64) * 64), (-(-n // 256) * 256)
+    return a, qb_native, design_i8.pack_a(qa, sa, M, K), design_i8.pack_b(qb, sb, K, N), (M, K, N)
+
+
+@pytest.mark.parametrize("m,k,n", [(256, 64, 256), (300, 200, 300), (512, 128, 512)])
+def test_int8_design_computes_the_emulators_int8_bit_for_bit(int8_kernel, m, k, n):
+    """The i8_f32 data movement (shim taps, memtile forwards and join, the 4x8 un-blocking of C) with the host-compiled
+    core entry points of gemm_int8.cc (and with their numpy stand-ins) gives emulator_gemm_int8's bits."""
+    a, qb_native, a_dev, b_dev, (M, K, N) = _int8_case(m, k, n, m + k + n)
+    want = nat.emulator_gemm_int8(a, qb_native)
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    cpp = design_i8.CoreKernels(zero=lambda c: int8_kernel.zero_acc_i8(ptr(c)),
+                                matmul=lambda a_, b_, c: int8_kernel.matmul_obj_i8(ptr(a_), ptr(b_), ptr(c)),
+                                matmul_dequant=lambda a_, b_, c: int8_kernel.matmul_obj_i8_dequant(ptr(a_), ptr(b_),
+                                                                                                  ptr(c)))
+    for core in (cpp, design_i8.numpy_core()):
+        c = design_i8.simulate(a_dev, b_dev, M, K, N, core)
+        np.testing.assert_array_equal(c[:m, :n], want)
+        assert np.all(c[m:] == 0) and np.all(c[:, n:] == 0), "padding: zero rows and scale-0 columns"
+
+
+@pytest.mark.parametrize("M,K,N", [(1536, 512, 512), (1536, 512, 2048), (1536, 2048, 512), (256, 512, 16384),
+                                   (256, 1536, 512)])
+def test_int8_transfers_are_encodable_for_whisper(M, K, N):
+    """Whisper-base shapes (encoder, decoder): every shim transfer fits the BD limits and stays in its tensor."""
+    design_i8.check_transfers(M, K, N)
+    assert design_i8.L1_BYTES <= design.L1_LIMIT and design_i8.memtile_bytes() <= design.MEMTILE_BYTES
+    with pytest.raises(ValueError):
+        design_i8.check_transfers(300, K, N)  # heights are multiples of 256: the host stages A
+    with pytest.raises(ValueError, match="column blocks"):  # the logits (N 51865): over the shim's repeat count,
+        design_i8.check_transfers(256, 512, 51968)         # as in the bf16 design (that GEMM stays on the CPU)
+
+
+@pytest.mark.parametrize("M,K,N", [(256, 64, 256), (1536, 512, 2048)])
+def test_int8_iron_program_as_recorded(M, K, N):
+    """iron_program through the recording stand-in: kernels with gemm_int8.cc's signatures, 16 workers whose last
+    K step runs the epilogue, memtiles that forward A and B unchanged, and the runtime sequence's transfers."""
+    rec = iron_layer.Recorder()
+    assert design_i8.iron_program(M, K, N, rec) is rec and rec.resolved and rec.device == "npu1_4col"
+    obj, c_l1 = iron_layer.TensorTy(4352, "int8"), iron_layer.TensorTy(64 * 64, "float32")
+    kernels = {k.name: k for k in rec.kernels}
+    assert {k.bin_name for k in rec.kernels} == {"gemm_int8.o"}
+    assert kernels["matmul_obj_i8"].arg_types == kernels["matmul_obj_i8_dequant"].arg_types == [obj, obj, c_l1]
+    assert kernels["zero_acc_i8"].arg_types == [c_l1]
+    src = (AIE / "gemm_int8.cc").read_text()
+    for sig in ("void zero_acc_i8(float* c)",
+                "void matmul_obj_i8(const int8* __restrict a_obj, const int8* __restrict b_obj, float* __restrict c)",
+                "void matmul_obj_i8_dequant(const int8* __restrict a_obj, const int8* __restrict b_obj, float* c)"):
+        assert sig in src
+    steps = K // 64
+    for w in rec.workers:
+        col, row = w.placement.col, w.placement.row - 2
+        A, B, C = (h.fifo.name for h in w.fn_args[:3])
+        assert (A, B, C) == (f"A_L2L1_{row}", f"B_L2L1_{col}", f"C_L1L2_{col}_{row}")
+        body = [("acquire", A, 1), ("acquire", B, 1), ("call", "matmul_obj_i8", (A, B, C)), ("release", A, 1),
+                ("release", B, 1)]
+        last = [("acquire", A, 1), ("acquire", B, 1), ("call", "matmul_obj_i8_dequant", (A, B, C)),
+                ("release", A, 1), ("release", B, 1)]
+        assert w.trace == [("acquire", C, 1), ("call", "zero_acc_i8", (C,))] + \
+            ([("loop", steps - 1, body)] if steps > 1 else []) + last + [("release", C, 1)]
+        assert sum(h.depth * h.fifo.obj_type.nbytes for h in w.fn_args[:3]) == design_i8.L1_BYTES
+    assert len(rec.workers) == 16
+    for i in range(4):
+        assert not rec.fifos[f"A_L2L1_{i}"].dims_to_stream and not rec.fifos[f"B_L2L1_{i}"].dims_to_stream
+        assert [tuple(d) for d in rec.fifos[f"C_L2L3_{i}"].dims_to_stream] == \
+            [tuple(d) for d in design_i8.c_l2_dims()]
+    rt = rec.runtimes[0]
+    assert rt.arg_types == [rec.tensor_type(design_i8.a_len(M, K), np.int8),
+                            rec.tensor_type(design_i8.b_len(K, N), np.int8), rec.tensor_type(M * N, np.float32)]
+    assert not rt.groups_open and len(rt.groups_finished) == M // 256
+    want = [(bm, i) for bm in range(M // 256) for i in range(4)]
+    for tensor, tap in (("A", design_i8.a_tap), ("B", design_i8.b_tap), ("C", design_i8.c_tap)):
+        got = [(t.placement.col, design.Tap(t.tap.offset, t.tap.sizes, t.tap.strides))
+               for t in rt.transfers if t.tensor == tensor]
+        assert got == [(i, tap(M, K, N, bm, i)) for bm, i in want]
+
+
+def test_int8_build_plan_and_dry_run():
+    import build_kernels
+
+    variants, skipped = build_kernels.plan({(512, 512), (2048, 512)}, [256, 1536], "i8_f32")
+    assert not skipped and {v["dtype"] for v in variants} == {"i8_f32"} and len(variants) == 4
+    assert len({build_kernels.program_key(v) for v in variants}) == 2, "one xclbin per K"
+    with pytest.raises(ValueError, match="multiples of 256"):
+        build_kernels.plan({(512, 512)}, [300], "i8_f32")
+    dry = subprocess.run([sys.executable, str(AIE / "build_kernels.py"), "--shape", "512x512", "--shape", "2048x512",
+                          "--dtype", "i8_f32", "--dry-run"], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "4 kernel(s) for 2 shape(s); 2 xclbin(s)" in dry.stdout and "m_rows= 1536 i8_f32" in dry.stdout

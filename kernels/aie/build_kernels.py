@@ -9,7 +9,9 @@ in the core, C written in place, exact heights >= 256: 256 (small calls, staged)
 GEMMs have once their symbolic sizes are given with --dim (model_shapes.gemm_work), e.g. 1500 and 3000 for a
 Whisper encoder window; --m-rows adds heights. Programs depend on K, and on N where the A slab stays in the
 memtile (its repeat count). --dtype bf16_f32: the v1 kernels (host-converted bf16 A, heights multiples of 256,
-one xclbin per K).
+one xclbin per K). --dtype i8_f32 (issue 13, gemm_int8_design.py): the int8 A8W8 kernels, heights multiples of
+256 as bf16_f32 (the host quantises A per row and stages it in the device layout), one xclbin per K, core kernels
+from gemm_int8.cc.
 
     python3 kernels/aie/build_kernels.py --model encoder_model.onnx --dim batch_size=1 \\
         --out ~/.cache/onnxruntime-ep-xdna/kernels
@@ -38,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import gemm_design as design  # noqa: E402
+import gemm_int8_design as design_i8  # noqa: E402
 import iron_layer  # noqa: E402
 from model_shapes import gemm_work, padded, parse_dims, weight_shapes  # noqa: E402
 
@@ -106,8 +109,8 @@ def plan(shapes: set[tuple[int, int]], m_rows: list[int], dtype: str = "bf16_f32
     (K, N) -> the exact heights a model needs for that shape (f32_f32 only), built besides m_rows."""
     out, skipped = [], []
     for m in m_rows:
-        if dtype == "bf16_f32" and (m <= 0 or m % design.BLOCK_M):
-            raise ValueError(f"--m-rows {m}: bf16_f32 heights must be positive multiples of {design.BLOCK_M}")
+        if dtype in ("bf16_f32", "i8_f32") and (m <= 0 or m % design.BLOCK_M):
+            raise ValueError(f"--m-rows {m}: {dtype} heights must be positive multiples of {design.BLOCK_M}")
         if dtype == "f32_f32" and m < design.BLOCK_M:
             raise ValueError(f"--m-rows {m}: f32_f32 heights must be >= {design.BLOCK_M}")
     for k, n in sorted(shapes):
@@ -116,6 +119,8 @@ def plan(shapes: set[tuple[int, int]], m_rows: list[int], dtype: str = "bf16_f32
             for m in rows:
                 if dtype == "f32_f32":
                     design.check_plan_f32(design.plan_f32(m, k, n, stream_a))
+                elif dtype == "i8_f32":
+                    design_i8.check_transfers(m, k, n)
                 else:
                     design.check_shape(m, k, n)
         except ValueError as e:
@@ -129,7 +134,7 @@ def program_key(v: dict, stream_a: bool = False) -> tuple:
     """Variants of equal keys have the same program outside the runtime sequence (one xclbin)."""
     if v["dtype"] == "f32_f32":
         return design.plan_f32(v["m_rows"], v["K"], v["N"], stream_a).static_key
-    return ("bf16_f32", v["K"])
+    return (v["dtype"], v["K"])  # bf16_f32 and i8_f32: the core program depends on K only
 
 
 def describe(v: dict, stream_a: bool = False) -> str:
@@ -173,10 +178,14 @@ def run(cmd: list[str], cwd: Path, log: Path) -> None:
 def build(variants: list[dict], out: Path, tools: dict, work: Path, stream_a: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    obj = work / design.KERNEL_OBJECT
+    int8 = {v["dtype"] for v in variants} == {"i8_f32"}
+    if int8 != any(v["dtype"] == "i8_f32" for v in variants):
+        raise ValueError("one build per dtype family: i8_f32 kernels link gemm_int8.o, the others gemm_bf16.o")
+    obj_name, source = (design_i8.KERNEL_OBJECT, "gemm_int8.cc") if int8 else (design.KERNEL_OBJECT, "gemm_bf16.cc")
+    obj = work / obj_name
     run([str(Path(tools["peano"]) / "bin" / "clang++"), "--target=aie2-none-unknown-elf", "-O2", "-std=c++20",
          "-DNDEBUG", "-Wno-parentheses", "-Wno-attributes", "-Wno-macro-redefined", f"-I{tools['aie_api_include']}",
-         "-c", str(HERE / "gemm_bf16.cc"), "-o", str(obj)], work, work / "peano.log")
+         "-c", str(HERE / source), "-o", str(obj)], work, work / "peano.log")
 
     xclbins: dict[str, str] = {}  # static MLIR hash -> xclbin file name
     shape_xclbin: dict[tuple, str] = {}  # (dtype, K, N) -> xclbin: the backend runs a shape's heights on one context
@@ -185,9 +194,11 @@ def build(variants: list[dict], out: Path, tools: dict, work: Path, stream_a: bo
         name = f"gemm_{v['dtype']}_k{v['K']}_n{v['N']}_m{v['m_rows']}"
         d = work / name
         d.mkdir(exist_ok=True)
-        shutil.copy2(obj, d / design.KERNEL_OBJECT)
+        shutil.copy2(obj, d / obj_name)
         if v["dtype"] == "f32_f32":
             mlir = str(design.iron_module_f32(v["m_rows"], v["K"], v["N"], stream_a))
+        elif v["dtype"] == "i8_f32":
+            mlir = str(design_i8.iron_module(v["m_rows"], v["K"], v["N"]))
         else:
             mlir = str(design.iron_module(v["m_rows"], v["K"], v["N"]))
         (d / "design.mlir").write_text(mlir)
@@ -232,12 +243,13 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", action="append", default=[], help="ONNX model whose MatMul/Gemm weights need kernels")
     p.add_argument("--shape", action="append", type=parse_shape, default=[], help="extra weight shape KxN")
-    p.add_argument("--dtype", choices=["f32_f32", "bf16_f32"], default="f32_f32",
-                   help="f32_f32: fp32 A in place, rounded in the core, exact heights (default); bf16_f32: v1")
+    p.add_argument("--dtype", choices=["f32_f32", "bf16_f32", "i8_f32"], default="f32_f32",
+                   help="f32_f32: fp32 A in place, rounded in the core, exact heights (default); bf16_f32: v1; "
+                        "i8_f32: int8 A8W8 (issue 13)")
     p.add_argument("--m-rows",
                    help="comma-separated rows of A per run; f32_f32: any height >= 256, besides 256 and the models' "
                         "heights (default: those; 256,1500 when no model height is known); bf16_f32: multiples of "
-                        "256 (default 256,1536)")
+                        "256 (default 256,1536; i8_f32 likewise)")
     p.add_argument("--dim", action="append", default=[],
                    help="a model's symbolic size NAME=SIZE, to find its GEMM heights (e.g. batch_size=1)")
     p.add_argument("--stream-a", action="store_true",
@@ -263,7 +275,7 @@ def main(argv=None) -> int:
             m_rows = [int(x) for x in args.m_rows.split(",") if x.strip()]
             if args.dtype == "f32_f32":
                 m_rows = sorted(set(m_rows) | {design.BLOCK_M})  # small calls: a 256-row kernel, staged
-        elif args.dtype == "bf16_f32":
+        elif args.dtype in ("bf16_f32", "i8_f32"):
             m_rows = [256, 1536]
         else:
             m_rows = [256] if heights else [256, 1500]
@@ -280,7 +292,7 @@ def main(argv=None) -> int:
         print("build_kernels: nothing to build", file=sys.stderr)
         return 2
     programs = sorted({program_key(v, args.stream_a) for v in variants}, key=str)
-    if args.dtype == "bf16_f32":
+    if args.dtype in ("bf16_f32", "i8_f32"):
         which = f"one per K: {', '.join(str(k[1]) for k in programs)}"
     else:
         which = "one per K" + (", and per N where the A slab stays in the memtile" if any(k[2] for k in programs)

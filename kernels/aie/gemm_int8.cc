@@ -90,4 +90,32 @@ void dequant_i32_f32(const int32* __restrict acc, const float* __restrict sa, co
         }
 }
 
+// The entry points of the i8_f32 design (gemm_int8_design.py). Its L1 objects are a 64x64 int8 tile (blocked as
+// above) followed by 64 fp32 scales (A: of the slab's rows; B: of the n-tile's columns), and the C tile doubles as
+// the int32 accumulator until the epilogue converts it in place (acc and C have the same size; L1 stays at 33 KiB).
+constexpr unsigned kTileBytes = kM * kK;
+
+void zero_acc_i8(float* c) { zero_i32(reinterpret_cast<int32*>(c)); }
+
+void matmul_obj_i8(const int8* __restrict a_obj, const int8* __restrict b_obj, float* __restrict c) {
+  matmul_i8_i32(a_obj, b_obj, reinterpret_cast<int32*>(c));
+}
+
+// The last K step and the epilogue: element by element in place, each int32 read before its fp32 is written.
+void matmul_obj_i8_dequant(const int8* __restrict a_obj, const int8* __restrict b_obj, float* c) {
+  matmul_i8_i32(a_obj, b_obj, reinterpret_cast<int32*>(c));
+  const float* sa = reinterpret_cast<const float*>(a_obj + kTileBytes);
+  const float* sb = reinterpret_cast<const float*>(b_obj + kTileBytes);
+  constexpr unsigned kBlocksN = kN / kT;
+  for (unsigned z = 0; z < kM / kR; ++z)
+    for (unsigned j = 0; j < kBlocksN; ++j)
+      for (unsigned r = 0; r < kR; ++r)
+        for (unsigned t = 0; t < kT; ++t) {
+          const unsigned i = (z * kBlocksN + j) * Mmul::size_C + r * kT + t;
+          int32 acc;
+          __builtin_memcpy(&acc, c + i, sizeof acc);
+          c[i] = static_cast<float>(acc) * (sa[z * kR + r] * sb[j * kT + t]);
+        }
+}
+
 }  // extern "C"

@@ -44,11 +44,11 @@ def real():
 @dataclass(frozen=True)
 class TensorTy:
     n: int
-    dtype: str  # "float32" or "bfloat16"
+    dtype: str  # "float32", "bfloat16" or "int8"
 
     @property
     def nbytes(self) -> int:
-        return self.n * (4 if self.dtype == "float32" else 2)
+        return self.n * {"float32": 4, "bfloat16": 2, "int8": 1}[self.dtype]
 
 
 @dataclass(frozen=True)
