@@ -50,7 +50,7 @@ Dispatcher::Weight Dispatcher::make_weight(std::shared_ptr<const kernels::Packed
   Weight w{std::move(packed), nullptr, nullptr};
   w.cpu = cpu_->upload(w.host);
   if (primary_ok_ && primary_->supports(w.host->precision, nullptr) &&
-      primary_->can_run(0, w.host->shape.K, w.host->shape.N, nullptr)) {
+      primary_->can_run_in(w.host->precision, 0, w.host->shape.K, w.host->shape.N, nullptr)) {
     try {
       w.device = primary_->upload(w.host);
     } catch (const kernels::BackendFault& f) {
@@ -86,7 +86,7 @@ void Dispatcher::run(const kernels::GemmArgs& args, const Weight& w) {
   CpuReason reason = CpuReason::kFault;
   std::string why;
   if (primary_ok_) {
-    if (w.device && primary_->can_run(args.M, s.K, s.N, &why)) {
+    if (w.device && primary_->can_run_in(w.host->precision, args.M, s.K, s.N, &why)) {
       try {
         primary_->gemm(args, *w.device);
         ++device_calls_;
@@ -99,7 +99,7 @@ void Dispatcher::run(const kernels::GemmArgs& args, const Weight& w) {
       reason = CpuReason::kNotForDevice;
       why = primary_->name() + " runs no " + kernels::precision_name(w.host->precision) + " products (" + why + ")";
     } else {
-      if (!w.device) primary_->can_run(0, s.K, s.N, &why);
+      if (!w.device) primary_->can_run_in(w.host->precision, 0, s.K, s.N, &why);
       reason = CpuReason::kNotForDevice;
       why = primary_->name() + " does not take M=" + std::to_string(args.M) + " K=" + std::to_string(s.K) +
             " N=" + std::to_string(s.N) + " (" + why + ")";
@@ -118,7 +118,7 @@ void Dispatcher::run_batch(const std::vector<std::pair<kernels::GemmArgs, const 
     if (!all_device) break;
     const auto& s = w->host->shape;
     if (args.M == 0 || s.N == 0) continue;
-    if (!w->device || !primary_->can_run(args.M, s.K, s.N, nullptr)) {  // (w->device: precision supported)
+    if (!w->device || !primary_->can_run_in(w->host->precision, args.M, s.K, s.N, nullptr)) {  // (w->device: precision supported)
       all_device = false;  // run() below takes the CPU path and says why
       break;
     }

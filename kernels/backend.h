@@ -80,6 +80,11 @@ class Backend {
     if (why_not) *why_not = name() + " has no " + precision_name(precision) + " kernels";
     return false;
   }
+  // can_run for a weight packed in `precision` (xrt: int8 products need an i8_f32 kernel of the shape, not a bf16
+  // one). Added beside can_run (issue 13 item 3) so that existing callers and backends keep their meaning.
+  virtual bool can_run_in(Precision precision, int64_t M, int64_t K, int64_t N, std::string* why_not) const {
+    return supports(precision, why_not) && can_run(M, K, N, why_not);
+  }
   // Makes a weight resident (xrt: copies it into a device buffer once). Throws BackendFault.
   virtual std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) = 0;
   // Runs one GEMM. Thread-safe. Throws BackendFault; on a throw C's contents are unspecified.

@@ -15,6 +15,9 @@ class FaultInjectingBackend final : public Backend {
     return inner_->can_run(M, K, N, why);
   }
   bool supports(Precision precision, std::string* why) const override { return inner_->supports(precision, why); }
+  bool can_run_in(Precision precision, int64_t M, int64_t K, int64_t N, std::string* why) const override {
+    return inner_->can_run_in(precision, M, K, N, why);
+  }
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     if (step_ == "upload") throw BackendFault("upload", "injected fault");
     return inner_->upload(std::move(b));

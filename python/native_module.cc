@@ -164,6 +164,20 @@ void register_npu_bindings(py::module_& m) {
             const bool ok = h.backend->has_int8_kernel(K, N, &why);
             return py::make_tuple(ok, why);
           }, py::arg("K"), py::arg("N"))
+      .def("can_run_in", [](const NpuBackendHandle& h, const std::string& precision, int64_t M, int64_t K, int64_t N) {
+            k::Precision p;
+            if (!k::parse_precision(precision.c_str(), &p)) throw std::invalid_argument("bad precision");
+            std::string why;
+            const bool ok = h.backend->can_run_in(p, M, K, N, &why);
+            return py::make_tuple(ok, why);
+          }, py::arg("precision"), py::arg("M"), py::arg("K"), py::arg("N"))
+      .def("supports", [](const NpuBackendHandle& h, const std::string& precision) {
+            k::Precision p;
+            if (!k::parse_precision(precision.c_str(), &p)) throw std::invalid_argument("bad precision");
+            std::string why;
+            const bool ok = h.backend->supports(p, &why);
+            return py::make_tuple(ok, why);
+          }, py::arg("precision"))
       .def("upload", &NpuBackendHandle::upload, py::arg("b"), py::keep_alive<0, 1>())
       .def("gemm", &NpuBackendHandle::gemm, py::arg("a"), py::arg("weight"))
       .def("gemm_batch", &NpuBackendHandle::gemm_batch, py::arg("items"), "[(a, weight), ...] -> [c, ...]")
@@ -220,6 +234,10 @@ void register_npu_bindings(py::module_& m) {
         const auto words = k::npu::fake_insts(m_rows, Kpad, Npad, a_f32);
         return py::array_t<uint32_t>(words.size(), words.data());
       }, py::arg("m_rows"), py::arg("Kpad"), py::arg("Npad"), py::arg("a_f32") = false);
+  m.def("npu_fake_insts_i8", [](int64_t m_rows, int64_t Kpad, int64_t Npad) {
+        const auto words = k::npu::fake_insts_i8(m_rows, Kpad, Npad);
+        return py::array_t<uint32_t>(words.size(), words.data());
+      }, py::arg("m_rows"), py::arg("Kpad"), py::arg("Npad"));
   m.def("npu_plan_row_chunks", &k::npu::plan_row_chunks, py::arg("M"), py::arg("heights"));
   m.def("npu_cost", [](int64_t M, int64_t K, int64_t N, double cpu_gflops, int64_t m_rows) {
         k::NpuCostParams p;
@@ -267,6 +285,12 @@ PYBIND11_MODULE(_native, m) {
         return py::array_t<uint16_t>(p.data.size(), p.data.data());
       });
   m.def("pack_b", &pack, py::arg("b"), "Pack fp32 B[K,N] into the contract's bf16 tiled layout");
+  m.def("pack_b_in", [](F32Array b, const std::string& precision) {
+        k::Precision p;
+        if (b.ndim() != 2 || !k::parse_precision(precision.c_str(), &p))
+          throw std::invalid_argument("B must be 2-D [K, N] and precision one of bf16, int8, bf16x3");
+        return std::make_shared<k::PackedB>(k::pack_b_in(p, b.data(), b.shape(0), b.shape(1), b.shape(1), 1));
+      }, py::arg("b"), py::arg("precision"), "A weight packed in a precision mode, as the EP packs it (for upload)");
   m.def("emulator_gemm", [](F32Array a, const k::PackedB& b, int threads) { return run_gemm(a, b, false, threads); },
         py::arg("a"), py::arg("b"), py::arg("threads") = 0);
   m.def("emulator_gemm_unpacked", [](F32Array a, F32Array b, int threads, bool b_transposed) {

@@ -382,9 +382,45 @@ def test_device_declines_int8_and_the_cpu_runs_it_in_int8(tmp_path, capfd, monke
     assert_within(y, h.astype(np.float64) @ w2, bf16_bound(h, w2, 40), "b16 in bf16 on the device")
     del sess
     err = capfd.readouterr().err
-    assert err.count("node 'q8': xrt runs no int8 products (declined: the xrt backend does not dispatch int8 kernels yet") == 1
+    assert err.count("node 'q8': xrt runs no int8 products (declined: no int8 (i8_f32) kernels in") == 1
     assert "computed on the CPU (same int8 arithmetic)" in err
     nodes = {d["node"]: d for d in executed(report)}
     assert nodes["q8"]["precision"] == "int8" and nodes["q8"]["device_calls"] == 0
     assert nodes["q8"]["cpu_calls_by_reason"] == {"not_for_device": 2, "unpacked": 0, "fault": 0}
     assert nodes["b16"]["precision"] == "bf16" and nodes["b16"]["device_calls"] == 2
+
+
+@pytest.mark.parametrize("fault", ["", "run"])
+def test_device_runs_int8_with_an_int8_kernel_bit_identical_to_the_emulator(tmp_path, capfd, monkeypatch, fault):
+    """With an i8_f32 kernel for the node's shape the int8 node runs on the (fake) device, with the emulator's int8
+    bits; a device fault puts it on the CPU in int8 (same bits), logged."""
+    from test_xrt_int8 import write_kernel_dir
+
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
+    monkeypatch.setenv("XDNA_XRT_FAKE_FAULT", fault)
+    kernel_dir = write_kernel_dir(tmp_path / "kernels", bf16=[(64, 256, 256)], int8=[(64, 256, 256)])
+    r = rng(14)
+    w1 = r.standard_normal((48, 40)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["a", "w1"], ["h"], name="q8")], [tensor("a", [30, 48])],
+                       [tensor("h", [30, 40])], [init("w1", w1)])
+    report = tmp_path / "report.jsonl"
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(kernel_dir), "log_level": "info",
+                                "precision": "int8", "partition_report": str(report)}, so=so)
+    a = r.standard_normal((30, 48)).astype(np.float32)
+    ys = [sess.run(None, {"a": a})[0] for _ in range(2)]
+    want = np.asarray(xdna_session(model, {"backend": "emulator", "precision": "int8"}).run(None, {"a": a})[0])
+    for y in ys:
+        np.testing.assert_array_equal(y, want)
+    assert_within(want, a.astype(np.float64) @ w1, int8_bound(a, w1), "q8 in int8")
+    del sess
+    err = capfd.readouterr().err
+    (node,) = [d for d in executed(report) if d["node"] == "q8"]
+    assert node["precision"] == "int8"
+    if not fault:
+        assert node["device_calls"] == 2 and node["cpu_calls_by_reason"]["not_for_device"] == 0
+    else:
+        assert node["device_calls"] == 0 and node["cpu_calls_by_reason"]["fault"] == 2
+        assert "node 'q8': backend 'xrt' fault" in err and "same int8 arithmetic" in err

@@ -441,6 +441,8 @@ const emu::Int8Kernels& int8_kernels() {
 
 }  // namespace
 
+float quantize_row_int8(const float* x, int64_t n, int8_t* q) { return quantize_run(x, n, 1, q, 1); }
+
 const char* emulator_int8_kernel_name() { return int8_kernels().name; }
 
 QuantizedB quantize_b_int8(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {

@@ -59,6 +59,10 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads =
 // the bf16 kernel set, so XDNA_EMULATOR_ISA selects it too (avx512 / avx512bf16 -> vnni where the CPU has it).
 const char* emulator_int8_kernel_name();
 inline constexpr int64_t kInt8MaxK = 133143;  // K * 127^2 < 2^31
+// The contract's symmetric quantisation of one row of A (n values) into q, as emulator_gemm_int8 quantises A: the
+// xrt backend quantises A with it so that the device's int32 sums and the emulator's are the same bits. Returns
+// the scale (NaN when a value is not finite; q is then 0).
+float quantize_row_int8(const float* x, int64_t n, int8_t* q);
 
 // bf16x3 B: B = hi + lo (+ 2^-16 relative), both in the contract's packed bf16 layout.
 struct SplitB {

@@ -6,12 +6,14 @@
 #include <stdexcept>
 
 #include "../emulator/emulator.h"
+#include "int8_layout.h"
 #include "manifest.h"
 
 namespace xdna::kernels::npu {
 namespace {
 
 constexpr uint32_t kFakeInstsMagic = 0x46414b45u;  // "FAKE"
+constexpr uint32_t kModeI8 = 2;  // header[4]: 0 bf16 A, 1 fp32 A (f32_f32), 2 i8_f32
 
 // Host and device copies are separate, as without cache maintenance on the real NPU; an imported buffer's host
 // side is the caller's memory itself.
@@ -123,6 +125,14 @@ class FakeKernel final : public LoadedKernel {
     const int64_t m_rows = header[1], Kpad = header[2], Npad = header[3];
     if (m_rows > kMaxKernelRows || Kpad > kMaxKernelK || Npad > kMaxKernelN)
       throw std::runtime_error("fake: instruction header out of range");
+    if (header[4] == kModeI8) {
+      if (a.device.size() < i8::a_bytes(m_rows, Kpad) || b.device.size() != i8::b_bytes(Kpad, Npad) ||
+          c.device.size() < static_cast<size_t>(m_rows * Npad) * 4)
+        throw std::runtime_error("fake: buffer sizes do not match the int8 kernel's GEMM");
+      if (options_.fail_at == "result") return std::make_unique<FakeRun>(RunState::completed, "");
+      run_i8(a.device.data(), b.device.data(), reinterpret_cast<float*>(c.device.data()), m_rows, Kpad, Npad);
+      return std::make_unique<FakeRun>(RunState::completed, "");
+    }
     const bool a_f32 = header[4] != 0;
     const size_t a_elem = a_f32 ? 4 : 2;
     if (a.device.size() < static_cast<size_t>(m_rows * Kpad) * a_elem ||
@@ -148,6 +158,25 @@ class FakeKernel final : public LoadedKernel {
     GemmArgs args{a32.data(), m_rows, Kpad, reinterpret_cast<float*>(c.device.data()), Npad};
     emulator_gemm(args, packed, 1);
     return std::make_unique<FakeRun>(RunState::completed, "");
+  }
+
+  // What gemm_int8.cc computes, read from the device layout: exact int32 sums, then float(acc) * (sa * sb) in fp32.
+  // Written independently of the emulator's kernels, so agreeing with them bit for bit is a check of both.
+  static void run_i8(const unsigned char* a, const unsigned char* b, float* c, int64_t M, int64_t K, int64_t N) {
+    auto scale = [](const unsigned char* obj, int64_t i) {
+      float s;
+      std::memcpy(&s, obj + i8::scale_in_obj(i), sizeof s);
+      return s;
+    };
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        int32_t acc = 0;
+        for (int64_t k = 0; k < K; ++k)
+          acc += int32_t{static_cast<int8_t>(a[i8::a_obj(m, k, K) + i8::a_in_tile(m, k)])} *
+                 static_cast<int8_t>(b[i8::b_obj(k, n, K) + i8::b_in_tile(k, n)]);
+        const float sa = scale(a + i8::a_obj(m, K - 1, K), m), sb = scale(b + i8::b_obj(K - 1, n, K), n);
+        c[m * N + n] = static_cast<float>(acc) * (sa * sb);
+      }
   }
 
   FakeOptions options_;
@@ -179,6 +208,12 @@ std::unique_ptr<NpuDevice> make_fake_device(const FakeOptions& options) {
 std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad, bool a_f32) {
   return {kFakeInstsMagic, static_cast<uint32_t>(m_rows), static_cast<uint32_t>(Kpad), static_cast<uint32_t>(Npad),
           a_f32 ? 1u : 0u};
+}
+
+std::vector<uint32_t> fake_insts_i8(int64_t m_rows, int64_t Kpad, int64_t Npad) {
+  auto words = fake_insts(m_rows, Kpad, Npad, false);
+  words[4] = kModeI8;
+  return words;
 }
 
 }  // namespace xdna::kernels::npu

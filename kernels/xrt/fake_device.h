@@ -35,5 +35,7 @@ std::unique_ptr<NpuDevice> make_fake_device(const FakeOptions& options);
 // The "instruction stream" the fake executes: a header naming the GEMM one run computes. a_f32: the kernel reads
 // A as fp32 and converts it to bf16 in the core with round-to-nearest-even (manifest dtype f32_f32).
 std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad, bool a_f32 = false);
+// The same for an i8_f32 kernel: A and B int8 with their scales in the layout of int8_layout.h.
+std::vector<uint32_t> fake_insts_i8(int64_t m_rows, int64_t Kpad, int64_t Npad);
 
 }  // namespace xdna::kernels::npu

@@ -306,7 +306,8 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
       m.skipped.push_back(where + ": dtype '" + dtype + "' (only bf16_f32, f32_f32 and i8_f32 implement the contract)");
       continue;
     }
-    e.a_f32 = dtype == "f32_f32";  // issue 15: fp32 A, converted in the core; exact heights allowed
+    e.a_f32 = dtype == "f32_f32";
+    e.int8 = int8;  // issue 15: fp32 A, converted in the core; exact heights allowed
     if (e.K <= 0 || e.K % kTileK || e.N <= 0 || e.N % kBlockN || e.m_rows <= 0 ||
         (e.m_rows % kBlockM && !e.a_f32 && !int8)) {
       m.skipped.push_back(where + ": K must be a multiple of " + std::to_string(kTileK) + ", N of " +
@@ -323,7 +324,7 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
     }
     (int8 ? m.int8_kernels : m.kernels).push_back(std::move(e));
   }
-  if (m.kernels.empty()) {
+  if (m.kernels.empty() && m.int8_kernels.empty()) {
     *why = path + ": no usable kernels" + (m.skipped.empty() ? std::string() : " (" + m.skipped.front() + ")");
     return false;
   }

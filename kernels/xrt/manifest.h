@@ -28,13 +28,14 @@ struct KernelEntry {
   // (round to nearest even); m_rows may be any height (the build makes >= 256: its last 256-row block overlaps the
   // one before, so no transfer leaves A or C; see gemm_design.py plan_f32).
   bool a_f32 = false;
+  // dtype "i8_f32" (issue 13, kernels/aie/gemm_int8_design.py): int8 A and B in the layout of int8_layout.h.
+  bool int8 = false;
 };
 
 struct Manifest {
   std::string dir;
   std::vector<KernelEntry> kernels;
-  // dtype "i8_f32" (issue 13, kernels/aie/gemm_int8.cc): int8 A8W8 kernels. Listed so that the backend can say
-  // whether one exists for a shape; the xrt backend does not dispatch them yet.
+  // dtype "i8_f32" (issue 13, kernels/aie/gemm_int8_design.py): int8 A8W8 kernels, run for int8 weights.
   std::vector<KernelEntry> int8_kernels;
   std::vector<std::string> skipped;  // entries ignored, with the reason (wrong dtype, bad padding, missing file)
 };

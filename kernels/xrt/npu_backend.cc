@@ -1,6 +1,8 @@
 #include "npu_backend.h"
 
 #include "dataflow_model.h"
+#include "int8_layout.h"
+#include "../emulator/emulator.h"
 
 #include <algorithm>
 #include <atomic>
@@ -75,6 +77,8 @@ struct Shape {
   LoadedKernel* kernel = nullptr;                  // set once loaded (owned by NpuBackend::contexts_)
 };
 
+using ShapeMap = std::map<std::pair<int64_t, int64_t>, std::unique_ptr<Shape>>;
+
 class NpuWeight final : public DeviceWeight {
  public:
   NpuWeight(std::shared_ptr<const PackedB> host, Shape* shape, std::unique_ptr<DeviceBuffer> b)
@@ -87,8 +91,14 @@ class NpuBackend final : public Backend {
  public:
   NpuBackend(std::unique_ptr<NpuDevice> device, Manifest manifest, NpuBackendOptions options)
       : device_(std::move(device)), manifest_(std::move(manifest)), options_(options) {
-    for (const KernelEntry& e : manifest_.kernels) {
-      auto& shape = shapes_[{e.K, e.N}];
+    add_shapes(manifest_.kernels, shapes_);
+    add_shapes(manifest_.int8_kernels, int8_shapes_);
+  }
+
+  // int8 kernels (i8_f32) are shapes of their own: their xclbin (and hardware context) is not the bf16 one's.
+  void add_shapes(const std::vector<KernelEntry>& entries, ShapeMap& shapes) {
+    for (const KernelEntry& e : entries) {
+      auto& shape = shapes[{e.K, e.N}];
       if (!shape) {
         shape = std::make_unique<Shape>();
         shape->K = e.K, shape->N = e.N, shape->xclbin = e.xclbin, shape->kernel_name = e.kernel_name;
@@ -103,7 +113,7 @@ class NpuBackend final : public Backend {
       v->entry = e;
       shape->variants.push_back(std::move(v));
     }
-    for (auto& [key, shape] : shapes_)
+    for (auto& [key, shape] : shapes)
       std::sort(shape->variants.begin(), shape->variants.end(),
                 [](const auto& a, const auto& b) { return a->entry.m_rows > b->entry.m_rows; });
   }
@@ -127,14 +137,25 @@ class NpuBackend final : public Backend {
       for (const auto& v : shape->variants) os << " " << v->entry.m_rows;
       os << ")";
     }
+    for (const auto& [key, shape] : int8_shapes_) {
+      os << " " << key.first << "x" << key.second << " int8 (m_rows";
+      for (const auto& v : shape->variants) os << " " << v->entry.m_rows;
+      os << ")";
+    }
     if (disabled_) os << "; DISABLED: " << disabled_reason();
     return os.str();
   }
 
   bool can_run(int64_t M, int64_t K, int64_t N, std::string* why_not) const override {
+    return can_run_in(Precision::kBf16, M, K, N, why_not);
+  }
+
+  bool can_run_in(Precision precision, int64_t M, int64_t K, int64_t N, std::string* why_not) const override {
+    if (precision != Precision::kBf16 && precision != Precision::kInt8) return supports(precision, why_not);
+    const bool int8 = precision == Precision::kInt8;
     if (options_.cost_model && M > 0) {
       NodeWork work;
-      work.M = M, work.K = K, work.N = N;
+      work.M = M, work.K = K, work.N = N, work.int8 = int8;
       const NodeCost cost = model_node_v2(work);  // the dataflow model `xdna partition --npu-model` prints
       if (!cost.npu) {
         if (why_not) {
@@ -150,14 +171,22 @@ class NpuBackend final : public Backend {
       if (why_not) *why_not = "xrt backend disabled: " + disabled_reason();
       return false;
     }
+    if (int8) {
+      if (!has_int8_kernel(K, N, why_not)) return false;
+      if (K > kInt8MaxK) {
+        if (why_not) *why_not = "K=" + std::to_string(K) + " is past the int8 contract's exact int32 limit";
+        return false;
+      }
+    }
+    const ShapeMap& shapes = int8 ? int8_shapes_ : shapes_;
     const PaddedShape p = padded_shape(0, K, N);
-    auto it = shapes_.find({p.Kpad, p.Npad});
-    if (it == shapes_.end()) {
+    auto it = shapes.find({p.Kpad, p.Npad});
+    if (it == shapes.end()) {
       if (why_not) {
         std::ostringstream os;
         os << "no NPU kernel built for K=" << K << " N=" << N << " (padded " << p.Kpad << "x" << p.Npad
            << "); built:";
-        for (const auto& [key, shape] : shapes_) os << " " << key.first << "x" << key.second;
+        for (const auto& [key, shape] : shapes) os << " " << key.first << "x" << key.second;
         *why_not = os.str();
       }
       return false;
@@ -171,9 +200,8 @@ class NpuBackend final : public Backend {
     return true;
   }
 
-  // Whether the manifest lists an i8_f32 kernel for this weight shape. Existence only: this backend does not
-  // dispatch int8 kernels yet (host quantisation of A and the scale buffers are not written), so can_run() stays
-  // the bf16 question.
+  // Whether the manifest lists an i8_f32 kernel for this weight shape (can_run_in(kInt8) adds the cost model and
+  // the backend's state).
   bool has_int8_kernel(int64_t K, int64_t N, std::string* why_not) const override {
     const PaddedShape p = padded_shape(0, K, N);
     for (const KernelEntry& e : manifest_.int8_kernels)
@@ -202,27 +230,33 @@ class NpuBackend final : public Backend {
   }
 
   // Declined modes run on the CPU backend in the same precision (dispatcher), never silently in bf16.
+  // int8: when the kernel directory holds i8_f32 kernels (which shapes: can_run_in).
   bool supports(Precision precision, std::string* why_not) const override {
     if (precision == Precision::kBf16) return true;
+    if (precision == Precision::kInt8 && !int8_shapes_.empty()) return true;
     if (why_not)
       *why_not = precision == Precision::kInt8
-                     ? "declined: the xrt backend does not dispatch int8 kernels yet (kernels/aie/gemm_int8.cc is designed and host-checked)"
+                     ? "declined: no int8 (i8_f32) kernels in " + manifest_.dir +
+                           " (build them with kernels/aie/build_kernels.py --dtype i8_f32)"
                      : "declined: bf16x3 is not run on the device yet";
     return false;
   }
 
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     if (!b) throw BackendFault("upload", "null weight");
-    if (b->precision != Precision::kBf16)
+    const bool int8 = b->precision == Precision::kInt8;
+    if (!supports(b->precision, nullptr) || (int8 && !b->int8))
       throw BackendFault("upload", std::string("weight packed in ") + precision_name(b->precision) +
                                        ", which this backend declines");
     if (disabled_) throw BackendFault("upload", "xrt backend disabled: " + disabled_reason());
-    auto it = shapes_.find({b->shape.Kpad, b->shape.Npad});
-    if (it == shapes_.end())
+    ShapeMap& shapes = int8 ? int8_shapes_ : shapes_;
+    auto it = shapes.find({b->shape.Kpad, b->shape.Npad});
+    if (it == shapes.end())
       throw BackendFault("load", "no NPU kernel for padded shape " + std::to_string(b->shape.Kpad) + "x" +
                                      std::to_string(b->shape.Npad));
     Shape* shape = it->second.get();
     ensure_loaded(shape);
+    if (int8) return upload_int8(std::move(b), shape);
     const size_t bytes = bytes_of(b->shape.Kpad, b->shape.Npad, sizeof(uint16_t));
     if (b->data.size() * sizeof(uint16_t) != bytes)
       throw BackendFault("upload", "packed B holds " + std::to_string(b->data.size()) + " values, expected " +
@@ -294,6 +328,7 @@ class NpuBackend final : public Backend {
             f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
             at_step("run", [&] {
               if (v->entry.a_f32) stage_a_f32(args, p, f.row0, f.rows, height, *f.staging->a);
+              else if (v->entry.int8) stage_a_int8(args, p, f.row0, f.rows, height, *f.staging->a);
               else stage_a(args, p, f.row0, f.rows, height, *f.staging->a);
               plant_canary(*f.staging->c, static_cast<int64_t>(bytes_of(height, p.Npad, 1)));
             });
@@ -423,7 +458,8 @@ class NpuBackend final : public Backend {
     }
     auto s = std::make_unique<Staging>();
     const size_t a_elem = v.entry.a_f32 ? sizeof(float) : sizeof(uint16_t);
-    s->a = shape.kernel->alloc(BufferKind::a, bytes_of(v.entry.m_rows, p.Kpad, a_elem));
+    s->a = shape.kernel->alloc(BufferKind::a, v.entry.int8 ? i8_a_bytes(v.entry.m_rows, p.Kpad)
+                                                           : bytes_of(v.entry.m_rows, p.Kpad, a_elem));
     s->c = shape.kernel->alloc(BufferKind::c, bytes_of(v.entry.m_rows, p.Npad, sizeof(float)));
     return s;
   }
@@ -447,6 +483,56 @@ class NpuBackend final : public Backend {
     }
     std::fill(dst + rows * p.Kpad, dst + height * p.Kpad, uint16_t{0});
     a.to_device(bytes, 0);
+  }
+
+  static size_t i8_a_bytes(int64_t rows, int64_t Kpad) {
+    (void)bytes_of(rows, Kpad, 2);  // throws on overflow (the objects add 1/16 to the int8 bytes)
+    return i8::a_bytes(rows, Kpad);
+  }
+
+  // A rows [row0, row0 + rows) -> the i8_f32 layout (int8_layout.h) for `height` rows: each row quantised with the
+  // emulator's own code (quantize_row_int8), so the device's exact int32 sums are the emulator's; pad rows and
+  // columns zero with scale 0 (their C is never read).
+  static void stage_a_int8(const GemmArgs& args, const PaddedShape& p, int64_t row0, int64_t rows, int64_t height,
+                           DeviceBuffer& a) {
+    const size_t bytes = i8_a_bytes(height, p.Kpad);
+    if (a.size() < bytes || rows > height) throw std::runtime_error("A buffer is smaller than one run's rows");
+    auto* dst = static_cast<unsigned char*>(a.map());
+    std::memset(dst, 0, bytes);
+    std::vector<int8_t> q(static_cast<size_t>(p.K));
+    for (int64_t r = 0; r < rows; ++r) {
+      const float scale = quantize_row_int8(args.a + (row0 + r) * args.lda, p.K, q.data());
+      for (int64_t k = 0; k < p.K; ++k) dst[i8::a_obj(r, k, p.Kpad) + i8::a_in_tile(r, k)] = static_cast<unsigned char>(q[k]);
+      for (int64_t kt = 0; kt < p.Kpad; kt += i8::kTile)
+        std::memcpy(dst + i8::a_obj(r, kt, p.Kpad) + i8::scale_in_obj(r), &scale, sizeof scale);
+    }
+    a.to_device(bytes, 0);
+  }
+
+  // An int8 weight (QuantizedB: 16-column panels) -> the i8_f32 layout, once; pad columns zero with scale 0.
+  std::shared_ptr<DeviceWeight> upload_int8(std::shared_ptr<const PackedB> b, Shape* shape) {
+    const QuantizedB& qb = *b->int8;
+    const PaddedShape& p = b->shape;
+    if (qb.K != p.K || qb.N != p.N || static_cast<int64_t>(qb.scale.size()) < qb.N)
+      throw BackendFault("upload", "int8 weight does not match its padded shape");
+    const size_t bytes = i8::b_bytes(p.Kpad, p.Npad);
+    (void)bytes_of(p.Kpad, p.Npad, 2);
+    auto buffer = at_step("upload", [&] {
+      auto buf = shape->kernel->alloc(BufferKind::b, bytes);
+      if (buf->size() < bytes) throw std::runtime_error("device buffer for B is smaller than requested");
+      auto* dst = static_cast<unsigned char*>(buf->map());
+      std::memset(dst, 0, bytes);
+      for (int64_t n = 0; n < p.N; ++n) {
+        const int8_t* panel = qb.q.data() + (n / 16) * qb.Kpad * 16 + (n % 16) * 4;
+        for (int64_t k = 0; k < p.K; ++k)
+          dst[i8::b_obj(k, n, p.Kpad) + i8::b_in_tile(k, n)] = static_cast<unsigned char>(panel[(k / 4) * 64 + k % 4]);
+        for (int64_t kt = 0; kt < p.Kpad; kt += i8::kTile)
+          std::memcpy(dst + i8::b_obj(kt, n, p.Kpad) + i8::scale_in_obj(n), &qb.scale[n], sizeof(float));
+      }
+      buf->to_device(bytes, 0);
+      return buf;
+    });
+    return std::make_shared<NpuWeight>(std::move(b), shape, std::move(buffer));
   }
 
   static void plant_canary(DeviceBuffer& c, int64_t elements) {
@@ -517,7 +603,8 @@ class NpuBackend final : public Backend {
   std::unique_ptr<NpuDevice> device_;
   Manifest manifest_;
   NpuBackendOptions options_;
-  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<Shape>> shapes_;  // by (Kpad, Npad)
+  ShapeMap shapes_;       // bf16_f32 / f32_f32 kernels by (Kpad, Npad)
+  ShapeMap int8_shapes_;  // i8_f32 kernels by (Kpad, Npad)
   mutable std::mutex load_mu_;
   std::map<std::string, std::unique_ptr<LoadedKernel>> contexts_;  // by xclbin path: one hardware context each
   std::vector<std::unique_ptr<Staging>> quarantine_;
