@@ -9,7 +9,8 @@ for the case's shapes and the cost model off, so that every product the EP sends
 Placement is proven twice for every case: which nodes ORT assigned to the EP (its assignment info), and where
 each product ran (the EP's run-time report: device calls, CPU calls by reason; never a fault, and on the fake
 device never a shape it lacked), and in which precision (int8 keeps a run-time B in bf16; the fake device, like
-the xrt backend, declines int8 and bf16x3, whose products then run on the CPU fallback in their own precision).
+the xrt backend, runs int8 where an i8_f32 kernel exists and declines bf16x3, whose products then run on the CPU
+fallback in bf16x3).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from onnx import TensorProto, helper
 
 from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, rng, tensor, xdna_session
 from numerics import TINY, assert_within, int8_nan_rule, precision_bound
-from test_xrt_backend import write_kernel_dir
+from test_xrt_int8 import write_kernel_dir as write_kernel_dir_int8
 
 DISABLE_ALL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 PRECISIONS = ["bf16", "int8", "bf16x3"]
@@ -342,9 +343,11 @@ def round_up(v, m):
 
 @pytest.fixture(scope="module")
 def fake_kernel_dir(tmp_path_factory):
-    """Kernels "built" for every (K, N) of the cases: one manifest, so one fake NPU backend serves them all."""
+    """Kernels "built" for every (K, N) of the cases, bf16 and int8 (i8_f32): one manifest, so one fake NPU backend
+    serves them all."""
     shapes = sorted({(round_up(k, 64), round_up(n, 256)) for case in CASES for k, n in case.gemms if k > 0 and n > 0})
-    return write_kernel_dir(tmp_path_factory.mktemp("kernels"), [(k, n, 256) for k, n in shapes])
+    kernels = [(k, n, 256) for k, n in shapes]
+    return write_kernel_dir_int8(tmp_path_factory.mktemp("kernels"), bf16=kernels, int8=kernels)
 
 
 @pytest.fixture(params=["emulator", "npu-fake"])
@@ -354,6 +357,8 @@ def backend_options(request, monkeypatch):
     monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
     monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")  # tiny shapes would otherwise be kept on the CPU path
     monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    # one xclbin per (dtype, K) over all cases: more than Phoenix's 6 contexts, which test_xrt_backend covers
+    monkeypatch.setenv("XDNA_XRT_MAX_CONTEXTS", "64")
     return {"backend": "xrt", "kernel_dir": str(request.getfixturevalue("fake_kernel_dir"))}
 
 
@@ -410,7 +415,7 @@ def test_case_on_backend(case, backend_options, precision, tmp_path):
     device_calls = sum(e["device_calls"] for e in executed)
     by_reason = {k: sum(e["cpu_calls_by_reason"][k] for e in executed) for k in ("not_for_device", "unpacked", "fault")}
     assert by_reason["fault"] == 0, executed
-    declined = options["backend"] == "xrt" and effective != "bf16"  # the device has no int8 / bf16x3 kernels
+    declined = options["backend"] == "xrt" and effective == "bf16x3"  # the device has no bf16x3 kernels
     if declined:
         assert device_calls == 0 and by_reason["unpacked"] == 0, executed
         if case.to_device or (case.runtime_b and case.gemms):  # (zero-size cases compute no product)
