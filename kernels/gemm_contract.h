@@ -18,7 +18,8 @@
 // Precision modes beyond bf16 (issue 13): a node's precision is chosen at claim time (ops/precision_policy.h, the
 // `precision` and `precision_policy` provider options), packing makes its constant B in that precision
 // (packing.h) and a backend runs it or declines it (Backend::supports): the emulator runs all three
-// (emulator.h: emulator_gemm_int8, emulator_gemm_bf16x3), the xrt backend bf16 only so far.
+// (emulator.h: emulator_gemm_int8, emulator_gemm_bf16x3), the xrt backend bf16, and int8 where i8_f32 kernels
+// were built (kernels/aie/gemm_int8_design.py; A quantised on the host with the emulator's quantize_row_int8).
 //   int8 (A8W8):
 //     * B (a constant weight) is quantised once at Compile, symmetric per output channel n:
 //         sb_n = max_k |B[k][n]| / 127,  qb = rne(B / sb_n) in [-127, 127]  (sb_n = 0: the column is all zero).

@@ -19,8 +19,9 @@ NAMED = {
 }
 # The default of --precision (xdna transcribe, serve, batch): the fastest policy within 0.5 WER points of fp32 on
 # the real-speech set, measured (benchmarks/whisper.py --section precision; benchmarks/README.md "Precision
-# policies"): int8 on the emulator, same WER as fp32 and the least CPU time. On an NPU (backend xrt) it is bf16,
-# because the xrt backend does not dispatch int8 kernels yet: int8 there would keep the NPU idle. The Python API's
+# policies"): int8 on the emulator, same WER as fp32 and the least CPU time. On an NPU (backend xrt) it stays bf16:
+# the xrt backend runs int8 only where i8_f32 kernels were built (not by the default build) and int8 on the NPU is
+# unmeasured on silicon; without those kernels int8 would keep the NPU idle. The Python API's
 # precision=None keeps the EP's bf16.
 DEFAULT = "auto"
 
