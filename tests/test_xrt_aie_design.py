@@ -767,3 +767,52 @@ def test_int8_build_plan_and_dry_run():
                           "--dtype", "i8_f32", "--dry-run"], capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert "4 kernel(s) for 2 shape(s); 2 xclbin(s)" in dry.stdout and "m_rows= 1536 i8_f32" in dry.stdout
+
+
+def test_int8_build_writes_a_manifest_whose_kernels_run_int8_on_the_fake_device(tmp_path, monkeypatch):
+    """build() for i8_f32 with the toolchain stubbed: gemm_int8.cc is the Peano source, one xclbin per K, entries of
+    dtype i8_f32; the manifest loads and the xrt backend runs int8 weights on them (fake device) with the emulator's
+    int8 bits."""
+    import build_kernels
+
+    compiled = []
+
+    def fake_run(cmd, cwd, log):
+        if "-o" in cmd:  # Peano
+            compiled.append(Path(cmd[cmd.index("-o") - 1]).name)
+            Path(cmd[cmd.index("-o") + 1]).write_bytes(b"obj")
+            return
+        k, n, m = (int(x[1:]) for x in Path(cwd).name.split("_")[-3:])  # gemm_i8_f32_k{K}_n{N}_m{M}
+        assert (Path(cwd) / "gemm_int8.o").exists()
+        nat.npu_fake_insts_i8(m, k, n).astype("<u4").tofile(Path(cwd) / "insts.bin")
+        if "--aie-generate-xclbin" in cmd:
+            Path(cwd, "final.xclbin").write_bytes(b"fake xclbin")
+
+    def recorded(M, K, N):
+        rec = iron_layer.Recorder()
+        design_i8.iron_program(M, K, N, rec)
+        return f"program K={K} kernels={[k.name for k in rec.kernels]}\naiex.runtime_sequence {{ M={M} N={N} }}"
+
+    monkeypatch.setattr(build_kernels, "run", fake_run)
+    monkeypatch.setattr(build_kernels.design_i8, "iron_module", recorded)
+    variants, skipped = build_kernels.plan({(512, 512), (128, 512)}, [256, 512], "i8_f32")
+    assert not skipped
+    tools = {"peano": "/p", "aie_api_include": "/i", "aiecc": "aiecc.py", "xclbinutil": "/x"}
+    result = build_kernels.build(variants, tmp_path / "out", tools, tmp_path / "work")
+    assert compiled == ["gemm_int8.cc"]
+    entries = result["kernels"]
+    assert len(entries) == 4 and {e["dtype"] for e in entries} == {"i8_f32"}
+    assert len({e["xclbin"] for e in entries}) == 2, "one xclbin per K"
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(result))
+    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
+    be = nat.npu_fake_backend(str(tmp_path / "out"))
+    assert be.supports("int8")[0] and not be.supports("bf16x3")[0]
+    rng = np.random.default_rng(12)
+    for M, K in ((700, 512), (3, 100)):
+        a, b = rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, 500)).astype(np.float32)
+        c = be.gemm(a, be.upload(nat.pack_b_in(b, "int8")))
+        np.testing.assert_array_equal(c, nat.emulator_gemm_int8(a, nat.quantize_b_int8(b)))
+    assert be.fake_stats()["runs"] >= 3
+    with pytest.raises(ValueError, match="one build per dtype family"):
+        build_kernels.build(variants + build_kernels.plan({(512, 512)}, [256], "bf16_f32")[0], tmp_path / "o2", tools,
+                            tmp_path / "w2")
