@@ -314,7 +314,7 @@ def test_backend_says_whether_an_int8_kernel_exists(tmp_path):
     manifest = json.loads((root / "manifest.json").read_text())
     (root / "gemm_i8_k512.xclbin").write_bytes(b"fake xclbin")
     (root / "gemm_i8.insts.bin").write_bytes(b"\0" * 16)
-    manifest["kernels"].append({"K": 512, "N": 2048, "m_rows": 1500, "dtype": "i8_f32",
+    manifest["kernels"].append({"K": 512, "N": 2048, "m_rows": 1536, "dtype": "i8_f32",
                                 "xclbin": "gemm_i8_k512.xclbin", "insts": "gemm_i8.insts.bin", "kernel": "MLIR_AIE"})
     (root / "manifest.json").write_text(json.dumps(manifest))
     be = nat.npu_fake_backend(str(root))

@@ -111,3 +111,14 @@ def test_int8_injected_fault_maps_to_step(int8_dir, fail_at, step):
         w = be.upload(nat.pack_b_in(rand((512, 512), 8), "int8"))
         be.gemm(rand((300, 512), 9), w)
     assert e.value.step == step, str(e.value)
+
+
+def test_int8_kernels_of_a_height_the_layout_cannot_hold_are_skipped(tmp_path):
+    """i8_f32 heights are whole 256-row blocks (the A layout): a manifest entry of another height is skipped with the
+    reason, never run (its A buffer would be smaller than the rows staged into it)."""
+    root = write_kernel_dir(tmp_path / "k", bf16=[(512, 512, 256)], int8=[(512, 512, 256)])
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["kernels"][-1]["m_rows"] = 300
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    be = nat.npu_fake_backend(str(root))
+    assert not be.supports("int8")[0]
