@@ -12,10 +12,16 @@
 
 namespace xdna::kernels {
 
-// B in the contract's packed bf16 layout, in host memory.
+// B in the contract's packed bf16 layout, in host memory: owned (`data`, packed here) or held elsewhere (`external`:
+// Kpad * Npad values inside a memory-mapped EPContext payload, ep_plugin/ep_context.h, kept alive by `keep_alive`),
+// so that a compiled model's weights are used where they lie instead of being copied.
 struct PackedB {
   PaddedShape shape{};  // M fields unused
   std::vector<uint16_t> data;
+  const uint16_t* external = nullptr;
+  std::shared_ptr<const void> keep_alive;
+  const uint16_t* bits() const { return external ? external : data.data(); }
+  size_t size() const { return external ? static_cast<size_t>(shape.Kpad * shape.Npad) : data.size(); }
 };
 
 // Packs B[k][n] = src[k * stride_k + n * stride_n] (strides in elements, so transB is stride_k=1, stride_n=K).
