@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "ort_api.h"
 
@@ -201,8 +202,9 @@ void write_identity(Writer& w, const ContextIdentity& id) {
   w.str(id.precision);
 }
 
-// Checks the header and both checksums; returns a reader positioned at the identity and the data offset.
-Reader open_payload(const PayloadBytes& b, const std::string& where, size_t* data_offset) {
+// Checks the header; returns a reader positioned at the identity, the data offset and the checksums.
+Reader open_payload(const PayloadBytes& b, const std::string& where, size_t* data_offset,
+                    std::pair<uint64_t, uint64_t>* checksums) {
   Reader r(b.data, b.size, where);
   if (b.size < sizeof kMagic || std::memcmp(b.data, kMagic, sizeof kMagic) != 0)
     throw OrtError(ORT_INVALID_GRAPH, where + ": not an XDNAExecutionProvider EPContext payload (bad magic)");
@@ -221,10 +223,14 @@ Reader open_payload(const PayloadBytes& b, const std::string& where, size_t* dat
     r.fail("payload of " + std::to_string(b.size) + " bytes, its header says " + std::to_string(total) +
            " (truncated or padded)");
   if (data < kHeaderSize || data > total || data % kDataAlignment) r.fail("bad data offset");
-  if (checksum(b.data + kHeaderSize, data - kHeaderSize) != meta_sum) r.fail("metadata checksum mismatch");
-  if (checksum(b.data + data, total - data) != data_sum) r.fail("weight data checksum mismatch");
   *data_offset = data;
+  *checksums = {meta_sum, data_sum};
   return r;
+}
+
+void verify_checksums(const Reader& r, const PayloadBytes& b, size_t data_offset, std::pair<uint64_t, uint64_t> sums) {
+  if (checksum(b.data + kHeaderSize, data_offset - kHeaderSize) != sums.first) r.fail("metadata checksum mismatch");
+  if (checksum(b.data + data_offset, b.size - data_offset) != sums.second) r.fail("weight data checksum mismatch");
 }
 
 ContextIdentity read_identity(Reader& r) {
@@ -317,15 +323,18 @@ std::string write_context(const ContextIdentity& id, const std::vector<CompiledN
 
 ContextIdentity read_identity(const PayloadBytes& bytes, const std::string& where) {
   size_t data_offset = 0;
-  Reader r = open_payload(bytes, where, &data_offset);
+  std::pair<uint64_t, uint64_t> sums;
+  Reader r = open_payload(bytes, where, &data_offset, &sums);
   return read_identity(r);
 }
 
 std::vector<CompiledNode> read_context(const PayloadBytes& bytes, const ContextIdentity& expected,
                                        const std::string& where) {
   size_t data_offset = 0;
-  Reader r = open_payload(bytes, where, &data_offset);
-  const ContextIdentity id = read_identity(r);
+  std::pair<uint64_t, uint64_t> sums;
+  Reader r = open_payload(bytes, where, &data_offset, &sums);
+  const ContextIdentity id = read_identity(r);  // bounds-checked reads: compared before the checksums, so that a
+                                               // payload of another version is named as such
   std::string differs;
   auto compare = [&](const char* what, const std::string& have, const std::string& want) {
     if (have != want)
@@ -338,6 +347,7 @@ std::vector<CompiledNode> read_context(const PayloadBytes& bytes, const ContextI
   if (!differs.empty())
     throw OrtError(ORT_INVALID_GRAPH, where + ": compiled for another configuration: " + differs +
                                           ". Compile the model again (xdna compile) for this one.");
+  verify_checksums(r, bytes, data_offset, sums);
   const uint32_t count = r.pod<uint32_t>("node count");
   if (count == 0) r.fail("no nodes");
   std::vector<CompiledNode> nodes;
@@ -365,7 +375,7 @@ std::vector<CompiledNode> read_context(const PayloadBytes& bytes, const ContextI
     check_weights(r, n.plan, n.weights);
     nodes.push_back(std::move(n));
   }
-  if (r.pos() + kHeaderSize > data_offset) r.fail("metadata overlaps the weight data");
+  if (r.pos() > data_offset) r.fail("metadata overlaps the weight data");
   return nodes;
 }
 

@@ -1,0 +1,138 @@
+"""Compiled models: ORT's compile API with the XDNA EP selected, and a cache of compiled models.
+
+A compiled model replaces each group of nodes the EP claims by one `EPContext` node holding the group's plans and
+packed bf16 weights (ep_plugin/ep_context.h), so that a session starts without reading or packing the fp32 weights.
+The payload lies in a side file next to the compiled model (memory-mapped at load), or inside it with `embed=True`.
+A compiled model is tied to the EP version, its GEMM contract, the backend and the precision it was compiled for:
+the EP refuses any other, naming what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+# Everything a compiled model depends on besides the model itself (the EP checks the same at load).
+PRECISION = "bf16"
+
+
+def _xdna_session_options(options: dict | None, so=None):
+    import onnxruntime as ort
+
+    from . import EP_NAME, register, session_options
+
+    register()
+    so = session_options(so)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    if not devices:
+        raise RuntimeError(f"{EP_NAME} offers no device to compile for")
+    so.add_provider_for_devices(devices, {k: str(v) for k, v in (options or {}).items()})
+    return so
+
+
+def compile_model(model: str | os.PathLike | bytes, output: str | os.PathLike, *, embed: bool = False,
+                  options: dict | None = None, so=None) -> Path:
+    """Compiles `model` (a path or ONNX bytes) for the XDNA EP into `output` with ORT's compile API.
+
+    `embed=False` (ORT's default) writes each EPContext payload to a side file next to `output`
+    (`<output stem>_<partition>.xdnactx`); `embed=True` puts it inside the model (one file, read into memory at
+    load). `options`: the EP's provider options (e.g. {"backend": "emulator"}). Returns `output`.
+    """
+    import onnxruntime as ort
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    so = _xdna_session_options(options, so)  # ORT sets ep.context_file_path (side files are named from it)
+    source = model if isinstance(model, bytes) else str(model)
+    compiler = ort.ModelCompiler(so, source, embed_compiled_data_into_model=embed)
+    compiler.compile_to_file(str(output))
+    return output
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    # Models with external data: the data files next to it count too.
+    return h.hexdigest()[:24]
+
+
+def _model_hash(path: Path) -> str:
+    import onnx
+
+    h = hashlib.sha256(_file_hash(path).encode())
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+        locations = sorted({e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"})
+    except Exception:  # noqa: BLE001 - an unreadable model fails later, in the session that loads it
+        locations = []
+    for loc in locations:
+        data = path.parent / loc
+        if data.is_file():
+            h.update(_file_hash(data).encode())
+    return h.hexdigest()[:24]
+
+
+def compiled_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where compiled models are cached: <the project's cache (XDNA_CACHE_DIR ...)>/compiled."""
+    from .whisper.model import cache_root
+
+    return cache_root(cache_dir) / "compiled"
+
+
+def cache_key(model: Path, backend: str) -> str:
+    """Model content, EP version, backend and precision: what a cached compiled model is valid for."""
+    from . import __version__
+
+    return f"{_model_hash(model)}-ep{__version__}-{backend}-{PRECISION}"
+
+
+def cached_compile(model: str | os.PathLike, backend: str, *, cache_dir: str | os.PathLike | None = None,
+                   options: dict | None = None, log=lambda m: None) -> tuple[Path, bool]:
+    """The compiled form of `model` from the cache, compiled into it first if absent. Returns (path, compiled now).
+
+    Concurrent processes (xdna batch workers, the server) may compile the same model at once: each compiles into
+    its own temporary directory and renames it into place; the first rename wins, the others discard their copy.
+    """
+    model = Path(model)
+    entry = compiled_cache_root(cache_dir) / cache_key(model, backend)
+    target = entry / (model.stem + "_ctx.onnx")
+    if target.is_file():
+        return target, False
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    try:
+        t0 = time.perf_counter()
+        compile_model(model, tmp / target.name, options={**(options or {}), "backend": backend})
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not target.is_file():  # not another process's finished entry: a stale or broken one
+                shutil.rmtree(entry, ignore_errors=True)
+                os.rename(tmp, entry)
+        log(f"compiled {model.name} for the XDNA EP ({backend}) in {time.perf_counter() - t0:.1f} s: {entry}")
+        return target, True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discard_cached(compiled: Path) -> None:
+    """Removes one cache entry (e.g. after it failed to load)."""
+    shutil.rmtree(Path(compiled).parent, ignore_errors=True)
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+    """Removes every cached compiled model. Returns (entries, bytes) removed."""
+    root = compiled_cache_root(cache_dir)
+    entries = size = 0
+    if root.is_dir():
+        for entry in root.iterdir():
+            size += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else 0
+            entries += 1
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    return entries, size
