@@ -110,8 +110,10 @@ std::string stem_of(const std::string& file) {
   return dot == std::string::npos || dot == 0 ? file : file.substr(0, dot);
 }
 
-// A fused node's name as part of a file name.
-std::string file_safe(const std::string& name) {
+// A fused node's name as part of a file name, without ORT's "<EP name>_" prefixes.
+std::string file_safe(std::string name) {
+  const std::string prefix = std::string(kEpName) + "_";
+  for (size_t at; (at = name.find(prefix)) != std::string::npos;) name.erase(at, prefix.size());
   std::string out;
   for (char c : name) out += std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' ? c : '_';
   return out;

@@ -41,6 +41,10 @@ def compile_model(model: str | os.PathLike | bytes, output: str | os.PathLike, *
     `embed=False` (ORT's default) writes each EPContext payload to a side file next to `output`
     (`<output stem>_<partition>.xdnactx`); `embed=True` puts it inside the model (one file, read into memory at
     load). `options`: the EP's provider options (e.g. {"backend": "emulator"}). Returns `output`.
+
+    ORT's basic graph optimizations run first (constant folding, identity elimination: portable, unlike the
+    extended/layout ones), so that the EP claims what a session with optimizations would (a Conv whose bias comes
+    through an Identity, as in optimum's Whisper encoder, is claimable only then).
     """
     import onnxruntime as ort
 
@@ -48,7 +52,8 @@ def compile_model(model: str | os.PathLike | bytes, output: str | os.PathLike, *
     output.parent.mkdir(parents=True, exist_ok=True)
     so = _xdna_session_options(options, so)  # ORT sets ep.context_file_path (side files are named from it)
     source = model if isinstance(model, bytes) else str(model)
-    compiler = ort.ModelCompiler(so, source, embed_compiled_data_into_model=embed)
+    compiler = ort.ModelCompiler(so, source, embed_compiled_data_into_model=embed,
+                                 graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     compiler.compile_to_file(str(output))
     return output
 
@@ -76,6 +81,22 @@ def _model_hash(path: Path) -> str:
         if data.is_file():
             h.update(_file_hash(data).encode())
     return h.hexdigest()[:24]
+
+
+def backend_name(options: dict | None = None) -> str:
+    """The backend the XDNA EP uses with `options` (its "backend" option, else what the EP's device reports)."""
+    import onnxruntime as ort
+
+    from . import EP_NAME, register
+
+    chosen = (options or {}).get("backend", "auto")
+    if chosen != "auto":
+        return chosen
+    register()
+    for d in ort.get_ep_devices():
+        if d.ep_name == EP_NAME:
+            return d.ep_metadata.get("backend", "auto")
+    return "auto"
 
 
 def compiled_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
