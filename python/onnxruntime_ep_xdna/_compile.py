@@ -63,24 +63,44 @@ def _file_hash(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    # Models with external data: the data files next to it count too.
     return h.hexdigest()[:24]
 
 
-def _model_hash(path: Path) -> str:
-    import onnx
+def _model_files(path: Path) -> list[Path]:
+    """The model file and its external-data files (named by the ONNX convention <model>.onnx_data / .data)."""
+    extra = [p for p in (path.with_name(path.name + "_data"), path.with_name(path.name + ".data"),
+                         path.with_suffix(".onnx_data")) if p.is_file()]
+    return [path] + sorted(set(extra))
 
-    h = hashlib.sha256(_file_hash(path).encode())
+
+def _model_hash(path: Path, cache: Path) -> str:
+    """Content hash of the model and its data files, remembered per (path, size, mtime) in `cache`/hashes.json so
+    that a later start does not read hundreds of MB to find its cache entry."""
+    import json
+
+    files = _model_files(path)
+    stamp = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    index = cache / "hashes.json"
     try:
-        m = onnx.load(str(path), load_external_data=False)
-        locations = sorted({e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"})
-    except Exception:  # noqa: BLE001 - an unreadable model fails later, in the session that loads it
-        locations = []
-    for loc in locations:
-        data = path.parent / loc
-        if data.is_file():
-            h.update(_file_hash(data).encode())
-    return h.hexdigest()[:24]
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if stamp in known:
+        return known[stamp]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(_file_hash(f).encode())
+    digest = h.hexdigest()[:24]
+    known[stamp] = digest
+    try:  # best effort, atomic: a lost update only costs a later process one more hash
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache)
+        with os.fdopen(fd, "w") as out:
+            json.dump(known, out)
+        os.replace(tmp, index)
+    except OSError:
+        pass
+    return digest
 
 
 def backend_name(options: dict | None = None) -> str:
@@ -106,11 +126,11 @@ def compiled_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return cache_root(cache_dir) / "compiled"
 
 
-def cache_key(model: Path, backend: str) -> str:
+def cache_key(model: Path, backend: str, cache: Path) -> str:
     """Model content, EP version, backend and precision: what a cached compiled model is valid for."""
     from . import __version__
 
-    return f"{_model_hash(model)}-ep{__version__}-{backend}-{PRECISION}"
+    return f"{_model_hash(model, cache)}-ep{__version__}-{backend}-{PRECISION}"
 
 
 def cached_compile(model: str | os.PathLike, backend: str, *, cache_dir: str | os.PathLike | None = None,
@@ -121,7 +141,8 @@ def cached_compile(model: str | os.PathLike, backend: str, *, cache_dir: str | o
     its own temporary directory and renames it into place; the first rename wins, the others discard their copy.
     """
     model = Path(model)
-    entry = compiled_cache_root(cache_dir) / cache_key(model, backend)
+    root = compiled_cache_root(cache_dir)
+    entry = root / cache_key(model, backend, root)
     target = entry / (model.stem + "_ctx.onnx")
     if target.is_file():
         return target, False
@@ -153,7 +174,10 @@ def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
     entries = size = 0
     if root.is_dir():
         for entry in root.iterdir():
-            size += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else 0
-            entries += 1
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.is_dir():
+                size += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                entries += not entry.name.startswith(".tmp")
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)  # hashes.json
     return entries, size
