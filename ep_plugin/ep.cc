@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <climits>
 #include <cstdio>
@@ -411,7 +412,7 @@ std::vector<CompiledNode> XdnaEp::load_context(const OrtGraph* graph, const OrtN
                          "', next to the compiled model, but the session was created from model bytes: set the "
                          "session config entry ep.context_file_path to the compiled model's path");
     const std::string path = side_file_path(dir_of(model), relative, where);
-    bytes = map_file(path);
+    bytes = map_file(path, where);
     source = "side file '" + path + "' (memory-mapped)";
   }
   auto nodes = read_context(bytes, identity(), where);

@@ -379,25 +379,25 @@ std::vector<CompiledNode> read_context(const PayloadBytes& bytes, const ContextI
   return nodes;
 }
 
-PayloadBytes map_file(const std::string& path) {
+PayloadBytes map_file(const std::string& path, const std::string& where) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0)
-    throw OrtError(ORT_NO_SUCHFILE, "EPContext side file '" + path + "' cannot be opened: " + std::strerror(errno));
+    throw OrtError(ORT_NO_SUCHFILE, where + ": EPContext side file '" + path + "' cannot be opened: " + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw OrtError(ORT_NO_SUCHFILE, "EPContext side file '" + path + "' is not a regular file");
+    throw OrtError(ORT_NO_SUCHFILE, where + ": EPContext side file '" + path + "' is not a regular file");
   }
   PayloadBytes b;
   b.size = static_cast<size_t>(st.st_size);
   if (b.size == 0) {
     ::close(fd);
-    throw OrtError(ORT_INVALID_GRAPH, "EPContext side file '" + path + "' is empty");
+    throw OrtError(ORT_INVALID_GRAPH, where + ": EPContext side file '" + path + "' is empty");
   }
   void* p = ::mmap(nullptr, b.size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);  // the mapping keeps the file
   if (p == MAP_FAILED)
-    throw OrtError(ORT_EP_FAIL, "EPContext side file '" + path + "' cannot be mapped: " + std::strerror(errno));
+    throw OrtError(ORT_EP_FAIL, where + ": EPContext side file '" + path + "' cannot be mapped: " + std::strerror(errno));
   const size_t size = b.size;
   b.data = static_cast<const uint8_t*>(p);
   b.owner = std::shared_ptr<const void>(p, [size](const void* q) { ::munmap(const_cast<void*>(q), size); });

@@ -64,8 +64,9 @@ std::vector<CompiledNode> read_context(const PayloadBytes& bytes, const ContextI
 // The identity stored in a payload (for messages and the compatibility check), read without the nodes.
 ContextIdentity read_identity(const PayloadBytes& bytes, const std::string& where);
 
-// A side file mapped read-only (throws OrtError when it cannot be opened or mapped).
-PayloadBytes map_file(const std::string& path);
+// A side file mapped read-only (throws OrtError, its message starting with `where`, when it cannot be opened or
+// mapped).
+PayloadBytes map_file(const std::string& path, const std::string& where);
 // An aligned buffer of `size` bytes for a payload (filled by the caller).
 PayloadBytes allocate_payload(size_t size);
 
