@@ -7,6 +7,8 @@ Everything here runs on the CPU; no figure is an NPU figure. For each shape M x 
               (kernel level only: the EP cannot select them yet);
   * XDNA EP:  the same one-node model with providers=[XDNAExecutionProvider, CPUExecutionProvider], if the
               package's EP can be registered (it runs the emulator backend when there is no NPU).
+Shapes: whisper-base encoder GEMMs, the decoder's GEMVs and few-row GEMMs (M = beams), and (full run, EP only)
+MatMuls with both operands at run time as in decoder self-attention.
 Runners take turns in two blocks each so background load hits all alike; medians are printed.
 
     python3 benchmarks/gemm.py            # full run
@@ -36,8 +38,18 @@ SHAPES = [  # (M, K, N, what)
     (1, 512, 51865, "decoder logits GEMV"),
     (1, 512, 512, "decoder GEMV"),
     (5, 512, 2048, "decoder, 5 beams"),
+    # Few rows (issue 7: the beams of beam search are M), whisper-base decoder shapes.
+    (5, 512, 512, "decoder q/k/v/o, 5 beams"),
+    (5, 2048, 512, "decoder fc2, 5 beams"),
+    (5, 512, 51865, "decoder logits, 5 beams"),
+    (16, 512, 512, "decoder q/k/v/o, 16 rows"),
+    (16, 512, 2048, "decoder fc1, 16 rows"),
+    (16, 2048, 512, "decoder fc2, 16 rows"),
 ]
-QUICK_SHAPES = [SHAPES[0], SHAPES[5], SHAPES[6]]
+QUICK_SHAPES = [SHAPES[0], SHAPES[5], SHAPES[6], SHAPES[7]]
+# Run-time B (decoder self-attention with 5 beams x 8 heads: one query row against the cache): batch, M, K, N.
+RUNTIME_B_SHAPES = [(40, 1, 64, 448, "attention scores q.K^T, 5 beams x 8 heads"),
+                    (40, 1, 448, 64, "attention values p.V, 5 beams x 8 heads")]
 
 
 def machine_line():
@@ -54,7 +66,8 @@ def machine_line():
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
-        isa = [name for name in ("avx512_bf16", "avx512f", "avx2", "amx_bf16") if f" {name}" in text]
+        isa = [name for name in ("avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2", "amx_bf16")
+               if f" {name}" in text]
         flags = ", ".join(isa)
     except OSError:
         pass
@@ -146,6 +159,40 @@ def bench_shape(m, k, n, reps, threads, use_xdna_ep, precisions=True):
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
+def runtime_b_model(batch, k, n):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm_runtime_b",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [batch, "M", k]),
+         helper.make_tensor_value_info("B", TensorProto.FLOAT, [batch, k, n])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [batch, "M", n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def bench_runtime_b(batch, m, k, n, reps, threads, use_xdna_ep):
+    """Both operands at run time: CPU EP vs XDNA EP (the EP reads B unpacked for few rows)."""
+    rng = np.random.default_rng(0)
+    feeds = {"A": rng.standard_normal((batch, m, k), dtype=np.float32),
+             "B": rng.standard_normal((batch, k, n), dtype=np.float32)}
+    model = runtime_b_model(batch, k, n)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    cpu = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    runners = {"cpu": lambda: cpu.run(None, feeds)}
+    if use_xdna_ep:
+        xdna = xdna_session(model)
+        runners["xdna"] = lambda: xdna.run(None, feeds)
+    times = {name: [] for name in runners}
+    for block in range(2):
+        for name, fn in runners.items():
+            time.sleep(0.05)
+            fn()
+            times[name] += [timed(fn) for _ in range((reps + 1) // 2)]
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 shapes, few repetitions")
@@ -165,7 +212,7 @@ def main():
 
     header = f"{'M x K x N':>18} {'GFLOP':>7} {'CPU EP':>9} {'emulator':>9} {'ratio':>6} {'emu GFLOPS':>10}"
     if not args.no_precisions:
-        header += f" {'int8':>9} {'bf16x3':>9}"
+        header += f" {'int8':>9} {'speedup':>7} {'bf16x3':>9} {'cost':>5}"
     if why_not is None:
         header += f" {'XDNA EP':>9} {'ratio':>6}"
     print(header + "   shape")
@@ -176,14 +223,22 @@ def main():
         line = (f"{f'{m}x{k}x{n}':>18} {gflop:7.3f} {ms['cpu']:9.3f} {ms['emu']:9.3f} "
                 f"{ms['cpu'] / ms['emu']:5.2f}x {gflop / ms['emu'] * 1e3:10.1f}")
         if "int8" in ms:
-            line += f" {ms['int8']:9.3f} {ms['x3']:9.3f}"
+            line += f" {ms['int8']:9.3f} {ms['emu'] / ms['int8']:6.2f}x {ms['x3']:9.3f} {ms['x3'] / ms['emu']:4.1f}x"
         if "xdna" in ms:
             line += f" {ms['xdna']:9.3f} {ms['cpu'] / ms['xdna']:5.2f}x"
         elif why_not is None:
             line += f" {'-':>9} {'-':>6}"
         print(line + f"   {what}", flush=True)
-    print("\nratio = CPU EP time / emulator time (>1: the emulator is faster). int8 / bf16x3: emulator ms in those")
-    print("precision modes. All on the CPU (a shared machine: other jobs' load is in every column alike).")
+    if why_not is None and not args.quick:
+        print()
+        print(f"{'run-time B: batch x M x K x N':>30} {'CPU EP':>9} {'XDNA EP':>9} {'ratio':>6}   shape")
+        for batch, m, k, n, what in RUNTIME_B_SHAPES:
+            ms = bench_runtime_b(batch, m, k, n, args.reps or 200, args.threads, True)
+            print(f"{f'{batch}x{m}x{k}x{n}':>30} {ms['cpu']:9.3f} {ms['xdna']:9.3f} {ms['cpu'] / ms['xdna']:5.2f}x   {what}",
+                  flush=True)
+    print("\nratio = CPU EP time / emulator (or XDNA EP) time (>1: faster than the CPU EP). int8 / bf16x3: emulator ms")
+    print("in those precision modes; speedup = bf16 time / int8 time, cost = bf16x3 time / bf16 time. All on the CPU")
+    print("(a shared machine: other jobs' load is in every column alike; compare within a run).")
 
 
 if __name__ == "__main__":

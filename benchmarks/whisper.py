@@ -18,6 +18,13 @@ background load hits all alike. Times are medians of the transcription call alon
     python3 benchmarks/whisper.py --quick            # 1 timed run, no long-form clip
     python3 benchmarks/whisper.py --json out.json --chart rtf.png
     python3 benchmarks/whisper.py --section vad-words  # only VAD and word timestamps (issue 8), ~5 min
+    python3 benchmarks/whisper.py --section precision  # precision policies of the XDNA EP vs fp32 (issue 13)
+
+Section precision: `xdna transcribe` on the XDNA EP under each precision policy (bf16, int8, the mixed ones,
+bf16x3) against the CPU EP (fp32), one policy loaded at a time: WER (transcribe defaults, beam 5) on the 11
+utterances, the 29 s clip and the long clip, and greedy on the 29 s clip: wall time and process CPU time (medians;
+CPU time is less sensitive to other processes on a shared machine), the encoder's time per window and the time
+per decoder step, from the transcription's own timings.
 
 Section vad-words: (1) a ~2 min clip of the real utterances separated by long digital silences and stretches of
 synthesised noise (white noise, a hum + harmonics, babble-like filtered noise), transcribed by `xdna transcribe`
@@ -316,6 +323,83 @@ def vad_words_section(model_dir, samples, results):
                   f"{c['max_abs_error_s']:.3f}; {matched}/{len(reference)} words matched", flush=True)
 
 
+PRECISION_POLICIES = ["fp32 (CPU EP)", "bf16", "int8", "mixed", "mixed-conv", "bf16x3"]
+
+
+def precision_section(model_dir, samples, runs, policies, include_long):
+    """{policy: {...}} (see the module doc), printed as one table and returned for --json."""
+    import gc
+
+    from onnxruntime_ep_xdna._precision import describe
+
+    clips, utterances = build_clips(samples, include_long=include_long)
+    clip30 = next(c for c, (_, _, key) in clips.items() if key == "30s")
+    results = {}
+    for policy in policies:
+        cpu = policy.startswith("fp32")
+        print(f"precision {policy}: loading ...", flush=True)
+        t = time.perf_counter()
+        w = load_model(model_dir, provider="cpu" if cpu else "xdna", precision=None if cpu else policy)
+        r = {"rules": "" if cpu else describe(policy), "load_s": time.perf_counter() - t, "clips": {}}
+        # WER with the transcribe defaults (beam 5): the 11 utterances one by one, then the clips
+        t = time.perf_counter()
+        texts = [transcribe_all(a, w, language="en").text for a, _ in utterances]
+        r["utts_s"] = time.perf_counter() - t
+        r["utts_texts"] = texts
+        r["wer_utts"] = total_wer([(ref, h) for (_, ref), h in zip(utterances, texts)])
+        for clip, (audio, ref, _) in clips.items():
+            text = transcribe_all(audio, w, language="en").text
+            r["clips"][clip] = {"text": text, "wer": total_wer([(ref, text)])}
+        # greedy on the 29 s clip: warm-up, then `runs` timed runs
+        audio = clips[clip30][0]
+        transcribe_all(audio, w, language="en", beam_size=1)
+        walls, cpus, enc, step = [], [], [], []
+        for _ in range(runs):
+            time.sleep(0.2)
+            c0, t0 = time.process_time(), time.perf_counter()
+            res = transcribe_all(audio, w, language="en", beam_size=1)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            enc.append(res.timings.get("encoder_s", 0.0))
+            n = res.timings.get("decoder_steps", 0)
+            step.append(res.timings.get("decoder_steps_s", 0.0) / n if n else float("nan"))
+        r.update(greedy_wall_s=statistics.median(walls), greedy_cpu_s=statistics.median(cpus),
+                 encoder_s=statistics.median(enc), step_ms=1e3 * statistics.median(step),
+                 greedy_wer=total_wer([(clips[clip30][1], res.text)]))
+        results[policy] = r
+        print(f"  {policy}: WER 11 utts {100 * r['wer_utts']:.1f}%, greedy {r['greedy_wall_s']:.2f} s wall, "
+              f"{r['greedy_cpu_s']:.2f} s CPU, step {r['step_ms']:.1f} ms", flush=True)
+        del w
+        from onnxruntime_ep_xdna.whisper import onnx_model
+
+        onnx_model._MODEL_CACHE.clear()  # one policy's sessions in memory at a time
+        gc.collect()
+    base = results.get(policies[0])
+    print()
+    print(f"Precision policies, greedy timings on the {clip30} clip: median of {runs} run(s) after a warm-up; "
+          "WER with the transcribe defaults (beam 5); 'vs fp32' = WER points above the first row.")
+    clip_names = list(clips)
+    print("| policy | greedy wall s | greedy CPU s | encoder s/window | decoder step ms | "
+          + " | ".join(f"WER {c}" for c in clip_names) + " | WER 11 utts | vs fp32 (11 utts) |")
+    print("|---" * (7 + len(clip_names)) + "|")
+    for policy, r in results.items():
+        delta = "" if base is None else f"{100 * (r['wer_utts'] - base['wer_utts']):+.1f}"
+        print(f"| {policy} | {r['greedy_wall_s']:.2f} | {r['greedy_cpu_s']:.2f} | {r['encoder_s']:.2f} | "
+              f"{r['step_ms']:.1f} | " + " | ".join(f"{100 * r['clips'][c]['wer']:.1f}%" for c in clip_names)
+              + f" | {100 * r['wer_utts']:.1f}% | {delta} |")
+    for policy, r in results.items():
+        if r["rules"] and r["rules"] != policy:
+            print(f"  {policy}: {r['rules']}")
+    if base is not None:
+        for policy, r in results.items():
+            diff = [i for i, (a, b) in enumerate(zip(r["utts_texts"], base["utts_texts"]))
+                    if normalize_text(a) != normalize_text(b)]
+            if diff and policy != policies[0]:
+                print(f"  {policy}: utterances transcribed differently from {policies[0]}: "
+                      + "; ".join(f"#{i}: {r['utts_texts'][i]!r}" for i in diff))
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 timed run, no long-form clip")
@@ -324,7 +408,9 @@ def main():
     parser.add_argument("--no-faster-whisper", action="store_true", help="skip the faster-whisper runner")
     parser.add_argument("--json", metavar="PATH", help="write all results (times, transcripts, WER) here")
     parser.add_argument("--chart", metavar="PATH.png", help="bar chart of RTF per clip and runner (matplotlib)")
-    parser.add_argument("--section", choices=("all", "decoding", "vad-words"), default="all",
+    parser.add_argument("--policies", default=",".join(PRECISION_POLICIES),
+                        help="--section precision: comma-separated policies (the first is the WER reference)")
+    parser.add_argument("--section", choices=("all", "decoding", "vad-words", "precision"), default="all",
                         help="decoding = the runners' comparison; vad-words = VAD and word timestamps (issue 8)")
     args = parser.parse_args()
     runs = 1 if args.quick else args.runs
@@ -336,6 +422,24 @@ def main():
     ort.set_default_logger_severity(3)  # "some nodes not assigned to the preferred EP" is expected (shape ops)
 
     model_dir = ensure_model(args.model)
+    if args.section == "precision":
+        xdna.register()
+        meta = next((dict(d.ep_metadata) for d in ort.get_ep_devices() if d.ep_name == xdna.EP_NAME), {})
+        print("Whisper precision policies (issue 13)")
+        print("machine:", machine_line())
+        print(f"XDNA EP backend: {meta.get('backend', '?')} ({meta.get('backend_device', '')})")
+        if meta.get("backend") != "xrt":
+            print("  -> no NPU: the XDNA EP ran every GEMM on the CPU emulator of the NPU kernel contract, in each "
+                  "policy's precision; all figures are CPU figures.")
+        print(f"model: {model_dir}; language en; load average at start {os.getloadavg()[0]:.1f}")
+        extra = {"machine": machine_line(), "xdna_backend": meta,
+                 "precision": precision_section(model_dir, fetch_speech_samples(), runs,
+                                                args.policies.split(","), include_long=not args.quick)}
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(extra, indent=1) + "\n")
+            print(f"json: {args.json}")
+        return
     if args.section == "vad-words":
         xdna.register()
         meta = next((dict(d.ep_metadata) for d in ort.get_ep_devices() if d.ep_name == xdna.EP_NAME), {})

@@ -13,10 +13,10 @@ constexpr const char* kReasonKeys[] = {"not_for_device", "unpacked", "fault"};
 
 }  // namespace
 
-Dispatcher::Dispatcher(std::string node_name, kernels::PackedWeights constant_b,
+Dispatcher::Dispatcher(std::string node_name, kernels::Precision precision, kernels::PackedWeights constant_b,
                        std::shared_ptr<kernels::Backend> primary, std::shared_ptr<kernels::Backend> cpu, Log log,
                        std::function<void(const std::string&)> report)
-    : node_(std::move(node_name)), primary_(std::move(primary)), cpu_(std::move(cpu)), log_(log),
+    : node_(std::move(node_name)), precision_(precision), primary_(std::move(primary)), cpu_(std::move(cpu)), log_(log),
       report_(std::move(report)), batch_shape_(std::move(constant_b.batch_shape)) {
   for (auto& m : constant_b.mats) weights_.push_back(make_weight(std::move(m)));
 }
@@ -36,10 +36,12 @@ Dispatcher::~Dispatcher() {
       by_reason += std::string(r ? ", " : "") + json_string(kReasonKeys[r]) + ": " + std::to_string(cpu_calls_[r].load());
     // work_ is a JSON array of integers (note_work)
     report_("{\"runtime\": true, \"node\": " + json_string(node_) + ", \"backend\": " + json_string(primary_->name()) +
+            ", \"precision\": " + json_string(kernels::precision_name(precision_)) +
             ", \"device_calls\": " + std::to_string(device_calls_.load()) + ", \"cpu_calls\": " +
             std::to_string(cpu_calls) + ", \"cpu_calls_by_reason\": {" + by_reason + "}, \"device_mflop\": " +
             json_number(device_flop_.load() / 1e6) + ", \"cpu_mflop\": " + json_number(cpu_flop / 1e6) +
-            (work_.empty() ? std::string() : ", \"work\": " + work_) + "}");
+            (work_.empty() ? std::string() : ", \"work\": " + work_) +
+            (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) + "}");
   } catch (...) {
   }
 }
@@ -47,7 +49,8 @@ Dispatcher::~Dispatcher() {
 Dispatcher::Weight Dispatcher::make_weight(std::shared_ptr<const kernels::PackedB> packed) {
   Weight w{std::move(packed), nullptr, nullptr};
   w.cpu = cpu_->upload(w.host);
-  if (primary_ok_ && primary_->can_run(0, w.host->shape.K, w.host->shape.N, nullptr)) {
+  if (primary_ok_ && primary_->supports(w.host->precision, nullptr) &&
+      primary_->can_run(0, w.host->shape.K, w.host->shape.N, nullptr)) {
     try {
       w.device = primary_->upload(w.host);
     } catch (const kernels::BackendFault& f) {
@@ -60,7 +63,8 @@ Dispatcher::Weight Dispatcher::make_weight(std::shared_ptr<const kernels::Packed
 void Dispatcher::fault(const kernels::BackendFault& f) {
   if (primary_ok_.exchange(false))
     log_(ORT_LOGGING_LEVEL_WARNING, "node '" + node_ + "': backend '" + primary_->name() + "' fault (" + f.what() +
-                                        "); this node now runs on the CPU (same bf16 arithmetic)");
+                                        "); this node now runs on the CPU (same " +
+                                        kernels::precision_name(precision_) + " arithmetic)");
 }
 
 void Dispatcher::on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const std::string& detail) {
@@ -69,7 +73,9 @@ void Dispatcher::on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const s
   cpu_flop_[r] += flop;
   if (reason == CpuReason::kFault) return;  // fault() logged it, with its reason
   std::call_once(logged_[r], [&] {
-    log_(ORT_LOGGING_LEVEL_INFO, "node '" + node_ + "': " + detail + "; computed on the CPU (same bf16 arithmetic)");
+    log_(ORT_LOGGING_LEVEL_INFO, "node '" + node_ + "': " + detail + "; computed on the CPU (same " +
+                                     (reason == CpuReason::kUnpacked ? "bf16" : kernels::precision_name(precision_)) +
+                                     " arithmetic)");
   });
 }
 
@@ -89,15 +95,18 @@ void Dispatcher::run(const kernels::GemmArgs& args, const Weight& w) {
       } catch (const kernels::BackendFault& f) {
         fault(f);
       }
+    } else if (!primary_->supports(w.host->precision, &why)) {
+      reason = CpuReason::kNotForDevice;
+      why = primary_->name() + " runs no " + kernels::precision_name(w.host->precision) + " products (" + why + ")";
     } else {
       if (!w.device) primary_->can_run(0, s.K, s.N, &why);
       reason = CpuReason::kNotForDevice;
+      why = primary_->name() + " does not take M=" + std::to_string(args.M) + " K=" + std::to_string(s.K) +
+            " N=" + std::to_string(s.N) + " (" + why + ")";
     }
   }
   cpu_->gemm(args, *w.cpu);
-  on_cpu(reason, 1, flop,
-         primary_->name() + " does not take M=" + std::to_string(args.M) + " K=" + std::to_string(s.K) +
-             " N=" + std::to_string(s.N) + " (" + why + ")");
+  on_cpu(reason, 1, flop, why);
 }
 
 void Dispatcher::run_batch(const std::vector<std::pair<kernels::GemmArgs, const Weight*>>& items) {
@@ -109,7 +118,7 @@ void Dispatcher::run_batch(const std::vector<std::pair<kernels::GemmArgs, const 
     if (!all_device) break;
     const auto& s = w->host->shape;
     if (args.M == 0 || s.N == 0) continue;
-    if (!w->device || !primary_->can_run(args.M, s.K, s.N, nullptr)) {
+    if (!w->device || !primary_->can_run(args.M, s.K, s.N, nullptr)) {  // (w->device: precision supported)
       all_device = false;  // run() below takes the CPU path and says why
       break;
     }
@@ -145,17 +154,22 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
   std::vector<std::pair<kernels::GemmArgs, const Weight*>> batch;
   packed.reserve(items.size());
   uint64_t unpacked_flop = 0;
+  // A run-time B is used once: int8 keeps it in bf16 (quantising it would cost a pass over B for one use, the
+  // contract's rule), bf16x3 splits it like a constant one (no unpacked path: the precision was asked for).
+  const kernels::Precision b_precision =
+      precision_ == kernels::Precision::kInt8 ? kernels::Precision::kBf16 : precision_;
   for (const auto& [args, b] : items) {
     if (args.M == 0) continue;
     // Few rows against B with a unit stride along K or N: read as it lies (K^T straight from K).
-    if (args.M <= kernels::kUnpackedMaxM && (b.stride_n == 1 || b.stride_k == 1)) {
+    if (b_precision == kernels::Precision::kBf16 && args.M <= kernels::kUnpackedMaxM &&
+        (b.stride_n == 1 || b.stride_k == 1)) {
       unpacked.push_back(b.stride_n == 1 ? kernels::UnpackedGemm{args, b.b, b.stride_k, false}
                                          : kernels::UnpackedGemm{args, b.b, b.stride_n, true});
       unpacked_flop += flop_of(args.M, K, N);
       continue;
     }
     packed.push_back(make_weight(
-        std::make_shared<const kernels::PackedB>(kernels::pack_b(b.b, K, N, b.stride_k, b.stride_n))));
+        std::make_shared<const kernels::PackedB>(kernels::pack_b_in(b_precision, b.b, K, N, b.stride_k, b.stride_n))));
     batch.emplace_back(args, &packed.back());
   }
   if (!unpacked.empty()) {
@@ -166,6 +180,41 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
                " rows against it read unpacked, on purpose (packing or a device dispatch would cost more)");
   }
   run_batch(batch);
+}
+
+void Dispatcher::attention(const kernels::AttentionShape& shape, const std::vector<kernels::AttentionHead>& heads) {
+  if (heads.empty() || shape.M == 0 || shape.Dv == 0) return;
+  const uint64_t flop = heads.size() * (flop_of(shape.M, shape.D, shape.T) + flop_of(shape.M, shape.T, shape.Dv));
+  CpuReason reason = CpuReason::kFault;
+  std::string why;
+  if (primary_ok_) {
+    if (primary_->can_run_attention(shape, &why)) {
+      try {
+        primary_->attention(shape, heads.data(), heads.size());
+        device_calls_ += heads.size();
+        device_flop_ += flop;
+        return;
+      } catch (const kernels::BackendFault& f) {
+        fault(f);  // every O is unspecified now: all heads again on the CPU
+      }
+    } else {
+      reason = CpuReason::kNotForDevice;
+    }
+  }
+  if (!cpu_->can_run_attention(shape, nullptr))
+    throw OrtError(ORT_EP_FAIL, "the CPU backend '" + cpu_->name() + "' has no fused attention");
+  cpu_->attention(shape, heads.data(), heads.size());
+  on_cpu(reason, heads.size(), flop,
+         primary_->name() + " does not take the fused attention M=" + std::to_string(shape.M) + " T=" +
+             std::to_string(shape.T) + " D=" + std::to_string(shape.D) + " (" + why + ")");
+}
+
+void Dispatcher::note_attention(int64_t heads, int64_t Tq, int64_t Tk, int64_t d) {
+  if (!report_) return;
+  std::string w = "[" + std::to_string(heads) + ", " + std::to_string(Tq) + ", " + std::to_string(Tk) + ", " +
+                  std::to_string(d) + "]";
+  std::lock_guard<std::mutex> lock(work_mu_);
+  attention_work_ = std::move(w);
 }
 
 void Dispatcher::note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather,

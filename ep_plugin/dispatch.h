@@ -1,8 +1,9 @@
-// Dispatch and fallback: where each product of a node runs. A node has a primary backend (the one its session
-// chose: xrt or the emulator) and a CPU fallback backend (the emulator: the same bf16 contract on the CPU). A
-// product runs on the CPU for one of three reasons, each counted and logged once per node on its own:
+// Dispatch and fallback: where each product of a node runs. A node has a precision (its plan's: bf16, int8 or
+// bf16x3), a primary backend (the one its session chose: xrt or the emulator) and a CPU fallback backend (the
+// emulator: the same contract, in every precision, on the CPU). A product runs on the CPU for one of three
+// reasons, each counted and logged once per node on its own:
 //   * not for the device: the primary backend does not take this shape (xrt: no kernel built for it, or its cost
-//     model says the CPU is faster, e.g. M=1 GEMVs);
+//     model says the CPU is faster, e.g. M=1 GEMVs) or declines the node's precision (xrt: no int8 kernel);
 //   * unpacked on purpose: a run-time B with few rows against it (decoder attention) is computed straight from B
 //     as it lies, since packing it or a device dispatch would cost more than the product;
 //   * a fault: the primary backend failed (upload, run, timeout, wrong result); this node uses the CPU from then on.
@@ -32,10 +33,11 @@ class Dispatcher {
  public:
   enum class CpuReason { kNotForDevice, kUnpacked, kFault };
 
-  // `constant_b`: the node's constant B, packed at Compile (may be empty). `report` (may be empty) receives one
-  // JSON line of run-time statistics when the dispatcher is destroyed.
-  Dispatcher(std::string node_name, kernels::PackedWeights constant_b, std::shared_ptr<kernels::Backend> primary,
-             std::shared_ptr<kernels::Backend> cpu, Log log, std::function<void(const std::string&)> report);
+  // `constant_b`: the node's constant B, packed at Compile in `precision` (may be empty). `report` (may be empty)
+  // receives one JSON line of run-time statistics when the dispatcher is destroyed.
+  Dispatcher(std::string node_name, kernels::Precision precision, kernels::PackedWeights constant_b,
+             std::shared_ptr<kernels::Backend> primary, std::shared_ptr<kernels::Backend> cpu, Log log,
+             std::function<void(const std::string&)> report);
   ~Dispatcher();
 
   // The constant B: batch dims and each matrix's K and N.
@@ -50,8 +52,13 @@ class Dispatcher {
   // Independent products of one K x N shape whose B is given at run time: few rows unpacked on the CPU, the
   // others packed per call and sent like constant ones.
   void gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, RuntimeB>>& items, int64_t K, int64_t N);
+  // Fused attention, `count` heads of one shape (kernels/attention_contract.h): on the primary backend when it
+  // has a fused attention for the shape, else on the CPU (not for the device, or after a fault), logged once.
+  void attention(const kernels::AttentionShape& shape, const std::vector<kernels::AttentionHead>& heads);
   // The products one run computes, for the partition report (`xdna partition --npu-model` models them).
   void note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather, bool conv);
+  // A fused attention's work: heads x softmax([Tq, d] . [d, Tk]) . [Tk, d], reported as "attention".
+  void note_attention(int64_t heads, int64_t Tq, int64_t Tk, int64_t d);
 
  private:
   struct Weight {
@@ -66,6 +73,7 @@ class Dispatcher {
   void fault(const kernels::BackendFault& f);
 
   std::string node_;
+  kernels::Precision precision_;
   std::shared_ptr<kernels::Backend> primary_, cpu_;
   Log log_;
   std::function<void(const std::string&)> report_;
@@ -77,6 +85,7 @@ class Dispatcher {
   std::array<std::once_flag, 3> logged_;
   std::mutex work_mu_;
   std::string work_;  // JSON array [batches, M, K, N, runtime_b, a_gather, conv] of the last run
+  std::string attention_work_;  // JSON array [heads, Tq, Tk, d] of the last run (fused attention only)
 };
 
 }  // namespace xdna::ep

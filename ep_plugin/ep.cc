@@ -66,7 +66,7 @@ kernels::PackedWeights load_constants(const OrtApi& ort, const OrtNode* node, op
     const std::vector<float> data = ops::read_constant(ort, io.inputs.at(1), &shape);
     if (element_count(shape) != element_count(plan->weight_shape))
       throw OrtError(ORT_EP_FAIL, "Compile: node '" + plan->node_name + "': weight differs from the claimed one");
-    weights = kernels::pack_weights(data.data(), plan->weight_shape, plan->weight_transposed);
+    weights = kernels::pack_weights(data.data(), plan->weight_shape, plan->weight_transposed, plan->precision);
   }
   if (plan->c.present && plan->c.constant) {
     std::vector<int64_t> shape;
@@ -186,9 +186,11 @@ PayloadBytes read_bytes_attr(const OrtApi& ort, const OrtNode* node, const char*
 
 }  // namespace
 
+// Without the precision policy: the factory's check (ValidateCompiledModelCompatibilityInfo) does not see the
+// session's options; Compile refuses a payload of another policy, naming both.
 std::string compatibility_info(const ContextIdentity& id) {
   return std::string(kEpName) + ";ep_version=" + id.ep_version + ";contract=" + id.contract + ";backend=" +
-         id.backend + ";precision=" + id.precision;
+         id.backend;
 }
 
 bool compatible(const std::string& info, const ContextIdentity& id) { return info == compatibility_info(id); }
@@ -205,7 +207,8 @@ XdnaEp::XdnaEp(ApiPtrs api, EpOptions options, Backends backends, const OrtLogge
   GetCompiledModelCompatibilityInfo = GetCompiledModelCompatibilityInfoImpl;
   compatibility_info_ = compatibility_info(identity());
   log_(ORT_LOGGING_LEVEL_INFO, "backend: " + backends_.primary->name() + " (" + backends_.primary->device_description() +
-                                   "), CPU fallback: " + backends_.cpu->name());
+                                   "), CPU fallback: " + backends_.cpu->name() + "; " +
+                                   options_.precision.describe());
 }
 
 XdnaEp::~XdnaEp() = default;
@@ -247,7 +250,9 @@ const char* ORT_API_CALL XdnaEp::GetCompiledModelCompatibilityInfoImpl(OrtEp* se
 }
 
 ContextIdentity XdnaEp::identity() const {
-  return ContextIdentity{kEpVersion, contract_id(), backends_.primary->name(), kContextPrecision};
+  std::string policy = options_.precision.describe();  // "precision MODE[, rules: ...]"
+  if (policy.rfind("precision ", 0) == 0) policy.erase(0, 10);
+  return ContextIdentity{kEpVersion, contract_id(), backends_.primary->name(), policy};
 }
 
 std::string XdnaEp::model_path(const OrtGraph* graph) const {
@@ -294,26 +299,33 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
   const ops::GraphIndex index = ops::GraphIndex::of(ort, graph);
   size_t considered = 0;
   std::vector<graph::ClaimedUnit> claimed;
-  for (const OrtNode* node : nodes) {
-    const char* op_type = nullptr;
-    const char* domain = nullptr;
-    check(ort, ort.Node_GetOperatorType(node, &op_type));
-    check(ort, ort.Node_GetDomain(node, &domain));
-    if (!ops::find_op(domain, op_type)) continue;
-    ++considered;
-    ops::Claim a = ops::claim_node(ort, node, index);
-    if (a.ok && a.plan.mflop < options_.min_mflop) {
-      a.ok = false;
-      a.reason = "below min_mflop (" + std::to_string(a.plan.mflop) + " MFLOP)";
+  const auto adjust = [&](ops::Claim* a) {
+    if (a->ok) ops::apply_precision_policy(options_.precision, a);
+    if (a->ok && a->plan.mflop < options_.min_mflop) {
+      a->ok = false;
+      a->reason = "below min_mflop (" + std::to_string(a->plan.mflop) + " MFLOP)";
+      a->fused_producers.clear();
     }
-    if (a.ok) claimed.push_back({node, a.fused_producers});
-    log_(a.ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
-         std::string(a.ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" +
-             a.reason + ")");
+  };
+  for (const ops::NodeClaim& c : ops::claim_nodes(ort, nodes, index, adjust)) {
+    const char* op_type = nullptr;
+    check(ort, ort.Node_GetOperatorType(c.node, &op_type));
+    ++considered;
+    const ops::Claim& a = c.claim;
+    const bool ok = a.ok || !c.covered_by.empty();
+    const std::string reason = c.covered_by.empty() ? a.reason : "in the fused attention of '" + c.covered_by + "'";
+    if (a.ok) claimed.push_back({c.node, a.fused_producers});
+    log_(ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
+         std::string(ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" + reason +
+             (a.ok ? std::string(", ") + kernels::precision_name(a.plan.precision) + ": " + a.precision_note
+                   : std::string()) + ")");
     report("{\"graph\": " + json_string(graph_name ? graph_name : "") + ", \"node\": " +
            json_string(a.plan.node_name) + ", \"op_type\": " + json_string(op_type) + ", \"claimed\": " +
-           (a.ok ? "true" : "false") + ", \"reason\": " + json_string(a.reason) + ", \"mflop\": " +
+           (ok ? "true" : "false") + ", \"reason\": " + json_string(reason) + ", \"mflop\": " +
            json_number(a.plan.mflop) + ", \"mflop_lower_bound\": " + (a.plan.mflop_lower_bound ? "true" : "false") +
+           (a.ok ? ", \"precision\": " + json_string(kernels::precision_name(a.plan.precision)) +
+                       ", \"precision_note\": " + json_string(a.precision_note)
+                 : std::string()) +
            "}");
   }
   const auto groups = graph::fusion_groups(ort, nodes, claimed, index);
@@ -364,24 +376,23 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
 std::vector<CompiledNode> XdnaEp::compile_from_graph(const OrtGraph* graph, const std::vector<const OrtNode*>& group) {
   const OrtApi& ort = api_.ort;
   const ops::GraphIndex index = ops::GraphIndex::of(ort, graph);
-  // The group's MatMul/Gemm/Conv nodes, each with the Transposes it reads through (the group's other nodes).
+  // The group's claimed nodes, each with the nodes it fuses (Transposes, an attention's chain: the group's other nodes).
   std::vector<CompiledNode> compiled;
   size_t covered = 0;
-  for (const OrtNode* g : group) {
-    const char* op_type = nullptr;
-    const char* domain = nullptr;
-    check(ort, ort.Node_GetOperatorType(g, &op_type));
-    check(ort, ort.Node_GetDomain(g, &domain));
-    if (!ops::find_op(domain, op_type)) continue;
-    ops::Claim a = ops::claim_node(ort, g, index);  // the claim rule GetCapability used
+  const auto with_precision = [&](ops::Claim* a) {
+    if (a->ok) ops::apply_precision_policy(options_.precision, a);
+  };
+  for (ops::NodeClaim& c : ops::claim_nodes(ort, group, index, with_precision)) {  // the rules GetCapability used
+    if (!c.covered_by.empty()) continue;  // counted with the node that covers it
+    ops::Claim& a = c.claim;
     if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);
     covered += 1 + a.fused_producers.size();
-    kernels::PackedWeights weights = load_constants(ort, g, &a.plan);
+    kernels::PackedWeights weights = load_constants(ort, c.node, &a.plan);
     compiled.push_back({std::move(a.plan), std::move(weights)});
   }
   if (compiled.empty() || covered != group.size())
     throw OrtError(ORT_EP_FAIL, "Compile: fused group of " + std::to_string(group.size()) + " nodes, of which " +
-                                    std::to_string(covered) + " are claimed MatMul/Gemm/Conv nodes or their Transposes");
+                                    std::to_string(covered) + " are claimed MatMul/Gemm/Conv nodes or the nodes they fuse");
   return compiled;
 }
 

@@ -5,11 +5,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
 
+#include "kernels/emulator/emulator.h"
 #include "ort_api.h"
 
 namespace xdna::ep {
@@ -123,7 +125,7 @@ class Reader {
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
 static_assert(sizeof(ops::Operand) == 88, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 472, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 568, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -149,6 +151,12 @@ ops::Operand read_operand(Reader& r) {
   return o;
 }
 
+kernels::Precision read_precision(Reader& r, const char* what) {
+  const int32_t v = r.pod<int32_t>(what);
+  if (v < 0 || v > static_cast<int32_t>(kernels::Precision::kBf16x3)) r.fail(std::string("unknown ") + what);
+  return static_cast<kernels::Precision>(v);
+}
+
 void write_plan(Writer& w, const ops::OpPlan& p) {
   w.pod<int32_t>(static_cast<int32_t>(p.op));
   w.str(p.node_name);
@@ -168,12 +176,15 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
     w.pod<int64_t>(v);
   w.pod<double>(p.mflop);
   w.pod<uint8_t>(p.mflop_lower_bound);
+  write_operand(w, p.v);
+  w.pod<float>(p.attention_scale);
+  w.pod<int32_t>(static_cast<int32_t>(p.precision));
 }
 
 ops::OpPlan read_plan(Reader& r) {
   ops::OpPlan p;
   const int32_t op = r.pod<int32_t>("op");
-  if (op < 0 || op > static_cast<int32_t>(ops::OpPlan::Op::kConv)) r.fail("unknown op " + std::to_string(op));
+  if (op < 0 || op > static_cast<int32_t>(ops::OpPlan::Op::kAttention)) r.fail("unknown op " + std::to_string(op));
   p.op = static_cast<ops::OpPlan::Op>(op);
   p.node_name = r.str("node name");
   p.output = r.str("output name");
@@ -192,6 +203,9 @@ ops::OpPlan read_plan(Reader& r) {
     *v = r.pod<int64_t>("conv parameter");
   p.mflop = r.pod<double>("mflop");
   p.mflop_lower_bound = r.flag("mflop_lower_bound");
+  p.v = read_operand(r);
+  p.attention_scale = r.pod<float>("attention_scale");
+  p.precision = read_precision(r, "plan precision");
   return p;
 }
 
@@ -278,7 +292,7 @@ void check_weights(Reader& r, const ops::OpPlan& p, const kernels::PackedWeights
 std::string contract_id() {
   using namespace kernels;
   return "bf16-gemm/packed-b tiles " + std::to_string(kTileK) + "x" + std::to_string(kTileN) + ", block N " +
-         std::to_string(kBlockN);
+         std::to_string(kBlockN) + "; int8 per-column scales, 16-column panels";
 }
 
 std::string write_context(const ContextIdentity& id, const std::vector<CompiledNode>& nodes) {
@@ -287,15 +301,50 @@ std::string write_context(const ContextIdentity& id, const std::vector<CompiledN
   meta.pod<uint32_t>(static_cast<uint32_t>(nodes.size()));
   // Data offsets are relative to the data section, which starts after the metadata.
   uint64_t data_size = 0;
+  struct Blob {
+    const void* p;
+    size_t bytes;
+  };
+  std::vector<Blob> blobs;  // in data order
+  auto place = [&](const void* p, size_t bytes) {
+    data_size = align_up(data_size);
+    meta.pod<uint64_t>(data_size);
+    meta.pod<uint64_t>(bytes);
+    blobs.push_back({p, bytes});
+    data_size += bytes;
+  };
   for (const auto& n : nodes) {
     write_plan(meta, n.plan);
     meta.i64s(n.weights.batch_shape);
     meta.pod<uint64_t>(n.weights.mats.size());
     for (const auto& m : n.weights.mats) {
+      const bool complete = m->precision == n.plan.precision &&
+                            (m->precision != kernels::Precision::kInt8 || m->int8) &&
+                            (m->precision != kernels::Precision::kBf16x3 || m->bf16x3);
+      if (!complete)  // pack_weights packs in the plan's precision: anything else is a bug, never written
+        throw OrtError(ORT_EP_FAIL, "EPContext: node '" + n.plan.node_name + "' (" +
+                                        kernels::precision_name(n.plan.precision) + ") holds a weight packed as " +
+                                        kernels::precision_name(m->precision));
+      meta.pod<int32_t>(static_cast<int32_t>(m->precision));
       for (int64_t v : {m->shape.K, m->shape.N, m->shape.Kpad, m->shape.Npad}) meta.pod<int64_t>(v);
-      data_size = align_up(data_size);
-      meta.pod<uint64_t>(data_size);
-      data_size += m->size() * sizeof(uint16_t);
+      switch (m->precision) {
+        case kernels::Precision::kBf16:
+          place(m->bits(), m->size() * sizeof(uint16_t));
+          break;
+        case kernels::Precision::kBf16x3:  // hi, lo: each in the packed bf16 layout
+          place(m->bf16x3->hi.bits(), m->bf16x3->hi.size() * sizeof(uint16_t));
+          place(m->bf16x3->lo.bits(), m->bf16x3->lo.size() * sizeof(uint16_t));
+          break;
+        case kernels::Precision::kInt8: {  // q (16-column panels), scales, column sums
+          const kernels::QuantizedB& q = *m->int8;
+          meta.pod<int64_t>(q.Kpad);
+          meta.pod<int64_t>(q.Npad);
+          place(q.q.data(), q.q.size());
+          place(q.scale.data(), q.scale.size() * sizeof(float));
+          place(q.colsum.data(), q.colsum.size() * sizeof(int32_t));
+          break;
+        }
+      }
     }
   }
   const size_t data_offset = align_up(kHeaderSize + meta.bytes().size());
@@ -304,12 +353,11 @@ std::string write_context(const ContextIdentity& id, const std::vector<CompiledN
   auto* p = reinterpret_cast<uint8_t*>(out.data());
   std::memcpy(p + kHeaderSize, meta.bytes().data(), meta.bytes().size());
   size_t at = 0;
-  for (const auto& n : nodes)
-    for (const auto& m : n.weights.mats) {
-      at = align_up(at);
-      std::memcpy(p + data_offset + at, m->bits(), m->size() * sizeof(uint16_t));
-      at += m->size() * sizeof(uint16_t);
-    }
+  for (const Blob& b : blobs) {
+    at = align_up(at);
+    if (b.bytes) std::memcpy(p + data_offset + at, b.p, b.bytes);
+    at += b.bytes;
+  }
   Writer head;
   head.bytes().append(kMagic, sizeof kMagic);
   head.pod<uint32_t>(kContextFormatVersion);
@@ -359,17 +407,63 @@ std::vector<CompiledNode> read_context(const PayloadBytes& bytes, const ContextI
     const uint64_t mats = r.count(5 * sizeof(int64_t), "weight matrices");
     for (uint64_t j = 0; j < mats; ++j) {
       auto m = std::make_shared<kernels::PackedB>();
+      const kernels::Precision precision = read_precision(r, "weight precision");
       const int64_t K = r.pod<int64_t>("K"), N = r.pod<int64_t>("N");
       const int64_t Kpad = r.pod<int64_t>("Kpad"), Npad = r.pod<int64_t>("Npad");
-      const uint64_t offset = r.pod<uint64_t>("weight offset");
       if (K < 0 || N < 0 || K > (int64_t(1) << 31) || N > (int64_t(1) << 31)) r.fail("weight shape out of range");
       m->shape = kernels::padded_shape(0, K, N);
       if (m->shape.Kpad != Kpad || m->shape.Npad != Npad) r.fail("weight padding differs from the contract's");
+      m->precision = precision;
+      if (precision != n.plan.precision) r.fail("weight precision differs from its plan's");
       const uint64_t values = static_cast<uint64_t>(Kpad) * static_cast<uint64_t>(Npad);
-      if (offset % kDataAlignment || offset > data_size || values > (data_size - offset) / sizeof(uint16_t))
-        r.fail("weight matrix beyond the payload");
-      m->external = reinterpret_cast<const uint16_t*>(bytes.data + data_offset + offset);
-      m->keep_alive = bytes.owner;
+      // The next blob's offset and size, checked against `expected` bytes and the data section.
+      auto blob = [&](uint64_t expected, const char* what) {
+        const uint64_t offset = r.pod<uint64_t>(what), size = r.pod<uint64_t>(what);
+        if (size != expected) r.fail(std::string(what) + " size differs from its shape");
+        if (offset % kDataAlignment || offset > data_size || size > data_size - offset)
+          r.fail(std::string(what) + " beyond the payload");
+        return bytes.data + data_offset + offset;
+      };
+      // bf16 layouts are used in place (from the mapping); int8's arrays are copied into its QuantizedB.
+      auto in_place = [&](kernels::PackedB* b, const char* what) {
+        b->shape = m->shape;
+        b->external = reinterpret_cast<const uint16_t*>(blob(values * sizeof(uint16_t), what));
+        b->keep_alive = bytes.owner;
+      };
+      switch (precision) {
+        case kernels::Precision::kBf16:
+          in_place(m.get(), "weight matrix");
+          break;
+        case kernels::Precision::kBf16x3: {
+          auto split = std::make_shared<kernels::SplitB>();
+          in_place(&split->hi, "bf16x3 hi matrix");
+          in_place(&split->lo, "bf16x3 lo matrix");
+          m->bf16x3 = std::move(split);
+          break;
+        }
+        case kernels::Precision::kInt8: {
+          auto q = std::make_shared<kernels::QuantizedB>();
+          q->K = K, q->N = N;
+          q->Kpad = r.pod<int64_t>("int8 Kpad");
+          q->Npad = r.pod<int64_t>("int8 Npad");
+          if (q->Kpad != kernels::round_up(std::max<int64_t>(K, 1), kernels::kTileK) ||
+              q->Npad != kernels::round_up(std::max<int64_t>(N, 1), 16))
+            r.fail("int8 weight padding differs from the emulator's layout");
+          const uint64_t q_bytes = static_cast<uint64_t>(q->Kpad) * static_cast<uint64_t>(q->Npad);
+          const uint8_t* qp = blob(q_bytes, "int8 matrix");
+          const uint8_t* sp = blob(static_cast<uint64_t>(N) * sizeof(float), "int8 scales");
+          const uint8_t* cp = blob(static_cast<uint64_t>(N) * sizeof(int32_t), "int8 column sums");
+          q->q.assign(reinterpret_cast<const int8_t*>(qp), reinterpret_cast<const int8_t*>(qp) + q_bytes);
+          q->scale.resize(N);
+          q->colsum.resize(N);
+          if (N) {
+            std::memcpy(q->scale.data(), sp, N * sizeof(float));
+            std::memcpy(q->colsum.data(), cp, N * sizeof(int32_t));
+          }
+          m->int8 = std::move(q);
+          break;
+        }
+      }
       n.weights.mats.push_back(std::move(m));
     }
     check_weights(r, n.plan, n.weights);
@@ -416,7 +510,7 @@ PayloadBytes allocate_payload(size_t size) {
 
 std::string plan_roundtrip_problem() {
   ops::OpPlan p;
-  p.op = ops::OpPlan::Op::kConv;
+  p.op = ops::OpPlan::Op::kAttention;  // the last op, so that a bound check on the op is tested
   p.node_name = "node";
   p.output = "out";
   auto operand = [](const std::string& name, int seed) {
@@ -442,6 +536,9 @@ std::string plan_roundtrip_problem() {
   p.conv = {7, 8, 9, 10, 11, 12, 13};
   p.mflop = 123.25;
   p.mflop_lower_bound = true;
+  p.v = operand("v", 7);
+  p.attention_scale = 0.125f;
+  p.precision = kernels::Precision::kBf16x3;
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -473,6 +570,9 @@ std::string plan_roundtrip_problem() {
     return "conv";
   if (q.mflop != p.mflop) return "mflop";
   if (q.mflop_lower_bound != p.mflop_lower_bound) return "mflop_lower_bound";
+  if (!same_operand(q.v, p.v)) return "v";
+  if (q.attention_scale != p.attention_scale) return "attention_scale";
+  if (q.precision != p.precision) return "precision";
   return "";
 }
 

@@ -1,12 +1,14 @@
 // EPContext: a fused node's compiled form (its plans and packed weights) as one versioned binary payload, written
 // into an EPContext node (embed mode) or a side file next to the compiled model (external mode), and read back so
-// that a session starts from the packed bf16 weights without reading or packing the fp32 ones.
+// that a session starts from the packed weights without reading or packing the fp32 ones. bf16 layouts (bf16, bf16x3's
+// hi and lo) are used in place; int8's arrays are copied once into the emulator's QuantizedB at load.
 //
 // Payload (little-endian, as the x86-64 hosts that run the EP):
 //   magic "XDNAEPC\0" | u32 format version | u64 total size | u64 data offset | u64 metadata checksum
 //   | u64 data checksum | metadata | zero padding | data
-//   metadata: strings ep version, contract, backend, precision | u32 node count | per node: its OpPlan field by
-//   field, then its packed weights (batch shape; per matrix K, N, Kpad, Npad and where its bits lie in data)
+//   metadata: strings ep version, contract, backend, precision policy | u32 node count | per node: its OpPlan field
+//   by field (its precision among them), then its packed weights (batch shape; per matrix its precision, K, N,
+//   Kpad, Npad and where each of its arrays lies in data: bf16 one, bf16x3 hi and lo, int8 q, scales, column sums)
 //   data: every packed matrix, each at a kDataAlignment-aligned offset, so that it is used in place: straight from
 //   the memory-mapped side file, or from one aligned copy of the attribute (ORT owns the attribute's bytes only
 //   while Compile runs).
@@ -24,18 +26,16 @@
 
 namespace xdna::ep {
 
-inline constexpr uint32_t kContextFormatVersion = 1;
+// 2: plans carry precision, v and attention_scale (kAttention); weights in int8 and bf16x3 as well as bf16.
+inline constexpr uint32_t kContextFormatVersion = 2;
 inline constexpr size_t kDataAlignment = 64;
-// The one precision the contract has today (kernels/gemm_contract.h). Issue 13 adds others to OpPlan; the payload
-// records the session's precision here so that a payload for another precision is refused, never misread.
-inline constexpr const char* kContextPrecision = "bf16";
 
 // What a payload must match to be loaded: anything else is refused with the differing field named.
 struct ContextIdentity {
   std::string ep_version;  // pyproject's version (kEpVersion)
   std::string contract;    // the GEMM contract and its tiling (contract_id())
   std::string backend;     // the session's primary backend: "emulator", "xrt"
-  std::string precision;   // kContextPrecision
+  std::string precision;   // the session's precision policy (EpOptions::precision.describe(): mode and rules)
 };
 
 // The contract and tiling the packed weights follow: changes whenever gemm_contract.h's layout does.

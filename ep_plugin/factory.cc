@@ -130,9 +130,9 @@ OrtStatus* ORT_API_CALL XdnaEpFactory::ValidateCompiledModelCompatibilityInfoImp
   *compatibility = OrtCompiledModelCompatibility_EP_NOT_APPLICABLE;
   return guard(f->ort_, [&] {
     if (!info || !*info) return;
-    // Compiled for this build and the default backend: load it; anything else would be refused at load.
-    const ContextIdentity id{kEpVersion, contract_id(), f->backends_for(EpOptions{}, nullptr).primary->name(),
-                             kContextPrecision};
+    // Compiled for this build and the default backend: load it; anything else would be refused at load (the
+    // precision policy, a session option, is checked there).
+    const ContextIdentity id{kEpVersion, contract_id(), f->backends_for(EpOptions{}, nullptr).primary->name(), ""};
     *compatibility = compatible(info, id) ? OrtCompiledModelCompatibility_EP_SUPPORTED_OPTIMAL
                                           : OrtCompiledModelCompatibility_EP_UNSUPPORTED;
   });

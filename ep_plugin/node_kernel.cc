@@ -45,13 +45,14 @@ NodeKernel::NodeKernel(ops::OpPlan plan, kernels::PackedWeights constant_b,
                        Log log, std::function<void(const std::string&)> report)
     : plan_(std::move(plan)),
       module_(ops::module_of(plan_.op)),
-      dispatch_(plan_.node_name, std::move(constant_b), std::move(primary), std::move(cpu_fallback), log,
+      dispatch_(plan_.node_name, plan_.precision, std::move(constant_b), std::move(primary), std::move(cpu_fallback), log,
                 std::move(report)) {}
 
 std::vector<std::string> NodeKernel::runtime_operands() const {
   std::vector<std::string> names{plan_.a.name};
   if (!plan_.b.constant) names.push_back(plan_.b.name);
   if (plan_.c.present && !plan_.c.constant) names.push_back(plan_.c.name);
+  if (plan_.v.present && !plan_.v.constant) names.push_back(plan_.v.name);
   return names;
 }
 

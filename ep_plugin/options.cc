@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <stdexcept>
 #include <vector>
 
 namespace xdna::ep {
@@ -55,12 +56,16 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* so) {
   o.context_embed = config_entry(api, so, "ep.context_embed_mode") == "1";
   o.context_file_path = config_entry(api, so, "ep.context_file_path");
   o.context_node_prefix = config_entry(api, so, "ep.context_node_name_prefix");
+  kernels::Precision precision = kernels::Precision::kBf16;
+  std::string precision_rules;
   for (const auto& [key, v] : ours) {
     if (key == "backend") o.backend = one_of(key, v, {"auto", "emulator", "xrt"});
     else if (key == "min_mflop") o.min_mflop = number(key, v, 0, 1e12);
     else if (key == "threads") o.threads = static_cast<int>(number(key, v, 0, 1024));
     else if (key == "kernel_dir") o.kernel_dir = v;
     else if (key == "partition_report") o.partition_report = v;
+    else if (key == "precision") kernels::parse_precision(one_of(key, v, {"bf16", "int8", "bf16x3"}).c_str(), &precision);
+    else if (key == "precision_policy") precision_rules = v;
     else if (key == "fault_inject") o.fault_inject = one_of(key, v, {"", "upload", "run", "timeout", "result"});
     else if (key == "log_level") {
       static const std::map<std::string, OrtLoggingLevel> levels = {
@@ -72,9 +77,14 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* so) {
     } else {
       throw OrtError(ORT_INVALID_ARGUMENT,
                      std::string(kEpName) + ": unknown option '" + key +
-                         "' (known: backend, min_mflop, threads, kernel_dir, log_level, "
-                         "partition_report, fault_inject)");
+                         "' (known: backend, min_mflop, threads, kernel_dir, log_level, precision, "
+                         "precision_policy, partition_report, fault_inject)");
     }
+  }
+  try {
+    o.precision = ops::PrecisionPolicy::parse(precision, precision_rules);
+  } catch (const std::invalid_argument& e) {
+    throw OrtError(ORT_INVALID_ARGUMENT, std::string(kEpName) + ": " + e.what());
   }
   return o;
 }

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "ops/precision_policy.h"
 #include "ort_api.h"
 
 namespace xdna::ep {
@@ -26,6 +27,8 @@ struct EpOptions {
   bool context_embed = false;         // ep.context_embed_mode=1: payload inside the node, else in a side file
   std::string context_file_path;      // ep.context_file_path: the compiled model's path (side files go next to it)
   std::string context_node_prefix;    // ep.context_node_name_prefix
+  // `precision` (bf16 | int8 | bf16x3) and `precision_policy` (per-node rules, ops/precision_policy.h) together
+  ops::PrecisionPolicy precision;
 };
 
 // Reads `ep.xdnaexecutionprovider.<key>` entries (how ORT delivers provider options to plugin EPs).

@@ -10,6 +10,7 @@
 
 #include <map>
 
+#include "attention_contract.h"
 #include "gemm_contract.h"
 #include "packing.h"
 
@@ -37,7 +38,8 @@ class DeviceWeight {
   std::shared_ptr<const PackedB> host_;
 };
 
-// One GEMM call: C[M, N] (row stride ldc) = bf16(A)[M, K] (fp32, row stride lda) . B.
+// One GEMM call: C[M, N] (row stride ldc) = bf16(A)[M, K] (fp32, row stride lda) . B, or the same product in the
+// precision B was packed in (int8: A quantised per row; bf16x3: A split into hi and lo parts).
 struct GemmArgs {
   const float* a;
   int64_t M;
@@ -70,6 +72,14 @@ class Backend {
   virtual std::string device_description() const = 0;
   // Whether this backend can run a GEMM of this shape (xrt: a kernel was built for it). M<=0 means "any M".
   virtual bool can_run(int64_t M, int64_t K, int64_t N, std::string* why_not) const = 0;
+  // Whether this backend runs products in `precision` (gemm_contract.h, "Precision modes"), i.e. takes a weight
+  // packed in it (PackedB::precision) in upload() and gemm(). Every backend runs bf16; a backend that declines a
+  // mode says why, and the dispatcher runs that node's products on the CPU backend in the same precision.
+  virtual bool supports(Precision precision, std::string* why_not) const {
+    if (precision == Precision::kBf16) return true;
+    if (why_not) *why_not = name() + " has no " + precision_name(precision) + " kernels";
+    return false;
+  }
   // Makes a weight resident (xrt: copies it into a device buffer once). Throws BackendFault.
   virtual std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) = 0;
   // Runs one GEMM. Thread-safe. Throws BackendFault; on a throw C's contents are unspecified.
@@ -84,6 +94,25 @@ class Backend {
   virtual bool gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N) {
     (void)calls, (void)count, (void)K, (void)N;
     return false;
+  }
+  // Whether an int8 (A8W8, gemm_contract.h) kernel exists for a padded K x N weight, and why not: the question the
+  // EP's per-node precision asks before choosing int8 for a node on this backend.
+  virtual bool has_int8_kernel(int64_t K, int64_t N, std::string* why_not) const {
+    (void)K, (void)N;
+    if (why_not) *why_not = name() + " has no int8 kernels";
+    return false;
+  }
+  // Fused attention (attention_contract.h): whether this backend runs it for this shape, and why not.
+  virtual bool can_run_attention(const AttentionShape& shape, std::string* why_not) const {
+    (void)shape;
+    if (why_not) *why_not = name() + " has no fused attention";
+    return false;
+  }
+  // `count` heads of one shape. Throws BackendFault; on a throw every O is unspecified. Only called when
+  // can_run_attention said yes.
+  virtual void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) {
+    (void)shape, (void)heads, (void)count;
+    throw BackendFault("run", name() + " has no fused attention");
   }
 };
 

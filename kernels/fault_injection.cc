@@ -14,6 +14,7 @@ class FaultInjectingBackend final : public Backend {
   bool can_run(int64_t M, int64_t K, int64_t N, std::string* why) const override {
     return inner_->can_run(M, K, N, why);
   }
+  bool supports(Precision precision, std::string* why) const override { return inner_->supports(precision, why); }
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     if (step_ == "upload") throw BackendFault("upload", "injected fault");
     return inner_->upload(std::move(b));
@@ -22,6 +23,18 @@ class FaultInjectingBackend final : public Backend {
     if (step_ == "run") throw BackendFault("run", "injected fault");
     if (step_ == "timeout") throw BackendFault("timeout", "injected fault: command did not complete");
     inner_->gemm(args, b);
+    if (step_ == "result") throw BackendFault("result", "injected fault: result buffer has the wrong size");
+  }
+  bool has_int8_kernel(int64_t K, int64_t N, std::string* why) const override {
+    return inner_->has_int8_kernel(K, N, why);
+  }
+  bool can_run_attention(const AttentionShape& shape, std::string* why) const override {
+    return inner_->can_run_attention(shape, why);
+  }
+  void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) override {
+    if (step_ == "run") throw BackendFault("run", "injected fault");
+    if (step_ == "timeout") throw BackendFault("timeout", "injected fault: command did not complete");
+    inner_->attention(shape, heads, count);
     if (step_ == "result") throw BackendFault("result", "injected fault: result buffer has the wrong size");
   }
 

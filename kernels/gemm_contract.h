@@ -15,8 +15,10 @@
 //   bf16 keeps 8 significant bits: each rounded operand is within 2^-8 relative, a product of two within
 //   (1 + 2^-8)^2 - 1 = 2^-7 + 2^-16; K * 2^-23 covers the fp32 sum, with a factor 2 of margin.
 //
-// Precision modes beyond bf16 (issue 13). Implemented so far by the emulator only (emulator.h:
-// emulator_gemm_int8, emulator_gemm_bf16x3); not yet selectable in the EP.
+// Precision modes beyond bf16 (issue 13): a node's precision is chosen at claim time (ops/precision_policy.h, the
+// `precision` and `precision_policy` provider options), packing makes its constant B in that precision
+// (packing.h) and a backend runs it or declines it (Backend::supports): the emulator runs all three
+// (emulator.h: emulator_gemm_int8, emulator_gemm_bf16x3), the xrt backend bf16 only so far.
 //   int8 (A8W8):
 //     * B (a constant weight) is quantised once at Compile, symmetric per output channel n:
 //         sb_n = max_k |B[k][n]| / 127,  qb = rne(B / sb_n) in [-127, 127]  (sb_n = 0: the column is all zero).
@@ -63,6 +65,27 @@ inline constexpr int64_t kArrayRows = 4;  // AIE-ML core rows per column on npu1
 inline constexpr int64_t kArrayCols = 4;  // columns an application may use on npu1
 inline constexpr int64_t kBlockM = kTileM * kArrayRows;
 inline constexpr int64_t kBlockN = kTileN * kArrayCols;
+
+// The arithmetic of one product (the section "Precision modes" above). Plain data: a plan stores it.
+enum class Precision : int { kBf16 = 0, kInt8 = 1, kBf16x3 = 2 };
+
+inline const char* precision_name(Precision p) {
+  switch (p) {
+    case Precision::kInt8: return "int8";
+    case Precision::kBf16x3: return "bf16x3";
+    default: return "bf16";
+  }
+}
+
+// "bf16", "int8" or "bf16x3" -> the mode; false for anything else.
+inline bool parse_precision(const char* name, Precision* out) {
+  for (Precision p : {Precision::kBf16, Precision::kInt8, Precision::kBf16x3})
+    if (std::strcmp(name, precision_name(p)) == 0) {
+      *out = p;
+      return true;
+    }
+  return false;
+}
 
 constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 

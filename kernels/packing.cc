@@ -2,6 +2,8 @@
 
 #include <cstdio>
 
+#include "emulator/emulator.h"
+
 namespace xdna::kernels {
 
 PackedB pack_b(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {
@@ -22,7 +24,25 @@ PackedB pack_b(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t
   return out;
 }
 
-PackedWeights pack_weights(const float* data, std::vector<int64_t> shape, bool trans_b) {
+PackedB pack_b_in(Precision precision, const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {
+  if (precision == Precision::kBf16) return pack_b(src, K, N, stride_k, stride_n);
+  PackedB out;
+  out.shape = padded_shape(0, K, N);
+  out.precision = precision;
+  if (precision == Precision::kInt8)
+    out.int8 = std::make_shared<const QuantizedB>(quantize_b_int8(src, K, N, stride_k, stride_n));
+  else
+    out.bf16x3 = std::make_shared<const SplitB>(pack_b_bf16x3(src, K, N, stride_k, stride_n));
+  return out;
+}
+
+std::string precision_problem(Precision precision, int64_t K) {
+  if (precision == Precision::kInt8 && K > kInt8MaxK)
+    return "K=" + std::to_string(K) + " is past int8's exact int32 sum limit (" + std::to_string(kInt8MaxK) + ")";
+  return "";
+}
+
+PackedWeights pack_weights(const float* data, std::vector<int64_t> shape, bool trans_b, Precision precision) {
   if (shape.size() == 1) shape = {shape[0], 1};
   const int64_t rows = shape[shape.size() - 2], cols = shape[shape.size() - 1];
   const int64_t K = trans_b ? cols : rows, N = trans_b ? rows : cols;
@@ -32,7 +52,8 @@ PackedWeights pack_weights(const float* data, std::vector<int64_t> shape, bool t
   for (int64_t d : w.batch_shape) batches *= d;
   for (int64_t i = 0; i < batches; ++i) {
     const float* m = data + i * rows * cols;
-    w.mats.push_back(std::make_shared<const PackedB>(trans_b ? pack_b(m, K, N, 1, K) : pack_b(m, K, N, N, 1)));
+    w.mats.push_back(std::make_shared<const PackedB>(trans_b ? pack_b_in(precision, m, K, N, 1, K)
+                                                             : pack_b_in(precision, m, K, N, N, 1)));
   }
   return w;
 }

@@ -49,48 +49,6 @@ int64_t count(const Dims& d) {
   return n;
 }
 
-// numpy-style broadcast of two batch shapes.
-Dims broadcast(const Dims& a, const Dims& b) {
-  Dims out(std::max(a.size(), b.size()));
-  for (size_t i = 0; i < out.size(); ++i) {
-    const int64_t da = i < out.size() - a.size() ? 1 : a[i - (out.size() - a.size())];
-    const int64_t db = i < out.size() - b.size() ? 1 : b[i - (out.size() - b.size())];
-    if (da != db && da != 1 && db != 1)
-      throw ep::OrtError(ORT_INVALID_ARGUMENT, "MatMul batch dimensions do not broadcast");
-    out[i] = da == 1 ? db : da;
-  }
-  return out;
-}
-
-// Flat index into `dims` (right-aligned against `out`) for the multi-index of flat output position `pos`.
-int64_t broadcast_index(const Dims& out, const Dims& dims, int64_t pos) {
-  int64_t idx = 0, stride = 1;
-  for (size_t i = out.size(); i-- > 0;) {
-    const int64_t coord = pos % out[i];
-    pos /= out[i];
-    const size_t offset = out.size() - dims.size();
-    if (i >= offset) {
-      const int64_t d = dims[i - offset];
-      if (d != 1) idx += coord * stride;
-      stride *= d;
-    }
-  }
-  return idx;
-}
-
-// Element offset of the matrix at flat output batch position `pos`, for batch dims right-aligned against `out`
-// (broadcast dims of size 1 stay at index 0).
-int64_t batch_offset(const Dims& out, const Dims& dims, const Dims& strides, int64_t pos) {
-  int64_t offset = 0;
-  const size_t shift = out.size() - dims.size();
-  for (size_t i = out.size(); i-- > 0;) {
-    const int64_t coord = pos % out[i];
-    pos /= out[i];
-    if (i >= shift && dims[i - shift] != 1) offset += coord * strides[i - shift];
-  }
-  return offset;
-}
-
 void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   const View a = view_of(io.input(plan.a.name), plan.a.perm);
   View b;
@@ -112,7 +70,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   if (b2.dims[rb - 2] != K)
     throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': MatMul inner dimensions differ");
   const Dims batch_a(a2.dims.begin(), a2.dims.end() - 2), batch_b(b2.dims.begin(), b2.dims.end() - 2);
-  const Dims batch = broadcast(batch_a, batch_b);
+  const Dims batch = broadcast_batch(batch_a, batch_b);
   Dims out_dims = batch;
   if (!a_vec) out_dims.push_back(M);
   if (!b_vec) out_dims.push_back(N);

@@ -9,10 +9,13 @@
 
 #include <onnxruntime_c_api.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "kernels/gemm_contract.h"
 #include "ops/node_reader.h"
+#include "ops/precision_policy.h"
 
 namespace xdna::ep {
 class Dispatcher;
@@ -38,10 +41,10 @@ struct ConvParams {
   int64_t stride = 1, dilation = 1, pad_begin = 0, pad_end = 0;
 };
 
-// Every product runs in the contract's one precision (bf16 operands, fp32 sums: kernels/gemm_contract.h). A second
-// precision would be a field here, set by the claim rules that accept it, with kernels for it in the backends.
+// Every product of a node runs in the plan's precision (kernels/gemm_contract.h, "Precision modes"), set at claim
+// time from the session's policy (ops/precision_policy.h).
 struct OpPlan {
-  enum class Op { kMatMul, kGemm, kConv };
+  enum class Op { kMatMul, kGemm, kConv, kAttention };
   Op op = Op::kMatMul;
   std::string node_name;
   std::string output;  // the node's output value
@@ -57,6 +60,11 @@ struct OpPlan {
   ConvParams conv;             // Conv only
   double mflop = 0;            // per run, symbolic dims counted as 1
   bool mflop_lower_bound = false;
+  // Fused attention only (ops/attention.cc): a = Q, b = K^T, v = V, the node's output O; the product of every
+  // constant scale of the pattern (on Q, on K^T, on the scores), applied to the fp32 scores.
+  Operand v;
+  float attention_scale = 1.f;
+  kernels::Precision precision = kernels::Precision::kBf16;  // constant B packed in it, every product run in it
 };
 
 struct Claim {
@@ -65,6 +73,7 @@ struct Claim {
   OpPlan plan;
   // Transpose nodes whose only consumer is this node: claimed with it, so the permuted copy is never made.
   std::vector<const OrtNode*> fused_producers;
+  std::string precision_note;  // why plan.precision is what it is (apply_precision_policy), for the report
 };
 
 inline Claim reject(std::string why) {
@@ -109,7 +118,24 @@ std::string read_float_operands(const OrtApi& api, const NodeIo& io, OpPlan* pla
 const OpModule* find_op(const std::string& domain, const std::string& op_type);
 const OpModule& module_of(OpPlan::Op op);
 
-// The claim rule of the node's op, with what every op shares (opset, exactly one output).
+// The claim rule of the node's op, with what every op shares (opset, exactly one output). When several modules
+// share the op type, the first that claims the node takes it.
 Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index);
+
+// The claims of a graph's nodes that find_op knows (`nodes` in topological order; the result in the same order).
+// A node that another claim takes as a fused producer (the QK^T MatMul of a fused attention) is not claimed on its
+// own: `covered_by` names the claiming node and `claim` is empty. `adjust` (may be empty) may veto a claim before
+// it covers anything (GetCapability's min_mflop).
+struct NodeClaim {
+  const OrtNode* node = nullptr;
+  Claim claim;
+  std::string covered_by;
+};
+std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const OrtNode*>& nodes,
+                                   const GraphIndex& index, const std::function<void(Claim*)>& adjust = {});
+// Sets a claimed node's plan.precision: the policy's choice, unless the contract cannot take it there (int8 with a
+// run-time B or past its K limit: bf16); claim->precision_note says why it is what it is.
+// A fused attention plan runs its own contract (kernels/attention_contract.h: bf16 products, fp32 softmax): bf16.
+void apply_precision_policy(const PrecisionPolicy& policy, Claim* claim);
 
 }  // namespace xdna::ops

@@ -1,16 +1,22 @@
 // The op table: every op the EP claims, one module each (ops/<op>.cc). Adding an op = its file + one row here.
+#include <algorithm>
 #include <cstring>
+#include <functional>
+#include <unordered_map>
 
 #include "ep_plugin/ort_api.h"
+#include "kernels/packing.h"
 #include "ops/op.h"
 
 namespace xdna::ops {
 
-extern const OpModule kMatMulModule, kGemmModule, kConvModule;
+extern const OpModule kAttentionModule, kMatMulModule, kGemmModule, kConvModule;
 
 namespace {
 
-const OpModule* const kOps[] = {&kMatMulModule, &kGemmModule, &kConvModule};
+// Several modules may share an op type: the first whose rule claims the node takes it (a MatMul that ends an
+// attention pattern is fused attention, any other MatMul a plain product).
+const OpModule* const kOps[] = {&kAttentionModule, &kMatMulModule, &kGemmModule, &kConvModule};
 
 }  // namespace
 
@@ -48,10 +54,14 @@ Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index
   ep::check(api, api.Node_GetDomain(node, &domain));
   ep::check(api, api.Node_GetName(node, &name));
   ep::check(api, api.Node_GetSinceVersion(node, &since));
-  const OpModule* m = find_op(domain, op_type);
-  if (!m) return reject(std::string("op ") + op_type + " is not a GEMM");
-  if (since < m->min_since_version) return reject("opset too old");
-  Claim r = m->claim(api, node, index);
+  if (!find_op(domain, op_type)) return reject(std::string("op ") + op_type + " is not a GEMM");
+  Claim r = reject("opset too old");
+  for (const OpModule* m : kOps) {
+    if (domain != std::string(m->domain) || op_type != std::string(m->op_type) || since < m->min_since_version)
+      continue;
+    r = m->claim(api, node, index);
+    if (r.ok) break;
+  }
   r.plan.node_name = name ? name : "";
   const NodeIo io = node_io(api, node);
   if (r.ok && (io.outputs.size() != 1 || !io.outputs[0])) {
@@ -61,6 +71,59 @@ Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index
   if (r.ok) r.plan.output = value_name(api, io.outputs[0]);
   if (!r.ok) r.fused_producers.clear();
   return r;
+}
+
+std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const OrtNode*>& nodes,
+                                   const GraphIndex& index, const std::function<void(Claim*)>& adjust) {
+  std::vector<NodeClaim> claims;
+  std::unordered_map<const OrtNode*, std::string> covered_by;
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {  // consumers first: they decide what they cover
+    const char* op_type = nullptr;
+    const char* domain = nullptr;
+    ep::check(api, api.Node_GetOperatorType(*it, &op_type));
+    ep::check(api, api.Node_GetDomain(*it, &domain));
+    if (!find_op(domain, op_type)) continue;
+    NodeClaim c{*it, {}, ""};
+    if (const auto cov = covered_by.find(*it); cov != covered_by.end()) {
+      const char* name = nullptr;
+      ep::check(api, api.Node_GetName(*it, &name));
+      c.claim.plan.node_name = name ? name : "";
+      c.covered_by = cov->second;
+    } else {
+      c.claim = claim_node(api, *it, index);
+      if (adjust) adjust(&c.claim);
+      if (c.claim.ok)
+        for (const OrtNode* p : c.claim.fused_producers) covered_by[p] = c.claim.plan.node_name;
+    }
+    claims.push_back(std::move(c));
+  }
+  std::reverse(claims.begin(), claims.end());
+  return claims;
+}
+
+void apply_precision_policy(const PrecisionPolicy& policy, Claim* claim) {
+  OpPlan& plan = claim->plan;
+  if (plan.op == OpPlan::Op::kAttention) {
+    plan.precision = kernels::Precision::kBf16;
+    claim->precision_note = "fused attention: its own contract (bf16 products, fp32 softmax)";
+    return;
+  }
+  std::string rule;
+  const kernels::Precision wanted = policy.choose(module_of(plan.op).op_type, plan.node_name, plan.b.constant, &rule);
+  plan.precision = wanted;
+  claim->precision_note = rule.empty() ? "the precision option" : "rule '" + rule + "'";
+  if (wanted != kernels::Precision::kInt8) return;
+  if (!plan.b.constant) {
+    plan.precision = kernels::Precision::kBf16;
+    claim->precision_note += " asks int8; B is given at run time, which the int8 contract keeps in bf16";
+    return;
+  }
+  const auto& w = plan.weight_shape;
+  const int64_t K = w.size() == 1 ? w[0] : plan.weight_transposed ? w.back() : w[w.size() - 2];
+  if (auto why = kernels::precision_problem(wanted, K); !why.empty()) {
+    plan.precision = kernels::Precision::kBf16;
+    claim->precision_note += " asks int8; " + why + ", so bf16";
+  }
 }
 
 }  // namespace xdna::ops

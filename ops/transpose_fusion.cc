@@ -1,5 +1,6 @@
 #include "ops/transpose_fusion.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "ep_plugin/ort_api.h"
@@ -56,6 +57,46 @@ View view_of(const Tensor& t, const std::vector<int64_t>& perm) {
     p.strides[d] = v.strides[static_cast<size_t>(perm[d])];
   }
   return p;
+}
+
+using Dims = std::vector<int64_t>;
+
+Dims broadcast_batch(const Dims& a, const Dims& b) {
+  Dims out(std::max(a.size(), b.size()));
+  for (size_t i = 0; i < out.size(); ++i) {
+    const int64_t da = i < out.size() - a.size() ? 1 : a[i - (out.size() - a.size())];
+    const int64_t db = i < out.size() - b.size() ? 1 : b[i - (out.size() - b.size())];
+    if (da != db && da != 1 && db != 1)
+      throw ep::OrtError(ORT_INVALID_ARGUMENT, "MatMul batch dimensions do not broadcast");
+    out[i] = da == 1 ? db : da;
+  }
+  return out;
+}
+
+int64_t broadcast_index(const Dims& out, const Dims& dims, int64_t pos) {
+  int64_t idx = 0, stride = 1;
+  for (size_t i = out.size(); i-- > 0;) {
+    const int64_t coord = pos % out[i];
+    pos /= out[i];
+    const size_t offset = out.size() - dims.size();
+    if (i >= offset) {
+      const int64_t d = dims[i - offset];
+      if (d != 1) idx += coord * stride;
+      stride *= d;
+    }
+  }
+  return idx;
+}
+
+int64_t batch_offset(const Dims& out, const Dims& dims, const Dims& strides, int64_t pos) {
+  int64_t offset = 0;
+  const size_t shift = out.size() - dims.size();
+  for (size_t i = out.size(); i-- > 0;) {
+    const int64_t coord = pos % out[i];
+    pos /= out[i];
+    if (i >= shift && dims[i - shift] != 1) offset += coord * strides[i - shift];
+  }
+  return offset;
 }
 
 }  // namespace xdna::ops

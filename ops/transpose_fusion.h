@@ -22,4 +22,13 @@ struct View {
 View view_of(const Tensor& t, const std::vector<int64_t>& perm);
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& dims);
 
+// numpy-style broadcast of two batch shapes (throws ORT_INVALID_ARGUMENT when they do not broadcast).
+std::vector<int64_t> broadcast_batch(const std::vector<int64_t>& a, const std::vector<int64_t>& b);
+// Flat index into `dims` (right-aligned against `out`) for the multi-index of flat output position `pos`.
+int64_t broadcast_index(const std::vector<int64_t>& out, const std::vector<int64_t>& dims, int64_t pos);
+// Element offset of the matrix at flat output batch position `pos`, for batch dims right-aligned against `out`
+// (broadcast dims of size 1 stay at index 0).
+int64_t batch_offset(const std::vector<int64_t>& out, const std::vector<int64_t>& dims,
+                     const std::vector<int64_t>& strides, int64_t pos);
+
 }  // namespace xdna::ops

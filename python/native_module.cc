@@ -12,6 +12,7 @@
 #include "kernels/xrt/manifest.h"
 #include "kernels/xrt/npu_backend.h"
 #include "kernels/xrt/xrt_loader.h"
+#include "ops/precision_policy.h"
 
 namespace py = pybind11;
 namespace k = xdna::kernels;
@@ -125,6 +126,8 @@ k::NpuModelParams model_params(const py::dict& overrides) {
     else if (key == "bf16_macs") p.bf16_macs = v;  // e.g. 256: int8's MAC rate, for the int8 route
     else if (key == "import_us") p.import_us = v;
     else if (key == "cpu_gflops") p.cpu_gflops = v;
+    else if (key == "int8_macs") p.int8_macs = v;
+    else if (key == "cpu_int8_gflops") p.cpu_int8_gflops = v;
     else if (key == "cpu_gbps") p.cpu_gbps = v;
     else if (key == "softmax_cycles_per_elem") p.softmax_cycles_per_elem = v;
     else throw std::invalid_argument("unknown model parameter " + key);
@@ -157,6 +160,11 @@ void register_npu_bindings(py::module_& m) {
       .def_property_readonly("name", [](const NpuBackendHandle& h) { return h.backend->name(); })
       .def_property_readonly("description", [](const NpuBackendHandle& h) { return h.backend->device_description(); })
       .def("can_run", &NpuBackendHandle::can_run, py::arg("M"), py::arg("K"), py::arg("N"))
+      .def("has_int8_kernel", [](const NpuBackendHandle& h, int64_t K, int64_t N) {
+            std::string why;
+            const bool ok = h.backend->has_int8_kernel(K, N, &why);
+            return py::make_tuple(ok, why);
+          }, py::arg("K"), py::arg("N"))
       .def("upload", &NpuBackendHandle::upload, py::arg("b"), py::keep_alive<0, 1>())
       .def("gemm", &NpuBackendHandle::gemm, py::arg("a"), py::arg("weight"))
       .def("gemm_batch", &NpuBackendHandle::gemm_batch, py::arg("items"), "[(a, weight), ...] -> [c, ...]")
@@ -226,8 +234,8 @@ void register_npu_bindings(py::module_& m) {
       }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("cpu_gflops") = 0.0, py::arg("m_rows") = 0,
       "kernels/xrt/cost_model.h: predicted NPU vs CPU time (estimates, not silicon measurements)");
   m.def("npu_model", [](int64_t M, int64_t K, int64_t N, int64_t batches, bool runtime_b, bool a_gather, bool conv,
-                        const std::string& dataflow, const py::dict& params) {
-        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv};
+                        const std::string& dataflow, const py::dict& params, bool int8) {
+        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv, int8};
         if (M < 0 || K < 0 || N < 0 || batches < 1) throw std::invalid_argument("bad GEMM shape");
         const k::NpuModelParams p = model_params(params);
         if (dataflow == "v1") return cost_dict(k::model_node_v1(w, p));
@@ -235,6 +243,7 @@ void register_npu_bindings(py::module_& m) {
         throw std::invalid_argument("dataflow must be v1 or v2");
       }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("batches") = 1, py::arg("runtime_b") = false,
       py::arg("a_gather") = false, py::arg("conv") = false, py::arg("dataflow") = "v2", py::arg("params") = py::dict(),
+      py::arg("int8") = false,
       "kernels/xrt/dataflow_model.h: modelled Phoenix time of one node (a model, not a measurement)");
   m.def("npu_model_attention", [](int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const py::dict& params) {
         if (heads < 1 || Tq < 1 || Tk < 1 || d < 1) throw std::invalid_argument("bad attention shape");
@@ -282,7 +291,17 @@ PYBIND11_MODULE(_native, m) {
   m.attr("UNPACKED_MAX_M") = k::kUnpackedMaxM;
   // Precision modes (gemm_contract.h): weight preparation and GEMM, kernel level only.
   py::class_<k::QuantizedB, std::shared_ptr<k::QuantizedB>>(m, "QuantizedB")
-      .def_property_readonly("scale", [](const k::QuantizedB& q) { return py::array_t<float>(q.scale.size(), q.scale.data()); });
+      .def_property_readonly("scale", [](const k::QuantizedB& q) { return py::array_t<float>(q.scale.size(), q.scale.data()); })
+      .def_property_readonly("q", [](const k::QuantizedB& q) {  // [N, Kpad]: column n's int8 values, K contiguous
+        // The emulator stores 16-column panels (emulator.cc quantize_b_int8); unpanel into the plain layout.
+        py::array_t<int8_t> out({static_cast<py::ssize_t>(q.N), static_cast<py::ssize_t>(q.Kpad)});
+        int8_t* dst = out.mutable_data();
+        for (int64_t n = 0; n < q.N; ++n) {
+          const int8_t* panel = q.q.data() + (n / 16) * q.Kpad * 16 + (n % 16) * 4;
+          for (int64_t k = 0; k < q.Kpad; ++k) dst[n * q.Kpad + k] = panel[(k / 4) * 64 + k % 4];
+        }
+        return out;
+      });
   py::class_<k::SplitB, std::shared_ptr<k::SplitB>>(m, "SplitB");
   m.def("quantize_b_int8", [](F32Array b) {
         if (b.ndim() != 2) throw std::invalid_argument("B must be 2-D [K, N]");
@@ -311,6 +330,13 @@ PYBIND11_MODULE(_native, m) {
         return c;
       }, py::arg("a"), py::arg("b"), py::arg("threads") = 0);
   m.attr("VERSION") = XDNA_VERSION;  // the EP library's, from pyproject.toml
+  m.def("precision_policy", [](const std::string& precision, const std::string& rules) {
+        k::Precision p;
+        if (!k::parse_precision(precision.c_str(), &p))
+          throw std::invalid_argument("bad precision '" + precision + "' (accepted: bf16, int8, bf16x3)");
+        return xdna::ops::PrecisionPolicy::parse(p, rules).describe();  // std::invalid_argument -> ValueError
+      }, py::arg("precision"), py::arg("rules") = "",
+      "Checks the `precision` and `precision_policy` provider options as the EP does; returns their description");
   m.def("emulator_kernel_name", &k::emulator_kernel_name, "avx512bf16 | avx512 | avx2 | generic: the kernel set in use");
   m.def("reference_gemm", [](F32Array a, const k::PackedB& b) { return run_gemm(a, b, true, 1); },
         py::arg("a"), py::arg("b"));

@@ -63,11 +63,21 @@ def rand(shape, seed):
 
 # ---- Precision modes (kernels/gemm_contract.h, "Precision modes"; derivations there) ----
 
+def bf16x3_eps(k: int) -> float:
+    """bf16x3's relative factor: |C - A.B| <= bf16x3_eps(K) |A|.|B| (gemm_contract.h)."""
+    return 2.0**-14 + (k + 2) * 2.0**-23
+
+
+def fp32_eps(k: int) -> float:
+    """An fp32 GEMM's (the CPU EP's, numpy's) relative factor: K + 2 roundings of 2^-24, doubled as above."""
+    return (k + 2) * 2.0**-23
+
+
 def bf16x3_bound(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     """bf16x3: |C - A.B| <= (2^-14 + (K + 2) 2^-23) |A|.|B| (hi/lo split drops <= 3.01 * 2^-16 per product)."""
     with np.errstate(invalid="ignore", over="ignore"):
         mag = np.matmul(np.abs(np.asarray(a, np.float64)), np.abs(np.asarray(b, np.float64)))
-    return (2.0**-14 + (k + 2) * 2.0**-23) * mag + TINY
+    return bf16x3_eps(k) * mag + TINY
 
 
 def int8_scales(x: np.ndarray, axis: int) -> np.ndarray:
@@ -87,3 +97,127 @@ def int8_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     col = np.abs(b).sum(axis=-2, keepdims=True)  # [1, N]
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs: checked by position, not by bound
         return 0.5005 * (sb * row + sa * col) + 0.2505 * k * sa * sb + 2.0**-21 * (np.abs(a) @ np.abs(b)) + TINY
+
+
+# ---- Fused attention (kernels/attention_contract.h) ----
+
+def attention_exact(q, kt, v, scale) -> np.ndarray:
+    """softmax(scale * Q K^T) V in float64 over the last two dims ([.., M, D], [.., D, T], [.., T, Dv])."""
+    s = scale * np.matmul(np.asarray(q, np.float64), np.asarray(kt, np.float64))
+    w = np.exp(s - s.max(axis=-1, keepdims=True))
+    w /= w.sum(axis=-1, keepdims=True)
+    return np.matmul(w, np.asarray(v, np.float64))
+
+
+def attention_bound(q, kt, v, scale) -> np.ndarray:
+    """The fused attention contract's elementwise bound on |O - O*|. Each score moves by at most
+        delta = |scale| (2^-7 + 2^-16 + (D + 2) 2^-23) |Q|.|K^T|  +  2^-22 max_t |s*_t|
+    (the GEMM contract's bound on Q K^T, the fp32 scaling, and the fp32 subtraction of the row max). The row max
+    cancels in P/l, so each weight is within a factor (1 + eta) of the exact softmax weight w*, with
+        eta = e^(2 max_t delta_t) (1 + rho) / (1 - rho) (1 + T 2^-23) - 1,  rho = 2^-8 + 2^-21
+    (P rounded to bf16, the fp32 exp's error, the fp32 row sum l). V rounded to bf16 (2^-8), the fp32 PV sum over T
+    and the final division add
+        |O - O*| <= ((1 + eta)(1 + 2^-8)(1 + (T + 1) 2^-23) - 1) sum_t w*_t |V[t]|."""
+    q, kt, v = (np.asarray(x, np.float64) for x in (q, kt, v))
+    d, t = q.shape[-1], kt.shape[-1]
+    s = scale * np.matmul(q, kt)
+    delta = abs(scale) * (2.0**-7 + 2.0**-16 + (d + 2) * 2.0**-23) * np.matmul(np.abs(q), np.abs(kt)) \
+        + 2.0**-22 * np.abs(s).max(axis=-1, keepdims=True)
+    rho = 2.0**-8 + 2.0**-21
+    eta = np.exp(2 * delta.max(axis=-1, keepdims=True)) * (1 + rho) / (1 - rho) * (1 + t * 2.0**-23) - 1
+    w = np.exp(s - s.max(axis=-1, keepdims=True))
+    w /= w.sum(axis=-1, keepdims=True)
+    return ((1 + eta) * (1 + 2.0**-8) * (1 + (t + 1) * 2.0**-23) - 1) * np.matmul(w, np.abs(v)) + TINY
+def precision_bound(a: np.ndarray, b: np.ndarray, precision: str, runtime_b: bool = False) -> np.ndarray:
+    """The bound of `precision` ("bf16", "int8", "bf16x3") on |A.B - exact| for fp32 A [.., M, K] or [K] and
+    B [.., K, N] or [K], as the EP computes it: int8 keeps a run-time B in bf16 (the contract's rule)."""
+    a, b = np.asarray(a), np.asarray(b)
+    k = a.shape[-1]
+    if precision == "bf16x3":
+        return bf16x3_bound(a, b, k)
+    if precision == "bf16" or runtime_b or k == 0:
+        return bf16_bound(a, b, k)
+    assert precision == "int8", precision
+    out = int8_bound(a[None] if a.ndim == 1 else a, b[:, None] if b.ndim == 1 else b)
+    if b.ndim == 1:
+        out = out[..., 0]
+    if a.ndim == 1:
+        out = out[..., 0] if b.ndim == 1 else out[..., 0, :]
+    return out
+
+
+def int8_nan_rule(exact: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The int8 contract's NaN rule: a row of A or a column of B holding NaN or Inf makes that row / column of C
+    NaN (int8 has no such values). `exact` is A.B [M, N] for 2-D A and B."""
+    out = np.array(exact, dtype=np.float64)
+    out[~np.all(np.isfinite(a), axis=-1), :] = np.nan
+    out[:, ~np.all(np.isfinite(b), axis=-2)] = np.nan
+    return out
+
+
+# ---- Whisper's log-mel front end (whisper/frontend.py: the DFT and the mel bank as GEMMs) ----
+
+def logmel_exact64(audio: np.ndarray, filters: np.ndarray) -> tuple[np.ndarray, dict]:
+    """OpenAI's normalised log-mel of `audio` in float64 (features.py's recipe: zeros after the audio, reflect
+    padding of N_FFT/2 before it, periodic Hann, |rfft|^2, the float32 mel filters taken as exact, log10 of
+    max(., MEL_POWER_FLOOR), floor at the maximum over every frame - LOG_FLOOR_DB, (x + 4) / 4).
+    Returns (log-mel [n_mels, content frames], the parts logmel_bound needs)."""
+    from onnxruntime_ep_xdna.whisper import features as F
+
+    x = np.asarray(audio, np.float64).reshape(-1)
+    padded = np.pad(np.concatenate([x, np.zeros(F.N_FFT)]), (F.N_FFT // 2, 0), mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, F.N_FFT)[:: F.HOP_LENGTH]
+    n = np.arange(F.N_FFT)
+    angle = 2 * np.pi * ((np.arange(F.N_FFT // 2 + 1)[:, None] * n) % F.N_FFT) / F.N_FFT
+    hann = F.hann_window()
+    cos, sin = (hann * np.cos(angle)).T, (hann * np.sin(angle)).T  # [N_FFT, bins]
+    re, im = frames @ cos, frames @ sin
+    power = re**2 + im**2
+    fb = np.asarray(filters, np.float64)
+    mel = power @ fb  # [frames, n_mels]
+    peak = max(float(mel.max()), F.MEL_POWER_FLOOR)
+    level = np.maximum(np.maximum(mel, F.MEL_POWER_FLOOR), peak * 10.0**-F.LOG_FLOOR_DB)  # the floored power
+    out = (np.log10(level) + F.NORM_OFFSET) / F.NORM_DIVISOR
+    content = x.size // F.HOP_LENGTH
+    parts = dict(re=re, im=im, power=power, mel=mel, level=level, filters=fb,
+                 mag_re=np.abs(frames) @ np.abs(cos), mag_im=np.abs(frames) @ np.abs(sin), content=content)
+    return out[:content].T, parts
+
+
+def logmel_bound(parts: dict, dft_eps: float, mel_eps: float, reference_fp32: bool = False) -> np.ndarray:
+    """Elementwise bound on |log-mel - logmel_exact64| [n_mels, content] for a front end whose DFT GEMM (K = N_FFT)
+    has relative factor `dft_eps` and whose mel GEMM (K = 201) has `mel_eps` (bf16x3_eps or fp32_eps).
+
+    Derivation (fp32 values, u = 2^-24):
+      DFT: the basis is rounded to fp32 once (u relative), the GEMM adds dft_eps |x|.|basis|, so
+        |Re' - Re| <= dRe = (dft_eps + 2u) (|x|.|hann cos|), likewise Im (2u also covers numpy's frames * hann);
+      power: |Re'^2 - Re^2| <= dRe (2|Re| + dRe), + 2 fp32 roundings: dP = (dRe (2|Re| + dRe) + dIm (...))(1 + 4u)
+        + 4u P;
+      mel (P, F >= 0): dM = dP.F + mel_eps (M + dP.F);
+      floor: the output is log10(L) with L = max(M, MEL_POWER_FLOOR, 10^-8 max M), and L moves by at most
+        D = max(dM, 10^-8 max dM), so |log10 L' - log10 L| <= -log10(1 - D / L) (infinite when D >= L);
+      then / NORM_DIVISOR, + 4e-6 for fp32 log10 and the normalisation's roundings.
+    `reference_fp32`: add the numpy reference's own fp32 error (frames * hann, the power cast, the fp32 mel GEMM),
+    for comparing with features.log_mel_spectrogram instead of the float64 exact value.
+    """
+    from onnxruntime_ep_xdna.whisper import features as F
+
+    u = 2.0**-24
+    fb = parts["filters"]
+
+    def mel_error(d_eps: float, m_eps: float) -> np.ndarray:
+        d_re = (d_eps + 2 * u) * parts["mag_re"]
+        d_im = (d_eps + 2 * u) * parts["mag_im"]
+        d_p = (d_re * (2 * np.abs(parts["re"]) + d_re) + d_im * (2 * np.abs(parts["im"]) + d_im)) * (1 + 4 * u)
+        d_p += 4 * u * parts["power"]
+        spread = d_p @ fb
+        return spread + m_eps * (parts["mel"] + spread)
+
+    d_mel = mel_error(dft_eps, mel_eps)
+    if reference_fp32:
+        d_mel = d_mel + mel_error(0.0, fp32_eps(fb.shape[0]))
+    d = np.maximum(d_mel, 10.0**-F.LOG_FLOOR_DB * d_mel.max())
+    level = parts["level"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_err = np.where(d < level, -np.log10(np.maximum(1 - d / level, 1e-300)), np.inf)
+    return (log_err / F.NORM_DIVISOR + 4e-6)[: parts["content"]].T

@@ -1,13 +1,15 @@
-"""Every ONNX case the EP claims (or must leave alone), through the whole EP, on every backend available, against
-ORT's CPU EP and float64 numpy. In the spirit of ggml's test-backend-ops: one list of cases, each with its exact
-result and error bound (tests/numerics.py); one loop over (case, backend).
+"""Every ONNX case the EP claims (or must leave alone), through the whole EP, on every backend available and in
+every precision (the `precision` option: bf16, int8, bf16x3), against ORT's CPU EP and float64 numpy. In the spirit
+of ggml's test-backend-ops: one list of cases, each with its exact result and each precision's error bound
+(tests/numerics.py); one loop over (case, backend, precision).
 
 Backends: the emulator, and the xrt backend on the fake NPU device (kernels/xrt/fake_device.h) with kernels "built"
 for the case's shapes and the cost model off, so that every product the EP sends to a device reaches it.
 
 Placement is proven twice for every case: which nodes ORT assigned to the EP (its assignment info), and where
 each product ran (the EP's run-time report: device calls, CPU calls by reason; never a fault, and on the fake
-device never a shape it lacked).
+device never a shape it lacked), and in which precision (int8 keeps a run-time B in bf16; the fake device, like
+the xrt backend, declines int8 and bf16x3, whose products then run on the CPU fallback in their own precision).
 """
 
 from __future__ import annotations
@@ -22,17 +24,25 @@ import pytest
 from onnx import TensorProto, helper
 
 from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, rng, tensor, xdna_session
-from numerics import TINY, assert_within, bf16_bound
+from numerics import TINY, assert_within, int8_nan_rule, precision_bound
 from test_xrt_backend import write_kernel_dir
 
 DISABLE_ALL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+PRECISIONS = ["bf16", "int8", "bf16x3"]
 
 
 @dataclass
 class Run:
     feeds: dict
     exact: list  # float64 result per graph output (or the exact integers of a case left to the CPU EP)
-    bound: list
+    bound: object  # precision -> one bound per output (tests/numerics.py), or a list: the same in every precision
+    int8_exact: list | None = None  # where int8's NaN rule makes the contract's result differ from `exact`
+
+    def bounds(self, precision):
+        return self.bound(precision) if callable(self.bound) else self.bound
+
+    def exact_in(self, precision):
+        return self.int8_exact if precision == "int8" and self.int8_exact is not None else self.exact
 
 
 @dataclass
@@ -44,6 +54,7 @@ class Case:
     gemms: list[tuple[int, int]] = field(default_factory=list)  # (K, N) of the products: kernels the fake NPU gets
     to_device: bool = True  # some product must reach the device (False: zero-size, or run-time B of few rows)
     level: object = None  # graph optimization level (None: ORT's default)
+    runtime_b: bool = False  # B is given at run time (int8 then computes in bf16, bf16x3 packs it split)
 
     def __str__(self):
         return self.name
@@ -53,8 +64,8 @@ def exact_matmul(a, b):
     return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64))
 
 
-def matmul_run(feeds, a, b):
-    return Run(feeds, [exact_matmul(a, b)], [bf16_bound(a, b, a.shape[-1])])
+def matmul_run(feeds, a, b, runtime_b=False):
+    return Run(feeds, [exact_matmul(a, b)], lambda p: [precision_bound(a, b, p, runtime_b)])
 
 
 def kn(a_shape, b_shape):
@@ -90,8 +101,8 @@ def matmul_runtime_cases():
                            [tensor("a", list(a_shape)), tensor("b", list(b_shape))],
                            [tensor("y", [None] * np.matmul(a, b).ndim)])
         rows = 1 if len(a_shape) == 1 else a_shape[-2]
-        yield Case(f"matmul_runtime_{a_shape}x{b_shape}", model, [matmul_run({"a": a, "b": b}, a, b)], ["MatMul"],
-                   [kn(a_shape, b_shape)], to_device=rows > 16)
+        yield Case(f"matmul_runtime_{a_shape}x{b_shape}", model, [matmul_run({"a": a, "b": b}, a, b, True)],
+                   ["MatMul"], [kn(a_shape, b_shape)], to_device=rows > 16, runtime_b=True)
 
 
 GEMM_C = {"none": None, "const_n": "N", "const_mn": "MN", "const_scalar": "", "const_m1": "M1", "runtime_1n": "1N",
@@ -131,9 +142,13 @@ def gemm_cases():
                     c_term = 0 if c is None else beta * c.astype(np.float64)
                     exact = exact + c_term
                     # alpha * C and + beta * C each round once in fp32
-                    bound = abs(alpha) * bf16_bound(a2, b2, K) + 4 * 2.0**-24 * (np.abs(exact) + np.abs(c_term))
+                    epilogue = 4 * 2.0**-24 * (np.abs(exact) + np.abs(c_term))
+
+                    def bound(p, a2=a2, b2=b2, epilogue=epilogue, b_runtime=b_runtime):
+                        return [abs(alpha) * precision_bound(a2, b2, p, b_runtime) + epilogue]
+
                     yield Case(f"gemm_tA{trans_a}_tB{trans_b}_C-{c_kind}_B-{'runtime' if b_runtime else 'const'}",
-                               model, [Run(feeds, [exact], [bound])], ["Gemm"], [(K, N)])
+                               model, [Run(feeds, [exact], bound)], ["Gemm"], [(K, N)], runtime_b=b_runtime)
 
 
 def matmul_add_cases():
@@ -147,7 +162,7 @@ def matmul_add_cases():
                         helper.make_node("Add", ["h", "bias"], ["y"], name="add")],
                        [tensor("a", [2, 6, 48])], [tensor("y", [2, 6, 40])], [init("w", w), init("bias", bias)])
     exact = exact_matmul(a, w) + bias
-    run = Run({"a": a}, [exact], [bf16_bound(a, w, 48) + 2.0**-23 * np.abs(exact)])
+    run = Run({"a": a}, [exact], lambda p: [precision_bound(a, w, p) + 2.0**-23 * np.abs(exact)])
     yield Case("matmul_add_as_gemm", model, [run], ["Gemm"], [(48, 40)])
     yield Case("matmul_add_unoptimized", model, [run], ["MatMul"], [(48, 40)], level=DISABLE_ALL)
 
@@ -168,7 +183,8 @@ def transpose_fusion_cases():
     def case(name, nodes, feeds, a, b, on_ep, to_device=True):
         model = make_model(nodes, [tensor(n, list(v.shape)) for n, v in feeds.items()],
                            [tensor("y", list(np.matmul(a, b).shape))])
-        return Case(name, model, [matmul_run(feeds, a, b)], on_ep, [kn(a.shape, b.shape)], to_device)
+        return Case(name, model, [matmul_run(feeds, a, b, True)], on_ep, [kn(a.shape, b.shape)], to_device,
+                    runtime_b=True)
 
     for m in (1, 3, 40):  # decoder with past: scores = Q . K^T, K kept as [1, 8, T, 64]; unpacked and packed paths
         q = rng(1).standard_normal((1, 8, m, 64)).astype(np.float32)
@@ -204,11 +220,12 @@ def transpose_fusion_cases():
                        [tensor("y", [1, 2, 20, 9]), tensor("r", [1, 2, 16, 9])])
     yield Case("transpose_shared_stays_on_cpu", model,
                [Run({"q": q, "k": k}, [exact_matmul(q, kt), np.maximum(kt, 0).astype(np.float64)],
-                    [bf16_bound(q, kt, 16), 0.0])], ["MatMul"], [(16, 9)])
+                    lambda p: [precision_bound(q, kt, p, True), 0.0])], ["MatMul"], [(16, 9)], runtime_b=True)
 
 
 def conv_reference(x, w, bias, stride, dilation, pads):
-    """(exact float64 result, the contract's bound) of a 1-D Conv, as the GEMM of im2col rows and the weights."""
+    """(exact float64 result, precision -> [the contract's bound]) of a 1-D Conv, as the GEMM of im2col rows and
+    the weights."""
     n, cin, t = x.shape
     cout, _, k = w.shape
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pads[0], pads[1])))
@@ -218,7 +235,7 @@ def conv_reference(x, w, bias, stride, dilation, pads):
     cols = cols.reshape(n, t_out, cin * k)
     wt = w.astype(np.float64).reshape(cout, -1).T
     exact = (cols @ wt).transpose(0, 2, 1) + (0 if bias is None else bias[None, :, None])
-    return exact, bf16_bound(cols, wt, cin * k).transpose(0, 2, 1) + 2.0**-23 * np.abs(exact)
+    return exact, lambda p: [precision_bound(cols, wt, p).transpose(0, 2, 1) + 2.0**-23 * np.abs(exact)]
 
 
 def conv_cases():
@@ -235,7 +252,7 @@ def conv_cases():
         runs = []
         for xr in (x, x[:1, :, :17].copy()):  # a second length in the same session (symbolic T)
             exact, bound = conv_reference(xr, w, b, stride, dilation, pads)
-            runs.append(Run({"x": xr}, [exact], [bound]))
+            runs.append(Run({"x": xr}, [exact], bound))
         yield Case(f"conv1d_s{stride}_d{dilation}_p{pads[0]}{pads[1]}_bias{int(bias)}", model, runs, ["Conv"],
                    [(36, 20)])
 
@@ -279,10 +296,12 @@ def edge_cases():
     with np.errstate(invalid="ignore"):
         exact = (a.astype(np.float64)[:, :, None] * w.astype(np.float64)[None, :, :]).sum(axis=1)
     assert np.isnan(exact).any() and np.isinf(exact).any()
-    bound = bf16_bound(np.nan_to_num(a, posinf=0, neginf=0, nan=0), np.nan_to_num(w, posinf=0), 20)
+    finite_a, finite_w = np.nan_to_num(a, posinf=0, neginf=0, nan=0), np.nan_to_num(w, posinf=0)
     model = make_model([helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")], [tensor("a", [6, 20])],
                        [tensor("y", [6, 7])], [init("w", w)])
-    yield Case("nan_and_inf_propagate", model, [Run({"a": a}, [exact], [bound])], ["MatMul"], [(20, 7)])
+    yield Case("nan_and_inf_propagate", model,
+               [Run({"a": a}, [exact], lambda p: [precision_bound(finite_a, finite_w, p)],
+                    int8_exact=[int8_nan_rule(exact, a, w)])], ["MatMul"], [(20, 7)])
 
     a = np.full((2, 3), 1e30, np.float32)
     w = np.full((3, 2), 1e5, np.float32)
@@ -296,7 +315,7 @@ def edge_cases():
                            [tensor("a", [None] * len(a_shape)), tensor("b", [None] * len(b_shape))],
                            [tensor("y", [None] * len(a_shape))])
         yield Case(f"zero_size_{a_shape}x{b_shape}", model,
-                   [Run({"a": a, "b": b}, [exact_matmul(a, b)], [TINY])], ["MatMul"], to_device=False)
+                   [Run({"a": a, "b": b}, [exact_matmul(a, b)], [TINY])], ["MatMul"], to_device=False, runtime_b=True)
 
     # huge K: the fp32 accumulation term of the bound (K * 2^-23) dominates
     a = rng(9).standard_normal((20, 20000)).astype(np.float32)
@@ -343,10 +362,13 @@ def runtime_report(path):
     return [line for line in lines if line.get("runtime")]
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_case_on_backend(case, backend_options, tmp_path):
+def test_case_on_backend(case, backend_options, precision, tmp_path):
     report = tmp_path / "report.jsonl"
     options = {**backend_options, "partition_report": str(report)}
+    if precision != "bf16":
+        options["precision"] = precision
     sess = xdna_session(case.model, options, case.level)
     on_ep = sorted(op for _, op in ep_nodes(sess))
     assert on_ep == sorted(case.on_ep), f"placement: {ep_nodes(sess)}"
@@ -365,18 +387,38 @@ def test_case_on_backend(case, backend_options, tmp_path):
             continue
         outs = sess.run(None, run.feeds)
         refs = ref_sess.run(None, run.feeds)
-        for j, (out, ref, exact, bound) in enumerate(zip(outs, refs, run.exact, run.bound)):
-            what = f"{case.name} run {i} output {j}"
-            assert_within(out, exact, bound, what + ": EP vs exact")
+        for j, (out, ref, exact, contract, bound) in enumerate(
+                zip(outs, refs, run.exact, run.exact_in(precision), run.bounds(precision))):
+            what = f"{case.name} {precision} run {i} output {j}"
+            assert_within(out, contract, bound, what + ": EP vs exact")
             assert_within(ref, exact, bound, what + ": CPU EP vs exact (sanity of the bound)")
+            # the CPU EP's result with the precision's NaN rule applied (int8: rows/columns of NaN or Inf)
+            ref = np.where(np.isnan(contract) & ~np.isnan(exact), np.nan, ref)
             assert_within(out, ref, 2 * np.asarray(bound), what + ": EP vs CPU EP")
     del sess
     gc.collect()
+    claims = {line["node"]: line for line in map(json.loads, report.read_text().splitlines())
+              if not line.get("runtime") and line["claimed"]}
     executed = runtime_report(report)  # one line per claimed node, written when the session is released
     assert len(executed) == sum(op != "Transpose" for op in case.on_ep)
+    # the precision each node computed in: the one asked for, except int8 with a run-time B (bf16, and says so)
+    effective = "bf16" if precision == "int8" and case.runtime_b else precision
+    for e in executed:
+        assert e["precision"] == claims[e["node"]]["precision"] == effective, (e, claims)
+        if effective != precision:
+            assert "run time" in claims[e["node"]]["precision_note"]
     device_calls = sum(e["device_calls"] for e in executed)
     by_reason = {k: sum(e["cpu_calls_by_reason"][k] for e in executed) for k in ("not_for_device", "unpacked", "fault")}
-    assert by_reason["fault"] == 0 and by_reason["not_for_device"] == 0, executed
+    assert by_reason["fault"] == 0, executed
+    declined = options["backend"] == "xrt" and effective != "bf16"  # the device has no int8 / bf16x3 kernels
+    if declined:
+        assert device_calls == 0 and by_reason["unpacked"] == 0, executed
+        if case.to_device or (case.runtime_b and case.gemms):  # (zero-size cases compute no product)
+            assert by_reason["not_for_device"] > 0, executed
+        return
+    assert by_reason["not_for_device"] == 0, executed
+    if effective == "bf16x3":
+        assert by_reason["unpacked"] == 0, executed  # a run-time B is split like a constant one
     if options["backend"] == "xrt" and case.to_device:
         assert device_calls > 0, f"no product reached the fake NPU: {executed}"
     if options["backend"] == "xrt" and not case.to_device and case.on_ep:

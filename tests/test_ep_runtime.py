@@ -12,6 +12,7 @@ from onnx import helper
 
 import onnxruntime_ep_xdna as xdna
 from ep_helpers import EP, assert_within, bf16_bound, ep_nodes, init, make_model, rng, tensor, xdna_session
+from numerics import bf16x3_bound, int8_bound
 
 
 def executed(report):
@@ -76,7 +77,12 @@ def test_selection_through_ep_devices():
     [
         ({"no_such_option": "1"}, "unknown option 'no_such_option'"),
         ({"backend": "gpu"}, "bad value 'gpu' for option 'backend'"),
-        ({"precision": "bf16"}, "unknown option 'precision'"),  # one precision today: not an option
+        ({"precision": "fp8"}, "bad value 'fp8' for option 'precision' (accepted: bf16, int8, bf16x3)"),
+        ({"precision_policy": "int4:op=MatMul"}, "bad rule 'int4:op=MatMul' in precision_policy: unknown mode 'int4'"),
+        ({"precision_policy": "bf16:name=*attn*;int8:kind=MatMul"},
+         "bad rule 'int8:kind=MatMul' in precision_policy: unknown selector key 'kind'"),
+        ({"precision_policy": "int8"}, "bad rule 'int8' in precision_policy: no ':'"),
+        ({"precision_policy": "int8:weight=sometimes"}, "weight=sometimes (accepted: constant, runtime)"),
         ({"min_mflop": "lots"}, "bad value 'lots' for option 'min_mflop'"),
         ({"log_level": "loud"}, "bad value 'loud' for option 'log_level'"),
     ],
@@ -290,3 +296,95 @@ def test_session_options_turn_spinning_off():
     assert so.get_session_config_entry("session.record_ep_graph_assignment_info") == "1"
     with pytest.raises(RuntimeError):  # spinning=True leaves ORT's default (no entry at all)
         xdna.session_options(spinning=True).get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def policy_model():
+    """Three products: a constant-weight MatMul, an attention-like MatMul with B at run time, and a Gemm."""
+    r = rng(11)
+    w1 = r.standard_normal((48, 40)).astype(np.float32)
+    w2 = r.standard_normal((40, 24)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["a", "w1"], ["h"], name="enc/fc1"),
+         helper.make_node("MatMul", ["h", "kt"], ["s"], name="enc/attn_qk"),
+         helper.make_node("Gemm", ["h", "w2"], ["y"], name="proj_out")],
+        [tensor("a", [20, 48]), tensor("kt", [40, 30])], [tensor("s", [20, 30]), tensor("y", [20, 24])],
+        [init("w1", w1), init("w2", w2)])
+    return model, w1, w2
+
+
+@pytest.mark.parametrize("options,expected", [
+    ({}, {"enc/fc1": "bf16", "enc/attn_qk": "bf16", "proj_out": "bf16"}),
+    ({"precision": "int8"}, {"enc/fc1": "int8", "enc/attn_qk": "bf16", "proj_out": "int8"}),
+    ({"precision": "bf16x3"}, {"enc/fc1": "bf16x3", "enc/attn_qk": "bf16x3", "proj_out": "bf16x3"}),
+    # first matching rule wins; unmatched nodes get `precision`
+    ({"precision": "bf16x3", "precision_policy": "bf16:name=proj_*;int8:weight=constant"},
+     {"enc/fc1": "int8", "enc/attn_qk": "bf16x3", "proj_out": "bf16"}),
+    ({"precision_policy": "bf16x3:op=Gemm ; int8:op=MatMul,name=enc/*"},
+     {"enc/fc1": "int8", "enc/attn_qk": "bf16", "proj_out": "bf16x3"}),  # int8 with a run-time B: bf16
+])
+def test_precision_policy_per_node_numerics_and_report(options, expected, tmp_path):
+    model, w1, w2 = policy_model()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    report = xdna.partition(path, {"backend": "emulator", **options})
+    got = {d.node: d.precision for d in report.decisions}
+    assert got == expected
+    notes = {d.node: d.precision_note for d in report.decisions}
+    if options.get("precision") == "int8" or "int8:op=MatMul" in options.get("precision_policy", ""):
+        assert "run time" in notes["enc/attn_qk"] and "bf16" in notes["enc/attn_qk"]
+        assert "int8 asked: run-time B stays bf16" in report.table()
+    assert "precision of the EP's nodes" in report.table()
+
+    r = rng(12)
+    a = r.standard_normal((20, 48)).astype(np.float32)
+    kt = r.standard_normal((40, 30)).astype(np.float32)
+    sess = xdna_session(model, {"backend": "emulator", **options})
+    s, y = sess.run(None, {"a": a, "kt": kt})
+    bound = {"bf16": lambda x, b: bf16_bound(x, b, x.shape[-1]), "int8": int8_bound,
+             "bf16x3": lambda x, b: bf16x3_bound(x, b, x.shape[-1])}
+    # each node within its own mode's bound: h recomputed in fc1's mode by a one-node session, then its consumers
+    h_mode = expected["enc/fc1"]
+    one = xdna_session(make_model(
+        [helper.make_node("MatMul", ["a", "w1"], ["h"], name="enc/fc1")], [tensor("a", [20, 48])],
+        [tensor("h", [20, 40])], [init("w1", w1)]), {"backend": "emulator", "precision": h_mode})
+    h = one.run(None, {"a": a})[0]
+    assert_within(h, a.astype(np.float64) @ w1, bound[h_mode](a, w1), "enc/fc1")
+    assert_within(s, h.astype(np.float64) @ kt, bound[expected["enc/attn_qk"]](h, kt), "enc/attn_qk")
+    assert_within(y, h.astype(np.float64) @ w2, bound[expected["proj_out"]](h, w2), "proj_out")
+
+
+def test_device_declines_int8_and_the_cpu_runs_it_in_int8(tmp_path, capfd, monkeypatch):
+    """The xrt backend (fake device) has no int8 kernel: the node runs on the CPU fallback in int8 (never silently
+    bf16), logged once per node as not for the device; bf16 nodes of the same session still reach the device."""
+    from test_xrt_backend import write_kernel_dir
+
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
+    kernel_dir = write_kernel_dir(tmp_path / "kernels", [(64, 256, 256)])
+    r = rng(13)
+    w1 = r.standard_normal((48, 40)).astype(np.float32)
+    w2 = r.standard_normal((40, 24)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["a", "w1"], ["h"], name="q8"), helper.make_node("MatMul", ["h", "w2"], ["y"], name="b16")],
+        [tensor("a", [30, 48])], [tensor("y", [30, 24])], [init("w1", w1), init("w2", w2)])
+    report = tmp_path / "report.jsonl"
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(kernel_dir), "log_level": "info",
+                                "precision_policy": "int8:name=q8", "partition_report": str(report)}, so=so)
+    a = r.standard_normal((30, 48)).astype(np.float32)
+    for _ in range(2):
+        y = sess.run(None, {"a": a})[0]
+    h = np.asarray(xdna_session(make_model([helper.make_node("MatMul", ["a", "w1"], ["h"], name="q8")],
+                                           [tensor("a", [30, 48])], [tensor("h", [30, 40])], [init("w1", w1)]),
+                                {"backend": "emulator", "precision": "int8"}).run(None, {"a": a})[0])
+    assert_within(h, a.astype(np.float64) @ w1, int8_bound(a, w1), "q8 in int8")
+    assert_within(y, h.astype(np.float64) @ w2, bf16_bound(h, w2, 40), "b16 in bf16 on the device")
+    del sess
+    err = capfd.readouterr().err
+    assert err.count("node 'q8': xrt runs no int8 products (declined: the xrt backend does not dispatch int8 kernels yet") == 1
+    assert "computed on the CPU (same int8 arithmetic)" in err
+    nodes = {d["node"]: d for d in executed(report)}
+    assert nodes["q8"]["precision"] == "int8" and nodes["q8"]["device_calls"] == 0
+    assert nodes["q8"]["cpu_calls_by_reason"] == {"not_for_device": 2, "unpacked": 0, "fault": 0}
+    assert nodes["b16"]["precision"] == "bf16" and nodes["b16"]["device_calls"] == 2

@@ -232,7 +232,8 @@ _ISA_CHECK = textwrap.dedent("""
     import numpy as np
     from onnxruntime_ep_xdna import _native
     rng = np.random.default_rng(5)
-    for m, k, n in [(1, 1, 1), (1, 300, 700), (3, 65, 63), (4, 512, 256), (7, 130, 200), (200, 257, 300)]:
+    for m, k, n in [(1, 1, 1), (1, 300, 700), (3, 65, 63), (4, 512, 256), (7, 130, 200), (12, 301, 200), (16, 65, 130),
+                    (200, 257, 300)]:
         a = rng.standard_normal((m, k)).astype(np.float32)
         b = rng.standard_normal((k, n)).astype(np.float32)
         if k > 2:

@@ -80,27 +80,62 @@ def test_int8_largest_k_is_exact_and_past_it_refused():
         _native.emulator_gemm_int8(np.ones((1, k + 1), np.float32), _native.quantize_b_int8(np.ones((k + 1, 1), np.float32)))
 
 
-def test_int8_generic_kernel_matches_the_fast_one_bit_for_bit():
-    code = textwrap.dedent("""
-        import numpy as np, sys
-        from onnxruntime_ep_xdna import _native
-        rng = np.random.default_rng(5)
-        a = rng.standard_normal((37, 333)).astype(np.float32)
-        b = rng.standard_normal((333, 71)).astype(np.float32)
-        np.save(sys.argv[1], _native.emulator_gemm_int8(a, _native.quantize_b_int8(b)))
-        print(_native.emulator_int8_kernel_name())
-    """)
+_INT8_ISA_CHECK = textwrap.dedent("""
+    import numpy as np, sys
+    from onnxruntime_ep_xdna import _native
+    rng = np.random.default_rng(5)
     out = {}
-    for isa in ("", "generic"):
-        path = f"/tmp/int8_{os.getpid()}_{isa or 'best'}.npy"
+    # Random shapes on both sides of the few-row / blocked split and of the 4-deep, 16-wide packing.
+    for m, k, n in [(1, 1, 1), (3, 5, 17), (16, 333, 71), (17, 64, 64), (37, 333, 71), (200, 130, 300)]:
+        a = (rng.standard_normal((m, k)) * np.exp2(rng.integers(-8, 9, (m, 1)))).astype(np.float32)
+        b = (rng.standard_normal((k, n)) * np.exp2(rng.integers(-8, 9, (1, n)))).astype(np.float32)
+        out[f"random {m}x{k}x{n}"] = _native.emulator_gemm_int8(a, _native.quantize_b_int8(b))
+    # Adversarial: every product +-127 * +-127, K at the int32-exact limit (sums near +-2^31; the VNNI offset sum
+    # wraps; an int16 pair sum would saturate), signs in all combinations, a ragged K and N.
+    k = _native.INT8_MAX_K
+    a = np.ones((6, k), np.float32)
+    a[1] = -1
+    a[2, ::2] = -1
+    a[3, 1::3] = -1
+    a[4] = -1e30
+    a[5, -1] = 1e-30
+    b = np.ones((k, 19), np.float32)
+    b[:, 1] = -1
+    b[::2, 2] = -1
+    b[:, 3] = -0.5
+    b[k // 2, 4] = -3
+    out["adversarial"] = _native.emulator_gemm_int8(a, _native.quantize_b_int8(b))
+    out["adversarial_a"], out["adversarial_b"] = a, b
+    np.savez(sys.argv[1], **out)
+    print(_native.emulator_int8_kernel_name())
+""")
+
+
+def test_int8_every_kernel_set_gives_the_same_bits():
+    # One process per forced kernel set (the choice is made once per process); the int8 kernel follows it.
+    results = {}
+    for isa in ("", "generic", "avx2", "avx512", "avx512bf16"):
+        path = f"/tmp/int8_{os.getpid()}_{isa or 'best'}.npz"
         env = dict(os.environ, XDNA_EMULATOR_ISA=isa)
-        name = subprocess.run([sys.executable, "-c", code, path], env=env, check=True, capture_output=True,
-                              text=True).stdout.strip()
-        out[name] = np.load(path)
+        proc = subprocess.run([sys.executable, "-c", _INT8_ISA_CHECK, path], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        if isa and "not available on this CPU" in proc.stderr:
+            os.unlink(path)
+            continue
+        with np.load(path) as f:
+            results.setdefault(proc.stdout.strip(), {k: f[k] for k in f.files})
         os.unlink(path)
-    assert "generic" in out
-    for c in out.values():
-        np.testing.assert_array_equal(c, out["generic"])
+    assert "generic" in results and "avx2" in results  # every x86-64 CI machine has AVX2
+    reference = results["generic"]
+    for name, got in results.items():
+        for case, c in got.items():
+            np.testing.assert_array_equal(c, reference[case], err_msg=f"{name} vs generic: {case}")
+    # And they are the contract's: the adversarial sums (127 * 127 * K and its signed variants) are exact.
+    adv = reference["adversarial"]
+    np.testing.assert_array_equal(adv, int8_model(reference["adversarial_a"], reference["adversarial_b"]))
+    k = _native.INT8_MAX_K  # 127 * 127 * k in int32, dequantised by (1/127)^2
+    assert adv[0, 0] == -adv[0, 1] == -adv[1, 0] and abs(adv[0, 0] - k) <= k * 2.0**-20
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)

@@ -147,8 +147,12 @@ def clip(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def expected(tiny, clip):
-    """What transcribe() gives here, in this process, for the clip (the server must give the same)."""
-    return {task: transcribe_all(str(clip), str(tiny), beam_size=1, temperature=0.0, task=task) for task in ("transcribe", "translate")}
+    """What transcribe() gives here, in this process, for the clip (the server must give the same): the server runs
+    with the CLIs' default --precision."""
+    from onnxruntime_ep_xdna._precision import DEFAULT
+
+    return {task: transcribe_all(str(clip), str(tiny), beam_size=1, temperature=0.0, task=task, precision=DEFAULT)
+            for task in ("transcribe", "translate")}
 
 
 def test_health_models_and_where_it_runs(server):

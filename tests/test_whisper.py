@@ -564,6 +564,77 @@ def test_cli_bad_model_dir_is_a_message(tmp_path):
     assert "error" in proc.stderr
 
 
+# ---- precision policies (issue 13) ------------------------------------------------------------------------------
+
+
+def test_precision_policy_names_modes_and_rules():
+    from onnxruntime_ep_xdna._precision import NAMED, provider_options
+
+    assert provider_options(None) == {} and provider_options(" ") == {}
+    assert provider_options("int8") == {"precision": "int8"}
+    assert provider_options("mixed") == {"precision_policy": NAMED["mixed"]}
+    rules = "bf16:name=*proj_out*;int8:weight=constant"
+    assert provider_options(rules) == {"precision_policy": rules}
+    with pytest.raises(ValueError, match="bad precision policy 'fp4'"):
+        provider_options("fp4")
+    with pytest.raises(ValueError, match="bad rule 'int8:weight=often'"):  # checked as the EP does
+        provider_options("bf16:op=Conv;int8:weight=often")
+
+
+def test_precision_reaches_every_session_of_the_model(tiny_multilingual):
+    """The policy is a provider option of the encoder and both decoders: int8 changes their numbers (within the
+    int8 contract), bf16x3 brings them closer to the CPU EP's fp32 than bf16 does."""
+    mel = F.log_mel_spectrogram(chirp(2.0), 80)[None, :, :]
+    mel = np.pad(mel, ((0, 0), (0, 0), (0, 3000 - mel.shape[-1])))
+    outs = {}
+    for provider, precision in (("cpu", None), ("xdna", None), ("xdna", "int8"), ("xdna", "bf16x3"),
+                                ("xdna", "bf16:op=Conv;int8:weight=constant")):
+        w = WhisperOnnx(tiny_multilingual, provider, precision=precision)
+        window = w.encode(mel.astype(np.float32))
+        logits, _ = w.start(window, [w.tokens.sot])
+        outs[(provider, precision)] = (window.encoded.numpy(), logits)
+    (enc32, log32), (enc16, log16) = outs[("cpu", None)], outs[("xdna", None)]
+    err = {k: (np.abs(e - enc32).max(), np.abs(lg - log32).max()) for k, (e, lg) in outs.items()}
+    assert not np.array_equal(outs[("xdna", "int8")][0], enc16)  # the encoder's products ran in int8
+    assert not np.array_equal(outs[("xdna", "int8")][1], log16)  # and the decoder's
+    assert err[("xdna", "bf16x3")][0] < err[("xdna", None)][0] / 10, err
+    assert err[("xdna", "bf16x3")][1] < err[("xdna", None)][1] / 10, err
+    mixed = outs[("xdna", "bf16:op=Conv;int8:weight=constant")][0]
+    assert not np.array_equal(mixed, enc16) and not np.array_equal(mixed, outs[("xdna", "int8")][0])
+
+
+def test_cli_precision_option(tiny_en, tmp_path):
+    wav = write_wav(tmp_path / "speechlike.wav", chirp(2.0))
+    proc = run_cli("--model", tiny_en, *FAST, "--precision", "mixed", wav)
+    assert proc.returncode == 0, proc.stderr
+    assert "on XDNAExecutionProvider, precision mixed (bf16:name=*proj_out*;int8:weight=constant)" in proc.stderr
+    proc = run_cli("--model", tiny_en, *FAST, "--precision", "int8:weight=sometimes", wav)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--precision: bad rule 'int8:weight=sometimes' in precision_policy" in proc.stderr
+    proc = run_cli("--model", tiny_en, *FAST, "--provider", "cpu", "--precision", "bf16x3", wav)
+    assert proc.returncode == 0 and "--precision bf16x3 applies to the XDNA EP only" in proc.stderr
+    from onnxruntime_ep_xdna._precision import DEFAULT
+
+    proc = run_cli("--model", tiny_en, *FAST, wav)  # the default policy, said where the model is loaded
+    assert proc.returncode == 0 and f"on XDNAExecutionProvider, precision {DEFAULT}" in proc.stderr
+
+
+def test_serve_and_batch_take_the_precision_option(tiny_en, tmp_path):
+    from onnxruntime_ep_xdna.batch import run_batch
+    from onnxruntime_ep_xdna.cli import build_parser
+
+    for command in (["serve"], ["batch", "-o", str(tmp_path / "o"), "x.wav"], ["transcribe"]):
+        assert build_parser().parse_args([*command, "--precision", "int8"]).precision == "int8"
+    wav = write_wav(tmp_path / "a.wav", chirp(1.0))
+    fast = TranscriptionOptions(beam_size=1, temperature=(0.0,), sample_len=8, language="en")
+    summary = run_batch([str(wav)], tmp_path / "out", model=str(tiny_en), provider="xdna", precision="bf16x3",
+                        options=fast)
+    assert summary.done == 1, summary
+    summary = run_batch([str(wav)], tmp_path / "out2", model=str(tiny_en), provider="xdna", precision="int8:x=y",
+                        options=fast)
+    assert summary.exit_code == 1 and "bad rule 'int8:x=y'" in summary.message, summary
+
+
 # ---- the real model -----------------------------------------------------------------------------------------------
 
 

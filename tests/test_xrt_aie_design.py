@@ -587,10 +587,10 @@ def test_attention_design_fits_l1_and_covers_every_query_tile():
 @pytest.mark.parametrize("T,H", [(300, 2), (97, 3)])
 def test_attention_design_computes_softmax_attention(T, H):
     """The fused design (online softmax over 32-key tiles, bf16 Q/K/V/P, head columns read through strides) against
-    float64 attention. Bound from the arithmetic: Q, K rounded to bf16 move each score by at most
-    delta = scale (2^-7 + D 2^-23) |q|.|k|, P's rounding by 2^-9 relative; so every softmax weight is within a factor
-    eta = e^(2 max delta) (1 + 2^-8)/(1 - 2^-8) - 1 of the exact one, and V's rounding adds 2^-8:
-    |O - O*| <= (eta + (1 + eta) 2^-8) sum_j w*_j |v_j|."""
+    float64 attention, within the fused attention contract's bound (numerics.attention_bound, derived there: the
+    design's float64 sums and exact exp are inside the contract's fp32 allowances)."""
+    from numerics import attention_bound, attention_exact
+
     rng = np.random.default_rng(4)
     q, k, v = (0.5 * rng.standard_normal((T, H * attn.D))).astype(np.float32), \
         (0.5 * rng.standard_normal((T, H * attn.D))).astype(np.float32), \
@@ -599,12 +599,64 @@ def test_attention_design_computes_softmax_attention(T, H):
     o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), T, H, scale)
     for h in range(H):
         cols = slice(h * attn.D, (h + 1) * attn.D)
-        qh, kh, vh = (x[:, cols].astype(np.float64) for x in (q, k, v))
-        s = scale * qh @ kh.T
-        w = np.exp(s - s.max(axis=1, keepdims=True))
-        w /= w.sum(axis=1, keepdims=True)
-        delta = scale * (2.0**-7 + attn.D * 2.0**-23) * (np.abs(qh) @ np.abs(kh).T)
-        eta = np.exp(2 * delta.max(axis=1)) * (1 + 2.0**-8) / (1 - 2.0**-8) - 1
-        bound = (eta + (1 + eta) * 2.0**-8)[:, None] * (w @ np.abs(vh)) + 1e-12
-        err = np.abs(o[:, cols] - w @ vh)
+        qh, kh, vh = (x[:, cols] for x in (q, k, v))
+        err = np.abs(o[:, cols] - attention_exact(qh, kh.T, vh, scale))
+        bound = attention_bound(qh, kh.T, vh, scale)
         assert np.all(err <= bound), f"head {h}: max error/bound {np.max(err / bound)}"
+
+
+# ---- int8 (A8W8) core kernel (issue 13 item 3): kernels/aie/gemm_int8.cc on the host stand-in ----
+
+@pytest.fixture(scope="module")
+def int8_kernel(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if not cxx:
+        pytest.skip("g++ not available")
+    so = tmp_path_factory.mktemp("aie8") / "gemm_int8_mock.so"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{AIE / 'host_mock'}", str(AIE / "gemm_int8.cc"),
+                    "-o", str(so)], check=True)
+    return ctypes.CDLL(str(so))
+
+
+def _blocked(x: np.ndarray, r: int, s: int) -> np.ndarray:
+    """A 64x64 tile as the memtile hands it to the core: r x s blocks, each row-major, blocks row-major."""
+    m, k = x.shape
+    return np.ascontiguousarray(x.reshape(m // r, r, k // s, s).transpose(0, 2, 1, 3).reshape(-1))
+
+
+def _unblocked(x: np.ndarray, r: int, t: int) -> np.ndarray:
+    return x.reshape(64 // r, 64 // t, r, t).transpose(0, 2, 1, 3).reshape(64, 64)
+
+
+def _quantize_rows(a: np.ndarray):
+    """The contract's per-row dynamic quantisation of A, in fp32 as the host does it (emulator quantize_run)."""
+    amax = np.abs(a).max(axis=1).astype(np.float32)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    inv = np.where(scale > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return np.clip(np.rint(a * inv[:, None]), -127, 127).astype(np.int8), scale
+
+
+@pytest.mark.parametrize("K", [64, 192])
+def test_int8_core_kernel_matches_the_emulator_bit_for_bit(int8_kernel, K):
+    """gemm_int8.cc: acc += qA.qB over K/64 calls (aie::mmul<4,8,8> int8 blocks) equals the exact integer product,
+    and its dequantising epilogue gives emulator_gemm_int8's fp32 results bit for bit."""
+    rng = np.random.default_rng(K)
+    a = rng.standard_normal((64, K)).astype(np.float32)
+    b = rng.standard_normal((K, 64)).astype(np.float32)
+    b[:, 5] *= 1e-3  # columns and rows of very different magnitude: the scales must be per column / per row
+    a[7] *= 300
+    qb_native = nat.quantize_b_int8(b)
+    qb = np.ascontiguousarray(qb_native.q[:, :K].T)  # [K, N] int8
+    sb = np.ascontiguousarray(qb_native.scale, np.float32)
+    qa, sa = _quantize_rows(a)
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    acc = np.empty(64 * 64, np.int32)
+    int8_kernel.zero_i32(ptr(acc))
+    for kt in range(0, K, 64):
+        a_blk = _blocked(qa[:, kt:kt + 64], 4, 8)
+        b_blk = _blocked(qb[kt:kt + 64], 8, 8)
+        int8_kernel.matmul_i8_i32(ptr(a_blk), ptr(b_blk), ptr(acc))
+    np.testing.assert_array_equal(_unblocked(acc, 4, 8), qa.astype(np.int64) @ qb.astype(np.int64))
+    c = np.empty(64 * 64, np.float32)
+    int8_kernel.dequant_i32_f32(ptr(acc), ptr(sa), ptr(sb), ptr(c))
+    np.testing.assert_array_equal(_unblocked(c, 4, 8), nat.emulator_gemm_int8(a, qb_native))

@@ -206,7 +206,7 @@ def test_partition_npu_model_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "model assumptions" in out and "submission: 50 us" in out
-    assert f"1x{T}x64x{T}" in out and "fused attention" in out and "in the fused attention of qk" in out
+    assert f"1x{T}x64x{T}" in out and "v2 fused attention" in out and "in the fused attention of 'pv'" in out
     last = out.strip().splitlines()[-1]
     m = re.fullmatch(r"modelled Phoenix time: ([\d.]+) ms \(NPU ([\d.]+) ms, CPU ([\d.]+) ms\)", last)
     assert m, last
@@ -291,3 +291,34 @@ def test_partition_reports_the_work_of_gemm_and_conv(tmp_path):
     work = {d.node: d.executed["work"] for d in report.decisions if d.executed}
     assert work["gemm"] == [1, 40, 64, 96, 0, 1, 0]
     assert work["conv"] == [2, 25, 24, 32, 0, 0, 1]  # t_out = (50 + 2 - 3) // 2 + 1 = 25, K = 8 * 3
+
+
+def test_int8_model_doubles_the_mac_rate_and_halves_the_weight():
+    """int8 (constant B only): compute at 256 MACs/core/cycle, B int8, A quantised per row on the host (named);
+    a run-time B (attention) stays bf16 whatever the flag says."""
+    bf, i8 = nat.npu_model(1500, 512, 2048), nat.npu_model(1500, 512, 2048, int8=True)
+    assert i8["compute_us"] == pytest.approx(bf["compute_us"] / 2)
+    assert "int8" in i8["dataflow"] and "quantises A per row" in i8["dataflow"] and "A in place" not in i8["dataflow"]
+    gemv_bf, gemv_i8 = nat.npu_model(1, 512, 51200 // 4), nat.npu_model(1, 512, 51200 // 4, int8=True)
+    assert gemv_i8["cpu_us"] < gemv_bf["cpu_us"]  # the CPU alternative streams half the weight bytes too
+    heads = nat.npu_model(1500, 64, 1500, batches=8, runtime_b=True)
+    assert nat.npu_model(1500, 64, 1500, batches=8, runtime_b=True, int8=True) == heads
+    names = " ".join(a[0] for a in nat.npu_model_assumptions())
+    assert "int8 MACs" in names and "CPU int8" in names
+
+
+def test_backend_says_whether_an_int8_kernel_exists(tmp_path):
+    """A manifest's i8_f32 entries (kernels/aie/gemm_int8.cc) tell the xrt backend which weight shapes have an int8
+    kernel (the EP's per-node precision asks before choosing int8); bf16 kernels are unaffected."""
+    root = kernel_dir(tmp_path / "k", [(512, 512, 256, "f32_f32")])
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "gemm_i8_k512.xclbin").write_bytes(b"fake xclbin")
+    (root / "gemm_i8.insts.bin").write_bytes(b"\0" * 16)
+    manifest["kernels"].append({"K": 512, "N": 2048, "m_rows": 1500, "dtype": "i8_f32",
+                                "xclbin": "gemm_i8_k512.xclbin", "insts": "gemm_i8.insts.bin", "kernel": "MLIR_AIE"})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    be = nat.npu_fake_backend(str(root))
+    assert be.has_int8_kernel(500, 2000) == (True, "")  # padded to 512 x 2048
+    ok, why = be.has_int8_kernel(512, 512)
+    assert not ok and "no int8 NPU kernel built for K=512 N=512" in why and "512x2048" in why
+    assert be.can_run(1500, 512, 512)[0] and not be.can_run(1500, 512, 2048)[0]  # bf16: only its own kernels

@@ -51,7 +51,7 @@ float* scratch(int slot, size_t floats) {
     size_t size = 0;
     ~Buffer() { std::free(data); }
   };
-  thread_local Buffer buffers[4];
+  thread_local Buffer buffers[6];
   Buffer& buf = buffers[slot];
   if (buf.size < floats) {
     const size_t bytes = (std::max(floats, buf.size * 2) * sizeof(float) + 63) / 64 * 64;
@@ -336,6 +336,15 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
 
 const char* emulator_kernel_name() { return emu::kernels().name; }
 
+void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(int64_t)>& fn) {
+  threads = static_cast<int>(std::min<int64_t>(emu::resolve_threads(threads), tasks));
+  if (threads <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+  } else {
+    emu::ThreadPool::instance().run(threads, tasks, fn);
+  }
+}
+
 namespace {
 class EmulatorBackend final : public Backend {
  public:
@@ -348,10 +357,28 @@ class EmulatorBackend final : public Backend {
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     return std::make_shared<DeviceWeight>(std::move(b));
   }
-  void gemm(const GemmArgs& args, const DeviceWeight& b) override { emulator_gemm(args, b.host(), threads_); }
+  bool supports(Precision, std::string*) const override { return true; }
+  void gemm(const GemmArgs& args, const DeviceWeight& b) override {
+    const PackedB& host = b.host();
+    switch (host.precision) {
+      case Precision::kInt8:
+        emulator_gemm_int8(args, *host.int8, threads_);
+        break;
+      case Precision::kBf16x3:
+        emulator_gemm_bf16x3(args, *host.bf16x3, threads_);
+        break;
+      default:
+        emulator_gemm(args, host, threads_);
+    }
+  }
   bool gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N) override {
     emulator_gemm_unpacked(calls, count, K, N, threads_);
     return true;
+  }
+  bool has_int8_kernel(int64_t, int64_t, std::string*) const override { return true; }  // emulator_gemm_int8
+  bool can_run_attention(const AttentionShape&, std::string*) const override { return true; }
+  void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) override {
+    emulator_attention(shape, heads, count, threads_);
   }
 
  private:
@@ -367,8 +394,9 @@ std::unique_ptr<Backend> make_emulator_backend(int threads) { return std::make_u
 namespace xdna::kernels {
 namespace {
 
-// Symmetric int8 quantisation of n values (stride apart): returns the scale; NaN when a value is not finite.
-float quantize_run(const float* x, int64_t n, int64_t stride, int8_t* q) {
+// Symmetric int8 quantisation of n values (stride apart), the contract's rule (the same arithmetic as the
+// kernels' quantize_row in emulator_int8.inc): returns the scale; NaN when a value is not finite.
+float quantize_run(const float* x, int64_t n, int64_t stride, int8_t* q, int64_t q_stride) {
   float amax = 0.f;
   bool finite = true;
   for (int64_t i = 0; i < n; ++i) {
@@ -377,110 +405,61 @@ float quantize_run(const float* x, int64_t n, int64_t stride, int8_t* q) {
     amax = std::max(amax, std::fabs(v));
   }
   if (!finite) {
-    std::fill(q, q + n, int8_t{0});
+    for (int64_t i = 0; i < n; ++i) q[i * q_stride] = 0;
     return std::numeric_limits<float>::quiet_NaN();
   }
   const float scale = amax / 127.f;
   const float inv = scale > 0.f ? 127.f / amax : 0.f;
   for (int64_t i = 0; i < n; ++i) {
     const float r = std::nearbyint(x[i * stride] * inv);  // round to nearest even (default rounding mode)
-    q[i] = static_cast<int8_t>(std::clamp(r, -127.f, 127.f));
+    // NaN only from 0 * inf, when 127 / amax overflows: that value is 0.
+    q[i * q_stride] = static_cast<int8_t>(std::isnan(r) ? 0.f : std::clamp(r, -127.f, 127.f));
   }
   return scale;
 }
 
-// acc[j] = sum_k qa[k] * qb[j][k] for the columns n0..n1-1, exact in int32. Generic: the compiler vectorises it
-// with whatever the TU's flags allow; int16 products widened to int32 never saturate.
-void int8_dots_generic(const int8_t* qa, const QuantizedB& b, int64_t n0, int64_t n1, int32_t* acc) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* qb = b.q.data() + n * b.Kpad;
-    int32_t s = 0;
-    for (int64_t k = 0; k < b.Kpad; ++k) s += int32_t{qa[k]} * int32_t{qb[k]};
-    acc[n - n0] = s;
-  }
-}
+// Up to this many rows an int8 call splits only the columns (it is bound by reading B); rows per blocked task.
+constexpr int64_t kInt8FewRows = 16;
+constexpr int64_t kInt8BlockM = 192;
 
+// The int8 kernel set follows the bf16 one (so XDNA_EMULATOR_ISA selects it too): VNNI beside the AVX-512 sets
+// where the CPU has AVX512-VNNI, the exact AVX2 kernel beside avx2 (or AVX-512 without VNNI), else portable C.
+const emu::Int8Kernels& select_int8_kernels() {
 #if defined(XDNA_EMULATOR_X86)
-// VPDPBUSD multiplies u8 by s8: A is offset to u8 (qa + 128, in [1, 255]) and 128 * colsum taken off again.
-// VPDPBUSD (not ...DS) wraps instead of saturating, so the offset sum may wrap mod 2^32; the difference, done in
-// uint32, is exact whenever the true sum fits in int32, which K <= kInt8MaxK guarantees.
-inline int32_t minus_offset(int32_t sum, int32_t colsum) {
-  return static_cast<int32_t>(static_cast<uint32_t>(sum) - 128u * static_cast<uint32_t>(colsum));
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_dots_vnni(const int8_t* qa, const QuantizedB& b,
-                                                                          int64_t n0, int64_t n1, int32_t* acc) {
-  const int64_t chunks = b.Kpad / 64;
-  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-    const int8_t* qb = b.q.data() + n * b.Kpad;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i ua = _mm512_xor_si512(_mm512_loadu_si512(qa + c * 64), offset);  // s8 + 128 as u8
-      s0 = _mm512_dpbusd_epi32(s0, ua, _mm512_loadu_si512(qb + c * 64));
-      s1 = _mm512_dpbusd_epi32(s1, ua, _mm512_loadu_si512(qb + b.Kpad + c * 64));
-      s2 = _mm512_dpbusd_epi32(s2, ua, _mm512_loadu_si512(qb + 2 * b.Kpad + c * 64));
-      s3 = _mm512_dpbusd_epi32(s3, ua, _mm512_loadu_si512(qb + 3 * b.Kpad + c * 64));
-    }
-    acc[n - n0] = minus_offset(_mm512_reduce_add_epi32(s0), b.colsum[n]);
-    acc[n - n0 + 1] = minus_offset(_mm512_reduce_add_epi32(s1), b.colsum[n + 1]);
-    acc[n - n0 + 2] = minus_offset(_mm512_reduce_add_epi32(s2), b.colsum[n + 2]);
-    acc[n - n0 + 3] = minus_offset(_mm512_reduce_add_epi32(s3), b.colsum[n + 3]);
-  }
-  for (; n < n1; ++n) {
-    __m512i s = _mm512_setzero_si512();
-    const int8_t* qb = b.q.data() + n * b.Kpad;
-    for (int64_t c = 0; c < chunks; ++c)
-      s = _mm512_dpbusd_epi32(s, _mm512_xor_si512(_mm512_loadu_si512(qa + c * 64), offset),
-                              _mm512_loadu_si512(qb + c * 64));
-    acc[n - n0] = minus_offset(_mm512_reduce_add_epi32(s), b.colsum[n]);
-  }
-}
+  const emu::IsaKernels& bf16 = emu::kernels();
+  if (&bf16 == &emu::avx512_kernels() || &bf16 == &emu::avx512bf16_kernels())
+    return __builtin_cpu_supports("avx512vnni") ? emu::vnni_int8_kernels() : emu::avx2_int8_kernels();
+  if (&bf16 == &emu::avx2_kernels()) return emu::avx2_int8_kernels();
 #endif
-
-using Int8Dots = void (*)(const int8_t*, const QuantizedB&, int64_t, int64_t, int32_t*);
-
-Int8Dots select_int8_dots(const char** name) {
-  *name = "generic";
-#if defined(XDNA_EMULATOR_X86)
-  __builtin_cpu_init();
-  const char* forced = std::getenv("XDNA_EMULATOR_ISA");
-  const bool force_generic = forced && std::string(forced) == "generic";
-  if (!force_generic && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vnni")) {
-    *name = "vnni";
-    return int8_dots_vnni;
-  }
-#endif
-  return int8_dots_generic;
+  return emu::generic_int8_kernels();
 }
 
-struct Int8Kernel {
-  const char* name;
-  Int8Dots dots;
-  Int8Kernel() { dots = select_int8_dots(&name); }
-};
-const Int8Kernel& int8_kernel() {
-  static const Int8Kernel k;
-  return k;
+const emu::Int8Kernels& int8_kernels() {
+  static const emu::Int8Kernels& chosen = select_int8_kernels();
+  return chosen;
 }
 
 }  // namespace
 
-const char* emulator_int8_kernel_name() { return int8_kernel().name; }
+const char* emulator_int8_kernel_name() { return int8_kernels().name; }
 
 QuantizedB quantize_b_int8(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {
   QuantizedB b;
-  b.K = K, b.N = N, b.Kpad = round_up(std::max<int64_t>(K, 1), kTileK);
-  b.q.assign(static_cast<size_t>(N * b.Kpad), 0);
+  b.K = K, b.N = N, b.Kpad = round_up(std::max<int64_t>(K, 1), kTileK), b.Npad = round_up(std::max<int64_t>(N, 1), 16);
+  b.q.assign(static_cast<size_t>(b.Npad * b.Kpad), 0);
   b.scale.resize(N);
   b.colsum.resize(N);
+  std::vector<int8_t> col(static_cast<size_t>(K));
   for (int64_t n = 0; n < N; ++n) {
-    int8_t* q = b.q.data() + n * b.Kpad;
-    b.scale[n] = quantize_run(src + n * stride_n, K, stride_k, q);
+    // Column n in its panel: q[(n / 16) * Kpad * 16 + (k / 4) * 64 + (n % 16) * 4 + k % 4]; k % 4 is contiguous,
+    // so the column is runs of 4 bytes, 64 apart.
+    int8_t* panel = b.q.data() + (n / 16) * b.Kpad * 16 + (n % 16) * 4;
+    b.scale[n] = quantize_run(src + n * stride_n, K, stride_k, col.data(), 1);
     int32_t s = 0;
-    for (int64_t k = 0; k < K; ++k) s += q[k];
+    for (int64_t k = 0; k < K; ++k) {
+      panel[(k / 4) * 64 + k % 4] = col[k];
+      s += col[k];
+    }
     b.colsum[n] = s;
   }
   return b;
@@ -490,18 +469,47 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) 
   const int64_t M = args.M, K = b.K, N = b.N;
   if (K > kInt8MaxK) throw std::invalid_argument("int8 GEMM: K past the int32-exact limit");
   if (M <= 0 || N <= 0) return;
-  std::vector<int8_t> qa(static_cast<size_t>(M * b.Kpad), 0);
-  std::vector<float> sa(M);
-  for (int64_t m = 0; m < M; ++m) sa[m] = quantize_run(args.a + m * args.lda, K, 1, qa.data() + m * b.Kpad);
-  const Int8Dots dots = int8_kernel().dots;
-  emu::split_columns(N, b.Kpad * N, emu::resolve_threads(threads), [&](int64_t n0, int64_t n1) {
-    std::vector<int32_t> acc(n1 - n0);
-    for (int64_t m = 0; m < M; ++m) {
-      dots(qa.data() + m * b.Kpad, b, n0, n1, acc.data());
-      float* c = args.c + m * args.ldc;
-      for (int64_t n = n0; n < n1; ++n) c[n] = static_cast<float>(acc[n - n0]) * (sa[m] * b.scale[n]);
-    }
-  });
+  const emu::Int8Kernels& kern = int8_kernels();
+  threads = emu::resolve_threads(threads);
+  // Per-thread scratch (slots 4 and 5: the kernels never use them), reused call after call.
+  const size_t qa_bytes = static_cast<size_t>(M * b.Kpad * kern.a_bytes);
+  emu::Int8Problem p{args.a, args.lda, emu::scratch(4, qa_bytes / sizeof(float) + 1), emu::scratch(5, M),
+                     b.q.data(), b.scale.data(), b.colsum.data(), args.c, args.ldc, M, K, N, b.Kpad};
+
+  // Quantise A: rows over the threads when there is enough of it.
+  const int q_threads = static_cast<int>(std::clamp<int64_t>(M * K / (int64_t{1} << 16), 1, threads));
+  if (q_threads == 1) {
+    kern.quantize_rows(p, 0, M);
+  } else {
+    const int64_t tasks = std::min<int64_t>(M, emu::kTasksPerThread * q_threads), rows = emu::ceil_div(M, tasks);
+    emu::ThreadPool::instance().run(q_threads, tasks, [&](int64_t t) {
+      kern.quantize_rows(p, t * rows, std::min(M, (t + 1) * rows));
+    });
+  }
+
+  // Few rows: bound by reading B, so threads split the columns and each streams its share of B once.
+  if (M <= kInt8FewRows) {
+    emu::split_columns(N, b.Kpad * N, threads, [&](int64_t n0, int64_t n1) { kern.gemm(p, 0, M, n0, n1); });
+    return;
+  }
+  // Many rows: (row block, column block) tasks, as emulator_gemm does.
+  threads = static_cast<int>(std::clamp<int64_t>(M * K * N / (2 * kMinMacsPerThread), 1, threads));
+  const int64_t n_tiles = emu::ceil_div(N, kTileN);
+  const int64_t m_blocks = emu::ceil_div(M, kInt8BlockM);
+  const int64_t rows_per_block = emu::ceil_div(M, m_blocks);
+  const int64_t n_blocks = std::min(n_tiles, threads == 1 ? 1 : emu::ceil_div(kTasksPerThread * threads, m_blocks));
+  const int64_t tiles_per_block = emu::ceil_div(n_tiles, n_blocks);
+  auto task = [&](int64_t t) {
+    const int64_t mb = t / n_blocks, nb = t % n_blocks;
+    const int64_t m0 = mb * rows_per_block, m1 = std::min(M, m0 + rows_per_block);
+    const int64_t n0 = nb * tiles_per_block * kTileN, n1 = std::min(N, n0 + tiles_per_block * kTileN);
+    if (m0 < m1 && n0 < n1) kern.gemm(p, m0, m1, n0, n1);
+  };
+  if (threads == 1) {
+    for (int64_t t = 0; t < m_blocks * n_blocks; ++t) task(t);
+  } else {
+    emu::ThreadPool::instance().run(threads, m_blocks * n_blocks, task);
+  }
 }
 
 SplitB pack_b_bf16x3(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {
@@ -518,24 +526,38 @@ SplitB pack_b_bf16x3(const float* src, int64_t K, int64_t N, int64_t stride_k, i
 void emulator_gemm_bf16x3(const GemmArgs& args, const SplitB& b, int threads) {
   const int64_t M = args.M, K = b.hi.shape.K, N = b.hi.shape.N;
   if (M <= 0 || N <= 0) return;
-  std::vector<float> a_hi(static_cast<size_t>(M * K)), a_lo(static_cast<size_t>(M * K));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const float x = args.a[m * args.lda + k], h = round_to_bf16(x);
-      a_hi[m * K + k] = h;
-      a_lo[m * K + k] = std::isfinite(h) ? round_to_bf16(x - h) : 0.f;
-    }
-  std::vector<float> c1(static_cast<size_t>(M * N)), c2(static_cast<size_t>(M * N));
-  emulator_gemm({a_hi.data(), M, K, args.c, args.ldc}, b.hi, threads);
-  emulator_gemm({a_lo.data(), M, K, c1.data(), N}, b.hi, threads);
-  emulator_gemm({a_hi.data(), M, K, c2.data(), N}, b.lo, threads);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      float& c = args.c[m * args.ldc + n];
-      // A non-finite hi product is the answer (Inf or NaN); the small terms could only turn an Inf into a NaN
-      // (Inf * a zero lo part).
-      if (std::isfinite(c)) c += c1[m * N + n] + c2[m * N + n];
-    }
+  threads = emu::resolve_threads(threads);
+  // Thread-local scratch (slots 4 and 5, which the bf16 kernels never use): no allocation per call.
+  float* a_hi = emu::scratch(4, static_cast<size_t>(2 * M * K));
+  float* a_lo = a_hi + M * K;
+  float* small = emu::scratch(5, static_cast<size_t>(2 * M * N));  // A_lo.B_hi, then A_hi.B_lo
+  // Row-parallel passes over A and C (the split and the final sum): over the threads when there is enough work.
+  auto for_rows = [&](int64_t per_row, const std::function<void(int64_t, int64_t)>& fn) {
+    const int t = static_cast<int>(std::clamp<int64_t>(M * per_row / (int64_t{1} << 16), 1, threads));
+    if (t == 1) return fn(0, M);
+    const int64_t tasks = std::min<int64_t>(M, emu::kTasksPerThread * t), rows = emu::ceil_div(M, tasks);
+    emu::ThreadPool::instance().run(t, tasks, [&](int64_t i) { fn(i * rows, std::min(M, (i + 1) * rows)); });
+  };
+  for_rows(K, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const float x = args.a[m * args.lda + k], h = round_to_bf16(x);
+        a_hi[m * K + k] = h;
+        a_lo[m * K + k] = std::isfinite(h) ? round_to_bf16(x - h) : 0.f;  // x - h is exact in fp32
+      }
+  });
+  emulator_gemm({a_hi, M, K, args.c, args.ldc}, b.hi, threads);
+  emulator_gemm({a_lo, M, K, small, N}, b.hi, threads);
+  emulator_gemm({a_hi, M, K, small + M * N, N}, b.lo, threads);
+  for_rows(N, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float& c = args.c[m * args.ldc + n];
+        // A non-finite hi product is the answer (Inf or NaN); the small terms could only turn an Inf into a NaN
+        // (Inf * a zero lo part).
+        if (std::isfinite(c)) c += small[m * N + n] + small[M * N + m * N + n];
+      }
+  });
 }
 
 }  // namespace xdna::kernels

@@ -2,6 +2,7 @@
 // backend is tested against, and the CPU fallback of the EP.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -16,6 +17,13 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads = 0);
 // threads as one job: many small calls (the batch x heads of an attention MatMul) would otherwise each pay the
 // pool's synchronisation.
 void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads = 0);
+
+// Fused attention (attention_contract.h): QK^T and PV on the GEMM kernels above, the softmax between them on
+// the CPU, `count` heads of one shape.
+void emulator_attention(const AttentionShape& shape, const AttentionHead* heads, size_t count, int threads = 0);
+
+// fn(0..tasks-1) on the emulator's thread pool (the caller works too).
+void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(int64_t)>& fn);
 
 // Slow, obviously-correct scalar version of the contract (double-checked spec for tests).
 void reference_gemm(const GemmArgs& args, const PackedB& b);
@@ -32,19 +40,23 @@ const char* emulator_kernel_name();
 // ---- Precision modes (gemm_contract.h, "Precision modes"): not yet reachable from the EP ----
 namespace xdna::kernels {
 
-// int8 B: quantised once per output channel (symmetric). q is [N][Kpad] (K contiguous, zero padded) so that a
-// column is one contiguous dot product; colsum feeds the u8/s8 offset trick of VNNI kernels.
+// int8 B: quantised once per output channel (symmetric). q holds panels of 16 columns, each [Kpad / 4][16][4]
+// (B[k][n] at q[(n / 16) * Kpad * 16 + (k / 4) * 64 + (n % 16) * 4 + k % 4], zero padded to Kpad x Npad): one
+// 64-byte row feeds a 4-deep int8 dot product (VPDPBUSD) for 16 columns. colsum feeds the u8/s8 offset trick of
+// the VNNI kernel.
 struct QuantizedB {
   int64_t K = 0, N = 0, Kpad = 0;
   std::vector<int8_t> q;
   std::vector<float> scale;     // sb_n (NaN when the column holds NaN or Inf)
-  std::vector<int32_t> colsum;  // sum_k q[n][k]
+  std::vector<int32_t> colsum;  // sum_k qb[k][n]
+  int64_t Npad = 0;             // round_up(N, 16)
 };
 QuantizedB quantize_b_int8(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n);
 // C = dequant(quant(A) . qB): per-row dynamic A scales, int32 sums, fp32 epilogue. Throws std::invalid_argument
 // for K past the int32-exact limit.
 void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads = 0);
-// "vnni" (AVX512-VNNI VPDPBUSD) or "generic": the int8 kernel in use (XDNA_EMULATOR_ISA=generic forces generic).
+// "vnni" (AVX512-VNNI VPDPBUSD), "avx2" (exact: int16 VPMADDWD) or "generic": the int8 kernel in use. It follows
+// the bf16 kernel set, so XDNA_EMULATOR_ISA selects it too (avx512 / avx512bf16 -> vnni where the CPU has it).
 const char* emulator_int8_kernel_name();
 inline constexpr int64_t kInt8MaxK = 133143;  // K * 127^2 < 2^31
 

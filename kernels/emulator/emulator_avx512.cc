@@ -8,8 +8,8 @@ namespace {
 #define EMU_NV 4
 #define EMU_KC 128
 #define EMU_MC 192
-#define EMU_DR 6
-#define EMU_DIRECT_MAX_M 8
+#define EMU_DR 12
+#define EMU_DIRECT_MAX_M 16
 #define EMU_DNV 2
 #include "emulator_kernels.inc"
 const IsaKernels kKernels = make_kernels("avx512");

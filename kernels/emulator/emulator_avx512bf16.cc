@@ -11,8 +11,8 @@ namespace {
 #define EMU_NV 4
 #define EMU_KC 256
 #define EMU_MC 192
-#define EMU_DR 6
-#define EMU_DIRECT_MAX_M 8
+#define EMU_DR 12
+#define EMU_DIRECT_MAX_M 16
 #define EMU_DNV 2
 #define EMU_BF16_DOT 1
 #include "emulator_kernels.inc"

@@ -13,6 +13,10 @@ namespace {
 #define EMU_DNV 2
 #include "emulator_kernels.inc"
 const IsaKernels kKernels = make_kernels("generic");
+#define EMU_INT8_ISA 0
+#include "emulator_int8.inc"
+const Int8Kernels kInt8Kernels = make_int8_kernels("generic");
 }  // namespace
 const IsaKernels& generic_kernels() { return kKernels; }
+const Int8Kernels& generic_int8_kernels() { return kInt8Kernels; }
 }  // namespace xdna::kernels::emu

@@ -48,12 +48,38 @@ struct IsaKernels {
   void (*unpacked)(const UnpackedProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
 
-// Thread-local scratch owned by the driver: slot 0..3, at least `floats` floats, 64-byte aligned.
+// One int8 GEMM call (gemm_contract.h, int8): quantise A, then C = dequant(qa . qb).
+struct Int8Problem {
+  const float* a_f32;  // A as given
+  int64_t lda_f32;
+  void* qa;            // [M][Kpad] quantised A in the kernel set's own element type (Int8Kernels::a_bytes)
+  float* sa;           // [M] row scales
+  const int8_t* qb;    // QuantizedB::q (16-column panels, emulator.h)
+  const float* sb;     // [N] column scales
+  const int32_t* colsum;
+  float* c;
+  int64_t ldc;
+  int64_t M, K, N, Kpad;
+};
+
+struct Int8Kernels {
+  const char* name;
+  int a_bytes;  // bytes per element of Int8Problem::qa
+  // Rows m0..m1-1 of A -> qa and sa.
+  void (*quantize_rows)(const Int8Problem& p, int64_t m0, int64_t m1);
+  // C[m0:m1, n0:n1] from qa, sa and B; n0 a multiple of 16.
+  void (*gemm)(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+};
+
+// Thread-local scratch owned by the driver: slot 0..3 for kernels, 4..5 for the driver itself, at least `floats` floats, 64-byte aligned.
 // Valid until the same thread asks for the same slot again. Throws std::bad_alloc.
 float* scratch(int slot, size_t floats);
 
 const IsaKernels& generic_kernels();
+const Int8Kernels& generic_int8_kernels();
 #if defined(XDNA_EMULATOR_X86)
+const Int8Kernels& avx2_int8_kernels();
+const Int8Kernels& vnni_int8_kernels();
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
 const IsaKernels& avx512bf16_kernels();

@@ -9,6 +9,7 @@ namespace xdna::kernels {
 namespace {
 
 double peak_gflops(const NpuModelParams& p) { return p.cores * p.bf16_macs * 2.0 * p.aie_ghz; }
+double peak_int8_gops(const NpuModelParams& p) { return p.cores * p.int8_macs * 2.0 * p.aie_ghz; }
 double us_for_flop(double flop, double gflops) { return flop / (gflops * 1e3); }
 double us_for_bytes(double bytes, double gbps) { return bytes / (gbps * 1e3); }
 double ceil_div(double a, double b) { return std::ceil(a / b); }
@@ -33,6 +34,10 @@ std::vector<ModelAssumption> npu_model_assumptions(const NpuModelParams& p) {
       {"GEMM efficiency", fmt(p.gemm_efficiency) + " of peak -> " + fmt(peak_gflops(p) * p.gemm_efficiency) +
                               " GFLOPS sustained",
        "mlir-aie issue #2735 (XDNA1 whole_array bf16, m=n=k=64: ~50% of peak; external kernel alone <= ~80%)"},
+      {"int8 MACs", fmt(p.int8_macs) + " per core per cycle -> peak " + fmt(peak_int8_gops(p)) +
+                        " GOPS (same efficiency assumed); B int8 (half the bytes); A quantised per row on the host",
+       "AIE-ML aie::mmul<4,8,8> int8 x int8 (AIE API, AIE-ML: 2x the bf16 MACs); efficiency for int8 ASSUMED equal "
+       "to bf16's; kernels/aie/gemm_int8.cc"},
       {"softmax", fmt(p.softmax_cycles_per_elem) + " cycles per score per core",
        "ASSUMED (no published npu1 softmax throughput): a 16-lane bf16 exp via LUT, max, sum, scale, pack in "
        "~8 cycles per vector"},
@@ -60,6 +65,7 @@ std::vector<ModelAssumption> npu_model_assumptions(const NpuModelParams& p) {
       {"CPU", fmt(p.cpu_gflops) + " GFLOPS, " + fmt(p.cpu_gbps) + " GB/s, " + fmt(p.cpu_call_us) + " us per call",
        "ASSUMED: 8 Zen 4 cores at laptop all-core clocks running the bf16 contract (this project's CPU EP/"
        "emulator measured 110-185 GFLOPS per server core, benchmarks/README.md)"},
+      {"CPU int8", fmt(p.cpu_int8_gflops) + " GOPS", "ASSUMED: the same CPU on the int8 contract, 2x bf16 (VNNI)"},
       {"kernel heights", "one command per call up to " + std::to_string(p.max_rows) + " rows (v2); v1: " +
                              std::to_string(p.v1_rows) + "-row runs",
        "kernels/aie/build_kernels.py --m-rows (exact heights, e.g. 1500)"},
@@ -70,8 +76,10 @@ double model_cpu_us(const NodeWork& w, const NpuModelParams& p) {
   const double b = static_cast<double>(w.batches), M = static_cast<double>(w.M), K = static_cast<double>(w.K),
                N = static_cast<double>(w.N);
   const double flop = 2.0 * b * M * K * N;
-  const double bytes = (w.runtime_b ? b * K * N * 4 : K * N * 2) + b * M * K * 4 + b * M * N * 4;
-  double us = std::max(us_for_flop(flop, p.cpu_gflops), us_for_bytes(bytes, p.cpu_gbps)) + p.cpu_call_us;
+  const bool int8 = w.int8 && !w.runtime_b;
+  const double bytes = (w.runtime_b ? b * K * N * 4 : K * N * (int8 ? 1 : 2)) + b * M * K * 4 + b * M * N * 4;
+  double us = std::max(us_for_flop(flop, int8 ? p.cpu_int8_gflops : p.cpu_gflops), us_for_bytes(bytes, p.cpu_gbps)) +
+              p.cpu_call_us;
   if (w.conv) us += us_for_bytes(2.0 * b * (M * K + M * N) * 4, p.host_gbps);  // im2col + transpose, both paths
   return us;
 }
@@ -119,17 +127,21 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
     host_bytes += 2.0 * b * M * K * 4;
     copies.push_back("A gathered on the host (no unit stride along K)");
   }
-  const bool a_in_place = s.Kpad == w.K;
-  if (!a_in_place) {
+  const bool int8 = w.int8 && !w.runtime_b;  // the contract keeps run-time B (attention) in bf16
+  const bool a_in_place = s.Kpad == w.K && !int8;
+  if (int8) {  // per-row scales: the host reads fp32 A once and writes int8 A (+ a scale per row) to a staged BO
+    host_bytes += b * (M * K * 4 + Mp * Kp);
+    copies.push_back("int8: host quantises A per row (its scale needs the row's max first)");
+  } else if (!a_in_place) {
     host_bytes += b * (M * K * 4 + Mp * Kp * 2);
     copies.push_back("K=" + std::to_string(w.K) + " not a multiple of 64: host pads A to bf16");
   }
-  const double a_elem = a_in_place ? 4 : 2;  // fp32 in place, or bf16 staged
-  sync_bytes += a_in_place ? b * M * K * 4 : b * Mp * Kp * 2;
+  const double a_elem = a_in_place ? 4 : (int8 ? 1 : 2);  // fp32 in place, or int8 / bf16 staged
+  sync_bytes += a_in_place ? b * M * K * 4 : b * Mp * Kp * a_elem;
 
   // B: a packed constant weight (uploaded once); a run-time B (attention) is packed and uploaded per product by the
   // host, as the backend does today (reading it in place through the shim DMA's strides is designed, not built).
-  const double b_elem = 2;
+  const double b_elem = int8 ? 1 : 2;
   if (w.runtime_b) {
     host_bytes += b * (K * N * 4 + 2 * Kp * Np * 2);
     copies.push_back("run-time B packed and uploaded per product on the host");
@@ -155,7 +167,7 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   const double b_passes = b_resident ? 1 : Mp / kBlockM;
   const double dma_bytes = b * (a_passes * Mp * Kp * a_elem + b_passes * Kp * Np * b_elem + Mp * Np * 4);
   c.dma_us = us_for_bytes(dma_bytes, p.ddr_gbps);
-  c.compute_us = us_for_flop(2.0 * b * Mp * Kp * Np, peak_gflops(p) * p.gemm_efficiency);
+  c.compute_us = us_for_flop(2.0 * b * Mp * Kp * Np, (int8 ? peak_int8_gops(p) : peak_gflops(p)) * p.gemm_efficiency);
   // Every in-place range is imported (pinned) and synced once per call.
   const double imports = (a_in_place ? 1 : 0) + (c_in_place ? 1 : 0);
   c.host_us = us_for_bytes(host_bytes, p.host_gbps) + us_for_bytes(sync_bytes, p.sync_gbps) +
@@ -168,7 +180,7 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   c.npu_us = c.dispatch_us + c.host_us + std::max(c.dma_us, c.compute_us);
 
   std::ostringstream df;
-  df << "v2: " << c.commands << " cmd" << (c.commands > 1 ? "s in 1 submission" : "");
+  df << "v2" << (int8 ? " int8" : "") << ": " << c.commands << " cmd" << (c.commands > 1 ? "s in 1 submission" : "");
   df << (a_in_place ? ", A in place (fp32, RNE in core)" : "") << (c_in_place ? ", C in place" : "")
      << (b_resident ? ", B resident" : (a_resident ? ", A slab resident" : ""));
   for (const auto& why : copies) df << "; copy: " << why;

@@ -28,6 +28,7 @@ struct NpuModelParams {
   double aie_ghz = 1.0;             // clock the xclbins are built for
   double cores = 16;
   double bf16_macs = 128;           // per core per cycle, aie::mmul<4,8,4> bf16
+  double int8_macs = 256;           // per core per cycle, aie::mmul<4,8,8> int8 (kernels/aie/gemm_int8.cc)
   double gemm_efficiency = 0.5;     // sustained share of peak, whole-array bf16 GEMM
   double softmax_cycles_per_elem = 0.5;  // per core: exp (LUT), max, sum, scale, bf16 pack of one score
   double memtile_kib = 512;         // per column
@@ -45,6 +46,7 @@ struct NpuModelParams {
   double cpu_gflops = 400;
   double cpu_gbps = 40;             // DRAM bandwidth a GEMV sees
   double cpu_call_us = 5;           // fixed cost of one CPU-path GEMM call
+  double cpu_int8_gflops = 800;     // the same CPU on the int8 contract (VNNI: twice the bf16 rate)
   int64_t max_rows = 4096;          // v2: the tallest kernel built (rows of A per command)
   int64_t v1_rows = kBlockM;        // v1: rows per run
 };
@@ -62,6 +64,9 @@ struct NodeWork {
   bool runtime_b = false;  // B is an activation (attention), not a packed constant weight
   bool a_gather = false;   // A has no unit stride along K (fused Transpose moving K, Gemm transA): host gather
   bool conv = false;       // 1-D Conv: host im2col builds A, host transposes C into [Cout, T]
+  // int8 (A8W8, gemm_contract.h; constant B only): B int8 (half the bytes), 256 MACs per core per cycle, A quantised
+  // per row by the host (a row's scale needs its max first), the dequantising epilogue in the core.
+  bool int8 = false;
 };
 
 struct NodeCost {

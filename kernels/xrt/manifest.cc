@@ -301,13 +301,14 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
       continue;
     }
     const std::string dtype = str_field(item, "dtype");
-    if (dtype != "bf16_f32" && dtype != "f32_f32") {
-      m.skipped.push_back(where + ": dtype '" + dtype + "' (only bf16_f32 and f32_f32 implement the contract)");
+    const bool int8 = dtype == "i8_f32";
+    if (dtype != "bf16_f32" && dtype != "f32_f32" && !int8) {
+      m.skipped.push_back(where + ": dtype '" + dtype + "' (only bf16_f32, f32_f32 and i8_f32 implement the contract)");
       continue;
     }
     e.a_f32 = dtype == "f32_f32";  // issue 15: fp32 A, converted in the core; exact heights allowed
     if (e.K <= 0 || e.K % kTileK || e.N <= 0 || e.N % kBlockN || e.m_rows <= 0 ||
-        (e.m_rows % kBlockM && !e.a_f32)) {
+        (e.m_rows % kBlockM && !e.a_f32 && !int8)) {
       m.skipped.push_back(where + ": K must be a multiple of " + std::to_string(kTileK) + ", N of " +
                           std::to_string(kBlockN) + ", m_rows of " + std::to_string(kBlockM));
       continue;
@@ -320,7 +321,7 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
       m.skipped.push_back(where + ": " + file_why);
       continue;
     }
-    m.kernels.push_back(std::move(e));
+    (int8 ? m.int8_kernels : m.kernels).push_back(std::move(e));
   }
   if (m.kernels.empty()) {
     *why = path + ": no usable kernels" + (m.skipped.empty() ? std::string() : " (" + m.skipped.front() + ")");

@@ -33,6 +33,9 @@ struct KernelEntry {
 struct Manifest {
   std::string dir;
   std::vector<KernelEntry> kernels;
+  // dtype "i8_f32" (issue 13, kernels/aie/gemm_int8.cc): int8 A8W8 kernels. Listed so that the backend can say
+  // whether one exists for a shape; the xrt backend does not dispatch them yet.
+  std::vector<KernelEntry> int8_kernels;
   std::vector<std::string> skipped;  // entries ignored, with the reason (wrong dtype, bad padding, missing file)
 };
 

@@ -171,8 +171,51 @@ class NpuBackend final : public Backend {
     return true;
   }
 
+  // Whether the manifest lists an i8_f32 kernel for this weight shape. Existence only: this backend does not
+  // dispatch int8 kernels yet (host quantisation of A and the scale buffers are not written), so can_run() stays
+  // the bf16 question.
+  bool has_int8_kernel(int64_t K, int64_t N, std::string* why_not) const override {
+    const PaddedShape p = padded_shape(0, K, N);
+    for (const KernelEntry& e : manifest_.int8_kernels)
+      if (e.K == p.Kpad && e.N == p.Npad) return true;
+    if (why_not) {
+      std::ostringstream os;
+      os << "no int8 NPU kernel built for K=" << K << " N=" << N << " (padded " << p.Kpad << "x" << p.Npad
+         << "); int8 built:";
+      for (const KernelEntry& e : manifest_.int8_kernels) os << " " << e.K << "x" << e.N;
+      if (manifest_.int8_kernels.empty()) os << " none";
+      *why_not = os.str();
+    }
+    return false;
+  }
+
+  // The manifest has no kernel kind for fused attention: kernels/aie/attention_design.py is a design with a host
+  // check, not built. Declined here, so the dispatcher runs it on the CPU with this reason logged.
+  bool can_run_attention(const AttentionShape& shape, std::string* why_not) const override {
+    if (why_not) {
+      std::ostringstream os;
+      os << "no fused attention kernel built (M=" << shape.M << " T=" << shape.T << " D=" << shape.D
+         << "; kernels/aie/attention_design.py is designed and host-checked, not built)";
+      *why_not = os.str();
+    }
+    return false;
+  }
+
+  // Declined modes run on the CPU backend in the same precision (dispatcher), never silently in bf16.
+  bool supports(Precision precision, std::string* why_not) const override {
+    if (precision == Precision::kBf16) return true;
+    if (why_not)
+      *why_not = precision == Precision::kInt8
+                     ? "declined: the xrt backend does not dispatch int8 kernels yet (kernels/aie/gemm_int8.cc is designed and host-checked)"
+                     : "declined: bf16x3 is not run on the device yet";
+    return false;
+  }
+
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
     if (!b) throw BackendFault("upload", "null weight");
+    if (b->precision != Precision::kBf16)
+      throw BackendFault("upload", std::string("weight packed in ") + precision_name(b->precision) +
+                                       ", which this backend declines");
     if (disabled_) throw BackendFault("upload", "xrt backend disabled: " + disabled_reason());
     auto it = shapes_.find({b->shape.Kpad, b->shape.Npad});
     if (it == shapes_.end())

@@ -3,8 +3,9 @@
 A compiled model replaces each group of nodes the EP claims by one `EPContext` node holding the group's plans and
 packed bf16 weights (ep_plugin/ep_context.h), so that a session starts without reading or packing the fp32 weights.
 The payload lies in a side file next to the compiled model (memory-mapped at load), or inside it with `embed=True`.
-A compiled model is tied to the EP version, its GEMM contract, the backend and the precision it was compiled for:
-the EP refuses any other, naming what differs.
+A compiled model is tied to the EP version, its GEMM contract, the backend and the precision policy it was compiled
+under (the `precision` / `precision_policy` options): the EP refuses any other, naming what differs. Load it with
+the options it was compiled with.
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-
-# Everything a compiled model depends on besides the model itself (the EP checks the same at load).
-PRECISION = "bf16"
-
 
 def _xdna_session_options(options: dict | None, so=None):
     import onnxruntime as ort
@@ -126,11 +123,19 @@ def compiled_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return cache_root(cache_dir) / "compiled"
 
 
-def cache_key(model: Path, backend: str, cache: Path) -> str:
-    """Model content, EP version, backend and precision: what a cached compiled model is valid for."""
+def precision_key(options: dict | None) -> str:
+    """The precision policy of `options` as a file-name-safe key: the mode, and a hash of the rules if any."""
+    options = options or {}
+    mode = str(options.get("precision", "bf16"))
+    rules = str(options.get("precision_policy", "")).strip()
+    return mode + (f"-rules{hashlib.sha256(rules.encode()).hexdigest()[:12]}" if rules else "")
+
+
+def cache_key(model: Path, backend: str, cache: Path, options: dict | None = None) -> str:
+    """Model content, EP version, backend and precision policy: what a cached compiled model is valid for."""
     from . import __version__
 
-    return f"{_model_hash(model, cache)}-ep{__version__}-{backend}-{PRECISION}"
+    return f"{_model_hash(model, cache)}-ep{__version__}-{backend}-{precision_key(options)}"
 
 
 def cached_compile(model: str | os.PathLike, backend: str, *, cache_dir: str | os.PathLike | None = None,
@@ -142,7 +147,7 @@ def cached_compile(model: str | os.PathLike, backend: str, *, cache_dir: str | o
     """
     model = Path(model)
     root = compiled_cache_root(cache_dir)
-    entry = root / cache_key(model, backend, root)
+    entry = root / cache_key(model, backend, root, options)
     target = entry / (model.stem + "_ctx.onnx")
     if target.is_file():
         return target, False

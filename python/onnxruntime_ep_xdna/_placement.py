@@ -79,8 +79,12 @@ class NodeDecision:
     reason: str
     mflop: float
     mflop_lower_bound: bool
+    # claimed nodes: the precision its products run in (bf16, int8, bf16x3) and why (the rule or option that chose
+    # it; int8 asked for a run-time B says it stays bf16, as the int8 contract keeps run-time B operands in bf16)
+    precision: str = ""
+    precision_note: str = ""
     placed_on: str = "?"
-    executed: dict | None = None  # after a run: backend, device_calls, cpu_calls, device_mflop, cpu_mflop
+    executed: dict | None = None  # after a run: backend, precision, device_calls, cpu_calls, device_mflop, cpu_mflop
 
 
 @dataclass
@@ -108,7 +112,7 @@ class PartitionReport:
     def table(self) -> str:
         from . import EP_NAME
 
-        rows = [f"{'node':48} {'op':7} {'MFLOP':>10}  placed on / why not"]
+        rows = [f"{'node':48} {'op':7} {'MFLOP':>10}  {'prec':6} placed on / why not"]
         for d in sorted(self.decisions, key=lambda d: -d.mflop):
             mflop = f"{d.mflop:10.2f}" + ("*" if d.mflop_lower_bound else " ")
             where = "XDNA" if d.placed_on == EP_NAME else f"CPU: {d.reason}"
@@ -116,13 +120,22 @@ class PartitionReport:
                 e = d.executed
                 where += f" ({e['backend']} x{e['device_calls']}" + (
                     f", CPU path x{e['cpu_calls']})" if e["cpu_calls"] else ")")
-            rows.append(f"{d.node[:48]:48} {d.op_type:7} {mflop} {where}")
+            precision = d.precision if d.placed_on == EP_NAME else "-"
+            if d.placed_on == EP_NAME and d.precision_note and "run time" in d.precision_note:
+                where += " (int8 asked: run-time B stays bf16)"
+            rows.append(f"{d.node[:48]:48} {d.op_type:7} {mflop} {precision:6} {where}")
         on_ep = sum(1 for d in self.decisions if d.placed_on == EP_NAME)
         rows.append(
             f"{on_ep}/{len(self.decisions)} MatMul/Gemm/Conv nodes on {EP_NAME}: "
             f"{self.ep_mflop:.1f} of {self.total_mflop:.1f} MFLOP ({100 * self.ep_share:.1f}%)"
             + ("  (* symbolic dims counted as 1)" if any(d.mflop_lower_bound for d in self.decisions) else "")
         )
+        by_precision: dict[str, int] = {}
+        for d in self.decisions:
+            if d.placed_on == EP_NAME:
+                by_precision[d.precision or "bf16"] = by_precision.get(d.precision or "bf16", 0) + 1
+        if by_precision:
+            rows.append("precision of the EP's nodes: " + ", ".join(f"{n} {p}" for p, n in sorted(by_precision.items())))
         rows.append(self.placement.summary())
         return "\n".join(rows)
 

@@ -79,6 +79,14 @@ def cmd_partition(args) -> int:
     for kv in args.dim or []:
         key, _, value = kv.partition("=")
         dims[key] = int(value)
+    if args.precision:
+        from ._precision import provider_options
+
+        try:
+            opts.update(provider_options(args.precision))
+        except ValueError as e:
+            print(f"xdna partition: error: --precision: {e}", file=sys.stderr)
+            return 1
     level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if args.no_optimize else None
     report = partition(args.model, opts, level, run=args.run or bool(dims) or args.npu_model, dims=dims)
     print(report.table())
@@ -90,7 +98,7 @@ def cmd_partition(args) -> int:
             key, _, value = kv.partition("=")
             params[key] = float(value)
         print()
-        print(table(report, params))
+        print(table(report, params, precision=args.npu_precision))
     return 0
 
 
@@ -154,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="which MatMul/Gemm/Conv nodes of a model go to the EP, FLOP share, and why not")
     part.add_argument("model")
     part.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="provider option (repeatable)")
+    part.add_argument("--precision", metavar="POLICY",
+                      help="precision policy as in xdna transcribe: bf16, int8, bf16x3, mixed, mixed-conv or rules "
+                           "(same as -o precision=... / -o precision_policy=...); the table shows each node's")
     part.add_argument("--no-optimize", action="store_true", help="disable ORT graph optimizations (ORT_DISABLE_ALL)")
     part.add_argument("--run", action="store_true", help="run once on dummy inputs: FLOPs of EP nodes as executed")
     part.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic input dim (implies --run)")
@@ -162,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "the model's assumptions (a model, not a measurement; implies --run)")
     part.add_argument("--npu-param", action="append", metavar="NAME=VALUE",
                       help="override a model parameter, e.g. aie_ghz=1.6, submit_us=50, ddr_gbps=32 (repeatable)")
+    part.add_argument("--npu-precision", choices=("bf16", "int8"), default="bf16",
+                      help="with --npu-model: model constant-weight GEMMs on the int8 kernels (attention stays bf16)")
     part.set_defaults(func=cmd_partition)
 
     comp = sub.add_parser("compile", help="compile a model for the EP (EPContext model: sessions start from the packed "

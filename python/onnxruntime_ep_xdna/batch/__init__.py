@@ -29,8 +29,8 @@ def run_batch(inputs: Iterable[str], out_dir: str | os.PathLike, *, model: str =
               options=None, formats: Iterable[str] = ("txt",), engine: str = "local", workers: int | None = None,
               threads: int | None = None, force: bool = False, retries: int = 2, lists: Iterable[str] = (),
               ray_address: str | None = None, cpus_per_worker: float = 1.0, npu_resource: str = "xdna_npu",
-              start_timeout: float = 600.0, progress: bool = False, log=None, test_hold: str | None = None
-              ) -> Summary:
+              start_timeout: float = 600.0, progress: bool = False, log=None, test_hold: str | None = None,
+              precision: str | None = None) -> Summary:
     """Transcribes every input into OUT_DIR (see jobs.py for the layout). Raises BatchInputError for an unusable
     input argument (before anything runs); everything else ends up in the Summary and index.jsonl."""
     from ..whisper.options import TranscriptionOptions
@@ -44,7 +44,7 @@ def run_batch(inputs: Iterable[str], out_dir: str | os.PathLike, *, model: str =
         threads = 0 if engine == "local" and (workers or 1) == 1 else (
             max(1, (os.cpu_count() or 1) // workers) if engine == "local" else 0)
     config = WorkerConfig(model=str(model), provider=provider, options=options or TranscriptionOptions(),
-                          formats=formats, threads=threads, test_hold=test_hold)
+                          formats=formats, threads=threads, test_hold=test_hold, precision=precision)
     os.makedirs(out_dir, exist_ok=True)
     with OutputLock(Path(out_dir)):
         runner = BatchRunner(jobs, out_dir, config, force=force, retries=retries, progress=progress, log=log)

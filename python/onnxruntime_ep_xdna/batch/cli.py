@@ -50,6 +50,12 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"output formats, comma-separated: {', '.join(FORMATS)} or all (default txt)")
     parser.add_argument("--model", default="base", help="base | tiny.en | DIR with an optimum ONNX export (default base)")
     parser.add_argument("--provider", choices=("xdna", "cpu"), default="xdna", help="XDNA EP (default) or CPU EP only")
+    try:
+        from ..whisper.cli import add_precision_argument
+
+        add_precision_argument(parser)
+    except ImportError:
+        pass
     parser.add_argument("--language", help="language code; detected per file if absent")
     parser.add_argument("--task", choices=("transcribe", "translate"), default="transcribe")
     parser.add_argument("--force", action="store_true", help="redo inputs whose outputs are already complete")
@@ -117,7 +123,7 @@ def run_batch_command(args) -> int:
                             ray_address=args.ray_address, cpus_per_worker=args.cpus_per_worker,
                             npu_resource=args.npu_resource, start_timeout=args.worker_start_timeout,
                             progress=args.progress or sys.stderr.isatty(),
-                            test_hold=os.environ.get("XDNA_BATCH_TEST_HOLD"))
+                            test_hold=os.environ.get("XDNA_BATCH_TEST_HOLD"), precision=getattr(args, "precision", None))
     except BatchInputError as e:
         err(str(e))
         return 1

@@ -22,6 +22,7 @@ class WorkerConfig:
     options: TranscriptionOptions = field(default_factory=TranscriptionOptions)
     formats: tuple[str, ...] = ("txt",)
     threads: int = 0  # ORT intra-op + EP emulator threads per worker; 0 = their defaults (all cores)
+    precision: str | None = None  # the XDNA EP's precision policy (onnxruntime_ep_xdna._precision); None = bf16
     # Tests only: "SUBSTRING:DIR". The first time a worker starts an input whose path contains SUBSTRING it writes
     # its pid to DIR/held and waits (at most 60 s) so that a test can kill it mid-file.
     test_hold: str | None = None
@@ -49,7 +50,8 @@ class Worker:
                     so.intra_op_num_threads = config.threads
                     so.inter_op_num_threads = 1
                     so.add_session_config_entry("ep.xdnaexecutionprovider.threads", str(config.threads))
-            self.model = WhisperOnnx(resolve_model_dir(config.model), config.provider, session_options=so)
+            self.model = WhisperOnnx(resolve_model_dir(config.model), config.provider, session_options=so,
+                                     precision=config.precision)
             # The model-level checks of transcribe() (English-only model and --language/--task, unknown language)
             # on a second of silence: a configuration that fails every file fails here, once.
             import numpy as np

@@ -30,6 +30,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="base", help="base | tiny.en | DIR with an optimum ONNX export (default base)")
     parser.add_argument("--provider", choices=("xdna", "cpu"), default="xdna",
                         help="run the model's MatMuls on the XDNA EP (default) or everything on the CPU EP")
+    try:
+        from ..whisper.cli import add_precision_argument
+
+        add_precision_argument(parser)
+    except ImportError:
+        pass
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 = every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
@@ -63,7 +69,7 @@ def _transcribe_namespace(args) -> argparse.Namespace:
     add_transcribe_arguments(full)
     ns = full.parse_args([])
     for key, value in vars(args).items():
-        if hasattr(ns, key) and key not in ("files", "model", "provider"):
+        if hasattr(ns, key) and key not in ("files", "model", "provider", "precision"):
             setattr(ns, key, value)
     ns.task = "transcribe"
     return ns
@@ -101,7 +107,8 @@ def run_serve(args) -> int:
     if args.max_queue < 0 or args.workers < 1:
         return err("--max-queue must be >= 0 and --workers >= 1")
     try:
-        model = WhisperModel(args.model, provider=args.provider, log=lambda m: print(m, file=sys.stderr))
+        model = WhisperModel(args.model, provider=args.provider, log=lambda m: print(m, file=sys.stderr),
+                             precision=getattr(args, "precision", None))
     except TranscribeError as e:
         return err(str(e))
     if options.language is not None and model.onnx.is_multilingual and options.language not in model.onnx.lang_to_id:

@@ -37,6 +37,26 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip()) if text.strip() else ()
 
 
+def precision_note(whisper) -> str:
+    """", precision P" on the XDNA EP, or a note that the CPU EP ignores a --precision other than the default."""
+    from .._precision import DEFAULT, describe
+
+    asked = getattr(whisper, "precision", None)
+    if whisper.provider == "XDNAExecutionProvider":
+        return f", precision {describe(asked)}"
+    return f" (fp32: --precision {asked} applies to the XDNA EP only)" if asked and asked != DEFAULT else ""
+
+
+def add_precision_argument(parser) -> None:
+    """--precision POLICY (xdna transcribe, serve, batch): onnxruntime_ep_xdna._precision."""
+    from .._precision import DEFAULT
+
+    parser.add_argument("--precision", default=DEFAULT, metavar="POLICY",
+                        help="the XDNA EP's arithmetic: bf16, int8, bf16x3, a named policy (mixed, mixed-conv) or "
+                             "precision_policy rules such as 'bf16:name=*proj_out*;int8:weight=constant' "
+                             "(default %(default)s: the fastest within 0.5 WER points of fp32, benchmarks/README.md)")
+
+
 def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="*", metavar="FILE",
                         help="audio files (wav/flac/ogg/mp3 via soundfile, anything else via ffmpeg), directories "
@@ -46,6 +66,10 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="base", help="base | tiny.en | DIR with an optimum ONNX export (default base)")
     parser.add_argument("--provider", choices=("xdna", "cpu"), default="xdna",
                         help="run the model's MatMuls on the XDNA EP (default) or everything on the CPU EP")
+    add_precision_argument(parser)
+    parser.add_argument("--frontend", choices=("cpu", "ep"), default=None,
+                        help="log-mel front end: numpy (cpu, the default: measured faster) or an ONNX model on "
+                             "--provider (ep: its DFT and mel GEMMs on the XDNA EP in bf16x3)")
     parser.add_argument("--language", help="language code (e.g. en, de); detected from the first 30 s if absent")
     parser.add_argument("--task", choices=("transcribe", "translate"), default="transcribe",
                         help="translate = speech in any language to English text")
@@ -336,6 +360,7 @@ def _transcribe_files(args, options, writer_options, formats, out_dir, usable, s
                       fail, err) -> int:
     from .audio import AudioError
     from .formats import format_timestamp, json_document, render
+    from .frontend import DEFAULT_FRONTEND
     from .onnx_model import TranscribeError, load_model
     from .transcribe import transcribe_all
 
@@ -348,12 +373,14 @@ def _transcribe_files(args, options, writer_options, formats, out_dir, usable, s
         targets = output_paths(usable, out_dir, formats)
     try:
         t = time.perf_counter()
-        whisper = load_model(args.model, args.provider, log=lambda m: print(m, file=sys.stderr))
+        whisper = load_model(args.model, args.provider, log=lambda m: print(m, file=sys.stderr),
+                             precision=getattr(args, "precision", None))
         load_s = time.perf_counter() - t
     except TranscribeError as e:
         err(str(e))
         return 1
-    print(f"model {whisper.model_dir} loaded in {load_s:.1f} s on {whisper.provider}", file=sys.stderr)
+    print(f"model {whisper.model_dir} loaded in {load_s:.1f} s on {whisper.provider}{precision_note(whisper)}",
+          file=sys.stderr)
     verbose = getattr(args, "verbose", False)
     show_progress = (args.progress or sys.stderr.isatty()) and not verbose
 
@@ -365,7 +392,8 @@ def _transcribe_files(args, options, writer_options, formats, out_dir, usable, s
         label = "<stdin>" if f == STDIN else f
         bar = _ProgressBar(Path(label).name) if show_progress else None
         try:
-            result = transcribe_all(sources[f], whisper, options, progress=bar, on_segment=live if verbose else None)
+            result = transcribe_all(sources[f], whisper, options, progress=bar, on_segment=live if verbose else None,
+                                    frontend=getattr(args, "frontend", None) or DEFAULT_FRONTEND)
         except (AudioError, TranscribeError, OptionsError) as e:
             if bar:
                 bar.close()

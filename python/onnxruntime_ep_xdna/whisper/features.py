@@ -29,6 +29,8 @@ TIME_PRECISION = 0.02  # seconds per timestamp token: the encoder halves the fra
 FRAMES_PER_TOKEN = round(TIME_PRECISION * FRAMES_PER_SECOND)  # 2 mel frames per timestamp step
 N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
 LOG_FLOOR_DB = 8.0  # log10 units below the file's maximum that the spectrogram is clipped at
+MEL_POWER_FLOOR = 1e-10  # mel power is clamped here before log10 (so no log-mel is below -10)
+NORM_OFFSET, NORM_DIVISOR = 4.0, 4.0  # normalised log-mel = (floored log10 mel + NORM_OFFSET) / NORM_DIVISOR
 # Log-mel kept from the first pass of a file (80 mels x 100 frames/s x 4 B = 32 kB per second of audio): files up
 # to this length are read once; longer ones are read again for the windows.
 KEEP_SECONDS = 20 * 60
@@ -62,23 +64,41 @@ def mel_filter_bank(n_mels: int = 80, sample_rate: int = SAMPLE_RATE, n_fft: int
     return filters.astype(np.float32)
 
 
-_HANN = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)  # periodic
+def hann_window() -> np.ndarray:
+    """The periodic Hann window of N_FFT samples, float64."""
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)
+
+
+_HANN = hann_window().astype(np.float32)
+SILENT_LOG_MEL = math.log10(MEL_POWER_FLOOR)  # -10: the log-mel of a frame without signal
 
 
 def _log10_mel(frames: np.ndarray, filters: np.ndarray) -> np.ndarray:
-    """(k, N_FFT) windowed-to-be frames -> (n_mels, k) log10 mel power, clamped at 1e-10, not normalised."""
+    """(k, N_FFT) windowed-to-be frames -> (n_mels, k) log10 mel power, clamped at MEL_POWER_FLOOR, not normalised."""
     spec = np.fft.rfft(frames * _HANN, axis=-1)
     power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
     mel = power @ filters
-    return np.log10(np.maximum(mel, 1e-10)).T
+    return np.log10(np.maximum(mel, MEL_POWER_FLOOR)).T
+
+
+def numpy_frames_log10_mel(filters: np.ndarray) -> Callable[[np.ndarray, int], np.ndarray]:
+    """The numpy front end: (span of samples, frame count) -> (n_mels, count) log10 mel of the frames at
+    span[i*HOP_LENGTH : i*HOP_LENGTH + N_FFT]. whisper/frontend.py has the ONNX model that does the same on the EP."""
+
+    def run(span: np.ndarray, count: int) -> np.ndarray:
+        view = np.lib.stride_tricks.sliding_window_view(span, N_FFT)[::HOP_LENGTH][:count]
+        return _log10_mel(view, filters)
+
+    return run
 
 
 class _FrameMaker:
     """Streaming STFT frames of a signal fed in blocks: frame i is centred on sample i*HOP_LENGTH, the start is
     reflect-padded, the end is followed by zeros (OpenAI pads the file with 30 s of zeros before its STFT)."""
 
-    def __init__(self, filters: np.ndarray):
+    def __init__(self, filters: np.ndarray, frames_log10_mel: Callable[[np.ndarray, int], np.ndarray] | None = None):
         self.filters = filters
+        self._log10_mel = frames_log10_mel or numpy_frames_log10_mel(filters)
         self._buf = np.zeros(0, dtype=np.float32)  # signal from absolute sample _buf_start (may be negative)
         self._buf_start = 0
         self._head: list[np.ndarray] = []  # the first samples, until the reflect padding can be built
@@ -98,10 +118,9 @@ class _FrameMaker:
         first = self.n_frames * HOP_LENGTH - half - self._buf_start
         span = self._buf[first : first + (count - 1) * HOP_LENGTH + N_FFT]
         if not span.any():  # digital silence: log10 of the 1e-10 clamp, without an FFT (hours of it are common)
-            out = np.full((self.filters.shape[1], count), -10.0, np.float32)
+            out = np.full((self.filters.shape[1], count), SILENT_LOG_MEL, np.float32)
         else:
-            view = np.lib.stride_tricks.sliding_window_view(span, N_FFT)[::HOP_LENGTH][:count]
-            out = _log10_mel(view, self.filters)
+            out = self._log10_mel(span, count)
         self.n_frames += count
         drop = self.n_frames * HOP_LENGTH - half - self._buf_start
         self._buf = self._buf[drop:]
@@ -173,11 +192,15 @@ class LogMel:
     """
 
     def __init__(self, n_mels: int, filters: np.ndarray, blocks: Callable[[], Iterable[np.ndarray]],
-                 keep_seconds: float = KEEP_SECONDS, name: str = "<array>"):
+                 keep_seconds: float = KEEP_SECONDS, name: str = "<array>",
+                 frames_log10_mel: Callable[[np.ndarray, int], np.ndarray] | None = None):
+        """`frames_log10_mel`: the front end that turns frames into log10 mel (numpy_frames_log10_mel by default;
+        frontend.EpFrontEnd runs it on the EP)."""
         self.n_mels, self.name = n_mels, name
         self._filters = filters
         self._blocks = blocks
-        maker = _FrameMaker(filters)
+        self._frames_log10_mel = frames_log10_mel
+        maker = _FrameMaker(filters, frames_log10_mel)
         kept: list[np.ndarray] | None = []
         peak = -np.inf
         keep_frames = int(keep_seconds * FRAMES_PER_SECOND)
@@ -199,8 +222,8 @@ class LogMel:
                 peak = max(peak, float(part.max()))
         self.n_samples = maker.n_samples
         self.content_frames = self.n_samples // HOP_LENGTH
-        # OpenAI's maximum also covers its 30 s of zero padding: log10(1e-10) = -10.
-        self.max = max(peak, -10.0)
+        # OpenAI's maximum also covers its 30 s of zero padding: log10(MEL_POWER_FLOOR) = -10.
+        self.max = max(peak, SILENT_LOG_MEL)
         self._peaks = maker.peaks()
         if kept is not None:
             kept.append(rest)
@@ -217,10 +240,10 @@ class LogMel:
         return self.n_samples / SAMPLE_RATE
 
     def normalise(self, log_spec: np.ndarray) -> np.ndarray:
-        return (np.maximum(log_spec, self.max - LOG_FLOOR_DB) + 4.0) / 4.0
+        return (np.maximum(log_spec, self.max - LOG_FLOOR_DB) + NORM_OFFSET) / NORM_DIVISOR
 
     def _pass2(self) -> Iterator[np.ndarray]:
-        maker = _FrameMaker(self._filters)
+        maker = _FrameMaker(self._filters, self._frames_log10_mel)
         for block in self._blocks():
             out = maker.feed(block)
             if out.shape[1]:
@@ -270,12 +293,14 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, filters: np.ndarray
     return mel.normalise(mel._frames(0, mel.content_frames))
 
 
-def from_array(audio: np.ndarray, n_mels: int, filters: np.ndarray) -> LogMel:
+def from_array(audio: np.ndarray, n_mels: int, filters: np.ndarray,
+               frames_log10_mel: Callable[[np.ndarray, int], np.ndarray] | None = None) -> LogMel:
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-    return LogMel(n_mels, filters, lambda: [audio])
+    return LogMel(n_mels, filters, lambda: [audio], frames_log10_mel=frames_log10_mel)
 
 
-def from_file(path: str | os.PathLike, n_mels: int, filters: np.ndarray) -> LogMel:
+def from_file(path: str | os.PathLike, n_mels: int, filters: np.ndarray,
+              frames_log10_mel: Callable[[np.ndarray, int], np.ndarray] | None = None) -> LogMel:
     from .audio import iter_audio
 
-    return LogMel(n_mels, filters, lambda: iter_audio(path), name=str(path))
+    return LogMel(n_mels, filters, lambda: iter_audio(path), name=str(path), frames_log10_mel=frames_log10_mel)

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import EP_NAME as XDNA_EP
+from .._precision import provider_options
 from .features import N_TIMESTAMPS, mel_filter_bank
 from .rules import SpecialTokens
 
@@ -147,11 +148,12 @@ class WhisperOnnx:
     """Sessions, tokenizer and special tokens of one Whisper ONNX export."""
 
     def __init__(self, model_dir: str | os.PathLike, provider: str = XDNA_EP, session_options=None,
-                 compiled: bool | None = None, log: Callable[[str], None] | None = None):
+                 precision: str | None = None, compiled: bool | None = None,
+                 log: Callable[[str], None] | None = None):
         """`compiled` (XDNA EP only; default: on unless XDNA_COMPILED_MODELS=0): load the encoder and decoders
-        compiled for the EP (EPContext models, cached by `onnxruntime_ep_xdna._compile`), compiling them on first
-        use; a cached model that fails to load is logged, compiled again, and as a last resort the original
-        model is loaded: never a failed transcription."""
+        compiled for the EP (EPContext models, cached by `onnxruntime_ep_xdna._compile` per precision policy),
+        compiling them on first use; a cached model that fails to load is logged, compiled again, and as a last
+        resort the original model is loaded: never a failed transcription."""
         import onnxruntime as ort
         import tokenizers
 
@@ -160,7 +162,14 @@ class WhisperOnnx:
         if missing:
             raise TranscribeError(f"{self.model_dir}: not a Whisper ONNX export (missing {', '.join(missing)})")
         self.provider = resolve_provider(provider)
-        providers = [self.provider] if self.provider == CPU_EP else [self.provider, CPU_EP]
+        # precision: a policy for the XDNA EP's GEMMs (_precision.py); the CPU EP computes in fp32 whatever it says
+        self.precision = (precision or "").strip() or None
+        try:
+            options = provider_options(self.precision) if self.provider == XDNA_EP else {}
+        except ValueError as e:
+            raise TranscribeError(f"--precision: {one_line(e)}") from None
+        providers = [self.provider] if self.provider == CPU_EP else [
+            (self.provider, options) if options else self.provider, CPU_EP]
         if session_options is None and self.provider == XDNA_EP:
             from .._placement import session_options as xdna_session_options
 
@@ -170,12 +179,19 @@ class WhisperOnnx:
         self.compiled = compiled and self.provider == XDNA_EP
         self._log = log or (lambda m: print(f"[xdna] {m}", file=sys.stderr))
         self.compiled_paths: dict[str, Path] = {}  # file -> the compiled model it was loaded from
+        self._provider_options = options  # a compiled model is loaded with the options it was compiled with
         t = time.perf_counter()
         try:
             self.encoder, self.decoder, self.decoder_with_past = (
                 self._session(f, session_options, providers) for f in FILES)
         except Exception as e:
             raise TranscribeError(f"{self.model_dir}: ONNX Runtime could not load the model ({one_line(e)})") from None
+        if self.provider == XDNA_EP and any(XDNA_EP not in s.get_providers() for s in
+                                            (self.encoder, self.decoder, self.decoder_with_past)):
+            # ORT's Python API retries on the CPU EP alone when the EP refuses its options: say so, never run on
+            # the CPU EP silently
+            raise TranscribeError(f"the XDNA execution provider refused its options {options} (ONNX Runtime "
+                                  "printed why above)")
         self.load_seconds = time.perf_counter() - t
 
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
@@ -249,7 +265,8 @@ class WhisperOnnx:
 
             for attempt in (1, 2):
                 try:
-                    path, fresh = cached_compile(source, backend_name(), log=self._log)
+                    path, fresh = cached_compile(source, backend_name(self._provider_options),
+                                                 options=self._provider_options, log=self._log)
                 except Exception as e:  # noqa: BLE001 - compiling is an optimisation: the original model still runs
                     self._log(f"{file}: compiling for the XDNA EP failed ({one_line(e)}); loading it uncompiled")
                     break
@@ -381,16 +398,17 @@ class WhisperOnnx:
         return logits, attention
 
 
-_MODEL_CACHE: dict[tuple[str, str], WhisperOnnx] = {}
+_MODEL_CACHE: dict[tuple[str, str, str], WhisperOnnx] = {}
 
 
 def load_model(model: str | os.PathLike | WhisperOnnx = "base", provider: str = XDNA_EP,
-               log: Callable[[str], None] = lambda m: None) -> WhisperOnnx:
-    """A WhisperOnnx for a model name or directory, cached per process (sessions are expensive to create)."""
+               log: Callable[[str], None] = lambda m: None, precision: str | None = None) -> WhisperOnnx:
+    """A WhisperOnnx for a model name or directory, cached per process (sessions are expensive to create).
+    `precision`: the XDNA EP's precision policy (a mode, a named policy or rules: onnxruntime_ep_xdna._precision)."""
     if not isinstance(model, (str, os.PathLike)):  # a loaded model (or anything with its methods, e.g. a test fake)
         return model
     model_dir = resolve_model_dir(model, log)
-    key = (str(model_dir.resolve()), provider)
+    key = (str(model_dir.resolve()), provider, (precision or "").strip())
     if key not in _MODEL_CACHE:
-        _MODEL_CACHE[key] = WhisperOnnx(model_dir, provider)
+        _MODEL_CACHE[key] = WhisperOnnx(model_dir, provider, precision=precision)
     return _MODEL_CACHE[key]

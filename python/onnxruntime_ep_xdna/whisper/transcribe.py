@@ -25,7 +25,8 @@ import numpy as np
 
 from . import features
 from .features import FRAMES_PER_TOKEN, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, TIME_PRECISION
-from .onnx_model import XDNA_EP, TranscribeError, WhisperOnnx, load_model
+from .frontend import DEFAULT_FRONTEND, FRONTENDS, frontend_for
+from .onnx_model import XDNA_EP, TranscribeError, WhisperOnnx, load_model, one_line
 from .options import OptionsError, TranscriptionOptions
 from .rules import LogitRules, build_prompt, log_softmax, suppress_list
 from .search import DecodingResult, decode_with_fallback
@@ -363,19 +364,31 @@ def detect_language(model: WhisperOnnx, window) -> list[tuple[str, float]]:
 
 
 def transcribe(audio: str | os.PathLike | np.ndarray, model: str | os.PathLike | WhisperOnnx = "base",
-               options: TranscriptionOptions | None = None, *, provider: str = XDNA_EP,
-               progress: Callable[[float, float], None] | None = None, **kwargs
-               ) -> tuple[Iterator[Segment], TranscriptionInfo]:
+               options: TranscriptionOptions | None = None, *, provider: str = XDNA_EP, precision: str | None = None,
+               progress: Callable[[float, float], None] | None = None, frontend: str = DEFAULT_FRONTEND,
+               **kwargs) -> tuple[Iterator[Segment], TranscriptionInfo]:
     """Transcribes (or translates to English) a file or a 16 kHz mono float32 array.
 
     Returns (segments, info) like faster-whisper: the audio is read and the language detected now (errors are
     raised here: AudioError, TranscribeError, OptionsError); the windows are decoded while `segments` is
     iterated. `options` and/or keyword arguments are TranscriptionOptions fields (beam_size=1 for greedy).
+    `precision`: the XDNA EP's precision policy when `model` is a name or directory (bf16, int8, bf16x3, mixed, or
+    rules: README "Precision modes"; None = the EP's bf16).
+    `frontend`: 'cpu' computes the log-mel in numpy, 'ep' with the ONNX front end (whisper/frontend.py) on the
+    model's provider (its GEMMs on the XDNA EP in bf16x3).
     """
     from .audio import AudioError
 
+    if frontend not in FRONTENDS:
+        raise OptionsError(f"frontend must be one of {', '.join(FRONTENDS)}, not {frontend!r}")
     opt = TranscriptionOptions.from_kwargs(options, **kwargs)
-    whisper = load_model(model, provider)
+    whisper = load_model(model, provider, precision=precision)
+    try:
+        frames_log10_mel = frontend_for(whisper, frontend)
+    except TranscribeError:
+        raise
+    except Exception as e:  # the EP refused the front end's session (e.g. no bf16x3 in this build)
+        raise TranscribeError(f"the {frontend} log-mel front end could not be created: {one_line(e)}") from None
     t0 = time.perf_counter()
     language = opt.language
     if not whisper.is_multilingual:
@@ -408,17 +421,18 @@ def transcribe(audio: str | os.PathLike | np.ndarray, model: str | os.PathLike |
         t_vad = time.perf_counter() - t
         duration = samples.size / SAMPLE_RATE
         speech, timeline = collect_speech(samples, chunks)
-        mel = features.from_array(speech, whisper.n_mels, whisper.mel_filters) if speech.size else None
+        mel = (features.from_array(speech, whisper.n_mels, whisper.mel_filters, frames_log10_mel)
+               if speech.size else None)
     elif isinstance(audio, np.ndarray):
         if audio.size == 0:
             raise AudioError("<array>: contains no audio samples (zero length)")
-        mel = features.from_array(audio, whisper.n_mels, whisper.mel_filters)
+        mel = features.from_array(audio, whisper.n_mels, whisper.mel_filters, frames_log10_mel)
         duration = mel.duration
     else:
         from .audio import probe
 
         probe(audio)
-        mel = features.from_file(audio, whisper.n_mels, whisper.mel_filters)
+        mel = features.from_file(audio, whisper.n_mels, whisper.mel_filters, frames_log10_mel)
         if mel.n_samples == 0:
             raise AudioError(f"{audio}: contains no audio samples (zero length)")
         duration = mel.duration
@@ -476,8 +490,11 @@ class WhisperModel:
     Transcriptions share the sessions and keep their own state (ORT sessions may be run from several threads)."""
 
     def __init__(self, model: str | os.PathLike = "base", provider: str = XDNA_EP,
-                 log: Callable[[str], None] = lambda m: None):
-        self.onnx = load_model(model, provider, log)
+                 log: Callable[[str], None] = lambda m: None, precision: str | None = None,
+                 frontend: str = DEFAULT_FRONTEND):
+        self.onnx = load_model(model, provider, log, precision=precision)
+        self.frontend = frontend
 
     def transcribe(self, audio, options: TranscriptionOptions | None = None, **kwargs):
+        kwargs.setdefault("frontend", self.frontend)
         return transcribe(audio, self.onnx, options, **kwargs)

@@ -1,4 +1,4 @@
-// Host stand-in for the few AIE API pieces gemm_bf16.cc uses, so its blocked indexing can be unit-tested with
+// Host stand-in for the few AIE API pieces gemm_bf16.cc and gemm_int8.cc use, so its blocked indexing can be unit-tested with
 // g++ (tests/test_xrt_aie_design.py). Scalar and slow; bfloat16 is stored as its 16 bits. Not the AIE API.
 #pragma once
 #include <array>
@@ -15,6 +15,9 @@ struct bfloat16 {
   }
 };
 struct accfloat {};
+struct acc32 {};
+using int8 = int8_t;
+using int32 = int32_t;
 inline void event0() {}
 inline void event1() {}
 
@@ -65,20 +68,34 @@ struct accum {
     return r;
   }
 };
+template <typename TAcc>
+struct acc_element;
+template <>
+struct acc_element<accfloat> {
+  using type = float;
+};
+template <>
+struct acc_element<acc32> {
+  using type = int32_t;  // AIE-ML's int8 accumulators are wider; int32 is exact for the contract's K
+};
 template <unsigned R, unsigned S, unsigned T, typename TA, typename TB, typename TAcc>
 struct mmul {
+  using acc_t = typename acc_element<TAcc>::type;
   static constexpr unsigned size_A = R * S, size_B = S * T, size_C = R * T;
-  std::array<float, size_C> acc;
-  explicit mmul(const vector<float, size_C>& c) : acc(c.v) {}
+  std::array<acc_t, size_C> acc;
+  template <typename V>
+  explicit mmul(const V& c) {
+    for (unsigned i = 0; i < size_C; ++i) acc[i] = c.v[i];
+  }
   void mac(const vector<TA, size_A>& a, const vector<TB, size_B>& b) {
     for (unsigned r = 0; r < R; ++r)
       for (unsigned t = 0; t < T; ++t)
-        for (unsigned s = 0; s < S; ++s) acc[r * T + t] += float(a.v[r * S + s]) * float(b.v[s * T + t]);
+        for (unsigned s = 0; s < S; ++s) acc[r * T + t] += acc_t(a.v[r * S + s]) * acc_t(b.v[s * T + t]);
   }
   template <typename Out>
   vector<Out, size_C> to_vector() const {
     vector<Out, size_C> r;
-    r.v = acc;
+    for (unsigned i = 0; i < size_C; ++i) r.v[i] = acc[i];
     return r;
   }
 };

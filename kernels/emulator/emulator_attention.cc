@@ -1,0 +1,144 @@
+// Fused attention on the emulator (attention_contract.h): the scores are computed by the contract's GEMM kernels,
+// the softmax in fp32 between them, P rounded to bf16 and the division by the row sum after PV.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../packing.h"
+#include "emulator.h"
+
+namespace xdna::kernels {
+namespace {
+
+// exp(x) for x <= 0 in fp32 (Cephes expf: Cody-Waite reduction, degree-6 polynomial; relative error below
+// 2^-21, which the contract's bound allows for). Branch-free so that the row loop vectorises. Below -87 it returns
+// 0: the exact value (< 2^-125) is lost against the row's largest weight, exp(0) = 1.
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.f);
+  const float t = xc * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (|t| < 2^22)
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n >= -126
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.f ? 0.f : p * scale;
+}
+
+// round_to_bf16 without its NaN case (exp_nonpositive never returns NaN), so that the row loop vectorises.
+inline float round_finite_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// One row of scores: scaled, max subtracted, exp'd and rounded to bf16 in place; returns the row sum l. NaN or
+// +Inf among the scores (or only -Inf) makes the row NaN, as ORT's Softmax gives.
+// A float's bits as an int32 that orders like the float (NaNs aside): integer max reductions vectorise, float
+// ones (NaN semantics) do not.
+inline int32_t ordered_key(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b ^ ((b >> 31) & 0x7fffffff);
+}
+
+// Cloned per ISA (GCC picks one at load time): AVX-512 and AVX2 run the row loops 16 and 8 wide. No FMA
+// contraction (CMakeLists), so every clone gives the same bits.
+__attribute__((target_clones("avx512f", "avx2", "default"))) float softmax_row(float* s, int64_t T, float scale) {
+  int32_t nan = 0, max_key = std::numeric_limits<int32_t>::min();
+  for (int64_t t = 0; t < T; ++t) s[t] *= scale;
+  for (int64_t t = 0; t < T; ++t) nan |= s[t] != s[t];
+  for (int64_t t = 0; t < T; ++t) max_key = std::max(max_key, ordered_key(s[t]));
+  const int32_t mb = max_key ^ ((max_key >> 31) & 0x7fffffff);
+  float mx;
+  std::memcpy(&mx, &mb, sizeof mx);
+  if (nan || !std::isfinite(mx)) {
+    std::fill(s, s + T, std::numeric_limits<float>::quiet_NaN());
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  for (int64_t t = 0; t < T; ++t) s[t] = round_finite_to_bf16(exp_nonpositive(s[t] - mx));
+  // 16 partial sums: one serial chain would cost an add's latency per score (the order is not in the contract).
+  constexpr int64_t L = 16;
+  float sum_l[L] = {};
+  int64_t t = 0;
+  for (; t + L <= T; t += L)
+    for (int64_t j = 0; j < L; ++j) sum_l[j] += s[t + j];
+  for (; t < T; ++t) sum_l[0] += s[t];
+  float l = 0.f;
+  for (int64_t j = 0; j < L; ++j) l += sum_l[j];
+  return l;
+}
+
+// Softmax over `rows` rows of T scores (row r at s + r * T), sums into l; then nothing else touches them.
+void softmax_rows(float* s, float* l, int64_t rows, int64_t T, float scale, int threads) {
+  constexpr int64_t kRowsPerTask = 16;
+  const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  emulator_parallel_for(rows * T < (int64_t{1} << 16) ? 1 : threads, tasks, [&](int64_t task) {
+    for (int64_t r = task * kRowsPerTask; r < std::min(rows, (task + 1) * kRowsPerTask); ++r)
+      l[r] = softmax_row(s + r * T, T, scale);
+  });
+}
+
+void divide_rows(float* o, int64_t ldo, int64_t M, int64_t Dv, const float* l) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < Dv; ++n) o[m * ldo + n] /= l[m];
+}
+
+// B[k][n] = b[k * stride_k + n * stride_n] as backend.h's UnpackedGemm, when one of the strides is 1.
+bool as_unpacked(const float* b, int64_t stride_k, int64_t stride_n, UnpackedGemm* out) {
+  if (stride_n == 1) *out = UnpackedGemm{{}, b, stride_k, false};
+  else if (stride_k == 1) *out = UnpackedGemm{{}, b, stride_n, true};
+  else return false;
+  return true;
+}
+
+}  // namespace
+
+void emulator_attention(const AttentionShape& s, const AttentionHead* heads, size_t count, int threads) {
+  const int64_t M = s.M, T = s.T, D = s.D, Dv = s.Dv;
+  if (count == 0 || M == 0 || Dv == 0) return;
+  if (T == 0) {  // no keys: P is empty and P V is zero, as ORT's MatMul gives
+    for (size_t i = 0; i < count; ++i)
+      for (int64_t m = 0; m < M; ++m) std::fill(heads[i].o + m * heads[i].ldo, heads[i].o + m * heads[i].ldo + Dv, 0.f);
+    return;
+  }
+  // Few query rows (decoder steps): every head's K and V read as they lie, all heads in one job per product.
+  std::vector<UnpackedGemm> qk(count), pv(count);
+  bool unpacked = M <= kUnpackedMaxM;
+  for (size_t i = 0; i < count && unpacked; ++i)
+    unpacked = as_unpacked(heads[i].kt, heads[i].kt_stride_d, heads[i].kt_stride_t, &qk[i]) &&
+               as_unpacked(heads[i].v, heads[i].v_stride_t, heads[i].v_stride_n, &pv[i]);
+  if (unpacked) {
+    std::vector<float> scores(count * M * T), l(count * M);
+    for (size_t i = 0; i < count; ++i) qk[i].args = GemmArgs{heads[i].q, M, heads[i].ldq, &scores[i * M * T], T};
+    emulator_gemm_unpacked(qk.data(), count, D, T, threads);
+    softmax_rows(scores.data(), l.data(), static_cast<int64_t>(count) * M, T, s.scale, threads);
+    for (size_t i = 0; i < count; ++i) pv[i].args = GemmArgs{&scores[i * M * T], M, T, heads[i].o, heads[i].ldo};
+    emulator_gemm_unpacked(pv.data(), count, T, Dv, threads);
+    for (size_t i = 0; i < count; ++i) divide_rows(heads[i].o, heads[i].ldo, M, Dv, &l[i * M]);
+    return;
+  }
+  // Many rows (encoder): K^T and V packed once per head, the scores of one head at a time.
+  std::vector<float> scores(M * T), l(M);
+  for (size_t i = 0; i < count; ++i) {
+    const AttentionHead& h = heads[i];
+    const PackedB kt = pack_b(h.kt, D, T, h.kt_stride_d, h.kt_stride_t);
+    emulator_gemm(GemmArgs{h.q, M, h.ldq, scores.data(), T}, kt, threads);
+    softmax_rows(scores.data(), l.data(), M, T, s.scale, threads);
+    const PackedB v = pack_b(h.v, T, Dv, h.v_stride_t, h.v_stride_n);
+    emulator_gemm(GemmArgs{scores.data(), M, T, h.o, h.ldo}, v, threads);
+    divide_rows(h.o, h.ldo, M, Dv, l.data());
+  }
+}
+
+}  // namespace xdna::kernels

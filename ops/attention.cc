@@ -1,0 +1,196 @@
+// Attention as one node: MatMul(Q, K^T) -> [Mul/Div by a constant scalar] -> Softmax(last axis) -> MatMul(., V),
+// claimed at the second MatMul (the anchor) with the rest of the chain as its fused producers, and run as the fused
+// attention contract (kernels/attention_contract.h): on the NPU the scores never leave the array, on the CPU they
+// never reach ORT. Also taken: constant scalar Muls on Q and K^T (how torch's scaled_dot_product_attention exports,
+// e.g. optimum's Whisper: the scale split as sqrt on both) and Transposes that Q, K^T and V are read through.
+// Every intermediate of the chain must have no reader but the chain: a Softmax that another node also reads (the
+// decoder's masked self-attention, exported attention weights) leaves the pattern to the plain MatMul rule.
+#include <cmath>
+#include <cstring>
+
+#include "ep_plugin/dispatch.h"
+#include "ep_plugin/ort_api.h"
+#include "ops/op.h"
+#include "ops/transpose_fusion.h"
+
+namespace xdna::ops {
+namespace {
+
+using Dims = std::vector<int64_t>;
+
+// The node that produces `name` when it is an ONNX-domain `op_type` and nothing else reads `name`.
+const OrtNode* sole_producer(const OrtApi& api, const GraphIndex& index, const std::string& name, const char* op_type) {
+  const auto p = index.producer.find(name);
+  const auto u = index.uses.find(name);
+  if (p == index.producer.end() || u == index.uses.end() || u->second != 1) return nullptr;
+  const char* type = nullptr;
+  const char* domain = nullptr;
+  ep::check(api, api.Node_GetOperatorType(p->second, &type));
+  ep::check(api, api.Node_GetDomain(p->second, &domain));
+  return std::strcmp(type, op_type) == 0 && std::strcmp(domain, "") == 0 ? p->second : nullptr;
+}
+
+// A constant float scalar (any rank up to `max_rank`, one element): its value.
+bool constant_scalar(const OrtApi& api, const OrtValueInfo* vi, int max_rank, float* value) {
+  ONNXTensorElementDataType t;
+  const Operand c = describe(api, vi, &t);
+  if (!c.constant || t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.rank < 0 || c.rank > max_rank) return false;
+  for (int64_t d : c.dims)
+    if (d != 1) return false;
+  // One float: reading it in the claim rule is free, and the claim needs it finite.
+  Dims shape;
+  const std::vector<float> v = read_constant(api, vi, &shape);
+  if (v.size() != 1 || !std::isfinite(v[0])) return false;
+  *value = v[0];
+  return true;
+}
+
+// If `op` is made by a Mul (or, with `allow_div`, a Div) of a run-time float tensor of the same rank by a constant
+// scalar, and nothing else reads it: multiplies *scale by the scalar (1/scalar for Div), redirects `op` to the
+// tensor and adds the node to the claim.
+void read_through_scale(const OrtApi& api, const GraphIndex& index, Operand* op, float* scale, Claim* claim,
+                        bool allow_div) {
+  const OrtNode* node = sole_producer(api, index, op->name, "Mul");
+  const bool div = !node && allow_div;
+  if (div) node = sole_producer(api, index, op->name, "Div");
+  if (!node) return;
+  const NodeIo io = node_io(api, node);
+  if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1]) return;
+  float s = 0.f;
+  int tensor_input = 0;
+  if (constant_scalar(api, io.inputs[1], op->rank, &s)) tensor_input = 0;
+  else if (!div && constant_scalar(api, io.inputs[0], op->rank, &s)) tensor_input = 1;
+  else return;
+  if (div && s == 0.f) return;
+  ONNXTensorElementDataType t;
+  Operand source = describe(api, io.inputs[tensor_input], &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || source.constant || source.rank != op->rank) return;
+  *scale *= div ? 1.f / s : s;
+  op->name = source.name;
+  op->dims = source.dims;
+  claim->fused_producers.push_back(node);
+}
+
+Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& index) {
+  Claim r;
+  OpPlan& p = r.plan;
+  p.op = OpPlan::Op::kAttention;
+  const NodeIo io = node_io(api, pv);
+  if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1]) return reject("MatMul without two inputs");
+  if (auto why = read_float_operands(api, io, &p); !why.empty()) return reject(why);
+  p.v = p.b;
+  const Operand probs = p.a;
+  if (p.v.constant) return reject("V is a constant");
+  const OrtNode* softmax = sole_producer(api, index, probs.name, "Softmax");
+  if (!softmax) return reject("input A is not a Softmax read by this MatMul only");
+  const NodeIo sio = node_io(api, softmax);
+  if (sio.inputs.size() != 1 || !sio.inputs[0]) return reject("Softmax without one input");
+  int since = 0;
+  ep::check(api, api.Node_GetSinceVersion(softmax, &since));
+  int64_t axis = since >= 13 ? -1 : 1;
+  if (!int_attr(api, softmax, "axis", &axis)) return reject("Softmax axis unreadable");
+  // Before opset 13 Softmax flattens from `axis` on: the same as the last axis exactly when axis is the last one.
+  if (probs.rank < 2 || (axis < 0 ? axis + probs.rank : axis) != probs.rank - 1)
+    return reject("Softmax is not over the last axis");
+
+  ONNXTensorElementDataType t;
+  Operand scores = describe(api, sio.inputs[0], &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scores.rank != probs.rank) return reject("scores not float32");
+  Claim scale_claim;
+  float scale = 1.f;
+  read_through_scale(api, index, &scores, &scale, &scale_claim, true);
+  const OrtNode* qk = sole_producer(api, index, scores.name, "MatMul");
+  if (!qk) return reject("Softmax input is not a MatMul read by the Softmax only");
+  const NodeIo qio = node_io(api, qk);
+  if (qio.inputs.size() != 2 || !qio.inputs[0] || !qio.inputs[1]) return reject("QK MatMul without two inputs");
+  OpPlan qplan;
+  if (auto why = read_float_operands(api, qio, &qplan); !why.empty()) return reject("QK MatMul: " + why);
+  if (qplan.b.constant) return reject("K is a constant");
+  p.a = qplan.a;
+  p.b = qplan.b;
+  for (Operand* op : {&p.a, &p.b}) {  // each operand's producers, found backwards, added in graph order
+    Claim found;
+    read_through_scale(api, index, op, &scale, &found, false);
+    read_through_transpose(api, index, op, &found);
+    r.fused_producers.insert(r.fused_producers.end(), found.fused_producers.rbegin(), found.fused_producers.rend());
+  }
+  r.fused_producers.push_back(qk);
+  r.fused_producers.insert(r.fused_producers.end(), scale_claim.fused_producers.begin(),
+                           scale_claim.fused_producers.end());
+  r.fused_producers.push_back(softmax);
+  read_through_transpose(api, index, &p.v, &r);
+  p.attention_scale = scale;
+
+  const int rank = p.a.rank;
+  if (rank < 2 || p.b.rank != rank || p.v.rank != rank || probs.rank != rank)
+    return reject("Q, K^T, V and the scores differ in rank");
+  const Dims &q = p.a.dims, &kt = p.b.dims, &v = p.v.dims;
+  auto differ = [](int64_t x, int64_t y) { return x >= 0 && y >= 0 && x != y; };
+  if (differ(q[rank - 1], kt[rank - 2]) || differ(kt[rank - 1], v[rank - 2]))
+    return reject("attention inner dimensions differ");
+  bool sym = false;
+  const double M = product_lower_bound(q, rank - 2, rank - 1, &sym), D = product_lower_bound(q, rank - 1, rank, &sym);
+  const double T = product_lower_bound(kt, rank - 1, rank, &sym), Dv = product_lower_bound(v, rank - 1, rank, &sym);
+  const double batch = std::max(product_lower_bound(q, 0, rank - 2, &sym), product_lower_bound(v, 0, rank - 2, &sym));
+  p.mflop = 2.0 * batch * M * T * (D + Dv) / 1e6;
+  p.mflop_lower_bound = sym;
+  r.ok = true;
+  r.reason = "fused attention (QK^T, softmax, PV in one node)";
+  return r;
+}
+
+void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
+  const View q = view_of(io.input(plan.a.name), plan.a.perm);
+  const View kt = view_of(io.input(plan.b.name), plan.b.perm);
+  const View v = view_of(io.input(plan.v.name), plan.v.perm);
+  const size_t r = q.dims.size();
+  const auto fail = [&](const std::string& what) {
+    return ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': attention " + what);
+  };
+  if (r < 2 || kt.dims.size() != r || v.dims.size() != r) throw fail("operands differ in rank");
+  const int64_t M = q.dims[r - 2], D = q.dims[r - 1], T = kt.dims[r - 1], Dv = v.dims[r - 1];
+  if (kt.dims[r - 2] != D || v.dims[r - 2] != T) throw fail("inner dimensions differ");
+  const Dims batch_q(q.dims.begin(), q.dims.end() - 2), batch_k(kt.dims.begin(), kt.dims.end() - 2),
+      batch_v(v.dims.begin(), v.dims.end() - 2);
+  const Dims batch = broadcast_batch(broadcast_batch(batch_q, batch_k), batch_v);
+  Dims out_dims = batch;
+  out_dims.push_back(M);
+  out_dims.push_back(Dv);
+  float* y = io.output(plan.output, out_dims);
+  int64_t heads = 1;
+  for (int64_t d : batch) heads *= d;
+  if (heads == 0 || M == 0 || Dv == 0) return;
+
+  // The kernels read Q rows with unit stride; a Transpose that moves Q's last dim gets Q gathered.
+  const bool gather = q.strides[r - 1] != 1;
+  int64_t gathered = 0;
+  if (gather && (__builtin_mul_overflow(heads, M, &gathered) || __builtin_mul_overflow(gathered, D, &gathered)))
+    throw fail("operand too large");
+  std::vector<float> q_gathered(gather ? static_cast<size_t>(gathered) : 0);
+  const Dims q_bs(q.strides.begin(), q.strides.end() - 2), k_bs(kt.strides.begin(), kt.strides.end() - 2),
+      v_bs(v.strides.begin(), v.strides.end() - 2);
+  std::vector<kernels::AttentionHead> items;
+  items.reserve(static_cast<size_t>(heads));
+  for (int64_t i = 0; i < heads; ++i) {
+    const float* qp = q.data + batch_offset(batch, batch_q, q_bs, i);
+    int64_t ldq = q.strides[r - 2];
+    if (gather) {
+      float* dst = q_gathered.data() + i * M * D;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t d = 0; d < D; ++d) dst[m * D + d] = qp[m * q.strides[r - 2] + d * q.strides[r - 1]];
+      qp = dst;
+      ldq = D;
+    }
+    items.push_back({qp, ldq, kt.data + batch_offset(batch, batch_k, k_bs, i), kt.strides[r - 2], kt.strides[r - 1],
+                     v.data + batch_offset(batch, batch_v, v_bs, i), v.strides[r - 2], v.strides[r - 1],
+                     y + i * M * Dv, Dv});
+  }
+  dispatch.note_attention(heads, M, T, D);
+  dispatch.attention(kernels::AttentionShape{M, T, D, Dv, plan.attention_scale}, items);
+}
+
+}  // namespace
+
+extern const OpModule kAttentionModule{"", "MatMul", 1, OpPlan::Op::kAttention, claim_attention, run_attention};
+
+}  // namespace xdna::ops

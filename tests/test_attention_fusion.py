@@ -1,0 +1,168 @@
+"""Attention claimed as one node (ops/attention.cc): MatMul(Q, K^T) -> [scale] -> Softmax -> MatMul(., V) runs as the
+fused attention contract (kernels/attention_contract.h) through the dispatcher: on the emulator, and declined by the
+xrt backend (no fused attention kernel is built) with a logged reason. Numbers against float64 numpy and ORT's
+CPU EP within numerics.attention_bound; placement proves the Softmax runs on our EP."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
+from numerics import assert_within, attention_bound, attention_exact
+
+import onnxruntime_ep_xdna as xdna
+
+D = 64
+
+
+def sdpa_model(B, H, M, T, scale_on="inputs", extra_softmax_reader=False):
+    """torch's scaled_dot_product_attention as optimum exports Whisper: Q [B, M, H, D] and K, V [B, T, H, D] split
+    into heads by Transposes, the scale as sqrt(scale) on Q and on K^T (scale_on="inputs"), or one Mul/Div on the
+    scores ("mul", "div")."""
+    s = D ** -0.5
+    nodes = [helper.make_node("Transpose", ["q"], ["qh"], perm=[0, 2, 1, 3], name="tq"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1], name="tk"),
+             helper.make_node("Transpose", ["v"], ["vh"], perm=[0, 2, 1, 3], name="tv")]
+    inits = []
+    qk_in = ["qh", "kt"]
+    if scale_on == "inputs":
+        nodes += [helper.make_node("Mul", ["qh", "sqrt_s"], ["qs"], name="mq"),
+                  helper.make_node("Mul", ["sqrt_s", "kt"], ["ks"], name="mk")]
+        inits.append(init("sqrt_s", np.array(s ** 0.5, np.float32)))
+        qk_in = ["qs", "ks"]
+    nodes.append(helper.make_node("MatMul", qk_in, ["scores"], name="qk"))
+    sm_in = "scores"
+    if scale_on == "mul":
+        nodes.append(helper.make_node("Mul", ["scores", "s"], ["scaled"], name="ms"))
+        inits.append(init("s", np.array([s], np.float32)))
+        sm_in = "scaled"
+    elif scale_on == "div":
+        nodes.append(helper.make_node("Div", ["scores", "d"], ["scaled"], name="ds"))
+        inits.append(init("d", np.array(1 / s, np.float32)))
+        sm_in = "scaled"
+    nodes += [helper.make_node("Softmax", [sm_in], ["p"], axis=-1, name="sm"),
+              helper.make_node("MatMul", ["p", "vh"], ["o"], name="pv")]
+    outputs = [tensor("o", [B, H, M, D])]
+    if extra_softmax_reader:  # the attention weights are also a model output (word timestamps need them)
+        outputs.append(tensor("p", [B, H, M, T]))
+    return make_model(nodes, [tensor("q", [B, M, H, D]), tensor("k", [B, T, H, D]), tensor("v", [B, T, H, D])],
+                      outputs, inits)
+
+
+def feeds(B, H, M, T, seed):
+    r = np.random.default_rng(seed)
+    return {"q": r.standard_normal((B, M, H, D)).astype(np.float32),
+            "k": r.standard_normal((B, T, H, D)).astype(np.float32),
+            "v": r.standard_normal((B, T, H, D)).astype(np.float32)}
+
+
+def check_against_exact_and_cpu(out, cpu, f):
+    q = f["q"].transpose(0, 2, 1, 3)
+    kt = f["k"].transpose(0, 2, 3, 1)
+    v = f["v"].transpose(0, 2, 1, 3)
+    scale = D ** -0.5
+    bound = attention_bound(q, kt, v, scale)
+    exact = attention_exact(q, kt, v, scale)
+    assert_within(out, exact, bound, "EP vs float64")
+    assert_within(cpu, exact, bound, "CPU EP vs float64 (the bound also holds for ORT's fp32)")
+    assert_within(out, cpu, 2 * bound, "EP vs ORT's CPU EP")
+
+
+@pytest.mark.parametrize("scale_on", ["inputs", "mul", "div"])
+@pytest.mark.parametrize("B,H,M,T", [(1, 3, 300, 300), (2, 2, 200, 130)])
+def test_attention_is_one_node_on_the_ep(B, H, M, T, scale_on):
+    model = sdpa_model(B, H, M, T, scale_on)
+    sess = xdna_session(model, {"backend": "emulator"})
+    placed = ep_nodes(sess)
+    assert ("sm", "Softmax") in placed and ("qk", "MatMul") in placed and ("pv", "MatMul") in placed
+    f = feeds(B, H, M, T, 1)
+    check_against_exact_and_cpu(sess.run(None, f)[0], cpu_session(model).run(None, f)[0], f)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5])
+def test_decoder_shaped_attention(M):
+    """Decoder steps: few query rows (beams x tokens) against a 1500-key cross-attention: computed by the fused path
+    (K and V read as they lie, all heads in one job)."""
+    B, H, T = 2, 8, 1500
+    model = sdpa_model(B, H, M, T)
+    sess = xdna_session(model, {"backend": "emulator"})
+    assert ("sm", "Softmax") in ep_nodes(sess)
+    f = feeds(B, H, M, T, 2 + M)
+    check_against_exact_and_cpu(sess.run(None, f)[0], cpu_session(model).run(None, f)[0], f)
+
+
+def test_softmax_read_elsewhere_stays_separate():
+    """A Softmax whose weights another node reads is not fused: it runs on the CPU EP, both MatMuls on ours."""
+    B, H, M, T = 1, 2, 40, 50
+    model = sdpa_model(B, H, M, T, extra_softmax_reader=True)
+    sess = xdna_session(model, {"backend": "emulator"})
+    placed = ep_nodes(sess)
+    assert ("sm", "Softmax") not in placed and ("qk", "MatMul") in placed and ("pv", "MatMul") in placed
+    f = feeds(B, H, M, T, 3)
+    out, p = sess.run(None, f)
+    cpu_out, cpu_p = cpu_session(model).run(None, f)
+    assert np.allclose(p, cpu_p, atol=0.05)
+    check_against_exact_and_cpu(out, cpu_out, f)
+
+
+def test_non_finite_scores_give_nan_rows_as_the_cpu_ep():
+    B, H, M, T = 1, 1, 4, 70
+    model = sdpa_model(B, H, M, T, scale_on="mul")
+    f = feeds(B, H, M, T, 4)
+    f["q"][0, 1, 0, 3] = np.nan
+    f["k"][0, 5, 0, 0] = np.inf  # +-Inf scores in every row: ORT's Softmax gives NaN there too
+    out = xdna_session(model, {"backend": "emulator"}).run(None, f)[0]
+    cpu = cpu_session(model).run(None, f)[0]
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(cpu))
+
+
+def test_partition_report_names_the_fused_attention(tmp_path):
+    B, H, M, T = 1, 2, 64, 96
+    (tmp_path / "m.onnx").write_bytes(sdpa_model(B, H, M, T))
+    report = xdna.partition(tmp_path / "m.onnx", run=True)
+    by_node = {d.node: d for d in report.decisions}
+    assert by_node["qk"].placed_on == EP and "in the fused attention of 'pv'" in by_node["qk"].reason
+    assert by_node["pv"].executed["attention"] == [B * H, M, T, D]
+    assert by_node["pv"].mflop == pytest.approx(2 * B * H * M * T * 2 * D / 1e6)
+
+
+def test_fake_device_declines_attention_with_a_logged_reason(tmp_path, monkeypatch, capfd):
+    """The xrt backend (fake device) has no fused attention kernel: the node runs on the CPU path, said in the log,
+    with the same numbers; a GEMM with a kernel in the same session still runs on the device."""
+    from test_xrt_dataflow import kernel_dir
+
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
+    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    kdir = kernel_dir(tmp_path / "k", [(512, 512, 256, "f32_f32")])
+    B, H, M, T = 1, 2, 100, 120
+    model = sdpa_model(B, H, M, T)
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(kdir), "log_level": "info"}, so=so)
+    assert ("sm", "Softmax") in ep_nodes(sess)
+    f = feeds(B, H, M, T, 5)
+    check_against_exact_and_cpu(sess.run(None, f)[0], cpu_session(model).run(None, f)[0], f)
+    del sess
+    err = capfd.readouterr().err
+    assert "no fused attention kernel built" in err
+    assert f"node 'pv': 0 GEMM calls on xrt, {B * H} on the CPU path ({B * H} not for the device" in err
+
+
+def test_emulator_fault_in_attention_falls_back(monkeypatch, capfd):
+    """A fault of the primary backend in the fused attention: logged, every head recomputed on the CPU."""
+    B, H, M, T = 1, 2, 30, 40
+    model = sdpa_model(B, H, M, T)
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    sess = xdna_session(model, {"backend": "emulator", "fault_inject": "run", "log_level": "info"}, so=so)
+    f = feeds(B, H, M, T, 6)
+    check_against_exact_and_cpu(sess.run(None, f)[0], cpu_session(model).run(None, f)[0], f)
+    del sess
+    err = capfd.readouterr().err
+    assert "fault" in err and f"{B * H} after a fault" in err
