@@ -57,13 +57,13 @@ def mixed_feeds() -> dict:
             "xt": r.standard_normal((64, 8)).astype(np.float32), "xc": r.standard_normal((1, 8, 20)).astype(np.float32)}
 
 
-def generate(model: bytes, out: Path, embed: bool) -> ort.InferenceSession:
+def generate(model: bytes, out: Path, embed: bool, options: dict | None = None) -> ort.InferenceSession:
     """A session with ep.context_enable=1: ORT writes the compiled model to `out` as the session is created."""
     so = ort.SessionOptions()
     so.add_session_config_entry("ep.context_enable", "1")
     so.add_session_config_entry("ep.context_embed_mode", "1" if embed else "0")
     so.add_session_config_entry("ep.context_file_path", str(out))
-    return xdna_session(model, so=so)
+    return xdna_session(model, options, so=so)
 
 
 def context_nodes(path: Path) -> list[onnx.NodeProto]:
@@ -80,9 +80,9 @@ def side_file(compiled: Path) -> Path:
     return compiled.parent / attr(node, "ep_cache_context").decode()
 
 
-def load_error(model, so=None) -> str:
+def load_error(model, so=None, options: dict | None = None) -> str:
     with pytest.raises(Exception) as e:
-        xdna_session(str(model) if isinstance(model, Path) else model, so=so)
+        xdna_session(str(model) if isinstance(model, Path) else model, options, so=so)
     msg = str(e.value)
     assert EP in msg, msg
     return msg
@@ -161,6 +161,59 @@ def test_without_context_enable_the_session_runs_on_the_ep(tmp_path):
     assert ("mm", "MatMul") in ep_nodes(sess)
     assert_within(sess.run(None, {"x": X})[0], X.astype(np.float64) @ W, bf16_bound(X, W, 64))
     assert not list(tmp_path.iterdir())
+
+
+# ---- precision modes and fused attention in a compiled model ----
+
+# mm in int8, gemm and conv in bf16x3, the rest in bf16: every weight form in one payload
+MIXED_POLICY = {"precision_policy": "int8:name=mm;bf16x3:name=gemm;bf16x3:op=Conv"}
+
+
+@pytest.mark.parametrize("embed", [False, True], ids=["side_file", "embedded"])
+def test_int8_and_bf16x3_nodes_compile_and_load_bit_identically(tmp_path, embed):
+    model = mixed_model()
+    feeds = mixed_feeds()
+    reference = xdna_session(model, MIXED_POLICY).run(None, feeds)
+    bf16 = xdna_session(model).run(None, feeds)
+    names = ["y", "y3", "yg", "yt", "yc"]
+    # the policy is in force: int8 and bf16x3 give other numbers than bf16 where they apply, the same elsewhere
+    for name, a, b in zip(names, reference, bf16):
+        assert np.array_equal(a, b) == (name in ("y3", "yt")), name
+    out = tmp_path / "p_ctx.onnx"
+    generate(model, out, embed, MIXED_POLICY)
+    sess = xdna_session(str(out), MIXED_POLICY)
+    assert {op for _, op in ep_nodes(sess)} == {"EPContext"}
+    for name, a, b in zip(names, sess.run(None, feeds), reference):
+        assert np.array_equal(a, b), name  # the stored int8 / bf16x3 forms are the packed ones, bit for bit
+
+
+def test_context_of_another_precision_policy_is_refused_naming_both(tmp_path):
+    model = mixed_model()
+    out = tmp_path / "p_ctx.onnx"
+    generate(model, out, False, MIXED_POLICY)
+    msg = load_error(out)  # the session's default: bf16
+    assert "precision 'bf16, rules: int8:name=mm; bf16x3:name=gemm; bf16x3:op=Conv'" in msg, msg
+    assert "this session: 'bf16'" in msg, msg
+    msg = load_error(out, options={"precision": "int8"})
+    assert "this session: 'int8'" in msg, msg
+
+
+def test_fused_attention_compiles_and_loads_bit_identically(tmp_path):
+    from test_attention_fusion import feeds as attention_feeds
+    from test_attention_fusion import sdpa_model
+
+    model = sdpa_model(1, 2, 40, 50, "mul")
+    f = attention_feeds(1, 2, 40, 50, 7)
+    uncompiled = xdna_session(model)
+    assert ("sm", "Softmax") in ep_nodes(uncompiled)  # the pattern is one fused attention node on the EP
+    reference = uncompiled.run(None, f)
+    out = tmp_path / "att_ctx.onnx"
+    generate(model, out, True)
+    sess = xdna_session(str(out))
+    placed = ep_nodes(sess)
+    assert {op for _, op in placed} == {"EPContext"}
+    assert not any(op == "Softmax" for _, op in xdna.placement(sess).on("CPUExecutionProvider"))
+    assert np.array_equal(sess.run(None, f)[0], reference[0])
 
 
 # ---- what a compiled model must not get away with ----

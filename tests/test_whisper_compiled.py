@@ -133,3 +133,27 @@ def test_xdna_compile_command(tiny, tmp_path, capsys):
     assert xdna_main(["compile", str(tiny / FILES[0]), "-o", str(tmp_path / "emb.onnx"), "--embed"]) == 0
     assert not list(tmp_path.glob("emb_*.xdnactx"))
     assert xdna_main(["compile", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "x.onnx")]) == 1
+
+
+def test_whisper_layer_caches_one_compiled_model_per_precision_policy(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
+    x = features(1)
+
+    def run(w: WhisperOnnx) -> np.ndarray:
+        return w.encoder.run(None, {"input_features": x})[0]
+
+    reference = run(WhisperOnnx(tiny, "xdna", precision="int8", compiled=False))
+    int8 = WhisperOnnx(tiny, "xdna", precision="int8", log=lambda m: None)
+    assert np.array_equal(run(int8), reference)  # the int8 weights as stored: bit-identical
+    bf16 = WhisperOnnx(tiny, "xdna", log=lambda m: None)
+    assert not np.array_equal(run(bf16), reference)  # another policy, another cache entry, other numbers
+    for f in FILES:
+        a, b = int8.compiled_paths[f], bf16.compiled_paths[f]
+        assert a.parent != b.parent and a.parent.name.endswith("-int8") and b.parent.name.endswith("-bf16")
+    with pytest.raises(Exception) as e:  # an int8 compiled model in a bf16 session: refused, naming both
+        xdna.register()
+        import onnxruntime as ort
+
+        ort.InferenceSession(str(int8.compiled_paths[FILES[0]]), xdna.session_options(),
+                             providers=[EP, "CPUExecutionProvider"])
+    assert "precision 'int8'" in str(e.value) and "this session: 'bf16'" in str(e.value)

@@ -140,6 +140,14 @@ def cmd_compile(args) -> int:
     for kv in args.option or []:
         key, _, value = kv.partition("=")
         options[key] = value
+    if args.precision:
+        from ._precision import provider_options
+
+        try:
+            options.update(provider_options(args.precision))
+        except ValueError as e:
+            print(f"xdna compile: error: --precision: {e}", file=sys.stderr)
+            return 2
     import time
 
     t0 = time.perf_counter()
@@ -184,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--embed", action="store_true", help="put the payload inside the model (one file)")
     comp.add_argument("--option", action="append", metavar="KEY=VALUE",
                       help="provider option, e.g. backend=emulator (repeatable)")
+    comp.add_argument("--precision", metavar="POLICY",
+                      help="precision policy as in xdna transcribe (bf16, int8, bf16x3, mixed, mixed-conv or rules); "
+                           "the compiled model loads only in sessions with the same policy")
     comp.add_argument("--clear-cache", action="store_true",
                       help="remove the compiled models the Whisper layer cached (under $XDNA_CACHE_DIR/compiled)")
     comp.add_argument("--cache-dir", help="the cache to clear (default: $XDNA_CACHE_DIR or ~/.cache/onnxruntime-ep-xdna)")
