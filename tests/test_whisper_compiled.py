@@ -157,3 +157,16 @@ def test_whisper_layer_caches_one_compiled_model_per_precision_policy(tiny, tmp_
         ort.InferenceSession(str(int8.compiled_paths[FILES[0]]), xdna.session_options(),
                              providers=[EP, "CPUExecutionProvider"])
     assert "precision 'int8'" in str(e.value) and "this session: 'bf16'" in str(e.value)
+
+
+def test_xdna_compile_precision_option(tiny, tmp_path, capsys):
+    out = tmp_path / "enc8.onnx"
+    assert xdna_main(["compile", str(tiny / FILES[0]), "-o", str(out), "--precision", "int8"]) == 0
+    xdna.register()
+    import onnxruntime as ort
+
+    providers = [(EP, {"precision": "int8"}), "CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(out), xdna.session_options(), providers=providers)
+    assert "EPContext" in {op for _, op in xdna.placement(sess).on(EP)}
+    assert xdna_main(["compile", str(tiny / FILES[0]), "-o", str(out), "--precision", "int9"]) == 2
+    assert "--precision" in capsys.readouterr().err
