@@ -1,7 +1,8 @@
 """Compiled models: ORT's compile API with the XDNA EP selected, and a cache of compiled models.
 
 A compiled model replaces each group of nodes the EP claims by one `EPContext` node holding the group's plans and
-packed bf16 weights (ep_plugin/ep_context.h), so that a session starts without reading or packing the fp32 weights.
+packed weights, each in its node's precision (ep_plugin/ep_context.h), so that a session starts without reading or
+packing the fp32 weights.
 The payload lies in a side file next to the compiled model (memory-mapped at load), or inside it with `embed=True`.
 A compiled model is tied to the EP version, its GEMM contract, the backend and the precision policy it was compiled
 under (the `precision` / `precision_policy` options): the EP refuses any other, naming what differs. Load it with
