@@ -124,10 +124,18 @@ OrtStatus* ORT_API_CALL XdnaEpFactory::CreateEpImpl(OrtEpFactory* self, const Or
 void ORT_API_CALL XdnaEpFactory::ReleaseEpImpl(OrtEpFactory*, OrtEp* ep) noexcept { delete static_cast<XdnaEp*>(ep); }
 
 OrtStatus* ORT_API_CALL XdnaEpFactory::ValidateCompiledModelCompatibilityInfoImpl(
-    OrtEpFactory*, const OrtHardwareDevice* const*, size_t, const char*,
+    OrtEpFactory* self, const OrtHardwareDevice* const*, size_t, const char* info,
     OrtCompiledModelCompatibility* compatibility) noexcept {
+  auto* f = static_cast<XdnaEpFactory*>(self);
   *compatibility = OrtCompiledModelCompatibility_EP_NOT_APPLICABLE;
-  return nullptr;
+  return guard(f->ort_, [&] {
+    if (!info || !*info) return;
+    // Compiled for this build and the default backend: load it; anything else would be refused at load (the
+    // precision policy, a session option, is checked there).
+    const ContextIdentity id{kEpVersion, contract_id(), f->backends_for(EpOptions{}, nullptr).primary->name(), ""};
+    *compatibility = compatible(info, id) ? OrtCompiledModelCompatibility_EP_SUPPORTED_OPTIMAL
+                                          : OrtCompiledModelCompatibility_EP_UNSUPPORTED;
+  });
 }
 
 // No device allocator or data transfer: ORT then treats our memory as CPU memory, which on Phoenix's shared

@@ -52,9 +52,10 @@ EpOptions parse_options(const OrtApi& api, const OrtSessionOptions* so) {
   // ORT's intra-op workers busy-wait between nodes unless session.intra_op.allow_spinning=0, holding cores the
   // CPU path's threads could use (Whisper's encoder measured ~1.5x slower on 2 cores). Noted for the log.
   o.ort_threads_spin = config_entry(api, so, "session.intra_op.allow_spinning") != "0";
-  // EPContext generation (ep.context_enable=1, which onnxruntime.ModelCompiler also sets): not implemented yet
-  // (issue 12); Compile refuses it with a clear message instead of ORT's "returned a NULL EPContext node".
   o.context_enable = config_entry(api, so, "ep.context_enable") == "1";
+  o.context_embed = config_entry(api, so, "ep.context_embed_mode") == "1";
+  o.context_file_path = config_entry(api, so, "ep.context_file_path");
+  o.context_node_prefix = config_entry(api, so, "ep.context_node_name_prefix");
   kernels::Precision precision = kernels::Precision::kBf16;
   std::string precision_rules;
   for (const auto& [key, v] : ours) {

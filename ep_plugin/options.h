@@ -22,7 +22,11 @@ struct EpOptions {
   std::string kernel_dir;         // xrt: manifest directory (else $XDNA_KERNEL_DIR, else the cache)
   std::string partition_report;   // if set: write one JSON line per considered node (used by `xdna partition`)
   std::string fault_inject;       // testing: make the backend fail at upload|run|timeout|result
-  bool context_enable = false;    // session config ep.context_enable=1 (or ORT's compile API): EPContext requested
+  // EPContext (ep_plugin/ep_context.h), ORT's session config entries (onnxruntime.ModelCompiler sets them too):
+  bool context_enable = false;        // ep.context_enable=1: Compile returns one EPContext node per fused node
+  bool context_embed = false;         // ep.context_embed_mode=1: payload inside the node, else in a side file
+  std::string context_file_path;      // ep.context_file_path: the compiled model's path (side files go next to it)
+  std::string context_node_prefix;    // ep.context_node_name_prefix
   // `precision` (bf16 | int8 | bf16x3) and `precision_policy` (per-node rules, ops/precision_policy.h) together
   ops::PrecisionPolicy precision;
 };

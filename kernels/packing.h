@@ -18,13 +18,19 @@ struct QuantizedB;  // emulator/emulator.h: int8 B, quantised per output channel
 struct SplitB;      // emulator/emulator.h: bf16x3 B, hi and lo parts in the packed bf16 layout
 
 // B in host memory, in the form its precision's kernels read. `shape` is the logical K x N (padded as the bf16
-// layout pads it) whatever the precision.
+// layout pads it) whatever the precision. The bf16 layout is owned (`data`, packed here) or held elsewhere
+// (`external`: Kpad * Npad values inside a memory-mapped EPContext payload, ep_plugin/ep_context.h, kept alive by
+// `keep_alive`), so that a compiled model's weights are used where they lie instead of being copied.
 struct PackedB {
   PaddedShape shape{};  // M fields unused
-  std::vector<uint16_t> data;  // bf16: the packed bf16 B (other precisions: empty)
+  std::vector<uint16_t> data;  // bf16: the packed bf16 B (other precisions, or `external`: empty)
   Precision precision = Precision::kBf16;
   std::shared_ptr<const QuantizedB> int8;  // int8 only
   std::shared_ptr<const SplitB> bf16x3;    // bf16x3 only
+  const uint16_t* external = nullptr;
+  std::shared_ptr<const void> keep_alive;
+  const uint16_t* bits() const { return external ? external : data.data(); }
+  size_t size() const { return external ? static_cast<size_t>(shape.Kpad * shape.Npad) : data.size(); }
 };
 
 // Packs B[k][n] = src[k * stride_k + n * stride_n] (strides in elements, so transB is stride_k=1, stride_n=K).

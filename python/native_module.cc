@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "ep_plugin/ep_context.h"
 #include "kernels/backend.h"
 #include "kernels/emulator/emulator.h"
 #include "kernels/xrt/cost_model.h"
@@ -183,6 +184,8 @@ void register_npu_bindings(py::module_& m) {
       .def("gemm_batch", &NpuBackendHandle::gemm_batch, py::arg("items"), "[(a, weight), ...] -> [c, ...]")
       .def("fake_stats", &NpuBackendHandle::fake_stats);
 
+  m.def("ep_context_plan_roundtrip_problem", &xdna::ep::plan_roundtrip_problem,
+        "The first OpPlan field the EPContext payload does not round-trip, or \"\".");
   m.def("npu_fake_backend", [](const std::string& kernel_dir, const std::string& fail_at, int max_contexts,
                                int timeout_ms) {
         k::npu::Manifest manifest;
@@ -282,7 +285,7 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("Kpad", [](const k::PackedB& p) { return p.shape.Kpad; })
       .def_property_readonly("Npad", [](const k::PackedB& p) { return p.shape.Npad; })
       .def_property_readonly("data", [](const k::PackedB& p) {
-        return py::array_t<uint16_t>(p.data.size(), p.data.data());
+        return py::array_t<uint16_t>(p.size(), p.bits());
       });
   m.def("pack_b", &pack, py::arg("b"), "Pack fp32 B[K,N] into the contract's bf16 tiled layout");
   m.def("pack_b_in", [](F32Array b, const std::string& precision) {

@@ -38,7 +38,7 @@ void reference_gemm(const GemmArgs& args, const PackedB& b) {
     for (int64_t n = 0; n < s.N; ++n) {
       float acc = 0.f;
       for (int64_t k = 0; k < s.K; ++k)
-        acc += round_to_bf16(args.a[m * args.lda + k]) * bf16_to_f32(b.data[packed_b_offset(s.Kpad, k, n)]);
+        acc += round_to_bf16(args.a[m * args.lda + k]) * bf16_to_f32(b.bits()[packed_b_offset(s.Kpad, k, n)]);
       args.c[m * args.ldc + n] = acc;
     }
 }
@@ -272,7 +272,7 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
     return;
   }
   const emu::IsaKernels& kern = emu::kernels();
-  const emu::Problem p{args.a, args.lda, args.c, args.ldc, b.data.data(), M, K, N, s.Kpad};
+  const emu::Problem p{args.a, args.lda, args.c, args.ldc, b.bits(), M, K, N, s.Kpad};
 
   threads = emu::resolve_threads(threads);
   const int64_t n_tiles = emu::ceil_div(N, kTileN);

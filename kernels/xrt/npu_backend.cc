@@ -258,13 +258,13 @@ class NpuBackend final : public Backend {
     ensure_loaded(shape);
     if (int8) return upload_int8(std::move(b), shape);
     const size_t bytes = bytes_of(b->shape.Kpad, b->shape.Npad, sizeof(uint16_t));
-    if (b->data.size() * sizeof(uint16_t) != bytes)
-      throw BackendFault("upload", "packed B holds " + std::to_string(b->data.size()) + " values, expected " +
+    if (b->size() * sizeof(uint16_t) != bytes)
+      throw BackendFault("upload", "packed B holds " + std::to_string(b->size()) + " values, expected " +
                                        std::to_string(bytes / 2));
     auto buffer = at_step("upload", [&] {
       auto buf = shape->kernel->alloc(BufferKind::b, bytes);
       if (buf->size() < bytes) throw std::runtime_error("device buffer for B is smaller than requested");
-      std::memcpy(buf->map(), b->data.data(), bytes);
+      std::memcpy(buf->map(), b->bits(), bytes);
       buf->to_device(bytes, 0);
       return buf;
     });

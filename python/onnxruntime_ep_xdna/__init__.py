@@ -12,6 +12,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 from pathlib import Path
 
+from ._compile import compile_model
 from ._placement import PartitionReport, Placement, partition, placement, session_options
 
 __version__ = _metadata.version("onnxruntime-ep-xdna")  # pyproject.toml: the one version
@@ -22,6 +23,7 @@ __all__ = [
     "EP_NAME",
     "PartitionReport",
     "Placement",
+    "compile_model",
     "get_ep_name",
     "get_ep_names",
     "get_library_path",

@@ -1,4 +1,4 @@
-"""`xdna` command: info, partition, transcribe, batch, model, serve."""
+"""`xdna` command: info, partition, compile, transcribe, batch, model, serve."""
 
 from __future__ import annotations
 
@@ -125,6 +125,39 @@ def _needs_whisper_extra(command: str, error: ImportError):
 
     return add_arguments, run
 
+def cmd_compile(args) -> int:
+    from ._compile import clear_cache, compile_model, compiled_cache_root
+
+    if args.clear_cache:
+        entries, size = clear_cache(args.cache_dir)
+        print(f"removed {entries} compiled model(s), {size / 1e6:.1f} MB, from {compiled_cache_root(args.cache_dir)}")
+        if not args.model:
+            return 0
+    if not args.model or not args.output:
+        print("xdna compile: MODEL and -o OUT are needed (or --clear-cache alone)", file=sys.stderr)
+        return 2
+    options = {}
+    for kv in args.option or []:
+        key, _, value = kv.partition("=")
+        options[key] = value
+    if args.precision:
+        from ._precision import provider_options
+
+        try:
+            options.update(provider_options(args.precision))
+        except ValueError as e:
+            print(f"xdna compile: error: --precision: {e}", file=sys.stderr)
+            return 2
+    import time
+
+    t0 = time.perf_counter()
+    out = compile_model(args.model, args.output, embed=args.embed, options=options)
+    files = [out] + sorted(out.parent.glob(out.stem + "_*.xdnactx"))
+    size = sum(f.stat().st_size for f in files)
+    print(f"{out}: compiled for the XDNA EP in {time.perf_counter() - t0:.1f} s "
+          f"({len(files)} file(s), {size / 1e6:.1f} MB{', payload embedded' if args.embed else ''})")
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdna", description="XDNA (AMD Phoenix NPU) execution provider for ONNX Runtime")
@@ -151,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--npu-precision", choices=("bf16", "int8"), default="bf16",
                       help="with --npu-model: model constant-weight GEMMs on the int8 kernels (attention stays bf16)")
     part.set_defaults(func=cmd_partition)
+
+    comp = sub.add_parser("compile", help="compile a model for the EP (EPContext model: sessions start from the packed "
+                                          "weights); --clear-cache empties the Whisper layer's compiled-model cache")
+    comp.add_argument("model", nargs="?", help="ONNX model")
+    comp.add_argument("-o", "--output", help="the compiled model (side files *.xdnactx are written next to it)")
+    comp.add_argument("--embed", action="store_true", help="put the payload inside the model (one file)")
+    comp.add_argument("--option", action="append", metavar="KEY=VALUE",
+                      help="provider option, e.g. backend=emulator (repeatable)")
+    comp.add_argument("--precision", metavar="POLICY",
+                      help="precision policy as in xdna transcribe (bf16, int8, bf16x3, mixed, mixed-conv or rules); "
+                           "the compiled model loads only in sessions with the same policy")
+    comp.add_argument("--clear-cache", action="store_true",
+                      help="remove the compiled models the Whisper layer cached (under $XDNA_CACHE_DIR/compiled)")
+    comp.add_argument("--cache-dir", help="the cache to clear (default: $XDNA_CACHE_DIR or ~/.cache/onnxruntime-ep-xdna)")
+    comp.set_defaults(func=cmd_compile)
 
     model = sub.add_parser("model", help="Whisper model management")
     msub = model.add_subparsers(dest="model_command", required=True)

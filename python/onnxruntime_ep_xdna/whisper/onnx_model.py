@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -167,7 +168,12 @@ class WhisperOnnx:
     """Sessions, tokenizer and special tokens of one Whisper ONNX export."""
 
     def __init__(self, model_dir: str | os.PathLike, provider: str = XDNA_EP, session_options=None,
-                 precision: str | None = None):
+                 precision: str | None = None, compiled: bool | None = None,
+                 log: Callable[[str], None] | None = None):
+        """`compiled` (XDNA EP only; default: on unless XDNA_COMPILED_MODELS=0): load the encoder and decoders
+        compiled for the EP (EPContext models, cached by `onnxruntime_ep_xdna._compile` per precision policy),
+        compiling them on first use; a cached model that fails to load is logged, compiled again, and as a last
+        resort the original model is loaded: never a failed transcription."""
         import onnxruntime as ort
         import tokenizers
 
@@ -188,12 +194,16 @@ class WhisperOnnx:
             from .._placement import session_options as xdna_session_options
 
             session_options = xdna_session_options()  # placement recorded, ORT's thread spinning off (see there)
+        if compiled is None:
+            compiled = os.environ.get("XDNA_COMPILED_MODELS", "1") != "0"
+        self.compiled = compiled and self.provider == XDNA_EP
+        self._log = log or (lambda m: print(f"[xdna] {m}", file=sys.stderr))
+        self.compiled_paths: dict[str, Path] = {}  # file -> the compiled model it was loaded from
+        self._provider_options = options  # a compiled model is loaded with the options it was compiled with
         t = time.perf_counter()
         try:
             self.encoder, self.decoder, self.decoder_with_past = (
-                ort.InferenceSession(str(self.model_dir / f), sess_options=session_options, providers=providers)
-                for f in FILES
-            )
+                self._session(f, session_options, providers) for f in FILES)
         except Exception as e:
             raise TranscribeError(f"{self.model_dir}: ONNX Runtime could not load the model ({one_line(e)})") from None
         if self.provider == XDNA_EP and any(XDNA_EP not in s.get_providers() for s in
@@ -265,6 +275,32 @@ class WhisperOnnx:
         import threading
 
         self._attention_lock = threading.Lock()
+
+    def _session(self, file: str, session_options, providers):
+        import onnxruntime as ort
+
+        source = self.model_dir / file
+        if self.compiled:
+            from .._compile import backend_name, cached_compile, discard_cached
+
+            for attempt in (1, 2):
+                try:
+                    path, fresh = cached_compile(source, backend_name(self._provider_options),
+                                                 options=self._provider_options, log=self._log)
+                except Exception as e:  # noqa: BLE001 - compiling is an optimisation: the original model still runs
+                    self._log(f"{file}: compiling for the XDNA EP failed ({one_line(e)}); loading it uncompiled")
+                    break
+                try:
+                    session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+                    self.compiled_paths[file] = path
+                    return session
+                except Exception as e:  # noqa: BLE001
+                    discard_cached(path)
+                    self._log(f"{file}: the compiled model {path} did not load ({one_line(e)}); "
+                              + ("compiling it again" if attempt == 1 and not fresh else "loading it uncompiled"))
+                    if fresh:
+                        break
+        return ort.InferenceSession(str(source), sess_options=session_options, providers=providers)
 
     @property
     def is_multilingual(self) -> bool:
