@@ -132,11 +132,26 @@ def precision_key(options: dict | None) -> str:
     return mode + (f"-rules{hashlib.sha256(rules.encode()).hexdigest()[:12]}" if rules else "")
 
 
+_BUILD_ID: str | None = None
+
+
+def ep_build_id() -> str:
+    """A hash of the EP library itself: two builds with one version number (a development install, a rebuilt
+    wheel) may plan the same model differently, so a cached compiled model names the build that made it."""
+    global _BUILD_ID
+    if _BUILD_ID is None:
+        from . import get_library_path
+
+        _BUILD_ID = _file_hash(Path(get_library_path()))[:12]
+    return _BUILD_ID
+
+
 def cache_key(model: Path, backend: str, cache: Path, options: dict | None = None) -> str:
-    """Model content, EP version, backend and precision policy: what a cached compiled model is valid for."""
+    """Model content, EP version and build, backend and precision policy: what a cached compiled model is valid
+    for."""
     from . import __version__
 
-    return f"{_model_hash(model, cache)}-ep{__version__}-{backend}-{precision_key(options)}"
+    return f"{_model_hash(model, cache)}-ep{__version__}-{ep_build_id()}-{backend}-{precision_key(options)}"
 
 
 def cached_compile(model: str | os.PathLike, backend: str, *, cache_dir: str | os.PathLike | None = None,
