@@ -82,6 +82,18 @@ kernels::PackedWeights load_constants(const OrtApi& ort, const OrtNode* node, op
 constexpr const char* kContextOp = "EPContext";
 constexpr const char* kContextDomain = "com.microsoft";
 
+// The names of a fused node's inputs or outputs, in ORT's order (its compute and its EPContext node follow it).
+std::vector<std::string> fused_value_names(const OrtApi& ort, const OrtNode* fused_node, bool inputs) {
+  size_t count = 0;
+  check(ort, inputs ? ort.Node_GetNumInputs(fused_node, &count) : ort.Node_GetNumOutputs(fused_node, &count));
+  std::vector<const OrtValueInfo*> values(count);
+  if (count) check(ort, inputs ? ort.Node_GetInputs(fused_node, values.data(), count)
+                               : ort.Node_GetOutputs(fused_node, values.data(), count));
+  std::vector<std::string> names;
+  for (const OrtValueInfo* vi : values) names.push_back(ops::value_name(ort, vi));
+  return names;
+}
+
 bool is_context_node(const OrtApi& ort, const OrtNode* node) {
   const char* op_type = nullptr;
   const char* domain = nullptr;
@@ -355,21 +367,8 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
     kernels.push_back(std::make_unique<NodeKernel>(std::move(c.plan), std::move(c.weights), backends_.primary,
                                                    backends_.cpu, log_, report_fn));
 
-  auto value_names = [&](bool inputs) {
-    size_t count = 0;
-    check(ort, inputs ? ort.Node_GetNumInputs(fused_node, &count) : ort.Node_GetNumOutputs(fused_node, &count));
-    std::vector<const OrtValueInfo*> values(count);
-    if (count) check(ort, inputs ? ort.Node_GetInputs(fused_node, values.data(), count)
-                                 : ort.Node_GetOutputs(fused_node, values.data(), count));
-    std::vector<std::string> names;
-    for (const OrtValueInfo* vi : values) {
-      const char* name = nullptr;
-      if (vi) check(ort, ort.GetValueInfoName(vi, &name));
-      names.emplace_back(name ? name : "");
-    }
-    return names;
-  };
-  auto kernel = std::make_unique<FusedKernel>(std::move(kernels), value_names(true), value_names(false));
+  auto kernel = std::make_unique<FusedKernel>(std::move(kernels), fused_value_names(ort, fused_node, true),
+                                              fused_value_names(ort, fused_node, false));
   *info = new ComputeInfo(ort, std::move(kernel));
 }
 
@@ -463,17 +462,8 @@ OrtNode* XdnaEp::make_context_node(const OrtGraph* graph, const OrtNode* fused_n
     write_file_atomically(dir_of(model) + "/" + cache_context, payload);
   }
 
-  auto value_names = [&](bool inputs) {
-    size_t count = 0;
-    check(ort, inputs ? ort.Node_GetNumInputs(fused_node, &count) : ort.Node_GetNumOutputs(fused_node, &count));
-    std::vector<const OrtValueInfo*> values(count);
-    if (count) check(ort, inputs ? ort.Node_GetInputs(fused_node, values.data(), count)
-                                 : ort.Node_GetOutputs(fused_node, values.data(), count));
-    std::vector<std::string> names;
-    for (const OrtValueInfo* vi : values) names.push_back(ops::value_name(ort, vi));
-    return names;
-  };
-  const std::vector<std::string> inputs = value_names(true), outputs = value_names(false);
+  const std::vector<std::string> inputs = fused_value_names(ort, fused_node, true),
+                                 outputs = fused_value_names(ort, fused_node, false);
   std::vector<const char*> input_ptrs, output_ptrs;
   for (const auto& v : inputs) input_ptrs.push_back(v.c_str());
   for (const auto& v : outputs) output_ptrs.push_back(v.c_str());
