@@ -256,6 +256,29 @@ void split_columns(int64_t N, int64_t b_bytes, int threads, RunCols&& run_cols) 
   else ThreadPool::instance().run(threads, tasks, task);
 }
 
+
+// For compute-bound calls: tasks are (row block, column block) pairs, enough of them to balance `threads`; row
+// blocks are at most `block_m` rows, column blocks whole 64-wide tiles; run_block(m0, m1, n0, n1) computes one.
+template <class RunBlock>
+void split_blocks(int64_t M, int64_t N, int64_t block_m, int threads, RunBlock&& run_block) {
+  const int64_t n_tiles = ceil_div(N, kTileN);
+  const int64_t m_blocks = ceil_div(M, block_m);
+  const int64_t rows_per_block = ceil_div(M, m_blocks);
+  const int64_t n_blocks = std::min(n_tiles, threads == 1 ? 1 : ceil_div(kTasksPerThread * threads, m_blocks));
+  const int64_t tiles_per_block = ceil_div(n_tiles, n_blocks);
+  auto task = [&](int64_t t) {
+    const int64_t mb = t / n_blocks, nb = t % n_blocks;
+    const int64_t m0 = mb * rows_per_block, m1 = std::min(M, m0 + rows_per_block);
+    const int64_t n0 = nb * tiles_per_block * kTileN, n1 = std::min(N, n0 + tiles_per_block * kTileN);
+    if (m0 < m1 && n0 < n1) run_block(m0, m1, n0, n1);
+  };
+  if (threads == 1) {
+    for (int64_t t = 0; t < m_blocks * n_blocks; ++t) task(t);
+  } else {
+    ThreadPool::instance().run(threads, m_blocks * n_blocks, task);
+  }
+}
+
 }  // namespace
 }  // namespace emu
 
@@ -275,7 +298,6 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
   const emu::Problem p{args.a, args.lda, args.c, args.ldc, b.bits(), M, K, N, s.Kpad};
 
   threads = emu::resolve_threads(threads);
-  const int64_t n_tiles = emu::ceil_div(N, kTileN);
 
   // Small M (GEMV): memory bound on B, so threads split the n-tiles and each streams its share of B once.
   if (M <= kern.direct_max_m) {
@@ -283,23 +305,10 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
     return;
   }
 
-  // Large M: tasks are (row block, column block) pairs; enough of them to balance the threads.
+  // Large M: (row block, column block) tasks.
   threads = static_cast<int>(std::clamp<int64_t>(M * K * N / kMinMacsPerThread, 1, threads));
-  const int64_t m_blocks = emu::ceil_div(M, kern.block_m);
-  const int64_t rows_per_block = emu::ceil_div(M, m_blocks);
-  const int64_t n_blocks = std::min(n_tiles, threads == 1 ? 1 : emu::ceil_div(kTasksPerThread * threads, m_blocks));
-  const int64_t tiles_per_block = emu::ceil_div(n_tiles, n_blocks);
-  auto task = [&](int64_t t) {
-    const int64_t mb = t / n_blocks, nb = t % n_blocks;
-    const int64_t m0 = mb * rows_per_block, m1 = std::min(M, m0 + rows_per_block);
-    const int64_t n0 = nb * tiles_per_block * kTileN, n1 = std::min(N, n0 + tiles_per_block * kTileN);
-    if (m0 < m1 && n0 < n1) kern.blocked(p, m0, m1, n0, n1);
-  };
-  if (threads == 1) {
-    for (int64_t t = 0; t < m_blocks * n_blocks; ++t) task(t);
-  } else {
-    emu::ThreadPool::instance().run(threads, m_blocks * n_blocks, task);
-  }
+  emu::split_blocks(M, N, kern.block_m, threads,
+                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kern.blocked(p, m0, m1, n0, n1); });
 }
 
 void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads) {
@@ -496,22 +505,8 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) 
   }
   // Many rows: (row block, column block) tasks, as emulator_gemm does.
   threads = static_cast<int>(std::clamp<int64_t>(M * K * N / (2 * kMinMacsPerThread), 1, threads));
-  const int64_t n_tiles = emu::ceil_div(N, kTileN);
-  const int64_t m_blocks = emu::ceil_div(M, kInt8BlockM);
-  const int64_t rows_per_block = emu::ceil_div(M, m_blocks);
-  const int64_t n_blocks = std::min(n_tiles, threads == 1 ? 1 : emu::ceil_div(kTasksPerThread * threads, m_blocks));
-  const int64_t tiles_per_block = emu::ceil_div(n_tiles, n_blocks);
-  auto task = [&](int64_t t) {
-    const int64_t mb = t / n_blocks, nb = t % n_blocks;
-    const int64_t m0 = mb * rows_per_block, m1 = std::min(M, m0 + rows_per_block);
-    const int64_t n0 = nb * tiles_per_block * kTileN, n1 = std::min(N, n0 + tiles_per_block * kTileN);
-    if (m0 < m1 && n0 < n1) kern.gemm(p, m0, m1, n0, n1);
-  };
-  if (threads == 1) {
-    for (int64_t t = 0; t < m_blocks * n_blocks; ++t) task(t);
-  } else {
-    emu::ThreadPool::instance().run(threads, m_blocks * n_blocks, task);
-  }
+  emu::split_blocks(M, N, kInt8BlockM, threads,
+                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kern.gemm(p, m0, m1, n0, n1); });
 }
 
 SplitB pack_b_bf16x3(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {
