@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from ..whisper import formats
 from ..whisper.audio import AudioError
+from ..whisper.languages import language_name
 from ..whisper.onnx_model import TranscribeError
 from ..whisper.options import OPTION_NAMES, OptionsError, TranscriptionOptions
 from .engine import Cancelled, Engine, Job, QueueFull, ShuttingDown
@@ -386,12 +387,13 @@ def create_app(model, config: ServerConfig) -> FastAPI:
             raise ApiError(400, str(e), code="invalid_value") from None
 
     def verbose(result, seconds, task, words, job) -> dict:
-        doc = {"task": task, "language": result.language, "duration": round(result.duration, 3),
+        # OpenAI's verbose_json names the language ("english"); the code stays in x_xdna for clients that want it.
+        doc = {"task": task, "language": language_name(result.language), "duration": round(result.duration, 3),
                "text": result.text, "segments": [segment_json(s) for s in result.segments],
                "usage": {"type": "duration", "seconds": math.ceil(result.duration)}}
         if words:
             doc["words"] = [w for s in result.segments for w in words_json(s)]
-        doc["x_xdna"] = run_facts(result, seconds)
+        doc["x_xdna"] = {**run_facts(result, seconds), "language_code": result.language}
         return doc
 
     def run_facts(result, seconds) -> dict:
