@@ -1,6 +1,7 @@
 #include "dispatch.h"
 
 #include "json.h"
+#include "kernels/ep_buffers.h"
 
 namespace xdna::ep {
 namespace {
@@ -41,7 +42,9 @@ Dispatcher::~Dispatcher() {
             std::to_string(cpu_calls) + ", \"cpu_calls_by_reason\": {" + by_reason + "}, \"device_mflop\": " +
             json_number(device_flop_.load() / 1e6) + ", \"cpu_mflop\": " + json_number(cpu_flop / 1e6) +
             (work_.empty() ? std::string() : ", \"work\": " + work_) +
-            (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) + "}");
+            (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) +
+            ", \"ep_buffers\": [" + std::to_string(a_in_ep_.load()) + ", " + std::to_string(c_in_ep_.load()) + ", " +
+            std::to_string(products_.load()) + "]}");
   } catch (...) {
   }
 }
@@ -77,6 +80,14 @@ void Dispatcher::on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const s
                                      (reason == CpuReason::kUnpacked ? "bf16" : kernels::precision_name(precision_)) +
                                      " arithmetic)");
   });
+}
+
+void Dispatcher::note_buffers(const kernels::GemmArgs& args, int64_t K, int64_t N) {
+  if (args.M <= 0) return;
+  ++products_;
+  const auto span = [&](int64_t ld, int64_t cols) { return static_cast<size_t>((args.M - 1) * ld + cols) * sizeof(float); };
+  if (kernels::ep_buffer_find(args.a, span(args.lda, K), nullptr)) ++a_in_ep_;
+  if (kernels::ep_buffer_find(args.c, span(args.ldc, N), nullptr)) ++c_in_ep_;
 }
 
 void Dispatcher::run(const kernels::GemmArgs& args, const Weight& w) {
@@ -138,12 +149,19 @@ void Dispatcher::run_batch(const std::vector<std::pair<kernels::GemmArgs, const 
   for (const auto& [args, w] : items) run(args, *w);
 }
 
-void Dispatcher::gemm(const kernels::GemmArgs& args, size_t weight) { run(args, weights_.at(weight)); }
+void Dispatcher::gemm(const kernels::GemmArgs& args, size_t weight) {
+  const Weight& w = weights_.at(weight);
+  note_buffers(args, w.host->shape.K, w.host->shape.N);
+  run(args, w);
+}
 
 void Dispatcher::gemm_batch(const std::vector<std::pair<kernels::GemmArgs, size_t>>& items) {
   std::vector<std::pair<kernels::GemmArgs, const Weight*>> batch;
   batch.reserve(items.size());
-  for (const auto& [args, i] : items) batch.emplace_back(args, &weights_.at(i));
+  for (const auto& [args, i] : items) {
+    batch.emplace_back(args, &weights_.at(i));
+    note_buffers(args, batch.back().second->host->shape.K, batch.back().second->host->shape.N);
+  }
   run_batch(batch);
 }
 
@@ -160,6 +178,7 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
       precision_ == kernels::Precision::kInt8 ? kernels::Precision::kBf16 : precision_;
   for (const auto& [args, b] : items) {
     if (args.M == 0) continue;
+    note_buffers(args, K, N);
     // Few rows against B with a unit stride along K or N: read as it lies (K^T straight from K).
     if (b_precision == kernels::Precision::kBf16 && args.M <= kernels::kUnpackedMaxM &&
         (b.stride_n == 1 || b.stride_k == 1)) {
@@ -184,6 +203,16 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
 
 void Dispatcher::attention(const kernels::AttentionShape& shape, const std::vector<kernels::AttentionHead>& heads) {
   if (heads.empty() || shape.M == 0 || shape.Dv == 0) return;
+  // A counts a head whose Q, K^T and V all lie in EP memory; C its output.
+  for (const auto& h : heads) {
+    ++products_;
+    const auto bytes = [](int64_t last_offset) { return static_cast<size_t>(last_offset + 1) * sizeof(float); };
+    if (kernels::ep_buffer_find(h.q, bytes((shape.M - 1) * h.ldq + shape.D - 1), nullptr) &&
+        kernels::ep_buffer_find(h.kt, bytes((shape.D - 1) * h.kt_stride_d + (shape.T - 1) * h.kt_stride_t), nullptr) &&
+        kernels::ep_buffer_find(h.v, bytes((shape.T - 1) * h.v_stride_t + (shape.Dv - 1) * h.v_stride_n), nullptr))
+      ++a_in_ep_;
+    if (kernels::ep_buffer_find(h.o, bytes((shape.M - 1) * h.ldo + shape.Dv - 1), nullptr)) ++c_in_ep_;
+  }
   const uint64_t flop = heads.size() * (flop_of(shape.M, shape.D, shape.T) + flop_of(shape.M, shape.T, shape.Dv));
   CpuReason reason = CpuReason::kFault;
   std::string why;

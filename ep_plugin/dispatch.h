@@ -71,6 +71,8 @@ class Dispatcher {
   void run_batch(const std::vector<std::pair<kernels::GemmArgs, const Weight*>>& items);
   void on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const std::string& detail);
   void fault(const kernels::BackendFault& f);
+  // Counts whether A and C of a product lie in the EP's own memory (kernels/ep_buffers.h), for the report.
+  void note_buffers(const kernels::GemmArgs& args, int64_t K, int64_t N);
 
   std::string node_;
   kernels::Precision precision_;
@@ -83,6 +85,7 @@ class Dispatcher {
   std::atomic<uint64_t> device_calls_{0}, device_flop_{0};  // executed, so symbolic dims are real here
   std::array<std::atomic<uint64_t>, 3> cpu_calls_{}, cpu_flop_{};
   std::array<std::once_flag, 3> logged_;
+  std::atomic<uint64_t> products_{0}, a_in_ep_{0}, c_in_ep_{0};  // last run's products; A / C in EP memory
   std::mutex work_mu_;
   std::string work_;  // JSON array [batches, M, K, N, runtime_b, a_gather, conv] of the last run
   std::string attention_work_;  // JSON array [heads, Tq, Tk, d] of the last run (fused attention only)
