@@ -1,6 +1,8 @@
 #include "dispatch.h"
 
 #include "json.h"
+
+#include <tuple>
 #include "kernels/ep_buffers.h"
 
 namespace xdna::ep {
@@ -44,7 +46,7 @@ Dispatcher::~Dispatcher() {
             (work_.empty() ? std::string() : ", \"work\": " + work_) +
             (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) +
             ", \"ep_buffers\": [" + std::to_string(a_in_ep_.load()) + ", " + std::to_string(c_in_ep_.load()) + ", " +
-            std::to_string(products_.load()) + "]}");
+            std::to_string(products_.load()) + "], \"chained_calls\": " + std::to_string(chained_.load()) + "}");
   } catch (...) {
   }
 }
@@ -153,6 +155,53 @@ void Dispatcher::gemm(const kernels::GemmArgs& args, size_t weight) {
   const Weight& w = weights_.at(weight);
   note_buffers(args, w.host->shape.K, w.host->shape.N);
   run(args, w);
+}
+
+void Dispatcher::gemm_later(const kernels::GemmArgs& args, size_t weight, DeferredProducts* later) {
+  const Weight& w = weights_.at(weight);
+  const auto& s = w.host->shape;
+  if (!later || args.M == 0 || s.N == 0 || !primary_ok_ || !w.device ||
+      !primary_->can_run_in(w.host->precision, args.M, s.K, s.N, nullptr))
+    return gemm(args, weight);  // run() says why a product is not for the device
+  note_buffers(args, s.K, s.N);
+  later->items_.push_back({this, args, weight});
+}
+
+void DeferredProducts::flush() {
+  std::vector<Item> items;
+  items.swap(items_);
+  size_t first = 0;
+  while (first < items.size()) {  // runs of one primary backend (in practice every node of a session shares one)
+    const auto& primary = items[first].node->primary_;
+    size_t last = first + 1;
+    while (last < items.size() && items[last].node->primary_ == primary) ++last;
+    std::vector<kernels::BatchItem> batch;
+    for (size_t i = first; i < last; ++i)
+      batch.push_back({items[i].args, items[i].node->weights_.at(items[i].weight).device.get()});
+    auto shape_of = [&](size_t i) {  // the xrt backend's hardware context is per padded weight shape
+      const auto& h = *items[i].node->weights_.at(items[i].weight).host;
+      return std::make_tuple(h.shape.Kpad, h.shape.Npad, static_cast<int>(h.precision));
+    };
+    try {
+      primary->gemm_batch(batch.data(), batch.size());
+      for (size_t i = first; i < last; ++i) {
+        Dispatcher& d = *items[i].node;
+        const auto& s = d.weights_.at(items[i].weight).host->shape;
+        ++d.device_calls_;
+        d.device_flop_ += flop_of(items[i].args.M, s.K, s.N);
+        if (i > first && shape_of(i) == shape_of(i - 1)) ++d.chained_;  // same xclbin: the same runlist
+      }
+    } catch (const kernels::BackendFault& f) {
+      for (size_t i = first; i < last; ++i) {  // every C of the batch is unspecified: all of them on the CPU
+        Dispatcher& d = *items[i].node;
+        const Dispatcher::Weight& w = d.weights_.at(items[i].weight);
+        d.fault(f);
+        d.cpu_->gemm(items[i].args, *w.cpu);
+        d.on_cpu(Dispatcher::CpuReason::kFault, 1, flop_of(items[i].args.M, w.host->shape.K, w.host->shape.N), "");
+      }
+    }
+    first = last;
+  }
 }
 
 void Dispatcher::gemm_batch(const std::vector<std::pair<kernels::GemmArgs, size_t>>& items) {

@@ -103,6 +103,8 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
       made_[name] = ops::Tensor{data, dims};
       return data;
     }
+    ep::DeferredProducts* deferred() override { return &later_; }
+    DeferredProducts later_;
     void release(const std::string& name) {
       made_.erase(name);
       owned_.erase(name);
@@ -126,10 +128,28 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
     using EpMemoryPtr = std::unique_ptr<float, FreeEp>;
     std::unordered_map<std::string, EpMemoryPtr> owned_;
   } io(api, ctx, *this);
+  // Device products of consecutive nodes are collected and submitted together (a runlist per hardware context:
+  // q/k/v projections of a layer), flushed before a node reads a collected product's output, before an intermediate
+  // a collected product may use is freed, and at the end.
+  std::vector<std::string> pending;  // outputs of nodes with collected products
   for (size_t i = 0; i < nodes_.size(); ++i) {
+    if (!io.later_.empty())
+      for (const std::string& name : nodes_[i]->runtime_operands())
+        if (std::find(pending.begin(), pending.end(), name) != pending.end()) {
+          io.later_.flush();
+          pending.clear();
+          break;
+        }
+    const size_t before = io.later_.size();
     nodes_[i]->compute(io);
+    if (io.later_.size() != before) pending.push_back(nodes_[i]->output_name());
+    if (!io.later_.empty() && !release_after_[i].empty()) {
+      io.later_.flush();
+      pending.clear();
+    }
     for (const std::string& name : release_after_[i]) io.release(name);
   }
+  io.later_.flush();
 }
 
 }  // namespace xdna::ep

@@ -201,3 +201,68 @@ print(xdna.placement(s).summary())
         np.testing.assert_array_equal(y, ys[0])  # pooled blocks reused run after run: same numbers
     # three bf16 GEMMs in a row: compare with the CPU EP loosely here; the per-GEMM bounds are tested elsewhere
     assert np.abs(ys[0] - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+# ---- step 4: consecutive products of one fused node in one runlist ----
+
+def _qkv_model(path, k=64, n=256, m=256):
+    """x -> Relu (CPU) -> three MatMuls (q/k/v-like: one input, one weight shape) -> three Relus (CPU)."""
+    import onnx
+
+    r = np.random.default_rng(3)
+    ws = [numpy_helper.from_array((r.standard_normal((k, n)) * 0.1).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="ln")]
+    outs = []
+    for i in range(3):
+        nodes += [helper.make_node("MatMul", ["h", f"w{i}"], [f"p{i}"], name=f"proj{i}"),
+                  helper.make_node("Relu", [f"p{i}"], [f"y{i}"], name=f"act{i}")]
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [m, n]))
+    g = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])], outs, ws)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    return [numpy_helper.to_array(w) for w in ws]
+
+
+@pytest.mark.parametrize("fault", ["", "run_state"])
+def test_fused_node_sends_its_projections_as_one_runlist(tmp_path, monkeypatch, fault):
+    """Three MatMuls of one fused node on one weight shape (one xclbin, one hardware context): the first product's
+    submission carries the other two (chained_calls), the numbers are the contract's; a device fault recomputes
+    all three on the CPU path."""
+    import onnxruntime as ort
+
+    from numerics import assert_within, bf16_bound
+    from onnxruntime_ep_xdna import partition, register, session_options
+
+    ws = _qkv_model(tmp_path / "m.onnx")
+    kdir = kernel_dir(tmp_path / "k", [(64, 256, 256, "f32_f32")])
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    if fault:
+        monkeypatch.setenv("XDNA_XRT_FAKE_FAULT", fault)
+    else:
+        monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    opts = {"backend": "xrt", "kernel_dir": str(kdir)}
+    report = partition(tmp_path / "m.onnx", opts, run=True)
+    ex = {d.node: d.executed for d in report.decisions if d.executed}
+    assert set(ex) == {"proj0", "proj1", "proj2"}
+    if fault:
+        assert all(e["device_calls"] == 0 and e["cpu_calls_by_reason"]["fault"] == 1 for e in ex.values()), ex
+    else:
+        assert sorted(e["chained_calls"] for e in ex.values()) == [0, 1, 1], ex
+        assert all(e["device_calls"] == 1 and e["cpu_calls"] == 0 for e in ex.values()), ex
+
+    register()
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), session_options(),
+                                providers=[("XDNAExecutionProvider", opts), "CPUExecutionProvider"])
+    x = np.random.default_rng(4).standard_normal((256, 64)).astype(np.float32)
+    ys = sess.run(None, {"x": x})
+    h = np.maximum(x, 0).astype(np.float64)
+    for i, (y, w) in enumerate(zip(ys, ws)):
+        # Relu is 1-Lipschitz: Relu(C) is within C's bound of Relu(A.B)
+        assert_within(y, np.maximum(h @ w, 0), bf16_bound(h.astype(np.float32), w, 64), f"p{i}")
+
+
+def test_model_charges_a_chained_node_no_submission():
+    alone = nat.npu_model(1500, 512, 512)
+    chained = nat.npu_model(1500, 512, 512, chained=True)
+    assert alone["dispatch_us"] == pytest.approx(160) and chained["dispatch_us"] == pytest.approx(42)
+    assert alone["npu_us"] - chained["npu_us"] == pytest.approx(118)
+    assert "in an earlier node's runlist" in chained["dataflow"]

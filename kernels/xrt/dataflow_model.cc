@@ -182,11 +182,13 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   const int64_t runs = std::max<int64_t>(1, (s.Mpad + p.max_rows - 1) / p.max_rows);
   // Every product of a batch (the heads) is its own command; all of a node's commands go in one submission.
   c.commands = runs * w.batches;
-  c.dispatch_us = p.submit_us + p.chain_us * static_cast<double>(c.commands - 1);
+  c.dispatch_us = w.chained ? p.chain_us * static_cast<double>(c.commands)
+                            : p.submit_us + p.chain_us * static_cast<double>(c.commands - 1);
   c.npu_us = c.dispatch_us + c.host_us + std::max(c.dma_us, c.compute_us);
 
   std::ostringstream df;
-  df << "v2" << (int8 ? " int8" : "") << ": " << c.commands << " cmd" << (c.commands > 1 ? "s in 1 submission" : "");
+  df << "v2" << (int8 ? " int8" : "") << ": " << c.commands << " cmd" << (c.commands > 1 ? "s" : "")
+     << (w.chained ? " in an earlier node's runlist" : (c.commands > 1 ? " in 1 submission" : ""));
   auto where = [](bool ep) { return ep ? " (EP memory: pinned once)" : " (ORT's memory: pinned per call)"; };
   df << (a_in_place ? std::string(", A in place (fp32, RNE in core)") + where(w.a_ep_memory) : "")
      << (c_in_place ? std::string(", C in place") + where(w.c_ep_memory) : "")

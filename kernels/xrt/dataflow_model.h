@@ -70,6 +70,9 @@ struct NodeWork {
   // A / C in the EP's own memory (kernels/ep_buffers.h: ORT placed them there, or an intermediate of a fused group):
   // imported once per block, so no per-call pinning; the cache maintenance stays. As the EP's run reports them.
   bool a_ep_memory = false, c_ep_memory = false;
+  // The node's commands ride in an earlier node's runlist (consecutive products of one fused node on one hardware
+  // context, issue 15 step 4): no submission of its own, chain_us per command.
+  bool chained = false;
 };
 
 struct NodeCost {

@@ -143,8 +143,11 @@ def model_nodes(report, params: dict | None = None, fuse_attention: bool = True,
             cost = _native.npu_model_attention(b, M, N, K, params=params)
             rows.append(NodeModel(d.node, d.op_type, work, cost, before, npu=cost["npu"], note="fused attention"))
             continue
+        # chained: the node's products rode in an earlier node's runlist (one fused node, one weight shape)
+        n = (d.executed or {}).get("ep_buffers", (0, 0, 0))[2]
+        chained = bool(n) and (d.executed or {}).get("chained_calls", 0) >= n
         cost = _native.npu_model(M, K, N, dataflow="v2", int8=precision == "int8" and not rb, a_ep_memory=a_ep,
-                                 c_ep_memory=c_ep, **kw)
+                                 c_ep_memory=c_ep, chained=chained, **kw)
         if c_ep and _ort_copies_outputs():
             cost = _charge_ort_copy(cost, b * M * N * 4, params)
         rows.append(NodeModel(d.node, d.op_type, work, cost, before, npu=cost["npu"]))
