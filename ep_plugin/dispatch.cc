@@ -46,7 +46,8 @@ Dispatcher::~Dispatcher() {
             (work_.empty() ? std::string() : ", \"work\": " + work_) +
             (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) +
             ", \"ep_buffers\": [" + std::to_string(a_in_ep_.load()) + ", " + std::to_string(c_in_ep_.load()) + ", " +
-            std::to_string(products_.load()) + "], \"chained_calls\": " + std::to_string(chained_.load()) + "}");
+            std::to_string(products_.load()) + "], \"chained_calls\": " + std::to_string(chained_.load()) +
+            ", \"a_shared_calls\": " + std::to_string(a_shared_.load()) + "}");
   } catch (...) {
   }
 }
@@ -189,7 +190,16 @@ void DeferredProducts::flush() {
         const auto& s = d.weights_.at(items[i].weight).host->shape;
         ++d.device_calls_;
         d.device_flop_ += flop_of(items[i].args.M, s.K, s.N);
-        if (i > first && shape_of(i) == shape_of(i - 1)) ++d.chained_;  // same xclbin: the same runlist
+        if (i > first && shape_of(i) == shape_of(i - 1)) {  // same xclbin: the same runlist
+          ++d.chained_;
+          for (size_t j = first; j < i; ++j) {
+            const kernels::GemmArgs& e = items[j].args;
+            if (e.a == items[i].args.a && e.M == items[i].args.M && e.lda == items[i].args.lda) {
+              ++d.a_shared_;  // the backend imports and syncs that A once per list
+              break;
+            }
+          }
+        }
       }
     } catch (const kernels::BackendFault& f) {
       for (size_t i = first; i < last; ++i) {  // every C of the batch is unspecified: all of them on the CPU

@@ -113,6 +113,7 @@ class Dispatcher {
   std::array<std::once_flag, 3> logged_;
   std::atomic<uint64_t> products_{0}, a_in_ep_{0}, c_in_ep_{0};  // last run's products; A / C in EP memory
   std::atomic<uint64_t> chained_{0};  // device products that rode in an earlier product's runlist (same weight shape)
+  std::atomic<uint64_t> a_shared_{0};  // ... and read the same A as an earlier product of that list (one import)
   std::mutex work_mu_;
   std::string work_;  // JSON array [batches, M, K, N, runtime_b, a_gather, conv] of the last run
   std::string attention_work_;  // JSON array [heads, Tq, Tk, d] of the last run (fused attention only)

@@ -282,8 +282,8 @@ void register_npu_bindings(py::module_& m) {
       "kernels/xrt/cost_model.h: predicted NPU vs CPU time (estimates, not silicon measurements)");
   m.def("npu_model", [](int64_t M, int64_t K, int64_t N, int64_t batches, bool runtime_b, bool a_gather, bool conv,
                         const std::string& dataflow, const py::dict& params, bool int8, bool a_ep_memory,
-                        bool c_ep_memory, bool chained) {
-        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv, int8, a_ep_memory, c_ep_memory, chained};
+                        bool c_ep_memory, bool chained, bool a_shared) {
+        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv, int8, a_ep_memory, c_ep_memory, chained, a_shared};
         if (M < 0 || K < 0 || N < 0 || batches < 1) throw std::invalid_argument("bad GEMM shape");
         const k::NpuModelParams p = model_params(params);
         if (dataflow == "v1") return cost_dict(k::model_node_v1(w, p));
@@ -292,7 +292,7 @@ void register_npu_bindings(py::module_& m) {
       }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("batches") = 1, py::arg("runtime_b") = false,
       py::arg("a_gather") = false, py::arg("conv") = false, py::arg("dataflow") = "v2", py::arg("params") = py::dict(),
       py::arg("int8") = false, py::arg("a_ep_memory") = false, py::arg("c_ep_memory") = false,
-      py::arg("chained") = false,
+      py::arg("chained") = false, py::arg("a_shared") = false,
       "kernels/xrt/dataflow_model.h: modelled Phoenix time of one node (a model, not a measurement)");
   m.def("npu_model_attention", [](int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const py::dict& params,
                                   bool io_ep_memory) {

@@ -247,6 +247,7 @@ def test_fused_node_sends_its_projections_as_one_runlist(tmp_path, monkeypatch, 
         assert all(e["device_calls"] == 0 and e["cpu_calls_by_reason"]["fault"] == 1 for e in ex.values()), ex
     else:
         assert sorted(e["chained_calls"] for e in ex.values()) == [0, 1, 1], ex
+        assert sorted(e["a_shared_calls"] for e in ex.values()) == [0, 1, 1], ex  # one input: one A import
         assert all(e["device_calls"] == 1 and e["cpu_calls"] == 0 for e in ex.values()), ex
 
     register()
@@ -266,3 +267,25 @@ def test_model_charges_a_chained_node_no_submission():
     assert alone["dispatch_us"] == pytest.approx(160) and chained["dispatch_us"] == pytest.approx(42)
     assert alone["npu_us"] - chained["npu_us"] == pytest.approx(118)
     assert "in an earlier node's runlist" in chained["dataflow"]
+
+
+def test_runlist_imports_a_shared_a_once(f32_dir):
+    """Three products of one A in one submission (the q/k/v projections): A imported and synced once."""
+    be = nat.npu_fake_backend(str(f32_dir))
+    a = rand((1500, 512), 21)
+    bs = [rand((512, 512), 22 + i) for i in range(3)]
+    items = [(a, be.upload(nat.pack_b(b))) for b in bs]
+    cs = be.gemm_batch(items)
+    s = be.fake_stats()
+    assert s["submissions"] == 1 and s["runs"] == 3
+    assert s["imports"] == 1 + 3, "one A, three C"
+    for b, c in zip(bs, cs):
+        np.testing.assert_array_equal(c, nat.emulator_gemm(a, nat.pack_b(b)))
+
+
+def test_model_charges_a_shared_a_once():
+    chained = nat.npu_model(1500, 512, 512, chained=True)
+    shared = nat.npu_model(1500, 512, 512, chained=True, a_shared=True)
+    a_bytes = 1500 * 512 * 4
+    assert chained["host_us"] - shared["host_us"] == pytest.approx(a_bytes / 40e3 + a_bytes / 40e3 + 10)
+    assert "shared with an earlier command of the runlist" in shared["dataflow"]

@@ -139,10 +139,11 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
     copies.push_back("K=" + std::to_string(w.K) + " not a multiple of 64: host pads A to bf16");
   }
   const double a_elem = a_in_place ? 4 : (int8 ? 1 : 2);  // fp32 in place, or int8 / bf16 staged
-  sync_bytes += a_in_place ? b * M * K * 4 : b * Mp * Kp * a_elem;
+  const bool a_shared = a_in_place && w.a_shared;  // imported and synced by an earlier product of the runlist
+  sync_bytes += a_shared ? 0 : (a_in_place ? b * M * K * 4 : b * Mp * Kp * a_elem);
   // Pinned per call: an in-place range in ORT's CPU memory. The EP's own memory is pinned once per block, and the
   // staging buffers are the backend's (allocated once).
-  double pin_bytes = a_in_place && !w.a_ep_memory ? b * M * K * 4 : 0;
+  double pin_bytes = a_in_place && !w.a_ep_memory && !a_shared ? b * M * K * 4 : 0;
 
   // B: a packed constant weight (uploaded once); a run-time B (attention) is packed and uploaded per product by the
   // host, as the backend does today (reading it in place through the shim DMA's strides is designed, not built).
@@ -175,7 +176,7 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   c.dma_us = us_for_bytes(dma_bytes, p.ddr_gbps);
   c.compute_us = us_for_flop(2.0 * b * Mp * Kp * Np, (int8 ? peak_int8_gops(p) : peak_gflops(p)) * p.gemm_efficiency);
   // Every in-place range is synced and gets a (sub-)BO once per call; only ranges in ORT's memory are pinned.
-  const double imports = (a_in_place ? 1 : 0) + (c_in_place ? 1 : 0);
+  const double imports = (a_in_place && !a_shared ? 1 : 0) + (c_in_place ? 1 : 0);
   c.host_us = us_for_bytes(host_bytes, p.host_gbps) + us_for_bytes(sync_bytes, p.sync_gbps) +
               us_for_bytes(pin_bytes, p.pin_gbps) + imports * p.import_us;
 
@@ -190,7 +191,9 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   df << "v2" << (int8 ? " int8" : "") << ": " << c.commands << " cmd" << (c.commands > 1 ? "s" : "")
      << (w.chained ? " in an earlier node's runlist" : (c.commands > 1 ? " in 1 submission" : ""));
   auto where = [](bool ep) { return ep ? " (EP memory: pinned once)" : " (ORT's memory: pinned per call)"; };
-  df << (a_in_place ? std::string(", A in place (fp32, RNE in core)") + where(w.a_ep_memory) : "")
+  df << (a_in_place ? std::string(", A in place (fp32, RNE in core)") +
+                          (a_shared ? " (shared with an earlier command of the runlist)" : where(w.a_ep_memory))
+                    : "")
      << (c_in_place ? std::string(", C in place") + where(w.c_ep_memory) : "")
      << (b_resident ? ", B resident" : (a_resident ? ", A slab resident" : ""));
   for (const auto& why : copies) df << "; copy: " << why;

@@ -73,6 +73,9 @@ struct NodeWork {
   // The node's commands ride in an earlier node's runlist (consecutive products of one fused node on one hardware
   // context, issue 15 step 4): no submission of its own, chain_us per command.
   bool chained = false;
+  // ... and its A is the same tensor as an earlier product of that runlist (q/k/v read one input): the backend
+  // imports and syncs it once per list, so this node pays no pinning, sync or import for A.
+  bool a_shared = false;
 };
 
 struct NodeCost {

@@ -129,7 +129,7 @@ class NpuBackend final : public Backend {
       (void)s->a.release();
       (void)s->c.release();
     }
-    for (auto& b : quarantined_imports_) (void)b.release();
+    for (auto& b : quarantined_imports_) new std::shared_ptr<DeviceBuffer>(b);  // leaked on purpose: never freed
   }
 
   std::string name() const override { return "xrt"; }
@@ -305,7 +305,9 @@ class NpuBackend final : public Backend {
     const PaddedShape* p;
     Variant* variant;
     std::unique_ptr<Staging> staging;         // staged A/C (null when both are imported)
-    std::unique_ptr<DeviceBuffer> a_in, c_in;  // ORT's own memory as user-pointer buffers (issue 15)
+    // ORT's (or the EP's) memory as device buffers (issue 15); A is shared by the runs of one submission that read
+    // the same rows (q/k/v projections of one input in one runlist): imported and synced once.
+    std::shared_ptr<DeviceBuffer> a_in, c_in;
     int64_t row0, rows;
   };
 
@@ -328,7 +330,7 @@ class NpuBackend final : public Backend {
         for (int64_t height : plan_row_chunks(args.M, heights)) {
           Variant* v = variant_for(shape, height);
           InFlight f{&args, &p, v, nullptr, nullptr, nullptr, row0, std::min(height, args.M - row0)};
-          at_step("run", [&] { in_place(args, p, v->entry, height, f.row0, f.rows, f.a_in, f.c_in, *kernel); });
+          at_step("run", [&] { in_place(args, p, v->entry, height, f.row0, f.rows, f.a_in, f.c_in, *kernel, runs); });
           if (!f.a_in) {
             f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
             at_step("run", [&] {
@@ -374,14 +376,17 @@ class NpuBackend final : public Backend {
   // buffers: a view of an EP block (ep_view) when ORT placed the tensor in the EP's memory, else imported for this
   // call. Anything else, or a device that refuses the import, leaves both null: the run is staged.
   void in_place(const GemmArgs& args, const PaddedShape& p, const KernelEntry& e, int64_t height, int64_t row0,
-                int64_t rows, std::unique_ptr<DeviceBuffer>& a_in, std::unique_ptr<DeviceBuffer>& c_in,
-                LoadedKernel& kernel) {
+                int64_t rows, std::shared_ptr<DeviceBuffer>& a_in, std::shared_ptr<DeviceBuffer>& c_in,
+                LoadedKernel& kernel, const std::vector<InFlight>& earlier) {
     if (!e.a_f32 || rows != height || p.K != p.Kpad || p.N != p.Npad || args.lda != p.K || args.ldc != p.N) return;
     const size_t a_bytes = bytes_of(rows, p.K, sizeof(float));
     const size_t c_bytes = bytes_of(rows, p.N, sizeof(float));
     void* a = const_cast<float*>(args.a + row0 * args.lda);
     void* c = args.c + row0 * args.ldc;
-    a_in = ep_view(kernel, BufferKind::a, a, a_bytes);
+    for (const InFlight& r : earlier)  // the same A rows in this submission already: share its buffer and sync
+      if (r.a_in && r.a_in->map() == a && r.a_in->size() == a_bytes) a_in = r.a_in;
+    const bool shared = a_in != nullptr;
+    if (!a_in) a_in = ep_view(kernel, BufferKind::a, a, a_bytes);
     if (!a_in) a_in = kernel.import(BufferKind::a, a, a_bytes);
     if (a_in) c_in = ep_view(kernel, BufferKind::c, c, c_bytes);
     if (a_in && !c_in) c_in = kernel.import(BufferKind::c, c, c_bytes);
@@ -390,7 +395,7 @@ class NpuBackend final : public Backend {
       c_in.reset();
       return;
     }
-    a_in->to_device(a_bytes, 0);  // cache maintenance: the NPU reads DDR, not the CPU's caches
+    if (!shared) a_in->to_device(a_bytes, 0);  // cache maintenance: the NPU reads DDR, not the CPU's caches
     plant_canary(*c_in, static_cast<int64_t>(bytes_of(rows, p.N, 1)));
   }
 
@@ -644,7 +649,7 @@ class NpuBackend final : public Backend {
   mutable std::mutex load_mu_;
   std::map<std::string, std::unique_ptr<LoadedKernel>> contexts_;  // by xclbin path: one hardware context each
   std::vector<std::unique_ptr<Staging>> quarantine_;
-  std::vector<std::unique_ptr<DeviceBuffer>> quarantined_imports_;
+  std::vector<std::shared_ptr<DeviceBuffer>> quarantined_imports_;
   std::atomic<bool> disabled_{false};
   std::string disabled_reason_;
   // Imported blocks of the EP's memory by (block id, hardware context, kind); after contexts_: destroyed first.

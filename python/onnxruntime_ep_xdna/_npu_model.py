@@ -146,8 +146,9 @@ def model_nodes(report, params: dict | None = None, fuse_attention: bool = True,
         # chained: the node's products rode in an earlier node's runlist (one fused node, one weight shape)
         n = (d.executed or {}).get("ep_buffers", (0, 0, 0))[2]
         chained = bool(n) and (d.executed or {}).get("chained_calls", 0) >= n
+        a_shared = chained and (d.executed or {}).get("a_shared_calls", 0) >= n  # q/k/v: one A import per list
         cost = _native.npu_model(M, K, N, dataflow="v2", int8=precision == "int8" and not rb, a_ep_memory=a_ep,
-                                 c_ep_memory=c_ep, chained=chained, **kw)
+                                 c_ep_memory=c_ep, chained=chained, a_shared=a_shared, **kw)
         if c_ep and _ort_copies_outputs():
             cost = _charge_ort_copy(cost, b * M * N * 4, params)
         rows.append(NodeModel(d.node, d.op_type, work, cost, before, npu=cost["npu"]))
