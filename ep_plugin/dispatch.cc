@@ -2,6 +2,9 @@
 
 #include "json.h"
 
+#include <tuple>
+#include "kernels/ep_buffers.h"
+
 namespace xdna::ep {
 namespace {
 
@@ -41,7 +44,10 @@ Dispatcher::~Dispatcher() {
             std::to_string(cpu_calls) + ", \"cpu_calls_by_reason\": {" + by_reason + "}, \"device_mflop\": " +
             json_number(device_flop_.load() / 1e6) + ", \"cpu_mflop\": " + json_number(cpu_flop / 1e6) +
             (work_.empty() ? std::string() : ", \"work\": " + work_) +
-            (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) + "}");
+            (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) +
+            ", \"ep_buffers\": [" + std::to_string(a_in_ep_.load()) + ", " + std::to_string(c_in_ep_.load()) + ", " +
+            std::to_string(products_.load()) + "], \"chained_calls\": " + std::to_string(chained_.load()) +
+            ", \"a_shared_calls\": " + std::to_string(a_shared_.load()) + "}");
   } catch (...) {
   }
 }
@@ -77,6 +83,14 @@ void Dispatcher::on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const s
                                      (reason == CpuReason::kUnpacked ? "bf16" : kernels::precision_name(precision_)) +
                                      " arithmetic)");
   });
+}
+
+void Dispatcher::note_buffers(const kernels::GemmArgs& args, int64_t K, int64_t N) {
+  if (args.M <= 0) return;
+  ++products_;
+  const auto span = [&](int64_t ld, int64_t cols) { return static_cast<size_t>((args.M - 1) * ld + cols) * sizeof(float); };
+  if (kernels::ep_buffer_find(args.a, span(args.lda, K), nullptr)) ++a_in_ep_;
+  if (kernels::ep_buffer_find(args.c, span(args.ldc, N), nullptr)) ++c_in_ep_;
 }
 
 void Dispatcher::run(const kernels::GemmArgs& args, const Weight& w) {
@@ -138,12 +152,75 @@ void Dispatcher::run_batch(const std::vector<std::pair<kernels::GemmArgs, const 
   for (const auto& [args, w] : items) run(args, *w);
 }
 
-void Dispatcher::gemm(const kernels::GemmArgs& args, size_t weight) { run(args, weights_.at(weight)); }
+void Dispatcher::gemm(const kernels::GemmArgs& args, size_t weight) {
+  const Weight& w = weights_.at(weight);
+  note_buffers(args, w.host->shape.K, w.host->shape.N);
+  run(args, w);
+}
+
+void Dispatcher::gemm_later(const kernels::GemmArgs& args, size_t weight, DeferredProducts* later) {
+  const Weight& w = weights_.at(weight);
+  const auto& s = w.host->shape;
+  if (!later || args.M == 0 || s.N == 0 || !primary_ok_ || !w.device ||
+      !primary_->can_run_in(w.host->precision, args.M, s.K, s.N, nullptr))
+    return gemm(args, weight);  // run() says why a product is not for the device
+  note_buffers(args, s.K, s.N);
+  later->items_.push_back({this, args, weight});
+}
+
+void DeferredProducts::flush() {
+  std::vector<Item> items;
+  items.swap(items_);
+  size_t first = 0;
+  while (first < items.size()) {  // runs of one primary backend (in practice every node of a session shares one)
+    const auto& primary = items[first].node->primary_;
+    size_t last = first + 1;
+    while (last < items.size() && items[last].node->primary_ == primary) ++last;
+    std::vector<kernels::BatchItem> batch;
+    for (size_t i = first; i < last; ++i)
+      batch.push_back({items[i].args, items[i].node->weights_.at(items[i].weight).device.get()});
+    auto shape_of = [&](size_t i) {  // the xrt backend's hardware context is per padded weight shape
+      const auto& h = *items[i].node->weights_.at(items[i].weight).host;
+      return std::make_tuple(h.shape.Kpad, h.shape.Npad, static_cast<int>(h.precision));
+    };
+    try {
+      primary->gemm_batch(batch.data(), batch.size());
+      for (size_t i = first; i < last; ++i) {
+        Dispatcher& d = *items[i].node;
+        const auto& s = d.weights_.at(items[i].weight).host->shape;
+        ++d.device_calls_;
+        d.device_flop_ += flop_of(items[i].args.M, s.K, s.N);
+        if (i > first && shape_of(i) == shape_of(i - 1)) {  // same xclbin: the same runlist
+          ++d.chained_;
+          for (size_t j = first; j < i; ++j) {
+            const kernels::GemmArgs& e = items[j].args;
+            if (e.a == items[i].args.a && e.M == items[i].args.M && e.lda == items[i].args.lda) {
+              ++d.a_shared_;  // the backend imports and syncs that A once per list
+              break;
+            }
+          }
+        }
+      }
+    } catch (const kernels::BackendFault& f) {
+      for (size_t i = first; i < last; ++i) {  // every C of the batch is unspecified: all of them on the CPU
+        Dispatcher& d = *items[i].node;
+        const Dispatcher::Weight& w = d.weights_.at(items[i].weight);
+        d.fault(f);
+        d.cpu_->gemm(items[i].args, *w.cpu);
+        d.on_cpu(Dispatcher::CpuReason::kFault, 1, flop_of(items[i].args.M, w.host->shape.K, w.host->shape.N), "");
+      }
+    }
+    first = last;
+  }
+}
 
 void Dispatcher::gemm_batch(const std::vector<std::pair<kernels::GemmArgs, size_t>>& items) {
   std::vector<std::pair<kernels::GemmArgs, const Weight*>> batch;
   batch.reserve(items.size());
-  for (const auto& [args, i] : items) batch.emplace_back(args, &weights_.at(i));
+  for (const auto& [args, i] : items) {
+    batch.emplace_back(args, &weights_.at(i));
+    note_buffers(args, batch.back().second->host->shape.K, batch.back().second->host->shape.N);
+  }
   run_batch(batch);
 }
 
@@ -160,6 +237,7 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
       precision_ == kernels::Precision::kInt8 ? kernels::Precision::kBf16 : precision_;
   for (const auto& [args, b] : items) {
     if (args.M == 0) continue;
+    note_buffers(args, K, N);
     // Few rows against B with a unit stride along K or N: read as it lies (K^T straight from K).
     if (b_precision == kernels::Precision::kBf16 && args.M <= kernels::kUnpackedMaxM &&
         (b.stride_n == 1 || b.stride_k == 1)) {
@@ -184,6 +262,16 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
 
 void Dispatcher::attention(const kernels::AttentionShape& shape, const std::vector<kernels::AttentionHead>& heads) {
   if (heads.empty() || shape.M == 0 || shape.Dv == 0) return;
+  // A counts a head whose Q, K^T and V all lie in EP memory; C its output.
+  for (const auto& h : heads) {
+    ++products_;
+    const auto bytes = [](int64_t last_offset) { return static_cast<size_t>(last_offset + 1) * sizeof(float); };
+    if (kernels::ep_buffer_find(h.q, bytes((shape.M - 1) * h.ldq + shape.D - 1), nullptr) &&
+        kernels::ep_buffer_find(h.kt, bytes((shape.D - 1) * h.kt_stride_d + (shape.T - 1) * h.kt_stride_t), nullptr) &&
+        kernels::ep_buffer_find(h.v, bytes((shape.T - 1) * h.v_stride_t + (shape.Dv - 1) * h.v_stride_n), nullptr))
+      ++a_in_ep_;
+    if (kernels::ep_buffer_find(h.o, bytes((shape.M - 1) * h.ldo + shape.Dv - 1), nullptr)) ++c_in_ep_;
+  }
   const uint64_t flop = heads.size() * (flop_of(shape.M, shape.D, shape.T) + flop_of(shape.M, shape.T, shape.Dv));
   CpuReason reason = CpuReason::kFault;
   std::string why;

@@ -29,6 +29,28 @@ struct RuntimeB {
   int64_t stride_k, stride_n;
 };
 
+class Dispatcher;
+
+// Device products collected across the nodes of one fused node (issue 15 step 4): consecutive products whose weights
+// share a hardware context go to the device as one runlist (Backend::gemm_batch). One per Compute call, on its
+// thread; the fused node flushes before anything reads or frees a collected product's operands.
+class DeferredProducts {
+ public:
+  bool empty() const { return items_.empty(); }
+  size_t size() const { return items_.size(); }
+  // Runs every collected product (a device fault: those products again on the CPU, logged by their nodes).
+  void flush();
+
+ private:
+  friend class Dispatcher;
+  struct Item {
+    Dispatcher* node;
+    kernels::GemmArgs args;
+    size_t weight;
+  };
+  std::vector<Item> items_;
+};
+
 class Dispatcher {
  public:
   enum class CpuReason { kNotForDevice, kUnpacked, kFault };
@@ -46,6 +68,9 @@ class Dispatcher {
 
   // C = A . constant B matrix `weight`.
   void gemm(const kernels::GemmArgs& args, size_t weight);
+  // The same, left in `later` (when not null and the product is for the device) for its fused node to submit with
+  // the next ones; the caller guarantees A and C stay untouched until later.flush().
+  void gemm_later(const kernels::GemmArgs& args, size_t weight, DeferredProducts* later);
   // Independent products against constant B matrices (the heads of an attention MatMul): one submission to the
   // device when it takes them all.
   void gemm_batch(const std::vector<std::pair<kernels::GemmArgs, size_t>>& items);
@@ -70,7 +95,10 @@ class Dispatcher {
   void run(const kernels::GemmArgs& args, const Weight& w);
   void run_batch(const std::vector<std::pair<kernels::GemmArgs, const Weight*>>& items);
   void on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const std::string& detail);
+  friend class DeferredProducts;
   void fault(const kernels::BackendFault& f);
+  // Counts whether A and C of a product lie in the EP's own memory (kernels/ep_buffers.h), for the report.
+  void note_buffers(const kernels::GemmArgs& args, int64_t K, int64_t N);
 
   std::string node_;
   kernels::Precision precision_;
@@ -83,6 +111,9 @@ class Dispatcher {
   std::atomic<uint64_t> device_calls_{0}, device_flop_{0};  // executed, so symbolic dims are real here
   std::array<std::atomic<uint64_t>, 3> cpu_calls_{}, cpu_flop_{};
   std::array<std::once_flag, 3> logged_;
+  std::atomic<uint64_t> products_{0}, a_in_ep_{0}, c_in_ep_{0};  // last run's products; A / C in EP memory
+  std::atomic<uint64_t> chained_{0};  // device products that rode in an earlier product's runlist (same weight shape)
+  std::atomic<uint64_t> a_shared_{0};  // ... and read the same A as an earlier product of that list (one import)
   std::mutex work_mu_;
   std::string work_;  // JSON array [batches, M, K, N, runtime_b, a_gather, conv] of the last run
   std::string attention_work_;  // JSON array [heads, Tq, Tk, d] of the last run (fused attention only)

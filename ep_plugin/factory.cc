@@ -22,7 +22,8 @@ std::string plugin_dir() {
 }  // namespace
 
 XdnaEpFactory::XdnaEpFactory(const OrtApi& ort, const OrtEpApi& ep_api, const OrtLogger* default_logger)
-    : OrtEpFactory{}, ort_(ort), ep_api_(ep_api), default_logger_(default_logger) {
+    : OrtEpFactory{}, ort_(ort), ep_api_(ep_api), default_logger_(default_logger),
+      memory_(ort, ep_api, ep_memory_mode()) {
   ort_version_supported = ORT_API_VERSION;
   GetName = GetNameImpl;
   GetVendor = GetVendorImpl;
@@ -96,6 +97,7 @@ OrtStatus* ORT_API_CALL XdnaEpFactory::GetSupportedDevicesImpl(OrtEpFactory* sel
     OrtStatus* st = f->ep_api_.CreateEpDevice(f, chosen, meta, nullptr, &ep_device);
     f->ort_.ReleaseKeyValuePairs(meta);
     check(f->ort_, st);
+    f->memory_.register_with(ep_device);
     ep_devices[0] = ep_device;
     *num_ep_devices = 1;
   });
@@ -138,16 +140,20 @@ OrtStatus* ORT_API_CALL XdnaEpFactory::ValidateCompiledModelCompatibilityInfoImp
   });
 }
 
-// No device allocator or data transfer: ORT then treats our memory as CPU memory, which on Phoenix's shared
-// DDR is the zero-copy path.
-OrtStatus* ORT_API_CALL XdnaEpFactory::CreateAllocatorImpl(OrtEpFactory*, const OrtMemoryInfo*,
+// XDNA_EP_ALLOCATOR=off (the default): no allocator, ORT's CPU memory everywhere, which the xrt backend imports per
+// call. host/device: the EP's own memory (ep_allocator.h), which the backend uses without pinning per call.
+OrtStatus* ORT_API_CALL XdnaEpFactory::CreateAllocatorImpl(OrtEpFactory* self, const OrtMemoryInfo* info,
                                                            const OrtKeyValuePairs*, OrtAllocator** allocator) noexcept {
-  *allocator = nullptr;
+  auto* f = static_cast<XdnaEpFactory*>(self);
+  *allocator = f->memory_.allocator_for(info);
+  if (!*allocator && f->memory_.mode() != EpMemoryMode::kOff)
+    return f->ort_.CreateStatus(ORT_INVALID_ARGUMENT, "XDNAExecutionProvider: CreateAllocator for a memory info "
+                                                      "this factory did not register");
   return nullptr;
 }
-void ORT_API_CALL XdnaEpFactory::ReleaseAllocatorImpl(OrtEpFactory*, OrtAllocator*) noexcept {}
-OrtStatus* ORT_API_CALL XdnaEpFactory::CreateDataTransferImpl(OrtEpFactory*, OrtDataTransferImpl** dt) noexcept {
-  *dt = nullptr;
+void ORT_API_CALL XdnaEpFactory::ReleaseAllocatorImpl(OrtEpFactory*, OrtAllocator*) noexcept {}  // owned by memory_
+OrtStatus* ORT_API_CALL XdnaEpFactory::CreateDataTransferImpl(OrtEpFactory* self, OrtDataTransferImpl** dt) noexcept {
+  *dt = static_cast<XdnaEpFactory*>(self)->memory_.data_transfer();
   return nullptr;
 }
 bool ORT_API_CALL XdnaEpFactory::IsStreamAwareImpl(const OrtEpFactory*) noexcept { return false; }

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "ep.h"
+#include "ep_allocator.h"
 #include "kernels/backend.h"
 #include "options.h"
 #include "ort_api.h"
@@ -52,6 +53,7 @@ class XdnaEpFactory : public OrtEpFactory {
   std::mutex mutex_;
   std::map<std::string, XdnaEp::Backends> backends_;
   std::map<std::string, std::string> backend_why_;
+  EpMemory memory_;  // the EP's allocator (XDNA_EP_ALLOCATOR), registered with the EP device
 };
 
 }  // namespace xdna::ep

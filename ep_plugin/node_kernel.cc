@@ -1,7 +1,11 @@
 #include "node_kernel.h"
 
 #include <algorithm>
+#include <climits>
+#include <memory>
 #include <unordered_map>
+
+#include "kernels/ep_buffers.h"
 
 namespace xdna::ep {
 namespace {
@@ -73,7 +77,8 @@ FusedKernel::FusedKernel(std::vector<std::unique_ptr<NodeKernel>> nodes, std::ve
 
 void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
   // Tensors of this call: fused-node inputs as ORT gives them, fused-node outputs in ORT's buffers, and the
-  // intermediates only the group reads in buffers of our own.
+  // intermediates only the group reads in the EP's own memory (kernels/ep_buffers.h: the NPU reads and writes them
+  // without per-call pinning; freed blocks are pooled for the next call).
   class Io final : public ops::TensorIo {
    public:
     Io(const OrtApi& api, OrtKernelContext* ctx, const FusedKernel& k) : api_(api), ctx_(ctx), k_(k) {}
@@ -89,13 +94,17 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
       if (out != k_.outputs_.end()) {
         data = ort_output(api_, ctx_, static_cast<size_t>(out - k_.outputs_.begin()), dims);
       } else {
-        std::vector<float>& buf = owned_[name];
-        buf.resize(static_cast<size_t>(checked_count(dims)));
-        data = buf.data();
+        const size_t bytes = static_cast<size_t>(checked_count(dims)) * sizeof(float);
+        owned_.erase(name);
+        data = static_cast<float*>(kernels::ep_buffer_alloc(bytes));
+        if (!data) throw OrtError(ORT_EP_FAIL, "out of memory for an intermediate tensor of " + std::to_string(bytes) + " bytes");
+        owned_.emplace(name, EpMemoryPtr(data));
       }
       made_[name] = ops::Tensor{data, dims};
       return data;
     }
+    ep::DeferredProducts* deferred() override { return &later_; }
+    DeferredProducts later_;
     void release(const std::string& name) {
       made_.erase(name);
       owned_.erase(name);
@@ -105,19 +114,42 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
     static int64_t checked_count(const Dims& dims) {
       int64_t n = 1;
       for (int64_t d : dims)
-        if (d < 0 || __builtin_mul_overflow(n, d, &n)) throw OrtError(ORT_EP_FAIL, "intermediate tensor too large");
+        if (d < 0 || __builtin_mul_overflow(n, d, &n) || n > (INT64_MAX >> 3))
+          throw OrtError(ORT_EP_FAIL, "intermediate tensor too large");
       return n;
     }
     const OrtApi& api_;
     OrtKernelContext* ctx_;
     const FusedKernel& k_;
     std::unordered_map<std::string, ops::Tensor> made_;
-    std::unordered_map<std::string, std::vector<float>> owned_;
+    struct FreeEp {
+      void operator()(float* p) const noexcept { kernels::ep_buffer_free(p); }
+    };
+    using EpMemoryPtr = std::unique_ptr<float, FreeEp>;
+    std::unordered_map<std::string, EpMemoryPtr> owned_;
   } io(api, ctx, *this);
+  // Device products of consecutive nodes are collected and submitted together (a runlist per hardware context:
+  // q/k/v projections of a layer), flushed before a node reads a collected product's output, before an intermediate
+  // a collected product may use is freed, and at the end.
+  std::vector<std::string> pending;  // outputs of nodes with collected products
   for (size_t i = 0; i < nodes_.size(); ++i) {
+    if (!io.later_.empty())
+      for (const std::string& name : nodes_[i]->runtime_operands())
+        if (std::find(pending.begin(), pending.end(), name) != pending.end()) {
+          io.later_.flush();
+          pending.clear();
+          break;
+        }
+    const size_t before = io.later_.size();
     nodes_[i]->compute(io);
+    if (io.later_.size() != before) pending.push_back(nodes_[i]->output_name());
+    if (!io.later_.empty() && !release_after_[i].empty()) {
+      io.later_.flush();
+      pending.clear();
+    }
     for (const std::string& name : release_after_[i]) io.release(name);
   }
+  io.later_.flush();
 }
 
 }  // namespace xdna::ep

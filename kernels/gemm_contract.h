@@ -28,6 +28,14 @@
 //     * Epilogue in fp32: C = float(acc) * (sa_m * sb_n). A row of A or a column of B holding NaN or Inf gives
 //       NaN in that row / column of C (int8 has no such values; silently dropping them would hide them).
 //     * Run-time B operands (attention) stay in bf16: quantising them per call costs a pass over B for one use.
+//     * Where A is quantised (issue 15 step 2, decided by the dataflow model, docs/npu.md "int8 without the host
+//       pass"): on the host, per row, as above. Both in-core routes were weighed and rejected: per-row-per-64-column
+//       scales (a contract change) and a two-pass array program (row max, then quantise; this contract unchanged).
+//       Either makes the array read A as fp32 in ORT's memory (4 bytes per element pinned, synced and moved instead
+//       of 1), and bit-exact quantisation in the core needs fp32 multiplies at AIE-ML's "safe" float accuracy
+//       (UG1603: fp32 is emulated with bf16 MACs, 0 ULP takes 9 per multiply), which a tile redone per column block
+//       makes as costly as the int8 GEMM itself. By the model neither saves more than ~2 ms of the ~22 ms host pass,
+//       and the int8 target is bound by compute anyway. So this contract stays, and the emulator stays its reference.
 //     Bound: a = sa (qa + da) with |da| <= 1/2 (+ at most 127 * 3 * 2^-24 from scaling by 127/amax in fp32: 0.0005
 //       of slack), likewise b, so
 //       |C - C_exact| <= 0.5005 (sb_n sum_k |A[m][k]| + sa_m sum_k |B[k][n]|) + 0.2505 K sa_m sb_n

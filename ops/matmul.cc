@@ -85,7 +85,8 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
                      false);
   if (tall) {
     const kernels::GemmArgs args{a.data, batches * M, K, y, N};
-    if (plan.b.constant) dispatch.gemm(args, 0);
+    // A and C are io tensors nothing touches until the fused node flushes: may ride in a runlist with later nodes.
+    if (plan.b.constant) dispatch.gemm_later(args, 0, io.deferred());
     else dispatch.gemm_runtime({{args, ep::RuntimeB{b.data, N, 1}}}, K, N);
     return;
   }

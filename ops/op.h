@@ -19,6 +19,7 @@
 
 namespace xdna::ep {
 class Dispatcher;
+class DeferredProducts;
 }
 
 namespace xdna::ops {
@@ -98,6 +99,10 @@ class TensorIo {
   virtual ~TensorIo() = default;
   virtual Tensor input(const std::string& name) = 0;
   virtual float* output(const std::string& name, const std::vector<int64_t>& dims) = 0;
+  // Where a node may leave device products for its fused node to submit together with the next ones (a runlist,
+  // issue 15 step 4); nullptr: run them now. Only for products whose A and C are io tensors and that nothing
+  // touches before the fused node flushes.
+  virtual ep::DeferredProducts* deferred() { return nullptr; }
 };
 
 // One row of the op table.

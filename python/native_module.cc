@@ -5,6 +5,7 @@
 
 #include "ep_plugin/ep_context.h"
 #include "kernels/backend.h"
+#include "kernels/ep_buffers.h"
 #include "kernels/emulator/emulator.h"
 #include "kernels/xrt/cost_model.h"
 #include "kernels/xrt/dataflow_model.h"
@@ -76,6 +77,17 @@ struct NpuBackendHandle {
     }
     return c;
   }
+  // C written into `c` (the caller's memory, e.g. an ep_buffer_array: the EP's own memory).
+  void gemm_into(F32Array a, const NpuWeightHandle& w, py::array_t<float> c) {
+    const k::PackedB& b = w.weight->host();
+    if (a.ndim() != 2 || a.shape(1) != b.shape.K) throw std::invalid_argument("A must be [M, K] matching B");
+    if (c.ndim() != 2 || c.shape(0) != a.shape(0) || c.shape(1) != b.shape.N || !(c.flags() & py::array::c_style) ||
+        !c.writeable())
+      throw std::invalid_argument("C must be a writable C-contiguous float32 [M, N]");
+    k::GemmArgs args{a.data(), a.shape(0), b.shape.K, c.mutable_data(), b.shape.N};
+    py::gil_scoped_release release;
+    backend->gemm(args, *w.weight);
+  }
   py::list gemm_batch(const py::list& items) {
     std::vector<F32Array> as;
     std::vector<py::array_t<float>> cs;
@@ -104,7 +116,8 @@ struct NpuBackendHandle {
     return py::dict(py::arg("contexts") = stats->contexts.load(), py::arg("runs") = stats->runs.load(),
                     py::arg("instr_buffers") = stats->buffers[0].load(), py::arg("a_buffers") = stats->buffers[1].load(),
                     py::arg("b_buffers") = stats->buffers[2].load(), py::arg("c_buffers") = stats->buffers[3].load(),
-                    py::arg("submissions") = stats->submissions.load(), py::arg("imports") = stats->imports.load());
+                    py::arg("submissions") = stats->submissions.load(), py::arg("imports") = stats->imports.load(),
+                    py::arg("sub_buffers") = stats->sub_buffers.load());
   }
 };
 
@@ -181,9 +194,25 @@ void register_npu_bindings(py::module_& m) {
           }, py::arg("precision"))
       .def("upload", &NpuBackendHandle::upload, py::arg("b"), py::keep_alive<0, 1>())
       .def("gemm", &NpuBackendHandle::gemm, py::arg("a"), py::arg("weight"))
+      .def("gemm_into", &NpuBackendHandle::gemm_into, py::arg("a"), py::arg("weight"), py::arg("c"))
       .def("gemm_batch", &NpuBackendHandle::gemm_batch, py::arg("items"), "[(a, weight), ...] -> [c, ...]")
       .def("fake_stats", &NpuBackendHandle::fake_stats);
 
+  // The EP's own memory (kernels/ep_buffers.h) as numpy arrays, for the tests of its protocol.
+  m.def("ep_buffer_array", [](int64_t rows, int64_t cols) {
+        if (rows < 1 || cols < 1 || rows > (int64_t{1} << 40) / cols) throw std::invalid_argument("bad shape");
+        void* p = k::ep_buffer_alloc(static_cast<size_t>(rows * cols) * sizeof(float));
+        if (!p) throw std::bad_alloc();
+        py::capsule owner(p, [](void* q) { k::ep_buffer_free(q); });
+        return py::array_t<float>({rows, cols}, static_cast<float*>(p), owner);
+      }, py::arg("rows"), py::arg("cols"), "float32 [rows, cols] in the EP's own memory (pooled when freed)");
+  m.def("ep_buffer_stats", [] {
+        const k::EpBufferStats s = k::ep_buffer_stats();
+        return py::dict(py::arg("allocs") = s.allocs, py::arg("frees") = s.frees, py::arg("fresh_blocks") = s.fresh_blocks,
+                        py::arg("released_blocks") = s.released_blocks, py::arg("live_bytes") = s.live_bytes,
+                        py::arg("pooled_bytes") = s.pooled_bytes);
+      });
+  m.def("ep_buffer_trim", &k::ep_buffer_trim, "gives every pooled block back to the system (backends told first)");
   m.def("ep_context_plan_roundtrip_problem", &xdna::ep::plan_roundtrip_problem,
         "The first OpPlan field the EPContext payload does not round-trip, or \"\".");
   m.def("npu_fake_backend", [](const std::string& kernel_dir, const std::string& fail_at, int max_contexts,
@@ -252,8 +281,9 @@ void register_npu_bindings(py::module_& m) {
       }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("cpu_gflops") = 0.0, py::arg("m_rows") = 0,
       "kernels/xrt/cost_model.h: predicted NPU vs CPU time (estimates, not silicon measurements)");
   m.def("npu_model", [](int64_t M, int64_t K, int64_t N, int64_t batches, bool runtime_b, bool a_gather, bool conv,
-                        const std::string& dataflow, const py::dict& params, bool int8) {
-        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv, int8};
+                        const std::string& dataflow, const py::dict& params, bool int8, bool a_ep_memory,
+                        bool c_ep_memory, bool chained, bool a_shared) {
+        k::NodeWork w{batches, M, K, N, runtime_b, a_gather, conv, int8, a_ep_memory, c_ep_memory, chained, a_shared};
         if (M < 0 || K < 0 || N < 0 || batches < 1) throw std::invalid_argument("bad GEMM shape");
         const k::NpuModelParams p = model_params(params);
         if (dataflow == "v1") return cost_dict(k::model_node_v1(w, p));
@@ -261,12 +291,15 @@ void register_npu_bindings(py::module_& m) {
         throw std::invalid_argument("dataflow must be v1 or v2");
       }, py::arg("M"), py::arg("K"), py::arg("N"), py::arg("batches") = 1, py::arg("runtime_b") = false,
       py::arg("a_gather") = false, py::arg("conv") = false, py::arg("dataflow") = "v2", py::arg("params") = py::dict(),
-      py::arg("int8") = false,
+      py::arg("int8") = false, py::arg("a_ep_memory") = false, py::arg("c_ep_memory") = false,
+      py::arg("chained") = false, py::arg("a_shared") = false,
       "kernels/xrt/dataflow_model.h: modelled Phoenix time of one node (a model, not a measurement)");
-  m.def("npu_model_attention", [](int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const py::dict& params) {
+  m.def("npu_model_attention", [](int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const py::dict& params,
+                                  bool io_ep_memory) {
         if (heads < 1 || Tq < 1 || Tk < 1 || d < 1) throw std::invalid_argument("bad attention shape");
-        return cost_dict(k::model_attention_v2(heads, Tq, Tk, d, model_params(params)));
-      }, py::arg("heads"), py::arg("Tq"), py::arg("Tk"), py::arg("d"), py::arg("params") = py::dict());
+        return cost_dict(k::model_attention_v2(heads, Tq, Tk, d, model_params(params), io_ep_memory));
+      }, py::arg("heads"), py::arg("Tq"), py::arg("Tk"), py::arg("d"), py::arg("params") = py::dict(),
+      py::arg("io_ep_memory") = false);
   m.def("npu_model_assumptions", [](const py::dict& params) {
         py::list out;
         for (const auto& a : k::npu_model_assumptions(model_params(params)))

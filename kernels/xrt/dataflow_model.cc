@@ -58,10 +58,12 @@ std::vector<ModelAssumption> npu_model_assumptions(const NpuModelParams& p) {
       {"BO sync", fmt(p.sync_gbps) + " GB/s cache maintenance of an in-place range (flush before, invalidate after)",
        "ASSUMED (clflush over the range; amdxdna syncs user-pointer BOs by CPU cache maintenance)"},
       {"XRT buffer import", "ORT's buffers become user-pointer BOs (enclosing pages + sub-BO at the offset), per "
-                            "call: " + fmt(p.import_us) + " us each + pinning at " + fmt(p.pin_gbps) + " GB/s",
+                            "call: " + fmt(p.import_us) + " us each + pinning at " + fmt(p.pin_gbps) + " GB/s; "
+                            "tensors in the EP's own memory: pinned once per block, a sub-BO per call",
        "xdna-driver PR #574 (user pointer BO), #1309 (not mmapped); page-aligned ranges (driver rule). Pinning "
-       "cost ASSUMED (~100 ns per 4 KiB page). Not cached across calls: a freed and re-mapped address would "
-       "leave the NPU reading stale pinned pages"},
+       "cost ASSUMED (~100 ns per 4 KiB page). ORT's memory is not cached across calls (a freed and re-mapped "
+       "address would leave the NPU reading stale pinned pages); the EP's memory is (kernels/ep_buffers.h: the "
+       "allocator sees every free). Which tensors are in EP memory: as the EP's run reports them"},
       {"CPU", fmt(p.cpu_gflops) + " GFLOPS, " + fmt(p.cpu_gbps) + " GB/s, " + fmt(p.cpu_call_us) + " us per call",
        "ASSUMED: 8 Zen 4 cores at laptop all-core clocks running the bf16 contract (this project's CPU EP/"
        "emulator measured 110-185 GFLOPS per server core, benchmarks/README.md)"},
@@ -137,7 +139,11 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
     copies.push_back("K=" + std::to_string(w.K) + " not a multiple of 64: host pads A to bf16");
   }
   const double a_elem = a_in_place ? 4 : (int8 ? 1 : 2);  // fp32 in place, or int8 / bf16 staged
-  sync_bytes += a_in_place ? b * M * K * 4 : b * Mp * Kp * a_elem;
+  const bool a_shared = a_in_place && w.a_shared;  // imported and synced by an earlier product of the runlist
+  sync_bytes += a_shared ? 0 : (a_in_place ? b * M * K * 4 : b * Mp * Kp * a_elem);
+  // Pinned per call: an in-place range in ORT's CPU memory. The EP's own memory is pinned once per block, and the
+  // staging buffers are the backend's (allocated once).
+  double pin_bytes = a_in_place && !w.a_ep_memory && !a_shared ? b * M * K * 4 : 0;
 
   // B: a packed constant weight (uploaded once); a run-time B (attention) is packed and uploaded per product by the
   // host, as the backend does today (reading it in place through the shim DMA's strides is designed, not built).
@@ -150,6 +156,7 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   const bool c_in_place = s.Npad == w.N;
   if (c_in_place) {
     sync_bytes += b * M * N * 4;
+    if (!w.c_ep_memory) pin_bytes += b * M * N * 4;
   } else {
     host_bytes += b * (Mp * Np * 4 + M * N * 4);
     copies.push_back("N=" + std::to_string(w.N) + " not a multiple of 256: C staged and copied out");
@@ -168,20 +175,26 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   const double dma_bytes = b * (a_passes * Mp * Kp * a_elem + b_passes * Kp * Np * b_elem + Mp * Np * 4);
   c.dma_us = us_for_bytes(dma_bytes, p.ddr_gbps);
   c.compute_us = us_for_flop(2.0 * b * Mp * Kp * Np, (int8 ? peak_int8_gops(p) : peak_gflops(p)) * p.gemm_efficiency);
-  // Every in-place range is imported (pinned) and synced once per call.
-  const double imports = (a_in_place ? 1 : 0) + (c_in_place ? 1 : 0);
+  // Every in-place range is synced and gets a (sub-)BO once per call; only ranges in ORT's memory are pinned.
+  const double imports = (a_in_place && !a_shared ? 1 : 0) + (c_in_place ? 1 : 0);
   c.host_us = us_for_bytes(host_bytes, p.host_gbps) + us_for_bytes(sync_bytes, p.sync_gbps) +
-              us_for_bytes(sync_bytes, p.pin_gbps) + imports * p.import_us;
+              us_for_bytes(pin_bytes, p.pin_gbps) + imports * p.import_us;
 
   const int64_t runs = std::max<int64_t>(1, (s.Mpad + p.max_rows - 1) / p.max_rows);
   // Every product of a batch (the heads) is its own command; all of a node's commands go in one submission.
   c.commands = runs * w.batches;
-  c.dispatch_us = p.submit_us + p.chain_us * static_cast<double>(c.commands - 1);
+  c.dispatch_us = w.chained ? p.chain_us * static_cast<double>(c.commands)
+                            : p.submit_us + p.chain_us * static_cast<double>(c.commands - 1);
   c.npu_us = c.dispatch_us + c.host_us + std::max(c.dma_us, c.compute_us);
 
   std::ostringstream df;
-  df << "v2" << (int8 ? " int8" : "") << ": " << c.commands << " cmd" << (c.commands > 1 ? "s in 1 submission" : "");
-  df << (a_in_place ? ", A in place (fp32, RNE in core)" : "") << (c_in_place ? ", C in place" : "")
+  df << "v2" << (int8 ? " int8" : "") << ": " << c.commands << " cmd" << (c.commands > 1 ? "s" : "")
+     << (w.chained ? " in an earlier node's runlist" : (c.commands > 1 ? " in 1 submission" : ""));
+  auto where = [](bool ep) { return ep ? " (EP memory: pinned once)" : " (ORT's memory: pinned per call)"; };
+  df << (a_in_place ? std::string(", A in place (fp32, RNE in core)") +
+                          (a_shared ? " (shared with an earlier command of the runlist)" : where(w.a_ep_memory))
+                    : "")
+     << (c_in_place ? std::string(", C in place") + where(w.c_ep_memory) : "")
      << (b_resident ? ", B resident" : (a_resident ? ", A slab resident" : ""));
   for (const auto& why : copies) df << "; copy: " << why;
   bool fits = true;
@@ -194,7 +207,8 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
   return c;
 }
 
-NodeCost model_attention_v2(int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const NpuModelParams& p) {
+NodeCost model_attention_v2(int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const NpuModelParams& p,
+                            bool io_ep_memory) {
   const double h = static_cast<double>(heads), tq = static_cast<double>(Tq), tk = static_cast<double>(Tk),
                dd = static_cast<double>(d);
   const double tqp = static_cast<double>(round_up(Tq, kBlockM)), tkp = static_cast<double>(round_up(Tk, kTileN)),
@@ -208,7 +222,8 @@ NodeCost model_attention_v2(int64_t heads, int64_t Tq, int64_t Tk, int64_t d, co
   const double passes = ceil_div(tqp, p.cores * kTileM);
   const double io = h * (tq * dd * 4 + tq * dd * 4), kv = h * 2.0 * tk * dd * 4;
   c.dma_us = us_for_bytes(io + passes * kv, p.ddr_gbps);
-  c.host_us = us_for_bytes(io + kv, p.sync_gbps) + us_for_bytes(io + kv, p.pin_gbps) + 4 * p.import_us;
+  c.host_us = us_for_bytes(io + kv, p.sync_gbps) + (io_ep_memory ? 0 : us_for_bytes(io + kv, p.pin_gbps)) +
+              4 * p.import_us;
   c.npu_us = c.dispatch_us + c.host_us + std::max(c.dma_us, c.compute_us);
   // CPU: both products plus softmax passes over the fp32 scores (write, read+write, read).
   c.cpu_us = us_for_flop(4.0 * h * tq * tk * dd, p.cpu_gflops) + us_for_bytes(4.0 * h * tq * tk * 4, p.cpu_gbps) +
@@ -216,7 +231,7 @@ NodeCost model_attention_v2(int64_t heads, int64_t Tq, int64_t Tk, int64_t d, co
   c.npu = c.npu_us < c.cpu_us;
   std::ostringstream df;
   df << "v2 fused attention: 1 cmd, " << heads << " heads; QK^T, softmax, PV on the array (scores never leave "
-     << "L1); Q/K/V/out in place";
+     << "L1); Q/K/V/out in place" << (io_ep_memory ? " (EP memory: pinned once)" : " (ORT's memory: pinned per call)");
   c.dataflow = df.str();
   return c;
 }

@@ -67,6 +67,15 @@ struct NodeWork {
   // int8 (A8W8, gemm_contract.h; constant B only): B int8 (half the bytes), 256 MACs per core per cycle, A quantised
   // per row by the host (a row's scale needs its max first), the dequantising epilogue in the core.
   bool int8 = false;
+  // A / C in the EP's own memory (kernels/ep_buffers.h: ORT placed them there, or an intermediate of a fused group):
+  // imported once per block, so no per-call pinning; the cache maintenance stays. As the EP's run reports them.
+  bool a_ep_memory = false, c_ep_memory = false;
+  // The node's commands ride in an earlier node's runlist (consecutive products of one fused node on one hardware
+  // context, issue 15 step 4): no submission of its own, chain_us per command.
+  bool chained = false;
+  // ... and its A is the same tensor as an earlier product of that runlist (q/k/v read one input): the backend
+  // imports and syncs it once per list, so this node pays no pinning, sync or import for A.
+  bool a_shared = false;
 };
 
 struct NodeCost {
@@ -82,7 +91,8 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p = {});
 NodeCost model_node_v1(const NodeWork& w, const NpuModelParams& p = {});
 // Fused attention: `heads` x softmax(Q K^T) V with Q [Tq, d], K, V [Tk, d] per head, one command. Replaces the
 // two MatMul nodes around a Softmax.
-NodeCost model_attention_v2(int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const NpuModelParams& p = {});
+NodeCost model_attention_v2(int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const NpuModelParams& p = {},
+                            bool io_ep_memory = false);
 // CPU time of the same product (bf16 contract on the CPU); also the node's cost when it stays on the CPU.
 double model_cpu_us(const NodeWork& w, const NpuModelParams& p = {});
 

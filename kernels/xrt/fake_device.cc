@@ -16,34 +16,42 @@ constexpr uint32_t kFakeInstsMagic = 0x46414b45u;  // "FAKE"
 constexpr uint32_t kModeI8 = 2;  // header[4]: 0 bf16 A, 1 fp32 A (f32_f32), 2 i8_f32
 
 // Host and device copies are separate, as without cache maintenance on the real NPU; an imported buffer's host
-// side is the caller's memory itself.
+// side is the caller's memory itself. A sub-buffer shares its parent's host and device bytes (as a sub-BO does).
 class FakeBuffer final : public DeviceBuffer {
  public:
-  FakeBuffer(BufferKind kind, size_t bytes, size_t reported) : kind(kind), own(bytes), device(bytes),
-                                                               host_(own.data()), reported_(reported) {}
+  FakeBuffer(BufferKind kind, size_t bytes, size_t reported)
+      : kind(kind), own_(bytes), device_(std::make_shared<std::vector<unsigned char>>(bytes)), host_(own_.data()),
+        size_(bytes), reported_(reported) {}
   FakeBuffer(BufferKind kind, void* user, size_t bytes)
-      : kind(kind), device(bytes), host_(static_cast<unsigned char*>(user)), reported_(bytes) {}
+      : kind(kind), device_(std::make_shared<std::vector<unsigned char>>(bytes)),
+        host_(static_cast<unsigned char*>(user)), size_(bytes), reported_(bytes) {}
+  FakeBuffer(const FakeBuffer& parent, size_t offset, size_t bytes)
+      : kind(parent.kind), device_(parent.device_), device_offset_(parent.device_offset_ + offset),
+        host_(parent.host_ + offset), size_(bytes), reported_(bytes) {}
   void* map() override { return host_; }
   size_t size() const override { return reported_; }
   void to_device(size_t bytes, size_t offset) override {
     check(bytes, offset);
-    std::memcpy(device.data() + offset, host_ + offset, bytes);
+    std::memcpy(dev() + offset, host_ + offset, bytes);
   }
   void from_device(size_t bytes, size_t offset) override {
     check(bytes, offset);
-    std::memcpy(host_ + offset, device.data() + offset, bytes);
+    std::memcpy(host_ + offset, dev() + offset, bytes);
   }
+  unsigned char* dev() { return device_->data() + device_offset_; }  // what the "NPU" sees
+  size_t dev_size() const { return size_; }
 
   BufferKind kind;
-  std::vector<unsigned char> own, device;
 
  private:
   void check(size_t bytes, size_t offset) const {
-    if (offset > device.size() || bytes > device.size() - offset)
-      throw std::runtime_error("sync beyond the end of the buffer");
+    if (offset > size_ || bytes > size_ - offset) throw std::runtime_error("sync beyond the end of the buffer");
   }
+  std::vector<unsigned char> own_;
+  std::shared_ptr<std::vector<unsigned char>> device_;  // shared with sub-buffers
+  size_t device_offset_ = 0;
   unsigned char* host_;
-  size_t reported_;
+  size_t size_, reported_;
 };
 
 class FakeRun final : public PendingRun {
@@ -86,6 +94,15 @@ class FakeKernel final : public LoadedKernel {
     return std::make_unique<FakeBuffer>(kind, ptr, bytes);
   }
 
+  std::unique_ptr<DeviceBuffer> sub_buffer(DeviceBuffer& parent, size_t offset, size_t bytes) override {
+    auto* p = dynamic_cast<FakeBuffer*>(&parent);
+    if (!p) throw std::runtime_error("fake: sub-buffer of a buffer this device did not make");
+    if (offset > p->dev_size() || bytes > p->dev_size() - offset || bytes == 0)
+      throw std::runtime_error("fake: sub-buffer outside its parent");
+    ++options_.stats->sub_buffers;
+    return std::make_unique<FakeBuffer>(*p, offset, bytes);
+  }
+
   std::unique_ptr<PendingRun> start_chain(const std::vector<RunArgs>& runs) override {
     if (options_.fail_at == "run") throw std::runtime_error("fake: runlist submission failed (injected)");
     ++options_.stats->submissions;
@@ -118,26 +135,26 @@ class FakeKernel final : public LoadedKernel {
     if (options_.fail_at == "timeout") return std::make_unique<FakeRun>(RunState::timeout, "ERT_CMD_STATE_TIMEOUT");
 
     // The device sees only what was synced: read the instruction header from the device copy.
-    if (n_words < 5 || instr.device.size() < 20) throw std::runtime_error("fake: instruction stream too short");
+    if (n_words < 5 || instr.dev_size() < 20) throw std::runtime_error("fake: instruction stream too short");
     uint32_t header[5];
-    std::memcpy(header, instr.device.data(), sizeof header);
+    std::memcpy(header, instr.dev(), sizeof header);
     if (header[0] != kFakeInstsMagic) throw std::runtime_error("fake: instructions were not synced to the device");
     const int64_t m_rows = header[1], Kpad = header[2], Npad = header[3];
     if (m_rows > kMaxKernelRows || Kpad > kMaxKernelK || Npad > kMaxKernelN)
       throw std::runtime_error("fake: instruction header out of range");
     if (header[4] == kModeI8) {
-      if (a.device.size() < i8::a_bytes(m_rows, Kpad) || b.device.size() != i8::b_bytes(Kpad, Npad) ||
-          c.device.size() < static_cast<size_t>(m_rows * Npad) * 4)
+      if (a.dev_size() < i8::a_bytes(m_rows, Kpad) || b.dev_size() != i8::b_bytes(Kpad, Npad) ||
+          c.dev_size() < static_cast<size_t>(m_rows * Npad) * 4)
         throw std::runtime_error("fake: buffer sizes do not match the int8 kernel's GEMM");
       if (options_.fail_at == "result") return std::make_unique<FakeRun>(RunState::completed, "");
-      run_i8(a.device.data(), b.device.data(), reinterpret_cast<float*>(c.device.data()), m_rows, Kpad, Npad);
+      run_i8(a.dev(), b.dev(), reinterpret_cast<float*>(c.dev()), m_rows, Kpad, Npad);
       return std::make_unique<FakeRun>(RunState::completed, "");
     }
     const bool a_f32 = header[4] != 0;
     const size_t a_elem = a_f32 ? 4 : 2;
-    if (a.device.size() < static_cast<size_t>(m_rows * Kpad) * a_elem ||
-        b.device.size() != static_cast<size_t>(Kpad * Npad) * 2 ||
-        c.device.size() < static_cast<size_t>(m_rows * Npad) * 4)
+    if (a.dev_size() < static_cast<size_t>(m_rows * Kpad) * a_elem ||
+        b.dev_size() != static_cast<size_t>(Kpad * Npad) * 2 ||
+        c.dev_size() < static_cast<size_t>(m_rows * Npad) * 4)
       throw std::runtime_error("fake: buffer sizes do not match the kernel's GEMM");
     if (options_.fail_at == "result") return std::make_unique<FakeRun>(RunState::completed, "");
 
@@ -145,17 +162,17 @@ class FakeKernel final : public LoadedKernel {
     // (gemm_bf16.cc sets the rounding mode), which is f32_to_bf16, the contract's host conversion.
     std::vector<float> a32(static_cast<size_t>(m_rows * Kpad));
     if (a_f32) {
-      const auto* src = reinterpret_cast<const float*>(a.device.data());
+      const auto* src = reinterpret_cast<const float*>(a.dev());
       for (size_t i = 0; i < a32.size(); ++i) a32[i] = bf16_to_f32(f32_to_bf16(src[i]));
     } else {
-      const auto* a16 = reinterpret_cast<const uint16_t*>(a.device.data());
+      const auto* a16 = reinterpret_cast<const uint16_t*>(a.dev());
       for (size_t i = 0; i < a32.size(); ++i) a32[i] = bf16_to_f32(a16[i]);
     }
     PackedB packed;
     packed.shape = padded_shape(0, Kpad, Npad);
     packed.data.resize(static_cast<size_t>(Kpad * Npad));
-    std::memcpy(packed.data.data(), b.device.data(), packed.data.size() * 2);
-    GemmArgs args{a32.data(), m_rows, Kpad, reinterpret_cast<float*>(c.device.data()), Npad};
+    std::memcpy(packed.data.data(), b.dev(), packed.data.size() * 2);
+    GemmArgs args{a32.data(), m_rows, Kpad, reinterpret_cast<float*>(c.dev()), Npad};
     emulator_gemm(args, packed, 1);
     return std::make_unique<FakeRun>(RunState::completed, "");
   }

@@ -19,6 +19,7 @@ struct FakeStats {
   std::atomic<int> runs{0};            // runs started
   std::atomic<int> submissions{0};     // start() calls plus start_chain() calls: what the driver would see
   std::atomic<int> imports{0};         // host buffers imported in place (user-pointer BOs)
+  std::atomic<int> sub_buffers{0};     // views of an imported block (tensors in the EP's own memory)
 };
 
 struct FakeOptions {

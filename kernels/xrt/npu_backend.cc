@@ -1,6 +1,7 @@
 #include "npu_backend.h"
 
 #include "dataflow_model.h"
+#include "../ep_buffers.h"
 #include "int8_layout.h"
 #include "../emulator/emulator.h"
 
@@ -13,6 +14,7 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <tuple>
 
 namespace xdna::kernels::npu {
 namespace {
@@ -93,6 +95,8 @@ class NpuBackend final : public Backend {
       : device_(std::move(device)), manifest_(std::move(manifest)), options_(options) {
     add_shapes(manifest_.kernels, shapes_);
     add_shapes(manifest_.int8_kernels, int8_shapes_);
+    // The EP's allocator tells us before a block of its memory goes back to the system: drop our buffers over it.
+    ep_listener_ = ep_buffer_add_listener([this](uint64_t block) { drop_ep_block(block); });
   }
 
   // int8 kernels (i8_f32) are shapes of their own: their xclbin (and hardware context) is not the bf16 one's.
@@ -119,12 +123,13 @@ class NpuBackend final : public Backend {
   }
 
   ~NpuBackend() override {
+    ep_buffer_remove_listener(ep_listener_);
     // Buffers of runs that never finished may still be used by the device: do not free them.
     for (auto& s : quarantine_) {
       (void)s->a.release();
       (void)s->c.release();
     }
-    for (auto& b : quarantined_imports_) (void)b.release();
+    for (auto& b : quarantined_imports_) new std::shared_ptr<DeviceBuffer>(b);  // leaked on purpose: never freed
   }
 
   std::string name() const override { return "xrt"; }
@@ -300,7 +305,9 @@ class NpuBackend final : public Backend {
     const PaddedShape* p;
     Variant* variant;
     std::unique_ptr<Staging> staging;         // staged A/C (null when both are imported)
-    std::unique_ptr<DeviceBuffer> a_in, c_in;  // ORT's own memory as user-pointer buffers (issue 15)
+    // ORT's (or the EP's) memory as device buffers (issue 15); A is shared by the runs of one submission that read
+    // the same rows (q/k/v projections of one input in one runlist): imported and synced once.
+    std::shared_ptr<DeviceBuffer> a_in, c_in;
     int64_t row0, rows;
   };
 
@@ -323,7 +330,7 @@ class NpuBackend final : public Backend {
         for (int64_t height : plan_row_chunks(args.M, heights)) {
           Variant* v = variant_for(shape, height);
           InFlight f{&args, &p, v, nullptr, nullptr, nullptr, row0, std::min(height, args.M - row0)};
-          at_step("run", [&] { import_in_place(args, p, v->entry, height, f.row0, f.rows, f.a_in, f.c_in, *kernel); });
+          at_step("run", [&] { in_place(args, p, v->entry, height, f.row0, f.rows, f.a_in, f.c_in, *kernel, runs); });
           if (!f.a_in) {
             f.staging = at_step("run", [&] { return take_staging(*v, shape, p); });
             at_step("run", [&] {
@@ -365,23 +372,57 @@ class NpuBackend final : public Backend {
   }
 
   // In place (issue 15): a kernel that reads fp32 A (converting it in the core) over exactly the rows of this run,
-  // on dense rows (lda = K, ldc = N) of whole tiles (K a multiple of 64, N of 256), gets ORT's A and C memory
-  // imported as buffers. Anything else, or a device that refuses the import, leaves both null: the run is staged.
-  static void import_in_place(const GemmArgs& args, const PaddedShape& p, const KernelEntry& e, int64_t height,
-                              int64_t row0, int64_t rows, std::unique_ptr<DeviceBuffer>& a_in,
-                              std::unique_ptr<DeviceBuffer>& c_in, LoadedKernel& kernel) {
+  // on dense rows (lda = K, ldc = N) of whole tiles (K a multiple of 64, N of 256), gets ORT's A and C memory as
+  // buffers: a view of an EP block (ep_view) when ORT placed the tensor in the EP's memory, else imported for this
+  // call. Anything else, or a device that refuses the import, leaves both null: the run is staged.
+  void in_place(const GemmArgs& args, const PaddedShape& p, const KernelEntry& e, int64_t height, int64_t row0,
+                int64_t rows, std::shared_ptr<DeviceBuffer>& a_in, std::shared_ptr<DeviceBuffer>& c_in,
+                LoadedKernel& kernel, const std::vector<InFlight>& earlier) {
     if (!e.a_f32 || rows != height || p.K != p.Kpad || p.N != p.Npad || args.lda != p.K || args.ldc != p.N) return;
     const size_t a_bytes = bytes_of(rows, p.K, sizeof(float));
     const size_t c_bytes = bytes_of(rows, p.N, sizeof(float));
-    a_in = kernel.import(BufferKind::a, const_cast<float*>(args.a + row0 * args.lda), a_bytes);
-    if (a_in) c_in = kernel.import(BufferKind::c, args.c + row0 * args.ldc, c_bytes);
+    void* a = const_cast<float*>(args.a + row0 * args.lda);
+    void* c = args.c + row0 * args.ldc;
+    for (const InFlight& r : earlier)  // the same A rows in this submission already: share its buffer and sync
+      if (r.a_in && r.a_in->map() == a && r.a_in->size() == a_bytes) a_in = r.a_in;
+    const bool shared = a_in != nullptr;
+    if (!a_in) a_in = ep_view(kernel, BufferKind::a, a, a_bytes);
+    if (!a_in) a_in = kernel.import(BufferKind::a, a, a_bytes);
+    if (a_in) c_in = ep_view(kernel, BufferKind::c, c, c_bytes);
+    if (a_in && !c_in) c_in = kernel.import(BufferKind::c, c, c_bytes);
     if (!a_in || !c_in || a_in->size() < a_bytes || c_in->size() < c_bytes) {
       a_in.reset();
       c_in.reset();
       return;
     }
-    a_in->to_device(a_bytes, 0);  // cache maintenance: the NPU reads DDR, not the CPU's caches
+    if (!shared) a_in->to_device(a_bytes, 0);  // cache maintenance: the NPU reads DDR, not the CPU's caches
     plant_canary(*c_in, static_cast<int64_t>(bytes_of(rows, p.N, 1)));
+  }
+
+  // [ptr, ptr + bytes) inside a block of the EP's own memory (kernels/ep_buffers.h): the block is imported once per
+  // hardware context and buffer kind, and kept until the allocator gives it back to the system (drop_ep_block);
+  // each run gets a sub-buffer of it, so nothing is pinned per call. nullptr: not EP memory, or the device refused.
+  std::unique_ptr<DeviceBuffer> ep_view(LoadedKernel& kernel, BufferKind kind, void* ptr, size_t bytes) {
+    EpBlock block;
+    if (!ep_buffer_find(ptr, bytes, &block)) return nullptr;  // (registry lock, released before ep_mu_)
+    std::lock_guard<std::mutex> lock(ep_mu_);
+    const auto key = std::make_tuple(block.id, &kernel, kind);
+    auto it = ep_blocks_.find(key);
+    if (it == ep_blocks_.end()) {
+      auto whole = kernel.import(kind, block.base, block.bytes);
+      if (!whole || whole->size() < block.bytes) return nullptr;
+      it = ep_blocks_.emplace(key, std::move(whole)).first;
+    }
+    const size_t offset = static_cast<size_t>(static_cast<unsigned char*>(ptr) - static_cast<unsigned char*>(block.base));
+    return kernel.sub_buffer(*it->second, offset, bytes);
+  }
+
+  // Called by the EP's allocator (under its lock) before the block is unmapped. A run never uses a block ORT has
+  // freed; after a timeout (backend disabled) a late write could still land in it, as for any in-place C.
+  void drop_ep_block(uint64_t block) {
+    std::lock_guard<std::mutex> lock(ep_mu_);
+    for (auto it = ep_blocks_.begin(); it != ep_blocks_.end();)
+      it = std::get<0>(it->first) == block ? ep_blocks_.erase(it) : std::next(it);
   }
 
   static void check_in_place_c(DeviceBuffer& c, int64_t elements) {
@@ -608,9 +649,13 @@ class NpuBackend final : public Backend {
   mutable std::mutex load_mu_;
   std::map<std::string, std::unique_ptr<LoadedKernel>> contexts_;  // by xclbin path: one hardware context each
   std::vector<std::unique_ptr<Staging>> quarantine_;
-  std::vector<std::unique_ptr<DeviceBuffer>> quarantined_imports_;
+  std::vector<std::shared_ptr<DeviceBuffer>> quarantined_imports_;
   std::atomic<bool> disabled_{false};
   std::string disabled_reason_;
+  // Imported blocks of the EP's memory by (block id, hardware context, kind); after contexts_: destroyed first.
+  std::mutex ep_mu_;
+  std::map<std::tuple<uint64_t, LoadedKernel*, BufferKind>, std::unique_ptr<DeviceBuffer>> ep_blocks_;
+  int ep_listener_ = 0;
 };
 
 int env_int(const BackendConfig& cfg, const char* name, int dflt) {

@@ -19,7 +19,7 @@ namespace xdna::kernels::npu {
 
 // Version of this interface; libxdna_xrt_backend.so reports the one it was built with and the loader refuses a
 // mismatch (a stale library next to a newer EP).
-inline constexpr int kShimAbiVersion = 2;  // 2: import(), start_chain() (issue 15)
+inline constexpr int kShimAbiVersion = 3;  // 2: import(), start_chain() (issue 15); 3: sub_buffer()
 
 // The kernel arguments of an mlir-aie GEMM design: kernel(opcode 3, instr BO, n_instr_words, A, B, C).
 // Each kind maps to a buffer flag and an argument's memory group: instructions -> cacheable, group_id(1);
@@ -65,6 +65,10 @@ class LoadedKernel {
   // the cache maintenance the NPU needs. Returns nullptr when the memory cannot be imported (the caller stages).
   // The memory must stay valid until the runs using the buffer are waited for and the buffer is destroyed.
   virtual std::unique_ptr<DeviceBuffer> import(BufferKind kind, void* ptr, size_t bytes) = 0;
+  // [offset, offset + bytes) of `parent` (an imported or allocated buffer of this kernel's device) as a buffer of
+  // its own, without pinning anything again (XRT: a sub-BO). The parent must outlive it. Used for tensors in the
+  // EP's own memory (kernels/ep_buffers.h): the block is imported once, each run gets a view of its tensor.
+  virtual std::unique_ptr<DeviceBuffer> sub_buffer(DeviceBuffer& parent, size_t offset, size_t bytes) = 0;
   // Starts the runs as one submission (XRT runlist, one ERT_CMD_CHAIN); waiting for it waits for all of them.
   virtual std::unique_ptr<PendingRun> start_chain(const std::vector<RunArgs>& runs) = 0;
 };

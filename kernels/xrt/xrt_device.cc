@@ -185,6 +185,15 @@ class XrtKernel final : public LoadedKernel {
     }
   }
 
+  std::unique_ptr<DeviceBuffer> sub_buffer(DeviceBuffer& parent, size_t offset, size_t bytes) override {
+    if (offset > parent.size() || bytes > parent.size() - offset || bytes == 0)
+      throw std::invalid_argument("sub-buffer outside its parent");
+    xrt::bo& whole = bo_of(parent);
+    xrt::bo sub(whole, bytes, offset);
+    return std::make_unique<XrtImported>(whole, std::move(sub), static_cast<unsigned char*>(parent.map()) + offset,
+                                         bytes);
+  }
+
   std::unique_ptr<PendingRun> start_chain(const std::vector<RunArgs>& runs) override {
     if (runs.size() > 1 && chain_ok_) {
       try {

@@ -66,6 +66,30 @@ def attention_pairs(model_path: str) -> dict[str, str]:
     return pairs
 
 
+def ep_memory(executed: dict | None) -> tuple[bool, bool]:
+    """(A, C) of every product of the node's run in the EP's own memory (kernels/ep_buffers.h), as the EP reported it:
+    then the model charges no per-call pinning for them."""
+    a, c, n = (executed or {}).get("ep_buffers", (0, 0, 0))
+    return bool(n) and a == n, bool(n) and c == n
+
+
+def _ort_copies_outputs() -> bool:
+    """XDNA_EP_ALLOCATOR=device: the EP's memory is a device to ORT, which copies every fused-node output a CPU node
+    reads (MemcpyToHost; docs/npu.md "NPU buffers owned by the EP"). Read as the EP's factory read it (same process)."""
+    import os
+
+    return os.environ.get("XDNA_EP_ALLOCATOR", "") == "device"
+
+
+def _charge_ort_copy(cost: dict, nbytes: float, params: dict) -> dict:
+    host_gbps = float(params.get("host_gbps", 10))
+    us = nbytes / (host_gbps * 1e3)
+    cost = dict(cost, host_us=cost["host_us"] + us, npu_us=cost["npu_us"] + us,
+                dataflow=cost["dataflow"] + "; copy: ORT copies C to its CPU consumer (MemcpyToHost)")
+    cost["npu"] = cost["npu"] and cost["npu_us"] < cost["cpu_us"]
+    return cost
+
+
 def model_nodes(report, params: dict | None = None, fuse_attention: bool = True,
                 precision: str = "bf16") -> list[NodeModel]:
     """`precision` "int8": every constant-weight GEMM (MatMul, Gemm, Conv) modelled on the int8 kernels
@@ -88,11 +112,12 @@ def model_nodes(report, params: dict | None = None, fuse_attention: bool = True,
             fused_into[pv] = qk
     for d in sorted(on_ep.values(), key=lambda d: -d.mflop):
         attention = d.executed.get("attention") if d.executed else None
+        a_ep, c_ep = ep_memory(d.executed)
         if attention:  # one EP node (ops/attention.cc): heads x softmax(Q K^T) V
             h, tq, tk, dh = attention
             parts = [("QK^T", (h, tq, dh, tk, 1, 0, 0)), ("PV", (h, tq, tk, dh, 1, 0, 0))]
             if fuse_attention:
-                cost = _native.npu_model_attention(h, tq, tk, dh, params=params)
+                cost = _native.npu_model_attention(h, tq, tk, dh, params=params, io_ep_memory=a_ep and c_ep)
                 rows.append(NodeModel(d.node, "Attn", parts[0][1], cost, None, npu=cost["npu"],
                                       note="fused attention (one EP node)"))
                 continue
@@ -118,7 +143,14 @@ def model_nodes(report, params: dict | None = None, fuse_attention: bool = True,
             cost = _native.npu_model_attention(b, M, N, K, params=params)
             rows.append(NodeModel(d.node, d.op_type, work, cost, before, npu=cost["npu"], note="fused attention"))
             continue
-        cost = _native.npu_model(M, K, N, dataflow="v2", int8=precision == "int8" and not rb, **kw)
+        # chained: the node's products rode in an earlier node's runlist (one fused node, one weight shape)
+        n = (d.executed or {}).get("ep_buffers", (0, 0, 0))[2]
+        chained = bool(n) and (d.executed or {}).get("chained_calls", 0) >= n
+        a_shared = chained and (d.executed or {}).get("a_shared_calls", 0) >= n  # q/k/v: one A import per list
+        cost = _native.npu_model(M, K, N, dataflow="v2", int8=precision == "int8" and not rb, a_ep_memory=a_ep,
+                                 c_ep_memory=c_ep, chained=chained, a_shared=a_shared, **kw)
+        if c_ep and _ort_copies_outputs():
+            cost = _charge_ort_copy(cost, b * M * N * 4, params)
         rows.append(NodeModel(d.node, d.op_type, work, cost, before, npu=cost["npu"]))
     return rows
 
