@@ -162,6 +162,17 @@ def test_partition_report_with_control_characters_and_huge_dims(tmp_path):
     assert d.node == name and d.executed is not None and d.executed["cpu_calls"] + d.executed["device_calls"] == 1
 
 
+def test_partition_with_a_refused_option_is_an_error_not_a_cpu_session(tmp_path, capsys):
+    # onnxruntime's Python API would retry on the CPU EP alone and only print the reason (enable_fallback)
+    w = rng(4).standard_normal((4, 4)).astype(np.float32)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(make_model([helper.make_node("MatMul", ["a", "w"], ["y"])], [tensor("a", [2, 4])],
+                                [tensor("y", [2, 4])], [init("w", w)]))
+    with pytest.raises(Exception, match="bad value 'int9' for option 'precision'"):
+        xdna.partition(path, provider_options={"precision": "int9"})
+    assert "Falling back" not in capsys.readouterr().out
+
+
 # ---- 8. CreateEpFactories when GetApi fails: no factory, *num_factories set, and the reason as a status when the
 # runtime offers any API table at all (CreateStatus is in every version's)
 

@@ -176,7 +176,9 @@ def partition(model, provider_options: dict | None = None, graph_optimization_le
             so.graph_optimization_level = graph_optimization_level
         opts = dict(provider_options or {})
         opts["partition_report"] = report_path
-        session = ort.InferenceSession(str(model), so, providers=[(EP_NAME, opts), "CPUExecutionProvider"])
+        # enable_fallback=0: a refused option is an error here, not a session silently on the CPU EP alone
+        session = ort.InferenceSession(str(model), so, providers=[(EP_NAME, opts), "CPUExecutionProvider"],
+                                       enable_fallback=0)
         place = placement(session)
         providers = session.get_providers()
         if run:

@@ -157,9 +157,9 @@ def frontend_session(model, provider: str = "xdna", precision: str | None = EP_P
         providers = [(EP_NAME, options), CPU_EP]
     else:
         providers = [name] if name == CPU_EP else [name, CPU_EP]
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-    # onnxruntime's Python API retries on the CPU EP alone when an EP refuses its options (e.g. no `precision` in
-    # this build) and only prints that: refuse instead, a front end in the wrong place is not what was asked for.
+    # enable_fallback=0: without it onnxruntime's Python API retries on the CPU EP alone when an EP refuses its
+    # options, and only prints why; a front end in the wrong place is not what was asked for.
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=providers, enable_fallback=0)
     if name not in session.get_providers():
         raise RuntimeError(f"{name} refused the log-mel front end's session (options {providers[0][1] if name == EP_NAME else {}}"
                            "; see the EP error above)")
