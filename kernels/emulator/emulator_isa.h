@@ -83,6 +83,9 @@ const Int8Kernels& vnni_int8_kernels();
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
 const IsaKernels& avx512bf16_kernels();
+// AMX tiles (emulator_amx.cc): only after the tile state was granted to the process (emulator.cc).
+const IsaKernels& amx_kernels();
+const Int8Kernels& amx_int8_kernels();
 #endif
 
 }  // namespace xdna::kernels::emu
