@@ -106,10 +106,14 @@ bool amx_granted() {
 #if defined(XDNA_EMULATOR_X86) && defined(SYS_arch_prctl)
   static const bool granted = [] {
     if (!cpu_features().amx) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
-    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0) return true;
+    const char* why = "XDNA_EMULATOR_DENY_AMX is set";  // tests: the refusal path on a CPU that has AMX
+    if (const char* deny = std::getenv("XDNA_EMULATOR_DENY_AMX"); !deny || !*deny) {
+      constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+      if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0) return true;
+      why = std::strerror(errno);
+    }
     std::fprintf(stderr, "xdna emulator: the CPU has AMX but Linux did not grant the tile state (arch_prctl: %s); "
-                 "using the AVX-512 kernels\n", std::strerror(errno));
+                 "using the AVX-512 kernels\n", why);
     return false;
   }();
   return granted;

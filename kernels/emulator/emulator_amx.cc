@@ -118,9 +118,10 @@ void pair_b_tile(const uint16_t* tile, int64_t kp, uint32_t* out) {
   }
 }
 
-// Rows m0..m1-1 of A, rounded to bf16 (the contract's RNE), into [round_up(rows, 32)][kp] zero padded.
+// Rows m0..m1-1 of A, rounded to bf16 (the contract's RNE), into [round_up(rows, 16)][kp] zero padded (a
+// panel of 17..32 rows reads two tiles, of up to 16 rows one).
 void round_a_rows(const Problem& p, int64_t m0, int64_t m1, int64_t kp, uint16_t* out) {
-  const int64_t rows = m1 - m0, padded_rows = (rows + kPanelRows - 1) / kPanelRows * kPanelRows;
+  const int64_t rows = m1 - m0, padded_rows = (rows + 15) / 16 * 16;
   for (int64_t i = 0; i < padded_rows; ++i) {
     uint16_t* dst = out + i * kp;
     int64_t k = 0;
@@ -147,7 +148,7 @@ void round_a_rows(const Problem& p, int64_t m0, int64_t m1, int64_t kp, uint16_t
 // swept over all 32-row panels. K runs whole in the tiles (no partial sums through memory).
 void amx_bf16_gemm(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t kp = (p.K + 31) / 32 * 32;  // <= Kpad: packed B is zero there
-  const int64_t rows = m1 - m0, padded_rows = (rows + kPanelRows - 1) / kPanelRows * kPanelRows;
+  const int64_t rows = m1 - m0, padded_rows = (rows + 15) / 16 * 16;
   uint16_t* a = reinterpret_cast<uint16_t*>(scratch(0, static_cast<size_t>(padded_rows * kp / 2)));
   uint32_t* b = reinterpret_cast<uint32_t*>(scratch(1, static_cast<size_t>(kp / 2 * kTile)));
   float* tmp = scratch(2, 256);
@@ -260,7 +261,7 @@ IsaKernels make_amx_kernels() {
   IsaKernels k = make_kernels("amx");
   k.blocked = &amx_bf16_gemm;
   k.block_m = 192;  // a multiple of kPanelRows
-  k.direct_max_m = 4;
+  k.direct_max_m = 6;  // measured: the fp32 FMA direct kernel wins up to 6 rows, AMX from 7 (benchmarks/README.md)
   return k;
 }
 const IsaKernels kKernels = make_amx_kernels();
