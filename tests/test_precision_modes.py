@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from cpu_isa import AMX_REFUSED_BY_LINUX, CPU_HAS_AMX, run_with_isa, unavailable
+from cpu_isa import AMX_REFUSED_BY_LINUX, CPU_HAS_AMX, cpu_flags, run_with_isa, unavailable
 from numerics import assert_within, bf16x3_bound, int8_bound
 from onnxruntime_ep_xdna import _native
 
@@ -137,18 +137,24 @@ _INT8_ISA_CHECK = textwrap.dedent("""
 def test_int8_every_kernel_set_gives_the_same_bits():
     # One process per forced kernel set (the choice is made once per process); the int8 kernel follows it.
     results = {}
-    for isa in ("", "generic", "avx2", "avx512", "avx512bf16", "amx"):
-        path = f"/tmp/int8_{os.getpid()}_{isa or 'best'}.npz"
-        proc = run_with_isa(isa, _INT8_ISA_CHECK, path)
+    # (XDNA_EMULATOR_ISA, XDNA_EMULATOR_INT8_ISA): the int8 set beside each bf16 set, and the int8 sets that a CPU
+    # with more would not choose (avx2 beside avxvnni; avxvnni beside AVX-512) forced on their own.
+    runs = [("", ""), ("generic", ""), ("avx2", ""), ("avx512", ""), ("avx512bf16", ""), ("amx", ""),
+            ("", "avx2"), ("", "avxvnni")]
+    for isa, int8_isa in runs:
+        path = f"/tmp/int8_{os.getpid()}_{isa or 'best'}_{int8_isa}.npz"
+        proc = run_with_isa(isa, _INT8_ISA_CHECK, path, env_extra={"XDNA_EMULATOR_INT8_ISA": int8_isa})
         assert proc.returncode == 0, proc.stderr
-        if isa and unavailable(isa, proc):
+        if (isa and unavailable(isa, proc)) or f"XDNA_EMULATOR_INT8_ISA={int8_isa} is not available" in proc.stderr:
             os.unlink(path)
             continue
+        assert not int8_isa or proc.stdout.strip() == int8_isa
         with np.load(path) as f:
             results.setdefault(proc.stdout.strip(), {k: f[k] for k in f.files})
         os.unlink(path)
     assert "generic" in results and "avx2" in results  # every x86-64 CI machine has AVX2
     assert "amx" in results or not CPU_HAS_AMX or AMX_REFUSED_BY_LINUX in proc.stderr
+    assert "avxvnni" in results or "avx_vnni" not in cpu_flags()
     reference = results["generic"]
     for name, got in results.items():
         for case, c in got.items():

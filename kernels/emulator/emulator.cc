@@ -74,6 +74,7 @@ namespace {
 
 struct CpuFeatures {
   bool avx2 = false, avx512 = false, avx512bf16 = false, avx512vnni = false;
+  bool avx_vnni = false;  // the 256-bit VEX VPDPBUSD (with AVX2)
   bool amx = false;  // AMX-TILE, -BF16 and -INT8 with the AVX-512 sets the amx kernels also run (VNNI included)
   bool intel = false;
 };
@@ -92,6 +93,8 @@ const CpuFeatures& cpu_features() {
     // CPUID.(7, 0).EDX: bit 22 AMX-BF16, 24 AMX-TILE, 25 AMX-INT8.
     if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
       f.amx = f.avx512vnni && (edx >> 22 & 1) && (edx >> 24 & 1) && (edx >> 25 & 1);
+    // CPUID.(7, 1).EAX bit 4: AVX-VNNI.
+    if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) f.avx_vnni = f.avx2 && (eax >> 4 & 1);
     f.intel = __builtin_cpu_is("intel");
 #endif
     return f;
@@ -492,17 +495,34 @@ constexpr int64_t kInt8FewRows = 16;
 constexpr int64_t kInt8BlockM = 192;
 
 // The int8 kernel set follows the bf16 one (so XDNA_EMULATOR_ISA selects it too): AMX beside amx, VNNI beside
-// the AVX-512 sets where the CPU has AVX512-VNNI, the exact AVX2 kernel beside avx2 (or AVX-512 without VNNI),
-// else portable C.
+// the AVX-512 sets where the CPU has AVX512-VNNI, AVX-VNNI beside avx2 where the CPU has it, else the exact AVX2
+// kernel (or portable C). XDNA_EMULATOR_INT8_ISA=generic|avx2|avxvnni|vnni|amx forces one on its own (tests);
+// a set the CPU lacks is refused with a message.
 const emu::Int8Kernels& select_int8_kernels() {
+  const emu::Int8Kernels* best = &emu::generic_int8_kernels();
+  std::vector<const emu::Int8Kernels*> usable{best};
 #if defined(XDNA_EMULATOR_X86)
+  const emu::CpuFeatures& f = emu::cpu_features();
   const emu::IsaKernels& bf16 = emu::kernels();
-  if (&bf16 == &emu::amx_kernels()) return emu::amx_int8_kernels();
-  if (&bf16 == &emu::avx512_kernels() || &bf16 == &emu::avx512bf16_kernels())
-    return emu::cpu_features().avx512vnni ? emu::vnni_int8_kernels() : emu::avx2_int8_kernels();
-  if (&bf16 == &emu::avx2_kernels()) return emu::avx2_int8_kernels();
+  if (&bf16 == &emu::amx_kernels()) best = &emu::amx_int8_kernels();
+  else if (&bf16 == &emu::avx512_kernels() || &bf16 == &emu::avx512bf16_kernels())
+    best = f.avx512vnni ? &emu::vnni_int8_kernels() : &emu::avx2_int8_kernels();
+  else if (&bf16 == &emu::avx2_kernels()) best = f.avx_vnni ? &emu::avxvnni_int8_kernels() : &emu::avx2_int8_kernels();
+  if (f.avx2) usable.push_back(&emu::avx2_int8_kernels());
+  if (f.avx_vnni) usable.push_back(&emu::avxvnni_int8_kernels());
+  if (f.avx512vnni) usable.push_back(&emu::vnni_int8_kernels());
+  if (f.amx && emu::amx_granted()) usable.push_back(&emu::amx_int8_kernels());
 #endif
-  return emu::generic_int8_kernels();
+  const char* forced = std::getenv("XDNA_EMULATOR_INT8_ISA");
+  if (!forced || !*forced) return *best;
+  for (const emu::Int8Kernels* k : usable)
+    if (std::string(forced) == k->name) {
+      std::fprintf(stderr, "xdna emulator: int8 kernels '%s' (forced by XDNA_EMULATOR_INT8_ISA)\n", k->name);
+      return *k;
+    }
+  std::fprintf(stderr, "xdna emulator: XDNA_EMULATOR_INT8_ISA=%s is not available on this CPU; using '%s'\n", forced,
+               best->name);
+  return *best;
 }
 
 const emu::Int8Kernels& int8_kernels() {

@@ -80,6 +80,7 @@ const Int8Kernels& generic_int8_kernels();
 #if defined(XDNA_EMULATOR_X86)
 const Int8Kernels& avx2_int8_kernels();
 const Int8Kernels& vnni_int8_kernels();
+const Int8Kernels& avxvnni_int8_kernels();
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
 const IsaKernels& avx512bf16_kernels();
