@@ -43,6 +43,13 @@ def run_with_isa(isa, script, *args, env_extra=None, timeout=600):
                           timeout=timeout)
 
 
+def run_pytest_with_isa(isa, *pytest_args, timeout=1200):
+    """python -m pytest pytest_args... from tests/ with XDNA_EMULATOR_ISA=isa."""
+    env = dict(os.environ, XDNA_EMULATOR_ISA=isa)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *pytest_args], env=env,
+                          cwd=TESTS_DIR, capture_output=True, text=True, timeout=timeout)
+
+
 def unavailable(isa, proc):
     """True when the emulator refused the forced set (the caller skips it); fails the test where this CPU has AMX
     and Linux granted it, yet the amx set was refused."""
