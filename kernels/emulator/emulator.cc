@@ -417,13 +417,20 @@ void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(
 }
 
 namespace {
+const emu::Int8Kernels& int8_kernels();  // below, with the precision modes
+
 class EmulatorBackend final : public Backend {
  public:
   explicit EmulatorBackend(int threads) : threads_(threads) {}
   std::string name() const override { return "emulator"; }
   std::string device_description() const override {
-    return std::string("CPU emulator of the NPU GEMM contract (") + emulator_kernel_name() + " kernels, int8 " +
-           emulator_int8_kernel_name() + ")";
+    const emu::IsaKernels& bf16 = emu::kernels();
+    const emu::Int8Kernels& int8 = int8_kernels();
+    auto named = [](const char* name, const char* detail) {
+      return detail ? std::string(name) + " (" + detail + ")" : std::string(name);
+    };
+    return "CPU emulator of the NPU GEMM contract (" + named(bf16.name, bf16.detail) + " kernels, int8 " +
+           named(int8.name, int8.detail) + ")";
   }
   bool can_run(int64_t, int64_t, int64_t, std::string*) const override { return true; }
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {

@@ -262,10 +262,12 @@ IsaKernels make_amx_kernels() {
   k.blocked = &amx_bf16_gemm;
   k.block_m = 192;  // a multiple of kPanelRows
   k.direct_max_m = 6;  // measured: the fp32 FMA direct kernel wins up to 6 rows, AMX from 7 (benchmarks/README.md)
+  k.detail = "TDPBF16PS from 7 rows, AVX-512 FMA up to 6";
   return k;
 }
 const IsaKernels kKernels = make_amx_kernels();
-const Int8Kernels kInt8Kernels{"amx", 1, &int8_quantize_rows, &amx_int8_gemm};
+static_assert(kInt8MinRows == 4, "update the detail string");
+const Int8Kernels kInt8Kernels{"amx", 1, &int8_quantize_rows, &amx_int8_gemm, "TDPBUSD from 4 rows, VNNI up to 3"};
 }  // namespace
 const IsaKernels& amx_kernels() { return kKernels; }
 const Int8Kernels& amx_int8_kernels() { return kInt8Kernels; }
