@@ -3,10 +3,10 @@
 Everything here runs on the CPU; no figure is an NPU figure. For each shape M x K x N it times
   * CPU EP:   a one-node ONNX MatMul (B as an initializer) in an InferenceSession with CPUExecutionProvider;
   * emulator: onnxruntime_ep_xdna._native.emulator_gemm on a B packed once beforehand (bf16, contract layout);
-  * int8, bf16x3: the emulator's other precision modes (gemm_contract.h), weights prepared once beforehand
-              (kernel level only: the EP cannot select them yet);
+  * int8, bf16x3: the emulator's other precision modes (gemm_contract.h), weights prepared once beforehand;
   * XDNA EP:  the same one-node model with providers=[XDNAExecutionProvider, CPUExecutionProvider], if the
-              package's EP can be registered (it runs the emulator backend when there is no NPU).
+              package's EP can be registered (it runs the emulator backend when there is no NPU); EP int8 and
+              EP x3: the same with the provider option precision=int8 / bf16x3.
 Shapes: whisper-base encoder GEMMs, the decoder's GEMVs and few-row GEMMs (M = beams), and (full run, EP only)
 MatMuls with both operands at run time as in decoder self-attention.
 Runners take turns in two blocks each so background load hits all alike; medians are printed.
@@ -101,10 +101,10 @@ def xdna_ep_available():
         return f"{type(e).__name__}: {e}"
 
 
-def xdna_session(model_bytes):
+def xdna_session(model_bytes, precision="bf16"):
     options = ort.SessionOptions()
     devices = [d for d in ort.get_ep_devices() if d.ep_name == "XDNAExecutionProvider"]
-    options.add_provider_for_devices(devices, {})
+    options.add_provider_for_devices(devices, {} if precision == "bf16" else {"precision": precision})
     return ort.InferenceSession(model_bytes, sess_options=options)
 
 
@@ -136,6 +136,10 @@ def bench_shape(m, k, n, reps, threads, use_xdna_ep, precisions=True):
         try:
             xdna = xdna_session(model)
             runners["xdna"] = lambda: xdna.run(None, {"A": a})
+            if precisions:
+                xdna_int8, xdna_x3 = xdna_session(model, "int8"), xdna_session(model, "bf16x3")
+                runners["xdna_int8"] = lambda: xdna_int8.run(None, {"A": a})
+                runners["xdna_x3"] = lambda: xdna_x3.run(None, {"A": a})
         except Exception as e:
             print(f"  (XDNA EP session for {m}x{k}x{n} failed: {type(e).__name__}: {e})")
 
@@ -215,6 +219,8 @@ def main():
         header += f" {'int8':>9} {'speedup':>7} {'bf16x3':>9} {'cost':>5}"
     if why_not is None:
         header += f" {'XDNA EP':>9} {'ratio':>6}"
+        if not args.no_precisions:
+            header += f" {'EP int8':>9} {'ratio':>6} {'EP x3':>9} {'ratio':>6}"
     print(header + "   shape")
     for m, k, n, what in (QUICK_SHAPES if args.quick else SHAPES):
         gflop = 2.0 * m * k * n / 1e9
@@ -226,6 +232,9 @@ def main():
             line += f" {ms['int8']:9.3f} {ms['emu'] / ms['int8']:6.2f}x {ms['x3']:9.3f} {ms['x3'] / ms['emu']:4.1f}x"
         if "xdna" in ms:
             line += f" {ms['xdna']:9.3f} {ms['cpu'] / ms['xdna']:5.2f}x"
+            for col in ("xdna_int8", "xdna_x3"):
+                if col in ms:
+                    line += f" {ms[col]:9.3f} {ms['cpu'] / ms[col]:5.2f}x"
         elif why_not is None:
             line += f" {'-':>9} {'-':>6}"
         print(line + f"   {what}", flush=True)
@@ -237,7 +246,8 @@ def main():
             print(f"{f'{batch}x{m}x{k}x{n}':>30} {ms['cpu']:9.3f} {ms['xdna']:9.3f} {ms['cpu'] / ms['xdna']:5.2f}x   {what}",
                   flush=True)
     print("\nratio = CPU EP time / emulator (or XDNA EP) time (>1: faster than the CPU EP). int8 / bf16x3: emulator ms")
-    print("in those precision modes; speedup = bf16 time / int8 time, cost = bf16x3 time / bf16 time. All on the CPU")
+    print("in those precision modes; speedup = bf16 time / int8 time, cost = bf16x3 time / bf16 time. EP int8 / EP x3:")
+    print("the XDNA EP with precision=int8 / bf16x3, ratio against the CPU EP (fp32). All on the CPU")
     print("(a shared machine: other jobs' load is in every column alike; compare within a run).")
 
 

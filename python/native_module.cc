@@ -394,7 +394,7 @@ PYBIND11_MODULE(_native, m) {
         return xdna::ops::PrecisionPolicy::parse(p, rules).describe();  // std::invalid_argument -> ValueError
       }, py::arg("precision"), py::arg("rules") = "",
       "Checks the `precision` and `precision_policy` provider options as the EP does; returns their description");
-  m.def("emulator_kernel_name", &k::emulator_kernel_name, "avx512bf16 | avx512 | avx2 | generic: the kernel set in use");
+  m.def("emulator_kernel_name", &k::emulator_kernel_name, "amx | avx512bf16 | avx512 | avx2 | generic: the kernel set in use");
   m.def("reference_gemm", [](F32Array a, const k::PackedB& b) { return run_gemm(a, b, true, 1); },
         py::arg("a"), py::arg("b"));
   m.def("backend_probe", [](const std::string& kind, const std::string& kernel_dir) {

@@ -24,6 +24,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from cpu_isa import run_pytest_with_isa, unavailable
 from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, rng, tensor, xdna_session
 from numerics import TINY, assert_within, int8_nan_rule, precision_bound
 from test_xrt_int8 import write_kernel_dir as write_kernel_dir_int8
@@ -428,3 +429,15 @@ def test_case_on_backend(case, backend_options, precision, tmp_path):
         assert device_calls > 0, f"no product reached the fake NPU: {executed}"
     if options["backend"] == "xrt" and not case.to_device and case.on_ep:
         assert device_calls == 0, executed  # run-time B of few rows: unpacked on the CPU on purpose
+
+
+# The loop above runs on the kernel set the emulator chose for this CPU (amx where the CPU has AMX and Linux grants
+# it). Forcing the AMX set runs the emulator half of it once more in a subprocess (the set is chosen once per
+# process), so that the AMX kernels are proven to have run through the whole EP, or says why they cannot here.
+def test_emulator_cases_on_the_amx_kernels():
+    proc = run_pytest_with_isa("amx", "-q", "-x", "-s", "-k", "test_case_on_backend and emulator", "test_backend_ops.py")
+    if unavailable("amx", proc):
+        pytest.skip("no AMX on this CPU (or Linux did not grant the tile state): the amx kernels cannot run here")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernels 'amx' (forced by XDNA_EMULATOR_ISA)" in proc.stdout + proc.stderr
+    assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -3,20 +3,17 @@
 reference_gemm is the contract written as a scalar loop; emulator_gemm is the fast version. Both are checked
 against numpy in float64 on bf16-rounded inputs, within the contract's bound
     |C - C_exact| <= (2^-8 + K * 2^-23) * (|A|.|B|) + tiny,
-and against each other. Every kernel set the CPU supports (generic, avx2, avx512, avx512bf16) is exercised through
+and against each other. Every kernel set the CPU supports (generic, avx2, avx512, avx512bf16, amx) is exercised through
 XDNA_EMULATOR_ISA in a subprocess, since the choice is made once per process.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 import threading
 
 import numpy as np
 import pytest
 
-import onnxruntime_ep_xdna
+from cpu_isa import AMX_REFUSED_BY_LINUX, CPU_HAS_AMX, cpu_flags, run_with_isa, unavailable
 from numerics import TINY, assert_within, bf16_round
 from onnxruntime_ep_xdna import _native
 
@@ -250,14 +247,81 @@ _ISA_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 def test_each_kernel_set(isa):
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(onnxruntime_ep_xdna.__file__)))
-    env = dict(os.environ, XDNA_EMULATOR_ISA=isa,
-               PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    if "not available on this CPU" in proc.stderr:
+    proc = run_with_isa(isa, _ISA_CHECK, timeout=300)
+    if unavailable(isa, proc):
         pytest.skip(f"{isa} kernels not supported here")
     assert proc.returncode == 0, proc.stderr
     assert f"kernels '{isa}' (forced by XDNA_EMULATOR_ISA)" in proc.stderr  # the forced set really ran
     assert proc.stdout.strip() == "ok"
+
+
+# ---- AMX (TDPBF16PS): every row, K and N tail of its 16 x 16 tiles, 32 x 32 blocks and 32-deep k steps ----
+
+_AMX_SWEEP = textwrap.dedent("""
+    import numpy as np
+    from numerics import assert_same_gemm, assert_within, bf16_bound, bf16_round
+    from onnxruntime_ep_xdna import _native
+    assert _native.emulator_kernel_name() == "amx"
+    rng = np.random.default_rng(11)
+    ks = [1, 2, 31, 32, 33, 63, 64, 65, 200, 513]
+    ns = [1, 15, 16, 17, 31, 33, 64, 65, 130, 300]
+    ms = list(range(1, 41)) + [47, 64, 100, 193, 250]  # the direct kernel up to 6 rows, AMX from 7
+    for i, m in enumerate(ms):
+        for j in range(2):
+            k, n = ks[(i + 3 * j) % len(ks)], ns[(2 * i + 5 * j) % len(ns)]
+            a = (rng.standard_normal((m, k)) * np.exp2(rng.integers(-4, 5, (m, k)))).astype(np.float32)
+            b = (rng.standard_normal((k, n)) * np.exp2(rng.integers(-4, 5, (k, n)))).astype(np.float32)
+            p = _native.pack_b(b)
+            c = _native.emulator_gemm(a, p)
+            what = f"{m}x{k}x{n}"
+            assert_within(c, a.astype(np.float64) @ b.astype(np.float64), bf16_bound(a, b, k), what)
+            assert_same_gemm(c, _native.reference_gemm(a, p), bf16_round(a), bf16_round(b))
+            np.testing.assert_array_equal(_native.emulator_gemm(a, p, threads=1), c, err_msg=what)
+    # Row blocks of several tasks and ragged edges together, K over many tile steps.
+    a = rng.standard_normal((389, 1030)).astype(np.float32)
+    b = rng.standard_normal((1030, 211)).astype(np.float32)
+    p = _native.pack_b(b)
+    c = _native.emulator_gemm(a, p)
+    assert_within(c, a.astype(np.float64) @ b.astype(np.float64), bf16_bound(a, b, 1030), "389x1030x211")
+    assert_same_gemm(c, _native.reference_gemm(a, p), bf16_round(a), bf16_round(b))
+    print("ok")
+""")
+
+
+def test_amx_bf16_shape_sweep_within_contract():
+    proc = run_with_isa("amx", _AMX_SWEEP)
+    if unavailable("amx", proc):
+        pytest.skip("no AMX on this CPU (or Linux did not grant the tile state): the amx kernels cannot run here")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+_DEFAULT_CHOICE = textwrap.dedent("""
+    from onnxruntime_ep_xdna import _native
+    print(_native.emulator_kernel_name(), _native.emulator_int8_kernel_name())
+""")
+
+
+def test_default_kernel_choice_follows_the_cpu():
+    flags = cpu_flags()
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        pytest.skip("no AVX-512 on this CPU: the choice among the AVX-512 and AMX sets is not made here")
+    proc = run_with_isa("", _DEFAULT_CHOICE)
+    assert proc.returncode == 0, proc.stderr
+    if CPU_HAS_AMX and AMX_REFUSED_BY_LINUX not in proc.stderr:
+        assert proc.stdout.split() == ["amx", "amx"]
+    # AMX refused by Linux (simulated): AVX-512 kernels, and on an Intel core fp32 FMA rather than VDPBF16PS
+    # (slower there, benchmarks/README.md); the refusal is logged once.
+    denied = run_with_isa("", _DEFAULT_CHOICE, env_extra={"XDNA_EMULATOR_DENY_AMX": "1"})
+    assert denied.returncode == 0, denied.stderr
+    bf16_set, int8_set = denied.stdout.split()
+    assert int8_set == ("vnni" if "avx512_vnni" in flags else "avx2")
+    intel = "GenuineIntel" in open("/proc/cpuinfo").read()
+    assert bf16_set == ("avx512bf16" if "avx512_bf16" in flags and not intel else "avx512")
+    if CPU_HAS_AMX:
+        assert denied.stderr.count(AMX_REFUSED_BY_LINUX) == 1
+    forced = run_with_isa("amx", _DEFAULT_CHOICE, env_extra={"XDNA_EMULATOR_DENY_AMX": "1"})
+    assert "XDNA_EMULATOR_ISA=amx is not available on this CPU; using 'avx512" in forced.stderr
+    assert forced.returncode == 0 and forced.stdout.split()[0] == bf16_set

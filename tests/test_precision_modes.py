@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from cpu_isa import AMX_REFUSED_BY_LINUX, CPU_HAS_AMX, cpu_flags, run_with_isa, unavailable
 from numerics import assert_within, bf16x3_bound, int8_bound
 from onnxruntime_ep_xdna import _native
 
@@ -86,7 +87,12 @@ _INT8_ISA_CHECK = textwrap.dedent("""
     rng = np.random.default_rng(5)
     out = {}
     # Random shapes on both sides of the few-row / blocked split and of the 4-deep, 16-wide packing.
-    for m, k, n in [(1, 1, 1), (3, 5, 17), (16, 333, 71), (17, 64, 64), (37, 333, 71), (200, 130, 300)]:
+    shapes = [(1, 1, 1), (3, 5, 17), (16, 333, 71), (17, 64, 64), (37, 333, 71), (200, 130, 300)]
+    # Every row count of the AMX kernel's 16-row tiles and 32-row blocks (the VNNI kernel below 4 rows), K around
+    # its 64-deep steps and N around its 16-column tiles and 32-column blocks.
+    ks, ns = [1, 4, 63, 64, 65, 129, 200], [1, 15, 16, 17, 31, 32, 33, 50]
+    shapes += [(m, ks[m % len(ks)], ns[(3 * m) % len(ns)]) for m in range(1, 41)] + [(250, 65, 33), (389, 1030, 211)]
+    for m, k, n in shapes:
         a = (rng.standard_normal((m, k)) * np.exp2(rng.integers(-8, 9, (m, 1)))).astype(np.float32)
         b = (rng.standard_normal((k, n)) * np.exp2(rng.integers(-8, 9, (1, n)))).astype(np.float32)
         out[f"random {m}x{k}x{n}"] = _native.emulator_gemm_int8(a, _native.quantize_b_int8(b))
@@ -106,6 +112,23 @@ _INT8_ISA_CHECK = textwrap.dedent("""
     b[k // 2, 4] = -3
     out["adversarial"] = _native.emulator_gemm_int8(a, _native.quantize_b_int8(b))
     out["adversarial_a"], out["adversarial_b"] = a, b
+    # Products x * (127 / amax) that round in fp32 to a .5 tie although the exact product is not one: the
+    # contract rounds the fp32 product (to even); an FMA-fused x * inv + magic would round the exact one.
+    inv = np.float32(127) / np.float32(3)
+    ties = [np.float32(3)]
+    for j in range(127):
+        x0 = np.array([(j + 0.5) / float(inv)], np.float32)
+        for d in range(-3, 4):
+            x = (x0.view(np.int32) + d).view(np.float32)[0]
+            p32, exact = np.float32(x * inv), float(x) * float(inv)
+            if p32 % 1 == 0.5 and np.rint(p32) != np.rint(exact):
+                ties.append(x)
+    assert len(ties) > 20
+    t = np.array([ties, [-x for x in ties]] * 4, np.float32)  # 8 rows: AMX tiles, not only the VNNI few rows
+    out["ties"] = _native.emulator_gemm_int8(t, _native.quantize_b_int8(np.eye(t.shape[1], 20, dtype=np.float32)))
+    out["ties_a"] = t
+    a33 = np.tile(a, (6, 1))[:33]  # the same rows through two-tile AMX blocks and a one-row tail
+    out["adversarial 33 rows"] = _native.emulator_gemm_int8(a33, _native.quantize_b_int8(b))
     np.savez(sys.argv[1], **out)
     print(_native.emulator_int8_kernel_name())
 """)
@@ -114,19 +137,24 @@ _INT8_ISA_CHECK = textwrap.dedent("""
 def test_int8_every_kernel_set_gives_the_same_bits():
     # One process per forced kernel set (the choice is made once per process); the int8 kernel follows it.
     results = {}
-    for isa in ("", "generic", "avx2", "avx512", "avx512bf16"):
-        path = f"/tmp/int8_{os.getpid()}_{isa or 'best'}.npz"
-        env = dict(os.environ, XDNA_EMULATOR_ISA=isa)
-        proc = subprocess.run([sys.executable, "-c", _INT8_ISA_CHECK, path], env=env, capture_output=True,
-                              text=True, timeout=600)
+    # (XDNA_EMULATOR_ISA, XDNA_EMULATOR_INT8_ISA): the int8 set beside each bf16 set, and the int8 sets that a CPU
+    # with more would not choose (avx2 beside avxvnni; avxvnni beside AVX-512) forced on their own.
+    runs = [("", ""), ("generic", ""), ("avx2", ""), ("avx512", ""), ("avx512bf16", ""), ("amx", ""),
+            ("", "avx2"), ("", "avxvnni")]
+    for isa, int8_isa in runs:
+        path = f"/tmp/int8_{os.getpid()}_{isa or 'best'}_{int8_isa}.npz"
+        proc = run_with_isa(isa, _INT8_ISA_CHECK, path, env_extra={"XDNA_EMULATOR_INT8_ISA": int8_isa})
         assert proc.returncode == 0, proc.stderr
-        if isa and "not available on this CPU" in proc.stderr:
+        if (isa and unavailable(isa, proc)) or f"XDNA_EMULATOR_INT8_ISA={int8_isa} is not available" in proc.stderr:
             os.unlink(path)
             continue
+        assert not int8_isa or proc.stdout.strip() == int8_isa
         with np.load(path) as f:
             results.setdefault(proc.stdout.strip(), {k: f[k] for k in f.files})
         os.unlink(path)
     assert "generic" in results and "avx2" in results  # every x86-64 CI machine has AVX2
+    assert "amx" in results or not CPU_HAS_AMX or AMX_REFUSED_BY_LINUX in proc.stderr
+    assert "avxvnni" in results or "avx_vnni" not in cpu_flags()
     reference = results["generic"]
     for name, got in results.items():
         for case, c in got.items():
@@ -134,6 +162,8 @@ def test_int8_every_kernel_set_gives_the_same_bits():
     # And they are the contract's: the adversarial sums (127 * 127 * K and its signed variants) are exact.
     adv = reference["adversarial"]
     np.testing.assert_array_equal(adv, int8_model(reference["adversarial_a"], reference["adversarial_b"]))
+    t = reference["ties_a"]
+    np.testing.assert_array_equal(reference["ties"], int8_model(t, np.eye(t.shape[1], 20, dtype=np.float32)))
     k = _native.INT8_MAX_K  # 127 * 127 * k in int32, dequantised by (1/127)^2
     assert adv[0, 0] == -adv[0, 1] == -adv[1, 0] and abs(adv[0, 0] - k) <= k * 2.0**-20
 

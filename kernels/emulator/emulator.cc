@@ -25,7 +25,13 @@
 #include "emulator_isa.h"
 
 #if defined(XDNA_EMULATOR_X86)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #endif
 
 namespace xdna::kernels {
@@ -66,30 +72,86 @@ float* scratch(int slot, size_t floats) {
 
 namespace {
 
+struct CpuFeatures {
+  bool avx2 = false, avx512 = false, avx512bf16 = false, avx512vnni = false;
+  bool avx_vnni = false;  // the 256-bit VEX VPDPBUSD (with AVX2)
+  bool amx = false;  // AMX-TILE, -BF16 and -INT8 with the AVX-512 sets the amx kernels also run (VNNI included)
+  bool intel = false;
+};
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    CpuFeatures f;
+#if defined(XDNA_EMULATOR_X86)
+    __builtin_cpu_init();
+    f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    f.avx512 = f.avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    f.avx512bf16 = f.avx512 && __builtin_cpu_supports("avx512bf16");
+    f.avx512vnni = f.avx512 && __builtin_cpu_supports("avx512vnni");
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    // CPUID.(7, 0).EDX: bit 22 AMX-BF16, 24 AMX-TILE, 25 AMX-INT8.
+    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
+      f.amx = f.avx512vnni && (edx >> 22 & 1) && (edx >> 24 & 1) && (edx >> 25 & 1);
+    // CPUID.(7, 1).EAX bit 4: AVX-VNNI.
+    if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) f.avx_vnni = f.avx2 && (eax >> 4 & 1);
+    f.intel = __builtin_cpu_is("intel");
+#endif
+    return f;
+  }();
+  return f;
+}
+
+// Linux gives a process the 8 KB AMX tile-data state only when asked (arch_prctl, Linux >= 5.16); the grant is
+// per process and a fork()ed child inherits it. Asked once; a refusal (older kernel, seccomp, a hypervisor that
+// does not expose the state) is logged once and the AVX-512 kernels run instead.
+bool amx_granted() {
+#if defined(XDNA_EMULATOR_X86) && defined(SYS_arch_prctl)
+  static const bool granted = [] {
+    if (!cpu_features().amx) return false;
+    const char* why = "XDNA_EMULATOR_DENY_AMX is set";  // tests: the refusal path on a CPU that has AMX
+    if (const char* deny = std::getenv("XDNA_EMULATOR_DENY_AMX"); !deny || !*deny) {
+      constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+      if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0) return true;
+      why = std::strerror(errno);
+    }
+    std::fprintf(stderr, "xdna emulator: the CPU has AMX but Linux did not grant the tile state (arch_prctl: %s); "
+                 "using the AVX-512 kernels\n", why);
+    return false;
+  }();
+  return granted;
+#else
+  return false;
+#endif
+}
+
+// AMX where the CPU has it and Linux granted it. Without AMX: VDPBF16PS (avx512bf16) only on non-Intel cores:
+// on Intel cores (Cooper Lake, and Sapphire Rapids measured) it runs slower than the fp32 FMA kernels
+// (benchmarks/README.md, "AMX kernels"), while on AMD Zen 4 it is 1.3-1.9x faster than them.
 const IsaKernels& best_supported_kernels() {
 #if defined(XDNA_EMULATOR_X86)
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (avx512 && __builtin_cpu_supports("avx512bf16")) return avx512bf16_kernels();
-  if (avx512) return avx512_kernels();
-  if (avx2) return avx2_kernels();
+  const CpuFeatures& f = cpu_features();
+  if (f.amx && amx_granted()) return amx_kernels();
+  if (f.avx512bf16 && !f.intel) return avx512bf16_kernels();
+  if (f.avx512) return avx512_kernels();
+  if (f.avx2) return avx2_kernels();
 #endif
   return generic_kernels();
 }
 
-// XDNA_EMULATOR_ISA=generic|avx2|avx512|avx512bf16 forces a kernel set (tests use it to cover every path on one machine);
-// an ISA the CPU lacks is refused with a message, never executed.
+// XDNA_EMULATOR_ISA=generic|avx2|avx512|avx512bf16|amx forces a kernel set (tests use it to cover every path on
+// one machine); an ISA the CPU lacks (or AMX that Linux did not grant) is refused with a message, never executed.
 const IsaKernels& select_kernels() {
   const IsaKernels& best = best_supported_kernels();
   const char* forced = std::getenv("XDNA_EMULATOR_ISA");
   if (!forced || !*forced) return best;
   std::vector<const IsaKernels*> usable{&generic_kernels()};
 #if defined(XDNA_EMULATOR_X86)
-  if (&best != &generic_kernels()) usable.push_back(&avx2_kernels());
-  if (&best == &avx512_kernels() || &best == &avx512bf16_kernels()) usable.push_back(&avx512_kernels());
-  if (&best == &avx512bf16_kernels()) usable.push_back(&avx512bf16_kernels());
+  const CpuFeatures& f = cpu_features();
+  if (f.avx2) usable.push_back(&avx2_kernels());
+  if (f.avx512) usable.push_back(&avx512_kernels());
+  if (f.avx512bf16) usable.push_back(&avx512bf16_kernels());
+  if (f.amx && amx_granted()) usable.push_back(&amx_kernels());
 #endif
   for (const IsaKernels* k : usable)
     if (std::string(forced) == k->name) {
@@ -355,12 +417,20 @@ void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(
 }
 
 namespace {
+const emu::Int8Kernels& int8_kernels();  // below, with the precision modes
+
 class EmulatorBackend final : public Backend {
  public:
   explicit EmulatorBackend(int threads) : threads_(threads) {}
   std::string name() const override { return "emulator"; }
   std::string device_description() const override {
-    return std::string("CPU emulator of the NPU GEMM contract (") + emulator_kernel_name() + " kernels)";
+    const emu::IsaKernels& bf16 = emu::kernels();
+    const emu::Int8Kernels& int8 = int8_kernels();
+    auto named = [](const char* name, const char* detail) {
+      return detail ? std::string(name) + " (" + detail + ")" : std::string(name);
+    };
+    return "CPU emulator of the NPU GEMM contract (" + named(bf16.name, bf16.detail) + " kernels, int8 " +
+           named(int8.name, int8.detail) + ")";
   }
   bool can_run(int64_t, int64_t, int64_t, std::string*) const override { return true; }
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
@@ -431,16 +501,35 @@ float quantize_run(const float* x, int64_t n, int64_t stride, int8_t* q, int64_t
 constexpr int64_t kInt8FewRows = 16;
 constexpr int64_t kInt8BlockM = 192;
 
-// The int8 kernel set follows the bf16 one (so XDNA_EMULATOR_ISA selects it too): VNNI beside the AVX-512 sets
-// where the CPU has AVX512-VNNI, the exact AVX2 kernel beside avx2 (or AVX-512 without VNNI), else portable C.
+// The int8 kernel set follows the bf16 one (so XDNA_EMULATOR_ISA selects it too): AMX beside amx, VNNI beside
+// the AVX-512 sets where the CPU has AVX512-VNNI, AVX-VNNI beside avx2 where the CPU has it, else the exact AVX2
+// kernel (or portable C). XDNA_EMULATOR_INT8_ISA=generic|avx2|avxvnni|vnni|amx forces one on its own (tests);
+// a set the CPU lacks is refused with a message.
 const emu::Int8Kernels& select_int8_kernels() {
+  const emu::Int8Kernels* best = &emu::generic_int8_kernels();
+  std::vector<const emu::Int8Kernels*> usable{best};
 #if defined(XDNA_EMULATOR_X86)
+  const emu::CpuFeatures& f = emu::cpu_features();
   const emu::IsaKernels& bf16 = emu::kernels();
-  if (&bf16 == &emu::avx512_kernels() || &bf16 == &emu::avx512bf16_kernels())
-    return __builtin_cpu_supports("avx512vnni") ? emu::vnni_int8_kernels() : emu::avx2_int8_kernels();
-  if (&bf16 == &emu::avx2_kernels()) return emu::avx2_int8_kernels();
+  if (&bf16 == &emu::amx_kernels()) best = &emu::amx_int8_kernels();
+  else if (&bf16 == &emu::avx512_kernels() || &bf16 == &emu::avx512bf16_kernels())
+    best = f.avx512vnni ? &emu::vnni_int8_kernels() : &emu::avx2_int8_kernels();
+  else if (&bf16 == &emu::avx2_kernels()) best = f.avx_vnni ? &emu::avxvnni_int8_kernels() : &emu::avx2_int8_kernels();
+  if (f.avx2) usable.push_back(&emu::avx2_int8_kernels());
+  if (f.avx_vnni) usable.push_back(&emu::avxvnni_int8_kernels());
+  if (f.avx512vnni) usable.push_back(&emu::vnni_int8_kernels());
+  if (f.amx && emu::amx_granted()) usable.push_back(&emu::amx_int8_kernels());
 #endif
-  return emu::generic_int8_kernels();
+  const char* forced = std::getenv("XDNA_EMULATOR_INT8_ISA");
+  if (!forced || !*forced) return *best;
+  for (const emu::Int8Kernels* k : usable)
+    if (std::string(forced) == k->name) {
+      std::fprintf(stderr, "xdna emulator: int8 kernels '%s' (forced by XDNA_EMULATOR_INT8_ISA)\n", k->name);
+      return *k;
+    }
+  std::fprintf(stderr, "xdna emulator: XDNA_EMULATOR_INT8_ISA=%s is not available on this CPU; using '%s'\n", forced,
+               best->name);
+  return *best;
 }
 
 const emu::Int8Kernels& int8_kernels() {

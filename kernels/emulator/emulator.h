@@ -31,8 +31,9 @@ void reference_gemm(const GemmArgs& args, const PackedB& b);
 // The emulator as a Backend: the primary backend without an NPU, and every node's CPU fallback backend.
 std::unique_ptr<Backend> make_emulator_backend(int threads);
 
-// Name of the kernel set emulator_gemm runs on this CPU: "avx512bf16", "avx512", "avx2" or "generic" (chosen once, at first
-// use, from the CPU's features; XDNA_EMULATOR_ISA=<name> forces a supported one, for tests).
+// Name of the kernel set emulator_gemm runs on this CPU: "amx", "avx512bf16", "avx512", "avx2" or "generic" (chosen
+// once, at first use, from the CPU's features: amx where Linux grants the tile state, avx512bf16 only on non-Intel
+// cores; XDNA_EMULATOR_ISA=<name> forces a supported one, for tests).
 const char* emulator_kernel_name();
 
 }  // namespace xdna::kernels
@@ -55,8 +56,10 @@ QuantizedB quantize_b_int8(const float* src, int64_t K, int64_t N, int64_t strid
 // C = dequant(quant(A) . qB): per-row dynamic A scales, int32 sums, fp32 epilogue. Throws std::invalid_argument
 // for K past the int32-exact limit.
 void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads = 0);
-// "vnni" (AVX512-VNNI VPDPBUSD), "avx2" (exact: int16 VPMADDWD) or "generic": the int8 kernel in use. It follows
-// the bf16 kernel set, so XDNA_EMULATOR_ISA selects it too (avx512 / avx512bf16 -> vnni where the CPU has it).
+// "amx" (TDPBUSD), "vnni" (AVX512-VNNI VPDPBUSD), "avxvnni" (256-bit VPDPBUSD), "avx2" (exact: int16 VPMADDWD)
+// or "generic": the int8 kernel in use, all giving the same bits. It follows the bf16 kernel set, so
+// XDNA_EMULATOR_ISA selects it too (amx -> amx; avx512 / avx512bf16 -> vnni and avx2 -> avxvnni where the CPU has
+// them); XDNA_EMULATOR_INT8_ISA=<name> forces a supported one on its own.
 const char* emulator_int8_kernel_name();
 inline constexpr int64_t kInt8MaxK = 133143;  // K * 127^2 < 2^31
 // The contract's symmetric quantisation of one row of A (n values) into q, as emulator_gemm_int8 quantises A: the

@@ -46,6 +46,8 @@ struct IsaKernels {
   void (*direct)(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   // C[m0:m1, n0:n1] = bf16(A) . bf16(B) with B unpacked (UnpackedProblem); any M, meant for small ones.
   void (*unpacked)(const UnpackedProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // What runs where, when a set mixes instruction sets (the backend's description shows it); null: just `name`.
+  const char* detail = nullptr;
 };
 
 // One int8 GEMM call (gemm_contract.h, int8): quantise A, then C = dequant(qa . qb).
@@ -69,6 +71,7 @@ struct Int8Kernels {
   void (*quantize_rows)(const Int8Problem& p, int64_t m0, int64_t m1);
   // C[m0:m1, n0:n1] from qa, sa and B; n0 a multiple of 16.
   void (*gemm)(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  const char* detail = nullptr;  // as IsaKernels::detail
 };
 
 // Thread-local scratch owned by the driver: slot 0..3 for kernels, 4..5 for the driver itself, at least `floats` floats, 64-byte aligned.
@@ -80,9 +83,13 @@ const Int8Kernels& generic_int8_kernels();
 #if defined(XDNA_EMULATOR_X86)
 const Int8Kernels& avx2_int8_kernels();
 const Int8Kernels& vnni_int8_kernels();
+const Int8Kernels& avxvnni_int8_kernels();
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
 const IsaKernels& avx512bf16_kernels();
+// AMX tiles (emulator_amx.cc): only after the tile state was granted to the process (emulator.cc).
+const IsaKernels& amx_kernels();
+const Int8Kernels& amx_int8_kernels();
 #endif
 
 }  // namespace xdna::kernels::emu

@@ -1,0 +1,274 @@
+// AMX kernels (Sapphire Rapids and later Intel cores): TDPBF16PS for the bf16 contract, TDPBUSD for int8.
+// Compiled with the AMX and AVX-512 -m flags; selected at run time only where the CPU has AMX and Linux granted
+// this process the tile state (emulator.cc asks once). What AMX does not pay for stays on the AVX-512 code of
+// the shared .inc files, compiled here too: the direct (GEMV) and unpacked bf16 kernels (fp32 FMA) and the VNNI
+// int8 kernel below kInt8MinRows rows.
+//
+// Numerics: TDPBF16PS multiplies bf16 pairs exactly and adds in fp32 with round-to-nearest-even, flushing bf16
+// subnormal inputs and fp32 subnormal results to zero (the contract allows it, as for VDPBF16PS). A is rounded
+// with the contract's own f32_to_bf16 (round_vec). TDPBUSD sums u8 x s8 products in int32, wrapping like
+// VPDPBUSD, so the int8 results are the VNNI kernel's bits: same quantised A (offset to u8), same colsum
+// correction, same epilogue.
+#include <immintrin.h>
+
+#include "emulator_isa.h"
+
+namespace xdna::kernels::emu {
+namespace {
+#define EMU_W 16
+#define EMU_MR 6
+#define EMU_NV 4
+#define EMU_KC 128
+#define EMU_MC 192
+#define EMU_DR 12
+#define EMU_DIRECT_MAX_M 16
+#define EMU_DNV 2
+#include "emulator_kernels.inc"
+#define EMU_INT8_ISA 2
+#include "emulator_int8.inc"
+
+// Every tile is 16 rows of 64 bytes: C tiles 0-3 (2 x 2 blocks of 16 x 16), A tiles 4-5, B tiles 6-7.
+// Row and column tails go through zero-padded scratch, so one configuration serves every shape.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Tiles are configured at the start of every kernel call and released at its end: the configuration is
+// per thread and other code on the same thread (ORT's MLAS, oneDNN) may use AMX between our calls; a released
+// tile state also keeps context switches from saving 8 KB of tile data.
+struct TileScope {
+  TileScope() {
+    static const TileConfig config;
+    _tile_loadconfig(&config);
+  }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+constexpr int64_t kPanelRows = 32;  // rows of A per pass (two tiles)
+constexpr int64_t kPanelCols = 32;  // columns of C per pass (two tiles)
+
+// ---- bf16 ----
+
+// A 16 x 16 fp32 tile stored to tmp -> C, rows x cols of it.
+inline void copy_c_tile(const float* tmp, float* c, int64_t ldc, int rows, int cols) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) c[i * ldc + j] = tmp[i * 16 + j];
+}
+// The _tile_* intrinsics paste their tile number into the instruction text, so it must be a literal: a macro.
+// Tile T -> C, straight into C when the whole tile is wanted, else through tmp.
+#define EMU_STORE_C_TILE(T, c, ldc, rows, cols, tmp)      \
+  do {                                                      \
+    if ((rows) == 16 && (cols) == 16) {                     \
+      _tile_stored(T, c, (ldc) * 4);                        \
+    } else {                                                \
+      _tile_stored(T, tmp, 64);                             \
+      copy_c_tile(tmp, c, ldc, rows, cols);                 \
+    }                                                       \
+  } while (0)
+
+// C[32 x 32] (clipped to rows x cols) = A[32][kp] . B over kp bf16 k values (a multiple of 32). a: bf16 rows,
+// lda_bytes apart; b0, b1: the pair form [kp / 2][16] of the two 16-column halves.
+template <bool TwoRows, bool TwoCols>
+void bf16_block(const uint16_t* a, int64_t lda_bytes, const uint32_t* b0, const uint32_t* b1, int64_t kp, float* c,
+                int64_t ldc, int rows, int cols, float* tmp) {
+  _tile_zero(0);
+  if (TwoCols) _tile_zero(1);
+  if (TwoRows) _tile_zero(2);
+  if (TwoRows && TwoCols) _tile_zero(3);
+  const int64_t lda = lda_bytes / 2;
+  for (int64_t k = 0; k < kp; k += 32) {
+    _tile_loadd(4, a + k, lda_bytes);
+    _tile_loadd(6, b0 + k / 2 * 16, 64);
+    if (TwoCols) _tile_loadd(7, b1 + k / 2 * 16, 64);
+    if (TwoRows) _tile_loadd(5, a + 16 * lda + k, lda_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    if (TwoCols) _tile_dpbf16ps(1, 4, 7);
+    if (TwoRows) _tile_dpbf16ps(2, 5, 6);
+    if (TwoRows && TwoCols) _tile_dpbf16ps(3, 5, 7);
+  }
+  const int r0 = rows < 16 ? rows : 16, c0 = cols < 16 ? cols : 16;
+  EMU_STORE_C_TILE(0, c, ldc, r0, c0, tmp);
+  if (TwoCols) EMU_STORE_C_TILE(1, c + 16, ldc, r0, cols - 16, tmp);
+  if (TwoRows) EMU_STORE_C_TILE(2, c + 16 * ldc, ldc, rows - 16, c0, tmp);
+  if (TwoRows && TwoCols) EMU_STORE_C_TILE(3, c + 16 * ldc + 16, ldc, rows - 16, cols - 16, tmp);
+}
+
+// One 64-wide n-tile of the packed B (bf16 rows of 64, zero past K up to Kpad) -> the AMX pair form, per
+// 16-column quarter q: out[q][kp / 2][16] 32-bit lanes of (B[2i][col], B[2i + 1][col]). kp <= Kpad, even.
+void pair_b_tile(const uint16_t* tile, int64_t kp, uint32_t* out) {
+  // Lane 2c of a result takes column c of row 2i, lane 2c + 1 column c of row 2i + 1 (index 32 + c).
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const int64_t quarter = kp / 2 * 16;
+  for (int64_t i = 0; i < kp / 2; ++i) {
+    const uint16_t* r0 = tile + 2 * i * 64;
+    const uint16_t* r1 = r0 + 64;
+    for (int h = 0; h < 2; ++h) {  // columns 32h .. 32h + 31
+      const __m512i x = _mm512_loadu_si512(r0 + 32 * h), y = _mm512_loadu_si512(r1 + 32 * h);
+      _mm512_storeu_si512(out + (2 * h) * quarter + i * 16, _mm512_permutex2var_epi16(x, lo, y));
+      _mm512_storeu_si512(out + (2 * h + 1) * quarter + i * 16, _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+}
+
+// Rows m0..m1-1 of A, rounded to bf16 (the contract's RNE), into [round_up(rows, 16)][kp] zero padded (a
+// panel of 17..32 rows reads two tiles, of up to 16 rows one).
+void round_a_rows(const Problem& p, int64_t m0, int64_t m1, int64_t kp, uint16_t* out) {
+  const int64_t rows = m1 - m0, padded_rows = (rows + 15) / 16 * 16;
+  for (int64_t i = 0; i < padded_rows; ++i) {
+    uint16_t* dst = out + i * kp;
+    int64_t k = 0;
+    if (i < rows) {
+      const float* src = p.a + (m0 + i) * p.lda;
+      for (; k + 16 <= p.K; k += 16) {
+        vu u;
+        const vf r = round_vec(load_f(src + k));
+        __builtin_memcpy(&u, &r, sizeof u);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32((__m512i)u, 16)));
+      }
+      for (; k < p.K; ++k) {
+        const float r = round_bf16(src[k]);
+        uint32_t u;
+        __builtin_memcpy(&u, &r, sizeof u);
+        dst[k] = static_cast<uint16_t>(u >> 16);
+      }
+    }
+    for (; k < kp; ++k) dst[k] = 0;
+  }
+}
+
+// C[m0:m1, n0:n1] for any number of rows: A rounded once per call, each 64-wide n-tile of B paired once and
+// swept over all 32-row panels. K runs whole in the tiles (no partial sums through memory).
+void amx_bf16_gemm(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t kp = (p.K + 31) / 32 * 32;  // <= Kpad: packed B is zero there
+  const int64_t rows = m1 - m0, padded_rows = (rows + 15) / 16 * 16;
+  uint16_t* a = reinterpret_cast<uint16_t*>(scratch(0, static_cast<size_t>(padded_rows * kp / 2)));
+  uint32_t* b = reinterpret_cast<uint32_t*>(scratch(1, static_cast<size_t>(kp / 2 * kTile)));
+  float* tmp = scratch(2, 256);
+  round_a_rows(p, m0, m1, kp, a);
+  TileScope tiles;
+  for (int64_t n = n0; n < n1; n += kTile) {
+    pair_b_tile(p.b + (n / kTile) * p.Kpad * kTile, kp, b);
+    const int64_t quarter = kp / 2 * 16;
+    for (int64_t nc = n; nc < n1 && nc < n + kTile; nc += kPanelCols) {
+      const int cols = static_cast<int>(min64(kPanelCols, n1 - nc));
+      const uint32_t* b0 = b + (nc - n) / 16 * quarter;
+      for (int64_t i = 0; i < rows; i += kPanelRows) {
+        const int r = static_cast<int>(min64(kPanelRows, rows - i));
+        const uint16_t* ai = a + i * kp;
+        float* c = p.c + (m0 + i) * p.ldc + nc;
+        if (r > 16 && cols > 16) bf16_block<true, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
+        else if (r > 16) bf16_block<true, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
+        else if (cols > 16) bf16_block<false, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
+        else bf16_block<false, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
+      }
+    }
+  }
+}
+
+// ---- int8 ----
+
+// Below this many rows the VNNI kernel (one row broadcast per instruction) beats a mostly empty 16-row tile.
+constexpr int64_t kInt8MinRows = 4;
+
+// A 16 x 16 int32 tile stored to tmp -> C rows x cols: (acc - 128 * colsum) * (sa * sb), the VNNI kernel's
+// epilogue.
+inline void store_int8_tile(const Int8Problem& p, int64_t m, int64_t n, int rows, int cols, const int32_t* tmp) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+  const __m512i offset = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, p.colsum + n), 7);
+  const __m512 sb = _mm512_maskz_loadu_ps(mask, p.sb + n);
+  for (int i = 0; i < rows; ++i) {
+    const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(p.sa[m + i]), sb);
+    const __m512i acc = _mm512_load_si512(tmp + i * 16);
+    _mm512_mask_storeu_ps(p.c + (m + i) * p.ldc + n, mask,
+                          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, offset)), scale));
+  }
+}
+
+// C[m .. m+rows, n .. n+cols] (rows, cols <= 32) over all of Kpad: a is quantised A (u8, lda bytes apart);
+// b0, b1 the two 16-column panels of QuantizedB::q, already in the tile's [Kpad / 4][16][4] form.
+template <bool TwoRows, bool TwoCols>
+void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1,
+                     int64_t m, int64_t n, int rows, int cols, int32_t* tmp) {
+  _tile_zero(0);
+  if (TwoCols) _tile_zero(1);
+  if (TwoRows) _tile_zero(2);
+  if (TwoRows && TwoCols) _tile_zero(3);
+  for (int64_t k = 0; k < p.Kpad; k += 64) {
+    _tile_loadd(4, a + k, lda);
+    _tile_loadd(6, b0 + k * 16, 64);
+    if (TwoCols) _tile_loadd(7, b1 + k * 16, 64);
+    if (TwoRows) _tile_loadd(5, a + 16 * lda + k, lda);
+    _tile_dpbusd(0, 4, 6);
+    if (TwoCols) _tile_dpbusd(1, 4, 7);
+    if (TwoRows) _tile_dpbusd(2, 5, 6);
+    if (TwoRows && TwoCols) _tile_dpbusd(3, 5, 7);
+  }
+  const int r0 = rows < 16 ? rows : 16, c0 = cols < 16 ? cols : 16;
+  _tile_stored(0, tmp, 64);
+  store_int8_tile(p, m, n, r0, c0, tmp);
+  if (TwoCols) {
+    _tile_stored(1, tmp, 64);
+    store_int8_tile(p, m, n + 16, r0, cols - 16, tmp);
+  }
+  if (TwoRows) {
+    _tile_stored(2, tmp, 64);
+    store_int8_tile(p, m + 16, n, rows - 16, c0, tmp);
+  }
+  if (TwoRows && TwoCols) {
+    _tile_stored(3, tmp, 64);
+    store_int8_tile(p, m + 16, n + 16, rows - 16, cols - 16, tmp);
+  }
+}
+
+// C[m0:m1, n0:n1], n0 a multiple of 16. Columns in pairs of panels, each swept over all 32-row panels (its B
+// stays in L1). A row tail shorter than a tile is copied to scratch so that tile loads stay inside the buffer.
+void amx_int8_gemm(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (m1 - m0 < kInt8MinRows) return int8_gemm(p, m0, m1, n0, n1);
+  const uint8_t* qa = reinterpret_cast<const uint8_t*>(p.qa);
+  const int64_t rows = m1 - m0, full = rows / kPanelRows * kPanelRows, tail = rows - full;
+  uint8_t* tail_a = nullptr;
+  if (tail > 0) {
+    tail_a = reinterpret_cast<uint8_t*>(scratch(0, static_cast<size_t>(kPanelRows * p.Kpad / 4)));
+    __builtin_memcpy(tail_a, qa + (m0 + full) * p.Kpad, static_cast<size_t>(tail * p.Kpad));
+    __builtin_memset(tail_a + tail * p.Kpad, 128, static_cast<size_t>((kPanelRows - tail) * p.Kpad));  // u8 zero
+  }
+  int32_t* tmp = reinterpret_cast<int32_t*>(scratch(1, 256));
+  TileScope tiles;
+  for (int64_t n = n0; n < n1; n += kPanelCols) {
+    const int cols = static_cast<int>(imin(kPanelCols, n1 - n));
+    const int8_t* b0 = p.qb + (n / 16) * p.Kpad * 16;
+    const int8_t* b1 = b0 + p.Kpad * 16;
+    for (int64_t i = 0; i < rows; i += kPanelRows) {
+      const int r = static_cast<int>(imin(kPanelRows, rows - i));
+      const uint8_t* a = i < full ? qa + (m0 + i) * p.Kpad : tail_a;
+      if (r > 16 && cols > 16) int8_tile_block<true, true>(p, a, p.Kpad, b0, b1, m0 + i, n, r, cols, tmp);
+      else if (r > 16) int8_tile_block<true, false>(p, a, p.Kpad, b0, b0, m0 + i, n, r, cols, tmp);
+      else if (cols > 16) int8_tile_block<false, true>(p, a, p.Kpad, b0, b1, m0 + i, n, r, cols, tmp);
+      else int8_tile_block<false, false>(p, a, p.Kpad, b0, b0, m0 + i, n, r, cols, tmp);
+    }
+  }
+}
+
+IsaKernels make_amx_kernels() {
+  IsaKernels k = make_kernels("amx");
+  k.blocked = &amx_bf16_gemm;
+  k.block_m = 192;  // a multiple of kPanelRows
+  k.direct_max_m = 6;  // measured: the fp32 FMA direct kernel wins up to 6 rows, AMX from 7 (benchmarks/README.md)
+  k.detail = "TDPBF16PS from 7 rows, AVX-512 FMA up to 6";
+  return k;
+}
+const IsaKernels kKernels = make_amx_kernels();
+static_assert(kInt8MinRows == 4, "update the detail string");
+const Int8Kernels kInt8Kernels{"amx", 1, &int8_quantize_rows, &amx_int8_gemm, "TDPBUSD from 4 rows, VNNI up to 3"};
+}  // namespace
+const IsaKernels& amx_kernels() { return kKernels; }
+const Int8Kernels& amx_int8_kernels() { return kInt8Kernels; }
+}  // namespace xdna::kernels::emu
