@@ -14,7 +14,9 @@ timed by wrapping them (no change to the package's code).
 
 Without an NPU the XDNA EP computes on the CPU emulator of the NPU kernel contract: every figure is a CPU figure.
 
-    python3 benchmarks/whisper_profile.py [--provider xdna|cpu] [--steps 30] [--runs 3] [--threads 0 1]
+    python3 benchmarks/whisper_profile.py [--provider xdna|cpu] [--precision auto|bf16|int8|...] [--steps 30]
+        [--runs 3] [--threads 0 1] [--past 40 200 440]
+    XDNA_OPTIMISED_DECODERS=0 python3 benchmarks/whisper_profile.py ...   # optimum's decoder graphs as exported
 """
 
 import argparse
@@ -35,6 +37,7 @@ from gemm import machine_line  # noqa: E402
 from whisper import SR, build_clips  # noqa: E402
 
 import onnxruntime_ep_xdna as xdna  # noqa: E402
+from onnxruntime_ep_xdna._precision import DEFAULT as DEFAULT_PRECISION, describe  # noqa: E402
 from onnxruntime_ep_xdna.whisper import ensure_model, load_model, transcribe_all  # noqa: E402
 from onnxruntime_ep_xdna.whisper import onnx_model, rules, search  # noqa: E402
 from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples  # noqa: E402
@@ -42,12 +45,15 @@ from onnxruntime_ep_xdna.whisper.features import N_FRAMES  # noqa: E402
 
 
 def profiled_session(w, graph: str, threads: int = 0):
+    """A profiling session of the graph `w` runs: the optimised copy of a decoder when `w` uses one (uncompiled:
+    EPContext nodes would hide nothing, but compiling here would only add time)."""
     so = xdna.session_options() if w.provider == xdna.EP_NAME else ort.SessionOptions()
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "profile")
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(w.model_dir / graph), sess_options=so, providers=w._providers)
+    path = w.optimised_paths.get(graph, w.model_dir / graph)
+    return ort.InferenceSession(str(path), sess_options=so, providers=w._providers)
 
 
 def run_profile(sess, outputs, feed, runs: int) -> tuple[dict, float]:
@@ -217,16 +223,23 @@ def main():
     parser.add_argument("--steps", type=int, default=30, help="decoder steps profiled per batch size")
     parser.add_argument("--runs", type=int, default=3, help="transcriptions per decoding mode (median)")
     parser.add_argument("--model", default="base")
+    parser.add_argument("--precision", default=DEFAULT_PRECISION,
+                        help="the XDNA EP's precision policy (default: xdna transcribe's, auto = int8 on the emulator)")
+    parser.add_argument("--past", type=int, nargs="+", default=[40],
+                        help="self-attention cache lengths (tokens) to profile the step at (Whisper: up to 448)")
     parser.add_argument("--threads", type=int, nargs="+", default=[0],
                         help="ORT intra-op thread counts to profile the step with (0 = ORT's default)")
     parser.add_argument("--skip-steps", action="store_true", help="only the transcription breakdown")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     model_dir = ensure_model(args.model)
-    w = load_model(model_dir, provider=args.provider)
+    on_ep = args.provider.lower() in ("xdna", xdna.EP_NAME.lower())
+    w = load_model(model_dir, provider=args.provider, precision=args.precision if on_ep else None)
     print("machine:", machine_line())
-    print(f"provider: {w.provider}" + (" (no NPU here: the CPU emulator of the NPU kernel contract)"
-                                       if w.provider == xdna.EP_NAME else ""))
+    print(f"provider: {w.provider}" + (f", precision {describe(args.precision)} (no NPU here: the CPU emulator of "
+                                       "the NPU kernel contract)" if on_ep else ""))
+    print("decoders: " + ("optimised copies (whisper/decoder_graph.py)" if w.optimised_paths else
+                          "optimum's export as is (XDNA_OPTIMISED_DECODERS=0)"))
     clips, _ = build_clips(fetch_speech_samples(), include_long=False)
     (clip_name, (audio, _, _)), = clips.items()
     if not args.skip_steps:
@@ -238,9 +251,10 @@ def main():
             print_step_profile(encoder_profile(w, mel_window, max(3, args.steps // 6), threads))
         window = w.encode(mel_window)
         w.start(window, [w.tokens.sot])  # computes the window's cross-attention K/V
-        for batch in (1, 5):
-            for threads in args.threads:
-                print_step_profile(step_profile(w, window, batch, 40, args.steps, threads))
+        for past in args.past:
+            for batch in (1, 5):
+                for threads in args.threads:
+                    print_step_profile(step_profile(w, window, batch, past, args.steps, threads))
     print(f"\ntranscription of the {clip_name} clip, medians of {args.runs} runs:")
     for beams, name in ((5, "beam 5 (defaults)"), (1, "greedy")):
         print_breakdown(name, loop_breakdown(w, audio, beams, args.runs))
