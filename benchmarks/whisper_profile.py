@@ -2,10 +2,12 @@
 split by wall-clock timers around each piece of the decode loop.
 
 Part 1 (ORT profiling, `SessionOptions.enable_profiling`): the encoder on one 30 s window, and
-decoder_with_past_model.onnx run alone at batch 1 (greedy) and batch 5 (beams; the cross-attention K/V at batch 1,
-as `xdna transcribe` feeds them), self-attention cache of 40 tokens. Per run: the EP's fused nodes (its GEMMs),
-the other nodes on the CPU EP by op type, and the rest of the run call (session overhead: binding inputs and
-outputs, allocation, partition hand-offs).
+decoder_with_past run alone at batch 1 (greedy) and batch 5 (beams; the cross-attention K/V at batch 1, as
+`xdna transcribe` feeds them), self-attention cache of 40 tokens (--past). The decoder is the graph `xdna
+transcribe` runs: the leaner copy of whisper/decoder_graph.py, unless XDNA_OPTIMISED_DECODERS=0; with
+--compare-original optimum's graph runs in turns with it. Per run: the EP's fused nodes (its GEMMs), the other
+nodes on the CPU EP by op type, and the rest of the run call (session overhead: binding inputs and outputs,
+allocation, partition hand-offs, ORT's per-node cost).
 
 Part 2 (timers): the 29 s clip of benchmarks/whisper.py transcribed with the defaults (beam 5) and greedy; time in
 the encoder, the prompt, the decoder_with_past runs, the KV-cache reorder, fetching the logits, the logit rules
