@@ -8,6 +8,7 @@ against the CPU EP (fp32).
 
     python3 benchmarks/decoder_step.py                 # whisper-base, 15 rounds
     python3 benchmarks/decoder_step.py --rounds 5
+    python3 benchmarks/decoder_step.py --policies int8 --compare-original   # optimised decoder graphs vs optimum's
 """
 
 import argparse
@@ -34,15 +35,22 @@ def main():
     parser.add_argument("--model", default="base")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--policies", default="cpu,bf16,int8,mixed")
+    parser.add_argument("--compare-original", action="store_true",
+                        help="each policy also on optimum's decoder graphs as exported (rows '<policy> orig'); "
+                             "the other rows run the Whisper layer's optimised copies (whisper/decoder_graph.py)")
+    parser.add_argument("--steps-only", action="store_true", help="no encoder runs in the rounds (its column: 0)")
     args = parser.parse_args()
     model = ensure_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    print(machine_line())
+    print(machine_line(), f"; load average {os.getloadavg()[0]:.1f}")
     runners = {}
     for policy in args.policies.split(","):
-        if policy == "cpu":
-            runners[policy] = WhisperOnnx(model, "CPUExecutionProvider")
-        else:
-            runners[policy] = WhisperOnnx(model, precision=policy)
+        for original in (False, True) if args.compare_original else (False,):
+            name = policy + (" orig" if original else "")
+            optimised = False if original else None
+            if policy == "cpu":
+                runners[name] = WhisperOnnx(model, "CPUExecutionProvider", optimised=optimised)
+            else:
+                runners[name] = WhisperOnnx(model, precision=policy, optimised=optimised)
     rng = np.random.default_rng(0)
     audio = (0.1 * rng.standard_normal(F.SAMPLE_RATE * 30)).astype(np.float32)
     mel = F.log_mel_spectrogram(audio, 80)[None, :, :3000].astype(np.float32)
@@ -58,7 +66,8 @@ def main():
         for p, w in runners.items():
             window, state = prompts[p]
             t0 = time.perf_counter()
-            w.encode(mel)
+            if not args.steps_only:
+                w.encode(mel)
             times[p]["encoder"].append(time.perf_counter() - t0)
             token = np.array([w.tokens.sot])
             t0 = time.perf_counter()
@@ -69,12 +78,12 @@ def main():
             times[p]["step x5"].append(time.perf_counter() - t0)
     cols = ["encoder", "step x1", "step x5"]
     print(f"\nwhisper {args.model}, medians of {args.rounds} rounds (ms); decoder steps with {PAST_TOKENS} cached tokens")
-    print(f"{'policy':<10}" + "".join(f"{c:>12}" for c in cols) + "".join(f"{c + ' /bf16':>16}" for c in cols))
+    print(f"{'policy':<12}" + "".join(f"{c:>12}" for c in cols) + "".join(f"{c + ' /bf16':>16}" for c in cols))
     med = {p: {c: statistics.median(v[c]) * 1e3 for c in cols} for p, v in times.items()}
     for p in runners:
         base = med.get("bf16")
         ratios = "".join(f"{med[p][c] / base[c]:>15.2f}x" if base else f"{'':>16}" for c in cols)
-        print(f"{p:<10}" + "".join(f"{med[p][c]:>12.1f}" for c in cols) + ratios)
+        print(f"{p:<12}" + "".join(f"{med[p][c]:>12.1f}" for c in cols) + ratios)
 
 
 if __name__ == "__main__":

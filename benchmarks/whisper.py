@@ -6,7 +6,9 @@ Without an NPU (the usual case here) the XDNA EP runs its GEMMs on the CPU emula
   * optimum + CPU EP:  ORTModelForSpeechSeq2Seq + transformers' "automatic-speech-recognition" pipeline
     (beam 5 = the pipeline's own defaults, greedy = num_beams=1; chunk_length_s=30 on clips over 30 s);
   * xdna transcribe, CPU EP / XDNA EP:  onnxruntime_ep_xdna.whisper.transcribe_all with its defaults (beam 5,
-    temperature fallback, timestamps, condition_on_previous_text), greedy = beam_size=1;
+    temperature fallback, timestamps, condition_on_previous_text), greedy = beam_size=1; on the XDNA EP with
+    `xdna transcribe`'s default precision (auto: int8 on the emulator, bf16 on an NPU), and "XDNA EP bf16" rows
+    in bf16 (--no-bf16 drops them);
   * faster-whisper int8 / fp32:  CTranslate2 on the same whisper-base weights, WhisperModel.transcribe defaults
     (beam 5), greedy = beam_size=1 (needs `pip install 'onnxruntime-ep-xdna[bench]'`).
 All are told the language (en). Clips are real utterances (pocketsphinx test data) joined with 0.3 s of silence:
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm import machine_line  # noqa: E402  (same machine description as the GEMM benchmark)
 
 import onnxruntime_ep_xdna as xdna  # noqa: E402
+from onnxruntime_ep_xdna._precision import DEFAULT as DEFAULT_PRECISION, describe  # noqa: E402
 from onnxruntime_ep_xdna.whisper import ensure_ct2_model, ensure_model, load_model, transcribe_all  # noqa: E402
 from onnxruntime_ep_xdna.whisper.evaluation import (  # noqa: E402
     corpus_wer, fetch_speech_samples, load_wav_16k, normalize_text)
@@ -113,9 +116,10 @@ def optimum_runner(model_dir, provider, beams):
     return load_s, run
 
 
-def xdna_transcribe_runner(model_dir, provider, beams):
+def xdna_transcribe_runner(model_dir, provider, beams, precision=None):
+    """`precision`: the XDNA EP's policy; the runners of the table pass xdna transcribe's default (auto)."""
     t = time.perf_counter()
-    w = load_model(model_dir, provider=provider)
+    w = load_model(model_dir, provider=provider, precision=precision)
     load_s = time.perf_counter() - t
     # the defaults (beam 5, best_of 5, fallback, timestamps, condition_on_previous_text); greedy = beam_size=1
     return load_s, lambda audio: transcribe_all(audio, w, language="en", beam_size=beams).text
@@ -331,8 +335,6 @@ def precision_section(model_dir, samples, runs, policies, include_long):
     """{policy: {...}} (see the module doc), printed as one table and returned for --json."""
     import gc
 
-    from onnxruntime_ep_xdna._precision import describe
-
     clips, utterances = build_clips(samples, include_long=include_long)
     clip30 = next(c for c, (_, _, key) in clips.items() if key == "30s")
     results = {}
@@ -408,6 +410,9 @@ def main():
     parser.add_argument("--no-long", action="store_true", help="without the long-form clip")
     parser.add_argument("--model", default="base", help="model name or directory for ensure_model (default base)")
     parser.add_argument("--no-faster-whisper", action="store_true", help="skip the faster-whisper runner")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="without the 'XDNA EP bf16' rows (the XDNA EP rows run xdna transcribe's default "
+                             "precision, auto; these run the EP's bf16)")
     parser.add_argument("--runners", nargs="+", metavar="TEXT",
                         help="only the runners whose name contains one of these (the baseline always runs), "
                              "e.g. --runners 'XDNA EP' 'int8, beam 5'")
@@ -473,10 +478,12 @@ def main():
     machine = machine_line()
     print("machine:", machine)
     print("versions:", ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"XDNA EP backend: {backend}")
+    print(f"XDNA EP backend: {backend}; 'XDNA EP' rows: precision {describe(DEFAULT_PRECISION)} (xdna "
+          "transcribe's default), 'XDNA EP bf16' rows: bf16")
     if meta.get("backend") != "xrt":
-        print("  -> no NPU: the XDNA EP ran every GEMM on the CPU emulator of the NPU kernel contract "
-              "(bf16 operands, fp32 accumulation); all figures are CPU figures.")
+        print("  -> no NPU: the XDNA EP ran every GEMM on the CPU emulator of the NPU kernel contract (in the "
+              "row's precision); all figures are CPU figures.")
+    print(f"load average at start {os.getloadavg()[0]:.1f}")
     print(f"model: {model_dir} (whisper-base, fp32 ONNX); language en")
     print("clips: " + ", ".join(f"{c} ({len(ref.split())} words)" for c, (_, ref, _) in clips.items())
           + f"; WER set: {len(utterances)} utterances, {sum(a.size for a, _ in utterances) / SR:.1f} s")
@@ -487,7 +494,11 @@ def main():
     for label, beams in (("greedy", 1), ("beam 5", 5)):
         factories[f"optimum + CPU EP, {label}"] = lambda b=beams: optimum_runner(model_dir, "CPUExecutionProvider", b)
         factories[f"xdna transcribe, CPU EP, {label}"] = lambda b=beams: xdna_transcribe_runner(model_dir, "cpu", b)
-        factories[f"xdna transcribe, XDNA EP, {label}"] = lambda b=beams: xdna_transcribe_runner(model_dir, "xdna", b)
+        factories[f"xdna transcribe, XDNA EP, {label}"] = lambda b=beams: xdna_transcribe_runner(
+            model_dir, "xdna", b, DEFAULT_PRECISION)  # what `xdna transcribe` runs: precision auto
+        if not args.no_bf16:
+            factories[f"xdna transcribe, XDNA EP bf16, {label}"] = lambda b=beams: xdna_transcribe_runner(
+                model_dir, "xdna", b, "bf16")
         if not args.no_faster_whisper:
             for ct in ("int8", "float32"):
                 factories[f"faster-whisper {ct}, {label}"] = lambda b=beams, c=ct: faster_whisper_runner(c, b)
@@ -549,6 +560,7 @@ def main():
                           wer_transcripts=[h for _, h in pairs])
 
     print_report(results, clips, runs)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     parts = machine.split("; ")
     header = f"{parts[0]}; onnxruntime {ort.__version__}; {parts[-1]}" + (
         "; XDNA EP = CPU emulator (no NPU)" if meta.get("backend") != "xrt" else "")

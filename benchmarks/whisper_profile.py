@@ -2,10 +2,12 @@
 split by wall-clock timers around each piece of the decode loop.
 
 Part 1 (ORT profiling, `SessionOptions.enable_profiling`): the encoder on one 30 s window, and
-decoder_with_past_model.onnx run alone at batch 1 (greedy) and batch 5 (beams; the cross-attention K/V at batch 1,
-as `xdna transcribe` feeds them), self-attention cache of 40 tokens. Per run: the EP's fused nodes (its GEMMs),
-the other nodes on the CPU EP by op type, and the rest of the run call (session overhead: binding inputs and
-outputs, allocation, partition hand-offs).
+decoder_with_past run alone at batch 1 (greedy) and batch 5 (beams; the cross-attention K/V at batch 1, as
+`xdna transcribe` feeds them), self-attention cache of 40 tokens (--past). The decoder is the graph `xdna
+transcribe` runs: the leaner copy of whisper/decoder_graph.py, unless XDNA_OPTIMISED_DECODERS=0; with
+--compare-original optimum's graph runs in turns with it. Per run: the EP's fused nodes (its GEMMs), the other
+nodes on the CPU EP by op type, and the rest of the run call (session overhead: binding inputs and outputs,
+allocation, partition hand-offs, ORT's per-node cost).
 
 Part 2 (timers): the 29 s clip of benchmarks/whisper.py transcribed with the defaults (beam 5) and greedy; time in
 the encoder, the prompt, the decoder_with_past runs, the KV-cache reorder, fetching the logits, the logit rules
@@ -14,7 +16,9 @@ timed by wrapping them (no change to the package's code).
 
 Without an NPU the XDNA EP computes on the CPU emulator of the NPU kernel contract: every figure is a CPU figure.
 
-    python3 benchmarks/whisper_profile.py [--provider xdna|cpu] [--steps 30] [--runs 3] [--threads 0 1]
+    python3 benchmarks/whisper_profile.py [--provider xdna|cpu] [--precision auto|bf16|int8|...] [--steps 30]
+        [--runs 3] [--threads 0 1] [--past 40 200 440]
+    XDNA_OPTIMISED_DECODERS=0 python3 benchmarks/whisper_profile.py ...   # optimum's decoder graphs as exported
 """
 
 import argparse
@@ -35,54 +39,69 @@ from gemm import machine_line  # noqa: E402
 from whisper import SR, build_clips  # noqa: E402
 
 import onnxruntime_ep_xdna as xdna  # noqa: E402
+from onnxruntime_ep_xdna._precision import DEFAULT as DEFAULT_PRECISION, describe  # noqa: E402
 from onnxruntime_ep_xdna.whisper import ensure_model, load_model, transcribe_all  # noqa: E402
 from onnxruntime_ep_xdna.whisper import onnx_model, rules, search  # noqa: E402
 from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples  # noqa: E402
 from onnxruntime_ep_xdna.whisper.features import N_FRAMES  # noqa: E402
 
 
-def profiled_session(w, graph: str, threads: int = 0):
+def profiled_session(w, graph: str, threads: int = 0, original: bool = False):
+    """A profiling session of the graph `w` runs: the optimised copy of a decoder when `w` uses one (uncompiled:
+    compiling here would only add time), or with `original` optimum's file as exported."""
     so = xdna.session_options() if w.provider == xdna.EP_NAME else ort.SessionOptions()
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "profile")
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(w.model_dir / graph), sess_options=so, providers=w._providers)
+    path = w.model_dir / graph if original else w.optimised_paths.get(graph, w.model_dir / graph)
+    return ort.InferenceSession(str(path), sess_options=so, providers=w._providers)
 
 
-def run_profile(sess, outputs, feed, runs: int) -> tuple[dict, float]:
-    """ORT's per-node profile of `runs` runs (after 2 warm-ups): per category (the EP's fused nodes, each CPU EP
-    op type, session overhead = model_run minus the nodes) the median ms per run over the runs (a loaded machine
-    preempts single nodes now and then; medians keep that out); and the median wall time of a run."""
-    for _ in range(2):
-        sess.run_with_ort_values(outputs, feed)
-    walls = []
+def run_profile(sessions, outputs, feed, runs: int) -> list[tuple[dict, float]]:
+    """ORT's per-node profile of `runs` runs of each session (after 2 warm-ups; the sessions take turns, so that
+    background load hits all alike): per category (the EP's fused nodes, each CPU EP op type, session overhead =
+    model_run minus the nodes) the median ms per run over the runs (a loaded machine preempts single nodes now and
+    then; medians keep that out); and the median wall time of a run. One (medians, wall) per session."""
+    for sess in sessions:
+        for _ in range(2):
+            sess.run_with_ort_values(outputs, feed)
+    walls = [[] for _ in sessions]
     for _ in range(runs):
-        t = time.perf_counter()
-        sess.run_with_ort_values(outputs, feed)
-        walls.append(time.perf_counter() - t)
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    per_run = []
-    for run in [e for e in events if e.get("name") == "model_run"][-runs:]:
-        lo, hi = run["ts"], run["ts"] + run["dur"]
-        by = defaultdict(float)
-        for e in nodes:
-            if lo <= e["ts"] <= hi:
-                provider = e["args"].get("provider", "?")
-                by[EP_KEY if provider == xdna.EP_NAME else f"CPU EP {e['args'].get('op_name', '?')}"] += e["dur"] / 1e3
-        by["model_run"] = run["dur"] / 1e3
-        by["cpu_nodes"] = sum(v for k, v in by.items() if k.startswith("CPU EP"))
-        by["overhead"] = by["model_run"] - by["cpu_nodes"] - by.get(EP_KEY, 0.0)
-        per_run.append(by)
-    keys = {k for r in per_run for k in r}
-    return {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in keys}, statistics.median(walls) * 1e3
+        for sess, wall in zip(sessions, walls):
+            t = time.perf_counter()
+            sess.run_with_ort_values(outputs, feed)
+            wall.append(time.perf_counter() - t)
+    out = []
+    for sess, wall in zip(sessions, walls):
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        per_run = []
+        for run in [e for e in events if e.get("name") == "model_run"][-runs:]:
+            lo, hi = run["ts"], run["ts"] + run["dur"]
+            by = defaultdict(float)
+            for e in nodes:
+                if lo <= e["ts"] <= hi:
+                    provider = e["args"].get("provider", "?")
+                    key = EP_KEY if provider == xdna.EP_NAME else f"CPU EP {e['args'].get('op_name', '?')}"
+                    by[key] += e["dur"] / 1e3
+                    by["nodes run"] += 1
+            by["model_run"] = run["dur"] / 1e3
+            by["cpu_nodes"] = sum(v for k, v in by.items() if k.startswith("CPU EP"))
+            by["overhead"] = by["model_run"] - by["cpu_nodes"] - by.get(EP_KEY, 0.0)
+            per_run.append(by)
+        keys = {k for r in per_run for k in r}
+        out.append(({k: statistics.median(r.get(k, 0.0) for r in per_run) for k in keys},
+                    statistics.median(wall) * 1e3))
+    return out
 
 
-def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int = 0) -> dict:
+def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int = 0,
+                 compare_original: bool = False) -> list[dict]:
     """decoder_with_past at `batch` rows (the cross-attention K/V at batch 1, as `xdna transcribe` feeds them) with
-    a self-attention cache of `past_len` tokens."""
-    sess = profiled_session(w, onnx_model.FILES[2], threads)
+    a self-attention cache of `past_len` tokens; with `compare_original` also optimum's graph, in turns."""
+    graphs = [False] + ([True] if compare_original and w.optimised_paths else [])
+    sessions = [profiled_session(w, onnx_model.FILES[2], threads, original) for original in graphs]
     rng = np.random.default_rng(0)
     feed = dict(window.cross)
     for name in w._as_past.values():
@@ -90,14 +109,16 @@ def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int 
             kv = rng.standard_normal((batch, w._kv_heads, past_len, w._kv_dim)).astype(np.float32)
             feed[name] = ort.OrtValue.ortvalue_from_numpy(kv)
     feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.full((batch, 1), 440, np.int64))
-    med, wall = run_profile(sess, w._past_outputs, feed, steps)
-    return {"what": f"decoder_with_past, batch {batch}, past {past_len} tokens", "threads": threads,
-            "wall_ms_median": wall, "median_ms": med}
+    results = run_profile(sessions, w._past_outputs, feed, steps)
+    which = ["optimum's graph" if original else ("optimised copy" if w.optimised_paths else "optimum's graph")
+             for original in graphs]
+    return [{"what": f"decoder_with_past ({name}), batch {batch}, past {past_len} tokens", "threads": threads,
+             "wall_ms_median": wall, "median_ms": med} for name, (med, wall) in zip(which, results)]
 
 
 def encoder_profile(w, mel_window, runs: int, threads: int = 0) -> dict:
     sess = profiled_session(w, onnx_model.FILES[0], threads)
-    med, wall = run_profile(sess, None, {"input_features": ort.OrtValue.ortvalue_from_numpy(mel_window)}, runs)
+    (med, wall), = run_profile([sess], None, {"input_features": ort.OrtValue.ortvalue_from_numpy(mel_window)}, runs)
     return {"what": "encoder, one 30 s window", "threads": threads, "wall_ms_median": wall, "median_ms": med}
 
 
@@ -108,7 +129,8 @@ def print_step_profile(p: dict) -> None:
     m = p["median_ms"]
     print(f"\n{p['what']}, intra-op threads "
           f"{p['threads'] or 'default'}: wall {p['wall_ms_median']:.2f} ms/run, ORT model_run {m['model_run']:.2f} "
-          f"ms/run (medians; categories are medians each and need not add up exactly)")
+          f"ms/run, {m.get('nodes run', 0):.0f} nodes run (medians; categories are medians each and need not add up "
+          "exactly)")
     print(f"  {EP_KEY:34} {m.get(EP_KEY, 0):7.2f} ms  {m.get(EP_KEY, 0) / m['model_run'] * 100:5.1f}%")
     print(f"  {'CPU EP nodes (all)':34} {m['cpu_nodes']:7.2f} ms  {m['cpu_nodes'] / m['model_run'] * 100:5.1f}%")
     for k, v in sorted(m.items(), key=lambda kv: -kv[1]):
@@ -217,16 +239,26 @@ def main():
     parser.add_argument("--steps", type=int, default=30, help="decoder steps profiled per batch size")
     parser.add_argument("--runs", type=int, default=3, help="transcriptions per decoding mode (median)")
     parser.add_argument("--model", default="base")
+    parser.add_argument("--precision", default=DEFAULT_PRECISION,
+                        help="the XDNA EP's precision policy (default: xdna transcribe's, auto = int8 on the emulator)")
+    parser.add_argument("--past", type=int, nargs="+", default=[40],
+                        help="self-attention cache lengths (tokens) to profile the step at (Whisper: up to 448)")
     parser.add_argument("--threads", type=int, nargs="+", default=[0],
                         help="ORT intra-op thread counts to profile the step with (0 = ORT's default)")
     parser.add_argument("--skip-steps", action="store_true", help="only the transcription breakdown")
+    parser.add_argument("--skip-transcription", action="store_true", help="only the ORT profiles")
+    parser.add_argument("--compare-original", action="store_true",
+                        help="profile each step on optimum's decoder graph too, in turns with the optimised copy")
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     model_dir = ensure_model(args.model)
-    w = load_model(model_dir, provider=args.provider)
+    on_ep = args.provider.lower() in ("xdna", xdna.EP_NAME.lower())
+    w = load_model(model_dir, provider=args.provider, precision=args.precision if on_ep else None)
     print("machine:", machine_line())
-    print(f"provider: {w.provider}" + (" (no NPU here: the CPU emulator of the NPU kernel contract)"
-                                       if w.provider == xdna.EP_NAME else ""))
+    print(f"provider: {w.provider}" + (f", precision {describe(args.precision)} (no NPU here: the CPU emulator of "
+                                       "the NPU kernel contract)" if on_ep else ""))
+    print("decoders: " + ("optimised copies (whisper/decoder_graph.py)" if w.optimised_paths else
+                          "optimum's export as is (XDNA_OPTIMISED_DECODERS=0)"))
     clips, _ = build_clips(fetch_speech_samples(), include_long=False)
     (clip_name, (audio, _, _)), = clips.items()
     if not args.skip_steps:
@@ -238,9 +270,13 @@ def main():
             print_step_profile(encoder_profile(w, mel_window, max(3, args.steps // 6), threads))
         window = w.encode(mel_window)
         w.start(window, [w.tokens.sot])  # computes the window's cross-attention K/V
-        for batch in (1, 5):
-            for threads in args.threads:
-                print_step_profile(step_profile(w, window, batch, 40, args.steps, threads))
+        for past in args.past:
+            for batch in (1, 5):
+                for threads in args.threads:
+                    for p in step_profile(w, window, batch, past, args.steps, threads, args.compare_original):
+                        print_step_profile(p)
+    if args.skip_transcription:
+        return
     print(f"\ntranscription of the {clip_name} clip, medians of {args.runs} runs:")
     for beams, name in ((5, "beam 5 (defaults)"), (1, "greedy")):
         print_breakdown(name, loop_breakdown(w, audio, beams, args.runs))

@@ -168,12 +168,15 @@ class WhisperOnnx:
     """Sessions, tokenizer and special tokens of one Whisper ONNX export."""
 
     def __init__(self, model_dir: str | os.PathLike, provider: str = XDNA_EP, session_options=None,
-                 precision: str | None = None, compiled: bool | None = None,
+                 precision: str | None = None, compiled: bool | None = None, optimised: bool | None = None,
                  log: Callable[[str], None] | None = None):
         """`compiled` (XDNA EP only; default: on unless XDNA_COMPILED_MODELS=0): load the encoder and decoders
         compiled for the EP (EPContext models, cached by `onnxruntime_ep_xdna._compile` per precision policy),
         compiling them on first use; a cached model that fails to load is logged, compiled again, and as a last
-        resort the original model is loaded: never a failed transcription."""
+        resort the original model is loaded: never a failed transcription.
+        `optimised` (any provider; default: on unless XDNA_OPTIMISED_DECODERS=0): run the decoders from their
+        leaner copies (decoder_graph.py: the same numbers with ~120 fewer nodes per step), built once and cached;
+        a copy that fails to build or load is logged and the original is used."""
         import onnxruntime as ort
         import tokenizers
 
@@ -197,6 +200,10 @@ class WhisperOnnx:
         if compiled is None:
             compiled = os.environ.get("XDNA_COMPILED_MODELS", "1") != "0"
         self.compiled = compiled and self.provider == XDNA_EP
+        from . import decoder_graph
+
+        self.optimised = decoder_graph.enabled() if optimised is None else optimised
+        self.optimised_paths: dict[str, Path] = {}  # file -> the optimised copy its session was made from
         self._log = log or (lambda m: print(f"[xdna] {m}", file=sys.stderr))
         self.compiled_paths: dict[str, Path] = {}  # file -> the compiled model it was loaded from
         self._provider_options = options  # a compiled model is loaded with the options it was compiled with
@@ -277,9 +284,35 @@ class WhisperOnnx:
         self._attention_lock = threading.Lock()
 
     def _session(self, file: str, session_options, providers):
+        original = self.model_dir / file
+        source = self._optimised_copy(file) or original
+        if source != original:
+            try:
+                session = self._session_of(source, file, session_options, providers)
+                self.optimised_paths[file] = source
+                return session
+            except Exception as e:  # noqa: BLE001 - the copy is an optimisation: the original still runs
+                from .decoder_graph import discard
+
+                discard(source)
+                self._log(f"{file}: the optimised copy {source} did not load ({one_line(e)}); using the original")
+        return self._session_of(original, file, session_options, providers)
+
+    def _optimised_copy(self, file: str) -> Path | None:
+        """The cached leaner copy of a decoder file (decoder_graph.py), or None (off, not a decoder, failed)."""
+        from . import decoder_graph
+
+        if not self.optimised or file not in decoder_graph.DECODER_FILES:
+            return None
+        try:
+            return decoder_graph.optimised_copy(self.model_dir / file, log=self._log)
+        except Exception as e:  # noqa: BLE001
+            self._log(f"{file}: building its optimised copy failed ({one_line(e)}); using the original")
+            return None
+
+    def _session_of(self, source: Path, file: str, session_options, providers):
         import onnxruntime as ort
 
-        source = self.model_dir / file
         if self.compiled:
             from .._compile import backend_name, cached_compile, discard_cached
 

@@ -1,0 +1,277 @@
+"""The decoders' fixed cost per step, cut once offline: a leaner copy of optimum's decoder graphs, cached.
+
+A decoder step of whisper-base runs ~400 ONNX nodes, ~340 of them on the CPU EP around the XDNA EP's GEMMs:
+optimum's export recomputes every Reshape target from Shape -> Gather -> Unsqueeze -> Concat chains at run time,
+and slices the causal mask to the cache length in every layer. Each node costs ORT a few microseconds however
+small its tensor. The copy built here computes the same numbers (bit for bit: no arithmetic is changed, moved or
+reordered) with ~120 fewer nodes:
+
+1. Shapes proven instead of computed. Symbolic shape inference (onnxruntime.tools.symbolic_shape_infer) names
+   every dimension. A Reshape target becomes a constant: a dimension's number when it is one, 0 ("copy the
+   input's dimension") when it is provably the input's dimension at that position, -1 for the one remaining
+   dimension; Reshapes where that is not proven are left alone. A Reshape to its input's shape, and a Slice with
+   steps of 1 whose result has its input's shape, are dropped. The shape chains that only fed them are then dead
+   and removed.
+2. Duplicates merged: nodes of one deterministic op with equal attributes and equal inputs (small constants
+   compared by value), e.g. the six layers' identical mask Where, run once.
+
+Not done, because it is not bit-exact: onnxruntime.transformers' SkipLayerNormalization fusion (its kernel rounds
+the residual sum and the normalisation differently from Add + LayerNormalization; measured no faster either).
+Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed before.
+
+The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<versions>/, written
+atomically, and a copy that fails to build or load is logged and the original is used (onnx_model.WhisperOnnx).
+XDNA_OPTIMISED_DECODERS=0 switches the copies off.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+# Bump when a pass changes what it writes: older copies are then simply not used.
+VERSION = 1
+DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+def enabled() -> bool:
+    return os.environ.get("XDNA_OPTIMISED_DECODERS", "1") != "0"
+
+
+def _symbolic_dims(model) -> dict[str, list]:
+    """value name -> its dimensions (int, symbol name, or None when unknown), by symbolic shape inference."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+    dims = {}
+    g = inferred.graph
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                         for d in vi.type.tensor_type.shape.dim]
+    return dims
+
+
+def constant_reshape_target(source: list, target: list) -> list[int] | None:
+    """The constant target shape of a Reshape from symbolic `source` to symbolic `target` dims, or None when the
+    dims do not prove one (unknown dims, or more than one dim that is neither a number nor copied)."""
+    if any(d is None for d in source) or any(d is None for d in target):
+        return None
+    out = []
+    for i, d in enumerate(target):
+        if isinstance(d, int):
+            out.append(d)
+        elif i < len(source) and source[i] == d:
+            out.append(0)  # Reshape's default (allowzero=0): copy the input's dimension
+        else:
+            out.append(-1)
+    return out if out.count(-1) <= 1 else None
+
+
+def fold_shape_work(model) -> int:
+    """Pass 1 (module doc) in place; returns the number of Reshapes and Slices changed or removed."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    dims = _symbolic_dims(model)
+    g = model.graph
+    constant = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    graph_outputs = {o.name for o in g.output}
+    renamed: dict[str, str] = {}
+    removed, changed = [], 0
+    for node in g.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue  # 0 would mean a zero-sized dimension
+        source, target = dims.get(node.input[0]), dims.get(node.output[0])
+        if source is None or target is None:
+            continue
+        if source == target and node.output[0] not in graph_outputs:
+            renamed[node.output[0]] = node.input[0]
+            removed.append(node)
+            continue
+        if node.input[1] in constant:
+            continue
+        shape = constant_reshape_target(source, target)
+        if shape is None:
+            continue
+        name = f"{node.output[0]}/xdna_constant_shape"
+        g.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), name))
+        node.input[1] = name
+        changed += 1
+    constants = _small_constants(g)
+    for node in g.node:
+        if node.op_type == "Slice" and node.domain in ("", "ai.onnx") and _identity_slice(node, dims, constants):
+            if node.output[0] not in graph_outputs:
+                renamed[node.output[0]] = node.input[0]
+                removed.append(node)
+    for node in removed:
+        g.node.remove(node)
+    _rename_inputs(g, renamed)
+    remove_dead_nodes(model)
+    return changed + len(removed)
+
+
+def _rename_inputs(g, renamed: dict[str, str]) -> None:
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            while name in renamed:
+                name = renamed[name]
+            node.input[i] = name
+
+
+def _small_constants(g) -> dict:
+    """name -> numpy value of the graph's small constants (initializers and Constant nodes, up to 64 elements)."""
+    from onnx import numpy_helper
+
+    tensors = [(i.name, i) for i in g.initializer]
+    tensors += [(n.output[0], a.t) for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    out = {}
+    for name, t in tensors:
+        if t.data_location != 1 and (n := numpy_helper.to_array(t)).size <= 64:  # external data is never small
+            out[name] = n
+    return out
+
+
+def _identity_slice(node, dims: dict, constants: dict) -> bool:
+    """A Slice whose output has its input's symbolic shape and whose steps are all 1 (or absent) copies its input
+    unchanged (with step 1, a full-length result starts at 0)."""
+    source, target = dims.get(node.input[0]), dims.get(node.output[0])
+    if source is None or source != target or any(d is None for d in source):
+        return False
+    if len(node.input) < 5 or not node.input[4]:
+        return True
+    steps = constants.get(node.input[4])
+    return steps is not None and bool((steps == 1).all())
+
+
+def merge_duplicates(model) -> int:
+    """Common subexpressions: nodes of one deterministic op with the same attributes and the same inputs (constants
+    compared by value) compute the same value; all but the first are removed. Returns the number removed."""
+    g = model.graph
+    values = {name: repr((v.dtype.str, v.shape)).encode() + v.tobytes() for name, v in _small_constants(g).items()}
+    graph_outputs = {o.name for o in g.output}
+    seen: dict[tuple, list[str]] = {}
+    renamed: dict[str, str] = {}
+    removed = []
+    for node in g.node:
+        if node.op_type == "Constant" or node.op_type.startswith(("Random", "Multinomial", "Bernoulli")) or any(
+                a.HasField("g") or len(a.graphs) for a in node.attribute):
+            continue
+        inputs = []
+        for name in node.input:
+            while name in renamed:
+                name = renamed[name]
+            inputs.append(values.get(name, name.encode()))
+        key = (node.domain, node.op_type, tuple(inputs),
+               tuple(sorted(a.SerializeToString() for a in node.attribute)), len(node.output))
+        first = seen.get(key)
+        if first is None or any(o in graph_outputs for o in node.output):
+            seen.setdefault(key, list(node.output))
+            continue
+        for o, keep in zip(node.output, first):
+            if o:
+                renamed[o] = keep
+        removed.append(node)
+    for node in removed:
+        g.node.remove(node)
+    _rename_inputs(g, renamed)
+    remove_dead_nodes(model)
+    return len(removed)
+
+
+def remove_dead_nodes(model) -> int:
+    """Removes nodes none of whose outputs is read (by a node, a subgraph or the graph's outputs), and initializers
+    no node reads. Returns the number of nodes removed."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+
+    def reads(node):
+        names = set(node.input)
+        for a in node.attribute:  # subgraphs read outer values by name
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                for n in sub.node:
+                    names |= reads(n)
+        return names
+
+    keep = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed |= reads(node)
+    removed = len(g.node) - len(keep)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    unused = [i for i in g.initializer if i.name not in needed]
+    for i in unused:
+        g.initializer.remove(i)
+    return removed
+
+
+def optimise(source: Path, output: Path) -> dict:
+    """The passes on `source` into `output`. Returns what was done."""
+    import onnx
+
+    model = onnx.load(str(source))
+    nodes = len(model.graph.node)
+    shapes = fold_shape_work(model)
+    merged = merge_duplicates(model)
+    onnx.save(model, str(output))
+    return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged}
+
+
+def _versions() -> str:
+    import onnx
+    import onnxruntime as ort
+
+    return f"v{VERSION}-ort{ort.__version__}-onnx{onnx.__version__}"
+
+
+def cache_entry(source: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the optimised copy of `source` lives: keyed by its content and the versions that made the copy."""
+    from .._compile import _model_hash
+    from .model import cache_root
+
+    root = cache_root(cache_dir) / "optimised"
+    return root / f"{_model_hash(source, root)}-{_versions()}" / source.name
+
+
+def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                   log: Callable[[str], None] = lambda m: None) -> Path:
+    """The optimised copy of `source` from the cache, built into it first if absent. Concurrent builders each
+    write their own temporary directory and rename it into place; the first rename wins. Raises on failure (the
+    caller logs it and uses the original)."""
+    source = Path(source)
+    target = cache_entry(source, cache_dir)
+    if target.is_file():
+        return target
+    entry = target.parent
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    try:
+        t0 = time.perf_counter()
+        done = optimise(source, tmp / target.name)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not target.is_file():  # not another process's finished entry: a stale or broken one
+                shutil.rmtree(entry, ignore_errors=True)
+                os.rename(tmp, entry)
+        log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
+            f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
+            f"{done['merged']} duplicates merged): {entry}")
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discard(copy: Path) -> None:
+    """Removes one cache entry (e.g. after it failed to load)."""
+    shutil.rmtree(Path(copy).parent, ignore_errors=True)

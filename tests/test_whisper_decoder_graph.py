@@ -1,0 +1,166 @@
+"""The decoders' optimised copies (whisper/decoder_graph.py): fewer nodes, the same numbers bit for bit, the same
+MatMuls on the XDNA EP, and a cache that is built once, rebuilt when broken and can be switched off."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxruntime_ep_xdna as xdna
+
+pytest.importorskip("optimum.onnxruntime", reason="the whisper extra is not installed")
+
+from onnxruntime_ep_xdna.whisper import decoder_graph  # noqa: E402
+from onnxruntime_ep_xdna.whisper.model import make_tiny_random_whisper  # noqa: E402
+from onnxruntime_ep_xdna.whisper.onnx_model import FILES, WhisperOnnx  # noqa: E402
+from onnxruntime_ep_xdna.whisper.transcribe import transcribe_all  # noqa: E402
+
+EP = xdna.EP_NAME
+SR = 16_000
+SHAPE_OPS = ("Shape", "Gather", "Unsqueeze", "Concat", "Slice")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_random_whisper(tmp_path_factory.mktemp("tiny-graph"), seed=2, multilingual=True)
+
+
+@pytest.fixture(scope="module")
+def copies(tiny, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("optimised")
+    paths = {}
+    for f in decoder_graph.DECODER_FILES:
+        paths[f] = out / f
+        decoder_graph.optimise(tiny / f, paths[f])
+    return paths
+
+
+def op_counts(path: Path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def feeds(session, batch: int, tokens: int, past: int, seed: int) -> dict:
+    """Inputs as WhisperOnnx feeds them: `batch` sequences, the cross-attention K/V (and encoder output) at batch 1."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            feed[i.name] = rng.integers(0, 200, (batch, tokens)).astype(np.int64)
+        elif i.name == "encoder_hidden_states":
+            feed[i.name] = rng.standard_normal((1, 1500, i.shape[2])).astype(np.float32)
+        elif ".encoder." in i.name:
+            feed[i.name] = rng.standard_normal((1, i.shape[1], 1500, i.shape[3])).astype(np.float32)
+        else:
+            feed[i.name] = rng.standard_normal((batch, i.shape[1], past, i.shape[3])).astype(np.float32)
+    return feed
+
+
+def sessions(paths, provider_list):
+    import onnxruntime as ort
+
+    xdna.register()
+    return [ort.InferenceSession(str(p), xdna.session_options(), providers=provider_list) for p in paths]
+
+
+@pytest.mark.parametrize("provider", ["cpu", "xdna-bf16", "xdna-int8"])
+def test_optimised_decoders_compute_the_same_bits_with_fewer_nodes(tiny, copies, provider):
+    """Bit for bit on the CPU EP and on the XDNA EP in both precisions: the passes change no arithmetic. Cases:
+    greedy (1 row) and beams (3 rows over batch-1 cross K/V), one token or a prompt, an empty or a filled cache."""
+    providers = ["CPUExecutionProvider"] if provider == "cpu" else [
+        (EP, {"precision": provider.split("-")[1]}), "CPUExecutionProvider"]
+    for f, copy in copies.items():
+        before, after = op_counts(tiny / f), op_counts(copy)
+        assert after["MatMul"] == before["MatMul"]
+        assert sum(after[o] for o in SHAPE_OPS) < sum(before[o] for o in SHAPE_OPS) - 20, (before, after)
+        original, optimised = sessions([tiny / f, copy], providers)
+        with_past = f == FILES[2]
+        for batch, tokens, past in ([(1, 1, 7), (3, 1, 12), (1, 5, 0), (2, 3, 4)] if with_past else [(1, 4, 0)]):
+            feed = feeds(original, batch, tokens, past, seed=batch * 100 + past)
+            a, b = original.run(None, feed), optimised.run(None, feed)
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                assert x.shape == y.shape and np.array_equal(x, y), (f, batch, tokens, past)
+
+
+def test_every_matmul_stays_on_the_xdna_ep(tiny, copies):
+    for f, copy in copies.items():
+        original, optimised = sessions([tiny / f, copy], [EP, "CPUExecutionProvider"])
+        on_ep = [sorted(n for n, op in xdna.placement(s).on(EP) if op == "MatMul") for s in (original, optimised)]
+        assert on_ep[0] and on_ep[0] == on_ep[1]
+
+
+@pytest.mark.parametrize("source, target, expected", [
+    (["b", "t", 512], ["b", "t", 8, 64], [0, 0, 8, 64]),
+    (["b", "t", 8, 64], ["b", "t", 512], [0, 0, 512]),
+    (["b", 512], ["b", "t2", 64], [0, -1, 64]),  # one dim neither known nor copied: -1
+    (["b", "t"], [8, "b*t"], [8, -1]),
+    (["a", "b"], ["x", "y"], None),  # two such dims: left alone
+    (["b", None], ["b", 4], None),  # an unknown dim proves nothing
+])
+def test_constant_reshape_target(source, target, expected):
+    assert decoder_graph.constant_reshape_target(source, target) == expected
+
+
+def chirp(seconds: float, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(SR * seconds)) / SR
+    rng = np.random.default_rng(seed)
+    return (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def test_whisper_layer_builds_the_copies_once_and_falls_back_when_they_break(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
+    audio = chirp(6.0, seed=4)
+
+    def tokens(w):
+        r = transcribe_all(audio, w, beam_size=2, sample_len=12, temperature=0)
+        return [t for s in r.segments for t in s.tokens]
+
+    plain = WhisperOnnx(tiny, "xdna", optimised=False, compiled=False)
+    assert plain.optimised_paths == {}
+    expected = tokens(plain)
+
+    first: list[str] = []
+    w1 = WhisperOnnx(tiny, "xdna", compiled=False, log=first.append)
+    assert set(w1.optimised_paths) == set(decoder_graph.DECODER_FILES)
+    assert sum(m.startswith("optimised") for m in first) == 2, first
+    for path in w1.optimised_paths.values():
+        assert path.is_relative_to(tmp_path / "cache" / "optimised")
+    assert tokens(w1) == expected
+
+    second: list[str] = []
+    w2 = WhisperOnnx(tiny, "xdna", log=second.append)  # compiled from the copies: same tokens
+    assert not any(m.startswith("optimised") for m in second) and w2.optimised_paths == w1.optimised_paths
+    assert all("_ctx" in str(p) for p in w2.compiled_paths.values())
+    assert tokens(w2) == expected
+
+    broken = w1.optimised_paths[FILES[2]]
+    broken.write_bytes(broken.read_bytes()[:1000])  # truncated by a crash or a full disk
+    third: list[str] = []
+    w3 = WhisperOnnx(tiny, "xdna", compiled=False, log=third.append)
+    assert any("did not load" in m and "using the original" in m for m in third), third
+    assert FILES[2] not in w3.optimised_paths and not broken.parent.exists()  # discarded: rebuilt next time
+    assert tokens(w3) == expected
+    fourth: list[str] = []
+    w4 = WhisperOnnx(tiny, "xdna", compiled=False, log=fourth.append)
+    assert FILES[2] in w4.optimised_paths and any(m.startswith("optimised decoder_with_past") for m in fourth)
+
+    monkeypatch.setenv("XDNA_OPTIMISED_DECODERS", "0")
+    assert WhisperOnnx(tiny, "cpu").optimised_paths == {}
+
+
+def test_a_copy_that_cannot_be_built_leaves_the_original(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
+
+    def fail(source, output):
+        raise RuntimeError("symbolic shape inference gave up")
+
+    monkeypatch.setattr(decoder_graph, "optimise", fail)
+    log: list[str] = []
+    w = WhisperOnnx(tiny, "cpu", log=log.append)
+    assert w.optimised_paths == {}
+    assert sum("building its optimised copy failed (symbolic shape inference gave up)" in m for m in log) == 2
+    assert not [p for p in (tmp_path / "cache" / "optimised").iterdir() if p.name.startswith(".tmp")]
