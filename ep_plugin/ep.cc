@@ -324,8 +324,8 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     check(ort, ort.Node_GetOperatorType(c.node, &op_type));
     ++considered;
     const ops::Claim& a = c.claim;
-    const bool ok = a.ok || !c.covered_by.empty();
-    const std::string reason = c.covered_by.empty() ? a.reason : "in the fused attention of '" + c.covered_by + "'";
+    const bool ok = a.ok || c.covered;
+    const std::string reason = !c.covered ? a.reason : "in the fused attention of '" + c.covered_by + "'";
     if (a.ok) claimed.push_back({c.node, a.fused_producers});
     log_(ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
          std::string(ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" + reason +
@@ -382,7 +382,7 @@ std::vector<CompiledNode> XdnaEp::compile_from_graph(const OrtGraph* graph, cons
     if (a->ok) ops::apply_precision_policy(options_.precision, a);
   };
   for (ops::NodeClaim& c : ops::claim_nodes(ort, group, index, with_precision)) {  // the rules GetCapability used
-    if (!c.covered_by.empty()) continue;  // counted with the node that covers it
+    if (c.covered) continue;  // counted with the node that covers it
     ops::Claim& a = c.claim;
     if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);
     covered += 1 + a.fused_producers.size();

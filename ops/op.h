@@ -138,7 +138,8 @@ Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index
 struct NodeClaim {
   const OrtNode* node = nullptr;
   Claim claim;
-  std::string covered_by;
+  std::string covered_by;  // for messages: the covering node's name, or its output's when it has none
+  bool covered = false;    // the flag to test (node names may be empty)
 };
 std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const OrtNode*>& nodes,
                                    const GraphIndex& index, const std::function<void(Claim*)>& adjust = {});

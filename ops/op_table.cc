@@ -84,12 +84,13 @@ std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const Or
     ep::check(api, api.Node_GetOperatorType(*it, &op_type));
     ep::check(api, api.Node_GetDomain(*it, &domain));
     if (!find_op(domain, op_type)) continue;
-    NodeClaim c{*it, {}, ""};
+    NodeClaim c{*it, {}, "", false};
     if (const auto cov = covered_by.find(*it); cov != covered_by.end()) {
       const char* name = nullptr;
       ep::check(api, api.Node_GetName(*it, &name));
       c.claim.plan.node_name = name ? name : "";
       c.covered_by = cov->second;
+      c.covered = true;
     } else {
       c.claim = claim_node(api, *it, index);
       if (adjust) adjust(&c.claim);
@@ -98,7 +99,9 @@ std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const Or
         if (adjust) adjust(&c.claim);
       }
       if (c.claim.ok)
-        for (const OrtNode* p : c.claim.fused_producers) covered_by[p] = c.claim.plan.node_name;
+        for (const OrtNode* p : c.claim.fused_producers)
+          covered_by[p] = c.claim.plan.node_name.empty() ? "(unnamed, output " + c.claim.plan.output + ")"
+                                                         : c.claim.plan.node_name;
     }
     claims.push_back(std::move(c));
   }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
@@ -93,6 +94,21 @@ def test_decoder_shaped_attention(M):
     sess = xdna_session(model, {"backend": "emulator"})
     assert ("sm", "Softmax") in ep_nodes(sess)
     f = feeds(B, H, M, T, 2 + M)
+    check_against_exact_and_cpu(sess.run(None, f)[0], cpu_session(model).run(None, f)[0], f)
+
+
+def test_attention_of_unnamed_nodes():
+    """Node names are optional in ONNX: an attention whose nodes have none is fused and compiled like a named one
+    (the covered QK^T MatMul was once told apart by its coverer's name, and Compile refused the session)."""
+    B, H, M, T = 1, 2, 3, 40
+    named = onnx.load_from_string(sdpa_model(B, H, M, T, "mul"))
+    for node in named.graph.node:
+        node.name = ""
+    model = named.SerializeToString()
+    sess = xdna_session(model, {"backend": "emulator"})
+    assert sorted(op for _, op in ep_nodes(sess)) == ["MatMul", "MatMul", "Mul", "Softmax", "Transpose",
+                                                       "Transpose", "Transpose"]
+    f = feeds(B, H, M, T, 9)
     check_against_exact_and_cpu(sess.run(None, f)[0], cpu_session(model).run(None, f)[0], f)
 
 
