@@ -324,7 +324,8 @@ class WhisperOnnx:
                     self._log(f"{file}: compiling for the XDNA EP failed ({one_line(e)}); loading it uncompiled")
                     break
                 try:
-                    session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+                    session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers,
+                                                   enable_fallback=0)
                     self.compiled_paths[file] = path
                     return session
                 except Exception as e:  # noqa: BLE001
@@ -333,7 +334,9 @@ class WhisperOnnx:
                               + ("compiling it again" if attempt == 1 and not fresh else "loading it uncompiled"))
                     if fresh:
                         break
-        return ort.InferenceSession(str(source), sess_options=session_options, providers=providers)
+        # enable_fallback=0: a refused EP option raises the EP's reason, instead of onnxruntime's Python API
+        # retrying on the CPU EP alone and only printing it
+        return ort.InferenceSession(str(source), sess_options=session_options, providers=providers, enable_fallback=0)
 
     @property
     def is_multilingual(self) -> bool:
@@ -432,7 +435,7 @@ class WhisperOnnx:
                 path = attention_decoder(self.model_dir, [layer for layer, _ in self.alignment_heads])
                 try:
                     self._attention = ort.InferenceSession(str(path), sess_options=self._session_options,
-                                                           providers=self._providers)
+                                                           providers=self._providers, enable_fallback=0)
                 except Exception as e:
                     raise TranscribeError(f"{path}: ONNX Runtime could not load the word-timing decoder "
                                           f"({one_line(e)})") from None
