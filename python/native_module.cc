@@ -329,6 +329,26 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("b"), py::arg("precision"), "A weight packed in a precision mode, as the EP packs it (for upload)");
   m.def("emulator_gemm", [](F32Array a, const k::PackedB& b, int threads) { return run_gemm(a, b, false, threads); },
         py::arg("a"), py::arg("b"), py::arg("threads") = 0);
+  m.def("emulator_attention", [](F32Array q, F32Array k, F32Array v, float scale, int threads) {
+        // One head of the fused attention contract (attention_contract.h): q [M, D], k [T, D], v [T, Dv].
+        if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(1) || v.shape(0) != k.shape(0))
+          throw std::invalid_argument("q must be [M, D], k [T, D] and v [T, Dv]");
+        k::AttentionShape shape;
+        shape.M = q.shape(0);
+        shape.T = k.shape(0);
+        shape.D = q.shape(1);
+        shape.Dv = v.shape(1);
+        shape.scale = scale;
+        py::array_t<float> o({shape.M, shape.Dv});
+        const k::AttentionHead head{q.data(), shape.D, k.data(), 1, shape.D, v.data(), shape.Dv, 1,
+                                    o.mutable_data(), shape.Dv};
+        {
+          py::gil_scoped_release release;
+          k::emulator_attention(shape, &head, 1, threads);
+        }
+        return o;
+      }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("threads") = 0,
+      "One head of fused attention on the emulator (the contract's reference)");
   m.def("emulator_gemm_unpacked", [](F32Array a, F32Array b, int threads, bool b_transposed) {
         // b_transposed: `b` holds B^T [N, K] (B read as it lies, column by column).
         const int64_t Kb = b.ndim() == 2 ? b.shape(b_transposed ? 1 : 0) : -1;
