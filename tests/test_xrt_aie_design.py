@@ -982,3 +982,45 @@ def test_attention_core_kernel_rounds_to_nearest_even(attention_kernel):
     o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), 32, 1, 1.0,
                       CompiledAttentionCore(attention_kernel)).reshape(32, 64)
     np.testing.assert_array_equal(o[:, 0], np.float32(1 + 2.0**-7))
+
+
+def test_attention_build_dry_run_and_manifest_entries(tmp_path, monkeypatch):
+    """build_kernels.py --dtype attn_f32: the dry run describes the recorded program; shapes the design cannot take
+    are refused; build_attention (toolchain commands stubbed) compiles attention_bf16.cc once, one xclbin per
+    (T, H, scale), and writes attn_f32 manifest entries with the program's constants."""
+    import build_kernels
+
+    script = str(AIE / "build_kernels.py")
+    dry = subprocess.run([sys.executable, script, "--dtype", "attn_f32", "--attention", "1500x8", "--dry-run"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "T= 1500 H=  8 scale=0.125 attn_f32: 3 pass(es) per head, 47 key tiles" in dry.stdout
+    for bad in (["--dtype", "attn_f32", "--attention", "20x8"], ["--attention", "1500x8"],
+                ["--dtype", "attn_f32"]):
+        r = subprocess.run([sys.executable, script, *bad, "--dry-run"], capture_output=True, text=True)
+        assert r.returncode == 2, bad
+
+    sources = []
+
+    def fake_run(cmd, cwd, log):
+        if "-o" in cmd:  # Peano
+            sources.append(Path(cmd[cmd.index("-c") + 1]).name)
+            Path(cmd[cmd.index("-o") + 1]).write_bytes(b"obj")
+            return
+        assert "attention_q_tile" in Path(cwd, "design.mlir").read_text()
+        Path(cwd, "insts.bin").write_bytes(b"insts")
+        Path(cwd, "final.xclbin").write_bytes(b"xclbin")
+
+    monkeypatch.setattr(build_kernels, "run", fake_run)
+    monkeypatch.setattr(build_kernels.design_attn, "iron_module", lambda T, H, scale, ld=0: "attention_q_tile ...")
+    monkeypatch.setenv("AIE_XCLBINUTIL_PATH", "/nonexistent/xclbinutil")
+    tools = {"peano": "/p", "aie_api_include": "/i", "aiecc": "aiecc.py", "xclbinutil": "/x"}
+    variants = [build_kernels.parse_attention("1500x8"), build_kernels.parse_attention("1500x6:0.2")]
+    result = build_kernels.build_attention(variants, tmp_path / "out", tools, tmp_path / "work")
+    assert sources == ["attention_bf16.cc"]
+    entries = result["kernels"]
+    assert [(e["dtype"], e["T"], e["H"], e["ld"], e["scale"]) for e in entries] == \
+        [("attn_f32", 1500, 8, 512, 0.125), ("attn_f32", 1500, 6, 384, 0.2)]
+    assert len({e["xclbin"] for e in entries}) == 2
+    assert all((tmp_path / "out" / e["xclbin"]).is_file() and (tmp_path / "out" / e["insts"]).is_file()
+               for e in entries)
