@@ -628,14 +628,15 @@ def test_attention_iron_program_recorded():
     pl = attn.plan(T, H)
     for t in rt.transfers:
         tap = design.Tap(t.tap.offset, t.tap.sizes, t.tap.strides)
-        design.check_shim_tap(tap, 4, pl.tensor_len)
+        design.check_shim_tap(tap, 4, pl.o_len if t.tensor == "D" else pl.tensor_len)
         assert (t.placement.col, t.placement.row)[1] == 0
     k_fills = [t for t in rt.transfers if t.fifo == "K"]
     assert {t.placement.col for t in k_fills} == {0} and {t.placement.col for t in rt.transfers if t.fifo == "V"} == {1}
     assert len(k_fills) == H * attn.passes(T) * 2  # the whole tiles in one BD, the overlapped tail in another
     drains = [t for t in rt.transfers if t.kind == "drain"]
     assert len(drains) == H * attn.passes(T) * 16 and all(t.wait for t in drains)
-    written = np.zeros(pl.tensor_len, np.int64)
+    assert {t.tensor for t in drains} == {"D"} and {t.tensor for t in rt.transfers if t.fifo == "V"} == {"C"}
+    written = np.zeros(pl.o_len, np.int64)
     for t in drains:
         written[design.tap_indices(design.Tap(t.tap.offset, t.tap.sizes, t.tap.strides))] += 1
     assert (written > 0).all(), "every element of O is written"
@@ -653,7 +654,8 @@ def test_attention_design_computes_softmax_attention(T, H):
         (0.5 * rng.standard_normal((T, H * attn.D))).astype(np.float32), \
         rng.standard_normal((T, H * attn.D)).astype(np.float32)
     scale = attn.D ** -0.5
-    o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), T, H, scale).reshape(T, H * attn.D)
+    o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), T, H, scale, ldo=H * attn.D,
+                      o_head=attn.D).reshape(T, H * attn.D)
     for h in range(H):
         cols = slice(h * attn.D, (h + 1) * attn.D)
         qh, kh, vh = (x[:, cols] for x in (q, k, v))
@@ -922,14 +924,14 @@ def _attention_operands(T, H, seed, ld=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("T,H,ld", [
-    (1500, 1, 0),    # whisper-base encoder self-attention, one head (the host stand-in is scalar): 47 tiles, tail 28
-    (1500, 3, 0),    # three heads read in place from one [1500, 192] tensor
-    (97, 2, 160),    # tails (97 = 3 x 32 + 1), a row stride wider than the heads
-    (64, 1, 0),      # whole tiles, one pass with 14 spare slots
-    (32, 1, 0),      # a single key tile
+@pytest.mark.parametrize("T,H,ld,o_cols", [
+    (1500, 1, 0, False),   # whisper-base encoder self-attention, one head (the host stand-in is scalar): 47 tiles
+    (1500, 3, 0, False),   # three heads read in place from one [1500, 192] tensor, O as [H, T, 64]
+    (97, 2, 160, True),    # tails (97 = 3 x 32 + 1), a row stride wider than the heads, O as [T, H * 64]
+    (64, 1, 0, False),     # whole tiles, one pass with 14 spare slots
+    (32, 1, 0, False),     # a single key tile
 ])
-def test_attention_core_kernel_within_bound_of_emulator(attention_kernel, T, H, ld):
+def test_attention_core_kernel_within_bound_of_emulator(attention_kernel, T, H, ld, o_cols):
     """attention_bf16.cc run through the design's transfers (simulate: strided head reads, overlapped last query
     and key tiles, the memtile's un-blocking of O) against float64 attention within the contract's bound
     (numerics.attention_bound), and against the emulator's fused attention (the reference) within the same bound.
@@ -938,23 +940,24 @@ def test_attention_core_kernel_within_bound_of_emulator(attention_kernel, T, H, 
 
     q, k, v = _attention_operands(T, H, seed=T + H, ld=ld)
     scale = attn.D ** -0.5
-    pl = attn.plan(T, H, ld)
+    ldo, o_head = (H * attn.D, attn.D) if o_cols else (0, -1)
+    pl = attn.plan(T, H, ld, ldo, o_head)
     flat = lambda x: np.ascontiguousarray(x.reshape(-1)[:pl.tensor_len])  # noqa: E731
-    o = attn.simulate(flat(q), flat(k), flat(v), T, H, scale, CompiledAttentionCore(attention_kernel), ld)
-    o = np.concatenate([o, np.full(T * pl.ld - pl.tensor_len, np.nan, np.float32)]).reshape(T, pl.ld)
+    o_flat = attn.simulate(flat(q), flat(k), flat(v), T, H, scale, CompiledAttentionCore(attention_kernel), ld,
+                           ldo, o_head)
     for h in range(H):
         cols = slice(h * attn.D, (h + 1) * attn.D)
         qh, kh, vh = q[:, cols], k[:, cols], v[:, cols]
-        assert np.isfinite(o[:, cols]).all(), "a row of the head was not written"
+        o_h = o_flat[h * pl.o_head + np.arange(T)[:, None] * pl.ldo + np.arange(attn.D)[None, :]]
+        assert np.isfinite(o_h).all(), "a row of the head was not written"
         bound = attention_bound(qh, kh.T, vh, scale)
-        err = np.abs(o[:, cols] - attention_exact(qh, kh.T, vh, scale))
+        err = np.abs(o_h - attention_exact(qh, kh.T, vh, scale))
         assert np.all(err <= bound), f"head {h}: max error/bound vs exact {np.max(err / bound)}"
         emu = nat.emulator_attention(np.ascontiguousarray(qh), np.ascontiguousarray(kh), np.ascontiguousarray(vh),
                                      scale)
-        diff = np.abs(o[:, cols] - emu)
+        diff = np.abs(o_h - emu)
         assert np.all(diff <= bound), f"head {h}: max difference/bound vs emulator {np.max(diff / bound)}"
-    if ld > H * attn.D:
-        assert np.isnan(o[:, H * attn.D:]).all(), "columns outside the heads are never written"
+    assert np.isfinite(o_flat).sum() == T * H * attn.D, "nothing outside the heads' outputs is written"
 
 
 def test_attention_core_kernel_nan_rows(attention_kernel):
@@ -1012,15 +1015,15 @@ def test_attention_build_dry_run_and_manifest_entries(tmp_path, monkeypatch):
         Path(cwd, "final.xclbin").write_bytes(b"xclbin")
 
     monkeypatch.setattr(build_kernels, "run", fake_run)
-    monkeypatch.setattr(build_kernels.design_attn, "iron_module", lambda T, H, scale, ld=0: "attention_q_tile ...")
+    monkeypatch.setattr(build_kernels.design_attn, "iron_module", lambda *args: "attention_q_tile ...")
     monkeypatch.setenv("AIE_XCLBINUTIL_PATH", "/nonexistent/xclbinutil")
     tools = {"peano": "/p", "aie_api_include": "/i", "aiecc": "aiecc.py", "xclbinutil": "/x"}
     variants = [build_kernels.parse_attention("1500x8"), build_kernels.parse_attention("1500x6:0.2")]
     result = build_kernels.build_attention(variants, tmp_path / "out", tools, tmp_path / "work")
     assert sources == ["attention_bf16.cc"]
     entries = result["kernels"]
-    assert [(e["dtype"], e["T"], e["H"], e["ld"], e["scale"]) for e in entries] == \
-        [("attn_f32", 1500, 8, 512, 0.125), ("attn_f32", 1500, 6, 384, 0.2)]
+    assert [(e["dtype"], e["T"], e["H"], e["ld"], e["ldo"], e["o_head"], e["scale"]) for e in entries] == \
+        [("attn_f32", 1500, 8, 512, 64, 96000, 0.125), ("attn_f32", 1500, 6, 384, 64, 96000, 0.2)]
     assert len({e["xclbin"] for e in entries}) == 2
     assert all((tmp_path / "out" / e["xclbin"]).is_file() and (tmp_path / "out" / e["insts"]).is_file()
                for e in entries)

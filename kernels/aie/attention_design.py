@@ -7,8 +7,9 @@ program (`iron_program`, recorded for the host checks by iron_layer.Recorder; bu
 
 Operands: ORT's fp32 tensors read and written in place through the shim DMA's strides (no head split copies):
   Q, K, V: [T rows, ld] with head h in columns h*D .. h*D + D - 1 (ld = H * D for the q/k/v projections' outputs);
-  O:       [T, ld], head h written into its columns (the layout out_proj reads). D = 64; T >= 32 keys and query
-  rows, fixed per xclbin (as are H, ld and the scale).
+  O:       head h's row t at h * o_head + t * ldo (default [H, T, D], o_head = T * D, ldo = D: the output of the
+  EP's fused attention node, the PV MatMul's [B, H, T, D]; o_head = D, ldo = H * D writes [T, H * D]).
+  D = 64; T >= 32 keys and query rows, fixed per xclbin (as are H, ld, ldo, o_head and the scale).
 
 Array mapping (npu1: 4 columns x 4 core rows, one memtile per column):
   * A work item is (head h, 32 query rows). All 16 cores work on one head at a time: a pass deals 16 query tiles
@@ -110,15 +111,24 @@ def work_items(H: int, T: int) -> list[list[tuple[int, int]]]:
 class Plan:
     T: int
     H: int
-    ld: int  # row stride of Q, K, V and O in elements
+    ld: int  # row stride of Q, K and V in elements
+    ldo: int  # row stride of O
+    o_head: int  # offset of head h + 1's output from head h's
 
     @property
-    def tensor_len(self) -> int:
+    def tensor_len(self) -> int:  # Q, K, V
         return (self.T - 1) * self.ld + self.H * D
 
+    @property
+    def o_len(self) -> int:
+        return (self.H - 1) * self.o_head + (self.T - 1) * self.ldo + D
+
     def rows_tap(self, h: int, start: int) -> g.Tap:
-        """32 rows of head h from `start`: a Q tile, an overlapped last K/V tile or an O tile."""
+        """32 rows of head h from `start` in Q, K or V: a Q tile or an overlapped last K/V tile."""
         return g.Tap(start * self.ld + h * D, (1, 1, QROWS, D), (0, 0, self.ld, 1))
+
+    def o_tap(self, h: int, start: int) -> g.Tap:
+        return g.Tap(h * self.o_head + start * self.ldo, (1, 1, QROWS, D), (0, 0, self.ldo, 1))
 
     def kv_taps(self, h: int) -> list[g.Tap]:
         """Head h's keys (or values) in 32-row tiles, as one transfer plus one for an overlapped last tile."""
@@ -129,9 +139,14 @@ class Plan:
         return taps
 
 
-def plan(T: int, H: int, ld: int = 0) -> Plan:
+def plan(T: int, H: int, ld: int = 0, ldo: int = 0, o_head: int = -1) -> Plan:
+    """ld default H * D; O default [H, T, D] (ldo = D, o_head = T * D)."""
     check_shape(T, H, ld)
-    return Plan(T, H, ld or H * D)
+    ldo = ldo or D
+    o_head = T * ldo if o_head < 0 else o_head
+    if ldo < D or (H > 1 and o_head < D):
+        raise ValueError(f"ldo={ldo}, o_head={o_head}: heads' outputs would overlap")
+    return Plan(T, H, ld or H * D, ldo, o_head)
 
 
 def o_l2_dims():
@@ -147,6 +162,7 @@ def check_plan(p: Plan) -> None:
             g.check_shim_tap(tap, 4, p.tensor_len)
         for start in q_tile_starts(p.T):
             g.check_shim_tap(p.rows_tap(h, start), 4, p.tensor_len)
+            g.check_shim_tap(p.o_tap(h, start), 4, p.o_len)
     g.check_mem_dims(o_l2_dims(), 4, ROWS * TILE)
     if sum(l1_bytes().values()) > L1_LIMIT:
         raise ValueError("L1 over budget")
@@ -192,13 +208,13 @@ class NumpyCore:
 
 
 def simulate(q: np.ndarray, k: np.ndarray, v: np.ndarray, T: int, H: int, scale: float, core=None,
-             ld: int = 0) -> np.ndarray:
+             ld: int = 0, ldo: int = 0, o_head: int = -1) -> np.ndarray:
     """The plan's transfers with `core` (default NumpyCore) doing each work item, on flat fp32 tensors of
-    Plan.tensor_len elements; returns O (flat, NaN where nothing was written). Cores run their items one after
-    another (the core kernel keeps its state in static data)."""
-    pl = plan(T, H, ld)
+    Plan.tensor_len elements; returns O (flat, Plan.o_len elements, NaN where nothing was written). Cores run
+    their items one after another (the core kernel keeps its state in static data)."""
+    pl = plan(T, H, ld, ldo, o_head)
     core = core or NumpyCore()
-    out = np.full(pl.tensor_len, np.nan, np.float32)
+    out = np.full(pl.o_len, np.nan, np.float32)
     o_obj = np.zeros(TILE, np.float32)
     for h in range(H):
         kt = [k[g.tap_indices(t)].reshape(-1, KEYS * D) for t in pl.kv_taps(h)]
@@ -218,18 +234,18 @@ def simulate(q: np.ndarray, k: np.ndarray, v: np.ndarray, T: int, H: int, scale:
                     joined.append(o_obj.copy())
                 stream = np.concatenate(joined)[g._indices(0, o_l2_dims())]
                 for r in range(ROWS):
-                    out[g.tap_indices(pl.rows_tap(h, slot_start(T, p, c, r)))] = stream[r * TILE:(r + 1) * TILE]
+                    out[g.tap_indices(pl.o_tap(h, slot_start(T, p, c, r)))] = stream[r * TILE:(r + 1) * TILE]
     return out
 
 
 # ---- the IRON program ----
 
-def iron_program(T: int, H: int, scale: float, iron, ld: int = 0):
+def iron_program(T: int, H: int, scale: float, iron, ld: int = 0, ldo: int = 0, o_head: int = -1):
     """The design as IRON calls on `iron` (iron_layer.real(): returns the MLIR module; iron_layer.Recorder():
-    records it for the host checks). T, H, ld and the scale are constants of the xclbin."""
-    pl = plan(T, H, ld)
+    records it for the host checks). T, H, the strides and the scale are constants of the xclbin."""
+    pl = plan(T, H, ld, ldo, o_head)
     f32, ty, Tile = np.float32, iron.tensor_type, iron.Tile
-    io_ty = ty(pl.tensor_len, f32)
+    io_ty, o_ty = ty(pl.tensor_len, f32), ty(pl.o_len, f32)
     tile_ty, l2_ty = ty(TILE, f32), ty(ROWS * TILE, f32)
 
     q_fn = iron.Kernel("attention_q_tile", KERNEL_OBJECT, [tile_ty, tile_ty])
@@ -284,12 +300,12 @@ def iron_program(T: int, H: int, scale: float, iron, ld: int = 0):
                            placement=Tile(c, 2 + r), while_true=True)
                for c in range(COLS) for r in range(ROWS)]
 
-    def pattern(tap: g.Tap):
-        return iron.TensorAccessPattern((1, pl.tensor_len), tap.offset, list(tap.sizes), list(tap.strides))
+    def pattern(tap: g.Tap, n: int = pl.tensor_len):
+        return iron.TensorAccessPattern((1, n), tap.offset, list(tap.sizes), list(tap.strides))
 
     rt = iron.Runtime()
     o_shim = [f.cons() for f in o_l2l3]
-    with rt.sequence(io_ty, io_ty, io_ty, io_ty) as (Q, K, V, O):
+    with rt.sequence(io_ty, io_ty, io_ty, o_ty) as (Q, K, V, O):
         rt.start(*workers)
         for h in range(H):
             for p in range(passes(T)):
@@ -303,15 +319,15 @@ def iron_program(T: int, H: int, scale: float, iron, ld: int = 0):
                     rt.fill(v_fifo.prod(), V, tap=pattern(tap), task_group=tg, placement=Tile(1, 0))
                 for c in range(COLS):
                     for r in range(ROWS):
-                        rt.drain(o_shim[c], O, tap=pattern(pl.rows_tap(h, slot_start(T, p, c, r))), wait=True,
+                        rt.drain(o_shim[c], O, tap=pattern(pl.o_tap(h, slot_start(T, p, c, r)), pl.o_len), wait=True,
                                  task_group=tg, placement=Tile(c, 0))
                 rt.finish_task_group(tg)
 
     return iron.Program(iron.NPU1Col4(), rt).resolve_program(iron.SequentialPlacer())
 
 
-def iron_module(T: int, H: int, scale: float, ld: int = 0):
+def iron_module(T: int, H: int, scale: float, ld: int = 0, ldo: int = 0, o_head: int = -1):
     """The MLIR module of the attention design (needs mlir-aie)."""
     import iron_layer
 
-    return iron_program(T, H, scale, iron_layer.real(), ld)
+    return iron_program(T, H, scale, iron_layer.real(), ld, ldo, o_head)

@@ -12,8 +12,9 @@ memtile (its repeat count). --dtype bf16_f32: the v1 kernels (host-converted bf1
 one xclbin per K). --dtype i8_f32 (issue 13, gemm_int8_design.py): the int8 A8W8 kernels, heights multiples of
 256 as bf16_f32 (the host quantises A per row and stages it in the device layout), one xclbin per K, core kernels
 from gemm_int8.cc. --dtype attn_f32 --attention TxH[:SCALE] (issue 15, attention_design.py): the fused attention
-kernel for self-attention over T rows and H heads of 64 (scale default 1/8, i.e. 64^-0.5), Q/K/V/O fp32 read and
-written in place with row stride H*64; core kernels from attention_bf16.cc; one xclbin per (T, H, scale).
+kernel for self-attention over T rows and H heads of 64 (scale default 1/8, i.e. 64^-0.5), Q/K/V fp32 read in place
+with row stride H*64, O written in place as [H, T, 64] (the EP's fused node output); core kernels from
+attention_bf16.cc; one xclbin per (T, H, scale).
 
     python3 kernels/aie/build_kernels.py --model encoder_model.onnx --dim batch_size=1 \\
         --out ~/.cache/onnxruntime-ep-xdna/kernels
@@ -186,15 +187,16 @@ def parse_attention(s: str) -> dict:
     T, H = int(m.group(1)), int(m.group(2))
     scale = float(m.group(3)) if m.group(3) else design_attn.D ** -0.5
     try:
-        design_attn.check_plan(design_attn.plan(T, H))
+        pl = design_attn.plan(T, H)  # Q, K, V [T, H*64]; O [H, T, 64], as the EP's fused attention node has them
+        design_attn.check_plan(pl)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"attention '{s}': {e}") from e
-    return {"dtype": "attn_f32", "T": T, "H": H, "ld": H * design_attn.D, "scale": scale}
+    return {"dtype": "attn_f32", "T": T, "H": H, "ld": pl.ld, "ldo": pl.ldo, "o_head": pl.o_head, "scale": scale}
 
 
 def describe_attention(v: dict) -> str:
     rec = iron_layer.Recorder()
-    design_attn.iron_program(v["T"], v["H"], v["scale"], rec)
+    design_attn.iron_program(v["T"], v["H"], v["scale"], rec, v["ld"], v["ldo"], v["o_head"])
     return (f"  T={v['T']:5} H={v['H']:3} scale={v['scale']:g} attn_f32: {design_attn.passes(v['T'])} pass(es) per "
             f"head, {len(design_attn.key_tiles(v['T']))} key tiles, {len(rec.runtimes[0].transfers)} shim "
             f"transfers, L1 {sum(design_attn.l1_bytes().values()) // 1024} KiB")
@@ -215,7 +217,8 @@ def build_attention(variants: list[dict], out: Path, tools: dict, work: Path) ->
         d = work / name
         d.mkdir(exist_ok=True)
         shutil.copy2(obj, d / obj.name)
-        (d / "design.mlir").write_text(str(design_attn.iron_module(v["T"], v["H"], v["scale"])))
+        (d / "design.mlir").write_text(str(design_attn.iron_module(v["T"], v["H"], v["scale"], v["ld"], v["ldo"],
+                                                                   v["o_head"])))
         os.environ.setdefault("AIE_XCLBINUTIL_PATH", tools["xclbinutil"])
         run([tools["aiecc"], "--no-aiesim", "--no-xchesscc", "--no-xbridge", "--no-compile-host",
              f"--peano={tools['peano']}", "--aie-generate-npu-insts", "--npu-insts-name=insts.bin",
