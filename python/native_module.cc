@@ -116,6 +116,7 @@ struct NpuBackendHandle {
     return py::dict(py::arg("contexts") = stats->contexts.load(), py::arg("runs") = stats->runs.load(),
                     py::arg("instr_buffers") = stats->buffers[0].load(), py::arg("a_buffers") = stats->buffers[1].load(),
                     py::arg("b_buffers") = stats->buffers[2].load(), py::arg("c_buffers") = stats->buffers[3].load(),
+                    py::arg("d_buffers") = stats->buffers[4].load(),
                     py::arg("submissions") = stats->submissions.load(), py::arg("imports") = stats->imports.load(),
                     py::arg("sub_buffers") = stats->sub_buffers.load());
   }
@@ -266,6 +267,10 @@ void register_npu_bindings(py::module_& m) {
         const auto words = k::npu::fake_insts(m_rows, Kpad, Npad, a_f32);
         return py::array_t<uint32_t>(words.size(), words.data());
       }, py::arg("m_rows"), py::arg("Kpad"), py::arg("Npad"), py::arg("a_f32") = false);
+  m.def("npu_fake_insts_attention", [](int64_t T, int64_t H, int64_t ld, int64_t ldo, int64_t o_head, float scale) {
+        const auto words = k::npu::fake_insts_attention(T, H, ld, ldo, o_head, scale);
+        return py::array_t<uint32_t>(words.size(), words.data());
+      }, py::arg("T"), py::arg("H"), py::arg("ld"), py::arg("ldo"), py::arg("o_head"), py::arg("scale"));
   m.def("npu_fake_insts_i8", [](int64_t m_rows, int64_t Kpad, int64_t Npad) {
         const auto words = k::npu::fake_insts_i8(m_rows, Kpad, Npad);
         return py::array_t<uint32_t>(words.size(), words.data());

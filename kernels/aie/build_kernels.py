@@ -12,7 +12,8 @@ memtile (its repeat count). --dtype bf16_f32: the v1 kernels (host-converted bf1
 one xclbin per K). --dtype i8_f32 (issue 13, gemm_int8_design.py): the int8 A8W8 kernels, heights multiples of
 256 as bf16_f32 (the host quantises A per row and stages it in the device layout), one xclbin per K, core kernels
 from gemm_int8.cc. --dtype attn_f32 --attention TxH[:SCALE] (issue 15, attention_design.py): the fused attention
-kernel for self-attention over T rows and H heads of 64 (scale default 1/8, i.e. 64^-0.5), Q/K/V fp32 read in place
+kernel for self-attention over T rows and H heads of 64 (scale default 64^-0.5 as torch's SDPA export gives it, see
+parse_attention), Q/K/V fp32 read in place
 with row stride H*64, O written in place as [H, T, 64] (the EP's fused node output); core kernels from
 attention_bf16.cc; one xclbin per (T, H, scale).
 
@@ -38,6 +39,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -185,7 +188,10 @@ def parse_attention(s: str) -> dict:
     if not m:
         raise argparse.ArgumentTypeError(f"attention '{s}': expected TxH[:SCALE], e.g. 1500x8")
     T, H = int(m.group(1)), int(m.group(2))
-    scale = float(m.group(3)) if m.group(3) else design_attn.D ** -0.5
+    # Default: 1/8 as the EP computes it for torch's SDPA export (sqrt(1/8) on Q and on K^T, multiplied back in fp32:
+    # 0.12499999); the backend runs a kernel only for the exact fp32 scale of the node.
+    sqrt_scale = np.float32(design_attn.D ** -0.25)
+    scale = float(m.group(3)) if m.group(3) else float(np.float32(np.float32(1) * sqrt_scale) * sqrt_scale)
     try:
         pl = design_attn.plan(T, H)  # Q, K, V [T, H*64]; O [H, T, 64], as the EP's fused attention node has them
         design_attn.check_plan(pl)
