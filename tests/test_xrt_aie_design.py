@@ -997,7 +997,7 @@ def test_attention_build_dry_run_and_manifest_entries(tmp_path, monkeypatch):
     dry = subprocess.run([sys.executable, script, "--dtype", "attn_f32", "--attention", "1500x8", "--dry-run"],
                          capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
-    assert "T= 1500 H=  8 scale=0.125 attn_f32: 3 pass(es) per head, 47 key tiles" in dry.stdout
+    assert "T= 1500 H=  8 scale=1 attn_f32: 3 pass(es) per head, 47 key tiles" in dry.stdout
     for bad in (["--dtype", "attn_f32", "--attention", "20x8"], ["--attention", "1500x8"],
                 ["--dtype", "attn_f32"]):
         r = subprocess.run([sys.executable, script, *bad, "--dry-run"], capture_output=True, text=True)
@@ -1023,7 +1023,7 @@ def test_attention_build_dry_run_and_manifest_entries(tmp_path, monkeypatch):
     assert sources == ["attention_bf16.cc"]
     entries = result["kernels"]
     assert [(e["dtype"], e["T"], e["H"], e["ld"], e["ldo"], e["o_head"], e["scale"]) for e in entries] == \
-        [("attn_f32", 1500, 8, 512, 64, 96000, float(np.float32(0.12499999))), ("attn_f32", 1500, 6, 384, 64, 96000, 0.2)]
+        [("attn_f32", 1500, 8, 512, 64, 96000, 1.0), ("attn_f32", 1500, 6, 384, 64, 96000, float(np.float32(0.2)))]
     assert len({e["xclbin"] for e in entries}) == 2
     assert all((tmp_path / "out" / e["xclbin"]).is_file() and (tmp_path / "out" / e["insts"]).is_file()
                for e in entries)

@@ -12,7 +12,7 @@ memtile (its repeat count). --dtype bf16_f32: the v1 kernels (host-converted bf1
 one xclbin per K). --dtype i8_f32 (issue 13, gemm_int8_design.py): the int8 A8W8 kernels, heights multiples of
 256 as bf16_f32 (the host quantises A per row and stages it in the device layout), one xclbin per K, core kernels
 from gemm_int8.cc. --dtype attn_f32 --attention TxH[:SCALE] (issue 15, attention_design.py): the fused attention
-kernel for self-attention over T rows and H heads of 64 (scale default 64^-0.5 as torch's SDPA export gives it, see
+kernel for self-attention over T rows and H heads of 64 (scale default 1, as whisper-base's encoder has it; see
 parse_attention), Q/K/V fp32 read in place
 with row stride H*64, O written in place as [H, T, 64] (the EP's fused node output); core kernels from
 attention_bf16.cc; one xclbin per (T, H, scale).
@@ -188,10 +188,10 @@ def parse_attention(s: str) -> dict:
     if not m:
         raise argparse.ArgumentTypeError(f"attention '{s}': expected TxH[:SCALE], e.g. 1500x8")
     T, H = int(m.group(1)), int(m.group(2))
-    # Default: 1/8 as the EP computes it for torch's SDPA export (sqrt(1/8) on Q and on K^T, multiplied back in fp32:
-    # 0.12499999); the backend runs a kernel only for the exact fp32 scale of the node.
-    sqrt_scale = np.float32(design_attn.D ** -0.25)
-    scale = float(m.group(3)) if m.group(3) else float(np.float32(np.float32(1) * sqrt_scale) * sqrt_scale)
+    # The backend runs a kernel only for the node's exact fp32 scale: the product of the constant scales the EP reads
+    # through. Default 1: whisper-base as optimum exports it folds 1/8 into q_proj. A declined node's log line names
+    # the scale it needs (torch's SDPA export with sqrt(1/8) on Q and on K^T multiplies back to 0.12499999).
+    scale = float(np.float32(float(m.group(3)))) if m.group(3) else 1.0
     try:
         pl = design_attn.plan(T, H)  # Q, K, V [T, H*64]; O [H, T, 64], as the EP's fused attention node has them
         design_attn.check_plan(pl)
@@ -308,7 +308,8 @@ def main(argv=None) -> int:
                    help="f32_f32: fp32 A in place, rounded in the core, exact heights (default); bf16_f32: v1; "
                         "i8_f32: int8 A8W8 (issue 13); attn_f32: fused attention (give --attention)")
     p.add_argument("--attention", action="append", type=parse_attention, default=[],
-                   help="attn_f32: self-attention over T rows and H heads of 64, TxH[:SCALE] (e.g. 1500x8)")
+                   help="attn_f32: self-attention over T rows and H heads of 64, TxH[:SCALE] (e.g. 1500x8 for "
+                        "whisper-base's encoder, scale 1)")
     p.add_argument("--m-rows",
                    help="comma-separated rows of A per run; f32_f32: any height >= 256, besides 256 and the models' "
                         "heights (default: those; 256,1500 when no model height is known); bf16_f32: multiples of "

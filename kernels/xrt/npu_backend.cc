@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iomanip>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -238,8 +239,9 @@ class NpuBackend final : public Backend {
         os << "no fused attention kernel built (M=" << shape.M << " T=" << shape.T << " D=" << shape.D
            << "; build one with kernels/aie/build_kernels.py --dtype attn_f32 --attention TxH)";
       } else {
-        os << "no fused attention kernel for M=" << shape.M << " T=" << shape.T << " D=" << shape.D
-           << " Dv=" << shape.Dv << " scale=" << shape.scale << "; attn_f32 built (self-attention, D 64):";
+        os << std::setprecision(9) << "no fused attention kernel for M=" << shape.M << " T=" << shape.T
+           << " D=" << shape.D << " Dv=" << shape.Dv << " scale=" << shape.scale
+           << "; attn_f32 built (self-attention, D 64):";
         for (const AttentionEntry& e : manifest_.attention_kernels) os << " T=" << e.T << " scale=" << e.scale;
       }
       *why_not = os.str();
