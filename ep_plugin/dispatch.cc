@@ -276,7 +276,7 @@ void Dispatcher::attention(const kernels::AttentionShape& shape, const std::vect
   CpuReason reason = CpuReason::kFault;
   std::string why;
   if (primary_ok_) {
-    if (primary_->can_run_attention(shape, &why)) {
+    if (primary_->can_run_attention_on(shape, heads.data(), heads.size(), &why)) {
       try {
         primary_->attention(shape, heads.data(), heads.size());
         device_calls_ += heads.size();

@@ -113,8 +113,15 @@ class Backend {
     if (why_not) *why_not = name() + " has no fused attention";
     return false;
   }
+  // The same question with the heads' layout: a device kernel reads and writes them through strides fixed in its
+  // program. Default: the shape alone decides.
+  virtual bool can_run_attention_on(const AttentionShape& shape, const AttentionHead* heads, size_t count,
+                                    std::string* why_not) const {
+    (void)heads, (void)count;
+    return can_run_attention(shape, why_not);
+  }
   // `count` heads of one shape. Throws BackendFault; on a throw every O is unspecified. Only called when
-  // can_run_attention said yes.
+  // can_run_attention_on said yes.
   virtual void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) {
     (void)shape, (void)heads, (void)count;
     throw BackendFault("run", name() + " has no fused attention");

@@ -116,6 +116,7 @@ struct NpuBackendHandle {
     return py::dict(py::arg("contexts") = stats->contexts.load(), py::arg("runs") = stats->runs.load(),
                     py::arg("instr_buffers") = stats->buffers[0].load(), py::arg("a_buffers") = stats->buffers[1].load(),
                     py::arg("b_buffers") = stats->buffers[2].load(), py::arg("c_buffers") = stats->buffers[3].load(),
+                    py::arg("d_buffers") = stats->buffers[4].load(),
                     py::arg("submissions") = stats->submissions.load(), py::arg("imports") = stats->imports.load(),
                     py::arg("sub_buffers") = stats->sub_buffers.load());
   }
@@ -266,6 +267,10 @@ void register_npu_bindings(py::module_& m) {
         const auto words = k::npu::fake_insts(m_rows, Kpad, Npad, a_f32);
         return py::array_t<uint32_t>(words.size(), words.data());
       }, py::arg("m_rows"), py::arg("Kpad"), py::arg("Npad"), py::arg("a_f32") = false);
+  m.def("npu_fake_insts_attention", [](int64_t T, int64_t H, int64_t ld, int64_t ldo, int64_t o_head, float scale) {
+        const auto words = k::npu::fake_insts_attention(T, H, ld, ldo, o_head, scale);
+        return py::array_t<uint32_t>(words.size(), words.data());
+      }, py::arg("T"), py::arg("H"), py::arg("ld"), py::arg("ldo"), py::arg("o_head"), py::arg("scale"));
   m.def("npu_fake_insts_i8", [](int64_t m_rows, int64_t Kpad, int64_t Npad) {
         const auto words = k::npu::fake_insts_i8(m_rows, Kpad, Npad);
         return py::array_t<uint32_t>(words.size(), words.data());
@@ -329,6 +334,26 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("b"), py::arg("precision"), "A weight packed in a precision mode, as the EP packs it (for upload)");
   m.def("emulator_gemm", [](F32Array a, const k::PackedB& b, int threads) { return run_gemm(a, b, false, threads); },
         py::arg("a"), py::arg("b"), py::arg("threads") = 0);
+  m.def("emulator_attention", [](F32Array q, F32Array k, F32Array v, float scale, int threads) {
+        // One head of the fused attention contract (attention_contract.h): q [M, D], k [T, D], v [T, Dv].
+        if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(1) || v.shape(0) != k.shape(0))
+          throw std::invalid_argument("q must be [M, D], k [T, D] and v [T, Dv]");
+        k::AttentionShape shape;
+        shape.M = q.shape(0);
+        shape.T = k.shape(0);
+        shape.D = q.shape(1);
+        shape.Dv = v.shape(1);
+        shape.scale = scale;
+        py::array_t<float> o({shape.M, shape.Dv});
+        const k::AttentionHead head{q.data(), shape.D, k.data(), 1, shape.D, v.data(), shape.Dv, 1,
+                                    o.mutable_data(), shape.Dv};
+        {
+          py::gil_scoped_release release;
+          k::emulator_attention(shape, &head, 1, threads);
+        }
+        return o;
+      }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("threads") = 0,
+      "One head of fused attention on the emulator (the contract's reference)");
   m.def("emulator_gemm_unpacked", [](F32Array a, F32Array b, int threads, bool b_transposed) {
         // b_transposed: `b` holds B^T [N, K] (B read as it lies, column by column).
         const int64_t Kb = b.ndim() == 2 ? b.shape(b_transposed ? 1 : 0) : -1;

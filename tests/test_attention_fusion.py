@@ -1,7 +1,8 @@
 """Attention claimed as one node (ops/attention.cc): MatMul(Q, K^T) -> [scale] -> Softmax -> MatMul(., V) runs as the
-fused attention contract (kernels/attention_contract.h) through the dispatcher: on the emulator, and declined by the
-xrt backend (no fused attention kernel is built) with a logged reason. Numbers against float64 numpy and ORT's
-CPU EP within numerics.attention_bound; placement proves the Softmax runs on our EP."""
+fused attention contract (kernels/attention_contract.h) through the dispatcher: on the emulator; on the xrt backend
+(fake device) where the manifest has an attn_f32 kernel for the node, else declined with a logged reason. Numbers
+against float64 numpy and ORT's CPU EP within numerics.attention_bound; placement proves the Softmax runs on our
+EP."""
 
 from __future__ import annotations
 
@@ -199,3 +200,114 @@ def test_emulator_fault_in_attention_falls_back(monkeypatch, capfd):
     del sess
     err = capfd.readouterr().err
     assert "fault" in err and f"{B * H} after a fault" in err
+
+
+def attention_kernel_dir(root, T, H, scale, gemm=True):
+    """A kernel directory for the fake device with one attn_f32 kernel: self-attention over T rows, H heads of 64,
+    Q/K/V [.., T, H, 64] (ld = H * 64) and O [.., H, T, 64] as the EP's fused node has them; plus a GEMM kernel."""
+    from test_xrt_dataflow import kernel_dir
+
+    from onnxruntime_ep_xdna import _native as nat
+
+    root = kernel_dir(root, [(512, 512, 256, "f32_f32")] if gemm else [])
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "attn.xclbin").write_bytes(b"fake xclbin")
+    nat.npu_fake_insts_attention(T, H, H * D, D, T * D, scale).astype("<u4").tofile(root / "attn.insts.bin")
+    manifest["kernels"].append({"dtype": "attn_f32", "T": T, "H": H, "ld": H * D, "ldo": D, "o_head": T * D,
+                                "scale": scale, "xclbin": "attn.xclbin", "insts": "attn.insts.bin"})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def fake_xrt(monkeypatch):
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
+    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+
+
+def run_on_fake(model, kdir, f):
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(kdir), "log_level": "info"}, so=so)
+    assert ("sm", "Softmax") in ep_nodes(sess)
+    out = sess.run(None, f)[0]
+    del sess
+    return out
+
+
+@pytest.mark.parametrize("B,H,T", [(2, 2, 100), (1, 3, 64)])
+def test_fake_device_runs_fused_attention(tmp_path, fake_xrt, capfd, B, H, T):
+    """Where the manifest has an attn_f32 kernel for the node's T, H, scale and layout, the xrt backend runs the
+    fused attention on the device (one command per batch item: Q, K, V and O imported in place); the fake device
+    computes it with its own loop (online softmax over 32-key tiles), within the contract's bound of float64 and
+    of the emulator."""
+    model = sdpa_model(B, H, T, T, scale_on="mul")  # the scale exactly 1/8
+    kdir = attention_kernel_dir(tmp_path / "k", T, H, D ** -0.5)
+    f = feeds(B, H, T, T, 7)
+    out = run_on_fake(model, kdir, f)
+    check_against_exact_and_cpu(out, cpu_session(model).run(None, f)[0], f)
+    emu = xdna_session(model, {"backend": "emulator"}).run(None, f)[0]
+    q, kt, v = f["q"].transpose(0, 2, 1, 3), f["k"].transpose(0, 2, 3, 1), f["v"].transpose(0, 2, 1, 3)
+    assert_within(out, emu, attention_bound(q, kt, v, D ** -0.5), "fake device vs emulator")
+    err = capfd.readouterr().err
+    assert f"node 'pv': {B * H} GEMM calls on xrt, 0 on the CPU path" in err, err[-2000:]
+
+
+def test_fake_device_declines_attention_it_has_no_kernel_for(tmp_path, fake_xrt, capfd):
+    """An attn_f32 kernel of another scale (torch's split sqrt scale multiplies back to 0.12499999 in fp32) or
+    another T: declined with the reason logged, the node computed on the CPU path with the same contract."""
+    B, H, T = 1, 2, 100
+    f = feeds(B, H, T, T, 8)
+    for model, kdir, why in [
+            (sdpa_model(B, H, T, T, scale_on="inputs"), attention_kernel_dir(tmp_path / "s", T, H, D ** -0.5),
+             "no fused attention kernel for M=100 T=100 D=64 Dv=64 scale=0.124999993"),
+            (sdpa_model(B, H, T, T, scale_on="mul"), attention_kernel_dir(tmp_path / "t", 96, H, D ** -0.5),
+             "attn_f32 built (self-attention, D 64): T=96")]:
+        out = run_on_fake(model, kdir, f)
+        check_against_exact_and_cpu(out, cpu_session(model).run(None, f)[0], f)
+        err = capfd.readouterr().err
+        assert why in err, err[-2000:]
+        assert f"node 'pv': 0 GEMM calls on xrt, {B * H} on the CPU path ({B * H} not for the device" in err
+
+
+@pytest.mark.parametrize("fault", ["run", "run_state", "result", "load"])
+def test_fake_device_attention_fault_falls_back(tmp_path, fake_xrt, monkeypatch, capfd, fault):
+    """A device fault in the fused attention (start, command state, a result never written, the context): logged,
+    every head recomputed on the CPU path, the numbers right."""
+    monkeypatch.setenv("XDNA_XRT_FAKE_FAULT", fault)
+    B, H, T = 1, 2, 70
+    model = sdpa_model(B, H, T, T, scale_on="mul")
+    f = feeds(B, H, T, T, 9)
+    out = run_on_fake(model, attention_kernel_dir(tmp_path / "k", T, H, D ** -0.5, gemm=False), f)
+    check_against_exact_and_cpu(out, cpu_session(model).run(None, f)[0], f)
+    err = capfd.readouterr().err
+    assert "fault" in err and f"{B * H} after a fault" in err, err[-2000:]
+
+
+def test_fake_device_attention_staged_when_import_refused(tmp_path, fake_xrt, monkeypatch, capfd):
+    """A device that refuses user-pointer buffers: Q, K, V staged in, O staged out (only the heads' rows), same
+    numbers, still on the device."""
+    monkeypatch.setenv("XDNA_XRT_FAKE_FAULT", "import")
+    B, H, T = 2, 2, 50
+    model = sdpa_model(B, H, T, T, scale_on="mul")
+    f = feeds(B, H, T, T, 10)
+    out = run_on_fake(model, attention_kernel_dir(tmp_path / "k", T, H, D ** -0.5), f)
+    check_against_exact_and_cpu(out, cpu_session(model).run(None, f)[0], f)
+    assert f"node 'pv': {B * H} GEMM calls on xrt, 0 on the CPU path" in capfd.readouterr().err
+
+
+def test_manifest_refuses_bad_attention_entries(tmp_path):
+    """attn_f32 entries are data from disk: out-of-range T, H, strides or a missing scale are skipped with the
+    reason (here the only entries, so the directory has no usable kernels); a good one loads."""
+    from onnxruntime_ep_xdna import _native as nat
+
+    good = attention_kernel_dir(tmp_path / "good", 64, 2, 0.125, gemm=False)
+    nat.npu_fake_backend(str(good))
+    manifest = json.loads((good / "manifest.json").read_text())
+    entry = manifest["kernels"][0]
+    for bad in ({"T": 16}, {"H": 0}, {"ld": 64}, {"ldo": 8}, {"scale": "x"}, {"scale": None}, {"xclbin": "../x"}):
+        manifest["kernels"] = [{**entry, **bad}]
+        (good / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(RuntimeError, match="no usable kernels"):
+            nat.npu_fake_backend(str(good))

@@ -579,9 +579,67 @@ import attention_design as attn  # noqa: E402
 
 def test_attention_design_fits_l1_and_covers_every_query_tile():
     assert sum(attn.l1_bytes().values()) <= attn.L1_LIMIT
+    assert attn.memtile_bytes() <= design.MEMTILE_BYTES // 2
     items = attn.work_items(8, 1500)
-    assert sorted(x for core in items for x in core) == sorted((h, r) for h in range(8) for r in range(0, 1500, 32))
-    assert max(map(len, items)) - min(map(len, items)) <= 1
+    assert len(items) == attn.CORES and len({len(core) for core in items}) == 1, "every core runs the same loop"
+    assert set(x for core in items for x in core) == {(h, s) for h in range(8) for s in attn.q_tile_starts(1500)}
+    assert attn.q_tile_starts(1500)[-1] == 1468 and attn.passes(1500) == 3
+    assert attn.key_tiles(1500)[-1] == (1468, 4), "the last key tile ends at T; the core skips its 4 counted keys"
+
+
+@pytest.mark.parametrize("T,H", [(1500, 8), (1500, 6), (97, 3), (32, 1)])
+def test_attention_design_transfers_encodable(T, H):
+    """Every shim transfer of the plan is a valid BD inside its tensor (whisper-base: T 1500, 8 heads), the
+    memtile's un-blocking of O is encodable, the L1 budget holds; T < 32 is refused."""
+    attn.check_plan(attn.plan(T, H))
+    with pytest.raises(ValueError):
+        attn.plan(31, 8)
+
+
+def test_attention_iron_program_recorded():
+    """The IRON program, recorded: 16 workers, K and V broadcast from shims 0 and 1 to all of them, Q split and O
+    joined per column with O un-blocked by the memtile, every core's loop as the core kernel expects (per item:
+    acquire O and Q, the key tiles, the overlapped tail with its skip, finish), each fill/drain encodable and
+    covering each head's tiles once per pass."""
+    import iron_layer
+
+    T, H, scale = 1500, 8, 0.125
+    rec = attn.iron_program(T, H, scale, iron_layer.Recorder())
+    assert rec.resolved and len(rec.workers) == 16
+    assert {(w.placement.col, w.placement.row) for w in rec.workers} == {(c, r) for c in range(4) for r in range(2, 6)}
+    assert len(rec.fifos["K"].consumers) == 16 and len(rec.fifos["V"].consumers) == 16
+    assert rec.fifos["K"].depth == 2 and rec.fifos["V"].depth == 1
+    assert rec.fifos["O_L2L3_0"].dims_to_stream == attn.o_l2_dims()
+    l1 = rec.fifos["K"].obj_type.nbytes * 2 + rec.fifos["V"].obj_type.nbytes + \
+        rec.fifos["Q_L2L1_0_0"].obj_type.nbytes + rec.fifos["O_L1L2_0_0"].obj_type.nbytes
+    static = sum(v for k, v in attn.l1_bytes().items() if "static" in k)
+    assert l1 + static == sum(attn.l1_bytes().values()) <= attn.L1_LIMIT
+    trace = rec.workers[5].trace
+    assert trace[0][0] == "loop" and trace[0][1] == H * attn.passes(T)
+    body = trace[0][2]
+    assert body[:4] == [("acquire", "O_L1L2_1_1", 1), ("acquire", "Q_L2L1_1_1", 1),
+                        ("call", "attention_q_tile", ("Q_L2L1_1_1", "O_L1L2_1_1")), ("release", "Q_L2L1_1_1", 1)]
+    assert body[4][0] == "loop" and body[4][1] == T // 32
+    assert ("call", "attention_scores", ("K", scale, 0)) in body[4][2]
+    assert ("call", "attention_scores", ("K", scale, 32 - T % 32)) in body[5:]
+    assert body[-2:] == [("call", "attention_finish", ("O_L1L2_1_1",)), ("release", "O_L1L2_1_1", 1)]
+    rt = rec.runtimes[0]
+    assert not rt.groups_open and len(rt.groups_finished) == H * attn.passes(T)
+    pl = attn.plan(T, H)
+    for t in rt.transfers:
+        tap = design.Tap(t.tap.offset, t.tap.sizes, t.tap.strides)
+        design.check_shim_tap(tap, 4, pl.o_len if t.tensor == "D" else pl.tensor_len)
+        assert (t.placement.col, t.placement.row)[1] == 0
+    k_fills = [t for t in rt.transfers if t.fifo == "K"]
+    assert {t.placement.col for t in k_fills} == {0} and {t.placement.col for t in rt.transfers if t.fifo == "V"} == {1}
+    assert len(k_fills) == H * attn.passes(T) * 2  # the whole tiles in one BD, the overlapped tail in another
+    drains = [t for t in rt.transfers if t.kind == "drain"]
+    assert len(drains) == H * attn.passes(T) * 16 and all(t.wait for t in drains)
+    assert {t.tensor for t in drains} == {"D"} and {t.tensor for t in rt.transfers if t.fifo == "V"} == {"C"}
+    written = np.zeros(pl.o_len, np.int64)
+    for t in drains:
+        written[design.tap_indices(design.Tap(t.tap.offset, t.tap.sizes, t.tap.strides))] += 1
+    assert (written > 0).all(), "every element of O is written"
 
 
 @pytest.mark.parametrize("T,H", [(300, 2), (97, 3)])
@@ -596,7 +654,8 @@ def test_attention_design_computes_softmax_attention(T, H):
         (0.5 * rng.standard_normal((T, H * attn.D))).astype(np.float32), \
         rng.standard_normal((T, H * attn.D)).astype(np.float32)
     scale = attn.D ** -0.5
-    o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), T, H, scale)
+    o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), T, H, scale, ldo=H * attn.D,
+                      o_head=attn.D).reshape(T, H * attn.D)
     for h in range(H):
         cols = slice(h * attn.D, (h + 1) * attn.D)
         qh, kh, vh = (x[:, cols] for x in (q, k, v))
@@ -816,3 +875,155 @@ def test_int8_build_writes_a_manifest_whose_kernels_run_int8_on_the_fake_device(
     with pytest.raises(ValueError, match="one build per dtype family"):
         build_kernels.build(variants + build_kernels.plan({(512, 512)}, [256], "bf16_f32")[0], tmp_path / "o2", tools,
                             tmp_path / "w2")
+
+
+# ---- fused attention core kernel (issue 15 step 3): kernels/aie/attention_bf16.cc on the host stand-in ----
+
+@pytest.fixture(scope="module")
+def attention_kernel(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if not cxx:
+        pytest.skip("g++ not available")
+    so = tmp_path_factory.mktemp("aie") / "attention_mock.so"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{AIE / 'host_mock'}",
+                    str(AIE / "attention_bf16.cc"), "-o", str(so)], check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.attention_scores.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int32]
+    return lib
+
+
+class CompiledAttentionCore:
+    """attention_design.simulate's core interface over the g++-compiled attention_bf16.cc entry points."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    @staticmethod
+    def _ptr(x):
+        assert x.dtype == np.float32 and x.flags.c_contiguous
+        return x.ctypes.data_as(ctypes.c_void_p)
+
+    def q_tile(self, q, o):
+        self.lib.attention_q_tile(self._ptr(q), self._ptr(o))
+
+    def scores(self, k, scale, skip):
+        self.lib.attention_scores(self._ptr(k), scale, skip)
+
+    def values(self, v, o):
+        self.lib.attention_values(self._ptr(v), self._ptr(o))
+
+    def finish(self, o):
+        self.lib.attention_finish(self._ptr(o))
+
+
+def _attention_operands(T, H, seed, ld=0):
+    rng = np.random.default_rng(seed)
+    ld = ld or H * attn.D
+    q, k = (1.5 * rng.standard_normal((T, ld))).astype(np.float32), (1.5 * rng.standard_normal((T, ld))).astype(np.float32)
+    v = rng.standard_normal((T, ld)).astype(np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("T,H,ld,o_cols", [
+    (1500, 1, 0, False),   # whisper-base encoder self-attention, one head (the host stand-in is scalar): 47 tiles
+    (1500, 3, 0, False),   # three heads read in place from one [1500, 192] tensor, O as [H, T, 64]
+    (97, 2, 160, True),    # tails (97 = 3 x 32 + 1), a row stride wider than the heads, O as [T, H * 64]
+    (64, 1, 0, False),     # whole tiles, one pass with 14 spare slots
+    (32, 1, 0, False),     # a single key tile
+])
+def test_attention_core_kernel_within_bound_of_emulator(attention_kernel, T, H, ld, o_cols):
+    """attention_bf16.cc run through the design's transfers (simulate: strided head reads, overlapped last query
+    and key tiles, the memtile's un-blocking of O) against float64 attention within the contract's bound
+    (numerics.attention_bound), and against the emulator's fused attention (the reference) within the same bound.
+    Every row of every head is written."""
+    from numerics import attention_bound, attention_exact
+
+    q, k, v = _attention_operands(T, H, seed=T + H, ld=ld)
+    scale = attn.D ** -0.5
+    ldo, o_head = (H * attn.D, attn.D) if o_cols else (0, -1)
+    pl = attn.plan(T, H, ld, ldo, o_head)
+    flat = lambda x: np.ascontiguousarray(x.reshape(-1)[:pl.tensor_len])  # noqa: E731
+    o_flat = attn.simulate(flat(q), flat(k), flat(v), T, H, scale, CompiledAttentionCore(attention_kernel), ld,
+                           ldo, o_head)
+    for h in range(H):
+        cols = slice(h * attn.D, (h + 1) * attn.D)
+        qh, kh, vh = q[:, cols], k[:, cols], v[:, cols]
+        o_h = o_flat[h * pl.o_head + np.arange(T)[:, None] * pl.ldo + np.arange(attn.D)[None, :]]
+        assert np.isfinite(o_h).all(), "a row of the head was not written"
+        bound = attention_bound(qh, kh.T, vh, scale)
+        err = np.abs(o_h - attention_exact(qh, kh.T, vh, scale))
+        assert np.all(err <= bound), f"head {h}: max error/bound vs exact {np.max(err / bound)}"
+        emu = nat.emulator_attention(np.ascontiguousarray(qh), np.ascontiguousarray(kh), np.ascontiguousarray(vh),
+                                     scale)
+        diff = np.abs(o_h - emu)
+        assert np.all(diff <= bound), f"head {h}: max difference/bound vs emulator {np.max(diff / bound)}"
+    assert np.isfinite(o_flat).sum() == T * H * attn.D, "nothing outside the heads' outputs is written"
+
+
+def test_attention_core_kernel_nan_rows(attention_kernel):
+    """A query row whose scores hold NaN or +Inf gives NaN in that row only, as the emulator (ORT's Softmax) does."""
+    q, k, v = _attention_operands(70, 1, seed=9)
+    q[3, 5] = np.nan
+    q[35, 0] = np.inf  # that row's scores are +-Inf: +Inf makes it NaN
+    o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), 70, 1, 0.125,
+                      CompiledAttentionCore(attention_kernel)).reshape(70, 64)
+    emu = nat.emulator_attention(q, k, v, 0.125)
+    for row in (3, 35):
+        assert np.isnan(o[row]).all() and np.isnan(emu[row]).all()
+    ok = np.ones(70, bool)
+    ok[[3, 35]] = False
+    assert np.isfinite(o[ok]).all()
+
+
+def test_attention_core_kernel_rounds_to_nearest_even(attention_kernel):
+    """The core sets round-to-nearest-even before converting (the AIE-ML default rounds toward minus infinity):
+    with equal scores the output is exactly bf16(V), and V = 1 + 2^-8 + 2^-20 rounds up to 1 + 2^-7."""
+    q = np.zeros((32, 64), np.float32)
+    k = np.zeros((32, 64), np.float32)
+    v = np.zeros((32, 64), np.float32)
+    v[:, 0] = np.float32(1 + 2.0**-8 + 2.0**-20)  # RNE: 1 + 2^-7; floor would give 1
+    o = attn.simulate(q.reshape(-1), k.reshape(-1), v.reshape(-1), 32, 1, 1.0,
+                      CompiledAttentionCore(attention_kernel)).reshape(32, 64)
+    np.testing.assert_array_equal(o[:, 0], np.float32(1 + 2.0**-7))
+
+
+def test_attention_build_dry_run_and_manifest_entries(tmp_path, monkeypatch):
+    """build_kernels.py --dtype attn_f32: the dry run describes the recorded program; shapes the design cannot take
+    are refused; build_attention (toolchain commands stubbed) compiles attention_bf16.cc once, one xclbin per
+    (T, H, scale), and writes attn_f32 manifest entries with the program's constants."""
+    import build_kernels
+
+    script = str(AIE / "build_kernels.py")
+    dry = subprocess.run([sys.executable, script, "--dtype", "attn_f32", "--attention", "1500x8", "--dry-run"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "T= 1500 H=  8 scale=1 attn_f32: 3 pass(es) per head, 47 key tiles" in dry.stdout
+    for bad in (["--dtype", "attn_f32", "--attention", "20x8"], ["--attention", "1500x8"],
+                ["--dtype", "attn_f32"]):
+        r = subprocess.run([sys.executable, script, *bad, "--dry-run"], capture_output=True, text=True)
+        assert r.returncode == 2, bad
+
+    sources = []
+
+    def fake_run(cmd, cwd, log):
+        if "-o" in cmd:  # Peano
+            sources.append(Path(cmd[cmd.index("-c") + 1]).name)
+            Path(cmd[cmd.index("-o") + 1]).write_bytes(b"obj")
+            return
+        assert "attention_q_tile" in Path(cwd, "design.mlir").read_text()
+        Path(cwd, "insts.bin").write_bytes(b"insts")
+        Path(cwd, "final.xclbin").write_bytes(b"xclbin")
+
+    monkeypatch.setattr(build_kernels, "run", fake_run)
+    monkeypatch.setattr(build_kernels.design_attn, "iron_module", lambda *args: "attention_q_tile ...")
+    monkeypatch.setenv("AIE_XCLBINUTIL_PATH", "/nonexistent/xclbinutil")
+    tools = {"peano": "/p", "aie_api_include": "/i", "aiecc": "aiecc.py", "xclbinutil": "/x"}
+    variants = [build_kernels.parse_attention("1500x8"), build_kernels.parse_attention("1500x6:0.2")]
+    result = build_kernels.build_attention(variants, tmp_path / "out", tools, tmp_path / "work")
+    assert sources == ["attention_bf16.cc"]
+    entries = result["kernels"]
+    assert [(e["dtype"], e["T"], e["H"], e["ld"], e["ldo"], e["o_head"], e["scale"]) for e in entries] == \
+        [("attn_f32", 1500, 8, 512, 64, 96000, 1.0), ("attn_f32", 1500, 6, 384, 64, 96000, float(np.float32(0.2)))]
+    assert len({e["xclbin"] for e in entries}) == 2
+    assert all((tmp_path / "out" / e["xclbin"]).is_file() and (tmp_path / "out" / e["insts"]).is_file()
+               for e in entries)

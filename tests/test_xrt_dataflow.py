@@ -170,6 +170,26 @@ def test_fused_attention_beats_scores_through_ddr():
     assert fused["npu_us"] < best_unfused
 
 
+def test_fused_attention_model_follows_the_design_and_says_where_it_runs():
+    """The model charges attention_design.py's geometry (1500: 3 passes of 16 x 32 query rows, 47 key tiles) and
+    says where attention runs and why: the encoder's self-attention on the array, a decoder step's cross-attention
+    (1..5 query rows against 1500 keys) on the CPU (no kernel: the design is for self-attention; and a 160 us
+    submission alone is above the CPU's time)."""
+    enc = nat.npu_model_attention(8, 1500, 1500, 64)
+    assert enc["npu"] and "3 passes of 16 x 32 query rows" in enc["dataflow"]
+    flop = 4.0 * 8 * 1536 * 1504 * 64
+    softmax_us = 8 * 1536 * 1504 * 0.5 / (16 * 1e3)
+    assert enc["compute_us"] == pytest.approx(flop / (16 * 128 * 2 * 0.5 * 1e3) + softmax_us)
+    kv_bytes = 3 * 8 * 2 * 1504 * 64 * 4
+    assert enc["dma_us"] == pytest.approx((8 * 2 * 1536 * 64 * 4 + kv_bytes) / (20 * 1e3))
+    for rows in (1, 5):
+        dec = nat.npu_model_attention(8, rows, 1500, 64)
+        assert not dec["npu"] and "cross-attention" in dec["dataflow"]
+        assert dec["cpu_us"] < dec["dispatch_us"]
+    short = nat.npu_model_attention(8, 20, 20, 64)
+    assert not short["npu"] and "T < 32" in short["dataflow"]
+
+
 def test_model_parameters_and_assumptions():
     slow, fast = nat.npu_model(1500, 512, 2048), nat.npu_model(1500, 512, 2048, params={"aie_ghz": 1.6})
     assert fast["compute_us"] == pytest.approx(slow["compute_us"] / 1.6)

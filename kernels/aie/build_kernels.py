@@ -1,4 +1,4 @@
-"""Builds the NPU GEMM kernels for a model and writes the manifest the xrt backend reads.
+"""Builds the NPU GEMM (and fused attention) kernels for a model and writes the manifest the xrt backend reads.
 
 One kernel per distinct padded weight shape (K, N) and row height m_rows. Kernels whose programs differ only in
 their runtime sequence (the height) share one xclbin and so one hardware context; each has its own instruction
@@ -11,7 +11,11 @@ Whisper encoder window; --m-rows adds heights. Programs depend on K, and on N wh
 memtile (its repeat count). --dtype bf16_f32: the v1 kernels (host-converted bf16 A, heights multiples of 256,
 one xclbin per K). --dtype i8_f32 (issue 13, gemm_int8_design.py): the int8 A8W8 kernels, heights multiples of
 256 as bf16_f32 (the host quantises A per row and stages it in the device layout), one xclbin per K, core kernels
-from gemm_int8.cc.
+from gemm_int8.cc. --dtype attn_f32 --attention TxH[:SCALE] (issue 15, attention_design.py): the fused attention
+kernel for self-attention over T rows and H heads of 64 (scale default 1, as whisper-base's encoder has it; see
+parse_attention), Q/K/V fp32 read in place
+with row stride H*64, O written in place as [H, T, 64] (the EP's fused node output); core kernels from
+attention_bf16.cc; one xclbin per (T, H, scale).
 
     python3 kernels/aie/build_kernels.py --model encoder_model.onnx --dim batch_size=1 \\
         --out ~/.cache/onnxruntime-ep-xdna/kernels
@@ -36,9 +40,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import attention_design as design_attn  # noqa: E402
 import gemm_design as design  # noqa: E402
 import gemm_int8_design as design_i8  # noqa: E402
 import iron_layer  # noqa: E402
@@ -175,6 +182,60 @@ def run(cmd: list[str], cwd: Path, log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd[:2])} ... failed (exit {r.returncode}); see {log}")
 
 
+def parse_attention(s: str) -> dict:
+    """TxH[:SCALE] -> an attn_f32 variant (checked against the design)."""
+    m = re.fullmatch(r"(\d+)[xX](\d+)(?::([0-9.eE+-]+))?", s.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"attention '{s}': expected TxH[:SCALE], e.g. 1500x8")
+    T, H = int(m.group(1)), int(m.group(2))
+    # The backend runs a kernel only for the node's exact fp32 scale: the product of the constant scales the EP reads
+    # through. Default 1: whisper-base as optimum exports it folds 1/8 into q_proj. A declined node's log line names
+    # the scale it needs (torch's SDPA export with sqrt(1/8) on Q and on K^T multiplies back to 0.12499999).
+    scale = float(np.float32(float(m.group(3)))) if m.group(3) else 1.0
+    try:
+        pl = design_attn.plan(T, H)  # Q, K, V [T, H*64]; O [H, T, 64], as the EP's fused attention node has them
+        design_attn.check_plan(pl)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"attention '{s}': {e}") from e
+    return {"dtype": "attn_f32", "T": T, "H": H, "ld": pl.ld, "ldo": pl.ldo, "o_head": pl.o_head, "scale": scale}
+
+
+def describe_attention(v: dict) -> str:
+    rec = iron_layer.Recorder()
+    design_attn.iron_program(v["T"], v["H"], v["scale"], rec, v["ld"], v["ldo"], v["o_head"])
+    return (f"  T={v['T']:5} H={v['H']:3} scale={v['scale']:g} attn_f32: {design_attn.passes(v['T'])} pass(es) per "
+            f"head, {len(design_attn.key_tiles(v['T']))} key tiles, {len(rec.runtimes[0].transfers)} shim "
+            f"transfers, L1 {sum(design_attn.l1_bytes().values()) // 1024} KiB")
+
+
+def build_attention(variants: list[dict], out: Path, tools: dict, work: Path) -> dict:
+    """attn_f32 kernels: attention_bf16.o and one xclbin per (T, H, scale) (all of them are constants of the
+    program)."""
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    obj = work / design_attn.KERNEL_OBJECT
+    run([str(Path(tools["peano"]) / "bin" / "clang++"), "--target=aie2-none-unknown-elf", "-O2", "-std=c++20",
+         "-DNDEBUG", "-Wno-parentheses", "-Wno-attributes", "-Wno-macro-redefined", f"-I{tools['aie_api_include']}",
+         "-c", str(HERE / "attention_bf16.cc"), "-o", str(obj)], work, work / "peano.log")
+    entries = []
+    for v in variants:
+        name = f"attn_t{v['T']}_h{v['H']}_s{hashlib.sha256(repr(v['scale']).encode()).hexdigest()[:8]}"
+        d = work / name
+        d.mkdir(exist_ok=True)
+        shutil.copy2(obj, d / obj.name)
+        (d / "design.mlir").write_text(str(design_attn.iron_module(v["T"], v["H"], v["scale"], v["ld"], v["ldo"],
+                                                                   v["o_head"])))
+        os.environ.setdefault("AIE_XCLBINUTIL_PATH", tools["xclbinutil"])
+        run([tools["aiecc"], "--no-aiesim", "--no-xchesscc", "--no-xbridge", "--no-compile-host",
+             f"--peano={tools['peano']}", "--aie-generate-npu-insts", "--npu-insts-name=insts.bin",
+             "--aie-generate-xclbin", "--xclbin-name=final.xclbin", "design.mlir"], d, d / "aiecc.log")
+        shutil.copy2(d / "insts.bin", out / f"{name}.insts.bin")
+        shutil.copy2(d / "final.xclbin", out / f"{name}.xclbin")
+        entries.append({**v, "xclbin": f"{name}.xclbin", "insts": f"{name}.insts.bin", "kernel": "MLIR_AIE"})
+        print(f"built {name}")
+    return manifest(entries)
+
+
 def build(variants: list[dict], out: Path, tools: dict, work: Path, stream_a: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -243,9 +304,12 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", action="append", default=[], help="ONNX model whose MatMul/Gemm weights need kernels")
     p.add_argument("--shape", action="append", type=parse_shape, default=[], help="extra weight shape KxN")
-    p.add_argument("--dtype", choices=["f32_f32", "bf16_f32", "i8_f32"], default="f32_f32",
+    p.add_argument("--dtype", choices=["f32_f32", "bf16_f32", "i8_f32", "attn_f32"], default="f32_f32",
                    help="f32_f32: fp32 A in place, rounded in the core, exact heights (default); bf16_f32: v1; "
-                        "i8_f32: int8 A8W8 (issue 13)")
+                        "i8_f32: int8 A8W8 (issue 13); attn_f32: fused attention (give --attention)")
+    p.add_argument("--attention", action="append", type=parse_attention, default=[],
+                   help="attn_f32: self-attention over T rows and H heads of 64, TxH[:SCALE] (e.g. 1500x8 for "
+                        "whisper-base's encoder, scale 1)")
     p.add_argument("--m-rows",
                    help="comma-separated rows of A per run; f32_f32: any height >= 256, besides 256 and the models' "
                         "heights (default: those; 256,1500 when no model height is known); bf16_f32: multiples of "
@@ -258,6 +322,24 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, help="build directory (default: <out>/build)")
     p.add_argument("--dry-run", action="store_true", help="print the kernels that would be built; needs no toolchain")
     args = p.parse_args(argv)
+
+    if args.dtype == "attn_f32" or args.attention:
+        if args.dtype != "attn_f32" or not args.attention:
+            p.error("--attention goes with --dtype attn_f32 (one build per dtype family)")
+        print(f"{len(args.attention)} fused attention kernel(s), one xclbin / hardware context each")
+        if args.dry_run:
+            for v in args.attention:
+                print(describe_attention(v))
+            return 0
+        try:
+            tools = find_toolchain()
+        except ToolchainMissing as e:
+            print(f"build_kernels: {e}", file=sys.stderr)
+            return 3
+        result = build_attention(args.attention, args.out, tools, args.work or args.out / "build")
+        (args.out / "manifest.json").write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out / 'manifest.json'}")
+        return 0
 
     shapes = {padded(k, n) for k, n in args.shape}
     heights: dict = {}

@@ -209,29 +209,42 @@ NodeCost model_node_v2(const NodeWork& w, const NpuModelParams& p) {
 
 NodeCost model_attention_v2(int64_t heads, int64_t Tq, int64_t Tk, int64_t d, const NpuModelParams& p,
                             bool io_ep_memory) {
+  // The design of kernels/aie/attention_design.py: all cores on one head at a time, each a 32-row query tile,
+  // K and V streamed in 32-key tiles broadcast to every core once per pass; the last query / key tile moved back to
+  // end at T (overlap), spare slots of the last pass recompute a tile. Self-attention only (one T for Q and K/V),
+  // T >= 32, head dim 64 (one K step of the GEMM design), fp32 in place.
+  constexpr int64_t kQRows = 32, kKeys = 32, kHeadDim = 64;
   const double h = static_cast<double>(heads), tq = static_cast<double>(Tq), tk = static_cast<double>(Tk),
                dd = static_cast<double>(d);
-  const double tqp = static_cast<double>(round_up(Tq, kBlockM)), tkp = static_cast<double>(round_up(Tk, kTileN)),
-               dp = static_cast<double>(round_up(d, kTileK));
+  const double q_tiles = ceil_div(tq, kQRows), passes = ceil_div(q_tiles, p.cores);
+  const double tqp = passes * p.cores * kQRows, tkp = ceil_div(tk, kKeys) * kKeys;
   NodeCost c;
   c.commands = 1;
   c.dispatch_us = p.submit_us;
-  c.compute_us = us_for_flop(4.0 * h * tqp * tkp * dp, peak_gflops(p) * p.gemm_efficiency) +
+  c.compute_us = us_for_flop(4.0 * h * tqp * tkp * dd, peak_gflops(p) * p.gemm_efficiency) +
                  h * tqp * tkp * p.softmax_cycles_per_elem / (p.cores * p.aie_ghz * 1e3);
-  // Q read once; K and V (fp32, converted in the cores) once per pass of 16 cores x 64 query rows.
-  const double passes = ceil_div(tqp, p.cores * kTileM);
-  const double io = h * (tq * dd * 4 + tq * dd * 4), kv = h * 2.0 * tk * dd * 4;
+  // Q read and O written once per computed row; K and V (fp32, rounded in the cores) once per pass.
+  const double io = h * 2.0 * tqp * dd * 4, kv = h * 2.0 * tkp * dd * 4;
   c.dma_us = us_for_bytes(io + passes * kv, p.ddr_gbps);
-  c.host_us = us_for_bytes(io + kv, p.sync_gbps) + (io_ep_memory ? 0 : us_for_bytes(io + kv, p.pin_gbps)) +
+  const double in_place = h * 2.0 * (tq + tk) * dd * 4;  // Q, O and K, V ranges synced (pinned unless EP memory)
+  c.host_us = us_for_bytes(in_place, p.sync_gbps) + (io_ep_memory ? 0 : us_for_bytes(in_place, p.pin_gbps)) +
               4 * p.import_us;
   c.npu_us = c.dispatch_us + c.host_us + std::max(c.dma_us, c.compute_us);
   // CPU: both products plus softmax passes over the fp32 scores (write, read+write, read).
   c.cpu_us = us_for_flop(4.0 * h * tq * tk * dd, p.cpu_gflops) + us_for_bytes(4.0 * h * tq * tk * 4, p.cpu_gbps) +
              2 * p.cpu_call_us;
-  c.npu = c.npu_us < c.cpu_us;
   std::ostringstream df;
-  df << "v2 fused attention: 1 cmd, " << heads << " heads; QK^T, softmax, PV on the array (scores never leave "
-     << "L1); Q/K/V/out in place" << (io_ep_memory ? " (EP memory: pinned once)" : " (ORT's memory: pinned per call)");
+  std::string no_kernel;
+  if (Tq != Tk) no_kernel = "query rows != keys (cross-attention): the design is for self-attention";
+  else if (Tq < kQRows) no_kernel = "T < 32: the design's tiles need T >= 32";
+  else if (d != kHeadDim) no_kernel = "head dim != 64";
+  df << "v2 fused attention (kernels/aie/attention_design.py): 1 cmd, " << heads << " heads x " << passes
+     << " passes of 16 x 32 query rows, K/V in 32-key tiles broadcast per pass; QK^T, softmax, PV in L1 (scores "
+     << "never leave it); Q/K/V/out in place"
+     << (io_ep_memory ? " (EP memory: pinned once)" : " (ORT's memory: pinned per call)");
+  if (!no_kernel.empty()) df << "; no kernel: " << no_kernel;
+  c.npu = no_kernel.empty() && c.npu_us < c.cpu_us;
+  if (no_kernel.empty() && !c.npu) df << "; CPU by the model: faster there";
   c.dataflow = df.str();
   return c;
 }

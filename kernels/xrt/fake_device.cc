@@ -1,7 +1,10 @@
 #include "fake_device.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <fstream>
 #include <stdexcept>
 
@@ -14,6 +17,11 @@ namespace {
 
 constexpr uint32_t kFakeInstsMagic = 0x46414b45u;  // "FAKE"
 constexpr uint32_t kModeI8 = 2;  // header[4]: 0 bf16 A, 1 fp32 A (f32_f32), 2 i8_f32
+// attn_f32: {magic, T, H, ld, kModeAttention, ldo, o_head, scale bits}
+constexpr uint32_t kModeAttention = 3;
+constexpr size_t kAttentionHeaderWords = 8;
+
+float round_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 
 // Host and device copies are separate, as without cache maintenance on the real NPU; an imported buffer's host
 // side is the caller's memory itself. A sub-buffer shares its parent's host and device bytes (as a sub-BO does).
@@ -116,6 +124,41 @@ class FakeKernel final : public LoadedKernel {
     return std::make_unique<FakeRun>(RunState::completed, "");
   }
 
+  std::unique_ptr<PendingRun> start4(DeviceBuffer& instr_buf, uint32_t n_words, DeviceBuffer& q_buf,
+                                     DeviceBuffer& k_buf, DeviceBuffer& v_buf, DeviceBuffer& o_buf) override {
+    if (options_.fail_at == "run") throw std::runtime_error("fake: kernel start failed (injected)");
+    ++options_.stats->submissions;
+    FakeBuffer& instr = as_fake(instr_buf, BufferKind::instructions, "1 (instructions)");
+    FakeBuffer& q = as_fake(q_buf, BufferKind::a, "3 (Q)");
+    FakeBuffer& k = as_fake(k_buf, BufferKind::b, "4 (K)");
+    FakeBuffer& v = as_fake(v_buf, BufferKind::c, "5 (V)");
+    FakeBuffer& o = as_fake(o_buf, BufferKind::d, "6 (O)");
+    ++options_.stats->runs;
+    if (options_.fail_at == "run_state") return std::make_unique<FakeRun>(RunState::failed, "ERT_CMD_STATE_ERROR");
+    if (options_.fail_at == "timeout") return std::make_unique<FakeRun>(RunState::timeout, "ERT_CMD_STATE_TIMEOUT");
+    if (n_words < kAttentionHeaderWords || instr.dev_size() < kAttentionHeaderWords * 4)
+      throw std::runtime_error("fake: instruction stream too short");
+    uint32_t h[kAttentionHeaderWords];
+    std::memcpy(h, instr.dev(), sizeof h);
+    if (h[0] != kFakeInstsMagic) throw std::runtime_error("fake: instructions were not synced to the device");
+    if (h[4] != kModeAttention) throw std::runtime_error("fake: not a fused attention kernel");
+    const int64_t T = h[1], H = h[2], ld = h[3], ldo = h[5], o_head = h[6];
+    float scale;
+    std::memcpy(&scale, &h[7], sizeof scale);
+    constexpr int64_t D = 64;
+    if (T < 1 || H < 1 || T > kMaxKernelRows || H > 1024 || ld < H * D || ldo < D)
+      throw std::runtime_error("fake: attention header out of range");
+    const size_t in_bytes = static_cast<size_t>((T - 1) * ld + H * D) * 4;
+    const size_t out_bytes = static_cast<size_t>((H - 1) * o_head + (T - 1) * ldo + D) * 4;
+    if (q.dev_size() < in_bytes || k.dev_size() < in_bytes || v.dev_size() < in_bytes || o.dev_size() < out_bytes)
+      throw std::runtime_error("fake: buffer sizes do not match the attention kernel");
+    if (options_.fail_at == "result") return std::make_unique<FakeRun>(RunState::completed, "");
+    run_attention(reinterpret_cast<const float*>(q.dev()), reinterpret_cast<const float*>(k.dev()),
+                  reinterpret_cast<const float*>(v.dev()), reinterpret_cast<float*>(o.dev()), T, H, ld, ldo, o_head,
+                  scale);
+    return std::make_unique<FakeRun>(RunState::completed, "");
+  }
+
   std::unique_ptr<PendingRun> start(DeviceBuffer& instr_buf, uint32_t n_words, DeviceBuffer& a_buf,
                                     DeviceBuffer& b_buf, DeviceBuffer& c_buf) override {
     if (options_.fail_at == "run") throw std::runtime_error("fake: kernel start failed (injected)");
@@ -177,6 +220,46 @@ class FakeKernel final : public LoadedKernel {
     return std::make_unique<FakeRun>(RunState::completed, "");
   }
 
+  // The fused attention contract (attention_contract.h) as attention_bf16.cc computes it, with its own loops:
+  // Q, K, V rounded to bf16, fp32 sums, online softmax over 32-key tiles (running max, rescale by exp(m_old - m)),
+  // P = bf16(exp), one division at the end; a row with NaN or +Inf scores is NaN. Written independently of the
+  // emulator's kernels; the tests hold both within the contract's bound.
+  static void run_attention(const float* q, const float* k, const float* v, float* o, int64_t T, int64_t H,
+                            int64_t ld, int64_t ldo, int64_t o_head, float scale) {
+    constexpr int64_t D = 64, kKeys = 32;
+    std::vector<float> qr(D), acc(D), s(kKeys);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t m = 0; m < T; ++m) {
+        for (int64_t d = 0; d < D; ++d) qr[d] = round_bf16(q[m * ld + h * D + d]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float mx = -std::numeric_limits<float>::infinity(), l = 0.f;
+        bool bad = false;
+        for (int64_t t0 = 0; t0 < T; t0 += kKeys) {
+          const int64_t n = std::min(kKeys, T - t0);
+          float tile_max = mx;
+          for (int64_t j = 0; j < n; ++j) {
+            float sum = 0.f;
+            for (int64_t d = 0; d < D; ++d) sum += qr[d] * round_bf16(k[(t0 + j) * ld + h * D + d]);
+            s[j] = sum * scale;
+            bad = bad || std::isnan(s[j]) || s[j] == std::numeric_limits<float>::infinity();
+            tile_max = std::max(tile_max, s[j]);
+          }
+          const float c = tile_max == mx ? 1.f : std::exp(mx - tile_max);
+          l *= c;
+          for (int64_t d = 0; d < D; ++d) acc[d] *= c;
+          for (int64_t j = 0; j < n; ++j) {
+            const float p = round_bf16(std::exp(s[j] - tile_max));
+            l += p;
+            for (int64_t d = 0; d < D; ++d) acc[d] += p * round_bf16(v[(t0 + j) * ld + h * D + d]);
+          }
+          mx = tile_max;
+        }
+        const bool finite = !bad && std::isfinite(mx);
+        for (int64_t d = 0; d < D; ++d)
+          o[h * o_head + m * ldo + d] = finite ? acc[d] / l : std::numeric_limits<float>::quiet_NaN();
+      }
+  }
+
   // What gemm_int8.cc computes, read from the device layout: exact int32 sums, then float(acc) * (sa * sb) in fp32.
   // Written independently of the emulator's kernels, so agreeing with them bit for bit is a check of both.
   static void run_i8(const unsigned char* a, const unsigned char* b, float* c, int64_t M, int64_t K, int64_t N) {
@@ -225,6 +308,13 @@ std::unique_ptr<NpuDevice> make_fake_device(const FakeOptions& options) {
 std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad, bool a_f32) {
   return {kFakeInstsMagic, static_cast<uint32_t>(m_rows), static_cast<uint32_t>(Kpad), static_cast<uint32_t>(Npad),
           a_f32 ? 1u : 0u};
+}
+
+std::vector<uint32_t> fake_insts_attention(int64_t T, int64_t H, int64_t ld, int64_t ldo, int64_t o_head, float scale) {
+  uint32_t scale_bits;
+  std::memcpy(&scale_bits, &scale, sizeof scale_bits);
+  return {kFakeInstsMagic, static_cast<uint32_t>(T), static_cast<uint32_t>(H), static_cast<uint32_t>(ld),
+          kModeAttention, static_cast<uint32_t>(ldo), static_cast<uint32_t>(o_head), scale_bits};
 }
 
 std::vector<uint32_t> fake_insts_i8(int64_t m_rows, int64_t Kpad, int64_t Npad) {

@@ -15,7 +15,7 @@ namespace xdna::kernels::npu {
 // What the fake saw; shared with the test so it can check pooling and context sharing.
 struct FakeStats {
   std::atomic<int> contexts{0};        // load() calls that succeeded
-  std::atomic<int> buffers[4] = {};    // allocations by BufferKind
+  std::atomic<int> buffers[5] = {};    // allocations by BufferKind
   std::atomic<int> runs{0};            // runs started
   std::atomic<int> submissions{0};     // start() calls plus start_chain() calls: what the driver would see
   std::atomic<int> imports{0};         // host buffers imported in place (user-pointer BOs)
@@ -38,5 +38,8 @@ std::unique_ptr<NpuDevice> make_fake_device(const FakeOptions& options);
 std::vector<uint32_t> fake_insts(int64_t m_rows, int64_t Kpad, int64_t Npad, bool a_f32 = false);
 // The same for an i8_f32 kernel: A and B int8 with their scales in the layout of int8_layout.h.
 std::vector<uint32_t> fake_insts_i8(int64_t m_rows, int64_t Kpad, int64_t Npad);
+// The same for an attn_f32 kernel (kernels/aie/attention_design.py): self-attention over T rows, H heads of 64,
+// Q/K/V rows strided by ld, head h's output row t at h * o_head + t * ldo, scores scaled by `scale`.
+std::vector<uint32_t> fake_insts_attention(int64_t T, int64_t H, int64_t ld, int64_t ldo, int64_t o_head, float scale);
 
 }  // namespace xdna::kernels::npu

@@ -293,6 +293,29 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
   for (size_t i = 0; i < kernels->items.size(); ++i) {
     const Json& item = kernels->items[i];
     const std::string where = "kernels[" + std::to_string(i) + "]";
+    if (item.type == Json::object && str_field(item, "dtype") == "attn_f32") {
+      AttentionEntry a;
+      const Json* scale = item.get("scale");
+      if (!int_field(item, "T", &a.T, 32, kMaxKernelRows) || !int_field(item, "H", &a.H, 1, 1024) ||
+          !int_field(item, "ld", &a.ld, a.H * 64, kMaxKernelN) || !int_field(item, "ldo", &a.ldo, 64, kMaxKernelN) ||
+          !int_field(item, "o_head", &a.o_head, 0, int64_t{1} << 30) || !scale || scale->type != Json::number ||
+          !(std::abs(scale->num) < 1e30)) {
+        m.skipped.push_back(where + ": attn_f32 needs integer T in [32, " + std::to_string(kMaxKernelRows) +
+                            "], H in [1, 1024], ld >= H * 64, ldo >= 64, o_head >= 0 and a finite scale");
+        continue;
+      }
+      a.scale = static_cast<float>(scale->num);
+      std::string file_why;
+      a.xclbin = file_in_dir(dir, str_field(item, "xclbin"), kMaxXclbinBytes, &file_why);
+      if (!a.xclbin.empty()) a.insts = file_in_dir(dir, str_field(item, "insts"), kMaxInstsBytes, &file_why);
+      a.kernel_name = str_field(item, "kernel", "MLIR_AIE");
+      if (a.xclbin.empty() || a.insts.empty()) {
+        m.skipped.push_back(where + ": " + file_why);
+        continue;
+      }
+      m.attention_kernels.push_back(std::move(a));
+      continue;
+    }
     KernelEntry e;
     if (item.type != Json::object || !int_field(item, "K", &e.K, 1, kMaxKernelK) ||
         !int_field(item, "N", &e.N, 1, kMaxKernelN) || !int_field(item, "m_rows", &e.m_rows, 1, kMaxKernelRows)) {
@@ -324,7 +347,7 @@ bool load_manifest(const std::string& dir, Manifest* out, std::string* why) {
     }
     (int8 ? m.int8_kernels : m.kernels).push_back(std::move(e));
   }
-  if (m.kernels.empty() && m.int8_kernels.empty()) {
+  if (m.kernels.empty() && m.int8_kernels.empty() && m.attention_kernels.empty()) {
     *why = path + ": no usable kernels" + (m.skipped.empty() ? std::string() : " (" + m.skipped.front() + ")");
     return false;
   }

@@ -32,8 +32,18 @@ struct KernelEntry {
   bool int8 = false;
 };
 
+// dtype "attn_f32" (issue 15, kernels/aie/attention_design.py): fused self-attention over T rows and H heads of 64;
+// Q, K, V rows strided by ld, head h's output row t at h * o_head + t * ldo; the scale is a constant of the xclbin.
+//   {"dtype": "attn_f32", "T": 1500, "H": 8, "ld": 512, "ldo": 64, "o_head": 96000, "scale": 0.125, "xclbin": ...}
+struct AttentionEntry {
+  int64_t T = 0, H = 0, ld = 0, ldo = 0, o_head = 0;
+  float scale = 0.f;
+  std::string xclbin, insts, kernel_name = "MLIR_AIE";
+};
+
 struct Manifest {
   std::string dir;
+  std::vector<AttentionEntry> attention_kernels;
   std::vector<KernelEntry> kernels;
   // dtype "i8_f32" (issue 13, kernels/aie/gemm_int8_design.py): int8 A8W8 kernels, run for int8 weights.
   std::vector<KernelEntry> int8_kernels;

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iomanip>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -222,16 +223,55 @@ class NpuBackend final : public Backend {
     return false;
   }
 
-  // The manifest has no kernel kind for fused attention: kernels/aie/attention_design.py is a design with a host
-  // check, not built. Declined here, so the dispatcher runs it on the CPU with this reason logged.
+  // Fused attention runs on attn_f32 kernels (kernels/aie/attention_design.py): self-attention (M == T) of head dim
+  // 64 whose T and scale are those of a built kernel. Anything else is declined with the reason (the dispatcher
+  // logs it and runs the node on the CPU path).
   bool can_run_attention(const AttentionShape& shape, std::string* why_not) const override {
+    if (disabled_) {
+      if (why_not) *why_not = "xrt backend disabled: " + disabled_reason();
+      return false;
+    }
+    for (const AttentionEntry& e : manifest_.attention_kernels)
+      if (attention_fits(e, shape)) return true;
     if (why_not) {
       std::ostringstream os;
-      os << "no fused attention kernel built (M=" << shape.M << " T=" << shape.T << " D=" << shape.D
-         << "; kernels/aie/attention_design.py is designed and host-checked, not built)";
+      if (manifest_.attention_kernels.empty()) {
+        os << "no fused attention kernel built (M=" << shape.M << " T=" << shape.T << " D=" << shape.D
+           << "; build one with kernels/aie/build_kernels.py --dtype attn_f32 --attention TxH)";
+      } else {
+        os << std::setprecision(9) << "no fused attention kernel for M=" << shape.M << " T=" << shape.T
+           << " D=" << shape.D << " Dv=" << shape.Dv << " scale=" << shape.scale
+           << "; attn_f32 built (self-attention, D 64):";
+        for (const AttentionEntry& e : manifest_.attention_kernels) os << " T=" << e.T << " scale=" << e.scale;
+      }
       *why_not = os.str();
     }
     return false;
+  }
+
+  bool can_run_attention_on(const AttentionShape& shape, const AttentionHead* heads, size_t count,
+                            std::string* why_not) const override {
+    if (!can_run_attention(shape, why_not)) return false;
+    if (attention_kernel_for(shape, heads, count)) return true;
+    if (why_not) {
+      std::ostringstream os;
+      os << count << " heads not in the layout of a built attn_f32 kernel (groups of H heads: Q, K, V rows strided"
+         << " by ld with head h at column h*64, K read as K^T, O row t of head h at h*o_head + t*ldo); built:";
+      for (const AttentionEntry& e : manifest_.attention_kernels)
+        os << " T=" << e.T << " H=" << e.H << " ld=" << e.ld << " ldo=" << e.ldo << " o_head=" << e.o_head;
+      *why_not = os.str();
+    }
+    return false;
+  }
+
+  // One command per group of H heads (one batch item of the node), each waited for before the next: Q, K, V and O
+  // are ORT's memory imported in place (or views of the EP's), else staged.
+  void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) override {
+    if (disabled_) throw BackendFault("run", "xrt backend disabled: " + disabled_reason());
+    const AttentionEntry* e = attention_kernel_for(shape, heads, count);
+    if (!e) throw BackendFault("run", "internal: no attn_f32 kernel for these heads");
+    AttentionKernel& k = ensure_attention_loaded(*e);
+    for (size_t g = 0; g < count; g += static_cast<size_t>(e->H)) run_attention(k, heads[g]);
   }
 
   // Declined modes run on the CPU backend in the same precision (dispatcher), never silently in bf16.
@@ -432,6 +472,136 @@ class NpuBackend final : public Backend {
     const auto* words = static_cast<const uint32_t*>(c.map());
     if (words[0] == kCanary || words[elements - 1] == kCanary)
       throw std::runtime_error("the kernel completed but did not write its result");
+  }
+
+  struct AttentionKernel {
+    const AttentionEntry* entry = nullptr;
+    LoadedKernel* kernel = nullptr;
+    std::unique_ptr<DeviceBuffer> instr;
+    uint32_t n_words = 0;
+  };
+
+  static bool attention_fits(const AttentionEntry& e, const AttentionShape& s) {
+    return s.M == e.T && s.T == e.T && s.D == 64 && s.Dv == 64 && s.scale == e.scale;
+  }
+
+  // The kernel whose fixed strides these heads have, in groups of its H (each group one command), or nullptr.
+  const AttentionEntry* attention_kernel_for(const AttentionShape& shape, const AttentionHead* heads,
+                                             size_t count) const {
+    for (const AttentionEntry& e : manifest_.attention_kernels) {
+      if (!attention_fits(e, shape) || count == 0 || count % static_cast<size_t>(e.H)) continue;
+      bool ok = true;
+      for (size_t i = 0; i < count && ok; ++i) {
+        const AttentionHead& b = heads[i - i % static_cast<size_t>(e.H)];  // the group's first head
+        const AttentionHead& h = heads[i];
+        const int64_t j = static_cast<int64_t>(i % static_cast<size_t>(e.H));
+        ok = h.q == b.q + j * 64 && h.ldq == e.ld && h.kt == b.kt + j * 64 && h.kt_stride_d == 1 &&
+             h.kt_stride_t == e.ld && h.v == b.v + j * 64 && h.v_stride_t == e.ld && h.v_stride_n == 1 &&
+             h.o == b.o + j * e.o_head && h.ldo == e.ldo;
+      }
+      if (ok) return &e;
+    }
+    return nullptr;
+  }
+
+  AttentionKernel& ensure_attention_loaded(const AttentionEntry& e) {
+    std::lock_guard<std::mutex> lock(load_mu_);
+    auto& k = attention_kernels_[&e];
+    if (k.kernel) return k;
+    auto it = contexts_.find(e.xclbin);
+    if (it == contexts_.end()) {
+      if (static_cast<int>(contexts_.size()) >= options_.max_contexts)
+        throw BackendFault("load", context_limit_message());
+      auto kernel = at_step("load", [&] { return device_->load(e.xclbin, e.kernel_name); });
+      if (!kernel) throw BackendFault("load", "device returned no kernel for " + e.xclbin);
+      it = contexts_.emplace(e.xclbin, std::move(kernel)).first;
+    }
+    at_step("load", [&] {
+      const std::vector<uint32_t> words = read_insts(e.insts);
+      const size_t bytes = words.size() * sizeof(uint32_t);
+      auto instr = it->second->alloc(BufferKind::instructions, bytes);
+      if (instr->size() < bytes) throw std::runtime_error("instruction buffer smaller than requested");
+      std::memcpy(instr->map(), words.data(), bytes);
+      instr->to_device(bytes, 0);
+      k.instr = std::move(instr);
+      k.n_words = static_cast<uint32_t>(words.size());
+    });
+    k.entry = &e;
+    k.kernel = it->second.get();  // only now: a failed load leaves it unloaded and retryable
+    return k;
+  }
+
+  // A tensor range of one attention command as a device buffer: the EP's memory (a view), ORT's imported, or a
+  // staging copy (`staged` set; an input is copied in).
+  std::shared_ptr<DeviceBuffer> attention_operand(LoadedKernel& kernel, BufferKind kind, const float* ptr,
+                                                  size_t bytes, bool input, bool* staged) {
+    void* p = const_cast<float*>(ptr);
+    std::shared_ptr<DeviceBuffer> b = ep_view(kernel, kind, p, bytes);
+    if (!b) b = kernel.import(kind, p, bytes);
+    *staged = !b || b->size() < bytes;
+    if (*staged) {
+      b = kernel.alloc(kind, bytes);
+      if (b->size() < bytes) throw std::runtime_error("staging buffer smaller than requested");
+      if (input) std::memcpy(b->map(), ptr, bytes);
+    }
+    if (input || !*staged) b->to_device(bytes, 0);  // O in place: flushed, so the rows between heads stay ORT's
+    return b;
+  }
+
+  void run_attention(AttentionKernel& k, const AttentionHead& first) {
+    const AttentionEntry& e = *k.entry;
+    const size_t in_bytes = bytes_of((e.T - 1) * e.ld + e.H * 64, 1, sizeof(float));
+    const int64_t out_elems = (e.H - 1) * e.o_head + (e.T - 1) * e.ldo + 64;
+    const size_t out_bytes = bytes_of(out_elems, 1, sizeof(float));
+    std::shared_ptr<DeviceBuffer> q, kb, v, o;
+    bool q_staged = false, k_staged = false, v_staged = false, o_staged = false;
+    std::unique_ptr<PendingRun> run;
+    try {
+      at_step("run", [&] {
+        q = attention_operand(*k.kernel, BufferKind::a, first.q, in_bytes, true, &q_staged);
+        kb = attention_operand(*k.kernel, BufferKind::b, first.kt, in_bytes, true, &k_staged);
+        v = attention_operand(*k.kernel, BufferKind::c, first.v, in_bytes, true, &v_staged);
+        o = attention_operand(*k.kernel, BufferKind::d, first.o, out_bytes, false, &o_staged);
+        plant_canary(*o, out_elems);
+      });
+      run = at_step("run", [&] { return k.kernel->start4(*k.instr, k.n_words, *q, *kb, *v, *o); });
+      std::string detail;
+      const RunState state = at_step("run", [&] { return run->wait(options_.timeout, &detail); });
+      if (state == RunState::timeout) {
+        disable("a run timed out after " + std::to_string(options_.timeout.count()) + " ms");
+        throw BackendFault("timeout", "run did not complete within " + std::to_string(options_.timeout.count()) +
+                                          " ms" + (detail.empty() ? "" : " (" + detail + ")"));
+      }
+      run.reset();
+      if (state != RunState::completed) throw BackendFault("run", "command failed: " + detail);
+      at_step("result", [&] {
+        check_in_place_c(*o, out_elems);
+        if (o_staged) {  // only the heads' rows: whatever lies between them is not the kernel's
+          const auto* src = static_cast<const float*>(o->map());
+          for (int64_t h = 0; h < e.H; ++h)
+            for (int64_t t = 0; t < e.T; ++t) {
+              const int64_t at = h * e.o_head + t * e.ldo;
+              std::memcpy(first.o + at, src + at, 64 * sizeof(float));
+            }
+        }
+      });
+    } catch (...) {
+      bool finished = !run;
+      if (run) {
+        try {
+          std::string detail;
+          finished = run->wait(options_.timeout, &detail) != RunState::timeout;
+        } catch (...) {
+          finished = false;
+        }
+      }
+      if (!finished) {  // the device may still use them: never freed
+        std::lock_guard<std::mutex> lock(load_mu_);
+        for (auto* b : {&q, &kb, &v, &o})
+          if (*b) quarantined_imports_.push_back(std::move(*b));
+      }
+      throw;
+    }
   }
 
   // A rows [row0, row0 + rows) -> fp32 row-major [height, Kpad] for a kernel that converts A in the core; pads
@@ -648,6 +818,7 @@ class NpuBackend final : public Backend {
   ShapeMap int8_shapes_;  // i8_f32 kernels by (Kpad, Npad)
   mutable std::mutex load_mu_;
   std::map<std::string, std::unique_ptr<LoadedKernel>> contexts_;  // by xclbin path: one hardware context each
+  std::map<const AttentionEntry*, AttentionKernel> attention_kernels_;  // attn_f32 kernels loaded (load_mu_)
   std::vector<std::unique_ptr<Staging>> quarantine_;
   std::vector<std::shared_ptr<DeviceBuffer>> quarantined_imports_;
   std::atomic<bool> disabled_{false};

@@ -19,12 +19,13 @@ namespace xdna::kernels::npu {
 
 // Version of this interface; libxdna_xrt_backend.so reports the one it was built with and the loader refuses a
 // mismatch (a stale library next to a newer EP).
-inline constexpr int kShimAbiVersion = 3;  // 2: import(), start_chain() (issue 15); 3: sub_buffer()
+inline constexpr int kShimAbiVersion = 4;  // 2: import(), start_chain() (issue 15); 3: sub_buffer(); 4: start4()
 
-// The kernel arguments of an mlir-aie GEMM design: kernel(opcode 3, instr BO, n_instr_words, A, B, C).
+// The kernel arguments of an mlir-aie GEMM design: kernel(opcode 3, instr BO, n_instr_words, A, B, C); the fused
+// attention design has a fourth operand: kernel(3, instr, n, Q, K, V, O).
 // Each kind maps to a buffer flag and an argument's memory group: instructions -> cacheable, group_id(1);
-// a/b/c -> host_only, group_id(3/4/5).
-enum class BufferKind { instructions, a, b, c };
+// a/b/c/d -> host_only, group_id(3/4/5/6).
+enum class BufferKind { instructions, a, b, c, d };
 
 class DeviceBuffer {
  public:
@@ -71,6 +72,10 @@ class LoadedKernel {
   virtual std::unique_ptr<DeviceBuffer> sub_buffer(DeviceBuffer& parent, size_t offset, size_t bytes) = 0;
   // Starts the runs as one submission (XRT runlist, one ERT_CMD_CHAIN); waiting for it waits for all of them.
   virtual std::unique_ptr<PendingRun> start_chain(const std::vector<RunArgs>& runs) = 0;
+  // Starts kernel(3, instr, n_instr_words, a, b, c, d): a design with four operands (fused attention: Q, K, V, O
+  // as buffers of kinds a, b, c, d).
+  virtual std::unique_ptr<PendingRun> start4(DeviceBuffer& instr, uint32_t n_instr_words, DeviceBuffer& a,
+                                             DeviceBuffer& b, DeviceBuffer& c, DeviceBuffer& d) = 0;
 };
 
 class NpuDevice {

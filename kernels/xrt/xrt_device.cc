@@ -163,6 +163,8 @@ class XrtKernel final : public LoadedKernel {
         return std::make_unique<XrtBuffer>(xrt::bo(device_, bytes, XRT_BO_FLAGS_HOST_ONLY, kernel_.group_id(4)));
       case BufferKind::c:
         return std::make_unique<XrtBuffer>(xrt::bo(device_, bytes, XRT_BO_FLAGS_HOST_ONLY, kernel_.group_id(5)));
+      case BufferKind::d:
+        return std::make_unique<XrtBuffer>(xrt::bo(device_, bytes, XRT_BO_FLAGS_HOST_ONLY, kernel_.group_id(6)));
     }
     throw std::invalid_argument("unknown buffer kind");
   }
@@ -224,9 +226,16 @@ class XrtKernel final : public LoadedKernel {
                                             bo_of(c)));
   }
 
+  std::unique_ptr<PendingRun> start4(DeviceBuffer& instr, uint32_t n_instr_words, DeviceBuffer& a, DeviceBuffer& b,
+                                     DeviceBuffer& c, DeviceBuffer& d) override {
+    constexpr unsigned int kOpcodeTransaction = 3;
+    return std::make_unique<XrtRun>(kernel_(kOpcodeTransaction, bo_of(instr), n_instr_words, bo_of(a), bo_of(b),
+                                            bo_of(c), bo_of(d)));
+  }
+
  private:
   xrt::memory_group group_of(BufferKind kind) {
-    return kernel_.group_id(kind == BufferKind::a ? 3 : kind == BufferKind::b ? 4 : 5);
+    return kernel_.group_id(kind == BufferKind::a ? 3 : kind == BufferKind::b ? 4 : kind == BufferKind::c ? 5 : 6);
   }
   void set_args(xrt::run& run, const RunArgs& r) {
     run.set_arg(0, 3u);  // opcode: run the instruction stream in arg 1

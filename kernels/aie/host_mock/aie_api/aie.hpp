@@ -1,4 +1,4 @@
-// Host stand-in for the few AIE API pieces gemm_bf16.cc and gemm_int8.cc use, so its blocked indexing can be unit-tested with
+// Host stand-in for the few AIE API pieces gemm_bf16.cc, gemm_int8.cc and attention_bf16.cc use, so its blocked indexing can be unit-tested with
 // g++ (tests/test_xrt_aie_design.py). Scalar and slow; bfloat16 is stored as its 16 bits. Not the AIE API.
 #pragma once
 #include <array>
@@ -41,6 +41,8 @@ inline bfloat16 to_bf16(float f) {
 template <typename T, unsigned L>
 struct vector {
   std::array<T, L> v;
+  T get(unsigned i) const { return v[i]; }
+  void set(T x, unsigned i) { v[i] = x; }
 };
 template <unsigned L, typename T>
 vector<T, L> load_v(const T* p) {
@@ -51,6 +53,14 @@ vector<T, L> load_v(const T* p) {
 template <typename T, unsigned L>
 void store_v(T* p, const vector<T, L>& x) {
   for (unsigned i = 0; i < L; ++i) p[i] = x.v[i];
+}
+template <typename T, unsigned L, typename... Rest>
+vector<T, L * (1 + sizeof...(Rest))> concat(const vector<T, L>& first, const Rest&... rest) {
+  vector<T, L * (1 + sizeof...(Rest))> r;
+  unsigned i = 0;
+  for (const vector<T, L>* part : {&first, &rest...})
+    for (unsigned j = 0; j < L; ++j) r.v[i++] = part->v[j];
+  return r;
 }
 template <typename T, unsigned L>
 vector<T, L> zeros() {
