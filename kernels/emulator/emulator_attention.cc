@@ -94,6 +94,130 @@ void divide_rows(float* o, int64_t ldo, int64_t M, int64_t Dv, const float* l) {
     for (int64_t n = 0; n < Dv; ++n) o[m * ldo + n] /= l[m];
 }
 
+// The helpers below are always inlined, so their vector ABI (-Wpsabi) never shows.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// 16 fp32 lanes as GCC vector extensions: one zmm in the avx512f clone, two ymm in the avx2 one, SSE otherwise.
+using f32x16 = float __attribute__((vector_size(64)));
+using u32x16 = uint32_t __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+__attribute__((always_inline)) inline f32x16 load_f32x16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// round_to_bf16 on 16 lanes, NaN kept a quiet NaN as f32_to_bf16 does.
+__attribute__((always_inline)) inline f32x16 round_to_bf16_x16(const f32x16& x) {
+  const u32x16 u = reinterpret_cast<const u32x16&>(x);
+  const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  const u32x16 quiet_nan = (u & 0xffff0000u) | 0x00400000u;
+  u32x16 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+  return reinterpret_cast<f32x16&>(r);
+}
+
+// The 16 lanes summed as a tree (lane j with lane j + 8, then + 4, ...).
+__attribute__((always_inline)) inline float sum_lanes(const f32x16& v) {
+  using f32x8 = float __attribute__((vector_size(32)));
+  using f32x4 = float __attribute__((vector_size(16)));
+  const f32x8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+
+// Scores of R query rows (qb: bf16 Q rows, D apart) against all T keys: per key one 16-lane dot product per row,
+// the key's row rounded once for all R rows; the accumulators stay in registers.
+template <int R>
+__attribute__((always_inline)) inline void scores_rows(const float* qb, const float* k, int64_t ldk, int64_t T,
+                                                       int64_t D, float* s) {
+  const int64_t D16 = D / kLanes * kLanes;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* kr = k + t * ldk;
+    f32x16 acc[R] = {};
+    for (int64_t d = 0; d < D16; d += kLanes) {
+      const f32x16 kv = round_to_bf16_x16(load_f32x16(kr + d));
+      for (int r = 0; r < R; ++r) acc[r] += load_f32x16(qb + r * D + d) * kv;
+    }
+    for (int r = 0; r < R; ++r) {
+      float tail = 0.f;
+      for (int64_t d = D16; d < D; ++d) tail += qb[r * D + d] * round_to_bf16(kr[d]);
+      s[r * T + t] = sum_lanes(acc[r]) + tail;
+    }
+  }
+}
+
+// O[r][n0 + 16 j + i] = (P V) / l for R rows of bf16 weights p (T apart) and NB blocks of 16 columns from n0: V
+// rounded to bf16 as read, each key's V row (NB blocks) read once for all R rows, the sums in registers.
+template <int R, int NB>
+__attribute__((always_inline)) inline void weighted_values_block(const float* p, int64_t T, const float* l,
+                                                                 const float* v, int64_t ldv, float* o,
+                                                                 int64_t ldo) {
+  f32x16 acc[R][NB] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    f32x16 vv[NB];
+    for (int j = 0; j < NB; ++j) vv[j] = round_to_bf16_x16(load_f32x16(v + t * ldv + j * kLanes));
+    for (int r = 0; r < R; ++r) {
+      const float w = p[r * T + t];
+      for (int j = 0; j < NB; ++j) acc[r][j] += w * vv[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) {
+      const f32x16 out = acc[r][j] / l[r];
+      std::memcpy(o + r * ldo + j * kLanes, &out, sizeof out);
+    }
+}
+
+// O rows = (P V) / l for R rows: 64 columns at a time (a head of 64 in one pass over V), then 16, then a scalar tail.
+template <int R>
+__attribute__((always_inline)) inline void weighted_values_rows(const float* p, const float* l, const float* v,
+                                                                 int64_t ldv, int64_t T, int64_t Dv, float* o,
+                                                                 int64_t ldo) {
+  int64_t n = 0;
+  for (; n + 4 * kLanes <= Dv; n += 4 * kLanes) weighted_values_block<R, 4>(p, T, l, v + n, ldv, o + n, ldo);
+  for (; n + kLanes <= Dv; n += kLanes) weighted_values_block<R, 1>(p, T, l, v + n, ldv, o + n, ldo);
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = n; c < Dv; ++c) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < T; ++t) sum += p[r * T + t] * round_to_bf16(v[t * ldv + c]);
+      o[r * ldo + c] = sum / l[r];
+    }
+}
+
+// One head with few query rows (M <= kUnpackedMaxM), K as rows (K[t][d] = kt[t * kt_stride_t + d]) and V as rows
+// (V[t][n] = v[t * v_stride_t + n]), in one pass while the head's K and V are hot: QK^T as dot products over d,
+// the softmax, PV accumulated over t, then the division; K and V rounded to bf16 as they are read, rows taken 4 at
+// a time. s holds M * T scores, qb M * D. Every product is exact (bf16 x bf16), so FMA or not gives the same bits.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void attend_few_rows(
+    const AttentionShape& shape, const AttentionHead& h, float* s, float* qb, float* l) {
+  const int64_t M = shape.M, T = shape.T, D = shape.D, Dv = shape.Dv;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t d = 0; d < D; ++d) qb[m * D + d] = round_to_bf16(h.q[m * h.ldq + d]);
+  constexpr int64_t kRowBlock = 4;
+  for (int64_t m = 0; m < M; m += kRowBlock) {
+    const float* q_rows = qb + m * D;
+    float* s_rows = s + m * T;
+    switch (std::min(kRowBlock, M - m)) {
+      case 1: scores_rows<1>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      case 2: scores_rows<2>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      case 3: scores_rows<3>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      default: scores_rows<4>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale);
+  for (int64_t m = 0; m < M; m += kRowBlock) {
+    const float* p_rows = s + m * T;
+    float* o_rows = h.o + m * h.ldo;
+    switch (std::min(kRowBlock, M - m)) {
+      case 1: weighted_values_rows<1>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 2: weighted_values_rows<2>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 3: weighted_values_rows<3>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      default: weighted_values_rows<4>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+    }
+  }
+}
+
 // B[k][n] = b[k * stride_k + n * stride_n] as backend.h's UnpackedGemm, when one of the strides is 1.
 bool as_unpacked(const float* b, int64_t stride_k, int64_t stride_n, UnpackedGemm* out) {
   if (stride_n == 1) *out = UnpackedGemm{{}, b, stride_k, false};
@@ -112,7 +236,18 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
       for (int64_t m = 0; m < M; ++m) std::fill(heads[i].o + m * heads[i].ldo, heads[i].o + m * heads[i].ldo + Dv, 0.f);
     return;
   }
-  // Few query rows (decoder steps): every head's K and V read as they lie, all heads in one job per product.
+  // Few query rows with K and V as rows (a decoder step's attention): one task per head does the whole head while
+  // its K and V are in cache, all heads in one job.
+  bool rows = M <= kUnpackedMaxM;
+  for (size_t i = 0; i < count && rows; ++i) rows = heads[i].kt_stride_d == 1 && heads[i].v_stride_n == 1;
+  if (rows) {
+    emulator_parallel_for(threads, static_cast<int64_t>(count), [&](int64_t i) {
+      std::vector<float> scores(M * T), qb(M * D), l(M);
+      attend_few_rows(s, heads[i], scores.data(), qb.data(), l.data());
+    });
+    return;
+  }
+  // Few query rows, other layouts: every head's K and V read as they lie, all heads in one job per product.
   std::vector<UnpackedGemm> qk(count), pv(count);
   bool unpacked = M <= kUnpackedMaxM;
   for (size_t i = 0; i < count && unpacked; ++i)
