@@ -126,13 +126,48 @@ __attribute__((always_inline)) inline float sum_lanes(const f32x16& v) {
   return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
 
-// Scores of R query rows (qb: bf16 Q rows, D apart) against all T keys: per key one 16-lane dot product per row,
-// the key's row rounded once for all R rows; the accumulators stay in registers.
+// Four keys' 16-lane partial sums reduced to their four sums at once (a fixed tree: the same bits on every ISA).
+__attribute__((always_inline)) inline void sum_lanes_x4(const f32x16* acc, float* out) {
+  using f32x8 = float __attribute__((vector_size(32)));
+  using f32x4 = float __attribute__((vector_size(16)));
+  const f32x16 ab = __builtin_shufflevector(acc[0], acc[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(acc[0], acc[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const f32x16 cd = __builtin_shufflevector(acc[2], acc[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(acc[2], acc[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // lanes: a a a a b b b b c c c c d d d d
+  const f32x16 abcd = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                      __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const f32x8 pairs = __builtin_shufflevector(abcd, abcd, 0, 1, 4, 5, 8, 9, 12, 13) +
+                      __builtin_shufflevector(abcd, abcd, 2, 3, 6, 7, 10, 11, 14, 15);
+  const f32x4 sums = __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6) + __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7);
+  std::memcpy(out, &sums, sizeof sums);
+}
+
+// Scores of R query rows (qb: bf16 Q rows, D apart) against all T keys, four keys at a time: per key one 16-lane
+// dot product per row, the key's row rounded once for all R rows, the accumulators in registers.
 template <int R>
 __attribute__((always_inline)) inline void scores_rows(const float* qb, const float* k, int64_t ldk, int64_t T,
                                                        int64_t D, float* s) {
   const int64_t D16 = D / kLanes * kLanes;
-  for (int64_t t = 0; t < T; ++t) {
+  constexpr int kKeys = 4;
+  int64_t t = 0;
+  for (; t + kKeys <= T; t += kKeys) {
+    f32x16 acc[R][kKeys] = {};
+    for (int64_t d = 0; d < D16; d += kLanes) {
+      f32x16 kv[kKeys];
+      for (int j = 0; j < kKeys; ++j) kv[j] = round_to_bf16_x16(load_f32x16(k + (t + j) * ldk + d));
+      for (int r = 0; r < R; ++r) {
+        const f32x16 qv = load_f32x16(qb + r * D + d);
+        for (int j = 0; j < kKeys; ++j) acc[r][j] += qv * kv[j];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      sum_lanes_x4(acc[r], s + r * T + t);
+      for (int64_t d = D16; d < D; ++d)
+        for (int j = 0; j < kKeys; ++j) s[r * T + t + j] += qb[r * D + d] * round_to_bf16(k[(t + j) * ldk + d]);
+    }
+  }
+  for (; t < T; ++t) {
     const float* kr = k + t * ldk;
     f32x16 acc[R] = {};
     for (int64_t d = 0; d < D16; d += kLanes) {
