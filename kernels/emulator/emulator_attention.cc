@@ -111,8 +111,8 @@ __attribute__((always_inline)) inline f32x16 load_f32x16(const float* p) {
 __attribute__((always_inline)) inline f32x16 round_to_bf16_x16(const f32x16& x) {
   const u32x16 u = reinterpret_cast<const u32x16&>(x);
   const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  const u32x16 quiet_nan = (u & 0xffff0000u) | 0x00400000u;
-  u32x16 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+  // x != x: one unordered compare (this file is built without -ffast-math, so it stays a NaN test).
+  u32x16 r = x != x ? (u & 0xffff0000u) | 0x00400000u : rounded;
   return reinterpret_cast<f32x16&>(r);
 }
 
