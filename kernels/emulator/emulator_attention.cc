@@ -96,7 +96,7 @@ void divide_rows(float* o, int64_t ldo, int64_t M, int64_t Dv, const float* l) {
 
 // The helpers below are always inlined, so their vector ABI (-Wpsabi) never shows.
 #pragma GCC diagnostic ignored "-Wpsabi"
-// 16 fp32 lanes as GCC vector extensions: one zmm in the avx512f clone, two ymm in the avx2 one, SSE otherwise.
+// 16 fp32 lanes as GCC vector extensions: one zmm in attend_few_rows (built for avx512f).
 using f32x16 = float __attribute__((vector_size(64)));
 using u32x16 = uint32_t __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
@@ -222,14 +222,15 @@ __attribute__((always_inline)) inline void weighted_values_rows(const float* p, 
 
 // One head with few query rows (M <= kUnpackedMaxM), K as rows (K[t][d] = kt[t * kt_stride_t + d]) and V as rows
 // (V[t][n] = v[t * v_stride_t + n]), in one pass while the head's K and V are hot: QK^T as dot products over d,
-// the softmax, PV accumulated over t, then the division; K and V rounded to bf16 as they are read, rows taken 4 at
+// the softmax, PV accumulated over t, then the division; K and V rounded to bf16 as they are read, rows taken 5 at
 // a time. s holds M * T scores, qb M * D. Every product is exact (bf16 x bf16), so FMA or not gives the same bits.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void attend_few_rows(
+// Built for avx512f only: see few_rows_kernel_fits.
+__attribute__((target("avx512f"))) void attend_few_rows(
     const AttentionShape& shape, const AttentionHead& h, float* s, float* qb, float* l) {
   const int64_t M = shape.M, T = shape.T, D = shape.D, Dv = shape.Dv;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t d = 0; d < D; ++d) qb[m * D + d] = round_to_bf16(h.q[m * h.ldq + d]);
-  constexpr int64_t kRowBlock = 4;
+  constexpr int64_t kRowBlock = 5;  // five beams' rows in one pass over K and V (25 of avx512's 32 registers)
   for (int64_t m = 0; m < M; m += kRowBlock) {
     const float* q_rows = qb + m * D;
     float* s_rows = s + m * T;
@@ -237,7 +238,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_few_row
       case 1: scores_rows<1>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
       case 2: scores_rows<2>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
       case 3: scores_rows<3>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
-      default: scores_rows<4>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      case 4: scores_rows<4>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      default: scores_rows<5>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
     }
   }
   for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale);
@@ -248,9 +250,17 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_few_row
       case 1: weighted_values_rows<1>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
       case 2: weighted_values_rows<2>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
       case 3: weighted_values_rows<3>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
-      default: weighted_values_rows<4>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 4: weighted_values_rows<4>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      default: weighted_values_rows<5>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
     }
   }
+}
+
+// The per-head kernel needs 32 vector registers for its accumulators: built for avx2 (16) it spilled and ran ~5x
+// slower than on avx512f (same bits), slower than the per-product path, which other CPUs therefore keep.
+bool few_rows_kernel_fits() {
+  static const bool fits = __builtin_cpu_supports("avx512f");
+  return fits;
 }
 
 // B[k][n] = b[k * stride_k + n * stride_n] as backend.h's UnpackedGemm, when one of the strides is 1.
@@ -273,7 +283,7 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
   }
   // Few query rows with K and V as rows (a decoder step's attention): one task per head does the whole head while
   // its K and V are in cache, all heads in one job.
-  bool rows = M <= kUnpackedMaxM;
+  bool rows = M <= kUnpackedMaxM && few_rows_kernel_fits();
   for (size_t i = 0; i < count && rows; ++i) rows = heads[i].kt_stride_d == 1 && heads[i].v_stride_n == 1;
   if (rows) {
     emulator_parallel_for(threads, static_cast<int64_t>(count), [&](int64_t i) {
