@@ -1,5 +1,6 @@
-// Fused attention on the emulator (attention_contract.h): the scores are computed by the contract's GEMM kernels,
-// the softmax in fp32 between them, P rounded to bf16 and the division by the row sum after PV.
+// Fused attention on the emulator (attention_contract.h): the scores by the contract's GEMM kernels (or, for few
+// query rows, by the per-head kernel attend_few_rows), the softmax in fp32 between them, P rounded to bf16 and the
+// division by the row sum after PV.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
