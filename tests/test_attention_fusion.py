@@ -22,7 +22,7 @@ import onnxruntime_ep_xdna as xdna
 D = 64
 
 
-def sdpa_model(B, H, M, T, scale_on="inputs", extra_softmax_reader=False):
+def sdpa_model(B, H, M, T, scale_on="inputs", extra_softmax_reader=False, D=D):
     """torch's scaled_dot_product_attention as optimum exports Whisper: Q [B, M, H, D] and K, V [B, T, H, D] split
     into heads by Transposes, the scale as sqrt(scale) on Q and on K^T (scale_on="inputs"), or one Mul/Div on the
     scores ("mul", "div")."""
@@ -56,7 +56,7 @@ def sdpa_model(B, H, M, T, scale_on="inputs", extra_softmax_reader=False):
                       outputs, inits)
 
 
-def feeds(B, H, M, T, seed):
+def feeds(B, H, M, T, seed, D=D):
     r = np.random.default_rng(seed)
     return {"q": r.standard_normal((B, M, H, D)).astype(np.float32),
             "k": r.standard_normal((B, T, H, D)).astype(np.float32),
@@ -67,7 +67,7 @@ def check_against_exact_and_cpu(out, cpu, f):
     q = f["q"].transpose(0, 2, 1, 3)
     kt = f["k"].transpose(0, 2, 3, 1)
     v = f["v"].transpose(0, 2, 1, 3)
-    scale = D ** -0.5
+    scale = q.shape[-1] ** -0.5
     bound = attention_bound(q, kt, v, scale)
     exact = attention_exact(q, kt, v, scale)
     assert_within(out, exact, bound, "EP vs float64")
@@ -111,6 +111,58 @@ def test_attention_of_unnamed_nodes():
                                                        "Transpose", "Transpose"]
     f = feeds(B, H, M, T, 9)
     check_against_exact_and_cpu(sess.run(None, f)[0], cpu_session(model).run(None, f)[0], f)
+
+
+@pytest.mark.parametrize("B,H,M,T,d", [(5, 8, 1, 1500, 64), (2, 3, 4, 77, 64), (1, 2, 16, 33, 64), (1, 1, 1, 1, 64),
+                                        (2, 2, 3, 100, 40), (1, 2, 2, 50, 8)])
+def test_few_rows_one_task_per_head(B, H, M, T, d):
+    """The few-row path (one task per batch row and head, K and V read as rows): beams as batch rows, T and the head
+    dims off the 16-lane blocks, M at kUnpackedMaxM; 1 and 2 threads give the same bits."""
+    model = sdpa_model(B, H, M, T, D=d)
+    f = feeds(B, H, M, T, 10 + M, D=d)
+    outs = []
+    for threads in ("1", "2"):
+        sess = xdna_session(model, {"backend": "emulator", "threads": threads})
+        assert ("sm", "Softmax") in ep_nodes(sess)
+        outs.append(sess.run(None, f)[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    check_against_exact_and_cpu(outs[0], cpu_session(model).run(None, f)[0], f)
+
+
+def test_few_rows_with_k_transposed_in_the_graph_input():
+    """K^T given as it lies ([B, H, D, T], t contiguous): not rows, so the per-product path computes it."""
+    B, H, M, T = 2, 4, 3, 200
+    nodes = [helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+             helper.make_node("Mul", ["scores", "s"], ["scaled"], name="ms"),
+             helper.make_node("Softmax", ["scaled"], ["p"], axis=-1, name="sm"),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name="pv")]
+    model = make_model(nodes, [tensor("q", [B, H, M, D]), tensor("kt", [B, H, D, T]), tensor("v", [B, H, T, D])],
+                       [tensor("o", [B, H, M, D])], [init("s", np.array([D ** -0.5], np.float32))])
+    sess = xdna_session(model, {"backend": "emulator"})
+    assert ("sm", "Softmax") in ep_nodes(sess)
+    r = np.random.default_rng(7)
+    f = {"q": r.standard_normal((B, H, M, D)).astype(np.float32),
+         "kt": r.standard_normal((B, H, D, T)).astype(np.float32),
+         "v": r.standard_normal((B, H, T, D)).astype(np.float32)}
+    out, cpu = sess.run(None, f)[0], cpu_session(model).run(None, f)[0]
+    bound = attention_bound(f["q"], f["kt"], f["v"], D ** -0.5)
+    exact = attention_exact(f["q"], f["kt"], f["v"], D ** -0.5)
+    assert_within(out, exact, bound, "EP vs float64")
+    assert_within(out, cpu, 2 * bound, "EP vs ORT's CPU EP")
+
+
+def test_nan_in_v_gives_nan_columns_as_the_cpu_ep():
+    """A NaN in V (and in Q) on the few-row path: the same NaN pattern as ORT's CPU EP, nothing else disturbed."""
+    B, H, M, T = 2, 3, 2, 90
+    model = sdpa_model(B, H, M, T)
+    f = feeds(B, H, M, T, 5)
+    f["v"][0, 7, 1, 5] = np.nan  # column 5 of head 1 in batch row 0
+    f["q"][1, 0, 2, 60] = np.nan  # row 0 of head 2 in batch row 1
+    out = xdna_session(model, {"backend": "emulator"}).run(None, f)[0]
+    cpu = cpu_session(model).run(None, f)[0]
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(cpu))
+    assert np.isnan(out[0, 1, :, 5]).all() and np.isnan(out[1, 2, 0]).all()
+    assert np.isnan(out).sum() == M + D
 
 
 def test_softmax_read_elsewhere_stays_separate():

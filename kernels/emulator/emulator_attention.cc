@@ -1,5 +1,6 @@
-// Fused attention on the emulator (attention_contract.h): the scores are computed by the contract's GEMM kernels,
-// the softmax in fp32 between them, P rounded to bf16 and the division by the row sum after PV.
+// Fused attention on the emulator (attention_contract.h): the scores by the contract's GEMM kernels (or, for few
+// query rows, by the per-head kernel attend_few_rows), the softmax in fp32 between them, P rounded to bf16 and the
+// division by the row sum after PV.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -94,6 +95,175 @@ void divide_rows(float* o, int64_t ldo, int64_t M, int64_t Dv, const float* l) {
     for (int64_t n = 0; n < Dv; ++n) o[m * ldo + n] /= l[m];
 }
 
+// The helpers below are always inlined, so their vector ABI (-Wpsabi) never shows.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// 16 fp32 lanes as GCC vector extensions: one zmm in attend_few_rows (built for avx512f).
+using f32x16 = float __attribute__((vector_size(64)));
+using u32x16 = uint32_t __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+__attribute__((always_inline)) inline f32x16 load_f32x16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// round_to_bf16 on 16 lanes, NaN kept a quiet NaN as f32_to_bf16 does.
+__attribute__((always_inline)) inline f32x16 round_to_bf16_x16(const f32x16& x) {
+  const u32x16 u = reinterpret_cast<const u32x16&>(x);
+  const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  // x != x: one unordered compare (this file is built without -ffast-math, so it stays a NaN test).
+  u32x16 r = x != x ? (u & 0xffff0000u) | 0x00400000u : rounded;
+  return reinterpret_cast<f32x16&>(r);
+}
+
+// The 16 lanes summed as a tree (lane j with lane j + 8, then + 4, ...).
+__attribute__((always_inline)) inline float sum_lanes(const f32x16& v) {
+  using f32x8 = float __attribute__((vector_size(32)));
+  using f32x4 = float __attribute__((vector_size(16)));
+  const f32x8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+
+// Four keys' 16-lane partial sums reduced to their four sums at once (a fixed tree: the same bits on every ISA).
+__attribute__((always_inline)) inline void sum_lanes_x4(const f32x16* acc, float* out) {
+  using f32x8 = float __attribute__((vector_size(32)));
+  using f32x4 = float __attribute__((vector_size(16)));
+  const f32x16 ab = __builtin_shufflevector(acc[0], acc[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(acc[0], acc[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const f32x16 cd = __builtin_shufflevector(acc[2], acc[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(acc[2], acc[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // lanes: a a a a b b b b c c c c d d d d
+  const f32x16 abcd = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                      __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const f32x8 pairs = __builtin_shufflevector(abcd, abcd, 0, 1, 4, 5, 8, 9, 12, 13) +
+                      __builtin_shufflevector(abcd, abcd, 2, 3, 6, 7, 10, 11, 14, 15);
+  const f32x4 sums = __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6) + __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7);
+  std::memcpy(out, &sums, sizeof sums);
+}
+
+// Scores of R query rows (qb: bf16 Q rows, D apart) against all T keys, four keys at a time: per key one 16-lane
+// dot product per row, the key's row rounded once for all R rows, the accumulators in registers.
+template <int R>
+__attribute__((always_inline)) inline void scores_rows(const float* qb, const float* k, int64_t ldk, int64_t T,
+                                                       int64_t D, float* s) {
+  const int64_t D16 = D / kLanes * kLanes;
+  constexpr int kKeys = 4;
+  int64_t t = 0;
+  for (; t + kKeys <= T; t += kKeys) {
+    f32x16 acc[R][kKeys] = {};
+    for (int64_t d = 0; d < D16; d += kLanes) {
+      f32x16 kv[kKeys];
+      for (int j = 0; j < kKeys; ++j) kv[j] = round_to_bf16_x16(load_f32x16(k + (t + j) * ldk + d));
+      for (int r = 0; r < R; ++r) {
+        const f32x16 qv = load_f32x16(qb + r * D + d);
+        for (int j = 0; j < kKeys; ++j) acc[r][j] += qv * kv[j];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      sum_lanes_x4(acc[r], s + r * T + t);
+      for (int64_t d = D16; d < D; ++d)
+        for (int j = 0; j < kKeys; ++j) s[r * T + t + j] += qb[r * D + d] * round_to_bf16(k[(t + j) * ldk + d]);
+    }
+  }
+  for (; t < T; ++t) {
+    const float* kr = k + t * ldk;
+    f32x16 acc[R] = {};
+    for (int64_t d = 0; d < D16; d += kLanes) {
+      const f32x16 kv = round_to_bf16_x16(load_f32x16(kr + d));
+      for (int r = 0; r < R; ++r) acc[r] += load_f32x16(qb + r * D + d) * kv;
+    }
+    for (int r = 0; r < R; ++r) {
+      float tail = 0.f;
+      for (int64_t d = D16; d < D; ++d) tail += qb[r * D + d] * round_to_bf16(kr[d]);
+      s[r * T + t] = sum_lanes(acc[r]) + tail;
+    }
+  }
+}
+
+// O[r][n0 + 16 j + i] = (P V) / l for R rows of bf16 weights p (T apart) and NB blocks of 16 columns from n0: V
+// rounded to bf16 as read, each key's V row (NB blocks) read once for all R rows, the sums in registers.
+template <int R, int NB>
+__attribute__((always_inline)) inline void weighted_values_block(const float* p, int64_t T, const float* l,
+                                                                 const float* v, int64_t ldv, float* o,
+                                                                 int64_t ldo) {
+  f32x16 acc[R][NB] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    f32x16 vv[NB];
+    for (int j = 0; j < NB; ++j) vv[j] = round_to_bf16_x16(load_f32x16(v + t * ldv + j * kLanes));
+    for (int r = 0; r < R; ++r) {
+      const float w = p[r * T + t];
+      for (int j = 0; j < NB; ++j) acc[r][j] += w * vv[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) {
+      const f32x16 out = acc[r][j] / l[r];
+      std::memcpy(o + r * ldo + j * kLanes, &out, sizeof out);
+    }
+}
+
+// O rows = (P V) / l for R rows: 64 columns at a time (a head of 64 in one pass over V), then 16, then a scalar tail.
+template <int R>
+__attribute__((always_inline)) inline void weighted_values_rows(const float* p, const float* l, const float* v,
+                                                                 int64_t ldv, int64_t T, int64_t Dv, float* o,
+                                                                 int64_t ldo) {
+  int64_t n = 0;
+  for (; n + 4 * kLanes <= Dv; n += 4 * kLanes) weighted_values_block<R, 4>(p, T, l, v + n, ldv, o + n, ldo);
+  for (; n + kLanes <= Dv; n += kLanes) weighted_values_block<R, 1>(p, T, l, v + n, ldv, o + n, ldo);
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = n; c < Dv; ++c) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < T; ++t) sum += p[r * T + t] * round_to_bf16(v[t * ldv + c]);
+      o[r * ldo + c] = sum / l[r];
+    }
+}
+
+// One head with few query rows (M <= kUnpackedMaxM), K as rows (K[t][d] = kt[t * kt_stride_t + d]) and V as rows
+// (V[t][n] = v[t * v_stride_t + n]), in one pass while the head's K and V are hot: QK^T as dot products over d,
+// the softmax, PV accumulated over t, then the division; K and V rounded to bf16 as they are read, rows taken 5 at
+// a time. s holds M * T scores, qb M * D. Every product is exact (bf16 x bf16), so FMA or not gives the same bits.
+// Built for avx512f only: see few_rows_kernel_fits.
+__attribute__((target("avx512f"))) void attend_few_rows(
+    const AttentionShape& shape, const AttentionHead& h, float* s, float* qb, float* l) {
+  const int64_t M = shape.M, T = shape.T, D = shape.D, Dv = shape.Dv;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t d = 0; d < D; ++d) qb[m * D + d] = round_to_bf16(h.q[m * h.ldq + d]);
+  constexpr int64_t kRowBlock = 5;  // five beams' rows in one pass over K and V (25 of avx512's 32 registers)
+  for (int64_t m = 0; m < M; m += kRowBlock) {
+    const float* q_rows = qb + m * D;
+    float* s_rows = s + m * T;
+    switch (std::min(kRowBlock, M - m)) {
+      case 1: scores_rows<1>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      case 2: scores_rows<2>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      case 3: scores_rows<3>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      case 4: scores_rows<4>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      default: scores_rows<5>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale);
+  for (int64_t m = 0; m < M; m += kRowBlock) {
+    const float* p_rows = s + m * T;
+    float* o_rows = h.o + m * h.ldo;
+    switch (std::min(kRowBlock, M - m)) {
+      case 1: weighted_values_rows<1>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 2: weighted_values_rows<2>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 3: weighted_values_rows<3>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 4: weighted_values_rows<4>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      default: weighted_values_rows<5>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+    }
+  }
+}
+
+// The per-head kernel needs 32 vector registers for its accumulators: built for avx2 (16) it spilled and ran ~5x
+// slower than on avx512f (same bits), slower than the per-product path, which other CPUs therefore keep.
+bool few_rows_kernel_fits() {
+  static const bool fits = __builtin_cpu_supports("avx512f");
+  return fits;
+}
+
 // B[k][n] = b[k * stride_k + n * stride_n] as backend.h's UnpackedGemm, when one of the strides is 1.
 bool as_unpacked(const float* b, int64_t stride_k, int64_t stride_n, UnpackedGemm* out) {
   if (stride_n == 1) *out = UnpackedGemm{{}, b, stride_k, false};
@@ -112,7 +282,18 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
       for (int64_t m = 0; m < M; ++m) std::fill(heads[i].o + m * heads[i].ldo, heads[i].o + m * heads[i].ldo + Dv, 0.f);
     return;
   }
-  // Few query rows (decoder steps): every head's K and V read as they lie, all heads in one job per product.
+  // Few query rows with K and V as rows (a decoder step's attention): one task per head does the whole head while
+  // its K and V are in cache, all heads in one job.
+  bool rows = M <= kUnpackedMaxM && few_rows_kernel_fits();
+  for (size_t i = 0; i < count && rows; ++i) rows = heads[i].kt_stride_d == 1 && heads[i].v_stride_n == 1;
+  if (rows) {
+    emulator_parallel_for(threads, static_cast<int64_t>(count), [&](int64_t i) {
+      std::vector<float> scores(M * T), qb(M * D), l(M);
+      attend_few_rows(s, heads[i], scores.data(), qb.data(), l.data());
+    });
+    return;
+  }
+  // Few query rows, other layouts: every head's K and V read as they lie, all heads in one job per product.
   std::vector<UnpackedGemm> qk(count), pv(count);
   bool unpacked = M <= kUnpackedMaxM;
   for (size_t i = 0; i < count && unpacked; ++i)

@@ -1,0 +1,95 @@
+"""One decoder-step cross-attention node on the XDNA EP against ORT's CPU EP, in the same process.
+
+The pattern the EP fuses (ops/attention.cc): Transpose(K) -> MatMul(Q, K^T) -> Softmax -> MatMul(., V), whisper-base
+shaped (8 heads of 64, T = 1500 keys, K and V fp32 per batch row), with M query rows per batch row (1 per beam per
+token). The EP runs it on the emulator (kernels/emulator/emulator_attention.cc); everything runs on the CPU, no figure
+is an NPU figure. The two sessions take turns for --rounds rounds so background load hits both alike; the table
+prints the median over rounds of each round's median.
+
+    python3 benchmarks/attention_step.py                      # B x M = 1x1, 1x5, 5x1
+    python3 benchmarks/attention_step.py --shapes 5x1 --threads 1
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+import onnxruntime_ep_xdna as xdna
+
+H, T, D = 8, 1500, 64
+
+
+def attention_model(B, M):
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], name="t", perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="qk"),
+             helper.make_node("Softmax", ["s"], ["p"], name="sm", axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name="pv")]
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "cross_attention",
+                              [info("q", TensorProto.FLOAT, [B, H, M, D]), info("k", TensorProto.FLOAT, [B, H, T, D]),
+                               info("v", TensorProto.FLOAT, [B, H, T, D])], [info("o", TensorProto.FLOAT, [B, H, M, D])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def median_ms(session, feeds, reps):
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="1x1,1x5,5x1", help="BxM,... (batch rows x query rows)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=100, help="runs per round")
+    parser.add_argument("--threads", type=int, default=0, help="both EPs' threads (0 = their defaults)")
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gemm import machine_line
+
+    xdna.register()
+    rows = []
+    for shape in args.shapes.split(","):
+        B, M = map(int, shape.split("x"))
+        model = attention_model(B, M)
+        r = np.random.default_rng(0)
+        feeds = {name: r.standard_normal(dims).astype(np.float32)
+                 for name, dims in (("q", (B, H, M, D)), ("k", (B, H, T, D)), ("v", (B, H, T, D)))}
+        so = xdna.session_options()
+        if args.threads:
+            so.intra_op_num_threads = args.threads
+        options = {"threads": str(args.threads)} if args.threads else {}
+        ep = ort.InferenceSession(model, so, providers=[("XDNAExecutionProvider", options), "CPUExecutionProvider"])
+        placed = xdna.placement(ep).summary()
+        cpu = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        for s in (ep, cpu):
+            for _ in range(10):
+                s.run(None, feeds)
+        medians = {"ep": [], "cpu": []}
+        for _ in range(args.rounds):
+            medians["ep"].append(median_ms(ep, feeds, args.reps))
+            medians["cpu"].append(median_ms(cpu, feeds, args.reps))
+        ep_ms, cpu_ms = statistics.median(medians["ep"]), statistics.median(medians["cpu"])
+        rows.append((B, M, ep_ms, cpu_ms, placed))
+
+    print("cross-attention node, whisper-base shaped (H=8, T=1500, D=64); CPU figures (emulator), no NPU")
+    print("machine:", machine_line())
+    print(f"threads: {args.threads or 'defaults'}; ms = median over {args.rounds} rounds of {args.reps}-run medians;"
+          " EPs take turns")
+    print(f"{'B':>3} {'M':>3} | {'XDNA EP ms':>10} {'CPU EP ms':>10} {'EP/CPU':>7}")
+    for B, M, ep_ms, cpu_ms, _ in rows:
+        print(f"{B:>3} {M:>3} | {ep_ms:>10.3f} {cpu_ms:>10.3f} {ep_ms / cpu_ms:>7.2f}")
+    print("placement (first shape):", rows[0][4])
+
+
+if __name__ == "__main__":
+    main()
