@@ -134,8 +134,7 @@ class FakeKernel final : public LoadedKernel {
     FakeBuffer& v = as_fake(v_buf, BufferKind::c, "5 (V)");
     FakeBuffer& o = as_fake(o_buf, BufferKind::d, "6 (O)");
     ++options_.stats->runs;
-    if (options_.fail_at == "run_state") return std::make_unique<FakeRun>(RunState::failed, "ERT_CMD_STATE_ERROR");
-    if (options_.fail_at == "timeout") return std::make_unique<FakeRun>(RunState::timeout, "ERT_CMD_STATE_TIMEOUT");
+    if (auto injected = injected_run_end()) return injected;
     if (n_words < kAttentionHeaderWords || instr.dev_size() < kAttentionHeaderWords * 4)
       throw std::runtime_error("fake: instruction stream too short");
     uint32_t h[kAttentionHeaderWords];
@@ -167,6 +166,13 @@ class FakeKernel final : public LoadedKernel {
   }
 
  private:
+  // The run that ends as the injected fault says (run_state, timeout), or null: both kernel kinds share it.
+  std::unique_ptr<PendingRun> injected_run_end() const {
+    if (options_.fail_at == "run_state") return std::make_unique<FakeRun>(RunState::failed, "ERT_CMD_STATE_ERROR");
+    if (options_.fail_at == "timeout") return std::make_unique<FakeRun>(RunState::timeout, "ERT_CMD_STATE_TIMEOUT");
+    return nullptr;
+  }
+
   std::unique_ptr<PendingRun> execute(DeviceBuffer& instr_buf, uint32_t n_words, DeviceBuffer& a_buf,
                                       DeviceBuffer& b_buf, DeviceBuffer& c_buf) {
     FakeBuffer& instr = as_fake(instr_buf, BufferKind::instructions, "1 (instructions)");
@@ -174,8 +180,7 @@ class FakeKernel final : public LoadedKernel {
     FakeBuffer& b = as_fake(b_buf, BufferKind::b, "4 (B)");
     FakeBuffer& c = as_fake(c_buf, BufferKind::c, "5 (C)");
     ++options_.stats->runs;
-    if (options_.fail_at == "run_state") return std::make_unique<FakeRun>(RunState::failed, "ERT_CMD_STATE_ERROR");
-    if (options_.fail_at == "timeout") return std::make_unique<FakeRun>(RunState::timeout, "ERT_CMD_STATE_TIMEOUT");
+    if (auto injected = injected_run_end()) return injected;
 
     // The device sees only what was synced: read the instruction header from the device copy.
     if (n_words < 5 || instr.dev_size() < 20) throw std::runtime_error("fake: instruction stream too short");
