@@ -190,11 +190,14 @@ def discard_cached(compiled: Path) -> None:
 
 
 def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
-    """Removes every cached compiled model. Returns (entries, bytes) removed."""
+    """Removes every cached compiled model and every optimised decoder copy (whisper/decoder_graph.py, under
+    <cache>/optimised): both are derived from the models and rebuilt on demand. Returns (entries, bytes) removed."""
     root = compiled_cache_root(cache_dir)
     entries = size = 0
-    if root.is_dir():
-        for entry in root.iterdir():
+    for directory in (root, root.parent / "optimised"):
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
             if entry.is_dir():
                 size += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
                 entries += not entry.name.startswith(".tmp")
