@@ -11,6 +11,7 @@
 #include <fstream>
 #include <mutex>
 #include <sstream>
+#include <unordered_map>
 
 #include "graph_passes/fusion_groups.h"
 #include "json.h"
@@ -309,6 +310,9 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
                                      "': claimed " + std::to_string(contexts) + " EPContext node(s) of " + kEpName);
 
   const ops::GraphIndex index = ops::GraphIndex::of(ort, graph);
+  const int pass = ++capability_pass_;
+  std::unordered_map<const OrtNode*, size_t> position;  // in the graph's node order: identifies unnamed nodes
+  for (size_t i = 0; i < nodes.size(); ++i) position.emplace(nodes[i], i);
   size_t considered = 0;
   std::vector<graph::ClaimedUnit> claimed;
   const auto adjust = [&](ops::Claim* a) {
@@ -331,7 +335,8 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
          std::string(ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" + reason +
              (a.ok ? std::string(", ") + kernels::precision_name(a.plan.precision) + ": " + a.precision_note
                    : std::string()) + ")");
-    report("{\"graph\": " + json_string(graph_name ? graph_name : "") + ", \"node\": " +
+    report("{\"graph\": " + json_string(graph_name ? graph_name : "") + ", \"pass\": " + std::to_string(pass) +
+           ", \"index\": " + std::to_string(position[c.node]) + ", \"node\": " +
            json_string(a.plan.node_name) + ", \"op_type\": " + json_string(op_type) + ", \"claimed\": " +
            (ok ? "true" : "false") + ", \"reason\": " + json_string(reason) + ", \"mflop\": " +
            json_number(a.plan.mflop) + ", \"mflop_lower_bound\": " + (a.plan.mflop_lower_bound ? "true" : "false") +

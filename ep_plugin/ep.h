@@ -51,6 +51,7 @@ class XdnaEp : public OrtEp {
   Log log_;
   std::string compatibility_info_;  // GetCompiledModelCompatibilityInfo's answer (ORT copies it)
   std::string model_path_;          // of the graph GetCapability saw (Compile's graphs may not know it)
+  int capability_pass_ = 0;         // GetCapability calls so far: the partition report keeps each graph's last pass
 };
 
 // The compatibility string of compiled models (OrtEp::GetCompiledModelCompatibilityInfo), and whether `info` is

@@ -113,6 +113,22 @@ def test_attention_of_unnamed_nodes():
     check_against_exact_and_cpu(sess.run(None, f)[0], cpu_session(model).run(None, f)[0], f)
 
 
+def test_partition_report_tells_unnamed_nodes_apart(tmp_path):
+    """`xdna partition` once keyed its decisions by node name: the two unnamed MatMuls of an attention came out as
+    one line. Each now has its own, named by its position in the graph, and its placement."""
+    named = onnx.load_from_string(sdpa_model(1, 2, 3, 40, "mul"))
+    for node in named.graph.node:
+        node.name = ""
+    onnx.save(named, str(tmp_path / "unnamed.onnx"))
+    report = xdna.partition(tmp_path / "unnamed.onnx", {"backend": "emulator"})
+    matmuls = [d for d in report.decisions if d.op_type == "MatMul"]
+    assert len(matmuls) == 2 and len({d.index for d in matmuls}) == 2
+    assert all(d.placed_on == xdna.EP_NAME for d in matmuls), report.table()
+    table = report.table()
+    for d in matmuls:
+        assert f"<unnamed MatMul #{d.index}>" in table
+
+
 @pytest.mark.parametrize("B,H,M,T,d", [(5, 8, 1, 1500, 64), (2, 3, 4, 77, 64), (1, 2, 16, 33, 64), (1, 1, 1, 1, 64),
                                         (2, 2, 3, 100, 40), (1, 2, 2, 50, 8)])
 def test_few_rows_one_task_per_head(B, H, M, T, d):

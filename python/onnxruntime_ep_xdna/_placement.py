@@ -79,6 +79,8 @@ class NodeDecision:
     reason: str
     mflop: float
     mflop_lower_bound: bool
+    pass_: int = 0  # which GetCapability call of the session decided (the report keeps each graph's last)
+    index: int = -1  # the node's position in its graph: tells unnamed nodes apart
     # claimed nodes: the precision its products run in (bf16, int8, bf16x3) and why (the rule or option that chose
     # it; int8 asked for a run-time B says it stays bf16, as the int8 contract keeps run-time B operands in bf16)
     precision: str = ""
@@ -123,7 +125,8 @@ class PartitionReport:
             precision = d.precision if d.placed_on == EP_NAME else "-"
             if d.placed_on == EP_NAME and d.precision_note and "run time" in d.precision_note:
                 where += " (int8 asked: run-time B stays bf16)"
-            rows.append(f"{d.node[:48]:48} {d.op_type:7} {mflop} {precision:6} {where}")
+            name = d.node or f"<unnamed {d.op_type} #{d.index}>"
+            rows.append(f"{name[:48]:48} {d.op_type:7} {mflop} {precision:6} {where}")
         on_ep = sum(1 for d in self.decisions if d.placed_on == EP_NAME)
         rows.append(
             f"{on_ep}/{len(self.decisions)} MatMul/Gemm/Conv nodes on {EP_NAME}: "
@@ -185,7 +188,7 @@ def partition(model, provider_options: dict | None = None, graph_optimization_le
             session.run(None, _dummy_feeds(session, dims or {}))
         del session  # the EP's kernels append their run-time statistics when released
         gc.collect()
-        decisions: dict[tuple[str, str], NodeDecision] = {}
+        by_graph: dict[str, list[NodeDecision]] = {}
         executed: dict[str, dict] = {}
         with open(report_path) as f:
             for line in f:
@@ -193,15 +196,31 @@ def partition(model, provider_options: dict | None = None, graph_optimization_le
                 d = {k: math.inf if v is None and "mflop" in k else v for k, v in json.loads(line).items()}
                 if d.pop("runtime", False):
                     executed[d.pop("node")] = d
-                else:  # GetCapability may run more than once per graph; the last decision is the one ORT used.
-                    decisions[(d["graph"], d["node"])] = NodeDecision(**d)
+                    continue
+                d["pass_"] = d.pop("pass", 0)
+                decision = NodeDecision(**d)
+                kept = by_graph.setdefault(decision.graph, [])
+                # GetCapability may run more than once per graph; the last pass is the one ORT used.
+                if kept and kept[0].pass_ != decision.pass_:
+                    kept.clear()
+                kept.append(decision)
     finally:
         os.unlink(report_path)
-    where = {name: ep for ep, name, _ in place.nodes}
-    for d in decisions.values():
-        d.placed_on = where.get(d.node, "?")
-        if run and d.node in executed and d.placed_on == EP_NAME:
+    decisions = [d for kept in by_graph.values() for d in kept]
+    where = {name: ep for ep, name, _ in place.nodes if name}
+    # ORT names no unnamed node either: such nodes are placed by count (all claimed ones of an op type on the EP
+    # when ORT put as many unnamed nodes of that type there), else left "?".
+    unnamed_on_ep = Counter(op for ep, name, op in place.nodes if not name and ep == EP_NAME)
+    unnamed_claimed = Counter(d.op_type for d in decisions if not d.node and d.claimed)
+    for d in decisions:
+        if d.node:
+            d.placed_on = where.get(d.node, "?")
+        elif unnamed_on_ep[d.op_type] == unnamed_claimed[d.op_type]:
+            d.placed_on = EP_NAME if d.claimed else "CPUExecutionProvider"
+        else:
+            d.placed_on = "?"
+        if run and d.node and d.node in executed and d.placed_on == EP_NAME:
             d.executed = executed[d.node]
             d.mflop = d.executed["device_mflop"] + d.executed["cpu_mflop"]
             d.mflop_lower_bound = False
-    return PartitionReport(str(model), list(decisions.values()), place, providers)
+    return PartitionReport(str(model), decisions, place, providers)
