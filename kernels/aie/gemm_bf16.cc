@@ -11,13 +11,23 @@
 //   C: 64x64 as 16x16 blocks of 4x4 (r x t), each block row-major, blocks row-major (un-blocked in the memtile)
 #include <aie_api/aie.hpp>
 
+#include "mmul_blocks.h"
+
 namespace {
 
 constexpr unsigned kM = 64, kK = 64, kN = 64;
 constexpr unsigned kR = 4, kS = 8, kT = 4;  // aie::mmul shape for bf16 on AIE-ML: 128 MACs per instruction
 using Mmul = aie::mmul<kR, kS, kT, bfloat16, bfloat16, accfloat>;
 
-static_assert(kM % (2 * kR) == 0 && kN % (2 * kT) == 0 && kK % kS == 0, "2x2 expansion needs even block counts");
+static_assert(kK % (2 * kS) == 0, "the f32 kernels take K in halves");
+
+// An fp32 block rounded to bf16 by the core, in the rounding mode the caller set (round to nearest even).
+template <unsigned kSize>
+aie::vector<bfloat16, kSize> rounded_block(const float* p) {
+  aie::accum<accfloat, kSize> t;
+  t.from_vector(aie::load_v<kSize>(p));
+  return t.template to_vector<bfloat16>();
+}
 
 }  // namespace
 
@@ -28,47 +38,12 @@ void zero_f32(float* __restrict c) {
   for (unsigned i = 0; i < kM * kN; i += kLanes) aie::store_v(c + i, aie::zeros<float, kLanes>());
 }
 
-// C += A . B on the blocked layouts above. Works on a 2x2 group of C blocks at a time so each loaded A block is
-// used twice and each B block twice (4 accumulators in registers, as the AIE-ML has 8+ accumulator registers).
+// C += A . B on the blocked layouts above (bf16 A and B as they are in L1).
 void matmul_bf16_f32(const bfloat16* __restrict a, const bfloat16* __restrict b, float* __restrict c) {
-  constexpr unsigned kBlocksK = kK / kS, kBlocksN = kN / kT;
   event0();
-  for (unsigned z = 0; z < kM / kR; z += 2) {
-    for (unsigned j = 0; j < kBlocksN; j += 2) {
-        float* __restrict c00 = c + (z * kBlocksN + j) * Mmul::size_C;
-        float* __restrict c01 = c00 + Mmul::size_C;
-        float* __restrict c10 = c00 + kBlocksN * Mmul::size_C;
-        float* __restrict c11 = c10 + Mmul::size_C;
-        Mmul acc00(aie::load_v<Mmul::size_C>(c00));
-        Mmul acc01(aie::load_v<Mmul::size_C>(c01));
-        Mmul acc10(aie::load_v<Mmul::size_C>(c10));
-        Mmul acc11(aie::load_v<Mmul::size_C>(c11));
-
-        const bfloat16* __restrict pa0 = a + z * kBlocksK * Mmul::size_A;
-        const bfloat16* __restrict pa1 = pa0 + kBlocksK * Mmul::size_A;
-        const bfloat16* __restrict pb0 = b + j * Mmul::size_B;
-        const bfloat16* __restrict pb1 = pb0 + Mmul::size_B;
-        for (unsigned i = 0; i < kBlocksK; ++i) {
-            const auto a0 = aie::load_v<Mmul::size_A>(pa0);
-            const auto a1 = aie::load_v<Mmul::size_A>(pa1);
-            const auto b0 = aie::load_v<Mmul::size_B>(pb0);
-            const auto b1 = aie::load_v<Mmul::size_B>(pb1);
-            pa0 += Mmul::size_A;
-            pa1 += Mmul::size_A;
-            pb0 += kBlocksN * Mmul::size_B;
-            pb1 += kBlocksN * Mmul::size_B;
-            acc00.mac(a0, b0);
-            acc01.mac(a0, b1);
-            acc10.mac(a1, b0);
-            acc11.mac(a1, b1);
-          }
-
-        aie::store_v(c00, acc00.template to_vector<float>());
-        aie::store_v(c01, acc01.template to_vector<float>());
-        aie::store_v(c10, acc10.template to_vector<float>());
-        aie::store_v(c11, acc11.template to_vector<float>());
-      }
-  }
+  using xdna_aie::load_block;
+  xdna_aie::mac_blocks_2x2<Mmul, kM / kR, kK / kS, kN / kT>(a, b, c, load_block<Mmul::size_A, bfloat16>,
+                                                            load_block<Mmul::size_B, bfloat16>);
   event1();
 }
 
@@ -78,46 +53,10 @@ void matmul_bf16_f32(const bfloat16* __restrict a, const bfloat16* __restrict b,
 // default conversion rounds toward minus infinity, which the contract (gemm_contract.h) does not allow.
 // b points at the matching 32 rows of the 64x64 B tile (its first or second half: blocks are K-major).
 void matmul_f32a_bf16_f32(const float* __restrict a, const bfloat16* __restrict b, float* __restrict c) {
-  constexpr unsigned kHalfK = kK / 2, kBlocksK = kHalfK / kS, kBlocksN = kN / kT;
   aie::set_rounding(aie::rounding_mode::conv_even);
   event0();
-  for (unsigned z = 0; z < kM / kR; z += 2) {
-    for (unsigned j = 0; j < kBlocksN; j += 2) {
-      float* __restrict c00 = c + (z * kBlocksN + j) * Mmul::size_C;
-      float* __restrict c01 = c00 + Mmul::size_C;
-      float* __restrict c10 = c00 + kBlocksN * Mmul::size_C;
-      float* __restrict c11 = c10 + Mmul::size_C;
-      Mmul acc00(aie::load_v<Mmul::size_C>(c00));
-      Mmul acc01(aie::load_v<Mmul::size_C>(c01));
-      Mmul acc10(aie::load_v<Mmul::size_C>(c10));
-      Mmul acc11(aie::load_v<Mmul::size_C>(c11));
-      const float* __restrict pa0 = a + z * kBlocksK * Mmul::size_A;
-      const float* __restrict pa1 = pa0 + kBlocksK * Mmul::size_A;
-      const bfloat16* __restrict pb0 = b + j * Mmul::size_B;
-      const bfloat16* __restrict pb1 = pb0 + Mmul::size_B;
-      for (unsigned i = 0; i < kBlocksK; ++i) {
-        aie::accum<accfloat, Mmul::size_A> t0, t1;
-        t0.from_vector(aie::load_v<Mmul::size_A>(pa0));
-        t1.from_vector(aie::load_v<Mmul::size_A>(pa1));
-        const auto a0 = t0.template to_vector<bfloat16>();  // rounded per the mode set above
-        const auto a1 = t1.template to_vector<bfloat16>();
-        const auto b0 = aie::load_v<Mmul::size_B>(pb0);
-        const auto b1 = aie::load_v<Mmul::size_B>(pb1);
-        pa0 += Mmul::size_A;
-        pa1 += Mmul::size_A;
-        pb0 += kBlocksN * Mmul::size_B;
-        pb1 += kBlocksN * Mmul::size_B;
-        acc00.mac(a0, b0);
-        acc01.mac(a0, b1);
-        acc10.mac(a1, b0);
-        acc11.mac(a1, b1);
-      }
-      aie::store_v(c00, acc00.template to_vector<float>());
-      aie::store_v(c01, acc01.template to_vector<float>());
-      aie::store_v(c10, acc10.template to_vector<float>());
-      aie::store_v(c11, acc11.template to_vector<float>());
-    }
-  }
+  xdna_aie::mac_blocks_2x2<Mmul, kM / kR, kK / 2 / kS, kN / kT>(a, b, c, rounded_block<Mmul::size_A>,
+                                                                xdna_aie::load_block<Mmul::size_B, bfloat16>);
   event1();
 }
 
@@ -125,49 +64,10 @@ void matmul_f32a_bf16_f32(const float* __restrict a, const bfloat16* __restrict 
 // keys, transposed into these blocks by the memtile), so it is rounded here too, with the same mode as A.
 // b is a 32x64 fp32 half of a B tile, blocked 8x4 (K-major blocks) like the bf16 B.
 void matmul_f32a_f32b_f32(const float* __restrict a, const float* __restrict b, float* __restrict c) {
-  constexpr unsigned kHalfK = kK / 2, kBlocksK = kHalfK / kS, kBlocksN = kN / kT;
   aie::set_rounding(aie::rounding_mode::conv_even);
   event0();
-  for (unsigned z = 0; z < kM / kR; z += 2) {
-    for (unsigned j = 0; j < kBlocksN; j += 2) {
-      float* __restrict c00 = c + (z * kBlocksN + j) * Mmul::size_C;
-      float* __restrict c01 = c00 + Mmul::size_C;
-      float* __restrict c10 = c00 + kBlocksN * Mmul::size_C;
-      float* __restrict c11 = c10 + Mmul::size_C;
-      Mmul acc00(aie::load_v<Mmul::size_C>(c00));
-      Mmul acc01(aie::load_v<Mmul::size_C>(c01));
-      Mmul acc10(aie::load_v<Mmul::size_C>(c10));
-      Mmul acc11(aie::load_v<Mmul::size_C>(c11));
-      const float* __restrict pa0 = a + z * kBlocksK * Mmul::size_A;
-      const float* __restrict pa1 = pa0 + kBlocksK * Mmul::size_A;
-      const float* __restrict pb0 = b + j * Mmul::size_B;
-      const float* __restrict pb1 = pb0 + Mmul::size_B;
-      for (unsigned i = 0; i < kBlocksK; ++i) {
-        aie::accum<accfloat, Mmul::size_A> ta0, ta1;
-        aie::accum<accfloat, Mmul::size_B> tb0, tb1;
-        ta0.from_vector(aie::load_v<Mmul::size_A>(pa0));
-        ta1.from_vector(aie::load_v<Mmul::size_A>(pa1));
-        tb0.from_vector(aie::load_v<Mmul::size_B>(pb0));
-        tb1.from_vector(aie::load_v<Mmul::size_B>(pb1));
-        const auto a0 = ta0.template to_vector<bfloat16>();
-        const auto a1 = ta1.template to_vector<bfloat16>();
-        const auto b0 = tb0.template to_vector<bfloat16>();
-        const auto b1 = tb1.template to_vector<bfloat16>();
-        pa0 += Mmul::size_A;
-        pa1 += Mmul::size_A;
-        pb0 += kBlocksN * Mmul::size_B;
-        pb1 += kBlocksN * Mmul::size_B;
-        acc00.mac(a0, b0);
-        acc01.mac(a0, b1);
-        acc10.mac(a1, b0);
-        acc11.mac(a1, b1);
-      }
-      aie::store_v(c00, acc00.template to_vector<float>());
-      aie::store_v(c01, acc01.template to_vector<float>());
-      aie::store_v(c10, acc10.template to_vector<float>());
-      aie::store_v(c11, acc11.template to_vector<float>());
-    }
-  }
+  xdna_aie::mac_blocks_2x2<Mmul, kM / kR, kK / 2 / kS, kN / kT>(a, b, c, rounded_block<Mmul::size_A>,
+                                                                rounded_block<Mmul::size_B>);
   event1();
 }
 

@@ -18,13 +18,13 @@
 // L1: 2 x 4 KiB A + 2 x 4 KiB B + 16 KiB acc + 16 KiB C + 512 B of scales = 48.5 KiB.
 #include <aie_api/aie.hpp>
 
+#include "mmul_blocks.h"
+
 namespace {
 
 constexpr unsigned kM = 64, kK = 64, kN = 64;
 constexpr unsigned kR = 4, kS = 8, kT = 8;  // aie::mmul shape for int8 on AIE-ML: 256 MACs per instruction
 using Mmul = aie::mmul<kR, kS, kT, int8, int8, acc32>;
-
-static_assert(kM % (2 * kR) == 0 && kN % (2 * kT) == 0 && kK % kS == 0, "2x2 expansion needs even block counts");
 
 }  // namespace
 
@@ -35,58 +35,27 @@ void zero_i32(int32* __restrict acc) {
   for (unsigned i = 0; i < kM * kN; i += kLanes) aie::store_v(acc + i, aie::zeros<int32, kLanes>());
 }
 
-// acc += qA . qB on the blocked layouts above, 2x2 C blocks at a time (each loaded block used twice).
+// acc += qA . qB on the blocked layouts above.
 void matmul_i8_i32(const int8* __restrict a, const int8* __restrict b, int32* __restrict acc) {
-  constexpr unsigned kBlocksK = kK / kS, kBlocksN = kN / kT;
   event0();
-  for (unsigned z = 0; z < kM / kR; z += 2) {
-    for (unsigned j = 0; j < kBlocksN; j += 2) {
-      int32* __restrict c00 = acc + (z * kBlocksN + j) * Mmul::size_C;
-      int32* __restrict c01 = c00 + Mmul::size_C;
-      int32* __restrict c10 = c00 + kBlocksN * Mmul::size_C;
-      int32* __restrict c11 = c10 + Mmul::size_C;
-      Mmul acc00(aie::load_v<Mmul::size_C>(c00));
-      Mmul acc01(aie::load_v<Mmul::size_C>(c01));
-      Mmul acc10(aie::load_v<Mmul::size_C>(c10));
-      Mmul acc11(aie::load_v<Mmul::size_C>(c11));
-      const int8* __restrict pa0 = a + z * kBlocksK * Mmul::size_A;
-      const int8* __restrict pa1 = pa0 + kBlocksK * Mmul::size_A;
-      const int8* __restrict pb0 = b + j * Mmul::size_B;
-      const int8* __restrict pb1 = pb0 + Mmul::size_B;
-      for (unsigned i = 0; i < kBlocksK; ++i) {
-        const auto a0 = aie::load_v<Mmul::size_A>(pa0);
-        const auto a1 = aie::load_v<Mmul::size_A>(pa1);
-        const auto b0 = aie::load_v<Mmul::size_B>(pb0);
-        const auto b1 = aie::load_v<Mmul::size_B>(pb1);
-        pa0 += Mmul::size_A;
-        pa1 += Mmul::size_A;
-        pb0 += kBlocksN * Mmul::size_B;
-        pb1 += kBlocksN * Mmul::size_B;
-        acc00.mac(a0, b0);
-        acc01.mac(a0, b1);
-        acc10.mac(a1, b0);
-        acc11.mac(a1, b1);
-      }
-      aie::store_v(c00, acc00.template to_vector<int32>());
-      aie::store_v(c01, acc01.template to_vector<int32>());
-      aie::store_v(c10, acc10.template to_vector<int32>());
-      aie::store_v(c11, acc11.template to_vector<int32>());
-    }
-  }
+  xdna_aie::mac_blocks_2x2<Mmul, kM / kR, kK / kS, kN / kT>(a, b, acc, xdna_aie::load_block<Mmul::size_A, int8>,
+                                                            xdna_aie::load_block<Mmul::size_B, int8>);
   event1();
 }
 
 // The epilogue: c = float(acc) * (sa[m] * sb[n]) in fp32 for the tile's 64 rows (sa) and 64 columns (sb), on the
 // blocked layout. int32 -> fp32 is exact below 2^24 and rounds to nearest even above, as the host's conversion.
-void dequant_i32_f32(const int32* __restrict acc, const float* __restrict sa, const float* __restrict sb,
-                     float* __restrict c) {
+// acc may be c itself (the design converts in place): each int32 is read before its fp32 is written.
+void dequant_i32_f32(const int32* acc, const float* __restrict sa, const float* __restrict sb, float* c) {
   constexpr unsigned kBlocksN = kN / kT;
   for (unsigned z = 0; z < kM / kR; ++z)
     for (unsigned j = 0; j < kBlocksN; ++j)
       for (unsigned r = 0; r < kR; ++r)
         for (unsigned t = 0; t < kT; ++t) {
           const unsigned i = (z * kBlocksN + j) * Mmul::size_C + r * kT + t;
-          c[i] = static_cast<float>(acc[i]) * (sa[z * kR + r] * sb[j * kT + t]);
+          int32 v;
+          __builtin_memcpy(&v, acc + i, sizeof v);
+          c[i] = static_cast<float>(v) * (sa[z * kR + r] * sb[j * kT + t]);
         }
 }
 
@@ -101,21 +70,12 @@ void matmul_obj_i8(const int8* __restrict a_obj, const int8* __restrict b_obj, f
   matmul_i8_i32(a_obj, b_obj, reinterpret_cast<int32*>(c));
 }
 
-// The last K step and the epilogue: element by element in place, each int32 read before its fp32 is written.
+// The last K step and the epilogue, in place.
 void matmul_obj_i8_dequant(const int8* __restrict a_obj, const int8* __restrict b_obj, float* c) {
-  matmul_i8_i32(a_obj, b_obj, reinterpret_cast<int32*>(c));
-  const float* sa = reinterpret_cast<const float*>(a_obj + kTileBytes);
-  const float* sb = reinterpret_cast<const float*>(b_obj + kTileBytes);
-  constexpr unsigned kBlocksN = kN / kT;
-  for (unsigned z = 0; z < kM / kR; ++z)
-    for (unsigned j = 0; j < kBlocksN; ++j)
-      for (unsigned r = 0; r < kR; ++r)
-        for (unsigned t = 0; t < kT; ++t) {
-          const unsigned i = (z * kBlocksN + j) * Mmul::size_C + r * kT + t;
-          int32 acc;
-          __builtin_memcpy(&acc, c + i, sizeof acc);
-          c[i] = static_cast<float>(acc) * (sa[z * kR + r] * sb[j * kT + t]);
-        }
+  int32* acc = reinterpret_cast<int32*>(c);
+  matmul_i8_i32(a_obj, b_obj, acc);
+  dequant_i32_f32(acc, reinterpret_cast<const float*>(a_obj + kTileBytes),
+                  reinterpret_cast<const float*>(b_obj + kTileBytes), c);
 }
 
 }  // extern "C"
