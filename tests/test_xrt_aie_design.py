@@ -56,15 +56,20 @@ def test_design_limits():
     assert design.L1_BYTES <= 48 * 1024
 
 
-@pytest.fixture(scope="module")
-def core_kernel(tmp_path_factory):
+def host_kernel(tmp_path_factory, source: str, opt: str = "-O1") -> ctypes.CDLL:
+    """An AIE core kernel source of kernels/aie compiled by g++ against the AIE API stand-in (host_mock)."""
     cxx = shutil.which("g++")
     if not cxx:
         pytest.skip("g++ not available")
-    so = tmp_path_factory.mktemp("aie") / "gemm_mock.so"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{AIE / 'host_mock'}", str(AIE / "gemm_bf16.cc"),
+    so = tmp_path_factory.mktemp("aie") / f"{Path(source).stem}_mock.so"
+    subprocess.run([cxx, "-std=c++17", opt, "-shared", "-fPIC", f"-I{AIE / 'host_mock'}", str(AIE / source),
                     "-o", str(so)], check=True)
     return ctypes.CDLL(str(so))
+
+
+@pytest.fixture(scope="module")
+def core_kernel(tmp_path_factory):
+    return host_kernel(tmp_path_factory, "gemm_bf16.cc")
 
 
 def test_core_kernel_blocked_indexing(core_kernel):
@@ -668,13 +673,7 @@ def test_attention_design_computes_softmax_attention(T, H):
 
 @pytest.fixture(scope="module")
 def int8_kernel(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if not cxx:
-        pytest.skip("g++ not available")
-    so = tmp_path_factory.mktemp("aie8") / "gemm_int8_mock.so"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{AIE / 'host_mock'}", str(AIE / "gemm_int8.cc"),
-                    "-o", str(so)], check=True)
-    return ctypes.CDLL(str(so))
+    return host_kernel(tmp_path_factory, "gemm_int8.cc")
 
 
 def _blocked(x: np.ndarray, r: int, s: int) -> np.ndarray:
@@ -881,13 +880,7 @@ def test_int8_build_writes_a_manifest_whose_kernels_run_int8_on_the_fake_device(
 
 @pytest.fixture(scope="module")
 def attention_kernel(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if not cxx:
-        pytest.skip("g++ not available")
-    so = tmp_path_factory.mktemp("aie") / "attention_mock.so"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{AIE / 'host_mock'}",
-                    str(AIE / "attention_bf16.cc"), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
+    lib = host_kernel(tmp_path_factory, "attention_bf16.cc", "-O2")
     lib.attention_scores.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_int32]
     return lib
 
