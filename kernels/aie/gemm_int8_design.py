@@ -102,36 +102,38 @@ def _blocked(tile: np.ndarray, r: int, s: int) -> np.ndarray:
     return tile.reshape(m // r, r, k // s, s).transpose(0, 2, 1, 3).reshape(-1)
 
 
-def pack_a(qa: np.ndarray, sa: np.ndarray, M: int, K: int) -> np.ndarray:
-    """qa int8 [rows <= M, k <= K] and its fp32 row scales -> the device A buffer (zero rows/columns as padding)."""
-    q = np.zeros((M, K), np.int8)
-    q[:qa.shape[0], :qa.shape[1]] = qa
-    s = np.zeros(M, np.float32)
-    s[:sa.shape[0]] = sa
-    out = np.empty((M // g.TILE_M, K // g.TILE_K, OBJ_BYTES), np.uint8)
-    for slab in range(M // g.TILE_M):
-        rows = slice(slab * g.TILE_M, (slab + 1) * g.TILE_M)
+def _padded(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(shape, x.dtype)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+def _objects(outer: int, K: int, tile_of, r: int, s: int) -> np.ndarray:
+    """The device buffer of `outer` x K/TILE_K L1 objects: object (o, kt) is tile_of(o, k-slice) -> (int8 tile, its
+    fp32 scales), the tile blocked r x s as the core reads it, the scales after it."""
+    out = np.empty((outer, K // g.TILE_K, OBJ_BYTES), np.uint8)
+    for o in range(outer):
         for kt in range(K // g.TILE_K):
-            tile = q[rows, kt * g.TILE_K:(kt + 1) * g.TILE_K]
-            out[slab, kt, :TILE_BYTES] = _blocked(tile, MMUL_R, MMUL_S).view(np.uint8)
-            out[slab, kt, TILE_BYTES:] = s[rows].view(np.uint8)
+            tile, scales = tile_of(o, slice(kt * g.TILE_K, (kt + 1) * g.TILE_K))
+            out[o, kt, :TILE_BYTES] = _blocked(tile, r, s).view(np.uint8)
+            out[o, kt, TILE_BYTES:] = scales.view(np.uint8)
     return out.reshape(-1).view(np.int8)
+
+
+def pack_a(qa: np.ndarray, sa: np.ndarray, M: int, K: int) -> np.ndarray:
+    """qa int8 [rows <= M, k <= K] and its fp32 row scales -> the device A buffer (zero rows/columns as padding):
+    one object per (slab of TILE_M rows, k-tile)."""
+    q, s = _padded(qa, (M, K)), _padded(sa.astype(np.float32), (M,))
+    rows = lambda slab: slice(slab * g.TILE_M, (slab + 1) * g.TILE_M)  # noqa: E731
+    return _objects(M // g.TILE_M, K, lambda slab, ks: (q[rows(slab), ks], s[rows(slab)]), MMUL_R, MMUL_S)
 
 
 def pack_b(qb: np.ndarray, sb: np.ndarray, K: int, N: int) -> np.ndarray:
-    """qb int8 [k <= K, n <= N] (B quantised per column) and its fp32 column scales -> the device B buffer."""
-    q = np.zeros((K, N), np.int8)
-    q[:qb.shape[0], :qb.shape[1]] = qb
-    s = np.zeros(N, np.float32)
-    s[:sb.shape[0]] = sb
-    out = np.empty((N // g.TILE_N, K // g.TILE_K, OBJ_BYTES), np.uint8)
-    for nt in range(N // g.TILE_N):
-        cols = slice(nt * g.TILE_N, (nt + 1) * g.TILE_N)
-        for kt in range(K // g.TILE_K):
-            tile = q[kt * g.TILE_K:(kt + 1) * g.TILE_K, cols]
-            out[nt, kt, :TILE_BYTES] = _blocked(tile, MMUL_S, MMUL_T).view(np.uint8)
-            out[nt, kt, TILE_BYTES:] = s[cols].view(np.uint8)
-    return out.reshape(-1).view(np.int8)
+    """qb int8 [k <= K, n <= N] (B quantised per column) and its fp32 column scales -> the device B buffer: one
+    object per (n-tile, k-tile)."""
+    q, s = _padded(qb, (K, N)), _padded(sb.astype(np.float32), (N,))
+    cols = lambda nt: slice(nt * g.TILE_N, (nt + 1) * g.TILE_N)  # noqa: E731
+    return _objects(N // g.TILE_N, K, lambda nt, ks: (q[ks, cols(nt)], s[cols(nt)]), MMUL_S, MMUL_T)
 
 
 @dataclass
