@@ -45,6 +45,7 @@ struct TileScope {
     static const TileConfig config;
     _tile_loadconfig(&config);
   }
+  explicit TileScope(const TileConfig& config) { _tile_loadconfig(&config); }
   ~TileScope() { _tile_release(); }
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
@@ -175,8 +176,11 @@ void amx_bf16_gemm(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
 
 // ---- int8 ----
 
-// Below this many rows the VNNI kernel (one row broadcast per instruction) beats a mostly empty 16-row tile.
-constexpr int64_t kInt8MinRows = 4;
+// From 2 rows TDPBUSD on a tile of just those rows matches or beats the VNNI kernel (whose VPDPBUSD count grows
+// with the rows), measured single-threaded on 2..5 x {512x512, 512x2048, 2048x512, 512x51865}: e.g. 5x512x2048
+// 13 us against 31-37 us, 2 rows 6-11 us against 6-15 us; at 1 row they tie and the GEMV stays on VNNI
+// (benchmarks/README.md, "Few rows").
+constexpr int64_t kInt8MinRows = 2;
 
 // A 16 x 16 int32 tile stored to tmp -> C rows x cols: (acc - 128 * colsum) * (sa * sb), the VNNI kernel's
 // epilogue.
@@ -228,10 +232,29 @@ void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const 
   }
 }
 
+// Up to 16 rows (beam search): A and C tiles configured with just those rows, so A is loaded from the quantised
+// rows as they lie (no zero-padded copy) and no tile row is computed for nothing; B streams once, two panels at
+// a time, straight from QuantizedB::q.
+void amx_int8_few_rows(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int rows = static_cast<int>(m1 - m0);
+  TileConfig config;
+  config.rows[0] = config.rows[1] = config.rows[4] = static_cast<uint8_t>(rows);  // C tiles 0-1, A tile 4
+  int32_t* tmp = reinterpret_cast<int32_t*>(scratch(1, 256));
+  const uint8_t* a = reinterpret_cast<const uint8_t*>(p.qa) + m0 * p.Kpad;
+  TileScope tiles(config);
+  for (int64_t n = n0; n < n1; n += kPanelCols) {
+    const int cols = static_cast<int>(imin(kPanelCols, n1 - n));
+    const int8_t* b0 = p.qb + (n / 16) * p.Kpad * 16;
+    if (cols > 16) int8_tile_block<false, true>(p, a, p.Kpad, b0, b0 + p.Kpad * 16, m0, n, rows, cols, tmp);
+    else int8_tile_block<false, false>(p, a, p.Kpad, b0, b0, m0, n, rows, cols, tmp);
+  }
+}
+
 // C[m0:m1, n0:n1], n0 a multiple of 16. Columns in pairs of panels, each swept over all 32-row panels (its B
 // stays in L1). A row tail shorter than a tile is copied to scratch so that tile loads stay inside the buffer.
 void amx_int8_gemm(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (m1 - m0 < kInt8MinRows) return int8_gemm(p, m0, m1, n0, n1);
+  if (m1 - m0 <= 16) return amx_int8_few_rows(p, m0, m1, n0, n1);
   const uint8_t* qa = reinterpret_cast<const uint8_t*>(p.qa);
   const int64_t rows = m1 - m0, full = rows / kPanelRows * kPanelRows, tail = rows - full;
   uint8_t* tail_a = nullptr;
@@ -266,8 +289,8 @@ IsaKernels make_amx_kernels() {
   return k;
 }
 const IsaKernels kKernels = make_amx_kernels();
-static_assert(kInt8MinRows == 4, "update the detail string");
-const Int8Kernels kInt8Kernels{"amx", 1, &int8_quantize_rows, &amx_int8_gemm, "TDPBUSD from 4 rows, VNNI up to 3"};
+static_assert(kInt8MinRows == 2, "update the detail string");
+const Int8Kernels kInt8Kernels{"amx", 1, &int8_quantize_rows, &amx_int8_gemm, "TDPBUSD from 2 rows, VNNI for 1"};
 }  // namespace
 const IsaKernels& amx_kernels() { return kKernels; }
 const Int8Kernels& amx_int8_kernels() { return kInt8Kernels; }
