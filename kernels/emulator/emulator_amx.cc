@@ -1,8 +1,8 @@
 // AMX kernels (Sapphire Rapids and later Intel cores): TDPBF16PS for the bf16 contract, TDPBUSD for int8.
 // Compiled with the AMX and AVX-512 -m flags; selected at run time only where the CPU has AMX and Linux granted
 // this process the tile state (emulator.cc asks once). What AMX does not pay for stays on the AVX-512 code of
-// the shared .inc files, compiled here too: the direct (GEMV) and unpacked bf16 kernels (fp32 FMA) and the VNNI
-// int8 kernel below kInt8MinRows rows.
+// the shared .inc files, compiled here too: the direct (GEMV) and unpacked bf16 kernels (fp32 FMA; few rows on a
+// weight paired once, emulator_pair_b, run on the tiles instead) and the VNNI int8 kernel below kInt8MinRows rows.
 //
 // Numerics: TDPBF16PS multiplies bf16 pairs exactly and adds in fp32 with round-to-nearest-even, flushing bf16
 // subnormal inputs and fp32 subnormal results to zero (the contract allows it, as for VDPBF16PS). A is rounded
@@ -145,6 +145,25 @@ void round_a_rows(const Problem& p, int64_t m0, int64_t m1, int64_t kp, uint16_t
   }
 }
 
+// One 64-wide n-tile at column n (columns n .. min(n1, n + 64) - 1) of C[m0 .. m0 + rows] from rounded A (a,
+// [padded rows][kp]) and the tile's pair form b (quarters `quarter` lanes apart), over all 32-row panels.
+void sweep_tile(const Problem& p, const uint16_t* a, int64_t rows, int64_t kp, const uint32_t* b, int64_t quarter,
+                int64_t m0, int64_t n, int64_t n1, float* tmp) {
+  for (int64_t nc = n; nc < n1 && nc < n + kTile; nc += kPanelCols) {
+    const int cols = static_cast<int>(min64(kPanelCols, n1 - nc));
+    const uint32_t* b0 = b + (nc - n) / 16 * quarter;
+    for (int64_t i = 0; i < rows; i += kPanelRows) {
+      const int r = static_cast<int>(min64(kPanelRows, rows - i));
+      const uint16_t* ai = a + i * kp;
+      float* c = p.c + (m0 + i) * p.ldc + nc;
+      if (r > 16 && cols > 16) bf16_block<true, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
+      else if (r > 16) bf16_block<true, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
+      else if (cols > 16) bf16_block<false, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
+      else bf16_block<false, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
+    }
+  }
+}
+
 // C[m0:m1, n0:n1] for any number of rows: A rounded once per call, each 64-wide n-tile of B paired once and
 // swept over all 32-row panels. K runs whole in the tiles (no partial sums through memory).
 void amx_bf16_gemm(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
@@ -157,21 +176,26 @@ void amx_bf16_gemm(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
   TileScope tiles;
   for (int64_t n = n0; n < n1; n += kTile) {
     pair_b_tile(p.b + (n / kTile) * p.Kpad * kTile, kp, b);
-    const int64_t quarter = kp / 2 * 16;
-    for (int64_t nc = n; nc < n1 && nc < n + kTile; nc += kPanelCols) {
-      const int cols = static_cast<int>(min64(kPanelCols, n1 - nc));
-      const uint32_t* b0 = b + (nc - n) / 16 * quarter;
-      for (int64_t i = 0; i < rows; i += kPanelRows) {
-        const int r = static_cast<int>(min64(kPanelRows, rows - i));
-        const uint16_t* ai = a + i * kp;
-        float* c = p.c + (m0 + i) * p.ldc + nc;
-        if (r > 16 && cols > 16) bf16_block<true, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
-        else if (r > 16) bf16_block<true, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
-        else if (cols > 16) bf16_block<false, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
-        else bf16_block<false, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
-      }
-    }
+    sweep_tile(p, a, rows, kp, b, kp / 2 * 16, m0, n, n1, tmp);
   }
+}
+
+// The whole packed B -> pair form, tile after tile: tile t at out + t * Kpad * 32 (as many bytes as packed).
+void pair_b_all(const uint16_t* packed, int64_t Kpad, int64_t Npad, uint32_t* out) {
+  for (int64_t t = 0; t < Npad / kTile; ++t) pair_b_tile(packed + t * Kpad * kTile, Kpad, out + t * Kpad * kTile / 2);
+}
+
+// amx_bf16_gemm on a B paired once beforehand (pair_b_all): few rows pay no per-call re-lay of B, so TDPBF16PS
+// (16 rows per instruction, even when fewer are wanted) beats the fp32 FMA direct kernel from paired_min_m rows.
+void amx_bf16_paired(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t kp = (p.K + 31) / 32 * 32;  // <= Kpad: the pairs are zero past K
+  const int64_t rows = m1 - m0, padded_rows = (rows + 15) / 16 * 16;
+  uint16_t* a = reinterpret_cast<uint16_t*>(scratch(0, static_cast<size_t>(padded_rows * kp / 2)));
+  float* tmp = scratch(2, 256);
+  round_a_rows(p, m0, m1, kp, a);
+  TileScope tiles;
+  for (int64_t n = n0; n < n1; n += kTile)
+    sweep_tile(p, a, rows, kp, pairs + (n / kTile) * p.Kpad * kTile / 2, p.Kpad / 2 * 16, m0, n, n1, tmp);
 }
 
 // ---- int8 ----
@@ -280,12 +304,21 @@ void amx_int8_gemm(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int
   }
 }
 
+// Rows from which a weight paired once beats the fp32 FMA direct kernel, measured on 1..16 x {512x512, 512x2048,
+// 2048x512, 512x51865}, 1 and 2 threads: 5x512x512 12 us against 27 us single-threaded, 2 rows 7 against 11;
+// at 1 row the direct kernel (a GEMV, bound by reading B either way) stays (benchmarks/README.md, "Few rows").
+constexpr int64_t kPairedMinRows = 2;
+
 IsaKernels make_amx_kernels() {
   IsaKernels k = make_kernels("amx");
   k.blocked = &amx_bf16_gemm;
   k.block_m = 192;  // a multiple of kPanelRows
   k.direct_max_m = 6;  // measured: the fp32 FMA direct kernel wins up to 6 rows, AMX from 7 (benchmarks/README.md)
-  k.detail = "TDPBF16PS from 7 rows, AVX-512 FMA up to 6";
+  k.detail = "TDPBF16PS from 7 rows and from 2 on weights paired at first use, AVX-512 FMA otherwise";
+  k.pair_b = &pair_b_all;
+  k.paired = &amx_bf16_paired;
+  k.paired_min_m = kPairedMinRows;
+  k.paired_max_m = 16;  // beams; more rows take the blocked path (its per-task re-lay is shared by many rows)
   return k;
 }
 const IsaKernels kKernels = make_amx_kernels();
