@@ -294,6 +294,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // multiply-adds for the blocked path, bytes of B for the (memory-bound) direct path.
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 18;
 constexpr int64_t kMinBBytesPerThread = int64_t{64} << 10;
+// Few-row calls on packed weights (split_columns) stream B from cache at tens of GB/s: 64 KB is a couple of
+// microseconds, less than handing a task to another thread costs when that thread's core is busy (measured on
+// the shared 2-core VM: 5 x 512 x 512 and 5 x 2048 x 512 ran faster on one thread than on two). A helper now
+// gets at least 256 KB (a decoder 512 x 512 int8 weight runs on the calling thread, bf16 on two).
+constexpr int64_t kMinStreamBytesPerThread = int64_t{256} << 10;
 // Tasks are pulled dynamically; several per thread keep all threads busy when a core is shared with other work.
 constexpr int64_t kTasksPerThread = 8;
 
@@ -306,7 +311,7 @@ int resolve_threads(int threads) {
 // each streams its share of B once; run_cols(n0, n1) computes columns n0..n1-1 for every row.
 template <class RunCols>
 void split_columns(int64_t N, int64_t b_bytes, int threads, RunCols&& run_cols) {
-  threads = static_cast<int>(std::clamp<int64_t>(b_bytes / kMinBBytesPerThread, 1, threads));
+  threads = static_cast<int>(std::clamp<int64_t>(b_bytes / kMinStreamBytesPerThread, 1, threads));
   const int64_t strips = ceil_div(N, kTileN);
   const int64_t tasks = std::min<int64_t>(strips, threads == 1 ? 1 : kTasksPerThread * threads);
   const int64_t strips_per_task = ceil_div(strips, tasks);
