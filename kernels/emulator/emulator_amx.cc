@@ -73,9 +73,19 @@ inline void copy_c_tile(const float* tmp, float* c, int64_t ldc, int rows, int c
     }                                                       \
   } while (0)
 
+// Few-row calls read each B tile once, from memory or the last-level cache: a tile load waits for it unless the
+// lines were asked for in advance (the hardware prefetchers do not follow tile loads far enough). This many
+// bytes ahead along each B stream, 16 lines (one B tile) per step.
+constexpr int64_t kPrefetchAhead = 4096;
+inline void prefetch_tile(const void* p) {
+  const char* c = static_cast<const char*>(p) + kPrefetchAhead;
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) _mm_prefetch(c + 64 * l, _MM_HINT_T0);  // past the buffer's end: harmless hints
+}
+
 // C[32 x 32] (clipped to rows x cols) = A[32][kp] . B over kp bf16 k values (a multiple of 32). a: bf16 rows,
-// lda_bytes apart; b0, b1: the pair form [kp / 2][16] of the two 16-column halves.
-template <bool TwoRows, bool TwoCols>
+// lda_bytes apart; b0, b1: the pair form [kp / 2][16] of the two 16-column halves. Prefetch: B streamed once.
+template <bool TwoRows, bool TwoCols, bool Prefetch = false>
 void bf16_block(const uint16_t* a, int64_t lda_bytes, const uint32_t* b0, const uint32_t* b1, int64_t kp, float* c,
                 int64_t ldc, int rows, int cols, float* tmp) {
   _tile_zero(0);
@@ -84,6 +94,10 @@ void bf16_block(const uint16_t* a, int64_t lda_bytes, const uint32_t* b0, const 
   if (TwoRows && TwoCols) _tile_zero(3);
   const int64_t lda = lda_bytes / 2;
   for (int64_t k = 0; k < kp; k += 32) {
+    if (Prefetch) {
+      prefetch_tile(b0 + k / 2 * 16);
+      if (TwoCols) prefetch_tile(b1 + k / 2 * 16);
+    }
     _tile_loadd(4, a + k, lda_bytes);
     _tile_loadd(6, b0 + k / 2 * 16, 64);
     if (TwoCols) _tile_loadd(7, b1 + k / 2 * 16, 64);
@@ -147,6 +161,7 @@ void round_a_rows(const Problem& p, int64_t m0, int64_t m1, int64_t kp, uint16_t
 
 // One 64-wide n-tile at column n (columns n .. min(n1, n + 64) - 1) of C[m0 .. m0 + rows] from rounded A (a,
 // [padded rows][kp]) and the tile's pair form b (quarters `quarter` lanes apart), over all 32-row panels.
+template <bool Prefetch>
 void sweep_tile(const Problem& p, const uint16_t* a, int64_t rows, int64_t kp, const uint32_t* b, int64_t quarter,
                 int64_t m0, int64_t n, int64_t n1, float* tmp) {
   for (int64_t nc = n; nc < n1 && nc < n + kTile; nc += kPanelCols) {
@@ -156,10 +171,10 @@ void sweep_tile(const Problem& p, const uint16_t* a, int64_t rows, int64_t kp, c
       const int r = static_cast<int>(min64(kPanelRows, rows - i));
       const uint16_t* ai = a + i * kp;
       float* c = p.c + (m0 + i) * p.ldc + nc;
-      if (r > 16 && cols > 16) bf16_block<true, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
-      else if (r > 16) bf16_block<true, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
-      else if (cols > 16) bf16_block<false, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
-      else bf16_block<false, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
+      if (r > 16 && cols > 16) bf16_block<true, true, Prefetch>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
+      else if (r > 16) bf16_block<true, false, Prefetch>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
+      else if (cols > 16) bf16_block<false, true, Prefetch>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
+      else bf16_block<false, false, Prefetch>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
     }
   }
 }
@@ -176,7 +191,7 @@ void amx_bf16_gemm(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
   TileScope tiles;
   for (int64_t n = n0; n < n1; n += kTile) {
     pair_b_tile(p.b + (n / kTile) * p.Kpad * kTile, kp, b);
-    sweep_tile(p, a, rows, kp, b, kp / 2 * 16, m0, n, n1, tmp);
+    sweep_tile<false>(p, a, rows, kp, b, kp / 2 * 16, m0, n, n1, tmp);  // b: in L1, just paired
   }
 }
 
@@ -195,7 +210,7 @@ void amx_bf16_paired(const Problem& p, const uint32_t* pairs, int64_t m0, int64_
   round_a_rows(p, m0, m1, kp, a);
   TileScope tiles;
   for (int64_t n = n0; n < n1; n += kTile)
-    sweep_tile(p, a, rows, kp, pairs + (n / kTile) * p.Kpad * kTile / 2, p.Kpad / 2 * 16, m0, n, n1, tmp);
+    sweep_tile<true>(p, a, rows, kp, pairs + (n / kTile) * p.Kpad * kTile / 2, p.Kpad / 2 * 16, m0, n, n1, tmp);
 }
 
 // ---- int8 ----
@@ -221,8 +236,9 @@ inline void store_int8_tile(const Int8Problem& p, int64_t m, int64_t n, int rows
 }
 
 // C[m .. m+rows, n .. n+cols] (rows, cols <= 32) over all of Kpad: a is quantised A (u8, lda bytes apart);
-// b0, b1 the two 16-column panels of QuantizedB::q, already in the tile's [Kpad / 4][16][4] form.
-template <bool TwoRows, bool TwoCols>
+// b0, b1 the two 16-column panels of QuantizedB::q, already in the tile's [Kpad / 4][16][4] form. Prefetch: as
+// bf16_block's.
+template <bool TwoRows, bool TwoCols, bool Prefetch = false>
 void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1,
                      int64_t m, int64_t n, int rows, int cols, int32_t* tmp) {
   _tile_zero(0);
@@ -230,6 +246,10 @@ void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const 
   if (TwoRows) _tile_zero(2);
   if (TwoRows && TwoCols) _tile_zero(3);
   for (int64_t k = 0; k < p.Kpad; k += 64) {
+    if (Prefetch) {
+      prefetch_tile(b0 + k * 16);
+      if (TwoCols) prefetch_tile(b1 + k * 16);
+    }
     _tile_loadd(4, a + k, lda);
     _tile_loadd(6, b0 + k * 16, 64);
     if (TwoCols) _tile_loadd(7, b1 + k * 16, 64);
@@ -269,8 +289,8 @@ void amx_int8_few_rows(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0,
   for (int64_t n = n0; n < n1; n += kPanelCols) {
     const int cols = static_cast<int>(imin(kPanelCols, n1 - n));
     const int8_t* b0 = p.qb + (n / 16) * p.Kpad * 16;
-    if (cols > 16) int8_tile_block<false, true>(p, a, p.Kpad, b0, b0 + p.Kpad * 16, m0, n, rows, cols, tmp);
-    else int8_tile_block<false, false>(p, a, p.Kpad, b0, b0, m0, n, rows, cols, tmp);
+    if (cols > 16) int8_tile_block<false, true, true>(p, a, p.Kpad, b0, b0 + p.Kpad * 16, m0, n, rows, cols, tmp);
+    else int8_tile_block<false, false, true>(p, a, p.Kpad, b0, b0, m0, n, rows, cols, tmp);
   }
 }
 
