@@ -296,9 +296,10 @@ constexpr int64_t kMinMacsPerThread = int64_t{1} << 18;
 constexpr int64_t kMinBBytesPerThread = int64_t{64} << 10;
 // Few-row calls on packed weights (split_columns) stream B from cache at tens of GB/s: 64 KB is a couple of
 // microseconds, less than handing a task to another thread costs when that thread's core is busy (measured on
-// the shared 2-core VM: 5 x 512 x 512 and 5 x 2048 x 512 ran faster on one thread than on two). A helper now
-// gets at least 256 KB (a decoder 512 x 512 int8 weight runs on the calling thread, bf16 on two).
-constexpr int64_t kMinStreamBytesPerThread = int64_t{256} << 10;
+// the shared 2-core VM: 5 x 512 x 512 and 5 x 2048 x 512 ran faster on one thread than on two; the tile kernels
+// take 5 x 512 x 512 in bf16 in ~9 us on one). A helper gets at least 512 KB: the decoder's 512 x 512 weights run
+// on the calling thread, 512 x 2048 (int8 and bf16) and the logits on two.
+constexpr int64_t kMinStreamBytesPerThread = int64_t{512} << 10;
 // Tasks are pulled dynamically; several per thread keep all threads busy when a core is shared with other work.
 constexpr int64_t kTasksPerThread = 8;
 
