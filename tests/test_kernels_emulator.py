@@ -306,7 +306,8 @@ _PAIRED_SWEEP = textwrap.dedent("""
     from numerics import assert_same_gemm, assert_within, bf16_bound, bf16_round
     from onnxruntime_ep_xdna import _native
     amx = _native.emulator_kernel_name() == "amx"
-    assert [_native.emulator_wants_paired_b(m) for m in (1, 2, 16, 17)] == ([False, True, True, False] if amx else [False] * 4)
+    wanted = [_native.emulator_wants_paired_b(m) for m in (1, 2, 16, 17)]
+    assert wanted == ([False, True, True, False] if amx else [False] * 4)
     rng = np.random.default_rng(17)
     ks = [1, 2, 31, 32, 33, 64, 65, 513]
     ns = [1, 15, 16, 17, 33, 64, 65, 130, 515]

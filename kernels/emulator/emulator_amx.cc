@@ -171,10 +171,11 @@ void sweep_tile(const Problem& p, const uint16_t* a, int64_t rows, int64_t kp, c
       const int r = static_cast<int>(min64(kPanelRows, rows - i));
       const uint16_t* ai = a + i * kp;
       float* c = p.c + (m0 + i) * p.ldc + nc;
-      if (r > 16 && cols > 16) bf16_block<true, true, Prefetch>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
-      else if (r > 16) bf16_block<true, false, Prefetch>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
-      else if (cols > 16) bf16_block<false, true, Prefetch>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
-      else bf16_block<false, false, Prefetch>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
+      const uint32_t* b1 = cols > 16 ? b0 + quarter : b0;
+      if (r > 16 && cols > 16) bf16_block<true, true, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
+      else if (r > 16) bf16_block<true, false, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
+      else if (cols > 16) bf16_block<false, true, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
+      else bf16_block<false, false, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
     }
   }
 }
