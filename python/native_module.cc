@@ -334,6 +334,26 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("b"), py::arg("precision"), "A weight packed in a precision mode, as the EP packs it (for upload)");
   m.def("emulator_gemm", [](F32Array a, const k::PackedB& b, int threads) { return run_gemm(a, b, false, threads); },
         py::arg("a"), py::arg("b"), py::arg("threads") = 0);
+  m.def("emulator_pair_b", [](const k::PackedB& b) {
+        std::vector<uint32_t> pairs = k::emulator_pair_b(b);
+        return py::array_t<uint32_t>(static_cast<py::ssize_t>(pairs.size()), pairs.data());
+      }, py::arg("b"), "B re-laid for the AMX tiles (empty where the kernel set has no use for it)");
+  m.def("emulator_wants_paired_b", &k::emulator_wants_paired_b, py::arg("M"));
+  m.def("emulator_gemm_paired", [](F32Array a, const k::PackedB& b, py::array_t<uint32_t, py::array::c_style> pairs,
+                                   int threads) {
+        if (a.ndim() != 2 || a.shape(1) != b.shape.K) throw std::invalid_argument("A must be [M, K] matching B");
+        if (pairs.size() != 0 && pairs.size() != b.shape.Kpad * b.shape.Npad / 2)
+          throw std::invalid_argument("pairs must come from emulator_pair_b(b)");
+        const int64_t M = a.shape(0), N = b.shape.N;
+        py::array_t<float> c({M, N});
+        k::GemmArgs args{a.data(), M, b.shape.K, c.mutable_data(), N};
+        {
+          py::gil_scoped_release release;
+          k::emulator_gemm(args, b, threads, pairs.size() ? pairs.data() : nullptr);
+        }
+        return c;
+      }, py::arg("a"), py::arg("b"), py::arg("pairs"), py::arg("threads") = 0,
+      "emulator_gemm with B's tile-paired copy (what the EP's emulator backend runs for few rows on AMX)");
   m.def("emulator_attention", [](F32Array q, F32Array k, F32Array v, float scale, int threads) {
         // One head of the fused attention contract (attention_contract.h): q [M, D], k [T, D], v [T, Dv].
         if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(1) || v.shape(0) != k.shape(0))

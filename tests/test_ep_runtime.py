@@ -132,6 +132,25 @@ def test_concurrent_runs_on_one_session():
         assert_within(results[i], a.astype(np.float64) @ w, bf16_bound(a, w, 96), f"thread {i}")
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_few_rows_on_one_weight_any_order_of_row_counts(precision):
+    # Beam search: 1, then 2..16 rows (bf16 on AMX: the weight's tile-paired copy, made at the first such call;
+    # int8: tiles of just those rows), then many, then few again, on one session and weight. Each result within
+    # the precision's bound of float64, the same bits on one thread and on two, the node on the EP.
+    model, w = linear_model(k=512, n=515, seed=4)
+    one, two = ({"threads": str(t), **({"precision": precision} if precision != "bf16" else {})} for t in (1, 2))
+    sessions = [xdna_session(model, one), xdna_session(model, two)]
+    assert ep_nodes(sessions[1]) == [("mm", "MatMul")]
+    r = rng(5)
+    for m in [1, 5, 2, 16, 40, 5, 3, 17, 1]:
+        a = r.standard_normal((m, 512)).astype(np.float32)
+        y1, y2 = (s.run(None, {"a": a})[0] for s in sessions)
+        exact = a.astype(np.float64) @ w
+        bound = bf16_bound(a, w, 512) if precision == "bf16" else int8_bound(a, w)
+        assert_within(y2, exact, bound, f"{precision}, {m} rows")
+        np.testing.assert_array_equal(y1, y2, err_msg=f"{precision}, {m} rows: 1 thread vs 2")
+
+
 @pytest.mark.parametrize("step", ["upload", "run", "timeout", "result"])
 def test_backend_fault_falls_back_to_cpu_with_logged_reason(step, capfd, tmp_path):
     model, w = linear_model(k=64, n=72, seed=4)

@@ -298,6 +298,59 @@ def test_amx_bf16_shape_sweep_within_contract():
     assert proc.stdout.strip() == "ok"
 
 
+# ---- Few rows (beam search) on a B paired once for the AMX tiles (the emulator backend's bf16 weights) ----
+
+_PAIRED_SWEEP = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from numerics import assert_same_gemm, assert_within, bf16_bound, bf16_round
+    from onnxruntime_ep_xdna import _native
+    amx = _native.emulator_kernel_name() == "amx"
+    wanted = [_native.emulator_wants_paired_b(m) for m in (1, 2, 16, 17)]
+    assert wanted == ([False, True, True, False] if amx else [False] * 4)
+    rng = np.random.default_rng(17)
+    ks = [1, 2, 31, 32, 33, 64, 65, 513]
+    ns = [1, 15, 16, 17, 33, 64, 65, 130, 515]
+    for m in range(1, 21):  # 1: the direct kernel; 2..16: the tiles on the paired B; 17..20: the blocked path
+        for j in range(3):
+            k, n = ks[(m + 3 * j) % len(ks)], ns[(2 * m + 5 * j) % len(ns)]
+            a = (rng.standard_normal((m, k)) * np.exp2(rng.integers(-4, 5, (m, k)))).astype(np.float32)
+            b = (rng.standard_normal((k, n)) * np.exp2(rng.integers(-4, 5, (k, n)))).astype(np.float32)
+            if j == 2 and k > 3:  # Inf and NaN go through the tiles as IEEE fp32 says
+                a[0, 3], b[1, 0] = np.inf, np.nan
+            p = _native.pack_b(b)
+            pairs = _native.emulator_pair_b(p)
+            assert pairs.size == (p.Kpad * p.Npad // 2 if amx else 0)
+            c = _native.emulator_gemm_paired(a, p, pairs, threads=2)
+            what = f"{m}x{k}x{n}"
+            with np.errstate(invalid="ignore"):
+                exact = a.astype(np.float64) @ b.astype(np.float64)
+            assert_within(c, exact, bf16_bound(a, b, k), what)
+            finite = np.isfinite(a).all() and np.isfinite(b).all()
+            if finite:
+                assert_same_gemm(c, _native.reference_gemm(a, p), bf16_round(a), bf16_round(b))
+            # Columns split over threads: every output computed the same way whatever the split.
+            np.testing.assert_array_equal(_native.emulator_gemm_paired(a, p, pairs, threads=1), c, err_msg=what)
+    # A weight with many 64-column tiles and 32-deep steps (the logits projection's shape, smaller).
+    a = rng.standard_normal((5, 512)).astype(np.float32)
+    b = rng.standard_normal((512, 4133)).astype(np.float32)
+    p = _native.pack_b(b)
+    c = _native.emulator_gemm_paired(a, p, _native.emulator_pair_b(p))
+    assert_within(c, a.astype(np.float64) @ b.astype(np.float64), bf16_bound(a, b, 512), "5x512x4133")
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_paired_few_rows_sweep_within_contract(isa):
+    # amx: the tiles on the paired B; avx512: no paired kernel (empty pairs), the direct kernel serves.
+    proc = run_with_isa(isa, _PAIRED_SWEEP)
+    if unavailable(isa, proc):
+        pytest.skip(f"the {isa} kernels cannot run on this CPU")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
 _DEFAULT_CHOICE = textwrap.dedent("""
     from onnxruntime_ep_xdna import _native
     print(_native.emulator_kernel_name(), _native.emulator_int8_kernel_name())

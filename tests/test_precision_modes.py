@@ -96,6 +96,15 @@ _INT8_ISA_CHECK = textwrap.dedent("""
         a = (rng.standard_normal((m, k)) * np.exp2(rng.integers(-8, 9, (m, 1)))).astype(np.float32)
         b = (rng.standard_normal((k, n)) * np.exp2(rng.integers(-8, 9, (1, n)))).astype(np.float32)
         out[f"random {m}x{k}x{n}"] = _native.emulator_gemm_int8(a, _native.quantize_b_int8(b))
+    # Few rows (beam search: AMX tiles of just those rows from 2 rows, VNNI at 1) on decoder-like K and N with
+    # tails, on one thread and on two (columns split: the same bits either way).
+    for m in range(1, 21):
+        k, n = [512, 513, 2048, 65][m % 4], [512, 515, 2049, 1040, 33][m % 5]
+        a = (rng.standard_normal((m, k)) * np.exp2(rng.integers(-8, 9, (m, 1)))).astype(np.float32)
+        qb = _native.quantize_b_int8(rng.standard_normal((k, n)).astype(np.float32))
+        c = _native.emulator_gemm_int8(a, qb, 1)
+        np.testing.assert_array_equal(_native.emulator_gemm_int8(a, qb, 2), c, err_msg=f"threads, {m}x{k}x{n}")
+        out[f"few rows {m}x{k}x{n}"] = c
     # Adversarial: every product +-127 * +-127, K at the int32-exact limit (sums near +-2^31; the VNNI offset sum
     # wraps; an int16 pair sum would saturate), signs in all combinations, a ragged K and N.
     k = _native.INT8_MAX_K

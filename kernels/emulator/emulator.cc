@@ -294,6 +294,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // multiply-adds for the blocked path, bytes of B for the (memory-bound) direct path.
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 18;
 constexpr int64_t kMinBBytesPerThread = int64_t{64} << 10;
+// Few-row calls on packed weights (split_columns) stream B from cache at tens of GB/s: 64 KB is a couple of
+// microseconds, less than handing a task to another thread costs when that thread's core is busy (measured on
+// the shared 2-core VM: 5 x 512 x 512 and 5 x 2048 x 512 ran faster on one thread than on two; the tile kernels
+// take 5 x 512 x 512 in bf16 in ~9 us on one). A helper gets at least 512 KB: the decoder's 512 x 512 weights run
+// on the calling thread, 512 x 2048 (int8 and bf16) and the logits on two.
+constexpr int64_t kMinStreamBytesPerThread = int64_t{512} << 10;
 // Tasks are pulled dynamically; several per thread keep all threads busy when a core is shared with other work.
 constexpr int64_t kTasksPerThread = 8;
 
@@ -306,7 +312,7 @@ int resolve_threads(int threads) {
 // each streams its share of B once; run_cols(n0, n1) computes columns n0..n1-1 for every row.
 template <class RunCols>
 void split_columns(int64_t N, int64_t b_bytes, int threads, RunCols&& run_cols) {
-  threads = static_cast<int>(std::clamp<int64_t>(b_bytes / kMinBBytesPerThread, 1, threads));
+  threads = static_cast<int>(std::clamp<int64_t>(b_bytes / kMinStreamBytesPerThread, 1, threads));
   const int64_t strips = ceil_div(N, kTileN);
   const int64_t tasks = std::min<int64_t>(strips, threads == 1 ? 1 : kTasksPerThread * threads);
   const int64_t strips_per_task = ceil_div(strips, tasks);
@@ -348,7 +354,22 @@ using emu::kMinBBytesPerThread;
 using emu::kMinMacsPerThread;
 using emu::kTasksPerThread;
 
-void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
+void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) { emulator_gemm(args, b, threads, nullptr); }
+
+bool emulator_wants_paired_b(int64_t M) {
+  const emu::IsaKernels& kern = emu::kernels();
+  return kern.paired && M >= kern.paired_min_m && M <= kern.paired_max_m;
+}
+
+std::vector<uint32_t> emulator_pair_b(const PackedB& b) {
+  const emu::IsaKernels& kern = emu::kernels();
+  if (!kern.pair_b || b.precision != Precision::kBf16 || b.shape.Npad % kTileN != 0) return {};
+  std::vector<uint32_t> pairs(static_cast<size_t>(b.shape.Kpad * b.shape.Npad / 2));
+  kern.pair_b(b.bits(), b.shape.Kpad, b.shape.Npad, pairs.data());
+  return pairs;
+}
+
+void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads, const uint32_t* pairs) {
   const PaddedShape& s = b.shape;
   const int64_t M = args.M, K = s.K, N = s.N;
   if (M <= 0 || N <= 0) return;
@@ -360,6 +381,12 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads) {
   const emu::Problem p{args.a, args.lda, args.c, args.ldc, b.bits(), M, K, N, s.Kpad};
 
   threads = emu::resolve_threads(threads);
+
+  // Few rows against a B paired beforehand: as the direct path, on the tiles.
+  if (pairs && kern.paired && M >= kern.paired_min_m && M <= kern.paired_max_m) {
+    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) { kern.paired(p, pairs, 0, M, n0, n1); });
+    return;
+  }
 
   // Small M (GEMV): memory bound on B, so threads split the n-tiles and each streams its share of B once.
   if (M <= kern.direct_max_m) {
@@ -419,6 +446,29 @@ void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(
 namespace {
 const emu::Int8Kernels& int8_kernels();  // below, with the precision modes
 
+// A bf16 weight and, made at its first call that can use it (few rows on AMX), its tile-paired copy: weights
+// only ever run with one row (or many) never pay the extra memory.
+class EmulatorWeight final : public DeviceWeight {
+ public:
+  using DeviceWeight::DeviceWeight;
+  const uint32_t* pairs() const {
+    std::call_once(once_, [&] {
+      try {
+        pairs_ = emulator_pair_b(host());
+      } catch (const std::bad_alloc&) {  // the packed B alone still serves every call
+        std::fprintf(stderr, "xdna emulator: no memory for a tile-paired copy of a %lldx%lld weight; few-row calls "
+                     "on it use the FMA kernels\n", static_cast<long long>(host().shape.K),
+                     static_cast<long long>(host().shape.N));
+      }
+    });
+    return pairs_.empty() ? nullptr : pairs_.data();
+  }
+
+ private:
+  mutable std::once_flag once_;
+  mutable std::vector<uint32_t> pairs_;
+};
+
 class EmulatorBackend final : public Backend {
  public:
   explicit EmulatorBackend(int threads) : threads_(threads) {}
@@ -434,6 +484,7 @@ class EmulatorBackend final : public Backend {
   }
   bool can_run(int64_t, int64_t, int64_t, std::string*) const override { return true; }
   std::shared_ptr<DeviceWeight> upload(std::shared_ptr<const PackedB> b) override {
+    if (b->precision == Precision::kBf16) return std::make_shared<EmulatorWeight>(std::move(b));
     return std::make_shared<DeviceWeight>(std::move(b));
   }
   bool supports(Precision, std::string*) const override { return true; }
@@ -446,8 +497,10 @@ class EmulatorBackend final : public Backend {
       case Precision::kBf16x3:
         emulator_gemm_bf16x3(args, *host.bf16x3, threads_);
         break;
-      default:
-        emulator_gemm(args, host, threads_);
+      default: {
+        const auto* weight = dynamic_cast<const EmulatorWeight*>(&b);
+        emulator_gemm(args, host, threads_, weight && emulator_wants_paired_b(args.M) ? weight->pairs() : nullptr);
+      }
     }
   }
   bool gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N) override {

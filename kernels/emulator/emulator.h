@@ -13,6 +13,14 @@ namespace xdna::kernels {
 // C = bf16(A) . B for one call, multi-threaded over `threads` workers (0 = all cores).
 void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads = 0);
 
+// AMX kernel sets: a bf16 B re-laid once into the tiles' (k, k+1) pair form (as many bytes as the packed B), so
+// that few-row calls (beam search) run on the tiles without re-laying B per call. emulator_wants_paired_b(M):
+// whether a call of M rows would use it; emulator_pair_b: empty where the kernel set has no use for it.
+bool emulator_wants_paired_b(int64_t M);
+std::vector<uint32_t> emulator_pair_b(const PackedB& b);
+// emulator_gemm with `pairs` (emulator_pair_b(b), or null: the packed B alone); the same contract, same bound.
+void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads, const uint32_t* pairs);
+
 // `count` independent products of one K x N shape with unpacked B (backend.h's UnpackedGemm), spread over the
 // threads as one job: many small calls (the batch x heads of an attention MatMul) would otherwise each pay the
 // pool's synchronisation.

@@ -1,8 +1,8 @@
 // AMX kernels (Sapphire Rapids and later Intel cores): TDPBF16PS for the bf16 contract, TDPBUSD for int8.
 // Compiled with the AMX and AVX-512 -m flags; selected at run time only where the CPU has AMX and Linux granted
 // this process the tile state (emulator.cc asks once). What AMX does not pay for stays on the AVX-512 code of
-// the shared .inc files, compiled here too: the direct (GEMV) and unpacked bf16 kernels (fp32 FMA) and the VNNI
-// int8 kernel below kInt8MinRows rows.
+// the shared .inc files, compiled here too: the direct (GEMV) and unpacked bf16 kernels (fp32 FMA; few rows on a
+// weight paired once, emulator_pair_b, run on the tiles instead) and the VNNI int8 kernel below kInt8MinRows rows.
 //
 // Numerics: TDPBF16PS multiplies bf16 pairs exactly and adds in fp32 with round-to-nearest-even, flushing bf16
 // subnormal inputs and fp32 subnormal results to zero (the contract allows it, as for VDPBF16PS). A is rounded
@@ -45,6 +45,7 @@ struct TileScope {
     static const TileConfig config;
     _tile_loadconfig(&config);
   }
+  explicit TileScope(const TileConfig& config) { _tile_loadconfig(&config); }
   ~TileScope() { _tile_release(); }
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
@@ -72,9 +73,19 @@ inline void copy_c_tile(const float* tmp, float* c, int64_t ldc, int rows, int c
     }                                                       \
   } while (0)
 
+// Few-row calls read each B tile once, from memory or the last-level cache: a tile load waits for it unless the
+// lines were asked for in advance (the hardware prefetchers do not follow tile loads far enough). This many
+// bytes ahead along each B stream, 16 lines (one B tile) per step.
+constexpr int64_t kPrefetchAhead = 4096;
+inline void prefetch_tile(const void* p) {
+  const char* c = static_cast<const char*>(p) + kPrefetchAhead;
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) _mm_prefetch(c + 64 * l, _MM_HINT_T0);  // past the buffer's end: harmless hints
+}
+
 // C[32 x 32] (clipped to rows x cols) = A[32][kp] . B over kp bf16 k values (a multiple of 32). a: bf16 rows,
-// lda_bytes apart; b0, b1: the pair form [kp / 2][16] of the two 16-column halves.
-template <bool TwoRows, bool TwoCols>
+// lda_bytes apart; b0, b1: the pair form [kp / 2][16] of the two 16-column halves. Prefetch: B streamed once.
+template <bool TwoRows, bool TwoCols, bool Prefetch = false>
 void bf16_block(const uint16_t* a, int64_t lda_bytes, const uint32_t* b0, const uint32_t* b1, int64_t kp, float* c,
                 int64_t ldc, int rows, int cols, float* tmp) {
   _tile_zero(0);
@@ -83,6 +94,10 @@ void bf16_block(const uint16_t* a, int64_t lda_bytes, const uint32_t* b0, const 
   if (TwoRows && TwoCols) _tile_zero(3);
   const int64_t lda = lda_bytes / 2;
   for (int64_t k = 0; k < kp; k += 32) {
+    if (Prefetch) {
+      prefetch_tile(b0 + k / 2 * 16);
+      if (TwoCols) prefetch_tile(b1 + k / 2 * 16);
+    }
     _tile_loadd(4, a + k, lda_bytes);
     _tile_loadd(6, b0 + k / 2 * 16, 64);
     if (TwoCols) _tile_loadd(7, b1 + k / 2 * 16, 64);
@@ -144,6 +159,27 @@ void round_a_rows(const Problem& p, int64_t m0, int64_t m1, int64_t kp, uint16_t
   }
 }
 
+// One 64-wide n-tile at column n (columns n .. min(n1, n + 64) - 1) of C[m0 .. m0 + rows] from rounded A (a,
+// [padded rows][kp]) and the tile's pair form b (quarters `quarter` lanes apart), over all 32-row panels.
+template <bool Prefetch>
+void sweep_tile(const Problem& p, const uint16_t* a, int64_t rows, int64_t kp, const uint32_t* b, int64_t quarter,
+                int64_t m0, int64_t n, int64_t n1, float* tmp) {
+  for (int64_t nc = n; nc < n1 && nc < n + kTile; nc += kPanelCols) {
+    const int cols = static_cast<int>(min64(kPanelCols, n1 - nc));
+    const uint32_t* b0 = b + (nc - n) / 16 * quarter;
+    for (int64_t i = 0; i < rows; i += kPanelRows) {
+      const int r = static_cast<int>(min64(kPanelRows, rows - i));
+      const uint16_t* ai = a + i * kp;
+      float* c = p.c + (m0 + i) * p.ldc + nc;
+      const uint32_t* b1 = cols > 16 ? b0 + quarter : b0;
+      if (r > 16 && cols > 16) bf16_block<true, true, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
+      else if (r > 16) bf16_block<true, false, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
+      else if (cols > 16) bf16_block<false, true, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
+      else bf16_block<false, false, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
+    }
+  }
+}
+
 // C[m0:m1, n0:n1] for any number of rows: A rounded once per call, each 64-wide n-tile of B paired once and
 // swept over all 32-row panels. K runs whole in the tiles (no partial sums through memory).
 void amx_bf16_gemm(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
@@ -156,27 +192,35 @@ void amx_bf16_gemm(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
   TileScope tiles;
   for (int64_t n = n0; n < n1; n += kTile) {
     pair_b_tile(p.b + (n / kTile) * p.Kpad * kTile, kp, b);
-    const int64_t quarter = kp / 2 * 16;
-    for (int64_t nc = n; nc < n1 && nc < n + kTile; nc += kPanelCols) {
-      const int cols = static_cast<int>(min64(kPanelCols, n1 - nc));
-      const uint32_t* b0 = b + (nc - n) / 16 * quarter;
-      for (int64_t i = 0; i < rows; i += kPanelRows) {
-        const int r = static_cast<int>(min64(kPanelRows, rows - i));
-        const uint16_t* ai = a + i * kp;
-        float* c = p.c + (m0 + i) * p.ldc + nc;
-        if (r > 16 && cols > 16) bf16_block<true, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
-        else if (r > 16) bf16_block<true, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
-        else if (cols > 16) bf16_block<false, true>(ai, kp * 2, b0, b0 + quarter, kp, c, p.ldc, r, cols, tmp);
-        else bf16_block<false, false>(ai, kp * 2, b0, b0, kp, c, p.ldc, r, cols, tmp);
-      }
-    }
+    sweep_tile<false>(p, a, rows, kp, b, kp / 2 * 16, m0, n, n1, tmp);  // b: in L1, just paired
   }
+}
+
+// The whole packed B -> pair form, tile after tile: tile t at out + t * Kpad * 32 (as many bytes as packed).
+void pair_b_all(const uint16_t* packed, int64_t Kpad, int64_t Npad, uint32_t* out) {
+  for (int64_t t = 0; t < Npad / kTile; ++t) pair_b_tile(packed + t * Kpad * kTile, Kpad, out + t * Kpad * kTile / 2);
+}
+
+// amx_bf16_gemm on a B paired once beforehand (pair_b_all): few rows pay no per-call re-lay of B, so TDPBF16PS
+// (16 rows per instruction, even when fewer are wanted) beats the fp32 FMA direct kernel from paired_min_m rows.
+void amx_bf16_paired(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t kp = (p.K + 31) / 32 * 32;  // <= Kpad: the pairs are zero past K
+  const int64_t rows = m1 - m0, padded_rows = (rows + 15) / 16 * 16;
+  uint16_t* a = reinterpret_cast<uint16_t*>(scratch(0, static_cast<size_t>(padded_rows * kp / 2)));
+  float* tmp = scratch(2, 256);
+  round_a_rows(p, m0, m1, kp, a);
+  TileScope tiles;
+  for (int64_t n = n0; n < n1; n += kTile)
+    sweep_tile<true>(p, a, rows, kp, pairs + (n / kTile) * p.Kpad * kTile / 2, p.Kpad / 2 * 16, m0, n, n1, tmp);
 }
 
 // ---- int8 ----
 
-// Below this many rows the VNNI kernel (one row broadcast per instruction) beats a mostly empty 16-row tile.
-constexpr int64_t kInt8MinRows = 4;
+// From 2 rows TDPBUSD on a tile of just those rows matches or beats the VNNI kernel (whose VPDPBUSD count grows
+// with the rows), measured single-threaded on 2..5 x {512x512, 512x2048, 2048x512, 512x51865}: e.g. 5x512x2048
+// 13 us against 31-37 us, 2 rows 6-11 us against 6-15 us; at 1 row they tie and the GEMV stays on VNNI
+// (benchmarks/README.md, "Few rows").
+constexpr int64_t kInt8MinRows = 2;
 
 // A 16 x 16 int32 tile stored to tmp -> C rows x cols: (acc - 128 * colsum) * (sa * sb), the VNNI kernel's
 // epilogue.
@@ -193,8 +237,9 @@ inline void store_int8_tile(const Int8Problem& p, int64_t m, int64_t n, int rows
 }
 
 // C[m .. m+rows, n .. n+cols] (rows, cols <= 32) over all of Kpad: a is quantised A (u8, lda bytes apart);
-// b0, b1 the two 16-column panels of QuantizedB::q, already in the tile's [Kpad / 4][16][4] form.
-template <bool TwoRows, bool TwoCols>
+// b0, b1 the two 16-column panels of QuantizedB::q, already in the tile's [Kpad / 4][16][4] form. Prefetch: as
+// bf16_block's.
+template <bool TwoRows, bool TwoCols, bool Prefetch = false>
 void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1,
                      int64_t m, int64_t n, int rows, int cols, int32_t* tmp) {
   _tile_zero(0);
@@ -202,6 +247,10 @@ void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const 
   if (TwoRows) _tile_zero(2);
   if (TwoRows && TwoCols) _tile_zero(3);
   for (int64_t k = 0; k < p.Kpad; k += 64) {
+    if (Prefetch) {
+      prefetch_tile(b0 + k * 16);
+      if (TwoCols) prefetch_tile(b1 + k * 16);
+    }
     _tile_loadd(4, a + k, lda);
     _tile_loadd(6, b0 + k * 16, 64);
     if (TwoCols) _tile_loadd(7, b1 + k * 16, 64);
@@ -228,10 +277,29 @@ void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const 
   }
 }
 
+// Up to 16 rows (beam search): A and C tiles configured with just those rows, so A is loaded from the quantised
+// rows as they lie (no zero-padded copy) and no tile row is computed for nothing; B streams once, two panels at
+// a time, straight from QuantizedB::q.
+void amx_int8_few_rows(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int rows = static_cast<int>(m1 - m0);
+  TileConfig config;
+  config.rows[0] = config.rows[1] = config.rows[4] = static_cast<uint8_t>(rows);  // C tiles 0-1, A tile 4
+  int32_t* tmp = reinterpret_cast<int32_t*>(scratch(1, 256));
+  const uint8_t* a = reinterpret_cast<const uint8_t*>(p.qa) + m0 * p.Kpad;
+  TileScope tiles(config);
+  for (int64_t n = n0; n < n1; n += kPanelCols) {
+    const int cols = static_cast<int>(imin(kPanelCols, n1 - n));
+    const int8_t* b0 = p.qb + (n / 16) * p.Kpad * 16;
+    if (cols > 16) int8_tile_block<false, true, true>(p, a, p.Kpad, b0, b0 + p.Kpad * 16, m0, n, rows, cols, tmp);
+    else int8_tile_block<false, false, true>(p, a, p.Kpad, b0, b0, m0, n, rows, cols, tmp);
+  }
+}
+
 // C[m0:m1, n0:n1], n0 a multiple of 16. Columns in pairs of panels, each swept over all 32-row panels (its B
 // stays in L1). A row tail shorter than a tile is copied to scratch so that tile loads stay inside the buffer.
 void amx_int8_gemm(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (m1 - m0 < kInt8MinRows) return int8_gemm(p, m0, m1, n0, n1);
+  if (m1 - m0 <= 16) return amx_int8_few_rows(p, m0, m1, n0, n1);
   const uint8_t* qa = reinterpret_cast<const uint8_t*>(p.qa);
   const int64_t rows = m1 - m0, full = rows / kPanelRows * kPanelRows, tail = rows - full;
   uint8_t* tail_a = nullptr;
@@ -257,17 +325,26 @@ void amx_int8_gemm(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int
   }
 }
 
+// Rows from which a weight paired once beats the fp32 FMA direct kernel, measured on 1..16 x {512x512, 512x2048,
+// 2048x512, 512x51865}, 1 and 2 threads: 5x512x512 12 us against 27 us single-threaded, 2 rows 7 against 11;
+// at 1 row the direct kernel (a GEMV, bound by reading B either way) stays (benchmarks/README.md, "Few rows").
+constexpr int64_t kPairedMinRows = 2;
+
 IsaKernels make_amx_kernels() {
   IsaKernels k = make_kernels("amx");
   k.blocked = &amx_bf16_gemm;
   k.block_m = 192;  // a multiple of kPanelRows
   k.direct_max_m = 6;  // measured: the fp32 FMA direct kernel wins up to 6 rows, AMX from 7 (benchmarks/README.md)
-  k.detail = "TDPBF16PS from 7 rows, AVX-512 FMA up to 6";
+  k.detail = "TDPBF16PS from 7 rows and from 2 on weights paired at first use, AVX-512 FMA otherwise";
+  k.pair_b = &pair_b_all;
+  k.paired = &amx_bf16_paired;
+  k.paired_min_m = kPairedMinRows;
+  k.paired_max_m = 16;  // beams; more rows take the blocked path (its per-task re-lay is shared by many rows)
   return k;
 }
 const IsaKernels kKernels = make_amx_kernels();
-static_assert(kInt8MinRows == 4, "update the detail string");
-const Int8Kernels kInt8Kernels{"amx", 1, &int8_quantize_rows, &amx_int8_gemm, "TDPBUSD from 4 rows, VNNI up to 3"};
+static_assert(kInt8MinRows == 2, "update the detail string");
+const Int8Kernels kInt8Kernels{"amx", 1, &int8_quantize_rows, &amx_int8_gemm, "TDPBUSD from 2 rows, VNNI for 1"};
 }  // namespace
 const IsaKernels& amx_kernels() { return kKernels; }
 const Int8Kernels& amx_int8_kernels() { return kInt8Kernels; }

@@ -48,6 +48,12 @@ struct IsaKernels {
   void (*unpacked)(const UnpackedProblem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   // What runs where, when a set mixes instruction sets (the backend's description shows it); null: just `name`.
   const char* detail = nullptr;
+  // AMX only (null elsewhere): B re-laid once per weight into the tiles' (k, k+1) pair form (`pair_b`: packed
+  // bf16 B of Kpad x Npad -> Kpad * Npad / 2 lanes), and the kernel reading it (`paired`: as `direct`, n0 a
+  // multiple of kTileN), used for paired_min_m <= M <= paired_max_m rows.
+  void (*pair_b)(const uint16_t* packed, int64_t Kpad, int64_t Npad, uint32_t* out) = nullptr;
+  void (*paired)(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t m1, int64_t n0, int64_t n1) = nullptr;
+  int64_t paired_min_m = 0, paired_max_m = 0;
 };
 
 // One int8 GEMM call (gemm_contract.h, int8): quantise A, then C = dequant(qa . qb).
