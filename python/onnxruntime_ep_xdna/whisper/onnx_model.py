@@ -203,6 +203,10 @@ class WhisperOnnx:
         from . import decoder_graph
 
         self.optimised = decoder_graph.enabled() if optimised is None else optimised
+        # Cross-attention K/V kept in bf16 (decoder_graph pass 3): for the XDNA EP, whose fused attention reads
+        # them so and gives today's bits; not for the CPU EP nor where a policy asks for bf16x3 (more than bf16).
+        self.bf16_cross_kv = (self.optimised and self.provider == XDNA_EP and decoder_graph.bf16_cross_kv_enabled()
+                              and "bf16x3" not in " ".join(options.values()))
         self.optimised_paths: dict[str, Path] = {}  # file -> the optimised copy its session was made from
         self._log = log or (lambda m: print(f"[xdna] {m}", file=sys.stderr))
         self.compiled_paths: dict[str, Path] = {}  # file -> the compiled model it was loaded from
@@ -219,6 +223,7 @@ class WhisperOnnx:
             # the CPU EP silently
             raise TranscribeError(f"the XDNA execution provider refused its options {options} (ONNX Runtime "
                                   "printed why above)")
+        self._check_cross_kv_types(session_options, providers)
         self.load_seconds = time.perf_counter() - t
 
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
@@ -283,6 +288,23 @@ class WhisperOnnx:
 
         self._attention_lock = threading.Lock()
 
+    def _check_cross_kv_types(self, session_options, providers) -> None:
+        """decoder_model's cross K/V outputs must have the types decoder_with_past takes (one of the two copies may
+        have fallen back to its original): otherwise decoder_with_past is loaded again without the bf16 pass."""
+        made = {o.name.replace("present.", "past_key_values.", 1): o.type for o in self.decoder.get_outputs()}
+        taken = {i.name: i.type for i in self.decoder_with_past.get_inputs()}
+        if all(made.get(name, kind) == kind for name, kind in taken.items()):
+            return
+        self._log("decoder_model and decoder_with_past_model disagree on the cross-attention K/V type; "
+                  "loading the bf16 one again without bf16 K/V")
+        self.bf16_cross_kv = False
+        if "tensor(bfloat16)" in made.values():
+            self.optimised_paths.pop(FILES[1], None)
+            self.decoder = self._session(FILES[1], session_options, providers)
+        else:
+            self.optimised_paths.pop(FILES[2], None)
+            self.decoder_with_past = self._session(FILES[2], session_options, providers)
+
     def _session(self, file: str, session_options, providers):
         original = self.model_dir / file
         source = self._optimised_copy(file) or original
@@ -305,7 +327,7 @@ class WhisperOnnx:
         if not self.optimised or file not in decoder_graph.DECODER_FILES:
             return None
         try:
-            return decoder_graph.optimised_copy(self.model_dir / file, log=self._log)
+            return decoder_graph.optimised_copy(self.model_dir / file, log=self._log, bf16_kv=self.bf16_cross_kv)
         except Exception as e:  # noqa: BLE001
             self._log(f"{file}: building its optimised copy failed ({one_line(e)}); using the original")
             return None
