@@ -667,6 +667,21 @@ def test_real_whisper_base_transcribes_the_sample_on_the_ep(whisper_base):
         assert placed.count(EP, ("MatMul",)) == matmul_count(whisper_base / "encoder_model.onnx")
 
 
+def test_real_whisper_base_bf16_cross_kv_gives_the_same_tokens_and_scores(whisper_base, monkeypatch):
+    """The cross-attention K/V kept in bf16 (decoder_graph pass 3) feed the EP's fused attention the values it
+    rounded them to itself: the same tokens and the same log-probabilities, beam 5 and greedy, as with fp32 K/V."""
+    monkeypatch.setenv("XDNA_BF16_CROSS_KV", "0")
+    fp32 = WhisperOnnx(whisper_base, "xdna", precision="int8")
+    monkeypatch.delenv("XDNA_BF16_CROSS_KV")
+    bf16 = WhisperOnnx(whisper_base, "xdna", precision="int8")
+    assert bf16.bf16_cross_kv and not fp32.bf16_cross_kv
+    for beams in (5, 1):
+        a, b = (transcribe_all(sample_path(), w, language="en", beam_size=beams) for w in (fp32, bf16))
+        assert [s.tokens for s in a.segments] == [s.tokens for s in b.segments]
+        assert [s.avg_logprob for s in a.segments] == [s.avg_logprob for s in b.segments]
+        assert word_error_rate(SAMPLE_TEXT, b.text) <= 0.1, b.text
+
+
 def test_real_whisper_base_xdna_and_cpu_transcripts_agree(whisper_base):
     """The EP changes the arithmetic (bf16 operands), not the loop: on real speech both EPs give the same text."""
     texts = {p: transcribe_all(sample_path(), WhisperOnnx(whisper_base, p), beam_size=1).text for p in ("cpu", "xdna")}
