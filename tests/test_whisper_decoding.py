@@ -62,11 +62,11 @@ class FakeModel:
     def _row(self, window, seq):
         return np.asarray(self.script(window, seq), np.float32)
 
-    def start(self, window, prompt):
-        rows = np.zeros((len(prompt), VOCAB), np.float32)
-        rows[:, TOKENS.no_speech] = self.no_speech_logit
-        rows[-1] = self._row(window, [])
-        return rows, (window, [[]])
+    def start(self, window, prompt, rows=None):
+        logits = np.zeros((len(prompt), VOCAB), np.float32)
+        logits[:, TOKENS.no_speech] = self.no_speech_logit
+        logits[-1] = self._row(window, [])
+        return (logits if rows is None else logits[rows]), (window, [[]])
 
     def step(self, state, tokens, order):
         window, seqs = state
@@ -338,9 +338,9 @@ def test_prompt_holds_only_committed_text():
     prompts = []
 
     class Recording(FakeModel):
-        def start(self, window, prompt):
+        def start(self, window, prompt, rows=None):
             prompts.append((window.seek, list(prompt)))
-            return super().start(window, prompt)
+            return super().start(window, prompt, rows)
 
     model = Recording(base, full_mel=F.log_mel_spectrogram(audio))
     result = transcribe_all(audio, model, beam_size=1, sample_len=12)
@@ -379,9 +379,9 @@ def test_initial_prompt_prefix_and_hotwords_reach_the_prompt():
         return row
 
     class Recording(FakeModel):
-        def start(self, window, prompt):
+        def start(self, window, prompt, rows=None):
             prompts.append(list(prompt))
-            return super().start(window, prompt)
+            return super().start(window, prompt, rows)
 
     audio = np.random.default_rng(6).standard_normal(SR * 3).astype(np.float32) * 0.1
     result = transcribe_all(audio, Recording(script), beam_size=2, without_timestamps=True,

@@ -203,7 +203,7 @@ class WhisperOnnx:
         from . import decoder_graph
 
         self.optimised = decoder_graph.enabled() if optimised is None else optimised
-        # Cross-attention K/V kept in bf16 (decoder_graph pass 3): for the XDNA EP, whose fused attention reads
+        # Cross-attention K/V kept in bf16 (decoder_graph pass 4): for the XDNA EP, whose fused attention reads
         # them so and gives today's bits; not for the CPU EP nor where a policy asks for bf16x3 (more than bf16).
         self.bf16_cross_kv = (self.optimised and self.provider == XDNA_EP and decoder_graph.bf16_cross_kv_enabled()
                               and "bf16x3" not in " ".join(options.values()))
@@ -264,6 +264,9 @@ class WhisperOnnx:
         self.model_suppress = [int(t) for t in (gen.get("suppress_tokens") or config.get("suppress_tokens") or [])]
 
         self._dec_outputs = [o.name for o in self.decoder.get_outputs()]
+        from .decoder_graph import LOGITS_ROWS
+
+        self._logits_rows = next((i.name for i in self.decoder.get_inputs() if i.name == LOGITS_ROWS), None)
         self._past_outputs = [o.name for o in self.decoder_with_past.get_outputs()]
         past_inputs = {i.name for i in self.decoder_with_past.get_inputs()}
         # present.N.{decoder,encoder}.{key,value} -> past_key_values.N.…; the with-past graph only re-emits the
@@ -398,19 +401,31 @@ class WhisperOnnx:
         self._time(timings, "encoder_s", t0)
         return Window(out, timings)
 
-    def start(self, window: Window, prompt: Sequence[int]) -> tuple[np.ndarray, DecoderState]:
-        """The prompt through the decoder (batch 1): (logits (len, vocab), state). The first prompt of a window
-        also computes its cross-attention K/V; later ones reuse them through decoder_with_past."""
+    def start(self, window: Window, prompt: Sequence[int], rows: Sequence[int] | None = None
+              ) -> tuple[np.ndarray, DecoderState]:
+        """The prompt through the decoder (batch 1): (logits (len(rows), vocab) of the prompt positions `rows`
+        (None: all, (len, vocab)), state). The first prompt of a window also computes its cross-attention K/V;
+        later ones reuse them through decoder_with_past. Logits are computed for `rows` only where the decoder
+        copy takes xdna_logits_rows (decoder_graph pass 3), which saves the vocabulary projection of the others."""
         import onnxruntime as ort
 
         t0 = time.perf_counter()
         ids = ort.OrtValue.ortvalue_from_numpy(np.array([list(prompt)], dtype=np.int64))
+        picked = np.arange(len(prompt), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        if picked.size == 0 or picked.min() < -len(prompt) or picked.max() >= len(prompt):
+            raise ValueError(f"logits rows {list(picked)} outside a prompt of {len(prompt)} tokens")
+        picked %= len(prompt)
         if window.cross is None:
-            out = self.decoder.run_with_ort_values(self._dec_outputs, {"input_ids": ids,
-                                                                        "encoder_hidden_states": window.encoded})
+            feed = {"input_ids": ids, "encoder_hidden_states": window.encoded}
+            if self._logits_rows:
+                feed[self._logits_rows] = ort.OrtValue.ortvalue_from_numpy(picked)
+            out = self.decoder.run_with_ort_values(self._dec_outputs, feed)
             past = {self._as_past[n]: v for n, v in zip(self._dec_outputs[1:], out[1:])}
             window.cross = {k: v for k, v in past.items() if ".encoder." in k}
             self_kv = {k: v for k, v in past.items() if ".decoder." in k}
+            logits = out[0].numpy()[0]
+            if not self._logits_rows:
+                logits = logits[picked]
         else:
             empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self._kv_heads, 0, self._kv_dim), np.float32))
             feed = dict(window.cross)
@@ -420,7 +435,7 @@ class WhisperOnnx:
             feed["input_ids"] = ids
             out = self.decoder_with_past.run_with_ort_values(self._past_outputs, feed)
             self_kv = {self._as_past[n]: v for n, v in zip(self._past_outputs[1:], out[1:])}
-        logits = out[0].numpy()[0]
+            logits = out[0].numpy()[0][picked]
         self._time(window.timings, "decoder_prompt_s", t0)
         return logits, DecoderState(window, self_kv, 1)
 
