@@ -83,8 +83,10 @@ def test_optimised_decoders_compute_the_same_bits_with_fewer_nodes(tiny, copies,
             a = original.run(None, feed)
             if with_past:
                 b = optimised.run(None, feed)
-            else:  # pass 3: the logits of the rows asked for; all of them, then two
-                b = optimised.run(None, feed | {decoder_graph.LOGITS_ROWS: np.arange(tokens, dtype=np.int64)})
+            else:  # pass 3: the logits of the rows asked for; by default all of them, then two
+                b = optimised.run(None, feed)
+                every = optimised.run(None, feed | {decoder_graph.LOGITS_ROWS: np.arange(tokens, dtype=np.int64)})
+                assert all(np.array_equal(x, y) for x, y in zip(every, a))
                 rows = np.array([0, tokens - 1], np.int64)
                 two = optimised.run(None, feed | {decoder_graph.LOGITS_ROWS: rows})
                 assert np.array_equal(two[0], a[0][:, rows]) and all(np.array_equal(x, y) for x, y in zip(two[1:], a[1:]))
