@@ -192,6 +192,31 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   std::vector<float> q_gathered(gather ? static_cast<size_t>(gathered) : 0);
   const Dims q_bs(q.strides.begin(), q.strides.end() - 2), k_bs(kt.strides.begin(), kt.strides.end() - 2),
       v_bs(v.strides.begin(), v.strides.end() - 2);
+  dispatch.note_attention(heads, M, T, D);
+  // One query row per batch row against K and V broadcast over the outer batch dim (beams over a window's
+  // batch-1 cross-attention K/V): the B rows of a head become one head of B query rows, so that each K and V is
+  // read once per head instead of once per beam. Each row's arithmetic is the same either way (rows are
+  // independent in the contract and in every kernel), so the bits are too.
+  const size_t kb = batch.size() - batch_k.size(), vb = batch.size() - batch_v.size();  // right-aligned offsets
+  const bool k_broadcast = kb > 0 || batch_k[0] == 1, v_broadcast = vb > 0 || batch_v[0] == 1;
+  if (M == 1 && !gather && !batch.empty() && batch[0] > 1 && batch_q.size() == batch.size() && k_broadcast &&
+      v_broadcast) {
+    const int64_t rows = batch[0], inner = heads / rows;
+    std::vector<kernels::AttentionHead> grouped;
+    grouped.reserve(static_cast<size_t>(inner));
+    for (int64_t i = 0; i < inner; ++i) {  // flat batch position i: outer index 0
+      const int64_t k_at = batch_offset(batch, batch_k, k_bs, i), v_at = batch_offset(batch, batch_v, v_bs, i);
+      kernels::AttentionHead h{q.data + batch_offset(batch, batch_q, q_bs, i), q_bs[0],
+                               kt.data ? kt.data + k_at : nullptr, kt.strides[r - 2], kt.strides[r - 1],
+                               v.data ? v.data + v_at : nullptr, v.strides[r - 2], v.strides[r - 1],
+                               y + i * Dv, inner * Dv};
+      if (kt.bf16) h.kt_bf16 = kt.bf16 + k_at;
+      if (v.bf16) h.v_bf16 = v.bf16 + v_at;
+      grouped.push_back(h);
+    }
+    dispatch.attention(kernels::AttentionShape{rows, T, D, Dv, plan.attention_scale}, grouped);
+    return;
+  }
   std::vector<kernels::AttentionHead> items;
   items.reserve(static_cast<size_t>(heads));
   for (int64_t i = 0; i < heads; ++i) {
@@ -211,7 +236,6 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     if (v.bf16) h.v_bf16 = v.bf16 + v_at;
     items.push_back(h);
   }
-  dispatch.note_attention(heads, M, T, D);
   dispatch.attention(kernels::AttentionShape{M, T, D, Dv, plan.attention_scale}, items);
 }
 

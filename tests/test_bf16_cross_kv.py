@@ -123,3 +123,19 @@ def test_a_cast_read_elsewhere_stays_on_the_cpu_ep():
     f = feeds(B, H, M, T, seed=5)
     plain = xdna_session(attention_model(B, H, M, T, kv_bf16=False))
     np.testing.assert_array_equal(s.run(["o"], f)[0], plain.run(None, f)[0])
+
+
+@pytest.mark.parametrize("kv_bf16", [False, True])
+@pytest.mark.parametrize("B,H,T", [(5, 8, 1500), (3, 2, 77), (7, 3, 40)])
+def test_beams_over_broadcast_kv_give_each_beams_own_bits(B, H, T, kv_bf16):
+    """Beam search's cross-attention: B batch rows of one query row each against batch-1 K/V (broadcast) run as
+    one head of B rows per head (ops/attention.cc), K and V read once per head. Each row's arithmetic is its own:
+    the bits equal those of each beam run alone."""
+    f = feeds(B, H, 1, T, seed=B * 10 + T)
+    together = xdna_session(attention_model(B, H, 1, T, kv_bf16)).run(None, f)[0]
+    alone = xdna_session(attention_model(1, H, 1, T, kv_bf16))
+    for b in range(B):
+        one = alone.run(None, {"q": f["q"][b:b + 1], "k": f["k"], "v": f["v"]})[0]
+        np.testing.assert_array_equal(together[b:b + 1].view(np.uint32), one.view(np.uint32))
+    kt = f["k"].transpose(0, 1, 3, 2)
+    assert_within(together, attention_exact(f["q"], kt, f["v"], D ** -0.5), attention_bound(f["q"], kt, f["v"], D ** -0.5))
