@@ -158,7 +158,10 @@ def brute_force_beam_search(w, encoded, prompt, rules, beam_size, patience, leng
     """OpenAI's beam search written the plain way: every candidate re-run from scratch through decoder_model.onnx
     (batch 1, no cache, no reordering); finished sequences collected until round(beam_size * patience)."""
     def logprobs(seq):
-        out = w.decoder.run(None, {"input_ids": np.array([seq], np.int64), "encoder_hidden_states": encoded})[0]
+        feed = {"input_ids": np.array([seq], np.int64), "encoder_hidden_states": encoded}
+        if w._logits_rows:  # the decoder copy computes the logits of the rows asked for (decoder_graph pass 3)
+            feed[w._logits_rows] = np.arange(len(seq), dtype=np.int64)
+        out = w.decoder.run(None, feed)[0]
         return out[0, -1]
 
     beams = [(tuple(prompt), 0.0)]

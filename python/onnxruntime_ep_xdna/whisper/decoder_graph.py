@@ -25,7 +25,7 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    (<|startoftranscript|> for the no-speech probability, and the last), and a window after the first has a prompt
    of up to 224 previous tokens: ~100 rows of logits (and 20 MB of output) computed and dropped per window. Each
    row of a MatMul is computed alone (row-independent kernels; int8 quantises A per row), so the rows kept have
-   the same bits. The input defaults to every row (a caller that does not feed it gets the original outputs).
+   the same bits.
 4. For the XDNA EP only (`bf16_cross_kv`, a copy of its own): the cross-attention K/V in bfloat16. decoder_model
    casts its `present.N.encoder.*` outputs to bf16 and decoder_with_past takes `past_key_values.N.encoder.*` as
    bf16, with a Cast back to float in front of the attention. The EP's fused attention claims the Cast with the
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when a pass changes what it writes: older copies are then simply not used.
-VERSION = 3
+VERSION = 4
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 
 
@@ -70,12 +70,10 @@ LOGITS_ROWS = "xdna_logits_rows"
 
 def logits_rows(model) -> bool:
     """Pass 3 (module doc) in place, on a graph whose output `logits` [batch, positions, vocab] is a MatMul of the
-    hidden states by a constant: Gather(hidden, rows, axis=1) in front of it, rows = the input xdna_logits_rows,
-    whose default (an initializer of the same name: ORT lets a feed override it) is empty, meaning every row, so
-    that a caller that does not know the input gets the original outputs. Returns whether it was done (a graph
-    of another form, or one that already has the input, is left as it is)."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    hidden states by a constant: Gather(hidden, xdna_logits_rows, axis=1) in front of it. The input is required
+    (a default would not survive the compiled-model cache, which turns it into a constant). Returns whether it was
+    done (a graph of another form, or one that already has the input, is left as it is)."""
+    from onnx import TensorProto, helper
 
     g = model.graph
     out = next((o for o in g.output if o.name == "logits"), None)
@@ -84,33 +82,12 @@ def logits_rows(model) -> bool:
     if out is None or node is None or node.op_type != "MatMul" or node.input[1] not in constants or \
             any(i.name == LOGITS_ROWS for i in g.input) or len(out.type.tensor_type.shape.dim) != 3:
         return False
-    hidden = node.input[0]
-    p = f"{hidden}/xdna_logits_rows"
-
-    def const(name, value):
-        g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), f"{p}/{name}"))
-        return f"{p}/{name}"
-
+    rows = f"{node.input[0]}/xdna_logits_rows"
     g.input.append(helper.make_tensor_value_info(LOGITS_ROWS, TensorProto.INT64, ["logits_rows"]))
-    g.initializer.append(numpy_helper.from_array(np.zeros(0, np.int64), LOGITS_ROWS))
-    # rows, then [0, L) when rows is empty: Concat(rows, Slice(Range(0, L), 0, L * (Size(rows) == 0)))
-    added = [
-        helper.make_node("Shape", [hidden], [f"{p}/shape"]),
-        helper.make_node("Gather", [f"{p}/shape", const("one", 1)], [f"{p}/L"], axis=0),
-        helper.make_node("Range", [const("zero", 0), f"{p}/L", const("step", 1)], [f"{p}/all"]),
-        helper.make_node("Size", [LOGITS_ROWS], [f"{p}/n"]),
-        helper.make_node("Equal", [f"{p}/n", const("zero_n", 0)], [f"{p}/empty"]),
-        helper.make_node("Cast", [f"{p}/empty"], [f"{p}/empty_i"], to=TensorProto.INT64),
-        helper.make_node("Mul", [f"{p}/L", f"{p}/empty_i"], [f"{p}/end"]),
-        helper.make_node("Reshape", [f"{p}/end", const("one_dim", [1])], [f"{p}/end_1d"]),
-        helper.make_node("Slice", [f"{p}/all", const("start", [0]), f"{p}/end_1d"], [f"{p}/tail"]),
-        helper.make_node("Concat", [LOGITS_ROWS, f"{p}/tail"], [f"{p}/rows"], axis=0),
-        helper.make_node("Gather", [hidden, f"{p}/rows"], [p], axis=1, name=p),
-    ]
-    node.input[0] = p
+    gather = helper.make_node("Gather", [node.input[0], LOGITS_ROWS], [rows], axis=1, name=rows)
+    node.input[0] = rows
     nodes = list(g.node)
-    at = nodes.index(node)
-    nodes[at:at] = added
+    nodes.insert(nodes.index(node), gather)
     del g.node[:]
     g.node.extend(nodes)
     dim = out.type.tensor_type.shape.dim[1]
