@@ -9,6 +9,7 @@ against the CPU EP (fp32).
     python3 benchmarks/decoder_step.py                 # whisper-base, 15 rounds
     python3 benchmarks/decoder_step.py --rounds 5
     python3 benchmarks/decoder_step.py --policies int8 --compare-original   # optimised decoder graphs vs optimum's
+    python3 benchmarks/decoder_step.py --policies int8 --compare-fp32-kv    # cross-attention K/V in bf16 vs fp32
 """
 
 import argparse
@@ -38,6 +39,9 @@ def main():
     parser.add_argument("--compare-original", action="store_true",
                         help="each policy also on optimum's decoder graphs as exported (rows '<policy> orig'); "
                              "the other rows run the Whisper layer's optimised copies (whisper/decoder_graph.py)")
+    parser.add_argument("--compare-fp32-kv", action="store_true",
+                        help="each XDNA policy also with the cross-attention K/V kept in fp32 (rows '<policy> fp32kv', "
+                             "XDNA_BF16_CROSS_KV=0); the other rows keep them in bf16 (decoder_graph.py pass 3)")
     parser.add_argument("--steps-only", action="store_true", help="no encoder runs in the rounds (its column: 0)")
     args = parser.parse_args()
     model = ensure_model(args.model, log=lambda m: print(m, file=sys.stderr))
@@ -49,8 +53,14 @@ def main():
             optimised = False if original else None
             if policy == "cpu":
                 runners[name] = WhisperOnnx(model, "CPUExecutionProvider", optimised=optimised)
-            else:
-                runners[name] = WhisperOnnx(model, precision=policy, optimised=optimised)
+                continue
+            runners[name] = WhisperOnnx(model, precision=policy, optimised=optimised)
+            if args.compare_fp32_kv and not original:
+                os.environ["XDNA_BF16_CROSS_KV"] = "0"  # read when the sessions are made
+                try:
+                    runners[name + " fp32kv"] = WhisperOnnx(model, precision=policy)
+                finally:
+                    del os.environ["XDNA_BF16_CROSS_KV"]
     rng = np.random.default_rng(0)
     audio = (0.1 * rng.standard_normal(F.SAMPLE_RATE * 30)).astype(np.float32)
     mel = F.log_mel_spectrogram(audio, 80)[None, :, :3000].astype(np.float32)

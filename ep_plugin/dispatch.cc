@@ -265,20 +265,33 @@ void Dispatcher::attention(const kernels::AttentionShape& shape, const std::vect
   // A counts a head whose Q, K^T and V all lie in EP memory; C its output.
   for (const auto& h : heads) {
     ++products_;
-    const auto bytes = [](int64_t last_offset) { return static_cast<size_t>(last_offset + 1) * sizeof(float); };
-    if (kernels::ep_buffer_find(h.q, bytes((shape.M - 1) * h.ldq + shape.D - 1), nullptr) &&
-        kernels::ep_buffer_find(h.kt, bytes((shape.D - 1) * h.kt_stride_d + (shape.T - 1) * h.kt_stride_t), nullptr) &&
-        kernels::ep_buffer_find(h.v, bytes((shape.T - 1) * h.v_stride_t + (shape.Dv - 1) * h.v_stride_n), nullptr))
+    const auto in_ep = [](const void* p, int64_t last_offset, size_t element) {
+      return kernels::ep_buffer_find(p, static_cast<size_t>(last_offset + 1) * element, nullptr);
+    };
+    const int64_t kt_last = (shape.D - 1) * h.kt_stride_d + (shape.T - 1) * h.kt_stride_t;
+    const int64_t v_last = (shape.T - 1) * h.v_stride_t + (shape.Dv - 1) * h.v_stride_n;
+    if (in_ep(h.q, (shape.M - 1) * h.ldq + shape.D - 1, sizeof(float)) &&
+        (h.kt_bf16 ? in_ep(h.kt_bf16, kt_last, sizeof(uint16_t)) : in_ep(h.kt, kt_last, sizeof(float))) &&
+        (h.v_bf16 ? in_ep(h.v_bf16, v_last, sizeof(uint16_t)) : in_ep(h.v, v_last, sizeof(float))))
       ++a_in_ep_;
-    if (kernels::ep_buffer_find(h.o, bytes((shape.M - 1) * h.ldo + shape.Dv - 1), nullptr)) ++c_in_ep_;
+    if (in_ep(h.o, (shape.M - 1) * h.ldo + shape.Dv - 1, sizeof(float))) ++c_in_ep_;
   }
+  // bf16 K^T / V (a Cast fused into the attention) as fp32 copies for a backend that reads only fp32.
+  std::vector<std::vector<float>> widened_storage;
+  std::vector<kernels::AttentionHead> widened;
+  const bool bf16_kv = kernels::has_bf16_kv(heads.data(), heads.size());
+  const auto heads_for = [&](const kernels::Backend& b) -> const kernels::AttentionHead* {
+    if (!bf16_kv || b.reads_bf16_kv()) return heads.data();
+    if (widened.empty()) widened = kernels::widen_bf16_kv(shape, heads.data(), heads.size(), &widened_storage);
+    return widened.data();
+  };
   const uint64_t flop = heads.size() * (flop_of(shape.M, shape.D, shape.T) + flop_of(shape.M, shape.T, shape.Dv));
   CpuReason reason = CpuReason::kFault;
   std::string why;
   if (primary_ok_) {
-    if (primary_->can_run_attention_on(shape, heads.data(), heads.size(), &why)) {
+    if (primary_->can_run_attention_on(shape, heads_for(*primary_), heads.size(), &why)) {
       try {
-        primary_->attention(shape, heads.data(), heads.size());
+        primary_->attention(shape, heads_for(*primary_), heads.size());
         device_calls_ += heads.size();
         device_flop_ += flop;
         return;
@@ -291,7 +304,7 @@ void Dispatcher::attention(const kernels::AttentionShape& shape, const std::vect
   }
   if (!cpu_->can_run_attention(shape, nullptr))
     throw OrtError(ORT_EP_FAIL, "the CPU backend '" + cpu_->name() + "' has no fused attention");
-  cpu_->attention(shape, heads.data(), heads.size());
+  cpu_->attention(shape, heads_for(*cpu_), heads.size());
   on_cpu(reason, heads.size(), flop,
          primary_->name() + " does not take the fused attention M=" + std::to_string(shape.M) + " T=" +
              std::to_string(shape.T) + " D=" + std::to_string(shape.D) + " (" + why + ")");

@@ -21,7 +21,9 @@ ops::Tensor ort_input(const OrtApi& api, OrtKernelContext* ctx, size_t index) {
   check(api, api.GetTensorTypeAndShape(v, &info));
   size_t rank = 0;
   ops::Tensor t;
-  OrtStatus* st = api.GetDimensionsCount(info, &rank);
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  OrtStatus* st = api.GetTensorElementType(info, &type);
+  if (!st) st = api.GetDimensionsCount(info, &rank);
   if (!st) {
     t.dims.resize(rank);
     st = api.GetDimensions(info, t.dims.data(), rank);
@@ -30,7 +32,10 @@ ops::Tensor ort_input(const OrtApi& api, OrtKernelContext* ctx, size_t index) {
   check(api, st);
   const void* p = nullptr;
   check(api, api.GetTensorData(v, &p));
-  t.data = static_cast<const float*>(p);
+  // The claims take float32 operands, and bfloat16 only where a Cast to float is fused (ops/attention.cc).
+  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) t.bf16 = static_cast<const uint16_t*>(p);
+  else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) t.data = static_cast<const float*>(p);
+  else throw OrtError(ORT_EP_FAIL, "runtime input " + std::to_string(index) + " is neither float32 nor bfloat16");
   return t;
 }
 

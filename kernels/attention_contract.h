@@ -20,6 +20,11 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "gemm_contract.h"
 
 namespace xdna::kernels {
 
@@ -35,6 +40,11 @@ struct AttentionHead {
   int64_t v_stride_t, v_stride_n;
   float* o;
   int64_t ldo;
+  // K^T and/or V given in bf16 instead (kt / v then null), same strides: already rounded as the contract reads
+  // them (a graph's Cast to bfloat16, e.g. the decoder's cross-attention K/V stored once per window at half the
+  // bytes). A backend that reads only fp32 gets the heads through widen_bf16_kv.
+  const uint16_t* kt_bf16 = nullptr;
+  const uint16_t* v_bf16 = nullptr;
 };
 
 // What every head of one call shares.
@@ -42,5 +52,46 @@ struct AttentionShape {
   int64_t M = 0, T = 0, D = 0, Dv = 0;  // query rows, keys, head dim of Q/K, head dim of V
   float scale = 1.f;
 };
+
+inline bool has_bf16_kv(const AttentionHead* heads, size_t count) {
+  for (size_t i = 0; i < count; ++i)
+    if (heads[i].kt_bf16 || heads[i].v_bf16) return true;
+  return false;
+}
+
+// The heads with bf16 K^T / V replaced by fp32 copies in `storage` (K as rows [T][D], V as rows [T][Dv]; one copy
+// per distinct source, e.g. a batch-1 K/V broadcast over beams). Exact: widening is exact and the contract's
+// rounding of a bf16 value is that value, so every backend computes the same bits from either form.
+inline std::vector<AttentionHead> widen_bf16_kv(const AttentionShape& s, const AttentionHead* heads, size_t count,
+                                                std::vector<std::vector<float>>* storage) {
+  std::vector<AttentionHead> out(heads, heads + count);
+  std::map<std::tuple<const uint16_t*, int64_t, int64_t>, const float*> made;  // (source, strides) -> copy
+  const auto widen = [&](const uint16_t* src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+    const float*& copy = made[{src, row_stride, col_stride}];
+    if (!copy) {
+      storage->emplace_back(static_cast<size_t>(rows * cols));
+      float* dst = storage->back().data();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = bf16_to_f32(src[r * row_stride + c * col_stride]);
+      copy = dst;
+    }
+    return copy;
+  };
+  for (AttentionHead& h : out) {
+    if (h.kt_bf16) {  // K[t][d] = K^T[d][t]
+      h.kt = widen(h.kt_bf16, s.T, s.D, h.kt_stride_t, h.kt_stride_d);
+      h.kt_stride_d = 1;
+      h.kt_stride_t = s.D;
+      h.kt_bf16 = nullptr;
+    }
+    if (h.v_bf16) {
+      h.v = widen(h.v_bf16, s.T, s.Dv, h.v_stride_t, h.v_stride_n);
+      h.v_stride_t = s.Dv;
+      h.v_stride_n = 1;
+      h.v_bf16 = nullptr;
+    }
+  }
+  return out;
+}
 
 }  // namespace xdna::kernels

@@ -120,6 +120,9 @@ class Backend {
     (void)heads, (void)count;
     return can_run_attention(shape, why_not);
   }
+  // Whether attention() reads heads with bf16 K^T / V (AttentionHead::kt_bf16, v_bf16); other backends are given
+  // fp32 copies (widen_bf16_kv: the same bits).
+  virtual bool reads_bf16_kv() const { return false; }
   // `count` heads of one shape. Throws BackendFault; on a throw every O is unspecified. Only called when
   // can_run_attention_on said yes.
   virtual void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) {

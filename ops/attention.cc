@@ -71,6 +71,24 @@ void read_through_scale(const OrtApi& api, const GraphIndex& index, Operand* op,
   claim->fused_producers.push_back(node);
 }
 
+// If `op` is made by a Cast to float of a run-time bfloat16 tensor of the same rank, and nothing else reads it:
+// redirects `op` to that tensor and adds the Cast to the claim. The kernels read K and V as bf16 anyway (the
+// contract rounds them so), so a K/V kept in bf16 (the decoder's cross-attention, issue 7) is read as it lies, at
+// half the bytes, with the same results.
+void read_through_bf16_cast(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim) {
+  const OrtNode* cast = sole_producer(api, index, op->name, "Cast");
+  if (!cast) return;
+  int64_t to = 0;
+  if (!int_attr(api, cast, "to", &to) || to != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return;
+  const NodeIo io = node_io(api, cast);
+  if (io.inputs.size() != 1 || !io.inputs[0]) return;
+  ONNXTensorElementDataType t;
+  Operand source = describe(api, io.inputs[0], &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || source.constant || source.rank != op->rank) return;
+  op->name = source.name;  // a Cast keeps the shape: dims (and a Transpose's perm read before) stay
+  claim->fused_producers.push_back(cast);
+}
+
 Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& index) {
   Claim r;
   OpPlan& p = r.plan;
@@ -112,13 +130,17 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
     Claim found;
     read_through_scale(api, index, op, &scale, &found, false);
     read_through_transpose(api, index, op, &found);
+    if (op == &p.b) read_through_bf16_cast(api, index, op, &found);
     r.fused_producers.insert(r.fused_producers.end(), found.fused_producers.rbegin(), found.fused_producers.rend());
   }
   r.fused_producers.push_back(qk);
   r.fused_producers.insert(r.fused_producers.end(), scale_claim.fused_producers.begin(),
                            scale_claim.fused_producers.end());
   r.fused_producers.push_back(softmax);
-  read_through_transpose(api, index, &p.v, &r);
+  Claim v_found;
+  read_through_transpose(api, index, &p.v, &v_found);
+  read_through_bf16_cast(api, index, &p.v, &v_found);
+  r.fused_producers.insert(r.fused_producers.end(), v_found.fused_producers.rbegin(), v_found.fused_producers.rend());
   p.attention_scale = scale;
 
   const int rank = p.a.rank;
@@ -147,6 +169,7 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   const auto fail = [&](const std::string& what) {
     return ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': attention " + what);
   };
+  if (!q.data) throw fail("Q is not float32");
   if (r < 2 || kt.dims.size() != r || v.dims.size() != r) throw fail("operands differ in rank");
   const int64_t M = q.dims[r - 2], D = q.dims[r - 1], T = kt.dims[r - 1], Dv = v.dims[r - 1];
   if (kt.dims[r - 2] != D || v.dims[r - 2] != T) throw fail("inner dimensions differ");
@@ -169,6 +192,31 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   std::vector<float> q_gathered(gather ? static_cast<size_t>(gathered) : 0);
   const Dims q_bs(q.strides.begin(), q.strides.end() - 2), k_bs(kt.strides.begin(), kt.strides.end() - 2),
       v_bs(v.strides.begin(), v.strides.end() - 2);
+  dispatch.note_attention(heads, M, T, D);
+  // One query row per batch row against K and V broadcast over the outer batch dim (beams over a window's
+  // batch-1 cross-attention K/V): the B rows of a head become one head of B query rows, so that each K and V is
+  // read once per head instead of once per beam. Each row's arithmetic is the same either way (rows are
+  // independent in the contract and in every kernel), so the bits are too.
+  const size_t kb = batch.size() - batch_k.size(), vb = batch.size() - batch_v.size();  // right-aligned offsets
+  const bool k_broadcast = kb > 0 || batch_k[0] == 1, v_broadcast = vb > 0 || batch_v[0] == 1;
+  if (M == 1 && !gather && !batch.empty() && batch[0] > 1 && batch_q.size() == batch.size() && k_broadcast &&
+      v_broadcast) {
+    const int64_t rows = batch[0], inner = heads / rows;
+    std::vector<kernels::AttentionHead> grouped;
+    grouped.reserve(static_cast<size_t>(inner));
+    for (int64_t i = 0; i < inner; ++i) {  // flat batch position i: outer index 0
+      const int64_t k_at = batch_offset(batch, batch_k, k_bs, i), v_at = batch_offset(batch, batch_v, v_bs, i);
+      kernels::AttentionHead h{q.data + batch_offset(batch, batch_q, q_bs, i), q_bs[0],
+                               kt.data ? kt.data + k_at : nullptr, kt.strides[r - 2], kt.strides[r - 1],
+                               v.data ? v.data + v_at : nullptr, v.strides[r - 2], v.strides[r - 1],
+                               y + i * Dv, inner * Dv};
+      if (kt.bf16) h.kt_bf16 = kt.bf16 + k_at;
+      if (v.bf16) h.v_bf16 = v.bf16 + v_at;
+      grouped.push_back(h);
+    }
+    dispatch.attention(kernels::AttentionShape{rows, T, D, Dv, plan.attention_scale}, grouped);
+    return;
+  }
   std::vector<kernels::AttentionHead> items;
   items.reserve(static_cast<size_t>(heads));
   for (int64_t i = 0; i < heads; ++i) {
@@ -181,11 +229,13 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
       qp = dst;
       ldq = D;
     }
-    items.push_back({qp, ldq, kt.data + batch_offset(batch, batch_k, k_bs, i), kt.strides[r - 2], kt.strides[r - 1],
-                     v.data + batch_offset(batch, batch_v, v_bs, i), v.strides[r - 2], v.strides[r - 1],
-                     y + i * M * Dv, Dv});
+    const int64_t k_at = batch_offset(batch, batch_k, k_bs, i), v_at = batch_offset(batch, batch_v, v_bs, i);
+    kernels::AttentionHead h{qp, ldq, kt.data ? kt.data + k_at : nullptr, kt.strides[r - 2], kt.strides[r - 1],
+                             v.data ? v.data + v_at : nullptr, v.strides[r - 2], v.strides[r - 1], y + i * M * Dv, Dv};
+    if (kt.bf16) h.kt_bf16 = kt.bf16 + k_at;  // a bf16 K through a fused Cast
+    if (v.bf16) h.v_bf16 = v.bf16 + v_at;
+    items.push_back(h);
   }
-  dispatch.note_attention(heads, M, T, D);
   dispatch.attention(kernels::AttentionShape{M, T, D, Dv, plan.attention_scale}, items);
 }
 

@@ -88,8 +88,9 @@ inline Claim reject(std::string why) {
 
 // A tensor of one Compute call.
 struct Tensor {
-  const float* data = nullptr;
+  const float* data = nullptr;  // float32 tensors
   std::vector<int64_t> dims;
+  const uint16_t* bf16 = nullptr;  // bfloat16 tensors (data then null): only where a claim read through a Cast
 };
 
 // Where a node's run-time operands come from and where its output goes (the fused node's inputs and outputs, or

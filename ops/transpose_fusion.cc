@@ -47,11 +47,11 @@ std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& dims) {
 }
 
 View view_of(const Tensor& t, const std::vector<int64_t>& perm) {
-  View v{t.data, t.dims, contiguous_strides(t.dims)};
+  View v{t.data, t.dims, contiguous_strides(t.dims), t.bf16};
   if (perm.empty()) return v;
   if (perm.size() != t.dims.size())
     throw ep::OrtError(ORT_INVALID_ARGUMENT, "Transpose perm does not match its input");
-  View p{t.data, std::vector<int64_t>(perm.size()), std::vector<int64_t>(perm.size())};
+  View p{t.data, std::vector<int64_t>(perm.size()), std::vector<int64_t>(perm.size()), t.bf16};
   for (size_t d = 0; d < perm.size(); ++d) {
     p.dims[d] = v.dims[static_cast<size_t>(perm[d])];
     p.strides[d] = v.strides[static_cast<size_t>(perm[d])];

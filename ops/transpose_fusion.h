@@ -18,6 +18,7 @@ void read_through_transpose(const OrtApi& api, const GraphIndex& index, Operand*
 struct View {
   const float* data = nullptr;
   std::vector<int64_t> dims, strides;
+  const uint16_t* bf16 = nullptr;  // the tensor's bf16 data instead (Tensor::bf16)
 };
 View view_of(const Tensor& t, const std::vector<int64_t>& perm);
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& dims);

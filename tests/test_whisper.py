@@ -158,7 +158,10 @@ def brute_force_beam_search(w, encoded, prompt, rules, beam_size, patience, leng
     """OpenAI's beam search written the plain way: every candidate re-run from scratch through decoder_model.onnx
     (batch 1, no cache, no reordering); finished sequences collected until round(beam_size * patience)."""
     def logprobs(seq):
-        out = w.decoder.run(None, {"input_ids": np.array([seq], np.int64), "encoder_hidden_states": encoded})[0]
+        feed = {"input_ids": np.array([seq], np.int64), "encoder_hidden_states": encoded}
+        if w._logits_rows:  # the decoder copy computes the logits of the rows asked for (decoder_graph pass 3)
+            feed[w._logits_rows] = np.arange(len(seq), dtype=np.int64)
+        out = w.decoder.run(None, feed)[0]
         return out[0, -1]
 
     beams = [(tuple(prompt), 0.0)]
@@ -665,6 +668,21 @@ def test_real_whisper_base_transcribes_the_sample_on_the_ep(whisper_base):
         assert matmul_count(w.compiled_paths["encoder_model.onnx"]) == 0
     else:
         assert placed.count(EP, ("MatMul",)) == matmul_count(whisper_base / "encoder_model.onnx")
+
+
+def test_real_whisper_base_bf16_cross_kv_gives_the_same_tokens_and_scores(whisper_base, monkeypatch):
+    """The cross-attention K/V kept in bf16 (decoder_graph pass 3) feed the EP's fused attention the values it
+    rounded them to itself: the same tokens and the same log-probabilities, beam 5 and greedy, as with fp32 K/V."""
+    monkeypatch.setenv("XDNA_BF16_CROSS_KV", "0")
+    fp32 = WhisperOnnx(whisper_base, "xdna", precision="int8")
+    monkeypatch.delenv("XDNA_BF16_CROSS_KV")
+    bf16 = WhisperOnnx(whisper_base, "xdna", precision="int8")
+    assert bf16.bf16_cross_kv and not fp32.bf16_cross_kv
+    for beams in (5, 1):
+        a, b = (transcribe_all(sample_path(), w, language="en", beam_size=beams) for w in (fp32, bf16))
+        assert [s.tokens for s in a.segments] == [s.tokens for s in b.segments]
+        assert [s.avg_logprob for s in a.segments] == [s.avg_logprob for s in b.segments]
+        assert word_error_rate(SAMPLE_TEXT, b.text) <= 0.1, b.text
 
 
 def test_real_whisper_base_xdna_and_cpu_transcripts_agree(whisper_base):

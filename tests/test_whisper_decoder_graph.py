@@ -80,7 +80,14 @@ def test_optimised_decoders_compute_the_same_bits_with_fewer_nodes(tiny, copies,
         with_past = f == FILES[2]
         for batch, tokens, past in ([(1, 1, 7), (3, 1, 12), (1, 5, 0), (2, 3, 4)] if with_past else [(1, 4, 0)]):
             feed = feeds(original, batch, tokens, past, seed=batch * 100 + past)
-            a, b = original.run(None, feed), optimised.run(None, feed)
+            a = original.run(None, feed)
+            if with_past:
+                b = optimised.run(None, feed)
+            else:  # pass 3: the logits of the rows asked for; all of them, then two
+                b = optimised.run(None, feed | {decoder_graph.LOGITS_ROWS: np.arange(tokens, dtype=np.int64)})
+                rows = np.array([0, tokens - 1], np.int64)
+                two = optimised.run(None, feed | {decoder_graph.LOGITS_ROWS: rows})
+                assert np.array_equal(two[0], a[0][:, rows]) and all(np.array_equal(x, y) for x, y in zip(two[1:], a[1:]))
             assert len(a) == len(b)
             for x, y in zip(a, b):
                 assert x.shape == y.shape and np.array_equal(x, y), (f, batch, tokens, past)
@@ -155,7 +162,7 @@ def test_whisper_layer_builds_the_copies_once_and_falls_back_when_they_break(tin
 def test_a_copy_that_cannot_be_built_leaves_the_original(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
 
-    def fail(source, output):
+    def fail(source, output, *pass_options):
         raise RuntimeError("symbolic shape inference gave up")
 
     monkeypatch.setattr(decoder_graph, "optimise", fail)
@@ -164,3 +171,61 @@ def test_a_copy_that_cannot_be_built_leaves_the_original(tiny, tmp_path, monkeyp
     assert w.optimised_paths == {}
     assert sum("building its optimised copy failed (symbolic shape inference gave up)" in m for m in log) == 2
     assert not [p for p in (tmp_path / "cache" / "optimised").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_bf16_cross_kv_on_the_xdna_ep_same_tokens_half_the_bytes(tiny, tmp_path, monkeypatch):
+    """Pass 3 (XDNA EP only): decoder_model gives the cross-attention K/V in bf16, decoder_with_past takes them so
+    and its Casts back to float run inside the EP's fused attentions; the tokens are those of the fp32 copies
+    (the attention rounds K/V to bf16 as it reads them either way). The CPU EP and the bf16x3 policy keep fp32."""
+    monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
+    audio = chirp(6.0, seed=5)
+
+    def tokens(w):
+        r = transcribe_all(audio, w, beam_size=2, sample_len=12, temperature=0)
+        return [t for s in r.segments for t in s.tokens]
+
+    def cross_types(w):
+        made = {o.type for o in w.decoder.get_outputs() if ".encoder." in o.name}
+        taken = {i.type for i in w.decoder_with_past.get_inputs() if ".encoder." in i.name}
+        return made, taken
+
+    monkeypatch.setenv("XDNA_BF16_CROSS_KV", "0")
+    fp32 = WhisperOnnx(tiny, "xdna", compiled=False)
+    assert not fp32.bf16_cross_kv and cross_types(fp32) == ({"tensor(float)"}, {"tensor(float)"})
+    expected = tokens(fp32)
+    monkeypatch.delenv("XDNA_BF16_CROSS_KV")
+    for compiled in (False, True):
+        w = WhisperOnnx(tiny, "xdna", compiled=compiled)
+        assert w.bf16_cross_kv and cross_types(w) == ({"tensor(bfloat16)"}, {"tensor(bfloat16)"})
+        assert all("-bf16kv" in str(p) for p in w.optimised_paths.values())
+        assert w._logits_rows == decoder_graph.LOGITS_ROWS  # pass 3: start() asks for the rows it reads
+        assert tokens(w) == expected
+    w = WhisperOnnx(tiny, "xdna", compiled=False)
+    on_ep = [op for _, op in xdna.placement(w.decoder_with_past).on(EP)]
+    layers = sum(".encoder.key" in i.name for i in w.decoder_with_past.get_inputs())
+    assert on_ep.count("Cast") == 2 * layers and on_ep.count("Softmax") == layers, on_ep
+    for provider, precision in (("cpu", None), ("xdna", "bf16x3")):
+        other = WhisperOnnx(tiny, provider, precision=precision, compiled=False)
+        assert not other.bf16_cross_kv and cross_types(other) == ({"tensor(float)"}, {"tensor(float)"})
+
+
+def test_decoders_that_disagree_on_the_cross_kv_type_are_made_to_agree(tiny, tmp_path, monkeypatch):
+    """A bf16 decoder_model copy next to an fp32 decoder_with_past (its bf16 copy failed to build): decoder_model is
+    loaded again without the bf16 pass, logged, and decoding gives the fp32 tokens."""
+    monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
+    real = decoder_graph.optimise
+
+    def with_past_fails(source, output, bf16_kv=False):
+        if bf16_kv and Path(source).name == FILES[2]:
+            raise RuntimeError("no space left")
+        return real(source, output, bf16_kv)
+
+    monkeypatch.setattr(decoder_graph, "optimise", with_past_fails)
+    log: list[str] = []
+    w = WhisperOnnx(tiny, "xdna", compiled=False, log=log.append)
+    assert any("disagree on the cross-attention K/V type" in m for m in log), log
+    assert not w.bf16_cross_kv
+    made = {o.type for o in w.decoder.get_outputs() if ".encoder." in o.name}
+    assert made == {"tensor(float)"}
+    r = transcribe_all(chirp(3.0, seed=1), w, beam_size=2, sample_len=8, temperature=0)
+    assert r.segments is not None

@@ -62,11 +62,11 @@ class FakeModel:
     def _row(self, window, seq):
         return np.asarray(self.script(window, seq), np.float32)
 
-    def start(self, window, prompt):
-        rows = np.zeros((len(prompt), VOCAB), np.float32)
-        rows[:, TOKENS.no_speech] = self.no_speech_logit
-        rows[-1] = self._row(window, [])
-        return rows, (window, [[]])
+    def start(self, window, prompt, rows=None):
+        logits = np.zeros((len(prompt), VOCAB), np.float32)
+        logits[:, TOKENS.no_speech] = self.no_speech_logit
+        logits[-1] = self._row(window, [])
+        return (logits if rows is None else logits[rows]), (window, [[]])
 
     def step(self, state, tokens, order):
         window, seqs = state
@@ -130,22 +130,28 @@ def test_split_segments_follows_timestamp_pairs():
     assert [s for s, _, _ in spans] == [0, 50] and advance == 200
 
 
-def test_top_logprobs_equal_the_full_log_softmax():
+@pytest.mark.parametrize("vocab", [VOCAB, 51865])  # whisper's vocabulary: the grouped search (rules._top_k)
+def test_top_logprobs_equal_the_full_log_softmax(vocab):
     """The beam step's top-k: the same tokens, order and float32 values as log_softmax over the whole row, also
-    with suppressed (-inf) tokens, a row where one token is left and a row that is mostly -inf."""
+    with suppressed (-inf) tokens, a row where one token is left, a row that is mostly -inf, the best entries in
+    the ragged tail past the last whole group, and a row of one repeated value."""
     rng = np.random.default_rng(3)
-    x = (rng.standard_normal((5, VOCAB)) * 4).astype(np.float32)
-    x[:, rng.integers(0, VOCAB, 300)] = -np.inf
+    x = (rng.standard_normal((7, vocab)) * 4).astype(np.float32)
+    x[:, rng.integers(0, vocab, 300)] = -np.inf
     x[3] = -np.inf
     x[3, 7] = 2.0
-    x[4, :VOCAB - 300] = -np.inf  # mostly -inf, as after a forced timestamp: the finite-only partition
+    x[4, :vocab - 300] = -np.inf  # mostly -inf, as after a forced timestamp: the finite-only partition
+    x[5, vocab - 3:] = 40.0 + np.arange(3)  # the three best at the very end
+    x[6] = 1.5
     top, lp = R.top_logprobs(x, 6)
     full = R.log_softmax(x)
-    for j in range(5):
+    for j in range(7):
         expected = np.sort(full[j])[::-1][:6]
         assert np.array_equal(lp[j], expected) and np.array_equal(full[j][top[j]], lp[j])
+        assert len(set(top[j].tolist())) == 6
     assert top[3, 0] == 7 and lp[3, 0] == 0.0 and np.isneginf(lp[3, 1:]).all()
-    assert (top[4] >= VOCAB - 300).all()
+    assert (top[4] >= vocab - 300).all()
+    assert top[5, :3].tolist() == [vocab - 1, vocab - 2, vocab - 3]
 
 
 def test_kv_reorder_follows_the_beams_in_place():
@@ -338,9 +344,9 @@ def test_prompt_holds_only_committed_text():
     prompts = []
 
     class Recording(FakeModel):
-        def start(self, window, prompt):
+        def start(self, window, prompt, rows=None):
             prompts.append((window.seek, list(prompt)))
-            return super().start(window, prompt)
+            return super().start(window, prompt, rows)
 
     model = Recording(base, full_mel=F.log_mel_spectrogram(audio))
     result = transcribe_all(audio, model, beam_size=1, sample_len=12)
@@ -379,9 +385,9 @@ def test_initial_prompt_prefix_and_hotwords_reach_the_prompt():
         return row
 
     class Recording(FakeModel):
-        def start(self, window, prompt):
+        def start(self, window, prompt, rows=None):
             prompts.append(list(prompt))
-            return super().start(window, prompt)
+            return super().start(window, prompt, rows)
 
     audio = np.random.default_rng(6).standard_normal(SR * 3).astype(np.float32) * 0.1
     result = transcribe_all(audio, Recording(script), beam_size=2, without_timestamps=True,

@@ -509,6 +509,7 @@ class EmulatorBackend final : public Backend {
   }
   bool has_int8_kernel(int64_t, int64_t, std::string*) const override { return true; }  // emulator_gemm_int8
   bool can_run_attention(const AttentionShape&, std::string*) const override { return true; }
+  bool reads_bf16_kv() const override { return true; }
   void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) override {
     emulator_attention(shape, heads, count, threads_);
   }

@@ -117,6 +117,18 @@ __attribute__((always_inline)) inline f32x16 round_to_bf16_x16(const f32x16& x) 
   return reinterpret_cast<f32x16&>(r);
 }
 
+// 16 consecutive K or V elements as the contract reads them: fp32 rounded to bf16, or bf16 widened (exact).
+__attribute__((always_inline)) inline f32x16 load_bf16_x16(const float* p) { return round_to_bf16_x16(load_f32x16(p)); }
+__attribute__((always_inline)) inline f32x16 load_bf16_x16(const uint16_t* p) {
+  using u16x16 = uint16_t __attribute__((vector_size(32)));
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+  return reinterpret_cast<const f32x16&>(u);
+}
+inline float load_bf16(const float* p) { return round_to_bf16(*p); }
+inline float load_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
+
 // The 16 lanes summed as a tree (lane j with lane j + 8, then + 4, ...).
 __attribute__((always_inline)) inline float sum_lanes(const f32x16& v) {
   using f32x8 = float __attribute__((vector_size(32)));
@@ -146,8 +158,8 @@ __attribute__((always_inline)) inline void sum_lanes_x4(const f32x16* acc, float
 
 // Scores of R query rows (qb: bf16 Q rows, D apart) against all T keys, four keys at a time: per key one 16-lane
 // dot product per row, the key's row rounded once for all R rows, the accumulators in registers.
-template <int R>
-__attribute__((always_inline)) inline void scores_rows(const float* qb, const float* k, int64_t ldk, int64_t T,
+template <int R, typename KV>
+__attribute__((always_inline)) inline void scores_rows(const float* qb, const KV* k, int64_t ldk, int64_t T,
                                                        int64_t D, float* s) {
   const int64_t D16 = D / kLanes * kLanes;
   constexpr int kKeys = 4;
@@ -156,7 +168,7 @@ __attribute__((always_inline)) inline void scores_rows(const float* qb, const fl
     f32x16 acc[R][kKeys] = {};
     for (int64_t d = 0; d < D16; d += kLanes) {
       f32x16 kv[kKeys];
-      for (int j = 0; j < kKeys; ++j) kv[j] = round_to_bf16_x16(load_f32x16(k + (t + j) * ldk + d));
+      for (int j = 0; j < kKeys; ++j) kv[j] = load_bf16_x16(k + (t + j) * ldk + d);
       for (int r = 0; r < R; ++r) {
         const f32x16 qv = load_f32x16(qb + r * D + d);
         for (int j = 0; j < kKeys; ++j) acc[r][j] += qv * kv[j];
@@ -165,19 +177,19 @@ __attribute__((always_inline)) inline void scores_rows(const float* qb, const fl
     for (int r = 0; r < R; ++r) {
       sum_lanes_x4(acc[r], s + r * T + t);
       for (int64_t d = D16; d < D; ++d)
-        for (int j = 0; j < kKeys; ++j) s[r * T + t + j] += qb[r * D + d] * round_to_bf16(k[(t + j) * ldk + d]);
+        for (int j = 0; j < kKeys; ++j) s[r * T + t + j] += qb[r * D + d] * load_bf16(k + (t + j) * ldk + d);
     }
   }
   for (; t < T; ++t) {
-    const float* kr = k + t * ldk;
+    const KV* kr = k + t * ldk;
     f32x16 acc[R] = {};
     for (int64_t d = 0; d < D16; d += kLanes) {
-      const f32x16 kv = round_to_bf16_x16(load_f32x16(kr + d));
+      const f32x16 kv = load_bf16_x16(kr + d);
       for (int r = 0; r < R; ++r) acc[r] += load_f32x16(qb + r * D + d) * kv;
     }
     for (int r = 0; r < R; ++r) {
       float tail = 0.f;
-      for (int64_t d = D16; d < D; ++d) tail += qb[r * D + d] * round_to_bf16(kr[d]);
+      for (int64_t d = D16; d < D; ++d) tail += qb[r * D + d] * load_bf16(kr + d);
       s[r * T + t] = sum_lanes(acc[r]) + tail;
     }
   }
@@ -185,14 +197,14 @@ __attribute__((always_inline)) inline void scores_rows(const float* qb, const fl
 
 // O[r][n0 + 16 j + i] = (P V) / l for R rows of bf16 weights p (T apart) and NB blocks of 16 columns from n0: V
 // rounded to bf16 as read, each key's V row (NB blocks) read once for all R rows, the sums in registers.
-template <int R, int NB>
+template <int R, int NB, typename KV>
 __attribute__((always_inline)) inline void weighted_values_block(const float* p, int64_t T, const float* l,
-                                                                 const float* v, int64_t ldv, float* o,
+                                                                 const KV* v, int64_t ldv, float* o,
                                                                  int64_t ldo) {
   f32x16 acc[R][NB] = {};
   for (int64_t t = 0; t < T; ++t) {
     f32x16 vv[NB];
-    for (int j = 0; j < NB; ++j) vv[j] = round_to_bf16_x16(load_f32x16(v + t * ldv + j * kLanes));
+    for (int j = 0; j < NB; ++j) vv[j] = load_bf16_x16(v + t * ldv + j * kLanes);
     for (int r = 0; r < R; ++r) {
       const float w = p[r * T + t];
       for (int j = 0; j < NB; ++j) acc[r][j] += w * vv[j];
@@ -206,17 +218,17 @@ __attribute__((always_inline)) inline void weighted_values_block(const float* p,
 }
 
 // O rows = (P V) / l for R rows: 64 columns at a time (a head of 64 in one pass over V), then 16, then a scalar tail.
-template <int R>
-__attribute__((always_inline)) inline void weighted_values_rows(const float* p, const float* l, const float* v,
+template <int R, typename KV>
+__attribute__((always_inline)) inline void weighted_values_rows(const float* p, const float* l, const KV* v,
                                                                  int64_t ldv, int64_t T, int64_t Dv, float* o,
                                                                  int64_t ldo) {
   int64_t n = 0;
-  for (; n + 4 * kLanes <= Dv; n += 4 * kLanes) weighted_values_block<R, 4>(p, T, l, v + n, ldv, o + n, ldo);
-  for (; n + kLanes <= Dv; n += kLanes) weighted_values_block<R, 1>(p, T, l, v + n, ldv, o + n, ldo);
+  for (; n + 4 * kLanes <= Dv; n += 4 * kLanes) weighted_values_block<R, 4, KV>(p, T, l, v + n, ldv, o + n, ldo);
+  for (; n + kLanes <= Dv; n += kLanes) weighted_values_block<R, 1, KV>(p, T, l, v + n, ldv, o + n, ldo);
   for (int r = 0; r < R; ++r)
     for (int64_t c = n; c < Dv; ++c) {
       float sum = 0.f;
-      for (int64_t t = 0; t < T; ++t) sum += p[r * T + t] * round_to_bf16(v[t * ldv + c]);
+      for (int64_t t = 0; t < T; ++t) sum += p[r * T + t] * load_bf16(v + t * ldv + c);
       o[r * ldo + c] = sum / l[r];
     }
 }
@@ -225,9 +237,10 @@ __attribute__((always_inline)) inline void weighted_values_rows(const float* p, 
 // (V[t][n] = v[t * v_stride_t + n]), in one pass while the head's K and V are hot: QK^T as dot products over d,
 // the softmax, PV accumulated over t, then the division; K and V rounded to bf16 as they are read, rows taken 5 at
 // a time. s holds M * T scores, qb M * D. Every product is exact (bf16 x bf16), so FMA or not gives the same bits.
-// Built for avx512f only: see few_rows_kernel_fits.
-__attribute__((target("avx512f"))) void attend_few_rows(
-    const AttentionShape& shape, const AttentionHead& h, float* s, float* qb, float* l) {
+// K and V are each fp32 or bf16 (KT, VT: float or uint16_t). Built for avx512f only: see few_rows_kernel_fits.
+template <typename KT, typename VT>
+__attribute__((target("avx512f"))) void attend_few_rows(const AttentionShape& shape, const AttentionHead& h,
+                                                         const KT* k, const VT* v, float* s, float* qb, float* l) {
   const int64_t M = shape.M, T = shape.T, D = shape.D, Dv = shape.Dv;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t d = 0; d < D; ++d) qb[m * D + d] = round_to_bf16(h.q[m * h.ldq + d]);
@@ -236,11 +249,11 @@ __attribute__((target("avx512f"))) void attend_few_rows(
     const float* q_rows = qb + m * D;
     float* s_rows = s + m * T;
     switch (std::min(kRowBlock, M - m)) {
-      case 1: scores_rows<1>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
-      case 2: scores_rows<2>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
-      case 3: scores_rows<3>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
-      case 4: scores_rows<4>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
-      default: scores_rows<5>(q_rows, h.kt, h.kt_stride_t, T, D, s_rows); break;
+      case 1: scores_rows<1>(q_rows, k, h.kt_stride_t, T, D, s_rows); break;
+      case 2: scores_rows<2>(q_rows, k, h.kt_stride_t, T, D, s_rows); break;
+      case 3: scores_rows<3>(q_rows, k, h.kt_stride_t, T, D, s_rows); break;
+      case 4: scores_rows<4>(q_rows, k, h.kt_stride_t, T, D, s_rows); break;
+      default: scores_rows<5>(q_rows, k, h.kt_stride_t, T, D, s_rows); break;
     }
   }
   for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale);
@@ -248,11 +261,11 @@ __attribute__((target("avx512f"))) void attend_few_rows(
     const float* p_rows = s + m * T;
     float* o_rows = h.o + m * h.ldo;
     switch (std::min(kRowBlock, M - m)) {
-      case 1: weighted_values_rows<1>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
-      case 2: weighted_values_rows<2>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
-      case 3: weighted_values_rows<3>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
-      case 4: weighted_values_rows<4>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
-      default: weighted_values_rows<5>(p_rows, l + m, h.v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 1: weighted_values_rows<1>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 2: weighted_values_rows<2>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 3: weighted_values_rows<3>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 4: weighted_values_rows<4>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      default: weighted_values_rows<5>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
     }
   }
 }
@@ -289,8 +302,19 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
   if (rows) {
     emulator_parallel_for(threads, static_cast<int64_t>(count), [&](int64_t i) {
       std::vector<float> scores(M * T), qb(M * D), l(M);
-      attend_few_rows(s, heads[i], scores.data(), qb.data(), l.data());
+      const AttentionHead& h = heads[i];
+      if (h.kt_bf16 && h.v_bf16) attend_few_rows(s, h, h.kt_bf16, h.v_bf16, scores.data(), qb.data(), l.data());
+      else if (h.kt_bf16) attend_few_rows(s, h, h.kt_bf16, h.v, scores.data(), qb.data(), l.data());
+      else if (h.v_bf16) attend_few_rows(s, h, h.kt, h.v_bf16, scores.data(), qb.data(), l.data());
+      else attend_few_rows(s, h, h.kt, h.v, scores.data(), qb.data(), l.data());
     });
+    return;
+  }
+  // The other paths read fp32 K and V: bf16 ones (a Cast fused into the attention) widened first, exactly.
+  if (has_bf16_kv(heads, count)) {
+    std::vector<std::vector<float>> storage;
+    const std::vector<AttentionHead> widened = widen_bf16_kv(s, heads, count, &storage);
+    emulator_attention(s, widened.data(), count, threads);
     return;
   }
   // Few query rows, other layouts: every head's K and V read as they lie, all heads in one job per product.

@@ -19,9 +19,25 @@ Not done, because it is not bit-exact: onnxruntime.transformers' SkipLayerNormal
 the residual sum and the normalisation differently from Add + LayerNormalization; measured no faster either).
 Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed before.
 
+3. decoder_model only (`logits_rows`): the logits of the prompt positions the caller asks for, not of all of
+   them. A new input `xdna_logits_rows` (int64 positions) Gathers the final hidden states in front of the
+   vocabulary projection (512 x 51865 for whisper-base: 53 MFLOP per row). The search needs two rows of a prompt
+   (<|startoftranscript|> for the no-speech probability, and the last), and a window after the first has a prompt
+   of up to 224 previous tokens: ~100 rows of logits (and 20 MB of output) computed and dropped per window. Each
+   row of a MatMul is computed alone (row-independent kernels; int8 quantises A per row), so the rows kept have
+   the same bits.
+4. For the XDNA EP only (`bf16_cross_kv`, a copy of its own): the cross-attention K/V in bfloat16. decoder_model
+   casts its `present.N.encoder.*` outputs to bf16 and decoder_with_past takes `past_key_values.N.encoder.*` as
+   bf16, with a Cast back to float in front of the attention. The EP's fused attention claims the Cast with the
+   attention and reads the bf16 K/V as they lie: its contract rounds K and V to bf16 (nearest even, as ORT's Cast
+   does) as it reads them, so the results are bit for bit today's, and every step reads half the bytes (37 MB ->
+   18 MB per step for whisper-base). Where the EP leaves an attention to the CPU EP, the Cast runs there and the
+   CPU's MatMul sees K and V rounded to bf16 (an fp32 path then loses exactness: never used for the CPU EP or the
+   bf16x3 policy).
+
 The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<versions>/, written
 atomically, and a copy that fails to build or load is logged and the original is used (onnx_model.WhisperOnnx).
-XDNA_OPTIMISED_DECODERS=0 switches the copies off.
+XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the bf16 cross-attention K/V.
 """
 
 from __future__ import annotations
@@ -34,12 +50,99 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when a pass changes what it writes: older copies are then simply not used.
-VERSION = 1
+VERSION = 4
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 
 
 def enabled() -> bool:
     return os.environ.get("XDNA_OPTIMISED_DECODERS", "1") != "0"
+
+
+def bf16_cross_kv_enabled() -> bool:
+    return os.environ.get("XDNA_BF16_CROSS_KV", "1") != "0"
+
+
+CROSS_KV = (".encoder.key", ".encoder.value")
+
+
+LOGITS_ROWS = "xdna_logits_rows"
+
+
+def logits_rows(model) -> bool:
+    """Pass 3 (module doc) in place, on a graph whose output `logits` [batch, positions, vocab] is a MatMul of the
+    hidden states by a constant: Gather(hidden, xdna_logits_rows, axis=1) in front of it. The input is required
+    (a default would not survive the compiled-model cache, which turns it into a constant). Returns whether it was
+    done (a graph of another form, or one that already has the input, is left as it is)."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    out = next((o for o in g.output if o.name == "logits"), None)
+    node = next((n for n in g.node if "logits" in n.output), None)
+    constants = {i.name for i in g.initializer}
+    if out is None or node is None or node.op_type != "MatMul" or node.input[1] not in constants or \
+            any(i.name == LOGITS_ROWS for i in g.input) or len(out.type.tensor_type.shape.dim) != 3:
+        return False
+    rows = f"{node.input[0]}/xdna_logits_rows"
+    g.input.append(helper.make_tensor_value_info(LOGITS_ROWS, TensorProto.INT64, ["logits_rows"]))
+    gather = helper.make_node("Gather", [node.input[0], LOGITS_ROWS], [rows], axis=1, name=rows)
+    node.input[0] = rows
+    nodes = list(g.node)
+    nodes.insert(nodes.index(node), gather)
+    del g.node[:]
+    g.node.extend(nodes)
+    dim = out.type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_param = "logits_rows"
+    return True
+
+
+def _rename_uses(g, name: str, new: str, outputs: bool = False) -> None:
+    """Every node input (and with `outputs` every node output) called `name` renamed to `new`."""
+    for node in g.node:
+        for names in (node.input, node.output) if outputs else (node.input,):
+            for i, n in enumerate(names):
+                if n == name:
+                    names[i] = new
+
+
+def _rename_value_info(g, name: str, new: str) -> None:
+    for vi in g.value_info:
+        if vi.name == name:
+            vi.name = new
+
+
+def bf16_cross_kv(model) -> int:
+    """Pass 4 (module doc) in place: decoder_model's `present.N.encoder.*` outputs become bf16 (a Cast after the
+    value the graph computed), decoder_with_past's `past_key_values.N.encoder.*` inputs become bf16 (a Cast to
+    float in front of their readers). Returns the number of Casts added."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    added = 0
+    for out in g.output:
+        if out.name.startswith("present.") and out.name.endswith(CROSS_KV) and \
+                out.type.tensor_type.elem_type == TensorProto.FLOAT:
+            fp32 = f"{out.name}/xdna_fp32"
+            _rename_value_info(g, out.name, fp32)
+            _rename_uses(g, out.name, fp32, outputs=True)
+            g.node.append(helper.make_node("Cast", [fp32], [out.name], to=TensorProto.BFLOAT16,
+                                           name=f"{out.name}/xdna_to_bf16"))
+            out.type.tensor_type.elem_type = TensorProto.BFLOAT16
+            added += 1
+    casts = []
+    for inp in g.input:
+        if inp.name.startswith("past_key_values.") and inp.name.endswith(CROSS_KV) and \
+                inp.type.tensor_type.elem_type == TensorProto.FLOAT:
+            fp32 = f"{inp.name}/xdna_fp32"
+            _rename_value_info(g, inp.name, fp32)
+            _rename_uses(g, inp.name, fp32)
+            casts.append(helper.make_node("Cast", [inp.name], [fp32], to=TensorProto.FLOAT,
+                                          name=f"{inp.name}/xdna_to_fp32"))
+            inp.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    nodes = casts + list(g.node)  # in front: the graph stays in topological order
+    del g.node[:]
+    g.node.extend(nodes)
+    return added + len(casts)
 
 
 def _symbolic_dims(model) -> dict[str, list]:
@@ -215,16 +318,20 @@ def remove_dead_nodes(model) -> int:
     return removed
 
 
-def optimise(source: Path, output: Path) -> dict:
-    """The passes on `source` into `output`. Returns what was done."""
+def optimise(source: Path, output: Path, bf16_kv: bool = False) -> dict:
+    """The passes on `source` into `output` (pass 4 too with `bf16_kv`). Returns what was done."""
     import onnx
 
+    source = Path(source)
     model = onnx.load(str(source))
     nodes = len(model.graph.node)
     shapes = fold_shape_work(model)
     merged = merge_duplicates(model)
+    rows = logits_rows(model) if source.name == DECODER_FILES[0] else False
+    casts = bf16_cross_kv(model) if bf16_kv else 0
     onnx.save(model, str(output))
-    return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged}
+    return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged,
+            "logits_rows": rows, "bf16_casts": casts}
 
 
 def _versions() -> str:
@@ -234,22 +341,23 @@ def _versions() -> str:
     return f"v{VERSION}-ort{ort.__version__}-onnx{onnx.__version__}"
 
 
-def cache_entry(source: Path, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the optimised copy of `source` lives: keyed by its content and the versions that made the copy."""
+def cache_entry(source: Path, cache_dir: str | os.PathLike | None = None, bf16_kv: bool = False) -> Path:
+    """Where the optimised copy of `source` lives: keyed by its content, the versions that made the copy and
+    whether it holds the cross-attention K/V in bf16."""
     from .._compile import _model_hash
     from .model import cache_root
 
     root = cache_root(cache_dir) / "optimised"
-    return root / f"{_model_hash(source, root)}-{_versions()}" / source.name
+    return root / f"{_model_hash(source, root)}-{_versions()}{'-bf16kv' if bf16_kv else ''}" / source.name
 
 
 def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                   log: Callable[[str], None] = lambda m: None) -> Path:
+                   log: Callable[[str], None] = lambda m: None, bf16_kv: bool = False) -> Path:
     """The optimised copy of `source` from the cache, built into it first if absent. Concurrent builders each
     write their own temporary directory and rename it into place; the first rename wins. Raises on failure (the
     caller logs it and uses the original)."""
     source = Path(source)
-    target = cache_entry(source, cache_dir)
+    target = cache_entry(source, cache_dir, bf16_kv)
     if target.is_file():
         return target
     entry = target.parent
@@ -257,7 +365,7 @@ def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | 
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
         t0 = time.perf_counter()
-        done = optimise(source, tmp / target.name)
+        done = optimise(source, tmp / target.name, bf16_kv)
         try:
             os.rename(tmp, entry)
         except OSError:
@@ -266,7 +374,9 @@ def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | 
                 os.rename(tmp, entry)
         log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
             f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
-            f"{done['merged']} duplicates merged): {entry}")
+            f"{done['merged']} duplicates merged"
+            + (", logits of the asked rows only" if done.get("logits_rows") else "")
+            + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "") + f"): {entry}")
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

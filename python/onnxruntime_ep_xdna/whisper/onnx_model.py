@@ -203,6 +203,10 @@ class WhisperOnnx:
         from . import decoder_graph
 
         self.optimised = decoder_graph.enabled() if optimised is None else optimised
+        # Cross-attention K/V kept in bf16 (decoder_graph pass 4): for the XDNA EP, whose fused attention reads
+        # them so and gives today's bits; not for the CPU EP nor where a policy asks for bf16x3 (more than bf16).
+        self.bf16_cross_kv = (self.optimised and self.provider == XDNA_EP and decoder_graph.bf16_cross_kv_enabled()
+                              and "bf16x3" not in " ".join(options.values()))
         self.optimised_paths: dict[str, Path] = {}  # file -> the optimised copy its session was made from
         self._log = log or (lambda m: print(f"[xdna] {m}", file=sys.stderr))
         self.compiled_paths: dict[str, Path] = {}  # file -> the compiled model it was loaded from
@@ -219,6 +223,7 @@ class WhisperOnnx:
             # the CPU EP silently
             raise TranscribeError(f"the XDNA execution provider refused its options {options} (ONNX Runtime "
                                   "printed why above)")
+        self._check_cross_kv_types(session_options, providers)
         self.load_seconds = time.perf_counter() - t
 
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
@@ -259,6 +264,9 @@ class WhisperOnnx:
         self.model_suppress = [int(t) for t in (gen.get("suppress_tokens") or config.get("suppress_tokens") or [])]
 
         self._dec_outputs = [o.name for o in self.decoder.get_outputs()]
+        from .decoder_graph import LOGITS_ROWS
+
+        self._logits_rows = next((i.name for i in self.decoder.get_inputs() if i.name == LOGITS_ROWS), None)
         self._past_outputs = [o.name for o in self.decoder_with_past.get_outputs()]
         past_inputs = {i.name for i in self.decoder_with_past.get_inputs()}
         # present.N.{decoder,encoder}.{key,value} -> past_key_values.N.…; the with-past graph only re-emits the
@@ -283,6 +291,23 @@ class WhisperOnnx:
 
         self._attention_lock = threading.Lock()
 
+    def _check_cross_kv_types(self, session_options, providers) -> None:
+        """decoder_model's cross K/V outputs must have the types decoder_with_past takes (one of the two copies may
+        have fallen back to its original): otherwise decoder_with_past is loaded again without the bf16 pass."""
+        made = {o.name.replace("present.", "past_key_values.", 1): o.type for o in self.decoder.get_outputs()}
+        taken = {i.name: i.type for i in self.decoder_with_past.get_inputs()}
+        if all(made.get(name, kind) == kind for name, kind in taken.items()):
+            return
+        self._log("decoder_model and decoder_with_past_model disagree on the cross-attention K/V type; "
+                  "loading the bf16 one again without bf16 K/V")
+        self.bf16_cross_kv = False
+        if "tensor(bfloat16)" in made.values():
+            self.optimised_paths.pop(FILES[1], None)
+            self.decoder = self._session(FILES[1], session_options, providers)
+        else:
+            self.optimised_paths.pop(FILES[2], None)
+            self.decoder_with_past = self._session(FILES[2], session_options, providers)
+
     def _session(self, file: str, session_options, providers):
         original = self.model_dir / file
         source = self._optimised_copy(file) or original
@@ -305,7 +330,7 @@ class WhisperOnnx:
         if not self.optimised or file not in decoder_graph.DECODER_FILES:
             return None
         try:
-            return decoder_graph.optimised_copy(self.model_dir / file, log=self._log)
+            return decoder_graph.optimised_copy(self.model_dir / file, log=self._log, bf16_kv=self.bf16_cross_kv)
         except Exception as e:  # noqa: BLE001
             self._log(f"{file}: building its optimised copy failed ({one_line(e)}); using the original")
             return None
@@ -376,19 +401,31 @@ class WhisperOnnx:
         self._time(timings, "encoder_s", t0)
         return Window(out, timings)
 
-    def start(self, window: Window, prompt: Sequence[int]) -> tuple[np.ndarray, DecoderState]:
-        """The prompt through the decoder (batch 1): (logits (len, vocab), state). The first prompt of a window
-        also computes its cross-attention K/V; later ones reuse them through decoder_with_past."""
+    def start(self, window: Window, prompt: Sequence[int], rows: Sequence[int] | None = None
+              ) -> tuple[np.ndarray, DecoderState]:
+        """The prompt through the decoder (batch 1): (logits (len(rows), vocab) of the prompt positions `rows`
+        (None: all, (len, vocab)), state). The first prompt of a window also computes its cross-attention K/V;
+        later ones reuse them through decoder_with_past. Logits are computed for `rows` only where the decoder
+        copy takes xdna_logits_rows (decoder_graph pass 3), which saves the vocabulary projection of the others."""
         import onnxruntime as ort
 
         t0 = time.perf_counter()
         ids = ort.OrtValue.ortvalue_from_numpy(np.array([list(prompt)], dtype=np.int64))
+        picked = np.arange(len(prompt), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        if picked.size == 0 or picked.min() < -len(prompt) or picked.max() >= len(prompt):
+            raise ValueError(f"logits rows {list(picked)} outside a prompt of {len(prompt)} tokens")
+        picked %= len(prompt)
         if window.cross is None:
-            out = self.decoder.run_with_ort_values(self._dec_outputs, {"input_ids": ids,
-                                                                        "encoder_hidden_states": window.encoded})
+            feed = {"input_ids": ids, "encoder_hidden_states": window.encoded}
+            if self._logits_rows:
+                feed[self._logits_rows] = ort.OrtValue.ortvalue_from_numpy(picked)
+            out = self.decoder.run_with_ort_values(self._dec_outputs, feed)
             past = {self._as_past[n]: v for n, v in zip(self._dec_outputs[1:], out[1:])}
             window.cross = {k: v for k, v in past.items() if ".encoder." in k}
             self_kv = {k: v for k, v in past.items() if ".decoder." in k}
+            logits = out[0].numpy()[0]
+            if not self._logits_rows:
+                logits = logits[picked]
         else:
             empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self._kv_heads, 0, self._kv_dim), np.float32))
             feed = dict(window.cross)
@@ -398,7 +435,7 @@ class WhisperOnnx:
             feed["input_ids"] = ids
             out = self.decoder_with_past.run_with_ort_values(self._past_outputs, feed)
             self_kv = {self._as_past[n]: v for n, v in zip(self._past_outputs[1:], out[1:])}
-        logits = out[0].numpy()[0]
+            logits = out[0].numpy()[0][picked]
         self._time(window.timings, "decoder_prompt_s", t0)
         return logits, DecoderState(window, self_kv, 1)
 

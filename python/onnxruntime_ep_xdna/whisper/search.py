@@ -23,8 +23,9 @@ class DecoderModel(Protocol):
 
     tokens: object  # rules.SpecialTokens
 
-    def start(self, window, prompt: Sequence[int]) -> tuple[np.ndarray, object]:
-        """Run the prompt (batch 1): (logits of every prompt position (len, vocab), decoder state)."""
+    def start(self, window, prompt: Sequence[int], rows: Sequence[int] | None = None) -> tuple[np.ndarray, object]:
+        """Run the prompt (batch 1): (logits of the prompt positions `rows` (len(rows), vocab; None: every
+        position), decoder state)."""
 
     def step(self, state, tokens: np.ndarray, order: np.ndarray | None) -> tuple[np.ndarray, object]:
         """Reorder the state's batch by `order` (None = keep; a longer order grows the batch), then feed one token
@@ -72,8 +73,9 @@ def decode_window(model: DecoderModel, window, prompt: Sequence[int], sample_beg
     prompt = list(prompt)
     sot_index = prompt.index(toks.sot)
     head = prompt.index(LANGUAGE_PLACEHOLDER) if LANGUAGE_PLACEHOLDER in prompt else len(prompt)
-    logits, state = model.start(window, prompt[:head])
-    sot_logits = logits[sot_index]
+    # Only two rows of the prompt's logits are read: <|startoftranscript|> (no-speech, language) and the last.
+    logits, state = model.start(window, prompt[:head], rows=[sot_index, head - 1])
+    sot_logits = logits[0]
     no_speech_prob = float(np.exp(log_softmax(sot_logits[None])[0, toks.no_speech]))
     language = None
     if head < len(prompt):
