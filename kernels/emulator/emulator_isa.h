@@ -78,6 +78,26 @@ struct Int8Kernels {
 // Valid until the same thread asks for the same slot again. Throws std::bad_alloc.
 float* scratch(int slot, size_t floats);
 
+// The kernel set emulator_gemm runs (chosen once, emulator.cc); the fused attention runs its products on it too.
+const IsaKernels& active_kernels();
+
+// One block of the fused many-row attention on AMX (emulator_attention_amx.cc): up to 32 query rows of one head
+// against all T keys, K^T and V given in the tile pair form (16-column panels of (B[2i][n], B[2i + 1][n]) lanes,
+// zero padded to multiples of 32: K^T [round32(T) / 16][round32(D) / 2][16], V [round32(Dv) / 16][round32(T) / 2][16]).
+struct AttentionBlockProblem {
+  const float* q;  // the block's first query row
+  int64_t ldq;
+  const uint32_t* kt_pairs;
+  const uint32_t* v_pairs;
+  float* o;  // the block's first output row
+  int64_t ldo;
+  int64_t rows, T, D, Dv;  // rows <= 32, T >= 1
+  float scale;
+};
+using AttentionBlockKernel = void (*)(const AttentionBlockProblem&);
+// The AMX block kernel when the active kernel set is amx (the tile state granted), else null.
+AttentionBlockKernel attention_amx_block();
+
 const IsaKernels& generic_kernels();
 const Int8Kernels& generic_int8_kernels();
 #if defined(XDNA_EMULATOR_X86)
@@ -90,6 +110,7 @@ const IsaKernels& avx512bf16_kernels();
 // AMX tiles (emulator_amx.cc): only after the tile state was granted to the process (emulator.cc).
 const IsaKernels& amx_kernels();
 const Int8Kernels& amx_int8_kernels();
+AttentionBlockKernel amx_attention_block_impl();
 #endif
 
 }  // namespace xdna::kernels::emu
