@@ -408,9 +408,9 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
 namespace emu {
 const IsaKernels& active_kernels() { return kernels(); }
 
-AttentionBlockKernel attention_amx_block() {
+const AttentionKernels* attention_amx_kernels() {
 #if defined(XDNA_EMULATOR_X86)
-  if (&kernels() == &amx_kernels()) return amx_attention_block_impl();
+  if (&kernels() == &amx_kernels() && cpu_features().avx512bf16) return &amx_attention_kernels_impl();
 #endif
   return nullptr;
 }

@@ -4,7 +4,6 @@
 // row sum after PV.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -284,25 +283,6 @@ constexpr int64_t kBlockRows = 32;  // the AMX product's rows (two tiles)
 
 int64_t round_up32(int64_t x) { return (x + 31) / 32 * 32; }
 
-// B[k][n] = src[k * sk + n * sn] rounded to bf16, in the AMX pair form: 16-column panels of kp / 2 lanes
-// (B[2i][n], B[2i + 1][n]), zero past K and N (up to kp and np). The smaller stride runs innermost.
-void pair_form(const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t kp, int64_t np,
-               uint32_t* out) {
-  const int64_t panel = kp / 2 * 16;
-  std::fill(out, out + np / 16 * panel, 0u);
-  auto put = [&](int64_t k, int64_t n) {
-    const uint32_t h = f32_to_bf16(src[k * sk + n * sn]);
-    out[(n / 16) * panel + (k / 2) * 16 + n % 16] |= k % 2 ? h << 16 : h;
-  };
-  if (std::abs(sk) <= std::abs(sn)) {
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) put(k, n);
-  } else {
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < N; ++n) put(k, n);
-  }
-}
-
 // What a head's tasks share: K^T and V prepared by the first job.
 struct PreparedHead {
   std::vector<uint32_t> kt_pairs, v_pairs;  // AMX
@@ -329,7 +309,7 @@ void attend_block_packed(const emu::IsaKernels& kern, const AttentionShape& sh, 
 // All heads, many rows: a job that prepares every head's K^T and V, then one of all (head, row block) tasks.
 void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size_t count, int threads) {
   const int64_t M = sh.M, T = sh.T, D = sh.D, Dv = sh.Dv;
-  const emu::AttentionBlockKernel amx = emu::attention_amx_block();
+  const emu::AttentionKernels* amx = emu::attention_amx_kernels();
   std::vector<PreparedHead> prep(count);
   emulator_parallel_for(threads, 2 * static_cast<int64_t>(count), [&](int64_t task) {
     const AttentionHead& h = heads[task / 2];
@@ -339,8 +319,8 @@ void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size
       std::vector<uint32_t>& out = keys ? p.kt_pairs : p.v_pairs;
       const int64_t kp = keys ? round_up32(D) : round_up32(T), np = keys ? round_up32(T) : round_up32(Dv);
       out.resize(np / 16 * kp / 2 * 16);
-      if (keys) pair_form(h.kt, h.kt_stride_d, h.kt_stride_t, D, T, kp, np, out.data());
-      else pair_form(h.v, h.v_stride_t, h.v_stride_n, T, Dv, kp, np, out.data());
+      if (keys) amx->pair_form(h.kt, h.kt_stride_d, h.kt_stride_t, D, T, kp, np, out.data());
+      else amx->pair_form(h.v, h.v_stride_t, h.v_stride_n, T, Dv, kp, np, out.data());
     } else if (keys) {
       if (D > 0) p.kt = pack_b(h.kt, D, T, h.kt_stride_d, h.kt_stride_t);
     } else {
@@ -353,7 +333,7 @@ void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size
     const size_t i = static_cast<size_t>(task / blocks);
     const int64_t m0 = task % blocks * kBlockRows, rows = std::min(kBlockRows, M - m0);
     const AttentionHead& h = heads[i];
-    if (amx) amx(emu::AttentionBlockProblem{h.q + m0 * h.ldq, h.ldq, prep[i].kt_pairs.data(), prep[i].v_pairs.data(),
+    if (amx) amx->block(emu::AttentionBlockProblem{h.q + m0 * h.ldq, h.ldq, prep[i].kt_pairs.data(), prep[i].v_pairs.data(),
                                             h.o + m0 * h.ldo, h.ldo, rows, T, D, Dv, sh.scale});
     else attend_block_packed(kern, sh, h, prep[i], m0, rows);
   });

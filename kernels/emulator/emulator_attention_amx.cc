@@ -1,4 +1,4 @@
-// One block of the fused many-row attention (attention_contract.h) on AMX and AVX-512, driven by
+// One block of the fused many-row attention (attention_contract.h) on AMX and AVX-512 (with AVX512-BF16), driven by
 // emulator_attention.cc: up to 32 query rows of one head against all T keys. S = Q K^T by TDPBF16PS into L2-resident
 // scratch, the softmax in two AVX-512 passes over each row (scaled max, then exp, P rounded to bf16, the row sum),
 // P V by TDPBF16PS, the division last. K^T and V come in the tile pair form, prepared once per head.
@@ -59,12 +59,12 @@ inline __m256i to_bf16(__m512 x) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// exp(x) for x <= 0 (emulator_attention.cc's exp_nonpositive with FMAs): 0 below -87.
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+// exp(x) for x <= 0 in the lanes of `lanes` (emulator_attention.cc's exp_nonpositive with FMAs), 0 below -87 and
+// in the other lanes (whatever the reduction made of them there).
+inline __m512 exp_nonpositive(__m512 x, __mmask16 lanes) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
@@ -73,8 +73,8 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
-  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
-  return _mm512_maskz_mov_ps(kept, _mm512_scalef_ps(p, n));
+  const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(kept, p, n);
 }
 
 inline __mmask16 lanes_below(int64_t t, int64_t T) {
@@ -87,33 +87,82 @@ inline __mmask16 lanes_below(int64_t t, int64_t T) {
 // 0 / NaN).
 float softmax_row(const float* s, int64_t T, int64_t tp, float scale, uint16_t* p) {
   const __m512 vscale = _mm512_set1_ps(scale);
-  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // Four max chains: one would wait a max's latency per 16 scores.
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vmax[4] = {minus_inf, minus_inf, minus_inf, minus_inf};
   __mmask16 nan = 0;
-  for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 m = lanes_below(t, T);
-    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t), vscale);
-    nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
-    vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
-  }
-  const float mx = _mm512_reduce_max_ps(vmax);
+  for (int64_t t = 0; t < T; t += 64)
+    for (int j = 0; j < 4; ++j) {
+      const __mmask16 m = lanes_below(t + 16 * j, T);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t + 16 * j), vscale);
+      nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+      vmax[j] = _mm512_mask_max_ps(vmax[j], m, vmax[j], v);
+    }
+  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
   if (nan || !std::isfinite(mx)) {
     for (int64_t t = 0; t < tp; t += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + t), _mm256_setzero_si256());
     return std::numeric_limits<float>::quiet_NaN();
   }
   const __m512 vmx = _mm512_set1_ps(mx);
+  // P by VCVTNE2PS2BF16 (round to nearest even; the weights are 0 or normal, >= e^-87, so its flush of subnormal
+  // inputs changes nothing), l by VDPBF16PS against ones: each weight added exactly once in fp32.
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-  for (int64_t t = 0; t < tp; t += 32) {  // tp: a multiple of 32
-    const __mmask16 m0 = lanes_below(t, T), m1 = lanes_below(t + 16, T);
-    const __m512 v0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, s + t), vscale), vmx);
-    const __m512 v1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, s + t + 16), vscale), vmx);
-    const __m256i h0 = _mm256_maskz_mov_epi16(m0, to_bf16(exp_nonpositive(v0)));
-    const __m256i h1 = _mm256_maskz_mov_epi16(m1, to_bf16(exp_nonpositive(v1)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + t), h0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + t + 16), h1);
-    sum0 = _mm512_add_ps(sum0, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h0), 16)));
-    sum1 = _mm512_add_ps(sum1, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16)));
+  for (int64_t t = 0; t < tp; t += 64) {  // tp: a multiple of 32
+    for (int64_t h = 0; h < 64 && t + h < tp; h += 32) {
+      const __mmask16 m0 = lanes_below(t + h, T), m1 = lanes_below(t + h + 16, T);
+      const __m512 v0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, s + t + h), vscale), vmx);
+      const __m512 v1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, s + t + h + 16), vscale), vmx);
+      const __m512bh w = _mm512_cvtne2ps_pbh(exp_nonpositive(v1, m1), exp_nonpositive(v0, m0));
+      _mm512_storeu_si512(p + t + h, (__m512i)w);
+      if (h == 0) sum0 = _mm512_dpbf16_ps(sum0, w, ones);
+      else sum1 = _mm512_dpbf16_ps(sum1, w, ones);
+    }
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+}
+
+// B[k][n] = src[k * sk + n * sn] (k < K, n < N) rounded to bf16 into the pair form, zero up to kp x np.
+void pair_form(const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t kp, int64_t np,
+               uint32_t* out) {
+  const int64_t panel = kp / 2 * 16;
+  if (sn == 1) {  // rows of B contiguous (V as rows): 16 columns of rows 2i and 2i + 1 per store
+    for (int64_t n = 0; n < np; n += 16) {
+      const __mmask16 m = lanes_below(n, N);
+      uint32_t* dst = out + (n / 16) * panel;
+      for (int64_t i = 0; i < kp / 2; ++i) {
+        const __mmask16 m0 = 2 * i < K ? m : 0, m1 = 2 * i + 1 < K ? m : 0;
+        const __m512i lo = _mm512_cvtepu16_epi32(to_bf16(_mm512_maskz_loadu_ps(m0, src + 2 * i * sk + n)));
+        const __m512i hi = _mm512_cvtepu16_epi32(to_bf16(_mm512_maskz_loadu_ps(m1, src + (2 * i + 1) * sk + n)));
+        _mm512_storeu_si512(dst + i * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+  } else if (sk == 1) {  // columns of B contiguous (K^T read from K as rows): 32 k of one column at a time
+    for (int64_t n = 0; n < np; ++n) {
+      uint32_t* dst = out + (n / 16) * panel + n % 16;
+      for (int64_t k = 0; k < kp; k += 32) {
+        const __mmask16 m0 = n < N ? lanes_below(k, K) : 0, m1 = n < N ? lanes_below(k + 16, K) : 0;
+        const float* col = src + n * sn + k;  // read only under the masks
+        alignas(64) uint32_t pairs[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), to_bf16(_mm512_maskz_loadu_ps(m0, col)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + 8), to_bf16(_mm512_maskz_loadu_ps(m1, col + 16)));
+        for (int64_t j = 0; j < 16; ++j) dst[(k / 2 + j) * 16] = pairs[j];
+      }
+    }
+  } else {  // neither stride 1: element by element
+    for (int64_t n = 0; n < np; ++n)
+      for (int64_t i = 0; i < kp / 2; ++i) {
+        uint32_t pair = 0;
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t k = 2 * i + h;
+          if (k < K && n < N) {
+            const __m256i bits = to_bf16(_mm512_set1_ps(src[k * sk + n * sn]));
+            pair |= static_cast<uint32_t>(static_cast<uint16_t>(_mm256_extract_epi16(bits, 0))) << (16 * h);
+          }
+        }
+        out[(n / 16) * panel + i * 16 + n % 16] = pair;
+      }
+  }
 }
 
 void attend_block(const AttentionBlockProblem& b) {
@@ -152,5 +201,8 @@ void attend_block(const AttentionBlockProblem& b) {
 }
 
 }  // namespace
-AttentionBlockKernel amx_attention_block_impl() { return &attend_block; }
+const AttentionKernels& amx_attention_kernels_impl() {
+  static const AttentionKernels kernels{&pair_form, &attend_block};
+  return kernels;
+}
 }  // namespace xdna::kernels::emu

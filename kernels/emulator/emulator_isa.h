@@ -94,9 +94,15 @@ struct AttentionBlockProblem {
   int64_t rows, T, D, Dv;  // rows <= 32, T >= 1
   float scale;
 };
-using AttentionBlockKernel = void (*)(const AttentionBlockProblem&);
-// The AMX block kernel when the active kernel set is amx (the tile state granted), else null.
-AttentionBlockKernel attention_amx_block();
+struct AttentionKernels {
+  // B[k][n] = src[k * sk + n * sn] (k < K, n < N) rounded to bf16 (the contract's RNE) into the pair form, zero
+  // padded to kp x np (multiples of 32).
+  void (*pair_form)(const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t kp, int64_t np,
+                    uint32_t* out);
+  void (*block)(const AttentionBlockProblem& problem);
+};
+// The AMX attention kernels when the active kernel set is amx (the tile state granted), else null.
+const AttentionKernels* attention_amx_kernels();
 
 const IsaKernels& generic_kernels();
 const Int8Kernels& generic_int8_kernels();
@@ -110,7 +116,7 @@ const IsaKernels& avx512bf16_kernels();
 // AMX tiles (emulator_amx.cc): only after the tile state was granted to the process (emulator.cc).
 const IsaKernels& amx_kernels();
 const Int8Kernels& amx_int8_kernels();
-AttentionBlockKernel amx_attention_block_impl();
+const AttentionKernels& amx_attention_kernels_impl();
 #endif
 
 }  // namespace xdna::kernels::emu
