@@ -275,11 +275,11 @@ bool as_unpacked(const float* b, int64_t stride_k, int64_t stride_n, UnpackedGem
 }
 
 // ---- Many query rows (encoder self-attention), cache-blocked ----
-// One task per block of kBlockRows query rows of one head: its scores against all T keys stay in L2 (32 x 1500
-// fp32 = 188 KB), the softmax runs on them there, P is rounded to bf16, then P V and the division. K^T and V are
-// prepared once per head by a first job: in the AMX tile pair form where the amx kernel set runs, else packed as
-// the GEMM contract's B for the active set's blocked kernel.
-constexpr int64_t kBlockRows = 32;  // the AMX product's rows (two tiles)
+// One task per block of query rows of one head: its scores against all T keys stay in L2 (64 x 1500 fp32 = 376 KB
+// on AMX, 32 rows elsewhere), the softmax runs on them there, P is rounded to bf16, then P V and the division. K^T
+// and V are prepared once per head by a first job: in the AMX tile pair form where the amx kernel set runs, else
+// packed as the GEMM contract's B for the active set's blocked kernel.
+constexpr int64_t kBlockRows = 32;  // without AMX
 
 int64_t round_up32(int64_t x) { return (x + 31) / 32 * 32; }
 
@@ -327,11 +327,12 @@ void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size
       p.v = pack_b(h.v, T, Dv, h.v_stride_t, h.v_stride_n);
     }
   });
-  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
+  const int64_t block_rows = amx ? emu::kAttentionAmxRows : kBlockRows;
+  const int64_t blocks = (M + block_rows - 1) / block_rows;
   const emu::IsaKernels& kern = emu::active_kernels();
   emulator_parallel_for(threads, static_cast<int64_t>(count) * blocks, [&](int64_t task) {
     const size_t i = static_cast<size_t>(task / blocks);
-    const int64_t m0 = task % blocks * kBlockRows, rows = std::min(kBlockRows, M - m0);
+    const int64_t m0 = task % blocks * block_rows, rows = std::min(block_rows, M - m0);
     const AttentionHead& h = heads[i];
     if (amx) amx->block(emu::AttentionBlockProblem{h.q + m0 * h.ldq, h.ldq, prep[i].kt_pairs.data(), prep[i].v_pairs.data(),
                                             h.o + m0 * h.ldo, h.ldo, rows, T, D, Dv, sh.scale});

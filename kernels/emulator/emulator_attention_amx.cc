@@ -1,5 +1,5 @@
 // One block of the fused many-row attention (attention_contract.h) on AMX and AVX-512 (with AVX512-BF16), driven by
-// emulator_attention.cc: up to 32 query rows of one head against all T keys. S = Q K^T by TDPBF16PS into L2-resident
+// emulator_attention.cc: up to 64 query rows of one head against all T keys. S = Q K^T by TDPBF16PS into L2-resident
 // scratch, the softmax in two AVX-512 passes over each row (scaled max, then exp, P rounded to bf16, the row sum),
 // P V by TDPBF16PS, the division last. K^T and V come in the tile pair form, prepared once per head.
 //
@@ -18,7 +18,7 @@
 namespace xdna::kernels::emu {
 namespace {
 
-constexpr int64_t kRows = 32;  // two tiles of rows
+constexpr int64_t kRows = 64;  // four tiles of rows: each K^T tile loaded from L2 serves four
 
 // C[32][np] = A[32][kp] . B: a bf16 rows kp apart, b the pair form in 16-column panels ([np / 16][kp / 2][16]
 // lanes of (B[2i][n], B[2i + 1][n])), c fp32 rows ldc apart. kp and np are multiples of 32. Tiles as configured by
@@ -47,6 +47,34 @@ void rows32_product(const uint16_t* a, int64_t kp, const uint32_t* b, int64_t np
     _tile_stored(1, c + n + 16, ldc * 4);
     _tile_stored(2, c + 16 * ldc + n, ldc * 4);
     _tile_stored(3, c + 16 * ldc + n + 16, ldc * 4);
+  }
+}
+
+// S[64][np] = Q[64][kp] . K^T: as rows32_product, but each B tile (loaded from L2) serves four row tiles (Q, in L1,
+// reloaded): C tiles 0-3 are the four row tiles of one 16-column panel, A tiles 4-5, B tiles 6-7.
+void rows64_product(const uint16_t* a, int64_t kp, const uint32_t* b, int64_t np, float* c, int64_t ldc) {
+  const int64_t panel = kp / 2 * 16, a_bytes = kp * 2;
+  for (int64_t n = 0; n < np; n += 16) {
+    const uint32_t* bn = b + (n / 16) * panel;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < kp; k += 32) {
+      _tile_loadd(6, bn + k / 2 * 16, 64);
+      _tile_loadd(4, a + k, a_bytes);
+      _tile_loadd(5, a + 16 * kp + k, a_bytes);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_loadd(4, a + 32 * kp + k, a_bytes);
+      _tile_loadd(5, a + 48 * kp + k, a_bytes);
+      _tile_dpbf16ps(2, 4, 6);
+      _tile_dpbf16ps(3, 5, 6);
+    }
+    _tile_stored(0, c + n, ldc * 4);
+    _tile_stored(1, c + 16 * ldc + n, ldc * 4);
+    _tile_stored(2, c + 32 * ldc + n, ldc * 4);
+    _tile_stored(3, c + 48 * ldc + n, ldc * 4);
   }
 }
 
@@ -168,7 +196,7 @@ void pair_form(const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, i
 void attend_block(const AttentionBlockProblem& b) {
   const int64_t T = b.T, D = b.D, Dv = b.Dv;
   const int64_t kp = (D + 31) / 32 * 32, tp = (T + 31) / 32 * 32, dvp = (Dv + 31) / 32 * 32;
-  // Scratch: bf16 Q [32][kp], scores [32][tp] (188 KB for T = 1500), bf16 P [32][tp], P V [32][dvp].
+  // Scratch: bf16 Q [64][kp], scores [64][tp] (376 KB for T = 1500), bf16 P [64][tp], P V [64][dvp]: in L2.
   uint16_t* qb = reinterpret_cast<uint16_t*>(scratch(0, static_cast<size_t>(kRows * kp / 2 + 16)));
   float* s = scratch(1, static_cast<size_t>(kRows * tp));
   uint16_t* p = reinterpret_cast<uint16_t*>(scratch(2, static_cast<size_t>(kRows * tp / 2)));
@@ -186,10 +214,10 @@ void attend_block(const AttentionBlockProblem& b) {
   float l[kRows];
   {
     TileScope tiles;
-    rows32_product(qb, kp, b.kt_pairs, tp, s, tp);
+    rows64_product(qb, kp, b.kt_pairs, tp, s, tp);
     for (int64_t r = 0; r < b.rows; ++r) l[r] = softmax_row(s + r * tp, T, tp, b.scale, p + r * tp);
-    for (int64_t i = b.rows * tp; i < kRows * tp; ++i) p[i] = 0;
-    rows32_product(p, tp, b.v_pairs, dvp, o, dvp);
+    for (int64_t i = b.rows * tp; i < (b.rows + 31) / 32 * 32 * tp; ++i) p[i] = 0;
+    for (int64_t r = 0; r < b.rows; r += 32) rows32_product(p + r * tp, tp, b.v_pairs, dvp, o + r * dvp, dvp);
   }
   for (int64_t r = 0; r < b.rows; ++r) {
     const __m512 lv = _mm512_set1_ps(l[r]);

@@ -81,9 +81,11 @@ float* scratch(int slot, size_t floats);
 // The kernel set emulator_gemm runs (chosen once, emulator.cc); the fused attention runs its products on it too.
 const IsaKernels& active_kernels();
 
-// One block of the fused many-row attention on AMX (emulator_attention_amx.cc): up to 32 query rows of one head
-// against all T keys, K^T and V given in the tile pair form (16-column panels of (B[2i][n], B[2i + 1][n]) lanes,
-// zero padded to multiples of 32: K^T [round32(T) / 16][round32(D) / 2][16], V [round32(Dv) / 16][round32(T) / 2][16]).
+// One block of the fused many-row attention on AMX (emulator_attention_amx.cc): up to kAttentionAmxRows query rows
+// of one head against all T keys, K^T and V in the tile pair form (16-column panels of (B[2i][n], B[2i + 1][n])
+// lanes, zero padded to multiples of 32: K^T [round32(T) / 16][round32(D) / 2][16], V [round32(Dv) / 16]
+// [round32(T) / 2][16]).
+inline constexpr int64_t kAttentionAmxRows = 64;
 struct AttentionBlockProblem {
   const float* q;  // the block's first query row
   int64_t ldq;
@@ -91,7 +93,7 @@ struct AttentionBlockProblem {
   const uint32_t* v_pairs;
   float* o;  // the block's first output row
   int64_t ldo;
-  int64_t rows, T, D, Dv;  // rows <= 32, T >= 1
+  int64_t rows, T, D, Dv;  // rows <= kAttentionAmxRows, T >= 1
   float scale;
 };
 struct AttentionKernels {
