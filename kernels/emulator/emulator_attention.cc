@@ -276,10 +276,11 @@ bool as_unpacked(const float* b, int64_t stride_k, int64_t stride_n, UnpackedGem
 
 // ---- Many query rows (encoder self-attention), cache-blocked ----
 // One task per block of query rows of one head: its scores against all T keys stay in L2 (64 x 1500 fp32 = 376 KB
-// on AMX, 32 rows elsewhere), the softmax runs on them there, P is rounded to bf16, then P V and the division. K^T
-// and V are prepared once per head by a first job: in the AMX tile pair form where the amx kernel set runs, else
-// packed as the GEMM contract's B for the active set's blocked kernel.
-constexpr int64_t kBlockRows = 32;  // without AMX
+// on AMX; 96 rows elsewhere, where each task converts K^T and V to fp32 again and 96 rows measured faster than 32),
+// the softmax runs on them there, P is rounded to bf16, then P V and the division. K^T and V are prepared once per
+// head by a first job: in the AMX tile pair form where the amx kernel set runs, else packed as the GEMM contract's
+// B for the active set's blocked kernel.
+constexpr int64_t kBlockRows = 96;  // without AMX
 
 int64_t round_up32(int64_t x) { return (x + 31) / 32 * 32; }
 
