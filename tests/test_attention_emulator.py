@@ -27,6 +27,7 @@ SHAPES = [
     (2, 47, 200, 96, 64, False, False, 96 ** -0.5),
     (1, 64, 33, 64, 64, False, False, 2.0),  # peaked rows: most weights exp() below -87, flushed to 0
     (1, 193, 45, 64, 64, False, True, 0.125),  # one row past 3 AMX blocks (64 rows) and 2 of the others (96)
+    (2, 40, 66, 33, 17, True, False, 33 ** -0.5),  # odd head dims: a bf16 pair half empty
     (2, 1500, 1500, 64, 64, False, False, 0.125),  # two encoder heads (whisper-base: 8 of them)
 ]
 
