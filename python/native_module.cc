@@ -349,17 +349,18 @@ PYBIND11_MODULE(_native, m) {
         shape.T = k_transposed ? k.shape(b) : k.shape(a);
         shape.Dv = v_transposed ? v.shape(a) : v.shape(b);
         shape.scale = scale;
-        if ((k_transposed ? k.shape(a) : k.shape(b)) != shape.D || (v_transposed ? v.shape(b) : v.shape(a)) != shape.T ||
-            (nd == 3 && (k.shape(0) != H || v.shape(0) != H)))
+        const int64_t k_depth = k_transposed ? k.shape(a) : k.shape(b), v_keys = v_transposed ? v.shape(b) : v.shape(a);
+        if (k_depth != shape.D || v_keys != shape.T || (nd == 3 && (k.shape(0) != H || v.shape(0) != H)))
           throw std::invalid_argument("q must be [M, D], k [T, D] (or [D, T]) and v [T, Dv] (or [Dv, T]), per head");
         py::array_t<float> o(nd == 3 ? std::vector<py::ssize_t>{H, shape.M, shape.Dv}
                                      : std::vector<py::ssize_t>{shape.M, shape.Dv});
         std::vector<k::AttentionHead> heads(H);
         const int64_t T = shape.T, D = shape.D, Dv = shape.Dv;
         for (int64_t h = 0; h < H; ++h)
-          heads[h] = k::AttentionHead{q.data() + h * shape.M * D, D, k.data() + h * T * D,
-                                      k_transposed ? T : 1, k_transposed ? 1 : D, v.data() + h * T * Dv,
-                                      v_transposed ? 1 : Dv, v_transposed ? T : 1, o.mutable_data() + h * shape.M * Dv, Dv};
+          heads[h] = k::AttentionHead{q.data() + h * shape.M * D, D,
+                                      k.data() + h * T * D, k_transposed ? T : 1, k_transposed ? 1 : D,
+                                      v.data() + h * T * Dv, v_transposed ? 1 : Dv, v_transposed ? T : 1,
+                                      o.mutable_data() + h * shape.M * Dv, Dv};
         {
           py::gil_scoped_release release;
           k::emulator_attention(shape, heads.data(), heads.size(), threads);

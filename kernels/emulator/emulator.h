@@ -20,8 +20,8 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
 
 // Fused attention (attention_contract.h), `count` heads of one shape: few query rows with K and V as rows (decoder
 // steps, avx512f CPUs) one task per head doing QK^T, softmax and PV; other few-row layouts on the unpacked GEMM
-// kernels; many rows (encoder) one task per 32 query rows of a head, its scores kept in cache (AMX where the amx
-// kernel set runs, else the active set's blocked GEMM kernel).
+// kernels; many rows (encoder) one task per block of query rows of a head, its scores kept in cache (AMX where the
+// amx kernel set runs, else the active set's blocked GEMM kernel).
 void emulator_attention(const AttentionShape& shape, const AttentionHead* heads, size_t count, int threads = 0);
 
 // fn(0..tasks-1) on the emulator's thread pool (the caller works too).

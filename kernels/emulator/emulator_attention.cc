@@ -1,7 +1,7 @@
 // Fused attention on the emulator (attention_contract.h): few query rows by the per-head kernel attend_few_rows
-// (or the unpacked GEMM kernels), many rows cache-blocked in blocks of 32 query rows (attend_many_rows, on AMX or
-// the active GEMM kernel set); the softmax in fp32 between the products, P rounded to bf16 and the division by the
-// row sum after PV.
+// (or the unpacked GEMM kernels), many rows cache-blocked in blocks of query rows of one head (attend_many_rows, on
+// AMX or the active GEMM kernel set); the softmax in fp32 between the products, P rounded to bf16 and the division
+// by the row sum after PV.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -335,7 +335,8 @@ void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size
     const size_t i = static_cast<size_t>(task / blocks);
     const int64_t m0 = task % blocks * block_rows, rows = std::min(block_rows, M - m0);
     const AttentionHead& h = heads[i];
-    if (amx) amx->block(emu::AttentionBlockProblem{h.q + m0 * h.ldq, h.ldq, prep[i].kt_pairs.data(), prep[i].v_pairs.data(),
+    if (amx)
+      amx->block(emu::AttentionBlockProblem{h.q + m0 * h.ldq, h.ldq, prep[i].kt_pairs.data(), prep[i].v_pairs.data(),
                                             h.o + m0 * h.ldo, h.ldo, rows, T, D, Dv, sh.scale});
     else attend_block_packed(kern, sh, h, prep[i], m0, rows);
   });

@@ -103,7 +103,8 @@ struct AttentionKernels {
                     uint32_t* out);
   void (*block)(const AttentionBlockProblem& problem);
 };
-// The AMX attention kernels when the active kernel set is amx (the tile state granted), else null.
+// The AMX attention kernels when the active kernel set is amx (the tile state granted) and the CPU has AVX512-BF16
+// (the softmax's conversions), else null.
 const AttentionKernels* attention_amx_kernels();
 
 const IsaKernels& generic_kernels();
