@@ -1,13 +1,16 @@
-"""One decoder-step cross-attention node on the XDNA EP against ORT's CPU EP, in the same process.
+"""One attention node on the XDNA EP against ORT's CPU EP, in the same process: a decoder step's cross-attention
+and the encoder's self-attention.
 
 The pattern the EP fuses (ops/attention.cc): Transpose(K) -> MatMul(Q, K^T) -> Softmax -> MatMul(., V), whisper-base
-shaped (8 heads of 64, T = 1500 keys, K and V fp32 per batch row), with M query rows per batch row (1 per beam per
-token). The EP runs it on the emulator (kernels/emulator/emulator_attention.cc); everything runs on the CPU, no figure
-is an NPU figure. The two sessions take turns for --rounds rounds so background load hits both alike; the table
-prints the median over rounds of each round's median.
+shaped (8 heads of 64, T = 1500 keys, K and V fp32 per batch row), with M query rows per batch row (decoder: 1 per
+beam per token; "enc": the encoder's self-attention, M = T = 1500, run --encoder-reps times per round). The EP runs it
+on the emulator (kernels/emulator/emulator_attention.cc); everything runs on the CPU, no figure is an NPU figure. The
+two sessions take turns for --rounds rounds so background load hits both alike; the table prints the median over
+rounds of each round's median.
 
-    python3 benchmarks/attention_step.py                      # B x M = 1x1, 1x5, 5x1
+    python3 benchmarks/attention_step.py                      # B x M = 1x1, 1x5, 5x1 and enc
     python3 benchmarks/attention_step.py --shapes 5x1 --threads 1
+    python3 benchmarks/attention_step.py --shapes enc --rounds 7
 """
 
 import argparse
@@ -48,9 +51,11 @@ def median_ms(session, feeds, reps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", default="1x1,1x5,5x1", help="BxM,... (batch rows x query rows)")
+    parser.add_argument("--shapes", default="1x1,1x5,5x1,enc",
+                        help="BxM,... (batch rows x query rows); enc = the encoder's self-attention (1x1500)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=100, help="runs per round")
+    parser.add_argument("--encoder-reps", type=int, default=5, help="runs per round of the enc shape")
     parser.add_argument("--threads", type=int, default=0, help="both EPs' threads (0 = their defaults)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +64,8 @@ def main():
     xdna.register()
     rows = []
     for shape in args.shapes.split(","):
-        B, M = map(int, shape.split("x"))
+        B, M = (1, T) if shape == "enc" else map(int, shape.split("x"))
+        reps = args.encoder_reps if shape == "enc" else args.reps
         model = attention_model(B, M)
         r = np.random.default_rng(0)
         feeds = {name: r.standard_normal(dims).astype(np.float32)
@@ -72,22 +78,23 @@ def main():
         placed = xdna.placement(ep).summary()
         cpu = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         for s in (ep, cpu):
-            for _ in range(10):
+            for _ in range(min(10, reps)):
                 s.run(None, feeds)
         medians = {"ep": [], "cpu": []}
         for _ in range(args.rounds):
-            medians["ep"].append(median_ms(ep, feeds, args.reps))
-            medians["cpu"].append(median_ms(cpu, feeds, args.reps))
+            medians["ep"].append(median_ms(ep, feeds, reps))
+            medians["cpu"].append(median_ms(cpu, feeds, reps))
         ep_ms, cpu_ms = statistics.median(medians["ep"]), statistics.median(medians["cpu"])
-        rows.append((B, M, ep_ms, cpu_ms, placed))
+        rows.append((shape, ep_ms, cpu_ms, reps, placed))
 
-    print("cross-attention node, whisper-base shaped (H=8, T=1500, D=64); CPU figures (emulator), no NPU")
+    print("attention node, whisper-base shaped (H=8, T=1500, D=64); CPU figures (emulator), no NPU")
     print("machine:", machine_line())
-    print(f"threads: {args.threads or 'defaults'}; ms = median over {args.rounds} rounds of {args.reps}-run medians;"
+    print(f"threads: {args.threads or 'defaults'}; ms = median over {args.rounds} rounds of per-round medians;"
           " EPs take turns")
-    print(f"{'B':>3} {'M':>3} | {'XDNA EP ms':>10} {'CPU EP ms':>10} {'EP/CPU':>7}")
-    for B, M, ep_ms, cpu_ms, _ in rows:
-        print(f"{B:>3} {M:>3} | {ep_ms:>10.3f} {cpu_ms:>10.3f} {ep_ms / cpu_ms:>7.2f}")
+    print(f"{'shape':>10} {'runs':>5} | {'XDNA EP ms':>10} {'CPU EP ms':>10} {'EP/CPU':>7}")
+    for shape, ep_ms, cpu_ms, reps, _ in rows:
+        label = "enc 1x1500" if shape == "enc" else shape
+        print(f"{label:>10} {reps:>5} | {ep_ms:>10.3f} {cpu_ms:>10.3f} {ep_ms / cpu_ms:>7.2f}")
     print("placement (first shape):", rows[0][4])
 
 

@@ -354,26 +354,41 @@ PYBIND11_MODULE(_native, m) {
         return c;
       }, py::arg("a"), py::arg("b"), py::arg("pairs"), py::arg("threads") = 0,
       "emulator_gemm with B's tile-paired copy (what the EP's emulator backend runs for few rows on AMX)");
-  m.def("emulator_attention", [](F32Array q, F32Array k, F32Array v, float scale, int threads) {
-        // One head of the fused attention contract (attention_contract.h): q [M, D], k [T, D], v [T, Dv].
-        if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != q.shape(1) || v.shape(0) != k.shape(0))
-          throw std::invalid_argument("q must be [M, D], k [T, D] and v [T, Dv]");
+  m.def("emulator_attention", [](F32Array q, F32Array k, F32Array v, float scale, int threads, bool k_transposed,
+                                 bool v_transposed) {
+        // The fused attention contract (attention_contract.h), all heads in one call: q [H, M, D], k [H, T, D] and
+        // v [H, T, Dv] (or one head: 2-D). k_transposed: k holds K^T [H, D, T]; v_transposed: v holds V^T
+        // [H, Dv, T] (the contract's strided layouts).
+        const auto nd = q.ndim();
+        if ((nd != 2 && nd != 3) || k.ndim() != nd || v.ndim() != nd)
+          throw std::invalid_argument("q, k and v must all be [M, D], [T, D], [T, Dv] or all [H, ...]");
+        const int64_t H = nd == 3 ? q.shape(0) : 1, a = nd - 2, b = nd - 1;
         k::AttentionShape shape;
-        shape.M = q.shape(0);
-        shape.T = k.shape(0);
-        shape.D = q.shape(1);
-        shape.Dv = v.shape(1);
+        shape.M = q.shape(a);
+        shape.D = q.shape(b);
+        shape.T = k_transposed ? k.shape(b) : k.shape(a);
+        shape.Dv = v_transposed ? v.shape(a) : v.shape(b);
         shape.scale = scale;
-        py::array_t<float> o({shape.M, shape.Dv});
-        const k::AttentionHead head{q.data(), shape.D, k.data(), 1, shape.D, v.data(), shape.Dv, 1,
-                                    o.mutable_data(), shape.Dv};
+        const int64_t k_depth = k_transposed ? k.shape(a) : k.shape(b), v_keys = v_transposed ? v.shape(b) : v.shape(a);
+        if (k_depth != shape.D || v_keys != shape.T || (nd == 3 && (k.shape(0) != H || v.shape(0) != H)))
+          throw std::invalid_argument("q must be [M, D], k [T, D] (or [D, T]) and v [T, Dv] (or [Dv, T]), per head");
+        py::array_t<float> o(nd == 3 ? std::vector<py::ssize_t>{H, shape.M, shape.Dv}
+                                     : std::vector<py::ssize_t>{shape.M, shape.Dv});
+        std::vector<k::AttentionHead> heads(H);
+        const int64_t T = shape.T, D = shape.D, Dv = shape.Dv;
+        for (int64_t h = 0; h < H; ++h)
+          heads[h] = k::AttentionHead{q.data() + h * shape.M * D, D,
+                                      k.data() + h * T * D, k_transposed ? T : 1, k_transposed ? 1 : D,
+                                      v.data() + h * T * Dv, v_transposed ? 1 : Dv, v_transposed ? T : 1,
+                                      o.mutable_data() + h * shape.M * Dv, Dv};
         {
           py::gil_scoped_release release;
-          k::emulator_attention(shape, &head, 1, threads);
+          k::emulator_attention(shape, heads.data(), heads.size(), threads);
         }
         return o;
       }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("threads") = 0,
-      "One head of fused attention on the emulator (the contract's reference)");
+      py::arg("k_transposed") = false, py::arg("v_transposed") = false,
+      "Fused attention on the emulator (the contract's reference), one head or [H, ...] heads in one call");
   m.def("emulator_gemm_unpacked", [](F32Array a, F32Array b, int threads, bool b_transposed) {
         // b_transposed: `b` holds B^T [N, K] (B read as it lies, column by column).
         const int64_t Kb = b.ndim() == 2 ? b.shape(b_transposed ? 1 : 0) : -1;

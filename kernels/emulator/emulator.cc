@@ -432,6 +432,17 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
   }
 }
 
+namespace emu {
+const IsaKernels& active_kernels() { return kernels(); }
+
+const AttentionKernels* attention_amx_kernels() {
+#if defined(XDNA_EMULATOR_X86)
+  if (&kernels() == &amx_kernels() && cpu_features().avx512bf16) return &amx_attention_kernels_impl();
+#endif
+  return nullptr;
+}
+}  // namespace emu
+
 const char* emulator_kernel_name() { return emu::kernels().name; }
 
 void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(int64_t)>& fn) {

@@ -27,8 +27,9 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads, const ui
 void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads = 0);
 
 // Fused attention (attention_contract.h), `count` heads of one shape: few query rows with K and V as rows (decoder
-// steps, avx512f CPUs) one task per head doing QK^T, softmax and PV; otherwise QK^T and PV on the GEMM kernels
-// above with the softmax between them.
+// steps, avx512f CPUs) one task per head doing QK^T, softmax and PV; other few-row layouts on the unpacked GEMM
+// kernels; many rows (encoder) one task per block of query rows of a head, its scores kept in cache (AMX where the
+// amx kernel set runs, else the active set's blocked GEMM kernel).
 void emulator_attention(const AttentionShape& shape, const AttentionHead* heads, size_t count, int threads = 0);
 
 // fn(0..tasks-1) on the emulator's thread pool (the caller works too).

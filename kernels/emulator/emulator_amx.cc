@@ -11,6 +11,7 @@
 // correction, same epilogue.
 #include <immintrin.h>
 
+#include "emulator_amx_tiles.h"
 #include "emulator_isa.h"
 
 namespace xdna::kernels::emu {
@@ -26,30 +27,6 @@ namespace {
 #include "emulator_kernels.inc"
 #define EMU_INT8_ISA 2
 #include "emulator_int8.inc"
-
-// Every tile is 16 rows of 64 bytes: C tiles 0-3 (2 x 2 blocks of 16 x 16), A tiles 4-5, B tiles 6-7.
-// Row and column tails go through zero-padded scratch, so one configuration serves every shape.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-// Tiles are configured at the start of every kernel call and released at its end: the configuration is
-// per thread and other code on the same thread (ORT's MLAS, oneDNN) may use AMX between our calls; a released
-// tile state also keeps context switches from saving 8 KB of tile data.
-struct TileScope {
-  TileScope() {
-    static const TileConfig config;
-    _tile_loadconfig(&config);
-  }
-  explicit TileScope(const TileConfig& config) { _tile_loadconfig(&config); }
-  ~TileScope() { _tile_release(); }
-  TileScope(const TileScope&) = delete;
-  TileScope& operator=(const TileScope&) = delete;
-};
 
 constexpr int64_t kPanelRows = 32;  // rows of A per pass (two tiles)
 constexpr int64_t kPanelCols = 32;  // columns of C per pass (two tiles)

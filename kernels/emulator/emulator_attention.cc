@@ -1,6 +1,7 @@
-// Fused attention on the emulator (attention_contract.h): the scores by the contract's GEMM kernels (or, for few
-// query rows, by the per-head kernel attend_few_rows), the softmax in fp32 between them, P rounded to bf16 and the
-// division by the row sum after PV.
+// Fused attention on the emulator (attention_contract.h): few query rows by the per-head kernel attend_few_rows
+// (or the unpacked GEMM kernels), many rows cache-blocked in blocks of query rows of one head (attend_many_rows, on
+// AMX or the active GEMM kernel set); the softmax in fp32 between the products, P rounded to bf16 and the division
+// by the row sum after PV.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,6 +10,7 @@
 
 #include "../packing.h"
 #include "emulator.h"
+#include "emulator_isa.h"
 
 namespace xdna::kernels {
 namespace {
@@ -285,6 +287,74 @@ bool as_unpacked(const float* b, int64_t stride_k, int64_t stride_n, UnpackedGem
   return true;
 }
 
+// ---- Many query rows (encoder self-attention), cache-blocked ----
+// One task per block of query rows of one head: its scores against all T keys stay in L2 (64 x 1500 fp32 = 376 KB
+// on AMX; 96 rows elsewhere, where each task converts K^T and V to fp32 again and 96 rows measured faster than 32),
+// the softmax runs on them there, P is rounded to bf16, then P V and the division. K^T and V are prepared once per
+// head by a first job: in the AMX tile pair form where the amx kernel set runs, else packed as the GEMM contract's
+// B for the active set's blocked kernel.
+constexpr int64_t kBlockRows = 96;  // without AMX
+
+int64_t round_up32(int64_t x) { return (x + 31) / 32 * 32; }
+
+// What a head's tasks share: K^T and V prepared by the first job.
+struct PreparedHead {
+  std::vector<uint32_t> kt_pairs, v_pairs;  // AMX
+  PackedB kt, v;                            // other kernel sets
+};
+
+// Rows m0 .. m0 + rows - 1 of one head without AMX: S = Q K^T on the active kernel set's blocked GEMM kernel
+// (packed K^T), the softmax, P V on it too (packed V), the division.
+void attend_block_packed(const emu::IsaKernels& kern, const AttentionShape& sh, const AttentionHead& h,
+                         const PreparedHead& prep, int64_t m0, int64_t rows) {
+  const int64_t T = sh.T, D = sh.D, Dv = sh.Dv;
+  thread_local std::vector<float> s;
+  s.resize(rows * T);
+  float* o = h.o + m0 * h.ldo;
+  if (D > 0) kern.blocked(emu::Problem{h.q + m0 * h.ldq, h.ldq, s.data(), T, prep.kt.bits(), rows, D, T,
+                                       prep.kt.shape.Kpad}, 0, rows, 0, T);
+  else std::fill(s.begin(), s.end(), 0.f);
+  float l[kBlockRows];
+  for (int64_t r = 0; r < rows; ++r) l[r] = softmax_row(&s[r * T], T, sh.scale);
+  kern.blocked(emu::Problem{s.data(), T, o, h.ldo, prep.v.bits(), rows, T, Dv, prep.v.shape.Kpad}, 0, rows, 0, Dv);
+  divide_rows(o, h.ldo, rows, Dv, l);
+}
+
+// All heads, many rows: a job that prepares every head's K^T and V, then one of all (head, row block) tasks.
+void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size_t count, int threads) {
+  const int64_t M = sh.M, T = sh.T, D = sh.D, Dv = sh.Dv;
+  const emu::AttentionKernels* amx = emu::attention_amx_kernels();
+  std::vector<PreparedHead> prep(count);
+  emulator_parallel_for(threads, 2 * static_cast<int64_t>(count), [&](int64_t task) {
+    const AttentionHead& h = heads[task / 2];
+    PreparedHead& p = prep[task / 2];
+    const bool keys = task % 2 == 0;
+    if (amx) {
+      std::vector<uint32_t>& out = keys ? p.kt_pairs : p.v_pairs;
+      const int64_t kp = keys ? round_up32(D) : round_up32(T), np = keys ? round_up32(T) : round_up32(Dv);
+      out.resize(np / 16 * kp / 2 * 16);
+      if (keys) amx->pair_form(h.kt, h.kt_stride_d, h.kt_stride_t, D, T, kp, np, out.data());
+      else amx->pair_form(h.v, h.v_stride_t, h.v_stride_n, T, Dv, kp, np, out.data());
+    } else if (keys) {
+      if (D > 0) p.kt = pack_b(h.kt, D, T, h.kt_stride_d, h.kt_stride_t);
+    } else {
+      p.v = pack_b(h.v, T, Dv, h.v_stride_t, h.v_stride_n);
+    }
+  });
+  const int64_t block_rows = amx ? emu::kAttentionAmxRows : kBlockRows;
+  const int64_t blocks = (M + block_rows - 1) / block_rows;
+  const emu::IsaKernels& kern = emu::active_kernels();
+  emulator_parallel_for(threads, static_cast<int64_t>(count) * blocks, [&](int64_t task) {
+    const size_t i = static_cast<size_t>(task / blocks);
+    const int64_t m0 = task % blocks * block_rows, rows = std::min(block_rows, M - m0);
+    const AttentionHead& h = heads[i];
+    if (amx)
+      amx->block(emu::AttentionBlockProblem{h.q + m0 * h.ldq, h.ldq, prep[i].kt_pairs.data(), prep[i].v_pairs.data(),
+                                            h.o + m0 * h.ldo, h.ldo, rows, T, D, Dv, sh.scale});
+    else attend_block_packed(kern, sh, h, prep[i], m0, rows);
+  });
+}
+
 }  // namespace
 
 void emulator_attention(const AttentionShape& s, const AttentionHead* heads, size_t count, int threads) {
@@ -333,17 +403,8 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
     for (size_t i = 0; i < count; ++i) divide_rows(heads[i].o, heads[i].ldo, M, Dv, &l[i * M]);
     return;
   }
-  // Many rows (encoder): K^T and V packed once per head, the scores of one head at a time.
-  std::vector<float> scores(M * T), l(M);
-  for (size_t i = 0; i < count; ++i) {
-    const AttentionHead& h = heads[i];
-    const PackedB kt = pack_b(h.kt, D, T, h.kt_stride_d, h.kt_stride_t);
-    emulator_gemm(GemmArgs{h.q, M, h.ldq, scores.data(), T}, kt, threads);
-    softmax_rows(scores.data(), l.data(), M, T, s.scale, threads);
-    const PackedB v = pack_b(h.v, T, Dv, h.v_stride_t, h.v_stride_n);
-    emulator_gemm(GemmArgs{scores.data(), M, T, h.o, h.ldo}, v, threads);
-    divide_rows(h.o, h.ldo, M, Dv, l.data());
-  }
+  // Many rows (encoder self-attention), or K / V in no row layout: cache-blocked (attend_many_rows).
+  attend_many_rows(s, heads, count, threads);
 }
 
 }  // namespace xdna::kernels

@@ -84,6 +84,35 @@ struct Int8Kernels {
 // Valid until the same thread asks for the same slot again. Throws std::bad_alloc.
 float* scratch(int slot, size_t floats);
 
+// The kernel set emulator_gemm runs (chosen once, emulator.cc); the fused attention runs its products on it too.
+const IsaKernels& active_kernels();
+
+// One block of the fused many-row attention on AMX (emulator_attention_amx.cc): up to kAttentionAmxRows query rows
+// of one head against all T keys, K^T and V in the tile pair form (16-column panels of (B[2i][n], B[2i + 1][n])
+// lanes, zero padded to multiples of 32: K^T [round32(T) / 16][round32(D) / 2][16], V [round32(Dv) / 16]
+// [round32(T) / 2][16]).
+inline constexpr int64_t kAttentionAmxRows = 64;
+struct AttentionBlockProblem {
+  const float* q;  // the block's first query row
+  int64_t ldq;
+  const uint32_t* kt_pairs;
+  const uint32_t* v_pairs;
+  float* o;  // the block's first output row
+  int64_t ldo;
+  int64_t rows, T, D, Dv;  // rows <= kAttentionAmxRows, T >= 1
+  float scale;
+};
+struct AttentionKernels {
+  // B[k][n] = src[k * sk + n * sn] (k < K, n < N) rounded to bf16 (the contract's RNE) into the pair form, zero
+  // padded to kp x np (multiples of 32).
+  void (*pair_form)(const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t kp, int64_t np,
+                    uint32_t* out);
+  void (*block)(const AttentionBlockProblem& problem);
+};
+// The AMX attention kernels when the active kernel set is amx (the tile state granted) and the CPU has AVX512-BF16
+// (the softmax's conversions), else null.
+const AttentionKernels* attention_amx_kernels();
+
 const IsaKernels& generic_kernels();
 const Int8Kernels& generic_int8_kernels();
 #if defined(XDNA_EMULATOR_X86)
@@ -96,6 +125,7 @@ const IsaKernels& avx512bf16_kernels();
 // AMX tiles (emulator_amx.cc): only after the tile state was granted to the process (emulator.cc).
 const IsaKernels& amx_kernels();
 const Int8Kernels& amx_int8_kernels();
+const AttentionKernels& amx_attention_kernels_impl();
 #endif
 
 }  // namespace xdna::kernels::emu
