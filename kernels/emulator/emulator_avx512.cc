@@ -3,14 +3,7 @@
 
 namespace xdna::kernels::emu {
 namespace {
-#define EMU_W 16
-#define EMU_MR 6
-#define EMU_NV 4
-#define EMU_KC 128
-#define EMU_MC 192
-#define EMU_DR 12
-#define EMU_DIRECT_MAX_M 16
-#define EMU_DNV 2
+#include "emulator_avx512_blocking.h"
 #include "emulator_kernels.inc"
 const IsaKernels kKernels = make_kernels("avx512");
 }  // namespace
