@@ -58,3 +58,14 @@ def unavailable(isa, proc):
     if isa == "amx" and CPU_HAS_AMX and AMX_REFUSED_BY_LINUX not in proc.stderr:
         pytest.fail(f"the CPU has AMX but the amx kernels were refused:\n{proc.stderr}")
     return True
+
+
+def check_with_isa(isa, script, timeout=600):
+    """`script` (which prints "ok") under the forced kernel set `isa`: skipped where the emulator refuses that set
+    (see unavailable), else it must have run that very set and passed."""
+    proc = run_with_isa(isa, script, timeout=timeout)
+    if unavailable(isa, proc):
+        pytest.skip(f"{isa} kernels not supported here")
+    assert proc.returncode == 0, proc.stderr
+    assert f"kernels '{isa}' (forced by XDNA_EMULATOR_ISA)" in proc.stderr  # the forced set really ran
+    assert proc.stdout.strip() == "ok"

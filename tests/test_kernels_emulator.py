@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from cpu_isa import AMX_REFUSED_BY_LINUX, CPU_HAS_AMX, cpu_flags, run_with_isa, unavailable
+from cpu_isa import AMX_REFUSED_BY_LINUX, CPU_HAS_AMX, check_with_isa, cpu_flags, run_with_isa
 from numerics import TINY, assert_within, bf16_round
 from onnxruntime_ep_xdna import _native
 
@@ -249,12 +249,7 @@ _ISA_CHECK = textwrap.dedent("""
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 def test_each_kernel_set(isa):
-    proc = run_with_isa(isa, _ISA_CHECK, timeout=300)
-    if unavailable(isa, proc):
-        pytest.skip(f"{isa} kernels not supported here")
-    assert proc.returncode == 0, proc.stderr
-    assert f"kernels '{isa}' (forced by XDNA_EMULATOR_ISA)" in proc.stderr  # the forced set really ran
-    assert proc.stdout.strip() == "ok"
+    check_with_isa(isa, _ISA_CHECK, timeout=300)
 
 
 # ---- AMX (TDPBF16PS): every row, K and N tail of its 16 x 16 tiles, 32 x 32 blocks and 32-deep k steps ----
@@ -291,11 +286,7 @@ _AMX_SWEEP = textwrap.dedent("""
 
 
 def test_amx_bf16_shape_sweep_within_contract():
-    proc = run_with_isa("amx", _AMX_SWEEP)
-    if unavailable("amx", proc):
-        pytest.skip("no AMX on this CPU (or Linux did not grant the tile state): the amx kernels cannot run here")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    check_with_isa("amx", _AMX_SWEEP)
 
 
 # ---- Few rows (beam search) on a B paired once for the AMX tiles (the emulator backend's bf16 weights) ----
@@ -344,11 +335,7 @@ _PAIRED_SWEEP = textwrap.dedent("""
 @pytest.mark.parametrize("isa", ["amx", "avx512"])
 def test_paired_few_rows_sweep_within_contract(isa):
     # amx: the tiles on the paired B; avx512: no paired kernel (empty pairs), the direct kernel serves.
-    proc = run_with_isa(isa, _PAIRED_SWEEP)
-    if unavailable(isa, proc):
-        pytest.skip(f"the {isa} kernels cannot run on this CPU")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    check_with_isa(isa, _PAIRED_SWEEP)
 
 
 _DEFAULT_CHOICE = textwrap.dedent("""
