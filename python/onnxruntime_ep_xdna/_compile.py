@@ -17,6 +17,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
 
 def _xdna_session_options(options: dict | None, so=None):
     import onnxruntime as ort
@@ -167,19 +171,28 @@ def cached_compile(model: str | os.PathLike, backend: str, *, cache_dir: str | o
     target = entry / (model.stem + "_ctx.onnx")
     if target.is_file():
         return target, False
+    t0 = time.perf_counter()
+    build_cache_entry(target, lambda path: compile_model(model, path, options={**(options or {}), "backend": backend}))
+    log(f"compiled {model.name} for the XDNA EP ({backend}) in {time.perf_counter() - t0:.1f} s: {entry}")
+    return target, True
+
+
+def build_cache_entry(target: Path, build: Callable[[Path], T]) -> T:
+    """Builds the cache entry (the directory target.parent) by `build(path)` into a temporary directory beside it,
+    then renames that into place, so no reader ever sees half an entry. Concurrent builders (xdna batch workers,
+    the server) each build their own; the first rename wins, the others drop theirs. Returns build's result."""
+    entry = target.parent
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
-        t0 = time.perf_counter()
-        compile_model(model, tmp / target.name, options={**(options or {}), "backend": backend})
+        result = build(tmp / target.name)
         try:
             os.rename(tmp, entry)
         except OSError:
             if not target.is_file():  # not another process's finished entry: a stale or broken one
                 shutil.rmtree(entry, ignore_errors=True)
                 os.rename(tmp, entry)
-        log(f"compiled {model.name} for the XDNA EP ({backend}) in {time.perf_counter() - t0:.1f} s: {entry}")
-        return target, True
+        return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

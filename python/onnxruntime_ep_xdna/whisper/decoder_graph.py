@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -360,26 +359,16 @@ def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | 
     target = cache_entry(source, cache_dir, bf16_kv)
     if target.is_file():
         return target
-    entry = target.parent
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-    try:
-        t0 = time.perf_counter()
-        done = optimise(source, tmp / target.name, bf16_kv)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not target.is_file():  # not another process's finished entry: a stale or broken one
-                shutil.rmtree(entry, ignore_errors=True)
-                os.rename(tmp, entry)
-        log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
-            f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
-            f"{done['merged']} duplicates merged"
-            + (", logits of the asked rows only" if done.get("logits_rows") else "")
-            + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "") + f"): {entry}")
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from .._compile import build_cache_entry
+
+    t0 = time.perf_counter()
+    done = build_cache_entry(target, lambda path: optimise(source, path, bf16_kv))
+    log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
+        f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
+        f"{done['merged']} duplicates merged"
+        + (", logits of the asked rows only" if done.get("logits_rows") else "")
+        + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "") + f"): {target.parent}")
+    return target
 
 
 def discard(copy: Path) -> None:
