@@ -299,6 +299,24 @@ def parse_shape(s: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def dry_run_or_build(args, descriptions: list[str], build_with) -> int:
+    """--dry-run: print what would be built (no toolchain needed). Else build_with(tools, work directory) with the
+    toolchain found here, and write its manifest into --out. Returns the exit code (3: no toolchain)."""
+    if args.dry_run:
+        for line in descriptions:
+            print(line)
+        return 0
+    try:
+        tools = find_toolchain()
+    except ToolchainMissing as e:
+        print(f"build_kernels: {e}", file=sys.stderr)
+        return 3
+    result = build_with(tools, args.work or args.out / "build")
+    (args.out / "manifest.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out / 'manifest.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -327,19 +345,8 @@ def main(argv=None) -> int:
         if args.dtype != "attn_f32" or not args.attention:
             p.error("--attention goes with --dtype attn_f32 (one build per dtype family)")
         print(f"{len(args.attention)} fused attention kernel(s), one xclbin / hardware context each")
-        if args.dry_run:
-            for v in args.attention:
-                print(describe_attention(v))
-            return 0
-        try:
-            tools = find_toolchain()
-        except ToolchainMissing as e:
-            print(f"build_kernels: {e}", file=sys.stderr)
-            return 3
-        result = build_attention(args.attention, args.out, tools, args.work or args.out / "build")
-        (args.out / "manifest.json").write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out / 'manifest.json'}")
-        return 0
+        return dry_run_or_build(args, [describe_attention(v) for v in args.attention],
+                                lambda tools, work: build_attention(args.attention, args.out, tools, work))
 
     shapes = {padded(k, n) for k, n in args.shape}
     heights: dict = {}
@@ -384,19 +391,8 @@ def main(argv=None) -> int:
     if len(programs) > 6:
         print("warning: more than 6 xclbins: Phoenix has 6 hardware contexts per device; the backend will run "
               "the shapes of the first ones it loads and leave the rest on the CPU", file=sys.stderr)
-    if args.dry_run:
-        for v in variants:
-            print(describe(v, args.stream_a))
-        return 0
-    try:
-        tools = find_toolchain()
-    except ToolchainMissing as e:
-        print(f"build_kernels: {e}", file=sys.stderr)
-        return 3
-    result = build(variants, args.out, tools, args.work or args.out / "build", args.stream_a)
-    (args.out / "manifest.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out / 'manifest.json'}")
-    return 0
+    return dry_run_or_build(args, [describe(v, args.stream_a) for v in variants],
+                            lambda tools, work: build(variants, args.out, tools, work, args.stream_a))
 
 
 if __name__ == "__main__":
