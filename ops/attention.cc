@@ -193,6 +193,15 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   const Dims q_bs(q.strides.begin(), q.strides.end() - 2), k_bs(kt.strides.begin(), kt.strides.end() - 2),
       v_bs(v.strides.begin(), v.strides.end() - 2);
   dispatch.note_attention(heads, M, T, D);
+  // Flat head i's K and V (fp32, or bf16 through a fused Cast) with the given Q rows and output rows.
+  const auto head_at = [&](int64_t i, const float* qp, int64_t ldq, float* out, int64_t ldo) {
+    const int64_t k_at = batch_offset(batch, batch_k, k_bs, i), v_at = batch_offset(batch, batch_v, v_bs, i);
+    kernels::AttentionHead h{qp, ldq, kt.data ? kt.data + k_at : nullptr, kt.strides[r - 2], kt.strides[r - 1],
+                             v.data ? v.data + v_at : nullptr, v.strides[r - 2], v.strides[r - 1], out, ldo};
+    if (kt.bf16) h.kt_bf16 = kt.bf16 + k_at;
+    if (v.bf16) h.v_bf16 = v.bf16 + v_at;
+    return h;
+  };
   // One query row per batch row against K and V broadcast over the outer batch dim (beams over a window's
   // batch-1 cross-attention K/V): the B rows of a head become one head of B query rows, so that each K and V is
   // read once per head instead of once per beam. Each row's arithmetic is the same either way (rows are
@@ -204,16 +213,8 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     const int64_t rows = batch[0], inner = heads / rows;
     std::vector<kernels::AttentionHead> grouped;
     grouped.reserve(static_cast<size_t>(inner));
-    for (int64_t i = 0; i < inner; ++i) {  // flat batch position i: outer index 0
-      const int64_t k_at = batch_offset(batch, batch_k, k_bs, i), v_at = batch_offset(batch, batch_v, v_bs, i);
-      kernels::AttentionHead h{q.data + batch_offset(batch, batch_q, q_bs, i), q_bs[0],
-                               kt.data ? kt.data + k_at : nullptr, kt.strides[r - 2], kt.strides[r - 1],
-                               v.data ? v.data + v_at : nullptr, v.strides[r - 2], v.strides[r - 1],
-                               y + i * Dv, inner * Dv};
-      if (kt.bf16) h.kt_bf16 = kt.bf16 + k_at;
-      if (v.bf16) h.v_bf16 = v.bf16 + v_at;
-      grouped.push_back(h);
-    }
+    for (int64_t i = 0; i < inner; ++i)  // flat batch position i: outer index 0
+      grouped.push_back(head_at(i, q.data + batch_offset(batch, batch_q, q_bs, i), q_bs[0], y + i * Dv, inner * Dv));
     dispatch.attention(kernels::AttentionShape{rows, T, D, Dv, plan.attention_scale}, grouped);
     return;
   }
@@ -229,12 +230,7 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
       qp = dst;
       ldq = D;
     }
-    const int64_t k_at = batch_offset(batch, batch_k, k_bs, i), v_at = batch_offset(batch, batch_v, v_bs, i);
-    kernels::AttentionHead h{qp, ldq, kt.data ? kt.data + k_at : nullptr, kt.strides[r - 2], kt.strides[r - 1],
-                             v.data ? v.data + v_at : nullptr, v.strides[r - 2], v.strides[r - 1], y + i * M * Dv, Dv};
-    if (kt.bf16) h.kt_bf16 = kt.bf16 + k_at;  // a bf16 K through a fused Cast
-    if (v.bf16) h.v_bf16 = v.bf16 + v_at;
-    items.push_back(h);
+    items.push_back(head_at(i, qp, ldq, y + i * M * Dv, Dv));
   }
   dispatch.attention(kernels::AttentionShape{M, T, D, Dv, plan.attention_scale}, items);
 }
