@@ -14,7 +14,7 @@ from cpu_isa import AMX_REFUSED_BY_LINUX, CPU_HAS_AMX, cpu_flags, run_with_isa, 
 from numerics import assert_within, bf16x3_bound, int8_bound
 from onnxruntime_ep_xdna import _native
 
-SHAPES = [(1, 1, 1), (1, 513, 300), (3, 64, 64), (7, 200, 130), (64, 384, 1536), (300, 129, 67)]
+SHAPES = [(1, 1, 1), (1, 513, 300), (3, 64, 64), (7, 200, 130), (64, 384, 1536), (300, 129, 67), (700, 515, 300)]
 
 
 def problem(m, k, n, seed):
@@ -105,6 +105,14 @@ _INT8_ISA_CHECK = textwrap.dedent("""
         c = _native.emulator_gemm_int8(a, qb, 1)
         np.testing.assert_array_equal(_native.emulator_gemm_int8(a, qb, 2), c, err_msg=f"threads, {m}x{k}x{n}")
         out[f"few rows {m}x{k}x{n}"] = c
+    # Many rows (encoder-like M, split over row blocks and threads) with every dimension ragged: M not a multiple
+    # of the 32-row tile blocks, K of the 64-deep steps, N of the 32-column blocks; one thread and two alike.
+    for m, k, n in [(1500, 520, 530), (1501, 2049, 97), (333, 512, 2047)]:
+        a = (rng.standard_normal((m, k)) * np.exp2(rng.integers(-8, 9, (m, 1)))).astype(np.float32)
+        qb = _native.quantize_b_int8(rng.standard_normal((k, n)).astype(np.float32))
+        c = _native.emulator_gemm_int8(a, qb, 1)
+        np.testing.assert_array_equal(_native.emulator_gemm_int8(a, qb, 2), c, err_msg=f"threads, {m}x{k}x{n}")
+        out[f"many rows {m}x{k}x{n}"] = c
     # Adversarial: every product +-127 * +-127, K at the int32-exact limit (sums near +-2^31; the VNNI offset sum
     # wraps; an int16 pair sum would saturate), signs in all combinations, a ragged K and N.
     k = _native.INT8_MAX_K
