@@ -66,6 +66,13 @@ struct OpPlan {
   Operand v;
   float attention_scale = 1.f;
   kernels::Precision precision = kernels::Precision::kBf16;  // constant B packed in it, every product run in it
+  // The GEMM epilogue (kernels/gemm_contract.h, "Epilogue"; MatMul with a constant 2-D B only): the bias Add,
+  // Gelu / BiasGelu and residual Add after the product, fused into it (Claim::fused_consumers); `output` is then
+  // the last of those nodes' output. bias_value: read at Compile from `bias` (a constant [N] or [1, ..., N]).
+  Operand bias;
+  std::vector<float> bias_value;
+  bool epilogue_gelu = false;
+  Operand residual;  // a run-time tensor of the output's shape (present: added last)
 };
 
 struct Claim {
@@ -74,6 +81,9 @@ struct Claim {
   OpPlan plan;
   // Transpose nodes whose only consumer is this node: claimed with it, so the permuted copy is never made.
   std::vector<const OrtNode*> fused_producers;
+  // The nodes after it that its epilogue runs (bias Add, Gelu / BiasGelu, residual Add), in graph order.
+  std::vector<const OrtNode*> fused_consumers;
+  const OrtValueInfo* bias_input = nullptr;  // the constant bias the plan's epilogue reads (Compile: its value)
   std::string precision_note;  // why plan.precision is what it is (apply_precision_policy), for the report
   // Set by apply_precision_policy on a fused attention claim whose node the policy puts in bf16x3 (the fused
   // contract is bf16): claim_nodes then claims the node as a plain product instead, so the policy is honoured.
