@@ -3,7 +3,8 @@
 //
 // GetCapability and Compile call the same claim rule, so a node is claimed exactly when Compile can build its
 // plan. The claim rule reads shapes and attributes only, never weight data: Compile packs the constant weight the
-// plan describes (kernels/packing.h). The plan is plain data (names, shapes, attributes), so that it can be
+// plan describes (kernels/packing.h). (One exception: the scalar constants that make a decomposed GELU a GELU,
+// ops/matmul.cc.) The plan is plain data (names, shapes, attributes), so that it can be
 // stored and read back without the graph.
 #pragma once
 
