@@ -321,6 +321,7 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
       a->ok = false;
       a->reason = "below min_mflop (" + std::to_string(a->plan.mflop) + " MFLOP)";
       a->fused_producers.clear();
+      a->fused_consumers.clear();
     }
   };
   for (const ops::NodeClaim& c : ops::claim_nodes(ort, nodes, index, adjust)) {
@@ -330,7 +331,7 @@ void XdnaEp::get_capability(const OrtGraph* graph, OrtEpGraphSupportInfo* info) 
     const ops::Claim& a = c.claim;
     const bool ok = a.ok || c.covered;
     const std::string reason = !c.covered ? a.reason : "in the fused attention of '" + c.covered_by + "'";
-    if (a.ok) claimed.push_back({c.node, a.fused_producers});
+    if (a.ok) claimed.push_back({c.node, a.fused_producers, a.fused_consumers});
     log_(ok ? ORT_LOGGING_LEVEL_VERBOSE : ORT_LOGGING_LEVEL_INFO,
          std::string(ok ? "claimed" : "left on CPU") + ": " + op_type + " '" + a.plan.node_name + "' (" + reason +
              (a.ok ? std::string(", ") + kernels::precision_name(a.plan.precision) + ": " + a.precision_note
@@ -390,8 +391,15 @@ std::vector<CompiledNode> XdnaEp::compile_from_graph(const OrtGraph* graph, cons
     if (c.covered) continue;  // counted with the node that covers it
     ops::Claim& a = c.claim;
     if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);
-    covered += 1 + a.fused_producers.size();
+    covered += 1 + a.fused_producers.size() + a.fused_consumers.size();
     kernels::PackedWeights weights = load_constants(ort, c.node, &a.plan);
+    if (a.bias_input) {  // the epilogue's bias (ops/matmul.cc): one value per output column
+      std::vector<int64_t> shape;
+      a.plan.bias_value = ops::read_constant(ort, a.bias_input, &shape);
+      if (shape.empty() || shape.back() != static_cast<int64_t>(a.plan.bias_value.size()) ||
+          a.plan.weight_shape.size() != 2 || shape.back() != a.plan.weight_shape.back())
+        throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "': epilogue bias differs from the claimed one");
+    }
     compiled.push_back({std::move(a.plan), std::move(weights)});
   }
   if (compiled.empty() || covered != group.size())

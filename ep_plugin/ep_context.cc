@@ -125,7 +125,7 @@ class Reader {
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
 static_assert(sizeof(ops::Operand) == 88, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 568, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 776, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -179,6 +179,10 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   write_operand(w, p.v);
   w.pod<float>(p.attention_scale);
   w.pod<int32_t>(static_cast<int32_t>(p.precision));
+  write_operand(w, p.bias);
+  w.f32s(p.bias_value);
+  w.pod<uint8_t>(p.epilogue_gelu);
+  write_operand(w, p.residual);
 }
 
 ops::OpPlan read_plan(Reader& r) {
@@ -206,6 +210,10 @@ ops::OpPlan read_plan(Reader& r) {
   p.v = read_operand(r);
   p.attention_scale = r.pod<float>("attention_scale");
   p.precision = read_precision(r, "plan precision");
+  p.bias = read_operand(r);
+  p.bias_value = r.f32s("epilogue bias values");
+  p.epilogue_gelu = r.flag("epilogue_gelu");
+  p.residual = read_operand(r);
   return p;
 }
 
@@ -268,6 +276,7 @@ void check_weights(Reader& r, const ops::OpPlan& p, const kernels::PackedWeights
   if (p.weight_shape.empty()) {
     if (!w.mats.empty()) r.fail("weights for a plan without a constant B");
     if (p.b.constant) r.fail("constant B without weights");
+    if (!p.bias_value.empty()) r.fail("epilogue bias without a constant weight");
     return;
   }
   if (!p.b.constant) r.fail("weights for a run-time B");
@@ -285,6 +294,9 @@ void check_weights(Reader& r, const ops::OpPlan& p, const kernels::PackedWeights
     r.fail("convolution parameters differ from its weight");
   if (p.c.present && p.c.constant && product(p.c.dims) != static_cast<int64_t>(p.c_value.size()))
     r.fail("constant C values differ from its shape");
+  if (!p.bias_value.empty() && (p.op != ops::OpPlan::Op::kMatMul || p.weight_shape.size() != 2 ||
+                                static_cast<int64_t>(p.bias_value.size()) != N))
+    r.fail("epilogue bias differs from the plan's weight");
 }
 
 }  // namespace
@@ -539,6 +551,10 @@ std::string plan_roundtrip_problem() {
   p.v = operand("v", 7);
   p.attention_scale = 0.125f;
   p.precision = kernels::Precision::kBf16x3;
+  p.bias = operand("bias", 9);
+  p.bias_value = {0.5f, -1.25f};
+  p.epilogue_gelu = true;
+  p.residual = operand("residual", 11);
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -573,6 +589,10 @@ std::string plan_roundtrip_problem() {
   if (!same_operand(q.v, p.v)) return "v";
   if (q.attention_scale != p.attention_scale) return "attention_scale";
   if (q.precision != p.precision) return "precision";
+  if (!same_operand(q.bias, p.bias)) return "bias";
+  if (q.bias_value != p.bias_value) return "bias_value";
+  if (q.epilogue_gelu != p.epilogue_gelu) return "epilogue_gelu";
+  if (!same_operand(q.residual, p.residual)) return "residual";
   return "";
 }
 

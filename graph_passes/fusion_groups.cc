@@ -38,13 +38,16 @@ std::vector<std::string> names_read(const OrtApi& api, const OrtNode* node) {
 // to higher depth (no cycle between fused nodes). All claimed nodes of a depth form one group, connected or not
 // (a chain of MatMuls is one group; so are the Q, K and V projections of one layer).
 // A Transpose read through has exactly one consumer, its MatMul, so it joins its MatMul's group whatever its own
-// depth: every path through it continues through that MatMul.
+// depth: every path through it continues through that MatMul. Likewise an epilogue's nodes (ops/matmul.cc): the
+// product and each of them but the last have one reader, the next, so the unit enters the group of its last node's
+// depth, which is the depth of the deepest value the unit reads.
 std::vector<std::vector<const OrtNode*>> fusion_groups(const OrtApi& api, const std::vector<const OrtNode*>& nodes,
                                                        const std::vector<ClaimedUnit>& units, const ops::GraphIndex& index) {
   std::unordered_map<const OrtNode*, size_t> unit_of;
   for (size_t u = 0; u < units.size(); ++u) {
     unit_of[units[u].node] = u;
     for (const OrtNode* t : units[u].fused_producers) unit_of[t] = u;
+    for (const OrtNode* t : units[u].fused_consumers) unit_of[t] = u;
   }
   std::unordered_map<const OrtNode*, int64_t> depth;
   bool topological = true;
@@ -64,6 +67,7 @@ std::vector<std::vector<const OrtNode*>> fusion_groups(const OrtApi& api, const 
   auto add_unit = [](std::vector<const OrtNode*>* group, const ClaimedUnit& unit) {
     group->insert(group->end(), unit.fused_producers.begin(), unit.fused_producers.end());
     group->push_back(unit.node);
+    group->insert(group->end(), unit.fused_consumers.begin(), unit.fused_consumers.end());
   };
   if (!topological) {  // not expected from Graph_GetNodes; one group per unit is always valid
     for (const ClaimedUnit& unit : units) add_unit(&groups.emplace_back(), unit);
@@ -71,7 +75,10 @@ std::vector<std::vector<const OrtNode*>> fusion_groups(const OrtApi& api, const 
   }
   std::map<int64_t, size_t> group_of_depth;
   for (const ClaimedUnit& unit : units) {
-    const auto [it, fresh] = group_of_depth.try_emplace(depth.at(unit.node), groups.size());
+    // A unit's inner values each have one reader inside it, so it is one node to the rest of the graph: its last
+    // node's depth (an epilogue's residual may come from deeper than the product's input).
+    const OrtNode* last = unit.fused_consumers.empty() ? unit.node : unit.fused_consumers.back();
+    const auto [it, fresh] = group_of_depth.try_emplace(depth.at(last), groups.size());
     if (fresh) groups.emplace_back();
     add_unit(&groups[it->second], unit);
   }

@@ -11,10 +11,12 @@
 
 namespace xdna::graph {
 
-// A claimed node and the Transposes it reads through (ops::Claim::fused_producers): always in one group.
+// A claimed node, the Transposes it reads through (ops::Claim::fused_producers) and the nodes its epilogue runs
+// (ops::Claim::fused_consumers): always in one group.
 struct ClaimedUnit {
   const OrtNode* node = nullptr;
   std::vector<const OrtNode*> fused_producers;
+  std::vector<const OrtNode*> fused_consumers;
 };
 
 // Partitions `units` into groups, each a valid ORT fusion: no path leaves a group and comes back into it, and the

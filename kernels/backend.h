@@ -46,6 +46,9 @@ struct GemmArgs {
   int64_t lda;
   float* c;
   int64_t ldc;
+  // Applied to C after the product (gemm_contract.h, "Epilogue"); empty: none. Added last so that existing
+  // brace-initialised GemmArgs keep their meaning; held by value, so a deferred product carries its own.
+  GemmEpilogue epilogue{};
 };
 
 // One product of a batch: C = A . B with B uploaded by the same backend.

@@ -9,7 +9,8 @@
 //   * Every product of two bf16 values is exact in fp32; the sum over K is carried in fp32. The order of
 //     summation is not part of the contract (the AIE sums 4x8x4 MACs per cycle, then tile by tile).
 //   * Subnormal bf16 inputs may be flushed to zero by a backend (AIE-ML and AVX512-BF16 both may).
-//   * Epilogues (alpha, beta*C, bias) are applied by the host in fp32 after the kernel; not by the kernel.
+//   * Gemm's alpha and beta*C are applied by the host in fp32 after the kernel; not by the kernel.
+//   * The GEMM epilogue (GemmEpilogue below) is part of the contract: applied in fp32 to each finished block of C.
 //   The error bound (stated here once; tests/numerics.py implements it, README quotes it):
 //     |C - C_exact| <= (2^-7 + 2^-16 + K * 2^-23) * (|A|.|B|) elementwise
 //   bf16 keeps 8 significant bits: each rounded operand is within 2^-8 relative, a product of two within
@@ -45,6 +46,18 @@
 //       |e| <= 2^-16 |x|; the dropped A_lo.B_lo and the e terms add at most (3 * 2^-16 + 2^-23)|a||b| per product.
 //     Bound: |C - C_exact| <= (2^-14 + (K + 2) * 2^-23) * (|A|.|B|)    (fp32 sums over K and the two final
 //       additions, doubled as above; 2^-14 > 3.01 * 2^-16). Subnormal x_lo may be flushed (tests' absolute TINY).
+//
+// Epilogue (issues 7, 13): the elementwise nodes after a MatMul (bias Add, Gelu / BiasGelu, residual Add), run on
+// each block of C while the backend still holds it (the AIE vector unit on the output tile in local memory; the
+// emulator right after a row block is written) instead of a round trip through memory and a CPU pass:
+//     C[m][n] = act(C[m][n] + bias[n]) + residual[m][n]        in fp32, each step optional, in this order,
+// after the product's own arithmetic (int8: after the dequantise). act = GELU(x) = x/2 (1 + erf(x/sqrt 2)) (the
+// erf form of ONNX Gelu and ORT's BiasGelu), erf evaluated by gelu_erf below: a rational x P(x^2)/Q(x^2) on
+// [-4, 4] (fitted for this project; clamped outside, where |1 - erf| < 1.6e-8), branch-free so it vectorises.
+//   Bound vs float64: |erf_approx - erf| <= 4.4e-7 for every float (measured on a 2M-point grid of [-6, 6]), so
+//     |GELU_approx(x) - GELU(x)| <= 2^-21 |x|      (0.5 * 4.4e-7 plus the fp32 roundings of x/2 (1 + e); tests
+//   measure <= 3.1e-7 |x|). Composed with the product's bound E: |d GELU/dx| <= 1.13, so the output is within
+//     1.13 (E + 2^-24 |s|) + 2^-21 |s| + 2^-24 |y|   where s = C + bias and y the output (tests/numerics.py).
 //
 // Tiling for the Phoenix (npu1) array: 4 usable columns x 4 AIE-ML cores.
 //   * Each core computes one kTileM x kTileN tile of C, looping over K in kTileK steps.
@@ -131,5 +144,42 @@ inline float bf16_to_f32(uint16_t h) {
 
 // The value a backend sees for an fp32 input.
 inline float round_to_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// One product's epilogue ("Epilogue" above). Plain data: GemmArgs carries it by value.
+struct GemmEpilogue {
+  const float* bias = nullptr;      // [N]; null: no bias
+  bool gelu = false;
+  const float* residual = nullptr;  // residual[m * ldr + n]; null: none. Never aliases C.
+  int64_t ldr = 0;
+  bool empty() const { return !bias && !gelu && !residual; }
+};
+
+// erf(x), |error| <= 4.4e-7 (see "Epilogue" above). NaN stays NaN (the clamp keeps it).
+inline float gelu_erf(float x) {
+  x = x < -4.f ? -4.f : x;
+  x = x > 4.f ? 4.f : x;
+  const float t = x * x;
+  const float p = ((((((1.92201082e-08f * t - 1.99060612e-06f) * t + 1.55561997e-04f) * t + 4.29371723e-03f) * t +
+                     5.24352492e-02f) * t + 2.13957530e-01f) * t + 1.12837868e+00f);
+  const float q = ((((1.09823e-03f * t + 1.555229e-02f) * t + 1.2080502e-01f) * t + 5.2294257e-01f) * t + 1.f);
+  return x * p / q;
+}
+
+inline float gelu(float x) { return 0.5f * x * (1.f + gelu_erf(x * 0.70710678118654752f)); }
+
+// Applies `e` to C's rows [m0, m1) and columns [n0, n1) (row stride ldc): the one implementation the CPU paths
+// share; a device applies the same arithmetic in its kernel (kernels/aie/gemm_bf16.cc, gemm_epilogue).
+inline void apply_epilogue(const GemmEpilogue& e, float* c, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float* __restrict row = c + m * ldc;
+    const float* __restrict res = e.residual ? e.residual + m * e.ldr : nullptr;
+    if (e.bias)
+      for (int64_t n = n0; n < n1; ++n) row[n] += e.bias[n];
+    if (e.gelu)
+      for (int64_t n = n0; n < n1; ++n) row[n] = gelu(row[n]);
+    if (res)
+      for (int64_t n = n0; n < n1; ++n) row[n] += res[n];
+  }
+}
 
 }  // namespace xdna::kernels

@@ -1,6 +1,8 @@
 // MatMul: constant or run-time B, any rank, ONNX (numpy) broadcasting of batch dims, 1-D operands, and operands
 // read through a fused Transpose (ops/transpose_fusion.h).
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 
 #include "ep_plugin/dispatch.h"
 #include "kernels/packing.h"
@@ -11,6 +13,213 @@ namespace xdna::ops {
 namespace {
 
 using Dims = std::vector<int64_t>;
+
+bool is_op(const OrtApi& api, const OrtNode* node, const char* domain, const char* type) {
+  const char* t = nullptr;
+  const char* d = nullptr;
+  ep::check(api, api.Node_GetOperatorType(node, &t));
+  ep::check(api, api.Node_GetDomain(node, &d));
+  return std::strcmp(t, type) == 0 && std::strcmp(d, domain) == 0;
+}
+
+// The node that alone reads `value` (and nothing else does: no second reader, not a graph output), or null.
+const OrtNode* only_reader(const GraphIndex& index, const std::string& value) {
+  const auto uses = index.uses.find(value);
+  const auto readers = index.consumers.find(value);
+  if (uses == index.uses.end() || uses->second != 1 || readers == index.consumers.end() || readers->second.size() != 1)
+    return nullptr;
+  return readers->second[0];
+}
+
+// A float32 constant that is a per-column bias of an [..., N] output: shape [N] or [1, ..., 1, N].
+bool is_column_bias(const Operand& o, ONNXTensorElementDataType t, int64_t N, int out_rank) {
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !o.constant || o.rank < 1 || o.rank > out_rank) return false;
+  for (int d = 0; d + 1 < o.rank; ++d)
+    if (o.dims[d] != 1) return false;
+  return o.dims.back() == N;
+}
+
+// Two shapes known to be equal where both are known (symbolic dims, -1, are checked at run time).
+bool same_shape(const Dims& a, const Dims& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t d = 0; d < a.size(); ++d)
+    if (a[d] >= 0 && b[d] >= 0 && a[d] != b[d]) return false;
+  return true;
+}
+
+// A float32 constant scalar (any rank, one element) within 1e-6 relative of `want`. The one place a claim rule
+// reads constant data: a decomposed GELU is a GELU only with its constants.
+bool is_scalar(const OrtApi& api, const OrtValueInfo* vi, double want) {
+  ONNXTensorElementDataType t;
+  const Operand o = describe(api, vi, &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !o.constant) return false;
+  for (int64_t d : o.dims)
+    if (d != 1) return false;
+  std::vector<int64_t> shape;
+  const std::vector<float> v = read_constant(api, vi, &shape);
+  return v.size() == 1 && std::abs(v[0] - want) <= 1e-6 * std::abs(want);
+}
+
+// GELU as exported from PyTorch (erf form), before ORT fuses it (after the EP has claimed its nodes):
+//   x -> Div(x, sqrt 2) | Mul(x, 1/sqrt 2) -> Erf -> Add(., 1) -> Mul(x, .) -> Mul(., 0.5)
+// `x` read by the first node and the first Mul alone. Returns the nodes in graph order (empty: not this pattern).
+std::vector<const OrtNode*> match_erf_gelu(const OrtApi& api, const GraphIndex& index, const std::string& x) {
+  const auto uses = index.uses.find(x);
+  const auto readers = index.consumers.find(x);
+  if (uses == index.uses.end() || uses->second != 2 || readers == index.consumers.end() || readers->second.size() != 2)
+    return {};
+  auto other_than = [&](const NodeIo& io, const std::string& v) -> const OrtValueInfo* {
+    if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1]) return nullptr;
+    if (value_name(api, io.inputs[0]) == v) return io.inputs[1];
+    if (value_name(api, io.inputs[1]) == v) return io.inputs[0];
+    return nullptr;
+  };
+  auto output = [&](const OrtNode* n, NodeIo* io) {
+    *io = node_io(api, n);
+    return io->outputs.size() == 1 && io->outputs[0] ? value_name(api, io->outputs[0]) : std::string();
+  };
+  for (int first = 0; first < 2; ++first) {
+    const OrtNode* scale = readers->second[first];
+    const OrtNode* times_x = readers->second[1 - first];
+    NodeIo sio, eio, aio, mio, hio;
+    const std::string scaled = output(scale, &sio);
+    if (scaled.empty()) continue;
+    const bool div = is_op(api, scale, "", "Div") && sio.inputs.size() == 2 && sio.inputs[0] && sio.inputs[1] &&
+                     value_name(api, sio.inputs[0]) == x && is_scalar(api, sio.inputs[1], 1.4142135623730951);
+    const OrtValueInfo* s = is_op(api, scale, "", "Mul") ? other_than(sio, x) : nullptr;
+    if (!div && !(s && is_scalar(api, s, 0.7071067811865476))) continue;
+    const OrtNode* erf = only_reader(index, scaled);
+    if (!erf || !is_op(api, erf, "", "Erf")) continue;
+    const std::string erf_out = output(erf, &eio);
+    const OrtNode* plus_one = erf_out.empty() ? nullptr : only_reader(index, erf_out);
+    if (!plus_one || !is_op(api, plus_one, "", "Add")) continue;
+    const std::string sum = output(plus_one, &aio);
+    const OrtValueInfo* one = other_than(aio, erf_out);
+    if (!one || !is_scalar(api, one, 1.0) || sum.empty() || only_reader(index, sum) != times_x) continue;
+    if (!is_op(api, times_x, "", "Mul")) continue;
+    const std::string product = output(times_x, &mio);
+    const OrtValueInfo* x_again = other_than(mio, sum);
+    if (!x_again || value_name(api, x_again) != x || product.empty()) continue;
+    const OrtNode* half = only_reader(index, product);
+    if (!half || !is_op(api, half, "", "Mul")) continue;
+    if (output(half, &hio).empty()) continue;
+    const OrtValueInfo* h = other_than(hio, product);
+    if (!h || !is_scalar(api, h, 0.5)) continue;
+    return {scale, erf, plus_one, times_x, half};
+  }
+  return {};
+}
+
+// Extends a MatMul claim over the elementwise nodes after it that the GEMM epilogue runs (kernels/gemm_contract.h,
+// "Epilogue"): [Add(constant bias [N])] [Gelu | BiasGelu(constant bias)] [Add(run-time residual of its shape)], in
+// that order, each step's input read by that step alone. Returns why the chain stops where it does ("" when the
+// product has no such consumer), for the claim's reason. Reads shapes only; the bias value is read at Compile.
+std::string claim_epilogue(const OrtApi& api, const GraphIndex& index, const NodeIo& io, Claim* r) {
+  OpPlan& p = r->plan;
+  if (p.a.rank < 2 || p.b.rank != 2 || !p.b.constant) return "";  // products with an [.., M, N] output only
+  const int64_t N = p.b.dims[1];
+  if (N < 0) return "";
+  ONNXTensorElementDataType t;
+  const Operand out = describe(api, io.outputs[0], &t);
+  std::string value = out.name;
+  auto other_input = [&](const NodeIo& nio, std::string* why) -> const OrtValueInfo* {
+    if (nio.inputs.size() != 2 || !nio.inputs[0] || !nio.inputs[1] || nio.outputs.size() != 1 || !nio.outputs[0]) {
+      *why = "an Add without two inputs and one output";
+      return nullptr;
+    }
+    const bool first = value_name(api, nio.inputs[0]) == value;
+    const bool second = value_name(api, nio.inputs[1]) == value;
+    if (first == second) {
+      *why = "an Add of the product with itself";
+      return nullptr;
+    }
+    return nio.inputs[first ? 1 : 0];
+  };
+  auto float_output_like_product = [&](const NodeIo& nio) {
+    ONNXTensorElementDataType ty;
+    const Operand o = describe(api, nio.outputs[0], &ty);
+    return ty == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && same_shape(o.dims, out.dims);
+  };
+  auto take = [&](const OrtNode* node, const NodeIo& nio) {
+    r->fused_consumers.push_back(node);
+    value = value_name(api, nio.outputs[0]);
+    p.output = value;
+  };
+  std::string why;
+  const OrtNode* next = only_reader(index, value);  // null: read twice (a decomposed GELU) or more
+  // 1. + bias[n]
+  if (next && is_op(api, next, "", "Add")) {
+    const NodeIo nio = node_io(api, next);
+    const OrtValueInfo* other = other_input(nio, &why);
+    ONNXTensorElementDataType tb = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    Operand bias = other ? describe(api, other, &tb) : Operand{};
+    if (other && is_column_bias(bias, tb, N, out.rank) && float_output_like_product(nio)) {
+      p.bias = bias;
+      r->bias_input = other;
+      take(next, nio);
+      next = only_reader(index, value);
+    } else if (other && bias.constant) {
+      return "; the Add after it stays on the CPU EP (not a float32 per-column bias of " + std::to_string(N) + ")";
+    }
+  }
+  // 2. GELU (erf form): Gelu, its decomposed form, or BiasGelu when no bias was taken yet
+  if (const auto gelu = next ? std::vector<const OrtNode*>{} : match_erf_gelu(api, index, value); !gelu.empty()) {
+    const NodeIo nio = node_io(api, gelu.back());
+    if (!float_output_like_product(nio))
+      return r->fused_consumers.empty() ? "; the GELU after it stays on the CPU EP (not of the product's shape)" : "";
+    p.epilogue_gelu = true;
+    r->fused_consumers.insert(r->fused_consumers.end(), gelu.begin(), gelu.end() - 1);
+    take(gelu.back(), nio);
+    next = only_reader(index, value);
+  } else if (next && (is_op(api, next, "com.microsoft", "Gelu") || is_op(api, next, "", "Gelu"))) {
+    const NodeIo nio = node_io(api, next);
+    std::string approximate = "none";
+    if (is_op(api, next, "", "Gelu") && !string_attr(api, next, "approximate", &approximate)) approximate = "?";
+    if (nio.inputs.size() != 1 || nio.outputs.size() != 1 || !nio.outputs[0] || approximate != "none" ||
+        !float_output_like_product(nio))
+      return r->fused_consumers.empty() ? "; the Gelu after it stays on the CPU EP (not the erf form of its shape)"
+                                        : "";
+    p.epilogue_gelu = true;
+    take(next, nio);
+    next = only_reader(index, value);
+  } else if (next && is_op(api, next, "com.microsoft", "BiasGelu")) {
+    const NodeIo nio = node_io(api, next);
+    ONNXTensorElementDataType tb = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    const bool x_first = nio.inputs.size() == 2 && nio.inputs[0] && nio.inputs[1] &&
+                         value_name(api, nio.inputs[0]) == value;
+    const Operand bias = x_first ? describe(api, nio.inputs[1], &tb) : Operand{};
+    if (!x_first || r->bias_input || nio.outputs.size() != 1 || !nio.outputs[0] || !is_column_bias(bias, tb, N, out.rank) ||
+        !float_output_like_product(nio))
+      return "; the BiasGelu after it stays on the CPU EP (its bias is not a float32 per-column constant of " +
+             std::to_string(N) + ", or a bias was already added)";
+    p.bias = bias;
+    r->bias_input = nio.inputs[1];
+    p.epilogue_gelu = true;
+    take(next, nio);
+    next = only_reader(index, value);
+  }
+  // 3. + residual[m][n]
+  if (next && is_op(api, next, "", "Add")) {
+    const NodeIo nio = node_io(api, next);
+    const OrtValueInfo* other = other_input(nio, &why);
+    if (!other) return "; the Add after it stays on the CPU EP (" + why + ")";
+    ONNXTensorElementDataType tr;
+    const Operand res = describe(api, other, &tr);
+    if (tr != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return "; the Add after it stays on the CPU EP (residual is not float32)";
+    if (res.constant) return "; the Add after it stays on the CPU EP (a constant that is not a per-column bias)";
+    if (!same_shape(res.dims, out.dims) || !float_output_like_product(nio))
+      return "; the Add after it stays on the CPU EP (its other operand broadcasts: not a residual of the output's shape)";
+    // A residual read by this Add alone may be another product's epilogue output that would claim this Add too.
+    const auto producer = index.producer.find(res.name);
+    const auto uses = index.uses.find(res.name);
+    if (producer != index.producer.end() && uses != index.uses.end() && uses->second == 1)
+      return "; the Add after it stays on the CPU EP (its other operand is read only there: it may be another "
+             "product's to fuse)";
+    p.residual = res;
+    take(next, nio);
+  }
+  return "";
+}
 
 Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& index) {
   Claim r;
@@ -40,6 +249,13 @@ Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& ind
   r.ok = true;
   r.reason = p.b.constant ? "constant weight" : "both operands at run time";
   if (!r.fused_producers.empty()) r.reason += ", with the Transpose of its input(s)";
+  if (io.outputs.size() == 1 && io.outputs[0]) {
+    const std::string stop = claim_epilogue(api, index, io, &r);
+    if (!r.fused_consumers.empty())
+      r.reason += std::string(", epilogue:") + (p.bias.present ? " +bias" : "") + (p.epilogue_gelu ? " gelu" : "") +
+                  (p.residual.present ? " +residual" : "");
+    r.reason += stop;
+  }
   return r;
 }
 
@@ -78,16 +294,67 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   const int64_t batches = count(batch);
   if (batches == 0 || M == 0 || N == 0) return;
 
+  // The epilogue (kernels/gemm_contract.h): bias and GELU per product; the residual too when it has the output's
+  // shape, else (symbolic dims that broadcast at run time) added here after every product has run.
+  kernels::GemmEpilogue epilogue;
+  if (!plan.bias_value.empty()) {
+    if (static_cast<int64_t>(plan.bias_value.size()) != N)
+      throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': bias of " +
+                                                   std::to_string(plan.bias_value.size()) + " values for N=" +
+                                                   std::to_string(N));
+    epilogue.bias = plan.bias_value.data();
+  }
+  epilogue.gelu = plan.epilogue_gelu;
+  Tensor residual;
+  bool residual_broadcasts = false;
+  if (plan.residual.present) {
+    residual = io.input(plan.residual.name);
+    if (!residual.data)
+      throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': residual is not float32");
+    residual_broadcasts = residual.dims != out_dims;
+    if (!residual_broadcasts) epilogue.residual = residual.data, epilogue.ldr = N;
+  }
+  auto with_epilogue = [&](kernels::GemmArgs args, int64_t row0) {
+    args.epilogue = epilogue;
+    if (epilogue.residual) args.epilogue.residual = epilogue.residual + row0 * N;
+    return args;
+  };
+  auto add_broadcast_residual = [&] {
+    if (!residual_broadcasts) return;
+    const size_t rank = out_dims.size();
+    if (residual.dims.size() != rank)
+      throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': residual rank differs from the output's");
+    Dims rstride = contiguous_strides(residual.dims);
+    for (size_t d = 0; d < rank; ++d) {
+      if (residual.dims[d] == out_dims[d]) continue;
+      if (residual.dims[d] != 1)
+        throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': residual does not broadcast to the output");
+      rstride[d] = 0;
+    }
+    const int64_t total = count(out_dims);
+    Dims idx(rank, 0);
+    for (int64_t i = 0; i < total; ++i) {
+      int64_t off = 0;
+      for (size_t d = 0; d < rank; ++d) off += idx[d] * rstride[d];
+      y[i] += residual.data[off];
+      for (size_t d = rank; d-- > 0;)
+        if (++idx[d] < out_dims[d]) break;
+        else idx[d] = 0;
+    }
+  };
+
   // A 2-D (or batch-broadcast) B shared by every batch of a contiguous A: one tall GEMM.
   const bool plain = plan.a.perm.empty() && plan.b.perm.empty();
   const bool tall = plain && count(batch_b) == 1 && count(batch_a) == batches;
   dispatch.note_work(tall ? 1 : batches, tall ? batches * M : M, K, N, !plan.b.constant, a2.strides[ra - 1] != 1,
                      false);
   if (tall) {
-    const kernels::GemmArgs args{a.data, batches * M, K, y, N};
-    // A and C are io tensors nothing touches until the fused node flushes: may ride in a runlist with later nodes.
-    if (plan.b.constant) dispatch.gemm_later(args, 0, io.deferred());
+    const kernels::GemmArgs args = with_epilogue({a.data, batches * M, K, y, N}, 0);
+    // A and C are io tensors nothing touches until the fused node flushes: may ride in a runlist with later nodes
+    // (not when the residual is added here afterwards).
+    if (plan.b.constant) dispatch.gemm_later(args, 0, residual_broadcasts ? nullptr : io.deferred());
     else dispatch.gemm_runtime({{args, ep::RuntimeB{b.data, N, 1}}}, K, N);
+    add_broadcast_residual();
     return;
   }
   const Dims a_batch_strides(a2.strides.begin(), a2.strides.end() - 2);
@@ -112,7 +379,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
       ap = dst;
       lda = K;
     }
-    const kernels::GemmArgs args{ap, M, lda, y + i * M * N, N};
+    const kernels::GemmArgs args = with_epilogue({ap, M, lda, y + i * M * N, N}, i * M);
     if (plan.b.constant)
       constant.emplace_back(args, static_cast<size_t>(broadcast_index(batch, batch_b, i)));
     else
@@ -121,6 +388,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   }
   if (plan.b.constant) dispatch.gemm_batch(constant);
   else dispatch.gemm_runtime(runtime, K, N);
+  add_broadcast_residual();
 }
 
 }  // namespace

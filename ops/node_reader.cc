@@ -185,7 +185,12 @@ GraphIndex GraphIndex::of(const OrtApi& api, const OrtGraph* graph) {
     for (const OrtValueInfo* vi : io.outputs)
       if (vi) index.producer[value_name(api, vi)] = node;
     for (const OrtValueInfo* vi : io.inputs)
-      if (vi) ++index.uses[value_name(api, vi)];
+      if (vi) {
+        const std::string name = value_name(api, vi);
+        ++index.uses[name];
+        auto& readers = index.consumers[name];
+        if (readers.empty() || readers.back() != node) readers.push_back(node);
+      }
     size_t implicit = 0;
     check(api, api.Node_GetNumImplicitInputs(node, &implicit));
     std::vector<const OrtValueInfo*> implicit_inputs(implicit);

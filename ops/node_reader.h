@@ -41,6 +41,8 @@ bool string_attr(const OrtApi& api, const OrtNode* node, const char* name, std::
 struct GraphIndex {
   std::unordered_map<std::string, const OrtNode*> producer;
   std::unordered_map<std::string, int> uses;
+  // The nodes that read each value (as a node input): a product's epilogue extends over its one consumer.
+  std::unordered_map<std::string, std::vector<const OrtNode*>> consumers;
   static GraphIndex of(const OrtApi& api, const OrtGraph* graph);
 };
 

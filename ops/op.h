@@ -3,7 +3,8 @@
 //
 // GetCapability and Compile call the same claim rule, so a node is claimed exactly when Compile can build its
 // plan. The claim rule reads shapes and attributes only, never weight data: Compile packs the constant weight the
-// plan describes (kernels/packing.h). The plan is plain data (names, shapes, attributes), so that it can be
+// plan describes (kernels/packing.h). (One exception: the scalar constants that make a decomposed GELU a GELU,
+// ops/matmul.cc.) The plan is plain data (names, shapes, attributes), so that it can be
 // stored and read back without the graph.
 #pragma once
 
@@ -66,6 +67,13 @@ struct OpPlan {
   Operand v;
   float attention_scale = 1.f;
   kernels::Precision precision = kernels::Precision::kBf16;  // constant B packed in it, every product run in it
+  // The GEMM epilogue (kernels/gemm_contract.h, "Epilogue"; MatMul with a constant 2-D B only): the bias Add,
+  // Gelu / BiasGelu and residual Add after the product, fused into it (Claim::fused_consumers); `output` is then
+  // the last of those nodes' output. bias_value: read at Compile from `bias` (a constant [N] or [1, ..., N]).
+  Operand bias;
+  std::vector<float> bias_value;
+  bool epilogue_gelu = false;
+  Operand residual;  // a run-time tensor of the output's shape (present: added last)
 };
 
 struct Claim {
@@ -74,6 +82,9 @@ struct Claim {
   OpPlan plan;
   // Transpose nodes whose only consumer is this node: claimed with it, so the permuted copy is never made.
   std::vector<const OrtNode*> fused_producers;
+  // The nodes after it that its epilogue runs (bias Add, Gelu / BiasGelu, residual Add), in graph order.
+  std::vector<const OrtNode*> fused_consumers;
+  const OrtValueInfo* bias_input = nullptr;  // the constant bias the plan's epilogue reads (Compile: its value)
   std::string precision_note;  // why plan.precision is what it is (apply_precision_policy), for the report
   // Set by apply_precision_policy on a fused attention claim whose node the policy puts in bf16x3 (the fused
   // contract is bf16): claim_nodes then claims the node as a plain product instead, so the policy is honoured.

@@ -69,8 +69,11 @@ Claim claim_node(const OrtApi& api, const OrtNode* node, const GraphIndex& index
     r.ok = false;
     r.reason = std::string(op_type) + " without exactly one output";
   }
-  if (r.ok) r.plan.output = value_name(api, io.outputs[0]);
-  if (!r.ok) r.fused_producers.clear();
+  if (r.ok && r.plan.output.empty()) r.plan.output = value_name(api, io.outputs[0]);  // (an epilogue set its own)
+  if (!r.ok) {
+    r.fused_producers.clear();
+    r.fused_consumers.clear();
+  }
   return r;
 }
 

@@ -334,6 +334,23 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("b"), py::arg("precision"), "A weight packed in a precision mode, as the EP packs it (for upload)");
   m.def("emulator_gemm", [](F32Array a, const k::PackedB& b, int threads) { return run_gemm(a, b, false, threads); },
         py::arg("a"), py::arg("b"), py::arg("threads") = 0);
+  m.def("apply_epilogue", [](F32Array c, std::optional<F32Array> bias, bool gelu, std::optional<F32Array> residual) {
+        if (c.ndim() != 2) throw std::invalid_argument("C must be [M, N]");
+        const int64_t M = c.shape(0), N = c.shape(1);
+        if (bias && (bias->ndim() != 1 || bias->shape(0) != N)) throw std::invalid_argument("bias must be [N]");
+        if (residual && (residual->ndim() != 2 || residual->shape(0) != M || residual->shape(1) != N))
+          throw std::invalid_argument("residual must be [M, N]");
+        py::array_t<float> out({M, N});
+        std::copy(c.data(), c.data() + M * N, out.mutable_data());
+        k::GemmEpilogue e;
+        e.bias = bias ? bias->data() : nullptr;
+        e.gelu = gelu;
+        e.residual = residual ? residual->data() : nullptr;
+        e.ldr = N;
+        k::apply_epilogue(e, out.mutable_data(), N, 0, M, 0, N);
+        return out;
+      }, py::arg("c"), py::arg("bias") = py::none(), py::arg("gelu") = false, py::arg("residual") = py::none(),
+      "The GEMM epilogue's arithmetic (gemm_contract.h, \"Epilogue\") on a copy of C, as every CPU path applies it");
   m.def("emulator_pair_b", [](const k::PackedB& b) {
         std::vector<uint32_t> pairs = k::emulator_pair_b(b);
         return py::array_t<uint32_t>(static_cast<py::ssize_t>(pairs.size()), pairs.data());

@@ -99,6 +99,41 @@ def int8_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return 0.5005 * (sb * row + sa * col) + 0.2505 * k * sa * sb + 2.0**-21 * (np.abs(a) @ np.abs(b)) + TINY
 
 
+# ---- GEMM epilogue (kernels/gemm_contract.h, "Epilogue") ----
+
+GELU_SLOPE = 1.13  # sup |d GELU / dx| = 1.1289 (at x = +-sqrt(2)): how far an input error moves GELU
+GELU_APPROX = 2.0**-21  # |GELU_approx(x) - GELU(x)| <= GELU_APPROX |x| (erf within 4.4e-7, fp32 roundings)
+
+
+def gelu64(x) -> np.ndarray:
+    """GELU(x) = x/2 (1 + erf(x / sqrt 2)) in float64 (the erf form of ONNX Gelu and ORT's BiasGelu)."""
+    from math import erf
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1.0 + np.vectorize(erf, otypes=[np.float64])(x / np.sqrt(2.0)))
+
+
+def epilogue_exact(product, bias=None, gelu=False, residual=None) -> np.ndarray:
+    """act(product + bias) + residual in float64, the epilogue's steps in the contract's order."""
+    s = np.asarray(product, np.float64) + (0.0 if bias is None else np.asarray(bias, np.float64))
+    y = gelu64(s) if gelu else s
+    return y + (0.0 if residual is None else np.asarray(residual, np.float64))
+
+
+def epilogue_bound(product_bound, product_exact, bias=None, gelu=False, residual=None) -> np.ndarray:
+    """The bound on an epilogue's output given the product's bound E (precision_bound):
+        s = C + bias: E + 2^-24 |s|;  GELU: GELU_SLOPE (E + 2^-24 |s|) + GELU_APPROX |s|;  + residual: + 2^-24 |y|
+    (|s| and |y| taken at the exact values plus the bound, so that the roundings of the computed values fit)."""
+    e = np.asarray(product_bound, np.float64)
+    s = np.abs(np.asarray(product_exact, np.float64) + (0.0 if bias is None else np.asarray(bias, np.float64))) + e
+    err = e + (2.0**-24 * s if bias is not None else 0.0)
+    if gelu:
+        err = GELU_SLOPE * err + GELU_APPROX * s
+    if residual is not None:
+        y = np.abs(epilogue_exact(product_exact, bias, gelu, residual)) + err
+        err = err + 2.0**-24 * y
+    return err + TINY
+
+
 # ---- Fused attention (kernels/attention_contract.h) ----
 
 def attention_exact(q, kt, v, scale) -> np.ndarray:

@@ -313,6 +313,31 @@ def test_core_kernel_converts_fp32_a_with_round_to_nearest_even(core_kernel):
     assert np.any(floor_.astype(np.uint32).view(np.float32) != rne), "data must tell floor from RNE"
 
 
+
+@pytest.mark.parametrize("flags", [1, 2, 3, 4, 5, 7])
+def test_core_kernel_epilogue_is_the_contracts(core_kernel, flags):
+    """epilogue_f32 (the GEMM epilogue on a finished C tile in L1, gemm_contract.h "Epilogue") on the host
+    stand-in: bit for bit the emulator's apply_epilogue on the blocked layout (same operations, same order), and
+    within numerics.epilogue_bound of float64. Unbuilt for the AIE here (no Peano)."""
+    from numerics import epilogue_bound, epilogue_exact
+
+    rng = np.random.default_rng(flags)
+    c = (rng.standard_normal((64, 64)) * 3).astype(np.float32)
+    c[0, :8] = [0.0, -0.0, 6.0, -6.0, 40.0, -40.0, 1e-30, np.sqrt(2)]  # clamp region, zeros, a tiny value
+    bias = rng.standard_normal(64).astype(np.float32)
+    res = rng.standard_normal((64, 64)).astype(np.float32)
+    blocked = lambda x: np.ascontiguousarray(x.reshape(16, 4, 16, 4).transpose(0, 2, 1, 3)).reshape(-1)  # noqa: E731
+    tile, res_blk = blocked(c), blocked(res)
+    ptr = lambda x: x.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    core_kernel.epilogue_f32(ptr(tile), ptr(bias), ptr(res_blk), ctypes.c_int32(flags))
+    out = tile.reshape(16, 16, 4, 4).transpose(0, 2, 1, 3).reshape(64, 64)
+    use_bias, gelu, use_res = bool(flags & 1), bool(flags & 2), bool(flags & 4)
+    ref = nat.apply_epilogue(c, bias if use_bias else None, gelu, res if use_res else None)
+    np.testing.assert_array_equal(out, ref)
+    exact = epilogue_exact(c, bias if use_bias else None, gelu, res if use_res else None)
+    bound = epilogue_bound(np.zeros((64, 64)), c, bias if use_bias else None, gelu, res if use_res else None)
+    assert np.all(np.abs(out - exact) <= bound)
+
 # ---- the f32_f32 design (dataflow v2): plan, simulation, recorded IRON program, build script ----
 
 import iron_layer  # noqa: E402

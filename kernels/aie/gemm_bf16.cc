@@ -29,6 +29,23 @@ aie::vector<bfloat16, kSize> rounded_block(const float* p) {
   return t.template to_vector<bfloat16>();
 }
 
+// The contract's GELU (gemm_contract.h, "Epilogue": gelu_erf, the same rational and constants) on 16 lanes.
+using V16 = aie::vector<float, 16>;
+V16 fmul(const V16& a, const V16& b) { return aie::mul(a, b).template to_vector<float>(); }
+V16 splat(float x) { return aie::broadcast<float, 16>(x); }
+V16 gelu16(const V16& x) {
+  const V16 z = aie::max(aie::min(fmul(x, splat(0.70710678118654752f)), splat(4.f)), splat(-4.f));
+  const V16 t = fmul(z, z);
+  V16 p = splat(1.92201082e-08f);
+  for (float k : {-1.99060612e-06f, 1.55561997e-04f, 4.29371723e-03f, 5.24352492e-02f, 2.13957530e-01f,
+                  1.12837868e+00f})
+    p = aie::add(fmul(p, t), splat(k));
+  V16 q = splat(1.09823e-03f);
+  for (float k : {1.555229e-02f, 1.2080502e-01f, 5.2294257e-01f, 1.f}) q = aie::add(fmul(q, t), splat(k));
+  const V16 erf = aie::div(fmul(z, p), q);
+  return fmul(fmul(splat(0.5f), x), aie::add(splat(1.f), erf));
+}
+
 }  // namespace
 
 extern "C" {
@@ -69,6 +86,30 @@ void matmul_f32a_f32b_f32(const float* __restrict a, const float* __restrict b, 
   xdna_aie::mac_blocks_2x2<Mmul, kM / kR, kK / 2 / kS, kN / kT>(a, b, c, rounded_block<Mmul::size_A>,
                                                                 rounded_block<Mmul::size_B>);
   event1();
+}
+
+// The GEMM epilogue (gemm_contract.h, "Epilogue", issues 7 and 13) on one finished 64x64 C tile in L1, before the
+// memtile drains it, instead of a round trip through DDR and a CPU pass: C = act(C + bias[n]) + residual, fp32.
+// bias: the tile's 64 column values; residual: a 64x64 tile in C's blocked layout (the memtile brings it in as it
+// brings A). flags: bit 0 bias, bit 1 GELU, bit 2 residual. A 4x4 block of C is one 16-lane vector whose lane i is
+// (row i / 4, column i % 4), so the bias repeats every 4 lanes.
+// Not built here (no Peano on this machine) and not yet in gemm_design.py's program: tests/test_xrt_aie_design.py
+// checks it on the host stand-in against the emulator's apply_epilogue arithmetic.
+void epilogue_f32(float* __restrict c, const float* __restrict bias, const float* __restrict residual, int32_t flags) {
+  constexpr unsigned kBlocks = kN / kT;  // 4x4 blocks per block row
+  for (unsigned bn = 0; bn < kBlocks; ++bn) {
+    V16 b = splat(0.f);
+    if (flags & 1)
+      for (unsigned i = 0; i < 16; ++i) b.set(bias[bn * kT + i % kT], i);
+    for (unsigned bm = 0; bm < kM / kR; ++bm) {
+      float* p = c + (bm * kBlocks + bn) * 16;
+      V16 v = aie::load_v<16>(p);
+      if (flags & 1) v = aie::add(v, b);
+      if (flags & 2) v = gelu16(v);
+      if (flags & 4) v = aie::add(v, aie::load_v<16>(residual + (bm * kBlocks + bn) * 16));
+      aie::store_v(p, v);
+    }
+  }
 }
 
 }  // extern "C"

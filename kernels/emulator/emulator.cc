@@ -47,6 +47,7 @@ void reference_gemm(const GemmArgs& args, const PackedB& b) {
         acc += round_to_bf16(args.a[m * args.lda + k]) * bf16_to_f32(b.bits()[packed_b_offset(s.Kpad, k, n)]);
       args.c[m * args.ldc + n] = acc;
     }
+  if (!args.epilogue.empty()) apply_epilogue(args.epilogue, args.c, args.ldc, 0, args.M, 0, s.N);
 }
 
 namespace emu {
@@ -373,8 +374,15 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads, const ui
   const PaddedShape& s = b.shape;
   const int64_t M = args.M, K = s.K, N = s.N;
   if (M <= 0 || N <= 0) return;
+  // The epilogue (gemm_contract.h) runs on each block right after the kernel wrote it, while it is in cache.
+  const GemmEpilogue& ep = args.epilogue;
+  const bool has_epilogue = !ep.empty();
+  auto finish = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    if (has_epilogue) apply_epilogue(ep, args.c, args.ldc, m0, m1, n0, n1);
+  };
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(args.c + m * args.ldc, args.c + m * args.ldc + N, 0.f);
+    finish(0, M, 0, N);
     return;
   }
   const emu::IsaKernels& kern = emu::kernels();
@@ -384,20 +392,28 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads, const ui
 
   // Few rows against a B paired beforehand: as the direct path, on the tiles.
   if (pairs && kern.paired && M >= kern.paired_min_m && M <= kern.paired_max_m) {
-    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) { kern.paired(p, pairs, 0, M, n0, n1); });
+    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) {
+      kern.paired(p, pairs, 0, M, n0, n1);
+      finish(0, M, n0, n1);
+    });
     return;
   }
 
   // Small M (GEMV): memory bound on B, so threads split the n-tiles and each streams its share of B once.
   if (M <= kern.direct_max_m) {
-    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) { kern.direct(p, 0, M, n0, n1); });
+    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) {
+      kern.direct(p, 0, M, n0, n1);
+      finish(0, M, n0, n1);
+    });
     return;
   }
 
   // Large M: (row block, column block) tasks.
   threads = static_cast<int>(std::clamp<int64_t>(M * K * N / kMinMacsPerThread, 1, threads));
-  emu::split_blocks(M, N, kern.block_m, threads,
-                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kern.blocked(p, m0, m1, n0, n1); });
+  emu::split_blocks(M, N, kern.block_m, threads, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kern.blocked(p, m0, m1, n0, n1);
+    finish(m0, m1, n0, n1);
+  });
 }
 
 void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads) {
@@ -406,6 +422,9 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
     for (size_t i = 0; i < count; ++i)
       for (int64_t m = 0; m < calls[i].args.M; ++m)
         std::fill(calls[i].args.c + m * calls[i].args.ldc, calls[i].args.c + m * calls[i].args.ldc + N, 0.f);
+    for (size_t i = 0; i < count; ++i)
+      if (!calls[i].args.epilogue.empty())
+        apply_epilogue(calls[i].args.epilogue, calls[i].args.c, calls[i].args.ldc, 0, calls[i].args.M, 0, N);
     return;
   }
   const emu::IsaKernels& kern = emu::kernels();
@@ -424,6 +443,7 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
     const emu::UnpackedProblem p{call.args.a, call.args.lda, call.args.c, call.args.ldc, call.b, call.ldb,
                                  call.args.M, K, N, call.b_transposed};
     kern.unpacked(p, 0, call.args.M, n0, n1);
+    if (!call.args.epilogue.empty()) apply_epilogue(call.args.epilogue, call.args.c, call.args.ldc, 0, call.args.M, n0, n1);
   };
   if (threads == 1) {
     for (int64_t t = 0; t < tasks; ++t) task(t);
@@ -652,15 +672,21 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) 
     });
   }
 
+  // The epilogue (gemm_contract.h) on each block right after the kernel dequantised it, as emulator_gemm does.
+  const GemmEpilogue& ep = args.epilogue;
+  const bool has_epilogue = !ep.empty();
+  auto block = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kern.gemm(p, m0, m1, n0, n1);
+    if (has_epilogue) apply_epilogue(ep, args.c, args.ldc, m0, m1, n0, n1);
+  };
   // Few rows: bound by reading B, so threads split the columns and each streams its share of B once.
   if (M <= kInt8FewRows) {
-    emu::split_columns(N, b.Kpad * N, threads, [&](int64_t n0, int64_t n1) { kern.gemm(p, 0, M, n0, n1); });
+    emu::split_columns(N, b.Kpad * N, threads, [&](int64_t n0, int64_t n1) { block(0, M, n0, n1); });
     return;
   }
   // Many rows: (row block, column block) tasks, as emulator_gemm does.
   threads = static_cast<int>(std::clamp<int64_t>(M * K * N / (2 * kMinMacsPerThread), 1, threads));
-  emu::split_blocks(M, N, kInt8BlockM, threads,
-                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kern.gemm(p, m0, m1, n0, n1); });
+  emu::split_blocks(M, N, kInt8BlockM, threads, block);
 }
 
 SplitB pack_b_bf16x3(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {
@@ -708,6 +734,7 @@ void emulator_gemm_bf16x3(const GemmArgs& args, const SplitB& b, int threads) {
         // (Inf * a zero lo part).
         if (std::isfinite(c)) c += small[m * N + n] + small[M * N + m * N + n];
       }
+    if (!args.epilogue.empty()) apply_epilogue(args.epilogue, args.c, args.ldc, m0, m1, 0, N);  // rows still in cache
   });
 }
 

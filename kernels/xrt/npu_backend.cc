@@ -401,6 +401,10 @@ class NpuBackend final : public Backend {
       for (InFlight& r : runs) {
         if (r.c_in) at_step("result", [&] { check_in_place_c(*r.c_in, static_cast<int64_t>(bytes_of(r.rows, r.p->Npad, 1))); });
         else at_step("result", [&] { read_c(*r.staging->c, *r.p, r.row0, r.rows, r.variant->entry.m_rows, *r.args); });
+        // The epilogue (gemm_contract.h): the built xclbins have none yet (kernels/aie/gemm_bf16.cc has it, unbuilt
+        // here: no Peano), so the host applies it to the run's rows as they come back.
+        if (!r.args->epilogue.empty())
+          apply_epilogue(r.args->epilogue, r.args->c, r.args->ldc, r.row0, r.row0 + r.rows, 0, r.p->N);
         r.a_in.reset();
         r.c_in.reset();
         if (r.staging) give_back(*r.variant, std::move(r.staging));

@@ -1,9 +1,11 @@
 // Host stand-in for the few AIE API pieces gemm_bf16.cc, gemm_int8.cc and attention_bf16.cc use, so its blocked indexing can be unit-tested with
 // g++ (tests/test_xrt_aie_design.py). Scalar and slow; bfloat16 is stored as its 16 bits. Not the AIE API.
 #pragma once
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 struct bfloat16 {
   uint16_t bits;
@@ -74,10 +76,40 @@ struct accum {
   template <typename Out>
   vector<Out, L> to_vector() const {
     vector<Out, L> r;
-    for (unsigned i = 0; i < L; ++i) r.v[i] = to_bf16(v[i]);
+    for (unsigned i = 0; i < L; ++i) {
+      if constexpr (std::is_same_v<Out, float>) r.v[i] = v[i];
+      else r.v[i] = to_bf16(v[i]);
+    }
     return r;
   }
 };
+// Elementwise float operations (the epilogue): AIE-ML multiplies float vectors into an accumulator.
+template <typename T, unsigned L>
+vector<T, L> broadcast(T x) {
+  vector<T, L> r;
+  r.v.fill(x);
+  return r;
+}
+template <typename T, unsigned L, typename F>
+vector<T, L> lanes(const vector<T, L>& a, const vector<T, L>& b, F f) {
+  vector<T, L> r;
+  for (unsigned i = 0; i < L; ++i) r.v[i] = f(a.v[i], b.v[i]);
+  return r;
+}
+template <typename T, unsigned L>
+vector<T, L> add(const vector<T, L>& a, const vector<T, L>& b) { return lanes(a, b, [](T x, T y) { return x + y; }); }
+template <typename T, unsigned L>
+vector<T, L> min(const vector<T, L>& a, const vector<T, L>& b) { return lanes(a, b, [](T x, T y) { return y < x ? y : x; }); }
+template <typename T, unsigned L>
+vector<T, L> max(const vector<T, L>& a, const vector<T, L>& b) { return lanes(a, b, [](T x, T y) { return x < y ? y : x; }); }
+template <typename T, unsigned L>
+vector<T, L> div(const vector<T, L>& a, const vector<T, L>& b) { return lanes(a, b, [](T x, T y) { return x / y; }); }
+template <typename T, unsigned L>
+accum<accfloat, L> mul(const vector<T, L>& a, const vector<T, L>& b) {
+  accum<accfloat, L> r;
+  r.from_vector(lanes(a, b, [](T x, T y) { return x * y; }));
+  return r;
+}
 template <typename TAcc>
 struct acc_element;
 template <>

@@ -1,0 +1,228 @@
+"""The GEMM epilogue (kernels/gemm_contract.h, "Epilogue"): a MatMul's bias Add, Gelu / BiasGelu and residual Add
+run by the EP inside the product, against float64 numpy and ORT's CPU EP within the derived bound
+(numerics.epilogue_bound), placement proven; what the epilogue cannot take stays on the CPU EP with the right result.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import onnxruntime_ep_xdna as xdna
+
+from cpu_isa import check_with_isa
+from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
+from numerics import assert_within, epilogue_bound, epilogue_exact, fp32_eps, gelu64, precision_bound
+
+MS = "com.microsoft"
+
+
+def _model(a_shape, k, n, steps, seed=0, opset=17, bias_shape=None, residual_shape=None, extra_outputs=()):
+    """MatMul(A, W) followed by `steps`: "bias" (Add of a constant), "gelu" (com.microsoft Gelu), "onnx_gelu"
+    (ONNX Gelu, opset 20), "tanh_gelu" (ONNX Gelu approximate=tanh), "biasgelu" (com.microsoft BiasGelu),
+    "residual" (Add of input R), "runtime_bias" (Add of input R shaped bias_shape). Returns (model bytes, feeds,
+    constants)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    bias = rng.standard_normal(bias_shape or (n,)).astype(np.float32)
+    out_shape = list(a_shape[:-1]) + [n]
+    # A symbolic batch dim, as Whisper's: with static 3-D shapes ORT turns MatMul + Add into Reshape, Gemm, Reshape
+    # before partitioning (MatMulAddFusion).
+    sym = lambda s: ["batch"] + list(s[1:]) if len(s) >= 3 else list(s)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["A", "W"], ["mm"], name="mm")]
+    inits = [init("W", w)]
+    inputs = [tensor("A", sym(a_shape))]
+    feeds = {"A": rng.standard_normal(a_shape).astype(np.float32)}
+    value = "mm"
+    for i, step in enumerate(steps):
+        out = f"s{i}"
+        if step == "bias":
+            inits.append(init("bias", bias))
+            nodes.append(helper.make_node("Add", [value, "bias"], [out], name=f"bias_add{i}"))
+        elif step == "gelu":
+            nodes.append(helper.make_node("Gelu", [value], [out], name=f"gelu{i}", domain=MS))
+        elif step == "erf_gelu":  # as PyTorch exports it (Whisper's fc1): x/2 (1 + erf(x / sqrt 2))
+            inits += [init(f"sqrt2_{i}", np.float32(np.sqrt(2))), init(f"one_{i}", np.float32(1)),
+                      init(f"half_{i}", np.float32(0.5))]
+            nodes += [helper.make_node("Div", [value, f"sqrt2_{i}"], [f"d{i}"], name=f"gelu_div{i}"),
+                      helper.make_node("Erf", [f"d{i}"], [f"e{i}"], name=f"gelu_erf{i}"),
+                      helper.make_node("Add", [f"e{i}", f"one_{i}"], [f"p{i}"], name=f"gelu_add{i}"),
+                      helper.make_node("Mul", [value, f"p{i}"], [f"m{i}"], name=f"gelu_mul{i}"),
+                      helper.make_node("Mul", [f"m{i}", f"half_{i}"], [out], name=f"gelu{i}")]
+        elif step == "onnx_gelu":
+            nodes.append(helper.make_node("Gelu", [value], [out], name=f"gelu{i}"))
+        elif step == "tanh_gelu":
+            nodes.append(helper.make_node("Gelu", [value], [out], name=f"gelu{i}", approximate="tanh"))
+        elif step == "biasgelu":
+            inits.append(init("bias", bias))
+            nodes.append(helper.make_node("BiasGelu", [value, "bias"], [out], name=f"biasgelu{i}", domain=MS))
+        elif step in ("residual", "runtime_bias"):
+            shape = residual_shape or out_shape
+            inputs.append(tensor("R", sym(shape) if len(shape) == len(a_shape) else list(shape)))
+            feeds["R"] = rng.standard_normal(shape).astype(np.float32)
+            nodes.append(helper.make_node("Add", ["R", value], [out], name=f"residual_add{i}"))  # product second
+        else:
+            raise ValueError(step)
+        value = out
+    outputs = [tensor(value, sym(out_shape))] + [tensor(v, sym(out_shape)) for v in extra_outputs]
+    graph = helper.make_graph(nodes, "epilogue", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    return model.SerializeToString(), feeds, {"W": w, "bias": bias}, value
+
+
+def _exact_and_bound(steps, feeds, consts, precision):
+    a, w = feeds["A"], consts["W"]
+    product = np.matmul(a.astype(np.float64), w.astype(np.float64))
+    bias = consts["bias"] if any(s in ("bias", "biasgelu") for s in steps) else None
+    gelu = any("gelu" in s for s in steps)
+    residual = feeds.get("R") if "residual" in steps else None
+    exact = epilogue_exact(product, bias, gelu, residual)
+    e = precision_bound(a, w, precision)
+    bound = epilogue_bound(e, product, bias, gelu, residual)
+    cpu_e = fp32_eps(a.shape[-1]) * np.matmul(np.abs(a.astype(np.float64)), np.abs(w.astype(np.float64)))
+    cpu_bound = epilogue_bound(cpu_e, product, bias, gelu, residual) + 2e-7 * np.abs(exact)  # ORT's own erf
+    return exact, bound, cpu_bound
+
+
+FUSED_CASES = [
+    # (A shape, K, N, steps, opset); 2-D A with a bias Add is a Gemm by the time the EP sees it (ORT's
+    # MatMulAddFusion), so the bias cases are 3-D, as Whisper's are.
+    ((2, 37, 70), 70, 45, ["bias"], 17),
+    ((2, 37, 70), 70, 45, ["bias", "gelu"], 17),
+    ((3, 29, 70), 70, 45, ["bias", "onnx_gelu"], 20),
+    ((3, 29, 70), 70, 45, ["bias", "erf_gelu"], 17),
+    ((37, 70), 70, 45, ["erf_gelu"], 17),
+    ((37, 70), 70, 130, ["biasgelu"], 17),
+    ((2, 19, 64), 64, 77, ["bias", "residual"], 17),
+    ((37, 70), 70, 45, ["residual"], 17),
+    ((5, 3, 96), 96, 300, ["bias", "gelu", "residual"], 17),
+    ((1, 1, 512), 512, 512, ["bias", "residual"], 17),  # a decoder step's shape
+    ((1, 300, 128), 128, 257, ["biasgelu", "residual"], 17),  # many rows: the blocked kernels' row blocks
+]
+
+
+def check_fused(a_shape, k, n, steps, opset, precision="bf16", seed=0):
+    model, feeds, consts, out = _model(a_shape, k, n, steps, seed=seed, opset=opset)
+    opts = {"precision": precision} if precision != "bf16" else None
+    sess = xdna_session(model, opts)
+    # Every node on the EP, whatever ORT renamed or fused before partitioning (2-D MatMul + bias Add -> Gemm).
+    on_cpu = xdna.placement(sess).on("CPUExecutionProvider")
+    assert not on_cpu and ep_nodes(sess), f"{steps}: on the CPU EP: {on_cpu}"
+    y = sess.run(None, feeds)[0]
+    exact, bound, cpu_bound = _exact_and_bound(steps, feeds, consts, precision)
+    assert_within(y, exact, bound, f"{steps} {precision} vs float64")
+    ref = cpu_session(model).run(None, feeds)[0]
+    assert_within(ref, exact, cpu_bound, f"{steps}: the CPU EP vs float64")
+    assert_within(y, ref, bound + cpu_bound, f"{steps} {precision} vs the CPU EP")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "bf16x3"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(c[3]) + "-" + "x".join(map(str, c[0])))
+def test_epilogue_fused_within_bound(case, precision):
+    check_fused(*case, precision=precision)
+
+
+def test_per_node_policy_with_epilogue():
+    """The per-node precision policy still names the MatMul (the epilogue's nodes ride with it)."""
+    model, feeds, consts, _ = _model((2, 37, 70), 70, 45, ["bias", "gelu", "residual"])
+    sess = xdna_session(model, {"precision": "bf16", "precision_policy": "int8:name=mm"})
+    assert {"mm", "bias_add0", "gelu1", "residual_add2"} <= {n for n, _ in ep_nodes(sess)}
+    exact, bound, _ = _exact_and_bound(["bias", "gelu", "residual"], feeds, consts, "int8")
+    assert_within(sess.run(None, feeds)[0], exact, bound, "policy int8")
+
+
+REFUSED_CASES = {
+    # what stays on the CPU EP -> (steps, model kwargs)
+    "runtime bias (not constant, broadcasts)": (["runtime_bias"], {"residual_shape": (45,)}),
+    "broadcasting residual": (["bias", "residual"], {"residual_shape": (1, 1, 45)}),
+    "constant that is not a per-column bias": (["bias"], {"bias_shape": (1, 37, 45)}),
+    "tanh Gelu": (["tanh_gelu"], {"opset": 20}),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_CASES))
+def test_refused_steps_stay_on_cpu(name):
+    steps, kwargs = REFUSED_CASES[name]
+    model, feeds, consts, out = _model((2, 37, 70), 70, 45, steps, **kwargs)
+    sess = xdna_session(model)
+    on_ep = {n for n, _ in ep_nodes(sess)}
+    assert "mm" in on_ep
+    last = steps[-1]
+    refused = {"runtime_bias": "residual_add0", "residual": f"residual_add{len(steps) - 1}", "bias": "bias_add0",
+               "tanh_gelu": "gelu0"}[last]
+    assert refused not in on_ep, f"{name}: {refused} should stay on the CPU EP"
+    ref = cpu_session(model).run(None, feeds)[0]
+    y = sess.run(None, feeds)[0]
+    a, w = feeds["A"].astype(np.float64), consts["W"].astype(np.float64)
+    e = precision_bound(feeds["A"], consts["W"], "bf16")
+    # bf16 product, then the CPU EP's fp32 steps (their roundings and tanh-vs-erf are inside the slack below)
+    assert_within(y, ref, 1.13 * e + 2e-6 * (np.abs(ref) + 1), name)
+
+
+def test_product_read_twice_keeps_its_add_on_cpu():
+    """The product is also a graph output: the Add cannot take it over (its intermediate would be lost)."""
+    model, feeds, consts, out = _model((2, 37, 70), 70, 45, ["bias"], extra_outputs=("mm",))
+    sess = xdna_session(model)
+    on_ep = {n for n, _ in ep_nodes(sess)}
+    assert "mm" in on_ep and "bias_add0" not in on_ep
+    y, mm = sess.run(None, feeds)
+    assert_within(y, mm.astype(np.float64) + consts["bias"], 2.0**-23 * np.abs(y) + 1e-30, "bias on the CPU EP")
+
+
+def test_epilogue_compiled_model_round_trips(tmp_path):
+    """EPContext carries the epilogue: a compiled model gives the same numbers, bit for bit."""
+    import onnxruntime as ort
+
+    import onnxruntime_ep_xdna as xdna
+
+    model, feeds, consts, _ = _model((2, 19, 64), 64, 77, ["bias", "gelu", "residual"])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model)
+    direct = xdna_session(model).run(None, feeds)[0]
+    ctx = tmp_path / "m_ctx.onnx"
+    so = xdna.session_options()
+    so.add_session_config_entry("ep.context_enable", "1")
+    so.add_session_config_entry("ep.context_file_path", str(ctx))
+    ort.InferenceSession(str(src), so, providers=[EP, "CPUExecutionProvider"])
+    assert ctx.exists()
+    loaded = ort.InferenceSession(str(ctx), xdna.session_options(), providers=[EP, "CPUExecutionProvider"])
+    np.testing.assert_array_equal(loaded.run(None, feeds)[0], direct)
+
+
+def test_gelu_approximation_bound():
+    """The emulator's GELU against float64 over a dense grid: within GELU_APPROX |x| (numerics), i.e. the contract's
+    erf bound; run through a 1x1 identity product so the epilogue code path itself is measured."""
+    x = np.concatenate([np.linspace(-12, 12, 200001), [0.0, 1e-30, -1e-30, 5.0, -5.0]]).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["mm"], name="mm"),
+         helper.make_node("Gelu", ["mm"], ["y"], name="gelu", domain=MS)],
+        "g", [tensor("A", ["rows", 1])], [tensor("y", ["rows", 1])], [init("W", np.ones((1, 1), np.float32))]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=10).SerializeToString()
+    sess = xdna_session(model)
+    assert "gelu" in {n for n, _ in ep_nodes(sess)}
+    xa = x[:, None]
+    y = sess.run(None, {"A": xa})[0]
+    # the product rounds x to bf16 (exactly representable inputs aside): compare with GELU of what the product gave
+    from numerics import bf16_round
+    xb = bf16_round(xa).astype(np.float64)
+    err = np.abs(y - gelu64(xb))
+    assert np.all(err <= 2.0**-21 * np.abs(xb) + 1e-38), f"worst {np.max(err / np.maximum(np.abs(xb), 1e-38)):.3g}"
+    assert np.isnan(sess.run(None, {"A": np.array([[np.nan]], np.float32)})[0]).all()
+
+
+_ISA_CHECK = textwrap.dedent("""
+    import test_gemm_epilogue as t
+    for i, case in enumerate(t.FUSED_CASES):
+        for precision in ("bf16", "int8", "bf16x3"):
+            t.check_fused(*case, precision=precision, seed=20 + i)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
+def test_each_kernel_set(isa):
+    check_with_isa(isa, _ISA_CHECK, timeout=600)
