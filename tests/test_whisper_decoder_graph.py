@@ -209,6 +209,49 @@ def test_bf16_cross_kv_on_the_xdna_ep_same_tokens_half_the_bytes(tiny, tmp_path,
         assert not other.bf16_cross_kv and cross_types(other) == ({"tensor(float)"}, {"tensor(float)"})
 
 
+def bf16_bits(value) -> np.ndarray:
+    """A bfloat16 OrtValue's bits as uint16 (numpy has no bfloat16)."""
+    import ctypes
+
+    shape = value.shape()
+    data = (ctypes.c_uint16 * int(np.prod(shape))).from_address(value.data_ptr())
+    return np.frombuffer(data, np.uint16).copy().reshape(shape)
+
+
+def test_cross_kv_cast_before_the_head_split_same_bits_fewer_cpu_transposes(tiny, copies, tmp_path):
+    """Pass 5: decoder_model's bf16 cross K/V are cast before their head-split Transpose: the outputs are the fp32
+    copy's K/V rounded to bf16, bit for bit; no fp32 K/V Transpose is left on the CPU EP (the K ones are gone, the
+    V ones are read through by the fused attention), only bf16 ones; logits unchanged."""
+    import onnxruntime as ort
+
+    from numerics import bf16_round
+
+    source = tiny / FILES[1]
+    bf16 = tmp_path / FILES[1]
+    done = decoder_graph.optimise(source, bf16, bf16_kv=True)
+    layers = sum(o.name.endswith(".encoder.key") for o in onnx.load(str(source), load_external_data=False).graph.output)
+    assert done["cast_first"] == 2 * layers
+    original, fp32, cast_first = sessions([source, copies[FILES[1]], bf16], [EP, "CPUExecutionProvider"])
+    feed = feeds(original, 1, 5, 0, seed=7) | {decoder_graph.LOGITS_ROWS: np.array([0, 4], np.int64)}
+    names = [o.name for o in fp32.get_outputs()]
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+    a = fp32.run_with_ort_values(names, values)
+    b = cast_first.run_with_ort_values(names, values)
+    for name, x, y in zip(names, a, b):
+        if ".encoder." in name:
+            expected = (bf16_round(x.numpy()).view(np.uint32) >> 16).astype(np.uint16)
+            assert np.array_equal(bf16_bits(y), expected), name
+        else:
+            assert np.array_equal(x.numpy(), y.numpy()), name
+    cpu = xdna.placement(cast_first).on("CPUExecutionProvider")
+    graph = onnx.load(str(bf16), load_external_data=False).graph
+    kv = {n.input[0] for n in graph.node if n.op_type == "Cast" and n.name.endswith("/xdna_to_bf16")}
+    assert len(kv) == 2 * layers
+    fp32_splits = {n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in kv}
+    assert fp32_splits and not fp32_splits & {n for n, _ in cpu}  # fp32 K/V Transposes: on the EP, in its attention
+    assert sum(op == "Transpose" and n.endswith("/xdna_head_split") for n, op in cpu) == 2 * layers
+
+
 def test_decoders_that_disagree_on_the_cross_kv_type_are_made_to_agree(tiny, tmp_path, monkeypatch):
     """A bf16 decoder_model copy next to an fp32 decoder_with_past (its bf16 copy failed to build): decoder_model is
     loaded again without the bf16 pass, logged, and decoding gives the fp32 tokens."""

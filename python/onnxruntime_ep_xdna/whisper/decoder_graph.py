@@ -35,6 +35,14 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    CPU's MatMul sees K and V rounded to bf16 (an fp32 path then loses exactness: never used for the CPU EP or the
    bf16x3 policy).
 
+5. With pass 4, decoder_model only (`cast_before_head_split`): the cross K/V are cast to bf16 before their head
+   split Transpose instead of after it, so that the twelve 1500 x 512 Transposes per window move half the bytes,
+   and the V Transposes, then read by the attention alone, are read through by the EP's fused attention instead
+   of being copied on the CPU EP. Cast is elementwise and Transpose moves values: the same bits.
+   (Tried and not kept: the K/V left in [batch, frames, heads, dim] for decoder_with_past to read through a
+   Transpose: every step's cross-attention then reads K/V rows 1 KB apart instead of contiguous, and the steps
+   measured slower than the per-window Transposes it saves.)
+
 The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<versions>/, written
 atomically, and a copy that fails to build or load is logged and the original is used (onnx_model.WhisperOnnx).
 XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the bf16 cross-attention K/V.
@@ -49,7 +57,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when a pass changes what it writes: older copies are then simply not used.
-VERSION = 4
+VERSION = 5
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 
 
@@ -142,6 +150,44 @@ def bf16_cross_kv(model) -> int:
     del g.node[:]
     g.node.extend(nodes)
     return added + len(casts)
+
+
+HEAD_SPLIT = [0, 2, 1, 3]  # [batch, frames, heads, dim] -> [batch, heads, frames, dim]
+
+
+def _perm(node) -> list[int] | None:
+    from onnx import helper
+
+    return next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+
+
+def cast_before_head_split(model) -> int:
+    """Pass 5 (module doc) in place, on a decoder_model pass 4 has made: each bf16 cross K/V output that is
+    Cast(Transpose(x, HEAD_SPLIT)) becomes Transpose(Cast(x), HEAD_SPLIT). Returns the outputs changed."""
+    from onnx import helper
+
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output if o}
+    nodes = list(g.node)
+    changed = 0
+    for out in g.output:
+        cast = producers.get(out.name)
+        if not (out.name.startswith("present.") and out.name.endswith(CROSS_KV)) or cast is None or \
+                cast.op_type != "Cast":
+            continue
+        split = producers.get(cast.input[0])
+        if split is None or split.op_type != "Transpose" or _perm(split) != HEAD_SPLIT:
+            continue
+        bf16 = f"{out.name}/xdna_bf16_frames_first"
+        cast.input[0], cast.output[0] = split.input[0], bf16
+        transpose = helper.make_node("Transpose", [bf16], [out.name], perm=HEAD_SPLIT,
+                                     name=f"{out.name}/xdna_head_split")
+        nodes.insert(nodes.index(cast) + 1, transpose)
+        changed += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    remove_dead_nodes(model)
+    return changed
 
 
 def _symbolic_dims(model) -> dict[str, list]:
@@ -328,9 +374,10 @@ def optimise(source: Path, output: Path, bf16_kv: bool = False) -> dict:
     merged = merge_duplicates(model)
     rows = logits_rows(model) if source.name == DECODER_FILES[0] else False
     casts = bf16_cross_kv(model) if bf16_kv else 0
+    cast_first = cast_before_head_split(model) if bf16_kv else 0
     onnx.save(model, str(output))
     return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged,
-            "logits_rows": rows, "bf16_casts": casts}
+            "logits_rows": rows, "bf16_casts": casts, "cast_first": cast_first}
 
 
 def _versions() -> str:
