@@ -112,6 +112,57 @@ def test_constant_reshape_target(source, target, expected):
     assert decoder_graph.constant_reshape_target(source, target) == expected
 
 
+def broadcast_model(op: str, reader: str):
+    """x [1, s] int64 positions broadcast to y's [b, s] by `op` (Tile by y's shape, or Expand to it), then
+    Gather(table, .) -> Cast -> `reader` with h [b, s, 4]; the table [10, 4] is a constant."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4) / 7, "table")
+    nodes = [helper.make_node("Shape", ["y"], ["y_shape"])]
+    if op == "Tile":  # repeats [b, 1]: y's shape with its last dim replaced by 1
+        nodes += [helper.make_node("Constant", [], ["idx0"], value=helper.make_tensor("i0", TensorProto.INT64, [1], [0])),
+                  helper.make_node("Gather", ["y_shape", "idx0"], ["b"], axis=0),
+                  helper.make_node("Constant", [], ["one"], value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
+                  helper.make_node("Concat", ["b", "one"], ["repeats"], axis=0),
+                  helper.make_node("Tile", ["x", "repeats"], ["wide"])]
+    else:
+        nodes += [helper.make_node("Expand", ["x", "y_shape"], ["wide"])]
+    nodes += [helper.make_node("Gather", ["table", "wide"], ["emb"], axis=0),
+              helper.make_node("Cast", ["emb"], ["emb32"], to=TensorProto.FLOAT)]
+    if reader == "Add":
+        nodes.append(helper.make_node("Add", ["h", "emb32"], ["out"]))
+    else:  # a reader that does not broadcast: the Tile/Expand must stay
+        nodes.append(helper.make_node("Identity", ["emb32"], ["out"]))
+    graph = helper.make_graph(
+        nodes, "broadcast", [helper.make_tensor_value_info("x", TensorProto.INT64, [1, "s"]),
+                             helper.make_tensor_value_info("y", TensorProto.INT64, ["b", "s"]),
+                             helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [table])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op", ["Tile", "Expand"])
+@pytest.mark.parametrize("reader", ["Add", "Identity"])
+def test_broadcasts_the_reader_makes_anyway_are_dropped(op, reader):
+    """Pass 6: a Tile/Expand whose uses reach a broadcasting Add through Gather and Cast is dropped with the shape
+    work that fed it, same numbers; where a reader needs the full shape (Identity: a graph output) it stays."""
+    import onnxruntime as ort
+
+    model = broadcast_model(op, reader)
+    before = model.SerializeToString()
+    dropped = decoder_graph.drop_absorbed_broadcasts(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert (dropped, op in ops) == ((1, False) if reader == "Add" else (0, True)), ops
+    if reader == "Add" and op == "Tile":
+        assert "Concat" not in ops and "Shape" not in ops  # its repeats' shape work went with it
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.integers(0, 10, (1, 5)).astype(np.int64), "y": np.zeros((3, 5), np.int64),
+            "h": rng.standard_normal((3, 5, 4)).astype(np.float32)}
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+           for m in (before, model.SerializeToString())]
+    assert run[0].shape == run[1].shape == (3, 5, 4) and np.array_equal(run[0], run[1])
+
+
 def chirp(seconds: float, seed: int = 0) -> np.ndarray:
     t = np.arange(int(SR * seconds)) / SR
     rng = np.random.default_rng(seed)
