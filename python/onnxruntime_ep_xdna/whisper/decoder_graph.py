@@ -35,13 +35,14 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    CPU's MatMul sees K and V rounded to bf16 (an fp32 path then loses exactness: never used for the CPU EP or the
    bf16x3 policy).
 
-5. With pass 4, decoder_model only (`cast_before_head_split`): the cross K/V are cast to bf16 before their head
-   split Transpose instead of after it, so that the twelve 1500 x 512 Transposes per window move half the bytes,
-   and the V Transposes, then read by the attention alone, are read through by the EP's fused attention instead
-   of being copied on the CPU EP. Cast is elementwise and Transpose moves values: the same bits.
-   (Tried and not kept: the K/V left in [batch, frames, heads, dim] for decoder_with_past to read through a
-   Transpose: every step's cross-attention then reads K/V rows 1 KB apart instead of contiguous, and the steps
-   measured slower than the per-window Transposes it saves.)
+5. With pass 4, decoder_model only (`cast_before_head_split`): a cross K/V output whose head-split Transpose
+   feeds nothing but its bf16 Cast (the keys: the attention reads K through a Transpose of its own) is cast
+   before the Transpose instead of after it, so that Transpose moves bf16, half the bytes (six 1500 x 512
+   Transposes per window for whisper-base). Cast is elementwise and Transpose moves values: the same bits.
+   The values' head split is also the attention's V and stays fp32: casting it first too would let the EP read V
+   through a Transpose (1 KB-strided rows), which measured slower in its attention than the copy it saves. Tried
+   and not kept either: K/V handed to decoder_with_past frames-first ([batch, frames, heads, dim]), read
+   through a Transpose every step: steps measured slower than the per-window Transposes it saves.
 
 6. Broadcasts the reader makes anyway (`drop_absorbed_broadcasts`): a Tile or Expand whose every use reaches,
    through elementwise ops and Gathers indexed by it, an Add (Sub, Mul, ...) whose other operand alone has the
@@ -57,6 +58,7 @@ XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import time
@@ -170,11 +172,13 @@ def _perm(node) -> list[int] | None:
 
 def cast_before_head_split(model) -> int:
     """Pass 5 (module doc) in place, on a decoder_model pass 4 has made: each bf16 cross K/V output that is
-    Cast(Transpose(x, HEAD_SPLIT)) becomes Transpose(Cast(x), HEAD_SPLIT). Returns the outputs changed."""
+    Cast(Transpose(x, HEAD_SPLIT)), the Transpose read by the Cast only, becomes Transpose(Cast(x), HEAD_SPLIT).
+    Returns the outputs changed."""
     from onnx import helper
 
     g = model.graph
     producers = {o: n for n in g.node for o in n.output if o}
+    readers = collections.Counter(i for n in g.node for i in n.input)
     nodes = list(g.node)
     changed = 0
     for out in g.output:
@@ -183,8 +187,8 @@ def cast_before_head_split(model) -> int:
                 cast.op_type != "Cast":
             continue
         split = producers.get(cast.input[0])
-        if split is None or split.op_type != "Transpose" or _perm(split) != HEAD_SPLIT:
-            continue
+        if split is None or split.op_type != "Transpose" or _perm(split) != HEAD_SPLIT or readers[cast.input[0]] != 1:
+            continue  # a head split the attention reads too (V) stays: its contiguous copy is what the EP reads
         bf16 = f"{out.name}/xdna_bf16_frames_first"
         cast.input[0], cast.output[0] = split.input[0], bf16
         transpose = helper.make_node("Transpose", [bf16], [out.name], perm=HEAD_SPLIT,
