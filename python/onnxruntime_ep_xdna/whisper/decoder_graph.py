@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when a pass changes what it writes: older copies are then simply not used.
-VERSION = 5
+VERSION = 6
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 
 
@@ -490,8 +490,9 @@ def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | 
     done = build_cache_entry(target, lambda path: optimise(source, path, bf16_kv))
     log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
         f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
-        f"{done['merged']} duplicates merged"
+        f"{done['merged']} duplicates merged, {done['broadcasts']} broadcasts dropped"
         + (", logits of the asked rows only" if done.get("logits_rows") else "")
+        + (f", {done['cast_first']} cross keys cast before their head split" if done.get("cast_first") else "")
         + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "") + f"): {target.parent}")
     return target
 
