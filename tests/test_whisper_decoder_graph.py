@@ -112,6 +112,57 @@ def test_constant_reshape_target(source, target, expected):
     assert decoder_graph.constant_reshape_target(source, target) == expected
 
 
+def broadcast_model(op: str, reader: str):
+    """x [1, s] int64 positions broadcast to y's [b, s] by `op` (Tile by y's shape, or Expand to it), then
+    Gather(table, .) -> Cast -> `reader` with h [b, s, 4]; the table [10, 4] is a constant."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4) / 7, "table")
+    nodes = [helper.make_node("Shape", ["y"], ["y_shape"])]
+    if op == "Tile":  # repeats [b, 1]: y's shape with its last dim replaced by 1
+        nodes += [helper.make_node("Constant", [], ["idx0"], value=helper.make_tensor("i0", TensorProto.INT64, [1], [0])),
+                  helper.make_node("Gather", ["y_shape", "idx0"], ["b"], axis=0),
+                  helper.make_node("Constant", [], ["one"], value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
+                  helper.make_node("Concat", ["b", "one"], ["repeats"], axis=0),
+                  helper.make_node("Tile", ["x", "repeats"], ["wide"])]
+    else:
+        nodes += [helper.make_node("Expand", ["x", "y_shape"], ["wide"])]
+    nodes += [helper.make_node("Gather", ["table", "wide"], ["emb"], axis=0),
+              helper.make_node("Cast", ["emb"], ["emb32"], to=TensorProto.FLOAT)]
+    if reader == "Add":
+        nodes.append(helper.make_node("Add", ["h", "emb32"], ["out"]))
+    else:  # a reader that does not broadcast: the Tile/Expand must stay
+        nodes.append(helper.make_node("Identity", ["emb32"], ["out"]))
+    graph = helper.make_graph(
+        nodes, "broadcast", [helper.make_tensor_value_info("x", TensorProto.INT64, [1, "s"]),
+                             helper.make_tensor_value_info("y", TensorProto.INT64, ["b", "s"]),
+                             helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [table])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op", ["Tile", "Expand"])
+@pytest.mark.parametrize("reader", ["Add", "Identity"])
+def test_broadcasts_the_reader_makes_anyway_are_dropped(op, reader):
+    """Pass 6: a Tile/Expand whose uses reach a broadcasting Add through Gather and Cast is dropped with the shape
+    work that fed it, same numbers; where a reader needs the full shape (Identity: a graph output) it stays."""
+    import onnxruntime as ort
+
+    model = broadcast_model(op, reader)
+    before = model.SerializeToString()
+    dropped = decoder_graph.drop_absorbed_broadcasts(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert (dropped, op in ops) == ((1, False) if reader == "Add" else (0, True)), ops
+    if reader == "Add" and op == "Tile":
+        assert "Concat" not in ops and "Shape" not in ops  # its repeats' shape work went with it
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.integers(0, 10, (1, 5)).astype(np.int64), "y": np.zeros((3, 5), np.int64),
+            "h": rng.standard_normal((3, 5, 4)).astype(np.float32)}
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+           for m in (before, model.SerializeToString())]
+    assert run[0].shape == run[1].shape == (3, 5, 4) and np.array_equal(run[0], run[1])
+
+
 def chirp(seconds: float, seed: int = 0) -> np.ndarray:
     t = np.arange(int(SR * seconds)) / SR
     rng = np.random.default_rng(seed)
@@ -207,6 +258,50 @@ def test_bf16_cross_kv_on_the_xdna_ep_same_tokens_half_the_bytes(tiny, tmp_path,
     for provider, precision in (("cpu", None), ("xdna", "bf16x3")):
         other = WhisperOnnx(tiny, provider, precision=precision, compiled=False)
         assert not other.bf16_cross_kv and cross_types(other) == ({"tensor(float)"}, {"tensor(float)"})
+
+
+def bf16_bits(value) -> np.ndarray:
+    """A bfloat16 OrtValue's bits as uint16 (numpy has no bfloat16)."""
+    import ctypes
+
+    shape = value.shape()
+    data = (ctypes.c_uint16 * int(np.prod(shape))).from_address(value.data_ptr())
+    return np.frombuffer(data, np.uint16).copy().reshape(shape)
+
+
+def test_cross_keys_cast_before_the_head_split_same_bits_bf16_transposes(tiny, copies, tmp_path):
+    """Pass 5: decoder_model's bf16 cross keys are cast before their head-split Transpose (which then moves bf16);
+    the values' head split, which the attention reads too, stays. The outputs are the fp32 copy's K/V rounded to
+    bf16, bit for bit, and the logits are unchanged; the CPU EP runs as many Transposes as before, the keys' in
+    bf16."""
+    import onnxruntime as ort
+
+    from numerics import bf16_round
+
+    source = tiny / FILES[1]
+    bf16 = tmp_path / FILES[1]
+    done = decoder_graph.optimise(source, bf16, bf16_kv=True)
+    layers = sum(o.name.endswith(".encoder.key") for o in onnx.load(str(source), load_external_data=False).graph.output)
+    assert done["cast_first"] == layers
+    original, fp32, cast_first = sessions([source, copies[FILES[1]], bf16], [EP, "CPUExecutionProvider"])
+    feed = feeds(original, 1, 5, 0, seed=7) | {decoder_graph.LOGITS_ROWS: np.array([0, 4], np.int64)}
+    names = [o.name for o in fp32.get_outputs()]
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+    a = fp32.run_with_ort_values(names, values)
+    b = cast_first.run_with_ort_values(names, values)
+    for name, x, y in zip(names, a, b):
+        if ".encoder." in name:
+            expected = (bf16_round(x.numpy()).view(np.uint32) >> 16).astype(np.uint16)
+            assert np.array_equal(bf16_bits(y), expected), name
+        else:
+            assert np.array_equal(x.numpy(), y.numpy()), name
+    graph = onnx.load(str(bf16), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    split = [n for n in graph.node if n.name.endswith("/xdna_head_split")]
+    assert len(split) == layers and all(n.output[0].endswith(".encoder.key") for n in split)
+    assert all(producer[n.input[0]].op_type == "Cast" for n in split)  # a Transpose of the bf16 tensor
+    cpu = [[n for n, op in xdna.placement(s).on("CPUExecutionProvider") if op == "Transpose"] for s in (fp32, cast_first)]
+    assert len(cpu[0]) == len(cpu[1]) and {n.name for n in split} <= set(cpu[1])
 
 
 def test_decoders_that_disagree_on_the_cross_kv_type_are_made_to_agree(tiny, tmp_path, monkeypatch):

@@ -35,6 +35,22 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    CPU's MatMul sees K and V rounded to bf16 (an fp32 path then loses exactness: never used for the CPU EP or the
    bf16x3 policy).
 
+5. With pass 4, decoder_model only (`cast_before_head_split`): a cross K/V output whose head-split Transpose
+   feeds nothing but its bf16 Cast (the keys: the attention reads K through a Transpose of its own) is cast
+   before the Transpose instead of after it, so that Transpose moves bf16, half the bytes (six 1500 x 512
+   Transposes per window for whisper-base). Cast is elementwise and Transpose moves values: the same bits.
+   The values' head split is also the attention's V and stays fp32: casting it first too would let the EP read V
+   through a Transpose (1 KB-strided rows), which measured slower in its attention than the copy it saves. Tried
+   and not kept either: K/V handed to decoder_with_past frames-first ([batch, frames, heads, dim]), read
+   through a Transpose every step: steps measured slower than the per-window Transposes it saves.
+
+6. Broadcasts the reader makes anyway (`drop_absorbed_broadcasts`): a Tile or Expand whose every use reaches,
+   through elementwise ops and Gathers indexed by it, an Add (Sub, Mul, ...) whose other operand alone has the
+   result's shape. optimum's export tiles the position ids over the batch before their embedding is added to
+   the tokens', and expands the causal mask to [batch, 1, q, k] before every layer adds it to its scores; the
+   Adds broadcast by themselves, so the Tile, the Expands and the shape work computing their repeats (~25 nodes
+   per step) go.
+
 The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<versions>/, written
 atomically, and a copy that fails to build or load is logged and the original is used (onnx_model.WhisperOnnx).
 XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the bf16 cross-attention K/V.
@@ -42,6 +58,7 @@ XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import time
@@ -49,7 +66,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when a pass changes what it writes: older copies are then simply not used.
-VERSION = 4
+VERSION = 6
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 
 
@@ -142,6 +159,46 @@ def bf16_cross_kv(model) -> int:
     del g.node[:]
     g.node.extend(nodes)
     return added + len(casts)
+
+
+HEAD_SPLIT = [0, 2, 1, 3]  # [batch, frames, heads, dim] -> [batch, heads, frames, dim]
+
+
+def _perm(node) -> list[int] | None:
+    from onnx import helper
+
+    return next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+
+
+def cast_before_head_split(model) -> int:
+    """Pass 5 (module doc) in place, on a decoder_model pass 4 has made: each bf16 cross K/V output that is
+    Cast(Transpose(x, HEAD_SPLIT)), the Transpose read by the Cast only, becomes Transpose(Cast(x), HEAD_SPLIT).
+    Returns the outputs changed."""
+    from onnx import helper
+
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output if o}
+    readers = collections.Counter(i for n in g.node for i in n.input)
+    nodes = list(g.node)
+    changed = 0
+    for out in g.output:
+        cast = producers.get(out.name)
+        if not (out.name.startswith("present.") and out.name.endswith(CROSS_KV)) or cast is None or \
+                cast.op_type != "Cast":
+            continue
+        split = producers.get(cast.input[0])
+        if split is None or split.op_type != "Transpose" or _perm(split) != HEAD_SPLIT or readers[cast.input[0]] != 1:
+            continue  # a head split the attention reads too (V) stays: its contiguous copy is what the EP reads
+        bf16 = f"{out.name}/xdna_bf16_frames_first"
+        cast.input[0], cast.output[0] = split.input[0], bf16
+        transpose = helper.make_node("Transpose", [bf16], [out.name], perm=HEAD_SPLIT,
+                                     name=f"{out.name}/xdna_head_split")
+        nodes.insert(nodes.index(cast) + 1, transpose)
+        changed += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    remove_dead_nodes(model)
+    return changed
 
 
 def _symbolic_dims(model) -> dict[str, list]:
@@ -253,6 +310,72 @@ def _identity_slice(node, dims: dict, constants: dict) -> bool:
     return steps is not None and bool((steps == 1).all())
 
 
+# Readers that keep a broadcast's values elementwise (f(broadcast(x)) = broadcast(f(x))), and binary ops that
+# broadcast their operands themselves.
+_ELEMENTWISE = ("Cast", "Where", "Not", "Neg")
+_BROADCASTING = ("Add", "Sub", "Mul", "Div", "And", "Or")
+
+
+def _broadcast_absorbed(value: str, readers: dict, dims: dict, constants: set, graph_outputs: set) -> bool:
+    """Whether every use of `value` reaches, through elementwise ops (and Gathers that index a constant with it),
+    a broadcasting binary op whose other operand alone has the op's output shape: then `value` may as well be
+    smaller by broadcasting, the op broadcasts it itself to the same numbers."""
+    if value in graph_outputs or not readers.get(value):
+        return False
+    for node in readers[value]:
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "Gather" and list(node.input).index(value) == 1 and node.input[0] in constants and \
+                all(a.i == 0 for a in node.attribute if a.name == "axis"):
+            ok = _broadcast_absorbed(node.output[0], readers, dims, constants, graph_outputs)
+        elif node.op_type in _ELEMENTWISE:
+            ok = _broadcast_absorbed(node.output[0], readers, dims, constants, graph_outputs)
+        elif node.op_type in _BROADCASTING and len(node.input) == 2 and node.input[0] != node.input[1]:
+            other = node.input[1] if node.input[0] == value else node.input[0]
+            out = dims.get(node.output[0])
+            ok = out is not None and None not in out and dims.get(other) == out
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def drop_absorbed_broadcasts(model) -> int:
+    """Pass 6 (module doc) in place: a Tile or Expand whose every use broadcasts anyway (_broadcast_absorbed), and whose input
+    is broadcast-compatible with its output (each dim 1 or the output's, right-aligned), is dropped; the shape
+    work that only computed its repeats or shape goes with it. E.g. the decoder's position ids tiled over the
+    batch before their embedding is added to the tokens', and its causal mask expanded to [batch, 1, q, k] before
+    it is added to every layer's scores. The same numbers: only where a value is broadcast changes."""
+    dims = _symbolic_dims(model)
+    g = model.graph
+    constants = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    graph_outputs = {o.name for o in g.output}
+    dropped = 0
+    while True:  # backwards: an Expand that fed a dropped Tile is read by the Tile's readers now
+        readers: dict[str, list] = {}
+        for node in g.node:
+            for name in set(node.input):
+                readers.setdefault(name, []).append(node)
+        for node in reversed(g.node):
+            if node.op_type not in ("Tile", "Expand") or node.domain not in ("", "ai.onnx"):
+                continue
+            source, target = dims.get(node.input[0]), dims.get(node.output[0])
+            if source is None or target is None or None in source or None in target or len(source) > len(target):
+                continue
+            if any(d != 1 and d != t for d, t in zip(reversed(source), reversed(target))):
+                continue
+            if _broadcast_absorbed(node.output[0], readers, dims, constants, graph_outputs):
+                g.node.remove(node)
+                _rename_inputs(g, {node.output[0]: node.input[0]})
+                dropped += 1
+                break
+        else:
+            break
+    remove_dead_nodes(model)
+    return dropped
+
+
 def merge_duplicates(model) -> int:
     """Common subexpressions: nodes of one deterministic op with the same attributes and the same inputs (constants
     compared by value) compute the same value; all but the first are removed. Returns the number removed."""
@@ -326,11 +449,13 @@ def optimise(source: Path, output: Path, bf16_kv: bool = False) -> dict:
     nodes = len(model.graph.node)
     shapes = fold_shape_work(model)
     merged = merge_duplicates(model)
+    broadcasts = drop_absorbed_broadcasts(model)
     rows = logits_rows(model) if source.name == DECODER_FILES[0] else False
     casts = bf16_cross_kv(model) if bf16_kv else 0
+    cast_first = cast_before_head_split(model) if bf16_kv else 0
     onnx.save(model, str(output))
     return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged,
-            "logits_rows": rows, "bf16_casts": casts}
+            "broadcasts": broadcasts, "logits_rows": rows, "bf16_casts": casts, "cast_first": cast_first}
 
 
 def _versions() -> str:
@@ -365,8 +490,9 @@ def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | 
     done = build_cache_entry(target, lambda path: optimise(source, path, bf16_kv))
     log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
         f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
-        f"{done['merged']} duplicates merged"
+        f"{done['merged']} duplicates merged, {done['broadcasts']} broadcasts dropped"
         + (", logits of the asked rows only" if done.get("logits_rows") else "")
+        + (f", {done['cast_first']} cross keys cast before their head split" if done.get("cast_first") else "")
         + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "") + f"): {target.parent}")
     return target
 
