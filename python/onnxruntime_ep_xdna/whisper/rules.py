@@ -122,18 +122,32 @@ def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
             candidates = np.flatnonzero(row >= bound[j])
         else:  # fewer than k blocks with a finite entry (or NaN): the finite entries, if there are k
             candidates = np.flatnonzero(row > -np.inf)
-            if candidates.size < k:
-                candidates = np.arange(n)
+        if candidates.size < k:  # (NaN entries: never >= the bound, and their blocks' maxima are NaN)
+            candidates = np.arange(n)
         top[j] = candidates[np.argpartition(row[candidates], candidates.size - k)[-k:]]
     return top
 
 
-def top_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exp_sums(logits: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `logits` (rows, vocab): its max (rows, 1) and sum(exp(row - shift)) (rows, 1), shift = the max,
+    or 0 for a row without a finite max (as log_softmax). The one full-row exp pass of a decoding step, written
+    into `scratch` (same shape; no allocation per step); the timestamp rule and the log-probabilities share it."""
+    top = logits.max(axis=-1, keepdims=True)
+    np.subtract(logits, np.where(np.isfinite(top), top, 0.0), out=scratch)
+    np.exp(scratch, out=scratch)
+    return top, scratch.sum(axis=-1, keepdims=True)
+
+
+def top_logprobs(logits: np.ndarray, k: int, sums: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row of `logits` (rows, vocab), the k most probable tokens, best first, and their log-probabilities:
-    exactly log_softmax(logits) at those tokens (same float32 steps), without building the whole log-softmax."""
-    m = logits.max(axis=-1, keepdims=True)
+    exactly log_softmax(logits) at those tokens (same float32 steps), without building the whole log-softmax.
+    `sums`: exp_sums(logits) when the step already has them."""
+    m, total = sums if sums is not None else (logits.max(axis=-1, keepdims=True), None)
     m = np.where(np.isfinite(m), m, 0.0)
-    log_sum = np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+    if total is None:
+        total = np.exp(logits - m).sum(axis=-1, keepdims=True)
+    log_sum = np.log(total)
     top = _top_k(logits, k)
     lp = (np.take_along_axis(logits, top, axis=-1) - m) - log_sum
     best_first = np.argsort(-lp, axis=-1, kind="stable")
@@ -148,6 +162,13 @@ def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: 
     decrease and a segment has non-zero length; the window starts with a timestamp <= `max_initial` (index); and
     when the timestamps together are more probable than the best text token, a timestamp is forced.
     """
+    _timestamp_masks(logits, sampled, ts_begin, eot, no_timestamps, max_initial)
+    _force_timestamp(logits, ts_begin)
+
+
+def _timestamp_masks(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, no_timestamps: int,
+                     max_initial: int | None) -> None:
+    """The rules of apply_timestamp_rules that depend on the tokens only (in place, one row)."""
     logits[no_timestamps] = -np.inf
     last_ts = len(sampled) >= 1 and sampled[-1] >= ts_begin
     penultimate_ts = len(sampled) < 2 or sampled[-2] >= ts_begin
@@ -156,18 +177,58 @@ def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: 
             logits[ts_begin:] = -np.inf
         else:
             logits[:eot] = -np.inf
-    stamps = [t for t in sampled if t >= ts_begin]
-    if stamps:
-        floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
+    last_stamp = next((t for t in reversed(sampled) if t >= ts_begin), None)
+    if last_stamp is not None:
+        floor = last_stamp if last_ts and not penultimate_ts else last_stamp + 1
         logits[ts_begin:floor] = -np.inf
     if not sampled:
         logits[:ts_begin] = -np.inf
         if max_initial is not None:
             logits[ts_begin + max_initial + 1:] = -np.inf
+
+
+def _force_timestamp(logits: np.ndarray, ts_begin: int) -> None:
+    """In place, one row: text suppressed when the timestamps together outweigh the best text token."""
     logprobs = logits - _logsumexp(logits)
     text_best = float(logprobs[:ts_begin].max())
     if _logsumexp(logprobs[ts_begin:]) > text_best:
         logits[:ts_begin] = -np.inf
+
+
+def _force_timestamps(logits: np.ndarray, top: np.ndarray, total: np.ndarray, scratch: np.ndarray,
+                      ts_begin: int) -> None:
+    """_force_timestamp on every row of `logits`, bit for bit, from the step's exp_sums (top, total; updated in
+    place for the rows it changes) instead of a log-softmax of each whole row:
+    logsumexp(row) = max + log(total) (as _logsumexp: the same float32 sum, then float64); the best text
+    log-prob is float32(max(text) - lse) (rounding is monotonic: the max of the differences is the difference of
+    the max); only the 1501 timestamp log-probs are formed. A row without a finite max takes the one-row path."""
+    finite = np.isfinite(top[:, 0])
+    if not finite.all():
+        for j in np.flatnonzero(~finite):
+            _force_timestamp(logits[j], ts_begin)
+            top[j], total[j] = exp_sums(logits[j:j + 1], scratch[j:j + 1])
+    rows = np.flatnonzero(finite)
+    if not rows.size:
+        return
+    lse = np.array([float(top[j, 0]) + math.log(float(total[j, 0])) for j in rows])
+    lse32 = lse.astype(np.float32)[:, None]  # numpy subtracts a Python float from float32 as float32
+    stamps = logits[rows, ts_begin:]
+    stamps_max = stamps.max(axis=-1)
+    # the row max is in the text part unless a timestamp reaches it; only then is the text part searched
+    text_max = np.where(stamps_max < top[rows, 0], top[rows, 0], 0.0).astype(np.float32)
+    for q in np.flatnonzero(stamps_max >= top[rows, 0]):
+        text_max[q] = logits[rows[q], :ts_begin].max()
+    text_best = text_max - lse32[:, 0]
+    stamp_lp = stamps - lse32
+    for q, j in enumerate(rows.tolist()):
+        if _logsumexp(stamp_lp[q]) > float(text_best[q]):
+            logits[j, :ts_begin] = -np.inf
+            # the row's new sums: exp(-inf) = 0 over the text, so only the timestamps are exponentiated
+            top[j, 0] = stamps_max[q]
+            shift = top[j, 0] if np.isfinite(top[j, 0]) else np.float32(0.0)
+            scratch[j, :ts_begin] = 0.0
+            np.exp(logits[j, ts_begin:] - shift, out=scratch[j, ts_begin:])
+            total[j, 0] = scratch[j].sum()
 
 
 @dataclass(frozen=True)
@@ -199,6 +260,22 @@ class LogitRules:
             logits[self.suppress] = -np.inf
         if self.timestamps:
             apply_timestamp_rules(logits, sampled, self.ts_begin, self.eot, self.no_timestamps, self.max_initial)
+
+    def apply_rows(self, logits: np.ndarray, seqs: Sequence[Sequence[int]], n_generated: int,
+                   scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """apply() on every row of `logits` (rows, vocab; float32, row j after the tokens seqs[j]), bit for bit,
+        and the step's exp_sums of the rows it leaves (one exp pass over the batch; `scratch` the same shape)."""
+        if n_generated == 0 and self.begin_suppress.size:
+            logits[:, self.begin_suppress] = -np.inf
+        if self.suppress.size:
+            logits[:, self.suppress] = -np.inf
+        if self.timestamps:
+            for row, sampled in zip(logits, seqs):
+                _timestamp_masks(row, sampled, self.ts_begin, self.eot, self.no_timestamps, self.max_initial)
+        top, total = exp_sums(logits, scratch)
+        if self.timestamps:
+            _force_timestamps(logits, top, total, scratch, self.ts_begin)
+        return top, total
 
 
 def compression_ratio(text: str) -> float:
