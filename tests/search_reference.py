@@ -1,6 +1,7 @@
 """The decode loop written the plain way, row by row, as it was before the step was batched (search.py at
 23f4291): every row filtered by the rules on its own (the timestamp rule running its own log-softmax), its
-log-probabilities from top_logprobs / a full logsumexp, candidates merged in a dict keyed by the whole sequence.
+log-probabilities from a second log-softmax pass, its top-k candidates found by a scan of the whole row,
+candidates merged in a dict keyed by the whole sequence.
 The tests run it against search.py's loop, which must give the same tokens and the same floats, bit for bit.
 """
 
@@ -10,8 +11,37 @@ import math
 
 import numpy as np
 
-from onnxruntime_ep_xdna.whisper.rules import top_logprobs
+from onnxruntime_ep_xdna.whisper import search as S
 from onnxruntime_ep_xdna.whisper.search import _sample
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    rows, n = logits.shape
+    blocks = n // 64
+    if blocks < 4 * k:
+        return np.argpartition(logits, n - k, axis=-1)[:, -k:]
+    block_max = logits[:, :blocks * 64].reshape(rows, 64, blocks).max(axis=1)
+    bound = np.partition(block_max, blocks - k, axis=-1)[:, blocks - k]
+    top = np.empty((rows, k), np.int64)
+    for j, row in enumerate(logits):
+        if np.isfinite(bound[j]):
+            candidates = np.flatnonzero(row >= bound[j])
+        else:
+            candidates = np.flatnonzero(row > -np.inf)
+        if candidates.size < k:  # (23f4291 raised here on a row with NaN: the whole row instead, as now)
+            candidates = np.arange(n)
+        top[j] = candidates[np.argpartition(row[candidates], candidates.size - k)[-k:]]
+    return top
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    m = logits.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    log_sum = np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+    top = _top_k(logits, k)
+    lp = (np.take_along_axis(logits, top, axis=-1) - m) - log_sum
+    best_first = np.argsort(-lp, axis=-1, kind="stable")
+    return np.take_along_axis(top, best_first, axis=-1), np.take_along_axis(lp, best_first, axis=-1)
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -140,7 +170,39 @@ def beam_search(model, state, logits, prefix, rules, options, beam_size, sample_
     return seqs, [finished[s] for s in finished], [stopped.get(s, "eot") for s in finished]
 
 
-def use_reference(monkeypatch, search_module) -> None:
+def use_reference(monkeypatch) -> None:
     """Make search.decode_window run the plain loops."""
-    monkeypatch.setattr(search_module, "_sampling", sampling)
-    monkeypatch.setattr(search_module, "_beam_search", beam_search)
+    monkeypatch.setattr(S, "_sampling", sampling)
+    monkeypatch.setattr(S, "_beam_search", beam_search)
+
+
+def recorded_decodes(monkeypatch, run) -> list:
+    """Every search's candidates (tokens, sum log-probs as exact floats, stop reasons) and every window's
+    result while `run()` transcribes."""
+    log = []
+    for name in ("_beam_search", "_sampling"):
+        def recorder(*a, _fn=getattr(S, name), **k):
+            seqs, sum_lp, stopped = _fn(*a, **k)
+            log.append(([list(map(int, q)) for q in seqs], [float(v).hex() for v in sum_lp], list(stopped)))
+            return seqs, sum_lp, stopped
+
+        monkeypatch.setattr(S, name, recorder)
+    inner = S.decode_window
+
+    def window(*a, **k):
+        r = inner(*a, **k)
+        log.append((r.tokens, float(r.sum_logprob).hex(), float(r.no_speech_prob).hex(), r.temperature, r.stopped))
+        return r
+
+    monkeypatch.setattr(S, "decode_window", window)
+    run()
+    monkeypatch.undo()
+    return log
+
+
+def batched_and_plain(monkeypatch, run) -> tuple[list, list]:
+    """The decodes of `run()` with search.py's loops, and with the plain ones of this module."""
+    batched = recorded_decodes(monkeypatch, run)
+    use_reference(monkeypatch)
+    plain = recorded_decodes(monkeypatch, run)  # (recorded_decodes undoes the reference again)
+    return batched, plain

@@ -178,10 +178,10 @@ def random_sampled(rng, ts: int, vocab: int) -> list[int]:
 @pytest.mark.parametrize("vocab", [VOCAB, 51865])
 def test_rules_on_the_batch_equal_the_rules_row_by_row(vocab):
     """LogitRules.apply_rows (the batched step) leaves every row bit for bit as the plain one-row rules of
-    tests/search_reference.py, and its exp pass gives top_logprobs the same tokens, order and floats as a
-    log-softmax of each row, over random logits, every timestamp state, suppression, ties and rows without a
-    finite maximum (all -inf, +inf, NaN)."""
-    from search_reference import apply_rules
+    tests/search_reference.py, and its sums give top_logprobs the same tokens, order (ties included) and floats
+    as the plain top_logprobs there (log-softmax of each row, top-k by a scan of the whole row), over random
+    logits, every timestamp state, suppression, ties and rows without a finite maximum (all -inf, +inf, NaN)."""
+    from search_reference import apply_rules, top_logprobs
 
     if vocab == VOCAB:
         ids = dict(eot=TOKENS.eot, no_timestamps=TOKENS.no_timestamps, ts_begin=TS)
@@ -212,7 +212,8 @@ def test_rules_on_the_batch_equal_the_rules_row_by_row(vocab):
                 forced += bool(np.isneginf(ref[j, :ts]).all())
                 kept += bool(np.isfinite(ref[j, :ts]).any())
         for k in (1, 6):
-            (t_ref, lp_ref), (t_got, lp_got) = R.top_logprobs(ref, k), R.top_logprobs(got, k, sums)
+            (t_ref, lp_ref), (t_got, lp_got) = top_logprobs(ref, k), R.top_logprobs(got, k, sums)
+            assert np.array_equal(R.top_logprobs(ref, k)[0], t_ref)  # (the same without the step's sums)
             assert np.array_equal(t_got, t_ref) and np.array_equal(lp_got, lp_ref, equal_nan=True), case
     assert forced >= 5 and kept >= 5, (forced, kept)  # both outcomes of the forced-timestamp rule were checked
 
@@ -283,40 +284,6 @@ def test_beams_run_as_one_batch_and_follow_the_reorder():
     assert greedy.tokens[0] == 1
 
 
-def recorded_decodes(monkeypatch, run) -> list:
-    """Every search's candidates (tokens, sum log-probs as exact floats, stop reasons) and every window's
-    result while `run()` transcribes."""
-    log = []
-    for name in ("_beam_search", "_sampling"):
-        def recorder(*a, _fn=getattr(S, name), **k):
-            seqs, sum_lp, stopped = _fn(*a, **k)
-            log.append(([list(map(int, q)) for q in seqs], [float(v).hex() for v in sum_lp], list(stopped)))
-            return seqs, sum_lp, stopped
-
-        monkeypatch.setattr(S, name, recorder)
-    inner = S.decode_window
-
-    def window(*a, **k):
-        r = inner(*a, **k)
-        log.append((r.tokens, float(r.sum_logprob).hex(), float(r.no_speech_prob).hex(), r.temperature, r.stopped))
-        return r
-
-    monkeypatch.setattr(S, "decode_window", window)
-    run()
-    monkeypatch.undo()
-    return log
-
-
-def batched_and_plain(monkeypatch, run) -> tuple[list, list]:
-    """The decodes of `run()` with search.py's loops, and with the plain ones of tests/search_reference.py."""
-    import search_reference
-
-    batched = recorded_decodes(monkeypatch, run)
-    search_reference.use_reference(monkeypatch, S)
-    plain = recorded_decodes(monkeypatch, run)  # (recorded_decodes undoes the reference again)
-    return batched, plain
-
-
 @pytest.mark.parametrize("ties", [False, True])
 def test_search_equals_the_plain_search(monkeypatch, ties):
     """The batched step (rules over the batch, one exp pass, candidates by index) gives the same candidates, sum
@@ -324,6 +291,8 @@ def test_search_equals_the_plain_search(monkeypatch, ties):
     patience, best-of sampling (the same draws), with and without timestamps, on random logits; `ties`: logits
     of few distinct values, so that equal scores are frequent (equal candidates keep the order beam, then rank
     in the beam's top-k as top_logprobs returns it)."""
+    import search_reference
+
     def script(window, seq):
         rng = np.random.default_rng(hash(tuple(seq)) % 2**32)
         row = random_rows(rng, 1, VOCAB, TS, ties)[0]
@@ -338,7 +307,7 @@ def test_search_equals_the_plain_search(monkeypatch, ties):
         def run():
             transcribe_all(audio, FakeModel(script), sample_len=24, no_speech_threshold=None, **c)
 
-        batched, plain = batched_and_plain(monkeypatch, run)
+        batched, plain = search_reference.batched_and_plain(monkeypatch, run)
         assert len(batched) >= 2 and batched == plain, c
 
 

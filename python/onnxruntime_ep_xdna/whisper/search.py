@@ -122,7 +122,8 @@ def _sampling(model, state, logits, prefix, rules, temperature, n, sample_len, p
     order = np.zeros(n, np.int64) if n > 1 else None  # first step grows the batch from 1 to n
     for i in range(sample_len):
         np.copyto(x, logits)
-        top, total = rules.apply_rows(x, seqs, i, scratch)  # (finished rows too: cheaper than picking the rest)
+        # (finished rows are filtered too: cheaper than picking out the others)
+        top, total, _ = rules.apply_rows(x, seqs, i, scratch)
         nxt = np.empty(n, np.int64)
         for k in range(n):
             if done[k]:
