@@ -240,21 +240,28 @@ def _force_timestamps(logits: np.ndarray, top: np.ndarray, total: np.ndarray, gr
             if groups is not None:
                 groups[j] = group_max(logits[j:j + 1])[0]
             top[j:j + 1], total[j:j + 1] = exp_sums(logits[j:j + 1], scratch[j:j + 1])
-    rows = np.flatnonzero(finite)
-    if not rows.size:
+    rows = slice(None) if finite.all() else np.flatnonzero(finite)  # (a slice: views, no copies)
+    row_ids = np.arange(len(logits))[rows].tolist()
+    if not row_ids:
         return
-    lse = np.array([float(top[j, 0]) + math.log(float(total[j, 0])) for j in rows])
-    lse32 = lse.astype(np.float32)[:, None]  # numpy subtracts a Python float from float32 as float32
+    top_f = top[rows, 0]
+    lse = [float(m) + math.log(float(t)) for m, t in zip(top_f.tolist(), total[rows, 0].tolist())]
+    lse32 = np.array(lse).astype(np.float32)[:, None]  # numpy subtracts a Python float from float32 as float32
     stamps = logits[rows, ts_begin:]
     stamps_max = stamps.max(axis=-1)
     # the row max is in the text part unless a timestamp reaches it; only then is the text part searched
-    text_max = np.where(stamps_max < top[rows, 0], top[rows, 0], 0.0).astype(np.float32)
-    for q in np.flatnonzero(stamps_max >= top[rows, 0]):
-        text_max[q] = logits[rows[q], :ts_begin].max()
-    text_best = text_max - lse32[:, 0]
+    text_max = top_f.copy()
+    for q in np.flatnonzero(stamps_max >= top_f):
+        text_max[q] = logits[row_ids[q], :ts_begin].max()
+    text_best = (text_max - lse32[:, 0]).tolist()
+    # _logsumexp of each row's timestamp log-probs, over the batch (rows of -inf stay -inf)
     stamp_lp = stamps - lse32
-    for q, j in enumerate(rows.tolist()):
-        if _logsumexp(stamp_lp[q]) > float(text_best[q]):
+    stamp_top = stamp_lp.max(axis=-1, keepdims=True)
+    np.subtract(stamp_lp, np.where(np.isfinite(stamp_top), stamp_top, 0.0), out=stamp_lp)
+    stamp_sum = np.exp(stamp_lp, out=stamp_lp).sum(axis=-1)
+    for q, j in enumerate(row_ids):
+        m = float(stamp_top[q, 0])
+        if m != -np.inf and m + math.log(float(stamp_sum[q])) > text_best[q]:
             logits[j, :ts_begin] = -np.inf
             if groups is not None:
                 groups[j] = group_max(logits[j:j + 1])[0]
