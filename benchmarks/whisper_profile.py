@@ -199,9 +199,9 @@ def loop_breakdown(w, audio, beams: int, runs: int) -> dict:
         session_timers(timers)
         timers.wrap(onnx_model.WhisperOnnx, "step", "WhisperOnnx.step (all)")
         timers.wrap(onnx_model.WhisperOnnx, "start", "WhisperOnnx.start (all)")
-        timers.wrap(rules.LogitRules, "apply", "logit rules (+ the step's exp pass)")
-        if hasattr(rules.LogitRules, "apply_rows"):  # the batched step: the rules and the step's one exp pass
-            timers.wrap(rules.LogitRules, "apply_rows", "logit rules (+ the step's exp pass)")
+        # the batched step (apply_rows: the rules and the step's one exp pass), or before it one row at a time
+        batched = hasattr(rules.LogitRules, "apply_rows")
+        timers.wrap(rules.LogitRules, "apply_rows" if batched else "apply", "logit rules (+ the step's exp pass)")
         timers.wrap(search, "log_softmax", "log-probs + top-k")
         timers.wrap(search, "top_logprobs", "log-probs + top-k")
         timers.wrap(onnx_model, "reorder_rows", "KV reorder (beams)")

@@ -296,17 +296,12 @@ class LogitRules:
     def apply(self, logits: np.ndarray, sampled: Sequence[int], n_generated: int) -> None:
         """In place on one row. `sampled`: this window's tokens so far (prefix included, as the timestamp rules
         must see it); `n_generated`: how many of them were generated (0 = the first generated token)."""
-        if n_generated == 0 and self.begin_suppress.size:
-            logits[self.begin_suppress] = -np.inf
-        if self.suppress.size:
-            logits[self.suppress] = -np.inf
-        if self.timestamps:
-            apply_timestamp_rules(logits, sampled, self.ts_begin, self.eot, self.no_timestamps, self.max_initial)
+        self.apply_rows(logits[None], [sampled], n_generated, np.empty((1, logits.shape[-1]), np.float32))
 
     def apply_rows(self, logits: np.ndarray, seqs: Sequence[Sequence[int]], n_generated: int,
                    scratch: np.ndarray) -> StepSums:
-        """apply() on every row of `logits` (rows, vocab; float32, row j after the tokens seqs[j]), bit for bit,
-        and the step's sums of the rows it leaves for top_logprobs: (max, exp sum, group maxima) from one group
+        """apply() on every row of `logits` (rows, vocab; float32, row j after the tokens seqs[j]): the same
+        floats as the rules applied row by row (apply_timestamp_rules), and the step's sums of the rows it leaves for top_logprobs: (max, exp sum, group maxima) from one group
         max and one exp pass over the batch (`scratch`: same shape)."""
         if n_generated == 0 and self.begin_suppress.size:
             logits[:, self.begin_suppress] = -np.inf
