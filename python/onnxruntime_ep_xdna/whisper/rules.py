@@ -300,9 +300,10 @@ class LogitRules:
 
     def apply_rows(self, logits: np.ndarray, seqs: Sequence[Sequence[int]], n_generated: int,
                    scratch: np.ndarray) -> StepSums:
-        """apply() on every row of `logits` (rows, vocab; float32, row j after the tokens seqs[j]): the same
-        floats as the rules applied row by row (apply_timestamp_rules), and the step's sums of the rows it leaves for top_logprobs: (max, exp sum, group maxima) from one group
-        max and one exp pass over the batch (`scratch`: same shape)."""
+        """The rules on every row of `logits` (rows, vocab; float32, row j after the tokens seqs[j]), in place:
+        the same floats as applied row by row (apply_timestamp_rules), and the step's sums of the rows they
+        leave, for top_logprobs: (max, exp sum, group maxima) from one group max and one exp pass over the
+        batch (`scratch`: same shape)."""
         if n_generated == 0 and self.begin_suppress.size:
             logits[:, self.begin_suppress] = -np.inf
         if self.suppress.size:
