@@ -175,6 +175,7 @@ def random_sampled(rng, ts: int, vocab: int) -> list[int]:
     return seq
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the rows of -inf / +inf / NaN warn in numpy, on purpose
 @pytest.mark.parametrize("vocab", [VOCAB, 51865])
 def test_rules_on_the_batch_equal_the_rules_row_by_row(vocab):
     """LogitRules.apply_rows (the batched step) leaves every row bit for bit as the plain one-row rules of
