@@ -11,7 +11,8 @@ allocation, partition hand-offs, ORT's per-node cost).
 
 Part 2 (timers): the 29 s clip of benchmarks/whisper.py transcribed with the defaults (beam 5) and greedy; time in
 the encoder, the prompt, the decoder_with_past runs, the KV-cache reorder, fetching the logits, the logit rules
-(suppression, timestamp rules), log-softmax + top-k and the rest of the Python loop. The loop's own pieces are
+(suppression, timestamp rules; with the batched step also the step's one max + exp-sum pass, which the
+log-probabilities reuse), log-probs + top-k and the rest of the Python loop. The loop's own pieces are
 timed by wrapping them (no change to the package's code).
 
 Without an NPU the XDNA EP computes on the CPU emulator of the NPU kernel contract: every figure is a CPU figure.
@@ -198,9 +199,11 @@ def loop_breakdown(w, audio, beams: int, runs: int) -> dict:
         session_timers(timers)
         timers.wrap(onnx_model.WhisperOnnx, "step", "WhisperOnnx.step (all)")
         timers.wrap(onnx_model.WhisperOnnx, "start", "WhisperOnnx.start (all)")
-        timers.wrap(rules.LogitRules, "apply", "logit rules (suppress, timestamps)")
-        timers.wrap(search, "log_softmax", "log-softmax + top-k")
-        timers.wrap(search, "top_logprobs", "log-softmax + top-k")
+        # the batched step (apply_rows: the rules and the step's one exp pass), or before it one row at a time
+        batched = hasattr(rules.LogitRules, "apply_rows")
+        timers.wrap(rules.LogitRules, "apply_rows" if batched else "apply", "logit rules (+ the step's exp pass)")
+        timers.wrap(search, "log_softmax", "log-probs + top-k")
+        timers.wrap(search, "top_logprobs", "log-probs + top-k")
         timers.wrap(onnx_model, "reorder_rows", "KV reorder (beams)")
         t0 = time.perf_counter()
         r = transcribe_all(audio, w, language="en", beam_size=beams)
@@ -212,11 +215,14 @@ def loop_breakdown(w, audio, beams: int, runs: int) -> dict:
         tm["total"] = total
         tm["features + mel"] = r.timings.get("features_s", 0.0) + r.timings.get("mel_s", 0.0)
         tm["steps"] = timers.n["decoder_with_past run"]
+        # (a second prompt on a window, after a fallback, runs decoder_with_past: counted with the steps' runs)
+        tm["start python around the runs"] = tm["WhisperOnnx.start (all)"] - tm.get("prompt run (decoder)", 0.0)
         tm["step python around the run"] = (tm["WhisperOnnx.step (all)"] - tm.get("decoder_with_past run", 0.0)
                                             - tm.get("KV reorder (beams)", 0.0))
+        rules_s, top_k_s = tm["logit rules (+ the step's exp pass)"], tm["log-probs + top-k"]
         tm["search loop python (rest)"] = (total - tm.get("encoder run", 0) - tm["WhisperOnnx.start (all)"]
-                                           - tm["WhisperOnnx.step (all)"] - tm["logit rules (suppress, timestamps)"]
-                                           - tm["log-softmax + top-k"] - tm["features + mel"])
+                                           - tm["WhisperOnnx.step (all)"] - rules_s - top_k_s - tm["features + mel"])
+        tm["search python (the three above)"] = rules_s + top_k_s + tm["search loop python (rest)"]
         for k, v in tm.items():
             samples[k].append(v)
     return {k: statistics.median(v) for k, v in samples.items()} | {"text": r.text}
@@ -227,10 +233,10 @@ def print_breakdown(name, b):
     steps = b["steps"]
     print(f"\n{name}: {total:.3f} s total, {steps:.0f} decoder_with_past runs "
           f"({b.get('decoder_with_past run', 0) / max(steps, 1) * 1e3:.2f} ms per run)")
-    keys = ["features + mel", "encoder run", "WhisperOnnx.start (all)", "decoder_with_past run",
-            "KV reorder (beams)", "step python around the run", "logit rules (suppress, timestamps)",
-            "log-softmax + top-k",
-            "search loop python (rest)"]
+    keys = ["features + mel", "encoder run", "WhisperOnnx.start (all)", "prompt run (decoder)",
+            "start python around the runs", "decoder_with_past run",
+            "KV reorder (beams)", "step python around the run", "logit rules (+ the step's exp pass)",
+            "log-probs + top-k", "search loop python (rest)", "search python (the three above)"]
     for k in keys:
         v = b.get(k, 0.0)
         print(f"  {k:40} {v:7.3f} s  {v / total * 100:5.1f}%")

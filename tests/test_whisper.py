@@ -685,6 +685,29 @@ def test_real_whisper_base_bf16_cross_kv_gives_the_same_tokens_and_scores(whispe
         assert word_error_rate(SAMPLE_TEXT, b.text) <= 0.1, b.text
 
 
+def test_real_whisper_base_batched_search_equals_the_plain_search(whisper_base, monkeypatch):
+    """On real speech and whisper-base's real logits, search.py's batched step gives the candidates, sum
+    log-probs (bit for bit) and results of the plain row-by-row loop (tests/search_reference.py): the 29 s
+    clip of benchmarks/whisper.py with beam 5 and greedy, the bundled sample without timestamps and with the
+    temperature fallback forced (best-of sampling from the same seed)."""
+    import search_reference
+    from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples, load_wav_16k
+
+    utterances = {p.stem: p for p, _ in fetch_speech_samples()}
+    stems = [f"sense_and_sensibility_01_austen_64kb-{n}" for n in ("0870", "0880", "0890", "0920", "0930")]
+    gap = np.zeros(SR * 3 // 10, np.float32)
+    clip = np.concatenate([x for s in stems + ["goforward"] for x in (load_wav_16k(utterances[s]), gap)][:-1])
+    w = WhisperOnnx(whisper_base, "xdna")
+    runs = [(clip, dict(beam_size=5)), (clip, dict(beam_size=1)),
+            (sample_path(), dict(beam_size=5, without_timestamps=True)),
+            (sample_path(), dict(beam_size=1, best_of=3, log_prob_threshold=0.0, no_speech_threshold=None,
+                                 temperature=(0.0, 0.4, 1.0), seed=5))]
+    for audio, options in runs:
+        batched, plain = search_reference.batched_and_plain(
+            monkeypatch, lambda: transcribe_all(audio, w, language="en", **options))
+        assert len(batched) >= 2 and batched == plain, options
+
+
 def test_real_whisper_base_xdna_and_cpu_transcripts_agree(whisper_base):
     """The EP changes the arithmetic (bf16 operands), not the loop: on real speech both EPs give the same text."""
     texts = {p: transcribe_all(sample_path(), WhisperOnnx(whisper_base, p), beam_size=1).text for p in ("cpu", "xdna")}

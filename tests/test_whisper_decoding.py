@@ -154,6 +154,71 @@ def test_top_logprobs_equal_the_full_log_softmax(vocab):
     assert top[5, :3].tolist() == [vocab - 1, vocab - 2, vocab - 3]
 
 
+WHISPER_RULES = dict(eot=50257, no_timestamps=50363, ts_begin=50364)  # whisper-base's ids; vocabulary 51865
+
+
+def random_rows(rng, rows: int, vocab: int, ts: int, ties: bool = False) -> np.ndarray:
+    """Logits whose timestamps sometimes outweigh the best text token and sometimes not; `ties`: few values."""
+    x = (rng.standard_normal((rows, vocab)) * rng.uniform(0.5, 4.0)).astype(np.float32)
+    x[:, ts:] += rng.uniform(-6.0, 6.0, (rows, 1)).astype(np.float32)
+    x[np.arange(rows), rng.integers(0, ts, rows)] += rng.uniform(0.0, 12.0, rows).astype(np.float32)
+    if ties:
+        x = np.round(x)
+    return x
+
+
+def random_sampled(rng, ts: int, vocab: int) -> list[int]:
+    """Tokens so far in every state the timestamp rules tell apart (none; text; an open or a closed pair)."""
+    seq = []
+    for _ in range(rng.integers(0, 8)):
+        seq.append(int(rng.integers(ts, vocab)) if rng.random() < 0.4 else int(rng.integers(0, ts - 10)))
+    return seq
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the rows of -inf / +inf / NaN warn in numpy, on purpose
+@pytest.mark.parametrize("vocab", [VOCAB, 51865])
+def test_rules_on_the_batch_equal_the_rules_row_by_row(vocab):
+    """LogitRules.apply_rows (the batched step) leaves every row bit for bit as the plain one-row rules of
+    tests/search_reference.py, and its sums give top_logprobs the same tokens, order (ties included) and floats
+    as the plain top_logprobs there (log-softmax of each row, top-k by a scan of the whole row), over random
+    logits, every timestamp state, suppression, ties and rows without a finite maximum (all -inf, +inf, NaN)."""
+    from search_reference import apply_rules, top_logprobs
+
+    if vocab == VOCAB:
+        ids = dict(eot=TOKENS.eot, no_timestamps=TOKENS.no_timestamps, ts_begin=TS)
+    else:
+        ids = WHISPER_RULES
+    ts = ids["ts_begin"]
+    rng = np.random.default_rng(11)
+    forced = kept = 0
+    for case in range(60):
+        rows = int(rng.integers(1, 7))
+        suppress = np.unique(rng.integers(0, vocab, int(rng.integers(0, 90))))
+        rules = R.LogitRules(suppress, np.array([ts - 20, ids["eot"]]), bool(case % 5), ids["ts_begin"], ids["eot"],
+                             ids["no_timestamps"], None if case % 7 == 0 else 50)
+        x = random_rows(rng, rows, vocab, ts, ties=case % 3 == 0)
+        if case % 11 == 0:
+            x[0] = -np.inf
+            x[-1, 5] = np.inf if case % 2 else np.nan
+        seqs = [random_sampled(rng, ts, vocab) for _ in range(rows)]
+        n_generated = int(rng.integers(0, 2))
+        ref = x.copy()
+        for j in range(rows):
+            apply_rules(rules, ref[j], seqs[j], n_generated)
+        got = x.copy()
+        sums = rules.apply_rows(got, seqs, n_generated, np.empty_like(got))
+        assert np.array_equal(got, ref, equal_nan=True), case
+        for j in range(rows):
+            if rules.timestamps and seqs[j] and np.isfinite(x[j]).all():
+                forced += bool(np.isneginf(ref[j, :ts]).all())
+                kept += bool(np.isfinite(ref[j, :ts]).any())
+        for k in (1, 6):
+            (t_ref, lp_ref), (t_got, lp_got) = top_logprobs(ref, k), R.top_logprobs(got, k, sums)
+            assert np.array_equal(R.top_logprobs(ref, k)[0], t_ref)  # (the same without the step's sums)
+            assert np.array_equal(t_got, t_ref) and np.array_equal(lp_got, lp_ref, equal_nan=True), case
+    assert forced >= 5 and kept >= 5, (forced, kept)  # both outcomes of the forced-timestamp rule were checked
+
+
 def test_kv_reorder_follows_the_beams_in_place():
     """Beam reorder of the self-attention cache: the rows `order` picks, written into the last run's outputs
     (same OrtValues, no new buffers) when the batch keeps its size; new values when it grows (first step)."""
@@ -218,6 +283,33 @@ def test_beams_run_as_one_batch_and_follow_the_reorder():
     greedy = S.decode_window(FakeModel(script), FakeWindow(0), [TOKENS.sot], 1, rules,
                              TranscriptionOptions(beam_size=1), 0.0, np.random.default_rng(0))
     assert greedy.tokens[0] == 1
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_search_equals_the_plain_search(monkeypatch, ties):
+    """The batched step (rules over the batch, one exp pass, candidates by index) gives the same candidates, sum
+    log-probs (bit for bit), stop reasons and results as the row-by-row loops, greedy, beams 2 and 5 with
+    patience, best-of sampling (the same draws), with and without timestamps, on random logits; `ties`: logits
+    of few distinct values, so that equal scores are frequent (equal candidates keep the order beam, then rank
+    in the beam's top-k as top_logprobs returns it)."""
+    import search_reference
+
+    def script(window, seq):
+        rng = np.random.default_rng(hash(tuple(seq)) % 2**32)
+        row = random_rows(rng, 1, VOCAB, TS, ties)[0]
+        row[TOKENS.eot] += len(seq) / 3  # sequences end at different lengths
+        return row
+
+    audio = np.random.default_rng(0).standard_normal(SR * 4).astype(np.float32)
+    configs = [dict(beam_size=1), dict(beam_size=5), dict(beam_size=2, patience=2.0, length_penalty=0.5),
+               dict(beam_size=5, without_timestamps=True), dict(beam_size=1, without_timestamps=True),
+               dict(beam_size=1, best_of=3, log_prob_threshold=0.0, temperature=(0.0, 0.5, 1.0), seed=3)]
+    for c in configs:
+        def run():
+            transcribe_all(audio, FakeModel(script), sample_len=24, no_speech_threshold=None, **c)
+
+        batched, plain = search_reference.batched_and_plain(monkeypatch, run)
+        assert len(batched) >= 2 and batched == plain, c
 
 
 def test_fallback_triggers_on_a_repetitive_window():

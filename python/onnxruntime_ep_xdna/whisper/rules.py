@@ -102,39 +102,83 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 _TOP_K_BLOCK = 64
 
 
-def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+def group_max(logits: np.ndarray) -> np.ndarray | None:
+    """Per row, the maxima of the groups _top_k searches by (entry i in group i mod G, G = n // 64; the n % 64
+    entries past the last whole group are in none): (rows, G), one strided max over the batch; None if G = 0."""
+    rows, n = logits.shape
+    groups = n // _TOP_K_BLOCK
+    if not groups:
+        return None
+    return logits[:, :groups * _TOP_K_BLOCK].reshape(rows, _TOP_K_BLOCK, groups).max(axis=1)
+
+
+def _row_max(logits: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """logits.max(axis=-1, keepdims=True), from the group maxima and the ragged tail when they are known."""
+    if groups is None:
+        return logits.max(axis=-1, keepdims=True)
+    top = groups.max(axis=-1, keepdims=True)
+    tail = logits[:, groups.shape[1] * _TOP_K_BLOCK:]
+    return np.maximum(top, tail.max(axis=-1, keepdims=True)) if tail.shape[1] else top
+
+
+def _top_k(logits: np.ndarray, k: int, groups: np.ndarray | None = None) -> np.ndarray:
     """Per row, the indices of the k largest entries (any order). argpartition of a whole 51865-wide row costs
     ~0.1 ms (and ~16x that on a row that is mostly -inf, as a forced timestamp makes it). Instead: the entries are
-    split into groups (entry i in group i mod G, G = n // 64: the group maxima are one vectorised max of 64 rows);
-    the k-th largest group maximum is a lower bound on the k-th largest entry (k groups each hold an entry at least
-    that large), so the entries >= it (typically a few dozen) hold the k largest, which argpartition then picks
-    among them. Ties at the k-th value may pick other indices than a whole-row argpartition (whose choice is
-    arbitrary as well); values, and so log-probabilities, are the same."""
+    split into groups (group_max; `groups` when the caller has them); the k-th largest group maximum is a lower
+    bound on the k-th largest entry (k groups each hold an entry at least that large), so the entries >= it
+    (typically a few dozen) hold the k largest, which argpartition then picks among them. Only the groups whose
+    maximum reaches the bound (or is NaN) and the ragged tail can hold such entries: they are looked at, in index
+    order, not the whole row. Ties at the k-th value may pick other indices than a whole-row argpartition (whose
+    choice is arbitrary as well); values, and so log-probabilities, are the same."""
     rows, n = logits.shape
     blocks = n // _TOP_K_BLOCK
     if blocks < 4 * k:
         return np.argpartition(logits, n - k, axis=-1)[:, -k:]
-    block_max = logits[:, :blocks * _TOP_K_BLOCK].reshape(rows, _TOP_K_BLOCK, blocks).max(axis=1)
+    block_max = group_max(logits) if groups is None else groups
     bound = np.partition(block_max, blocks - k, axis=-1)[:, blocks - k]
+    # member r of group g is entry g + r * blocks: for ascending g, rows of this table list entries in index order
+    offsets = (np.arange(_TOP_K_BLOCK) * blocks)[:, None]
+    tail = np.arange(blocks * _TOP_K_BLOCK, n)
     top = np.empty((rows, k), np.int64)
     for j, row in enumerate(logits):
         if np.isfinite(bound[j]):
-            candidates = np.flatnonzero(row >= bound[j])
+            hit = np.flatnonzero(~(block_max[j] < bound[j]))
+            entries = np.concatenate(((offsets + hit).ravel(), tail))
+            candidates = entries[row[entries] >= bound[j]]  # = np.flatnonzero(row >= bound[j])
         else:  # fewer than k blocks with a finite entry (or NaN): the finite entries, if there are k
             candidates = np.flatnonzero(row > -np.inf)
-            if candidates.size < k:
-                candidates = np.arange(n)
+        if candidates.size < k:  # (NaN entries: never >= the bound)
+            candidates = np.arange(n)
         top[j] = candidates[np.argpartition(row[candidates], candidates.size - k)[-k:]]
     return top
 
 
-def top_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+# A step's (row max (rows, 1), sum(exp(row - shift)) (rows, 1), group_max or None): exp_sums, top_logprobs.
+StepSums = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+
+
+def exp_sums(logits: np.ndarray, scratch: np.ndarray, groups: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `logits` (rows, vocab): its max (rows, 1) and sum(exp(row - shift)) (rows, 1), shift = the max,
+    or 0 for a row without a finite max (as log_softmax). The one full-row exp pass of a decoding step, written
+    into `scratch` (same shape; no allocation per step); the timestamp rule and the log-probabilities share it.
+    `groups`: group_max(logits), which gives the max without another pass."""
+    top = _row_max(logits, groups)
+    np.subtract(logits, np.where(np.isfinite(top), top, 0.0), out=scratch)
+    np.exp(scratch, out=scratch)
+    return top, scratch.sum(axis=-1, keepdims=True)
+
+
+def top_logprobs(logits: np.ndarray, k: int, sums: StepSums | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of `logits` (rows, vocab), the k most probable tokens, best first, and their log-probabilities:
-    exactly log_softmax(logits) at those tokens (same float32 steps), without building the whole log-softmax."""
-    m = logits.max(axis=-1, keepdims=True)
+    exactly log_softmax(logits) at those tokens (same float32 steps), without building the whole log-softmax.
+    `sums`: (max, exp sum, group maxima) of the rows when the step already has them (LogitRules.apply_rows)."""
+    m, total, groups = sums if sums is not None else (logits.max(axis=-1, keepdims=True), None, None)
     m = np.where(np.isfinite(m), m, 0.0)
-    log_sum = np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
-    top = _top_k(logits, k)
+    if total is None:
+        total = np.exp(logits - m).sum(axis=-1, keepdims=True)
+    log_sum = np.log(total)
+    top = _top_k(logits, k, groups)
     lp = (np.take_along_axis(logits, top, axis=-1) - m) - log_sum
     best_first = np.argsort(-lp, axis=-1, kind="stable")
     return np.take_along_axis(top, best_first, axis=-1), np.take_along_axis(lp, best_first, axis=-1)
@@ -148,6 +192,13 @@ def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: 
     decrease and a segment has non-zero length; the window starts with a timestamp <= `max_initial` (index); and
     when the timestamps together are more probable than the best text token, a timestamp is forced.
     """
+    _timestamp_masks(logits, sampled, ts_begin, eot, no_timestamps, max_initial)
+    _force_timestamp(logits, ts_begin)
+
+
+def _timestamp_masks(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, no_timestamps: int,
+                     max_initial: int | None) -> None:
+    """The rules of apply_timestamp_rules that depend on the tokens only (in place, one row)."""
     logits[no_timestamps] = -np.inf
     last_ts = len(sampled) >= 1 and sampled[-1] >= ts_begin
     penultimate_ts = len(sampled) < 2 or sampled[-2] >= ts_begin
@@ -156,18 +207,70 @@ def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: 
             logits[ts_begin:] = -np.inf
         else:
             logits[:eot] = -np.inf
-    stamps = [t for t in sampled if t >= ts_begin]
-    if stamps:
-        floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
+    last_stamp = next((t for t in reversed(sampled) if t >= ts_begin), None)
+    if last_stamp is not None:
+        floor = last_stamp if last_ts and not penultimate_ts else last_stamp + 1
         logits[ts_begin:floor] = -np.inf
     if not sampled:
         logits[:ts_begin] = -np.inf
         if max_initial is not None:
             logits[ts_begin + max_initial + 1:] = -np.inf
+
+
+def _force_timestamp(logits: np.ndarray, ts_begin: int) -> None:
+    """In place, one row: text suppressed when the timestamps together outweigh the best text token."""
     logprobs = logits - _logsumexp(logits)
     text_best = float(logprobs[:ts_begin].max())
     if _logsumexp(logprobs[ts_begin:]) > text_best:
         logits[:ts_begin] = -np.inf
+
+
+def _force_timestamps(logits: np.ndarray, top: np.ndarray, total: np.ndarray, groups: np.ndarray | None,
+                      scratch: np.ndarray, ts_begin: int) -> None:
+    """_force_timestamp on every row of `logits`, bit for bit, from the step's exp_sums (top, total; updated in
+    place for the rows it changes) instead of a log-softmax of each whole row:
+    logsumexp(row) = max + log(total) (as _logsumexp: the same float32 sum, then float64); the best text
+    log-prob is float32(max(text) - lse) (rounding is monotonic: the max of the differences is the difference of
+    the max); only the 1501 timestamp log-probs are formed. A row without a finite max takes the one-row path.
+    The group maxima of a changed row are recomputed."""
+    finite = np.isfinite(top[:, 0])
+    if not finite.all():
+        for j in np.flatnonzero(~finite):
+            _force_timestamp(logits[j], ts_begin)
+            if groups is not None:
+                groups[j] = group_max(logits[j:j + 1])[0]
+            top[j:j + 1], total[j:j + 1] = exp_sums(logits[j:j + 1], scratch[j:j + 1])
+    rows = slice(None) if finite.all() else np.flatnonzero(finite)  # (a slice: views, no copies)
+    row_ids = np.arange(len(logits))[rows].tolist()
+    if not row_ids:
+        return
+    top_f = top[rows, 0]
+    lse = [float(m) + math.log(float(t)) for m, t in zip(top_f.tolist(), total[rows, 0].tolist())]
+    lse32 = np.array(lse).astype(np.float32)[:, None]  # numpy subtracts a Python float from float32 as float32
+    stamps = logits[rows, ts_begin:]
+    stamps_max = stamps.max(axis=-1)
+    # the row max is in the text part unless a timestamp reaches it; only then is the text part searched
+    text_max = top_f.copy()
+    for q in np.flatnonzero(stamps_max >= top_f):
+        text_max[q] = logits[row_ids[q], :ts_begin].max()
+    text_best = (text_max - lse32[:, 0]).tolist()
+    # _logsumexp of each row's timestamp log-probs, over the batch (rows of -inf stay -inf)
+    stamp_lp = stamps - lse32
+    stamp_top = stamp_lp.max(axis=-1, keepdims=True)
+    np.subtract(stamp_lp, np.where(np.isfinite(stamp_top), stamp_top, 0.0), out=stamp_lp)
+    stamp_sum = np.exp(stamp_lp, out=stamp_lp).sum(axis=-1)
+    for q, j in enumerate(row_ids):
+        m = float(stamp_top[q, 0])
+        if m != -np.inf and m + math.log(float(stamp_sum[q])) > text_best[q]:
+            logits[j, :ts_begin] = -np.inf
+            if groups is not None:
+                groups[j] = group_max(logits[j:j + 1])[0]
+            # the row's new sums: exp(-inf) = 0 over the text, so only the timestamps are exponentiated
+            top[j, 0] = stamps_max[q]
+            shift = top[j, 0] if np.isfinite(top[j, 0]) else np.float32(0.0)
+            scratch[j, :ts_begin] = 0.0
+            np.exp(logits[j, ts_begin:] - shift, out=scratch[j, ts_begin:])
+            total[j, 0] = scratch[j].sum()
 
 
 @dataclass(frozen=True)
@@ -193,12 +296,26 @@ class LogitRules:
     def apply(self, logits: np.ndarray, sampled: Sequence[int], n_generated: int) -> None:
         """In place on one row. `sampled`: this window's tokens so far (prefix included, as the timestamp rules
         must see it); `n_generated`: how many of them were generated (0 = the first generated token)."""
+        self.apply_rows(logits[None], [sampled], n_generated, np.empty((1, logits.shape[-1]), np.float32))
+
+    def apply_rows(self, logits: np.ndarray, seqs: Sequence[Sequence[int]], n_generated: int,
+                   scratch: np.ndarray) -> StepSums:
+        """The rules on every row of `logits` (rows, vocab; float32, row j after the tokens seqs[j]), in place:
+        the same floats as applied row by row (apply_timestamp_rules), and the step's sums of the rows they
+        leave, for top_logprobs: (max, exp sum, group maxima) from one group max and one exp pass over the
+        batch (`scratch`: same shape)."""
         if n_generated == 0 and self.begin_suppress.size:
-            logits[self.begin_suppress] = -np.inf
+            logits[:, self.begin_suppress] = -np.inf
         if self.suppress.size:
-            logits[self.suppress] = -np.inf
+            logits[:, self.suppress] = -np.inf
         if self.timestamps:
-            apply_timestamp_rules(logits, sampled, self.ts_begin, self.eot, self.no_timestamps, self.max_initial)
+            for row, sampled in zip(logits, seqs):
+                _timestamp_masks(row, sampled, self.ts_begin, self.eot, self.no_timestamps, self.max_initial)
+        groups = group_max(logits)
+        top, total = exp_sums(logits, scratch, groups)
+        if self.timestamps:
+            _force_timestamps(logits, top, total, groups, scratch, self.ts_begin)
+        return top, total, groups
 
 
 def compression_ratio(text: str) -> float:

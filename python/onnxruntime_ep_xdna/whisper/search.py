@@ -115,23 +115,30 @@ def _sampling(model, state, logits, prefix, rules, temperature, n, sample_len, p
     seqs = [list(prefix) for _ in range(n)]
     sum_lp = np.zeros(n, np.float64)
     done = np.zeros(n, bool)
-    logits = np.repeat(logits[None], n, axis=0) if n > 1 else logits[None].copy()
+    # the step's logits and exp pass live in two buffers for the whole window (no 200 KB allocations per row)
+    x = np.empty((n, logits.shape[-1]), np.float32)
+    scratch = np.empty_like(x)
+    logits = logits[None]  # the first step: the prompt's one row stands for every sequence
     order = np.zeros(n, np.int64) if n > 1 else None  # first step grows the batch from 1 to n
     for i in range(sample_len):
-        x = np.array(logits, dtype=np.float32)
+        np.copyto(x, logits)
+        # (finished rows are filtered too: cheaper than picking out the others)
+        top, total, _ = rules.apply_rows(x, seqs, i, scratch)
         nxt = np.empty(n, np.int64)
         for k in range(n):
             if done[k]:
                 nxt[k] = eot
                 continue
-            rules.apply(x[k], seqs[k], i)
-            if temperature == 0:
-                t = int(np.argmax(x[k]))
-            else:
-                t = _sample(x[k], temperature, rng)
             row = x[k]
-            m = float(row.max())
-            lp = float(row[t]) - (m + np.log(np.exp(row - m).sum()))
+            if temperature == 0:
+                t = int(np.argmax(row))
+            else:
+                t = _sample(row, temperature, rng)
+            if np.isfinite(top[k, 0]):  # log_softmax(row)[t] from the step's exp pass (same float32 steps)
+                lp = float(row[t]) - (float(top[k, 0]) + np.log(total[k, 0]))
+            else:
+                m = float(row.max())
+                lp = float(row[t]) - (m + np.log(np.exp(row - m).sum()))
             sum_lp[k] += lp
             nxt[k] = t
             if t == eot:
@@ -150,41 +157,44 @@ def _beam_search(model, state, logits, prefix, rules, options, beam_size, sample
     """OpenAI's BeamSearchDecoder for one audio: beam_size live sequences in one batch; at each step every beam
     proposes its beam_size + 1 best tokens, the best beam_size unfinished candidates live on (the cache is
     reordered to follow them) and finished ones are collected until round(beam_size * patience) have finished.
-    Sequences are compared with their prompt, as OpenAI does (identical candidates merge)."""
+    Sequences are compared with their prompt, as OpenAI does (identical candidates merge): on the first step
+    every beam is the prompt, so one row stands for all; afterwards the live beams are distinct sequences (each
+    is a distinct (beam, token) candidate of distinct beams), so their candidates are too."""
     eot = rules.eot
+    k = beam_size + 1
     max_candidates = max(1, round(beam_size * options.patience))
     beams = [tuple(prefix)] * beam_size
     sum_lp = [0.0] * beam_size
     finished: dict[tuple, float] = {}
-    logits = np.repeat(logits[None], beam_size, axis=0)
+    x_all = np.empty((beam_size, logits.shape[-1]), np.float32)  # buffers for the whole window
+    scratch_all = np.empty_like(x_all)
+    logits = logits[None]
     grow = True  # the state still holds batch 1: the first reorder repeats it
     for i in range(sample_len):
-        x = np.array(logits, dtype=np.float32)
-        scores: dict[tuple, float] = {}
-        sources: dict[tuple, int] = {}
-        for j in range(beam_size):
-            rules.apply(x[j], beams[j], i)
-        top, top_lp = top_logprobs(x, beam_size + 1)
-        for j in range(beam_size):
-            for t, lp in zip(top[j].tolist(), top_lp[j].tolist()):
-                seq = beams[j] + (t,)
-                scores[seq] = sum_lp[j] + lp
-                sources[seq] = j
+        rows = 1 if grow else beam_size
+        x, scratch = x_all[:rows], scratch_all[:rows]
+        np.copyto(x, logits)
+        sums = rules.apply_rows(x, beams[:rows], i, scratch)
+        top, top_lp = top_logprobs(x, k, sums)
+        # candidate (row j, rank r) at j * k + r: the order the references insert them in (beam, then rank)
+        scores = (np.array(sum_lp[:rows])[:, None] + top_lp).ravel().tolist()
+        tokens = top.ravel().tolist()
         new_beams, new_lp, origin = [], [], []
-        newly: dict[tuple, float] = {}
-        for seq in sorted(scores, key=scores.get, reverse=True):
-            if seq[-1] == eot:
-                newly[seq] = scores[seq]
+        newly = []
+        for c in sorted(range(len(scores)), key=scores.__getitem__, reverse=True):
+            j, t = c // k, tokens[c]
+            if t == eot:
+                newly.append((beams[j] + (t,), scores[c]))
             else:
-                new_beams.append(seq)
-                new_lp.append(scores[seq])
-                origin.append(sources[seq])
+                new_beams.append(beams[j] + (t,))
+                new_lp.append(scores[c])
+                origin.append(j)
                 if len(new_beams) == beam_size:
                     break
-        for seq in sorted(newly, key=newly.get, reverse=True):
+        for seq, lp in sorted(newly, key=lambda item: item[1], reverse=True):
             if len(finished) >= max_candidates:
                 break
-            finished[seq] = newly[seq]
+            finished[seq] = lp
         beams, sum_lp = new_beams, new_lp
         if len(finished) >= max_candidates or i == sample_len - 1:
             break
