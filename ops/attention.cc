@@ -6,7 +6,6 @@
 // Every intermediate of the chain must have no reader but the chain: a Softmax that another node also reads (the
 // decoder's masked self-attention, exported attention weights) leaves the pattern to the plain MatMul rule.
 #include <cmath>
-#include <cstring>
 
 #include "ep_plugin/dispatch.h"
 #include "ep_plugin/ort_api.h"
@@ -23,26 +22,7 @@ const OrtNode* sole_producer(const OrtApi& api, const GraphIndex& index, const s
   const auto p = index.producer.find(name);
   const auto u = index.uses.find(name);
   if (p == index.producer.end() || u == index.uses.end() || u->second != 1) return nullptr;
-  const char* type = nullptr;
-  const char* domain = nullptr;
-  ep::check(api, api.Node_GetOperatorType(p->second, &type));
-  ep::check(api, api.Node_GetDomain(p->second, &domain));
-  return std::strcmp(type, op_type) == 0 && std::strcmp(domain, "") == 0 ? p->second : nullptr;
-}
-
-// A constant float scalar (any rank up to `max_rank`, one element): its value.
-bool constant_scalar(const OrtApi& api, const OrtValueInfo* vi, int max_rank, float* value) {
-  ONNXTensorElementDataType t;
-  const Operand c = describe(api, vi, &t);
-  if (!c.constant || t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.rank < 0 || c.rank > max_rank) return false;
-  for (int64_t d : c.dims)
-    if (d != 1) return false;
-  // One float: reading it in the claim rule is free, and the claim needs it finite.
-  Dims shape;
-  const std::vector<float> v = read_constant(api, vi, &shape);
-  if (v.size() != 1 || !std::isfinite(v[0])) return false;
-  *value = v[0];
-  return true;
+  return is_op(api, p->second, "", op_type) ? p->second : nullptr;
 }
 
 // If `op` is made by a Mul (or, with `allow_div`, a Div) of a run-time float tensor of the same rank by a constant

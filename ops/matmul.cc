@@ -2,7 +2,7 @@
 // read through a fused Transpose (ops/transpose_fusion.h).
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <limits>
 
 #include "ep_plugin/dispatch.h"
 #include "kernels/packing.h"
@@ -13,14 +13,6 @@ namespace xdna::ops {
 namespace {
 
 using Dims = std::vector<int64_t>;
-
-bool is_op(const OrtApi& api, const OrtNode* node, const char* domain, const char* type) {
-  const char* t = nullptr;
-  const char* d = nullptr;
-  ep::check(api, api.Node_GetOperatorType(node, &t));
-  ep::check(api, api.Node_GetDomain(node, &d));
-  return std::strcmp(t, type) == 0 && std::strcmp(d, domain) == 0;
-}
 
 // The node that alone reads `value` (and nothing else does: no second reader, not a graph output), or null.
 const OrtNode* only_reader(const GraphIndex& index, const std::string& value) {
@@ -47,17 +39,11 @@ bool same_shape(const Dims& a, const Dims& b) {
   return true;
 }
 
-// A float32 constant scalar (any rank, one element) within 1e-6 relative of `want`. The one place a claim rule
-// reads constant data: a decomposed GELU is a GELU only with its constants.
+// A float32 constant scalar (any rank, one element) within 1e-6 relative of `want`: a decomposed GELU is a GELU
+// only with its constants.
 bool is_scalar(const OrtApi& api, const OrtValueInfo* vi, double want) {
-  ONNXTensorElementDataType t;
-  const Operand o = describe(api, vi, &t);
-  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !o.constant) return false;
-  for (int64_t d : o.dims)
-    if (d != 1) return false;
-  std::vector<int64_t> shape;
-  const std::vector<float> v = read_constant(api, vi, &shape);
-  return v.size() == 1 && std::abs(v[0] - want) <= 1e-6 * std::abs(want);
+  float v = 0.f;
+  return constant_scalar(api, vi, std::numeric_limits<int>::max(), &v) && std::abs(v - want) <= 1e-6 * std::abs(want);
 }
 
 // GELU as exported from PyTorch (erf form), before ORT fuses it (after the EP has claimed its nodes):

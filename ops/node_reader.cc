@@ -174,6 +174,27 @@ bool string_attr(const OrtApi& api, const OrtNode* node, const char* name, std::
   return true;
 }
 
+bool constant_scalar(const OrtApi& api, const OrtValueInfo* vi, int max_rank, float* value) {
+  ONNXTensorElementDataType t;
+  const Operand c = describe(api, vi, &t);
+  if (!c.constant || t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.rank < 0 || c.rank > max_rank) return false;
+  for (int64_t d : c.dims)
+    if (d != 1) return false;
+  std::vector<int64_t> shape;
+  const std::vector<float> v = read_constant(api, vi, &shape);
+  if (v.size() != 1 || !std::isfinite(v[0])) return false;
+  *value = v[0];
+  return true;
+}
+
+bool is_op(const OrtApi& api, const OrtNode* node, const char* domain, const char* type) {
+  const char* t = nullptr;
+  const char* d = nullptr;
+  check(api, api.Node_GetOperatorType(node, &t));
+  check(api, api.Node_GetDomain(node, &d));
+  return std::strcmp(t, type) == 0 && std::strcmp(d, domain) == 0;
+}
+
 GraphIndex GraphIndex::of(const OrtApi& api, const OrtGraph* graph) {
   GraphIndex index;
   size_t n = 0;

@@ -25,6 +25,13 @@ const char* dtype_name(ONNXTensorElementDataType t);
 // The constant's data as fp32 (copied), with its shape. Only valid while the OrtGraph is alive (Compile).
 std::vector<float> read_constant(const OrtApi& api, const OrtValueInfo* vi, std::vector<int64_t>* shape);
 
+// A finite float32 constant of one element and rank <= max_rank: its value. The one kind of constant data a claim
+// rule reads (an attention's scale, a decomposed GELU's constants): one float is free to read.
+bool constant_scalar(const OrtApi& api, const OrtValueInfo* vi, int max_rank, float* value);
+
+// Whether `node` is `type` in `domain` ("" = ONNX).
+bool is_op(const OrtApi& api, const OrtNode* node, const char* domain, const char* type);
+
 // Product of dims[begin, end), symbolic dims (-1) counted as 1 and flagged in *symbolic.
 double product_lower_bound(const std::vector<int64_t>& dims, size_t begin, size_t end, bool* symbolic);
 

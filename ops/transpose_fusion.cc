@@ -1,7 +1,6 @@
 #include "ops/transpose_fusion.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "ep_plugin/ort_api.h"
 
@@ -13,11 +12,7 @@ void read_through_transpose(const OrtApi& api, const GraphIndex& index, Operand*
   const auto uses = index.uses.find(op->name);
   if (it == index.producer.end() || uses == index.uses.end() || uses->second != 1) return;
   const OrtNode* producer = it->second;
-  const char* type = nullptr;
-  const char* domain = nullptr;
-  ep::check(api, api.Node_GetOperatorType(producer, &type));
-  ep::check(api, api.Node_GetDomain(producer, &domain));
-  if (std::strcmp(type, "Transpose") != 0 || std::strcmp(domain, "") != 0) return;
+  if (!is_op(api, producer, "", "Transpose")) return;
   NodeIo io = node_io(api, producer);
   if (io.inputs.size() != 1 || !io.inputs[0]) return;
   ONNXTensorElementDataType t;
