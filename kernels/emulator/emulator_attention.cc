@@ -377,49 +377,69 @@ XDNA_BF16_KERNEL void scores_rows_bf16(const uint16_t* qb, int64_t M, int64_t D3
       scores_x16<false, C>(qb + m * D32, k + t * ldk, ldk, D, static_cast<int>(T - t), s + m * T + t);
 }
 
-// O[r][n0 .. n0 + 32 NB) = (P V) / l for R rows from their P pairs (pp: rows ldp pairs apart, the odd key's partner
-// zero) and V's bf16 rows from column n0 (cols of them valid, the rest read as zero).
+// acc += the P V products of one pair of keys (V rows a and b as NB chunks of 32 bf16) for R rows.
 template <int R, int NB>
+XDNA_BF16_KERNEL __attribute__((always_inline)) inline void accumulate_pair(__m512 (&lo)[R][NB], __m512 (&hi)[R][NB],
+                                                                            const __m512i* a, const __m512i* b,
+                                                                            const uint32_t* pp, int64_t ldp) {
+  __m512i even[NB], odd[NB];
+  for (int c = 0; c < NB; ++c) {
+    even[c] = _mm512_unpacklo_epi16(a[c], b[c]);
+    odd[c] = _mm512_unpackhi_epi16(a[c], b[c]);
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512bh w = as_bh(_mm512_set1_epi32(static_cast<int>(pp[r * ldp])));
+    for (int c = 0; c < NB; ++c) {
+      lo[r][c] = _mm512_dpbf16_ps(lo[r][c], w, as_bh(even[c]));
+      hi[r][c] = _mm512_dpbf16_ps(hi[r][c], w, as_bh(odd[c]));
+    }
+  }
+}
+
+// O[r][n0 .. n0 + 32 NB) = (P V) / l for R rows from their P pairs (pp: rows ldp pairs apart, the odd key's partner
+// zero) and V's bf16 rows from column n0: all 32 NB columns, or (kMasked) `cols` of them, the rest read as zero.
+template <int R, int NB, bool kMasked>
 XDNA_BF16_KERNEL inline void weighted_values_x32(const uint32_t* pp, int64_t ldp, const float* l, const uint16_t* v,
                                                  int64_t ldv, int64_t T, int64_t cols, float* o, int64_t ldo) {
   __m512 lo[R][NB], hi[R][NB];  // lanes: columns 0-3, 8-11, 16-19, 24-27 (lo) and 4-7, ... (hi) of each chunk
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < NB; ++b) lo[r][b] = hi[r][b] = _mm512_setzero_ps();
-  const auto chunk_mask = [&](int b) {
-    const int64_t c = cols - 32 * b;
-    return c >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << std::max<int64_t>(c, 0)) - 1);
-  };
+    for (int c = 0; c < NB; ++c) lo[r][c] = hi[r][c] = _mm512_setzero_ps();
   __mmask32 mask[NB];
-  for (int b = 0; b < NB; ++b) mask[b] = chunk_mask(b);
-  for (int64_t t2 = 0; t2 < (T + 1) / 2; ++t2) {
+  for (int c = 0; c < NB; ++c) {
+    const int64_t left = cols - 32 * c;
+    mask[c] = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << std::max<int64_t>(left, 0)) - 1);
+  }
+  const auto load = [&](const uint16_t* row, int c) XDNA_BF16_KERNEL {
+    return kMasked ? _mm512_maskz_loadu_epi16(mask[c], row + 32 * c) : _mm512_loadu_si512(row + 32 * c);
+  };
+  int64_t t2 = 0;
+  for (; 2 * t2 + 1 < T; ++t2) {
     const uint16_t* v0 = v + 2 * t2 * ldv;
-    const bool pair = 2 * t2 + 1 < T;
-    __m512i even[NB], odd[NB];
-    for (int b = 0; b < NB; ++b) {
-      const __m512i a = _mm512_maskz_loadu_epi16(mask[b], v0 + 32 * b);
-      const __m512i c = pair ? _mm512_maskz_loadu_epi16(mask[b], v0 + ldv + 32 * b) : _mm512_setzero_si512();
-      even[b] = _mm512_unpacklo_epi16(a, c);
-      odd[b] = _mm512_unpackhi_epi16(a, c);
+    __m512i a[NB], b[NB];
+    for (int c = 0; c < NB; ++c) {
+      a[c] = load(v0, c);
+      b[c] = load(v0 + ldv, c);
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512bh w = as_bh(_mm512_set1_epi32(static_cast<int>(pp[r * ldp + t2])));
-      for (int b = 0; b < NB; ++b) {
-        lo[r][b] = _mm512_dpbf16_ps(lo[r][b], w, as_bh(even[b]));
-        hi[r][b] = _mm512_dpbf16_ps(hi[r][b], w, as_bh(odd[b]));
-      }
+    accumulate_pair<R, NB>(lo, hi, a, b, pp + t2, ldp);
+  }
+  if (T % 2) {  // the last key with a zero partner
+    __m512i a[NB], b[NB];
+    for (int c = 0; c < NB; ++c) {
+      a[c] = load(v + (T - 1) * ldv, c);
+      b[c] = _mm512_setzero_si512();
     }
+    accumulate_pair<R, NB>(lo, hi, a, b, pp + t2, ldp);
   }
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int r = 0; r < R; ++r) {
     const __m512 lr = _mm512_set1_ps(l[r]);
-    for (int b = 0; b < NB; ++b) {
-      const __m512 o0 = _mm512_div_ps(_mm512_permutex2var_ps(lo[r][b], first, hi[r][b]), lr);
-      const __m512 o1 = _mm512_div_ps(_mm512_permutex2var_ps(lo[r][b], second, hi[r][b]), lr);
-      const __mmask32 m = mask[b];
-      float* out = o + r * ldo + 32 * b;
-      _mm512_mask_storeu_ps(out, static_cast<__mmask16>(m), o0);
-      _mm512_mask_storeu_ps(out + 16, static_cast<__mmask16>(m >> 16), o1);
+    for (int c = 0; c < NB; ++c) {
+      const __m512 o0 = _mm512_div_ps(_mm512_permutex2var_ps(lo[r][c], first, hi[r][c]), lr);
+      const __m512 o1 = _mm512_div_ps(_mm512_permutex2var_ps(lo[r][c], second, hi[r][c]), lr);
+      float* out = o + r * ldo + 32 * c;
+      _mm512_mask_storeu_ps(out, static_cast<__mmask16>(mask[c]), o0);
+      _mm512_mask_storeu_ps(out + 16, static_cast<__mmask16>(mask[c] >> 16), o1);
     }
   }
 }
@@ -429,8 +449,8 @@ XDNA_BF16_KERNEL inline void weighted_values_rows_bf16(const uint32_t* pp, int64
                                                        const uint16_t* v, int64_t ldv, int64_t T, int64_t Dv,
                                                        float* o, int64_t ldo) {
   int64_t n = 0;
-  for (; n + 64 <= Dv; n += 64) weighted_values_x32<R, 2>(pp, ldp, l, v + n, ldv, T, 64, o + n, ldo);
-  for (; n < Dv; n += 32) weighted_values_x32<R, 1>(pp, ldp, l, v + n, ldv, T, Dv - n, o + n, ldo);
+  for (; n + 64 <= Dv; n += 64) weighted_values_x32<R, 2, false>(pp, ldp, l, v + n, ldv, T, 64, o + n, ldo);
+  for (; n < Dv; n += 32) weighted_values_x32<R, 1, true>(pp, ldp, l, v + n, ldv, T, Dv - n, o + n, ldo);
 }
 
 // One head, few rows, on AVX512-BF16: the contract as attend_few_rows computes it, other sum orders (above).
