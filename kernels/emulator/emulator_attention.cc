@@ -298,27 +298,26 @@ E* scratch(std::unique_ptr<E[]>& buf, size_t& capacity, size_t n) {
 }
 
 struct FewRowScratch {
-  std::unique_ptr<uint16_t[]> q, k, v;
+  std::unique_ptr<uint16_t[]> q, k;
   std::unique_ptr<uint32_t[]> p;
   std::unique_ptr<float[]> s;
-  size_t q_cap = 0, k_cap = 0, v_cap = 0, p_cap = 0, s_cap = 0;
+  size_t q_cap = 0, k_cap = 0, p_cap = 0, s_cap = 0;
 };
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// rows x cols of src (row stride ld) as bf16 rows of `width` (>= cols) elements, zero-padded: fp32 rounded as the
-// contract reads it, bf16 copied.
-void bf16_rows(const float* src, int64_t ld, int64_t rows, int64_t cols, int64_t width, uint16_t* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[r * width + c] = f32_to_bf16(src[r * ld + c]);
-    std::fill(dst + r * width + cols, dst + (r + 1) * width, uint16_t{0});
-  }
-}
-void bf16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, int64_t width, uint16_t* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(dst + r * width, src + r * ld, static_cast<size_t>(cols) * sizeof *dst);
-    std::fill(dst + r * width + cols, dst + (r + 1) * width, uint16_t{0});
-  }
+// rows x cols of fp32 src (row stride ld) rounded to bf16 (to nearest even by VCVTNE2PS2BF16: as the contract, but
+// for subnormals, which it flushes to zero, as VDPBF16PS then does with subnormal bf16 anyway) into rows of `width`
+// (>= cols, a multiple of 32) elements, zero-padded.
+XDNA_BF16_KERNEL void bf16_rows(const float* src, int64_t ld, int64_t rows, int64_t cols, int64_t width,
+                                 uint16_t* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < width; c += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(emu::lanes_below(c, cols), src + r * ld + c);
+      const __m512 hi = _mm512_maskz_loadu_ps(emu::lanes_below(c + 16, cols), src + r * ld + c + 16);
+      const __m512bh both = _mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_storeu_si512(dst + r * width + c, reinterpret_cast<const __m512i&>(both));
+    }
 }
 
 XDNA_BF16_KERNEL inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
@@ -364,17 +363,29 @@ XDNA_BF16_KERNEL inline void scores_x16(const uint16_t* q, const uint16_t* k, in
   else _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), sums);
 }
 
-// Scores of M bf16 query rows (D32 apart) against all T keys, sixteen at a time. (Software prefetch of the keys
-// ahead measured no gain: the hardware prefetchers follow these streams.)
-template <int C>
-XDNA_BF16_KERNEL void scores_rows_bf16(const uint16_t* qb, int64_t M, int64_t D32, const uint16_t* k, int64_t ldk,
-                                       int64_t T, int64_t D, float* s) {
-  int64_t t = 0;
-  for (; t + 16 <= T; t += 16)
-    for (int64_t m = 0; m < M; ++m) scores_x16<true, C>(qb + m * D32, k + t * ldk, ldk, D, 16, s + m * T + t);
-  if (t < T)
-    for (int64_t m = 0; m < M; ++m)
-      scores_x16<false, C>(qb + m * D32, k + t * ldk, ldk, D, static_cast<int>(T - t), s + m * T + t);
+// Scores of M bf16 query rows (D32 apart) against all T keys (rows ldk apart), sixteen at a time: bf16 keys read as
+// they lie, fp32 ones rounded block by block into `block` (16 x D32, in L1) for all M rows. (Software prefetch of the
+// keys ahead measured no gain: the hardware prefetchers follow these streams.)
+template <int C, typename KT>
+XDNA_BF16_KERNEL void scores_rows_bf16(const uint16_t* qb, int64_t M, int64_t D32, const KT* k, int64_t ldk,
+                                       int64_t T, int64_t D, float* s, uint16_t* block) {
+  for (int64_t t = 0; t < T; t += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, T - t));
+    const uint16_t* kb;
+    int64_t ld;
+    if constexpr (std::is_same_v<KT, uint16_t>) {
+      kb = k + t * ldk;
+      ld = ldk;
+    } else {
+      bf16_rows(k + t * ldk, ldk, n, D, D32, block);
+      kb = block;
+      ld = D32;
+    }
+    if (n == 16)
+      for (int64_t m = 0; m < M; ++m) scores_x16<true, C>(qb + m * D32, kb, ld, D, 16, s + m * T + t);
+    else
+      for (int64_t m = 0; m < M; ++m) scores_x16<false, C>(qb + m * D32, kb, ld, D, n, s + m * T + t);
+  }
 }
 
 // acc += the P V products of one pair of keys (V rows a and b as NB chunks of 32 bf16) for R rows.
@@ -398,8 +409,8 @@ XDNA_BF16_KERNEL __attribute__((always_inline)) inline void accumulate_pair(__m5
 
 // O[r][n0 .. n0 + 32 NB) = (P V) / l for R rows from their P pairs (pp: rows ldp pairs apart, the odd key's partner
 // zero) and V's bf16 rows from column n0: all 32 NB columns, or (kMasked) `cols` of them, the rest read as zero.
-template <int R, int NB, bool kMasked>
-XDNA_BF16_KERNEL inline void weighted_values_x32(const uint32_t* pp, int64_t ldp, const float* l, const uint16_t* v,
+template <int R, int NB, bool kMasked, typename VT>
+XDNA_BF16_KERNEL inline void weighted_values_x32(const uint32_t* pp, int64_t ldp, const float* l, const VT* v,
                                                  int64_t ldv, int64_t T, int64_t cols, float* o, int64_t ldo) {
   __m512 lo[R][NB], hi[R][NB];  // lanes: columns 0-3, 8-11, 16-19, 24-27 (lo) and 4-7, ... (hi) of each chunk
   for (int r = 0; r < R; ++r)
@@ -409,12 +420,21 @@ XDNA_BF16_KERNEL inline void weighted_values_x32(const uint32_t* pp, int64_t ldp
     const int64_t left = cols - 32 * c;
     mask[c] = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << std::max<int64_t>(left, 0)) - 1);
   }
-  const auto load = [&](const uint16_t* row, int c) XDNA_BF16_KERNEL {
-    return kMasked ? _mm512_maskz_loadu_epi16(mask[c], row + 32 * c) : _mm512_loadu_si512(row + 32 * c);
+  const auto load = [&](const VT* row, int c) XDNA_BF16_KERNEL {
+    if constexpr (std::is_same_v<VT, uint16_t>) {
+      return kMasked ? _mm512_maskz_loadu_epi16(mask[c], row + 32 * c) : _mm512_loadu_si512(row + 32 * c);
+    } else {  // fp32 rounded as in bf16_rows
+      const __m512 lo16 = kMasked ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask[c]), row + 32 * c)
+                                  : _mm512_loadu_ps(row + 32 * c);
+      const __m512 hi16 = kMasked ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask[c] >> 16), row + 32 * c + 16)
+                                  : _mm512_loadu_ps(row + 32 * c + 16);
+      const __m512bh both = _mm512_cvtne2ps_pbh(hi16, lo16);
+      return reinterpret_cast<const __m512i&>(both);
+    }
   };
   int64_t t2 = 0;
   for (; 2 * t2 + 1 < T; ++t2) {
-    const uint16_t* v0 = v + 2 * t2 * ldv;
+    const VT* v0 = v + 2 * t2 * ldv;
     __m512i a[NB], b[NB];
     for (int c = 0; c < NB; ++c) {
       a[c] = load(v0, c);
@@ -444,13 +464,12 @@ XDNA_BF16_KERNEL inline void weighted_values_x32(const uint32_t* pp, int64_t ldp
   }
 }
 
-template <int R>
-XDNA_BF16_KERNEL inline void weighted_values_rows_bf16(const uint32_t* pp, int64_t ldp, const float* l,
-                                                       const uint16_t* v, int64_t ldv, int64_t T, int64_t Dv,
+template <int R, typename VT>
+XDNA_BF16_KERNEL inline void weighted_values_rows_bf16(const uint32_t* pp, int64_t ldp, const float* l, const VT* v, int64_t ldv, int64_t T, int64_t Dv,
                                                        float* o, int64_t ldo) {
   int64_t n = 0;
-  for (; n + 64 <= Dv; n += 64) weighted_values_x32<R, 2, false>(pp, ldp, l, v + n, ldv, T, 64, o + n, ldo);
-  for (; n < Dv; n += 32) weighted_values_x32<R, 1, true>(pp, ldp, l, v + n, ldv, T, Dv - n, o + n, ldo);
+  for (; n + 64 <= Dv; n += 64) weighted_values_x32<R, 2, false, VT>(pp, ldp, l, v + n, ldv, T, 64, o + n, ldo);
+  for (; n < Dv; n += 32) weighted_values_x32<R, 1, true, VT>(pp, ldp, l, v + n, ldv, T, Dv - n, o + n, ldo);
 }
 
 // One head, few rows, on AVX512-BF16: the contract as attend_few_rows computes it, other sum orders (above).
@@ -465,36 +484,14 @@ XDNA_BF16_KERNEL void attend_few_rows_bf16(const AttentionShape& shape, const At
   float* l = s + M * T;
   uint32_t* pp = scratch(sc.p, sc.p_cap, static_cast<size_t>(M * T2));
   bf16_rows(h.q, h.ldq, M, D, D32, qb);
-  // K and V as bf16 rows: read as they lie when bf16, else rounded once into scratch.
-  const uint16_t* kb;
-  int64_t ldk;
-  if constexpr (std::is_same_v<KT, uint16_t>) {
-    kb = k;
-    ldk = h.kt_stride_t;
-  } else {
-    uint16_t* dst = scratch(sc.k, sc.k_cap, static_cast<size_t>(T * D32));
-    bf16_rows(k, h.kt_stride_t, T, D, D32, dst);
-    kb = dst;
-    ldk = D32;
-  }
-  const uint16_t* vb;
-  int64_t ldv;
-  if constexpr (std::is_same_v<VT, uint16_t>) {
-    vb = v;
-    ldv = h.v_stride_t;
-  } else {
-    const int64_t Dv32 = round_up(Dv, 32);
-    uint16_t* dst = scratch(sc.v, sc.v_cap, static_cast<size_t>(T * Dv32));
-    bf16_rows(v, h.v_stride_t, T, Dv, Dv32, dst);
-    vb = dst;
-    ldv = Dv32;
-  }
+  uint16_t* block = std::is_same_v<KT, float> ? scratch(sc.k, sc.k_cap, static_cast<size_t>(16 * D32)) : nullptr;
+  const int64_t ldk = h.kt_stride_t;
   if (D == 0) std::fill(s, s + M * T, 0.f);
   else switch (D32 / 32) {  // the head dims of common models (64: whisper) unrolled
-    case 1: scores_rows_bf16<1>(qb, M, D32, kb, ldk, T, D, s); break;
-    case 2: scores_rows_bf16<2>(qb, M, D32, kb, ldk, T, D, s); break;
-    case 4: scores_rows_bf16<4>(qb, M, D32, kb, ldk, T, D, s); break;
-    default: scores_rows_bf16<0>(qb, M, D32, kb, ldk, T, D, s); break;
+    case 1: scores_rows_bf16<1>(qb, M, D32, k, ldk, T, D, s, block); break;
+    case 2: scores_rows_bf16<2>(qb, M, D32, k, ldk, T, D, s, block); break;
+    case 4: scores_rows_bf16<4>(qb, M, D32, k, ldk, T, D, s, block); break;
+    default: scores_rows_bf16<0>(qb, M, D32, k, ldk, T, D, s, block); break;
   }
   // P in bf16 (zero past T: the odd key's partner), read as pairs of keys.
   for (int64_t m = 0; m < M; ++m)
@@ -504,11 +501,11 @@ XDNA_BF16_KERNEL void attend_few_rows_bf16(const AttentionShape& shape, const At
     const uint32_t* p_rows = pp + m * T2;
     float* o_rows = h.o + m * h.ldo;
     switch (std::min(kRowBlock, M - m)) {
-      case 1: weighted_values_rows_bf16<1>(p_rows, T2, l + m, vb, ldv, T, Dv, o_rows, h.ldo); break;
-      case 2: weighted_values_rows_bf16<2>(p_rows, T2, l + m, vb, ldv, T, Dv, o_rows, h.ldo); break;
-      case 3: weighted_values_rows_bf16<3>(p_rows, T2, l + m, vb, ldv, T, Dv, o_rows, h.ldo); break;
-      case 4: weighted_values_rows_bf16<4>(p_rows, T2, l + m, vb, ldv, T, Dv, o_rows, h.ldo); break;
-      default: weighted_values_rows_bf16<5>(p_rows, T2, l + m, vb, ldv, T, Dv, o_rows, h.ldo); break;
+      case 1: weighted_values_rows_bf16<1>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 2: weighted_values_rows_bf16<2>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 3: weighted_values_rows_bf16<3>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 4: weighted_values_rows_bf16<4>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      default: weighted_values_rows_bf16<5>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
     }
   }
 }
