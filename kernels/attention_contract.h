@@ -59,35 +59,47 @@ inline bool has_bf16_kv(const AttentionHead* heads, size_t count) {
   return false;
 }
 
-// The heads with bf16 K^T / V replaced by fp32 copies in `storage` (K as rows [T][D], V as rows [T][Dv]; one copy
-// per distinct source, e.g. a batch-1 K/V broadcast over beams). Exact: widening is exact and the contract's
-// rounding of a bf16 value is that value, so every backend computes the same bits from either form.
+// The heads with bf16 K^T / V replaced by fp32 copies in `storage`, in the orientation given (K^T stays K^T where t
+// was the unit stride, else K as rows [T][D]; V likewise), one copy per distinct source (e.g. a batch-1 K/V broadcast
+// over beams). Exact: widening is exact and the contract's rounding of a bf16 value is that value; and as the layout
+// is kept, a backend runs the same kernel on the copies as on the fp32 graph's tensors: the same bits.
 inline std::vector<AttentionHead> widen_bf16_kv(const AttentionShape& s, const AttentionHead* heads, size_t count,
                                                 std::vector<std::vector<float>>* storage) {
+  struct Copy {
+    const float* data = nullptr;
+    int64_t row_stride = 0, col_stride = 0;
+  };
   std::vector<AttentionHead> out(heads, heads + count);
-  std::map<std::tuple<const uint16_t*, int64_t, int64_t>, const float*> made;  // (source, strides) -> copy
+  std::map<std::tuple<const uint16_t*, int64_t, int64_t>, Copy> made;  // (source, strides) -> copy
+  // src[r * row_stride + c * col_stride], rows x cols: copied as rows, or as columns when only r has unit stride.
   const auto widen = [&](const uint16_t* src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
-    const float*& copy = made[{src, row_stride, col_stride}];
-    if (!copy) {
+    Copy& copy = made[{src, row_stride, col_stride}];
+    if (!copy.data) {
+      const bool by_columns = row_stride == 1 && col_stride != 1;
+      copy.row_stride = by_columns ? 1 : cols;
+      copy.col_stride = by_columns ? rows : 1;
       storage->emplace_back(static_cast<size_t>(rows * cols));
       float* dst = storage->back().data();
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = bf16_to_f32(src[r * row_stride + c * col_stride]);
-      copy = dst;
+        for (int64_t c = 0; c < cols; ++c)
+          dst[r * copy.row_stride + c * copy.col_stride] = bf16_to_f32(src[r * row_stride + c * col_stride]);
+      copy.data = dst;
     }
     return copy;
   };
   for (AttentionHead& h : out) {
     if (h.kt_bf16) {  // K[t][d] = K^T[d][t]
-      h.kt = widen(h.kt_bf16, s.T, s.D, h.kt_stride_t, h.kt_stride_d);
-      h.kt_stride_d = 1;
-      h.kt_stride_t = s.D;
+      const Copy k = widen(h.kt_bf16, s.T, s.D, h.kt_stride_t, h.kt_stride_d);
+      h.kt = k.data;
+      h.kt_stride_t = k.row_stride;
+      h.kt_stride_d = k.col_stride;
       h.kt_bf16 = nullptr;
     }
     if (h.v_bf16) {
-      h.v = widen(h.v_bf16, s.T, s.Dv, h.v_stride_t, h.v_stride_n);
-      h.v_stride_t = s.Dv;
-      h.v_stride_n = 1;
+      const Copy v = widen(h.v_bf16, s.T, s.Dv, h.v_stride_t, h.v_stride_n);
+      h.v = v.data;
+      h.v_stride_t = v.row_stride;
+      h.v_stride_n = v.col_stride;
       h.v_bf16 = nullptr;
     }
   }

@@ -1,15 +1,20 @@
-// Fused attention on the emulator (attention_contract.h): few query rows by the per-head kernel attend_few_rows
-// (or the unpacked GEMM kernels), many rows cache-blocked in blocks of query rows of one head (attend_many_rows, on
-// AMX or the active GEMM kernel set); the softmax in fp32 between the products, P rounded to bf16 and the division
-// by the row sum after PV.
+// Fused attention on the emulator (attention_contract.h): few query rows by a per-head kernel (attend_few_rows_bf16
+// on AVX512-BF16, attend_few_rows on AVX-512, else the unpacked GEMM kernels), many rows cache-blocked in blocks of
+// query rows of one head (attend_many_rows, on AMX or the active GEMM kernel set); the softmax in fp32 between the
+// products, P rounded to bf16 and the division by the row sum after PV.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <immintrin.h>
 #include <limits>
+#include <memory>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../packing.h"
 #include "emulator.h"
+#include "emulator_attention_avx512.h"
 #include "emulator_isa.h"
 
 namespace xdna::kernels {
@@ -239,7 +244,7 @@ __attribute__((always_inline)) inline void weighted_values_rows(const float* p, 
 // (V[t][n] = v[t * v_stride_t + n]), in one pass while the head's K and V are hot: QK^T as dot products over d,
 // the softmax, PV accumulated over t, then the division; K and V rounded to bf16 as they are read, rows taken 5 at
 // a time. s holds M * T scores, qb M * D. Every product is exact (bf16 x bf16), so FMA or not gives the same bits.
-// K and V are each fp32 or bf16 (KT, VT: float or uint16_t). Built for avx512f only: see few_rows_kernel_fits.
+// K and V are each fp32 or bf16 (KT, VT: float or uint16_t). Built for avx512f only: see few_row_kernel.
 template <typename KT, typename VT>
 __attribute__((target("avx512f"))) void attend_few_rows(const AttentionShape& shape, const AttentionHead& h,
                                                          const KT* k, const VT* v, float* s, float* qb, float* l) {
@@ -272,11 +277,263 @@ __attribute__((target("avx512f"))) void attend_few_rows(const AttentionShape& sh
   }
 }
 
-// The per-head kernel needs 32 vector registers for its accumulators: built for avx2 (16) it spilled and ran ~5x
-// slower than on avx512f (same bits), slower than the per-product path, which other CPUs therefore keep.
-bool few_rows_kernel_fits() {
-  static const bool fits = __builtin_cpu_supports("avx512f");
-  return fits;
+// ---- Few query rows on AVX512-BF16 (VDPBF16PS): K and V read as bf16 pairs, no widening ----
+// The same contract as attend_few_rows with other sum orders (the contract leaves them free): S by VDPBF16PS over
+// pairs of d (K's bf16 rows read as they lie, Q rounded to bf16 once), sixteen keys' 16-lane sums reduced together;
+// P V by VDPBF16PS over pairs of keys (two V rows interleaved, P's bf16 pair broadcast). Every product is exact; the
+// instruction treats subnormal inputs as zero and flushes subnormal sums, which the contract allows (gemm_contract.h;
+// the tests' absolute TINY), as TDPBF16PS in the many-row path does. Each row's arithmetic is its own and no sum
+// depends on a key's position in its block, so the bits do not depend on M, on the rows grouped or on the threads.
+#define XDNA_BF16_KERNEL __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// Growing per-thread scratch, never value-initialised (the previous kernel's per-call zero-filled vectors cost ~4%
+// of a decoder step).
+template <typename E>
+E* scratch(std::unique_ptr<E[]>& buf, size_t& capacity, size_t n) {
+  if (n > capacity) {
+    buf.reset(new E[n]);
+    capacity = n;
+  }
+  return buf.get();
+}
+
+struct FewRowScratch {
+  std::unique_ptr<uint16_t[]> q, k;
+  std::unique_ptr<uint32_t[]> p;
+  std::unique_ptr<float[]> s;
+  size_t q_cap = 0, k_cap = 0, p_cap = 0, s_cap = 0;
+};
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// rows x cols of fp32 src (row stride ld) rounded to bf16 (to nearest even by VCVTNE2PS2BF16: as the contract, but
+// for subnormals, which it flushes to zero, as VDPBF16PS then does with subnormal bf16 anyway) into rows of `width`
+// (>= cols, a multiple of 32) elements, zero-padded.
+XDNA_BF16_KERNEL void bf16_rows(const float* src, int64_t ld, int64_t rows, int64_t cols, int64_t width,
+                                 uint16_t* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < width; c += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(emu::lanes_below(c, cols), src + r * ld + c);
+      const __m512 hi = _mm512_maskz_loadu_ps(emu::lanes_below(c + 16, cols), src + r * ld + c + 16);
+      const __m512bh both = _mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_storeu_si512(dst + r * width + c, reinterpret_cast<const __m512i&>(both));
+    }
+}
+
+XDNA_BF16_KERNEL inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+
+// Sixteen keys' 16-lane partial sums to one vector of their sums (key j in lane j), one fixed tree for every key:
+// lane i + lane i+8, then the 4-lane quarters, pairs, single lanes.
+XDNA_BF16_KERNEL inline __m512 sum_lanes_x16(const __m512* a) {
+  __m512 r8[8], r4[4], r2[2];
+  for (int j = 0; j < 8; ++j)  // lanes 0-7: key j, 8-15: key j+8
+    r8[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[j], a[j + 8], 0x44), _mm512_shuffle_f32x4(a[j], a[j + 8], 0xee));
+  for (int j = 0; j < 4; ++j)  // quarters: keys j, j+8, j+4, j+12
+    r4[j] = _mm512_add_ps(_mm512_shuffle_f32x4(r8[j], r8[j + 4], 0x88), _mm512_shuffle_f32x4(r8[j], r8[j + 4], 0xdd));
+  for (int j = 0; j < 2; ++j)  // per quarter two keys, two lanes each: (j, j+2), (j+8, j+10), (j+4, j+6), (j+12, j+14)
+    r2[j] = _mm512_add_ps(_mm512_shuffle_ps(r4[j], r4[j + 2], 0x44), _mm512_shuffle_ps(r4[j], r4[j + 2], 0xee));
+  // per quarter: keys 0 2 1 3 | 8 10 9 11 | 4 6 5 7 | 12 14 13 15
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(r2[0], r2[1], 0x88), _mm512_shuffle_ps(r2[0], r2[1], 0xdd));
+  const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
+// Scores of one bf16 query row (D rounded up to 32, zero-padded) against n <= 16 keys (bf16 rows ldk apart): C
+// chunks of 32 (0: D / 32 rounded up, read at run time), the last one read through `tail`.
+template <bool kFull, int C>
+XDNA_BF16_KERNEL inline void scores_x16(const uint16_t* q, const uint16_t* k, int64_t ldk, int64_t D, int n,
+                                        float* out) {
+  const int64_t chunks = C > 0 ? C : (D + 31) / 32;
+  const __mmask32 tail = D % 32 ? static_cast<__mmask32>((uint32_t{1} << (D % 32)) - 1) : ~__mmask32{0};
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    acc[j] = _mm512_setzero_ps();
+    if (!kFull && j >= n) continue;
+    const uint16_t* kj = k + j * ldk;
+#pragma GCC unroll 4
+    for (int64_t c = 0; c + 1 < chunks; ++c)
+      acc[j] = _mm512_dpbf16_ps(acc[j], as_bh(_mm512_loadu_si512(q + 32 * c)), as_bh(_mm512_loadu_si512(kj + 32 * c)));
+    const int64_t c = chunks - 1;
+    acc[j] = _mm512_dpbf16_ps(acc[j], as_bh(_mm512_loadu_si512(q + 32 * c)),
+                              as_bh(_mm512_maskz_loadu_epi16(tail, kj + 32 * c)));
+  }
+  const __m512 sums = sum_lanes_x16(acc);
+  if (kFull) _mm512_storeu_ps(out, sums);
+  else _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), sums);
+}
+
+// Scores of M bf16 query rows (D32 apart) against all T keys (rows ldk apart), sixteen at a time: bf16 keys read as
+// they lie, fp32 ones rounded block by block into `block` (16 x D32, in L1) for all M rows. Meanwhile the same keys'
+// V rows (v_bytes each, v_row_bytes apart) are prefetched into L2, so that P V, which waited on memory for them, finds
+// them there (a harness with the K/V evicted between calls measured ~10-15% less time; the shared VM is noisy).
+// Prefetching the keys themselves measured no gain: the hardware prefetchers follow that stream.
+template <int C, typename KT>
+XDNA_BF16_KERNEL void scores_rows_bf16(const uint16_t* qb, int64_t M, int64_t D32, const KT* k, int64_t ldk,
+                                       int64_t T, int64_t D, float* s, uint16_t* block, const char* v,
+                                       int64_t v_row_bytes, int64_t v_bytes) {
+  for (int64_t t = 0; t < T; t += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, T - t));
+    for (int j = 0; j < n; ++j)  // the same keys' V rows on their way to L2 while the scores are computed
+      for (int64_t b = 0; b < v_bytes; b += 64) _mm_prefetch(v + (t + j) * v_row_bytes + b, _MM_HINT_T1);
+    const uint16_t* kb;
+    int64_t ld;
+    if constexpr (std::is_same_v<KT, uint16_t>) {
+      kb = k + t * ldk;
+      ld = ldk;
+    } else {
+      bf16_rows(k + t * ldk, ldk, n, D, D32, block);
+      kb = block;
+      ld = D32;
+    }
+    if (n == 16)
+      for (int64_t m = 0; m < M; ++m) scores_x16<true, C>(qb + m * D32, kb, ld, D, 16, s + m * T + t);
+    else
+      for (int64_t m = 0; m < M; ++m) scores_x16<false, C>(qb + m * D32, kb, ld, D, n, s + m * T + t);
+  }
+}
+
+// acc += the P V products of one pair of keys (V rows a and b as NB chunks of 32 bf16) for R rows.
+template <int R, int NB>
+XDNA_BF16_KERNEL __attribute__((always_inline)) inline void accumulate_pair(__m512 (&lo)[R][NB], __m512 (&hi)[R][NB],
+                                                                            const __m512i* a, const __m512i* b,
+                                                                            const uint32_t* pp, int64_t ldp) {
+  __m512i even[NB], odd[NB];
+  for (int c = 0; c < NB; ++c) {
+    even[c] = _mm512_unpacklo_epi16(a[c], b[c]);
+    odd[c] = _mm512_unpackhi_epi16(a[c], b[c]);
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512bh w = as_bh(_mm512_set1_epi32(static_cast<int>(pp[r * ldp])));
+    for (int c = 0; c < NB; ++c) {
+      lo[r][c] = _mm512_dpbf16_ps(lo[r][c], w, as_bh(even[c]));
+      hi[r][c] = _mm512_dpbf16_ps(hi[r][c], w, as_bh(odd[c]));
+    }
+  }
+}
+
+// O[r][n0 .. n0 + 32 NB) = (P V) / l for R rows from their P pairs (pp: rows ldp pairs apart, the odd key's partner
+// zero) and V's bf16 rows from column n0: all 32 NB columns, or (kMasked) `cols` of them, the rest read as zero.
+template <int R, int NB, bool kMasked, typename VT>
+XDNA_BF16_KERNEL inline void weighted_values_x32(const uint32_t* pp, int64_t ldp, const float* l, const VT* v,
+                                                 int64_t ldv, int64_t T, int64_t cols, float* o, int64_t ldo) {
+  __m512 lo[R][NB], hi[R][NB];  // lanes: columns 0-3, 8-11, 16-19, 24-27 (lo) and 4-7, ... (hi) of each chunk
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NB; ++c) lo[r][c] = hi[r][c] = _mm512_setzero_ps();
+  __mmask32 mask[NB];
+  for (int c = 0; c < NB; ++c) {
+    const int64_t left = cols - 32 * c;
+    mask[c] = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << std::max<int64_t>(left, 0)) - 1);
+  }
+  const auto load = [&](const VT* row, int c) XDNA_BF16_KERNEL {
+    if constexpr (std::is_same_v<VT, uint16_t>) {
+      return kMasked ? _mm512_maskz_loadu_epi16(mask[c], row + 32 * c) : _mm512_loadu_si512(row + 32 * c);
+    } else {  // fp32 rounded as in bf16_rows
+      const __m512 lo16 = kMasked ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask[c]), row + 32 * c)
+                                  : _mm512_loadu_ps(row + 32 * c);
+      const __m512 hi16 = kMasked ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask[c] >> 16), row + 32 * c + 16)
+                                  : _mm512_loadu_ps(row + 32 * c + 16);
+      const __m512bh both = _mm512_cvtne2ps_pbh(hi16, lo16);
+      return reinterpret_cast<const __m512i&>(both);
+    }
+  };
+  int64_t t2 = 0;
+  for (; 2 * t2 + 1 < T; ++t2) {
+    const VT* v0 = v + 2 * t2 * ldv;
+    __m512i a[NB], b[NB];
+    for (int c = 0; c < NB; ++c) {
+      a[c] = load(v0, c);
+      b[c] = load(v0 + ldv, c);
+    }
+    accumulate_pair<R, NB>(lo, hi, a, b, pp + t2, ldp);
+  }
+  if (T % 2) {  // the last key with a zero partner
+    __m512i a[NB], b[NB];
+    for (int c = 0; c < NB; ++c) {
+      a[c] = load(v + (T - 1) * ldv, c);
+      b[c] = _mm512_setzero_si512();
+    }
+    accumulate_pair<R, NB>(lo, hi, a, b, pp + t2, ldp);
+  }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int r = 0; r < R; ++r) {
+    const __m512 lr = _mm512_set1_ps(l[r]);
+    for (int c = 0; c < NB; ++c) {
+      const __m512 o0 = _mm512_div_ps(_mm512_permutex2var_ps(lo[r][c], first, hi[r][c]), lr);
+      const __m512 o1 = _mm512_div_ps(_mm512_permutex2var_ps(lo[r][c], second, hi[r][c]), lr);
+      float* out = o + r * ldo + 32 * c;
+      _mm512_mask_storeu_ps(out, static_cast<__mmask16>(mask[c]), o0);
+      _mm512_mask_storeu_ps(out + 16, static_cast<__mmask16>(mask[c] >> 16), o1);
+    }
+  }
+}
+
+template <int R, typename VT>
+XDNA_BF16_KERNEL inline void weighted_values_rows_bf16(const uint32_t* pp, int64_t ldp, const float* l, const VT* v, int64_t ldv, int64_t T, int64_t Dv,
+                                                       float* o, int64_t ldo) {
+  int64_t n = 0;
+  for (; n + 64 <= Dv; n += 64) weighted_values_x32<R, 2, false, VT>(pp, ldp, l, v + n, ldv, T, 64, o + n, ldo);
+  for (; n < Dv; n += 32) weighted_values_x32<R, 1, true, VT>(pp, ldp, l, v + n, ldv, T, Dv - n, o + n, ldo);
+}
+
+// One head, few rows, on AVX512-BF16: the contract as attend_few_rows computes it, other sum orders (above).
+template <typename KT, typename VT>
+XDNA_BF16_KERNEL void attend_few_rows_bf16(const AttentionShape& shape, const AttentionHead& h, const KT* k,
+                                           const VT* v) {
+  const int64_t M = shape.M, T = shape.T, D = shape.D, Dv = shape.Dv, D32 = round_up(D, 32);
+  const int64_t tp = round_up(T, 32), T2 = tp / 2;  // P's row: tp bf16, T2 pairs
+  thread_local FewRowScratch sc;
+  uint16_t* qb = scratch(sc.q, sc.q_cap, static_cast<size_t>(M * D32));
+  float* s = scratch(sc.s, sc.s_cap, static_cast<size_t>(M * T + M));
+  float* l = s + M * T;
+  uint32_t* pp = scratch(sc.p, sc.p_cap, static_cast<size_t>(M * T2));
+  bf16_rows(h.q, h.ldq, M, D, D32, qb);
+  uint16_t* block = std::is_same_v<KT, float> ? scratch(sc.k, sc.k_cap, static_cast<size_t>(16 * D32)) : nullptr;
+  const int64_t ldk = h.kt_stride_t;
+  const char* vp = reinterpret_cast<const char*>(v);
+  const int64_t vrow = h.v_stride_t * static_cast<int64_t>(sizeof(VT)), vbytes = Dv * static_cast<int64_t>(sizeof(VT));
+  if (D == 0) std::fill(s, s + M * T, 0.f);
+  else switch (D32 / 32) {  // the head dims of common models (64: whisper) unrolled
+    case 1: scores_rows_bf16<1>(qb, M, D32, k, ldk, T, D, s, block, vp, vrow, vbytes); break;
+    case 2: scores_rows_bf16<2>(qb, M, D32, k, ldk, T, D, s, block, vp, vrow, vbytes); break;
+    case 4: scores_rows_bf16<4>(qb, M, D32, k, ldk, T, D, s, block, vp, vrow, vbytes); break;
+    default: scores_rows_bf16<0>(qb, M, D32, k, ldk, T, D, s, block, vp, vrow, vbytes); break;
+  }
+  // P in bf16 (zero past T: the odd key's partner), read as pairs of keys.
+  for (int64_t m = 0; m < M; ++m)
+    l[m] = emu::softmax_row_bf16(s + m * T, T, tp, shape.scale, reinterpret_cast<uint16_t*>(pp + m * T2));
+  constexpr int64_t kRowBlock = 5;
+  for (int64_t m = 0; m < M; m += kRowBlock) {
+    const uint32_t* p_rows = pp + m * T2;
+    float* o_rows = h.o + m * h.ldo;
+    switch (std::min(kRowBlock, M - m)) {
+      case 1: weighted_values_rows_bf16<1>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 2: weighted_values_rows_bf16<2>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 3: weighted_values_rows_bf16<3>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 4: weighted_values_rows_bf16<4>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      default: weighted_values_rows_bf16<5>(p_rows, T2, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+    }
+  }
+}
+
+// Which per-head few-row kernel runs: it follows the active kernel set (XDNA_EMULATOR_ISA forces it, so that tests
+// cover every one here). attend_few_rows needs 32 vector registers for its accumulators: built for avx2 (16) it
+// spilled and ran ~5x slower than on avx512f (same bits), slower than the per-product path, which sets without
+// AVX-512 therefore keep. VDPBF16PS (attend_few_rows_bf16) beside the sets that use bf16 instructions (amx,
+// avx512bf16): ~2x faster than attend_few_rows at a decoder step's cross-attention (benchmarks/README.md).
+enum class FewRowKernel { kNone, kAvx512, kAvx512Bf16 };
+
+FewRowKernel few_row_kernel() {
+  static const FewRowKernel kernel = [] {
+    const std::string set = emu::active_kernels().name;
+    if (!__builtin_cpu_supports("avx512f") || set == "generic" || set == "avx2") return FewRowKernel::kNone;
+    if ((set == "amx" || set == "avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512bf16"))
+      return FewRowKernel::kAvx512Bf16;
+    return FewRowKernel::kAvx512;
+  }();
+  return kernel;
 }
 
 // B[k][n] = b[k * stride_k + n * stride_n] as backend.h's UnpackedGemm, when one of the strides is 1.
@@ -367,16 +624,29 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
   }
   // Few query rows with K and V as rows (a decoder step's attention): one task per head does the whole head while
   // its K and V are in cache, all heads in one job.
-  bool rows = M <= kUnpackedMaxM && few_rows_kernel_fits();
+  const FewRowKernel few = M <= kUnpackedMaxM ? few_row_kernel() : FewRowKernel::kNone;
+  bool rows = few != FewRowKernel::kNone;
   for (size_t i = 0; i < count && rows; ++i) rows = heads[i].kt_stride_d == 1 && heads[i].v_stride_n == 1;
+  if (rows && few == FewRowKernel::kAvx512Bf16) {
+    emulator_parallel_for(threads, static_cast<int64_t>(count), [&](int64_t i) {
+      const AttentionHead& h = heads[i];
+      if (h.kt_bf16 && h.v_bf16) attend_few_rows_bf16(s, h, h.kt_bf16, h.v_bf16);
+      else if (h.kt_bf16) attend_few_rows_bf16(s, h, h.kt_bf16, h.v);
+      else if (h.v_bf16) attend_few_rows_bf16(s, h, h.kt, h.v_bf16);
+      else attend_few_rows_bf16(s, h, h.kt, h.v);
+    });
+    return;
+  }
   if (rows) {
     emulator_parallel_for(threads, static_cast<int64_t>(count), [&](int64_t i) {
-      std::vector<float> scores(M * T), qb(M * D), l(M);
+      thread_local FewRowScratch sc;  // written before read: no zero-fill per call
+      float* scores = scratch(sc.s, sc.s_cap, static_cast<size_t>(M * T + M * D + M));
+      float *qb = scores + M * T, *l = qb + M * D;
       const AttentionHead& h = heads[i];
-      if (h.kt_bf16 && h.v_bf16) attend_few_rows(s, h, h.kt_bf16, h.v_bf16, scores.data(), qb.data(), l.data());
-      else if (h.kt_bf16) attend_few_rows(s, h, h.kt_bf16, h.v, scores.data(), qb.data(), l.data());
-      else if (h.v_bf16) attend_few_rows(s, h, h.kt, h.v_bf16, scores.data(), qb.data(), l.data());
-      else attend_few_rows(s, h, h.kt, h.v, scores.data(), qb.data(), l.data());
+      if (h.kt_bf16 && h.v_bf16) attend_few_rows(s, h, h.kt_bf16, h.v_bf16, scores, qb, l);
+      else if (h.kt_bf16) attend_few_rows(s, h, h.kt_bf16, h.v, scores, qb, l);
+      else if (h.v_bf16) attend_few_rows(s, h, h.kt, h.v_bf16, scores, qb, l);
+      else attend_few_rows(s, h, h.kt, h.v, scores, qb, l);
     });
     return;
   }

@@ -4,16 +4,15 @@
 // P V by TDPBF16PS, the division last. K^T and V come in the tile pair form, prepared once per head.
 //
 // Numerics: TDPBF16PS multiplies bf16 pairs exactly and adds in fp32 (round to nearest even), flushing bf16
-// subnormal inputs and fp32 subnormal results to zero, as the GEMM contract allows (emulator_amx.cc). The exp is
-// emulator_attention.cc's (Cephes expf, the same constants) evaluated with FMAs: checked over every float in
-// [-87, 0], its relative error is at most 2^-23.5 (the contract allows 2^-21); its bits may differ from the other
-// kernel sets' in the last place.
+// subnormal inputs and fp32 subnormal results to zero, as the GEMM contract allows (emulator_amx.cc). The softmax
+// is emulator_attention_avx512.h's (shared with the few-row kernel on AVX512-BF16).
 #include <immintrin.h>
 
 #include <cmath>
 #include <limits>
 
 #include "emulator_amx_tiles.h"
+#include "emulator_attention_avx512.h"
 #include "emulator_isa.h"
 
 namespace xdna::kernels::emu {
@@ -77,79 +76,6 @@ void rows64_product(const uint16_t* a, int64_t kp, const uint32_t* b, int64_t np
     _tile_stored(2, c + 32 * ldc + n, ldc * 4);
     _tile_stored(3, c + 48 * ldc + n, ldc * 4);
   }
-}
-
-// The contract's f32_to_bf16 on 16 lanes (round to nearest even, NaN kept a quiet NaN): the bf16 bits.
-inline __m256i to_bf16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x00400000));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
-
-// exp(x) for x <= 0 in the lanes of `lanes` (emulator_attention.cc's exp_nonpositive with FMAs), 0 below -87 and
-// in the other lanes (whatever the reduction made of them there).
-inline __m512 exp_nonpositive(__m512 x, __mmask16 lanes) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
-  const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
-  return _mm512_maskz_scalef_ps(kept, p, n);
-}
-
-inline __mmask16 lanes_below(int64_t t, int64_t T) {
-  const int64_t left = T - t;
-  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << left) - 1u);
-}
-
-// One row of scores s[0..T) -> p[0..tp) = bf16(exp(scale s - max)), zero past T; returns the row sum. NaN or +Inf
-// among the scaled scores (or only -Inf) gives NaN, as ORT's Softmax does (p is then zero: the output row is
-// 0 / NaN).
-float softmax_row(const float* s, int64_t T, int64_t tp, float scale, uint16_t* p) {
-  const __m512 vscale = _mm512_set1_ps(scale);
-  // Four max chains: one would wait a max's latency per 16 scores.
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 vmax[4] = {minus_inf, minus_inf, minus_inf, minus_inf};
-  __mmask16 nan = 0;
-  for (int64_t t = 0; t < T; t += 64)
-    for (int j = 0; j < 4; ++j) {
-      const __mmask16 m = lanes_below(t + 16 * j, T);
-      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t + 16 * j), vscale);
-      nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
-      vmax[j] = _mm512_mask_max_ps(vmax[j], m, vmax[j], v);
-    }
-  const float mx =
-      _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
-  if (nan || !std::isfinite(mx)) {
-    for (int64_t t = 0; t < tp; t += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + t), _mm256_setzero_si256());
-    return std::numeric_limits<float>::quiet_NaN();
-  }
-  const __m512 vmx = _mm512_set1_ps(mx);
-  // P by VCVTNE2PS2BF16 (round to nearest even; the weights are 0 or normal, >= e^-87, so its flush of subnormal
-  // inputs changes nothing), l by VDPBF16PS against ones: each weight added exactly once in fp32.
-  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);
-  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-  for (int64_t t = 0; t < tp; t += 64) {  // tp: a multiple of 32
-    for (int64_t h = 0; h < 64 && t + h < tp; h += 32) {
-      const __mmask16 m0 = lanes_below(t + h, T), m1 = lanes_below(t + h + 16, T);
-      const __m512 v0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, s + t + h), vscale), vmx);
-      const __m512 v1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, s + t + h + 16), vscale), vmx);
-      const __m512bh w = _mm512_cvtne2ps_pbh(exp_nonpositive(v1, m1), exp_nonpositive(v0, m0));
-      _mm512_storeu_si512(p + t + h, (__m512i)w);
-      if (h == 0) sum0 = _mm512_dpbf16_ps(sum0, w, ones);
-      else sum1 = _mm512_dpbf16_ps(sum1, w, ones);
-    }
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }
 
 // B[k][n] = src[k * sk + n * sn] (k < K, n < N) rounded to bf16 into the pair form, zero up to kp x np.
@@ -217,7 +143,7 @@ void attend_block(const AttentionBlockProblem& b) {
   {
     TileScope tiles;
     rows64_product(qb, kp, b.kt_pairs, tp, s, tp);
-    for (int64_t r = 0; r < b.rows; ++r) l[r] = softmax_row(s + r * tp, T, tp, b.scale, p + r * tp);
+    for (int64_t r = 0; r < b.rows; ++r) l[r] = softmax_row_bf16(s + r * tp, T, tp, b.scale, p + r * tp);
     for (int64_t i = b.rows * tp; i < (b.rows + 31) / 32 * 32 * tp; ++i) p[i] = 0;
     for (int64_t r = 0; r < b.rows; r += 32) rows32_product(p + r * tp, tp, b.v_pairs, dvp, o + r * dvp, dvp);
   }
