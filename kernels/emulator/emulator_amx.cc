@@ -247,9 +247,9 @@ inline void finish_int8_block(const Int8Problem& p, const PendingBlock& b) {
 
 // C[m .. m+rows, n .. n+cols] (rows, cols <= 32) over all of Kpad: a is quantised A (u8, lda bytes apart);
 // b0, b1 the two 16-column panels of QuantizedB::q, already in the tile's [Kpad / 4][16][4] form. Prefetch: as
-// bf16_block's. Software pipelined: the previous block's dequantising step and epilogue (`pending`, AVX-512) are
-// issued after this block's tile products, so they run while the tile unit computes; this block's sums then wait
-// in `buffers` (two of [4][256] int32, alternating) as the new `pending`. The caller finishes the last one.
+// bf16_block's. Software pipelined: this block's sums go to `buffers` (two of [4][256] int32, alternating), then
+// the previous block's dequantising step and epilogue (`pending`, AVX-512) run while the tile unit is still busy
+// with this block; this block becomes the new `pending`, and the caller finishes the last one.
 template <bool TwoRows, bool TwoCols, bool Prefetch = false>
 void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1,
                      int64_t m, int64_t n, int rows, int cols, int32_t* buffers, PendingBlock& pending) {
@@ -271,12 +271,12 @@ void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const 
     if (TwoRows) _tile_dpbusd(2, 5, 6);
     if (TwoRows && TwoCols) _tile_dpbusd(3, 5, 7);
   }
-  finish_int8_block(p, pending);
   int32_t* sums = pending.sums == buffers ? buffers + 1024 : buffers;
   _tile_stored(0, sums, 64);
   if (TwoCols) _tile_stored(1, sums + 256, 64);
   if (TwoRows) _tile_stored(2, sums + 512, 64);
   if (TwoRows && TwoCols) _tile_stored(3, sums + 768, 64);
+  finish_int8_block(p, pending);
   pending = {m, n, rows, cols, sums};
 }
 
