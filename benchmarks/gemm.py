@@ -13,6 +13,12 @@ Runners take turns in two blocks each so background load hits all alike; medians
 
     python3 benchmarks/gemm.py            # full run
     python3 benchmarks/gemm.py --quick    # fewer shapes and repetitions
+    python3 benchmarks/gemm.py --epilogue # the GEMM epilogue's extra cost (kernels/gemm_contract.h, "Epilogue")
+
+--epilogue: the encoder's GEMM shapes in int8 and bf16 (emulator kernels, weights prepared beforehand) with no
+epilogue, a bias, bias + GELU and bias + residual run inside the kernels, and as the peer the same epilogue as a
+separate pass over C afterwards (_native.apply_epilogue, the arithmetic the kernels must match bit for bit). Variants
+take turns call by call; medians of wall time and of process CPU time (less sensitive to other jobs' load).
 """
 
 import argparse
@@ -197,6 +203,52 @@ def bench_runtime_b(batch, m, k, n, reps, threads, use_xdna_ep):
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
+EPILOGUE_SHAPES = [(1500, 512, 2048, "encoder fc1 (bias + GELU)"), (1500, 2048, 512, "encoder fc2 (bias + residual)"),
+                   (1500, 512, 512, "encoder q/k/v/o")]
+
+
+def bench_epilogue(reps, threads):
+    """Extra ms of each epilogue over the bare product, inside the kernels and as a separate pass afterwards."""
+    print(f"{'M x K x N':>16} {'prec':>5} {'product':>8} {'CPU':>7} | {'+bias':>7} {'+b+gelu':>8} {'+b+res':>7} | "
+          f"{'CPU: +bias':>10} {'+b+gelu':>8} {'+b+res':>7} | {'2nd pass: +b+gelu':>17}   shape")
+    rng = np.random.default_rng(0)
+    for m, k, n, what in EPILOGUE_SHAPES:
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        res = rng.standard_normal((m, n)).astype(np.float32)
+        for prec, b, gemm in (("int8", _native.quantize_b_int8(w), _native.emulator_gemm_int8),
+                              ("bf16", _native.pack_b(w), _native.emulator_gemm)):
+            variants = {
+                "none": lambda: gemm(a, b, threads),
+                "bias": lambda: gemm(a, b, threads, bias=bias),
+                "gelu": lambda: gemm(a, b, threads, bias=bias, gelu=True),
+                "res": lambda: gemm(a, b, threads, bias=bias, residual=res),
+                "pass": lambda: _native.apply_epilogue(gemm(a, b, threads), bias, True),
+            }
+            wall = {key: [] for key in variants}
+            cpu = {key: [] for key in variants}
+            for _ in range(2):
+                for fn in variants.values():
+                    fn()
+            for _ in range(reps):
+                for key, fn in variants.items():
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn()
+                    wall[key].append(time.perf_counter() - t0)
+                    cpu[key].append(time.process_time() - c0)
+            w_ms = {key: statistics.median(v) * 1e3 for key, v in wall.items()}
+            c_ms = {key: statistics.median(v) * 1e3 for key, v in cpu.items()}
+            extra = lambda d, key: f"{d[key] - d['none']:+.2f}"  # noqa: E731
+            print(f"{f'{m}x{k}x{n}':>16} {prec:>5} {w_ms['none']:8.2f} {c_ms['none']:7.2f} | {extra(w_ms, 'bias'):>7} "
+                  f"{extra(w_ms, 'gelu'):>8} {extra(w_ms, 'res'):>7} | {extra(c_ms, 'bias'):>10} {extra(c_ms, 'gelu'):>8} "
+                  f"{extra(c_ms, 'res'):>7} | {extra(w_ms, 'pass'):>17}   {what}", flush=True)
+    print("\nproduct: ms of the bare product (wall; CPU = process CPU time); +...: extra ms of each epilogue run inside")
+    print("the kernels over it (wall, then CPU time); 2nd pass: bias + GELU applied after the product by the baseline")
+    print("scalar apply_epilogue on a copy of C (the peer: the epilogue as it ran before it moved into the kernels,")
+    print("plus that copy), wall. All on the CPU; a shared machine: compare within a run.")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 shapes, few repetitions")
@@ -204,7 +256,17 @@ def main():
     parser.add_argument("--reps", type=int, default=0, help="timed repetitions per shape (default: by size)")
     parser.add_argument("--no-ep", action="store_true", help="skip the XDNA EP column")
     parser.add_argument("--no-precisions", action="store_true", help="skip the int8 and bf16x3 columns")
+    parser.add_argument("--epilogue", action="store_true", help="only the epilogue's cost (see the module text)")
     args = parser.parse_args()
+
+    if args.epilogue:
+        print("GEMM epilogue cost: emulator kernels (the NPU contract computed on the CPU), no NPU")
+        print("machine:", machine_line())
+        print("emulator kernels:", _native.emulator_kernel_name(), "| int8 kernel:", _native.emulator_int8_kernel_name())
+        print(f"threads: {args.threads or os.cpu_count()}; medians of {args.reps or 30} turns")
+        print()
+        bench_epilogue(args.reps or 30, args.threads)
+        return
 
     print("GEMM benchmark: emulator backend (NPU contract computed on the CPU) vs ONNX Runtime CPU EP")
     print("machine:", machine_line())

@@ -77,6 +77,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 
 namespace xdna::kernels {
 

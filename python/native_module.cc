@@ -27,11 +27,27 @@ std::shared_ptr<k::PackedB> pack(F32Array b) {
   return std::make_shared<k::PackedB>(k::pack_b(b.data(), b.shape(0), b.shape(1), b.shape(1), 1));
 }
 
-py::array_t<float> run_gemm(F32Array a, const k::PackedB& b, bool reference, int threads) {
+// The epilogue's operands (gemm_contract.h, "Epilogue") for a C of M x N, checked; they must outlive the call.
+k::GemmEpilogue make_epilogue(int64_t M, int64_t N, const std::optional<F32Array>& bias, bool gelu,
+                              const std::optional<F32Array>& residual) {
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != N)) throw std::invalid_argument("bias must be [N]");
+  if (residual && (residual->ndim() != 2 || residual->shape(0) != M || residual->shape(1) != N))
+    throw std::invalid_argument("residual must be [M, N]");
+  k::GemmEpilogue e;
+  e.bias = bias ? bias->data() : nullptr;
+  e.gelu = gelu;
+  e.residual = residual ? residual->data() : nullptr;
+  e.ldr = N;
+  return e;
+}
+
+py::array_t<float> run_gemm(F32Array a, const k::PackedB& b, bool reference, int threads,
+                            const k::GemmEpilogue& epilogue = {}) {
   if (a.ndim() != 2 || a.shape(1) != b.shape.K) throw std::invalid_argument("A must be [M, K] matching B");
   const int64_t M = a.shape(0), N = b.shape.N;
   py::array_t<float> c({M, N});
   k::GemmArgs args{a.data(), M, b.shape.K, c.mutable_data(), N};
+  args.epilogue = epilogue;
   {
     py::gil_scoped_release release;
     if (reference) k::reference_gemm(args, b);
@@ -332,21 +348,18 @@ PYBIND11_MODULE(_native, m) {
           throw std::invalid_argument("B must be 2-D [K, N] and precision one of bf16, int8, bf16x3");
         return std::make_shared<k::PackedB>(k::pack_b_in(p, b.data(), b.shape(0), b.shape(1), b.shape(1), 1));
       }, py::arg("b"), py::arg("precision"), "A weight packed in a precision mode, as the EP packs it (for upload)");
-  m.def("emulator_gemm", [](F32Array a, const k::PackedB& b, int threads) { return run_gemm(a, b, false, threads); },
-        py::arg("a"), py::arg("b"), py::arg("threads") = 0);
+  m.def("emulator_gemm", [](F32Array a, const k::PackedB& b, int threads, std::optional<F32Array> bias, bool gelu,
+                            std::optional<F32Array> residual) {
+        const int64_t M = a.ndim() == 2 ? a.shape(0) : 0;
+        return run_gemm(a, b, false, threads, make_epilogue(M, b.shape.N, bias, gelu, residual));
+      }, py::arg("a"), py::arg("b"), py::arg("threads") = 0, py::arg("bias") = py::none(), py::arg("gelu") = false,
+      py::arg("residual") = py::none(), "The bf16 contract, with the epilogue run inside the product when given");
   m.def("apply_epilogue", [](F32Array c, std::optional<F32Array> bias, bool gelu, std::optional<F32Array> residual) {
         if (c.ndim() != 2) throw std::invalid_argument("C must be [M, N]");
         const int64_t M = c.shape(0), N = c.shape(1);
-        if (bias && (bias->ndim() != 1 || bias->shape(0) != N)) throw std::invalid_argument("bias must be [N]");
-        if (residual && (residual->ndim() != 2 || residual->shape(0) != M || residual->shape(1) != N))
-          throw std::invalid_argument("residual must be [M, N]");
+        const k::GemmEpilogue e = make_epilogue(M, N, bias, gelu, residual);
         py::array_t<float> out({M, N});
         std::copy(c.data(), c.data() + M * N, out.mutable_data());
-        k::GemmEpilogue e;
-        e.bias = bias ? bias->data() : nullptr;
-        e.gelu = gelu;
-        e.residual = residual ? residual->data() : nullptr;
-        e.ldr = N;
         k::apply_epilogue(e, out.mutable_data(), N, 0, M, 0, N);
         return out;
       }, py::arg("c"), py::arg("bias") = py::none(), py::arg("gelu") = false, py::arg("residual") = py::none(),
@@ -357,19 +370,22 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("b"), "B re-laid for the AMX tiles (empty where the kernel set has no use for it)");
   m.def("emulator_wants_paired_b", &k::emulator_wants_paired_b, py::arg("M"));
   m.def("emulator_gemm_paired", [](F32Array a, const k::PackedB& b, py::array_t<uint32_t, py::array::c_style> pairs,
-                                   int threads) {
+                                   int threads, std::optional<F32Array> bias, bool gelu,
+                                   std::optional<F32Array> residual) {
         if (a.ndim() != 2 || a.shape(1) != b.shape.K) throw std::invalid_argument("A must be [M, K] matching B");
         if (pairs.size() != 0 && pairs.size() != b.shape.Kpad * b.shape.Npad / 2)
           throw std::invalid_argument("pairs must come from emulator_pair_b(b)");
         const int64_t M = a.shape(0), N = b.shape.N;
         py::array_t<float> c({M, N});
         k::GemmArgs args{a.data(), M, b.shape.K, c.mutable_data(), N};
+        args.epilogue = make_epilogue(M, N, bias, gelu, residual);
         {
           py::gil_scoped_release release;
           k::emulator_gemm(args, b, threads, pairs.size() ? pairs.data() : nullptr);
         }
         return c;
-      }, py::arg("a"), py::arg("b"), py::arg("pairs"), py::arg("threads") = 0,
+      }, py::arg("a"), py::arg("b"), py::arg("pairs"), py::arg("threads") = 0, py::arg("bias") = py::none(),
+      py::arg("gelu") = false, py::arg("residual") = py::none(),
       "emulator_gemm with B's tile-paired copy (what the EP's emulator backend runs for few rows on AMX)");
   m.def("emulator_attention", [](F32Array q, F32Array k, F32Array v, float scale, int threads, bool k_transposed,
                                  bool v_transposed) {
@@ -471,14 +487,17 @@ PYBIND11_MODULE(_native, m) {
         if (b.ndim() != 2) throw std::invalid_argument("B must be 2-D [K, N]");
         return std::make_shared<k::QuantizedB>(k::quantize_b_int8(b.data(), b.shape(0), b.shape(1), b.shape(1), 1));
       }, py::arg("b"));
-  m.def("emulator_gemm_int8", [](F32Array a, const k::QuantizedB& b, int threads) {
+  m.def("emulator_gemm_int8", [](F32Array a, const k::QuantizedB& b, int threads, std::optional<F32Array> bias,
+                                 bool gelu, std::optional<F32Array> residual) {
         if (a.ndim() != 2 || a.shape(1) != b.K) throw std::invalid_argument("A must be [M, K] matching B");
         py::array_t<float> c({a.shape(0), static_cast<py::ssize_t>(b.N)});
         k::GemmArgs args{a.data(), a.shape(0), b.K, c.mutable_data(), b.N};
+        args.epilogue = make_epilogue(a.shape(0), b.N, bias, gelu, residual);
         py::gil_scoped_release release;
         k::emulator_gemm_int8(args, b, threads);
         return c;
-      }, py::arg("a"), py::arg("b"), py::arg("threads") = 0);
+      }, py::arg("a"), py::arg("b"), py::arg("threads") = 0, py::arg("bias") = py::none(), py::arg("gelu") = false,
+      py::arg("residual") = py::none(), "The int8 contract, with the epilogue run inside the product when given");
   m.def("emulator_int8_kernel_name", &k::emulator_int8_kernel_name);
   m.attr("INT8_MAX_K") = k::kInt8MaxK;
   m.def("pack_b_bf16x3", [](F32Array b) {

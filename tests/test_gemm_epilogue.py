@@ -13,7 +13,7 @@ from onnx import helper
 
 import onnxruntime_ep_xdna as xdna
 
-from cpu_isa import check_with_isa
+from cpu_isa import check_with_isa, run_with_isa
 from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
 from numerics import assert_within, epilogue_bound, epilogue_exact, fp32_eps, gelu64, precision_bound
 
@@ -226,3 +226,71 @@ _ISA_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 def test_each_kernel_set(isa):
     check_with_isa(isa, _ISA_CHECK, timeout=600)
+
+
+# Kernel level: the kernels apply the epilogue where they store each panel of C (emulator_epilogue.inc, vectorised
+# per kernel set); that must give the bits of the separate pass (_native.apply_epilogue: gemm_contract.h's
+# apply_epilogue) on every path: one row (GEMV), few rows (direct, tile-paired, few-row tiles), many rows (blocked,
+# tile panels, row tails), ragged right edges, and the special values the clamps and NaN rules meet.
+KERNEL_SHAPES = [(1, 70, 45), (2, 64, 77), (5, 512, 130), (13, 96, 300), (17, 96, 300), (33, 70, 45),
+                 (300, 128, 257), (523, 130, 1030)]
+KERNEL_EPILOGUES = [("bias",), ("gelu",), ("residual",), ("bias", "gelu"), ("bias", "residual"),
+                    ("bias", "gelu", "residual")]
+
+
+def check_kernel_epilogue_bits(seed=0):
+    from onnxruntime_ep_xdna import _native
+
+    rng = np.random.default_rng(seed)
+    for M, K, N in KERNEL_SHAPES:
+        a = (rng.standard_normal((M, K)) * 3).astype(np.float32)  # products past the GELU's clamp (|x| > 5.66)
+        w = (rng.standard_normal((K, N)) * (2 / np.sqrt(K))).astype(np.float32)
+        bias = rng.standard_normal(N).astype(np.float32)
+        bias[:3] = [np.inf, -np.inf, np.nan]
+        residual = rng.standard_normal((M, N)).astype(np.float32)
+        if M > 3:
+            a[1, 2] = np.nan  # int8: a NaN row of C
+        packed = _native.pack_b(w)
+        pairs = _native.emulator_pair_b(packed)
+        runs = [("int8", _native.quantize_b_int8(w), _native.emulator_gemm_int8), ("bf16", packed, _native.emulator_gemm)]
+        if pairs.size:  # the AMX kernels' few-row path on a weight paired once
+            runs.append(("bf16 paired", packed, lambda a_, b_, **kw: _native.emulator_gemm_paired(a_, b_, pairs, **kw)))
+        for name, b, gemm in runs:
+            product = gemm(a, b)
+            for steps in KERNEL_EPILOGUES:
+                kw = {"bias": bias if "bias" in steps else None, "gelu": "gelu" in steps,
+                      "residual": residual if "residual" in steps else None}
+                want = _native.apply_epilogue(product, **kw)
+                got = gemm(a, b, **kw)
+                where = f"{M}x{K}x{N} {name} {steps}"
+                np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=where)
+                kept = ~np.isnan(want)  # bit for bit (-0 included); a NaN's payload is not part of the contract
+                np.testing.assert_array_equal(got.view(np.uint32)[kept], want.view(np.uint32)[kept], err_msg=where)
+
+
+def test_kernel_epilogue_bits_default_kernels():
+    check_kernel_epilogue_bits()
+
+
+_ISA_BITS_CHECK = textwrap.dedent("""
+    import test_gemm_epilogue as t
+    t.check_kernel_epilogue_bits(seed=7)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
+def test_kernel_epilogue_bits_each_kernel_set(isa):
+    check_with_isa(isa, _ISA_BITS_CHECK, timeout=600)
+
+
+@pytest.mark.parametrize("int8_isa", ["generic", "avx2", "avxvnni", "vnni", "amx"])
+def test_kernel_epilogue_bits_each_int8_kernel_set(int8_isa):
+    """The int8 sets on their own (XDNA_EMULATOR_INT8_ISA): the one beside a bf16 set is not always the only one
+    this CPU runs (avx2 kernels go with AVX-VNNI where the CPU has it)."""
+    proc = run_with_isa("", _ISA_BITS_CHECK, env_extra={"XDNA_EMULATOR_INT8_ISA": int8_isa})
+    if f"XDNA_EMULATOR_INT8_ISA={int8_isa} is not available" in proc.stderr:
+        pytest.skip(f"int8 kernels {int8_isa} not supported here")
+    assert proc.returncode == 0, proc.stderr
+    assert f"int8 kernels '{int8_isa}' (forced by XDNA_EMULATOR_INT8_ISA)" in proc.stderr
+    assert proc.stdout.strip() == "ok"

@@ -374,46 +374,34 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads, const ui
   const PaddedShape& s = b.shape;
   const int64_t M = args.M, K = s.K, N = s.N;
   if (M <= 0 || N <= 0) return;
-  // The epilogue (gemm_contract.h) runs on each block right after the kernel wrote it, while it is in cache.
-  const GemmEpilogue& ep = args.epilogue;
-  const bool has_epilogue = !ep.empty();
-  auto finish = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    if (has_epilogue) apply_epilogue(ep, args.c, args.ldc, m0, m1, n0, n1);
-  };
+  // The epilogue (gemm_contract.h): the kernels run it on each panel of C as they store it, while it is in L1.
+  const GemmEpilogue* ep = args.epilogue.empty() ? nullptr : &args.epilogue;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(args.c + m * args.ldc, args.c + m * args.ldc + N, 0.f);
-    finish(0, M, 0, N);
+    if (ep) apply_epilogue(*ep, args.c, args.ldc, 0, M, 0, N);
     return;
   }
   const emu::IsaKernels& kern = emu::kernels();
-  const emu::Problem p{args.a, args.lda, args.c, args.ldc, b.bits(), M, K, N, s.Kpad};
+  const emu::Problem p{args.a, args.lda, args.c, args.ldc, b.bits(), M, K, N, s.Kpad, ep};
 
   threads = emu::resolve_threads(threads);
 
   // Few rows against a B paired beforehand: as the direct path, on the tiles.
   if (pairs && kern.paired && M >= kern.paired_min_m && M <= kern.paired_max_m) {
-    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) {
-      kern.paired(p, pairs, 0, M, n0, n1);
-      finish(0, M, n0, n1);
-    });
+    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) { kern.paired(p, pairs, 0, M, n0, n1); });
     return;
   }
 
   // Small M (GEMV): memory bound on B, so threads split the n-tiles and each streams its share of B once.
   if (M <= kern.direct_max_m) {
-    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) {
-      kern.direct(p, 0, M, n0, n1);
-      finish(0, M, n0, n1);
-    });
+    emu::split_columns(N, K * N * 2, threads, [&](int64_t n0, int64_t n1) { kern.direct(p, 0, M, n0, n1); });
     return;
   }
 
   // Large M: (row block, column block) tasks.
   threads = static_cast<int>(std::clamp<int64_t>(M * K * N / kMinMacsPerThread, 1, threads));
-  emu::split_blocks(M, N, kern.block_m, threads, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kern.blocked(p, m0, m1, n0, n1);
-    finish(m0, m1, n0, n1);
-  });
+  emu::split_blocks(M, N, kern.block_m, threads,
+                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kern.blocked(p, m0, m1, n0, n1); });
 }
 
 void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads) {
@@ -658,8 +646,10 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) 
   threads = emu::resolve_threads(threads);
   // Per-thread scratch (slots 4 and 5: the kernels never use them), reused call after call.
   const size_t qa_bytes = static_cast<size_t>(M * b.Kpad * kern.a_bytes);
+  // The epilogue (gemm_contract.h): the kernels run it on each block right after they dequantise it.
   emu::Int8Problem p{args.a, args.lda, emu::scratch(4, qa_bytes / sizeof(float) + 1), emu::scratch(5, M),
-                     b.q.data(), b.scale.data(), b.colsum.data(), args.c, args.ldc, M, K, N, b.Kpad};
+                     b.q.data(), b.scale.data(), b.colsum.data(), args.c, args.ldc, M, K, N, b.Kpad,
+                     args.epilogue.empty() ? nullptr : &args.epilogue};
 
   // Quantise A: rows over the threads when there is enough of it.
   const int q_threads = static_cast<int>(std::clamp<int64_t>(M * K / (int64_t{1} << 16), 1, threads));
@@ -672,13 +662,7 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) 
     });
   }
 
-  // The epilogue (gemm_contract.h) on each block right after the kernel dequantised it, as emulator_gemm does.
-  const GemmEpilogue& ep = args.epilogue;
-  const bool has_epilogue = !ep.empty();
-  auto block = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kern.gemm(p, m0, m1, n0, n1);
-    if (has_epilogue) apply_epilogue(ep, args.c, args.ldc, m0, m1, n0, n1);
-  };
+  auto block = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kern.gemm(p, m0, m1, n0, n1); };
   // Few rows: bound by reading B, so threads split the columns and each streams its share of B once.
   if (M <= kInt8FewRows) {
     emu::split_columns(N, b.Kpad * N, threads, [&](int64_t n0, int64_t n1) { block(0, M, n0, n1); });

@@ -31,16 +31,32 @@ inline void copy_c_tile(const float* tmp, float* c, int64_t ldc, int rows, int c
   for (int i = 0; i < rows; ++i)
     for (int j = 0; j < cols; ++j) c[i * ldc + j] = tmp[i * 16 + j];
 }
+// A 16 x 16 fp32 tile stored to tmp -> C (row m, column n of the product), rows x cols of it, with the GEMM
+// epilogue applied in registers on the way.
+inline void epilogue_c_tile(const GemmEpilogue& e, const float* tmp, float* c, int64_t ldc, int64_t m, int64_t n,
+                            int rows, int cols) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+  for (int i = 0; i < rows; ++i) {
+    epilogue_vf v;
+    __builtin_memcpy(&v, tmp + i * 16, sizeof v);
+    v = cols == 16 ? epilogue_apply(e, v, m + i, n, sizeof v) : epilogue_apply(e, v, m + i, n, cols * sizeof(float));
+    _mm512_mask_storeu_ps(c + i * ldc, mask, (__m512)v);
+  }
+}
 // The _tile_* intrinsics paste their tile number into the instruction text, so it must be a literal: a macro.
-// Tile T -> C, straight into C when the whole tile is wanted, else through tmp.
-#define EMU_STORE_C_TILE(T, c, ldc, rows, cols, tmp)      \
-  do {                                                      \
-    if ((rows) == 16 && (cols) == 16) {                     \
-      _tile_stored(T, c, (ldc) * 4);                        \
-    } else {                                                \
-      _tile_stored(T, tmp, 64);                             \
-      copy_c_tile(tmp, c, ldc, rows, cols);                 \
-    }                                                       \
+// Tile T -> C (at row m, column n), straight into C when the whole tile is wanted and there is no epilogue, else
+// through tmp.
+#define EMU_STORE_C_TILE(T, c, ldc, rows, cols, tmp, e, m, n)  \
+  do {                                                           \
+    if (e) {                                                     \
+      _tile_stored(T, tmp, 64);                                  \
+      epilogue_c_tile(*(e), tmp, c, ldc, m, n, rows, cols);      \
+    } else if ((rows) == 16 && (cols) == 16) {                   \
+      _tile_stored(T, c, (ldc) * 4);                             \
+    } else {                                                     \
+      _tile_stored(T, tmp, 64);                                  \
+      copy_c_tile(tmp, c, ldc, rows, cols);                      \
+    }                                                            \
   } while (0)
 
 // Few-row calls read each B tile once, from memory or the last-level cache: a tile load waits for it unless the
@@ -55,9 +71,10 @@ inline void prefetch_tile(const void* p) {
 
 // C[32 x 32] (clipped to rows x cols) = A[32][kp] . B over kp bf16 k values (a multiple of 32). a: bf16 rows,
 // lda_bytes apart; b0, b1: the pair form [kp / 2][16] of the two 16-column halves. Prefetch: B streamed once.
+// e: the epilogue (null: none), c being row m, column n of the product.
 template <bool TwoRows, bool TwoCols, bool Prefetch = false>
 void bf16_block(const uint16_t* a, int64_t lda_bytes, const uint32_t* b0, const uint32_t* b1, int64_t kp, float* c,
-                int64_t ldc, int rows, int cols, float* tmp) {
+                int64_t ldc, int rows, int cols, float* tmp, const GemmEpilogue* e, int64_t m, int64_t n) {
   _tile_zero(0);
   if (TwoCols) _tile_zero(1);
   if (TwoRows) _tile_zero(2);
@@ -78,10 +95,10 @@ void bf16_block(const uint16_t* a, int64_t lda_bytes, const uint32_t* b0, const 
     if (TwoRows && TwoCols) _tile_dpbf16ps(3, 5, 7);
   }
   const int r0 = rows < 16 ? rows : 16, c0 = cols < 16 ? cols : 16;
-  EMU_STORE_C_TILE(0, c, ldc, r0, c0, tmp);
-  if (TwoCols) EMU_STORE_C_TILE(1, c + 16, ldc, r0, cols - 16, tmp);
-  if (TwoRows) EMU_STORE_C_TILE(2, c + 16 * ldc, ldc, rows - 16, c0, tmp);
-  if (TwoRows && TwoCols) EMU_STORE_C_TILE(3, c + 16 * ldc + 16, ldc, rows - 16, cols - 16, tmp);
+  EMU_STORE_C_TILE(0, c, ldc, r0, c0, tmp, e, m, n);
+  if (TwoCols) EMU_STORE_C_TILE(1, c + 16, ldc, r0, cols - 16, tmp, e, m, n + 16);
+  if (TwoRows) EMU_STORE_C_TILE(2, c + 16 * ldc, ldc, rows - 16, c0, tmp, e, m + 16, n);
+  if (TwoRows && TwoCols) EMU_STORE_C_TILE(3, c + 16 * ldc + 16, ldc, rows - 16, cols - 16, tmp, e, m + 16, n + 16);
 }
 
 // One 64-wide n-tile of the packed B (bf16 rows of 64, zero past K up to Kpad) -> the AMX pair form, per
@@ -142,10 +159,11 @@ void sweep_tile(const Problem& p, const uint16_t* a, int64_t rows, int64_t kp, c
       const uint16_t* ai = a + i * kp;
       float* c = p.c + (m0 + i) * p.ldc + nc;
       const uint32_t* b1 = cols > 16 ? b0 + quarter : b0;
-      if (r > 16 && cols > 16) bf16_block<true, true, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
-      else if (r > 16) bf16_block<true, false, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
-      else if (cols > 16) bf16_block<false, true, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
-      else bf16_block<false, false, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp);
+      const int64_t m = m0 + i;
+      if (r > 16 && cols > 16) bf16_block<true, true, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp, p.epilogue, m, nc);
+      else if (r > 16) bf16_block<true, false, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp, p.epilogue, m, nc);
+      else if (cols > 16) bf16_block<false, true, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp, p.epilogue, m, nc);
+      else bf16_block<false, false, Prefetch>(ai, kp * 2, b0, b1, kp, c, p.ldc, r, cols, tmp, p.epilogue, m, nc);
     }
   }
 }
@@ -193,7 +211,7 @@ void amx_bf16_paired(const Problem& p, const uint32_t* pairs, int64_t m0, int64_
 constexpr int64_t kInt8MinRows = 2;
 
 // A 16 x 16 int32 tile stored to tmp -> C rows x cols: (acc - 128 * colsum) * (sa * sb), the VNNI kernel's
-// epilogue.
+// dequantising step, then the GEMM epilogue (if any) in registers.
 inline void store_int8_tile(const Int8Problem& p, int64_t m, int64_t n, int rows, int cols, const int32_t* tmp) {
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
   const __m512i offset = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask, p.colsum + n), 7);
@@ -201,17 +219,40 @@ inline void store_int8_tile(const Int8Problem& p, int64_t m, int64_t n, int rows
   for (int i = 0; i < rows; ++i) {
     const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(p.sa[m + i]), sb);
     const __m512i acc = _mm512_load_si512(tmp + i * 16);
-    _mm512_mask_storeu_ps(p.c + (m + i) * p.ldc + n, mask,
-                          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, offset)), scale));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, offset)), scale);
+    if (p.epilogue) {
+      v = (__m512)(cols == 16 ? epilogue_apply(*p.epilogue, (epilogue_vf)v, m + i, n, sizeof(epilogue_vf))
+                              : epilogue_apply(*p.epilogue, (epilogue_vf)v, m + i, n, cols * sizeof(float)));
+    }
+    _mm512_mask_storeu_ps(p.c + (m + i) * p.ldc + n, mask, v);
   }
+}
+
+// One block's C tiles stored as int32 sums (tile t at sums + 256 t), waiting for their dequantising step.
+struct PendingBlock {
+  int64_t m = 0, n = 0;
+  int rows = 0, cols = 0;  // rows == 0: none
+  int32_t* sums = nullptr;
+};
+
+// The dequantising step (and the epilogue) of a pending block -> C.
+inline void finish_int8_block(const Int8Problem& p, const PendingBlock& b) {
+  if (b.rows == 0) return;
+  const int r0 = b.rows < 16 ? b.rows : 16, c0 = b.cols < 16 ? b.cols : 16;
+  store_int8_tile(p, b.m, b.n, r0, c0, b.sums);
+  if (b.cols > 16) store_int8_tile(p, b.m, b.n + 16, r0, b.cols - 16, b.sums + 256);
+  if (b.rows > 16) store_int8_tile(p, b.m + 16, b.n, b.rows - 16, c0, b.sums + 512);
+  if (b.rows > 16 && b.cols > 16) store_int8_tile(p, b.m + 16, b.n + 16, b.rows - 16, b.cols - 16, b.sums + 768);
 }
 
 // C[m .. m+rows, n .. n+cols] (rows, cols <= 32) over all of Kpad: a is quantised A (u8, lda bytes apart);
 // b0, b1 the two 16-column panels of QuantizedB::q, already in the tile's [Kpad / 4][16][4] form. Prefetch: as
-// bf16_block's.
+// bf16_block's. Software pipelined: this block's sums go to `buffers` (two of [4][256] int32, alternating), then
+// the previous block's dequantising step and epilogue (`pending`, AVX-512) run while the tile unit is still busy
+// with this block; this block becomes the new `pending`, and the caller finishes the last one.
 template <bool TwoRows, bool TwoCols, bool Prefetch = false>
 void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const int8_t* b0, const int8_t* b1,
-                     int64_t m, int64_t n, int rows, int cols, int32_t* tmp) {
+                     int64_t m, int64_t n, int rows, int cols, int32_t* buffers, PendingBlock& pending) {
   _tile_zero(0);
   if (TwoCols) _tile_zero(1);
   if (TwoRows) _tile_zero(2);
@@ -230,21 +271,13 @@ void int8_tile_block(const Int8Problem& p, const uint8_t* a, int64_t lda, const 
     if (TwoRows) _tile_dpbusd(2, 5, 6);
     if (TwoRows && TwoCols) _tile_dpbusd(3, 5, 7);
   }
-  const int r0 = rows < 16 ? rows : 16, c0 = cols < 16 ? cols : 16;
-  _tile_stored(0, tmp, 64);
-  store_int8_tile(p, m, n, r0, c0, tmp);
-  if (TwoCols) {
-    _tile_stored(1, tmp, 64);
-    store_int8_tile(p, m, n + 16, r0, cols - 16, tmp);
-  }
-  if (TwoRows) {
-    _tile_stored(2, tmp, 64);
-    store_int8_tile(p, m + 16, n, rows - 16, c0, tmp);
-  }
-  if (TwoRows && TwoCols) {
-    _tile_stored(3, tmp, 64);
-    store_int8_tile(p, m + 16, n + 16, rows - 16, cols - 16, tmp);
-  }
+  int32_t* sums = pending.sums == buffers ? buffers + 1024 : buffers;
+  _tile_stored(0, sums, 64);
+  if (TwoCols) _tile_stored(1, sums + 256, 64);
+  if (TwoRows) _tile_stored(2, sums + 512, 64);
+  if (TwoRows && TwoCols) _tile_stored(3, sums + 768, 64);
+  finish_int8_block(p, pending);
+  pending = {m, n, rows, cols, sums};
 }
 
 // Up to 16 rows (beam search): A and C tiles configured with just those rows, so A is loaded from the quantised
@@ -254,15 +287,17 @@ void amx_int8_few_rows(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0,
   const int rows = static_cast<int>(m1 - m0);
   TileConfig config;
   config.rows[0] = config.rows[1] = config.rows[4] = static_cast<uint8_t>(rows);  // C tiles 0-1, A tile 4
-  int32_t* tmp = reinterpret_cast<int32_t*>(scratch(1, 256));
+  int32_t* buffers = reinterpret_cast<int32_t*>(scratch(1, 2 * 1024));
+  PendingBlock pending;
   const uint8_t* a = reinterpret_cast<const uint8_t*>(p.qa) + m0 * p.Kpad;
   TileScope tiles(config);
   for (int64_t n = n0; n < n1; n += kPanelCols) {
     const int cols = static_cast<int>(imin(kPanelCols, n1 - n));
     const int8_t* b0 = p.qb + (n / 16) * p.Kpad * 16;
-    if (cols > 16) int8_tile_block<false, true, true>(p, a, p.Kpad, b0, b0 + p.Kpad * 16, m0, n, rows, cols, tmp);
-    else int8_tile_block<false, false, true>(p, a, p.Kpad, b0, b0, m0, n, rows, cols, tmp);
+    if (cols > 16) int8_tile_block<false, true, true>(p, a, p.Kpad, b0, b0 + p.Kpad * 16, m0, n, rows, cols, buffers, pending);
+    else int8_tile_block<false, false, true>(p, a, p.Kpad, b0, b0, m0, n, rows, cols, buffers, pending);
   }
+  finish_int8_block(p, pending);
 }
 
 // C[m0:m1, n0:n1], n0 a multiple of 16. Each 32-row panel of A (in L1 for K <= 512) sweeps every pair of B panels
@@ -281,7 +316,8 @@ void amx_int8_gemm(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int
     __builtin_memcpy(tail_a, qa + (m0 + full) * p.Kpad, static_cast<size_t>(tail * p.Kpad));
     __builtin_memset(tail_a + tail * p.Kpad, 128, static_cast<size_t>((kPanelRows - tail) * p.Kpad));  // u8 zero
   }
-  int32_t* tmp = reinterpret_cast<int32_t*>(scratch(1, 256));
+  int32_t* buffers = reinterpret_cast<int32_t*>(scratch(1, 2 * 1024));
+  PendingBlock pending;
   TileScope tiles;
   for (int64_t i = 0; i < rows; i += kPanelRows) {
     const int r = static_cast<int>(imin(kPanelRows, rows - i));
@@ -290,12 +326,13 @@ void amx_int8_gemm(const Int8Problem& p, int64_t m0, int64_t m1, int64_t n0, int
       const int cols = static_cast<int>(imin(kPanelCols, n1 - n));
       const int8_t* b0 = p.qb + (n / 16) * p.Kpad * 16;
       const int8_t* b1 = b0 + p.Kpad * 16;
-      if (r > 16 && cols > 16) int8_tile_block<true, true>(p, a, p.Kpad, b0, b1, m0 + i, n, r, cols, tmp);
-      else if (r > 16) int8_tile_block<true, false>(p, a, p.Kpad, b0, b0, m0 + i, n, r, cols, tmp);
-      else if (cols > 16) int8_tile_block<false, true>(p, a, p.Kpad, b0, b1, m0 + i, n, r, cols, tmp);
-      else int8_tile_block<false, false>(p, a, p.Kpad, b0, b0, m0 + i, n, r, cols, tmp);
+      if (r > 16 && cols > 16) int8_tile_block<true, true>(p, a, p.Kpad, b0, b1, m0 + i, n, r, cols, buffers, pending);
+      else if (r > 16) int8_tile_block<true, false>(p, a, p.Kpad, b0, b0, m0 + i, n, r, cols, buffers, pending);
+      else if (cols > 16) int8_tile_block<false, true>(p, a, p.Kpad, b0, b1, m0 + i, n, r, cols, buffers, pending);
+      else int8_tile_block<false, false>(p, a, p.Kpad, b0, b0, m0 + i, n, r, cols, buffers, pending);
     }
   }
+  finish_int8_block(p, pending);
 }
 
 // Rows from which a weight paired once beats the fp32 FMA direct kernel, measured on 1..16 x {512x512, 512x2048,

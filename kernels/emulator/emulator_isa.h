@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../gemm_contract.h"  // for GemmEpilogue (plain data); kernel TUs call none of its inline functions
+
 namespace xdna::kernels::emu {
 
 // One GEMM call in the contract's terms; B is the packed bf16 buffer (gemm_contract.h).
@@ -17,6 +19,9 @@ struct Problem {
   int64_t ldc;
   const uint16_t* b;
   int64_t M, K, N, Kpad;
+  // The epilogue (gemm_contract.h), null: none. `blocked`, `direct` and `paired` apply it to each panel of C as
+  // they finish it, while it is in L1 (emulator_epilogue.inc: the bits of apply_epilogue, vectorised per ISA).
+  const GemmEpilogue* epilogue = nullptr;
 };
 
 // Small M against a run-time B left in its fp32 layout: B[k][n] = b[k * ldb + n], or b[n * ldb + k] when
@@ -68,6 +73,7 @@ struct Int8Problem {
   float* c;
   int64_t ldc;
   int64_t M, K, N, Kpad;
+  const GemmEpilogue* epilogue = nullptr;  // as Problem::epilogue: `gemm` applies it to each block it stores
 };
 
 struct Int8Kernels {
