@@ -274,8 +274,6 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   const bool a_vec = a.dims.size() == 1, b_vec = b.dims.size() == 1;
   const View a2 = a_vec ? View{a.data, {1, a.dims[0]}, {a.dims[0], 1}} : a;
   const View b2 = b_vec ? View{b.data, {b.dims[0], 1}, {1, 1}, b.bf16} : b;
-  if (!a.data || (!plan.b.constant && !b.data && !b.bf16))
-    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': MatMul operand of an unexpected type");
   const size_t ra = a2.dims.size(), rb = b2.dims.size();
   const int64_t M = a2.dims[ra - 2], K = a2.dims[ra - 1], N = b2.dims[rb - 1];
   if (b2.dims[rb - 2] != K)
@@ -288,6 +286,9 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   float* y = io.output(plan.output, out_dims);
   const int64_t batches = count(batch);
   if (batches == 0 || M == 0 || N == 0) return;
+  // Non-empty operands of the types the claim took (A float32; B float32, or bfloat16 through a fused Cast)
+  if (K > 0 && (!a.data || (!plan.b.constant && !b.data && !b.bf16)))
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': MatMul operand of an unexpected type");
 
   // The epilogue (kernels/gemm_contract.h): bias and GELU per product; the residual too when it has the output's
   // shape, else (symbolic dims that broadcast at run time) added here after every product has run.
