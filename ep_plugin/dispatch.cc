@@ -243,11 +243,22 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
         (b.stride_n == 1 || b.stride_k == 1)) {
       unpacked.push_back(b.stride_n == 1 ? kernels::UnpackedGemm{args, b.b, b.stride_k, false}
                                          : kernels::UnpackedGemm{args, b.b, b.stride_n, true});
+      unpacked.back().b_bf16 = b.b_bf16;
       unpacked_flop += flop_of(args.M, K, N);
       continue;
     }
-    packed.push_back(make_weight(
-        std::make_shared<const kernels::PackedB>(kernels::pack_b_in(b_precision, b.b, K, N, b.stride_k, b.stride_n))));
+    // A bf16 B is packed from its exact fp32 widening: every precision's packing then sees the values an fp32 B
+    // rounded to bf16 would have, so the products are the same.
+    std::vector<float> widened;
+    if (b.b_bf16) {
+      widened.resize(static_cast<size_t>(K * N));
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < N; ++n)
+          widened[static_cast<size_t>(k * N + n)] = kernels::bf16_to_f32(b.b_bf16[k * b.stride_k + n * b.stride_n]);
+    }
+    packed.push_back(make_weight(std::make_shared<const kernels::PackedB>(
+        b.b_bf16 ? kernels::pack_b_in(b_precision, widened.data(), K, N, N, 1)
+                 : kernels::pack_b_in(b_precision, b.b, K, N, b.stride_k, b.stride_n))));
     batch.emplace_back(args, &packed.back());
   }
   if (!unpacked.empty()) {

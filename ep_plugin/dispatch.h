@@ -23,10 +23,12 @@
 
 namespace xdna::ep {
 
-// A B given at run time: B[k][n] = b[k * stride_k + n * stride_n].
+// A B given at run time: B[k][n] = b[k * stride_k + n * stride_n], or b_bf16[...] (b then null) for a bfloat16 B
+// read through a fused Cast (ops/transpose_fusion.h): the values the contract's rounding of an fp32 B gives.
 struct RuntimeB {
   const float* b;
   int64_t stride_k, stride_n;
+  const uint16_t* b_bf16 = nullptr;
 };
 
 class Dispatcher;

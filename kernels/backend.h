@@ -66,6 +66,8 @@ struct UnpackedGemm {
   const float* b;
   int64_t ldb;
   bool b_transposed = false;
+  // B in bfloat16 instead (b then null), same layout: read as it lies (already the bf16 values the rounding gives).
+  const uint16_t* b_bf16 = nullptr;
 };
 
 class Backend {

@@ -51,24 +51,6 @@ void read_through_scale(const OrtApi& api, const GraphIndex& index, Operand* op,
   claim->fused_producers.push_back(node);
 }
 
-// If `op` is made by a Cast to float of a run-time bfloat16 tensor of the same rank, and nothing else reads it:
-// redirects `op` to that tensor and adds the Cast to the claim. The kernels read K and V as bf16 anyway (the
-// contract rounds them so), so a K/V kept in bf16 (the decoder's cross-attention, issue 7) is read as it lies, at
-// half the bytes, with the same results.
-void read_through_bf16_cast(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim) {
-  const OrtNode* cast = sole_producer(api, index, op->name, "Cast");
-  if (!cast) return;
-  int64_t to = 0;
-  if (!int_attr(api, cast, "to", &to) || to != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return;
-  const NodeIo io = node_io(api, cast);
-  if (io.inputs.size() != 1 || !io.inputs[0]) return;
-  ONNXTensorElementDataType t;
-  Operand source = describe(api, io.inputs[0], &t);
-  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || source.constant || source.rank != op->rank) return;
-  op->name = source.name;  // a Cast keeps the shape: dims (and a Transpose's perm read before) stay
-  claim->fused_producers.push_back(cast);
-}
-
 Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& index) {
   Claim r;
   OpPlan& p = r.plan;

@@ -231,10 +231,17 @@ Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& ind
     if (auto why = kernels::packing_size_problem(p.weight_shape, false); !why.empty()) return reject(why);
   }
   read_through_transpose(api, index, &p.a, &r);
-  read_through_transpose(api, index, &p.b, &r);
+  Claim b_producers;  // found backwards from B: added in graph order (a Cast before its Transpose)
+  read_through_transpose(api, index, &p.b, &b_producers);
+  const std::string before_cast = p.b.name;
+  read_through_bf16_cast(api, index, &p.b, &b_producers);
+  const bool b_bf16 = p.b.name != before_cast;
+  r.fused_producers.insert(r.fused_producers.end(), b_producers.fused_producers.rbegin(),
+                           b_producers.fused_producers.rend());
   r.ok = true;
   r.reason = p.b.constant ? "constant weight" : "both operands at run time";
-  if (!r.fused_producers.empty()) r.reason += ", with the Transpose of its input(s)";
+  if (r.fused_producers.size() > (b_bf16 ? 1u : 0u)) r.reason += ", with the Transpose of its input(s)";
+  if (b_bf16) r.reason += ", B read as bf16 through its Cast";
   if (io.outputs.size() == 1 && io.outputs[0]) {
     const std::string stop = claim_epilogue(api, index, io, &r);
     if (!r.fused_consumers.empty())
@@ -266,7 +273,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   }
   const bool a_vec = a.dims.size() == 1, b_vec = b.dims.size() == 1;
   const View a2 = a_vec ? View{a.data, {1, a.dims[0]}, {a.dims[0], 1}} : a;
-  const View b2 = b_vec ? View{b.data, {b.dims[0], 1}, {1, 1}} : b;
+  const View b2 = b_vec ? View{b.data, {b.dims[0], 1}, {1, 1}, b.bf16} : b;
   const size_t ra = a2.dims.size(), rb = b2.dims.size();
   const int64_t M = a2.dims[ra - 2], K = a2.dims[ra - 1], N = b2.dims[rb - 1];
   if (b2.dims[rb - 2] != K)
@@ -279,6 +286,9 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   float* y = io.output(plan.output, out_dims);
   const int64_t batches = count(batch);
   if (batches == 0 || M == 0 || N == 0) return;
+  // Non-empty operands of the types the claim took (A float32; B float32, or bfloat16 through a fused Cast)
+  if (K > 0 && (!a.data || (!plan.b.constant && !b.data && !b.bf16)))
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': MatMul operand of an unexpected type");
 
   // The epilogue (kernels/gemm_contract.h): bias and GELU per product; the residual too when it has the output's
   // shape, else (symbolic dims that broadcast at run time) added here after every product has run.
@@ -339,7 +349,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     // A and C are io tensors nothing touches until the fused node flushes: may ride in a runlist with later nodes
     // (not when the residual is added here afterwards).
     if (plan.b.constant) dispatch.gemm_later(args, 0, residual_broadcasts ? nullptr : io.deferred());
-    else dispatch.gemm_runtime({{args, ep::RuntimeB{b.data, N, 1}}}, K, N);
+    else dispatch.gemm_runtime({{args, ep::RuntimeB{b.data, N, 1, b.bf16}}}, K, N);
     add_broadcast_residual();
     return;
   }
@@ -366,11 +376,13 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
       lda = K;
     }
     const kernels::GemmArgs args = with_epilogue({ap, M, lda, y + i * M * N, N}, i * M);
-    if (plan.b.constant)
+    if (plan.b.constant) {
       constant.emplace_back(args, static_cast<size_t>(broadcast_index(batch, batch_b, i)));
-    else
-      runtime.emplace_back(args, ep::RuntimeB{b.data + batch_offset(batch, batch_b, b_batch_strides, i), b_k_stride,
-                                              b_n_stride});
+    } else {
+      const int64_t at = batch_offset(batch, batch_b, b_batch_strides, i);  // b2.data or b2.bf16: one is set
+      runtime.emplace_back(args, ep::RuntimeB{b2.data ? b2.data + at : nullptr, b_k_stride, b_n_stride,
+                                              b2.bf16 ? b2.bf16 + at : nullptr});
+    }
   }
   if (plan.b.constant) dispatch.gemm_batch(constant);
   else dispatch.gemm_runtime(runtime, K, N);

@@ -31,6 +31,24 @@ void read_through_transpose(const OrtApi& api, const GraphIndex& index, Operand*
   claim->fused_producers.push_back(producer);
 }
 
+void read_through_bf16_cast(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim) {
+  if (op->constant) return;
+  const auto it = index.producer.find(op->name);
+  const auto uses = index.uses.find(op->name);
+  if (it == index.producer.end() || uses == index.uses.end() || uses->second != 1) return;
+  const OrtNode* cast = it->second;
+  int64_t to = 0;
+  if (!is_op(api, cast, "", "Cast") || !int_attr(api, cast, "to", &to) || to != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    return;
+  const NodeIo io = node_io(api, cast);
+  if (io.inputs.size() != 1 || !io.inputs[0]) return;
+  ONNXTensorElementDataType t;
+  Operand source = describe(api, io.inputs[0], &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || source.constant || source.rank != op->rank) return;
+  op->name = source.name;  // a Cast keeps the shape: dims (and a Transpose's perm read before) stay
+  claim->fused_producers.push_back(cast);
+}
+
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& dims) {
   std::vector<int64_t> strides(dims.size());
   int64_t s = 1;

@@ -13,6 +13,14 @@ namespace xdna::ops {
 // `claim->fused_producers`. Otherwise leaves both untouched (the Transpose stays where it is).
 void read_through_transpose(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim);
 
+// Claim rule: if operand `op` (run-time) is made by a Cast to float of a run-time bfloat16 tensor of the same rank
+// that nothing else reads, redirect it to that tensor (a perm read before stays: a Cast keeps the shape) and add
+// the Cast to `claim->fused_producers`. The contract rounds a run-time B (and attention's K and V) to bf16 as it
+// reads it, exactly as ORT's Cast to bfloat16 does (round to nearest even), so a tensor kept in bf16 (the decoder's
+// K/V caches, issue 7) is read as it lies, at half the bytes, with the same results. Callers then get
+// Tensor::bf16 for it at run time.
+void read_through_bf16_cast(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim);
+
 // Run step: an operand as the MatMul sees it, its dims and element strides into `data` (operand dim d = tensor
 // dim perm[d]; empty perm: the tensor as it is).
 struct View {

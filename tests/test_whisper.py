@@ -685,6 +685,20 @@ def test_real_whisper_base_bf16_cross_kv_gives_the_same_tokens_and_scores(whispe
         assert word_error_rate(SAMPLE_TEXT, b.text) <= 0.1, b.text
 
 
+def test_real_whisper_base_bf16_self_kv_gives_the_same_tokens_scores_and_times(whisper_base, monkeypatch):
+    """The self-attention cache kept in bf16 (decoder_graph pass 7) is read through by the EP's MatMuls, which round
+    a run-time B to those very values: the same tokens, log-probabilities and timestamps, beam 5 and greedy."""
+    monkeypatch.setenv("XDNA_BF16_SELF_KV", "0")
+    fp32 = WhisperOnnx(whisper_base, "xdna", precision="int8")
+    monkeypatch.delenv("XDNA_BF16_SELF_KV")
+    bf16 = WhisperOnnx(whisper_base, "xdna", precision="int8")
+    assert bf16.bf16_self_kv and not fp32.bf16_self_kv
+    for beams in (5, 1):
+        a, b = (transcribe_all(sample_path(), w, language="en", beam_size=beams) for w in (fp32, bf16))
+        assert [(s.tokens, s.avg_logprob, s.start, s.end) for s in a.segments] == \
+            [(s.tokens, s.avg_logprob, s.start, s.end) for s in b.segments]
+
+
 def test_real_whisper_base_batched_search_equals_the_plain_search(whisper_base, monkeypatch):
     """On real speech and whisper-base's real logits, search.py's batched step gives the candidates, sum
     log-probs (bit for bit) and results of the plain row-by-row loop (tests/search_reference.py): the 29 s

@@ -252,9 +252,10 @@ def test_bf16_cross_kv_on_the_xdna_ep_same_tokens_half_the_bytes(tiny, tmp_path,
         assert w._logits_rows == decoder_graph.LOGITS_ROWS  # pass 3: start() asks for the rows it reads
         assert tokens(w) == expected
     w = WhisperOnnx(tiny, "xdna", compiled=False)
-    on_ep = [op for _, op in xdna.placement(w.decoder_with_past).on(EP)]
+    on_ep = xdna.placement(w.decoder_with_past).on(EP)
     layers = sum(".encoder.key" in i.name for i in w.decoder_with_past.get_inputs())
-    assert on_ep.count("Cast") == 2 * layers and on_ep.count("Softmax") == layers, on_ep
+    cross_casts = [n for n, op in on_ep if op == "Cast" and ".encoder." in n]  # (the self-attention's: pass 7)
+    assert len(cross_casts) == 2 * layers and [op for _, op in on_ep].count("Softmax") == layers, on_ep
     for provider, precision in (("cpu", None), ("xdna", "bf16x3")):
         other = WhisperOnnx(tiny, provider, precision=precision, compiled=False)
         assert not other.bf16_cross_kv and cross_types(other) == ({"tensor(float)"}, {"tensor(float)"})
@@ -310,17 +311,154 @@ def test_decoders_that_disagree_on_the_cross_kv_type_are_made_to_agree(tiny, tmp
     monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
     real = decoder_graph.optimise
 
-    def with_past_fails(source, output, bf16_kv=False):
+    def with_past_fails(source, output, bf16_kv=False, *rest):
         if bf16_kv and Path(source).name == FILES[2]:
             raise RuntimeError("no space left")
-        return real(source, output, bf16_kv)
+        return real(source, output, bf16_kv, *rest)
 
     monkeypatch.setattr(decoder_graph, "optimise", with_past_fails)
     log: list[str] = []
     w = WhisperOnnx(tiny, "xdna", compiled=False, log=log.append)
-    assert any("disagree on the cross-attention K/V type" in m for m in log), log
-    assert not w.bf16_cross_kv
-    made = {o.type for o in w.decoder.get_outputs() if ".encoder." in o.name}
+    assert any("disagree on the attention K/V types" in m for m in log), log
+    assert not w.bf16_cross_kv and not w.bf16_self_kv
+    made = {o.type for o in w.decoder.get_outputs() if ".encoder." in o.name or ".decoder." in o.name}
     assert made == {"tensor(float)"}
     r = transcribe_all(chirp(3.0, seed=1), w, beam_size=2, sample_len=8, temperature=0)
     assert r.segments is not None
+
+
+@pytest.fixture(scope="module")
+def bf16_copies(tiny, tmp_path_factory) -> dict[bool, dict[str, Path]]:
+    """Copies with the bf16 cross K/V (passes 4, 5), without and with the bf16 self-attention cache (pass 7)."""
+    out = tmp_path_factory.mktemp("bf16-copies")
+    paths: dict[bool, dict[str, Path]] = {}
+    for self_kv in (False, True):
+        paths[self_kv] = {}
+        for f in decoder_graph.DECODER_FILES:
+            paths[self_kv][f] = out / f"{'self' if self_kv else 'cross'}-{f}"
+            done = decoder_graph.optimise(tiny / f, paths[self_kv][f], True, self_kv)
+            assert (done["bf16_self_nodes"] > 0) == self_kv
+    return paths
+
+
+def decode_steps(decoder, with_past, seed: int, steps: int = 6) -> tuple[list, list]:
+    """A prompt through decoder_model, then `steps` beam steps of 3 rows through decoder_with_past, the cache
+    reordered between steps (onnx_model.reorder_rows, as the search does): (logits of every run, the last caches)."""
+    import onnxruntime as ort
+
+    from onnxruntime_ep_xdna.whisper.onnx_model import reorder_rows
+
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, 200, (1, 5)).astype(np.int64)
+    hidden = rng.standard_normal((1, 1500, decoder.get_inputs()[1].shape[2])).astype(np.float32)
+    outs = [o.name for o in decoder.get_outputs()]
+    past_outs = [o.name for o in with_past.get_outputs()]
+    as_past = lambda n: n.replace("present.", "past_key_values.", 1)  # noqa: E731
+    run = decoder.run_with_ort_values(outs, {"input_ids": ort.OrtValue.ortvalue_from_numpy(prompt),
+                                             "encoder_hidden_states": ort.OrtValue.ortvalue_from_numpy(hidden),
+                                             decoder_graph.LOGITS_ROWS: ort.OrtValue.ortvalue_from_numpy(
+                                                 np.array([0, 4], np.int64))})
+    logits = [run[0].numpy().copy()]
+    past = {as_past(n): v for n, v in zip(outs[1:], run[1:])}
+    cross = {k: v for k, v in past.items() if ".encoder." in k}
+    cache = reorder_rows({k: v for k, v in past.items() if ".decoder." in k}, np.zeros(3, np.int64))
+    for step in range(steps):
+        feed = dict(cross, **cache)
+        feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(rng.integers(0, 200, (3, 1)).astype(np.int64))
+        run = with_past.run_with_ort_values(past_outs, feed)
+        logits.append(run[0].numpy().copy())
+        cache = {as_past(n): v for n, v in zip(past_outs[1:], run[1:])}
+        cache = reorder_rows(cache, np.array([[0, 0, 1], [2, 1, 0], [1, 2, 2]][step % 3]))
+    return logits, cache
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_bf16_self_kv_same_logits_bit_for_bit(tiny, bf16_copies, precision):
+    """Pass 7 on the XDNA EP: the caches are bf16 (decoder_model's outputs, decoder_with_past's inputs and outputs),
+    the Casts back to float run inside the EP's MatMuls, and the logits of a prompt and beam steps with reorders are
+    those of the fp32-cache copy bit for bit; the cache holds the fp32 copy's keys times the K^T scale and values,
+    rounded to bf16."""
+    from numerics import bf16_round
+    from onnxruntime_ep_xdna.whisper.onnx_model import host_view
+
+    providers = [(EP, {"precision": precision}), "CPUExecutionProvider"]
+    runs = {}
+    for self_kv, paths in bf16_copies.items():
+        decoder, with_past = sessions([paths[f] for f in decoder_graph.DECODER_FILES], providers)
+        runs[self_kv] = decode_steps(decoder, with_past, seed=3)
+        kinds = {i.type for i in with_past.get_inputs() if ".decoder." in i.name}
+        kinds |= {o.type for s in (decoder, with_past) for o in s.get_outputs() if ".decoder." in o.name}
+        assert kinds == ({"tensor(bfloat16)"} if self_kv else {"tensor(float)"})
+        if self_kv:
+            layers = sum(".decoder.key" in i.name for i in with_past.get_inputs())
+            casts = [n for n, op in xdna.placement(with_past).on(EP) if op == "Cast" and "decoder" in n]
+            assert len(casts) == 2 * layers, casts
+    for a, b in zip(runs[False][0], runs[True][0]):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(bf16_copies[True][FILES[2]]), load_external_data=False).graph
+    scales = {i.name.split("/")[0].replace("present.", "past_key_values.", 1): numpy_helper.to_array(i)
+              for i in graph.initializer if i.name.endswith("/xdna_key_scale")}
+    for name, fp32 in runs[False][1].items():
+        got = host_view(runs[True][1][name])
+        want = host_view(fp32)
+        if name.endswith(".key"):  # bf16(s * K), s the scale the graph's K^T was multiplied by
+            want = want * scales[name]
+        assert np.array_equal(got, (bf16_round(want).view(np.uint32) >> 16).astype(np.uint16)), name
+
+
+def test_bf16_self_kv_copy_runs_without_the_ep(tiny, bf16_copies):
+    """Where no EP reads through the Casts (the CPU EP alone: an old EP build or a refusal would leave them there
+    too), the copy still runs, slower: its logits are those of K and V rounded to bf16, close to the fp32 cache's."""
+    runs = {}
+    for self_kv, paths in bf16_copies.items():
+        decoder, with_past = sessions([paths[f] for f in decoder_graph.DECODER_FILES], ["CPUExecutionProvider"])
+        runs[self_kv] = decode_steps(decoder, with_past, seed=4)[0]
+    for a, b in zip(runs[False], runs[True]):
+        assert np.all(np.isfinite(b)) and np.abs(a - b).max() <= 0.05 * np.abs(a).max(), np.abs(a - b).max()
+
+
+def test_bf16_self_kv_refuses_a_graph_it_does_not_know(tiny, tmp_path):
+    """All or nothing: a decoder_with_past whose keys are not read as a scaled K^T is refused (NotThisForm), so that
+    the copy falls back as a whole and both decoders agree on the cache."""
+    m = onnx.load(str(tiny / FILES[2]))
+    decoder_graph.fold_shape_work(m)
+    key = next(o.name for o in m.graph.output if o.name.endswith(".decoder.key"))
+    m.graph.node.append(onnx.helper.make_node("Identity", [key], ["extra_reader"]))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("extra_reader", onnx.TensorProto.FLOAT, None))
+    with pytest.raises(decoder_graph.NotThisForm, match="not read as Transpose"):
+        decoder_graph.bf16_self_kv(m)
+
+
+def test_whisper_onnx_decodes_the_same_tokens_with_the_bf16_self_kv(tiny, tmp_path, monkeypatch):
+    """WhisperOnnx end to end (beam 2 and greedy, a second prompt on the window when a segment is cut: the empty bf16
+    past): the same tokens and log-probabilities as with XDNA_BF16_SELF_KV=0, compiled or not."""
+    monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
+    audio = chirp(6.0, seed=5)
+
+    def result(w, beams):
+        r = transcribe_all(audio, w, beam_size=beams, sample_len=12, temperature=0)
+        return [(s.tokens, s.avg_logprob, s.start, s.end) for s in r.segments]
+
+    def prompts(w):
+        """The window's first prompt (decoder_model) and a second one (decoder_with_past from an empty cache)."""
+        window = w.encode(np.random.default_rng(1).standard_normal((1, w.n_mels, 3000)).astype(np.float32))
+        prompt = [w.tokens.sot, w.tokens.transcribe, 300, 301]
+        return [w.start(window, prompt, rows=[0, -1])[0] for _ in range(2)]
+
+    monkeypatch.setenv("XDNA_BF16_SELF_KV", "0")
+    fp32 = WhisperOnnx(tiny, "xdna", compiled=False)
+    assert fp32.bf16_cross_kv and not fp32.bf16_self_kv and fp32._self_kv_type == "tensor(float)"
+    expected = {beams: result(fp32, beams) for beams in (2, 1)}
+    expected_prompts = prompts(fp32)
+    monkeypatch.delenv("XDNA_BF16_SELF_KV")
+    for compiled in (False, True):
+        w = WhisperOnnx(tiny, "xdna", compiled=compiled)
+        assert w.bf16_self_kv and w._self_kv_type == "tensor(bfloat16)"
+        assert all("-bf16kv-self" in str(p) for p in w.optimised_paths.values())
+        for beams in (2, 1):
+            assert result(w, beams) == expected[beams]
+        for a, b in zip(prompts(w), expected_prompts):
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    assert not WhisperOnnx(tiny, "cpu", compiled=False).bf16_self_kv

@@ -240,6 +240,23 @@ def test_kv_reorder_follows_the_beams_in_place():
         assert np.array_equal(grown[k].numpy(), np.repeat(v[:1], 5, axis=0))
 
 
+def test_kv_reorder_moves_bfloat16_rows_as_bits():
+    """The bf16 self-attention cache (decoder_graph pass 7): numpy has no bfloat16, so the rows move as uint16 bits
+    (onnx_model.host_view), in place, or into new bfloat16 values when the batch grows."""
+    from onnxruntime_ep_xdna.whisper.onnx_model import host_view, ortvalue_like, reorder_rows
+
+    bits = np.random.default_rng(5).integers(0, 2**16, (5, 2, 3, 4)).astype(np.uint16)
+    value = ortvalue_like(bits.copy(), "tensor(bfloat16)")
+    assert value.data_type() == "tensor(bfloat16)" and np.array_equal(host_view(value), bits)
+    order = np.array([4, 4, 0, 1, 2])
+    out = reorder_rows({"kv": value}, order)
+    assert out["kv"] is value and np.array_equal(host_view(value), bits[order])
+    grown = reorder_rows({"kv": ortvalue_like(bits[:1].copy(), "tensor(bfloat16)")}, np.zeros(3, np.int64))["kv"]
+    assert grown.data_type() == "tensor(bfloat16)" and np.array_equal(host_view(grown), np.repeat(bits[:1], 3, 0))
+    empty = ortvalue_like(np.zeros((1, 2, 0, 4), np.uint16), "tensor(bfloat16)")
+    assert empty.shape() == [1, 2, 0, 4] and host_view(empty).size == 0
+
+
 def test_compression_ratio_flags_loops():
     assert R.compression_ratio(" the" * 60) > 2.4
     assert R.compression_ratio("And Mr. John Dashwood had then leisure to consider how much there might be") < 2.4

@@ -429,7 +429,7 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
     const int64_t n0 = (t % tasks_per_call) * strips_per_task * kTileN, n1 = std::min(N, n0 + strips_per_task * kTileN);
     if (call.args.M <= 0 || n0 >= n1) return;
     const emu::UnpackedProblem p{call.args.a, call.args.lda, call.args.c, call.args.ldc, call.b, call.ldb,
-                                 call.args.M, K, N, call.b_transposed};
+                                 call.args.M, K, N, call.b_transposed, call.b_bf16};
     kern.unpacked(p, 0, call.args.M, n0, n1);
     if (!call.args.epilogue.empty()) apply_epilogue(call.args.epilogue, call.args.c, call.args.ldc, 0, call.args.M, n0, n1);
   };

@@ -36,6 +36,7 @@ struct UnpackedProblem {
   int64_t ldb;
   int64_t M, K, N;
   bool b_transposed;
+  const uint16_t* b_bf16 = nullptr;  // B in bfloat16 instead (b then null), same layout and ldb
 };
 
 struct IsaKernels {

@@ -51,9 +51,23 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    Adds broadcast by themselves, so the Tile, the Expands and the shape work computing their repeats (~25 nodes
    per step) go.
 
+7. With pass 4 (`bf16_self_kv`, in the same copy): the self-attention cache in bfloat16 too. decoder_model's
+   `present.N.decoder.*` outputs and decoder_with_past's `past_key_values.N.decoder.*` inputs and
+   `present.N.decoder.*` outputs become bf16: the new token's K/V are cast to bf16 before the Concat and the
+   Concat's result is cast back to float for its readers, a Cast the EP's MatMul claims with the product and reads
+   through (ops/transpose_fusion.h): the contract rounds a run-time B to bf16 as ORT's Cast does, so the products
+   see the values they saw before, and each step's Concat, the beam reorder and the products move half the bytes.
+   The keys are read as K^T times a constant scalar (optimum splits the attention scale as sqrt on Q and on K^T)
+   and that product is what the MatMul rounded, so the cache holds the keys times that scalar: bf16(s*K), the
+   Mul moved in front of the Concat (per new token, the same fp32 product) and dropped behind it. So the cache is
+   the graph's own business: only onnx_model feeds it back (word timing runs a decoder of its own). Where the EP
+   leaves a MatMul to the CPU EP, the Cast runs there and the CPU's MatMul sees the bf16 K/V (as pass 4: not for
+   the CPU EP or bf16x3). XDNA_BF16_SELF_KV=0 keeps the self-attention cache in fp32.
+
 The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<versions>/, written
 atomically, and a copy that fails to build or load is logged and the original is used (onnx_model.WhisperOnnx).
-XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the bf16 cross-attention K/V.
+XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the bf16 cross-attention K/V (and
+with them the bf16 self-attention cache); XDNA_BF16_SELF_KV=0 only the latter.
 """
 
 from __future__ import annotations
@@ -66,7 +80,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when a pass changes what it writes: older copies are then simply not used.
-VERSION = 6
+VERSION = 7
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 
 
@@ -78,7 +92,12 @@ def bf16_cross_kv_enabled() -> bool:
     return os.environ.get("XDNA_BF16_CROSS_KV", "1") != "0"
 
 
+def bf16_self_kv_enabled() -> bool:
+    return os.environ.get("XDNA_BF16_SELF_KV", "1") != "0"
+
+
 CROSS_KV = (".encoder.key", ".encoder.value")
+SELF_KV = (".decoder.key", ".decoder.value")
 
 
 LOGITS_ROWS = "xdna_logits_rows"
@@ -199,6 +218,139 @@ def cast_before_head_split(model) -> int:
     g.node.extend(nodes)
     remove_dead_nodes(model)
     return changed
+
+
+def _scalar_of(name: str, constants: dict) -> float | None:
+    value = constants.get(name)
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 and value.dtype == "float32" else None
+
+
+def _key_scale(transpose, readers: dict, constants: dict, graph_outputs: set):
+    """(Mul, scale) when `transpose`'s output is read by one Mul by a constant float32 scalar alone, whose output is
+    read by MatMuls as their B alone (the scaled K^T of an attention); else None."""
+    out = transpose.output[0]
+    mul = readers.get(out, [])
+    if len(mul) != 1 or mul[0].op_type != "Mul" or len(mul[0].input) != 2 or out in graph_outputs:
+        return None
+    mul = mul[0]
+    other = [i for i in mul.input if i != out]
+    scale = _scalar_of(other[0], constants) if len(other) == 1 else None
+    users = readers.get(mul.output[0], [])
+    if scale is None or not users or mul.output[0] in graph_outputs or \
+            any(u.op_type != "MatMul" or u.input[0] == mul.output[0] or u.input[1] != mul.output[0] for u in users):
+        return None
+    return mul, scale
+
+
+class NotThisForm(ValueError):
+    """A graph whose self-attention cache pass 7 does not recognise (the copy then falls back as a whole)."""
+
+
+def bf16_self_kv(model) -> int:
+    """Pass 7 (module doc) in place, on decoder_model or decoder_with_past (after pass 4). All or nothing: raises
+    NotThisForm when a layer's cache is not of the form below, so that both graphs agree on the cache's type and
+    meaning (a copy that fails to build is not used). Returns the number of nodes added.
+      decoder_with_past: present.N.decoder.key = Concat(past, k_new), read by Transpose -> Mul(s) -> MatMul B;
+                         present.N.decoder.value = Concat(past, v_new), read by MatMuls as B.
+      decoder_model:     present.N.decoder.key = Transpose(x), where x is also read by Transpose -> Mul(s) -> MatMul B
+                         (the prompt's own attention, left fp32); present.N.decoder.value any value."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output if o}
+    readers = collections.defaultdict(list)
+    for n in g.node:
+        for i in set(n.input):
+            readers[i].append(n)
+    constants = _small_constants(g)
+    graph_outputs = {o.name for o in g.output}
+    inputs = {i.name: i for i in g.input}
+    outputs = [o for o in g.output if o.name.startswith("present.") and o.name.endswith(SELF_KV)]
+    if not outputs:
+        raise NotThisForm("no present.N.decoder.* outputs")
+    plans = []  # (out, the Concat of past and new or None, (Mul, scale) of the keys or None)
+    for out in outputs:
+        if out.type.tensor_type.elem_type != TensorProto.FLOAT:
+            raise NotThisForm(f"{out.name} is not float32")
+        node = producers.get(out.name)
+        is_key = out.name.endswith(".key")
+        past = out.name.replace("present.", "past_key_values.", 1)
+        users = readers.get(out.name, [])
+        if node is None:
+            raise NotThisForm(f"{out.name}: no node makes it")
+        if past in inputs:  # decoder_with_past
+            if node.op_type != "Concat" or len(node.input) != 2 or node.input[0] != past or \
+                    inputs[past].type.tensor_type.elem_type != TensorProto.FLOAT:
+                raise NotThisForm(f"{out.name}: not Concat({past}, new)")
+            if is_key:
+                found = _key_scale(users[0], readers, constants, graph_outputs) \
+                    if len(users) == 1 and users[0].op_type == "Transpose" else None
+                if found is None:
+                    raise NotThisForm(f"{out.name}: not read as Transpose -> Mul(scalar) -> MatMul B")
+            else:
+                found = None
+                if not users or any(u.op_type != "MatMul" or u.input[0] == out.name or u.input[1] != out.name
+                                    for u in users):
+                    raise NotThisForm(f"{out.name}: not read as the B of MatMuls alone")
+            plans.append((out, node, found))
+        elif not is_key:  # decoder_model: any value
+            plans.append((out, None, None))
+        else:  # decoder_model: the keys' head split, their K^T scaled for the prompt's own attention
+            if users or node.op_type != "Transpose":
+                raise NotThisForm(f"{out.name}: not a Transpose read by nothing else")
+            found = next((f for t in readers.get(node.input[0], []) if t is not node and t.op_type == "Transpose"
+                          for f in [_key_scale(t, readers, constants, graph_outputs)] if f), None)
+            if found is None:
+                raise NotThisForm(f"{out.name}: no scaled K^T read from the same keys")
+            plans.append((out, None, found))
+
+    nodes = list(g.node)
+    added = 0
+
+    def scaled(value: str, out_name: str, scale: float) -> tuple[str, list]:
+        """value x scale (a float32 scalar of its own: the graph's Constant may come later in node order)."""
+        s_name, product = f"{out_name}/xdna_key_scale", f"{out_name}/xdna_scaled"
+        g.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), s_name))
+        return product, [helper.make_node("Mul", [value, s_name], [product], name=f"{out_name}/xdna_scale")]
+
+    for out, concat, found in plans:
+        to_bf16 = f"{out.name}/xdna_to_bf16"
+        fp32 = f"{out.name}/xdna_fp32"
+        if concat is not None:
+            # new -> [x s] -> bf16 -> Concat(past bf16, .) -> present (bf16) -> float -> the readers [minus the Mul]
+            new_value, before = concat.input[1], []
+            if found:
+                new_value, before = scaled(new_value, out.name, found[1])
+            new16 = f"{out.name}/xdna_new_bf16"
+            before.append(helper.make_node("Cast", [new_value], [new16], to=TensorProto.BFLOAT16, name=to_bf16))
+            concat.input[1] = new16
+            _rename_uses(g, out.name, fp32)
+            after = [helper.make_node("Cast", [out.name], [fp32], to=TensorProto.FLOAT, name=f"{out.name}/xdna_to_fp32")]
+            if found:  # the cache holds the Mul's product now: its readers read its tensor input instead
+                mul = found[0]
+                kt = next(i for i in mul.input if _scalar_of(i, constants) is None)
+                for u in readers[mul.output[0]]:
+                    u.input[1] = kt
+                nodes.remove(mul)
+            at = nodes.index(concat)
+            nodes[at:at + 1] = before + [concat] + after
+            inputs[out.name.replace("present.", "past_key_values.", 1)].type.tensor_type.elem_type = \
+                TensorProto.BFLOAT16
+            added += len(before) + len(after)
+        else:
+            # decoder_model: the value the graph computed -> [x s] -> bf16 -> present (bf16)
+            _rename_value_info(g, out.name, fp32)
+            _rename_uses(g, out.name, fp32, outputs=True)
+            value, extra = scaled(fp32, out.name, found[1]) if found else (fp32, [])
+            extra.append(helper.make_node("Cast", [value], [out.name], to=TensorProto.BFLOAT16, name=to_bf16))
+            nodes.extend(extra)
+            added += len(extra)
+        out.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    del g.node[:]
+    g.node.extend(nodes)
+    remove_dead_nodes(model)
+    return added
 
 
 def _symbolic_dims(model) -> dict[str, list]:
@@ -440,8 +592,9 @@ def remove_dead_nodes(model) -> int:
     return removed
 
 
-def optimise(source: Path, output: Path, bf16_kv: bool = False) -> dict:
-    """The passes on `source` into `output` (pass 4 too with `bf16_kv`). Returns what was done."""
+def optimise(source: Path, output: Path, bf16_kv: bool = False, bf16_self: bool = False) -> dict:
+    """The passes on `source` into `output` (passes 4 and 5 too with `bf16_kv`, and 7 with `bf16_self`). Returns
+    what was done."""
     import onnx
 
     source = Path(source)
@@ -453,9 +606,11 @@ def optimise(source: Path, output: Path, bf16_kv: bool = False) -> dict:
     rows = logits_rows(model) if source.name == DECODER_FILES[0] else False
     casts = bf16_cross_kv(model) if bf16_kv else 0
     cast_first = cast_before_head_split(model) if bf16_kv else 0
+    self_casts = bf16_self_kv(model) if bf16_kv and bf16_self else 0
     onnx.save(model, str(output))
     return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged,
-            "broadcasts": broadcasts, "logits_rows": rows, "bf16_casts": casts, "cast_first": cast_first}
+            "broadcasts": broadcasts, "logits_rows": rows, "bf16_casts": casts, "cast_first": cast_first,
+            "bf16_self_nodes": self_casts}
 
 
 def _versions() -> str:
@@ -465,35 +620,40 @@ def _versions() -> str:
     return f"v{VERSION}-ort{ort.__version__}-onnx{onnx.__version__}"
 
 
-def cache_entry(source: Path, cache_dir: str | os.PathLike | None = None, bf16_kv: bool = False) -> Path:
+def cache_entry(source: Path, cache_dir: str | os.PathLike | None = None, bf16_kv: bool = False,
+                bf16_self: bool = False) -> Path:
     """Where the optimised copy of `source` lives: keyed by its content, the versions that made the copy and
-    whether it holds the cross-attention K/V in bf16."""
+    whether it holds the cross-attention K/V (and the self-attention cache) in bf16."""
     from .._compile import _model_hash
     from .model import cache_root
 
     root = cache_root(cache_dir) / "optimised"
-    return root / f"{_model_hash(source, root)}-{_versions()}{'-bf16kv' if bf16_kv else ''}" / source.name
+    kind = ("-bf16kv" + ("-self" if bf16_self else "")) if bf16_kv else ""
+    return root / f"{_model_hash(source, root)}-{_versions()}{kind}" / source.name
 
 
 def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                   log: Callable[[str], None] = lambda m: None, bf16_kv: bool = False) -> Path:
+                   log: Callable[[str], None] = lambda m: None, bf16_kv: bool = False,
+                   bf16_self: bool = False) -> Path:
     """The optimised copy of `source` from the cache, built into it first if absent. Concurrent builders each
     write their own temporary directory and rename it into place; the first rename wins. Raises on failure (the
     caller logs it and uses the original)."""
     source = Path(source)
-    target = cache_entry(source, cache_dir, bf16_kv)
+    target = cache_entry(source, cache_dir, bf16_kv, bf16_self)
     if target.is_file():
         return target
     from .._compile import build_cache_entry
 
     t0 = time.perf_counter()
-    done = build_cache_entry(target, lambda path: optimise(source, path, bf16_kv))
+    done = build_cache_entry(target, lambda path: optimise(source, path, bf16_kv, bf16_self))
     log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
         f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
         f"{done['merged']} duplicates merged, {done['broadcasts']} broadcasts dropped"
         + (", logits of the asked rows only" if done.get("logits_rows") else "")
         + (f", {done['cast_first']} cross keys cast before their head split" if done.get("cast_first") else "")
-        + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "") + f"): {target.parent}")
+        + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "")
+        + (f", self-attention cache in bf16 ({done['bf16_self_nodes']} nodes)" if done.get("bf16_self_nodes") else "")
+        + f"): {target.parent}")
     return target
 
 

@@ -144,18 +144,46 @@ class DecoderState:
         self.window, self.self_kv, self.batch = window, self_kv, batch
 
 
+BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, for OrtValue.ortvalue_from_shape_and_type
+
+
+def host_view(value) -> np.ndarray:
+    """A numpy view of a CPU OrtValue's memory. `OrtValue.numpy()` for the types numpy has; a bfloat16 tensor (the
+    self-attention cache of decoder_graph pass 7; numpy has no bfloat16, and numpy() raises) as uint16 over
+    data_ptr(): the same bits, for code that moves values and never computes on them. The view does not keep
+    `value` alive: use it while `value` is referenced."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    import ctypes
+
+    shape = value.shape()
+    count = int(np.prod(shape))
+    if count == 0:
+        return np.empty(shape, np.uint16)
+    return np.ctypeslib.as_array((ctypes.c_uint16 * count).from_address(value.data_ptr())).reshape(shape)
+
+
+def ortvalue_like(rows: np.ndarray, data_type: str):
+    """A new CPU OrtValue holding `rows` (uint16 bits when `data_type` is bfloat16, see host_view)."""
+    import onnxruntime as ort
+
+    if data_type != "tensor(bfloat16)":
+        return ort.OrtValue.ortvalue_from_numpy(rows)
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(rows.shape), BFLOAT16)
+    host_view(value)[...] = rows
+    return value
+
+
 def reorder_rows(values: dict, order: np.ndarray) -> dict:
     """The batch rows `order` of each OrtValue: new OrtValues when the batch changes size; otherwise in place,
     copying only the rows that change. In place is safe because the values are the last run's outputs, owned by
-    this decoding alone, and `OrtValue.numpy()` is a view of their memory: a beam step then neither allocates nor
-    copies the rows that stay where they are (typically most of them)."""
-    import onnxruntime as ort
-
+    this decoding alone, and host_view() is a view of their memory: a beam step then neither allocates nor
+    copies the rows that stay where they are (typically most of them). fp32 or bfloat16 (moved as uint16 bits)."""
     out = {}
     for name, value in values.items():
-        rows = value.numpy()
+        rows = host_view(value)
         if order.size != rows.shape[0]:
-            out[name] = ort.OrtValue.ortvalue_from_numpy(np.take(rows, order, axis=0))
+            out[name] = ortvalue_like(np.take(rows, order, axis=0), value.data_type())
             continue
         moved = np.flatnonzero(order != np.arange(order.size))
         if moved.size:
@@ -207,6 +235,9 @@ class WhisperOnnx:
         # them so and gives today's bits; not for the CPU EP nor where a policy asks for bf16x3 (more than bf16).
         self.bf16_cross_kv = (self.optimised and self.provider == XDNA_EP and decoder_graph.bf16_cross_kv_enabled()
                               and "bf16x3" not in " ".join(options.values()))
+        # The self-attention cache too (pass 7), where the cross K/V are: the EP's MatMuls read it through their
+        # Casts with the same bits.
+        self.bf16_self_kv = self.bf16_cross_kv and decoder_graph.bf16_self_kv_enabled()
         self.optimised_paths: dict[str, Path] = {}  # file -> the optimised copy its session was made from
         self._log = log or (lambda m: print(f"[xdna] {m}", file=sys.stderr))
         self.compiled_paths: dict[str, Path] = {}  # file -> the compiled model it was loaded from
@@ -276,8 +307,9 @@ class WhisperOnnx:
         if unknown:
             raise TranscribeError(f"{self.model_dir}: unexpected decoder inputs/outputs ({unknown[:2]}…); "
                                   "export with task automatic-speech-recognition-with-past")
-        shape = next(i.shape for i in self.decoder_with_past.get_inputs() if i.name.endswith(".decoder.key"))
-        self._kv_heads, self._kv_dim = int(shape[1]), int(shape[3])
+        self_key = next(i for i in self.decoder_with_past.get_inputs() if i.name.endswith(".decoder.key"))
+        self._kv_heads, self._kv_dim = int(self_key.shape[1]), int(self_key.shape[3])
+        self._self_kv_type = self_key.type  # tensor(float), or tensor(bfloat16) after pass 7
         heads = gen.get("alignment_heads") or []
         self.alignment_heads = [(int(a), int(b)) for a, b in heads]  # (decoder layer, head), word timestamps
         if not self.alignment_heads:  # OpenAI's fallback: every head of the second half of the layers
@@ -298,9 +330,9 @@ class WhisperOnnx:
         taken = {i.name: i.type for i in self.decoder_with_past.get_inputs()}
         if all(made.get(name, kind) == kind for name, kind in taken.items()):
             return
-        self._log("decoder_model and decoder_with_past_model disagree on the cross-attention K/V type; "
+        self._log("decoder_model and decoder_with_past_model disagree on the attention K/V types; "
                   "loading the bf16 one again without bf16 K/V")
-        self.bf16_cross_kv = False
+        self.bf16_cross_kv = self.bf16_self_kv = False
         if "tensor(bfloat16)" in made.values():
             self.optimised_paths.pop(FILES[1], None)
             self.decoder = self._session(FILES[1], session_options, providers)
@@ -330,7 +362,8 @@ class WhisperOnnx:
         if not self.optimised or file not in decoder_graph.DECODER_FILES:
             return None
         try:
-            return decoder_graph.optimised_copy(self.model_dir / file, log=self._log, bf16_kv=self.bf16_cross_kv)
+            return decoder_graph.optimised_copy(self.model_dir / file, log=self._log, bf16_kv=self.bf16_cross_kv,
+                                                bf16_self=self.bf16_self_kv)
         except Exception as e:  # noqa: BLE001
             self._log(f"{file}: building its optimised copy failed ({one_line(e)}); using the original")
             return None
@@ -427,7 +460,8 @@ class WhisperOnnx:
             if not self._logits_rows:
                 logits = logits[picked]
         else:
-            empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self._kv_heads, 0, self._kv_dim), np.float32))
+            empty = ortvalue_like(np.zeros((1, self._kv_heads, 0, self._kv_dim), np.float32 if
+                                           self._self_kv_type == "tensor(float)" else np.uint16), self._self_kv_type)
             feed = dict(window.cross)
             for name in self._as_past.values():
                 if ".decoder." in name:
