@@ -155,14 +155,21 @@ struct GemmEpilogue {
   bool empty() const { return !bias && !gelu && !residual; }
 };
 
+// gelu_erf's rational x P(t) / Q(t), t = x^2: the coefficients from the highest power down, evaluated by Horner's
+// rule (p = p * t + c) on every CPU path, scalar here and vectorised in emulator_epilogue.inc, so both give the
+// same bits.
+inline constexpr float kGeluErfP[] = {1.92201082e-08f, -1.99060612e-06f, 1.55561997e-04f, 4.29371723e-03f,
+                                      5.24352492e-02f, 2.13957530e-01f,  1.12837868e+00f};
+inline constexpr float kGeluErfQ[] = {1.09823e-03f, 1.555229e-02f, 1.2080502e-01f, 5.2294257e-01f, 1.f};
+
 // erf(x), |error| <= 4.4e-7 (see "Epilogue" above). NaN stays NaN (the clamp keeps it).
 inline float gelu_erf(float x) {
   x = x < -4.f ? -4.f : x;
   x = x > 4.f ? 4.f : x;
   const float t = x * x;
-  const float p = ((((((1.92201082e-08f * t - 1.99060612e-06f) * t + 1.55561997e-04f) * t + 4.29371723e-03f) * t +
-                     5.24352492e-02f) * t + 2.13957530e-01f) * t + 1.12837868e+00f);
-  const float q = ((((1.09823e-03f * t + 1.555229e-02f) * t + 1.2080502e-01f) * t + 5.2294257e-01f) * t + 1.f);
+  float p = kGeluErfP[0], q = kGeluErfQ[0];
+  for (size_t i = 1; i < sizeof kGeluErfP / sizeof *kGeluErfP; ++i) p = p * t + kGeluErfP[i];
+  for (size_t i = 1; i < sizeof kGeluErfQ / sizeof *kGeluErfQ; ++i) q = q * t + kGeluErfQ[i];
   return x * p / q;
 }
 
