@@ -259,10 +259,7 @@ def bf16_self_kv(model) -> int:
 
     g = model.graph
     producers = {o: n for n in g.node for o in n.output if o}
-    readers = collections.defaultdict(list)
-    for n in g.node:
-        for i in set(n.input):
-            readers[i].append(n)
+    readers = _readers(g)
     constants = _small_constants(g)
     graph_outputs = {o.name for o in g.output}
     inputs = {i.name: i for i in g.input}
@@ -437,6 +434,15 @@ def _rename_inputs(g, renamed: dict[str, str]) -> None:
             node.input[i] = name
 
 
+def _readers(g) -> dict[str, list]:
+    """value name -> the nodes that read it (each node once, in graph order)."""
+    readers: dict[str, list] = {}
+    for node in g.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _small_constants(g) -> dict:
     """name -> numpy value of the graph's small constants (initializers and Constant nodes, up to 64 elements)."""
     from onnx import numpy_helper
@@ -505,10 +511,7 @@ def drop_absorbed_broadcasts(model) -> int:
     graph_outputs = {o.name for o in g.output}
     dropped = 0
     while True:  # backwards: an Expand that fed a dropped Tile is read by the Tile's readers now
-        readers: dict[str, list] = {}
-        for node in g.node:
-            for name in set(node.input):
-                readers.setdefault(name, []).append(node)
+        readers = _readers(g)
         for node in reversed(g.node):
             if node.op_type not in ("Tile", "Expand") or node.domain not in ("", "ai.onnx"):
                 continue
