@@ -35,6 +35,14 @@ def init(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
+def bf16_round_trip(*names) -> tuple[list, list[str]]:
+    """Casts of each input to bfloat16 and back to float (the bf16 K/V caches of the Whisper decoder copies, made
+    here from fp32 inputs by the CPU EP's Cast): (the four nodes per pair, the float values to read instead)."""
+    to16 = [helper.make_node("Cast", [n], [f"{n}16"], to=TensorProto.BFLOAT16, name=f"{n}_to_bf16") for n in names]
+    back = [helper.make_node("Cast", [f"{n}16"], [f"{n}f"], to=TensorProto.FLOAT, name=f"{n}_to_fp32") for n in names]
+    return to16 + back, [f"{n}f" for n in names]
+
+
 def xdna_session(model: bytes, options: dict | None = None, level=None, so=None):
     xdna.register()
     so = xdna.session_options(so)

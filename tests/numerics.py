@@ -256,3 +256,16 @@ def logmel_bound(parts: dict, dft_eps: float, mel_eps: float, reference_fp32: bo
     with np.errstate(divide="ignore", invalid="ignore"):
         log_err = np.where(d < level, -np.log10(np.maximum(1 - d / level, 1e-300)), np.inf)
     return (log_err / F.NORM_DIVISOR + 4e-6)[: parts["content"]].T
+
+
+def assert_attention_nan_rows(o, q, k, v, scale, expected):
+    """Attention output o [H, M, Dv] of Q [H, M, D], K [H, T, D], V [H, T, Dv]: exactly the rows `expected` [H, M]
+    hold NaN, all of them NaN (ORT's Softmax), and every other row is within attention_bound of the exact value."""
+    nan_rows = np.isnan(o).any(axis=-1)
+    np.testing.assert_array_equal(nan_rows, expected)
+    assert np.isnan(o[nan_rows]).all()
+    kt = k.transpose(0, 2, 1)
+    for h in range(len(o)):
+        ok = ~expected[h]
+        assert_within(o[h][ok], attention_exact(q[h][ok], kt[h], v[h], scale),
+                      attention_bound(q[h][ok], kt[h], v[h], scale), f"head {h}, finite rows")

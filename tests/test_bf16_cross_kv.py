@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from ep_helpers import EP, cpu_session, ep_nodes, make_model, tensor, xdna_session
+from ep_helpers import EP, bf16_round_trip, cpu_session, ep_nodes, make_model, tensor, xdna_session
 from numerics import assert_within, attention_bound, attention_exact, bf16_round
 
 D = 64
@@ -45,11 +45,8 @@ def attention_model(B, H, M, T, kv_bf16=True, k_as_kt=False):
     s = D ** -0.5
     nodes, k, v = [], "k", "v"
     if kv_bf16:
-        nodes += [helper.make_node("Cast", ["k"], ["k16"], to=TensorProto.BFLOAT16, name="k_to_bf16"),
-                  helper.make_node("Cast", ["v"], ["v16"], to=TensorProto.BFLOAT16, name="v_to_bf16"),
-                  helper.make_node("Cast", ["k16"], ["kf"], to=TensorProto.FLOAT, name="k_to_fp32"),
-                  helper.make_node("Cast", ["v16"], ["vf"], to=TensorProto.FLOAT, name="v_to_fp32")]
-        k, v = "kf", "vf"
+        casts, (k, v) = bf16_round_trip("k", "v")
+        nodes += casts
     kt_perm = [0, 1, 2, 3] if k_as_kt else [0, 1, 3, 2]
     nodes += [helper.make_node("Transpose", [k], ["kt"], perm=kt_perm, name="tk"),
               helper.make_node("Mul", ["q", "sqrt_s"], ["qs"], name="mq"),

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
 from cpu_isa import check_with_isa
-from ep_helpers import EP, ep_nodes, make_model, tensor, xdna_session
+from ep_helpers import EP, bf16_round_trip, ep_nodes, make_model, tensor, xdna_session
 from numerics import assert_within, bf16_round, precision_bound
 
 D = 64
@@ -30,11 +30,8 @@ def self_attention_model(B, H, M, T, bf16=True, rank4=True):
     perm = [0, 1, 3, 2] if rank4 else [1, 0]
     nodes, k, v = [], "k", "v"
     if bf16:
-        nodes += [helper.make_node("Cast", ["k"], ["k16"], to=TensorProto.BFLOAT16, name="k_to_bf16"),
-                  helper.make_node("Cast", ["v"], ["v16"], to=TensorProto.BFLOAT16, name="v_to_bf16"),
-                  helper.make_node("Cast", ["k16"], ["kf"], to=TensorProto.FLOAT, name="k_to_fp32"),
-                  helper.make_node("Cast", ["v16"], ["vf"], to=TensorProto.FLOAT, name="v_to_fp32")]
-        k, v = "kf", "vf"
+        casts, (k, v) = bf16_round_trip("k", "v")
+        nodes += casts
     nodes += [helper.make_node("Transpose", [k], ["kt"], perm=perm, name="tk"),
               helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
               helper.make_node("MatMul", ["p", v], ["o"], name="pv")]
