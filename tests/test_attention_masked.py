@@ -10,9 +10,12 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from cpu_isa import check_with_isa
+from ep_helpers import EP, bf16_round_trip, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
 from numerics import assert_masked_attention, bf16_round
 
 from onnxruntime_ep_xdna import _native
@@ -113,3 +116,171 @@ _ISA_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16", "amx"])
 def test_each_kernel_set(isa):
     check_with_isa(isa, _ISA_CHECK, timeout=900)
+
+
+# ---- the EP: the decoder's pattern as one node ----
+
+def masked_model(B, H, M, T, D=64, mask_shape=None, nan_rule=True, bf16_kv=True, scale_on="q", mask_first=False,
+                 mask_constant=None, where_zero=0.0):
+    """decoder_graph's self-attention (the optimised decoder_with_past, after the bf16 cache): q [B, H, M, D] scaled
+    by a Mul, K^T by a Transpose of k [B, H, T, D], both K and V through Cast(bf16) -> Cast(float), the scores plus
+    the mask (mask_shape: a run-time input; mask_constant: an initializer), Softmax, Where(IsNaN(P), 0, P), P V."""
+    s = D ** -0.5
+    nodes, inits = [], [init("scale", np.array(s, np.float32)), init("zero", np.array(where_zero, np.float32))]
+    k, v = "k", "v"
+    if bf16_kv:
+        casts, (k, v) = bf16_round_trip("k", "v")
+        nodes += casts
+    nodes.append(helper.make_node("Transpose", [k], ["kt"], perm=[0, 1, 3, 2], name="tk"))
+    if scale_on == "q":
+        nodes += [helper.make_node("Mul", ["q", "scale"], ["qs"], name="mq"),
+                  helper.make_node("MatMul", ["qs", "kt"], ["scores"], name="qk")]
+    else:
+        nodes += [helper.make_node("MatMul", ["q", "kt"], ["raw"], name="qk"),
+                  helper.make_node("Mul", ["raw", "scale"], ["scores"], name="ms")]
+    inputs = [tensor("q", [B, H, M, D]), tensor("k", [B, H, T, D]), tensor("v", [B, H, T, D])]
+    if mask_constant is not None:
+        inits.append(init("mask", mask_constant))
+    else:
+        inputs.append(tensor("mask", mask_shape))
+    add_in = ["mask", "scores"] if mask_first else ["scores", "mask"]
+    nodes += [helper.make_node("Add", add_in, ["masked"], name="add"),
+              helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="sm")]
+    probs = "p"
+    if nan_rule:
+        nodes += [helper.make_node("IsNaN", ["p"], ["isnan"], name="isnan"),
+                  helper.make_node("Where", ["isnan", "zero", "p"], ["p0"], name="where")]
+        probs = "p0"
+    nodes.append(helper.make_node("MatMul", [probs, v], ["o"], name="pv"))
+    return make_model(nodes, inputs, [tensor("o", [B, H, M, D])], inits)
+
+
+def masked_feeds(B, H, M, T, mask_shape, seed, D=64):
+    """Q, K, V and the causal mask in mask_shape (rows: M or 1, the last one; keys: T, or 1: zeros)."""
+    r = np.random.default_rng(seed)
+    rows = causal(M, T) if mask_shape[-2] == M else causal(M, T)[-1:]
+    mask = np.broadcast_to(rows if mask_shape[-1] == T else np.zeros((rows.shape[0], 1), np.float32), mask_shape)
+    return {"q": r.standard_normal((B, H, M, D)).astype(np.float32),
+            "k": r.standard_normal((B, H, T, D)).astype(np.float32),
+            "v": r.standard_normal((B, H, T, D)).astype(np.float32),
+            "mask": np.ascontiguousarray(mask, np.float32).reshape(mask_shape)}
+
+
+FUSED = {("tk", "Transpose"), ("mq", "Mul"), ("qk", "MatMul"), ("add", "Add"), ("sm", "Softmax"),
+         ("isnan", "IsNaN"), ("where", "Where"), ("pv", "MatMul")}
+
+
+def check_ep(model, f, nan_rule=True, bf16_kv=True):
+    sess = xdna_session(model, {"backend": "emulator"})
+    out = sess.run(None, f)[0]
+    cpu = cpu_session(model).run(None, f)[0]
+    k, v = (bf16_round(f[n]) if bf16_kv else f[n] for n in ("k", "v"))
+    kt = np.swapaxes(k, -1, -2)
+    D = f["q"].shape[-1]
+    q = f["q"]
+    assert_masked_attention(out, q, kt, v, D ** -0.5, f["mask"], nan_rule, "EP")
+    if nan_rule:  # ORT's CPU EP: the same zero rows (and the finite ones within the bound)
+        assert_masked_attention(cpu, q, kt, v, D ** -0.5, f["mask"], True, "CPU EP")
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(cpu))
+    return sess, out, cpu
+
+
+@pytest.mark.parametrize("B,H,M,T,mask_shape", [
+    (1, 8, 1, 129, [1, 1, 1, 129]),   # a step at batch 1: the mask as decoder_graph's Where gives it
+    (5, 8, 1, 129, [5, 1, 1, 129]),   # five beams, a mask per beam
+    (5, 8, 1, 129, [1, 129]),         # rank 2, broadcast over batch and heads
+    (1, 8, 4, 4, [1, 1, 4, 4]),       # the prompt: four tokens, causal
+    (2, 8, 3, 5, [3, 5]),             # the prompt after two cached tokens
+    (2, 3, 20, 20, [2, 3, 20, 20]),   # many rows, a mask per head
+    (2, 2, 3, 40, [1, 1, 3, 1]),      # broadcast over the keys: expanded
+])
+def test_masked_self_attention_is_one_node(B, H, M, T, mask_shape):
+    model = masked_model(B, H, M, T, mask_shape=mask_shape)
+    f = masked_feeds(B, H, M, T, mask_shape, seed=M + T)
+    if mask_shape[-1] == 1:
+        f["mask"] = np.zeros(mask_shape, np.float32)
+        f["mask"][..., 1, 0] = NEG_INF  # a fully masked row
+    sess, _, _ = check_ep(model, f)
+    placed = set(ep_nodes(sess))
+    assert FUSED <= placed, FUSED - placed
+    assert {("k_to_fp32", "Cast"), ("v_to_fp32", "Cast")} <= placed  # K and V read as bf16
+
+
+@pytest.mark.parametrize("variant", [dict(nan_rule=False), dict(bf16_kv=False), dict(scale_on="scores"),
+                                     dict(mask_first=True)])
+def test_masked_variants(variant):
+    B, H, M, T = 2, 2, 3, 37
+    model = masked_model(B, H, M, T, mask_shape=[B, 1, M, T], **variant)
+    f = masked_feeds(B, H, M, T, [B, 1, M, T], seed=9)
+    f["mask"][1, 0, 2] = NEG_INF  # a fully masked row: NaN without the rule, zero with it
+    sess, out, _ = check_ep(model, f, variant.get("nan_rule", True), variant.get("bf16_kv", True))
+    assert ("sm", "Softmax") in ep_nodes(sess) and ("add", "Add") in ep_nodes(sess)
+    assert np.isnan(out[1, :, 2]).all() != variant.get("nan_rule", True)
+
+
+def test_non_finite_inputs_match_the_cpu_ep():
+    """NaN in Q, +Inf in K, NaN / +Inf in the mask, Inf in V: the NaN rule's zero rows and NaN columns as ORT's CPU
+    EP gives them."""
+    B, H, M, T = 2, 2, 3, 40
+    model = masked_model(B, H, M, T, mask_shape=[B, H, M, T], bf16_kv=False)
+    f = masked_feeds(B, H, M, T, [B, H, M, T], seed=4)
+    f["q"][0, 1, 2, 5] = np.nan
+    f["k"][1, 0, 33, :] = np.inf
+    f["mask"][0, 0, 1, 20] = np.nan
+    f["mask"][1, 1, 0, 3] = np.inf
+    f["v"][0, 0, 12, 7] = np.inf
+    f["v"][1, 1, 39, 2] = np.nan
+    _, out, cpu = check_ep(model, f, bf16_kv=False)
+    np.testing.assert_array_equal(out[np.isnan(out) | (cpu == 0)], cpu[np.isnan(out) | (cpu == 0)])
+
+
+@pytest.mark.parametrize("why,kwargs", [
+    ("constant mask", dict(mask_constant=np.zeros((1, 1, 3, 20), np.float32))),
+    ("Where of a non-zero", dict(where_zero=1.0)),
+])
+def test_refused_patterns_stay_unfused(why, kwargs):
+    """A constant mask (not a run-time input of the node) and a Where that is not the NaN rule: the Softmax stays on
+    the CPU EP, the numbers as ORT's."""
+    B, H, M, T = 1, 2, 3, 20
+    mask_shape = [1, 1, M, T]
+    model = masked_model(B, H, M, T, mask_shape=mask_shape, **kwargs)
+    f = masked_feeds(B, H, M, T, mask_shape, seed=1)
+    if "mask_constant" in kwargs:
+        del f["mask"]
+    sess = xdna_session(model, {"backend": "emulator"})
+    assert ("sm", "Softmax") not in ep_nodes(sess), why
+    out = sess.run(None, f)[0]
+    cpu = cpu_session(model).run(None, f)[0]
+    assert np.abs(out - cpu).max() < 0.05
+
+
+def test_mask_that_would_enlarge_the_scores_is_refused():
+    """A mask whose known dims do not broadcast to the scores' stays on the CPU EP (its Add would make a bigger
+    tensor than the attention's)."""
+    B, H, M, T = 1, 2, 3, 20
+    model = masked_model(B, H, M, T, mask_shape=[4, H, M, T])
+    assert ("sm", "Softmax") not in ep_nodes(xdna_session(model, {"backend": "emulator"}))
+
+
+def test_fake_device_declines_masked_attention_with_a_logged_reason(tmp_path, monkeypatch, capfd):
+    """The xrt backend's attn_f32 kernels have no mask and no NaN rule: the fused node runs on the CPU path, logged."""
+    from test_attention_fusion import attention_kernel_dir
+
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
+    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    B, H, M, T = 1, 2, 64, 64
+    kdir = attention_kernel_dir(tmp_path / "k", T, H, 64 ** -0.5)
+    model = masked_model(B, H, M, T, mask_shape=[1, 1, M, T], bf16_kv=False, scale_on="scores")
+    f = masked_feeds(B, H, M, T, [1, 1, M, T], seed=2)
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(kdir), "log_level": "info"}, so=so)
+    assert ("sm", "Softmax") in ep_nodes(sess) and ("where", "Where") in ep_nodes(sess)
+    out = sess.run(None, f)[0]
+    del sess
+    cpu = cpu_session(model).run(None, f)[0]
+    assert_masked_attention(out, f["q"], np.swapaxes(f["k"], -1, -2), f["v"], 64 ** -0.5, f["mask"], True, "fake")
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(cpu))
+    err = capfd.readouterr().err
+    assert "no NaN rule" in err and f"{B * H} not for the device" in err, err[-3000:]
