@@ -96,9 +96,10 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
     probs.name = p_name;
     p.attention_zero_nan = true;
   }
-  const OrtNode* softmax = p.attention_zero_nan ? index.producer.count(probs.name) ? index.producer.at(probs.name)
-                                                                                   : nullptr
-                                                : sole_producer(api, index, probs.name, "Softmax");
+  // Under the NaN rule P has two readers (the IsNaN and the Where, checked there), else this MatMul alone.
+  const OrtNode* softmax = nullptr;
+  if (!p.attention_zero_nan) softmax = sole_producer(api, index, probs.name, "Softmax");
+  else if (const auto it = index.producer.find(probs.name); it != index.producer.end()) softmax = it->second;
   if (!softmax || !is_op(api, softmax, "", "Softmax"))
     return reject("input A is not a Softmax (or Where(IsNaN(P), 0, P) of one) read by this MatMul only");
   const NodeIo sio = node_io(api, softmax);

@@ -121,7 +121,7 @@ def test_each_kernel_set(isa):
 # ---- the EP: the decoder's pattern as one node ----
 
 def masked_model(B, H, M, T, D=64, mask_shape=None, nan_rule=True, bf16_kv=True, scale_on="q", mask_first=False,
-                 mask_constant=None, where_zero=0.0):
+                 mask_constant=None, where_zero=0.0, kv_batch=None):
     """decoder_graph's self-attention (the optimised decoder_with_past, after the bf16 cache): q [B, H, M, D] scaled
     by a Mul, K^T by a Transpose of k [B, H, T, D], both K and V through Cast(bf16) -> Cast(float), the scores plus
     the mask (mask_shape: a run-time input; mask_constant: an initializer), Softmax, Where(IsNaN(P), 0, P), P V."""
@@ -138,7 +138,8 @@ def masked_model(B, H, M, T, D=64, mask_shape=None, nan_rule=True, bf16_kv=True,
     else:
         nodes += [helper.make_node("MatMul", ["q", "kt"], ["raw"], name="qk"),
                   helper.make_node("Mul", ["raw", "scale"], ["scores"], name="ms")]
-    inputs = [tensor("q", [B, H, M, D]), tensor("k", [B, H, T, D]), tensor("v", [B, H, T, D])]
+    kv_batch = B if kv_batch is None else kv_batch
+    inputs = [tensor("q", [B, H, M, D]), tensor("k", [kv_batch, H, T, D]), tensor("v", [kv_batch, H, T, D])]
     if mask_constant is not None:
         inits.append(init("mask", mask_constant))
     else:
@@ -284,3 +285,17 @@ def test_fake_device_declines_masked_attention_with_a_logged_reason(tmp_path, mo
     np.testing.assert_array_equal(np.isnan(out), np.isnan(cpu))
     err = capfd.readouterr().err
     assert "no NaN rule" in err and f"{B * H} not for the device" in err, err[-3000:]
+
+
+def test_beams_against_one_kv_with_a_mask_per_beam():
+    """One query row per beam against K/V broadcast over the beams (the grouped path: the beams become the rows of one
+    head), each beam with its own mask row."""
+    B, H, M, T = 5, 3, 1, 70
+    model = masked_model(B, H, M, T, mask_shape=[B, 1, M, T], kv_batch=1)
+    f = masked_feeds(B, H, M, T, [B, 1, M, T], seed=11)
+    f["k"], f["v"] = f["k"][:1], f["v"][:1]
+    f["mask"] = np.where(np.random.default_rng(3).random((B, 1, M, T)) < 0.3, NEG_INF, 0).astype(np.float32)
+    f["mask"][2] = NEG_INF  # beam 2 fully masked: its rows zero under the NaN rule
+    sess, out, _ = check_ep(model, f)
+    assert ("sm", "Softmax") in ep_nodes(sess)
+    assert (out[2] == 0).all() and not (out[1] == 0).any()
