@@ -125,7 +125,7 @@ class Reader {
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
 static_assert(sizeof(ops::Operand) == 88, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 776, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 872, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -183,6 +183,8 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   w.f32s(p.bias_value);
   w.pod<uint8_t>(p.epilogue_gelu);
   write_operand(w, p.residual);
+  write_operand(w, p.attention_mask);
+  w.pod<uint8_t>(p.attention_zero_nan);
 }
 
 ops::OpPlan read_plan(Reader& r) {
@@ -214,6 +216,8 @@ ops::OpPlan read_plan(Reader& r) {
   p.bias_value = r.f32s("epilogue bias values");
   p.epilogue_gelu = r.flag("epilogue_gelu");
   p.residual = read_operand(r);
+  p.attention_mask = read_operand(r);
+  p.attention_zero_nan = r.flag("attention_zero_nan");
   return p;
 }
 
@@ -555,6 +559,8 @@ std::string plan_roundtrip_problem() {
   p.bias_value = {0.5f, -1.25f};
   p.epilogue_gelu = true;
   p.residual = operand("residual", 11);
+  p.attention_mask = operand("mask", 13);
+  p.attention_zero_nan = true;
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -593,6 +599,8 @@ std::string plan_roundtrip_problem() {
   if (q.bias_value != p.bias_value) return "bias_value";
   if (q.epilogue_gelu != p.epilogue_gelu) return "epilogue_gelu";
   if (!same_operand(q.residual, p.residual)) return "residual";
+  if (!same_operand(q.attention_mask, p.attention_mask)) return "attention_mask";
+  if (q.attention_zero_nan != p.attention_zero_nan) return "attention_zero_nan";
   return "";
 }
 

@@ -1,8 +1,9 @@
-// The fused attention contract (issue 15): O = softmax(scale * Q K^T) V for one head, the definition every backend
-// implements (the emulator on the CPU; on the NPU the fused kernel of kernels/aie/attention_design.py, whose host
-// check `simulate` computes exactly these numerics).
+// The fused attention contract (issue 15): O = softmax(scale * Q K^T + mask) V for one head, the definition every
+// backend implements (the emulator on the CPU; on the NPU the fused kernel of kernels/aie/attention_design.py, whose
+// host check `simulate` computes exactly these numerics, without mask or NaN rule: the NPU backend declines those).
 //
 //   S[m][t] = scale * sum_d bf16(Q[m][d]) * bf16(K^T[d][t])        products exact, sums in fp32, scale in fp32
+//             (+ mask[m][t], fp32, when the head has a mask)        the additive mask: 0 / -Inf, or any float
 //   mx[m]   = max_t S[m][t]
 //   P[m][t] = bf16(exp(S[m][t] - mx[m]))                            exp in fp32, rounded to nearest even
 //   l[m]    = sum_t P[m][t]                                         fp32
@@ -10,7 +11,11 @@
 //
 // The division comes last, as in flash attention's online softmax (the NPU design keeps a running max and
 // rescales the partial sums by exp(m_old - m_new) per key tile: the same weights up to the bound below). The order
-// of every sum is not part of the contract. A row whose scores hold NaN or +Inf gives NaN, as ORT's Softmax does.
+// of every sum is not part of the contract. A row whose scores hold NaN or +Inf, or only -Inf (a fully masked row),
+// gives NaN, as ORT's Softmax does (its whole row is then NaN: checked for NaN / +Inf anywhere and all -Inf).
+// The NaN rule (AttentionShape::zero_nan_rows; a graph's Where(IsNaN(P), 0, P) after the Softmax): such a row's
+// weights are 0 instead, so O[m][n] = sum_t 0 * bf16(V[t][n]): 0, or NaN where V's column holds Inf or NaN, as ORT's
+// MatMul of a zero row gives. (No other row holds a NaN weight, so the rule changes no other row.)
 //
 // Bound (tests/numerics.py attention_bound, derived there): with delta_t the contract's GEMM bound on one score
 // (bf16 Q, K, the fp32 sum, the scale), each weight P/l is within a factor
@@ -45,13 +50,24 @@ struct AttentionHead {
   // bytes). A backend that reads only fp32 gets the heads through widen_bf16_kv.
   const uint16_t* kt_bf16 = nullptr;
   const uint16_t* v_bf16 = nullptr;
+  // The additive mask (null: none), [M, T] fp32: mask[m][t] = mask[m * mask_stride_m + t] (stride 0: one row for
+  // all M, e.g. a mask broadcast over the query rows).
+  const float* mask = nullptr;
+  int64_t mask_stride_m = 0;
 };
 
 // What every head of one call shares.
 struct AttentionShape {
   int64_t M = 0, T = 0, D = 0, Dv = 0;  // query rows, keys, head dim of Q/K, head dim of V
   float scale = 1.f;
+  bool zero_nan_rows = false;  // the NaN rule (above): a NaN softmax row gives zero weights
 };
+
+inline bool has_mask(const AttentionHead* heads, size_t count) {
+  for (size_t i = 0; i < count; ++i)
+    if (heads[i].mask) return true;
+  return false;
+}
 
 inline bool has_bf16_kv(const AttentionHead* heads, size_t count) {
   for (size_t i = 0; i < count; ++i)

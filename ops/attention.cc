@@ -1,10 +1,12 @@
-// Attention as one node: MatMul(Q, K^T) -> [Mul/Div by a constant scalar] -> Softmax(last axis) -> MatMul(., V),
-// claimed at the second MatMul (the anchor) with the rest of the chain as its fused producers, and run as the fused
-// attention contract (kernels/attention_contract.h): on the NPU the scores never leave the array, on the CPU they
-// never reach ORT. Also taken: constant scalar Muls on Q and K^T (how torch's scaled_dot_product_attention exports,
-// e.g. optimum's Whisper: the scale split as sqrt on both) and Transposes that Q, K^T and V are read through.
-// Every intermediate of the chain must have no reader but the chain: a Softmax that another node also reads (the
-// decoder's masked self-attention, exported attention weights) leaves the pattern to the plain MatMul rule.
+// Attention as one node: MatMul(Q, K^T) -> [Mul/Div by a constant scalar] -> [Add(., mask)] -> Softmax(last axis)
+// -> [Where(IsNaN(P), 0, P)] -> MatMul(., V), claimed at the second MatMul (the anchor) with the rest of the chain as
+// its fused producers, and run as the fused attention contract (kernels/attention_contract.h): on the NPU the
+// scores never leave the array, on the CPU they never reach ORT. Also taken: constant scalar Muls on Q and K^T (how
+// torch's scaled_dot_product_attention exports, e.g. optimum's Whisper: the scale split as sqrt on both),
+// Transposes that Q, K^T and V are read through and Casts from bf16 of K^T and V. The mask Add and the NaN rule's
+// Where are how the decoder's masked self-attention exports (whisper/decoder_graph.py): the mask is a run-time
+// float input of the node. Every intermediate of the chain must have no reader but the chain: a Softmax that
+// another node also reads (exported attention weights) leaves the pattern to the plain MatMul rule.
 #include <cmath>
 
 #include "ep_plugin/dispatch.h"
@@ -51,6 +53,34 @@ void read_through_scale(const OrtApi& api, const GraphIndex& index, Operand* op,
   claim->fused_producers.push_back(node);
 }
 
+// If `probs` is Where(IsNaN(P), 0, P) with P read by that IsNaN and Where only and each of them read once: P's
+// name, and the IsNaN and Where (graph order) appended to `nodes`. Else "".
+std::string read_through_nan_rule(const OrtApi& api, const GraphIndex& index, const Operand& probs,
+                                  std::vector<const OrtNode*>* nodes) {
+  const OrtNode* where = sole_producer(api, index, probs.name, "Where");
+  if (!where) return "";
+  const NodeIo wio = node_io(api, where);
+  if (wio.inputs.size() != 3 || !wio.inputs[0] || !wio.inputs[1] || !wio.inputs[2]) return "";
+  const std::string p = value_name(api, wio.inputs[2]);
+  const OrtNode* isnan = sole_producer(api, index, value_name(api, wio.inputs[0]), "IsNaN");
+  if (!isnan) return "";
+  const NodeIo nio = node_io(api, isnan);
+  if (nio.inputs.size() != 1 || !nio.inputs[0] || value_name(api, nio.inputs[0]) != p) return "";
+  float zero = 1.f;  // +0 only: a -0 weight would give -0 products where ORT's zero row gives +0
+  if (!constant_scalar(api, wio.inputs[1], probs.rank, &zero) || zero != 0.f || std::signbit(zero)) return "";
+  const auto u = index.uses.find(p);
+  if (u == index.uses.end() || u->second != 2) return "";  // P read by the IsNaN and the Where only
+  nodes->push_back(isnan);
+  nodes->push_back(where);
+  return p;
+}
+
+// The QK^T MatMul behind `scores` (through a constant scale, which goes into *scale and `claim`), or null.
+const OrtNode* qk_product(const OrtApi& api, const GraphIndex& index, Operand* scores, float* scale, Claim* claim) {
+  read_through_scale(api, index, scores, scale, claim, true);
+  return sole_producer(api, index, scores->name, "MatMul");
+}
+
 Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& index) {
   Claim r;
   OpPlan& p = r.plan;
@@ -59,10 +89,19 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
   if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1]) return reject("MatMul without two inputs");
   if (auto why = read_float_operands(api, io, &p); !why.empty()) return reject(why);
   p.v = p.b;
-  const Operand probs = p.a;
+  Operand probs = p.a;
   if (p.v.constant) return reject("V is a constant");
-  const OrtNode* softmax = sole_producer(api, index, probs.name, "Softmax");
-  if (!softmax) return reject("input A is not a Softmax read by this MatMul only");
+  std::vector<const OrtNode*> nan_rule;
+  if (const std::string p_name = read_through_nan_rule(api, index, probs, &nan_rule); !p_name.empty()) {
+    probs.name = p_name;
+    p.attention_zero_nan = true;
+  }
+  // Under the NaN rule P has two readers (the IsNaN and the Where, checked there), else this MatMul alone.
+  const OrtNode* softmax = nullptr;
+  if (!p.attention_zero_nan) softmax = sole_producer(api, index, probs.name, "Softmax");
+  else if (const auto it = index.producer.find(probs.name); it != index.producer.end()) softmax = it->second;
+  if (!softmax || !is_op(api, softmax, "", "Softmax"))
+    return reject("input A is not a Softmax (or Where(IsNaN(P), 0, P) of one) read by this MatMul only");
   const NodeIo sio = node_io(api, softmax);
   if (sio.inputs.size() != 1 || !sio.inputs[0]) return reject("Softmax without one input");
   int since = 0;
@@ -78,9 +117,33 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
   if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scores.rank != probs.rank) return reject("scores not float32");
   Claim scale_claim;
   float scale = 1.f;
-  read_through_scale(api, index, &scores, &scale, &scale_claim, true);
-  const OrtNode* qk = sole_producer(api, index, scores.name, "MatMul");
-  if (!qk) return reject("Softmax input is not a MatMul read by the Softmax only");
+  const OrtNode* qk = qk_product(api, index, &scores, &scale, &scale_claim);
+  const OrtNode* mask_add = qk ? nullptr : sole_producer(api, index, scores.name, "Add");
+  if (mask_add) {  // Add(scores, mask) or Add(mask, scores): the side with the QK^T product is the scores
+    const NodeIo aio = node_io(api, mask_add);
+    if (aio.inputs.size() != 2 || !aio.inputs[0] || !aio.inputs[1]) return reject("mask Add without two inputs");
+    ONNXTensorElementDataType mask_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    for (int side = 0; side < 2 && !qk; ++side) {
+      scores = describe(api, aio.inputs[side], &t);
+      if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scores.rank != probs.rank) continue;
+      scale_claim = Claim();
+      scale = 1.f;
+      qk = qk_product(api, index, &scores, &scale, &scale_claim);
+      if (!qk) continue;
+      p.attention_mask = describe(api, aio.inputs[1 - side], &mask_type);
+      p.attention_mask.present = true;
+    }
+    if (!qk) return reject("Softmax input is an Add of no QK^T MatMul read by the Add only");
+    const Operand& mask = p.attention_mask;
+    if (mask_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return reject("the attention mask is not float32");
+    if (mask.constant) return reject("the attention mask is a constant initializer (only run-time masks are read)");
+    if (mask.rank < 0 || mask.rank > scores.rank) return reject("the attention mask's rank exceeds the scores'");
+    for (int d = 0; d < mask.rank; ++d) {  // right-aligned against QK^T's dims; symbolic ones checked at run time
+      const int64_t md = mask.dims[d], sd = scores.dims[scores.rank - mask.rank + d];
+      if (md != 1 && md >= 0 && sd >= 0 && md != sd) return reject("the attention mask does not broadcast to the scores");
+    }
+  }
+  if (!qk) return reject("Softmax input is not a MatMul (or Add of a MatMul and a mask) read by the Softmax only");
   const NodeIo qio = node_io(api, qk);
   if (qio.inputs.size() != 2 || !qio.inputs[0] || !qio.inputs[1]) return reject("QK MatMul without two inputs");
   OpPlan qplan;
@@ -98,7 +161,9 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
   r.fused_producers.push_back(qk);
   r.fused_producers.insert(r.fused_producers.end(), scale_claim.fused_producers.begin(),
                            scale_claim.fused_producers.end());
+  if (mask_add) r.fused_producers.push_back(mask_add);
   r.fused_producers.push_back(softmax);
+  r.fused_producers.insert(r.fused_producers.end(), nan_rule.begin(), nan_rule.end());
   Claim v_found;
   read_through_transpose(api, index, &p.v, &v_found);
   read_through_bf16_cast(api, index, &p.v, &v_found);
@@ -119,7 +184,8 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
   p.mflop = 2.0 * batch * M * T * (D + Dv) / 1e6;
   p.mflop_lower_bound = sym;
   r.ok = true;
-  r.reason = "fused attention (QK^T, softmax, PV in one node)";
+  r.reason = std::string("fused attention (QK^T, ") + (mask_add ? "mask, " : "") + "softmax, " +
+             (p.attention_zero_nan ? "NaN rule, " : "") + "PV in one node)";
   return r;
 }
 
@@ -146,6 +212,40 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   for (int64_t d : batch) heads *= d;
   if (heads == 0 || M == 0 || Dv == 0) return;
 
+  // The mask as [mask_batch..., Mm, T] (Mm: 1 or M), broadcast to the scores [batch..., M, T] without enlarging
+  // them (the claim checked the dims it knew); one broadcast over the keys is expanded to T first, as the kernels
+  // read mask rows with unit stride.
+  Dims mask_batch, mask_bs;
+  const float* mask = nullptr;
+  int64_t mask_stride_m = 0;
+  std::vector<float> mask_expanded;
+  if (plan.attention_mask.present) {
+    const Tensor mt = io.input(plan.attention_mask.name);
+    if (!mt.data) throw fail("mask is not float32");
+    Dims md = mt.dims;
+    if (md.size() > r) throw fail("mask has a higher rank than the scores");
+    while (md.size() < 2) md.insert(md.begin(), 1);
+    const int64_t Mm = md[md.size() - 2], Tm = md.back();
+    mask_batch.assign(md.begin(), md.end() - 2);
+    bool fits = (Mm == 1 || Mm == M) && (Tm == 1 || Tm == T);
+    for (size_t d = 0; d < mask_batch.size(); ++d)
+      fits = fits && (mask_batch[d] == 1 || mask_batch[d] == batch[batch.size() - mask_batch.size() + d]);
+    if (!fits) throw fail("mask does not broadcast to the scores without enlarging them");
+    mask = mt.data;
+    if (Tm != T) {  // [..., Mm, 1] -> [..., Mm, T]
+      int64_t rows = 1;
+      for (size_t d = 0; d + 1 < md.size(); ++d) rows *= md[d];
+      mask_expanded.resize(static_cast<size_t>(rows * T));
+      for (int64_t i = 0; i < rows; ++i) std::fill_n(mask_expanded.begin() + i * T, T, mt.data[i]);
+      md.back() = T;
+      mask = mask_expanded.data();
+    }
+    const Dims strides = contiguous_strides(md);
+    mask_bs.assign(strides.begin(), strides.end() - 2);
+    mask_stride_m = Mm == 1 ? 0 : T;
+  }
+  const kernels::AttentionShape shape{M, T, D, Dv, plan.attention_scale, plan.attention_zero_nan};
+
   // The kernels read Q rows with unit stride; a Transpose that moves Q's last dim gets Q gathered.
   const bool gather = q.strides[r - 1] != 1;
   int64_t gathered = 0;
@@ -162,6 +262,10 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
                              v.data ? v.data + v_at : nullptr, v.strides[r - 2], v.strides[r - 1], out, ldo};
     if (kt.bf16) h.kt_bf16 = kt.bf16 + k_at;
     if (v.bf16) h.v_bf16 = v.bf16 + v_at;
+    if (mask) {
+      h.mask = mask + batch_offset(batch, mask_batch, mask_bs, i);
+      h.mask_stride_m = mask_stride_m;
+    }
     return h;
   };
   // One query row per batch row against K and V broadcast over the outer batch dim (beams over a window's
@@ -175,9 +279,15 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     const int64_t rows = batch[0], inner = heads / rows;
     std::vector<kernels::AttentionHead> grouped;
     grouped.reserve(static_cast<size_t>(inner));
-    for (int64_t i = 0; i < inner; ++i)  // flat batch position i: outer index 0
+    // Row b's mask row: the outer batch dim's mask stride apart (0 where the mask is broadcast over it).
+    const int64_t mask_outer = mask_batch.size() == batch.size() && mask_batch[0] != 1 ? mask_bs[0] : 0;
+    for (int64_t i = 0; i < inner; ++i) {  // flat batch position i: outer index 0
       grouped.push_back(head_at(i, q.data + batch_offset(batch, batch_q, q_bs, i), q_bs[0], y + i * Dv, inner * Dv));
-    dispatch.attention(kernels::AttentionShape{rows, T, D, Dv, plan.attention_scale}, grouped);
+      grouped.back().mask_stride_m = mask_outer;
+    }
+    kernels::AttentionShape grouped_shape = shape;
+    grouped_shape.M = rows;
+    dispatch.attention(grouped_shape, grouped);
     return;
   }
   std::vector<kernels::AttentionHead> items;
@@ -194,7 +304,7 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     }
     items.push_back(head_at(i, qp, ldq, y + i * M * Dv, Dv));
   }
-  dispatch.attention(kernels::AttentionShape{M, T, D, Dv, plan.attention_scale}, items);
+  dispatch.attention(shape, items);
 }
 
 }  // namespace

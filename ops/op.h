@@ -74,6 +74,11 @@ struct OpPlan {
   std::vector<float> bias_value;
   bool epilogue_gelu = false;
   Operand residual;  // a run-time tensor of the output's shape (present: added last)
+  // Fused attention only: the additive mask added to the scaled scores before the Softmax (present: a run-time
+  // float tensor that broadcasts to the scores [batch..., M, T] without enlarging them), and the NaN rule (a
+  // Where(IsNaN(P), 0, P) fused after the Softmax: NaN rows of weights are zero; kernels/attention_contract.h).
+  Operand attention_mask;
+  bool attention_zero_nan = false;
 };
 
 struct Claim {

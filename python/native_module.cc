@@ -387,8 +387,23 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("a"), py::arg("b"), py::arg("pairs"), py::arg("threads") = 0, py::arg("bias") = py::none(),
       py::arg("gelu") = false, py::arg("residual") = py::none(),
       "emulator_gemm with B's tile-paired copy (what the EP's emulator backend runs for few rows on AMX)");
-  m.def("emulator_attention", [](F32Array q, F32Array k, F32Array v, float scale, int threads, bool k_transposed,
-                                 bool v_transposed) {
+  // The optional additive mask [H, M, T] (or [M, T] for one head) of the attention bindings, set on their heads.
+  const auto set_mask = [](std::vector<k::AttentionHead>& heads, const k::AttentionShape& shape,
+                           const std::optional<F32Array>& mask) {
+    if (!mask) return;
+    const int64_t H = static_cast<int64_t>(heads.size());
+    const bool one = mask->ndim() == 2 && H == 1;
+    if (!(one || (mask->ndim() == 3 && mask->shape(0) == H)) || mask->shape(mask->ndim() - 2) != shape.M ||
+        mask->shape(mask->ndim() - 1) != shape.T)
+      throw std::invalid_argument("mask must be [H, M, T] (or [M, T] for one head)");
+    for (int64_t h = 0; h < H; ++h) {
+      heads[h].mask = mask->data() + h * shape.M * shape.T;
+      heads[h].mask_stride_m = shape.T;
+    }
+  };
+  m.def("emulator_attention", [set_mask](F32Array q, F32Array k, F32Array v, float scale, int threads,
+                                         bool k_transposed, bool v_transposed, std::optional<F32Array> mask,
+                                         bool zero_nan_rows) {
         // The fused attention contract (attention_contract.h), all heads in one call: q [H, M, D], k [H, T, D] and
         // v [H, T, Dv] (or one head: 2-D). k_transposed: k holds K^T [H, D, T]; v_transposed: v holds V^T
         // [H, Dv, T] (the contract's strided layouts).
@@ -402,6 +417,7 @@ PYBIND11_MODULE(_native, m) {
         shape.T = k_transposed ? k.shape(b) : k.shape(a);
         shape.Dv = v_transposed ? v.shape(a) : v.shape(b);
         shape.scale = scale;
+        shape.zero_nan_rows = zero_nan_rows;
         const int64_t k_depth = k_transposed ? k.shape(a) : k.shape(b), v_keys = v_transposed ? v.shape(b) : v.shape(a);
         if (k_depth != shape.D || v_keys != shape.T || (nd == 3 && (k.shape(0) != H || v.shape(0) != H)))
           throw std::invalid_argument("q must be [M, D], k [T, D] (or [D, T]) and v [T, Dv] (or [Dv, T]), per head");
@@ -414,16 +430,20 @@ PYBIND11_MODULE(_native, m) {
                                       k.data() + h * T * D, k_transposed ? T : 1, k_transposed ? 1 : D,
                                       v.data() + h * T * Dv, v_transposed ? 1 : Dv, v_transposed ? T : 1,
                                       o.mutable_data() + h * shape.M * Dv, Dv};
+        set_mask(heads, shape, mask);
         {
           py::gil_scoped_release release;
           k::emulator_attention(shape, heads.data(), heads.size(), threads);
         }
         return o;
       }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("threads") = 0,
-      py::arg("k_transposed") = false, py::arg("v_transposed") = false,
-      "Fused attention on the emulator (the contract's reference), one head or [H, ...] heads in one call");
-  m.def("emulator_attention_bf16_kv", [](F32Array q, py::array_t<uint16_t, py::array::c_style> k,
-                                         py::array_t<uint16_t, py::array::c_style> v, float scale, int threads) {
+      py::arg("k_transposed") = false, py::arg("v_transposed") = false, py::arg("mask") = py::none(),
+      py::arg("zero_nan_rows") = false,
+      "Fused attention on the emulator (the contract's reference), one head or [H, ...] heads in one call; mask: "
+      "the additive mask [H, M, T], zero_nan_rows: the NaN rule (attention_contract.h)");
+  m.def("emulator_attention_bf16_kv", [set_mask](F32Array q, py::array_t<uint16_t, py::array::c_style> k,
+                                                 py::array_t<uint16_t, py::array::c_style> v, float scale, int threads,
+                                                 std::optional<F32Array> mask, bool zero_nan_rows) {
         // emulator_attention with K and V given as bf16 bits (a graph's Cast to bfloat16, read as it lies): q
         // [H, M, D], k [H, T, D], v [H, T, Dv] (K and V as rows: the decoder's cross-attention layout).
         if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) ||
@@ -436,6 +456,7 @@ PYBIND11_MODULE(_native, m) {
         shape.T = k.shape(1);
         shape.Dv = v.shape(2);
         shape.scale = scale;
+        shape.zero_nan_rows = zero_nan_rows;
         const int64_t M = shape.M, T = shape.T, D = shape.D, Dv = shape.Dv;
         py::array_t<float> o(std::vector<py::ssize_t>{H, M, Dv});
         std::vector<k::AttentionHead> heads(H);
@@ -445,12 +466,14 @@ PYBIND11_MODULE(_native, m) {
           heads[h].kt_bf16 = k.data() + h * T * D;
           heads[h].v_bf16 = v.data() + h * T * Dv;
         }
+        set_mask(heads, shape, mask);
         {
           py::gil_scoped_release release;
           k::emulator_attention(shape, heads.data(), heads.size(), threads);
         }
         return o;
       }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("threads") = 0,
+      py::arg("mask") = py::none(), py::arg("zero_nan_rows") = false,
       "emulator_attention with bf16 K and V (uint16 bits) as rows, all heads in one call");
   m.def("emulator_gemm_unpacked", [](F32Array a, F32Array b, int threads, bool b_transposed) {
         // b_transposed: `b` holds B^T [N, K] (B read as it lies, column by column).

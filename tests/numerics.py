@@ -136,15 +136,18 @@ def epilogue_bound(product_bound, product_exact, bias=None, gelu=False, residual
 
 # ---- Fused attention (kernels/attention_contract.h) ----
 
-def attention_exact(q, kt, v, scale) -> np.ndarray:
-    """softmax(scale * Q K^T) V in float64 over the last two dims ([.., M, D], [.., D, T], [.., T, Dv])."""
+def attention_exact(q, kt, v, scale, mask=None) -> np.ndarray:
+    """softmax(scale * Q K^T + mask) V in float64 over the last two dims ([.., M, D], [.., D, T], [.., T, Dv]; the
+    additive mask broadcast to [.., M, T], -Inf allowed). Rows of finite Q, K and mask with a finite score only."""
     s = scale * np.matmul(np.asarray(q, np.float64), np.asarray(kt, np.float64))
+    if mask is not None:
+        s = s + np.asarray(mask, np.float64)
     w = np.exp(s - s.max(axis=-1, keepdims=True))
     w /= w.sum(axis=-1, keepdims=True)
     return np.matmul(w, np.asarray(v, np.float64))
 
 
-def attention_bound(q, kt, v, scale) -> np.ndarray:
+def attention_bound(q, kt, v, scale, mask=None) -> np.ndarray:
     """The fused attention contract's elementwise bound on |O - O*|. Each score moves by at most
         delta = |scale| (2^-7 + 2^-16 + (D + 2) 2^-23) |Q|.|K^T|  +  2^-22 max_t |s*_t|
     (the GEMM contract's bound on Q K^T, the fp32 scaling, and the fp32 subtraction of the row max). The row max
@@ -152,12 +155,20 @@ def attention_bound(q, kt, v, scale) -> np.ndarray:
         eta = e^(2 max_t delta_t) (1 + rho) / (1 - rho) (1 + T 2^-23) - 1,  rho = 2^-8 + 2^-21
     (P rounded to bf16, the fp32 exp's error, the fp32 row sum l). V rounded to bf16 (2^-8), the fp32 PV sum over T
     and the final division add
-        |O - O*| <= ((1 + eta)(1 + 2^-8)(1 + (T + 1) 2^-23) - 1) sum_t w*_t |V[t]|."""
+        |O - O*| <= ((1 + eta)(1 + 2^-8)(1 + (T + 1) 2^-23) - 1) sum_t w*_t |V[t]|.
+    With an additive mask (finite or -Inf) the score is fl(fl(scale q.k) + mask): the add's rounding (2^-24 of the
+    masked score) joins the scaling's and the subtraction's, so the second term of delta is 2^-22 times the larger
+    of max_t |s*_t| and max_t |s*_t + mask_t| over the finite ones; a -Inf score is -Inf exactly, its weight 0."""
     q, kt, v = (np.asarray(x, np.float64) for x in (q, kt, v))
     d, t = q.shape[-1], kt.shape[-1]
     s = scale * np.matmul(q, kt)
+    big = np.abs(s).max(axis=-1, keepdims=True)
+    if mask is not None:
+        s = s + np.asarray(mask, np.float64)
+        finite = np.where(np.isfinite(s), np.abs(s), 0)
+        big = np.maximum(big, finite.max(axis=-1, keepdims=True))
     delta = abs(scale) * (2.0**-7 + 2.0**-16 + (d + 2) * 2.0**-23) * np.matmul(np.abs(q), np.abs(kt)) \
-        + 2.0**-22 * np.abs(s).max(axis=-1, keepdims=True)
+        + 2.0**-22 * big
     rho = 2.0**-8 + 2.0**-21
     eta = np.exp(2 * delta.max(axis=-1, keepdims=True)) * (1 + rho) / (1 - rho) * (1 + t * 2.0**-23) - 1
     w = np.exp(s - s.max(axis=-1, keepdims=True))
@@ -256,6 +267,45 @@ def logmel_bound(parts: dict, dft_eps: float, mel_eps: float, reference_fp32: bo
     with np.errstate(divide="ignore", invalid="ignore"):
         log_err = np.where(d < level, -np.log10(np.maximum(1 - d / level, 1e-300)), np.inf)
     return (log_err / F.NORM_DIVISOR + 4e-6)[: parts["content"]].T
+
+
+def attention_nan_rows(q, kt, scale, mask=None) -> np.ndarray:
+    """The rows [.., M] whose softmax ORT's CPU EP makes NaN (the contract's rule): NaN or +Inf among the scores
+    scale * Q K^T + mask, or only -Inf (computed in float64: no overflow of finite operands assumed)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = scale * np.matmul(np.asarray(q, np.float64), np.asarray(kt, np.float64))
+        if mask is not None:
+            s = s + np.asarray(mask, np.float64)
+    return np.isnan(s).any(-1) | np.isposinf(s).any(-1) | np.isneginf(s).all(-1)
+
+
+def assert_masked_attention(o, q, kt, v, scale, mask, zero_nan_rows, what=""):
+    """Attention output o [.., M, Dv] of Q [.., M, D], K^T [.., D, T], V [.., T, Dv] and the additive mask (None or
+    broadcasting to [.., M, T]) as the contract gives it: the rows attention_nan_rows names are NaN, or under the
+    NaN rule (Where(IsNaN(P), 0, P)) sum_t 0 x V[t]: 0, NaN where V's column holds Inf or NaN; every other row
+    within attention_bound of the exact value."""
+    q, kt, v = (np.asarray(x, np.float32) for x in (q, kt, v))
+    shape = np.broadcast_shapes(q.shape[:-2], kt.shape[:-2], v.shape[:-2])
+    q = np.broadcast_to(q, shape + q.shape[-2:])
+    kt = np.broadcast_to(kt, shape + kt.shape[-2:])
+    v = np.broadcast_to(v, shape + v.shape[-2:])
+    m = None if mask is None else np.broadcast_to(np.asarray(mask, np.float32), shape + (q.shape[-2], kt.shape[-1]))
+    bad = attention_nan_rows(q, kt, scale, m)
+    o = np.asarray(o)
+    assert o.shape == shape + (q.shape[-2], v.shape[-1]), (o.shape, what)
+    for idx in np.ndindex(*shape):
+        rows = bad[idx]
+        if rows.any():
+            if zero_nan_rows:
+                zero_row = np.where(np.isfinite(v[idx]).all(axis=0), 0.0, np.nan)
+                np.testing.assert_array_equal(o[idx][rows], np.broadcast_to(zero_row, o[idx][rows].shape),
+                                              f"{what} head {idx}: NaN rule rows")
+            else:
+                assert np.isnan(o[idx][rows]).all(), f"{what} head {idx}: NaN rows"
+        ok = ~rows
+        mk = None if m is None else m[idx][ok]
+        assert_within(o[idx][ok], attention_exact(q[idx][ok], kt[idx], v[idx], scale, mk),
+                      attention_bound(q[idx][ok], kt[idx], v[idx], scale, mk), f"{what} head {idx}, finite rows")
 
 
 def assert_attention_nan_rows(o, q, k, v, scale, expected):

@@ -255,7 +255,8 @@ def test_bf16_cross_kv_on_the_xdna_ep_same_tokens_half_the_bytes(tiny, tmp_path,
     on_ep = xdna.placement(w.decoder_with_past).on(EP)
     layers = sum(".encoder.key" in i.name for i in w.decoder_with_past.get_inputs())
     cross_casts = [n for n, op in on_ep if op == "Cast" and ".encoder." in n]  # (the self-attention's: pass 7)
-    assert len(cross_casts) == 2 * layers and [op for _, op in on_ep].count("Softmax") == layers, on_ep
+    # every layer's two attentions fused: the cross- and the masked self-attention (its Softmax and NaN rule)
+    assert len(cross_casts) == 2 * layers and [op for _, op in on_ep].count("Softmax") == 2 * layers, on_ep
     for provider, precision in (("cpu", None), ("xdna", "bf16x3")):
         other = WhisperOnnx(tiny, provider, precision=precision, compiled=False)
         assert not other.bf16_cross_kv and cross_types(other) == ({"tensor(float)"}, {"tensor(float)"})
@@ -462,3 +463,58 @@ def test_whisper_onnx_decodes_the_same_tokens_with_the_bf16_self_kv(tiny, tmp_pa
         for a, b in zip(prompts(w), expected_prompts):
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
     assert not WhisperOnnx(tiny, "cpu", compiled=False).bf16_self_kv
+
+
+class _OriginalOutputs:
+    """A session of a copy with extra graph outputs, seen with the original ones only (decode_steps maps outputs to
+    the cache by position)."""
+
+    def __init__(self, session, extra):
+        self.session, self.extra = session, set(extra)
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return [o for o in self.session.get_outputs() if o.name not in self.extra]
+
+    def run_with_ort_values(self, names, feed):
+        return self.session.run_with_ort_values(names, feed)
+
+
+def test_masked_self_attention_fused_logits_as_close_as_the_unfused(tiny, bf16_copies, tmp_path):
+    """The decoders' masked self-attention (MatMul, Add(mask), Softmax, Where(IsNaN(P), 0, P), MatMul; the prompt
+    with its causal mask, then beam steps) as one fused node on the XDNA EP: the logits stay as close to the CPU
+    EP's fp32 ones as those of the same graph with the self-attention unfused (its Softmax also a graph output, which
+    the claim refuses: bf16 QK^T and PV products, the softmax and mask on the CPU EP) - within twice the unfused
+    copy's largest deviation, each run."""
+    from onnx import helper
+
+    paths = bf16_copies[True]
+    unfused, extra = {}, {}
+    for f in decoder_graph.DECODER_FILES:
+        m = onnx.load(str(paths[f]))
+        readers = collections.Counter(i for n in m.graph.node for i in n.input)
+        softmaxes = [n.output[0] for n in m.graph.node
+                     if n.op_type == "Softmax" and any(r.op_type == "IsNaN" and r.input[0] == n.output[0]
+                                                       for r in m.graph.node)]
+        assert softmaxes and all(readers[s] == 2 for s in softmaxes)
+        m.graph.output.extend(helper.make_tensor_value_info(s, onnx.TensorProto.FLOAT, None) for s in softmaxes)
+        unfused[f], extra[f] = tmp_path / f, softmaxes
+        onnx.save(m, str(unfused[f]))
+    providers = [(EP, {"precision": "bf16"}), "CPUExecutionProvider"]
+    fused = sessions([paths[f] for f in decoder_graph.DECODER_FILES], providers)
+    plain = [_OriginalOutputs(s, extra[f])
+             for s, f in zip(sessions([unfused[f] for f in decoder_graph.DECODER_FILES], providers),
+                             decoder_graph.DECODER_FILES)]
+    cpu = sessions([paths[f] for f in decoder_graph.DECODER_FILES], ["CPUExecutionProvider"])
+    layers = sum(".encoder.key" in i.name for i in fused[1].get_inputs())
+    for a, b, f in zip(fused, plain, decoder_graph.DECODER_FILES):
+        on_ep = [op for _, op in xdna.placement(a).on(EP)]
+        assert on_ep.count("Softmax") == 2 * layers and on_ep.count("IsNaN") == layers, f
+        assert [op for _, op in xdna.placement(b.session).on(EP)].count("Softmax") == layers, f  # cross only
+    logits = {name: decode_steps(*s, seed=8)[0] for name, s in (("fused", fused), ("plain", plain), ("cpu", cpu))}
+    for i, (a, b, c) in enumerate(zip(logits["fused"], logits["plain"], logits["cpu"])):
+        fused_err, plain_err = np.abs(a - c).max(), np.abs(b - c).max()
+        assert 0 < plain_err and fused_err <= 2 * plain_err, (i, fused_err, plain_err)
+        assert not np.array_equal(a, b)  # the fused node really ran (other arithmetic, other bits)

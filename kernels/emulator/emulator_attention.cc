@@ -50,8 +50,6 @@ inline float round_finite_to_bf16(float f) {
   return f;
 }
 
-// One row of scores: scaled, max subtracted, exp'd and rounded to bf16 in place; returns the row sum l. NaN or
-// +Inf among the scores (or only -Inf) makes the row NaN, as ORT's Softmax gives.
 // A float's bits as an int32 that orders like the float (NaNs aside): integer max reductions vectorise, float
 // ones (NaN semantics) do not.
 inline int32_t ordered_key(float v) {
@@ -60,19 +58,25 @@ inline int32_t ordered_key(float v) {
   return b ^ ((b >> 31) & 0x7fffffff);
 }
 
+// One row of scores: scaled, the mask row added (mask: null or T floats), max subtracted, exp'd and rounded to bf16
+// in place; returns the row sum l. NaN or +Inf among the scores (or only -Inf) makes the row NaN, as ORT's Softmax
+// gives; under the NaN rule (zero_nan) its weights are 0 instead and l is 1 (attention_contract.h).
 // Cloned per ISA (GCC picks one at load time): AVX-512 and AVX2 run the row loops 16 and 8 wide. No FMA
 // contraction (CMakeLists), so every clone gives the same bits.
-__attribute__((target_clones("avx512f", "avx2", "default"))) float softmax_row(float* s, int64_t T, float scale) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) float softmax_row(float* s, int64_t T, float scale,
+                                                                               const float* mask, bool zero_nan) {
   int32_t nan = 0, max_key = std::numeric_limits<int32_t>::min();
   for (int64_t t = 0; t < T; ++t) s[t] *= scale;
+  if (mask)
+    for (int64_t t = 0; t < T; ++t) s[t] += mask[t];
   for (int64_t t = 0; t < T; ++t) nan |= s[t] != s[t];
   for (int64_t t = 0; t < T; ++t) max_key = std::max(max_key, ordered_key(s[t]));
   const int32_t mb = max_key ^ ((max_key >> 31) & 0x7fffffff);
   float mx;
   std::memcpy(&mx, &mb, sizeof mx);
   if (nan || !std::isfinite(mx)) {
-    std::fill(s, s + T, std::numeric_limits<float>::quiet_NaN());
-    return std::numeric_limits<float>::quiet_NaN();
+    std::fill(s, s + T, zero_nan ? 0.f : std::numeric_limits<float>::quiet_NaN());
+    return zero_nan ? 1.f : std::numeric_limits<float>::quiet_NaN();
   }
   for (int64_t t = 0; t < T; ++t) s[t] = round_finite_to_bf16(exp_nonpositive(s[t] - mx));
   // 16 partial sums: one serial chain would cost an add's latency per score (the order is not in the contract).
@@ -87,13 +91,19 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) float softmax_row(f
   return l;
 }
 
-// Softmax over `rows` rows of T scores (row r at s + r * T), sums into l; then nothing else touches them.
-void softmax_rows(float* s, float* l, int64_t rows, int64_t T, float scale, int threads) {
+// Row m of a head's mask, or null.
+inline const float* mask_row(const AttentionHead& h, int64_t m) { return h.mask ? h.mask + m * h.mask_stride_m : nullptr; }
+
+// Softmax over the M rows of T scores of each of `count` heads (row r at s + r * T, head r / M), sums into l; then
+// nothing else touches them.
+void softmax_rows(float* s, float* l, const AttentionShape& sh, const AttentionHead* heads, size_t count,
+                  int threads) {
   constexpr int64_t kRowsPerTask = 16;
+  const int64_t rows = static_cast<int64_t>(count) * sh.M, T = sh.T;
   const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
   emulator_parallel_for(rows * T < (int64_t{1} << 16) ? 1 : threads, tasks, [&](int64_t task) {
     for (int64_t r = task * kRowsPerTask; r < std::min(rows, (task + 1) * kRowsPerTask); ++r)
-      l[r] = softmax_row(s + r * T, T, scale);
+      l[r] = softmax_row(s + r * T, T, sh.scale, mask_row(heads[r / sh.M], r % sh.M), sh.zero_nan_rows);
   });
 }
 
@@ -263,7 +273,7 @@ __attribute__((target("avx512f"))) void attend_few_rows(const AttentionShape& sh
       default: scores_rows<5>(q_rows, k, h.kt_stride_t, T, D, s_rows); break;
     }
   }
-  for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale);
+  for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale, mask_row(h, m), shape.zero_nan_rows);
   for (int64_t m = 0; m < M; m += kRowBlock) {
     const float* p_rows = s + m * T;
     float* o_rows = h.o + m * h.ldo;
@@ -502,7 +512,8 @@ XDNA_BF16_KERNEL void attend_few_rows_bf16(const AttentionShape& shape, const At
   }
   // P in bf16 (zero past T: the odd key's partner), read as pairs of keys.
   for (int64_t m = 0; m < M; ++m)
-    l[m] = emu::softmax_row_bf16(s + m * T, T, tp, shape.scale, reinterpret_cast<uint16_t*>(pp + m * T2));
+    l[m] = emu::softmax_row_bf16(s + m * T, T, tp, shape.scale, mask_row(h, m), shape.zero_nan_rows,
+                                 reinterpret_cast<uint16_t*>(pp + m * T2));
   constexpr int64_t kRowBlock = 5;
   for (int64_t m = 0; m < M; m += kRowBlock) {
     const uint32_t* p_rows = pp + m * T2;
@@ -572,7 +583,7 @@ void attend_block_packed(const emu::IsaKernels& kern, const AttentionShape& sh, 
                                        prep.kt.shape.Kpad}, 0, rows, 0, T);
   else std::fill(s.begin(), s.end(), 0.f);
   float l[kBlockRows];
-  for (int64_t r = 0; r < rows; ++r) l[r] = softmax_row(&s[r * T], T, sh.scale);
+  for (int64_t r = 0; r < rows; ++r) l[r] = softmax_row(&s[r * T], T, sh.scale, mask_row(h, m0 + r), sh.zero_nan_rows);
   kern.blocked(emu::Problem{s.data(), T, o, h.ldo, prep.v.bits(), rows, T, Dv, prep.v.shape.Kpad}, 0, rows, 0, Dv);
   divide_rows(o, h.ldo, rows, Dv, l);
 }
@@ -607,7 +618,9 @@ void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size
     const AttentionHead& h = heads[i];
     if (amx)
       amx->block(emu::AttentionBlockProblem{h.q + m0 * h.ldq, h.ldq, prep[i].kt_pairs.data(), prep[i].v_pairs.data(),
-                                            h.o + m0 * h.ldo, h.ldo, rows, T, D, Dv, sh.scale});
+                                            h.o + m0 * h.ldo, h.ldo, rows, T, D, Dv, sh.scale,
+                                            h.mask ? h.mask + m0 * h.mask_stride_m : nullptr, h.mask_stride_m,
+                                            sh.zero_nan_rows});
     else attend_block_packed(kern, sh, h, prep[i], m0, rows);
   });
 }
@@ -667,7 +680,7 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
     std::vector<float> scores(count * M * T), l(count * M);
     for (size_t i = 0; i < count; ++i) qk[i].args = GemmArgs{heads[i].q, M, heads[i].ldq, &scores[i * M * T], T};
     emulator_gemm_unpacked(qk.data(), count, D, T, threads);
-    softmax_rows(scores.data(), l.data(), static_cast<int64_t>(count) * M, T, s.scale, threads);
+    softmax_rows(scores.data(), l.data(), s, heads, count, threads);
     for (size_t i = 0; i < count; ++i) pv[i].args = GemmArgs{&scores[i * M * T], M, T, heads[i].o, heads[i].ldo};
     emulator_gemm_unpacked(pv.data(), count, T, Dv, threads);
     for (size_t i = 0; i < count; ++i) divide_rows(heads[i].o, heads[i].ldo, M, Dv, &l[i * M]);

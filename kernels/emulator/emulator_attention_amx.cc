@@ -143,7 +143,9 @@ void attend_block(const AttentionBlockProblem& b) {
   {
     TileScope tiles;
     rows64_product(qb, kp, b.kt_pairs, tp, s, tp);
-    for (int64_t r = 0; r < b.rows; ++r) l[r] = softmax_row_bf16(s + r * tp, T, tp, b.scale, p + r * tp);
+    for (int64_t r = 0; r < b.rows; ++r)
+      l[r] = softmax_row_bf16(s + r * tp, T, tp, b.scale, b.mask ? b.mask + r * b.mask_stride_m : nullptr,
+                              b.zero_nan_rows, p + r * tp);
     for (int64_t i = b.rows * tp; i < (b.rows + 31) / 32 * 32 * tp; ++i) p[i] = 0;
     for (int64_t r = 0; r < b.rows; r += 32) rows32_product(p + r * tp, tp, b.v_pairs, dvp, o + r * dvp, dvp);
   }

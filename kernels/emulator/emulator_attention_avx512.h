@@ -52,10 +52,11 @@ inline __mmask16 lanes_below(int64_t t, int64_t T) {
   return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// One row of scores s[0..T) -> p[0..tp) = bf16(exp(scale s - max)), zero past T; returns the row sum. NaN or +Inf
-// among the scaled scores (or only -Inf) gives NaN, as ORT's Softmax does (p is then zero: the output row is
-// 0 / NaN).
-inline float softmax_row_bf16(const float* s, int64_t T, int64_t tp, float scale, uint16_t* p) {
+// One row of scores s[0..T) -> p[0..tp) = bf16(exp(scale s + mask - max)) (mask: null or T floats), zero past T;
+// returns the row sum. NaN or +Inf among the masked scores (or only -Inf) gives NaN, as ORT's Softmax does (p is
+// then zero: the output row is 0 / NaN); under the NaN rule (zero_nan) 1: the row's weights are zero.
+inline float softmax_row_bf16(const float* s, int64_t T, int64_t tp, float scale, const float* mask, bool zero_nan,
+                              uint16_t* p) {
   const __m512 vscale = _mm512_set1_ps(scale);
   // Four max chains: one would wait a max's latency per 16 scores.
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -64,7 +65,8 @@ inline float softmax_row_bf16(const float* s, int64_t T, int64_t tp, float scale
   for (int64_t t = 0; t < T; t += 64)
     for (int j = 0; j < 4; ++j) {
       const __mmask16 m = lanes_below(t + 16 * j, T);
-      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t + 16 * j), vscale);
+      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t + 16 * j), vscale);
+      if (mask) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, mask + t + 16 * j));
       nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
       vmax[j] = _mm512_mask_max_ps(vmax[j], m, vmax[j], v);
     }
@@ -72,7 +74,7 @@ inline float softmax_row_bf16(const float* s, int64_t T, int64_t tp, float scale
       _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
   if (nan || !std::isfinite(mx)) {
     for (int64_t t = 0; t < tp; t += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + t), _mm256_setzero_si256());
-    return std::numeric_limits<float>::quiet_NaN();
+    return zero_nan ? 1.f : std::numeric_limits<float>::quiet_NaN();
   }
   const __m512 vmx = _mm512_set1_ps(mx);
   // P by VCVTNE2PS2BF16 (round to nearest even; the weights are 0 or normal, >= e^-87, so its flush of subnormal
@@ -82,8 +84,14 @@ inline float softmax_row_bf16(const float* s, int64_t T, int64_t tp, float scale
   for (int64_t t = 0; t < tp; t += 64) {  // tp: a multiple of 32
     for (int64_t h = 0; h < 64 && t + h < tp; h += 32) {
       const __mmask16 m0 = lanes_below(t + h, T), m1 = lanes_below(t + h + 16, T);
-      const __m512 v0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, s + t + h), vscale), vmx);
-      const __m512 v1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, s + t + h + 16), vscale), vmx);
+      __m512 v0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(m0, s + t + h), vscale);
+      __m512 v1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(m1, s + t + h + 16), vscale);
+      if (mask) {  // the same sum as the max pass made
+        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, mask + t + h));
+        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, mask + t + h + 16));
+      }
+      v0 = _mm512_sub_ps(v0, vmx);
+      v1 = _mm512_sub_ps(v1, vmx);
       const __m512bh w = _mm512_cvtne2ps_pbh(exp_nonpositive(v1, m1), exp_nonpositive(v0, m0));
       _mm512_storeu_si512(p + t + h, (__m512i)w);
       if (h == 0) sum0 = _mm512_dpbf16_ps(sum0, w, ones);

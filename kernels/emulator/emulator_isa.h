@@ -108,6 +108,9 @@ struct AttentionBlockProblem {
   int64_t ldo;
   int64_t rows, T, D, Dv;  // rows <= kAttentionAmxRows, T >= 1
   float scale;
+  const float* mask = nullptr;  // the block's first mask row (AttentionHead::mask), or null
+  int64_t mask_stride_m = 0;
+  bool zero_nan_rows = false;   // AttentionShape::zero_nan_rows
 };
 struct AttentionKernels {
   // B[k][n] = src[k * sk + n * sn] (k < K, n < N) rounded to bf16 (the contract's RNE) into the pair form, zero

@@ -231,6 +231,10 @@ class NpuBackend final : public Backend {
       if (why_not) *why_not = "xrt backend disabled: " + disabled_reason();
       return false;
     }
+    if (shape.zero_nan_rows) {  // attn_f32 has neither the mask nor the NaN rule (attention_contract.h)
+      if (why_not) *why_not = "the attn_f32 kernels have no NaN rule (Where(IsNaN(P), 0, P)) and no mask";
+      return false;
+    }
     for (const AttentionEntry& e : manifest_.attention_kernels)
       if (attention_fits(e, shape)) return true;
     if (why_not) {
@@ -252,6 +256,10 @@ class NpuBackend final : public Backend {
   bool can_run_attention_on(const AttentionShape& shape, const AttentionHead* heads, size_t count,
                             std::string* why_not) const override {
     if (!can_run_attention(shape, why_not)) return false;
+    if (has_mask(heads, count)) {
+      if (why_not) *why_not = "the attn_f32 kernels have no additive mask";
+      return false;
+    }
     if (attention_kernel_for(shape, heads, count)) return true;
     if (why_not) {
       std::ostringstream os;
