@@ -172,20 +172,69 @@ def exp_sums(logits: np.ndarray, scratch: np.ndarray, groups: np.ndarray | None 
     return top, scratch.sum(axis=-1, keepdims=True)
 
 
+def _top_k_distinct(logits: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """_top_k of the whole batch in a fixed number of numpy calls (after a decoder run every call starts from cold
+    caches: the row-by-row loop's ~10 calls a row cost more than the work), for the common batch where every row
+    has the same number of groups reaching its bound (None otherwise): their entries and the ragged tail, one
+    table, one partition for the k + 1 largest. (indices (rows, k) in descending order of value, rows whose k-th
+    largest entry is above every other one: for those the k best are one set, whatever breaks ties elsewhere)."""
+    rows, n = logits.shape
+    blocks = groups.shape[1]
+    bound = np.partition(groups, blocks - k, axis=-1)[:, blocks - k, None]
+    hit_rows, hit_groups = np.nonzero(groups >= bound)
+    per_row = hit_groups.size // rows
+    if per_row * rows != hit_groups.size or per_row * _TOP_K_BLOCK <= k or \
+            (hit_rows.reshape(rows, per_row) != np.arange(rows)[:, None]).any():
+        return None
+    # member r of group g is entry g + r * blocks
+    cols = (hit_groups.reshape(rows, per_row, 1) + np.arange(0, _TOP_K_BLOCK * blocks, blocks)).reshape(rows, -1)
+    if n > blocks * _TOP_K_BLOCK:
+        tail = np.broadcast_to(np.arange(blocks * _TOP_K_BLOCK, n), (rows, n - blocks * _TOP_K_BLOCK))
+        cols = np.concatenate((cols, tail), axis=1)
+    at = np.arange(rows)[:, None]
+    values = logits[at, cols]
+    best = np.argpartition(values, cols.shape[1] - k - 1, axis=-1)[:, -k - 1:]
+    best_values = values[at, best]
+    descending = np.argsort(best_values, axis=-1)[:, ::-1]
+    best_values = best_values[at, descending]
+    return cols[at, best[at, descending[:, :k]]], best_values[:, k - 1] > best_values[:, k]
+
+
 def top_logprobs(logits: np.ndarray, k: int, sums: StepSums | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of `logits` (rows, vocab), the k most probable tokens, best first, and their log-probabilities:
     exactly log_softmax(logits) at those tokens (same float32 steps), without building the whole log-softmax.
-    `sums`: (max, exp sum, group maxima) of the rows when the step already has them (LogitRules.apply_rows)."""
+    `sums`: (max, exp sum, group maxima) of the rows when the step already has them (LogitRules.apply_rows).
+    Rows with a finite max whose k best entries and log-probabilities are distinct and above the rest take
+    _top_k_distinct: their order is then the only one; the others (ties, NaN, +-inf) take _top_k and the stable
+    sort, which decides ties as before."""
     m, total, groups = sums if sums is not None else (logits.max(axis=-1, keepdims=True), None, None)
-    m = np.where(np.isfinite(m), m, 0.0)
+    finite = np.isfinite(m)
+    m = np.where(finite, m, 0.0)
     if total is None:
         total = np.exp(logits - m).sum(axis=-1, keepdims=True)
     log_sum = np.log(total)
-    top = _top_k(logits, k, groups)
-    rows = np.arange(len(logits))[:, None]  # (plain gathers: take_along_axis costs more Python per call)
-    lp = (logits[rows, top] - m) - log_sum
-    best_first = np.argsort(-lp, axis=-1, kind="stable")
-    return top[rows, best_first], lp[rows, best_first]
+    at = np.arange(len(logits))[:, None]
+    fast = None
+    if logits.shape[1] // _TOP_K_BLOCK >= 4 * k:
+        fast = _top_k_distinct(logits, k, group_max(logits) if groups is None else groups)
+    if fast is not None:
+        top, distinct = fast
+        lp = (logits[at, top] - m) - log_sum
+        distinct &= finite[:, 0] & (lp[:, :-1] > lp[:, 1:]).all(axis=-1)
+        if distinct.all():
+            return top, lp
+        redo = np.flatnonzero(~distinct)
+    else:
+        top, lp, redo = np.empty((len(logits), k), np.int64), None, np.arange(len(logits))
+    slow = _top_k(logits[redo], k, None if groups is None else groups[redo])
+    slow_lp = (logits[redo[:, None], slow] - m[redo]) - log_sum[redo]
+    best_first = np.argsort(-slow_lp, axis=-1, kind="stable")
+    rows = np.arange(len(redo))[:, None]
+    top[redo] = slow[rows, best_first]
+    if lp is None:
+        lp = np.empty((len(logits), k), slow_lp.dtype)
+    lp[redo] = slow_lp[rows, best_first]
+    return top, lp
 
 
 def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, no_timestamps: int,
@@ -204,6 +253,12 @@ def _timestamp_masks(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, 
                      max_initial: int | None) -> None:
     """The rules of apply_timestamp_rules that depend on the tokens only (in place, one row)."""
     logits[no_timestamps] = -np.inf
+    _sequence_masks(logits, sampled, ts_begin, eot, max_initial)
+
+
+def _sequence_masks(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, max_initial: int | None
+                    ) -> None:
+    """_timestamp_masks but <|notimestamps|> (apply_rows masks that column of the whole batch in one go)."""
     last_ts = len(sampled) >= 1 and sampled[-1] >= ts_begin
     penultimate_ts = len(sampled) < 2 or sampled[-2] >= ts_begin
     if last_ts:
@@ -211,8 +266,8 @@ def _timestamp_masks(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, 
             logits[ts_begin:] = -np.inf
         else:
             logits[:eot] = -np.inf
-    last_stamp = next((t for t in reversed(sampled) if t >= ts_begin), None)
-    if last_stamp is not None:
+    last_stamp = sampled[-1] if last_ts else next((t for t in reversed(sampled) if t >= ts_begin), None)
+    if last_stamp is not None and not (last_ts and penultimate_ts):  # (else every timestamp is masked already)
         floor = last_stamp if last_ts and not penultimate_ts else last_stamp + 1
         logits[ts_begin:floor] = -np.inf
     if not sampled:
@@ -255,26 +310,28 @@ def _force_timestamps(logits: np.ndarray, top: np.ndarray, total: np.ndarray, gr
     logsumexp is at most their max + log(1501) (each exp term is at most 1), so a row whose best text log-prob
     is above that keeps its text without it. A row without a finite max takes the one-row path.
     The group maxima of a changed row are recomputed (from its timestamps: the text is -inf)."""
-    finite = np.isfinite(top[:, 0])
-    if not finite.all():
-        for j in np.flatnonzero(~finite):
+    # (Python lists and few numpy calls: after a decoder run each call starts from cold caches)
+    row_ids = [j for j, m in enumerate(top[:, 0].tolist()) if math.isfinite(m)]
+    if len(row_ids) < len(logits):
+        for j in sorted(set(range(len(logits))) - set(row_ids)):
             _force_timestamp(logits[j], ts_begin)
             if groups is not None:
                 groups[j] = group_max(logits[j:j + 1])[0]
             top[j:j + 1], total[j:j + 1] = exp_sums(logits[j:j + 1], scratch[j:j + 1])
-    rows = slice(None) if finite.all() else np.flatnonzero(finite)  # (a slice: views, no copies)
-    row_ids = np.arange(len(logits))[rows].tolist()
-    if not row_ids:
-        return
+        if not row_ids:
+            return
+    rows = slice(None) if len(row_ids) == len(logits) else row_ids  # (a slice: views, no copies)
     top_f = top[rows, 0]
-    lse = [float(m) + math.log(float(t)) for m, t in zip(top_f.tolist(), total[rows, 0].tolist())]
-    lse32 = np.array(lse).astype(np.float32)  # numpy subtracts a Python float from float32 as float32
+    lse = [m + math.log(t) for m, t in zip(top_f.tolist(), total[rows, 0].tolist())]
+    lse32 = np.array(lse, np.float32)  # numpy subtracts a Python float from float32 as float32
     stamps = logits[rows, ts_begin:]
     stamps_max = stamps.max(axis=-1)
     # the row max is in the text part unless a timestamp reaches it; only then is the text part searched
-    text_max = top_f.copy()
-    for q in np.flatnonzero(stamps_max >= top_f):
-        text_max[q] = logits[row_ids[q], :ts_begin].max()
+    text_max = top_f
+    for q, (reach, m) in enumerate(zip(stamps_max.tolist(), top_f.tolist())):
+        if reach >= m:
+            text_max = text_max.copy() if text_max is top_f else text_max
+            text_max[q] = logits[row_ids[q], :ts_begin].max()
     text_best = (text_max - lse32).tolist()
     # = the max of each row's timestamp log-probs (monotonic rounding); -inf: no timestamp left
     stamp_top = (stamps_max - lse32).tolist()
@@ -337,8 +394,9 @@ class LogitRules:
         if self.suppress.size:
             logits[:, self.suppress] = -np.inf
         if self.timestamps:
+            logits[:, self.no_timestamps] = -np.inf
             for row, sampled in zip(logits, seqs):
-                _timestamp_masks(row, sampled, self.ts_begin, self.eot, self.no_timestamps, self.max_initial)
+                _sequence_masks(row, sampled, self.ts_begin, self.eot, self.max_initial)
         maxima = group_max(logits) if groups else None
         top, total = exp_sums(logits, scratch, maxima)
         if self.timestamps:
