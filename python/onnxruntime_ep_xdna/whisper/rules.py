@@ -172,69 +172,20 @@ def exp_sums(logits: np.ndarray, scratch: np.ndarray, groups: np.ndarray | None 
     return top, scratch.sum(axis=-1, keepdims=True)
 
 
-def _top_k_distinct(logits: np.ndarray, k: int, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """_top_k of the whole batch in a fixed number of numpy calls (after a decoder run every call starts from cold
-    caches: the row-by-row loop's ~10 calls a row cost more than the work), for the common batch where every row
-    has the same number of groups reaching its bound (None otherwise): their entries and the ragged tail, one
-    table, one partition for the k + 1 largest. (indices (rows, k) in descending order of value, rows whose k-th
-    largest entry is above every other one: for those the k best are one set, whatever breaks ties elsewhere)."""
-    rows, n = logits.shape
-    blocks = groups.shape[1]
-    bound = np.partition(groups, blocks - k, axis=-1)[:, blocks - k, None]
-    hit_rows, hit_groups = np.nonzero(groups >= bound)
-    per_row = hit_groups.size // rows
-    if per_row * rows != hit_groups.size or per_row * _TOP_K_BLOCK <= k or \
-            (hit_rows.reshape(rows, per_row) != np.arange(rows)[:, None]).any():
-        return None
-    # member r of group g is entry g + r * blocks
-    cols = (hit_groups.reshape(rows, per_row, 1) + np.arange(0, _TOP_K_BLOCK * blocks, blocks)).reshape(rows, -1)
-    if n > blocks * _TOP_K_BLOCK:
-        tail = np.broadcast_to(np.arange(blocks * _TOP_K_BLOCK, n), (rows, n - blocks * _TOP_K_BLOCK))
-        cols = np.concatenate((cols, tail), axis=1)
-    at = np.arange(rows)[:, None]
-    values = logits[at, cols]
-    best = np.argpartition(values, cols.shape[1] - k - 1, axis=-1)[:, -k - 1:]
-    best_values = values[at, best]
-    descending = np.argsort(best_values, axis=-1)[:, ::-1]
-    best_values = best_values[at, descending]
-    return cols[at, best[at, descending[:, :k]]], best_values[:, k - 1] > best_values[:, k]
-
-
 def top_logprobs(logits: np.ndarray, k: int, sums: StepSums | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of `logits` (rows, vocab), the k most probable tokens, best first, and their log-probabilities:
     exactly log_softmax(logits) at those tokens (same float32 steps), without building the whole log-softmax.
-    `sums`: (max, exp sum, group maxima) of the rows when the step already has them (LogitRules.apply_rows).
-    Rows with a finite max whose k best entries and log-probabilities are distinct and above the rest take
-    _top_k_distinct: their order is then the only one; the others (ties, NaN, +-inf) take _top_k and the stable
-    sort, which decides ties as before."""
+    `sums`: (max, exp sum, group maxima) of the rows when the step already has them (LogitRules.apply_rows)."""
     m, total, groups = sums if sums is not None else (logits.max(axis=-1, keepdims=True), None, None)
-    finite = np.isfinite(m)
-    m = np.where(finite, m, 0.0)
+    m = np.where(np.isfinite(m), m, 0.0)
     if total is None:
         total = np.exp(logits - m).sum(axis=-1, keepdims=True)
     log_sum = np.log(total)
-    at = np.arange(len(logits))[:, None]
-    fast = None
-    if logits.shape[1] // _TOP_K_BLOCK >= 4 * k:
-        fast = _top_k_distinct(logits, k, group_max(logits) if groups is None else groups)
-    if fast is not None:
-        top, distinct = fast
-        lp = (logits[at, top] - m) - log_sum
-        distinct &= finite[:, 0] & (lp[:, :-1] > lp[:, 1:]).all(axis=-1)
-        if distinct.all():
-            return top, lp
-        redo = np.flatnonzero(~distinct)
-    else:
-        top, lp, redo = np.empty((len(logits), k), np.int64), None, np.arange(len(logits))
-    slow = _top_k(logits[redo], k, None if groups is None else groups[redo])
-    slow_lp = (logits[redo[:, None], slow] - m[redo]) - log_sum[redo]
-    best_first = np.argsort(-slow_lp, axis=-1, kind="stable")
-    rows = np.arange(len(redo))[:, None]
-    top[redo] = slow[rows, best_first]
-    if lp is None:
-        lp = np.empty((len(logits), k), slow_lp.dtype)
-    lp[redo] = slow_lp[rows, best_first]
-    return top, lp
+    top = _top_k(logits, k, groups)
+    rows = np.arange(len(logits))[:, None]  # (plain gathers: take_along_axis costs more Python per call)
+    lp = (logits[rows, top] - m) - log_sum
+    best_first = np.argsort(-lp, axis=-1, kind="stable")
+    return top[rows, best_first], lp[rows, best_first]
 
 
 def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, no_timestamps: int,
