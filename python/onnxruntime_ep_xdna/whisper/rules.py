@@ -261,7 +261,7 @@ def _force_timestamps(logits: np.ndarray, top: np.ndarray, total: np.ndarray, gr
     logsumexp is at most their max + log(1501) (each exp term is at most 1), so a row whose best text log-prob
     is above that keeps its text without it. A row without a finite max takes the one-row path.
     The group maxima of a changed row are recomputed (from its timestamps: the text is -inf)."""
-    # (Python lists and few numpy calls: after a decoder run each call starts from cold caches)
+    # (the decision needs a few floats per row: Python lists, not numpy calls per row)
     row_ids = [j for j, m in enumerate(top[:, 0].tolist()) if math.isfinite(m)]
     if len(row_ids) < len(logits):
         for j in sorted(set(range(len(logits))) - set(row_ids)):
