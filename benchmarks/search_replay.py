@@ -91,7 +91,8 @@ def replay(w, decodes, plain: bool):
         results, cpu = [], 0.0
         for d in decodes:
             prompt, sample_begin, rules, opt, temperature, rng, language_ids = d["args"]
-            model = Replay(w, d["start"], d["steps"])
+            # fresh copies, outside the timer: the search filters the logits it is given in place
+            model = Replay(w, d["start"].copy(), [(fed, logits.copy()) for fed, logits in d["steps"]])
             t = time.process_time()
             r = search.decode_window(model, None, prompt, sample_begin, rules, opt, temperature, copy.deepcopy(rng),
                                      language_ids)

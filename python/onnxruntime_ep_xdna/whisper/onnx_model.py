@@ -147,6 +147,15 @@ class DecoderState:
 BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16, for OrtValue.ortvalue_from_shape_and_type
 
 
+class _HostMemory:
+    """Exposes one CPU OrtValue's memory to numpy (the array interface: no ctypes array type per call)."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, pointer: int, shape: tuple, typestr: str):
+        self.__array_interface__ = {"data": (pointer, False), "shape": shape, "typestr": typestr, "version": 3}
+
+
 def host_view(value) -> np.ndarray:
     """A numpy view of a CPU OrtValue's memory. `OrtValue.numpy()` for the types numpy has; a bfloat16 tensor (the
     self-attention cache of decoder_graph pass 7; numpy has no bfloat16, and numpy() raises) as uint16 over
@@ -154,13 +163,10 @@ def host_view(value) -> np.ndarray:
     `value` alive: use it while `value` is referenced."""
     if value.data_type() != "tensor(bfloat16)":
         return value.numpy()
-    import ctypes
-
-    shape = value.shape()
-    count = int(np.prod(shape))
-    if count == 0:
+    shape = tuple(value.shape())
+    if 0 in shape:
         return np.empty(shape, np.uint16)
-    return np.ctypeslib.as_array((ctypes.c_uint16 * count).from_address(value.data_ptr())).reshape(shape)
+    return np.asarray(_HostMemory(value.data_ptr(), shape, "<u2"))
 
 
 def ortvalue_like(rows: np.ndarray, data_type: str):
@@ -180,14 +186,15 @@ def reorder_rows(values: dict, order: np.ndarray) -> dict:
     this decoding alone, and host_view() is a view of their memory: a beam step then neither allocates nor
     copies the rows that stay where they are (typically most of them). fp32 or bfloat16 (moved as uint16 bits)."""
     out = {}
+    moved = np.flatnonzero(order != np.arange(order.size))  # the same for every value: found once
+    sources = order[moved]
     for name, value in values.items():
         rows = host_view(value)
         if order.size != rows.shape[0]:
             out[name] = ortvalue_like(np.take(rows, order, axis=0), value.data_type())
             continue
-        moved = np.flatnonzero(order != np.arange(order.size))
         if moved.size:
-            rows[moved] = rows[order[moved]]  # the right side is gathered into a temporary first
+            rows[moved] = rows[sources]  # the right side is gathered into a temporary first
         out[name] = value
     return out
 

@@ -139,11 +139,14 @@ def _top_k(logits: np.ndarray, k: int, groups: np.ndarray | None = None) -> np.n
     # member r of group g is entry g + r * blocks: for ascending g, rows of this table list entries in index order
     offsets = (np.arange(_TOP_K_BLOCK) * blocks)[:, None]
     tail = np.arange(blocks * _TOP_K_BLOCK, n)
+    hits = ~(block_max < bound[:, None])  # (the whole batch at once; NaN maxima included)
+    finite = np.isfinite(bound).tolist()
     top = np.empty((rows, k), np.int64)
     for j, row in enumerate(logits):
-        if np.isfinite(bound[j]):
-            hit = np.flatnonzero(~(block_max[j] < bound[j]))
-            entries = np.concatenate(((offsets + hit).ravel(), tail))
+        if finite[j]:
+            entries = (offsets + np.flatnonzero(hits[j])).ravel()
+            if tail.size:
+                entries = np.concatenate((entries, tail))
             candidates = entries[row[entries] >= bound[j]]  # = np.flatnonzero(row >= bound[j])
         else:  # fewer than k blocks with a finite entry (or NaN): the finite entries, if there are k
             candidates = np.flatnonzero(row > -np.inf)
@@ -179,9 +182,10 @@ def top_logprobs(logits: np.ndarray, k: int, sums: StepSums | None = None) -> tu
         total = np.exp(logits - m).sum(axis=-1, keepdims=True)
     log_sum = np.log(total)
     top = _top_k(logits, k, groups)
-    lp = (np.take_along_axis(logits, top, axis=-1) - m) - log_sum
+    rows = np.arange(len(logits))[:, None]  # (plain gathers: take_along_axis costs more Python per call)
+    lp = (logits[rows, top] - m) - log_sum
     best_first = np.argsort(-lp, axis=-1, kind="stable")
-    return np.take_along_axis(top, best_first, axis=-1), np.take_along_axis(lp, best_first, axis=-1)
+    return top[rows, best_first], lp[rows, best_first]
 
 
 def apply_timestamp_rules(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, no_timestamps: int,
@@ -200,6 +204,12 @@ def _timestamp_masks(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, 
                      max_initial: int | None) -> None:
     """The rules of apply_timestamp_rules that depend on the tokens only (in place, one row)."""
     logits[no_timestamps] = -np.inf
+    _sequence_masks(logits, sampled, ts_begin, eot, max_initial)
+
+
+def _sequence_masks(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, eot: int, max_initial: int | None
+                    ) -> None:
+    """_timestamp_masks but <|notimestamps|> (apply_rows masks that column of the whole batch in one go)."""
     last_ts = len(sampled) >= 1 and sampled[-1] >= ts_begin
     penultimate_ts = len(sampled) < 2 or sampled[-2] >= ts_begin
     if last_ts:
@@ -207,8 +217,8 @@ def _timestamp_masks(logits: np.ndarray, sampled: Sequence[int], ts_begin: int, 
             logits[ts_begin:] = -np.inf
         else:
             logits[:eot] = -np.inf
-    last_stamp = next((t for t in reversed(sampled) if t >= ts_begin), None)
-    if last_stamp is not None:
+    last_stamp = sampled[-1] if last_ts else next((t for t in reversed(sampled) if t >= ts_begin), None)
+    if last_stamp is not None and not (last_ts and penultimate_ts):  # (else every timestamp is masked already)
         floor = last_stamp if last_ts and not penultimate_ts else last_stamp + 1
         logits[ts_begin:floor] = -np.inf
     if not sampled:
@@ -225,51 +235,76 @@ def _force_timestamp(logits: np.ndarray, ts_begin: int) -> None:
         logits[:ts_begin] = -np.inf
 
 
+# log(sum of n exp terms, each <= 1), bounded by log(n) + this: room for the float32 rounding of the sum
+_LOG_SUM_SLACK = 0.01
+
+
+def _regroup_timestamps_only(row: np.ndarray, groups: np.ndarray, ts_begin: int) -> None:
+    """group_max of a row whose entries before ts_begin are all -inf, into `groups` (G,): only the members from
+    the first one at or past ts_begin on are looked at (group g holds entries g + r * G, r = 0..63; the members
+    of rows r < ts_begin // G are -inf and change no maximum)."""
+    blocks = groups.shape[0]
+    first = ts_begin // blocks
+    if first >= _TOP_K_BLOCK:
+        groups[:] = -np.inf
+    else:
+        np.max(row[first * blocks:_TOP_K_BLOCK * blocks].reshape(_TOP_K_BLOCK - first, blocks), axis=0, out=groups)
+
+
 def _force_timestamps(logits: np.ndarray, top: np.ndarray, total: np.ndarray, groups: np.ndarray | None,
                       scratch: np.ndarray, ts_begin: int) -> None:
     """_force_timestamp on every row of `logits`, bit for bit, from the step's exp_sums (top, total; updated in
     place for the rows it changes) instead of a log-softmax of each whole row:
     logsumexp(row) = max + log(total) (as _logsumexp: the same float32 sum, then float64); the best text
     log-prob is float32(max(text) - lse) (rounding is monotonic: the max of the differences is the difference of
-    the max); only the 1501 timestamp log-probs are formed. A row without a finite max takes the one-row path.
-    The group maxima of a changed row are recomputed."""
-    finite = np.isfinite(top[:, 0])
-    if not finite.all():
-        for j in np.flatnonzero(~finite):
+    the max); only the 1501 timestamp log-probs are formed, and only for the rows that can be forced: their
+    logsumexp is at most their max + log(1501) (each exp term is at most 1), so a row whose best text log-prob
+    is above that keeps its text without it. A row without a finite max takes the one-row path.
+    The group maxima of a changed row are recomputed (from its timestamps: the text is -inf)."""
+    # (the decision needs a few floats per row: Python lists, not numpy calls per row)
+    row_ids = [j for j, m in enumerate(top[:, 0].tolist()) if math.isfinite(m)]
+    if len(row_ids) < len(logits):
+        for j in sorted(set(range(len(logits))) - set(row_ids)):
             _force_timestamp(logits[j], ts_begin)
             if groups is not None:
                 groups[j] = group_max(logits[j:j + 1])[0]
             top[j:j + 1], total[j:j + 1] = exp_sums(logits[j:j + 1], scratch[j:j + 1])
-    rows = slice(None) if finite.all() else np.flatnonzero(finite)  # (a slice: views, no copies)
-    row_ids = np.arange(len(logits))[rows].tolist()
-    if not row_ids:
-        return
+        if not row_ids:
+            return
+    rows = slice(None) if len(row_ids) == len(logits) else row_ids  # (a slice: views, no copies)
     top_f = top[rows, 0]
-    lse = [float(m) + math.log(float(t)) for m, t in zip(top_f.tolist(), total[rows, 0].tolist())]
-    lse32 = np.array(lse).astype(np.float32)[:, None]  # numpy subtracts a Python float from float32 as float32
+    lse = [m + math.log(t) for m, t in zip(top_f.tolist(), total[rows, 0].tolist())]
+    lse32 = np.array(lse, np.float32)  # numpy subtracts a Python float from float32 as float32
     stamps = logits[rows, ts_begin:]
     stamps_max = stamps.max(axis=-1)
     # the row max is in the text part unless a timestamp reaches it; only then is the text part searched
-    text_max = top_f.copy()
-    for q in np.flatnonzero(stamps_max >= top_f):
-        text_max[q] = logits[row_ids[q], :ts_begin].max()
-    text_best = (text_max - lse32[:, 0]).tolist()
-    # _logsumexp of each row's timestamp log-probs, over the batch (rows of -inf stay -inf)
-    stamp_lp = stamps - lse32
-    stamp_top = stamp_lp.max(axis=-1, keepdims=True)
-    np.subtract(stamp_lp, np.where(np.isfinite(stamp_top), stamp_top, 0.0), out=stamp_lp)
-    stamp_sum = np.exp(stamp_lp, out=stamp_lp).sum(axis=-1)
-    for q, j in enumerate(row_ids):
-        m = float(stamp_top[q, 0])
-        if m != -np.inf and m + math.log(float(stamp_sum[q])) > text_best[q]:
+    text_max = top_f
+    for q, (reach, m) in enumerate(zip(stamps_max.tolist(), top_f.tolist())):
+        if reach >= m:
+            text_max = text_max.copy() if text_max is top_f else text_max
+            text_max[q] = logits[row_ids[q], :ts_begin].max()
+    text_best = (text_max - lse32).tolist()
+    # = the max of each row's timestamp log-probs (monotonic rounding); -inf: no timestamp left
+    stamp_top = (stamps_max - lse32).tolist()
+    bound = math.log(stamps.shape[1]) + _LOG_SUM_SLACK
+    close = [q for q, (m, best) in enumerate(zip(stamp_top, text_best)) if m != -np.inf and m + bound > best]
+    if not close:
+        return
+    # _logsumexp of those rows' timestamp log-probs (finite max: checked above)
+    stamp_lp = logits[[row_ids[q] for q in close], ts_begin:] - lse32[close, None]
+    shift = stamp_lp.max(axis=-1, keepdims=True)
+    np.subtract(stamp_lp, shift, out=stamp_lp)
+    stamp_sum = np.exp(stamp_lp, out=stamp_lp).sum(axis=-1).tolist()
+    for q, m, s in zip(close, shift[:, 0].tolist(), stamp_sum):
+        if m + math.log(s) > text_best[q]:
+            j = row_ids[q]
             logits[j, :ts_begin] = -np.inf
             if groups is not None:
-                groups[j] = group_max(logits[j:j + 1])[0]
+                _regroup_timestamps_only(logits[j], groups[j], ts_begin)
             # the row's new sums: exp(-inf) = 0 over the text, so only the timestamps are exponentiated
             top[j, 0] = stamps_max[q]
-            shift = top[j, 0] if np.isfinite(top[j, 0]) else np.float32(0.0)
             scratch[j, :ts_begin] = 0.0
-            np.exp(logits[j, ts_begin:] - shift, out=scratch[j, ts_begin:])
+            np.exp(logits[j, ts_begin:] - top[j, 0], out=scratch[j, ts_begin:])
             total[j, 0] = scratch[j].sum()
 
 
@@ -299,23 +334,25 @@ class LogitRules:
         self.apply_rows(logits[None], [sampled], n_generated, np.empty((1, logits.shape[-1]), np.float32))
 
     def apply_rows(self, logits: np.ndarray, seqs: Sequence[Sequence[int]], n_generated: int,
-                   scratch: np.ndarray) -> StepSums:
+                   scratch: np.ndarray, groups: bool = True) -> StepSums:
         """The rules on every row of `logits` (rows, vocab; float32, row j after the tokens seqs[j]), in place:
         the same floats as applied row by row (apply_timestamp_rules), and the step's sums of the rows they
         leave, for top_logprobs: (max, exp sum, group maxima) from one group max and one exp pass over the
-        batch (`scratch`: same shape)."""
+        batch (`scratch`: same shape). `groups=False` (no top-k to follow: greedy, sampling): the row max
+        alone, a cheaper pass than the group maxima, and None for them."""
         if n_generated == 0 and self.begin_suppress.size:
             logits[:, self.begin_suppress] = -np.inf
         if self.suppress.size:
             logits[:, self.suppress] = -np.inf
         if self.timestamps:
+            logits[:, self.no_timestamps] = -np.inf
             for row, sampled in zip(logits, seqs):
-                _timestamp_masks(row, sampled, self.ts_begin, self.eot, self.no_timestamps, self.max_initial)
-        groups = group_max(logits)
-        top, total = exp_sums(logits, scratch, groups)
+                _sequence_masks(row, sampled, self.ts_begin, self.eot, self.max_initial)
+        maxima = group_max(logits) if groups else None
+        top, total = exp_sums(logits, scratch, maxima)
         if self.timestamps:
-            _force_timestamps(logits, top, total, groups, scratch, self.ts_begin)
-        return top, total, groups
+            _force_timestamps(logits, top, total, maxima, scratch, self.ts_begin)
+        return top, total, maxima
 
 
 def compression_ratio(text: str) -> float:

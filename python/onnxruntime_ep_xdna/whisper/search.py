@@ -29,7 +29,8 @@ class DecoderModel(Protocol):
 
     def step(self, state, tokens: np.ndarray, order: np.ndarray | None) -> tuple[np.ndarray, object]:
         """Reorder the state's batch by `order` (None = keep; a longer order grows the batch), then feed one token
-        per sequence: (next-token logits (batch, vocab), new state)."""
+        per sequence: (next-token logits (batch, vocab), new state). The search filters the logits in place
+        (start's too): return an array no one else reads (a read-only one is copied first, see _rows_to_filter)."""
 
     def text(self, tokens: Sequence[int]) -> str: ...
 
@@ -108,6 +109,18 @@ def decode_window(model: DecoderModel, window, prompt: Sequence[int], sample_beg
                           stopped=stopped[best])
 
 
+def _rows_to_filter(logits: np.ndarray, buffer: np.ndarray) -> np.ndarray:
+    """The step's logits as the array the rules filter in place: the model's own when it is already (rows, vocab)
+    float32, C-contiguous and writable (WhisperOnnx: the run's output, read by no one else), which saves a copy
+    of every row per step; otherwise (the prompt's one row standing for every sequence, a read-only array) a
+    copy in `buffer`."""
+    if (logits.shape == buffer.shape and logits.dtype == np.float32 and logits.flags.c_contiguous
+            and logits.flags.writeable):
+        return logits
+    np.copyto(buffer, logits)
+    return buffer
+
+
 def _sampling(model, state, logits, prefix, rules, temperature, n, sample_len, prompt_len, rng):
     """GreedyDecoder for n sequences in one batch: argmax at temperature 0, else sampling; a finished sequence
     keeps emitting <|endoftext|> at no cost until all have finished."""
@@ -115,15 +128,15 @@ def _sampling(model, state, logits, prefix, rules, temperature, n, sample_len, p
     seqs = [list(prefix) for _ in range(n)]
     sum_lp = np.zeros(n, np.float64)
     done = np.zeros(n, bool)
-    # the step's logits and exp pass live in two buffers for the whole window (no 200 KB allocations per row)
-    x = np.empty((n, logits.shape[-1]), np.float32)
-    scratch = np.empty_like(x)
+    # the step's exp pass (and logits that cannot be filtered in place) live in buffers for the whole window
+    buffer = np.empty((n, logits.shape[-1]), np.float32)
+    scratch = np.empty_like(buffer)
     logits = logits[None]  # the first step: the prompt's one row stands for every sequence
     order = np.zeros(n, np.int64) if n > 1 else None  # first step grows the batch from 1 to n
     for i in range(sample_len):
-        np.copyto(x, logits)
-        # (finished rows are filtered too: cheaper than picking out the others)
-        top, total, _ = rules.apply_rows(x, seqs, i, scratch)
+        x = _rows_to_filter(logits, buffer)
+        # (finished rows are filtered too: cheaper than picking out the others; no top-k follows: no group maxima)
+        top, total, _ = rules.apply_rows(x, seqs, i, scratch, groups=False)
         nxt = np.empty(n, np.int64)
         for k in range(n):
             if done[k]:
@@ -172,8 +185,7 @@ def _beam_search(model, state, logits, prefix, rules, options, beam_size, sample
     grow = True  # the state still holds batch 1: the first reorder repeats it
     for i in range(sample_len):
         rows = 1 if grow else beam_size
-        x, scratch = x_all[:rows], scratch_all[:rows]
-        np.copyto(x, logits)
+        x, scratch = _rows_to_filter(logits, x_all[:rows]), scratch_all[:rows]
         sums = rules.apply_rows(x, beams[:rows], i, scratch)
         top, top_lp = top_logprobs(x, k, sums)
         # candidate (row j, rank r) at j * k + r: the order the references insert them in (beam, then rank)
