@@ -146,6 +146,19 @@ class Runner:
     def call(self):
         return self.session.run_with_ort_values(self.names, self.values)
 
+    def cold(self, calls, flush):
+        """Per-call times with `flush` (a buffer) read before each call, as the rest of a decoder step pushes a
+        node's weight (and ORT's and the EP's own code and data) out of cache by its next call; the flush itself
+        is not timed."""
+        run, binding, walls, cpus = self.session.run_with_iobinding, self.binding, [], []
+        for _ in range(calls):
+            flush.sum()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            run(binding)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.thread_time() - c0)
+        return statistics.median(walls), statistics.median(cpus)
+
     def block(self, calls):
         run, binding = self.session.run_with_iobinding, self.binding
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -161,6 +174,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--calls", type=int, default=200, help="calls per timed block")
     parser.add_argument("--threads", type=int, default=0, help="the EP's threads option (0: its default)")
+    parser.add_argument("--cold", type=float, default=0, metavar="MB",
+                        help="read a buffer of MB megabytes before each call (a decoder step reads ~3.5 MB of other "
+                             "weights per layer between two calls of a node) and time calls one by one")
     parser.add_argument("--loop", help="run only the case whose name starts with this, on the XDNA EP, in a loop")
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
@@ -189,15 +205,18 @@ def main():
             got, want = x.call()[0].numpy(), c.call()[0].numpy()
             assert got.shape == want.shape and np.all(np.isfinite(got))
     times = {name: ([], []) for name, _, _ in runners}  # (XDNA EP, CPU EP) blocks: (wall, calling thread's CPU)
+    flush = np.ones(int(args.cold * (1 << 18)), np.float32) if args.cold else None
     for _ in range(args.rounds):
         for name, x, c in runners:
-            times[name][0].append(x.block(args.calls))
-            if c is not None:
-                times[name][1].append(c.block(args.calls))
+            for runner, into in ((x, times[name][0]), (c, times[name][1])):
+                if runner is not None:
+                    into.append(runner.cold(args.calls, flush) if args.cold else runner.block(args.calls))
 
     def med(blocks, i):
         return statistics.median(b[i] for b in blocks) * 1e6
 
+    if args.cold:
+        print(f"--cold: each call after a {args.cold:g} MB read (not timed); medians of per-call times")
     print("wall: us per call; cpu: the calling thread's CPU time per call (less sensitive to other jobs' load)")
     print(f"{'case':36s} {'XDNA wall':>9s} {'CPU wall':>9s} {'ratio':>6s} {'XDNA cpu':>9s} {'CPU cpu':>8s}")
     for name, (x, c) in times.items():
