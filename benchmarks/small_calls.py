@@ -2,11 +2,12 @@
 
 A decoder step of whisper-base runs ~30 EP nodes whose arithmetic is worth a few microseconds (512 x 512 GEMVs,
 the self-attention's q.K^T and p.V against a 128-token cache): what they cost beyond that is per-call overhead
-(ORT's, the EP's, the thread hand-off). Each case is a one-node ONNX model timed with `run_with_iobinding` (inputs
-and outputs bound once as OrtValues), on the XDNA EP and, as the floor ORT itself sets, on ORT's CPU EP; "ORT floor" is one
-Identity on the CPU EP (a session run with nothing to compute). Everything runs on the CPU: the XDNA EP runs its
-emulator backend when there is no NPU, so no figure is an NPU figure. Sessions take turns (round robin); each round
-times --calls calls as a block; the table prints the median over rounds of the time per call.
+(ORT's, the EP's, the thread hand-off) or cache misses. Each case is a one-node ONNX model timed with
+`run_with_iobinding` (inputs and outputs bound once as OrtValues), on the XDNA EP and, as the floor ORT itself
+sets, on ORT's CPU EP; "ORT floor" is one Identity on the CPU EP (a session run with nothing to compute).
+Everything runs on the CPU: the XDNA EP runs its emulator backend when there is no NPU, so no figure is an NPU
+figure. Sessions take turns (round robin); each round times --calls calls as a block; the table prints the median
+over rounds of the time per call.
 
 Cases (B = batch rows, i.e. beams):
   gemv int8 / bf16 Bx512x512 +bias+res  out_proj with its residual Add (constant weight, epilogue)
@@ -16,6 +17,7 @@ Cases (B = batch rows, i.e. beams):
 
     python3 benchmarks/small_calls.py                 # batch 1 and 5, T = 128, 9 rounds
     python3 benchmarks/small_calls.py --batches 1 --rounds 15 --calls 400
+    python3 benchmarks/small_calls.py --cold 4        # each call after a 4 MB read (as inside a decoder step)
     python3 benchmarks/small_calls.py --loop CASE --seconds 20   # one case in a loop (for perf record)
 """
 

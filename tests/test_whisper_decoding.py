@@ -267,7 +267,8 @@ def test_run_ort_values_matches_the_public_call_and_falls_back():
     from onnxruntime_ep_xdna.whisper.onnx_model import host_view, ortvalue_like, run_ort_values
 
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "y"], ["sum"]), helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.BFLOAT16)],
+        [helper.make_node("Add", ["x", "y"], ["sum"]),
+         helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.BFLOAT16)],
         "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")],
         [helper.make_tensor_value_info("sum", TensorProto.FLOAT, [2, 3]),
          helper.make_tensor_value_info("x16", TensorProto.BFLOAT16, [2, 3])])
