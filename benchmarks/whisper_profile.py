@@ -180,24 +180,24 @@ class Timers:
 
 def loop_breakdown(w, audio, beams: int, runs: int) -> dict:
     """Median over `runs` of each timer for one transcription (seconds)."""
-    ort_run = {}
+    run_ort_values = onnx_model.run_ort_values
 
     def session_timers(timers):
-        # the session's own run call, separated from the Python around it in WhisperOnnx.step/start
-        for s, key in ((w.encoder, "encoder run"), (w.decoder, "prompt run (decoder)"),
-                       (w.decoder_with_past, "decoder_with_past run")):
-            orig = s.run_with_ort_values
+        # the sessions' own run calls (onnx_model.run_ort_values), separated from the Python around them in
+        # WhisperOnnx.step/start
+        keys = {id(w.encoder): "encoder run", id(w.decoder): "prompt run (decoder)",
+                id(w.decoder_with_past): "decoder_with_past run"}
 
-            def timed(*a, _orig=orig, _key=key, **k):
-                t0 = CLOCK()
-                try:
-                    return _orig(*a, **k)
-                finally:
-                    timers.t[_key] += CLOCK() - t0
-                    timers.n[_key] += 1
+        def timed(session, *a, **k):
+            t0 = CLOCK()
+            try:
+                return run_ort_values(session, *a, **k)
+            finally:
+                if (key := keys.get(id(session))) is not None:
+                    timers.t[key] += CLOCK() - t0
+                    timers.n[key] += 1
 
-            s.run_with_ort_values = timed
-            ort_run[key] = (s, orig)
+        onnx_model.run_ort_values = timed
 
     samples = defaultdict(list)
     transcribe_all(audio, w, language="en", beam_size=beams)  # warm-up
@@ -217,8 +217,7 @@ def loop_breakdown(w, audio, beams: int, runs: int) -> dict:
         r = transcribe_all(audio, w, language="en", beam_size=beams)
         total = CLOCK() - t0
         timers.undo()
-        for key, (s, orig) in ort_run.items():
-            s.run_with_ort_values = orig
+        onnx_model.run_ort_values = run_ort_values
         tm = dict(timers.t)
         tm["total"] = total
         tm["features + mel"] = r.timings.get("features_s", 0.0) + r.timings.get("mel_s", 0.0)

@@ -86,7 +86,9 @@ void Dispatcher::on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const s
 }
 
 void Dispatcher::note_buffers(const kernels::GemmArgs& args, int64_t K, int64_t N) {
-  if (args.M <= 0) return;
+  // Counted only for the report: two lookups under the EP-memory registry's mutex per product are a fixed cost of
+  // every small call otherwise.
+  if (args.M <= 0 || !report_) return;
   ++products_;
   const auto span = [&](int64_t ld, int64_t cols) { return static_cast<size_t>((args.M - 1) * ld + cols) * sizeof(float); };
   if (kernels::ep_buffer_find(args.a, span(args.lda, K), nullptr)) ++a_in_ep_;
@@ -264,9 +266,10 @@ void Dispatcher::gemm_runtime(const std::vector<std::pair<kernels::GemmArgs, Run
   if (!unpacked.empty()) {
     if (!cpu_->gemm_unpacked(unpacked.data(), unpacked.size(), K, N))
       throw OrtError(ORT_EP_FAIL, "the CPU backend '" + cpu_->name() + "' cannot run an unpacked B");
-    on_cpu(CpuReason::kUnpacked, unpacked.size(), unpacked_flop,
-           "run-time B with at most " + std::to_string(kernels::kUnpackedMaxM) +
-               " rows against it read unpacked, on purpose (packing or a device dispatch would cost more)");
+    static const std::string why_unpacked =  // built once: this runs for every decoder self-attention product
+        "run-time B with at most " + std::to_string(kernels::kUnpackedMaxM) +
+        " rows against it read unpacked, on purpose (packing or a device dispatch would cost more)";
+    on_cpu(CpuReason::kUnpacked, unpacked.size(), unpacked_flop, why_unpacked);
   }
   run_batch(batch);
 }

@@ -257,6 +257,48 @@ def test_kv_reorder_moves_bfloat16_rows_as_bits():
     assert empty.shape() == [1, 2, 0, 4] and host_view(empty).size == 0
 
 
+def test_run_ort_values_matches_the_public_call_and_falls_back():
+    """onnx_model.run_ort_values (the Whisper sessions' run, without ORT's Python wrapper): the outputs of
+    run_with_ort_values, in the order asked; a bfloat16 output stays bfloat16; a session without ORT's private
+    binding (a wrapper, another ORT) and a bad feed go through the public call, which says what is wrong."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from onnxruntime_ep_xdna.whisper.onnx_model import host_view, ortvalue_like, run_ort_values
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["sum"]),
+         helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.BFLOAT16)],
+        "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("x16", TensorProto.BFLOAT16, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(6)
+    x, y = (rng.standard_normal((2, 3)).astype(np.float32) for _ in range(2))
+    feed = {"x": ort.OrtValue.ortvalue_from_numpy(x), "y": ort.OrtValue.ortvalue_from_numpy(y)}
+    public = session.run_with_ort_values(["x16", "sum"], feed)
+    for names in (["x16", "sum"], None):
+        got = run_ort_values(session, names, feed)
+        if names is None:
+            got = got[::-1]  # the graph's order: sum, x16
+        assert got[0].data_type() == "tensor(bfloat16)" and np.array_equal(host_view(got[0]), host_view(public[0]))
+        assert np.array_equal(got[1].numpy(), x + y)
+
+    class Wrapped:  # no _sess: the public call
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def run_with_ort_values(self, names, feed):
+            self.calls += 1
+            return self.inner.run_with_ort_values(names, feed)
+
+    wrapped = Wrapped(session)
+    assert np.array_equal(run_ort_values(wrapped, ["sum"], feed)[0].numpy(), x + y) and wrapped.calls == 1
+    with pytest.raises(ValueError, match=r"Required inputs \(\[.x.\]\) are missing"):
+        run_ort_values(session, ["sum"], {"y": feed["y"], "z": ortvalue_like(x, "tensor(float)")})
+
+
 def test_compression_ratio_flags_loops():
     assert R.compression_ratio(" the" * 60) > 2.4
     assert R.compression_ratio("And Mr. John Dashwood had then leisure to consider how much there might be") < 2.4

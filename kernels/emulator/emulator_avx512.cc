@@ -1,4 +1,6 @@
 // AVX-512 (F/BW/VL/DQ) + FMA kernels in fp32 (compiled with the matching -m flags; selected at run time).
+#include <immintrin.h>
+
 #include "emulator_isa.h"
 
 namespace xdna::kernels::emu {

@@ -180,6 +180,23 @@ def ortvalue_like(rows: np.ndarray, data_type: str):
     return value
 
 
+def run_ort_values(session, names: list[str] | None, feed: dict) -> list:
+    """session.run_with_ort_values(names, feed), without the per-run cost of ORT's Python wrapper around it: the
+    wrapper iterates the returned vector, whose end is a pybind11 StopIteration thrown as a C++ exception and
+    unwound through the loaded libraries, ~45 us per run on the shared 2-core VM (a decoder step is one run per
+    token; benchmarks/README.md, "Small EP calls"). Indexing the vector throws nothing. Any failure (or an ORT
+    whose private names differ) goes through the public call, which keeps its own error handling and fallback."""
+    import onnxruntime as ort
+
+    raw = getattr(session, "_sess", None)
+    try:
+        c_feed = {n: v._get_c_value() for n, v in feed.items()}
+        result = raw.run_with_ort_values(c_feed, names or [o.name for o in session.get_outputs()], None)
+        return [ort.OrtValue(result[i]) for i in range(len(result))]
+    except Exception:
+        return session.run_with_ort_values(names, feed)
+
+
 def reorder_rows(values: dict, order: np.ndarray) -> dict:
     """The batch rows `order` of each OrtValue: new OrtValues when the batch changes size; otherwise in place,
     copying only the rows that change. In place is safe because the values are the last run's outputs, owned by
@@ -437,7 +454,7 @@ class WhisperOnnx:
 
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
-        out = self.encoder.run_with_ort_values(None, {"input_features": ort.OrtValue.ortvalue_from_numpy(mel)})[0]
+        out = run_ort_values(self.encoder, None, {"input_features": ort.OrtValue.ortvalue_from_numpy(mel)})[0]
         self._time(timings, "encoder_s", t0)
         return Window(out, timings)
 
@@ -459,7 +476,7 @@ class WhisperOnnx:
             feed = {"input_ids": ids, "encoder_hidden_states": window.encoded}
             if self._logits_rows:
                 feed[self._logits_rows] = ort.OrtValue.ortvalue_from_numpy(picked)
-            out = self.decoder.run_with_ort_values(self._dec_outputs, feed)
+            out = run_ort_values(self.decoder, self._dec_outputs, feed)
             past = {self._as_past[n]: v for n, v in zip(self._dec_outputs[1:], out[1:])}
             window.cross = {k: v for k, v in past.items() if ".encoder." in k}
             self_kv = {k: v for k, v in past.items() if ".decoder." in k}
@@ -474,7 +491,7 @@ class WhisperOnnx:
                 if ".decoder." in name:
                     feed[name] = empty
             feed["input_ids"] = ids
-            out = self.decoder_with_past.run_with_ort_values(self._past_outputs, feed)
+            out = run_ort_values(self.decoder_with_past, self._past_outputs, feed)
             self_kv = {self._as_past[n]: v for n, v in zip(self._past_outputs[1:], out[1:])}
             logits = out[0].numpy()[0][picked]
         self._time(window.timings, "decoder_prompt_s", t0)
@@ -495,7 +512,7 @@ class WhisperOnnx:
         feed = dict(state.window.cross)
         feed.update(self_kv)
         feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))
-        out = self.decoder_with_past.run_with_ort_values(self._past_outputs, feed)
+        out = run_ort_values(self.decoder_with_past, self._past_outputs, feed)
         new_kv = {self._as_past[n]: v for n, v in zip(self._past_outputs[1:], out[1:])}
         logits = out[0].numpy()[:, -1]
         self._time(state.window.timings, "decoder_steps_s", t0, steps=1)
@@ -522,7 +539,7 @@ class WhisperOnnx:
                 self._time(window.timings, "word_timing_load_s", t)
         t0 = time.perf_counter()
         ids = np.array([list(tokens)], dtype=np.int64)
-        out = self._attention.run_with_ort_values(self._attention_outputs, {
+        out = run_ort_values(self._attention, self._attention_outputs, {
             "input_ids": ort.OrtValue.ortvalue_from_numpy(ids), "encoder_hidden_states": window.encoded})
         per_layer = {int(n.split(".")[1]): v.numpy()[0] for n, v in zip(self._attention_outputs[1:], out[1:])}
         attention = np.stack([per_layer[layer][head] for layer, head in self.alignment_heads])
