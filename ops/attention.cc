@@ -6,8 +6,9 @@
 // Transposes that Q, K^T and V are read through, the Reshapes behind them that split heads (with a constant scale
 // before the split) and Casts from bf16 of K^T and V; after it, the Transpose and Reshape that merge the heads
 // again ([B, H, M, Dv] -> [B, M, H*Dv]), written directly. The mask Add and the NaN rule's Where are how the
-// decoder's masked self-attention exports (whisper/decoder_graph.py): the mask is a run-time float input of the node. Every intermediate of the chain must have no reader but the chain: a Softmax that
-// another node also reads (exported attention weights) leaves the pattern to the plain MatMul rule.
+// decoder's masked self-attention exports (whisper/decoder_graph.py): the mask is a run-time float input of the
+// node. Every intermediate of the chain must have no reader but the chain: a Softmax that another node also reads
+// (exported attention weights) leaves the pattern to the plain MatMul rule.
 #include <cmath>
 
 #include "ep_plugin/dispatch.h"
@@ -126,9 +127,8 @@ std::string read_out_head_merge(const OrtApi& api, const GraphIndex& index, cons
     if (s == -1) return ++inferred == 1;
     return s > 0 && s == dim;  // a symbolic dim cannot be matched
   };
-  const bool heads_known = H > 0 && Dv > 0;
-  if (!keeps(shape[0], B) || !keeps(shape[1], M) || !(shape[2] == -1 ? ++inferred == 1 : heads_known && shape[2] == H * Dv))
-    return "";
+  const bool merges = shape[2] == -1 ? ++inferred == 1 : H > 0 && Dv > 0 && shape[2] == H * Dv;
+  if (!merges || !keeps(shape[0], B) || !keeps(shape[1], M)) return "";
   claim->fused_consumers.push_back(transpose);
   claim->fused_consumers.push_back(reshape);
   return value_name(api, rio.outputs[0]);
@@ -243,9 +243,8 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
   const double T = product_lower_bound(kt, rank - 1, rank, &sym), Dv = product_lower_bound(v, rank - 1, rank, &sym);
   const double batch = std::max(product_lower_bound(q, 0, rank - 2, &sym), product_lower_bound(v, 0, rank - 2, &sym));
   p.mflop = 2.0 * batch * M * T * (D + Dv) / 1e6;
-  if (const std::string merged = read_out_head_merge(api, index, describe(api, io.outputs.empty() ? nullptr :
-                                                                                     io.outputs[0], &t), &r);
-      !merged.empty()) {
+  const Operand out = describe(api, io.outputs.empty() ? nullptr : io.outputs[0], &t);
+  if (const std::string merged = read_out_head_merge(api, index, out, &r); !merged.empty()) {
     p.output = merged;
     p.attention_merge_heads = true;
   }

@@ -111,10 +111,11 @@ View view_of(const Tensor& t, const Operand& op) {
   if (op.split.empty()) return view_of(t, op.perm);
   int64_t split = 1;
   for (int64_t d : op.split) split *= d;
-  if (t.dims.empty() || t.dims.back() != split)
-    throw ep::OrtError(ORT_INVALID_ARGUMENT, "input '" + op.name + "' of a fused Reshape: its last dim is " +
-                                                 (t.dims.empty() ? std::string("absent") : std::to_string(t.dims.back())) +
+  if (t.dims.empty() || t.dims.back() != split) {
+    const std::string last = t.dims.empty() ? std::string("absent") : std::to_string(t.dims.back());
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "input '" + op.name + "' of a fused Reshape: its last dim is " + last +
                                                  ", the Reshape splits " + std::to_string(split));
+  }
   Tensor s = t;  // a contiguous tensor with its last dim split is the same bytes
   s.dims.pop_back();
   s.dims.insert(s.dims.end(), op.split.begin(), op.split.end());

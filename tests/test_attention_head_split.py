@@ -226,7 +226,9 @@ def test_head_merges_that_stay_on_the_cpu_ep(case):
                               name="o_transpose"),
              helper.make_node("Reshape", ["o_t", "merge_shape"], ["om"], name="o_reshape")]
     shape = {"other_perm": [0, 0, -1], "read_elsewhere": [0, 0, H * D], "not_a_merge": [0, -1, D]}[case]
-    outputs = [tensor("om", ["a", "b", "c"])] + ([tensor("o_t", ["a", "b", "c", "d"])] if case == "read_elsewhere" else [])
+    outputs = [tensor("om", ["a", "b", "c"])]
+    if case == "read_elsewhere":
+        outputs.append(tensor("o_t", ["a", "b", "c", "d"]))
     model = make_model(nodes, [tensor("q", [B, M, H, D]), tensor("k", [B, T, H, D]), tensor("v", [B, T, H, D])],
                        outputs, [init("merge_shape", np.array(shape, np.int64))])
     sess = xdna_session(model, EMULATOR)
