@@ -123,9 +123,9 @@ class Reader {
 // Every OpPlan field, in order. A field added to OpPlan (ops/op.h) changes its size and stops the build here: add it
 // to write_plan, read_plan and plan_roundtrip_problem, and bump kContextFormatVersion.
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
-static_assert(sizeof(ops::Operand) == 88, "ops::Operand changed: update the EPContext payload");
+static_assert(sizeof(ops::Operand) == 112, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 872, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 1040, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -134,6 +134,7 @@ void write_operand(Writer& w, const ops::Operand& o) {
   w.pod<int32_t>(o.rank);
   w.i64s(o.dims);
   w.i64s(o.perm);
+  w.i64s(o.split);
 }
 
 ops::Operand read_operand(Reader& r) {
@@ -144,10 +145,14 @@ ops::Operand read_operand(Reader& r) {
   o.rank = r.pod<int32_t>("operand rank");
   o.dims = r.i64s("operand dims");
   o.perm = r.i64s("operand perm");
+  o.split = r.i64s("operand split");
   if (o.rank < -1 || o.rank > static_cast<int>(kMaxRank) || (o.rank >= 0 && o.dims.size() != size_t(o.rank)))
     r.fail("operand rank and dims disagree");
   for (int64_t p : o.perm)
     if (p < 0 || static_cast<size_t>(p) >= o.perm.size()) r.fail("operand permutation out of range");
+  if (o.split.size() == 1) r.fail("operand split into one dim");
+  for (int64_t d : o.split)
+    if (d <= 0) r.fail("operand split dim not positive");
   return o;
 }
 
@@ -185,6 +190,7 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   write_operand(w, p.residual);
   write_operand(w, p.attention_mask);
   w.pod<uint8_t>(p.attention_zero_nan);
+  w.pod<uint8_t>(p.attention_merge_heads);
 }
 
 ops::OpPlan read_plan(Reader& r) {
@@ -218,6 +224,7 @@ ops::OpPlan read_plan(Reader& r) {
   p.residual = read_operand(r);
   p.attention_mask = read_operand(r);
   p.attention_zero_nan = r.flag("attention_zero_nan");
+  p.attention_merge_heads = r.flag("attention_merge_heads");
   return p;
 }
 
@@ -537,6 +544,7 @@ std::string plan_roundtrip_problem() {
     o.rank = 3;
     o.dims = {seed, -1, seed + 2};
     o.perm = {2, 0, 1};
+    o.split = {seed, 4};
     return o;
   };
   p.a = operand("a", 2);
@@ -561,6 +569,7 @@ std::string plan_roundtrip_problem() {
   p.residual = operand("residual", 11);
   p.attention_mask = operand("mask", 13);
   p.attention_zero_nan = true;
+  p.attention_merge_heads = true;
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -569,7 +578,8 @@ std::string plan_roundtrip_problem() {
   const ops::OpPlan q = read_plan(r);
   auto same_operand = [](const ops::Operand& x, const ops::Operand& y) {
     return x.name == y.name && x.present == y.present && x.constant == y.constant && x.rank == y.rank &&
-           x.dims == y.dims && x.perm == y.perm;
+           x.dims == y.dims && x.perm == y.perm &&
+           x.split == y.split;
   };
   if (r.pos() != bytes.size()) return "bytes left after the plan";
   if (q.op != p.op) return "op";
@@ -601,6 +611,7 @@ std::string plan_roundtrip_problem() {
   if (!same_operand(q.residual, p.residual)) return "residual";
   if (!same_operand(q.attention_mask, p.attention_mask)) return "attention_mask";
   if (q.attention_zero_nan != p.attention_zero_nan) return "attention_zero_nan";
+  if (q.attention_merge_heads != p.attention_merge_heads) return "attention_merge_heads";
   return "";
 }
 

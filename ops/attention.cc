@@ -3,10 +3,12 @@
 // its fused producers, and run as the fused attention contract (kernels/attention_contract.h): on the NPU the
 // scores never leave the array, on the CPU they never reach ORT. Also taken: constant scalar Muls on Q and K^T (how
 // torch's scaled_dot_product_attention exports, e.g. optimum's Whisper: the scale split as sqrt on both),
-// Transposes that Q, K^T and V are read through and Casts from bf16 of K^T and V. The mask Add and the NaN rule's
-// Where are how the decoder's masked self-attention exports (whisper/decoder_graph.py): the mask is a run-time
-// float input of the node. Every intermediate of the chain must have no reader but the chain: a Softmax that
-// another node also reads (exported attention weights) leaves the pattern to the plain MatMul rule.
+// Transposes that Q, K^T and V are read through, the Reshapes behind them that split heads (with a constant scale
+// before the split) and Casts from bf16 of K^T and V; after it, the Transpose and Reshape that merge the heads
+// again ([B, H, M, Dv] -> [B, M, H*Dv]), written directly. The mask Add and the NaN rule's Where are how the
+// decoder's masked self-attention exports (whisper/decoder_graph.py): the mask is a run-time float input of the
+// node. Every intermediate of the chain must have no reader but the chain: a Softmax that another node also reads
+// (exported attention weights) leaves the pattern to the plain MatMul rule.
 #include <cmath>
 
 #include "ep_plugin/dispatch.h"
@@ -73,6 +75,63 @@ std::string read_through_nan_rule(const OrtApi& api, const GraphIndex& index, co
   nodes->push_back(isnan);
   nodes->push_back(where);
   return p;
+}
+
+// The head split of a Q, K^T or V read through its Transpose: the Reshape that splits x's last dim into heads, and
+// a constant scale on x before it (how optimum's Whisper scales Q: a scalar commutes with the split), into *scale.
+void read_through_head_split_and_scale(const OrtApi& api, const GraphIndex& index, Operand* op, float* scale,
+                                       Claim* claim) {
+  if (!read_through_head_split(api, index, op, claim)) return;
+  Operand x;  // the Reshape's input as read_through_scale sees it
+  x.name = op->name;
+  x.rank = op->rank - static_cast<int>(op->split.size()) + 1;
+  read_through_scale(api, index, &x, scale, claim, false);
+  op->name = x.name;
+}
+
+// If the attention output O [B, H, M, Dv] (`out`, its dims known from the graph) is read only by a Transpose
+// (0, 2, 1, 3) read only by a Reshape to [B, M, H*Dv] (how heads are merged before out_proj): that Reshape's output
+// name, the two nodes appended to claim->fused_consumers. The Reshape's shape: a constant of 3 entries keeping B and
+// M (0 with allowzero unset, the dim itself, or -1) and H*Dv (itself, or the one -1). Else "".
+std::string read_out_head_merge(const OrtApi& api, const GraphIndex& index, const Operand& out, Claim* claim) {
+  if (out.rank != 4) return "";
+  const auto readers = index.consumers.find(out.name);
+  const auto uses = index.uses.find(out.name);
+  if (readers == index.consumers.end() || uses == index.uses.end() || uses->second != 1) return "";
+  const OrtNode* transpose = readers->second.front();
+  std::vector<int64_t> perm;
+  if (!is_op(api, transpose, "", "Transpose") || !ints_attr(api, transpose, "perm", &perm) ||
+      perm != std::vector<int64_t>{0, 2, 1, 3})
+    return "";
+  const NodeIo tio = node_io(api, transpose);
+  if (tio.outputs.size() != 1 || !tio.outputs[0]) return "";
+  const std::string merged_in = value_name(api, tio.outputs[0]);
+  const auto r2 = index.consumers.find(merged_in);
+  const auto u2 = index.uses.find(merged_in);
+  if (r2 == index.consumers.end() || u2 == index.uses.end() || u2->second != 1) return "";
+  const OrtNode* reshape = r2->second.front();
+  if (!is_op(api, reshape, "", "Reshape")) return "";
+  const NodeIo rio = node_io(api, reshape);
+  if (rio.inputs.size() != 2 || !rio.inputs[1] || value_name(api, rio.inputs[0]) != merged_in ||
+      rio.outputs.size() != 1 || !rio.outputs[0])
+    return "";
+  std::vector<int64_t> shape;
+  int64_t allowzero = 0;
+  if (!constant_ints(api, rio.inputs[1], 3, &shape) || shape.size() != 3 ||
+      !int_attr(api, reshape, "allowzero", &allowzero))
+    return "";
+  const int64_t B = out.dims[0], H = out.dims[1], M = out.dims[2], Dv = out.dims[3];
+  int inferred = 0;
+  const auto keeps = [&](int64_t s, int64_t dim) {
+    if (s == 0 && allowzero == 0) return true;
+    if (s == -1) return ++inferred == 1;
+    return s > 0 && s == dim;  // a symbolic dim cannot be matched
+  };
+  const bool merges = shape[2] == -1 ? ++inferred == 1 : H > 0 && Dv > 0 && shape[2] == H * Dv;
+  if (!merges || !keeps(shape[0], B) || !keeps(shape[1], M)) return "";
+  claim->fused_consumers.push_back(transpose);
+  claim->fused_consumers.push_back(reshape);
+  return value_name(api, rio.outputs[0]);
 }
 
 // The QK^T MatMul behind `scores` (through a constant scale, which goes into *scale and `claim`), or null.
@@ -155,6 +214,7 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
     Claim found;
     read_through_scale(api, index, op, &scale, &found, false);
     read_through_transpose(api, index, op, &found);
+    read_through_head_split_and_scale(api, index, op, &scale, &found);
     if (op == &p.b) read_through_bf16_cast(api, index, op, &found);
     r.fused_producers.insert(r.fused_producers.end(), found.fused_producers.rbegin(), found.fused_producers.rend());
   }
@@ -166,6 +226,7 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
   r.fused_producers.insert(r.fused_producers.end(), nan_rule.begin(), nan_rule.end());
   Claim v_found;
   read_through_transpose(api, index, &p.v, &v_found);
+  read_through_head_split(api, index, &p.v, &v_found);  // (no scale: one on V is not the scores')
   read_through_bf16_cast(api, index, &p.v, &v_found);
   r.fused_producers.insert(r.fused_producers.end(), v_found.fused_producers.rbegin(), v_found.fused_producers.rend());
   p.attention_scale = scale;
@@ -182,6 +243,11 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
   const double T = product_lower_bound(kt, rank - 1, rank, &sym), Dv = product_lower_bound(v, rank - 1, rank, &sym);
   const double batch = std::max(product_lower_bound(q, 0, rank - 2, &sym), product_lower_bound(v, 0, rank - 2, &sym));
   p.mflop = 2.0 * batch * M * T * (D + Dv) / 1e6;
+  const Operand out = describe(api, io.outputs.empty() ? nullptr : io.outputs[0], &t);
+  if (const std::string merged = read_out_head_merge(api, index, out, &r); !merged.empty()) {
+    p.output = merged;
+    p.attention_merge_heads = true;
+  }
   p.mflop_lower_bound = sym;
   r.ok = true;
   r.reason = std::string("fused attention (QK^T, ") + (mask_add ? "mask, " : "") + "softmax, " +
@@ -190,9 +256,9 @@ Claim claim_attention(const OrtApi& api, const OrtNode* pv, const GraphIndex& in
 }
 
 void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
-  const View q = view_of(io.input(plan.a.name), plan.a.perm);
-  const View kt = view_of(io.input(plan.b.name), plan.b.perm);
-  const View v = view_of(io.input(plan.v.name), plan.v.perm);
+  const View q = view_of(io.input(plan.a.name), plan.a);
+  const View kt = view_of(io.input(plan.b.name), plan.b);
+  const View v = view_of(io.input(plan.v.name), plan.v);
   const size_t r = q.dims.size();
   const auto fail = [&](const std::string& what) {
     return ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': attention " + what);
@@ -207,6 +273,13 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   Dims out_dims = batch;
   out_dims.push_back(M);
   out_dims.push_back(Dv);
+  // Merged heads: O [B, H, M, Dv] written as [B, M, H*Dv], head (b, h)'s rows at b*M*H*Dv + h*Dv, H*Dv apart.
+  int64_t per_batch_heads = 1;
+  if (plan.attention_merge_heads) {
+    if (batch.size() != 2) throw fail("head merge of an output that is not [B, H, M, Dv]");
+    per_batch_heads = batch[1];
+    out_dims = {batch[0], M, batch[1] * Dv};
+  }
   float* y = io.output(plan.output, out_dims);
   int64_t heads = 1;
   for (int64_t d : batch) heads *= d;
@@ -271,7 +344,8 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   // One query row per batch row against K and V broadcast over the outer batch dim (beams over a window's
   // batch-1 cross-attention K/V): the B rows of a head become one head of B query rows, so that each K and V is
   // read once per head instead of once per beam. Each row's arithmetic is the same either way (rows are
-  // independent in the contract and in every kernel), so the bits are too.
+  // independent in the contract and in every kernel), so the bits are too. (With M = 1, merged heads [B, 1, H*Dv]
+  // are the same bytes as [B, H, 1, Dv].)
   const size_t kb = batch.size() - batch_k.size(), vb = batch.size() - batch_v.size();  // right-aligned offsets
   const bool k_broadcast = kb > 0 || batch_k[0] == 1, v_broadcast = vb > 0 || batch_v[0] == 1;
   if (M == 1 && !gather && !batch.empty() && batch[0] > 1 && batch_q.size() == batch.size() && k_broadcast &&
@@ -302,7 +376,12 @@ void run_attention(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
       qp = dst;
       ldq = D;
     }
-    items.push_back(head_at(i, qp, ldq, y + i * M * Dv, Dv));
+    if (plan.attention_merge_heads) {
+      const int64_t b = i / per_batch_heads, h = i % per_batch_heads;
+      items.push_back(head_at(i, qp, ldq, y + (b * M * per_batch_heads + h) * Dv, per_batch_heads * Dv));
+    } else {
+      items.push_back(head_at(i, qp, ldq, y + i * M * Dv, Dv));
+    }
   }
   dispatch.attention(shape, items);
 }

@@ -187,6 +187,22 @@ bool constant_scalar(const OrtApi& api, const OrtValueInfo* vi, int max_rank, fl
   return true;
 }
 
+bool constant_ints(const OrtApi& api, const OrtValueInfo* vi, size_t max_count, std::vector<int64_t>* values) {
+  ONNXTensorElementDataType t;
+  const Operand c = describe(api, vi, &t);
+  if (!c.constant || t != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || c.rank != 1 || c.dims[0] < 0 ||
+      static_cast<size_t>(c.dims[0]) > max_count)
+    return false;
+  const OrtValue* v = nullptr;
+  check(api, api.ValueInfo_GetInitializerValue(vi, &v));
+  if (!v) return false;
+  const void* data = nullptr;
+  check(api, api.GetTensorData(v, &data));
+  const int64_t* p = static_cast<const int64_t*>(data);
+  values->assign(p, p + c.dims[0]);
+  return true;
+}
+
 bool is_op(const OrtApi& api, const OrtNode* node, const char* domain, const char* type) {
   const char* t = nullptr;
   const char* d = nullptr;

@@ -29,6 +29,10 @@ std::vector<float> read_constant(const OrtApi& api, const OrtValueInfo* vi, std:
 // rule reads (an attention's scale, a decomposed GELU's constants): one float is free to read.
 bool constant_scalar(const OrtApi& api, const OrtValueInfo* vi, int max_rank, float* value);
 
+// A 1-D int64 constant of at most max_count elements (a Reshape's shape): its values. Small enough to read at claim
+// time, like constant_scalar.
+bool constant_ints(const OrtApi& api, const OrtValueInfo* vi, size_t max_count, std::vector<int64_t>* values);
+
 // Whether `node` is `type` in `domain` ("" = ONNX).
 bool is_op(const OrtApi& api, const OrtNode* node, const char* domain, const char* type);
 

@@ -35,6 +35,9 @@ struct Operand {
   // Read through a Transpose fused into the same partition (ops/transpose_fusion.h): `name` is the Transpose's
   // input and the operand is that tensor with its dims permuted (operand dim d = input dim perm[d]).
   std::vector<int64_t> perm;
+  // Read through a Reshape that splits the last dim of `name` (attention's head split, ops/transpose_fusion.h): that
+  // dim read as these dims, row-major (their product = its size, checked at run time), before `perm`. Empty: none.
+  std::vector<int64_t> split;
 };
 
 // 1-D convolution run as a GEMM: Y[n]^T [T_out, Cout] = im2col(X[n]) [T_out, Cin*k] . W^T [Cin*k, Cout].
@@ -79,6 +82,9 @@ struct OpPlan {
   // Where(IsNaN(P), 0, P) fused after the Softmax: NaN rows of weights are zero; kernels/attention_contract.h).
   Operand attention_mask;
   bool attention_zero_nan = false;
+  // Fused attention only: the head merge after it (Transpose(0, 2, 1, 3) of O [B, H, M, Dv] and a Reshape to
+  // [B, M, H*Dv], Claim::fused_consumers) written directly: each head's rows H*Dv apart in `output`.
+  bool attention_merge_heads = false;
 };
 
 struct Claim {

@@ -49,6 +49,41 @@ void read_through_bf16_cast(const OrtApi& api, const GraphIndex& index, Operand*
   claim->fused_producers.push_back(cast);
 }
 
+bool read_through_head_split(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim) {
+  if (op->constant || op->rank < 2 || !op->split.empty()) return false;
+  const auto it = index.producer.find(op->name);
+  const auto uses = index.uses.find(op->name);
+  if (it == index.producer.end() || uses == index.uses.end() || uses->second != 1) return false;
+  const OrtNode* reshape = it->second;
+  if (!is_op(api, reshape, "", "Reshape")) return false;
+  const NodeIo io = node_io(api, reshape);
+  if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1]) return false;
+  ONNXTensorElementDataType t;
+  const Operand x = describe(api, io.inputs[0], &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.constant || x.rank < 1 || x.rank + 1 != op->rank) return false;
+  std::vector<int64_t> shape;
+  if (!constant_ints(api, io.inputs[1], static_cast<size_t>(op->rank), &shape) ||
+      shape.size() != static_cast<size_t>(op->rank))
+    return false;
+  int64_t allowzero = 0;
+  if (!int_attr(api, reshape, "allowzero", &allowzero)) return false;
+  const int64_t heads = shape[shape.size() - 2], depth = shape.back();
+  if (heads <= 0 || depth <= 0) return false;
+  const int64_t last = x.dims.back();
+  if (last >= 0 && last != heads * depth) return false;
+  int inferred = 0;
+  for (int d = 0; d + 1 < x.rank; ++d) {  // x's leading dims, kept
+    const int64_t s = shape[static_cast<size_t>(d)];
+    if (s == 0 && allowzero == 0) continue;
+    if (s == -1 && ++inferred == 1) continue;
+    if (s <= 0 || s != x.dims[static_cast<size_t>(d)]) return false;  // a symbolic x dim cannot be matched
+  }
+  op->name = x.name;
+  op->split = {heads, depth};
+  claim->fused_producers.push_back(reshape);
+  return true;
+}
+
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& dims) {
   std::vector<int64_t> strides(dims.size());
   int64_t s = 1;
@@ -70,6 +105,21 @@ View view_of(const Tensor& t, const std::vector<int64_t>& perm) {
     p.strides[d] = v.strides[static_cast<size_t>(perm[d])];
   }
   return p;
+}
+
+View view_of(const Tensor& t, const Operand& op) {
+  if (op.split.empty()) return view_of(t, op.perm);
+  int64_t split = 1;
+  for (int64_t d : op.split) split *= d;
+  if (t.dims.empty() || t.dims.back() != split) {
+    const std::string last = t.dims.empty() ? std::string("absent") : std::to_string(t.dims.back());
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "input '" + op.name + "' of a fused Reshape: its last dim is " + last +
+                                                 ", the Reshape splits " + std::to_string(split));
+  }
+  Tensor s = t;  // a contiguous tensor with its last dim split is the same bytes
+  s.dims.pop_back();
+  s.dims.insert(s.dims.end(), op.split.begin(), op.split.end());
+  return view_of(s, op.perm);
 }
 
 using Dims = std::vector<int64_t>;

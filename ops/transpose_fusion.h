@@ -21,6 +21,15 @@ void read_through_transpose(const OrtApi& api, const GraphIndex& index, Operand*
 // Tensor::bf16 for it at run time.
 void read_through_bf16_cast(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim);
 
+// Claim rule: if operand `op` (run-time) is made by a Reshape that only splits the last dim of a run-time float
+// tensor x (the head split [.., H*D] -> [.., H, D] before a Transpose of attention) and nothing else reads the
+// Reshape's output: redirect it to x, record the split in `op->split` and add the Reshape to `claim->fused_producers`.
+// The Reshape's shape must be a constant of rank(x) + 1 entries whose last two are positive (H, D) and whose others
+// keep x's dims: 0 (copy, allowzero unset), the dim itself where x's shape gives it, or one -1 (then x's leading dims
+// are kept exactly when its last dim is H*D). x's last dim, when symbolic, is checked at run time (view_of). A
+// contiguous x split this way is a view: no copy is made. Returns whether it read through.
+bool read_through_head_split(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim);
+
 // Run step: an operand as the MatMul sees it, its dims and element strides into `data` (operand dim d = tensor
 // dim perm[d]; empty perm: the tensor as it is).
 struct View {
@@ -29,6 +38,8 @@ struct View {
   const uint16_t* bf16 = nullptr;  // the tensor's bf16 data instead (Tensor::bf16)
 };
 View view_of(const Tensor& t, const std::vector<int64_t>& perm);
+// The same for an operand read through a head split (Operand::split, else as above): x's last dim split, then perm.
+View view_of(const Tensor& t, const Operand& op);
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& dims);
 
 // numpy-style broadcast of two batch shapes (throws ORT_INVALID_ARGUMENT when they do not broadcast).
