@@ -29,7 +29,8 @@ namespace xdna::ep {
 // 2: plans carry precision, v and attention_scale (kAttention); weights in int8 and bf16x3 as well as bf16.
 // 3: plans carry the GEMM epilogue (bias, bias_value, epilogue_gelu, residual).
 // 4: plans carry the fused attention's mask and NaN rule (attention_mask, attention_zero_nan).
-inline constexpr uint32_t kContextFormatVersion = 4;
+// 5: plans carry output_bf16 (a MatMul that took its trailing Cast to bfloat16).
+inline constexpr uint32_t kContextFormatVersion = 5;
 inline constexpr size_t kDataAlignment = 64;
 
 // What a payload must match to be loaded: anything else is refused with the differing field named.

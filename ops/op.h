@@ -79,6 +79,10 @@ struct OpPlan {
   // Where(IsNaN(P), 0, P) fused after the Softmax: NaN rows of weights are zero; kernels/attention_contract.h).
   Operand attention_mask;
   bool attention_zero_nan = false;
+  // MatMul only: the output is bfloat16, a trailing Cast to bfloat16 taken into the node (Claim::fused_consumers;
+  // `output` is the Cast's output), each fp32 value rounded as the Cast does (kernels/gemm_contract.h, "Output in
+  // bfloat16").
+  bool output_bf16 = false;
 };
 
 struct Claim {
@@ -116,6 +120,8 @@ class TensorIo {
   virtual ~TensorIo() = default;
   virtual Tensor input(const std::string& name) = 0;
   virtual float* output(const std::string& name, const std::vector<int64_t>& dims) = 0;
+  // A bfloat16 output (OpPlan::output_bf16).
+  virtual uint16_t* output_bf16(const std::string& name, const std::vector<int64_t>& dims) = 0;
   // Where a node may leave device products for its fused node to submit together with the next ones (a runlist,
   // issue 15 step 4); nullptr: run them now. Only for products whose A and C are io tensors and that nothing
   // touches before the fused node flushes.
