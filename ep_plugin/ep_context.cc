@@ -191,6 +191,7 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   write_operand(w, p.attention_mask);
   w.pod<uint8_t>(p.attention_zero_nan);
   w.pod<uint8_t>(p.attention_merge_heads);
+  w.pod<uint8_t>(p.output_bf16);
 }
 
 ops::OpPlan read_plan(Reader& r) {
@@ -225,6 +226,7 @@ ops::OpPlan read_plan(Reader& r) {
   p.attention_mask = read_operand(r);
   p.attention_zero_nan = r.flag("attention_zero_nan");
   p.attention_merge_heads = r.flag("attention_merge_heads");
+  p.output_bf16 = r.flag("output_bf16");
   return p;
 }
 
@@ -570,6 +572,7 @@ std::string plan_roundtrip_problem() {
   p.attention_mask = operand("mask", 13);
   p.attention_zero_nan = true;
   p.attention_merge_heads = true;
+  p.output_bf16 = true;
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -612,6 +615,7 @@ std::string plan_roundtrip_problem() {
   if (!same_operand(q.attention_mask, p.attention_mask)) return "attention_mask";
   if (q.attention_zero_nan != p.attention_zero_nan) return "attention_zero_nan";
   if (q.attention_merge_heads != p.attention_merge_heads) return "attention_merge_heads";
+  if (q.output_bf16 != p.output_bf16) return "output_bf16";
   return "";
 }
 

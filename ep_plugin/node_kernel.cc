@@ -39,12 +39,14 @@ ops::Tensor ort_input(const OrtApi& api, OrtKernelContext* ctx, size_t index) {
   return t;
 }
 
-float* ort_output(const OrtApi& api, OrtKernelContext* ctx, size_t index, const Dims& dims) {
+// ORT's buffer for an output of the fused node (its element type is the graph's: float32, or bfloat16 where a
+// MatMul took its trailing Cast).
+void* ort_output(const OrtApi& api, OrtKernelContext* ctx, size_t index, const Dims& dims) {
   OrtValue* v = nullptr;
   check(api, api.KernelContext_GetOutput(ctx, index, dims.data(), dims.size(), &v));
   void* p = nullptr;
   check(api, api.GetTensorMutableData(v, &p));
-  return static_cast<float*>(p);
+  return p;
 }
 
 }  // namespace
@@ -94,18 +96,13 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
       throw OrtError(ORT_EP_FAIL, "fused node: value '" + name + "' is neither an input nor made by the group");
     }
     float* output(const std::string& name, const Dims& dims) override {
-      float* data = nullptr;
-      const auto out = std::find(k_.outputs_.begin(), k_.outputs_.end(), name);
-      if (out != k_.outputs_.end()) {
-        data = ort_output(api_, ctx_, static_cast<size_t>(out - k_.outputs_.begin()), dims);
-      } else {
-        const size_t bytes = static_cast<size_t>(checked_count(dims)) * sizeof(float);
-        owned_.erase(name);
-        data = static_cast<float*>(kernels::ep_buffer_alloc(bytes));
-        if (!data) throw OrtError(ORT_EP_FAIL, "out of memory for an intermediate tensor of " + std::to_string(bytes) + " bytes");
-        owned_.emplace(name, EpMemoryPtr(data));
-      }
+      float* data = static_cast<float*>(place(name, dims, sizeof(float)));
       made_[name] = ops::Tensor{data, dims};
+      return data;
+    }
+    uint16_t* output_bf16(const std::string& name, const Dims& dims) override {
+      uint16_t* data = static_cast<uint16_t*>(place(name, dims, sizeof(uint16_t)));
+      made_[name] = ops::Tensor{nullptr, dims, data};
       return data;
     }
     ep::DeferredProducts* deferred() override { return &later_; }
@@ -116,6 +113,17 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
     }
 
    private:
+    // Where output `name` goes: ORT's buffer for a fused-node output, else an intermediate in the EP's memory.
+    void* place(const std::string& name, const Dims& dims, size_t element_size) {
+      const auto out = std::find(k_.outputs_.begin(), k_.outputs_.end(), name);
+      if (out != k_.outputs_.end()) return ort_output(api_, ctx_, static_cast<size_t>(out - k_.outputs_.begin()), dims);
+      const size_t bytes = static_cast<size_t>(checked_count(dims)) * element_size;
+      owned_.erase(name);
+      void* data = kernels::ep_buffer_alloc(bytes);
+      if (!data) throw OrtError(ORT_EP_FAIL, "out of memory for an intermediate tensor of " + std::to_string(bytes) + " bytes");
+      owned_.emplace(name, EpMemoryPtr(static_cast<float*>(data)));
+      return data;
+    }
     static int64_t checked_count(const Dims& dims) {
       int64_t n = 1;
       for (int64_t d : dims)

@@ -59,6 +59,13 @@
 //   measure <= 3.1e-7 |x|). Composed with the product's bound E: |d GELU/dx| <= 1.13, so the output is within
 //     1.13 (E + 2^-24 |s|) + 2^-21 |s| + 2^-24 |y|   where s = C + bias and y the output (tests/numerics.py).
 //
+// Output in bfloat16 (issue 7): a MatMul whose (epilogue'd) fp32 result is read by a Cast to bfloat16 alone takes
+// the Cast (ops/matmul.cc) and writes C in bf16: each finished fp32 value rounded as ORT's Cast does it
+// (store_bf16_as_cast below): round to nearest even, +-Inf stay Inf, finite values past the bf16 maximum become
+// Inf, and NaN becomes the quiet NaN of its sign (0x7FC0 / 0xFFC0: ORT's Cast drops the payload). The fp32 value
+// is the one the fp32 output would hold, so the bf16 output is bit for bit MatMul + Cast. Every backend's fp32
+// product then gets this host pass (the xrt backend's too: the NPU returns fp32 C).
+//
 // Tiling for the Phoenix (npu1) array: 4 usable columns x 4 AIE-ML cores.
 //   * Each core computes one kTileM x kTileN tile of C, looping over K in kTileK steps.
 //     L1 budget (64 KiB/core): A 64x64 bf16 (8 KiB) x2 + B 64x64 bf16 (8 KiB) x2 + C 64x64 fp32 (16 KiB) = 48 KiB.
@@ -141,6 +148,20 @@ inline float bf16_to_f32(uint16_t h) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// fp32 -> bf16 as ORT's Cast writes it ("Output in bfloat16" above): f32_to_bf16, but a NaN becomes the quiet
+// NaN of its sign. Branch-free, so that store_bf16_as_cast vectorises.
+inline uint16_t f32_to_bf16_as_cast(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+inline void store_bf16_as_cast(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16_as_cast(src[i]);
 }
 
 // The value a backend sees for an fp32 input.

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 
 #include "ep_plugin/dispatch.h"
+#include "kernels/ep_buffers.h"
 #include "kernels/packing.h"
 #include "ops/op.h"
 #include "ops/transpose_fusion.h"
@@ -207,6 +209,22 @@ std::string claim_epilogue(const OrtApi& api, const GraphIndex& index, const Nod
   return "";
 }
 
+// Takes the Cast to bfloat16 that alone reads the product's (epilogue'd) output `value`: the node then writes its
+// output in bf16, rounded as the Cast rounds (kernels/gemm_contract.h, "Output in bfloat16"). Returns whether it did.
+bool claim_bf16_output(const OrtApi& api, const GraphIndex& index, const std::string& value, Claim* r) {
+  const OrtNode* cast = only_reader(index, value);
+  int64_t to = 0;
+  if (!cast || !is_op(api, cast, "", "Cast") || !int_attr(api, cast, "to", &to) ||
+      to != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+    return false;
+  const NodeIo cio = node_io(api, cast);
+  if (cio.inputs.size() != 1 || cio.outputs.size() != 1 || !cio.outputs[0]) return false;
+  r->fused_consumers.push_back(cast);
+  r->plan.output = value_name(api, cio.outputs[0]);
+  r->plan.output_bf16 = true;
+  return true;
+}
+
 Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& index) {
   Claim r;
   OpPlan& p = r.plan;
@@ -248,6 +266,8 @@ Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& ind
       r.reason += std::string(", epilogue:") + (p.bias.present ? " +bias" : "") + (p.epilogue_gelu ? " gelu" : "") +
                   (p.residual.present ? " +residual" : "");
     r.reason += stop;
+    if (claim_bf16_output(api, index, p.output.empty() ? value_name(api, io.outputs[0]) : p.output, &r))
+      r.reason += ", output written as bf16 (its Cast)";
   }
   return r;
 }
@@ -283,9 +303,26 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   Dims out_dims = batch;
   if (!a_vec) out_dims.push_back(M);
   if (!b_vec) out_dims.push_back(N);
-  float* y = io.output(plan.output, out_dims);
+  // A bf16 output (its Cast taken): the products write fp32 C to a buffer of the EP's, rounded into the output at
+  // the end (kernels/gemm_contract.h, "Output in bfloat16"). Not collected for a runlist: the pass needs C now.
+  uint16_t* y16 = plan.output_bf16 ? io.output_bf16(plan.output, out_dims) : nullptr;
+  float* y = y16 ? nullptr : io.output(plan.output, out_dims);
   const int64_t batches = count(batch);
   if (batches == 0 || M == 0 || N == 0) return;
+  struct FreeEp {
+    void operator()(float* p) const noexcept { kernels::ep_buffer_free(p); }
+  };
+  std::unique_ptr<float, FreeEp> fp32_c;
+  const int64_t total = count(out_dims);
+  if (y16) {
+    fp32_c.reset(static_cast<float*>(kernels::ep_buffer_alloc(static_cast<size_t>(total) * sizeof(float))));
+    if (!fp32_c)
+      throw ep::OrtError(ORT_EP_FAIL, "node '" + plan.node_name + "': out of memory for its fp32 product");
+    y = fp32_c.get();
+  }
+  auto store_bf16 = [&] {
+    if (y16) kernels::store_bf16_as_cast(y, y16, total);
+  };
   // Non-empty operands of the types the claim took (A float32; B float32, or bfloat16 through a fused Cast)
   if (K > 0 && (!a.data || (!plan.b.constant && !b.data && !b.bf16)))
     throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': MatMul operand of an unexpected type");
@@ -327,7 +364,6 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
         throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': residual does not broadcast to the output");
       rstride[d] = 0;
     }
-    const int64_t total = count(out_dims);
     Dims idx(rank, 0);
     for (int64_t i = 0; i < total; ++i) {
       int64_t off = 0;
@@ -348,9 +384,10 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     const kernels::GemmArgs args = with_epilogue({a.data, batches * M, K, y, N}, 0);
     // A and C are io tensors nothing touches until the fused node flushes: may ride in a runlist with later nodes
     // (not when the residual is added here afterwards).
-    if (plan.b.constant) dispatch.gemm_later(args, 0, residual_broadcasts ? nullptr : io.deferred());
+    if (plan.b.constant) dispatch.gemm_later(args, 0, residual_broadcasts || y16 ? nullptr : io.deferred());
     else dispatch.gemm_runtime({{args, ep::RuntimeB{b.data, N, 1, b.bf16}}}, K, N);
     add_broadcast_residual();
+    store_bf16();
     return;
   }
   const Dims a_batch_strides(a2.strides.begin(), a2.strides.end() - 2);
@@ -387,6 +424,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   if (plan.b.constant) dispatch.gemm_batch(constant);
   else dispatch.gemm_runtime(runtime, K, N);
   add_broadcast_residual();
+  store_bf16();
 }
 
 }  // namespace

@@ -85,6 +85,10 @@ struct OpPlan {
   // Fused attention only: the head merge after it (Transpose(0, 2, 1, 3) of O [B, H, M, Dv] and a Reshape to
   // [B, M, H*Dv], Claim::fused_consumers) written directly: each head's rows H*Dv apart in `output`.
   bool attention_merge_heads = false;
+  // MatMul only: the output is bfloat16, a trailing Cast to bfloat16 taken into the node (Claim::fused_consumers;
+  // `output` is the Cast's output), each fp32 value rounded as the Cast does (kernels/gemm_contract.h, "Output in
+  // bfloat16").
+  bool output_bf16 = false;
 };
 
 struct Claim {
@@ -122,6 +126,8 @@ class TensorIo {
   virtual ~TensorIo() = default;
   virtual Tensor input(const std::string& name) = 0;
   virtual float* output(const std::string& name, const std::vector<int64_t>& dims) = 0;
+  // A bfloat16 output (OpPlan::output_bf16).
+  virtual uint16_t* output_bf16(const std::string& name, const std::vector<int64_t>& dims) = 0;
   // Where a node may leave device products for its fused node to submit together with the next ones (a runlist,
   // issue 15 step 4); nullptr: run them now. Only for products whose A and C are io tensors and that nothing
   // touches before the fused node flushes.

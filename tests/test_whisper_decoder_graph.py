@@ -271,11 +271,12 @@ def bf16_bits(value) -> np.ndarray:
     return np.frombuffer(data, np.uint16).copy().reshape(shape)
 
 
-def test_cross_keys_cast_before_the_head_split_same_bits_bf16_transposes(tiny, copies, tmp_path):
-    """Pass 5: decoder_model's bf16 cross keys are cast before their head-split Transpose (which then moves bf16);
-    the values' head split, which the attention reads too, stays. The outputs are the fp32 copy's K/V rounded to
-    bf16, bit for bit, and the logits are unchanged; the CPU EP runs as many Transposes as before, the keys' in
-    bf16."""
+def test_cross_kv_cast_at_the_projection_same_bits_bf16_transposes(tiny, copies, tmp_path):
+    """Passes 5 and 8: decoder_model's bf16 cross K/V are cast at their projection, before the head split's Reshape
+    and Transpose (which then move bf16), and the EP's MatMul takes that Cast (writes its product in bf16); the
+    attention reads the bf16 tensors through a Cast back to float. The outputs are the fp32 copy's K/V rounded to
+    bf16, bit for bit, and the logits are unchanged; no Cast to bf16 is left to the CPU EP, which runs as many
+    Transposes as before, in bf16."""
     import onnxruntime as ort
 
     from numerics import bf16_round
@@ -301,7 +302,12 @@ def test_cross_keys_cast_before_the_head_split_same_bits_bf16_transposes(tiny, c
     producer = {o: n for n in graph.node for o in n.output}
     split = [n for n in graph.node if n.name.endswith("/xdna_head_split")]
     assert len(split) == layers and all(n.output[0].endswith(".encoder.key") for n in split)
-    assert all(producer[n.input[0]].op_type == "Cast" for n in split)  # a Transpose of the bf16 tensor
+    at_projection = [n for n in graph.node if n.name.endswith("/xdna_cast_at_projection")]
+    assert done["cast_at_projection"] == len(at_projection) == 2 * layers
+    assert all(producer[n.input[0]].op_type in ("MatMul", "Add") for n in at_projection)
+    on_cpu = xdna.placement(cast_first).on("CPUExecutionProvider")
+    assert not [n for n, op in on_cpu if op == "Cast"], on_cpu  # each taken by its MatMul or attention
+    assert {n.name for n in at_projection} <= {n for n, _ in xdna.placement(cast_first).on(EP)}
     cpu = [[n for n, op in xdna.placement(s).on("CPUExecutionProvider") if op == "Transpose"] for s in (fp32, cast_first)]
     assert len(cpu[0]) == len(cpu[1]) and {n.name for n in split} <= set(cpu[1])
 

@@ -44,6 +44,15 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    and not kept either: K/V handed to decoder_with_past frames-first ([batch, frames, heads, dim]), read
    through a Transpose every step: steps measured slower than the per-window Transposes it saves.
 
+8. With pass 4, decoder_model only (`cast_at_projection`; after pass 5): each cross K/V output's Cast to bf16 moved
+   up to the projection's output, ahead of the Reshape / Transposes of its head split (which then move bf16), so
+   that the EP's MatMul takes the Cast and writes its product in bf16 (ops/matmul.cc: the same rounding as ORT's
+   Cast, kernels/gemm_contract.h "Output in bfloat16"): no CPU Cast of 1500 x 512 per layer and per K/V each
+   window. The attention's own reads of the projection (K^T through a Transpose, V through the head split) then
+   take the bf16 tensor through a Cast back to float, as decoder_with_past's do (pass 4): the EP's fused attention
+   claims that Cast and rounds K and V to bf16 as it reads them anyway, so the logits keep their bits. Cast is
+   elementwise and Reshape / Transpose move values: the outputs' bits are those of pass 5.
+
 6. Broadcasts the reader makes anyway (`drop_absorbed_broadcasts`): a Tile or Expand whose every use reaches,
    through elementwise ops and Gathers indexed by it, an Add (Sub, Mul, ...) whose other operand alone has the
    result's shape. optimum's export tiles the position ids over the batch before their embedding is added to
@@ -80,7 +89,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when a pass changes what it writes: older copies are then simply not used.
-VERSION = 7
+VERSION = 8
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 
 
@@ -217,6 +226,63 @@ def cast_before_head_split(model) -> int:
     del g.node[:]
     g.node.extend(nodes)
     remove_dead_nodes(model)
+    return changed
+
+
+MOVES = ("Reshape", "Transpose")  # ops that only move values: a Cast commutes with them
+
+
+def cast_at_projection(model) -> int:
+    """Pass 8 (module doc) in place, on a decoder_model passes 4 and 5 have made: each bf16 cross K/V output made
+    by Reshapes / Transposes and one Cast to bf16 from the fp32 output of a MatMul or Add read by that chain alone
+    becomes Cast first, then the same moves on bf16. A value of the moves before the Cast that something else
+    reads (the attention) is made from its bf16 counterpart by a Cast to float. Returns the outputs changed."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output if o}
+    readers = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            readers[i].append(n)
+    graph_outputs = {o.name for o in g.output}
+    nodes = list(g.node)
+    changed = 0
+    for out in g.output:
+        if not (out.name.startswith("present.") and out.name.endswith(CROSS_KV)) or \
+                out.type.tensor_type.elem_type != TensorProto.BFLOAT16:
+            continue
+        chain, value = [], out.name  # back from the output to the projection
+        while (n := producers.get(value)) is not None and (n.op_type in MOVES or n.op_type == "Cast"):
+            chain.append(n)
+            value = n.input[0]
+        chain.reverse()
+        casts = [i for i, n in enumerate(chain) if n.op_type == "Cast"]
+        projection = producers.get(value)
+        if len(casts) != 1 or casts[0] == 0 or projection is None or projection.op_type not in ("MatMul", "Add") or \
+                len(readers[value]) != 1 or value in graph_outputs or \
+                next(a.i for a in chain[casts[0]].attribute if a.name == "to") != TensorProto.BFLOAT16:
+            continue  # already cast at the projection, or a chain of another form
+        cast, before = chain[casts[0]], chain[:casts[0]]
+        made = [helper.make_node("Cast", [value], [f"{value}/xdna_bf16"], to=TensorProto.BFLOAT16,
+                                 name=f"{out.name}/xdna_cast_at_projection")]
+        prev = made[0].output[0]
+        for i, move in enumerate(before):
+            bf16 = cast.output[0] if i == len(before) - 1 else f"{move.output[0]}/xdna_bf16"
+            copy = helper.make_node(move.op_type, [prev] + list(move.input[1:]), [bf16], name=f"{move.name}/xdna_bf16")
+            copy.attribute.extend(move.attribute)
+            made.append(copy)
+            prev = bf16
+            if any(r.output != chain[i + 1].output for r in readers[move.output[0]]) or move.output[0] in graph_outputs:
+                made.append(helper.make_node("Cast", [bf16], [move.output[0]], to=TensorProto.FLOAT,
+                                             name=f"{move.output[0]}/xdna_to_fp32"))
+        at = nodes.index(before[0])
+        for n in before + [cast]:
+            nodes.remove(n)
+        nodes[at:at] = made
+        changed += 1
+    del g.node[:]
+    g.node.extend(nodes)
     return changed
 
 
@@ -609,10 +675,12 @@ def optimise(source: Path, output: Path, bf16_kv: bool = False, bf16_self: bool 
     rows = logits_rows(model) if source.name == DECODER_FILES[0] else False
     casts = bf16_cross_kv(model) if bf16_kv else 0
     cast_first = cast_before_head_split(model) if bf16_kv else 0
+    at_projection = cast_at_projection(model) if bf16_kv else 0
     self_casts = bf16_self_kv(model) if bf16_kv and bf16_self else 0
     onnx.save(model, str(output))
     return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged,
             "broadcasts": broadcasts, "logits_rows": rows, "bf16_casts": casts, "cast_first": cast_first,
+            "cast_at_projection": at_projection,
             "bf16_self_nodes": self_casts}
 
 
@@ -655,6 +723,7 @@ def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | 
         + (", logits of the asked rows only" if done.get("logits_rows") else "")
         + (f", {done['cast_first']} cross keys cast before their head split" if done.get("cast_first") else "")
         + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "")
+        + (f", {done['cast_at_projection']} of them at their projection" if done.get("cast_at_projection") else "")
         + (f", self-attention cache in bf16 ({done['bf16_self_nodes']} nodes)" if done.get("bf16_self_nodes") else "")
         + f"): {target.parent}")
     return target
