@@ -112,8 +112,11 @@ void divide_rows(float* o, int64_t ldo, int64_t M, int64_t Dv, const float* l) {
     for (int64_t n = 0; n < Dv; ++n) o[m * ldo + n] /= l[m];
 }
 
-// The helpers below are always inlined, so their vector ABI (-Wpsabi) never shows.
+// The helpers below are always inlined, so their vector ABI (-Wpsabi) never shows. They and attend_few_rows are
+// built for avx512f (few_row_kernel checks the CPU first), so that they may use its intrinsics.
 #pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC push_options
+#pragma GCC target("avx512f")
 // 16 fp32 lanes as GCC vector extensions: one zmm in attend_few_rows (built for avx512f).
 using f32x16 = float __attribute__((vector_size(64)));
 using u32x16 = uint32_t __attribute__((vector_size(64)));
@@ -136,12 +139,12 @@ __attribute__((always_inline)) inline f32x16 round_to_bf16_x16(const f32x16& x) 
 
 // 16 consecutive K or V elements as the contract reads them: fp32 rounded to bf16, or bf16 widened (exact).
 __attribute__((always_inline)) inline f32x16 load_bf16_x16(const float* p) { return round_to_bf16_x16(load_f32x16(p)); }
+// One widening load (VPMOVZXWD from memory): GCC 12 lowers __builtin_convertvector u16x16 -> u32x16 to two
+// half-width widenings plus an extract and an insert, four shuffle-port uops per vector (as in
+// emulator_kernels.inc's load_bf16). The same bits.
 __attribute__((always_inline)) inline f32x16 load_bf16_x16(const uint16_t* p) {
-  using u16x16 = uint16_t __attribute__((vector_size(32)));
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  const u32x16 u = __builtin_convertvector(h, u32x16) << 16;
-  return reinterpret_cast<const f32x16&>(u);
+  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return reinterpret_cast<const f32x16&>(w);
 }
 inline float load_bf16(const float* p) { return round_to_bf16(*p); }
 inline float load_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
@@ -256,7 +259,7 @@ __attribute__((always_inline)) inline void weighted_values_rows(const float* p, 
 // a time. s holds M * T scores, qb M * D. Every product is exact (bf16 x bf16), so FMA or not gives the same bits.
 // K and V are each fp32 or bf16 (KT, VT: float or uint16_t). Built for avx512f only: see few_row_kernel.
 template <typename KT, typename VT>
-__attribute__((target("avx512f"))) void attend_few_rows(const AttentionShape& shape, const AttentionHead& h,
+void attend_few_rows(const AttentionShape& shape, const AttentionHead& h,
                                                          const KT* k, const VT* v, float* s, float* qb, float* l) {
   const int64_t M = shape.M, T = shape.T, D = shape.D, Dv = shape.Dv;
   for (int64_t m = 0; m < M; ++m)
@@ -286,6 +289,8 @@ __attribute__((target("avx512f"))) void attend_few_rows(const AttentionShape& sh
     }
   }
 }
+
+#pragma GCC pop_options
 
 // ---- Few query rows on AVX512-BF16 (VDPBF16PS): K and V read as bf16 pairs, no widening ----
 // The same contract as attend_few_rows with other sum orders (the contract leaves them free): S by VDPBF16PS over
