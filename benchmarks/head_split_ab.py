@@ -14,27 +14,13 @@ Without an NPU the XDNA EP computes on the CPU emulator of the NPU kernel contra
     python3 benchmarks/head_split_ab.py [--precision auto] [--steps 400] [--past 128] [--batch 1 5]
 """
 
-import argparse
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemm import machine_line  # noqa: E402
-from masked_attention_ab import step_feed  # noqa: E402
-from whisper import build_clips  # noqa: E402
-
-import onnxruntime_ep_xdna as xdna  # noqa: E402
-from onnxruntime_ep_xdna._precision import DEFAULT as DEFAULT_PRECISION  # noqa: E402
-from onnxruntime_ep_xdna.whisper import ensure_model, features, load_model, onnx_model  # noqa: E402
-from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples  # noqa: E402
-from onnxruntime_ep_xdna.whisper.features import N_FRAMES  # noqa: E402
+import step_ab  # noqa: E402
 
 
 def unsplit_copy(path: Path, out_dir: Path) -> tuple[Path, int]:
@@ -66,59 +52,21 @@ def unsplit_copy(path: Path, out_dir: Path) -> tuple[Path, int]:
     return out, len(extra)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precision", default=DEFAULT_PRECISION)
-    parser.add_argument("--steps", type=int, default=400, help="steps per session and row count")
-    parser.add_argument("--past", type=int, default=128, help="cached tokens")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 5], help="rows (beams)")
-    args = parser.parse_args()
-    ort.set_default_logger_severity(3)
-    print(machine_line())
-    print("no NPU here: the XDNA EP runs the CPU emulator of the NPU kernel contract (CPU figures)")
-    w = load_model(ensure_model("base"), provider="xdna", precision=args.precision)
-    if not w.optimised_paths:
-        sys.exit("the optimised decoder copies are off (XDNA_OPTIMISED_DECODERS=0): nothing to compare")
-    clips, _ = build_clips(fetch_speech_samples(), include_long=False)
-    audio = next(iter(clips.values()))[0]
-    mel = features.from_array(audio, w.n_mels, w.mel_filters)
-    window = w.encode(mel.window(0, min(N_FRAMES, mel.content_frames)))
-    w.start(window, [w.tokens.sot])
-    path = w.optimised_paths[onnx_model.FILES[2]]
-    unsplit, extra = unsplit_copy(path, Path(tempfile.mkdtemp()))
+def unsplit(path: Path, out_dir: Path) -> Path:
+    out, extra = unsplit_copy(path, out_dir)
     print(f"unsplit copy: {extra} head split/merge values also graph outputs")
-    sessions = {"unsplit": unsplit, "read through": path}
-    sessions = {k: ort.InferenceSession(str(p), xdna.session_options(), providers=w._providers)
-                for k, p in sessions.items()}
-    for name, s in sessions.items():
-        placed = xdna.placement(s)
-        on_ep = [op for _, op in placed.on(xdna.EP_NAME)]
-        print(f"{name}: {len(placed.on('CPUExecutionProvider'))} nodes on the CPU EP ({on_ep.count('Reshape')} "
-              f"Reshape, {on_ep.count('Transpose')} Transpose in the EP's nodes), "
-              f"{len(placed.on(xdna.EP_NAME))} in the EP's fused nodes")
-    print(f"\ndecoder_with_past step, past {args.past} tokens, precision {args.precision}, {args.steps} steps each "
-          "in turns (ms; unsplit -> read through)\n")
-    print("| rows | median | 25th percentile | min | median of per-pair differences |")
-    print("|---|---|---|---|---|")
-    for batch in args.batch:
-        feed = step_feed(w, window, batch, args.past)
-        times = {k: [] for k in sessions}
-        outs = {}
-        for k, s in sessions.items():
-            for _ in range(10):
-                outs[k] = s.run_with_ort_values(w._past_outputs, feed)
-        for a, b in zip(outs["unsplit"], outs["read through"]):  # only addressing: the same bits
-            if a.data_type() == "tensor(float)":  # (numpy has no bfloat16: the bf16 caches come from these)
-                assert np.array_equal(a.numpy(), b.numpy(), equal_nan=True), "the two plans differ"
-        for _ in range(args.steps):
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s.run_with_ort_values(w._past_outputs, feed)
-                times[k].append((time.perf_counter() - t) * 1e3)
-        u, f = np.array(times["unsplit"]), np.array(times["read through"])
-        print(f"| {batch} | {np.median(u):.3f} -> {np.median(f):.3f} | {np.percentile(u, 25):.3f} -> "
-              f"{np.percentile(f, 25):.3f} | {u.min():.3f} -> {f.min():.3f} | {statistics.median(u - f):.3f} |",
-              flush=True)
+    return out
+
+
+def describe(placed) -> str:
+    on_ep = [op for _, op in placed.on(step_ab.xdna.EP_NAME)]
+    return (f"{len(placed.on('CPUExecutionProvider'))} nodes on the CPU EP ({on_ep.count('Reshape')} Reshape, "
+            f"{on_ep.count('Transpose')} Transpose in the EP's nodes), {len(on_ep)} in the EP's fused nodes")
+
+
+def main() -> None:
+    # only addressing changes: both plans give the same float outputs
+    step_ab.run(step_ab.parse_args(__doc__), unsplit, ("unsplit", "read through"), describe, same_outputs=True)
 
 
 if __name__ == "__main__":

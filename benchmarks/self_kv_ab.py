@@ -20,18 +20,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemm import machine_line  # noqa: E402
 from whisper import build_clips  # noqa: E402
-from whisper_profile import profiled_session  # noqa: E402
+from whisper_profile import profiled_session, step_feed  # noqa: E402
 
 from onnxruntime_ep_xdna.whisper import ensure_model, features, onnx_model, transcribe_all  # noqa: E402
 from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples  # noqa: E402
 from onnxruntime_ep_xdna.whisper.features import N_FRAMES  # noqa: E402
-from onnxruntime_ep_xdna.whisper.onnx_model import WhisperOnnx, ortvalue_like  # noqa: E402
+from onnxruntime_ep_xdna.whisper.onnx_model import WhisperOnnx  # noqa: E402
 
 CACHES = {"0": "fp32", "1": "bf16"}
 
@@ -44,19 +43,6 @@ def models(precision: str) -> dict:
     del os.environ["XDNA_BF16_SELF_KV"]
     assert out["1"]._self_kv_type == "tensor(bfloat16)" and out["0"]._self_kv_type == "tensor(float)"
     return out
-
-
-def step_feed(w, window, batch: int, past: int) -> dict:
-    rng = np.random.default_rng(0)
-    feed = dict(window.cross)
-    for name in w._as_past.values():
-        if ".decoder." in name:
-            kv = rng.standard_normal((batch, w._kv_heads, past, w._kv_dim)).astype(np.float32)
-            if w._self_kv_type == "tensor(bfloat16)":
-                kv = (kv.view(np.uint32) >> 16).astype(np.uint16)
-            feed[name] = ortvalue_like(kv, w._self_kv_type)
-    feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.full((batch, 1), 440, np.int64))
-    return feed
 
 
 def step_profiles(ws: dict, mel, steps: int) -> None:

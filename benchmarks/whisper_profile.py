@@ -97,6 +97,22 @@ def run_profile(sessions, outputs, feed, runs: int) -> list[tuple[dict, float]]:
     return out
 
 
+def step_feed(w, window, batch: int, past: int) -> dict:
+    """One decoder_with_past step's inputs: `window`'s cross-attention K/V, a random self-attention cache of `past`
+    tokens at `batch` rows (in the cache's type: the bits of bf16 (truncated) values under decoder_graph pass 7) and
+    one token per row."""
+    rng = np.random.default_rng(0)
+    feed = dict(window.cross)
+    for name in w._as_past.values():
+        if ".decoder." in name:
+            kv = rng.standard_normal((batch, w._kv_heads, past, w._kv_dim)).astype(np.float32)
+            if w._self_kv_type == "tensor(bfloat16)":
+                kv = (kv.view(np.uint32) >> 16).astype(np.uint16)
+            feed[name] = onnx_model.ortvalue_like(kv, w._self_kv_type)
+    feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.full((batch, 1), 440, np.int64))
+    return feed
+
+
 def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int = 0,
                  compare_original: bool = False) -> list[dict]:
     """decoder_with_past at `batch` rows (the cross-attention K/V at batch 1, as `xdna transcribe` feeds them) with
@@ -106,16 +122,7 @@ def step_profile(w, window, batch: int, past_len: int, steps: int, threads: int 
     if compare_original and w.bf16_cross_kv:
         print("(--compare-original skipped: the cross-attention K/V are bf16 here; XDNA_BF16_CROSS_KV=0 compares)")
     sessions = [profiled_session(w, onnx_model.FILES[2], threads, original) for original in graphs]
-    rng = np.random.default_rng(0)
-    feed = dict(window.cross)
-    for name in w._as_past.values():
-        if ".decoder." in name:
-            kv = rng.standard_normal((batch, w._kv_heads, past_len, w._kv_dim)).astype(np.float32)
-            if w._self_kv_type == "tensor(bfloat16)":  # decoder_graph pass 7: the bits of bf16 (truncated) values
-                kv = (kv.view(np.uint32) >> 16).astype(np.uint16)
-            feed[name] = onnx_model.ortvalue_like(kv, w._self_kv_type)
-    feed["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.full((batch, 1), 440, np.int64))
-    results = run_profile(sessions, w._past_outputs, feed, steps)
+    results = run_profile(sessions, w._past_outputs, step_feed(w, window, batch, past_len), steps)
     which = ["optimum's graph" if original else ("optimised copy" if w.optimised_paths else "optimum's graph")
              for original in graphs]
     return [{"what": f"decoder_with_past ({name}), batch {batch}, past {past_len} tokens", "threads": threads,
