@@ -54,6 +54,17 @@ def xdna_session(model: bytes, options: dict | None = None, level=None, so=None)
     return ort.InferenceSession(model, so, providers=providers)
 
 
+def compiled_and_reloaded(model: bytes, ctx_path):
+    """`model` compiled for the EP (ep.context_enable=1: ORT writes it to `ctx_path` as the session is created), then
+    loaded from there in a new session."""
+    so = ort.SessionOptions()
+    so.add_session_config_entry("ep.context_enable", "1")
+    so.add_session_config_entry("ep.context_file_path", str(ctx_path))
+    xdna_session(model, so=so)
+    assert ctx_path.exists()
+    return ort.InferenceSession(str(ctx_path), xdna.session_options(), providers=[EP, "CPUExecutionProvider"])
+
+
 def cpu_session(model: bytes, level=None):
     so = ort.SessionOptions()
     if ORT_THREADS:

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
 from cpu_isa import check_with_isa
-from ep_helpers import EP, bf16_round_trip, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
+from ep_helpers import bf16_round_trip, compiled_and_reloaded, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
 from test_gemm_epilogue import FUSED_CASES, _model
 
 CAST = "to_bf16"
@@ -189,16 +189,9 @@ def test_a_bf16_output_the_group_reads_itself():
 def test_compiled_model_round_trips(tmp_path):
     """EPContext carries output_bf16: a compiled model writes the same bf16 bits."""
     model, feeds, _, out = _model((2, 19, 64), 64, 77, ["bias", "gelu", "residual"])
-    src = tmp_path / "m.onnx"
-    src.write_bytes(with_output_cast(model, out))
-    direct = bf16_bits(xdna_session(src.read_bytes()), feeds)
-    ctx = tmp_path / "m_ctx.onnx"
-    so = xdna.session_options()
-    so.add_session_config_entry("ep.context_enable", "1")
-    so.add_session_config_entry("ep.context_file_path", str(ctx))
-    ort.InferenceSession(str(src), so, providers=[EP, "CPUExecutionProvider"])
-    assert ctx.exists()
-    loaded = ort.InferenceSession(str(ctx), xdna.session_options(), providers=[EP, "CPUExecutionProvider"])
+    cast_model = with_output_cast(model, out)
+    direct = bf16_bits(xdna_session(cast_model), feeds)
+    loaded = compiled_and_reloaded(cast_model, tmp_path / "m_ctx.onnx")
     np.testing.assert_array_equal(bf16_bits(loaded, feeds), direct)
 
 

@@ -14,7 +14,7 @@ from onnx import helper
 import onnxruntime_ep_xdna as xdna
 
 from cpu_isa import check_with_isa, run_with_isa
-from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
+from ep_helpers import compiled_and_reloaded, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
 from numerics import assert_within, epilogue_bound, epilogue_exact, fp32_eps, gelu64, precision_bound
 
 MS = "com.microsoft"
@@ -175,21 +175,9 @@ def test_product_read_twice_keeps_its_add_on_cpu():
 
 def test_epilogue_compiled_model_round_trips(tmp_path):
     """EPContext carries the epilogue: a compiled model gives the same numbers, bit for bit."""
-    import onnxruntime as ort
-
-    import onnxruntime_ep_xdna as xdna
-
     model, feeds, consts, _ = _model((2, 19, 64), 64, 77, ["bias", "gelu", "residual"])
-    src = tmp_path / "m.onnx"
-    src.write_bytes(model)
     direct = xdna_session(model).run(None, feeds)[0]
-    ctx = tmp_path / "m_ctx.onnx"
-    so = xdna.session_options()
-    so.add_session_config_entry("ep.context_enable", "1")
-    so.add_session_config_entry("ep.context_file_path", str(ctx))
-    ort.InferenceSession(str(src), so, providers=[EP, "CPUExecutionProvider"])
-    assert ctx.exists()
-    loaded = ort.InferenceSession(str(ctx), xdna.session_options(), providers=[EP, "CPUExecutionProvider"])
+    loaded = compiled_and_reloaded(model, tmp_path / "m_ctx.onnx")
     np.testing.assert_array_equal(loaded.run(None, feeds)[0], direct)
 
 
