@@ -379,10 +379,15 @@ void append_to_cache(const OpPlan& plan, TensorIo& io, const float* y, const Dim
     throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': its product does not split into " +
                                                  std::to_string(H) + " heads of " + std::to_string(D));
   const int64_t B = y_dims[0], S = y_dims[1];
-  if (!past.bf16 || past.dims.size() != 4 || past.dims[0] != B || past.dims[1] != H || past.dims[3] != D)
+  // (ORT may give an empty tensor no data pointer at all)
+  const bool bf16 = past.bf16 || (!past.data && count(past.dims) == 0);
+  if (!bf16 || past.dims.size() != 4 || past.dims[0] != B || past.dims[1] != H || past.dims[3] != D) {
+    std::string dims;
+    for (int64_t d : past.dims) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
     throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': past cache '" + plan.cache_past.name +
-                                                 "' is not a bfloat16 [" + std::to_string(B) + ", " +
+                                                 "' [" + dims + "] is not a bfloat16 [" + std::to_string(B) + ", " +
                                                  std::to_string(H) + ", T, " + std::to_string(D) + "]");
+  }
   const int64_t T = past.dims[2];
   uint16_t* present = io.output_bf16(plan.output, {B, H, T + S, D});
   for (int64_t b = 0; b < B; ++b)

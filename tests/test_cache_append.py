@@ -63,8 +63,11 @@ def cache_model(*, bias=True, cast_first=False, width=C, heads=H, depth=D, axis=
 
 
 def bf16_value(bits: np.ndarray) -> ort.OrtValue:
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(bits, np.uint16),
-                                                           onnx_element_type=TensorProto.BFLOAT16)
+    """A bfloat16 OrtValue of ORT's own allocation, as the decoder feeds its caches (onnx_model.ortvalue_like): an
+    empty one has no data pointer at all."""
+    from onnxruntime_ep_xdna.whisper.onnx_model import ortvalue_like
+
+    return ortvalue_like(np.ascontiguousarray(bits, np.uint16), "tensor(bfloat16)")
 
 
 def present_bits(session, x: np.ndarray, past_bits: np.ndarray) -> np.ndarray:
@@ -205,7 +208,7 @@ def test_a_past_of_other_heads_is_a_clear_error():
     s = xdna_session(m.SerializeToString())
     assert "append" in {name for name, _ in ep_nodes(s)}
     x, _ = inputs(1, 1, 0)
-    with pytest.raises(Exception, match="past cache 'past' is not a bfloat16"):
+    with pytest.raises(Exception, match=r"past cache 'past' \[1, 5, 3, 16\] is not a bfloat16 \[1, 4, T, 16\]"):
         present_bits(s, x, np.zeros((1, H + 1, 3, D), np.uint16))
     # and the session still works
     x, past = inputs(1, 1, 3)
