@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "ep_plugin/dispatch.h"
+#include "kernels/emulator/emulator.h"
 #include "kernels/ep_buffers.h"
 #include "kernels/packing.h"
 #include "ops/op.h"
@@ -390,12 +391,16 @@ void append_to_cache(const OpPlan& plan, TensorIo& io, const float* y, const Dim
   }
   const int64_t T = past.dims[2];
   uint16_t* present = io.output_bf16(plan.output, {B, H, T + S, D});
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      uint16_t* dst = present + (b * H + h) * (T + S) * D;
-      if (T > 0) std::memcpy(dst, past.bf16 + (b * H + h) * T * D, static_cast<size_t>(T * D) * sizeof(uint16_t));
-      for (int64_t s = 0; s < S; ++s) kernels::store_bf16_as_cast(y + ((b * S + s) * H + h) * D, dst + (T + s) * D, D);
-    }
+  auto one_head = [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    uint16_t* dst = present + bh * (T + S) * D;
+    if (T > 0) std::memcpy(dst, past.bf16 + bh * T * D, static_cast<size_t>(T * D) * sizeof(uint16_t));
+    for (int64_t s = 0; s < S; ++s) kernels::store_bf16_as_cast(y + ((b * S + s) * H + h) * D, dst + (T + s) * D, D);
+  };
+  // A large past (beams x a long prompt: MBs per layer) is copied on the host's thread pool (ORT's Concat, which
+  // this replaces, used its own threads: one core copied it measurably slower); a small one on this thread.
+  const bool large = B * H * (T + S) * D * static_cast<int64_t>(sizeof(uint16_t)) >= (int64_t{1} << 18);
+  kernels::emulator_parallel_for(large ? 0 : 1, B * H, one_head);
 }
 
 void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {

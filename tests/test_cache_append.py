@@ -121,7 +121,8 @@ def check_present(B, S, T, *, bias, cast_first, options=None, seed=1, x=None, ag
     return got
 
 
-@pytest.mark.parametrize("B,S,T", [(1, 1, 0), (1, 1, 1), (1, 1, 128), (5, 1, 0), (5, 1, 1), (5, 1, 128), (2, 3, 7)])
+# (5, 1, 448): a past large enough to be copied on the thread pool
+@pytest.mark.parametrize("B,S,T", [(1, 1, 0), (1, 1, 1), (1, 1, 128), (5, 1, 0), (5, 1, 1), (5, 1, 128), (2, 3, 7), (5, 1, 448)])
 @pytest.mark.parametrize("bias,cast_first", [(True, False), (False, True)], ids=["value", "key"])
 def test_present_has_the_bits_of_the_cpu_chain(B, S, T, bias, cast_first):
     check_present(B, S, T, bias=bias, cast_first=cast_first, seed=B * 1000 + S * 100 + T)
