@@ -265,7 +265,8 @@ bool claim_cache_append(const OrtApi& api, const GraphIndex& index, const std::s
   }
   int64_t to = 0;
   if (!concat || !cast || !int_attr(api, cast, "to", &to) || to != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return false;
-  const std::string stays = "; the cache append after it (Reshape, Transpose, Cast to bf16, Concat) stays on the CPU EP (";
+  const std::string stays =
+      "; the cache append after it (Reshape, Transpose, Cast to bf16, Concat) stays on the CPU EP (";
   const NodeIo rio = node_io(api, reshape);
   ONNXTensorElementDataType tx;
   const Operand x = rio.inputs.empty() || !rio.inputs[0] ? Operand{} : describe(api, rio.inputs[0], &tx);
@@ -289,16 +290,17 @@ bool claim_cache_append(const OrtApi& api, const GraphIndex& index, const std::s
   }
   const NodeIo cio = node_io(api, concat);
   int64_t axis = 0;
-  if (cio.inputs.size() != 2 || !cio.inputs[0] || !cio.inputs[1] || value_name(api, cio.inputs[1]) != output_of(chain.back()) ||
-      cio.outputs.size() != 1 || !cio.outputs[0] || !int_attr(api, concat, "axis", &axis) || (axis != 2 && axis != -2)) {
+  if (cio.inputs.size() != 2 || !cio.inputs[0] || !cio.inputs[1] ||
+      value_name(api, cio.inputs[1]) != output_of(chain.back()) || cio.outputs.size() != 1 || !cio.outputs[0] ||
+      !int_attr(api, concat, "axis", &axis) || (axis != 2 && axis != -2)) {
     *why = stays + "not Concat(past, new) on axis 2)";
     return false;
   }
   ONNXTensorElementDataType tp;
   const Operand past = describe(api, cio.inputs[0], &tp);
   auto differs = [](int64_t a, int64_t b) { return a >= 0 && b >= 0 && a != b; };
-  if (tp != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || past.constant || past.rank != 4 || differs(past.dims[0], x.dims[0]) ||
-      differs(past.dims[1], heads) || differs(past.dims[3], depth)) {
+  if (tp != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || past.constant || past.rank != 4 ||
+      differs(past.dims[0], x.dims[0]) || differs(past.dims[1], heads) || differs(past.dims[3], depth)) {
     *why = stays + "the past is not a run-time bfloat16 [B, " + std::to_string(heads) + ", T, " +
            std::to_string(depth) + "])";
     return false;

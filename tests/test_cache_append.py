@@ -57,8 +57,8 @@ def cache_model(*, bias=True, cast_first=False, width=C, heads=H, depth=D, axis=
         rank = 4 if extra_output == "mid" else 3
         outputs.append(helper.make_tensor_value_info(extra_output, TensorProto.BFLOAT16 if bf16 else TensorProto.FLOAT,
                                                      [None] * rank))
-    model = make_model(nodes, [tensor("x", ["b", "s", width]), tensor("past", ["b", heads, "t", depth], TensorProto.BFLOAT16)],
-                       outputs, inits)
+    past = tensor("past", ["b", heads, "t", depth], TensorProto.BFLOAT16)
+    model = make_model(nodes, [tensor("x", ["b", "s", width]), past], outputs, inits)
     return model, w, b
 
 
@@ -122,7 +122,8 @@ def check_present(B, S, T, *, bias, cast_first, options=None, seed=1, x=None, ag
 
 
 # (5, 1, 448): a past large enough to be copied on the thread pool
-@pytest.mark.parametrize("B,S,T", [(1, 1, 0), (1, 1, 1), (1, 1, 128), (5, 1, 0), (5, 1, 1), (5, 1, 128), (2, 3, 7), (5, 1, 448)])
+@pytest.mark.parametrize("B,S,T", [(1, 1, 0), (1, 1, 1), (1, 1, 128), (5, 1, 0), (5, 1, 1), (5, 1, 128), (2, 3, 7),
+                                    (5, 1, 448)])
 @pytest.mark.parametrize("bias,cast_first", [(True, False), (False, True)], ids=["value", "key"])
 def test_present_has_the_bits_of_the_cpu_chain(B, S, T, bias, cast_first):
     check_present(B, S, T, bias=bias, cast_first=cast_first, seed=B * 1000 + S * 100 + T)
