@@ -64,6 +64,7 @@ std::vector<std::string> NodeKernel::runtime_operands() const {
   if (!plan_.b.constant) names.push_back(plan_.b.name);
   if (plan_.c.present && !plan_.c.constant) names.push_back(plan_.c.name);
   if (plan_.v.present && !plan_.v.constant) names.push_back(plan_.v.name);
+  if (plan_.cache_past.present) names.push_back(plan_.cache_past.name);
   return names;
 }
 
