@@ -441,6 +441,13 @@ PYBIND11_MODULE(_native, m) {
       py::arg("zero_nan_rows") = false,
       "Fused attention on the emulator (the contract's reference), one head or [H, ...] heads in one call; mask: "
       "the additive mask [H, M, T], zero_nan_rows: the NaN rule (attention_contract.h)");
+  m.def("emulator_attention_exp", [](F32Array x, bool fma_form) -> py::object {
+        py::array_t<float> out(x.request().shape);
+        if (!k::emulator_attention_exp(x.data(), out.mutable_data(), x.size(), fma_form)) return py::none();
+        return std::move(out);
+      }, py::arg("x"), py::arg("fma_form"),
+      "The fused attention softmax's exp on floats <= 0 (fma_form: the AVX-512 form of the amx / avx512bf16 sets; "
+      "None on a CPU without it)");
   m.def("emulator_attention_bf16_kv", [set_mask](F32Array q, py::array_t<uint16_t, py::array::c_style> k,
                                                  py::array_t<uint16_t, py::array::c_style> v, float scale, int threads,
                                                  std::optional<F32Array> mask, bool zero_nan_rows) {

@@ -3,9 +3,9 @@
 // scores into bf16 weights. Compiled for avx512f/bw/bf16 and FMA wherever included (the pragma below); callers check
 // the CPU first.
 //
-// Numerics: the exp is emulator_attention.cc's exp_nonpositive (Cephes expf, the same constants) evaluated with
-// FMAs: checked over every float in [-87, 0], its relative error is at most 2^-23.5 (the contract allows 2^-21); its
-// bits may differ from the other kernel sets' in the last place.
+// Numerics: the exp is emulator_attention.cc's exp_nonpositive (2^n times a degree-3 polynomial of 2^f, the same
+// constants) evaluated with FMAs: checked over every float in [-87, 0], its relative error is at most 2^-13.6 (the
+// contract allows 2^-13.5); its bits may differ from the other kernel sets' in the last place.
 #pragma once
 
 #include <immintrin.h>
@@ -13,6 +13,14 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+namespace xdna::kernels::emu {
+// The softmax's exp (exp_nonpositive here and in emulator_attention.cc): exp(x) = 2^n p(f), t = x kLog2e, n = rint(t),
+// f = t - n; p(f) = sum_i kExp2Poly[i] f^i, the relative minimax fit of 2^f on [-1/2, 1/2] (error 2^-13.7 at float64).
+inline constexpr float kLog2e = 1.44269504088896341f;
+inline constexpr float kExp2Poly[4] = {0.9999280571937561f, 0.6932609677314758f, 0.24261093139648438f,
+                                       0.05517149344086647f};
+}  // namespace xdna::kernels::emu
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
@@ -32,17 +40,12 @@ inline __m256i to_bf16(__m512 x) {
 // exp(x) for x <= 0 in the lanes of `lanes` (emulator_attention.cc's exp_nonpositive with FMAs), 0 below -87 and
 // in the other lanes (whatever the reduction made of them there).
 inline __m512 exp_nonpositive(__m512 x, __mmask16 lanes) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);  // exact
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp2Poly[3]), f, _mm512_set1_ps(kExp2Poly[2]));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[1]));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[0]));
   const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
   return _mm512_maskz_scalef_ps(kept, p, n);
 }
