@@ -631,23 +631,24 @@ void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size
 }  // namespace
 
 namespace {
-XDNA_BF16_KERNEL void attention_exp_fma(const float* x, float* out, int64_t n) {
+XDNA_BF16_KERNEL void attention_exp_fma(const float* x, float* out, int64_t n, bool base2) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = emu::lanes_below(i, n);
-    _mm512_mask_storeu_ps(out + i, m, emu::exp_nonpositive(_mm512_maskz_loadu_ps(m, x + i), m));
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    _mm512_mask_storeu_ps(out + i, m, base2 ? emu::exp2_row(v, m) : emu::exp_nonpositive(v, m));
   }
 }
 }  // namespace
 
-bool emulator_attention_exp(const float* x, float* out, int64_t n, bool fma_form) {
-  if (!fma_form) {
+bool emulator_attention_exp(const float* x, float* out, int64_t n, int form) {
+  if (form == 0) {
     for (int64_t i = 0; i < n; ++i) out[i] = exp_nonpositive(x[i]);
     return true;
   }
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
       !__builtin_cpu_supports("avx512bf16"))
     return false;
-  attention_exp_fma(x, out, n);
+  attention_exp_fma(x, out, n, form == 2);
   return true;
 }
 

@@ -37,17 +37,27 @@ inline __m256i to_bf16(__m512 x) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-// exp(x) for x <= 0 in the lanes of `lanes` (emulator_attention.cc's exp_nonpositive with FMAs), 0 below -87 and
-// in the other lanes (whatever the reduction made of them there).
-inline __m512 exp_nonpositive(__m512 x, __mmask16 lanes) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
+// 2^t for t <= 0 in the lanes of `kept` (0 in the others): 2^n exactly (VSCALEFPS) times the degree-3 polynomial
+// of 2^f, n = rint(t), f = t - n (exact). `kept` holds only lanes with t >= -125.5 (so n >= -126 and p 2^n normal).
+inline __m512 exp2_nonpositive(__m512 t, __mmask16 kept) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);  // exact
+  const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp2Poly[3]), f, _mm512_set1_ps(kExp2Poly[2]));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[1]));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[0]));
-  const __mmask16 kept = _mm512_mask_cmp_ps_mask(lanes, x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
   return _mm512_maskz_scalef_ps(kept, p, n);
+}
+
+// exp(x) for x <= 0 in the lanes of `lanes` (emulator_attention.cc's exp_nonpositive with FMAs), 0 below -87 and
+// in the other lanes.
+inline __m512 exp_nonpositive(__m512 x, __mmask16 lanes) {
+  return exp2_nonpositive(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                          _mm512_mask_cmp_ps_mask(lanes, x, _mm512_set1_ps(-87.f), _CMP_GE_OQ));
+}
+
+// 2^t on the lanes of `lanes` with t >= -125.5, 0 elsewhere (below: < 2^-125, lost against the row's 1).
+inline __m512 exp2_row(__m512 t, __mmask16 lanes) {
+  return exp2_nonpositive(t, _mm512_mask_cmp_ps_mask(lanes, t, _mm512_set1_ps(-125.5f), _CMP_GE_OQ));
 }
 
 inline __mmask16 lanes_below(int64_t t, int64_t T) {
@@ -59,8 +69,9 @@ inline __mmask16 lanes_below(int64_t t, int64_t T) {
 // returns the row sum. NaN or +Inf among the masked scores (or only -Inf) gives NaN, as ORT's Softmax does (p is
 // then zero: the output row is 0 / NaN); under the NaN rule (zero_nan) 1: the row's weights are zero.
 // Two passes (the max, then the weights), each over whole vectors without lane masks, then a masked tail: with the
-// degree-3 exp, each vector's lanes_below and branches took about a third of the weights pass (perf). Without a mask and with a positive finite scale the max pass reads the
-// raw scores: fl(scale max s) = max fl(scale s) (rounding is monotone), NaN there iff NaN in s. The same bits.
+// degree-3 exp, each vector's lanes_below and branches took about a third of the weights pass (perf). Without a
+// mask and with a positive finite scale the max pass reads the raw scores: fl(scale max s) = max fl(scale s)
+// (rounding is monotone), NaN there iff NaN in s.
 inline float softmax_row_bf16(const float* s, int64_t T, int64_t tp, float scale, const float* mask, bool zero_nan,
                               uint16_t* p) {
   const __m512 vscale = _mm512_set1_ps(scale);
@@ -89,30 +100,47 @@ inline float softmax_row_bf16(const float* s, int64_t T, int64_t tp, float scale
     nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
     vmax[0] = _mm512_mask_max_ps(vmax[0], m, vmax[0], v);
   }
-  float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
-  if (raw_max) mx *= scale;
+  const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(vmax[0], vmax[1]), _mm512_max_ps(vmax[2], vmax[3])));
+  const float mx = raw_max ? top * scale : top;
   if (nan || !std::isfinite(mx)) {
     for (int64_t i = 0; i < tp; i += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), _mm256_setzero_si256());
     return zero_nan ? 1.f : std::numeric_limits<float>::quiet_NaN();
   }
-  const __m512 vmx = _mm512_set1_ps(mx);
-  // P by VCVTNE2PS2BF16 (round to nearest even; the weights are 0 or normal, >= e^-87, so its flush of subnormal
+  // Without a mask the exponent is taken in base 2 by one FMA, t = fl(s c - ctop), c = fl(scale log2 e), ctop =
+  // fl(c max s): ctop is common to the row (it cancels in P / l), c's rounding and the FMA's move t by at most 2.3 2^-24 |x| (x the
+  // natural exponent scale (s - max s)), inside the contract's allowance for the scaling and the max subtraction
+  // (tests/numerics.py attention_bound), and the exp is the polynomial's alone. Masked rows: the scaled score, the
+  // mask, the max subtracted, then exp_nonpositive, as the contract states them.
+  const float c = scale * kLog2e, ctop = c * top;
+  const bool base2 = raw_max && std::isfinite(c) && std::isfinite(ctop);
+  const __m512 vmx = _mm512_set1_ps(mx), vc = _mm512_set1_ps(c), minus_ctop = _mm512_set1_ps(-ctop);
+  // P by VCVTNE2PS2BF16 (round to nearest even; the weights are 0 or normal, >= 2^-126, so its flush of subnormal
   // inputs changes nothing), l by VDPBF16PS against ones: each weight added exactly once in fp32, 32 weights at a
   // time into sum0 and sum1 in turns.
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);
   __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-  const auto weights = [&](int64_t i, __mmask16 m0, __mmask16 m1, __m512& sum) {
-    const __m512 x0 = _mm512_sub_ps(scores(i, m0, vscale), vmx), x1 = _mm512_sub_ps(scores(i + 16, m1, vscale), vmx);
-    const __m512bh w = _mm512_cvtne2ps_pbh(exp_nonpositive(x1, m1), exp_nonpositive(x0, m0));
-    _mm512_storeu_si512(p + i, (__m512i)w);
-    sum = _mm512_dpbf16_ps(sum, w, ones);
+  const auto weights_pass = [&](auto exps) {
+    const auto weights = [&](int64_t i, __mmask16 m0, __mmask16 m1, __m512& sum) {
+      const __m512bh w = _mm512_cvtne2ps_pbh(exps(i + 16, m1), exps(i, m0));
+      _mm512_storeu_si512(p + i, (__m512i)w);
+      sum = _mm512_dpbf16_ps(sum, w, ones);
+    };
+    int64_t i = 0;
+    for (; i + 64 <= T; i += 64) {
+      weights(i, 0xffff, 0xffff, sum0);
+      weights(i + 32, 0xffff, 0xffff, sum1);
+    }
+    for (; i < tp; i += 32)  // tp: a multiple of 32
+      weights(i, lanes_below(i, T), lanes_below(i + 16, T), i / 32 % 2 ? sum1 : sum0);
   };
-  for (t = 0; t + 64 <= T; t += 64) {
-    weights(t, 0xffff, 0xffff, sum0);
-    weights(t + 32, 0xffff, 0xffff, sum1);
-  }
-  for (; t < tp; t += 32)  // tp: a multiple of 32
-    weights(t, lanes_below(t, T), lanes_below(t + 16, T), t / 32 % 2 ? sum1 : sum0);
+  if (base2)
+    weights_pass([&](int64_t i, __mmask16 lanes) {
+      return exp2_row(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, s + i), vc, minus_ctop), lanes);
+    });
+  else
+    weights_pass([&](int64_t i, __mmask16 lanes) {
+      return exp_nonpositive(_mm512_sub_ps(scores(i, lanes, vscale), vmx), lanes);
+    });
   return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }
 
