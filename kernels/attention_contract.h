@@ -5,7 +5,10 @@
 //   S[m][t] = scale * sum_d bf16(Q[m][d]) * bf16(K^T[d][t])        products exact, sums in fp32, scale in fp32
 //             (+ mask[m][t], fp32, when the head has a mask)        the additive mask: 0 / -Inf, or any float
 //   mx[m]   = max_t S[m][t]
-//   P[m][t] = bf16(exp(S[m][t] - mx[m]))                            exp in fp32, rounded to nearest even
+//   P[m][t] = bf16(exp(S[m][t] - mx[m]))                            exp in fp32 (relative error <= 2^-13.5),
+//                                                                   rounded to nearest even
+//             (without a mask, also 2^(fl(s c - fl(c max s)))      s the fp32 sum, c = fl(scale log2 e): one FMA
+//              for exp(S - mx): the exponent in base 2)            for the scaling and the max's subtraction
 //   l[m]    = sum_t P[m][t]                                         fp32
 //   O[m][n] = (sum_t P[m][t] * bf16(V[t][n])) / l[m]                 sums in fp32, one fp32 division
 //
@@ -18,10 +21,14 @@
 // MatMul of a zero row gives. (No other row holds a NaN weight, so the rule changes no other row.)
 //
 // Bound (tests/numerics.py attention_bound, derived there): with delta_t the contract's GEMM bound on one score
-// (bf16 Q, K, the fp32 sum, the scale), each weight P/l is within a factor
-//   eta = e^(2 max_t delta_t) (1 + rho) / (1 - rho) (1 + T 2^-23) - 1,  rho = 2^-9 + 2^-21 (P's rounding, exp's error)
+// (bf16 Q, K, the fp32 sum, the scale, the max's subtraction), each weight P/l is within a factor
+//   eta = e^(2 max_t delta_t) (1 + rho) / (1 - rho) (1 + T 2^-23) - 1,  rho = 2^-8 + 2^-13
 // of the exact softmax weight w*, and V's rounding plus the fp32 PV sum add (2^-8 + (T + 1) 2^-23):
 //   |O - O*| <= (eta + (1 + eta)(2^-8 + (T + 1) 2^-23)) sum_t w*_t |V[t][n]|
+// rho: P's rounding to 8 significant bits after the exp's 2^-13.5, (1 + 2^-8)(1 + 2^-13.5) - 1 < rho. P keeps 8
+// bits, so an exp good to 2^-13.5 (the emulator's degree-3 polynomial, emulator_attention.cc) costs the bound ~3 %;
+// the NPU kernel's exp (kernels/aie/attention_bf16.cc, Cephes, 2^-21) and attention_design.simulate's (exact) are
+// within it too.
 #pragma once
 
 #include <cstdint>

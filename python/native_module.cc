@@ -441,6 +441,15 @@ PYBIND11_MODULE(_native, m) {
       py::arg("zero_nan_rows") = false,
       "Fused attention on the emulator (the contract's reference), one head or [H, ...] heads in one call; mask: "
       "the additive mask [H, M, T], zero_nan_rows: the NaN rule (attention_contract.h)");
+  m.def("emulator_attention_exp", [](F32Array x, const std::string& form) -> py::object {
+        const int f = form == "scalar" ? 0 : form == "fma" ? 1 : form == "fma_base2" ? 2 : -1;
+        if (f < 0) throw std::invalid_argument("form must be scalar, fma or fma_base2");
+        py::array_t<float> out(x.request().shape);
+        if (!k::emulator_attention_exp(x.data(), out.mutable_data(), x.size(), f)) return py::none();
+        return std::move(out);
+      }, py::arg("x"), py::arg("form"),
+      "The fused attention softmax's exp on floats <= 0: scalar (the sets without AVX512-BF16), fma (the AVX-512 "
+      "form of the amx / avx512bf16 sets), fma_base2 (2^x there, unmasked rows); None on a CPU without AVX512-BF16");
   m.def("emulator_attention_bf16_kv", [set_mask](F32Array q, py::array_t<uint16_t, py::array::c_style> k,
                                                  py::array_t<uint16_t, py::array::c_style> v, float scale, int threads,
                                                  std::optional<F32Array> mask, bool zero_nan_rows) {

@@ -17,9 +17,9 @@
 // the running max m, sum l and the rescale factors) lives in this core's static data: 14.3 KiB, plus the objects
 // (Q 8, K 2 x 8, V 8, O 8 KiB): 54.3 KiB of the 64 KiB data memory (attention_design.l1_bytes).
 //
-// The softmax is written as plain fp32 loops; exp is evaluated in fp32 by the emulator's polynomial (relative error
-// below 2^-21, the contract's allowance; AIE-ML's bf16 exp LUT rounds its input to bf16 and would miss it). How fast
-// Peano makes these loops on AIE-ML (fp32 multiplies are emulated with bf16 MACs, UG1603) is NOT known here: the
+// The softmax is written as plain fp32 loops; exp is evaluated in fp32 by Cephes expf (relative error below 2^-21,
+// within the contract's 2^-13.5, attention_contract.h; AIE-ML's bf16 exp LUT rounds its input to bf16 and would
+// miss it). How fast Peano makes these loops on AIE-ML (fp32 multiplies are emulated with bf16 MACs, UG1603) is NOT known here: the
 // dataflow model assumes 0.5 core cycles per score.
 #include <aie_api/aie.hpp>
 
@@ -44,8 +44,9 @@ alignas(32) float g_st[kKeys * kRows];   // S^T, 8 x 8 blocks of 4x4 (key x row)
 alignas(32) bfloat16 g_p[kRows * kKeys]; // P, blocked
 float g_m[kRows], g_l[kRows], g_c[kRows];
 
-// exp(x) for x <= 0 (and NaN) in fp32: Cody-Waite reduction and a degree-6 polynomial (Cephes expf), the same
-// evaluation as the emulator's. Below -87 it returns 0 (the true value is < 2^-125, lost against the row's 1).
+// exp(x) for x <= 0 (and NaN) in fp32: Cody-Waite reduction and a degree-6 polynomial (Cephes expf; the emulator
+// runs a degree-3 one, the contract allows either). Below -87 it returns 0 (the true value is < 2^-125, lost against
+// the row's 1).
 inline float exp_nonpositive(float x) {
   if (x != x) return x;
   if (x < -87.f) return 0.f;

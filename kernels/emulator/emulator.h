@@ -34,6 +34,12 @@ void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, 
 // amx kernel set runs, else the active set's blocked GEMM kernel).
 void emulator_attention(const AttentionShape& shape, const AttentionHead* heads, size_t count, int threads = 0);
 
+// The fused attention softmax's exp on n floats x <= 0 (tests measure its error against float64): form 0, exp(x) as
+// the kernel sets without AVX512-BF16 run it; 1, exp(x) in the AVX-512 FMA form of the amx and avx512bf16 sets;
+// 2, 2^x there (the unmasked rows' base-2 exponent). False, nothing written, for forms 1 and 2 on a CPU without
+// avx512f/bw/bf16.
+bool emulator_attention_exp(const float* x, float* out, int64_t n, int form);
+
 // fn(0..tasks-1) on the emulator's thread pool (the caller works too).
 void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(int64_t)>& fn);
 

@@ -20,21 +20,19 @@
 namespace xdna::kernels {
 namespace {
 
-// exp(x) for x <= 0 in fp32 (Cephes expf: Cody-Waite reduction, degree-6 polynomial; relative error below
-// 2^-21, which the contract's bound allows for). Branch-free so that the row loop vectorises. Below -87 it returns
-// 0: the exact value (< 2^-125) is lost against the row's largest weight, exp(0) = 1.
+// exp(x) for x <= 0 in fp32 as 2^t, t = x log2(e) rounded to fp32: 2^n exact by the exponent bits (n = rint(t)) times
+// a degree-3 polynomial in f = t - n (exact), |f| <= 1/2 (a relative minimax fit of 2^f, fp32 coefficients). P is
+// rounded to bf16 (2^-8) right after, so a long polynomial buys nothing: checked over every float in [-87, 0], the
+// relative error is at most 2^-13.6 here and in emulator_attention_avx512.h's FMA form (attention_contract.h's
+// allowance: 2^-13.5; most of it the fit's 2^-13.7, the rest t's rounding, at most 87 2^-24). Branch-free so that
+// the row loop vectorises. Below -87 it returns 0: the exact value (< 2^-125) is lost against the row's largest
+// weight, exp(0) = 1. The constants: emu::kExp2Poly (emulator_attention_avx512.h).
 inline float exp_nonpositive(float x) {
   const float xc = std::max(x, -87.f);
-  const float t = xc * 1.44269504088896341f;
+  const float t = xc * emu::kLog2e;
   const float n = (t + 12582912.f) - 12582912.f;  // round to nearest (|t| < 2^22)
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
+  const float f = t - n;
+  const float p = ((emu::kExp2Poly[3] * f + emu::kExp2Poly[2]) * f + emu::kExp2Poly[1]) * f + emu::kExp2Poly[0];
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n >= -126
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
@@ -631,6 +629,28 @@ void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size
 }
 
 }  // namespace
+
+namespace {
+XDNA_BF16_KERNEL void attention_exp_fma(const float* x, float* out, int64_t n, bool base2) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = emu::lanes_below(i, n);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    _mm512_mask_storeu_ps(out + i, m, base2 ? emu::exp2_row(v, m) : emu::exp_nonpositive(v, m));
+  }
+}
+}  // namespace
+
+bool emulator_attention_exp(const float* x, float* out, int64_t n, int form) {
+  if (form == 0) {
+    for (int64_t i = 0; i < n; ++i) out[i] = exp_nonpositive(x[i]);
+    return true;
+  }
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512bf16"))
+    return false;
+  attention_exp_fma(x, out, n, form == 2);
+  return true;
+}
 
 void emulator_attention(const AttentionShape& s, const AttentionHead* heads, size_t count, int threads) {
   const int64_t M = s.M, T = s.T, D = s.D, Dv = s.Dv;
