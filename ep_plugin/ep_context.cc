@@ -125,7 +125,7 @@ class Reader {
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
 static_assert(sizeof(ops::Operand) == 112, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 1040, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 1128, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -192,6 +192,10 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   w.pod<uint8_t>(p.attention_zero_nan);
   w.pod<uint8_t>(p.attention_merge_heads);
   w.pod<uint8_t>(p.output_bf16);
+  w.str(p.layernorm_output);
+  w.pod<float>(p.layernorm_epsilon);
+  w.f32s(p.layernorm_scale);
+  w.f32s(p.layernorm_bias);
 }
 
 ops::OpPlan read_plan(Reader& r) {
@@ -227,6 +231,10 @@ ops::OpPlan read_plan(Reader& r) {
   p.attention_zero_nan = r.flag("attention_zero_nan");
   p.attention_merge_heads = r.flag("attention_merge_heads");
   p.output_bf16 = r.flag("output_bf16");
+  p.layernorm_output = r.str("layernorm_output");
+  p.layernorm_epsilon = r.pod<float>("layernorm_epsilon");
+  p.layernorm_scale = r.f32s("layernorm scale values");
+  p.layernorm_bias = r.f32s("layernorm bias values");
   return p;
 }
 
@@ -288,6 +296,7 @@ int64_t product(const std::vector<int64_t>& dims) {
 void check_weights(Reader& r, const ops::OpPlan& p, const kernels::PackedWeights& w) {
   if (p.weight_shape.empty()) {
     if (!w.mats.empty()) r.fail("weights for a plan without a constant B");
+    if (!p.layernorm_output.empty()) r.fail("LayerNormalization prologue without a constant weight");
     if (p.b.constant) r.fail("constant B without weights");
     if (!p.bias_value.empty()) r.fail("epilogue bias without a constant weight");
     return;
@@ -310,6 +319,12 @@ void check_weights(Reader& r, const ops::OpPlan& p, const kernels::PackedWeights
   if (!p.bias_value.empty() && (p.op != ops::OpPlan::Op::kMatMul || p.weight_shape.size() != 2 ||
                                 static_cast<int64_t>(p.bias_value.size()) != N))
     r.fail("epilogue bias differs from the plan's weight");
+  if (!p.layernorm_output.empty() &&
+      (p.op != ops::OpPlan::Op::kMatMul || p.weight_shape.size() != 2 ||
+       static_cast<int64_t>(p.layernorm_scale.size()) != K ||
+       (!p.layernorm_bias.empty() && p.layernorm_bias.size() != p.layernorm_scale.size()) ||
+       !(p.layernorm_epsilon >= 0.f)))
+    r.fail("LayerNormalization prologue differs from the plan's weight");
 }
 
 }  // namespace
@@ -573,6 +588,10 @@ std::string plan_roundtrip_problem() {
   p.attention_zero_nan = true;
   p.attention_merge_heads = true;
   p.output_bf16 = true;
+  p.layernorm_output = "ln_out";
+  p.layernorm_epsilon = 3e-6f;
+  p.layernorm_scale = {1.5f, -0.25f};
+  p.layernorm_bias = {0.125f, 2.f};
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -616,6 +635,10 @@ std::string plan_roundtrip_problem() {
   if (q.attention_zero_nan != p.attention_zero_nan) return "attention_zero_nan";
   if (q.attention_merge_heads != p.attention_merge_heads) return "attention_merge_heads";
   if (q.output_bf16 != p.output_bf16) return "output_bf16";
+  if (q.layernorm_output != p.layernorm_output) return "layernorm_output";
+  if (q.layernorm_epsilon != p.layernorm_epsilon) return "layernorm_epsilon";
+  if (q.layernorm_scale != p.layernorm_scale) return "layernorm_scale";
+  if (q.layernorm_bias != p.layernorm_bias) return "layernorm_bias";
   return "";
 }
 

@@ -106,6 +106,7 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
       return data;
     }
     ep::DeferredProducts* deferred() override { return &later_; }
+    bool made(const std::string& name) override { return made_.count(name) != 0; }
     DeferredProducts later_;
     void release(const std::string& name) {
       made_.erase(name);
