@@ -67,19 +67,19 @@
 // product then gets this host pass (the xrt backend's too: the NPU returns fp32 C).
 //
 // A prologue (issues 7, 13): a LayerNormalization over A's last axis (K) whose output only constant-weight products
-// read (ops/matmul.cc) is taken into them: A = LN(X) with gamma, beta [K] constants and epsilon, computed per row in
-// fp32 exactly as ORT's CPU LayerNormalization computes it (layernorm_rows below):
-//     mean = fl(sum x) / K,  var = max(fl(sum x^2) / K - mean^2, 0),  y = (x - mean) / sqrt(var + eps) * gamma + beta
-// (ORT's formula; the max(., 0) only turns a NaN ORT would give for a cancelled variance below -eps into 0. The
-// order of the fp32 sums is not part of the contract.) A row holding Inf or NaN gives a NaN row, as in ORT. The
-// product then rounds y as it rounds any fp32 A (bf16, int8 per row, bf16x3). Every backend gets y from the host
-// today (the fused node computes it once per call for all the products that read it): the emulator and the xrt
-// backend run their usual A path on it.
-//   Bound (u = 2^-24, per row; E|x|, E[x^2] row means, s = sqrt(var + eps) exact): the sums give
+// read (ops/matmul.cc) is taken into them: A = LN(X) with gamma, beta [K] constants and epsilon,
+//     y = (x - mean) / sqrt(var + eps) * gamma + beta    per row, in fp32 (the mean's sum in fp64),
+// computed as ORT's CPU LayerNormalization computes it, bit for bit (kernels/layernorm.h: the order of its sums,
+// its two-pass variance, its FMAs), so that the product is the one it would make of ORT's LN output wherever the LN
+// runs. A row holding Inf or NaN gives a NaN row, as in ORT. The product then rounds y as it rounds any fp32 A
+// (bf16, int8 per row, bf16x3). Every backend gets y from the host today (the fused node computes it once per call
+// for all the products that read it): the emulator and the xrt backend run their usual A path on it.
+//   Bound (u = 2^-24, per row; E|x|, E[x^2] row means, s = sqrt(var + eps) exact), for any order of the sums and
+//   a mean summed in fp32 or better: the sums give
 //     |mean' - mean| <= dm = (K + 1) u E|x|,   |var' - var| <= dv = (3K + 7) u (E[x^2] + eps),
 //     |s' - s| <= ds = dv / s + u s,
-//   and, with s_ = s - ds > 0 and d = |x - mean|,
-//     |y' - y| <= |gamma| ((dm + 2u d) / s_ + d ds / (s s_)) + 2u (|y| + |beta|)
+//   and, with s_ = max(s - ds, sqrt(eps)) <= s' (var' >= 0: a sum of squares) and d = |x - mean|,
+//     |y' - y| <= |gamma| ((dm + 2u d) / s_ + d min(ds / (s s_), 1 / s_)) + 2u (|y| + |beta|)
 //   (tests/numerics.py doubles it for the second-order terms). The product's bound is then taken at |y| plus that
 //   error, and that error times |B| added.
 //
@@ -99,7 +99,6 @@
 //     (Backends may skip work on pads; that never changes a kept value.)
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -226,35 +225,6 @@ inline void apply_epilogue(const GemmEpilogue& e, float* c, int64_t ldc, int64_t
       for (int64_t n = n0; n < n1; ++n) row[n] = gelu(row[n]);
     if (res)
       for (int64_t n = n0; n < n1; ++n) row[n] += res[n];
-  }
-}
-
-// The A prologue ("A prologue" above): y[m][k] = LN(x[m])[k] for `rows` rows of K (row stride K), beta may be null.
-// The one implementation every backend's host side uses; 16 partial sums so that the compiler vectorises them.
-inline void layernorm_rows(const float* __restrict x, float* __restrict y, int64_t rows, int64_t K,
-                           const float* __restrict gamma, const float* __restrict beta, float epsilon) {
-  constexpr int kLanes = 16;
-  for (int64_t m = 0; m < rows; ++m) {
-    const float* __restrict xr = x + m * K;
-    float* __restrict yr = y + m * K;
-    float s[kLanes] = {}, q[kLanes] = {};
-    int64_t k = 0;
-    for (; k + kLanes <= K; k += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        s[j] += xr[k + j];
-        q[j] += xr[k + j] * xr[k + j];
-      }
-    float sum = 0.f, sum_sq = 0.f;
-    for (int j = 0; j < kLanes; ++j) sum += s[j], sum_sq += q[j];
-    for (; k < K; ++k) sum += xr[k], sum_sq += xr[k] * xr[k];
-    const float mean = sum / static_cast<float>(K);
-    float var = sum_sq / static_cast<float>(K) - mean * mean;
-    var = var < 0.f ? 0.f : var;  // NaN stays NaN
-    const float sd = std::sqrt(var + epsilon);
-    if (beta)
-      for (k = 0; k < K; ++k) yr[k] = (xr[k] - mean) / sd * gamma[k] + beta[k];
-    else
-      for (k = 0; k < K; ++k) yr[k] = (xr[k] - mean) / sd * gamma[k];
   }
 }
 

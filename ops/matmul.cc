@@ -7,6 +7,7 @@
 
 #include "ep_plugin/dispatch.h"
 #include "kernels/ep_buffers.h"
+#include "kernels/layernorm.h"
 #include "kernels/packing.h"
 #include "ops/op.h"
 #include "ops/transpose_fusion.h"

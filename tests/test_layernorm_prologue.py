@@ -128,6 +128,13 @@ def check_case(a_shape, readers, eps, beta, precision="bf16", seed=0):
     assert ("ln", "LayerNormalization") in ep_nodes(sess)
     ys = sess.run(None, feeds)
     _check_outputs(ys, feeds, consts, readers, eps, precision, cpu_session(model).run(None, feeds))
+    # The LN computed as ORT's CPU EP computes it, bit for bit: the same products of the LN left on the CPU EP (its
+    # output made a graph output) give the same bits.
+    kept, _, _, _ = _model(a_shape, readers, eps=eps, beta=beta, seed=seed, ln_output=True)
+    sess_kept = xdna_session(kept, opts)
+    assert ("ln", "LayerNormalization") in _on_cpu(sess_kept)
+    for y, y_kept in zip(ys, sess_kept.run(None, feeds)):
+        np.testing.assert_array_equal(y, y_kept, f"{readers} {precision}: prologue vs ORT's LN")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8", "bf16x3"])
