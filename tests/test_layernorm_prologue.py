@@ -213,19 +213,19 @@ def test_layernorm_bound_holds_for_float32_arithmetic():
         assert_within(y32, layernorm64(x, g, b, 1e-5), layernorm_bound(x, g, b, 1e-5), f"K={k}")
 
 
-@pytest.mark.parametrize("what", ["relu_reader", "graph_output", "runtime_b_reader", "axis_0", "gamma_input",
+@pytest.mark.parametrize("what", ["relu_reader", "graph_output", "runtime_b_reader", "axis_not_last", "gamma_input",
                                   "stash_double", "residual_on_shared"])
 def test_refused_layernorm_stays_on_cpu(what):
     readers = {"relu_reader": [("proj", 40), ("relu",)], "runtime_b_reader": [("proj", 40), ("proj_runtime_b", 40)],
                "residual_on_shared": [("proj", 40), ("proj_residual", 40)]}.get(what, [("proj", 40)])
     kw = dict(ln_output=what == "graph_output", gamma_input=what == "gamma_input")
     shape = (2, 6, 64)
-    if what == "axis_0":
+    if what == "axis_not_last":
         kw["ln_attrs"] = {"axis": 1}  # over the last two dims
     if what == "stash_double":
         kw["ln_attrs"] = {"stash_type": 11}
     model, feeds, consts, _ = _model(shape, readers, **kw)
-    if what == "axis_0":
+    if what == "axis_not_last":
         return _check_axis_refusal(model, feeds)
     sess = xdna_session(model)
     on_cpu = _on_cpu(sess)
