@@ -16,7 +16,7 @@ import onnxruntime_ep_xdna as xdna
 
 from cpu_isa import check_with_isa
 from ep_helpers import compiled_and_reloaded, cpu_session, ep_nodes, init, xdna_session
-from numerics import (assert_within, fp32_eps, layernorm64, layernorm_bound, precision_bound, prologue_bound,
+from numerics import (assert_within, fp32_eps, layernorm64, layernorm_bound, prologue_bound,
                       prologue_exact)
 
 CPU = "CPUExecutionProvider"
