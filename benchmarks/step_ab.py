@@ -5,6 +5,7 @@ Without an NPU the XDNA EP computes on the CPU emulator of the NPU kernel contra
 """
 
 import argparse
+import ctypes
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,11 @@ def parse_args(doc: str, extra=None) -> argparse.Namespace:
     if extra:
         extra(parser)
     return parser.parse_args()
+
+
+def raw_bytes(v: ort.OrtValue) -> bytes:
+    """A bfloat16 OrtValue's bytes."""
+    return ctypes.string_at(v.data_ptr(), 2 * int(np.prod(v.shape())))
 
 
 def run(args: argparse.Namespace, variant, names: tuple[str, str], describe, same_outputs: bool = False) -> None:
@@ -73,8 +79,11 @@ def run(args: argparse.Namespace, variant, names: tuple[str, str], describe, sam
                 outs[k] = s.run_with_ort_values(w._past_outputs, feed)
         if same_outputs:
             for a, b in zip(outs[before], outs[after]):
-                if a.data_type() == "tensor(float)":  # (numpy has no bfloat16: the bf16 caches come from these)
+                assert a.data_type() == b.data_type() and a.shape() == b.shape(), "the two plans differ"
+                if a.data_type() == "tensor(float)":
                     assert np.array_equal(a.numpy(), b.numpy(), equal_nan=True), "the two plans differ"
+                elif a.data_type() == "tensor(bfloat16)":  # numpy has no bfloat16: the bits
+                    assert raw_bytes(a) == raw_bytes(b), "the two plans differ"
         for _ in range(args.steps):
             for k, s in sessions.items():
                 t = time.perf_counter()

@@ -125,7 +125,7 @@ class Reader {
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
 static_assert(sizeof(ops::Operand) == 112, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 1128, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 1256, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -192,6 +192,9 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   w.pod<uint8_t>(p.attention_zero_nan);
   w.pod<uint8_t>(p.attention_merge_heads);
   w.pod<uint8_t>(p.output_bf16);
+  write_operand(w, p.cache_past);
+  w.pod<int64_t>(p.cache_heads);
+  w.pod<int64_t>(p.cache_depth);
   w.str(p.layernorm_output);
   w.pod<float>(p.layernorm_epsilon);
   w.f32s(p.layernorm_scale);
@@ -231,6 +234,10 @@ ops::OpPlan read_plan(Reader& r) {
   p.attention_zero_nan = r.flag("attention_zero_nan");
   p.attention_merge_heads = r.flag("attention_merge_heads");
   p.output_bf16 = r.flag("output_bf16");
+  p.cache_past = read_operand(r);
+  p.cache_heads = r.pod<int64_t>("cache_heads");
+  p.cache_depth = r.pod<int64_t>("cache_depth");
+  if (p.cache_past.present && (p.cache_heads <= 0 || p.cache_depth <= 0)) r.fail("cache append without heads");
   p.layernorm_output = r.str("layernorm_output");
   p.layernorm_epsilon = r.pod<float>("layernorm_epsilon");
   p.layernorm_scale = r.f32s("layernorm scale values");
@@ -588,6 +595,9 @@ std::string plan_roundtrip_problem() {
   p.attention_zero_nan = true;
   p.attention_merge_heads = true;
   p.output_bf16 = true;
+  p.cache_past = operand("past", 15);
+  p.cache_heads = 8;
+  p.cache_depth = 64;
   p.layernorm_output = "ln_out";
   p.layernorm_epsilon = 3e-6f;
   p.layernorm_scale = {1.5f, -0.25f};
@@ -635,6 +645,9 @@ std::string plan_roundtrip_problem() {
   if (q.attention_zero_nan != p.attention_zero_nan) return "attention_zero_nan";
   if (q.attention_merge_heads != p.attention_merge_heads) return "attention_merge_heads";
   if (q.output_bf16 != p.output_bf16) return "output_bf16";
+  if (!same_operand(q.cache_past, p.cache_past)) return "cache_past";
+  if (q.cache_heads != p.cache_heads) return "cache_heads";
+  if (q.cache_depth != p.cache_depth) return "cache_depth";
   if (q.layernorm_output != p.layernorm_output) return "layernorm_output";
   if (q.layernorm_epsilon != p.layernorm_epsilon) return "layernorm_epsilon";
   if (q.layernorm_scale != p.layernorm_scale) return "layernorm_scale";

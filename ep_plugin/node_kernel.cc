@@ -68,6 +68,7 @@ std::vector<std::string> NodeKernel::runtime_operands() const {
   // an earlier product's epilogue whose other reader, a LayerNormalization prologue, is in the group as well).
   if (plan_.residual.present) names.push_back(plan_.residual.name);
   if (plan_.attention_mask.present) names.push_back(plan_.attention_mask.name);
+  if (plan_.cache_past.present) names.push_back(plan_.cache_past.name);
   return names;
 }
 

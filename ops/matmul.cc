@@ -2,10 +2,12 @@
 // read through a fused Transpose (ops/transpose_fusion.h).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 
 #include "ep_plugin/dispatch.h"
+#include "kernels/emulator/emulator.h"
 #include "kernels/ep_buffers.h"
 #include "kernels/layernorm.h"
 #include "kernels/packing.h"
@@ -226,6 +228,94 @@ bool claim_bf16_output(const OrtApi& api, const GraphIndex& index, const std::st
   return true;
 }
 
+// Takes the decoder's self-attention cache append after the product's (epilogue'd) output `value` [B, S, H*D]
+// (whisper/decoder_graph.py pass 7, as ORT's optimiser leaves it):
+//   Reshape [B, S, H, D] -> Transpose(0, 2, 1, 3) and Cast(bfloat16), in either order -> Concat(past, ., axis 2)
+// each intermediate read by the next node alone, past a run-time bfloat16 [B, H, T, D]. The node then writes the
+// Concat's output, present [B, H, T+S, D]: past copied, the new rows rounded as the Cast rounds (OpPlan::cache_past).
+// Returns whether it took the chain; *why says why a chain that ends in such a Concat stays on the CPU EP.
+bool claim_cache_append(const OrtApi& api, const GraphIndex& index, const std::string& value, Claim* r,
+                        std::string* why) {
+  auto output_of = [&](const OrtNode* n) {
+    const NodeIo nio = node_io(api, n);
+    return nio.outputs.size() == 1 && nio.outputs[0] ? value_name(api, nio.outputs[0]) : std::string();
+  };
+  auto first_reader = [&](const std::string& v) -> const OrtNode* {
+    const auto readers = index.consumers.find(v);
+    return v.empty() || readers == index.consumers.end() || readers->second.empty() ? nullptr : readers->second[0];
+  };
+  // The nodes from the Reshape to a Concat, each the first reader of the one before (checked to be the only one
+  // below): not a cache append (nothing to say) unless it reaches a Concat through a Cast to bfloat16.
+  const OrtNode* reshape = first_reader(value);
+  if (!reshape || !is_op(api, reshape, "", "Reshape")) return false;
+  std::vector<const OrtNode*> chain{reshape};
+  const OrtNode* concat = nullptr;
+  const OrtNode* transpose = nullptr;
+  const OrtNode* cast = nullptr;
+  while (chain.size() < 4) {
+    const OrtNode* next = first_reader(output_of(chain.back()));
+    if (!next) return false;
+    if (is_op(api, next, "", "Concat")) {
+      concat = next;
+      break;
+    }
+    if (is_op(api, next, "", "Transpose") && !transpose) transpose = next;
+    else if (is_op(api, next, "", "Cast") && !cast) cast = next;
+    else return false;
+    chain.push_back(next);
+  }
+  int64_t to = 0;
+  if (!concat || !cast || !int_attr(api, cast, "to", &to) || to != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return false;
+  const std::string stays =
+      "; the cache append after it (Reshape, Transpose, Cast to bf16, Concat) stays on the CPU EP (";
+  const NodeIo rio = node_io(api, reshape);
+  ONNXTensorElementDataType tx;
+  const Operand x = rio.inputs.empty() || !rio.inputs[0] ? Operand{} : describe(api, rio.inputs[0], &tx);
+  int64_t heads = 0, depth = 0;
+  if (x.name != value || tx != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.rank != 3 ||
+      !head_split_of(api, reshape, x, &heads, &depth)) {
+    *why = stays + "its Reshape does not split [B, S, H*D] into [B, S, H, D])";
+    return false;
+  }
+  std::vector<int64_t> perm;
+  if (!transpose || !ints_attr(api, transpose, "perm", &perm) || perm != std::vector<int64_t>{0, 2, 1, 3}) {
+    *why = stays + "not one Transpose(0, 2, 1, 3))";
+    return false;
+  }
+  for (size_t i = 0; i <= chain.size(); ++i) {  // the product, then each node of the chain: read by the next alone
+    const OrtNode* next = i < chain.size() ? chain[i] : concat;
+    if (only_reader(index, i == 0 ? value : output_of(chain[i - 1])) != next) {
+      *why = stays + "an intermediate of it is read elsewhere)";
+      return false;
+    }
+  }
+  const NodeIo cio = node_io(api, concat);
+  int64_t axis = 0;
+  if (cio.inputs.size() != 2 || !cio.inputs[0] || !cio.inputs[1] ||
+      value_name(api, cio.inputs[1]) != output_of(chain.back()) || cio.outputs.size() != 1 || !cio.outputs[0] ||
+      !int_attr(api, concat, "axis", &axis) || (axis != 2 && axis != -2)) {
+    *why = stays + "not Concat(past, new) on axis 2)";
+    return false;
+  }
+  ONNXTensorElementDataType tp;
+  const Operand past = describe(api, cio.inputs[0], &tp);
+  auto differs = [](int64_t a, int64_t b) { return a >= 0 && b >= 0 && a != b; };
+  if (tp != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || past.constant || past.rank != 4 ||
+      differs(past.dims[0], x.dims[0]) || differs(past.dims[1], heads) || differs(past.dims[3], depth)) {
+    *why = stays + "the past is not a run-time bfloat16 [B, " + std::to_string(heads) + ", T, " +
+           std::to_string(depth) + "])";
+    return false;
+  }
+  r->fused_consumers.insert(r->fused_consumers.end(), chain.begin(), chain.end());
+  r->fused_consumers.push_back(concat);
+  OpPlan& p = r->plan;
+  p.output = value_name(api, cio.outputs[0]);
+  p.cache_past = past;
+  p.cache_heads = heads;
+  p.cache_depth = depth;
+  return true;
+}
+
 // A float32 constant of shape [K] (K known): LayerNormalization's gamma or beta over the last axis.
 bool is_row_constant(const Operand& o, ONNXTensorElementDataType t, int64_t K) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && o.constant && o.rank == 1 && o.dims[0] == K && K > 0;
@@ -299,8 +389,9 @@ std::string claim_layernorm_prologue(const OrtApi& api, const GraphIndex& index,
 }
 
 // The prologue's part of the claim's reason. A LayerNormalization read by several projections must leave them in one
-// fused node with it (graph_passes/fusion_groups.cc groups a unit by its last node's depth): a residual from
-// elsewhere could put this one deeper, so such a claim gives the prologue up (and claim_nodes then all of them).
+// fused node with it (graph_passes/fusion_groups.cc groups a unit by its last node's depth): a residual or a past
+// cache that another node makes could put this one deeper, so such a claim gives the prologue up (and claim_nodes
+// then all of them). Graph inputs (the decoder's past K/V) cannot.
 void finish_layernorm_prologue(const OrtApi& api, const GraphIndex& index, const std::string& stop, Claim* r) {
   if (!r->layernorm) {
     r->reason += stop;
@@ -308,9 +399,11 @@ void finish_layernorm_prologue(const OrtApi& api, const GraphIndex& index, const
   }
   const NodeIo io = node_io(api, r->layernorm);
   const auto readers = index.consumers.find(value_name(api, io.outputs[0]));
-  if (r->plan.residual.present && readers != index.consumers.end() && readers->second.size() > 1)
+  const auto made_by_a_node = [&](const Operand& o) { return o.present && index.producer.count(o.name) > 0; };
+  if ((made_by_a_node(r->plan.residual) || made_by_a_node(r->plan.cache_past)) && readers != index.consumers.end() &&
+      readers->second.size() > 1)
     return give_up_layernorm_prologue(r, "its LayerNormalization, read by several projections, stays on the CPU EP "
-                                         "(this one adds a residual)");
+                                         "(this one also reads a residual or past cache another node makes)");
   r->reason += ", with its LayerNormalization as the A prologue";
 }
 
@@ -356,8 +449,12 @@ Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& ind
       r.reason += std::string(", epilogue:") + (p.bias.present ? " +bias" : "") + (p.epilogue_gelu ? " gelu" : "") +
                   (p.residual.present ? " +residual" : "");
     r.reason += stop;
-    if (claim_bf16_output(api, index, p.output.empty() ? value_name(api, io.outputs[0]) : p.output, &r))
-      r.reason += ", output written as bf16 (its Cast)";
+    const std::string product = p.output.empty() ? value_name(api, io.outputs[0]) : p.output;
+    std::string append_stays;
+    if (claim_bf16_output(api, index, product, &r)) r.reason += ", output written as bf16 (its Cast)";
+    else if (claim_cache_append(api, index, product, &r, &append_stays))
+      r.reason += ", written into the bf16 cache after its past (head split, Cast, Concat)";
+    r.reason += append_stays;
   }
   finish_layernorm_prologue(api, index, prologue_stop, &r);
   return r;
@@ -367,6 +464,39 @@ int64_t count(const Dims& d) {
   int64_t n = 1;
   for (int64_t v : d) n *= v;
   return n;
+}
+
+// The cache append (OpPlan::cache_past): present [B, H, T+S, D] = past [B, H, T, D], its bits copied, then the
+// fp32 product y [B, S, H*D] split into heads, each value rounded as ORT's Cast to bfloat16 rounds it. y may be
+// null when it has no element.
+void append_to_cache(const OpPlan& plan, TensorIo& io, const float* y, const Dims& y_dims) {
+  const Tensor past = io.input(plan.cache_past.name);
+  const int64_t H = plan.cache_heads, D = plan.cache_depth;
+  if (y_dims.size() != 3 || y_dims[2] != H * D)
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': its product does not split into " +
+                                                 std::to_string(H) + " heads of " + std::to_string(D));
+  const int64_t B = y_dims[0], S = y_dims[1];
+  // (ORT may give an empty tensor no data pointer at all)
+  const bool bf16 = past.bf16 || (!past.data && count(past.dims) == 0);
+  if (!bf16 || past.dims.size() != 4 || past.dims[0] != B || past.dims[1] != H || past.dims[3] != D) {
+    std::string dims;
+    for (int64_t d : past.dims) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': past cache '" + plan.cache_past.name +
+                                                 "' [" + dims + "] is not a bfloat16 [" + std::to_string(B) + ", " +
+                                                 std::to_string(H) + ", T, " + std::to_string(D) + "]");
+  }
+  const int64_t T = past.dims[2];
+  uint16_t* present = io.output_bf16(plan.output, {B, H, T + S, D});
+  auto one_head = [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    uint16_t* dst = present + bh * (T + S) * D;
+    if (T > 0) std::memcpy(dst, past.bf16 + bh * T * D, static_cast<size_t>(T * D) * sizeof(uint16_t));
+    for (int64_t s = 0; s < S; ++s) kernels::store_bf16_as_cast(y + ((b * S + s) * H + h) * D, dst + (T + s) * D, D);
+  };
+  // A large past (beams x a long prompt: MBs per layer) is copied on the host's thread pool (ORT's Concat, which
+  // this replaces, used its own threads: one core copied it measurably slower); a small one on this thread.
+  const bool large = B * H * (T + S) * D * static_cast<int64_t>(sizeof(uint16_t)) >= (int64_t{1} << 18);
+  kernels::emulator_parallel_for(large ? 0 : 1, B * H, one_head);
 }
 
 // A as the product reads it through its prologue: the LayerNormalization's output, computed by the first reader
@@ -417,23 +547,29 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   if (!b_vec) out_dims.push_back(N);
   // A bf16 output (its Cast taken): the products write fp32 C to a buffer of the EP's, rounded into the output at
   // the end (kernels/gemm_contract.h, "Output in bfloat16"). Not collected for a runlist: the pass needs C now.
+  // The cache append (OpPlan::cache_past) likewise rounds C into present, after the past.
+  const bool cache = plan.cache_past.present;
   uint16_t* y16 = plan.output_bf16 ? io.output_bf16(plan.output, out_dims) : nullptr;
-  float* y = y16 ? nullptr : io.output(plan.output, out_dims);
+  float* y = y16 || cache ? nullptr : io.output(plan.output, out_dims);
   const int64_t batches = count(batch);
-  if (batches == 0 || M == 0 || N == 0) return;
+  if (batches == 0 || M == 0 || N == 0) {
+    if (cache) append_to_cache(plan, io, nullptr, out_dims);
+    return;
+  }
   struct FreeEp {
     void operator()(float* p) const noexcept { kernels::ep_buffer_free(p); }
   };
   std::unique_ptr<float, FreeEp> fp32_c;
   const int64_t total = count(out_dims);
-  if (y16) {
+  if (y16 || cache) {
     fp32_c.reset(static_cast<float*>(kernels::ep_buffer_alloc(static_cast<size_t>(total) * sizeof(float))));
     if (!fp32_c)
       throw ep::OrtError(ORT_EP_FAIL, "node '" + plan.node_name + "': out of memory for its fp32 product");
     y = fp32_c.get();
   }
-  auto store_bf16 = [&] {
+  auto finish_output = [&] {  // the host pass of a bf16 output or a cache append
     if (y16) kernels::store_bf16_as_cast(y, y16, total);
+    if (cache) append_to_cache(plan, io, y, out_dims);
   };
   // Non-empty operands of the types the claim took (A float32; B float32, or bfloat16 through a fused Cast)
   if (K > 0 && (!a.data || (!plan.b.constant && !b.data && !b.bf16)))
@@ -496,10 +632,10 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     const kernels::GemmArgs args = with_epilogue({a.data, batches * M, K, y, N}, 0);
     // A and C are io tensors nothing touches until the fused node flushes: may ride in a runlist with later nodes
     // (not when the residual is added here afterwards).
-    if (plan.b.constant) dispatch.gemm_later(args, 0, residual_broadcasts || y16 ? nullptr : io.deferred());
+    if (plan.b.constant) dispatch.gemm_later(args, 0, residual_broadcasts || y16 || cache ? nullptr : io.deferred());
     else dispatch.gemm_runtime({{args, ep::RuntimeB{b.data, N, 1, b.bf16}}}, K, N);
     add_broadcast_residual();
-    store_bf16();
+    finish_output();
     return;
   }
   const Dims a_batch_strides(a2.strides.begin(), a2.strides.end() - 2);
@@ -536,7 +672,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   if (plan.b.constant) dispatch.gemm_batch(constant);
   else dispatch.gemm_runtime(runtime, K, N);
   add_broadcast_residual();
-  store_bf16();
+  finish_output();
 }
 
 }  // namespace

@@ -89,6 +89,12 @@ struct OpPlan {
   // `output` is the Cast's output), each fp32 value rounded as the Cast does (kernels/gemm_contract.h, "Output in
   // bfloat16").
   bool output_bf16 = false;
+  // MatMul only: the decoder's self-attention cache append after it (ops/matmul.cc, claim_cache_append; issues 7
+  // and 13), taken into the node: the (epilogue'd) product [B, S, H*D] split into heads, each value rounded to
+  // bfloat16 as ORT's Cast rounds it, and concatenated after the past cache [B, H, T, D] (bfloat16, bits copied);
+  // `output` is the Concat's output, present [B, H, T+S, D] in bfloat16. Present: the chain is taken.
+  Operand cache_past;
+  int64_t cache_heads = 0, cache_depth = 0;
   // MatMul with a constant 2-D B only: the A prologue (kernels/gemm_contract.h, "A prologue"). A LayerNormalization
   // over the last axis makes A (Claim::fused_producers): `a` is then that node's input X and `layernorm_output` its
   // output, which the fused node computes once per call for all of its readers (empty: no prologue).

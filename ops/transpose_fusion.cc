@@ -49,6 +49,31 @@ void read_through_bf16_cast(const OrtApi& api, const GraphIndex& index, Operand*
   claim->fused_producers.push_back(cast);
 }
 
+bool head_split_of(const OrtApi& api, const OrtNode* reshape, const Operand& x, int64_t* heads, int64_t* depth) {
+  if (!is_op(api, reshape, "", "Reshape") || x.rank < 1) return false;
+  const NodeIo io = node_io(api, reshape);
+  if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1]) return false;
+  std::vector<int64_t> shape;
+  const size_t rank = static_cast<size_t>(x.rank) + 1;
+  if (!constant_ints(api, io.inputs[1], rank, &shape) || shape.size() != rank) return false;
+  int64_t allowzero = 0;
+  if (!int_attr(api, reshape, "allowzero", &allowzero)) return false;
+  const int64_t h = shape[rank - 2], d = shape.back();
+  if (h <= 0 || d <= 0) return false;
+  const int64_t last = x.dims.back();
+  if (last >= 0 && last != h * d) return false;
+  int inferred = 0;
+  for (int i = 0; i + 1 < x.rank; ++i) {  // x's leading dims, kept
+    const int64_t s = shape[static_cast<size_t>(i)];
+    if (s == 0 && allowzero == 0) continue;
+    if (s == -1 && ++inferred == 1) continue;
+    if (s <= 0 || s != x.dims[static_cast<size_t>(i)]) return false;  // a symbolic x dim cannot be matched
+  }
+  *heads = h;
+  *depth = d;
+  return true;
+}
+
 bool read_through_head_split(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim) {
   if (op->constant || op->rank < 2 || !op->split.empty()) return false;
   const auto it = index.producer.find(op->name);
@@ -57,27 +82,12 @@ bool read_through_head_split(const OrtApi& api, const GraphIndex& index, Operand
   const OrtNode* reshape = it->second;
   if (!is_op(api, reshape, "", "Reshape")) return false;
   const NodeIo io = node_io(api, reshape);
-  if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1]) return false;
+  if (io.inputs.size() != 2 || !io.inputs[0]) return false;
   ONNXTensorElementDataType t;
   const Operand x = describe(api, io.inputs[0], &t);
   if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.constant || x.rank < 1 || x.rank + 1 != op->rank) return false;
-  std::vector<int64_t> shape;
-  if (!constant_ints(api, io.inputs[1], static_cast<size_t>(op->rank), &shape) ||
-      shape.size() != static_cast<size_t>(op->rank))
-    return false;
-  int64_t allowzero = 0;
-  if (!int_attr(api, reshape, "allowzero", &allowzero)) return false;
-  const int64_t heads = shape[shape.size() - 2], depth = shape.back();
-  if (heads <= 0 || depth <= 0) return false;
-  const int64_t last = x.dims.back();
-  if (last >= 0 && last != heads * depth) return false;
-  int inferred = 0;
-  for (int d = 0; d + 1 < x.rank; ++d) {  // x's leading dims, kept
-    const int64_t s = shape[static_cast<size_t>(d)];
-    if (s == 0 && allowzero == 0) continue;
-    if (s == -1 && ++inferred == 1) continue;
-    if (s <= 0 || s != x.dims[static_cast<size_t>(d)]) return false;  // a symbolic x dim cannot be matched
-  }
+  int64_t heads = 0, depth = 0;
+  if (!head_split_of(api, reshape, x, &heads, &depth)) return false;
   op->name = x.name;
   op->split = {heads, depth};
   claim->fused_producers.push_back(reshape);

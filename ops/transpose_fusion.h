@@ -30,6 +30,9 @@ void read_through_bf16_cast(const OrtApi& api, const GraphIndex& index, Operand*
 // contiguous x split this way is a view: no copy is made. Returns whether it read through.
 bool read_through_head_split(const OrtApi& api, const GraphIndex& index, Operand* op, Claim* claim);
 
+// Whether `reshape` is such a head split of x (the rule above, on its shape and attribute alone): its H and D.
+bool head_split_of(const OrtApi& api, const OrtNode* reshape, const Operand& x, int64_t* heads, int64_t* depth);
+
 // Run step: an operand as the MatMul sees it, its dims and element strides into `data` (operand dim d = tensor
 // dim perm[d]; empty perm: the tensor as it is).
 struct View {

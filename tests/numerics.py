@@ -30,6 +30,12 @@ def bf16_bound(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     return (2.0**-7 + 2.0**-16 + k * 2.0**-23) * mag + TINY
 
 
+def bf16_output_bound(bound: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """A result within `bound` of `exact`, then rounded to bf16 (nearest even: within 2^-8 of its value, which is
+    within |exact| + bound): the bound on |bf16(result) - exact|."""
+    return bound + 2.0**-8 * (np.abs(exact) + bound)
+
+
 def summation_order_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Two backends computing the same bf16 products may differ only in the order of the fp32 sum:
     |c1 - c2| <= 2 K 2^-23 |A|.|B| (with 1% slack). Any protocol error is orders of magnitude larger."""

@@ -45,7 +45,7 @@ def _model(a_shape, readers, eps=1e-5, beta=True, seed=0, ln_attrs=None, gamma_i
     attrs.update(ln_attrs or {})
     nodes = [helper.make_node("LayerNormalization", ["X", "gamma"] + (["beta"] if beta else []), ["ln"], name="ln",
                               **attrs)]
-    outputs, consts = [], {"gamma": gamma, "beta": bias if beta else None}
+    outputs, late_outputs, consts = [], [], {"gamma": gamma, "beta": bias if beta else None}
     for i, (kind, *rest) in enumerate(readers):
         y = f"y{i}"
         if kind == "relu":
@@ -68,11 +68,18 @@ def _model(a_shape, readers, eps=1e-5, beta=True, seed=0, ln_attrs=None, gamma_i
             consts[f"b{i}"] = b
             inits.append(init(f"b{i}", b))
             nodes.append(helper.make_node("Add", [mm, f"b{i}"], [y], name=f"bias{i}"))
-        elif kind == "proj_residual":
+        elif kind in ("proj_residual", "proj_made_residual"):
             inputs.append(helper.make_tensor_value_info(f"R{i}", TensorProto.FLOAT, out_shape))
             feeds[f"R{i}"] = rng.standard_normal(list(a_shape[:-1]) + [n]).astype(np.float32)
-            nodes.append(helper.make_node("Add", [mm, f"R{i}"], [y], name=f"residual{i}"))
+            r = f"R{i}"
+            if kind == "proj_made_residual":  # made by a node (an Abs, also a graph output), not a graph input
+                nodes.append(helper.make_node("Abs", [r], [f"absR{i}"], name=f"abs{i}"))
+                r = f"absR{i}"
+                late_outputs.append(helper.make_tensor_value_info(r, TensorProto.FLOAT, out_shape))
+                feeds[f"R{i}"] = np.abs(feeds[f"R{i}"])  # the value the Add sees (Abs of it: the same)
+            nodes.append(helper.make_node("Add", [mm, r], [y], name=f"residual{i}"))
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, out_shape))
+    outputs += late_outputs  # after the readers' outputs: ys[i] is reader i's
     if ln_output:
         outputs.append(helper.make_tensor_value_info("ln", TensorProto.FLOAT, sym))
     graph = helper.make_graph(nodes, "prologue", inputs, outputs, inits)
@@ -96,7 +103,7 @@ def _check_outputs(ys, feeds, consts, readers, eps, precision="bf16", cpu_ref=No
         exact = prologue_exact(x, gamma, beta, eps, w)
         bound = prologue_bound(x, gamma, beta, eps, w, "bf16" if kind == "proj_runtime_b" else precision)
         cpu_bound = fp32_eps(x.shape[-1]) * np.matmul(y64 + e, np.abs(w.astype(np.float64))) + np.matmul(e, np.abs(w))
-        extra = feeds.get(f"R{i}") if kind == "proj_residual" else consts.get(f"b{i}")
+        extra = feeds.get(f"R{i}") if kind in ("proj_residual", "proj_made_residual") else consts.get(f"b{i}")
         if extra is not None:
             exact = exact + extra
             slack = 2.0**-24 * (np.abs(exact) + bound)
@@ -214,10 +221,10 @@ def test_layernorm_bound_holds_for_float32_arithmetic():
 
 
 @pytest.mark.parametrize("what", ["relu_reader", "graph_output", "runtime_b_reader", "axis_not_last", "gamma_input",
-                                  "stash_double", "residual_on_shared"])
+                                  "stash_double", "made_residual_on_shared"])
 def test_refused_layernorm_stays_on_cpu(what):
     readers = {"relu_reader": [("proj", 40), ("relu",)], "runtime_b_reader": [("proj", 40), ("proj_runtime_b", 40)],
-               "residual_on_shared": [("proj", 40), ("proj_residual", 40)]}.get(what, [("proj", 40)])
+               "made_residual_on_shared": [("proj", 40), ("proj_made_residual", 40)]}.get(what, [("proj", 40)])
     kw = dict(ln_output=what == "graph_output", gamma_input=what == "gamma_input")
     shape = (2, 6, 64)
     if what == "axis_not_last":
@@ -244,6 +251,15 @@ def _check_axis_refusal(model, feeds):
     ref = cpu_session(model).run(None, feeds)[0]
     y = sess.run(None, feeds)[0]
     assert np.max(np.abs(y - ref)) < 0.05 * np.max(np.abs(ref))  # bf16 of the same LN output
+
+
+def test_shared_layernorm_with_an_input_residual():
+    """Two projections of one LN, one adding a residual that is a graph input: all in one fused node with the LN."""
+    readers = [("proj", 40), ("proj_residual", 40)]
+    model, feeds, consts, _ = _model((2, 6, 64), readers)
+    sess = xdna_session(model)
+    assert not _on_cpu(sess) and ("ln", "LayerNormalization") in ep_nodes(sess)
+    _check_outputs(sess.run(None, feeds), feeds, consts, readers, 1e-5, "bf16", cpu_session(model).run(None, feeds))
 
 
 def test_reader_below_min_mflop_keeps_the_layernorm():

@@ -398,8 +398,12 @@ def test_bf16_self_kv_same_logits_bit_for_bit(tiny, bf16_copies, precision):
         assert kinds == ({"tensor(bfloat16)"} if self_kv else {"tensor(float)"})
         if self_kv:
             layers = sum(".decoder.key" in i.name for i in with_past.get_inputs())
-            casts = [n for n, op in xdna.placement(with_past).on(EP) if op == "Cast" and "decoder" in n]
-            assert len(casts) == 2 * layers, casts
+            on_ep = xdna.placement(with_past).on(EP)
+            casts = [n for n, op in on_ep if op == "Cast" and "decoder" in n]
+            # per layer, K and V: the Cast back to float (read through by the attention) and the new rows' Cast to
+            # bf16 with their Concat (the cache append, written by the projection's node)
+            assert len(casts) == 4 * layers, casts
+            assert sum(op == "Concat" for _, op in on_ep) == 2 * layers, on_ep
     for a, b in zip(runs[False][0], runs[True][0]):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
     from onnx import numpy_helper
