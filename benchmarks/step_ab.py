@@ -27,12 +27,15 @@ from onnxruntime_ep_xdna.whisper.evaluation import fetch_speech_samples  # noqa:
 from onnxruntime_ep_xdna.whisper.features import N_FRAMES  # noqa: E402
 
 
-def parse_args(doc: str) -> argparse.Namespace:
+def parse_args(doc: str, extra=None) -> argparse.Namespace:
+    """The A/B's options; `extra(parser)` may add a script's own."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", default=DEFAULT_PRECISION)
     parser.add_argument("--steps", type=int, default=400, help="steps per session and row count")
     parser.add_argument("--past", type=int, default=128, help="cached tokens")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 5], help="rows (beams)")
+    if extra:
+        extra(parser)
     return parser.parse_args()
 
 

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "graph_passes/fusion_groups.h"
 #include "json.h"
@@ -378,12 +379,27 @@ void XdnaEp::compile(const OrtGraph* graph, const OrtNode* fused_node, OrtNodeCo
   *info = new ComputeInfo(ort, std::move(kernel));
 }
 
+// The A prologue's gamma and beta (ops/matmul.cc): constants [K] of the K the claim saw.
+static void read_layernorm_constants(const OrtApi& ort, ops::Claim& a) {
+  std::vector<int64_t> shape;
+  a.plan.layernorm_scale = ops::read_constant(ort, a.layernorm_scale_input, &shape);
+  const int64_t K = a.plan.a.dims.empty() ? -1 : a.plan.a.dims.back();
+  bool ok = shape.size() == 1 && shape[0] == K && static_cast<int64_t>(a.plan.layernorm_scale.size()) == K;
+  if (a.layernorm_bias_input) {
+    a.plan.layernorm_bias = ops::read_constant(ort, a.layernorm_bias_input, &shape);
+    ok = ok && shape.size() == 1 && static_cast<int64_t>(a.plan.layernorm_bias.size()) == K;
+  }
+  if (!ok)
+    throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name +
+                                    "': LayerNormalization scale or bias differs from the claimed one");
+}
+
 std::vector<CompiledNode> XdnaEp::compile_from_graph(const OrtGraph* graph, const std::vector<const OrtNode*>& group) {
   const OrtApi& ort = api_.ort;
   const ops::GraphIndex index = ops::GraphIndex::of(ort, graph);
   // The group's claimed nodes, each with the nodes it fuses (Transposes, an attention's chain: the group's other nodes).
   std::vector<CompiledNode> compiled;
-  size_t covered = 0;
+  std::unordered_set<const OrtNode*> covered;  // a LayerNormalization prologue may be fused by several claims
   const auto with_precision = [&](ops::Claim* a) {
     if (a->ok) ops::apply_precision_policy(options_.precision, a);
   };
@@ -391,7 +407,9 @@ std::vector<CompiledNode> XdnaEp::compile_from_graph(const OrtGraph* graph, cons
     if (c.covered) continue;  // counted with the node that covers it
     ops::Claim& a = c.claim;
     if (!a.ok) throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "' no longer claimable: " + a.reason);
-    covered += 1 + a.fused_producers.size() + a.fused_consumers.size();
+    covered.insert(c.node);
+    covered.insert(a.fused_producers.begin(), a.fused_producers.end());
+    covered.insert(a.fused_consumers.begin(), a.fused_consumers.end());
     kernels::PackedWeights weights = load_constants(ort, c.node, &a.plan);
     if (a.bias_input) {  // the epilogue's bias (ops/matmul.cc): one value per output column
       std::vector<int64_t> shape;
@@ -400,11 +418,12 @@ std::vector<CompiledNode> XdnaEp::compile_from_graph(const OrtGraph* graph, cons
           a.plan.weight_shape.size() != 2 || shape.back() != a.plan.weight_shape.back())
         throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "': epilogue bias differs from the claimed one");
     }
+    if (a.layernorm) read_layernorm_constants(ort, a);
     compiled.push_back({std::move(a.plan), std::move(weights)});
   }
-  if (compiled.empty() || covered != group.size())
+  if (compiled.empty() || covered.size() != group.size())
     throw OrtError(ORT_EP_FAIL, "Compile: fused group of " + std::to_string(group.size()) + " nodes, of which " +
-                                    std::to_string(covered) + " are claimed MatMul/Gemm/Conv nodes or the nodes they fuse");
+                                    std::to_string(covered.size()) + " are claimed MatMul/Gemm/Conv nodes or the nodes they fuse");
   return compiled;
 }
 

@@ -125,7 +125,7 @@ class Reader {
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
 static_assert(sizeof(ops::Operand) == 112, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 1168, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 1256, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -195,6 +195,10 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   write_operand(w, p.cache_past);
   w.pod<int64_t>(p.cache_heads);
   w.pod<int64_t>(p.cache_depth);
+  w.str(p.layernorm_output);
+  w.pod<float>(p.layernorm_epsilon);
+  w.f32s(p.layernorm_scale);
+  w.f32s(p.layernorm_bias);
 }
 
 ops::OpPlan read_plan(Reader& r) {
@@ -234,6 +238,10 @@ ops::OpPlan read_plan(Reader& r) {
   p.cache_heads = r.pod<int64_t>("cache_heads");
   p.cache_depth = r.pod<int64_t>("cache_depth");
   if (p.cache_past.present && (p.cache_heads <= 0 || p.cache_depth <= 0)) r.fail("cache append without heads");
+  p.layernorm_output = r.str("layernorm_output");
+  p.layernorm_epsilon = r.pod<float>("layernorm_epsilon");
+  p.layernorm_scale = r.f32s("layernorm scale values");
+  p.layernorm_bias = r.f32s("layernorm bias values");
   return p;
 }
 
@@ -295,6 +303,7 @@ int64_t product(const std::vector<int64_t>& dims) {
 void check_weights(Reader& r, const ops::OpPlan& p, const kernels::PackedWeights& w) {
   if (p.weight_shape.empty()) {
     if (!w.mats.empty()) r.fail("weights for a plan without a constant B");
+    if (!p.layernorm_output.empty()) r.fail("LayerNormalization prologue without a constant weight");
     if (p.b.constant) r.fail("constant B without weights");
     if (!p.bias_value.empty()) r.fail("epilogue bias without a constant weight");
     return;
@@ -317,6 +326,12 @@ void check_weights(Reader& r, const ops::OpPlan& p, const kernels::PackedWeights
   if (!p.bias_value.empty() && (p.op != ops::OpPlan::Op::kMatMul || p.weight_shape.size() != 2 ||
                                 static_cast<int64_t>(p.bias_value.size()) != N))
     r.fail("epilogue bias differs from the plan's weight");
+  if (!p.layernorm_output.empty() &&
+      (p.op != ops::OpPlan::Op::kMatMul || p.weight_shape.size() != 2 ||
+       static_cast<int64_t>(p.layernorm_scale.size()) != K ||
+       (!p.layernorm_bias.empty() && p.layernorm_bias.size() != p.layernorm_scale.size()) ||
+       !(p.layernorm_epsilon >= 0.f)))
+    r.fail("LayerNormalization prologue differs from the plan's weight");
 }
 
 }  // namespace
@@ -583,6 +598,10 @@ std::string plan_roundtrip_problem() {
   p.cache_past = operand("past", 15);
   p.cache_heads = 8;
   p.cache_depth = 64;
+  p.layernorm_output = "ln_out";
+  p.layernorm_epsilon = 3e-6f;
+  p.layernorm_scale = {1.5f, -0.25f};
+  p.layernorm_bias = {0.125f, 2.f};
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -629,6 +648,10 @@ std::string plan_roundtrip_problem() {
   if (!same_operand(q.cache_past, p.cache_past)) return "cache_past";
   if (q.cache_heads != p.cache_heads) return "cache_heads";
   if (q.cache_depth != p.cache_depth) return "cache_depth";
+  if (q.layernorm_output != p.layernorm_output) return "layernorm_output";
+  if (q.layernorm_epsilon != p.layernorm_epsilon) return "layernorm_epsilon";
+  if (q.layernorm_scale != p.layernorm_scale) return "layernorm_scale";
+  if (q.layernorm_bias != p.layernorm_bias) return "layernorm_bias";
   return "";
 }
 

@@ -32,7 +32,8 @@ namespace xdna::ep {
 // 5: operands carry the head split they are read through (Operand::split); attention plans the head merge.
 // 6: plans carry output_bf16 (a MatMul that took its trailing Cast to bfloat16).
 // 7: plans carry the cache append (cache_past, cache_heads, cache_depth).
-inline constexpr uint32_t kContextFormatVersion = 7;
+// 8: plans carry the LayerNormalization A prologue (layernorm_output, _epsilon, _scale, _bias).
+inline constexpr uint32_t kContextFormatVersion = 8;
 inline constexpr size_t kDataAlignment = 64;
 
 // What a payload must match to be loaded: anything else is refused with the differing field named.

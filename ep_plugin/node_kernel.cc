@@ -64,6 +64,10 @@ std::vector<std::string> NodeKernel::runtime_operands() const {
   if (!plan_.b.constant) names.push_back(plan_.b.name);
   if (plan_.c.present && !plan_.c.constant) names.push_back(plan_.c.name);
   if (plan_.v.present && !plan_.v.constant) names.push_back(plan_.v.name);
+  // Read at run time too: an intermediate of the group must live until these readers have run (a residual made by
+  // an earlier product's epilogue whose other reader, a LayerNormalization prologue, is in the group as well).
+  if (plan_.residual.present) names.push_back(plan_.residual.name);
+  if (plan_.attention_mask.present) names.push_back(plan_.attention_mask.name);
   if (plan_.cache_past.present) names.push_back(plan_.cache_past.name);
   return names;
 }
@@ -107,6 +111,7 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
       return data;
     }
     ep::DeferredProducts* deferred() override { return &later_; }
+    bool made(const std::string& name) override { return made_.count(name) != 0; }
     DeferredProducts later_;
     void release(const std::string& name) {
       made_.erase(name);

@@ -64,8 +64,12 @@ std::vector<std::vector<const OrtNode*>> fusion_groups(const OrtApi& api, const 
   }
 
   std::vector<std::vector<const OrtNode*>> groups;
+  // A LayerNormalization taken as the A prologue of several projections (ops/matmul.cc) is a producer of each:
+  // listed once, with the first. Those units share its depth (they read it and constants only, with no residual:
+  // ops/matmul.cc), so they are in one group.
   auto add_unit = [](std::vector<const OrtNode*>* group, const ClaimedUnit& unit) {
-    group->insert(group->end(), unit.fused_producers.begin(), unit.fused_producers.end());
+    for (const OrtNode* p : unit.fused_producers)
+      if (std::find(group->begin(), group->end(), p) == group->end()) group->push_back(p);
     group->push_back(unit.node);
     group->insert(group->end(), unit.fused_consumers.begin(), unit.fused_consumers.end());
   };

@@ -66,6 +66,23 @@
 // is the one the fp32 output would hold, so the bf16 output is bit for bit MatMul + Cast. Every backend's fp32
 // product then gets this host pass (the xrt backend's too: the NPU returns fp32 C).
 //
+// A prologue (issues 7, 13): a LayerNormalization over A's last axis (K) whose output only constant-weight products
+// read (ops/matmul.cc) is taken into them: A = LN(X) with gamma, beta [K] constants and epsilon,
+//     y = (x - mean) / sqrt(var + eps) * gamma + beta    per row, in fp32 (the mean's sum in fp64),
+// computed as ORT's CPU LayerNormalization computes it, bit for bit (kernels/layernorm.h: the order of its sums,
+// its two-pass variance, its FMAs), so that the product is the one it would make of ORT's LN output wherever the LN
+// runs. A row holding Inf or NaN gives a NaN row, as in ORT. The product then rounds y as it rounds any fp32 A
+// (bf16, int8 per row, bf16x3). Every backend gets y from the host today (the fused node computes it once per call
+// for all the products that read it): the emulator and the xrt backend run their usual A path on it.
+//   Bound (u = 2^-24, per row; E|x|, E[x^2] row means, s = sqrt(var + eps) exact), for any order of the sums and
+//   a mean summed in fp32 or better: the sums give
+//     |mean' - mean| <= dm = (K + 1) u E|x|,   |var' - var| <= dv = (3K + 7) u (E[x^2] + eps),
+//     |s' - s| <= ds = dv / s + u s,
+//   and, with s_ = max(s - ds, sqrt(eps)) <= s' (var' >= 0: a sum of squares) and d = |x - mean|,
+//     |y' - y| <= |gamma| ((dm + 2u d) / s_ + d min(ds / (s s_), 1 / s_)) + 2u (|y| + |beta|)
+//   (tests/numerics.py doubles it for the second-order terms). The product's bound is then taken at |y| plus that
+//   error, and that error times |B| added.
+//
 // Tiling for the Phoenix (npu1) array: 4 usable columns x 4 AIE-ML cores.
 //   * Each core computes one kTileM x kTileN tile of C, looping over K in kTileK steps.
 //     L1 budget (64 KiB/core): A 64x64 bf16 (8 KiB) x2 + B 64x64 bf16 (8 KiB) x2 + C 64x64 fp32 (16 KiB) = 48 KiB.

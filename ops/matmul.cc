@@ -9,6 +9,7 @@
 #include "ep_plugin/dispatch.h"
 #include "kernels/emulator/emulator.h"
 #include "kernels/ep_buffers.h"
+#include "kernels/layernorm.h"
 #include "kernels/packing.h"
 #include "ops/op.h"
 #include "ops/transpose_fusion.h"
@@ -315,6 +316,97 @@ bool claim_cache_append(const OrtApi& api, const GraphIndex& index, const std::s
   return true;
 }
 
+// A float32 constant of shape [K] (K known): LayerNormalization's gamma or beta over the last axis.
+bool is_row_constant(const Operand& o, ONNXTensorElementDataType t, int64_t K) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && o.constant && o.rank == 1 && o.dims[0] == K && K > 0;
+}
+
+// Whether `reader` reads `value` as the A of a MatMul with a constant 2-D float32 B (a projection).
+bool is_projection_of(const OrtApi& api, const OrtNode* reader, const std::string& value) {
+  if (!is_op(api, reader, "", "MatMul")) return false;
+  const NodeIo io = node_io(api, reader);
+  if (io.inputs.size() != 2 || !io.inputs[0] || !io.inputs[1] || value_name(api, io.inputs[0]) != value ||
+      value_name(api, io.inputs[1]) == value)
+    return false;
+  ONNXTensorElementDataType t;
+  const Operand b = describe(api, io.inputs[1], &t);
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && b.constant && b.rank == 2;
+}
+
+// Takes the LayerNormalization that makes A as the A prologue (kernels/gemm_contract.h, "A prologue") when every
+// reader of its output is a projection (each claims it the same way; claim_nodes undoes the prologue of all of
+// them when one is not claimed). Returns why it does not ("" when A has no LayerNormalization producer or it did).
+std::string claim_layernorm_prologue(const OrtApi& api, const GraphIndex& index, Claim* r) {
+  OpPlan& p = r->plan;
+  const auto producer = index.producer.find(p.a.name);
+  if (producer == index.producer.end() || !is_op(api, producer->second, "", "LayerNormalization")) return "";
+  const OrtNode* ln = producer->second;
+  const std::string stays = "; its LayerNormalization stays on the CPU EP (";
+  if (!p.b.constant || p.b.rank != 2 || p.a.perm.size() || p.a.rank < 1) return stays + "not a projection's A)";
+  const NodeIo io = node_io(api, ln);
+  if (io.inputs.size() < 2 || !io.inputs[0] || !io.inputs[1] || io.outputs.empty() || !io.outputs[0])
+    return stays + "without X and scale)";
+  for (size_t i = 1; i < io.outputs.size(); ++i)  // Mean, InvStdDev: only when nothing reads them
+    if (io.outputs[i]) {
+      const auto uses = index.uses.find(value_name(api, io.outputs[i]));
+      if (uses != index.uses.end() && uses->second > 0) return stays + "its Mean or InvStdDev is read)";
+    }
+  int64_t axis = -1, stash = 1;
+  float epsilon = 1e-5f;
+  if (!int_attr(api, ln, "axis", &axis) || !int_attr(api, ln, "stash_type", &stash) ||
+      !float_attr(api, ln, "epsilon", &epsilon))
+    return stays + "unreadable attributes)";
+  ONNXTensorElementDataType tx, ts, tb = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  const Operand x = describe(api, io.inputs[0], &tx);
+  const Operand scale = describe(api, io.inputs[1], &ts);
+  const OrtValueInfo* bias_input = io.inputs.size() > 2 ? io.inputs[2] : nullptr;
+  const Operand bias = bias_input ? describe(api, bias_input, &tb) : Operand{};
+  if (x.rank != p.a.rank) return stays + "rank unknown)";
+  if (axis != -1 && axis != x.rank - 1) return stays + "axis " + std::to_string(axis) + " is not the last)";
+  if (stash != 1) return stays + "stash_type is not float32)";
+  if (!(epsilon >= 0.f) || !std::isfinite(epsilon)) return stays + "epsilon not a finite non-negative value)";
+  if (tx != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return stays + "X is " + dtype_name(tx) + ")";
+  const int64_t K = x.dims.back();
+  if (!is_row_constant(scale, ts, K) || (bias_input && !is_row_constant(bias, tb, K)))
+    return stays + "scale or bias is not a float32 constant [K] of a known K)";
+  const std::string out = value_name(api, io.outputs[0]);
+  const auto readers = index.consumers.find(out);
+  const auto uses = index.uses.find(out);
+  if (readers == index.consumers.end() || uses == index.uses.end() ||
+      static_cast<size_t>(uses->second) != readers->second.size())
+    return stays + "its output is a graph output)";
+  for (const OrtNode* reader : readers->second)
+    if (!is_projection_of(api, reader, out)) return stays + "its output is read by other nodes than projections)";
+  r->a_without_prologue = p.a;
+  r->layernorm = ln;
+  r->layernorm_scale_input = io.inputs[1];
+  r->layernorm_bias_input = bias_input;
+  r->fused_producers.push_back(ln);
+  p.layernorm_output = out;
+  p.layernorm_epsilon = epsilon;
+  p.a = x;
+  return "";
+}
+
+// The prologue's part of the claim's reason. A LayerNormalization read by several projections must leave them in one
+// fused node with it (graph_passes/fusion_groups.cc groups a unit by its last node's depth): a residual or a past
+// cache that another node makes could put this one deeper, so such a claim gives the prologue up (and claim_nodes
+// then all of them). Graph inputs (the decoder's past K/V) cannot.
+void finish_layernorm_prologue(const OrtApi& api, const GraphIndex& index, const std::string& stop, Claim* r) {
+  if (!r->layernorm) {
+    r->reason += stop;
+    return;
+  }
+  const NodeIo io = node_io(api, r->layernorm);
+  const auto readers = index.consumers.find(value_name(api, io.outputs[0]));
+  const auto made_by_a_node = [&](const Operand& o) { return o.present && index.producer.count(o.name) > 0; };
+  if ((made_by_a_node(r->plan.residual) || made_by_a_node(r->plan.cache_past)) && readers != index.consumers.end() &&
+      readers->second.size() > 1)
+    return give_up_layernorm_prologue(r, "its LayerNormalization, read by several projections, stays on the CPU EP "
+                                         "(this one also reads a residual or past cache another node makes)");
+  r->reason += ", with its LayerNormalization as the A prologue";
+}
+
 Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& index) {
   Claim r;
   OpPlan& p = r.plan;
@@ -338,7 +430,8 @@ Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& ind
     p.weight_shape = p.b.dims;
     if (auto why = kernels::packing_size_problem(p.weight_shape, false); !why.empty()) return reject(why);
   }
-  read_through_transpose(api, index, &p.a, &r);
+  const std::string prologue_stop = claim_layernorm_prologue(api, index, &r);
+  if (!r.layernorm) read_through_transpose(api, index, &p.a, &r);
   Claim b_producers;  // found backwards from B: added in graph order (a Cast before its Transpose)
   read_through_transpose(api, index, &p.b, &b_producers);
   const std::string before_cast = p.b.name;
@@ -363,6 +456,7 @@ Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& ind
       r.reason += ", written into the bf16 cache after its past (head split, Cast, Concat)";
     r.reason += append_stays;
   }
+  finish_layernorm_prologue(api, index, prologue_stop, &r);
   return r;
 }
 
@@ -405,8 +499,29 @@ void append_to_cache(const OpPlan& plan, TensorIo& io, const float* y, const Dim
   kernels::emulator_parallel_for(large ? 0 : 1, B * H, one_head);
 }
 
+// A as the product reads it through its prologue: the LayerNormalization's output, computed by the first reader
+// of this call (kernels::layernorm_rows) into a tensor of the group that the others then read.
+Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io) {
+  if (io.made(plan.layernorm_output)) return io.input(plan.layernorm_output);
+  const Tensor x = io.input(plan.a.name);
+  const std::string where = "node '" + plan.node_name + "': LayerNormalization prologue: ";
+  if (!x.data) throw ep::OrtError(ORT_INVALID_ARGUMENT, where + "X is not float32");
+  if (x.dims.empty()) throw ep::OrtError(ORT_INVALID_ARGUMENT, where + "X is a scalar");
+  const int64_t K = x.dims.back();
+  if (K != static_cast<int64_t>(plan.layernorm_scale.size()) ||
+      (!plan.layernorm_bias.empty() && plan.layernorm_bias.size() != plan.layernorm_scale.size()))
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, where + "X's last dim " + std::to_string(K) + " differs from scale's " +
+                                                 std::to_string(plan.layernorm_scale.size()));
+  float* y = io.output(plan.layernorm_output, x.dims);
+  const int64_t rows = K ? count(x.dims) / K : 0;
+  kernels::layernorm_rows(x.data, y, rows, K, plan.layernorm_scale.data(),
+                          plan.layernorm_bias.empty() ? nullptr : plan.layernorm_bias.data(), plan.layernorm_epsilon);
+  return Tensor{y, x.dims};
+}
+
 void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
-  const View a = view_of(io.input(plan.a.name), plan.a.perm);
+  const View a = view_of(plan.layernorm_output.empty() ? io.input(plan.a.name) : layernorm_prologue(plan, io),
+                         plan.a.perm);
   View b;
   if (plan.b.constant) {
     b.dims = dispatch.weight_batch_shape();
@@ -561,6 +676,17 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
 }
 
 }  // namespace
+
+void give_up_layernorm_prologue(Claim* claim, const std::string& why) {
+  if (!claim->layernorm) return;
+  auto& producers = claim->fused_producers;
+  producers.erase(std::remove(producers.begin(), producers.end(), claim->layernorm), producers.end());
+  claim->plan.a = claim->a_without_prologue;
+  claim->plan.layernorm_output.clear();
+  claim->layernorm = nullptr;
+  claim->layernorm_scale_input = claim->layernorm_bias_input = nullptr;
+  claim->reason += "; " + why;
+}
 
 extern const OpModule kMatMulModule{"", "MatMul", 1, OpPlan::Op::kMatMul, claim_matmul, run_matmul};
 

@@ -95,6 +95,13 @@ struct OpPlan {
   // `output` is the Concat's output, present [B, H, T+S, D] in bfloat16. Present: the chain is taken.
   Operand cache_past;
   int64_t cache_heads = 0, cache_depth = 0;
+  // MatMul with a constant 2-D B only: the A prologue (kernels/gemm_contract.h, "A prologue"). A LayerNormalization
+  // over the last axis makes A (Claim::fused_producers): `a` is then that node's input X and `layernorm_output` its
+  // output, which the fused node computes once per call for all of its readers (empty: no prologue).
+  // layernorm_scale / layernorm_bias: gamma and beta [K] (beta empty: none), read at Compile.
+  std::string layernorm_output;
+  float layernorm_epsilon = 1e-5f;
+  std::vector<float> layernorm_scale, layernorm_bias;
 };
 
 struct Claim {
@@ -110,7 +117,17 @@ struct Claim {
   // Set by apply_precision_policy on a fused attention claim whose node the policy puts in bf16x3 (the fused
   // contract is bf16): claim_nodes then claims the node as a plain product instead, so the policy is honoured.
   bool unfuse = false;
+  // The A prologue's LayerNormalization (ops/matmul.cc), its constant gamma and beta (Compile reads them), and A as
+  // the MatMul reads it without the prologue: give_up_layernorm_prologue restores it when not every reader of the
+  // LayerNormalization's output is claimed with it (that output is then needed, so the node stays).
+  const OrtNode* layernorm = nullptr;
+  const OrtValueInfo* layernorm_scale_input = nullptr;
+  const OrtValueInfo* layernorm_bias_input = nullptr;
+  Operand a_without_prologue;
 };
+
+// Undoes a claim's A prologue (above): A is read from the LayerNormalization's output again, the node left out.
+void give_up_layernorm_prologue(Claim* claim, const std::string& why);
 
 inline Claim reject(std::string why) {
   Claim c;
@@ -138,6 +155,8 @@ class TensorIo {
   // issue 15 step 4); nullptr: run them now. Only for products whose A and C are io tensors and that nothing
   // touches before the fused node flushes.
   virtual ep::DeferredProducts* deferred() { return nullptr; }
+  // Whether `name` was already made in this call (an A prologue's output, computed by its first reader).
+  virtual bool made(const std::string& name) { (void)name; return false; }
 };
 
 // One row of the op table.

@@ -18,6 +18,23 @@ namespace {
 // attention pattern is fused attention, any other MatMul a plain product).
 const OpModule* const kOps[] = {&kAttentionModule, &kMatMulModule, &kGemmModule, &kConvModule};
 
+// A LayerNormalization taken as an A prologue (ops/matmul.cc) leaves the graph only if every reader of its output
+// took it: otherwise (a reader below min_mflop, or one that gave it up) its output is needed and every claim reads
+// it again as A.
+void keep_layernorm_prologues_whole(const GraphIndex& index, std::vector<NodeClaim>* claims) {
+  std::unordered_map<const OrtNode*, std::vector<Claim*>> takers;
+  for (NodeClaim& c : *claims)
+    if (c.claim.ok && c.claim.layernorm) takers[c.claim.layernorm].push_back(&c.claim);
+  for (auto& [ln, claimed] : takers) {
+    const auto readers = index.consumers.find(claimed.front()->plan.layernorm_output);
+    const size_t wanted = readers == index.consumers.end() ? 0 : readers->second.size();
+    if (claimed.size() == wanted) continue;
+    for (Claim* c : claimed)
+      give_up_layernorm_prologue(c, "its LayerNormalization stays on the CPU EP (" + std::to_string(wanted - claimed.size()) +
+                                        " of its " + std::to_string(wanted) + " readers not claimed with it)");
+  }
+}
+
 }  // namespace
 
 const OpModule* find_op(const std::string& domain, const std::string& op_type) {
@@ -109,6 +126,7 @@ std::vector<NodeClaim> claim_nodes(const OrtApi& api, const std::vector<const Or
     claims.push_back(std::move(c));
   }
   std::reverse(claims.begin(), claims.end());
+  keep_layernorm_prologues_whole(index, &claims);
   return claims;
 }
 

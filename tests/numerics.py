@@ -140,6 +140,56 @@ def epilogue_bound(product_bound, product_exact, bias=None, gelu=False, residual
     return err + TINY
 
 
+# ---- The A prologue: LayerNormalization over K (kernels/gemm_contract.h, "A prologue"; derivation there) ----
+
+def layernorm64(x, gamma, beta=None, eps=1e-5) -> np.ndarray:
+    """LayerNormalization over the last axis in float64: (x - mean) / sqrt(var + eps) * gamma + beta."""
+    x = np.asarray(x, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = x.mean(axis=-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+        y = (x - mean) / np.sqrt(var + eps) * np.asarray(gamma, np.float64)
+    return y + (0.0 if beta is None else np.asarray(beta, np.float64))
+
+
+def layernorm_bound(x, gamma, beta=None, eps=1e-5) -> np.ndarray:
+    """Elementwise bound on |LN_fp32(x) - layernorm64(x)| for the contract's fp32 arithmetic (any order of the
+    sums), doubled for the second-order terms. s' is at least sqrt(eps) (the variance is clamped at 0), so a row
+    whose variance error exceeds it (constant rows) keeps a finite bound."""
+    u = 2.0**-24
+    x = np.asarray(x, np.float64)
+    k = x.shape[-1]
+    g = np.abs(np.asarray(gamma, np.float64))
+    b = 0.0 if beta is None else np.abs(np.asarray(beta, np.float64))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        mean = x.mean(axis=-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+        s = np.sqrt(var + eps)
+        dm = (k + 1) * u * np.abs(x).mean(axis=-1, keepdims=True)
+        dv = (3 * k + 7) * u * ((x * x).mean(axis=-1, keepdims=True) + eps)
+        ds = dv / s + u * s
+        s_low = np.maximum(s - ds, np.sqrt(eps) * (1 - 2 * u))
+        d = np.abs(x - mean)
+        inv_err = np.minimum(ds / (s * s_low), 1 / s_low)  # |1/s' - 1/s|
+        y = np.abs(layernorm64(x, gamma, beta, eps))
+        return 2 * (g * ((dm + 2 * u * d) / s_low + d * inv_err) + 2 * u * (y + b))
+
+
+def prologue_exact(x, gamma, beta, eps, b) -> np.ndarray:
+    """LN(x) . B in float64."""
+    return np.matmul(layernorm64(x, gamma, beta, eps), np.asarray(b, np.float64))
+
+
+def prologue_bound(x, gamma, beta, eps, b, precision="bf16") -> np.ndarray:
+    """|LN(x).B - exact| for a product of `precision` whose A is the prologue's fp32 output y' = y + e, |e| <= E:
+    the product's bound at |y| + E (every bound here grows with |A|), plus E.|B|."""
+    e = layernorm_bound(x, gamma, beta, eps)
+    y = np.abs(layernorm64(x, gamma, beta, eps))
+    b = np.asarray(b, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return precision_bound(y + e, b, precision) + np.matmul(e, np.abs(b))
+
+
 # ---- Fused attention (kernels/attention_contract.h) ----
 
 # The softmax's exp (emulator_attention.cc exp_nonpositive: 2^n times a degree-3 polynomial of 2^f): relative error
