@@ -11,6 +11,7 @@
 #endif
 
 #include "ep_plugin/dispatch.h"
+#include "kernels/emulator/emulator.h"
 #include "kernels/packing.h"
 #include "ops/op.h"
 
@@ -29,7 +30,7 @@ namespace {
 
 // dst[c][r] = src[r][c] for a row-major src [rows, cols], in 16 x 16 blocks of 4 x 4 register transposes: the
 // scalar loop was most of a conv's time, its column reads at a power-of-two stride (Cout = 512) thrashing L1 sets.
-void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+void transpose_rows(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst) {
   constexpr int64_t kBlock = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
     for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
@@ -38,22 +39,33 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
       if (r1 - r0 == kBlock && c1 - c0 == kBlock) {
         for (int64_t r = r0; r < r1; r += 4)
           for (int64_t c = c0; c < c1; c += 4) {
-            const float* s = src + r * cols + c;
-            __m128 v0 = _mm_loadu_ps(s), v1 = _mm_loadu_ps(s + cols), v2 = _mm_loadu_ps(s + 2 * cols),
-                   v3 = _mm_loadu_ps(s + 3 * cols);
+            const float* s = src + r * ld_src + c;
+            __m128 v0 = _mm_loadu_ps(s), v1 = _mm_loadu_ps(s + ld_src), v2 = _mm_loadu_ps(s + 2 * ld_src),
+                   v3 = _mm_loadu_ps(s + 3 * ld_src);
             _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
-            float* d = dst + c * rows + r;
+            float* d = dst + c * ld_dst + r;
             _mm_storeu_ps(d, v0);
-            _mm_storeu_ps(d + rows, v1);
-            _mm_storeu_ps(d + 2 * rows, v2);
-            _mm_storeu_ps(d + 3 * rows, v3);
+            _mm_storeu_ps(d + ld_dst, v1);
+            _mm_storeu_ps(d + 2 * ld_dst, v2);
+            _mm_storeu_ps(d + 3 * ld_dst, v3);
           }
         continue;
       }
 #endif
       for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
     }
+}
+
+// dst[c][r] = src[r][c] for a row-major src [rows, cols]: bands of rows on the emulator's threads (a pass over
+// memory that one core does not saturate).
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  constexpr int64_t kBand = 256;
+  const int64_t bands = (rows + kBand - 1) / kBand;
+  kernels::emulator_parallel_for(rows * cols >= (int64_t{1} << 16) ? 0 : 1, bands, [&](int64_t b) {
+    const int64_t r0 = b * kBand;
+    transpose_rows(src + r0 * cols, std::min(kBand, rows - r0), cols, cols, dst + r0, rows);
+  });
 }
 
 Claim claim_conv(const OrtApi& api, const OrtNode* node, const GraphIndex& index) {
