@@ -68,7 +68,9 @@ kernels::PackedWeights load_constants(const OrtApi& ort, const OrtNode* node, op
     const std::vector<float> data = ops::read_constant(ort, io.inputs.at(1), &shape);
     if (element_count(shape) != element_count(plan->weight_shape))
       throw OrtError(ORT_EP_FAIL, "Compile: node '" + plan->node_name + "': weight differs from the claimed one");
-    weights = kernels::pack_weights(data.data(), plan->weight_shape, plan->weight_transposed, plan->precision);
+    weights = kernels::pack_weights(
+        plan->op == ops::OpPlan::Op::kConv ? ops::conv_weight_tap_major(data, plan->conv).data() : data.data(),
+        plan->weight_shape, plan->weight_transposed, plan->precision);
   }
   if (plan->c.present && plan->c.constant) {
     std::vector<int64_t> shape;

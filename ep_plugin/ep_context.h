@@ -33,7 +33,8 @@ namespace xdna::ep {
 // 6: plans carry output_bf16 (a MatMul that took its trailing Cast to bfloat16).
 // 7: plans carry the cache append (cache_past, cache_heads, cache_depth).
 // 8: plans carry the LayerNormalization A prologue (layernorm_output, _epsilon, _scale, _bias).
-inline constexpr uint32_t kContextFormatVersion = 8;
+// 9: a Conv weight is packed tap-major (B[kk * Cin + ci][co], ops/op.h ConvParams).
+inline constexpr uint32_t kContextFormatVersion = 9;
 inline constexpr size_t kDataAlignment = 64;
 
 // What a payload must match to be loaded: anything else is refused with the differing field named.

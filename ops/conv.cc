@@ -1,16 +1,74 @@
 // Conv over one spatial dimension (Whisper's encoder front end), group 1, constant weights: im2col rows times the
-// packed weights, bias added after. Anything else stays on the CPU EP.
+// packed weights (ops/op.h ConvParams), the bias and a GELU after it as the GEMM's epilogue. Anything else stays on
+// the CPU EP.
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 #include "ep_plugin/dispatch.h"
+#include "kernels/emulator/emulator.h"
 #include "kernels/packing.h"
 #include "ops/op.h"
 
 namespace xdna::ops {
+
+std::vector<float> conv_weight_tap_major(const std::vector<float>& w, const ConvParams& conv) {
+  const int64_t cout = conv.out_channels, cin = conv.in_channels, k = conv.kernel;
+  std::vector<float> b(w.size());
+  for (int64_t co = 0; co < cout; ++co)
+    for (int64_t ci = 0; ci < cin; ++ci)
+      for (int64_t kk = 0; kk < k; ++kk) b[(co * k + kk) * cin + ci] = w[(co * cin + ci) * k + kk];
+  return b;
+}
+
 namespace {
 
-Claim claim_conv(const OrtApi& api, const OrtNode* node, const GraphIndex&) {
+// dst[c][r] = src[r][c] for a row-major src [rows, cols], in 16 x 16 blocks of 4 x 4 register transposes: the
+// scalar loop was most of a conv's time, its column reads at a power-of-two stride (Cout = 512) thrashing L1 sets.
+void transpose_rows(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t r1 = std::min(rows, r0 + kBlock), c1 = std::min(cols, c0 + kBlock);
+#if defined(__SSE2__)
+      if (r1 - r0 == kBlock && c1 - c0 == kBlock) {
+        for (int64_t r = r0; r < r1; r += 4)
+          for (int64_t c = c0; c < c1; c += 4) {
+            const float* s = src + r * ld_src + c;
+            __m128 v0 = _mm_loadu_ps(s), v1 = _mm_loadu_ps(s + ld_src), v2 = _mm_loadu_ps(s + 2 * ld_src),
+                   v3 = _mm_loadu_ps(s + 3 * ld_src);
+            _MM_TRANSPOSE4_PS(v0, v1, v2, v3);
+            float* d = dst + c * ld_dst + r;
+            _mm_storeu_ps(d, v0);
+            _mm_storeu_ps(d + ld_dst, v1);
+            _mm_storeu_ps(d + 2 * ld_dst, v2);
+            _mm_storeu_ps(d + 3 * ld_dst, v3);
+          }
+        continue;
+      }
+#endif
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    }
+}
+
+// dst[c][r] = src[r][c] for a row-major src [rows, cols]: bands of rows on the emulator's threads (a pass over
+// memory that one core does not saturate).
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  constexpr int64_t kBand = 256;
+  const int64_t bands = (rows + kBand - 1) / kBand;
+  kernels::emulator_parallel_for(rows * cols >= (int64_t{1} << 16) ? 0 : 1, bands, [&](int64_t b) {
+    const int64_t r0 = b * kBand;
+    transpose_rows(src + r0 * cols, std::min(kBand, rows - r0), cols, cols, dst + r0, rows);
+  });
+}
+
+Claim claim_conv(const OrtApi& api, const OrtNode* node, const GraphIndex& index) {
   Claim r;
   OpPlan& p = r.plan;
   p.op = OpPlan::Op::kConv;
@@ -77,6 +135,18 @@ Claim claim_conv(const OrtApi& api, const OrtNode* node, const GraphIndex&) {
   p.mflop_lower_bound = sym;
   r.ok = true;
   r.reason = "1-D convolution as a GEMM (constant weight)";
+  // The GELU after it (Whisper's encoder) as the GEMM epilogue, as MatMul takes it: elementwise, so applying it to
+  // the [T_out, Cout] product before the transpose gives Conv + Gelu's values.
+  if (io.outputs.size() == 1 && io.outputs[0]) {
+    ONNXTensorElementDataType t;
+    const Operand out = describe(api, io.outputs[0], &t);
+    if (const auto gelu = match_gelu(api, index, out.name, out.dims); !gelu.empty()) {
+      p.epilogue_gelu = true;
+      r.fused_consumers = gelu;
+      p.output = value_name(api, node_io(api, gelu.back()).outputs[0]);
+      r.reason += ", epilogue: gelu";
+    }
+  }
   return r;
 }
 
@@ -102,26 +172,38 @@ void run_conv(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   float* y = io.output(plan.output, {batches, c.out_channels, t_out});
   if (batches == 0 || c.out_channels == 0) return;
   dispatch.note_work(batches, t_out, K, N, false, false, true);
-  // im2col rows (one per output position, zeros where the window reaches into the padding) and the GEMM result
-  // [t_out, Cout], written back transposed to the [Cout, t_out] layout of Conv's output.
-  std::vector<float> cols(static_cast<size_t>(cols_size)), yt(static_cast<size_t>(yt_size));
+  const int64_t cin = c.in_channels;
+  // X[n] transposed to [rows, Cin] with pad_begin / pad_end zero rows: the window of output t is rows
+  // t * stride + kk * dilation, so with dilation 1 its k rows lie back to back and are its im2col row in the
+  // tap-major order the weight was packed in (conv_weight_tap_major): the GEMM reads them where they lie. Windows
+  // that overlap or touch (stride <= k) keep that buffer within the im2col rows' size; others gather im2col rows.
+  const bool in_place = c.dilation == 1 && c.stride <= c.kernel;
+  const int64_t rows = in_place ? t_in + c.pad_begin + c.pad_end : 0;  // <= (t_out + 1) * k: no overflow
+  std::unique_ptr<float[]> a(new float[static_cast<size_t>(in_place ? rows * cin : cols_size)]);
+  std::unique_ptr<float[]> yt(new float[static_cast<size_t>(yt_size)]);
+  if (in_place) {
+    std::fill(a.get(), a.get() + c.pad_begin * cin, 0.f);
+    std::fill(a.get() + (c.pad_begin + t_in) * cin, a.get() + rows * cin, 0.f);
+  }
+  kernels::GemmArgs args{a.get(), t_out, in_place ? c.stride * cin : K, yt.get(), N};
+  if (!plan.c_value.empty()) args.epilogue.bias = plan.c_value.data();  // the same fp32 add as after the product
+  args.epilogue.gelu = plan.epilogue_gelu;
   for (int64_t n = 0; n < batches; ++n) {
-    const float* xn = x.data + n * c.in_channels * t_in;
-    for (int64_t t = 0; t < t_out; ++t) {
-      float* row = cols.data() + t * K;
-      const int64_t start = t * c.stride - c.pad_begin;
-      for (int64_t ci = 0; ci < c.in_channels; ++ci)
+    const float* xn = x.data + n * cin * t_in;
+    if (in_place) {
+      transpose(xn, cin, t_in, a.get() + c.pad_begin * cin);
+    } else {
+      for (int64_t t = 0; t < t_out; ++t) {
+        float* row = a.get() + t * K;
+        const int64_t start = t * c.stride - c.pad_begin;
         for (int64_t kk = 0; kk < c.kernel; ++kk) {
           const int64_t pos = start + kk * c.dilation;
-          row[ci * c.kernel + kk] = pos >= 0 && pos < t_in ? xn[ci * t_in + pos] : 0.f;
+          for (int64_t ci = 0; ci < cin; ++ci) row[kk * cin + ci] = pos >= 0 && pos < t_in ? xn[ci * t_in + pos] : 0.f;
         }
+      }
     }
-    dispatch.gemm({cols.data(), t_out, K, yt.data(), N}, 0);
-    float* yn = y + n * N * t_out;
-    for (int64_t co = 0; co < N; ++co) {
-      const float bias = plan.c_value.empty() ? 0.f : plan.c_value[static_cast<size_t>(co)];
-      for (int64_t t = 0; t < t_out; ++t) yn[co * t_out + t] = yt[t * N + co] + bias;
-    }
+    dispatch.gemm(args, 0);
+    transpose(yt.get(), t_out, N, y + n * N * t_out);  // [t_out, Cout] -> Conv's [Cout, t_out]
   }
 }
 

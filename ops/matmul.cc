@@ -101,6 +101,31 @@ std::vector<const OrtNode*> match_erf_gelu(const OrtApi& api, const GraphIndex& 
   return {};
 }
 
+}  // namespace
+
+std::vector<const OrtNode*> match_gelu(const OrtApi& api, const GraphIndex& index, const std::string& value,
+                                       const std::vector<int64_t>& dims) {
+  std::vector<const OrtNode*> nodes;
+  const OrtNode* next = only_reader(index, value);  // null: read twice (a decomposed GELU) or more
+  if (!next) {
+    nodes = match_erf_gelu(api, index, value);
+  } else if (is_op(api, next, "com.microsoft", "Gelu") || is_op(api, next, "", "Gelu")) {
+    const NodeIo nio = node_io(api, next);
+    std::string approximate = "none";
+    if (is_op(api, next, "", "Gelu") && !string_attr(api, next, "approximate", &approximate)) approximate = "?";
+    if (nio.inputs.size() == 1 && approximate == "none") nodes = {next};
+  }
+  if (nodes.empty()) return {};
+  const NodeIo out = node_io(api, nodes.back());
+  if (out.outputs.size() != 1 || !out.outputs[0]) return {};
+  ONNXTensorElementDataType t;
+  const Operand o = describe(api, out.outputs[0], &t);
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !same_shape(o.dims, dims)) return {};
+  return nodes;
+}
+
+namespace {
+
 // Extends a MatMul claim over the elementwise nodes after it that the GEMM epilogue runs (kernels/gemm_contract.h,
 // "Epilogue"): [Add(constant bias [N])] [Gelu | BiasGelu(constant bias)] [Add(run-time residual of its shape)], in
 // that order, each step's input read by that step alone. Returns why the chain stops where it does ("" when the
@@ -154,25 +179,13 @@ std::string claim_epilogue(const OrtApi& api, const GraphIndex& index, const Nod
     }
   }
   // 2. GELU (erf form): Gelu, its decomposed form, or BiasGelu when no bias was taken yet
-  if (const auto gelu = next ? std::vector<const OrtNode*>{} : match_erf_gelu(api, index, value); !gelu.empty()) {
-    const NodeIo nio = node_io(api, gelu.back());
-    if (!float_output_like_product(nio))
-      return r->fused_consumers.empty() ? "; the GELU after it stays on the CPU EP (not of the product's shape)" : "";
+  if (const auto gelu = match_gelu(api, index, value, out.dims); !gelu.empty()) {
     p.epilogue_gelu = true;
     r->fused_consumers.insert(r->fused_consumers.end(), gelu.begin(), gelu.end() - 1);
-    take(gelu.back(), nio);
+    take(gelu.back(), node_io(api, gelu.back()));
     next = only_reader(index, value);
   } else if (next && (is_op(api, next, "com.microsoft", "Gelu") || is_op(api, next, "", "Gelu"))) {
-    const NodeIo nio = node_io(api, next);
-    std::string approximate = "none";
-    if (is_op(api, next, "", "Gelu") && !string_attr(api, next, "approximate", &approximate)) approximate = "?";
-    if (nio.inputs.size() != 1 || nio.outputs.size() != 1 || !nio.outputs[0] || approximate != "none" ||
-        !float_output_like_product(nio))
-      return r->fused_consumers.empty() ? "; the Gelu after it stays on the CPU EP (not the erf form of its shape)"
-                                        : "";
-    p.epilogue_gelu = true;
-    take(next, nio);
-    next = only_reader(index, value);
+    return r->fused_consumers.empty() ? "; the Gelu after it stays on the CPU EP (not the erf form of its shape)" : "";
   } else if (next && is_op(api, next, "com.microsoft", "BiasGelu")) {
     const NodeIo nio = node_io(api, next);
     ONNXTensorElementDataType tb = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;

@@ -40,11 +40,16 @@ struct Operand {
   std::vector<int64_t> split;
 };
 
-// 1-D convolution run as a GEMM: Y[n]^T [T_out, Cout] = im2col(X[n]) [T_out, Cin*k] . W^T [Cin*k, Cout].
+// 1-D convolution run as a GEMM: Y[n]^T [T_out, Cout] = im2col(X[n]) [T_out, k*Cin] . B [k*Cin, Cout], the inner
+// index tap-major (kk * Cin + ci), so that with dilation 1 the im2col row of output t is k consecutive rows of X[n]
+// transposed to [T, Cin]: the GEMM reads them where they lie (rows overlapping, lda = stride * Cin).
 struct ConvParams {
   int64_t in_channels = 0, out_channels = 0, kernel = 0;
   int64_t stride = 1, dilation = 1, pad_begin = 0, pad_end = 0;
 };
+
+// Conv's weight W [Cout, Cin, k] as the transposed B the plan packs: [Cout, k * Cin], B[kk*Cin + ci][co] = W[co][ci][kk].
+std::vector<float> conv_weight_tap_major(const std::vector<float>& w, const ConvParams& conv);
 
 // Every product of a node runs in the plan's precision (kernels/gemm_contract.h, "Precision modes"), set at claim
 // time from the session's policy (ops/precision_policy.h).
@@ -125,6 +130,12 @@ struct Claim {
   const OrtValueInfo* layernorm_bias_input = nullptr;
   Operand a_without_prologue;
 };
+
+// The GELU of the GEMM epilogue (kernels/gemm_contract.h, "Epilogue"; the erf form: ONNX or com.microsoft Gelu, or
+// the decomposed form PyTorch exports) that alone reads `value`, its float output of `dims`: its nodes in graph
+// order (the last one writes the GELU), or empty. MatMul and Conv take it (ops/matmul.cc, ops/conv.cc).
+std::vector<const OrtNode*> match_gelu(const OrtApi& api, const GraphIndex& index, const std::string& value,
+                                       const std::vector<int64_t>& dims);
 
 // Undoes a claim's A prologue (above): A is read from the LayerNormalization's output again, the node left out.
 void give_up_layernorm_prologue(Claim* claim, const std::string& why);

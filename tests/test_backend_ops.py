@@ -242,7 +242,7 @@ def conv_reference(x, w, bias, stride, dilation, pads):
 
 def conv_cases():
     for stride, dilation, pads, bias in [(1, 1, (1, 1), True), (2, 1, (1, 1), True), (1, 2, (0, 3), False),
-                                         (3, 1, (0, 0), True)]:
+                                         (3, 1, (0, 0), True), (4, 1, (2, 1), True), (1, 1, (2, 5), False)]:
         x = rng(1).standard_normal((2, 12, 50)).astype(np.float32)
         w = rng(2).standard_normal((20, 12, 3)).astype(np.float32)
         b = rng(3).standard_normal(20).astype(np.float32) if bias else None

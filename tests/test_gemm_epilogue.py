@@ -282,3 +282,53 @@ def test_kernel_epilogue_bits_each_int8_kernel_set(int8_isa):
     assert proc.returncode == 0, proc.stderr
     assert f"int8 kernels '{int8_isa}' (forced by XDNA_EMULATOR_INT8_ISA)" in proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def _conv_gelu_model(gelu, cin=24, cout=40, k=3, stride=1, pads=(1, 1), seed=0):
+    """Conv1d(X, W, bias) then a GELU as Whisper's encoder has it: `gelu` is "erf_gelu" (the decomposed form PyTorch
+    exports), "gelu" (com.microsoft) or "onnx_gelu" (opset 20)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((cout, cin, k)) / np.sqrt(cin * k)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["X", "W", "B"], ["c"], name="conv", kernel_shape=[k], pads=list(pads),
+                              strides=[stride])]
+    inits = [init("W", w), init("B", bias)]
+    if gelu == "erf_gelu":
+        inits += [init("sqrt2", np.float32(np.sqrt(2))), init("one", np.float32(1)), init("half", np.float32(0.5))]
+        nodes += [helper.make_node("Div", ["c", "sqrt2"], ["d"], name="gelu_div"),
+                  helper.make_node("Erf", ["d"], ["e"], name="gelu_erf"),
+                  helper.make_node("Add", ["e", "one"], ["p"], name="gelu_add"),
+                  helper.make_node("Mul", ["c", "p"], ["m"], name="gelu_mul"),
+                  helper.make_node("Mul", ["m", "half"], ["y"], name="gelu")]
+    else:
+        nodes.append(helper.make_node("Gelu", ["c"], ["y"], name="gelu", **({"domain": MS} if gelu == "gelu" else {})))
+    graph = helper.make_graph(nodes, "conv_gelu", [tensor("X", ["batch", cin, "t"])], [tensor("y", ["batch", cout, None])],
+                              inits)
+    opsets = [helper.make_opsetid("", 20 if gelu == "onnx_gelu" else 17), helper.make_opsetid(MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString(), w, bias
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "bf16x3"])
+@pytest.mark.parametrize("gelu,stride", [("erf_gelu", 1), ("gelu", 2), ("onnx_gelu", 1)])
+def test_conv_takes_its_gelu(gelu, stride, precision):
+    """Conv + GELU (Whisper's encoder front end) as one EP node, the GELU the GEMM epilogue's: within the bound
+    against float64 and ORT's CPU EP, nothing left on the CPU EP."""
+    model, w, bias = _conv_gelu_model(gelu, stride=stride)
+    sess = xdna_session(model, {"precision": precision} if precision != "bf16" else None)
+    assert not xdna.placement(sess).on("CPUExecutionProvider") and ep_nodes(sess)
+    x = np.random.default_rng(1).standard_normal((2, 24, 53)).astype(np.float32)
+    y = sess.run(None, {"X": x})[0]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1)))
+    t_out = (53 + 2 - 3) // stride + 1
+    cols = np.stack([xp[:, :, t * stride: t * stride + 3] for t in range(t_out)], axis=1).reshape(2, t_out, -1)
+    wt = w.astype(np.float64).reshape(w.shape[0], -1).T
+    product = cols @ wt  # [batch, t_out, Cout]
+    exact = epilogue_exact(product, bias, True).transpose(0, 2, 1)
+    bound = epilogue_bound(precision_bound(cols, wt, precision), product, bias, True).transpose(0, 2, 1)
+    assert y.shape == exact.shape
+    assert_within(y, exact, bound, f"conv + {gelu} {precision} vs float64")
+    cpu_e = fp32_eps(cols.shape[-1]) * (np.abs(cols) @ np.abs(wt))
+    cpu_bound = (epilogue_bound(cpu_e, product, bias, True) + 2e-7 * np.abs(epilogue_exact(product, bias, True)))
+    ref = cpu_session(model).run(None, {"X": x})[0]
+    assert_within(ref, exact, cpu_bound.transpose(0, 2, 1), f"conv + {gelu}: the CPU EP vs float64")
+    assert_within(y, ref, bound + cpu_bound.transpose(0, 2, 1), f"conv + {gelu} {precision} vs the CPU EP")
