@@ -25,9 +25,8 @@ import step_ab  # noqa: E402
 CHAIN_OPS = {"Reshape", "Transpose", "Cast", "Mul"}
 
 
-def unfused_copy(path: Path, out_dir: Path) -> tuple[Path, int]:
-    """The graph with the start of each present.N.decoder.* chain (the Reshape's input) also a graph output; and
-    how many."""
+def unfused(path: Path, out_dir: Path) -> Path:
+    """The graph with the start of each present.N.decoder.* chain (the Reshape's input) also a graph output."""
     m = onnx.load(str(path))
     producers = {o: n for n in m.graph.node for o in n.output}
     extra = []
@@ -41,27 +40,12 @@ def unfused_copy(path: Path, out_dir: Path) -> tuple[Path, int]:
             node = producers.get(node.input[0])
         if node is not None and node.op_type == "Reshape":
             extra.append(node.input[0])
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in extra)
-    out = out_dir / "unfused.onnx"
-    onnx.save(m, str(out), save_as_external_data=True, location="unfused.data")
-    return out, len(extra)
-
-
-def unfused(path: Path, out_dir: Path) -> Path:
-    out, extra = unfused_copy(path, out_dir)
-    print(f"unfused copy: {extra} K/V projection outputs also graph outputs")
-    return out
-
-
-def describe(placed) -> str:
-    on_ep = [op for _, op in placed.on(step_ab.xdna.EP_NAME)]
-    return (f"{len(placed.on('CPUExecutionProvider'))} nodes on the CPU EP ({on_ep.count('Concat')} Concat, "
-            f"{on_ep.count('Cast')} Cast in the EP's fused nodes), {len(on_ep)} in the EP's fused nodes")
+    return step_ab.with_graph_outputs(m, extra, out_dir / "unfused.onnx", "K/V projection outputs")
 
 
 def main() -> None:
-    step_ab.run(step_ab.parse_args(__doc__), unfused, ("cache append on CPU", "in the projection"), describe,
-                same_outputs=True)
+    step_ab.run(step_ab.parse_args(__doc__), unfused, ("cache append on CPU", "in the projection"),
+                ("Concat", "Cast"), same_outputs=True)
 
 
 if __name__ == "__main__":

@@ -34,17 +34,7 @@ def exposed_copy(path: Path, out_dir: Path) -> Path:
     """The graph with each LayerNormalization output also a graph output."""
     m = onnx.load(str(path))
     extra = [n.output[0] for n in m.graph.node if n.op_type == "LayerNormalization"]
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in extra)
-    out = out_dir / ("ln_on_cpu_" + path.name)
-    onnx.save(m, str(out), save_as_external_data=True, location=out.name + ".data")
-    print(f"{path.name}: {len(extra)} LayerNormalization outputs also graph outputs in the 'LN on CPU' copy")
-    return out
-
-
-def describe(placed) -> str:
-    on_ep = [op for _, op in placed.on(step_ab.xdna.EP_NAME)]
-    return (f"{len(placed.on('CPUExecutionProvider'))} nodes on the CPU EP, {len(on_ep)} in the EP's fused nodes "
-            f"({on_ep.count('LayerNormalization')} LayerNormalization)")
+    return step_ab.with_graph_outputs(m, extra, out_dir / ("ln_on_cpu_" + path.name), "LayerNormalization outputs")
 
 
 def encoder_ab(args) -> None:
@@ -66,7 +56,7 @@ def encoder_ab(args) -> None:
     sessions = {k: ort.InferenceSession(str(p), step_ab.xdna.session_options(), providers=w._providers)
                 for k, p in paths.items()}
     for k, s in sessions.items():
-        print(f"{k}: {describe(step_ab.xdna.placement(s))}")
+        print(f"{k}: {step_ab.placement_line(step_ab.xdna.placement(s), ('LayerNormalization',))}")
     feed = {sessions[names[1]].get_inputs()[0].name: x}
     outs = {k: s.run(None, feed) for k, s in sessions.items()}
     assert np.array_equal(outs[names[0]][0], outs[names[1]][0]), "the two plans differ"
@@ -88,7 +78,7 @@ def encoder_ab(args) -> None:
 def main() -> None:
     args = step_ab.parse_args(__doc__, lambda p: p.add_argument("--encoder-runs", type=int, default=7,
                                                                  help="encoder runs each (0: no encoder part)"))
-    step_ab.run(args, exposed_copy, ("LN on CPU", "prologue"), describe, same_outputs=True)
+    step_ab.run(args, exposed_copy, ("LN on CPU", "prologue"), ("LayerNormalization",), same_outputs=True)
     if args.encoder_runs:
         encoder_ab(args)
 

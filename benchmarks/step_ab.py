@@ -1,4 +1,4 @@
-"""The in-process A/B of one decoder_with_past step that head_split_ab.py and masked_attention_ab.py run: two
+"""The in-process A/B of one decoder_with_past step that the *_ab.py scripts run: two
 variants of the optimised decoder copy, timed in turns in one process so that background load hits both alike.
 
 Without an NPU the XDNA EP computes on the CPU emulator of the NPU kernel contract: every figure is a CPU figure.
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,10 +45,29 @@ def raw_bytes(v: ort.OrtValue) -> bytes:
     return ctypes.string_at(v.data_ptr(), 2 * int(np.prod(v.shape())))
 
 
-def run(args: argparse.Namespace, variant, names: tuple[str, str], describe, same_outputs: bool = False) -> None:
+def with_graph_outputs(m: onnx.ModelProto, values: list[str], out: Path, what: str) -> Path:
+    """`m` saved at `out` with the float32 `values` also graph outputs: each then has a reader outside the EP, so the
+    claim leaves the node that makes it on the CPU EP (an A/B's "before" plan)."""
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in values)
+    onnx.save(m, str(out), save_as_external_data=True, location=out.name + ".data")
+    print(f"{out.name}: {len(values)} {what} also graph outputs")
+    return out
+
+
+def placement_line(placed, ops: tuple[str, ...]) -> str:
+    """Where a session's nodes went, with how many of each of `ops` the EP's fused nodes hold."""
+    on_ep = [op for _, op in placed.on(xdna.EP_NAME)]
+    counts = ", ".join(f"{on_ep.count(op)} {op}" for op in ops)
+    return (f"{len(placed.on('CPUExecutionProvider'))} nodes on the CPU EP, {len(on_ep)} in the EP's fused nodes "
+            f"({counts})")
+
+
+def run(args: argparse.Namespace, variant, names: tuple[str, str], counted_ops: tuple[str, ...],
+        same_outputs: bool = False) -> None:
     """`variant(path, out_dir)` writes the "before" copy of the optimised decoder_with_past at `path` and returns its
-    path; names = (before, after) as printed; `describe(placement)` is the line printed per session;
-    `same_outputs`: assert that both give the same float outputs (a change of addressing only)."""
+    path (with_graph_outputs); names = (before, after) as printed; `counted_ops`: the ops placement_line counts in
+    the EP's nodes, printed per session; `same_outputs`: assert that both give the same outputs (a change of
+    addressing only)."""
     ort.set_default_logger_severity(3)
     print(machine_line())
     print("no NPU here: the XDNA EP runs the CPU emulator of the NPU kernel contract (CPU figures)")
@@ -65,7 +85,7 @@ def run(args: argparse.Namespace, variant, names: tuple[str, str], describe, sam
     sessions = {k: ort.InferenceSession(str(p), xdna.session_options(), providers=w._providers)
                 for k, p in sessions.items()}
     for name, s in sessions.items():
-        print(f"{name}: {describe(xdna.placement(s))}")
+        print(f"{name}: {placement_line(xdna.placement(s), counted_ops)}")
     print(f"\ndecoder_with_past step, past {args.past} tokens, precision {args.precision}, {args.steps} steps each "
           f"in turns (ms; {before} -> {after})\n")
     print("| rows | median | 25th percentile | min | median of per-pair differences |")
