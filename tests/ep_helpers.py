@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -76,6 +77,19 @@ def cpu_session(model: bytes, level=None):
 
 def ep_nodes(session) -> list[tuple[str, str]]:
     return xdna.placement(session).on(EP)
+
+
+def use_fake_npu(monkeypatch) -> None:
+    """The xrt backend on the fake NPU device (kernels/xrt/fake_device.h), with no injected fault and no cost model
+    (which would keep tiny test shapes on the CPU path)."""
+    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
+    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
+    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+
+
+def executed(report):
+    """The run-time lines of a partition report (one per claimed node, written when its session is released)."""
+    return [d for d in map(json.loads, report.read_text().splitlines()) if d.get("runtime")]
 
 
 def rng(seed=0):

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
+from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, tensor, use_fake_npu, xdna_session
 from numerics import assert_within, attention_bound, attention_exact
 
 import onnxruntime_ep_xdna as xdna
@@ -242,9 +242,7 @@ def test_fake_device_declines_attention_with_a_logged_reason(tmp_path, monkeypat
     with the same numbers; a GEMM with a kernel in the same session still runs on the device."""
     from test_xrt_dataflow import kernel_dir
 
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
     kdir = kernel_dir(tmp_path / "k", [(512, 512, 256, "f32_f32")])
     B, H, M, T = 1, 2, 100, 120
     model = sdpa_model(B, H, M, T)
@@ -293,9 +291,7 @@ def attention_kernel_dir(root, T, H, scale, gemm=True):
 
 @pytest.fixture
 def fake_xrt(monkeypatch):
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
 
 
 def run_on_fake(model, kdir, f):

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from cpu_isa import check_with_isa
-from ep_helpers import EP, bf16_round_trip, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
+from ep_helpers import EP, bf16_round_trip, cpu_session, ep_nodes, init, make_model, tensor, use_fake_npu, xdna_session
 from numerics import assert_masked_attention, bf16_round
 
 from onnxruntime_ep_xdna import _native
@@ -267,9 +267,7 @@ def test_fake_device_declines_masked_attention_with_a_logged_reason(tmp_path, mo
     """The xrt backend's attn_f32 kernels have no mask and no NaN rule: the fused node runs on the CPU path, logged."""
     from test_attention_fusion import attention_kernel_dir
 
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
     B, H, M, T = 1, 2, 64, 64
     kdir = attention_kernel_dir(tmp_path / "k", T, H, 64 ** -0.5)
     model = masked_model(B, H, M, T, mask_shape=[1, 1, M, T], bf16_kv=False, scale_on="scores")

@@ -25,7 +25,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from cpu_isa import run_pytest_with_isa, unavailable
-from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, rng, tensor, xdna_session
+from ep_helpers import EP, cpu_session, ep_nodes, init, make_model, rng, tensor, use_fake_npu, xdna_session
 from numerics import TINY, assert_within, int8_nan_rule, precision_bound
 from test_xrt_int8 import write_kernel_dir as write_kernel_dir_int8
 
@@ -355,9 +355,7 @@ def fake_kernel_dir(tmp_path_factory):
 def backend_options(request, monkeypatch):
     if request.param == "emulator":
         return {"backend": "emulator"}
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")  # tiny shapes would otherwise be kept on the CPU path
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
     # one xclbin per (dtype, K) over all cases: more than Phoenix's 6 contexts, which test_xrt_backend covers
     monkeypatch.setenv("XDNA_XRT_MAX_CONTEXTS", "64")
     return {"backend": "xrt", "kernel_dir": str(request.getfixturevalue("fake_kernel_dir"))}

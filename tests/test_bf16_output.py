@@ -8,7 +8,6 @@ group reads itself. Where the Cast's input is read elsewhere, the Cast stays on 
 from __future__ import annotations
 
 import ctypes
-import json
 import textwrap
 
 import numpy as np
@@ -19,7 +18,10 @@ from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
 from cpu_isa import check_with_isa
-from ep_helpers import bf16_round_trip, compiled_and_reloaded, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
+from ep_helpers import (
+    bf16_round_trip, compiled_and_reloaded, cpu_session, ep_nodes, executed, init, make_model, tensor, use_fake_npu,
+    xdna_session
+)
 from test_gemm_epilogue import FUSED_CASES, _model
 
 CAST = "to_bf16"
@@ -199,9 +201,7 @@ def test_xrt_backend_on_the_fake_device(tmp_path, monkeypatch):
     """More than 16 rows of a constant B on the fake NPU (K=64, N=256): the device returns fp32 C, the host rounds."""
     from test_xrt_backend import write_kernel_dir
 
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
     kernels = write_kernel_dir(tmp_path / "kernels", [(64, 256, 256)])
     report = tmp_path / "report.jsonl"
     r = np.random.default_rng(17)
@@ -210,7 +210,7 @@ def test_xrt_backend_on_the_fake_device(tmp_path, monkeypatch):
                        [tensor("y", ["m", 256])], [init("w", w)])
     feeds = {"a": r.standard_normal((100, 64)).astype(np.float32)}
     check_bits(model, "y", feeds, {"backend": "xrt", "kernel_dir": str(kernels), "partition_report": str(report)})
-    nodes = [d for d in map(json.loads, report.read_text().splitlines()) if d.get("runtime")]
+    nodes = executed(report)
     assert len(nodes) == 2 and all(d["device_calls"] == 1 for d in nodes), nodes  # both sessions, on the device
 
 

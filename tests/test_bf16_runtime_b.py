@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
 from cpu_isa import check_with_isa
-from ep_helpers import EP, bf16_round_trip, ep_nodes, make_model, tensor, xdna_session
+from ep_helpers import EP, bf16_round_trip, ep_nodes, make_model, tensor, use_fake_npu, xdna_session
 from numerics import assert_within, bf16_round, precision_bound
 
 D = 64
@@ -163,9 +163,7 @@ def test_xrt_backend_on_the_fake_device(tmp_path, monkeypatch):
     K=64, N=256), packed from the bf16 tensor: the same bits as from the fp32 one."""
     from test_xrt_backend import write_kernel_dir
 
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
     kernels = write_kernel_dir(tmp_path / "kernels", [(D, 256, 256)])
     B, H, M, T = 1, 2, 24, 256
     opts = {"backend": "xrt", "kernel_dir": str(kernels)}

@@ -13,7 +13,6 @@ output, which keeps the chain on the CPU EP), against float64 numpy within the G
 from __future__ import annotations
 
 import ctypes
-import json
 
 import numpy as np
 import onnx
@@ -22,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
-from ep_helpers import compiled_and_reloaded, ep_nodes, init, make_model, tensor, xdna_session
+from ep_helpers import compiled_and_reloaded, ep_nodes, executed, init, make_model, tensor, use_fake_npu, xdna_session
 from numerics import assert_within, bf16_bound, bf16_output_bound
 
 C, H, D = 64, 4, 16  # model width, heads, head depth (H * D = C)
@@ -229,9 +228,7 @@ def test_xrt_backend_on_the_fake_device(tmp_path, monkeypatch):
     """The projection on the fake NPU (20 rows, K=64, N=256), the split, rounding and copy on the host."""
     from test_xrt_backend import write_kernel_dir
 
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
     kernels = write_kernel_dir(tmp_path / "kernels", [(64, 256, 256)])
     report = tmp_path / "report.jsonl"
     model, _, _ = cache_model(heads=4, depth=64)
@@ -242,5 +239,5 @@ def test_xrt_backend_on_the_fake_device(tmp_path, monkeypatch):
     got = present_bits(s, x, past)
     del s  # its runtime line is reported as it closes
     np.testing.assert_array_equal(got, present_bits(xdna_session(model), x, past))  # the emulator's bits
-    nodes = [d for d in map(json.loads, report.read_text().splitlines()) if d.get("runtime")]
+    nodes = executed(report)
     assert nodes and all(d["device_calls"] == 1 for d in nodes), nodes

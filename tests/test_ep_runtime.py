@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 
 import numpy as np
@@ -11,13 +10,8 @@ import pytest
 from onnx import helper
 
 import onnxruntime_ep_xdna as xdna
-from ep_helpers import EP, assert_within, bf16_bound, ep_nodes, init, make_model, rng, tensor, xdna_session
+from ep_helpers import EP, assert_within, bf16_bound, ep_nodes, executed, init, make_model, rng, tensor, xdna_session
 from numerics import bf16x3_bound, int8_bound
-
-
-def executed(report):
-    """The run-time lines of a partition report (one per claimed node, written when its session is released)."""
-    return [d for d in map(json.loads, report.read_text().splitlines()) if d.get("runtime")]
 
 
 def linear_model(k=48, n=40, seed=0):

@@ -3,14 +3,15 @@ the bf16 bound, and a fault at every device step ending in correct numbers from 
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from ep_helpers import assert_within, bf16_bound, ep_nodes, init, make_model, rng, tensor, xdna_session
+from ep_helpers import (
+    assert_within, bf16_bound, ep_nodes, executed, init, make_model, rng, tensor, use_fake_npu, xdna_session
+)
 from test_xrt_backend import write_kernel_dir
 
 K, N = 64, 256  # one kernel: Kpad=64, Npad=256
@@ -18,9 +19,7 @@ K, N = 64, 256  # one kernel: Kpad=64, Npad=256
 
 @pytest.fixture
 def fake_npu(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")  # tiny test shapes would otherwise be kept on the CPU path
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
     return write_kernel_dir(tmp_path / "kernels", [(K, N, 256)])
 
 
@@ -71,7 +70,7 @@ def test_device_fault_falls_back_with_reason(fake_npu, monkeypatch, capfd, step)
     del sess
     err = capfd.readouterr().err
     assert err.count("backend 'xrt' fault (") == 1 and "now runs on the CPU" in err
-    (node,) = [d for d in map(json.loads, report.read_text().splitlines()) if d.get("runtime")]
+    (node,) = executed(report)
     assert node["device_calls"] == 0 and node["cpu_calls_by_reason"]["fault"] == 2  # both runs on the fallback
 
 

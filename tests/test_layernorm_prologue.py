@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 import onnxruntime_ep_xdna as xdna
 
 from cpu_isa import check_with_isa
-from ep_helpers import compiled_and_reloaded, cpu_session, ep_nodes, init, xdna_session
+from ep_helpers import compiled_and_reloaded, cpu_session, ep_nodes, init, use_fake_npu, xdna_session
 from numerics import (assert_within, fp32_eps, layernorm64, layernorm_bound, prologue_bound,
                       prologue_exact)
 
@@ -296,9 +296,7 @@ def test_prologue_compiled_model_round_trips(tmp_path):
 def test_fake_npu_device(tmp_path, monkeypatch, capfd):
     from test_xrt_backend import write_kernel_dir
 
-    monkeypatch.setenv("XDNA_XRT_SHIM", "fake")
-    monkeypatch.setenv("XDNA_XRT_COST_MODEL", "0")
-    monkeypatch.delenv("XDNA_XRT_FAKE_FAULT", raising=False)
+    use_fake_npu(monkeypatch)
     kernels = write_kernel_dir(tmp_path / "kernels", [(64, 256, 256)])
     readers = [("proj", 256)]
     model, feeds, consts, _ = _model((1, 5, 64), readers, seed=6)
