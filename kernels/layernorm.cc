@@ -12,6 +12,38 @@
 namespace xdna::kernels {
 namespace {
 
+// The variance's sum after the whole blocks of 8 (from k): a block of 4 squared, then added in order; the rest by
+// fma in order.
+inline float add_tail_squares(const float* x, int64_t k, int64_t K, float mean, float sum_sq) {
+  if (K - k >= 4) {
+    float sq[4];
+    for (int j = 0; j < 4; ++j) {
+      const float d = x[k + j] - mean;
+      sq[j] = d * d;
+    }
+    for (int j = 0; j < 4; ++j) sum_sq += sq[j];
+    k += 4;
+  }
+  for (; k < K; ++k) {
+    const float d = x[k] - mean;
+    sum_sq = std::fma(d, d, sum_sq);
+  }
+  return sum_sq;
+}
+
+inline float inverse_deviation(float sum_sq, int64_t K, float epsilon) {
+  return 1.f / std::sqrt(sum_sq / static_cast<float>(K) + epsilon);
+}
+
+// y[k..K) of a row with its mean and inverse deviation.
+inline void normalise(const float* __restrict x, float* __restrict y, int64_t k, int64_t K, float mean, float inv,
+                      const float* __restrict gamma, const float* __restrict beta) {
+  if (beta)
+    for (; k < K; ++k) y[k] = std::fma((x[k] - mean) * inv, gamma[k], beta[k]);
+  else
+    for (; k < K; ++k) y[k] = (x[k] - mean) * inv * gamma[k];
+}
+
 // ORT's x86-64 CPU kernel (onnxruntime 1.32, float, measured against it by tests/test_layernorm_prologue.py), per
 // row:
 //   mean = float(sum_k double(x_k) / K), the double sum in 4 lanes (lane k % 4 over the whole blocks of 4, then
@@ -40,25 +72,8 @@ inline void layernorm_row(const float* __restrict x, float* __restrict y, int64_
     }
   float a[4];
   for (int j = 0; j < 4; ++j) a[j] = lanes[j] + lanes[j + 4];
-  float sum_sq = (a[0] + a[2]) + (a[1] + a[3]);
-  if (K - k >= 4) {
-    float sq[4];
-    for (int j = 0; j < 4; ++j) {
-      const float d = x[k + j] - mean;
-      sq[j] = d * d;
-    }
-    for (int j = 0; j < 4; ++j) sum_sq += sq[j];
-    k += 4;
-  }
-  for (; k < K; ++k) {
-    const float d = x[k] - mean;
-    sum_sq = std::fma(d, d, sum_sq);
-  }
-  const float inv = 1.f / std::sqrt(sum_sq / static_cast<float>(K) + epsilon);
-  if (beta)
-    for (k = 0; k < K; ++k) y[k] = std::fma((x[k] - mean) * inv, gamma[k], beta[k]);
-  else
-    for (k = 0; k < K; ++k) y[k] = (x[k] - mean) * inv * gamma[k];
+  const float sum_sq = add_tail_squares(x, k, K, mean, (a[0] + a[2]) + (a[1] + a[3]));
+  normalise(x, y, 0, K, mean, inverse_deviation(sum_sq, K, epsilon), gamma, beta);
 }
 
 void rows_portable(const float* x, float* y, int64_t rows, int64_t K, const float* gamma, const float* beta,
@@ -86,26 +101,15 @@ __attribute__((target("avx2,fma"))) void rows_fma(const float* x, float* y, int6
     }
     const __m128 a = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
     const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    float sum_sq = _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-    if (K - k >= 4) {
-      const __m128 d = _mm_sub_ps(_mm_loadu_ps(x + k), _mm_set1_ps(mean));
-      float sq[4];
-      _mm_storeu_ps(sq, _mm_mul_ps(d, d));
-      for (int j = 0; j < 4; ++j) sum_sq += sq[j];
-      k += 4;
-    }
-    for (; k < K; ++k) {
-      const float d = x[k] - mean;
-      sum_sq = std::fma(d, d, sum_sq);
-    }
-    const float inv = 1.f / std::sqrt(sum_sq / static_cast<float>(K) + epsilon);
+    const float sum_sq = add_tail_squares(x, k, K, mean, _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b))));
+    const float inv = inverse_deviation(sum_sq, K, epsilon);
     const __m256 inv8 = _mm256_set1_ps(inv);
     for (k = 0; k + 8 <= K; k += 8) {
       const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), mean8), inv8);
       _mm256_storeu_ps(y + k, beta ? _mm256_fmadd_ps(t, _mm256_loadu_ps(gamma + k), _mm256_loadu_ps(beta + k))
                                    : _mm256_mul_ps(t, _mm256_loadu_ps(gamma + k)));
     }
-    for (; k < K; ++k) y[k] = beta ? std::fma((x[k] - mean) * inv, gamma[k], beta[k]) : (x[k] - mean) * inv * gamma[k];
+    normalise(x, y, k, K, mean, inv, gamma, beta);
   }
 }
 
