@@ -73,6 +73,21 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    leaves a MatMul to the CPU EP, the Cast runs there and the CPU's MatMul sees the bf16 K/V (as pass 4: not for
    the CPU EP or bf16x3). XDNA_BF16_SELF_KV=0 keeps the self-attention cache in fp32.
 
+9. The encoder (`optimise_encoder`, a copy of its own), for the XDNA EP only: passes 1 and 2. optimum's encoder
+   computes each attention's four Reshape targets from Shape chains on the LayerNormalization's output; proven
+   constant, those chains go (~190 of its ~450 nodes for whisper-base), and with them what kept the EP's claims
+   from the nodes around its attention: the Shape nodes were the LayerNormalization's fourth and fifth readers (the
+   EP takes it as its projections' A prologue only when they are its only readers, ops/matmul.cc), and a head
+   split or merge is read through only as a Reshape to a constant (ops/transpose_fusion.h, ops/attention.cc),
+   which also brings Q's scale Mul in front of the split into the attention's scale. Whisper-base, int8: 92
+   encoder nodes on the CPU EP before, 3 after (the conv output's Transpose, the positional Add and the final
+   LayerNormalization, a graph output). The EP's nodes give the original's bits (its LayerNormalization computes
+   as ORT's; Q's scale, 0.125 for Whisper's 64-dim heads, is a power of two: scaling the fp32 scores instead
+   of Q rounds nothing differently).
+   Not for the CPU EP, whose own fusions of the copy (which match more of it) round
+   differently, nor for a bf16x3 policy (the EP's attention is then unfused and ORT fuses the rest): both keep
+   optimum's encoder (onnx_model.WhisperOnnx).
+
 The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<versions>/, written
 atomically, and a copy that fails to build or load is logged and the original is used (onnx_model.WhisperOnnx).
 XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the bf16 cross-attention K/V (and
@@ -91,6 +106,8 @@ from typing import Callable
 # Bump when a pass changes what it writes: older copies are then simply not used.
 VERSION = 8
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
+ENCODER_FILE = "encoder_model.onnx"
+OPTIMISED_FILES = (ENCODER_FILE, *DECODER_FILES)  # the files with a copy (onnx_model.WhisperOnnx)
 
 
 def enabled() -> bool:
@@ -684,6 +701,20 @@ def optimise(source: Path, output: Path, bf16_kv: bool = False, bf16_self: bool 
             "bf16_self_nodes": self_casts}
 
 
+def optimise_encoder(source: Path, output: Path) -> dict:
+    """Pass 9 (module doc): passes 1 and 2 on the encoder `source` into `output`. Returns what was done (the keys
+    optimise returns that apply)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    nodes = len(model.graph.node)
+    shapes = fold_shape_work(model)
+    merged = merge_duplicates(model)
+    onnx.save(model, str(output))
+    return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged,
+            "broadcasts": 0}
+
+
 def _versions() -> str:
     import onnx
     import onnxruntime as ort
@@ -710,13 +741,17 @@ def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | 
     write their own temporary directory and rename it into place; the first rename wins. Raises on failure (the
     caller logs it and uses the original)."""
     source = Path(source)
+    encoder = source.name == ENCODER_FILE  # pass 9: no K/V to keep in bf16
+    if encoder:
+        bf16_kv = bf16_self = False
     target = cache_entry(source, cache_dir, bf16_kv, bf16_self)
     if target.is_file():
         return target
     from .._compile import build_cache_entry
 
     t0 = time.perf_counter()
-    done = build_cache_entry(target, lambda path: optimise(source, path, bf16_kv, bf16_self))
+    done = build_cache_entry(target, lambda path: optimise_encoder(source, path) if encoder else
+                             optimise(source, path, bf16_kv, bf16_self))
     log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
         f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
         f"{done['merged']} duplicates merged, {done['broadcasts']} broadcasts dropped"
