@@ -142,6 +142,28 @@ def test_encoder_copy_only_where_it_keeps_the_bits(tiny, tmp_path, monkeypatch):
         assert set(w.optimised_paths) == set(decoder_graph.DECODER_FILES), (provider, precision)
 
 
+def test_position_work_folded(tiny, copies):
+    """Pass 10: no Shape of a Range (its length is the dimension it was made from) and no Unsqueeze of an
+    Unsqueeze left in the copies (the bits: test_optimised_decoders_compute_the_same_bits_with_fewer_nodes)."""
+    for f, copy in copies.items():
+        g = onnx.load(str(copy), load_external_data=False).graph
+        made_by = {o: n.op_type for n in g.node for o in n.output}
+        before = op_counts(tiny / f)
+        assert not [n.name for n in g.node if n.op_type == "Shape" and made_by.get(n.input[0]) == "Range"], f
+        assert not [n.name for n in g.node if n.op_type == "Unsqueeze" and made_by.get(n.input[0]) == "Unsqueeze"], f
+        assert op_counts(copy)["Unsqueeze"] < before["Unsqueeze"]
+
+
+@pytest.mark.parametrize("inner, outer, expected", [
+    ([0], [1], [0, 1]), ([0], [1, 3], [0, 1, 3]), ([1], [0], [0, 2]), ([0, 1], [2], [0, 1, 2]), ([2], [0], [0, 3]),
+    ([0], [-1], None)])
+def test_merged_unsqueeze_axes(inner, outer, expected):
+    assert decoder_graph._merged_unsqueeze_axes(inner, outer) == expected
+    if expected is not None:  # as numpy's expand_dims does it, on a [5, 6] tensor
+        x = np.zeros((5, 6))
+        assert np.expand_dims(np.expand_dims(x, inner), outer).shape == np.expand_dims(x, expected).shape
+
+
 @pytest.mark.parametrize("source, target, expected", [
     (["b", "t", 512], ["b", "t", 8, 64], [0, 0, 8, 64]),
     (["b", "t", 8, 64], ["b", "t", 512], [0, 0, 512]),
