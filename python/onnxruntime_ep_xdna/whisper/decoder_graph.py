@@ -79,9 +79,9 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    from the nodes around its attention: the Shape nodes were the LayerNormalization's fourth and fifth readers (the
    EP takes it as its projections' A prologue only when they are its only readers, ops/matmul.cc), and a head
    split or merge is read through only as a Reshape to a constant (ops/transpose_fusion.h, ops/attention.cc),
-   which also brings Q's scale Mul in front of the split into the attention's scale. Whisper-base, int8: 92
-   encoder nodes on the CPU EP before, 3 after (the conv output's Transpose, the positional Add and the final
-   LayerNormalization, a graph output). The EP's nodes give the original's bits (its LayerNormalization computes
+   which also brings Q's scale Mul in front of the split into the attention's scale. Whisper-base, int8: 90
+   encoder nodes on the CPU EP before, 1 after (the final LayerNormalization, a graph output; the conv takes the
+   Transpose and the positional Add after it itself, ops/conv.cc). The EP's nodes give the original's bits (its LayerNormalization computes
    as ORT's; Q's scale, 0.125 for Whisper's 64-dim heads, is a power of two: scaling the fp32 scores instead
    of Q rounds nothing differently).
    Not for the CPU EP, whose own fusions of the copy (which match more of it) round
