@@ -421,6 +421,12 @@ std::vector<CompiledNode> XdnaEp::compile_from_graph(const OrtGraph* graph, cons
         throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "': epilogue bias differs from the claimed one");
     }
     if (a.layernorm) read_layernorm_constants(ort, a);
+    if (a.residual_input) {  // a constant residual (ops/conv.cc): the shape the claim read
+      std::vector<int64_t> shape;
+      a.plan.residual_value = ops::read_constant(ort, a.residual_input, &shape);
+      if (shape != a.plan.residual.dims)
+        throw OrtError(ORT_EP_FAIL, "Compile: node '" + a.plan.node_name + "': constant residual differs from the claimed one");
+    }
     compiled.push_back({std::move(a.plan), std::move(weights)});
   }
   if (compiled.empty() || covered.size() != group.size())

@@ -125,7 +125,7 @@ class Reader {
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
 static_assert(sizeof(ops::Operand) == 112, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 1256, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 1288, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -199,6 +199,8 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   w.pod<float>(p.layernorm_epsilon);
   w.f32s(p.layernorm_scale);
   w.f32s(p.layernorm_bias);
+  w.pod<uint8_t>(p.conv_time_major);
+  w.f32s(p.residual_value);
 }
 
 ops::OpPlan read_plan(Reader& r) {
@@ -242,6 +244,8 @@ ops::OpPlan read_plan(Reader& r) {
   p.layernorm_epsilon = r.pod<float>("layernorm_epsilon");
   p.layernorm_scale = r.f32s("layernorm scale values");
   p.layernorm_bias = r.f32s("layernorm bias values");
+  p.conv_time_major = r.flag("conv_time_major");
+  p.residual_value = r.f32s("constant residual values");
   return p;
 }
 
@@ -326,6 +330,11 @@ void check_weights(Reader& r, const ops::OpPlan& p, const kernels::PackedWeights
   if (!p.bias_value.empty() && (p.op != ops::OpPlan::Op::kMatMul || p.weight_shape.size() != 2 ||
                                 static_cast<int64_t>(p.bias_value.size()) != N))
     r.fail("epilogue bias differs from the plan's weight");
+  if (!p.residual_value.empty() &&
+      (p.op != ops::OpPlan::Op::kConv || !p.conv_time_major || !p.residual.constant ||
+       product(p.residual.dims) != static_cast<int64_t>(p.residual_value.size()) || p.residual.dims.empty() ||
+       p.residual.dims.back() != N))
+    r.fail("constant residual differs from the plan's output");
   if (!p.layernorm_output.empty() &&
       (p.op != ops::OpPlan::Op::kMatMul || p.weight_shape.size() != 2 ||
        static_cast<int64_t>(p.layernorm_scale.size()) != K ||
@@ -602,6 +611,8 @@ std::string plan_roundtrip_problem() {
   p.layernorm_epsilon = 3e-6f;
   p.layernorm_scale = {1.5f, -0.25f};
   p.layernorm_bias = {0.125f, 2.f};
+  p.conv_time_major = true;
+  p.residual_value = {0.75f, -4.f, 8.5f};
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -652,6 +663,8 @@ std::string plan_roundtrip_problem() {
   if (q.layernorm_epsilon != p.layernorm_epsilon) return "layernorm_epsilon";
   if (q.layernorm_scale != p.layernorm_scale) return "layernorm_scale";
   if (q.layernorm_bias != p.layernorm_bias) return "layernorm_bias";
+  if (q.conv_time_major != p.conv_time_major) return "conv_time_major";
+  if (q.residual_value != p.residual_value) return "residual_value";
   return "";
 }
 

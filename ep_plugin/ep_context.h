@@ -34,7 +34,8 @@ namespace xdna::ep {
 // 7: plans carry the cache append (cache_past, cache_heads, cache_depth).
 // 8: plans carry the LayerNormalization A prologue (layernorm_output, _epsilon, _scale, _bias).
 // 9: a Conv weight is packed tap-major (B[kk * Cin + ci][co], ops/op.h ConvParams).
-inline constexpr uint32_t kContextFormatVersion = 9;
+// 10: Conv plans carry the Transpose and constant residual after them (conv_time_major, residual_value).
+inline constexpr uint32_t kContextFormatVersion = 10;
 inline constexpr size_t kDataAlignment = 64;
 
 // What a payload must match to be loaded: anything else is refused with the differing field named.

@@ -66,7 +66,7 @@ std::vector<std::string> NodeKernel::runtime_operands() const {
   if (plan_.v.present && !plan_.v.constant) names.push_back(plan_.v.name);
   // Read at run time too: an intermediate of the group must live until these readers have run (a residual made by
   // an earlier product's epilogue whose other reader, a LayerNormalization prologue, is in the group as well).
-  if (plan_.residual.present) names.push_back(plan_.residual.name);
+  if (plan_.residual.present && !plan_.residual.constant) names.push_back(plan_.residual.name);
   if (plan_.attention_mask.present) names.push_back(plan_.attention_mask.name);
   if (plan_.cache_past.present) names.push_back(plan_.cache_past.name);
   return names;

@@ -1,6 +1,7 @@
 // Conv over one spatial dimension (Whisper's encoder front end), group 1, constant weights: im2col rows times the
-// packed weights (ops/op.h ConvParams), the bias and a GELU after it as the GEMM's epilogue. Anything else stays on
-// the CPU EP.
+// packed weights (ops/op.h ConvParams), the bias and a GELU after it as the GEMM's epilogue; a Transpose(0, 2, 1)
+// after that (the encoder's [N, T, C] layout: the GEMM's own) and a constant added to it (the positional
+// embedding, as the epilogue's residual) taken too. Anything else stays on the CPU EP.
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -66,6 +67,51 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
     const int64_t r0 = b * kBand;
     transpose_rows(src + r0 * cols, std::min(kBand, rows - r0), cols, cols, dst + r0, rows);
   });
+}
+
+// Extends a Conv claim whose (GELU'd) output is `value` [N, Cout, T_out] over the Transpose(0, 2, 1) that alone
+// reads it (OpPlan::conv_time_major: the GEMM's rows are that layout already) and then over an Add of a float32
+// constant [T_out, Cout] or [1, T_out, Cout] that alone reads the Transpose's output (Whisper's positional
+// embedding), added by the epilogue after the GELU as a residual. Returns the reason's part ("" when not taken).
+std::string claim_time_major_output(const OrtApi& api, const GraphIndex& index, const std::string& value, Claim* r) {
+  OpPlan& p = r->plan;
+  const OrtNode* transpose = only_reader(index, value);
+  std::vector<int64_t> perm;
+  if (!transpose || !is_op(api, transpose, "", "Transpose") || !ints_attr(api, transpose, "perm", &perm) ||
+      perm != std::vector<int64_t>{0, 2, 1})
+    return "";
+  const NodeIo tio = node_io(api, transpose);
+  if (tio.inputs.size() != 1 || tio.outputs.size() != 1 || !tio.outputs[0]) return "";
+  r->fused_consumers.push_back(transpose);
+  p.conv_time_major = true;
+  p.output = value_name(api, tio.outputs[0]);
+  std::string why = ", output time-major (its Transpose(0, 2, 1))";
+  const OrtNode* add = only_reader(index, p.output);
+  if (!add || !is_op(api, add, "", "Add")) return why;
+  const NodeIo aio = node_io(api, add);
+  if (aio.inputs.size() != 2 || !aio.inputs[0] || !aio.inputs[1] || aio.outputs.size() != 1 || !aio.outputs[0])
+    return why;
+  const bool first = value_name(api, aio.inputs[0]) == p.output;
+  if (first == (value_name(api, aio.inputs[1]) == p.output)) return why;
+  const OrtValueInfo* other = aio.inputs[first ? 1 : 0];
+  ONNXTensorElementDataType t;
+  const Operand res = describe(api, other, &t);
+  const int64_t T = res.rank >= 2 ? res.dims[res.rank - 2] : -1;
+  // T_out when the input length is known (else checked at run time: a constant made for one length)
+  const ConvParams& c = p.conv;
+  const int64_t t_out = p.a.dims[2] < 0 ? -1
+                                        : (p.a.dims[2] + c.pad_begin + c.pad_end - c.dilation * (c.kernel - 1) - 1) /
+                                                  c.stride + 1;
+  if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !res.constant || (res.rank != 2 && res.rank != 3) ||
+      (res.rank == 3 && res.dims[0] != 1) || res.dims.back() != c.out_channels || T <= 0 || (t_out >= 0 && t_out != T))
+    return why + "; the Add after it stays on the CPU EP (not a float32 constant [T_out, " +
+           std::to_string(c.out_channels) + "])";
+  r->fused_consumers.push_back(add);
+  r->residual_input = other;
+  p.residual = res;
+  p.residual.present = true;
+  p.output = value_name(api, aio.outputs[0]);
+  return why + ", + a constant [" + std::to_string(T) + ", " + std::to_string(p.conv.out_channels) + "]";
 }
 
 Claim claim_conv(const OrtApi& api, const OrtNode* node, const GraphIndex& index) {
@@ -140,12 +186,14 @@ Claim claim_conv(const OrtApi& api, const OrtNode* node, const GraphIndex& index
   if (io.outputs.size() == 1 && io.outputs[0]) {
     ONNXTensorElementDataType t;
     const Operand out = describe(api, io.outputs[0], &t);
+    p.output = out.name;
     if (const auto gelu = match_gelu(api, index, out.name, out.dims); !gelu.empty()) {
       p.epilogue_gelu = true;
       r.fused_consumers = gelu;
       p.output = value_name(api, node_io(api, gelu.back()).outputs[0]);
       r.reason += ", epilogue: gelu";
     }
+    r.reason += claim_time_major_output(api, index, p.output, &r);
   }
   return r;
 }
@@ -169,7 +217,15 @@ void run_conv(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   int64_t cols_size = 0, yt_size = 0;
   if (__builtin_mul_overflow(t_out, K, &cols_size) || __builtin_mul_overflow(t_out, N, &yt_size))
     throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': Conv output too large");
-  float* y = io.output(plan.output, {batches, c.out_channels, t_out});
+  const bool time_major = plan.conv_time_major;
+  const bool residual = !plan.residual_value.empty();
+  if (residual && plan.residual.dims[plan.residual.dims.size() - 2] != t_out)
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': Conv output length " +
+                                                 std::to_string(t_out) + " differs from the " +
+                                                 std::to_string(plan.residual.dims[plan.residual.dims.size() - 2]) +
+                                                 " rows of the constant added to it");
+  float* y = io.output(plan.output, time_major ? std::vector<int64_t>{batches, t_out, c.out_channels}
+                                               : std::vector<int64_t>{batches, c.out_channels, t_out});
   if (batches == 0 || c.out_channels == 0) return;
   dispatch.note_work(batches, t_out, K, N, false, false, true);
   const int64_t cin = c.in_channels;
@@ -180,7 +236,8 @@ void run_conv(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   const bool in_place = c.dilation == 1 && c.stride <= c.kernel;
   const int64_t rows = in_place ? t_in + c.pad_begin + c.pad_end : 0;  // <= (t_out + 1) * k: no overflow
   std::unique_ptr<float[]> a(new float[static_cast<size_t>(in_place ? rows * cin : cols_size)]);
-  std::unique_ptr<float[]> yt(new float[static_cast<size_t>(yt_size)]);
+  // Time-major: the GEMM writes each batch's [t_out, Cout] rows into the output itself.
+  std::unique_ptr<float[]> yt(time_major ? nullptr : new float[static_cast<size_t>(yt_size)]);
   if (in_place) {
     std::fill(a.get(), a.get() + c.pad_begin * cin, 0.f);
     std::fill(a.get() + (c.pad_begin + t_in) * cin, a.get() + rows * cin, 0.f);
@@ -188,6 +245,10 @@ void run_conv(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   kernels::GemmArgs args{a.get(), t_out, in_place ? c.stride * cin : K, yt.get(), N};
   if (!plan.c_value.empty()) args.epilogue.bias = plan.c_value.data();  // the same fp32 add as after the product
   args.epilogue.gelu = plan.epilogue_gelu;
+  if (residual) {  // added after the GELU, as the Add after the Transpose adds it
+    args.epilogue.residual = plan.residual_value.data();
+    args.epilogue.ldr = N;
+  }
   for (int64_t n = 0; n < batches; ++n) {
     const float* xn = x.data + n * cin * t_in;
     if (in_place) {
@@ -202,8 +263,13 @@ void run_conv(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
         }
       }
     }
-    dispatch.gemm(args, 0);
-    transpose(yt.get(), t_out, N, y + n * N * t_out);  // [t_out, Cout] -> Conv's [Cout, t_out]
+    if (time_major) {
+      args.c = y + n * t_out * N;
+      dispatch.gemm(args, 0);
+    } else {
+      dispatch.gemm(args, 0);
+      transpose(yt.get(), t_out, N, y + n * N * t_out);  // [t_out, Cout] -> Conv's [Cout, t_out]
+    }
   }
 }
 

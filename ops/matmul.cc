@@ -19,15 +19,6 @@ namespace {
 
 using Dims = std::vector<int64_t>;
 
-// The node that alone reads `value` (and nothing else does: no second reader, not a graph output), or null.
-const OrtNode* only_reader(const GraphIndex& index, const std::string& value) {
-  const auto uses = index.uses.find(value);
-  const auto readers = index.consumers.find(value);
-  if (uses == index.uses.end() || uses->second != 1 || readers == index.consumers.end() || readers->second.size() != 1)
-    return nullptr;
-  return readers->second[0];
-}
-
 // A float32 constant that is a per-column bias of an [..., N] output: shape [N] or [1, ..., 1, N].
 bool is_column_bias(const Operand& o, ONNXTensorElementDataType t, int64_t N, int out_rank) {
   if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !o.constant || o.rank < 1 || o.rank > out_rank) return false;

@@ -211,6 +211,14 @@ bool is_op(const OrtApi& api, const OrtNode* node, const char* domain, const cha
   return std::strcmp(t, type) == 0 && std::strcmp(d, domain) == 0;
 }
 
+const OrtNode* only_reader(const GraphIndex& index, const std::string& value) {
+  const auto uses = index.uses.find(value);
+  const auto readers = index.consumers.find(value);
+  if (uses == index.uses.end() || uses->second != 1 || readers == index.consumers.end() || readers->second.size() != 1)
+    return nullptr;
+  return readers->second[0];
+}
+
 GraphIndex GraphIndex::of(const OrtApi& api, const OrtGraph* graph) {
   GraphIndex index;
   size_t n = 0;

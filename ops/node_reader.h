@@ -57,4 +57,7 @@ struct GraphIndex {
   static GraphIndex of(const OrtApi& api, const OrtGraph* graph);
 };
 
+// The node that alone reads `value` (and nothing else does: no second reader, not a graph output), or null.
+const OrtNode* only_reader(const GraphIndex& index, const std::string& value);
+
 }  // namespace xdna::ops

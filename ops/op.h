@@ -107,6 +107,12 @@ struct OpPlan {
   std::string layernorm_output;
   float layernorm_epsilon = 1e-5f;
   std::vector<float> layernorm_scale, layernorm_bias;
+  // Conv only (ops/conv.cc): the Transpose(0, 2, 1) after it (after its GELU, if taken) taken into the node, whose
+  // output is then [N, T_out, Cout]: the GEMM's own rows, with no transpose either way. With it, an Add of a
+  // constant [T_out, Cout] (or [1, T_out, Cout]) after that Transpose (Whisper's positional embedding): `residual`
+  // (constant) added by the epilogue, its values residual_value read at Compile.
+  bool conv_time_major = false;
+  std::vector<float> residual_value;
 };
 
 struct Claim {
@@ -129,6 +135,7 @@ struct Claim {
   const OrtValueInfo* layernorm_scale_input = nullptr;
   const OrtValueInfo* layernorm_bias_input = nullptr;
   Operand a_without_prologue;
+  const OrtValueInfo* residual_input = nullptr;  // a constant residual the plan's epilogue adds (Compile: its value)
 };
 
 // The GELU of the GEMM epilogue (kernels/gemm_contract.h, "Epilogue"; the erf form: ONNX or com.microsoft Gelu, or

@@ -332,3 +332,100 @@ def test_conv_takes_its_gelu(gelu, stride, precision):
     ref = cpu_session(model).run(None, {"X": x})[0]
     assert_within(ref, exact, cpu_bound.transpose(0, 2, 1), f"conv + {gelu}: the CPU EP vs float64")
     assert_within(y, ref, bound + cpu_bound.transpose(0, 2, 1), f"conv + {gelu} {precision} vs the CPU EP")
+
+
+def _conv_time_major_model(t_in, pos_rows, pos_rank=2, symbolic=True, seed=0):
+    """Whisper's encoder front end after conv2: Conv1d(X, W, bias, stride 2) -> erf GELU -> Transpose(0, 2, 1) ->
+    Add(., P) with P a constant [pos_rows, Cout] (or [1, pos_rows, Cout]: pos_rank 3). X's length symbolic or
+    t_in. Returns (model bytes, w, bias, P)."""
+    from onnx import ModelProto
+
+    model, w, bias = _conv_gelu_model("erf_gelu", stride=2, seed=seed)
+    m = ModelProto.FromString(model)
+    cout = w.shape[0]
+    pos = np.random.default_rng(seed + 7).standard_normal((pos_rows, cout)).astype(np.float32)
+    pos = pos[None] if pos_rank == 3 else pos
+    g = m.graph
+    g.initializer.append(init("P", pos))
+    g.node.extend([helper.make_node("Transpose", ["y"], ["yt"], name="transpose", perm=[0, 2, 1]),
+                   helper.make_node("Add", ["yt", "P"], ["out"], name="pos_add")])
+    if not symbolic:
+        g.input[0].type.tensor_type.shape.dim[2].dim_value = t_in
+    del g.output[:]
+    g.output.append(tensor("out", ["batch", None, cout]))
+    return m.SerializeToString(), w, bias, pos
+
+
+def _conv_time_major_exact(x, w, bias, pos, precision):
+    """The float64 result of _conv_time_major_model (stride 2, pads 1, k 3) and the epilogue's bound on it."""
+    t_out = (x.shape[2] + 2 - 3) // 2 + 1
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1)))
+    cols = np.stack([xp[:, :, t * 2: t * 2 + 3] for t in range(t_out)], axis=1).reshape(x.shape[0], t_out, -1)
+    wt = w.astype(np.float64).reshape(w.shape[0], -1).T
+    product = cols @ wt  # [batch, t_out, Cout]: the output's layout now
+    residual = pos.reshape(t_out, -1)
+    exact = epilogue_exact(product, bias, True, residual)
+    bound = epilogue_bound(precision_bound(cols, wt, precision), product, bias, True, residual)
+    return cols, wt, product, residual, exact, bound
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("symbolic,pos_rank", [(True, 2), (False, 3)])
+def test_conv_takes_its_transpose_and_positional_add(symbolic, pos_rank, precision, tmp_path):
+    """Conv + GELU + Transpose(0, 2, 1) + Add(constant [T_out, Cout]) as one EP node (OpPlan::conv_time_major: the
+    GEMM writes the [T_out, Cout] rows in place, the constant added by the epilogue after the GELU): within the
+    bound against float64 and ORT's CPU EP, nothing left on the CPU EP, the same bits after an EPContext round
+    trip."""
+    t_in = 53
+    t_out = (t_in + 2 - 3) // 2 + 1
+    model, w, bias, pos = _conv_time_major_model(t_in, t_out, pos_rank, symbolic)
+    sess = xdna_session(model, {"precision": precision} if precision != "bf16" else None)
+    assert not xdna.placement(sess).on("CPUExecutionProvider") and ep_nodes(sess)
+    x = np.random.default_rng(1).standard_normal((2, 24, t_in)).astype(np.float32)
+    y = sess.run(None, {"X": x})[0]
+    cols, wt, product, residual, exact, bound = _conv_time_major_exact(x, w, bias, pos, precision)
+    assert y.shape == exact.shape
+    assert_within(y, exact, bound, f"conv time-major {precision} vs float64")
+    cpu_e = fp32_eps(cols.shape[-1]) * (np.abs(cols) @ np.abs(wt))
+    cpu_bound = epilogue_bound(cpu_e, product, bias, True, residual) + 2e-7 * np.abs(exact)
+    ref = cpu_session(model).run(None, {"X": x})[0]
+    assert_within(ref, exact, cpu_bound, "conv time-major: the CPU EP vs float64")
+    assert_within(y, ref, bound + cpu_bound, f"conv time-major {precision} vs the CPU EP")
+    if precision == "bf16":
+        loaded = compiled_and_reloaded(model, tmp_path / "conv_ctx.onnx")
+        assert np.array_equal(loaded.run(None, {"X": x})[0], y)
+
+
+def test_conv_positional_add_of_another_length():
+    """A constant whose rows are not T_out (ORT refuses such a graph when the length is known): with a symbolic
+    length the node is claimed and a run of another length is a clear error, nothing computed."""
+    t_in = 53
+    t_out = (t_in + 2 - 3) // 2 + 1
+    x = np.random.default_rng(1).standard_normal((1, 24, t_in)).astype(np.float32)
+    model, *_ = _conv_time_major_model(t_in, t_out + 3, symbolic=True)
+    sess = xdna_session(model)
+    assert not xdna.placement(sess).on("CPUExecutionProvider")
+    with pytest.raises(Exception, match=f"Conv output length {t_out} differs from the {t_out + 3} rows"):
+        sess.run(None, {"X": x})
+
+
+def test_conv_time_major_on_the_fake_npu_device(tmp_path, monkeypatch, capfd):
+    """The xrt backend on the fake NPU device runs the conv's product (its own summation order), the epilogue
+    (bias, GELU, the constant residual) and the time-major rows: within the bound against float64."""
+    import onnxruntime as ort
+
+    from ep_helpers import use_fake_npu
+    from test_xrt_backend import write_kernel_dir
+
+    model, w, bias, pos = _conv_time_major_model(53, 27)
+    x = np.random.default_rng(2).standard_normal((2, 24, 53)).astype(np.float32)
+    *_, exact, bound = _conv_time_major_exact(x, w, bias, pos, "bf16")
+    use_fake_npu(monkeypatch)
+    kernels = write_kernel_dir(tmp_path / "kernels", [(128, 256, 256)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    sess = xdna_session(model, {"backend": "xrt", "kernel_dir": str(kernels), "log_level": "info"}, so=so)
+    assert not xdna.placement(sess).on("CPUExecutionProvider") and ep_nodes(sess)
+    assert_within(sess.run(None, {"X": x})[0], exact, bound, "conv time-major on the fake NPU vs float64")
+    del sess
+    assert "2 GEMM calls on xrt, 0 on the CPU path" in capfd.readouterr().err

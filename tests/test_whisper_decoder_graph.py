@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 import onnxruntime_ep_xdna as xdna
+from onnxruntime_ep_xdna._precision import provider_options
 
 pytest.importorskip("optimum.onnxruntime", reason="the whisper extra is not installed")
 
@@ -100,6 +101,69 @@ def test_every_matmul_stays_on_the_xdna_ep(tiny, copies):
         assert on_ep[0] and on_ep[0] == on_ep[1]
 
 
+@pytest.fixture(scope="module")
+def encoder_copy(tiny, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("optimised-encoder") / decoder_graph.ENCODER_FILE
+    decoder_graph.optimise_encoder(tiny / decoder_graph.ENCODER_FILE, path)
+    return path
+
+
+@pytest.mark.parametrize("policy", ["bf16", "int8", "mixed"])
+def test_optimised_encoder_same_bits_and_three_nodes_left_to_the_cpu_ep(tiny, encoder_copy, policy):
+    """Pass 9: the encoder's shape work folded away, its output unchanged bit for bit on the XDNA EP under every
+    policy that keeps its attention fused. The nodes the shape work kept from the EP's claims are taken: each
+    self-attention LayerNormalization as its projections' A prologue, Q's scale into the attention's, the head
+    splits and merges read through; the CPU EP keeps the final LayerNormalization (a graph output) only (the conv
+    output's Transpose and the positional Add: the conv's, ops/conv.cc)."""
+    source = tiny / decoder_graph.ENCODER_FILE
+    before, after = op_counts(source), op_counts(encoder_copy)
+    assert after["MatMul"] == before["MatMul"] and after["Shape"] == 0 < before["Shape"], (before, after)
+    original, optimised = sessions([source, encoder_copy], [(EP, provider_options(policy)), "CPUExecutionProvider"])
+    mels = original.get_inputs()[0].shape[1]
+    for batch in (1, 2):
+        features = np.random.default_rng(batch).standard_normal((batch, mels, 3000)).astype(np.float32)
+        a, b = (s.run(None, {"input_features": features})[0] for s in (original, optimised))
+        assert a.shape == b.shape and np.array_equal(a, b), batch
+    placed = [xdna.placement(s) for s in (original, optimised)]
+    left = [collections.Counter(op for _, op in p.on("CPUExecutionProvider")) for p in placed]
+    assert left[1] == {"LayerNormalization": 1}, left[1]
+    assert left[0]["LayerNormalization"] > 1 and left[0]["Shape"] > 0  # what the pass took from the CPU EP
+    assert sorted(n for n, op in placed[0].on(EP) if op == "MatMul") == \
+        sorted(n for n, op in placed[1].on(EP) if op == "MatMul")
+
+
+def test_encoder_copy_only_where_it_keeps_the_bits(tiny, tmp_path, monkeypatch):
+    """The CPU EP's own fusions of the copy (and the bf16x3 policy, which unfuses the EP's attention) round its
+    output differently from the original's: those keep optimum's encoder."""
+    monkeypatch.setenv("XDNA_CACHE_DIR", str(tmp_path / "cache"))
+    assert decoder_graph.ENCODER_FILE in WhisperOnnx(tiny, "xdna", compiled=False).optimised_paths
+    for provider, precision in (("cpu", None), ("xdna", "bf16x3")):
+        w = WhisperOnnx(tiny, provider, precision=precision, compiled=False)
+        assert set(w.optimised_paths) == set(decoder_graph.DECODER_FILES), (provider, precision)
+
+
+def test_position_work_folded(tiny, copies):
+    """Pass 10: no Shape of a Range (its length is the dimension it was made from) and no Unsqueeze of an
+    Unsqueeze left in the copies (the bits: test_optimised_decoders_compute_the_same_bits_with_fewer_nodes)."""
+    for f, copy in copies.items():
+        g = onnx.load(str(copy), load_external_data=False).graph
+        made_by = {o: n.op_type for n in g.node for o in n.output}
+        before = op_counts(tiny / f)
+        assert not [n.name for n in g.node if n.op_type == "Shape" and made_by.get(n.input[0]) == "Range"], f
+        assert not [n.name for n in g.node if n.op_type == "Unsqueeze" and made_by.get(n.input[0]) == "Unsqueeze"], f
+        assert op_counts(copy)["Unsqueeze"] < before["Unsqueeze"]
+
+
+@pytest.mark.parametrize("inner, outer, expected", [
+    ([0], [1], [0, 1]), ([0], [1, 3], [0, 1, 3]), ([1], [0], [0, 2]), ([0, 1], [2], [0, 1, 2]), ([2], [0], [0, 3]),
+    ([0], [-1], None)])
+def test_merged_unsqueeze_axes(inner, outer, expected):
+    assert decoder_graph._merged_unsqueeze_axes(inner, outer) == expected
+    if expected is not None:  # as numpy's expand_dims does it, on a [5, 6] tensor
+        x = np.zeros((5, 6))
+        assert np.expand_dims(np.expand_dims(x, inner), outer).shape == np.expand_dims(x, expected).shape
+
+
 @pytest.mark.parametrize("source, target, expected", [
     (["b", "t", 512], ["b", "t", 8, 64], [0, 0, 8, 64]),
     (["b", "t", 8, 64], ["b", "t", 512], [0, 0, 512]),
@@ -183,8 +247,8 @@ def test_whisper_layer_builds_the_copies_once_and_falls_back_when_they_break(tin
 
     first: list[str] = []
     w1 = WhisperOnnx(tiny, "xdna", compiled=False, log=first.append)
-    assert set(w1.optimised_paths) == set(decoder_graph.DECODER_FILES)
-    assert sum(m.startswith("optimised") for m in first) == 2, first
+    assert set(w1.optimised_paths) == set(decoder_graph.OPTIMISED_FILES) == set(FILES)
+    assert sum(m.startswith("optimised") for m in first) == 3, first
     for path in w1.optimised_paths.values():
         assert path.is_relative_to(tmp_path / "cache" / "optimised")
     assert tokens(w1) == expected
@@ -248,7 +312,7 @@ def test_bf16_cross_kv_on_the_xdna_ep_same_tokens_half_the_bytes(tiny, tmp_path,
     for compiled in (False, True):
         w = WhisperOnnx(tiny, "xdna", compiled=compiled)
         assert w.bf16_cross_kv and cross_types(w) == ({"tensor(bfloat16)"}, {"tensor(bfloat16)"})
-        assert all("-bf16kv" in str(p) for p in w.optimised_paths.values())
+        assert all("-bf16kv" in str(w.optimised_paths[f]) for f in decoder_graph.DECODER_FILES)
         assert w._logits_rows == decoder_graph.LOGITS_ROWS  # pass 3: start() asks for the rows it reads
         assert tokens(w) == expected
     w = WhisperOnnx(tiny, "xdna", compiled=False)
@@ -467,7 +531,7 @@ def test_whisper_onnx_decodes_the_same_tokens_with_the_bf16_self_kv(tiny, tmp_pa
     for compiled in (False, True):
         w = WhisperOnnx(tiny, "xdna", compiled=compiled)
         assert w.bf16_self_kv and w._self_kv_type == "tensor(bfloat16)"
-        assert all("-bf16kv-self" in str(p) for p in w.optimised_paths.values())
+        assert all("-bf16kv-self" in str(w.optimised_paths[f]) for f in decoder_graph.DECODER_FILES)
         for beams in (2, 1):
             assert result(w, beams) == expected[beams]
         for a, b in zip(prompts(w), expected_prompts):

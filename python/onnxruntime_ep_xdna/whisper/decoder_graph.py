@@ -73,6 +73,26 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    leaves a MatMul to the CPU EP, the Cast runs there and the CPU's MatMul sees the bf16 K/V (as pass 4: not for
    the CPU EP or bf16x3). XDNA_BF16_SELF_KV=0 keeps the self-attention cache in fp32.
 
+9. The encoder (`optimise_encoder`, a copy of its own), for the XDNA EP only: passes 1 and 2. optimum's encoder
+   computes each attention's four Reshape targets from Shape chains on the LayerNormalization's output; proven
+   constant, those chains go (~190 of its ~450 nodes for whisper-base), and with them what kept the EP's claims
+   from the nodes around its attention: the Shape nodes were the LayerNormalization's fourth and fifth readers (the
+   EP takes it as its projections' A prologue only when they are its only readers, ops/matmul.cc), and a head
+   split or merge is read through only as a Reshape to a constant (ops/transpose_fusion.h, ops/attention.cc),
+   which also brings Q's scale Mul in front of the split into the attention's scale. Whisper-base, int8: 90
+   encoder nodes on the CPU EP before, 1 after (the final LayerNormalization, a graph output; the conv takes the
+   Transpose and the positional Add after it itself, ops/conv.cc). The EP's nodes give the original's bits (its LayerNormalization computes
+   as ORT's; Q's scale, 0.125 for Whisper's 64-dim heads, is a power of two: scaling the fp32 scores instead
+   of Q rounds nothing differently).
+   Not for the CPU EP, whose own fusions of the copy (which match more of it) round
+   differently, nor for a bf16x3 policy (the EP's attention is then unfused and ORT fuses the rest): both keep
+   optimum's encoder (onnx_model.WhisperOnnx).
+
+10. Position work (`fold_position_work`, after pass 1): the decoder computes its positions as Range(past, past +
+   new) and its causal mask from the Shape of that Range (its length: new, the dimension it was made from, which
+   is used instead) and from chains of one-axis Unsqueezes (merged into one Unsqueeze each). Integer work only:
+   the same numbers with 6 of its 21 nodes left to the CPU EP fewer per step (whisper-base decoder_with_past).
+
 The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<versions>/, written
 atomically, and a copy that fails to build or load is logged and the original is used (onnx_model.WhisperOnnx).
 XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the bf16 cross-attention K/V (and
@@ -89,8 +109,10 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when a pass changes what it writes: older copies are then simply not used.
-VERSION = 8
+VERSION = 9
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
+ENCODER_FILE = "encoder_model.onnx"
+OPTIMISED_FILES = (ENCODER_FILE, *DECODER_FILES)  # the files with a copy (onnx_model.WhisperOnnx)
 
 
 def enabled() -> bool:
@@ -632,6 +654,103 @@ def merge_duplicates(model) -> int:
     return len(removed)
 
 
+def _tensor_dim(name: str, producers: dict, constants: dict) -> bool:
+    """Whether `name` is Gather(Shape(x), i) with a constant scalar i: one of x's dimensions, an int64 >= 0."""
+    node = producers.get(name)
+    if node is None or node.op_type != "Gather" or len(node.input) != 2 or node.domain not in ("", "ai.onnx"):
+        return False
+    shape = producers.get(node.input[0])
+    index = constants.get(node.input[1])
+    return (shape is not None and shape.op_type == "Shape" and not shape.attribute and index is not None
+            and index.ndim == 0 and all(a.i == 0 for a in node.attribute if a.name == "axis"))
+
+
+def _range_length(shape_gather, producers: dict, constants: dict) -> str | None:
+    """For Gather(Shape(Range(start, Add(start, n), 1)), 0) or Gather(Shape(Range(0, n, 1)), 0) with n (and start)
+    a tensor dimension (_tensor_dim): n, the Range's length (limit - start = n >= 0 steps of 1); else None. Casts to int64 are seen through: what they read
+    is an int64 already (a dimension, or a sum of dimensions)."""
+    def uncast(name):
+        while (node := producers.get(name)) is not None and node.op_type == "Cast" and \
+                any(a.name == "to" and a.i == 7 for a in node.attribute):
+            name = node.input[0]
+        return name
+
+    index = constants.get(shape_gather.input[1]) if len(shape_gather.input) == 2 else None
+    shape = producers.get(shape_gather.input[0])
+    if index is None or index.ndim != 0 or int(index) != 0 or shape is None or shape.op_type != "Shape" or \
+            shape.attribute or any(a.i != 0 for a in shape_gather.attribute if a.name == "axis"):
+        return None
+    rng = producers.get(shape.input[0])
+    if rng is None or rng.op_type != "Range" or len(rng.input) != 3:
+        return None
+    delta = constants.get(rng.input[2])
+    if delta is None or delta.size != 1 or int(delta.reshape(())) != 1:
+        return None
+    start, limit = uncast(rng.input[0]), uncast(rng.input[1])
+    zero = constants.get(start)
+    if zero is not None and zero.size == 1 and int(zero.reshape(())) == 0:  # Range(0, n, 1)
+        return limit if _tensor_dim(limit, producers, constants) else None
+    add = producers.get(limit)
+    if add is None or add.op_type != "Add" or list(add.input).count(start) != 1 or \
+            not _tensor_dim(start, producers, constants):
+        return None
+    n = add.input[1] if add.input[0] == start else add.input[0]
+    return n if _tensor_dim(n, producers, constants) else None
+
+
+def _merged_unsqueeze_axes(inner: list[int], outer: list[int]) -> list[int] | None:
+    """The axes of one Unsqueeze doing Unsqueeze(Unsqueeze(x, inner), outer), or None where a negative axis needs
+    x's rank."""
+    if any(a < 0 for a in inner + outer):
+        return None
+    dims = []  # the intermediate's dims: True where inner inserted one
+    for axis in sorted(inner):
+        while len(dims) < axis:
+            dims.append(False)
+        dims.insert(axis, True)
+    for axis in sorted(outer):
+        while len(dims) < axis:
+            dims.append(False)
+        dims.insert(axis, True)
+    return [i for i, new in enumerate(dims) if new]
+
+
+def fold_position_work(model) -> int:
+    """Pass 10 (module doc) in place; returns the number of nodes changed."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    constants = _small_constants(g)
+    renamed: dict[str, str] = {}
+    changed = 0
+    producers = {o: n for n in g.node for o in n.output}
+    for node in g.node:
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and \
+                (n := _range_length(node, producers, constants)) is not None and node.output[0] not in \
+                {o.name for o in g.output}:
+            renamed[node.output[0]] = n
+            changed += 1
+    _rename_inputs(g, renamed)
+    for node in g.node:  # graph order: an inner Unsqueeze is already merged with its own inner one
+        if node.op_type != "Unsqueeze" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        inner = producers.get(node.input[0])
+        if inner is None or inner.op_type != "Unsqueeze" or len(inner.input) != 2:
+            continue
+        a, b = constants.get(inner.input[1]), constants.get(node.input[1])
+        axes = None if a is None or b is None else _merged_unsqueeze_axes(a.ravel().tolist(), b.ravel().tolist())
+        if axes is None:
+            continue
+        name = f"{node.output[0]}/xdna_axes"
+        g.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), name))
+        constants[name] = np.array(axes, np.int64)
+        node.input[0], node.input[1] = inner.input[0], name
+        changed += 1
+    remove_dead_nodes(model)
+    return changed
+
+
 def remove_dead_nodes(model) -> int:
     """Removes nodes none of whose outputs is read (by a node, a subgraph or the graph's outputs), and initializers
     no node reads. Returns the number of nodes removed."""
@@ -670,6 +789,7 @@ def optimise(source: Path, output: Path, bf16_kv: bool = False, bf16_self: bool 
     model = onnx.load(str(source))
     nodes = len(model.graph.node)
     shapes = fold_shape_work(model)
+    positions = fold_position_work(model)
     merged = merge_duplicates(model)
     broadcasts = drop_absorbed_broadcasts(model)
     rows = logits_rows(model) if source.name == DECODER_FILES[0] else False
@@ -679,9 +799,24 @@ def optimise(source: Path, output: Path, bf16_kv: bool = False, bf16_self: bool 
     self_casts = bf16_self_kv(model) if bf16_kv and bf16_self else 0
     onnx.save(model, str(output))
     return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged,
-            "broadcasts": broadcasts, "logits_rows": rows, "bf16_casts": casts, "cast_first": cast_first,
+            "broadcasts": broadcasts, "position_nodes": positions, "logits_rows": rows, "bf16_casts": casts,
+            "cast_first": cast_first,
             "cast_at_projection": at_projection,
             "bf16_self_nodes": self_casts}
+
+
+def optimise_encoder(source: Path, output: Path) -> dict:
+    """Pass 9 (module doc): passes 1 and 2 on the encoder `source` into `output`. Returns what was done (the keys
+    optimise returns that apply)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    nodes = len(model.graph.node)
+    shapes = fold_shape_work(model)
+    merged = merge_duplicates(model)
+    onnx.save(model, str(output))
+    return {"nodes_before": nodes, "nodes_after": len(model.graph.node), "shape_nodes": shapes, "merged": merged,
+            "broadcasts": 0}
 
 
 def _versions() -> str:
@@ -710,16 +845,21 @@ def optimised_copy(source: str | os.PathLike, *, cache_dir: str | os.PathLike | 
     write their own temporary directory and rename it into place; the first rename wins. Raises on failure (the
     caller logs it and uses the original)."""
     source = Path(source)
+    encoder = source.name == ENCODER_FILE  # pass 9: no K/V to keep in bf16
+    if encoder:
+        bf16_kv = bf16_self = False
     target = cache_entry(source, cache_dir, bf16_kv, bf16_self)
     if target.is_file():
         return target
     from .._compile import build_cache_entry
 
     t0 = time.perf_counter()
-    done = build_cache_entry(target, lambda path: optimise(source, path, bf16_kv, bf16_self))
+    done = build_cache_entry(target, lambda path: optimise_encoder(source, path) if encoder else
+                             optimise(source, path, bf16_kv, bf16_self))
     log(f"optimised {source.name} in {time.perf_counter() - t0:.1f} s ({done['nodes_before']} -> "
         f"{done['nodes_after']} nodes; {done['shape_nodes']} Reshapes/Slices made constant or dropped, "
         f"{done['merged']} duplicates merged, {done['broadcasts']} broadcasts dropped"
+        + (f", {done['position_nodes']} position nodes folded" if done.get("position_nodes") else "")
         + (", logits of the asked rows only" if done.get("logits_rows") else "")
         + (f", {done['cast_first']} cross keys cast before their head split" if done.get("cast_first") else "")
         + (f", cross-attention K/V in bf16 ({done['bf16_casts']} Casts)" if bf16_kv else "")

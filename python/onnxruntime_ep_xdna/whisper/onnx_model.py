@@ -226,8 +226,9 @@ class WhisperOnnx:
         compiled for the EP (EPContext models, cached by `onnxruntime_ep_xdna._compile` per precision policy),
         compiling them on first use; a cached model that fails to load is logged, compiled again, and as a last
         resort the original model is loaded: never a failed transcription.
-        `optimised` (any provider; default: on unless XDNA_OPTIMISED_DECODERS=0): run the decoders from their
-        leaner copies (decoder_graph.py: the same numbers with ~120 fewer nodes per step), built once and cached;
+        `optimised` (any provider; default: on unless XDNA_OPTIMISED_DECODERS=0): run the decoders and the encoder
+        from their leaner copies (decoder_graph.py: the same numbers with ~120 fewer nodes per step; the encoder's
+        Reshape targets constant, so that the EP takes the nodes around its attention), built once and cached;
         a copy that fails to build or load is logged and the original is used."""
         import onnxruntime as ort
         import tokenizers
@@ -262,6 +263,11 @@ class WhisperOnnx:
         # The self-attention cache too (pass 7), where the cross K/V are: the EP's MatMuls read it through their
         # Casts with the same bits.
         self.bf16_self_kv = self.bf16_cross_kv and decoder_graph.bf16_self_kv_enabled()
+        # The encoder's copy (decoder_graph pass 9) for the XDNA EP where its fused attention stays: the EP's nodes
+        # then give the original's bits. The CPU EP's own fusions of the copy, or bf16x3's unfused attention, round
+        # differently: those keep optimum's encoder.
+        self.optimised_encoder = (self.optimised and self.provider == XDNA_EP
+                                  and "bf16x3" not in " ".join(options.values()))
         self.optimised_paths: dict[str, Path] = {}  # file -> the optimised copy its session was made from
         self._log = log or (lambda m: print(f"[xdna] {m}", file=sys.stderr))
         self.compiled_paths: dict[str, Path] = {}  # file -> the compiled model it was loaded from
@@ -380,10 +386,11 @@ class WhisperOnnx:
         return self._session_of(original, file, session_options, providers)
 
     def _optimised_copy(self, file: str) -> Path | None:
-        """The cached leaner copy of a decoder file (decoder_graph.py), or None (off, not a decoder, failed)."""
+        """The cached leaner copy of a model file (decoder_graph.py), or None (off, no copy for it, failed)."""
         from . import decoder_graph
 
-        if not self.optimised or file not in decoder_graph.DECODER_FILES:
+        if not self.optimised or file not in decoder_graph.OPTIMISED_FILES or \
+                (file == decoder_graph.ENCODER_FILE and not self.optimised_encoder):
             return None
         try:
             return decoder_graph.optimised_copy(self.model_dir / file, log=self._log, bf16_kv=self.bf16_cross_kv,
