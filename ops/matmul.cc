@@ -577,20 +577,24 @@ void write_head_split(const OpPlan& plan, TensorIo& io, const float* y, const Di
   uint16_t* split = io.output_bf16(plan.output, {B, H, T, D});
   uint16_t* frames =
       plan.head_split_frames_first.empty() ? nullptr : io.output_bf16(plan.head_split_frames_first, {B, T, H, D});
-  const int64_t total = B * T * H * D;
-  if (total == 0) return;
-  if (frames) kernels::store_bf16_as_cast(y, frames, total);
-  auto one_head = [&](int64_t bh) {  // its T rows of D: contiguous in `split`, H*D apart in y
-    const int64_t b = bh / H, h = bh % H;
-    uint16_t* dst = split + bh * T * D;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t at = ((b * T + t) * H + h) * D;
-      if (frames) std::memcpy(dst + t * D, frames + at, static_cast<size_t>(D) * sizeof(uint16_t));
-      else kernels::store_bf16_as_cast(y + at, dst + t * D, D);
+  const int64_t rows = B * T, width = H * D;
+  if (rows * width == 0) return;
+  // One pass over y, row by row (contiguous reads): each row rounded once, into the frames-first output or a
+  // buffer, then its H pieces of D copied to their heads. Chunks of rows on the thread pool when the tensor is large.
+  constexpr int64_t kRowsPerTask = 64;
+  auto some_rows = [&](int64_t task) {
+    std::vector<uint16_t> buffer(frames ? 0 : static_cast<size_t>(width));
+    const int64_t end = std::min(rows, (task + 1) * kRowsPerTask);
+    for (int64_t bt = task * kRowsPerTask; bt < end; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      uint16_t* row = frames ? frames + bt * width : buffer.data();
+      kernels::store_bf16_as_cast(y + bt * width, row, width);
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(split + ((b * H + h) * T + t) * D, row + h * D, static_cast<size_t>(D) * sizeof(uint16_t));
     }
   };
-  const bool large = total * static_cast<int64_t>(sizeof(uint16_t)) >= (int64_t{1} << 18);
-  kernels::emulator_parallel_for(large ? 0 : 1, B * H, one_head);
+  const bool large = rows * width * static_cast<int64_t>(sizeof(uint16_t)) >= (int64_t{1} << 18);
+  kernels::emulator_parallel_for(large ? 0 : 1, (rows + kRowsPerTask - 1) / kRowsPerTask, some_rows);
 }
 
 // A as the product reads it through its prologue: the LayerNormalization's output, computed by the first reader
