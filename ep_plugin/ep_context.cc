@@ -125,7 +125,7 @@ class Reader {
 // (Sizes on x86-64 with libstdc++, the only target the EP builds for.)
 static_assert(sizeof(ops::Operand) == 112, "ops::Operand changed: update the EPContext payload");
 static_assert(sizeof(ops::ConvParams) == 56, "ops::ConvParams changed: update the EPContext payload");
-static_assert(sizeof(ops::OpPlan) == 1288, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
+static_assert(sizeof(ops::OpPlan) == 1336, "ops::OpPlan changed: serialise the new field and bump kContextFormatVersion");
 
 void write_operand(Writer& w, const ops::Operand& o) {
   w.str(o.name);
@@ -201,6 +201,9 @@ void write_plan(Writer& w, const ops::OpPlan& p) {
   w.f32s(p.layernorm_bias);
   w.pod<uint8_t>(p.conv_time_major);
   w.f32s(p.residual_value);
+  w.pod<int64_t>(p.head_split_heads);
+  w.pod<int64_t>(p.head_split_depth);
+  w.str(p.head_split_frames_first);
 }
 
 ops::OpPlan read_plan(Reader& r) {
@@ -246,6 +249,12 @@ ops::OpPlan read_plan(Reader& r) {
   p.layernorm_bias = r.f32s("layernorm bias values");
   p.conv_time_major = r.flag("conv_time_major");
   p.residual_value = r.f32s("constant residual values");
+  p.head_split_heads = r.pod<int64_t>("head_split_heads");
+  p.head_split_depth = r.pod<int64_t>("head_split_depth");
+  p.head_split_frames_first = r.str("head_split_frames_first");
+  if (p.head_split_heads < 0 || p.head_split_depth < 0 || (p.head_split_heads > 0) != (p.head_split_depth > 0) ||
+      (p.head_split_heads > 0 && !p.output_bf16))
+    r.fail("head split without heads, depth or bf16 output");
   return p;
 }
 
@@ -613,6 +622,9 @@ std::string plan_roundtrip_problem() {
   p.layernorm_bias = {0.125f, 2.f};
   p.conv_time_major = true;
   p.residual_value = {0.75f, -4.f, 8.5f};
+  p.head_split_heads = 8;
+  p.head_split_depth = 64;
+  p.head_split_frames_first = "frames_first";
   Writer w;
   write_plan(w, p);
   const std::string bytes = w.bytes();
@@ -665,6 +677,9 @@ std::string plan_roundtrip_problem() {
   if (q.layernorm_bias != p.layernorm_bias) return "layernorm_bias";
   if (q.conv_time_major != p.conv_time_major) return "conv_time_major";
   if (q.residual_value != p.residual_value) return "residual_value";
+  if (q.head_split_heads != p.head_split_heads) return "head_split_heads";
+  if (q.head_split_depth != p.head_split_depth) return "head_split_depth";
+  if (q.head_split_frames_first != p.head_split_frames_first) return "head_split_frames_first";
   return "";
 }
 

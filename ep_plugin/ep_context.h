@@ -35,7 +35,8 @@ namespace xdna::ep {
 // 8: plans carry the LayerNormalization A prologue (layernorm_output, _epsilon, _scale, _bias).
 // 9: a Conv weight is packed tap-major (B[kk * Cin + ci][co], ops/op.h ConvParams).
 // 10: Conv plans carry the Transpose and constant residual after them (conv_time_major, residual_value).
-inline constexpr uint32_t kContextFormatVersion = 10;
+// 11: MatMul plans carry the head split after their bf16 output (head_split_heads, _depth, _frames_first).
+inline constexpr uint32_t kContextFormatVersion = 11;
 inline constexpr size_t kDataAlignment = 64;
 
 // What a payload must match to be loaded: anything else is refused with the differing field named.

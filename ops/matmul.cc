@@ -320,6 +320,62 @@ bool claim_cache_append(const OrtApi& api, const GraphIndex& index, const std::s
   return true;
 }
 
+// Takes the head split after the product's bf16 output `value` [B, T, H*D] (the Cast claim_bf16_output took): the
+// prompt run's cross K/V as whisper/decoder_graph.py passes 5 and 8 leave them,
+//   Reshape [B, T, H, D] -> Transpose(0, 2, 1, 3) -> present.N.encoder.* [B, H, T, D] (bfloat16)
+// `value` read by the Reshape alone, the Reshape's output by that Transpose (and, the keys, by their attention: then
+// written as well, OpPlan::head_split_frames_first). The node then writes the Transpose's output itself, each value
+// rounded as the Cast rounds it, so no CPU Transpose moves 1500 x 512 per layer and per K/V each window. Returns
+// whether it took the chain; *why says why a Reshape -> Transpose after the bf16 output stays on the CPU EP.
+bool claim_head_split_output(const OrtApi& api, const GraphIndex& index, const std::string& value, Claim* r,
+                             std::string* why) {
+  const OrtNode* reshape = only_reader(index, value);
+  if (!reshape || !is_op(api, reshape, "", "Reshape")) return false;
+  const NodeIo rio = node_io(api, reshape);
+  if (rio.outputs.size() != 1 || !rio.outputs[0]) return false;
+  const std::string frames_first = value_name(api, rio.outputs[0]);
+  const auto readers = index.consumers.find(frames_first);
+  const OrtNode* transpose = nullptr;  // the head split's: the first reader that is a Transpose(0, 2, 1, 3)
+  bool other_transpose = false;
+  if (readers != index.consumers.end())
+    for (const OrtNode* n : readers->second) {
+      if (!is_op(api, n, "", "Transpose")) continue;
+      std::vector<int64_t> perm;
+      if (!transpose && ints_attr(api, n, "perm", &perm) && perm == std::vector<int64_t>{0, 2, 1, 3}) transpose = n;
+      else other_transpose = true;
+    }
+  if (!transpose && !other_transpose) return false;
+  const std::string stays = "; the head split after it (Reshape, Transpose) stays on the CPU EP (";
+  ONNXTensorElementDataType tx;
+  const Operand x = rio.inputs.empty() || !rio.inputs[0] ? Operand{} : describe(api, rio.inputs[0], &tx);
+  int64_t heads = 0, depth = 0;
+  if (x.name != value || tx != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || x.rank != 3 ||
+      !head_split_of(api, reshape, x, &heads, &depth)) {
+    *why = stays + "its Reshape does not split [B, T, H*D] into [B, T, H, D])";
+    return false;
+  }
+  if (!transpose) {
+    *why = stays + "not Transpose(0, 2, 1, 3))";
+    return false;
+  }
+  const NodeIo tio = node_io(api, transpose);
+  if (tio.inputs.size() != 1 || tio.outputs.size() != 1 || !tio.outputs[0]) {
+    *why = stays + "a Transpose of other inputs or outputs)";
+    return false;
+  }
+  // Read by the Transpose alone, or by it and others (a graph output counts): then the node writes it too.
+  const auto uses = index.uses.find(frames_first);
+  const bool read_elsewhere = uses == index.uses.end() || uses->second != 1;
+  r->fused_consumers.push_back(reshape);
+  r->fused_consumers.push_back(transpose);
+  OpPlan& p = r->plan;
+  p.output = value_name(api, tio.outputs[0]);
+  p.head_split_heads = heads;
+  p.head_split_depth = depth;
+  p.head_split_frames_first = read_elsewhere ? frames_first : std::string();
+  return true;
+}
+
 // A float32 constant of shape [K] (K known): LayerNormalization's gamma or beta over the last axis.
 bool is_row_constant(const Operand& o, ONNXTensorElementDataType t, int64_t K) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && o.constant && o.rank == 1 && o.dims[0] == K && K > 0;
@@ -455,8 +511,14 @@ Claim claim_matmul(const OrtApi& api, const OrtNode* node, const GraphIndex& ind
     r.reason += stop;
     const std::string product = p.output.empty() ? value_name(api, io.outputs[0]) : p.output;
     std::string append_stays;
-    if (claim_bf16_output(api, index, product, &r)) r.reason += ", output written as bf16 (its Cast)";
-    else if (claim_cache_append(api, index, product, &r, &append_stays))
+    std::string split_stays;
+    if (claim_bf16_output(api, index, product, &r)) {
+      r.reason += ", output written as bf16 (its Cast)";
+      if (claim_head_split_output(api, index, r.plan.output, &r, &split_stays))
+        r.reason += std::string(", split into heads [B, H, T, D] (Reshape, Transpose)") +
+                    (r.plan.head_split_frames_first.empty() ? "" : ", its [B, T, H, D] written too");
+      r.reason += split_stays;
+    } else if (claim_cache_append(api, index, product, &r, &append_stays))
       r.reason += ", written into the bf16 cache after its past (head split, Cast, Concat)";
     r.reason += append_stays;
   }
@@ -501,6 +563,38 @@ void append_to_cache(const OpPlan& plan, TensorIo& io, const float* y, const Dim
   // this replaces, used its own threads: one core copied it measurably slower); a small one on this thread.
   const bool large = B * H * (T + S) * D * static_cast<int64_t>(sizeof(uint16_t)) >= (int64_t{1} << 18);
   kernels::emulator_parallel_for(large ? 0 : 1, B * H, one_head);
+}
+
+// The head split (OpPlan::head_split_heads): the fp32 product y [B, T, H*D] written as [B, H, T, D] in bfloat16,
+// each value rounded as ORT's Cast rounds it, and as [B, T, H, D] too where the plan says so. y may be null when it
+// has no element.
+void write_head_split(const OpPlan& plan, TensorIo& io, const float* y, const Dims& y_dims) {
+  const int64_t H = plan.head_split_heads, D = plan.head_split_depth;
+  if (y_dims.size() != 3 || y_dims[2] != H * D)
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': its product does not split into " +
+                                                 std::to_string(H) + " heads of " + std::to_string(D));
+  const int64_t B = y_dims[0], T = y_dims[1];
+  uint16_t* split = io.output_bf16(plan.output, {B, H, T, D});
+  uint16_t* frames =
+      plan.head_split_frames_first.empty() ? nullptr : io.output_bf16(plan.head_split_frames_first, {B, T, H, D});
+  const int64_t rows = B * T, width = H * D;
+  if (rows * width == 0) return;
+  // One pass over y, row by row (contiguous reads): each row rounded once, into the frames-first output or a
+  // buffer, then its H pieces of D copied to their heads. Chunks of rows on the thread pool when the tensor is large.
+  constexpr int64_t kRowsPerTask = 64;
+  auto some_rows = [&](int64_t task) {
+    std::vector<uint16_t> buffer(frames ? 0 : static_cast<size_t>(width));
+    const int64_t end = std::min(rows, (task + 1) * kRowsPerTask);
+    for (int64_t bt = task * kRowsPerTask; bt < end; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      uint16_t* row = frames ? frames + bt * width : buffer.data();
+      kernels::store_bf16_as_cast(y + bt * width, row, width);
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(split + ((b * H + h) * T + t) * D, row + h * D, static_cast<size_t>(D) * sizeof(uint16_t));
+    }
+  };
+  const bool large = rows * width * static_cast<int64_t>(sizeof(uint16_t)) >= (int64_t{1} << 18);
+  kernels::emulator_parallel_for(large ? 0 : 1, (rows + kRowsPerTask - 1) / kRowsPerTask, some_rows);
 }
 
 // A as the product reads it through its prologue: the LayerNormalization's output, computed by the first reader
@@ -552,12 +646,15 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   // A bf16 output (its Cast taken): the products write fp32 C to a buffer of the EP's, rounded into the output at
   // the end (kernels/gemm_contract.h, "Output in bfloat16"). Not collected for a runlist: the pass needs C now.
   // The cache append (OpPlan::cache_past) likewise rounds C into present, after the past.
+  // The head split (OpPlan::head_split_heads) likewise rounds C into its layout.
   const bool cache = plan.cache_past.present;
-  uint16_t* y16 = plan.output_bf16 ? io.output_bf16(plan.output, out_dims) : nullptr;
-  float* y = y16 || cache ? nullptr : io.output(plan.output, out_dims);
+  const bool head_split = plan.head_split_heads > 0;
+  uint16_t* y16 = plan.output_bf16 && !head_split ? io.output_bf16(plan.output, out_dims) : nullptr;
+  float* y = y16 || cache || head_split ? nullptr : io.output(plan.output, out_dims);
   const int64_t batches = count(batch);
   if (batches == 0 || M == 0 || N == 0) {
     if (cache) append_to_cache(plan, io, nullptr, out_dims);
+    if (head_split) write_head_split(plan, io, nullptr, out_dims);
     return;
   }
   struct FreeEp {
@@ -565,15 +662,16 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   };
   std::unique_ptr<float, FreeEp> fp32_c;
   const int64_t total = count(out_dims);
-  if (y16 || cache) {
+  if (y16 || cache || head_split) {
     fp32_c.reset(static_cast<float*>(kernels::ep_buffer_alloc(static_cast<size_t>(total) * sizeof(float))));
     if (!fp32_c)
       throw ep::OrtError(ORT_EP_FAIL, "node '" + plan.node_name + "': out of memory for its fp32 product");
     y = fp32_c.get();
   }
-  auto finish_output = [&] {  // the host pass of a bf16 output or a cache append
+  auto finish_output = [&] {  // the host pass of a bf16 output, a cache append or a head split
     if (y16) kernels::store_bf16_as_cast(y, y16, total);
     if (cache) append_to_cache(plan, io, y, out_dims);
+    if (head_split) write_head_split(plan, io, y, out_dims);
   };
   // Non-empty operands of the types the claim took (A float32; B float32, or bfloat16 through a fused Cast)
   if (K > 0 && (!a.data || (!plan.b.constant && !b.data && !b.bf16)))
@@ -636,7 +734,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     const kernels::GemmArgs args = with_epilogue({a.data, batches * M, K, y, N}, 0);
     // A and C are io tensors nothing touches until the fused node flushes: may ride in a runlist with later nodes
     // (not when the residual is added here afterwards).
-    if (plan.b.constant) dispatch.gemm_later(args, 0, residual_broadcasts || y16 || cache ? nullptr : io.deferred());
+    if (plan.b.constant) dispatch.gemm_later(args, 0, residual_broadcasts || y16 || cache || head_split ? nullptr : io.deferred());
     else dispatch.gemm_runtime({{args, ep::RuntimeB{b.data, N, 1, b.bf16}}}, K, N);
     add_broadcast_residual();
     finish_output();

@@ -113,6 +113,13 @@ struct OpPlan {
   // (constant) added by the epilogue, its values residual_value read at Compile.
   bool conv_time_major = false;
   std::vector<float> residual_value;
+  // MatMul with a bf16 output only (output_bf16): the head split after it (ops/matmul.cc, claim_head_split_output;
+  // issue 13: the prompt run's cross K/V), Reshape [B, T, H, D] -> Transpose(0, 2, 1, 3), taken into the node:
+  // `output` is then the Transpose's output [B, H, T, D] in bfloat16, each value rounded as ORT's Cast rounds it.
+  // head_split_frames_first: the Reshape's output [B, T, H, D] when something else reads it too (the keys: their
+  // attention reads K there), written as well; empty: not made. Heads 0: no head split.
+  int64_t head_split_heads = 0, head_split_depth = 0;
+  std::string head_split_frames_first;
 };
 
 struct Claim {
