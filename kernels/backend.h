@@ -74,6 +74,8 @@ struct UnpackedGemm {
 // fc1 + bias + GELU, then fc2 + bias + residual, both with constant weights uploaded by the same backend). first: A,
 // M and the first epilogue (c unused: the intermediate is the backend's own); second: C and its epilogue (a unused).
 // The same bits as gemm() of each in turn with the intermediate in memory between them.
+// Fewer rows are never chained: such calls are bound by reading B, which the chain would read on one thread.
+inline constexpr int64_t kInt8ChainMinRows = 17;
 struct Int8Chain {
   GemmArgs first;
   const DeviceWeight* first_weight;

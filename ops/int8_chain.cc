@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "ep_plugin/dispatch.h"
+#include "kernels/backend.h"
 
 namespace xdna::ops {
 namespace {
@@ -36,11 +37,15 @@ std::string int8_chain_miss(const OpPlan& first, const OpPlan& second) {
 bool run_int8_chain(const OpPlan& first, ep::Dispatcher& first_dispatch, const OpPlan& second,
                     ep::Dispatcher& second_dispatch, TensorIo& io) {
   if (!first_dispatch.weight_batch_shape().empty() || !second_dispatch.weight_batch_shape().empty()) return false;
-  const Tensor a = first.layernorm_output.empty() ? io.input(first.a.name) : layernorm_prologue(first, io);
-  const auto &s1 = first_dispatch.weight_shape(0), &s2 = second_dispatch.weight_shape(0);
-  if (!a.data || a.dims.size() < 2 || a.dims.back() != s1.K || s2.K != s1.N) return false;
+  // A, or its prologue's input X (the same rows): few rows (decoder steps) decline before anything is computed.
+  const Tensor x = io.input(first.a.name);
+  if (x.dims.size() < 2) return false;
   int64_t M = 1;
-  for (size_t d = 0; d + 1 < a.dims.size(); ++d) M *= a.dims[d];
+  for (size_t d = 0; d + 1 < x.dims.size(); ++d) M *= x.dims[d];
+  if (M < kernels::kInt8ChainMinRows) return false;
+  const Tensor a = first.layernorm_output.empty() ? x : layernorm_prologue(first, io);
+  const auto &s1 = first_dispatch.weight_shape(0), &s2 = second_dispatch.weight_shape(0);
+  if (!a.data || a.dims != x.dims || a.dims.back() != s1.K || s2.K != s1.N) return false;
   Dims mid_dims(a.dims.begin(), a.dims.end() - 1), out_dims = mid_dims;
   mid_dims.push_back(s1.N);
   out_dims.push_back(s2.N);
@@ -62,7 +67,7 @@ bool run_int8_chain(const OpPlan& first, ep::Dispatcher& first_dispatch, const O
       e[i].residual = r.data, e[i].ldr = n_of[i];
     }
   }
-  if (M <= 0 || s2.N == 0) return false;  // nothing to chain: run_matmul handles empty outputs
+  if (s2.N == 0) return false;  // nothing to chain: run_matmul handles empty outputs
   float* y = io.output(second.output, out_dims);
   kernels::GemmArgs args1{a.data, M, s1.K, nullptr, 0, e[0]}, args2{nullptr, M, 0, y, s2.N, e[1]};
   if (!first_dispatch.gemm_int8_chain(args1, second_dispatch, args2)) return false;

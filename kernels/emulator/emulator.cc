@@ -685,7 +685,8 @@ constexpr int64_t kInt8ChainPanelRows = 64;
 bool emulator_gemm_int8_chain(const GemmArgs& first, const QuantizedB& b1, const GemmArgs& second,
                               const QuantizedB& b2, int threads) {
   const int64_t M = first.M, K1 = b1.K, N1 = b1.N, N2 = b2.N;
-  if (M <= kInt8FewRows || second.M != M || b2.K != N1 || N1 <= 0 || N2 <= 0 || K1 > kInt8MaxK || N1 > kInt8MaxK)
+  static_assert(kInt8ChainMinRows > kInt8FewRows, "few-row calls split the columns instead");
+  if (M < kInt8ChainMinRows || second.M != M || b2.K != N1 || N1 <= 0 || N2 <= 0 || K1 > kInt8MaxK || N1 > kInt8MaxK)
     return false;
   const emu::Int8Kernels& kern = int8_kernels();
   threads = emu::resolve_threads(threads);
