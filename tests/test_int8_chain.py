@@ -77,7 +77,7 @@ def ffn_model(d, f, n2=None, layernorm=True, bias1=True, bias2=True, residual=Tr
     return model.SerializeToString(), c
 
 
-def run(model, x, chain, precision="int8", report=None, options=None):
+def run(model, x, chain, precision="int8", report=None, options=None, so=None):
     """(outputs, placement, run-time report lines by node) of one session, XDNA_INT8_CHAIN set for its creation."""
     old = os.environ.pop("XDNA_INT8_CHAIN", None)
     if not chain:
@@ -86,7 +86,7 @@ def run(model, x, chain, precision="int8", report=None, options=None):
         opts = {"precision": precision, **(options or {})}
         if report:
             opts["partition_report"] = str(report)
-        s = xdna_session(model, opts)
+        s = xdna_session(model, opts, so=so)
     finally:
         os.environ.pop("XDNA_INT8_CHAIN", None)
         if old is not None:
@@ -176,12 +176,29 @@ def test_chained_bits_each_int8_kernel_set(int8_isa):
     assert proc.stdout.strip() == "ok"
 
 
-def test_not_chained_with_a_second_reader_or_in_bf16(tmp_path):
-    """The GELU's output also a graph output: both products run as before (the same bits as with the chain off);
-    bf16 nodes never chain."""
+def test_non_finite_rows_same_bits(tmp_path):
+    """Rows holding Inf or NaN (NaN scales, zero quantised rows: the contract's NaN rule) give the same bits chained."""
+    model, _ = ffn_model(40, 72)
+    x = np.random.default_rng(6).standard_normal((1, 70, 40)).astype(np.float32)
+    x[0, 3, 5], x[0, 40, 0], x[0, 69, 39] = np.inf, np.nan, -np.inf
+    (y_chain,), _, lines = run(model, x, True, report=tmp_path / "a.jsonl")
+    (y_plain,), _, _ = run(model, x, False)
+    assert lines["fc1"]["int8_chain_calls"] == 1
+    np.testing.assert_array_equal(y_chain, y_plain)  # NaN where NaN
+    assert np.isnan(y_chain[0, [3, 40, 69]]).all() and np.isfinite(np.delete(y_chain[0], [3, 40, 69], 0)).all()
+
+
+def test_not_chained_with_a_second_reader_or_in_bf16(tmp_path, capfd):
+    """The GELU's output also a graph output: both products run as before (the same bits as with the chain off),
+    and the EP says why once; bf16 nodes never chain."""
+    import onnxruntime as ort
+
     model, _ = ffn_model(40, 72, second_reader=True)
     x = np.random.default_rng(3).standard_normal((1, 40, 40)).astype(np.float32)
-    ys, placed, lines = run(model, x, True, report=tmp_path / "a.jsonl")
+    so = ort.SessionOptions()
+    so.log_severity_level = 1
+    ys, placed, lines = run(model, x, True, report=tmp_path / "a.jsonl", options={"log_level": "info"}, so=so)
+    assert "'fc1' and node 'fc2': not run as one int8 chain (its output 'g' has other readers)" in capfd.readouterr().err
     ys_off, placed_off, _ = run(model, x, False, report=tmp_path / "b.jsonl")
     for a, b in zip(ys, ys_off):
         np.testing.assert_array_equal(a, b)

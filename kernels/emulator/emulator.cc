@@ -691,7 +691,7 @@ bool emulator_gemm_int8_chain(const GemmArgs& first, const QuantizedB& b1, const
   const emu::Int8Kernels& kern = int8_kernels();
   threads = emu::resolve_threads(threads);
   threads = static_cast<int>(std::clamp<int64_t>(M * (K1 * N1 + N1 * N2) / (2 * kMinMacsPerThread), 1, threads));
-  // Panels of whole 32-row AMX tiles pairs, at most kInt8ChainPanelRows, small enough to give every thread work.
+  // Panels of whole 32-row AMX tile pairs, at most kInt8ChainPanelRows, small enough to give every thread work.
   const int64_t panel = std::min(kInt8ChainPanelRows, round_up(emu::ceil_div(M, threads), 32));
   const int64_t panels = emu::ceil_div(M, panel);
   // The intermediate's row stride: a multiple of 4 KB (N1 = 2048) maps a tile's 16 rows to one L1 set.
