@@ -47,7 +47,8 @@ Dispatcher::~Dispatcher() {
             (attention_work_.empty() ? std::string() : ", \"attention\": " + attention_work_) +
             ", \"ep_buffers\": [" + std::to_string(a_in_ep_.load()) + ", " + std::to_string(c_in_ep_.load()) + ", " +
             std::to_string(products_.load()) + "], \"chained_calls\": " + std::to_string(chained_.load()) +
-            ", \"a_shared_calls\": " + std::to_string(a_shared_.load()) + "}");
+            ", \"a_shared_calls\": " + std::to_string(a_shared_.load()) +
+            ", \"int8_chain_calls\": " + std::to_string(int8_chain_calls_.load()) + "}");
   } catch (...) {
   }
 }
@@ -158,6 +159,25 @@ void Dispatcher::gemm(const kernels::GemmArgs& args, size_t weight) {
   const Weight& w = weights_.at(weight);
   note_buffers(args, w.host->shape.K, w.host->shape.N);
   run(args, w);
+}
+
+bool Dispatcher::gemm_int8_chain(const kernels::GemmArgs& first, Dispatcher& next, const kernels::GemmArgs& second) {
+  if (weights_.size() != 1 || next.weights_.size() != 1 || primary_ != next.primary_) return false;
+  const Weight &w1 = weights_[0], &w2 = next.weights_[0];
+  const auto &s1 = w1.host->shape, &s2 = w2.host->shape;
+  const auto int8 = kernels::Precision::kInt8;
+  if (w1.host->precision != int8 || w2.host->precision != int8 || !w1.device || !w2.device || !primary_ok_ ||
+      !next.primary_ok_ || !primary_->can_run_in(int8, first.M, s1.K, s1.N, nullptr) ||
+      !primary_->can_run_in(int8, second.M, s2.K, s2.N, nullptr))
+    return false;
+  if (!primary_->gemm_int8_chain({first, w1.device.get(), second, w2.device.get()})) return false;
+  ++device_calls_;
+  device_flop_ += flop_of(first.M, s1.K, s1.N);
+  ++int8_chain_calls_;
+  ++next.int8_chain_calls_;
+  ++next.device_calls_;
+  next.device_flop_ += flop_of(second.M, s2.K, s2.N);
+  return true;
 }
 
 void Dispatcher::gemm_later(const kernels::GemmArgs& args, size_t weight, DeferredProducts* later) {

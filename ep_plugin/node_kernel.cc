@@ -6,6 +6,7 @@
 #include <unordered_map>
 
 #include "kernels/ep_buffers.h"
+#include "ops/int8_chain.h"
 
 namespace xdna::ep {
 namespace {
@@ -56,8 +57,13 @@ NodeKernel::NodeKernel(ops::OpPlan plan, kernels::PackedWeights constant_b,
                        Log log, std::function<void(const std::string&)> report)
     : plan_(std::move(plan)),
       module_(ops::module_of(plan_.op)),
+      log_(log),
       dispatch_(plan_.node_name, plan_.precision, std::move(constant_b), std::move(primary), std::move(cpu_fallback), log,
                 std::move(report)) {}
+
+bool NodeKernel::compute_chained(NodeKernel& next, ops::TensorIo& io) {
+  return ops::run_int8_chain(plan_, dispatch_, next.plan_, next.dispatch_, io);
+}
 
 std::vector<std::string> NodeKernel::runtime_operands() const {
   std::vector<std::string> names{plan_.a.name};
@@ -84,6 +90,27 @@ FusedKernel::FusedKernel(std::vector<std::unique_ptr<NodeKernel>> nodes, std::ve
     const auto it = last_reader.find(out);
     const bool fused_output = std::find(outputs_.begin(), outputs_.end(), out) != outputs_.end();
     if (it != last_reader.end() && !fused_output) release_after_[it->second].push_back(out);
+  }
+  // The int8 chains: node i's output read by node i + 1 alone, as its A, and not an output of the fused node.
+  std::unordered_map<std::string, size_t> readers;
+  for (const auto& node : nodes_)
+    for (const std::string& name : node->runtime_operands()) ++readers[name];
+  chained_with_next_.assign(nodes_.size(), false);
+  const bool enabled = ops::int8_chain_enabled();
+  for (size_t i = 0; i + 1 < nodes_.size(); ++i) {
+    const ops::OpPlan &first = nodes_[i]->plan(), &second = nodes_[i + 1]->plan();
+    const std::string& out = first.output;
+    if (second.a.name != out || first.op != ops::OpPlan::Op::kMatMul || second.op != ops::OpPlan::Op::kMatMul ||
+        first.precision != kernels::Precision::kInt8)
+      continue;  // not a pair of int8 products where one reads the other's output
+    std::string why = ops::int8_chain_miss(first, second);
+    if (why.empty() && (readers[out] != 1 || std::find(outputs_.begin(), outputs_.end(), out) != outputs_.end()))
+      why = "its output '" + out + "' has other readers";
+    if (why.empty() && !enabled) why = "XDNA_INT8_CHAIN=off";
+    if (why.empty()) chained_with_next_[i] = true;
+    else  // a near miss: said once, when the fused node is made
+      nodes_[i]->log(ORT_LOGGING_LEVEL_INFO, "node '" + first.node_name + "' and node '" + second.node_name +
+                                                 "': not run as one int8 chain (" + why + ")");
   }
 }
 
@@ -151,7 +178,7 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
   // q/k/v projections of a layer), flushed before a node reads a collected product's output, before an intermediate
   // a collected product may use is freed, and at the end.
   std::vector<std::string> pending;  // outputs of nodes with collected products
-  for (size_t i = 0; i < nodes_.size(); ++i) {
+  auto before_node = [&](size_t i) {
     if (!io.later_.empty())
       for (const std::string& name : nodes_[i]->runtime_operands())
         if (std::find(pending.begin(), pending.end(), name) != pending.end()) {
@@ -159,14 +186,28 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
           pending.clear();
           break;
         }
-    const size_t before = io.later_.size();
-    nodes_[i]->compute(io);
-    if (io.later_.size() != before) pending.push_back(nodes_[i]->output_name());
+  };
+  auto after_node = [&](size_t i) {
     if (!io.later_.empty() && !release_after_[i].empty()) {
       io.later_.flush();
       pending.clear();
     }
     for (const std::string& name : release_after_[i]) io.release(name);
+  };
+  for (size_t i = 0; i < nodes_.size(); ++i) {
+    before_node(i);
+    if (chained_with_next_[i]) {
+      before_node(i + 1);
+      if (nodes_[i]->compute_chained(*nodes_[i + 1], io)) {  // runs nothing on the device's runlists
+        after_node(i);
+        after_node(++i);
+        continue;
+      }
+    }
+    const size_t before = io.later_.size();
+    nodes_[i]->compute(io);
+    if (io.later_.size() != before) pending.push_back(nodes_[i]->output_name());
+    after_node(i);
   }
   io.later_.flush();
 }

@@ -21,12 +21,18 @@ class NodeKernel {
              std::shared_ptr<kernels::Backend> cpu_fallback, Log log, std::function<void(const std::string&)> report);
 
   void compute(ops::TensorIo& io) { module_.run(plan_, io, dispatch_); }
+  // This node and `next` (which reads this node's output, and nothing else does) as one int8 chain
+  // (ops/int8_chain.h); false: nothing run but, if any, this node's A prologue.
+  bool compute_chained(NodeKernel& next, ops::TensorIo& io);
   const std::string& output_name() const { return plan_.output; }
+  const ops::OpPlan& plan() const { return plan_; }
   std::vector<std::string> runtime_operands() const;  // names compute() reads through io.input()
+  void log(OrtLoggingLevel level, const std::string& message) const { log_(level, message); }
 
  private:
   ops::OpPlan plan_;
   const ops::OpModule& module_;
+  Log log_;
   Dispatcher dispatch_;
 };
 
@@ -43,6 +49,7 @@ class FusedKernel {
   std::vector<std::unique_ptr<NodeKernel>> nodes_;
   std::vector<std::string> inputs_, outputs_;
   std::vector<std::vector<std::string>> release_after_;  // per node: intermediates it is the last reader of
+  std::vector<bool> chained_with_next_;  // per node: runs with the next node as one int8 chain (ops/int8_chain.h)
 };
 
 }  // namespace xdna::ep

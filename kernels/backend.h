@@ -70,6 +70,19 @@ struct UnpackedGemm {
   const uint16_t* b_bf16 = nullptr;
 };
 
+// Two int8 products where the second reads the first's output as its A and nothing else reads it (an encoder FFN:
+// fc1 + bias + GELU, then fc2 + bias + residual, both with constant weights uploaded by the same backend). first: A,
+// M and the first epilogue (c unused: the intermediate is the backend's own); second: C and its epilogue (a unused).
+// The same bits as gemm() of each in turn with the intermediate in memory between them.
+// Fewer rows are never chained: such calls are bound by reading B, which the chain would read on one thread.
+inline constexpr int64_t kInt8ChainMinRows = 17;
+struct Int8Chain {
+  GemmArgs first;
+  const DeviceWeight* first_weight;
+  GemmArgs second;
+  const DeviceWeight* second_weight;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -133,6 +146,13 @@ class Backend {
   virtual void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) {
     (void)shape, (void)heads, (void)count;
     throw BackendFault("run", name() + " has no fused attention");
+  }
+  // Runs an Int8Chain in row panels, its intermediate kept in cache (issue 13). Only the CPU backend (the emulator)
+  // offers this: false, nothing done, when a backend does not (the caller runs the two products one after the
+  // other); never throws BackendFault.
+  virtual bool gemm_int8_chain(const Int8Chain& chain) {
+    (void)chain;
+    return false;
   }
 };
 

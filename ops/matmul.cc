@@ -597,8 +597,8 @@ void write_head_split(const OpPlan& plan, TensorIo& io, const float* y, const Di
   kernels::emulator_parallel_for(large ? 0 : 1, (rows + kRowsPerTask - 1) / kRowsPerTask, some_rows);
 }
 
-// A as the product reads it through its prologue: the LayerNormalization's output, computed by the first reader
-// of this call (kernels::layernorm_rows) into a tensor of the group that the others then read.
+}  // namespace
+
 Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io) {
   if (io.made(plan.layernorm_output)) return io.input(plan.layernorm_output);
   const Tensor x = io.input(plan.a.name);
@@ -616,6 +616,8 @@ Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io) {
                           plan.layernorm_bias.empty() ? nullptr : plan.layernorm_bias.data(), plan.layernorm_epsilon);
   return Tensor{y, x.dims};
 }
+
+namespace {
 
 void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   const View a = view_of(plan.layernorm_output.empty() ? io.input(plan.a.name) : layernorm_prologue(plan, io),

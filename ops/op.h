@@ -184,6 +184,10 @@ class TensorIo {
   virtual bool made(const std::string& name) { (void)name; return false; }
 };
 
+// A as a MatMul with an A prologue (OpPlan::layernorm_output) reads it: the LayerNormalization's output, computed by
+// the first reader of this call (kernels::layernorm_rows) into a tensor of the group that the others then read.
+Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io);
+
 // One row of the op table.
 struct OpModule {
   const char* domain;

@@ -190,6 +190,16 @@ def prologue_bound(x, gamma, beta, eps, b, precision="bf16") -> np.ndarray:
         return precision_bound(y + e, b, precision) + np.matmul(e, np.abs(b))
 
 
+def carried_bound(a_abs, e, b, precision) -> np.ndarray:
+    """|A'.B - A.B| for a product of `precision` whose fp32 A' = A + e carries an earlier step's error, |e| <= E
+    (an int8 chain's fc2 reading fc1's output, ops/int8_chain.h): the product's bound at |A| + E (every bound here
+    grows with |A|), plus E.|B|."""
+    e = np.asarray(e, np.float64)
+    b = np.asarray(b, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return precision_bound(np.abs(np.asarray(a_abs, np.float64)) + e, b, precision) + np.matmul(e, np.abs(b))
+
+
 # ---- Fused attention (kernels/attention_contract.h) ----
 
 # The softmax's exp (emulator_attention.cc exp_nonpositive: 2^n times a degree-3 polynomial of 2^f): relative error

@@ -527,6 +527,11 @@ class EmulatorBackend final : public Backend {
     return true;
   }
   bool has_int8_kernel(int64_t, int64_t, std::string*) const override { return true; }  // emulator_gemm_int8
+  bool gemm_int8_chain(const Int8Chain& chain) override {
+    const PackedB &b1 = chain.first_weight->host(), &b2 = chain.second_weight->host();
+    if (b1.precision != Precision::kInt8 || b2.precision != Precision::kInt8) return false;
+    return emulator_gemm_int8_chain(chain.first, *b1.int8, chain.second, *b2.int8, threads_);
+  }
   bool can_run_attention(const AttentionShape&, std::string*) const override { return true; }
   bool reads_bf16_kv() const override { return true; }
   void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) override {
@@ -671,6 +676,56 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) 
   // Many rows: (row block, column block) tasks, as emulator_gemm does.
   threads = static_cast<int>(std::clamp<int64_t>(M * K * N / (2 * kMinMacsPerThread), 1, threads));
   emu::split_blocks(M, N, kInt8BlockM, threads, block);
+}
+
+// Rows per panel of the int8 chain: the panel's intermediate (rows x N1 fp32: 512 KB for Whisper base's 2048) and
+// quantised A stay in the core's L2 beside the B panels streaming through; more rows re-read B fewer times.
+constexpr int64_t kInt8ChainPanelRows = 64;
+
+bool emulator_gemm_int8_chain(const GemmArgs& first, const QuantizedB& b1, const GemmArgs& second,
+                              const QuantizedB& b2, int threads) {
+  const int64_t M = first.M, K1 = b1.K, N1 = b1.N, N2 = b2.N;
+  static_assert(kInt8ChainMinRows > kInt8FewRows, "few-row calls split the columns instead");
+  if (M < kInt8ChainMinRows || second.M != M || b2.K != N1 || N1 <= 0 || N2 <= 0 || K1 > kInt8MaxK || N1 > kInt8MaxK)
+    return false;
+  const emu::Int8Kernels& kern = int8_kernels();
+  threads = emu::resolve_threads(threads);
+  threads = static_cast<int>(std::clamp<int64_t>(M * (K1 * N1 + N1 * N2) / (2 * kMinMacsPerThread), 1, threads));
+  // Panels of whole 32-row AMX tile pairs, at most kInt8ChainPanelRows, small enough to give every thread work.
+  const int64_t panel = std::min(kInt8ChainPanelRows, round_up(emu::ceil_div(M, threads), 32));
+  const int64_t panels = emu::ceil_div(M, panel);
+  // The intermediate's row stride: a multiple of 4 KB (N1 = 2048) maps a tile's 16 rows to one L1 set.
+  const int64_t ldh = round_up(N1, 16) + 16;
+  auto bytes_in_floats = [](int64_t bytes) { return static_cast<size_t>(round_up(bytes, 64) / 4); };
+  const size_t qa1_floats = bytes_in_floats(panel * b1.Kpad * kern.a_bytes);
+  const size_t h_floats = static_cast<size_t>(panel * ldh);
+  const size_t qa2_floats = bytes_in_floats(panel * b2.Kpad * kern.a_bytes);
+  auto run_panel = [&](int64_t t) {
+    const int64_t m0 = t * panel, rows = std::min(panel, M - m0);
+    float* qa1 = emu::scratch(4, qa1_floats + h_floats + qa2_floats);  // per thread: [qa1 | h | qa2]
+    float* h = qa1 + qa1_floats;
+    float* qa2 = h + h_floats;
+    float* sa = emu::scratch(5, static_cast<size_t>(2 * panel));
+    // Each epilogue as the unchained call applies it, its residual rows offset to the panel's.
+    GemmEpilogue e1 = first.epilogue, e2 = second.epilogue;
+    if (e1.residual) e1.residual += m0 * e1.ldr;
+    if (e2.residual) e2.residual += m0 * e2.ldr;
+    const emu::Int8Problem p1{first.a + m0 * first.lda, first.lda, qa1, sa, b1.q.data(), b1.scale.data(),
+                              b1.colsum.data(), h, ldh, rows, K1, N1, b1.Kpad, e1.empty() ? nullptr : &e1};
+    kern.quantize_rows(p1, 0, rows);
+    kern.gemm(p1, 0, rows, 0, N1);
+    const emu::Int8Problem p2{h, ldh, qa2, sa + panel, b2.q.data(), b2.scale.data(), b2.colsum.data(),
+                              second.c + m0 * second.ldc, second.ldc, rows, N1, N2, b2.Kpad,
+                              e2.empty() ? nullptr : &e2};
+    kern.quantize_rows(p2, 0, rows);
+    kern.gemm(p2, 0, rows, 0, N2);
+  };
+  if (threads == 1 || panels == 1) {
+    for (int64_t t = 0; t < panels; ++t) run_panel(t);
+  } else {
+    emu::ThreadPool::instance().run(threads, panels, run_panel);
+  }
+  return true;
 }
 
 SplitB pack_b_bf16x3(const float* src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n) {

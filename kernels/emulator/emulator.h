@@ -96,6 +96,14 @@ QuantizedB quantize_b_int8(const float* src, int64_t K, int64_t N, int64_t strid
 // C = dequant(quant(A) . qB): per-row dynamic A scales, int32 sums, fp32 epilogue. Throws std::invalid_argument
 // for K past the int32-exact limit.
 void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads = 0);
+// Two int8 products where the second reads the first's output as its A and nothing else reads it (an FFN: fc1 +
+// bias + GELU, then fc2 + bias + residual; backend.h's Int8Chain): first.c and second.a are not used. Each thread
+// takes row panels through the first product and its epilogue into a scratch of its own, quantises the panel's
+// rows as the second product's A and runs the second for them, so the intermediate never goes to memory. The same
+// bits as emulator_gemm_int8 twice (the same quantiser, the same int32 sums and fp32 epilogues). Returns false,
+// nothing done, when it does not pay (few rows: the calls are bound by reading B) or the shapes do not chain.
+bool emulator_gemm_int8_chain(const GemmArgs& first, const QuantizedB& b1, const GemmArgs& second,
+                              const QuantizedB& b2, int threads = 0);
 // "amx" (TDPBUSD), "vnni" (AVX512-VNNI VPDPBUSD), "avxvnni" (256-bit VPDPBUSD), "avx2" (exact: int16 VPMADDWD)
 // or "generic": the int8 kernel in use, all giving the same bits. It follows the bf16 kernel set, so
 // XDNA_EMULATOR_ISA selects it too (amx -> amx; avx512 / avx512bf16 -> vnni and avx2 -> avxvnni where the CPU has
