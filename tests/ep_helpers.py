@@ -94,3 +94,17 @@ def executed(report):
 
 def rng(seed=0):
     return np.random.default_rng(seed)
+
+
+def claim_reasons(model: bytes, tmp_path) -> dict:
+    """Each node's claim decision reason from xdna.partition (the model written to tmp_path first)."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    return {d.node: d.reason for d in xdna.partition(path).decisions}
+
+
+def edited(model: bytes, edit) -> bytes:
+    """The model after edit(graph) changed its graph in place."""
+    m = onnx.load_from_string(model)
+    edit(m.graph)
+    return m.SerializeToString()

@@ -21,7 +21,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
-from ep_helpers import compiled_and_reloaded, ep_nodes, executed, init, make_model, tensor, use_fake_npu, xdna_session
+from ep_helpers import (claim_reasons, compiled_and_reloaded, edited, ep_nodes, executed, init, make_model, tensor,
+                        use_fake_npu, xdna_session)
 from numerics import assert_within, bf16_bound, bf16_output_bound
 
 C, H, D = 64, 4, 16  # model width, heads, head depth (H * D = C)
@@ -148,21 +149,9 @@ def test_nan_and_inf_in_the_new_rows():
     assert set(new[nan].tolist()) <= {0x7FC0, 0xFFC0}
 
 
-def reasons(model: bytes, tmp_path) -> dict:
-    path = tmp_path / "m.onnx"
-    path.write_bytes(model)
-    return {d.node: d.reason for d in xdna.partition(path).decisions}
-
-
 def test_the_claim_says_so(tmp_path):
     model, _, _ = cache_model()
-    assert "written into the bf16 cache" in reasons(model, tmp_path)["proj"]
-
-
-def edited(model: bytes, edit) -> bytes:
-    m = onnx.load_from_string(model)
-    edit(m.graph)
-    return m.SerializeToString()
+    assert "written into the bf16 cache" in claim_reasons(model, tmp_path)["proj"]
 
 
 def third_input(g):
@@ -184,7 +173,7 @@ def test_variants_stay_on_the_cpu_ep(variant, tmp_path):
     model, _, _ = cache_model(**kwargs)
     if edit:
         model = edited(model, edit)
-    assert why in reasons(model, tmp_path)["proj"]
+    assert why in claim_reasons(model, tmp_path)["proj"]
     s = xdna_session(model)
     on_ep = {name for name, _ in ep_nodes(s)}
     assert "proj" in on_ep and "append" not in on_ep, on_ep
@@ -198,7 +187,7 @@ def test_other_axis_stays_on_the_cpu_ep(tmp_path):
     m.graph.input[1].type.tensor_type.shape.dim[2].dim_value = 1
     m.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "t1"
     m.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 1
-    assert "on axis 2" in reasons(m.SerializeToString(), tmp_path)["proj"]
+    assert "on axis 2" in claim_reasons(m.SerializeToString(), tmp_path)["proj"]
 
 
 def test_a_past_of_other_heads_is_a_clear_error():

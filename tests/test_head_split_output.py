@@ -15,13 +15,13 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
-from ep_helpers import compiled_and_reloaded, ep_nodes, executed, init, make_model, tensor, use_fake_npu, xdna_session
+from ep_helpers import (claim_reasons, compiled_and_reloaded, edited, ep_nodes, executed, init, make_model, tensor,
+                        use_fake_npu, xdna_session)
 from numerics import assert_within, bf16_bound, bf16_output_bound
 
 C, H, D = 64, 4, 16  # model width, heads, head depth (H * D = C)
@@ -133,25 +133,13 @@ def test_nan_and_inf():
     assert set(got[nan].tolist()) <= {0x7FC0, 0xFFC0}
 
 
-def reasons(model: bytes, tmp_path) -> dict:
-    path = tmp_path / "m.onnx"
-    path.write_bytes(model)
-    return {d.node: d.reason for d in xdna.partition(path).decisions}
-
-
 def test_the_claim_says_so(tmp_path):
     model, _, _ = split_model(reader="frames")
-    why = reasons(model, tmp_path)["proj"]
+    why = claim_reasons(model, tmp_path)["proj"]
     assert "split into heads [B, H, T, D]" in why and "its [B, T, H, D] written too" in why, why
     model, _, _ = split_model(reader="split")
-    why = reasons(model, tmp_path)["proj"]
+    why = claim_reasons(model, tmp_path)["proj"]
     assert "split into heads" in why and "written too" not in why, why
-
-
-def edited(model: bytes, edit) -> bytes:
-    m = onnx.load_from_string(model)
-    edit(m.graph)
-    return m.SerializeToString()
 
 
 def other_shape(g):  # [1, t, H, D] of x [b, t, H*D]: not proven to keep x's dims (b is symbolic)
@@ -170,7 +158,7 @@ def test_variants_stay_on_the_cpu_ep(variant, tmp_path):
     model, _, _ = split_model(**kwargs)
     if edit:
         model = edited(model, edit)
-    assert why in reasons(model, tmp_path)["proj"]
+    assert why in claim_reasons(model, tmp_path)["proj"]
     s = xdna_session(model)
     on_ep = {name for name, _ in ep_nodes(s)}
     assert {"proj", "round"} <= on_ep and "move" not in on_ep, on_ep
@@ -179,7 +167,7 @@ def test_variants_stay_on_the_cpu_ep(variant, tmp_path):
 def test_cast_output_read_elsewhere_stays(tmp_path):
     """The bf16 product read by something else too: only the Cast is taken (the unfused reference's graph)."""
     model, _, _ = split_model(extra_output="y16")
-    assert "split into heads" not in reasons(model, tmp_path)["proj"]
+    assert "split into heads" not in claim_reasons(model, tmp_path)["proj"]
 
 
 def test_compiled_model_round_trips(tmp_path):
