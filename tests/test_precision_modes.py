@@ -127,8 +127,13 @@ _INT8_ISA_CHECK = textwrap.dedent("""
     b[::2, 2] = -1
     b[:, 3] = -0.5
     b[k // 2, 4] = -3
-    out["adversarial"] = _native.emulator_gemm_int8(a, _native.quantize_b_int8(b))
+    qb = _native.quantize_b_int8(b)
+    out["adversarial"] = _native.emulator_gemm_int8(a, qb)
     out["adversarial_a"], out["adversarial_b"] = a, b
+    # The same sums through every row-block height (avx2: 16-column blocks up to 3 rows, 6-row blocks, 5 rows as
+    # a 6-row block with a row repeated, 4 rows on their own) and the few-row column split on two threads.
+    for r in range(1, 6):
+        out[f"adversarial {r} rows"] = _native.emulator_gemm_int8(a[:r], qb, 2)
     # Products x * (127 / amax) that round in fp32 to a .5 tie although the exact product is not one: the
     # contract rounds the fp32 product (to even); an FMA-fused x * inv + magic would round the exact one.
     inv = np.float32(127) / np.float32(3)
@@ -179,6 +184,8 @@ def test_int8_every_kernel_set_gives_the_same_bits():
     # And they are the contract's: the adversarial sums (127 * 127 * K and its signed variants) are exact.
     adv = reference["adversarial"]
     np.testing.assert_array_equal(adv, int8_model(reference["adversarial_a"], reference["adversarial_b"]))
+    for r in range(1, 6):
+        np.testing.assert_array_equal(reference[f"adversarial {r} rows"], adv[:r], err_msg=f"{r} rows")
     t = reference["ties_a"]
     np.testing.assert_array_equal(reference["ties"], int8_model(t, np.eye(t.shape[1], 20, dtype=np.float32)))
     k = _native.INT8_MAX_K  # 127 * 127 * k in int32, dequantised by (1/127)^2
