@@ -1,6 +1,6 @@
 """The emulator's fused attention with few query rows (M <= 16, K and V as rows: a decoder step), one task per head
 (kernels/emulator/emulator_attention.cc): attend_few_rows_bf16 (VDPBF16PS, beside the amx and avx512bf16 kernel
-sets), attend_few_rows (avx512), the unpacked GEMM kernels (avx2, generic). Against float64 within
+sets), attend_few_rows (avx512), attend_few_rows_avx2 (avx2), the unpacked GEMM kernels (generic). Against float64 within
 numerics.attention_bound: T off the 16-key blocks and odd (a key pair half empty), head dims off the 32-lane chunks,
 M = 1..16; bf16 K/V read as they lie give the bits of their fp32 values; each row alone gives the bits it gives among
 others, 1 and 2 threads alike; NaN/Inf rows and NaN in V as the contract says; every kernel set this CPU runs
@@ -88,8 +88,16 @@ def test_few_rows_nan_and_inf():
     check_nan_rows()
 
 
+# The per-head few-row kernel each forced kernel set runs (emulator_attention.cc, few_row_kernel).
+FEW_ROW_KERNEL = {"generic": "unpacked", "avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512bf16",
+                  "amx": "avx512bf16"}
+
 _ISA_CHECK = textwrap.dedent("""
+    import os
     import test_attention_few_rows as t
+    from onnxruntime_ep_xdna import _native
+    kernel = _native.emulator_attention_few_row_kernel()
+    assert kernel == t.FEW_ROW_KERNEL[os.environ["XDNA_EMULATOR_ISA"]], kernel
     for i, shape in enumerate(t.SHAPES):
         t.check_shape(*shape, seed=10 + i)
     t.check_nan_rows()
