@@ -77,6 +77,20 @@ def check_nan_rows():
     expected = np.zeros(o.shape, bool)
     expected[0, :, 9] = True
     np.testing.assert_array_equal(np.isnan(o), expected)
+    # fp32 K / V: a NaN whose payload is only low bits stays a NaN when rounded to bf16 (a plain rounding would make
+    # it Inf, and an Inf score of either sign a different row), as the bf16 NaN gives
+    q = np.nan_to_num(q, nan=0, posinf=0, neginf=0)
+    q[1, :, 2] = np.array([1, -1, 2, -2, 0.5], np.float32)  # both signs against head 1's NaN key
+    low_nan = np.array([0x7F800001], np.uint32).view(np.float32)[0]
+    k[1, 3, 2] = low_nan
+    v[0, 7, 9] = low_nan
+    k_bits[1, 3, 2] = 0x7FC0
+    o = _native.emulator_attention_bf16_kv(q, k_bits, v_bits, 0.125)
+    expected[1] = True  # every row of head 1 meets the NaN score
+    np.testing.assert_array_equal(np.isnan(o), expected)
+    o32 = _native.emulator_attention(q, k, v, 0.125)
+    np.testing.assert_array_equal(np.isnan(o32), expected)
+    np.testing.assert_array_equal(o32[~expected], o[~expected])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
