@@ -534,9 +534,9 @@ XDNA_BF16_KERNEL void attend_few_rows_bf16(const AttentionShape& shape, const At
 // ---- Few query rows on AVX2 + FMA (the avx2 kernel set): K and V read as they lie, no widening ----
 // The same contract with 8-lane vectors, sized for 16 ymm registers (attend_few_rows' 5-row blocks spilled there):
 // S as dot products over d, R rows x KK keys of accumulators (R * KK <= 8), a key's 16 bf16 read by one load and
-// split into its even and odd elements (VPSLLD 16, VPAND: exact), Q rounded to bf16 once and stored in that order
-// (fp32 K rounded to bf16 in blocks first); P V over t with R rows x 2 NB accumulators of 8 columns (R * NB <= 4),
-// fp32 V rounded as read. So fp32 and bf16 operands of the same values give the same bits. A key's sum over d
+// split into its even and odd elements (VPSLLD 16, VPAND: exact), Q rounded to bf16 once and stored in that order;
+// P V over t with R rows x 2 NB accumulators of 8 columns (R * NB <= 4). fp32 K / V are rounded to bf16 as read and
+// put in the same lane order, so fp32 and bf16 operands of the same values give the same bits. A key's sum over d
 // is one fixed order (the chunks in turn, its 8 lanes by one tree, the tail of D after), a column's over t too,
 // whatever R, KK or NB: a row alone gives the bits it gives among others. Every product is exact (bf16 x bf16), so
 // the FMAs give the bits of separate products and sums (subnormal products aside, within the contract's TINY).
@@ -566,21 +566,12 @@ __attribute__((always_inline)) inline __m256 round_to_bf16_x8(__m256 x) {
   return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet), _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
-// rows x cols of fp32 src (row stride ld) rounded to bf16 into dst (rows of cols), for the bf16 path's loads.
-__attribute__((always_inline)) inline void bf16_rows_avx2(const float* src, int64_t ld, int64_t rows, int64_t cols,
-                                                           uint16_t* dst) {
-  const int64_t c16 = cols / 16 * 16;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = src + r * ld;
-    uint16_t* out = dst + r * cols;
-    for (int64_t c = 0; c < c16; c += 16) {
-      const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(round_to_bf16_x8(_mm256_loadu_ps(row + c))), 16);
-      const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(round_to_bf16_x8(_mm256_loadu_ps(row + c + 8))), 16);
-      // packed per 128-bit half: 0-3 8-11 | 4-7 12-15; the qword permute puts them in order
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8));
-    }
-    for (int64_t c = c16; c < cols; ++c) out[c] = f32_to_bf16(row[c]);
-  }
+// 16 fp32 rounded to bf16, in the even / odd order of the bf16 load.
+__attribute__((always_inline)) inline EvenOdd load_even_odd(const float* p) {
+  const __m256 lo = round_to_bf16_x8(_mm256_loadu_ps(p)), hi = round_to_bf16_x8(_mm256_loadu_ps(p + 8));
+  // shuffle: elements 0 2 8 10 | 4 6 12 14 (1 3 9 11 | 5 7 13 15); the qword permute puts them in order
+  return {_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xd8)),
+          _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xdd)), 0xd8))};
 }
 
 // 16 V elements for P V: bf16 as even / odd; fp32 rounded, in their order (each column has its own sum, so the
@@ -623,10 +614,10 @@ __attribute__((always_inline)) inline void sum_keys(const __m256* a, float* out)
 }
 
 // Scores of R rows (qb: bf16 Q rows D apart, each chunk of 16 as its even then its odd elements) against keys
-// t0 .. t0 + KK (bf16 rows ldk apart) into s (rows lds apart).
-template <int R, int KK>
-__attribute__((always_inline)) inline void scores_keys_avx2(const float* qb, int64_t D, const uint16_t* k,
-                                                             int64_t ldk, int64_t t0, float* s, int64_t lds) {
+// t0 .. t0 + KK (rows ldk apart) into s (rows T apart).
+template <int R, int KK, typename KT>
+__attribute__((always_inline)) inline void scores_keys_avx2(const float* qb, int64_t D, const KT* k, int64_t ldk,
+                                                             int64_t t0, float* s, int64_t T) {
   const int64_t D16 = D / 16 * 16;
   __m256 acc[R * KK];  // row r, key j: acc[r KK + j]
 #pragma GCC unroll 8
@@ -643,7 +634,7 @@ __attribute__((always_inline)) inline void scores_keys_avx2(const float* qb, int
     }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    float* out = s + r * lds + t0;
+    float* out = s + r * T + t0;
     sum_keys<KK>(acc + r * KK, out);
     if (D16 < D)
       for (int j = 0; j < KK; ++j) {
@@ -654,26 +645,11 @@ __attribute__((always_inline)) inline void scores_keys_avx2(const float* qb, int
   }
 }
 
-// The scores of R rows against T keys (rows ldk apart) into s (rows lds apart): bf16 keys read as they lie, fp32
-// ones rounded 64 keys at a time into a bf16 block in L1 (the rounding done once for all rows, no fp32 path to
-// keep: the same bits as bf16 keys of the same values).
 template <int R, int KK, typename KT>
-void scores_rows_avx2(const float* qb, int64_t D, const KT* k, int64_t ldk, int64_t T, float* s, int64_t lds) {
-  if constexpr (std::is_same_v<KT, float>) {
-    constexpr int64_t kBlockKeys = 64;
-    thread_local std::unique_ptr<uint16_t[]> buf;
-    thread_local size_t capacity = 0;
-    uint16_t* block = scratch(buf, capacity, static_cast<size_t>(kBlockKeys * D));
-    for (int64_t t = 0; t < T; t += kBlockKeys) {
-      const int64_t n = std::min(kBlockKeys, T - t);
-      bf16_rows_avx2(k + t * ldk, ldk, n, D, block);
-      scores_rows_avx2<R, KK>(qb, D, block, D, n, s + t, lds);
-    }
-  } else {
-    int64_t t = 0;
-    for (; t + KK <= T; t += KK) scores_keys_avx2<R, KK>(qb, D, k, ldk, t, s, lds);
-    for (; t < T; ++t) scores_keys_avx2<R, 1>(qb, D, k, ldk, t, s, lds);
-  }
+void scores_rows_avx2(const float* qb, int64_t D, const KT* k, int64_t ldk, int64_t T, float* s) {
+  int64_t t = 0;
+  for (; t + KK <= T; t += KK) scores_keys_avx2<R, KK>(qb, D, k, ldk, t, s, T);
+  for (; t < T; ++t) scores_keys_avx2<R, 1>(qb, D, k, ldk, t, s, T);
 }
 
 // O[r][16 c ..] = (P V) / l for R rows of bf16 weights p (T apart), NB chunks of 16 columns of V (rows ldv apart).
@@ -743,10 +719,10 @@ void attend_few_rows_avx2(const AttentionShape& shape, const AttentionHead& h, c
     const float* q_rows = qb + m * D;
     float* s_rows = s + m * T;
     switch (std::min(kRowBlock, M - m)) {
-      case 1: scores_rows_avx2<1, 8>(q_rows, D, k, ldk, T, s_rows, T); break;
-      case 2: scores_rows_avx2<2, 4>(q_rows, D, k, ldk, T, s_rows, T); break;
-      case 3: scores_rows_avx2<3, 2>(q_rows, D, k, ldk, T, s_rows, T); break;
-      default: scores_rows_avx2<4, 2>(q_rows, D, k, ldk, T, s_rows, T); break;
+      case 1: scores_rows_avx2<1, 8>(q_rows, D, k, ldk, T, s_rows); break;
+      case 2: scores_rows_avx2<2, 4>(q_rows, D, k, ldk, T, s_rows); break;
+      case 3: scores_rows_avx2<3, 2>(q_rows, D, k, ldk, T, s_rows); break;
+      default: scores_rows_avx2<4, 2>(q_rows, D, k, ldk, T, s_rows); break;
     }
   }
   for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale, mask_row(h, m), shape.zero_nan_rows);
