@@ -450,6 +450,9 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("x"), py::arg("form"),
       "The fused attention softmax's exp on floats <= 0: scalar (the sets without AVX512-BF16), fma (the AVX-512 "
       "form of the amx / avx512bf16 sets), fma_base2 (2^x there, unmasked rows); None on a CPU without AVX512-BF16");
+  m.def("emulator_attention_few_row_kernel", &k::emulator_attention_few_row_kernel,
+        "The per-head kernel the fused attention runs for few query rows with K and V as rows: avx512bf16, avx512, "
+        "avx2 or unpacked (the generic kernel set's per-product path)");
   m.def("emulator_attention_bf16_kv", [set_mask](F32Array q, py::array_t<uint16_t, py::array::c_style> k,
                                                  py::array_t<uint16_t, py::array::c_style> v, float scale, int threads,
                                                  std::optional<F32Array> mask, bool zero_nan_rows) {

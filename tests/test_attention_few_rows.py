@@ -1,6 +1,6 @@
 """The emulator's fused attention with few query rows (M <= 16, K and V as rows: a decoder step), one task per head
 (kernels/emulator/emulator_attention.cc): attend_few_rows_bf16 (VDPBF16PS, beside the amx and avx512bf16 kernel
-sets), attend_few_rows (avx512), the unpacked GEMM kernels (avx2, generic). Against float64 within
+sets), attend_few_rows (avx512), attend_few_rows_avx2 (avx2), the unpacked GEMM kernels (generic). Against float64 within
 numerics.attention_bound: T off the 16-key blocks and odd (a key pair half empty), head dims off the 32-lane chunks,
 M = 1..16; bf16 K/V read as they lie give the bits of their fp32 values; each row alone gives the bits it gives among
 others, 1 and 2 threads alike; NaN/Inf rows and NaN in V as the contract says; every kernel set this CPU runs
@@ -77,6 +77,20 @@ def check_nan_rows():
     expected = np.zeros(o.shape, bool)
     expected[0, :, 9] = True
     np.testing.assert_array_equal(np.isnan(o), expected)
+    # fp32 K / V: a NaN whose payload is only low bits stays a NaN when rounded to bf16 (a plain rounding would make
+    # it Inf, and an Inf score of either sign a different row), as the bf16 NaN gives
+    q = np.nan_to_num(q, nan=0, posinf=0, neginf=0)
+    q[1, :, 2] = np.array([1, -1, 2, -2, 0.5], np.float32)  # both signs against head 1's NaN key
+    low_nan = np.array([0x7F800001], np.uint32).view(np.float32)[0]
+    k[1, 3, 2] = low_nan
+    v[0, 7, 9] = low_nan
+    k_bits[1, 3, 2] = 0x7FC0
+    o = _native.emulator_attention_bf16_kv(q, k_bits, v_bits, 0.125)
+    expected[1] = True  # every row of head 1 meets the NaN score
+    np.testing.assert_array_equal(np.isnan(o), expected)
+    o32 = _native.emulator_attention(q, k, v, 0.125)
+    np.testing.assert_array_equal(np.isnan(o32), expected)
+    np.testing.assert_array_equal(o32[~expected], o[~expected])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
@@ -88,8 +102,16 @@ def test_few_rows_nan_and_inf():
     check_nan_rows()
 
 
+# The per-head few-row kernel each forced kernel set runs (emulator_attention.cc, few_row_kernel).
+FEW_ROW_KERNEL = {"generic": "unpacked", "avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512bf16",
+                  "amx": "avx512bf16"}
+
 _ISA_CHECK = textwrap.dedent("""
+    import os
     import test_attention_few_rows as t
+    from onnxruntime_ep_xdna import _native
+    kernel = _native.emulator_attention_few_row_kernel()
+    assert kernel == t.FEW_ROW_KERNEL[os.environ["XDNA_EMULATOR_ISA"]], kernel
     for i, shape in enumerate(t.SHAPES):
         t.check_shape(*shape, seed=10 + i)
     t.check_nan_rows()

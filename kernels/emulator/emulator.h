@@ -29,7 +29,7 @@ void emulator_gemm(const GemmArgs& args, const PackedB& b, int threads, const ui
 void emulator_gemm_unpacked(const UnpackedGemm* calls, size_t count, int64_t K, int64_t N, int threads = 0);
 
 // Fused attention (attention_contract.h), `count` heads of one shape: few query rows with K and V as rows (decoder
-// steps, avx512f CPUs) one task per head doing QK^T, softmax and PV; other few-row layouts on the unpacked GEMM
+// steps, avx512f or avx2 CPUs) one task per head doing QK^T, softmax and PV; other few-row layouts on the unpacked GEMM
 // kernels; many rows (encoder) one task per block of query rows of a head, its scores kept in cache (AMX where the
 // amx kernel set runs, else the active set's blocked GEMM kernel).
 void emulator_attention(const AttentionShape& shape, const AttentionHead* heads, size_t count, int threads = 0);
@@ -39,6 +39,11 @@ void emulator_attention(const AttentionShape& shape, const AttentionHead* heads,
 // 2, 2^x there (the unmasked rows' base-2 exponent). False, nothing written, for forms 1 and 2 on a CPU without
 // avx512f/bw/bf16.
 bool emulator_attention_exp(const float* x, float* out, int64_t n, int form);
+
+// Which per-head kernel emulator_attention runs for few query rows with K and V as rows, following the active
+// kernel set (tests check that each set gets its own): "avx512bf16", "avx512", "avx2", or "unpacked" (the
+// per-product path: the generic set).
+const char* emulator_attention_few_row_kernel();
 
 // fn(0..tasks-1) on the emulator's thread pool (the caller works too).
 void emulator_parallel_for(int threads, int64_t tasks, const std::function<void(int64_t)>& fn);

@@ -531,17 +531,230 @@ XDNA_BF16_KERNEL void attend_few_rows_bf16(const AttentionShape& shape, const At
   }
 }
 
+// ---- Few query rows on AVX2 + FMA (the avx2 kernel set): K and V read as they lie, no widening ----
+// The same contract with 8-lane vectors, sized for 16 ymm registers (attend_few_rows' 5-row blocks spilled there):
+// S as dot products over d, R rows x KK keys of accumulators (R * KK <= 8), a key's 16 bf16 read by one load and
+// split into its even and odd elements (VPSLLD 16, VPAND: exact), Q rounded to bf16 once and stored in that order;
+// P V over t with R rows x 2 NB accumulators of 8 columns (R * NB <= 4). fp32 K / V are rounded to bf16 as read and
+// put in the same lane order, so fp32 and bf16 operands of the same values give the same bits. A key's sum over d
+// is one fixed order (the chunks in turn, its 8 lanes by one tree, the tail of D after), a column's over t too,
+// whatever R, KK or NB: a row alone gives the bits it gives among others. Every product is exact (bf16 x bf16), so
+// the FMAs give the bits of separate products and sums (subnormal products aside, within the contract's TINY).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// One K or V element as the contract reads it (load_bf16 above is built for avx512f: not callable here).
+inline float kv_value(const float* p) { return round_to_bf16(*p); }
+inline float kv_value(const uint16_t* p) { return bf16_to_f32(*p); }
+
+struct EvenOdd {
+  __m256 even, odd;  // elements 0, 2, .., 14 and 1, 3, .., 15 of 16
+};
+
+__attribute__((always_inline)) inline EvenOdd load_even_odd(const uint16_t* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xffff0000u))))};
+}
+
+// round_to_bf16 on 8 lanes (a NaN stays a quiet NaN, as f32_to_bf16 gives).
+__attribute__((always_inline)) inline __m256 round_to_bf16_x8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x), high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), high);
+  const __m256i quiet = _mm256_or_si256(_mm256_and_si256(u, high), _mm256_set1_epi32(0x00400000));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet), _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// 16 fp32 rounded to bf16, in the even / odd order of the bf16 load.
+__attribute__((always_inline)) inline EvenOdd load_even_odd(const float* p) {
+  const __m256 lo = round_to_bf16_x8(_mm256_loadu_ps(p)), hi = round_to_bf16_x8(_mm256_loadu_ps(p + 8));
+  // shuffle: elements 0 2 8 10 | 4 6 12 14 (1 3 9 11 | 5 7 13 15); the qword permute puts them in order
+  return {_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xd8)),
+          _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xdd)), 0xd8))};
+}
+
+// 16 V elements for P V: bf16 as even / odd; fp32 rounded, in their order (each column has its own sum, so the
+// lane order does not change a bit; store_columns puts them back).
+__attribute__((always_inline)) inline EvenOdd load_columns(const uint16_t* p) { return load_even_odd(p); }
+__attribute__((always_inline)) inline EvenOdd load_columns(const float* p) {
+  return {round_to_bf16_x8(_mm256_loadu_ps(p)), round_to_bf16_x8(_mm256_loadu_ps(p + 8))};
+}
+template <typename VT>
+__attribute__((always_inline)) inline void store_columns(float* o, __m256 a, __m256 b) {
+  if constexpr (std::is_same_v<VT, uint16_t>) {  // a: even columns, b: odd ones
+    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // 0-3 | 8-11, 4-7 | 12-15
+    _mm256_storeu_ps(o, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  } else {
+    _mm256_storeu_ps(o, a);
+    _mm256_storeu_ps(o + 8, b);
+  }
+}
+
+// The sums of KK keys' 8-lane accumulators into out[0 .. KK): for every key the tree ((0+1) + (2+3)) + ((4+5) +
+// (6+7)) (VHADDPS pairs, then the halves), whatever KK.
+template <int KK>
+__attribute__((always_inline)) inline void sum_keys(const __m256* a, float* out) {
+  if constexpr (KK == 8) {
+    const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31)));
+  } else if constexpr (KK == 4) {
+    const __m256 g = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
+  } else {
+    static_assert(KK == 2 || KK == 1);
+    const __m256 h = _mm256_hadd_ps(a[0], a[KK - 1]);
+    const __m256 g = _mm256_hadd_ps(h, h);
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1));
+    if constexpr (KK == 2) _mm_storel_pi(reinterpret_cast<__m64*>(out), s);
+    else _mm_store_ss(out, s);
+  }
+}
+
+// Scores of R rows (qb: bf16 Q rows D apart, each chunk of 16 as its even then its odd elements) against keys
+// t0 .. t0 + KK (rows ldk apart) into s (rows T apart).
+template <int R, int KK, typename KT>
+__attribute__((always_inline)) inline void scores_keys_avx2(const float* qb, int64_t D, const KT* k, int64_t ldk,
+                                                             int64_t t0, float* s, int64_t T) {
+  const int64_t D16 = D / 16 * 16;
+  __m256 acc[R * KK];  // row r, key j: acc[r KK + j]
+#pragma GCC unroll 8
+  for (int i = 0; i < R * KK; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D16; d += 16)
+#pragma GCC unroll 8
+    for (int j = 0; j < KK; ++j) {
+      const EvenOdd kv = load_even_odd(k + (t0 + j) * ldk + d);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        acc[r * KK + j] = _mm256_fmadd_ps(_mm256_loadu_ps(qb + r * D + d), kv.even, acc[r * KK + j]);
+        acc[r * KK + j] = _mm256_fmadd_ps(_mm256_loadu_ps(qb + r * D + d + 8), kv.odd, acc[r * KK + j]);
+      }
+    }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    float* out = s + r * T + t0;
+    sum_keys<KK>(acc + r * KK, out);
+    if (D16 < D)
+      for (int j = 0; j < KK; ++j) {
+        float tail = 0.f;
+        for (int64_t d = D16; d < D; ++d) tail = std::fmaf(qb[r * D + d], kv_value(k + (t0 + j) * ldk + d), tail);
+        out[j] += tail;
+      }
+  }
+}
+
+template <int R, int KK, typename KT>
+void scores_rows_avx2(const float* qb, int64_t D, const KT* k, int64_t ldk, int64_t T, float* s) {
+  int64_t t = 0;
+  for (; t + KK <= T; t += KK) scores_keys_avx2<R, KK>(qb, D, k, ldk, t, s, T);
+  for (; t < T; ++t) scores_keys_avx2<R, 1>(qb, D, k, ldk, t, s, T);
+}
+
+// O[r][16 c ..] = (P V) / l for R rows of bf16 weights p (T apart), NB chunks of 16 columns of V (rows ldv apart).
+template <int R, int NB, typename VT>
+void weighted_values_avx2(const float* p, int64_t T, const float* l, const VT* v, int64_t ldv, float* o,
+                          int64_t ldo) {
+  __m256 acc[R * NB * 2];  // row r, chunk c: acc[2 (r NB + c)] (even or first 8), + 1 (odd or last 8)
+#pragma GCC unroll 8
+  for (int i = 0; i < R * NB * 2; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    EvenOdd vv[NB];
+#pragma GCC unroll 4
+    for (int c = 0; c < NB; ++c) vv[c] = load_columns(v + t * ldv + 16 * c);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 w = _mm256_broadcast_ss(p + r * T + t);
+#pragma GCC unroll 4
+      for (int c = 0; c < NB; ++c) {
+        acc[2 * (r * NB + c)] = _mm256_fmadd_ps(w, vv[c].even, acc[2 * (r * NB + c)]);
+        acc[2 * (r * NB + c) + 1] = _mm256_fmadd_ps(w, vv[c].odd, acc[2 * (r * NB + c) + 1]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m256 lr = _mm256_set1_ps(l[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < NB; ++c)
+      store_columns<VT>(o + r * ldo + 16 * c, _mm256_div_ps(acc[2 * (r * NB + c)], lr),
+                        _mm256_div_ps(acc[2 * (r * NB + c) + 1], lr));
+  }
+}
+
+template <int R, typename VT>
+void weighted_values_rows_avx2(const float* p, const float* l, const VT* v, int64_t ldv, int64_t T, int64_t Dv,
+                               float* o, int64_t ldo) {
+  constexpr int NB = R == 1 ? 4 : R == 2 ? 2 : 1;  // R * NB <= 4: 8 accumulators
+  int64_t n = 0;
+  for (; n + 16 * NB <= Dv; n += 16 * NB) weighted_values_avx2<R, NB>(p, T, l, v + n, ldv, o + n, ldo);
+  for (; n + 16 <= Dv; n += 16) weighted_values_avx2<R, 1>(p, T, l, v + n, ldv, o + n, ldo);
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = n; c < Dv; ++c) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < T; ++t) sum = std::fmaf(p[r * T + t], kv_value(v + t * ldv + c), sum);
+      o[r * ldo + c] = sum / l[r];
+    }
+}
+
+// One head, few rows, K and V as rows (as attend_few_rows), on AVX2 + FMA: s holds M * T scores, qb M * D.
+template <typename KT, typename VT>
+void attend_few_rows_avx2(const AttentionShape& shape, const AttentionHead& h, const KT* k, const VT* v, float* s,
+                          float* qb, float* l) {
+  const int64_t M = shape.M, T = shape.T, D = shape.D, Dv = shape.Dv, D16 = D / 16 * 16;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* q = h.q + m * h.ldq;
+    float* row = qb + m * D;
+    for (int64_t d = 0; d < D16; d += 16)
+      for (int64_t i = 0; i < 8; ++i) {
+        row[d + i] = round_to_bf16(q[d + 2 * i]);
+        row[d + 8 + i] = round_to_bf16(q[d + 2 * i + 1]);
+      }
+    for (int64_t d = D16; d < D; ++d) row[d] = round_to_bf16(q[d]);
+  }
+  constexpr int64_t kRowBlock = 4;  // R x KK accumulators: 1 x 8, 2 x 4, 3 x 2, 4 x 2
+  const int64_t ldk = h.kt_stride_t;
+  for (int64_t m = 0; m < M; m += kRowBlock) {
+    const float* q_rows = qb + m * D;
+    float* s_rows = s + m * T;
+    switch (std::min(kRowBlock, M - m)) {
+      case 1: scores_rows_avx2<1, 8>(q_rows, D, k, ldk, T, s_rows); break;
+      case 2: scores_rows_avx2<2, 4>(q_rows, D, k, ldk, T, s_rows); break;
+      case 3: scores_rows_avx2<3, 2>(q_rows, D, k, ldk, T, s_rows); break;
+      default: scores_rows_avx2<4, 2>(q_rows, D, k, ldk, T, s_rows); break;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale, mask_row(h, m), shape.zero_nan_rows);
+  for (int64_t m = 0; m < M; m += kRowBlock) {
+    const float* p_rows = s + m * T;
+    float* o_rows = h.o + m * h.ldo;
+    switch (std::min(kRowBlock, M - m)) {
+      case 1: weighted_values_rows_avx2<1>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 2: weighted_values_rows_avx2<2>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      case 3: weighted_values_rows_avx2<3>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+      default: weighted_values_rows_avx2<4>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+    }
+  }
+}
+
+#pragma GCC pop_options
+
 // Which per-head few-row kernel runs: it follows the active kernel set (XDNA_EMULATOR_ISA forces it, so that tests
 // cover every one here). attend_few_rows needs 32 vector registers for its accumulators: built for avx2 (16) it
-// spilled and ran ~5x slower than on avx512f (same bits), slower than the per-product path, which sets without
-// AVX-512 therefore keep. VDPBF16PS (attend_few_rows_bf16) beside the sets that use bf16 instructions (amx,
-// avx512bf16): ~2x faster than attend_few_rows at a decoder step's cross-attention (benchmarks/README.md).
-enum class FewRowKernel { kNone, kAvx512, kAvx512Bf16 };
+// spilled and ran ~5x slower than on avx512f (same bits); beside the avx2 set attend_few_rows_avx2 runs instead (8
+// accumulators; K / V read as they lie, where the per-product path widened bf16 ones: benchmarks/README.md). The
+// generic set keeps the per-product path. VDPBF16PS (attend_few_rows_bf16) beside the sets that use bf16
+// instructions (amx, avx512bf16): ~2x faster than attend_few_rows at a decoder step's cross-attention.
+enum class FewRowKernel { kNone, kAvx2, kAvx512, kAvx512Bf16 };
 
 FewRowKernel few_row_kernel() {
   static const FewRowKernel kernel = [] {
     const std::string set = emu::active_kernels().name;
-    if (!__builtin_cpu_supports("avx512f") || set == "generic" || set == "avx2") return FewRowKernel::kNone;
+    if (set == "avx2")
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? FewRowKernel::kAvx2
+                                                                             : FewRowKernel::kNone;
+    if (!__builtin_cpu_supports("avx512f") || set == "generic") return FewRowKernel::kNone;
     if ((set == "amx" || set == "avx512bf16") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512bf16"))
       return FewRowKernel::kAvx512Bf16;
@@ -652,6 +865,15 @@ bool emulator_attention_exp(const float* x, float* out, int64_t n, int form) {
   return true;
 }
 
+const char* emulator_attention_few_row_kernel() {
+  switch (few_row_kernel()) {
+    case FewRowKernel::kAvx512Bf16: return "avx512bf16";
+    case FewRowKernel::kAvx512: return "avx512";
+    case FewRowKernel::kAvx2: return "avx2";
+    default: return "unpacked";
+  }
+}
+
 void emulator_attention(const AttentionShape& s, const AttentionHead* heads, size_t count, int threads) {
   const int64_t M = s.M, T = s.T, D = s.D, Dv = s.Dv;
   if (count == 0 || M == 0 || Dv == 0) return;
@@ -681,7 +903,12 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
       float* scores = scratch(sc.s, sc.s_cap, static_cast<size_t>(M * T + M * D + M));
       float *qb = scores + M * T, *l = qb + M * D;
       const AttentionHead& h = heads[i];
-      if (h.kt_bf16 && h.v_bf16) attend_few_rows(s, h, h.kt_bf16, h.v_bf16, scores, qb, l);
+      if (few == FewRowKernel::kAvx2) {
+        if (h.kt_bf16 && h.v_bf16) attend_few_rows_avx2(s, h, h.kt_bf16, h.v_bf16, scores, qb, l);
+        else if (h.kt_bf16) attend_few_rows_avx2(s, h, h.kt_bf16, h.v, scores, qb, l);
+        else if (h.v_bf16) attend_few_rows_avx2(s, h, h.kt, h.v_bf16, scores, qb, l);
+        else attend_few_rows_avx2(s, h, h.kt, h.v, scores, qb, l);
+      } else if (h.kt_bf16 && h.v_bf16) attend_few_rows(s, h, h.kt_bf16, h.v_bf16, scores, qb, l);
       else if (h.kt_bf16) attend_few_rows(s, h, h.kt_bf16, h.v, scores, qb, l);
       else if (h.v_bf16) attend_few_rows(s, h, h.kt, h.v_bf16, scores, qb, l);
       else attend_few_rows(s, h, h.kt, h.v, scores, qb, l);
