@@ -610,26 +610,6 @@ struct Avx2Head {
   int64_t tp = 0, dvp = 0;  // T and Dv rounded up to 16
 };
 
-// A K / V element as the contract reads it (bf16-rounded fp32; NaN a quiet NaN), into the panels.
-void avx2_prepare(const AttentionShape& sh, const AttentionHead& h, bool keys, Avx2Head* out) {
-  const int64_t T = sh.T, D = sh.D, Dv = sh.Dv;
-  out->tp = (T + kAvx2Nr - 1) / kAvx2Nr * kAvx2Nr;
-  out->dvp = (Dv + kAvx2Nr - 1) / kAvx2Nr * kAvx2Nr;
-  if (keys) {
-    out->k.assign(static_cast<size_t>(out->tp * D), 0.f);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t d = 0; d < D; ++d)
-        out->k[static_cast<size_t>((t / kAvx2Nr * D + d) * kAvx2Nr + t % kAvx2Nr)] =
-            round_to_bf16(h.kt[d * h.kt_stride_d + t * h.kt_stride_t]);
-  } else {
-    out->v.assign(static_cast<size_t>(out->dvp * T), 0.f);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t n = 0; n < Dv; ++n)
-        out->v[static_cast<size_t>((n / kAvx2Nr * T + t) * kAvx2Nr + n % kAvx2Nr)] =
-            round_to_bf16(h.v[t * h.v_stride_t + n * h.v_stride_n]);
-  }
-}
-
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 // C[R x 16] = sum_k a[r * lda + k] * b[k * 16 ..], k < K; then divided by div[r] (div: null for none) and stored
@@ -741,6 +721,60 @@ float softmax_row_avx2(float* s, int64_t T, float scale, const float* mask, bool
   return l;
 }
 
+// n floats rounded to bf16 as the contract reads K and V (round_to_bf16: to nearest even, NaN a quiet NaN).
+void round_copy_avx2(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), high);
+    const __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), high);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quiet, nan)));
+  }
+  for (; i < n; ++i) dst[i] = round_to_bf16(src[i]);
+}
+
+// One head's K (keys) or V panels (Avx2Head), zero-padded. Rows of K / V with unit stride are rounded as rows
+// (K's 16-key block through an L1 buffer, then laid out d-major), other strides element by element.
+void avx2_prepare(const AttentionShape& sh, const AttentionHead& h, bool keys, Avx2Head* out) {
+  const int64_t T = sh.T, D = sh.D, Dv = sh.Dv;
+  out->tp = (T + kAvx2Nr - 1) / kAvx2Nr * kAvx2Nr;
+  out->dvp = (Dv + kAvx2Nr - 1) / kAvx2Nr * kAvx2Nr;
+  if (keys) {
+    out->k.assign(static_cast<size_t>(out->tp * D), 0.f);
+    float* k = out->k.data();
+    if (h.kt_stride_d == 1) {
+      std::vector<float> rows(static_cast<size_t>(kAvx2Nr * D));
+      for (int64_t t0 = 0; t0 < T; t0 += kAvx2Nr) {
+        const int64_t n = std::min(kAvx2Nr, T - t0);
+        for (int64_t i = 0; i < n; ++i) round_copy_avx2(h.kt + (t0 + i) * h.kt_stride_t, &rows[i * D], D);
+        float* panel = k + t0 * D;
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t i = 0; i < n; ++i) panel[d * kAvx2Nr + i] = rows[i * D + d];
+      }
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; ++d)
+          k[(t / kAvx2Nr * D + d) * kAvx2Nr + t % kAvx2Nr] = round_to_bf16(h.kt[d * h.kt_stride_d + t * h.kt_stride_t]);
+    }
+  } else {
+    out->v.assign(static_cast<size_t>(out->dvp * T), 0.f);
+    float* v = out->v.data();
+    if (h.v_stride_n == 1) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < Dv; n += kAvx2Nr)
+          round_copy_avx2(h.v + t * h.v_stride_t + n, v + (n * T + t * kAvx2Nr), std::min(kAvx2Nr, Dv - n));
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < Dv; ++n)
+          v[(n / kAvx2Nr * T + t) * kAvx2Nr + n % kAvx2Nr] = round_to_bf16(h.v[t * h.v_stride_t + n * h.v_stride_n]);
+    }
+  }
+}
+
 // The tile for `rows` (1 .. 6) rows.
 __attribute__((noinline)) void avx2_tile_rows(int rows, int64_t K, const float* a, int64_t lda, const float* b,
                                                float* c, int64_t ldc, const float* div, int64_t cols) {
@@ -763,8 +797,7 @@ void attend_block_avx2(const AttentionShape& sh, const AttentionHead& h, const A
   qs.resize(static_cast<size_t>(kAvx2Rows * std::max<int64_t>(D, 1)));
   ss.resize(static_cast<size_t>(kAvx2Rows * tp));
   float *q = qs.data(), *s = ss.data();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) q[r * D + d] = round_to_bf16(h.q[(m0 + r) * h.ldq + d]);
+  for (int64_t r = 0; r < rows; ++r) round_copy_avx2(h.q + (m0 + r) * h.ldq, q + r * D, D);
   for (int64_t t = 0; t < tp; t += kAvx2Nr)  // a key panel (D x 16, L1) across all row panels
     for (int64_t r = 0; r < rows; r += kAvx2Mr)
       avx2_tile_rows(static_cast<int>(std::min<int64_t>(kAvx2Mr, rows - r)), D, q + r * D, D,
