@@ -84,6 +84,24 @@ def test_nan_and_inf_rows():
     check_nan_rows()
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_non_finite_v(isa):
+    check_with_isa(isa, "import test_attention_emulator as t\nt.check_non_finite_v()\nprint('ok')\n")
+
+
+def check_non_finite_v():
+    """NaN and +-Inf in V (many rows): NaN / Inf exactly in the columns the float64 reference gives them, the rest
+    within the bound (the avx2 path rounds V into its panels with a vector rounding that must keep NaN a NaN)."""
+    H, M, T, D = 2, 100, 70, 64
+    (q, k, v), q64, kt, v64 = operands(H, M, T, D, D, False, False, 4)  # v64 is v
+    payload_nan = np.array([0x7f800001, 0xffc00000], np.uint32).view(np.float32)  # rounding its bits naively: +Inf
+    v[0, 5, 3], v[1, 30, 2] = payload_nan
+    v[1, 9, 7] = np.inf
+    v[1, 20, 8] = -np.inf
+    o = _native.emulator_attention(q, k, v, 0.125, threads=2)
+    assert_within(o, attention_exact(q64, kt, v64, 0.125), attention_bound(q64, kt, v64, 0.125), "non-finite V")
+
+
 _ISA_CHECK = textwrap.dedent("""
     import numpy as np
     import test_attention_emulator as t

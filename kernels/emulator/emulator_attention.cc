@@ -1,7 +1,7 @@
 // Fused attention on the emulator (attention_contract.h): few query rows by a per-head kernel (attend_few_rows_bf16
 // on AVX512-BF16, attend_few_rows on AVX-512, else the unpacked GEMM kernels), many rows cache-blocked in blocks of
-// query rows of one head (attend_many_rows, on AMX or the active GEMM kernel set); the softmax in fp32 between the
-// products, P rounded to bf16 and the division by the row sum after PV.
+// query rows of one head (attend_many_rows: on AMX, on the avx2 set its own fused AVX2 kernel, else the active GEMM
+// kernel set); the softmax in fp32 between the products, P rounded to bf16 and the division by the row sum after PV.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -804,10 +804,253 @@ void attend_block_packed(const emu::IsaKernels& kern, const AttentionShape& sh, 
   divide_rows(o, h.ldo, rows, Dv, l);
 }
 
+// ---- Many query rows on AVX2 + FMA (the avx2 kernel set), fused ----
+// The blocked GEMM path above, on AVX2, converted K^T and V from packed bf16 to fp32 again in every task and wrote
+// a block's 96 x T scores through its generic C store (96 x 1500 fp32: more than Zen 3's 512 KB L2). Here each head's
+// K and V are rounded to bf16 once, by the first job, into fp32 panels of 16 keys / 16 columns (K: [T/16][D][16],
+// V: [Dv/16][T][16], zero-padded), which every task of the head shares; a task takes kAvx2Rows query rows: their
+// scores by a 6 x 16 register tile (6 rows' bf16 Q broadcast, 16 keys in two ymm, D exact products per lane), key
+// panel outer so that it stays in L1 across the row panels, the softmax (softmax_row, as the other sets), then
+// P V by the same 6 x 16 tile over all T keys and the division by l at the store. Products of bf16 values are
+// exact, so the FMAs give the contract's fp32 sums (in another order than the blocked kernel's: the order is free).
+// Each task's arithmetic depends on its rows only: the bits do not depend on the threads or on the other heads.
+constexpr int64_t kAvx2Rows = 48;  // scores 48 x T fp32 (282 KB at T = 1500) stay in L2 through the softmax and P V
+constexpr int kAvx2Mr = 6;
+constexpr int64_t kAvx2Nr = 16;
+
+struct Avx2Head {
+  std::vector<float> k, v;  // the panels above
+  int64_t tp = 0, dvp = 0;  // T and Dv rounded up to 16
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// C[R x 16] = sum_k a[r * lda + k] * b[k * 16 ..], k < K; then divided by div[r] (div: null for none) and stored
+// to c (row stride ldc), `cols` of the 16 columns.
+template <int R>
+__attribute__((always_inline)) inline void avx2_tile(int64_t K, const float* a, int64_t lda, const float* b,
+                                                     float* c, int64_t ldc, const float* div, int64_t cols) {
+  __m256 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kAvx2Nr), b1 = _mm256_loadu_ps(b + k * kAvx2Nr + 8);
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    if (div) {
+      const __m256 l = _mm256_set1_ps(div[r]);
+      acc[r][0] = _mm256_div_ps(acc[r][0], l);
+      acc[r][1] = _mm256_div_ps(acc[r][1], l);
+    }
+    if (cols == kAvx2Nr) {
+      _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+      _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+    } else {
+      alignas(32) float tmp[kAvx2Nr];
+      _mm256_store_ps(tmp, acc[r][0]);
+      _mm256_store_ps(tmp + 8, acc[r][1]);
+      std::memcpy(c + r * ldc, tmp, static_cast<size_t>(cols) * sizeof(float));
+    }
+  }
+}
+
+// softmax_row on 8 lanes in two passes over the row (scale, mask, NaN test and max; then the weights and their
+// sum) instead of its six: the same operations on every score (exp_nonpositive without FMA, this file is built
+// with -ffp-contract=off) and the same 16 partial sums in the same order, so the same bits as softmax_row.
+inline __m256 exp_nonpositive_x8(__m256 x) {
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(emu::kLog2e));
+  const __m256 magic = _mm256_set1_ps(12582912.f);
+  const __m256 n = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(emu::kExp2Poly[3]), f), _mm256_set1_ps(emu::kExp2Poly[2]));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(emu::kExp2Poly[1]));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(emu::kExp2Poly[0]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ), e);
+}
+
+inline __m256 round_finite_to_bf16_x8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+float softmax_row_avx2(float* s, int64_t T, float scale, const float* mask, bool zero_nan) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), unord = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + t), vscale);
+    if (mask) v = _mm256_add_ps(v, _mm256_loadu_ps(mask + t));
+    _mm256_storeu_ps(s + t, v);
+    unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  bool nan = _mm256_movemask_ps(unord) != 0;
+  float mx = lanes[0];
+  for (int j = 1; j < 8; ++j) mx = std::max(mx, lanes[j]);
+  for (; t < T; ++t) {
+    s[t] *= scale;
+    if (mask) s[t] += mask[t];
+    nan |= s[t] != s[t];
+    mx = std::max(mx, s[t]);
+  }
+  // (-0 or +0 as the max: s - mx is the same either way but for a zero's sign, which exp ignores.)
+  if (nan || !std::isfinite(mx)) {
+    std::fill(s, s + T, zero_nan ? 0.f : std::numeric_limits<float>::quiet_NaN());
+    return zero_nan ? 1.f : std::numeric_limits<float>::quiet_NaN();
+  }
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();  // softmax_row's sum_l[0..7], sum_l[8..15]
+  t = 0;
+  for (; t + 16 <= T; t += 16) {
+    const __m256 p0 = round_finite_to_bf16_x8(exp_nonpositive_x8(_mm256_sub_ps(_mm256_loadu_ps(s + t), vmx)));
+    const __m256 p1 = round_finite_to_bf16_x8(exp_nonpositive_x8(_mm256_sub_ps(_mm256_loadu_ps(s + t + 8), vmx)));
+    _mm256_storeu_ps(s + t, p0);
+    _mm256_storeu_ps(s + t + 8, p1);
+    sum0 = _mm256_add_ps(sum0, p0);
+    sum1 = _mm256_add_ps(sum1, p1);
+  }
+  alignas(32) float sum_l[16];
+  _mm256_store_ps(sum_l, sum0);
+  _mm256_store_ps(sum_l + 8, sum1);
+  for (; t < T; ++t) {
+    s[t] = round_finite_to_bf16(exp_nonpositive(s[t] - mx));
+    sum_l[0] += s[t];
+  }
+  float l = 0.f;
+  for (int j = 0; j < 16; ++j) l += sum_l[j];
+  return l;
+}
+
+// n floats rounded to bf16 as the contract reads K and V (round_to_bf16: to nearest even, NaN a quiet NaN).
+void round_copy_avx2(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), high);
+    const __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), high);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quiet, nan)));
+  }
+  for (; i < n; ++i) dst[i] = round_to_bf16(src[i]);
+}
+
+// One head's K (keys) or V panels (Avx2Head), zero-padded. Rows of K / V with unit stride are rounded as rows
+// (K's 16-key block through an L1 buffer, then laid out d-major), other strides element by element.
+void avx2_prepare(const AttentionShape& sh, const AttentionHead& h, bool keys, Avx2Head* out) {
+  const int64_t T = sh.T, D = sh.D, Dv = sh.Dv;
+  out->tp = (T + kAvx2Nr - 1) / kAvx2Nr * kAvx2Nr;
+  out->dvp = (Dv + kAvx2Nr - 1) / kAvx2Nr * kAvx2Nr;
+  if (keys) {
+    out->k.assign(static_cast<size_t>(out->tp * D), 0.f);
+    float* k = out->k.data();
+    if (h.kt_stride_d == 1) {
+      std::vector<float> rows(static_cast<size_t>(kAvx2Nr * D));
+      for (int64_t t0 = 0; t0 < T; t0 += kAvx2Nr) {
+        const int64_t n = std::min(kAvx2Nr, T - t0);
+        for (int64_t i = 0; i < n; ++i) round_copy_avx2(h.kt + (t0 + i) * h.kt_stride_t, &rows[i * D], D);
+        float* panel = k + t0 * D;
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t i = 0; i < n; ++i) panel[d * kAvx2Nr + i] = rows[i * D + d];
+      }
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; ++d)
+          k[(t / kAvx2Nr * D + d) * kAvx2Nr + t % kAvx2Nr] = round_to_bf16(h.kt[d * h.kt_stride_d + t * h.kt_stride_t]);
+    }
+  } else {
+    out->v.assign(static_cast<size_t>(out->dvp * T), 0.f);
+    float* v = out->v.data();
+    if (h.v_stride_n == 1) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < Dv; n += kAvx2Nr)
+          round_copy_avx2(h.v + t * h.v_stride_t + n, v + (n * T + t * kAvx2Nr), std::min(kAvx2Nr, Dv - n));
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < Dv; ++n)
+          v[(n / kAvx2Nr * T + t) * kAvx2Nr + n % kAvx2Nr] = round_to_bf16(h.v[t * h.v_stride_t + n * h.v_stride_n]);
+    }
+  }
+}
+
+// The tile for `rows` (1 .. 6) rows.
+__attribute__((noinline)) void avx2_tile_rows(int rows, int64_t K, const float* a, int64_t lda, const float* b,
+                                               float* c, int64_t ldc, const float* div, int64_t cols) {
+  switch (rows) {
+    case 1: avx2_tile<1>(K, a, lda, b, c, ldc, div, cols); break;
+    case 2: avx2_tile<2>(K, a, lda, b, c, ldc, div, cols); break;
+    case 3: avx2_tile<3>(K, a, lda, b, c, ldc, div, cols); break;
+    case 4: avx2_tile<4>(K, a, lda, b, c, ldc, div, cols); break;
+    case 5: avx2_tile<5>(K, a, lda, b, c, ldc, div, cols); break;
+    default: avx2_tile<6>(K, a, lda, b, c, ldc, div, cols); break;
+  }
+}
+#pragma GCC pop_options
+
+// Rows m0 .. m0 + rows - 1 (rows <= kAvx2Rows) of one head on AVX2 (above).
+void attend_block_avx2(const AttentionShape& sh, const AttentionHead& h, const Avx2Head& prep, int64_t m0,
+                       int64_t rows) {
+  const int64_t T = sh.T, D = sh.D, Dv = sh.Dv, tp = prep.tp;
+  thread_local std::vector<float> qs, ss;
+  qs.resize(static_cast<size_t>(kAvx2Rows * std::max<int64_t>(D, 1)));
+  ss.resize(static_cast<size_t>(kAvx2Rows * tp));
+  float *q = qs.data(), *s = ss.data();
+  for (int64_t r = 0; r < rows; ++r) round_copy_avx2(h.q + (m0 + r) * h.ldq, q + r * D, D);
+  for (int64_t t = 0; t < tp; t += kAvx2Nr)  // a key panel (D x 16, L1) across all row panels
+    for (int64_t r = 0; r < rows; r += kAvx2Mr)
+      avx2_tile_rows(static_cast<int>(std::min<int64_t>(kAvx2Mr, rows - r)), D, q + r * D, D,
+                     prep.k.data() + t * D, s + r * tp + t, tp, nullptr, kAvx2Nr);
+  float l[kAvx2Rows];
+  for (int64_t r = 0; r < rows; ++r)
+    l[r] = softmax_row_avx2(s + r * tp, T, sh.scale, mask_row(h, m0 + r), sh.zero_nan_rows);
+  float* o = h.o + m0 * h.ldo;
+  for (int64_t n = 0; n < Dv; n += kAvx2Nr)
+    for (int64_t r = 0; r < rows; r += kAvx2Mr)
+      avx2_tile_rows(static_cast<int>(std::min<int64_t>(kAvx2Mr, rows - r)), T, s + r * tp, tp,
+                     prep.v.data() + n * T, o + r * h.ldo + n, h.ldo, l + r, std::min(kAvx2Nr, Dv - n));
+}
+
+// The fused AVX2 path runs where the avx2 kernel set is the active one (the CPU has AVX2 and FMA then).
+bool use_avx2_attention() {
+  static const bool avx2 = std::string(emu::active_kernels().name) == "avx2" && __builtin_cpu_supports("avx2") &&
+                           __builtin_cpu_supports("fma");
+  return avx2;
+}
+
+// All heads, many rows, on AVX2: a job preparing every head's K and V panels, then one of all (head, block) tasks.
+void attend_many_rows_avx2(const AttentionShape& sh, const AttentionHead* heads, size_t count, int threads) {
+  std::vector<Avx2Head> prep(count);
+  emulator_parallel_for(threads, 2 * static_cast<int64_t>(count), [&](int64_t task) {
+    avx2_prepare(sh, heads[task / 2], task % 2 == 0, &prep[task / 2]);
+  });
+  const int64_t blocks = (sh.M + kAvx2Rows - 1) / kAvx2Rows;
+  emulator_parallel_for(threads, static_cast<int64_t>(count) * blocks, [&](int64_t task) {
+    const size_t i = static_cast<size_t>(task / blocks);
+    const int64_t m0 = task % blocks * kAvx2Rows;
+    attend_block_avx2(sh, heads[i], prep[i], m0, std::min(kAvx2Rows, sh.M - m0));
+  });
+}
+
 // All heads, many rows: a job that prepares every head's K^T and V, then one of all (head, row block) tasks.
 void attend_many_rows(const AttentionShape& sh, const AttentionHead* heads, size_t count, int threads) {
   const int64_t M = sh.M, T = sh.T, D = sh.D, Dv = sh.Dv;
   const emu::AttentionKernels* amx = emu::attention_amx_kernels();
+  if (!amx && use_avx2_attention()) return attend_many_rows_avx2(sh, heads, count, threads);
   std::vector<PreparedHead> prep(count);
   emulator_parallel_for(threads, 2 * static_cast<int64_t>(count), [&](int64_t task) {
     const AttentionHead& h = heads[task / 2];
