@@ -1,7 +1,8 @@
 // Fused attention on the emulator (attention_contract.h): few query rows by a per-head kernel (attend_few_rows_bf16
-// on AVX512-BF16, attend_few_rows on AVX-512, else the unpacked GEMM kernels), many rows cache-blocked in blocks of
-// query rows of one head (attend_many_rows: on AMX, on the avx2 set its own fused AVX2 kernel, else the active GEMM
-// kernel set); the softmax in fp32 between the products, P rounded to bf16 and the division by the row sum after PV.
+// on AVX512-BF16, attend_few_rows on AVX-512, attend_few_rows_avx2 on the avx2 set, else the unpacked GEMM
+// kernels), many rows cache-blocked in blocks of query rows of one head (attend_many_rows: on AMX, on the avx2 set
+// its own fused AVX2 kernel, else the active GEMM kernel set); the softmax in fp32 between the products, P rounded
+// to bf16 and the division by the row sum after PV.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
