@@ -938,16 +938,7 @@ float softmax_row_avx2(float* s, int64_t T, float scale, const float* mask, bool
 // n floats rounded to bf16 as the contract reads K and V (round_to_bf16: to nearest even, NaN a quiet NaN).
 void round_copy_avx2(const float* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i));
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), high);
-    const __m256i quiet = _mm256_and_si256(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), high);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                           _mm256_set1_epi32(0x7f800000));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, quiet, nan)));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, round_to_bf16_x8(_mm256_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] = round_to_bf16(src[i]);
 }
 
