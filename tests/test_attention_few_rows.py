@@ -30,6 +30,8 @@ SHAPES = [
     (2, 7, 130, 96, 64, 96 ** -0.5),  # D: three chunks (the run-time chunk loop)
     (1, 11, 48, 130, 33, 130 ** -0.5),
     (2, 16, 301, 64, 64, 0.125),  # M at kUnpackedMaxM: rows in blocks of five
+    (2, 5, 128, 64, 64, 0.125),  # avx2, over 4 rows: keys in blocks of 64, the last ending at T
+    (1, 5, 65, 64, 40, 0.125),  # one key past a block; Dv past the last 16-column chunk
     (1, 3, 64, 64, 64, 2.0),  # peaked rows: most weights below e^-87, flushed to 0
 ]
 

@@ -105,6 +105,19 @@ _INT8_ISA_CHECK = textwrap.dedent("""
         c = _native.emulator_gemm_int8(a, qb, 1)
         np.testing.assert_array_equal(_native.emulator_gemm_int8(a, qb, 2), c, err_msg=f"threads, {m}x{k}x{n}")
         out[f"few rows {m}x{k}x{n}"] = c
+    # 5 rows (beam search; avx2: 5 x 8 blocks of their own) at the edges: K of one partial quad, of one quad, a
+    # ragged K; N ending in the first or second 8-column half of a panel, or shorter than 8; a NaN row; a
+    # 512 x 512 weight (the decoder's: split over two threads on avx2).
+    for k, n in [(1, 9), (4, 24), (7, 3), (66, 40), (513, 23), (512, 512), (2048, 51)]:
+        a = (rng.standard_normal((5, k)) * np.exp2(rng.integers(-8, 9, (5, 1)))).astype(np.float32)
+        a[3, k // 2] = np.nan
+        qb = _native.quantize_b_int8(rng.standard_normal((k, n)).astype(np.float32))
+        c = _native.emulator_gemm_int8(a, qb, 1)
+        np.testing.assert_array_equal(_native.emulator_gemm_int8(a, qb, 2), c, err_msg=f"threads, 5x{k}x{n}")
+        for r in range(5):  # each row alone (the 1-row kernel) gives its bits among the five
+            np.testing.assert_array_equal(_native.emulator_gemm_int8(a[r:r + 1], qb, 1), c[r:r + 1],
+                                          err_msg=f"row {r} alone, 5x{k}x{n}")
+        out[f"five rows 5x{k}x{n}"] = c
     # Many rows (encoder-like M, split over row blocks and threads) with every dimension ragged: M not a multiple
     # of the 32-row tile blocks, K of the 64-deep steps, N of the 32-column blocks; one thread and two alike.
     for m, k, n in [(1500, 520, 530), (1501, 2049, 97), (333, 512, 2047)]:
@@ -130,8 +143,8 @@ _INT8_ISA_CHECK = textwrap.dedent("""
     qb = _native.quantize_b_int8(b)
     out["adversarial"] = _native.emulator_gemm_int8(a, qb)
     out["adversarial_a"], out["adversarial_b"] = a, b
-    # The same sums through every row-block height (avx2: 16-column blocks up to 3 rows, 6-row blocks, 5 rows as
-    # a 6-row block with a row repeated, 4 rows on their own) and the few-row column split on two threads.
+    # The same sums through every row-block height (avx2: 16-column blocks up to 3 rows, 6-row blocks, 5 x 8
+    # blocks for 5 rows, 4 rows on their own) and the few-row column split on two threads.
     for r in range(1, 6):
         out[f"adversarial {r} rows"] = _native.emulator_gemm_int8(a[:r], qb, 2)
     # Products x * (127 / amax) that round in fp32 to a .5 tie although the exact product is not one: the

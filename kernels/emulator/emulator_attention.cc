@@ -646,21 +646,33 @@ __attribute__((always_inline)) inline void scores_keys_avx2(const float* qb, int
   }
 }
 
+// Keys t0 .. t1 - 1 (a key's score does not depend on which others share its call: any range gives its bits).
 template <int R, int KK, typename KT>
-void scores_rows_avx2(const float* qb, int64_t D, const KT* k, int64_t ldk, int64_t T, float* s) {
-  int64_t t = 0;
-  for (; t + KK <= T; t += KK) scores_keys_avx2<R, KK>(qb, D, k, ldk, t, s, T);
-  for (; t < T; ++t) scores_keys_avx2<R, 1>(qb, D, k, ldk, t, s, T);
+void scores_rows_avx2(const float* qb, int64_t D, const KT* k, int64_t ldk, int64_t T, float* s, int64_t t0,
+                      int64_t t1) {
+  int64_t t = t0;
+  for (; t + KK <= t1; t += KK) scores_keys_avx2<R, KK>(qb, D, k, ldk, t, s, T);
+  for (; t < t1; ++t) scores_keys_avx2<R, 1>(qb, D, k, ldk, t, s, T);
 }
 
-// O[r][16 c ..] = (P V) / l for R rows of bf16 weights p (T apart), NB chunks of 16 columns of V (rows ldv apart).
+// O[r][16 c ..] = (P V) / l for R rows of bf16 weights p (T apart), NB chunks of 16 columns of V (rows ldv apart),
+// over keys t0 .. t1 - 1. With `sums` (row r, chunk c at sums + r * lds + 16 c, in the accumulators' lane order)
+// the sums start from there unless t0 is 0 and go back there unless t1 is T: each column's sum then runs over t in
+// turn across the calls, as in one call (stored and reloaded exactly: the same bits). o is written when t1 is T.
 template <int R, int NB, typename VT>
 void weighted_values_avx2(const float* p, int64_t T, const float* l, const VT* v, int64_t ldv, float* o,
-                          int64_t ldo) {
+                          int64_t ldo, int64_t t0 = 0, int64_t t1 = -1, float* sums = nullptr, int64_t lds = 0) {
+  if (t1 < 0) t1 = T;
   __m256 acc[R * NB * 2];  // row r, chunk c: acc[2 (r NB + c)] (even or first 8), + 1 (odd or last 8)
 #pragma GCC unroll 8
-  for (int i = 0; i < R * NB * 2; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < T; ++t) {
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NB; ++c) {
+      const bool carried = sums && t0 > 0;
+      acc[2 * (r * NB + c)] = carried ? _mm256_loadu_ps(sums + r * lds + 16 * c) : _mm256_setzero_ps();
+      acc[2 * (r * NB + c) + 1] = carried ? _mm256_loadu_ps(sums + r * lds + 16 * c + 8) : _mm256_setzero_ps();
+    }
+  for (int64_t t = t0; t < t1; ++t) {
     EvenOdd vv[NB];
 #pragma GCC unroll 4
     for (int c = 0; c < NB; ++c) vv[c] = load_columns(v + t * ldv + 16 * c);
@@ -674,6 +686,16 @@ void weighted_values_avx2(const float* p, int64_t T, const float* l, const VT* v
       }
     }
   }
+  if (t1 < T) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < NB; ++c) {
+        _mm256_storeu_ps(sums + r * lds + 16 * c, acc[2 * (r * NB + c)]);
+        _mm256_storeu_ps(sums + r * lds + 16 * c + 8, acc[2 * (r * NB + c) + 1]);
+      }
+    return;
+  }
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const __m256 lr = _mm256_set1_ps(l[r]);
@@ -684,13 +706,21 @@ void weighted_values_avx2(const float* p, int64_t T, const float* l, const VT* v
   }
 }
 
+// Keys t0 .. t1 - 1 of R rows (all keys: t0 = 0, t1 = T, sums unused); sums: R rows of Dv (lds apart) that carry
+// the 16-column chunks' sums between the ranges, which must come in order. The columns past the last whole chunk
+// are summed over all keys with the last range.
 template <int R, typename VT>
 void weighted_values_rows_avx2(const float* p, const float* l, const VT* v, int64_t ldv, int64_t T, int64_t Dv,
-                               float* o, int64_t ldo) {
+                               float* o, int64_t ldo, int64_t t0 = 0, int64_t t1 = -1, float* sums = nullptr,
+                               int64_t lds = 0) {
+  if (t1 < 0) t1 = T;
   constexpr int NB = R == 1 ? 4 : R == 2 ? 2 : 1;  // R * NB <= 4: 8 accumulators
   int64_t n = 0;
-  for (; n + 16 * NB <= Dv; n += 16 * NB) weighted_values_avx2<R, NB>(p, T, l, v + n, ldv, o + n, ldo);
-  for (; n + 16 <= Dv; n += 16) weighted_values_avx2<R, 1>(p, T, l, v + n, ldv, o + n, ldo);
+  for (; n + 16 * NB <= Dv; n += 16 * NB)
+    weighted_values_avx2<R, NB>(p, T, l, v + n, ldv, o + n, ldo, t0, t1, sums ? sums + n : nullptr, lds);
+  for (; n + 16 <= Dv; n += 16)
+    weighted_values_avx2<R, 1>(p, T, l, v + n, ldv, o + n, ldo, t0, t1, sums ? sums + n : nullptr, lds);
+  if (t1 < T) return;
   for (int r = 0; r < R; ++r)
     for (int64_t c = n; c < Dv; ++c) {
       float sum = 0.f;
@@ -715,26 +745,43 @@ void attend_few_rows_avx2(const AttentionShape& shape, const AttentionHead& h, c
     for (int64_t d = D16; d < D; ++d) row[d] = round_to_bf16(q[d]);
   }
   constexpr int64_t kRowBlock = 4;  // R x KK accumulators: 1 x 8, 2 x 4, 3 x 2, 4 x 2
+  // More than one row block (beam search: 5 rows) reads K and V once per block: then keys go in blocks of
+  // kKeyBlock, every row block in turn over one (K / V rows in L1 after the first: read from L2 or memory once;
+  // ~1.25x faster at 5 rows, 6 layers of K/V from memory, one thread). The P V sums are carried across key blocks
+  // in `sums` (the same bits).
+  constexpr int64_t kKeyBlock = 64;
+  const int64_t key_block = M > kRowBlock ? kKeyBlock : T;
   const int64_t ldk = h.kt_stride_t;
-  for (int64_t m = 0; m < M; m += kRowBlock) {
-    const float* q_rows = qb + m * D;
-    float* s_rows = s + m * T;
-    switch (std::min(kRowBlock, M - m)) {
-      case 1: scores_rows_avx2<1, 8>(q_rows, D, k, ldk, T, s_rows); break;
-      case 2: scores_rows_avx2<2, 4>(q_rows, D, k, ldk, T, s_rows); break;
-      case 3: scores_rows_avx2<3, 2>(q_rows, D, k, ldk, T, s_rows); break;
-      default: scores_rows_avx2<4, 2>(q_rows, D, k, ldk, T, s_rows); break;
+  for (int64_t t0 = 0; t0 < T; t0 += key_block) {
+    const int64_t t1 = std::min(T, t0 + key_block);
+    for (int64_t m = 0; m < M; m += kRowBlock) {
+      const float* q_rows = qb + m * D;
+      float* s_rows = s + m * T;
+      switch (std::min(kRowBlock, M - m)) {
+        case 1: scores_rows_avx2<1, 8>(q_rows, D, k, ldk, T, s_rows, t0, t1); break;
+        case 2: scores_rows_avx2<2, 4>(q_rows, D, k, ldk, T, s_rows, t0, t1); break;
+        case 3: scores_rows_avx2<3, 2>(q_rows, D, k, ldk, T, s_rows, t0, t1); break;
+        default: scores_rows_avx2<4, 2>(q_rows, D, k, ldk, T, s_rows, t0, t1); break;
+      }
     }
   }
   for (int64_t m = 0; m < M; ++m) l[m] = softmax_row(s + m * T, T, shape.scale, mask_row(h, m), shape.zero_nan_rows);
-  for (int64_t m = 0; m < M; m += kRowBlock) {
-    const float* p_rows = s + m * T;
-    float* o_rows = h.o + m * h.ldo;
-    switch (std::min(kRowBlock, M - m)) {
-      case 1: weighted_values_rows_avx2<1>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
-      case 2: weighted_values_rows_avx2<2>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
-      case 3: weighted_values_rows_avx2<3>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
-      default: weighted_values_rows_avx2<4>(p_rows, l + m, v, h.v_stride_t, T, Dv, o_rows, h.ldo); break;
+  thread_local std::unique_ptr<float[]> sums_buf;
+  thread_local size_t sums_cap = 0;
+  float* sums = key_block < T ? scratch(sums_buf, sums_cap, static_cast<size_t>(M * Dv)) : nullptr;
+  for (int64_t t0 = 0; t0 < T; t0 += key_block) {
+    const int64_t t1 = std::min(T, t0 + key_block);
+    for (int64_t m = 0; m < M; m += kRowBlock) {
+      const float* p_rows = s + m * T;
+      float* o_rows = h.o + m * h.ldo;
+      float* sum_rows = sums ? sums + m * Dv : nullptr;
+      const int64_t ldv = h.v_stride_t, ldo = h.ldo;
+      switch (std::min(kRowBlock, M - m)) {
+        case 1: weighted_values_rows_avx2<1>(p_rows, l + m, v, ldv, T, Dv, o_rows, ldo, t0, t1, sum_rows, Dv); break;
+        case 2: weighted_values_rows_avx2<2>(p_rows, l + m, v, ldv, T, Dv, o_rows, ldo, t0, t1, sum_rows, Dv); break;
+        case 3: weighted_values_rows_avx2<3>(p_rows, l + m, v, ldv, T, Dv, o_rows, ldo, t0, t1, sum_rows, Dv); break;
+        default: weighted_values_rows_avx2<4>(p_rows, l + m, v, ldv, T, Dv, o_rows, ldo, t0, t1, sum_rows, Dv); break;
+      }
     }
   }
 }
