@@ -811,22 +811,23 @@ bool emulator_gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const S
     };
     if (pr.c) return block(m0, m1, pr.c + m0 * pr.ldc, pr.ldc);
     // A bfloat16 output: sub-blocks of rows computed into this thread's scratch and rounded into their layouts
-    // while they are in cache (the plain row once; the head split copied from it, or rounded when there is none).
-    float* c = emu::scratch(4, static_cast<size_t>(kInt8SharedSubRows * qb.N));
+    // while they are in cache: each row's columns rounded once (into the plain output, or a row of the scratch),
+    // then the head split's pieces copied from there.
+    const int64_t ldc = round_up(qb.N, 16);
+    float* c = emu::scratch(4, static_cast<size_t>(kInt8SharedSubRows * ldc + ldc / 2));
+    uint16_t* rounded = reinterpret_cast<uint16_t*>(c + kInt8SharedSubRows * ldc);
     for (int64_t r0 = m0; r0 < m1; r0 += kInt8SharedSubRows) {
       const int64_t r1 = std::min(m1, r0 + kInt8SharedSubRows);
-      block(r0, r1, c, qb.N);
+      block(r0, r1, c, ldc);
       for (int64_t m = r0; m < r1; ++m) {
-        const float* row = c + (m - r0) * qb.N;
-        uint16_t* plain = pr.c_bf16 ? pr.c_bf16 + m * pr.ldc_bf16 : nullptr;
-        if (plain) store_bf16_as_cast(row + n0, plain + n0, n1 - n0);
+        uint16_t* row = pr.c_bf16 ? pr.c_bf16 + m * pr.ldc_bf16 : rounded;
+        store_bf16_as_cast(c + (m - r0) * ldc + n0, row + n0, n1 - n0);
         if (!pr.heads_bf16) continue;
         const int64_t T = pr.rows_per_batch, D = pr.depth, bt = m / T, tt = m % T;
         for (int64_t n = n0; n < n1;) {
           const int64_t h = n / D, d = n % D, len = std::min(n1, (h + 1) * D) - n;
-          uint16_t* dst = pr.heads_bf16 + ((bt * pr.heads + h) * T + tt) * D + d;
-          if (plain) std::memcpy(dst, plain + n, static_cast<size_t>(len) * sizeof(uint16_t));
-          else store_bf16_as_cast(row + n, dst, len);
+          std::memcpy(pr.heads_bf16 + ((bt * pr.heads + h) * T + tt) * D + d, row + n,
+                      static_cast<size_t>(len) * sizeof(uint16_t));
           n += len;
         }
       }
