@@ -195,8 +195,14 @@ bool Dispatcher::gemm_int8_shared_a(const std::vector<Dispatcher*>& nodes, const
     products[i].weight = w.device.get();
   }
   if (!primary->gemm_int8_shared_a(a, M, lda, products.data(), products.size())) return false;
-  for (Dispatcher* d : nodes) {
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    Dispatcher* d = nodes[i];
     const auto& s = d->weights_[0].host->shape;
+    // For the report, as gemm() counts a product: A and C in the EP's memory? A bf16 output's fp32 product is the
+    // backend's own (the per-node path puts it in an EP buffer), so its C counts as such.
+    const kernels::SharedAProduct& pr = products[i];
+    d->note_buffers({a, M, lda, pr.c, pr.ldc}, s.K, s.N);
+    if (!pr.c && d->report_) ++d->c_in_ep_;
     ++d->device_calls_;
     d->device_flop_ += flop_of(M, s.K, s.N);
     ++d->int8_shared_a_calls_;

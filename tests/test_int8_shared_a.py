@@ -159,6 +159,8 @@ def check_case(B, T, layernorm=False, r_width=40, seed=0, report_dir=None, x=Non
         assert lines[node]["int8_shared_a_calls"] == (1 if shared else 0), (what, lines[node])
         assert lines_off[node]["int8_shared_a_calls"] == 0, (what, lines_off[node])
         assert lines[node]["precision"] == "int8" and lines[node]["cpu_calls"] == 0, lines[node]
+        # the report's per-product memory counts (the NPU model reads them) are those of the nodes on their own
+        assert lines[node]["ep_buffers"] == lines_off[node]["ep_buffers"], (what, lines[node], lines_off[node])
     if np.isfinite(x).all() and B * T:
         check_bounds(got, x, c)
     return got

@@ -749,7 +749,7 @@ bool emulator_gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const S
   if (M < kInt8ChainMinRows || count == 0) return false;
   const int64_t K = b[0]->K, Kpad = b[0]->Kpad;
   if (K > kInt8MaxK || K <= 0) return false;
-  int64_t macs = 0, max_n = 0;
+  int64_t macs = 0;
   for (size_t i = 0; i < count; ++i) {
     const SharedAProduct& pr = products[i];
     const int64_t N = b[i]->N;
@@ -759,7 +759,6 @@ bool emulator_gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const S
                           M % pr.rows_per_batch != 0))
       return false;
     macs += M * K * N;
-    max_n = std::max(max_n, N);
   }
   const emu::Int8Kernels& kern = int8_kernels();
   threads = emu::resolve_threads(threads);
