@@ -181,19 +181,24 @@ bool Dispatcher::gemm_int8_chain(const kernels::GemmArgs& first, Dispatcher& nex
   return true;
 }
 
-bool Dispatcher::gemm_int8_shared_a(const std::vector<Dispatcher*>& nodes, const float* a, int64_t M, int64_t lda,
-                                    std::vector<kernels::SharedAProduct>& products) {
-  if (nodes.empty() || nodes.size() != products.size()) return false;
+bool Dispatcher::int8_shared_a_ready(const std::vector<Dispatcher*>& nodes, int64_t M) {
+  if (nodes.empty() || !nodes[0]->primary_->runs_int8_shared_a()) return false;
   const auto& primary = nodes[0]->primary_;
   const auto int8 = kernels::Precision::kInt8;
-  for (size_t i = 0; i < nodes.size(); ++i) {
-    const Dispatcher& d = *nodes[i];
-    if (d.weights_.size() != 1 || d.primary_ != primary || !d.primary_ok_) return false;
-    const Weight& w = d.weights_[0];
+  for (const Dispatcher* d : nodes) {
+    if (d->weights_.size() != 1 || d->primary_ != primary || !d->primary_ok_) return false;
+    const Weight& w = d->weights_[0];
     const auto& s = w.host->shape;
     if (w.host->precision != int8 || !w.device || !primary->can_run_in(int8, M, s.K, s.N, nullptr)) return false;
-    products[i].weight = w.device.get();
   }
+  return true;
+}
+
+bool Dispatcher::gemm_int8_shared_a(const std::vector<Dispatcher*>& nodes, const float* a, int64_t M, int64_t lda,
+                                    std::vector<kernels::SharedAProduct>& products) {
+  if (nodes.size() != products.size() || !int8_shared_a_ready(nodes, M)) return false;
+  const auto& primary = nodes[0]->primary_;
+  for (size_t i = 0; i < nodes.size(); ++i) products[i].weight = nodes[i]->weights_[0].device.get();
   if (!primary->gemm_int8_shared_a(a, M, lda, products.data(), products.size())) return false;
   for (size_t i = 0; i < nodes.size(); ++i) {
     Dispatcher* d = nodes[i];

@@ -93,6 +93,8 @@ class Dispatcher {
   // where it is).
   static bool gemm_int8_shared_a(const std::vector<Dispatcher*>& nodes, const float* a, int64_t M, int64_t lda,
                                  std::vector<kernels::SharedAProduct>& products);
+  // Whether gemm_int8_shared_a would take these nodes' products of M rows (asked before their outputs are placed).
+  static bool int8_shared_a_ready(const std::vector<Dispatcher*>& nodes, int64_t M);
   // The products one run computes, for the partition report (`xdna partition --npu-model` models them).
   void note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather, bool conv);
   // A fused attention's work: heads x softmax([Tq, d] . [d, Tk]) . [Tk, d], reported as "attention".

@@ -171,9 +171,11 @@ class Backend {
     (void)chain;
     return false;
   }
-  // Runs `count` SharedAProducts of A [M, K] (row stride lda). Only the CPU backend (the emulator) offers this:
-  // false, nothing done, when a backend does not (the caller runs each product on its own); never throws
-  // BackendFault.
+  // Whether gemm_int8_shared_a may take products (the caller asks before placing their outputs): only the CPU
+  // backend (the emulator).
+  virtual bool runs_int8_shared_a() const { return false; }
+  // Runs `count` SharedAProducts of A [M, K] (row stride lda): false, nothing done, when a backend does not (the
+  // caller runs each product on its own); never throws BackendFault.
   virtual bool gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const SharedAProduct* products,
                                   size_t count) {
     (void)a, (void)M, (void)lda, (void)products, (void)count;

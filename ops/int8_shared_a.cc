@@ -49,6 +49,7 @@ bool run_int8_shared_a(const std::vector<const OpPlan*>& plans, const std::vecto
         (x.dims.size() != 3 || plans[i]->head_split_heads * plans[i]->head_split_depth != d.weight_shape(0).N))
       return *why = "node '" + plans[i]->node_name + "': its product does not split into its heads", false;
   }
+  if (!ep::Dispatcher::int8_shared_a_ready(dispatchers, M)) return *why = "the backend runs them one by one", false;
   const Tensor a = first.layernorm_output.empty() ? x : layernorm_prologue(first, io);
   if (!a.data || a.dims != x.dims) return *why = "A prologue of another shape", false;
   std::vector<kernels::SharedAProduct> products(plans.size());

@@ -532,6 +532,7 @@ class EmulatorBackend final : public Backend {
     if (b1.precision != Precision::kInt8 || b2.precision != Precision::kInt8) return false;
     return emulator_gemm_int8_chain(chain.first, *b1.int8, chain.second, *b2.int8, threads_);
   }
+  bool runs_int8_shared_a() const override { return true; }
   bool gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const SharedAProduct* products,
                           size_t count) override {
     std::vector<const QuantizedB*> b(count);
