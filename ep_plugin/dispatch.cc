@@ -48,7 +48,8 @@ Dispatcher::~Dispatcher() {
             ", \"ep_buffers\": [" + std::to_string(a_in_ep_.load()) + ", " + std::to_string(c_in_ep_.load()) + ", " +
             std::to_string(products_.load()) + "], \"chained_calls\": " + std::to_string(chained_.load()) +
             ", \"a_shared_calls\": " + std::to_string(a_shared_.load()) +
-            ", \"int8_chain_calls\": " + std::to_string(int8_chain_calls_.load()) + "}");
+            ", \"int8_chain_calls\": " + std::to_string(int8_chain_calls_.load()) +
+            ", \"int8_shared_a_calls\": " + std::to_string(int8_shared_a_calls_.load()) + "}");
   } catch (...) {
   }
 }
@@ -177,6 +178,40 @@ bool Dispatcher::gemm_int8_chain(const kernels::GemmArgs& first, Dispatcher& nex
   ++next.int8_chain_calls_;
   ++next.device_calls_;
   next.device_flop_ += flop_of(second.M, s2.K, s2.N);
+  return true;
+}
+
+bool Dispatcher::int8_shared_a_ready(const std::vector<Dispatcher*>& nodes, int64_t M) {
+  if (nodes.empty() || !nodes[0]->primary_->runs_int8_shared_a()) return false;
+  const auto& primary = nodes[0]->primary_;
+  const auto int8 = kernels::Precision::kInt8;
+  for (const Dispatcher* d : nodes) {
+    if (d->weights_.size() != 1 || d->primary_ != primary || !d->primary_ok_) return false;
+    const Weight& w = d->weights_[0];
+    const auto& s = w.host->shape;
+    if (w.host->precision != int8 || !w.device || !primary->can_run_in(int8, M, s.K, s.N, nullptr)) return false;
+  }
+  return true;
+}
+
+bool Dispatcher::gemm_int8_shared_a(const std::vector<Dispatcher*>& nodes, const float* a, int64_t M, int64_t lda,
+                                    std::vector<kernels::SharedAProduct>& products) {
+  if (nodes.size() != products.size() || !int8_shared_a_ready(nodes, M)) return false;
+  const auto& primary = nodes[0]->primary_;
+  for (size_t i = 0; i < nodes.size(); ++i) products[i].weight = nodes[i]->weights_[0].device.get();
+  if (!primary->gemm_int8_shared_a(a, M, lda, products.data(), products.size())) return false;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    Dispatcher* d = nodes[i];
+    const auto& s = d->weights_[0].host->shape;
+    // For the report, as gemm() counts a product: A and C in the EP's memory? A bf16 output's fp32 product is the
+    // backend's own (the per-node path puts it in an EP buffer), so its C counts as such.
+    const kernels::SharedAProduct& pr = products[i];
+    d->note_buffers({a, M, lda, pr.c, pr.ldc}, s.K, s.N);
+    if (!pr.c && d->report_) ++d->c_in_ep_;
+    ++d->device_calls_;
+    d->device_flop_ += flop_of(M, s.K, s.N);
+    ++d->int8_shared_a_calls_;
+  }
   return true;
 }
 

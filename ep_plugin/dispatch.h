@@ -86,6 +86,15 @@ class Dispatcher {
   // Backend::gemm_int8_chain: both int8 with one constant weight each, on the primary backend when it takes both and
   // chains them. False: nothing run (the caller runs each node as usual, which says why a product is where it is).
   bool gemm_int8_chain(const kernels::GemmArgs& first, Dispatcher& next, const kernels::GemmArgs& second);
+  // One SharedAProduct (kernels/backend.h: c, c_bf16 or heads_bf16 and the epilogue; the weight is filled in) per
+  // node of `nodes`, each int8 with one constant weight of the same K, all of A [M, K] (row stride lda): A
+  // quantised once, through Backend::gemm_int8_shared_a, on the primary backend when every node's weight is there
+  // and it takes them all. False: nothing run (the caller runs each node as usual, which says why a product is
+  // where it is).
+  static bool gemm_int8_shared_a(const std::vector<Dispatcher*>& nodes, const float* a, int64_t M, int64_t lda,
+                                 std::vector<kernels::SharedAProduct>& products);
+  // Whether gemm_int8_shared_a would take these nodes' products of M rows (asked before their outputs are placed).
+  static bool int8_shared_a_ready(const std::vector<Dispatcher*>& nodes, int64_t M);
   // The products one run computes, for the partition report (`xdna partition --npu-model` models them).
   void note_work(int64_t batches, int64_t M, int64_t K, int64_t N, bool runtime_b, bool a_gather, bool conv);
   // A fused attention's work: heads x softmax([Tq, d] . [d, Tk]) . [Tk, d], reported as "attention".
@@ -120,6 +129,7 @@ class Dispatcher {
   std::atomic<uint64_t> products_{0}, a_in_ep_{0}, c_in_ep_{0};  // last run's products; A / C in EP memory
   std::atomic<uint64_t> chained_{0};  // device products that rode in an earlier product's runlist (same weight shape)
   std::atomic<uint64_t> int8_chain_calls_{0};  // products run as one end of an int8 chain (gemm_int8_chain)
+  std::atomic<uint64_t> int8_shared_a_calls_{0};  // products run with others on one quantised A (gemm_int8_shared_a)
   std::atomic<uint64_t> a_shared_{0};  // ... and read the same A as an earlier product of that list (one import)
   std::mutex work_mu_;
   std::string work_;  // JSON array [batches, M, K, N, runtime_b, a_gather, conv] of the last run

@@ -7,6 +7,7 @@
 
 #include "kernels/ep_buffers.h"
 #include "ops/int8_chain.h"
+#include "ops/int8_shared_a.h"
 
 namespace xdna::ep {
 namespace {
@@ -112,6 +113,26 @@ FusedKernel::FusedKernel(std::vector<std::unique_ptr<NodeKernel>> nodes, std::ve
       nodes_[i]->log(ORT_LOGGING_LEVEL_INFO, "node '" + first.node_name + "' and node '" + second.node_name +
                                                  "': not run as one int8 chain (" + why + ")");
   }
+  // The int8 sets of one A (ops/int8_shared_a.h): consecutive nodes, none of them an end of a chain, that read the
+  // same A, each as a set allows.
+  shared_a_count_.assign(nodes_.size(), 0);
+  const bool shared_enabled = ops::int8_shared_a_enabled();
+  auto in_chain = [&](size_t i) { return chained_with_next_[i] || (i > 0 && chained_with_next_[i - 1]); };
+  auto can_share = [&](size_t i) { return !in_chain(i) && ops::int8_shared_a_miss(nodes_[i]->plan()).empty(); };
+  for (size_t i = 0; i < nodes_.size();) {
+    size_t j = i + 1;
+    if (can_share(i))
+      while (j < nodes_.size() && can_share(j) && ops::same_shared_a(nodes_[i]->plan(), nodes_[j]->plan())) ++j;
+    if (j - i >= 2) {
+      std::string names;
+      for (size_t k = i; k < j; ++k) names += (names.empty() ? "'" : ", '") + nodes_[k]->plan().node_name + "'";
+      if (shared_enabled) shared_a_count_[i] = j - i;
+      nodes_[i]->log(ORT_LOGGING_LEVEL_INFO, "nodes " + names + " (int8, A '" + nodes_[i]->plan().a.name + "'): " +
+                                                 (shared_enabled ? "run on one quantised A"
+                                                                 : "not run on one quantised A (XDNA_INT8_SHARED_A=off)"));
+    }
+    i = j;
+  }
 }
 
 void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
@@ -196,6 +217,26 @@ void FusedKernel::compute(const OrtApi& api, OrtKernelContext* ctx) {
   };
   for (size_t i = 0; i < nodes_.size(); ++i) {
     before_node(i);
+    if (shared_a_count_[i] >= 2) {
+      const size_t n = shared_a_count_[i];
+      std::vector<const ops::OpPlan*> plans;
+      std::vector<Dispatcher*> dispatchers;
+      for (size_t k = i; k < i + n; ++k) {
+        if (k > i) before_node(k);
+        plans.push_back(&nodes_[k]->plan());
+        dispatchers.push_back(&nodes_[k]->dispatcher());
+      }
+      std::string why;
+      if (ops::run_int8_shared_a(plans, dispatchers, io, &why)) {  // runs nothing on the device's runlists
+        for (size_t k = i; k < i + n; ++k) after_node(k);
+        i += n - 1;
+        continue;
+      }
+      if (!shared_a_declined_logged_.exchange(true))  // said once per fused node: each node then runs on its own
+        nodes_[i]->log(ORT_LOGGING_LEVEL_INFO, "node '" + plans[0]->node_name + "' and the " +
+                                                   std::to_string(n - 1) + " after it: not run on one quantised A (" +
+                                                   why + "); each on its own");
+    }
     if (chained_with_next_[i]) {
       before_node(i + 1);
       if (nodes_[i]->compute_chained(*nodes_[i + 1], io)) {  // runs nothing on the device's runlists

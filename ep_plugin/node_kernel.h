@@ -2,6 +2,7 @@
 // one FusedKernel per fused node that runs its NodeKernels in order with the tensors between them.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -24,6 +25,7 @@ class NodeKernel {
   // This node and `next` (which reads this node's output, and nothing else does) as one int8 chain
   // (ops/int8_chain.h); false: nothing run but, if any, this node's A prologue.
   bool compute_chained(NodeKernel& next, ops::TensorIo& io);
+  Dispatcher& dispatcher() { return dispatch_; }
   const std::string& output_name() const { return plan_.output; }
   const ops::OpPlan& plan() const { return plan_; }
   std::vector<std::string> runtime_operands() const;  // names compute() reads through io.input()
@@ -50,6 +52,9 @@ class FusedKernel {
   std::vector<std::string> inputs_, outputs_;
   std::vector<std::vector<std::string>> release_after_;  // per node: intermediates it is the last reader of
   std::vector<bool> chained_with_next_;  // per node: runs with the next node as one int8 chain (ops/int8_chain.h)
+  // Per node: how many nodes from it on run on one quantised A (ops/int8_shared_a.h); 0 for none.
+  std::vector<size_t> shared_a_count_;
+  std::atomic<bool> shared_a_declined_logged_{false};
 };
 
 }  // namespace xdna::ep

@@ -83,6 +83,23 @@ struct Int8Chain {
   const DeviceWeight* second_weight;
 };
 
+// Products of one A against several int8 weights of the same K (issue 13: the prompt run's twelve cross-attention
+// K/V projections of one encoder output), A quantised once for all of them and their blocks run as one job. Each
+// product writes C as fp32 (c, ldc), or rounded to bfloat16 as ORT's Cast rounds it (gemm_contract.h, "Output in
+// bfloat16") into c_bf16 (row stride ldc_bf16) and/or, split into heads, into heads_bf16: C [B * T, H * D] written
+// as [B, H, T, D] (T = rows_per_batch). The same bits as gemm() of each product with its own copy of A, then the
+// rounding and head split of its fp32 C. Fewer than kInt8ChainMinRows rows are never shared (bound by reading B).
+struct SharedAProduct {
+  const DeviceWeight* weight = nullptr;
+  GemmEpilogue epilogue{};
+  float* c = nullptr;
+  int64_t ldc = 0;
+  uint16_t* c_bf16 = nullptr;
+  int64_t ldc_bf16 = 0;
+  uint16_t* heads_bf16 = nullptr;
+  int64_t heads = 0, depth = 0, rows_per_batch = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -152,6 +169,16 @@ class Backend {
   // other); never throws BackendFault.
   virtual bool gemm_int8_chain(const Int8Chain& chain) {
     (void)chain;
+    return false;
+  }
+  // Whether gemm_int8_shared_a may take products (the caller asks before placing their outputs): only the CPU
+  // backend (the emulator).
+  virtual bool runs_int8_shared_a() const { return false; }
+  // Runs `count` SharedAProducts of A [M, K] (row stride lda): false, nothing done, when a backend does not (the
+  // caller runs each product on its own); never throws BackendFault.
+  virtual bool gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const SharedAProduct* products,
+                                  size_t count) {
+    (void)a, (void)M, (void)lda, (void)products, (void)count;
     return false;
   }
 };

@@ -532,6 +532,17 @@ class EmulatorBackend final : public Backend {
     if (b1.precision != Precision::kInt8 || b2.precision != Precision::kInt8) return false;
     return emulator_gemm_int8_chain(chain.first, *b1.int8, chain.second, *b2.int8, threads_);
   }
+  bool runs_int8_shared_a() const override { return true; }
+  bool gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const SharedAProduct* products,
+                          size_t count) override {
+    std::vector<const QuantizedB*> b(count);
+    for (size_t i = 0; i < count; ++i) {
+      const PackedB& host = products[i].weight->host();
+      if (host.precision != Precision::kInt8 || !host.int8) return false;
+      b[i] = host.int8.get();
+    }
+    return emulator_gemm_int8_shared_a(a, M, lda, products, b.data(), count, threads_);
+  }
   bool can_run_attention(const AttentionShape&, std::string*) const override { return true; }
   bool reads_bf16_kv() const override { return true; }
   void attention(const AttentionShape& shape, const AttentionHead* heads, size_t count) override {
@@ -724,6 +735,109 @@ bool emulator_gemm_int8_chain(const GemmArgs& first, const QuantizedB& b1, const
     for (int64_t t = 0; t < panels; ++t) run_panel(t);
   } else {
     emu::ThreadPool::instance().run(threads, panels, run_panel);
+  }
+  return true;
+}
+
+// Rows per sub-block of a shared-A product with a bfloat16 output: its fp32 block (x up to N columns) stays in the
+// core's L2 beside the quantised A rows and B panels until it is rounded; a multiple of the 6-row AVX2 kernel and of
+// the 32-row AMX tile pairs.
+constexpr int64_t kInt8SharedSubRows = 96;
+
+bool emulator_gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const SharedAProduct* products,
+                                 const QuantizedB* const* b, size_t count, int threads) {
+  static_assert(kInt8ChainMinRows > kInt8FewRows, "few-row calls split the columns instead");
+  if (M < kInt8ChainMinRows || count == 0) return false;
+  const int64_t K = b[0]->K, Kpad = b[0]->Kpad;
+  if (K > kInt8MaxK || K <= 0) return false;
+  int64_t macs = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const SharedAProduct& pr = products[i];
+    const int64_t N = b[i]->N;
+    if (b[i]->K != K || b[i]->Kpad != Kpad || N <= 0) return false;
+    if (!pr.c && !pr.c_bf16 && !pr.heads_bf16) return false;
+    if (pr.heads_bf16 && (pr.heads <= 0 || pr.depth <= 0 || pr.heads * pr.depth != N || pr.rows_per_batch <= 0 ||
+                          M % pr.rows_per_batch != 0))
+      return false;
+    macs += M * K * N;
+  }
+  const emu::Int8Kernels& kern = int8_kernels();
+  threads = emu::resolve_threads(threads);
+  // A quantised once, in the calling thread's slot 5 ([sa | qa]): the tasks below use slot 4 for their blocks.
+  const size_t sa_floats = static_cast<size_t>(round_up(M, 16));
+  float* sa = emu::scratch(5, sa_floats + static_cast<size_t>(round_up(M * Kpad * kern.a_bytes, 64) / 4));
+  void* qa = sa + sa_floats;
+  const emu::Int8Problem pa{a, lda, qa, sa, nullptr, nullptr, nullptr, nullptr, 0, M, K, 0, Kpad, nullptr};
+  const int q_threads = static_cast<int>(std::clamp<int64_t>(M * K / (int64_t{1} << 16), 1, threads));
+  if (q_threads == 1) {
+    kern.quantize_rows(pa, 0, M);
+  } else {
+    const int64_t tasks = std::min<int64_t>(M, emu::kTasksPerThread * q_threads), rows = emu::ceil_div(M, tasks);
+    emu::ThreadPool::instance().run(q_threads, tasks, [&](int64_t t) {
+      kern.quantize_rows(pa, t * rows, std::min(M, (t + 1) * rows));
+    });
+  }
+  // Tasks: (product, row block, column block), the blocks emulator_gemm_int8's split_blocks makes for each product.
+  threads = static_cast<int>(std::clamp<int64_t>(macs / (2 * kMinMacsPerThread), 1, threads));
+  const int64_t m_blocks = emu::ceil_div(M, kInt8BlockM), rows_per_block = emu::ceil_div(M, m_blocks);
+  struct Split {
+    int64_t n_blocks, tiles_per_block;
+  };
+  std::vector<Split> split(count);
+  std::vector<int64_t> first_task(count + 1, 0);
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t n_tiles = emu::ceil_div(b[i]->N, kTileN);
+    const int64_t n_blocks = std::min(n_tiles, threads == 1 ? 1 : emu::ceil_div(kTasksPerThread * threads, m_blocks));
+    split[i] = {n_blocks, emu::ceil_div(n_tiles, n_blocks)};
+    first_task[i + 1] = first_task[i] + m_blocks * n_blocks;
+  }
+  auto task = [&](int64_t t) {
+    const size_t i = static_cast<size_t>(std::upper_bound(first_task.begin(), first_task.end(), t) -
+                                         first_task.begin()) - 1;
+    const SharedAProduct& pr = products[i];
+    const QuantizedB& qb = *b[i];
+    const int64_t local = t - first_task[i], mb = local / split[i].n_blocks, nb = local % split[i].n_blocks;
+    const int64_t m0 = mb * rows_per_block, m1 = std::min(M, m0 + rows_per_block);
+    const int64_t n0 = nb * split[i].tiles_per_block * kTileN, n1 = std::min(qb.N, n0 + split[i].tiles_per_block * kTileN);
+    if (m0 >= m1 || n0 >= n1) return;
+    // The problem seen from row r0: quantised A, scales, residual and C start at that row.
+    auto block = [&](int64_t r0, int64_t r1, float* c, int64_t ldc) {
+      GemmEpilogue e = pr.epilogue;
+      if (e.residual) e.residual += r0 * e.ldr;
+      const emu::Int8Problem p{a + r0 * lda, lda, static_cast<char*>(qa) + r0 * Kpad * kern.a_bytes, sa + r0,
+                               qb.q.data(), qb.scale.data(), qb.colsum.data(), c, ldc, r1 - r0, K, qb.N, Kpad,
+                               e.empty() ? nullptr : &e};
+      kern.gemm(p, 0, r1 - r0, n0, n1);
+    };
+    if (pr.c) return block(m0, m1, pr.c + m0 * pr.ldc, pr.ldc);
+    // A bfloat16 output: sub-blocks of rows computed into this thread's scratch and rounded into their layouts
+    // while they are in cache: each row's columns rounded once (into the plain output, or a row of the scratch),
+    // then the head split's pieces copied from there.
+    const int64_t ldc = round_up(qb.N, 16);
+    float* c = emu::scratch(4, static_cast<size_t>(kInt8SharedSubRows * ldc + ldc / 2));
+    uint16_t* rounded = reinterpret_cast<uint16_t*>(c + kInt8SharedSubRows * ldc);
+    for (int64_t r0 = m0; r0 < m1; r0 += kInt8SharedSubRows) {
+      const int64_t r1 = std::min(m1, r0 + kInt8SharedSubRows);
+      block(r0, r1, c, ldc);
+      for (int64_t m = r0; m < r1; ++m) {
+        uint16_t* row = pr.c_bf16 ? pr.c_bf16 + m * pr.ldc_bf16 : rounded;
+        store_bf16_as_cast(c + (m - r0) * ldc + n0, row + n0, n1 - n0);
+        if (!pr.heads_bf16) continue;
+        const int64_t T = pr.rows_per_batch, D = pr.depth, bt = m / T, tt = m % T;
+        for (int64_t n = n0; n < n1;) {
+          const int64_t h = n / D, d = n % D, len = std::min(n1, (h + 1) * D) - n;
+          std::memcpy(pr.heads_bf16 + ((bt * pr.heads + h) * T + tt) * D + d, row + n,
+                      static_cast<size_t>(len) * sizeof(uint16_t));
+          n += len;
+        }
+      }
+    }
+  };
+  const int64_t tasks = first_task[count];
+  if (threads == 1) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+  } else {
+    emu::ThreadPool::instance().run(threads, tasks, task);
   }
   return true;
 }

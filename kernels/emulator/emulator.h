@@ -109,6 +109,13 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads =
 // nothing done, when it does not pay (few rows: the calls are bound by reading B) or the shapes do not chain.
 bool emulator_gemm_int8_chain(const GemmArgs& first, const QuantizedB& b1, const GemmArgs& second,
                               const QuantizedB& b2, int threads = 0);
+// backend.h's SharedAProduct: `count` int8 products of one A (each weight's host int8 B in `b[i]`, all of one K),
+// A quantised once (the same quantiser) and every (product, row block, column block) one task of one job; a
+// product with a bfloat16 output has its block computed into a per-thread scratch and rounded from there, so its
+// fp32 C never goes to memory. The same bits as emulator_gemm_int8 of each product, then store_bf16_as_cast and
+// the head split. Returns false, nothing done, when it does not pay (few rows) or the shapes do not match.
+bool emulator_gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const SharedAProduct* products,
+                                 const QuantizedB* const* b, size_t count, int threads = 0);
 // "amx" (TDPBUSD), "vnni" (AVX512-VNNI VPDPBUSD), "avxvnni" (256-bit VPDPBUSD), "avx2" (exact: int16 VPMADDWD)
 // or "generic": the int8 kernel in use, all giving the same bits. It follows the bf16 kernel set, so
 // XDNA_EMULATOR_ISA selects it too (amx -> amx; avx512 / avx512bf16 -> vnni and avx2 -> avxvnni where the CPU has

@@ -1,0 +1,83 @@
+#include "ops/int8_shared_a.h"
+
+#include <cstdlib>
+
+#include "ep_plugin/dispatch.h"
+#include "kernels/backend.h"
+
+namespace xdna::ops {
+
+bool int8_shared_a_enabled() {
+  const char* v = std::getenv("XDNA_INT8_SHARED_A");
+  return !(v && std::string(v) == "off");
+}
+
+std::string int8_shared_a_miss(const OpPlan& p) {
+  if (p.op != OpPlan::Op::kMatMul) return "not a MatMul";
+  if (p.precision != kernels::Precision::kInt8) return std::string("runs in ") + kernels::precision_name(p.precision);
+  if (!p.b.constant || p.weight_shape.size() != 2 || p.b.rank != 2) return "its weight is not a constant 2-D B";
+  if (!p.a.perm.empty() || !p.a.split.empty()) return "reads A through a Transpose or Reshape";
+  if (p.cache_past.present) return "appends to a cache";
+  if (p.residual.present) return "adds a residual";
+  return "";
+}
+
+bool same_shared_a(const OpPlan& first, const OpPlan& second) {
+  return first.a.name == second.a.name && first.layernorm_output == second.layernorm_output;
+}
+
+bool run_int8_shared_a(const std::vector<const OpPlan*>& plans, const std::vector<ep::Dispatcher*>& dispatchers,
+                       TensorIo& io, std::string* why) {
+  using Dims = std::vector<int64_t>;
+  if (plans.size() < 2 || plans.size() != dispatchers.size()) return *why = "fewer than two products", false;
+  const OpPlan& first = *plans[0];
+  // A, or its prologue's input X (the same rows): few rows (decoder steps) decline before anything is computed.
+  const Tensor x = io.input(first.a.name);
+  if (!x.data || x.dims.size() < 2) return *why = "A is not a float32 matrix", false;
+  int64_t M = 1;
+  for (size_t d = 0; d + 1 < x.dims.size(); ++d) M *= x.dims[d];
+  if (M < kernels::kInt8ChainMinRows)
+    return *why = "few rows (" + std::to_string(M) + "): each product is bound by reading its weight", false;
+  const int64_t K = x.dims.back();
+  for (size_t i = 0; i < plans.size(); ++i) {
+    const ep::Dispatcher& d = *dispatchers[i];
+    if (!d.weight_batch_shape().empty() || d.weight_shape(0).K != K)
+      return *why = "node '" + plans[i]->node_name + "' has another inner dimension", false;  // run_matmul says so
+    if (!plans[i]->bias_value.empty() && static_cast<int64_t>(plans[i]->bias_value.size()) != d.weight_shape(0).N)
+      return *why = "node '" + plans[i]->node_name + "' has a bias of another size", false;
+    if (plans[i]->head_split_heads > 0 &&
+        (x.dims.size() != 3 || plans[i]->head_split_heads * plans[i]->head_split_depth != d.weight_shape(0).N))
+      return *why = "node '" + plans[i]->node_name + "': its product does not split into its heads", false;
+  }
+  if (!ep::Dispatcher::int8_shared_a_ready(dispatchers, M)) return *why = "the backend runs them one by one", false;
+  const Tensor a = first.layernorm_output.empty() ? x : layernorm_prologue(first, io);
+  if (!a.data || a.dims != x.dims) return *why = "A prologue of another shape", false;
+  std::vector<kernels::SharedAProduct> products(plans.size());
+  for (size_t i = 0; i < plans.size(); ++i) {
+    const OpPlan& p = *plans[i];
+    const int64_t N = dispatchers[i]->weight_shape(0).N;
+    Dims out_dims(a.dims.begin(), a.dims.end() - 1);
+    out_dims.push_back(N);
+    kernels::SharedAProduct& pr = products[i];
+    if (!p.bias_value.empty()) pr.epilogue.bias = p.bias_value.data();
+    pr.epilogue.gelu = p.epilogue_gelu;
+    if (p.head_split_heads > 0) {
+      const int64_t B = out_dims[0], T = out_dims[1], H = p.head_split_heads, D = p.head_split_depth;
+      pr.heads_bf16 = io.output_bf16(p.output, {B, H, T, D});
+      pr.heads = H, pr.depth = D, pr.rows_per_batch = T;
+      if (!p.head_split_frames_first.empty())
+        pr.c_bf16 = io.output_bf16(p.head_split_frames_first, {B, T, H, D}), pr.ldc_bf16 = N;
+    } else if (p.output_bf16) {
+      pr.c_bf16 = io.output_bf16(p.output, out_dims), pr.ldc_bf16 = N;
+    } else {
+      pr.c = io.output(p.output, out_dims), pr.ldc = N;
+    }
+  }
+  if (!ep::Dispatcher::gemm_int8_shared_a(dispatchers, a.data, M, K, products))
+    return *why = "the backend runs them one by one", false;
+  for (size_t i = 0; i < plans.size(); ++i)
+    dispatchers[i]->note_work(1, M, K, dispatchers[i]->weight_shape(0).N, false, false, false);
+  return true;
+}
+
+}  // namespace xdna::ops
