@@ -654,6 +654,22 @@ QuantizedB quantize_b_int8(const float* src, int64_t K, int64_t N, int64_t strid
   return b;
 }
 
+namespace {
+// Quantises the M rows of p's A into its qa / sa: rows over the threads when there is enough of it.
+void quantize_a(const emu::Int8Kernels& kern, const emu::Int8Problem& p, int threads) {
+  const int64_t M = p.M;
+  const int q_threads = static_cast<int>(std::clamp<int64_t>(M * p.K / (int64_t{1} << 16), 1, threads));
+  if (q_threads == 1) {
+    kern.quantize_rows(p, 0, M);
+  } else {
+    const int64_t tasks = std::min<int64_t>(M, emu::kTasksPerThread * q_threads), rows = emu::ceil_div(M, tasks);
+    emu::ThreadPool::instance().run(q_threads, tasks, [&](int64_t t) {
+      kern.quantize_rows(p, t * rows, std::min(M, (t + 1) * rows));
+    });
+  }
+}
+}  // namespace
+
 void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) {
   const int64_t M = args.M, K = b.K, N = b.N;
   if (K > kInt8MaxK) throw std::invalid_argument("int8 GEMM: K past the int32-exact limit");
@@ -667,16 +683,7 @@ void emulator_gemm_int8(const GemmArgs& args, const QuantizedB& b, int threads) 
                      b.q.data(), b.scale.data(), b.colsum.data(), args.c, args.ldc, M, K, N, b.Kpad,
                      args.epilogue.empty() ? nullptr : &args.epilogue};
 
-  // Quantise A: rows over the threads when there is enough of it.
-  const int q_threads = static_cast<int>(std::clamp<int64_t>(M * K / (int64_t{1} << 16), 1, threads));
-  if (q_threads == 1) {
-    kern.quantize_rows(p, 0, M);
-  } else {
-    const int64_t tasks = std::min<int64_t>(M, emu::kTasksPerThread * q_threads), rows = emu::ceil_div(M, tasks);
-    emu::ThreadPool::instance().run(q_threads, tasks, [&](int64_t t) {
-      kern.quantize_rows(p, t * rows, std::min(M, (t + 1) * rows));
-    });
-  }
+  quantize_a(kern, p, threads);
 
   auto block = [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kern.gemm(p, m0, m1, n0, n1); };
   // Few rows: bound by reading B, so threads split the columns and each streams its share of B once.
@@ -768,15 +775,7 @@ bool emulator_gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const S
   float* sa = emu::scratch(5, sa_floats + static_cast<size_t>(round_up(M * Kpad * kern.a_bytes, 64) / 4));
   void* qa = sa + sa_floats;
   const emu::Int8Problem pa{a, lda, qa, sa, nullptr, nullptr, nullptr, nullptr, 0, M, K, 0, Kpad, nullptr};
-  const int q_threads = static_cast<int>(std::clamp<int64_t>(M * K / (int64_t{1} << 16), 1, threads));
-  if (q_threads == 1) {
-    kern.quantize_rows(pa, 0, M);
-  } else {
-    const int64_t tasks = std::min<int64_t>(M, emu::kTasksPerThread * q_threads), rows = emu::ceil_div(M, tasks);
-    emu::ThreadPool::instance().run(q_threads, tasks, [&](int64_t t) {
-      kern.quantize_rows(pa, t * rows, std::min(M, (t + 1) * rows));
-    });
-  }
+  quantize_a(kern, pa, threads);
   // Tasks: (product, row block, column block), the blocks emulator_gemm_int8's split_blocks makes for each product.
   threads = static_cast<int>(std::clamp<int64_t>(macs / (2 * kMinMacsPerThread), 1, threads));
   const int64_t m_blocks = emu::ceil_div(M, kInt8BlockM), rows_per_block = emu::ceil_div(M, m_blocks);
