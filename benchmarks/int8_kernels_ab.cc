@@ -15,33 +15,8 @@
 #include <cstring>
 #include <vector>
 #include <algorithm>
-#include "emulator/emulator_isa.h"
+#include "int8_two_versions.h"
 using namespace xdna::kernels;
-namespace xdna::kernels::emu {
-namespace orig {
-namespace {
-#define EMU_W 8
-#define EMU_INT8_ISA 1
-#include OLD_INC
-}
-Int8Kernels k() { return make_int8_kernels("orig"); }
-}
-#undef EMU_INT8_ISA
-#undef EMU_INT8_NV
-#undef EMU_INT8_MR
-#undef EMU_INT8_FEW_ROWS
-#undef EMU_INT8_CHUNK_KB
-#undef EMU_EPILOGUE_INC
-#undef EMU_ROUNDED
-#undef EMU_EPILOGUE_ROUNDED
-namespace neu {
-namespace {
-#define EMU_INT8_ISA 1
-#include "emulator_int8.inc"
-}
-Int8Kernels k() { return make_int8_kernels("new"); }
-}
-}
 using namespace xdna::kernels::emu;
 #include <time.h>
 static double now() { timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); return ts.tv_sec + ts.tv_nsec * 1e-9; }

@@ -21,33 +21,8 @@
 #include <vector>
 #include <algorithm>
 #include <functional>
-#include "emulator/emulator_isa.h"
+#include "int8_two_versions.h"
 using namespace xdna::kernels;
-namespace xdna::kernels::emu {
-namespace orig {
-namespace {
-#define EMU_W 8
-#define EMU_INT8_ISA 1
-#include OLD_INC
-}
-Int8Kernels k() { return make_int8_kernels("orig"); }
-}
-#undef EMU_INT8_ISA
-#undef EMU_INT8_NV
-#undef EMU_INT8_MR
-#undef EMU_INT8_FEW_ROWS
-#undef EMU_INT8_CHUNK_KB
-#undef EMU_EPILOGUE_INC
-#undef EMU_ROUNDED
-#undef EMU_EPILOGUE_ROUNDED
-namespace neu {
-namespace {
-#define EMU_INT8_ISA 1
-#include NEW_INC
-}
-Int8Kernels k() { return make_int8_kernels("new"); }
-}
-}
 using namespace xdna::kernels::emu;
 // "read" pseudo-kernel: streams the same B bytes a gemm call of columns n0..n1 reads (whole panels), sums them.
 static void read_quantize(const Int8Problem&, int64_t, int64_t) {}
