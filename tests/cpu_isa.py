@@ -69,3 +69,15 @@ def check_with_isa(isa, script, timeout=600):
     assert proc.returncode == 0, proc.stderr
     assert f"kernels '{isa}' (forced by XDNA_EMULATOR_ISA)" in proc.stderr  # the forced set really ran
     assert proc.stdout.strip() == "ok"
+
+
+def check_with_int8_isa(int8_isa, script, timeout=600):
+    """`script` (which prints "ok") under the forced int8 kernel set `int8_isa` (XDNA_EMULATOR_INT8_ISA), the bf16
+    set left to the default choice: skipped where the emulator refuses that set, else it must have run it and
+    passed."""
+    proc = run_with_isa("", script, env_extra={"XDNA_EMULATOR_INT8_ISA": int8_isa}, timeout=timeout)
+    if f"XDNA_EMULATOR_INT8_ISA={int8_isa} is not available" in proc.stderr:
+        pytest.skip(f"int8 kernels {int8_isa} not supported here")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"int8 kernels '{int8_isa}' (forced by XDNA_EMULATOR_INT8_ISA)" in proc.stderr
+    assert proc.stdout.strip() == "ok"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 
@@ -19,6 +20,17 @@ EP = xdna.EP_NAME
 ORT_THREADS = int(os.environ.get("XDNA_TEST_ORT_THREADS", "0"))
 IR_VERSION = 10  # onnx 1.23 defaults to IR 14, which ORT 1.31 refuses
 OPSET = 17
+
+
+def bits_of(v: ort.OrtValue) -> np.ndarray:
+    """An fp32 or bfloat16 OrtValue's bits (uint32 / uint16; numpy has no bfloat16: read from the value's buffer)."""
+    if v.data_type() == "tensor(float)":
+        return v.numpy().view(np.uint32)
+    assert v.data_type() == "tensor(bfloat16)", v.data_type()
+    shape = v.shape()
+    n = int(np.prod(shape))
+    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(v.data_ptr())) if n else np.zeros(0, np.uint16)
+    return bits.copy().reshape(shape)
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=OPSET) -> bytes:

@@ -7,7 +7,6 @@ group reads itself. Where the Cast's input is read elsewhere, the Cast stays on 
 
 from __future__ import annotations
 
-import ctypes
 import textwrap
 
 import numpy as np
@@ -19,8 +18,8 @@ from onnx import TensorProto, helper
 import onnxruntime_ep_xdna as xdna
 from cpu_isa import check_with_isa
 from ep_helpers import (
-    bf16_round_trip, compiled_and_reloaded, cpu_session, ep_nodes, executed, init, make_model, tensor, use_fake_npu,
-    xdna_session
+    bf16_round_trip, bits_of, compiled_and_reloaded, cpu_session, ep_nodes, executed, init, make_model, tensor,
+    use_fake_npu, xdna_session
 )
 from test_gemm_epilogue import FUSED_CASES, _model
 
@@ -43,10 +42,7 @@ def bf16_bits(session, feeds, name=None) -> np.ndarray:
     name = name or session.get_outputs()[0].name
     v = session.run_with_ort_values([name], values)[0]
     assert v.data_type() == "tensor(bfloat16)", v.data_type()
-    shape = v.shape()
-    n = int(np.prod(shape))
-    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(v.data_ptr())) if n else np.zeros(0, np.uint16)
-    return bits.copy().reshape(shape)
+    return bits_of(v)
 
 
 def cpu_cast_bits(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ output, which keeps the chain on the CPU EP), against float64 numpy within the G
 
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import onnx
@@ -21,8 +20,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
-from ep_helpers import (claim_reasons, compiled_and_reloaded, edited, ep_nodes, executed, init, make_model, tensor,
-                        use_fake_npu, xdna_session)
+from ep_helpers import (bits_of, claim_reasons, compiled_and_reloaded, edited, ep_nodes, executed, init, make_model,
+                        tensor, use_fake_npu, xdna_session)
 from numerics import assert_within, bf16_bound, bf16_output_bound
 
 C, H, D = 64, 4, 16  # model width, heads, head depth (H * D = C)
@@ -74,10 +73,7 @@ def present_bits(session, x: np.ndarray, past_bits: np.ndarray) -> np.ndarray:
     feeds = {"x": ort.OrtValue.ortvalue_from_numpy(x), "past": bf16_value(past_bits)}
     v = session.run_with_ort_values(["present"], feeds)[0]
     assert v.data_type() == "tensor(bfloat16)", v.data_type()
-    shape = v.shape()
-    n = int(np.prod(shape))
-    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(v.data_ptr())) if n else np.zeros(0, np.uint16)
-    return bits.copy().reshape(shape)
+    return bits_of(v)
 
 
 def as_float(bits: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from onnx import helper
 
 import onnxruntime_ep_xdna as xdna
 
-from cpu_isa import check_with_isa, run_with_isa
+from cpu_isa import check_with_int8_isa, check_with_isa
 from ep_helpers import compiled_and_reloaded, cpu_session, ep_nodes, init, make_model, tensor, xdna_session
 from numerics import assert_within, epilogue_bound, epilogue_exact, fp32_eps, gelu64, precision_bound
 
@@ -276,12 +276,7 @@ def test_kernel_epilogue_bits_each_kernel_set(isa):
 def test_kernel_epilogue_bits_each_int8_kernel_set(int8_isa):
     """The int8 sets on their own (XDNA_EMULATOR_INT8_ISA): the one beside a bf16 set is not always the only one
     this CPU runs (avx2 kernels go with AVX-VNNI where the CPU has it)."""
-    proc = run_with_isa("", _ISA_BITS_CHECK, env_extra={"XDNA_EMULATOR_INT8_ISA": int8_isa})
-    if f"XDNA_EMULATOR_INT8_ISA={int8_isa} is not available" in proc.stderr:
-        pytest.skip(f"int8 kernels {int8_isa} not supported here")
-    assert proc.returncode == 0, proc.stderr
-    assert f"int8 kernels '{int8_isa}' (forced by XDNA_EMULATOR_INT8_ISA)" in proc.stderr
-    assert proc.stdout.strip() == "ok"
+    check_with_int8_isa(int8_isa, _ISA_BITS_CHECK)
 
 
 def _conv_gelu_model(gelu, cin=24, cout=40, k=3, stride=1, pads=(1, 1), seed=0):

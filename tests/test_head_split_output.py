@@ -12,7 +12,6 @@ keeps the chain on the CPU EP), against float64 numpy within the GEMM bound, on 
 
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import onnxruntime as ort
@@ -20,8 +19,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxruntime_ep_xdna as xdna
-from ep_helpers import (claim_reasons, compiled_and_reloaded, edited, ep_nodes, executed, init, make_model, tensor,
-                        use_fake_npu, xdna_session)
+from ep_helpers import (bits_of, claim_reasons, compiled_and_reloaded, edited, ep_nodes, executed, init, make_model,
+                        tensor, use_fake_npu, xdna_session)
 from numerics import assert_within, bf16_bound, bf16_output_bound
 
 C, H, D = 64, 4, 16  # model width, heads, head depth (H * D = C)
@@ -55,16 +54,6 @@ def split_model(*, bias=True, reader="none", width=C, heads=H, depth=D, perm=(0,
         outputs.append(helper.make_tensor_value_info(extra_output, TensorProto.BFLOAT16, [None] * 3))
     model = make_model(nodes, [tensor("x", ["b", "t", width])], outputs, inits)
     return model, w, b
-
-
-def bits_of(v: ort.OrtValue) -> np.ndarray:
-    if v.data_type() == "tensor(float)":
-        return v.numpy().view(np.uint32)
-    assert v.data_type() == "tensor(bfloat16)", v.data_type()
-    shape = v.shape()
-    n = int(np.prod(shape))
-    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(v.data_ptr())) if n else np.zeros(0, np.uint16)
-    return bits.copy().reshape(shape)
 
 
 def run(session, x: np.ndarray) -> dict[str, np.ndarray]:

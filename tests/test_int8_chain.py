@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from cpu_isa import run_with_isa
+from cpu_isa import check_with_int8_isa
 from ep_helpers import (IR_VERSION, ep_nodes, executed, init, tensor, use_fake_npu,
                         xdna_session)
 from numerics import (assert_within, carried_bound, epilogue_bound, epilogue_exact, layernorm64, precision_bound,
@@ -168,12 +168,7 @@ _ISA_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("int8_isa", ["generic", "avx2", "avxvnni", "vnni", "amx"])
 def test_chained_bits_each_int8_kernel_set(int8_isa):
-    proc = run_with_isa("", _ISA_SCRIPT, env_extra={"XDNA_EMULATOR_INT8_ISA": int8_isa}, timeout=900)
-    if f"XDNA_EMULATOR_INT8_ISA={int8_isa} is not available" in proc.stderr:
-        pytest.skip(f"int8 kernels {int8_isa} not supported here")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"int8 kernels '{int8_isa}' (forced by XDNA_EMULATOR_INT8_ISA)" in proc.stderr
-    assert proc.stdout.strip() == "ok"
+    check_with_int8_isa(int8_isa, _ISA_SCRIPT, timeout=900)
 
 
 def test_non_finite_rows_same_bits(tmp_path):

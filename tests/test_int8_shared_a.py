@@ -9,7 +9,6 @@ placement is unchanged; the results are within the bound derived from the arithm
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import re
@@ -22,8 +21,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from cpu_isa import run_with_isa
-from ep_helpers import ep_nodes, executed, init, make_model, tensor, use_fake_npu, xdna_session
+from cpu_isa import check_with_int8_isa
+from ep_helpers import bits_of, ep_nodes, executed, init, make_model, tensor, use_fake_npu, xdna_session
 from numerics import (assert_within, bf16_output_bound, epilogue_bound, epilogue_exact, layernorm64, precision_bound,
                       prologue_bound)
 
@@ -73,16 +72,6 @@ def siblings_model(*, layernorm=False, r_width=40, width=C, heads=H, depth=D, se
                tensor("k_present", ["b", H, "t", D], TensorProto.BFLOAT16), tensor("k_readback", ["b", "t", H, D]),
                tensor("v_present", ["b", H, "t", D], TensorProto.BFLOAT16), tensor("v_readback", ["b", H, "t", D])]
     return make_model(nodes, [tensor("x", ["b", "t", C])], outputs, inits), c
-
-
-def bits_of(v: ort.OrtValue) -> np.ndarray:
-    if v.data_type() == "tensor(float)":
-        return v.numpy().view(np.uint32)
-    assert v.data_type() == "tensor(bfloat16)", v.data_type()
-    shape = v.shape()
-    n = int(np.prod(shape))
-    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(v.data_ptr())) if n else np.zeros(0, np.uint16)
-    return bits.copy().reshape(shape)
 
 
 def as_float(bits: np.ndarray) -> np.ndarray:
@@ -195,12 +184,7 @@ _ISA_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("int8_isa", ["generic", "avx2", "avxvnni", "vnni", "amx"])
 def test_shared_bits_each_int8_kernel_set(int8_isa):
-    proc = run_with_isa("", _ISA_SCRIPT, env_extra={"XDNA_EMULATOR_INT8_ISA": int8_isa}, timeout=900)
-    if f"XDNA_EMULATOR_INT8_ISA={int8_isa} is not available" in proc.stderr:
-        pytest.skip(f"int8 kernels {int8_isa} not supported here")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"int8 kernels '{int8_isa}' (forced by XDNA_EMULATOR_INT8_ISA)" in proc.stderr
-    assert proc.stdout.strip() == "ok"
+    check_with_int8_isa(int8_isa, _ISA_SCRIPT, timeout=900)
 
 
 def test_non_finite_rows_same_bits(tmp_path):
