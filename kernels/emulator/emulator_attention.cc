@@ -883,8 +883,8 @@ __attribute__((always_inline)) inline void avx2_tile(int64_t K, const float* a, 
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * kAvx2Nr), b1 = _mm256_loadu_ps(b + k * kAvx2Nr + 8);
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
       acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
@@ -1147,6 +1147,18 @@ bool emulator_attention_exp(const float* x, float* out, int64_t n, int form) {
   return true;
 }
 
+namespace {
+// Calls run(k, v) with the head's K and V as the element types they are in (bf16 or fp32): the few-row kernels are
+// templates over both.
+template <typename Run>
+void with_kv_types(const AttentionHead& h, Run&& run) {
+  if (h.kt_bf16 && h.v_bf16) run(h.kt_bf16, h.v_bf16);
+  else if (h.kt_bf16) run(h.kt_bf16, h.v);
+  else if (h.v_bf16) run(h.kt, h.v_bf16);
+  else run(h.kt, h.v);
+}
+}  // namespace
+
 const char* emulator_attention_few_row_kernel() {
   switch (few_row_kernel()) {
     case FewRowKernel::kAvx512Bf16: return "avx512bf16";
@@ -1172,10 +1184,7 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
   if (rows && few == FewRowKernel::kAvx512Bf16) {
     emulator_parallel_for(threads, static_cast<int64_t>(count), [&](int64_t i) {
       const AttentionHead& h = heads[i];
-      if (h.kt_bf16 && h.v_bf16) attend_few_rows_bf16(s, h, h.kt_bf16, h.v_bf16);
-      else if (h.kt_bf16) attend_few_rows_bf16(s, h, h.kt_bf16, h.v);
-      else if (h.v_bf16) attend_few_rows_bf16(s, h, h.kt, h.v_bf16);
-      else attend_few_rows_bf16(s, h, h.kt, h.v);
+      with_kv_types(h, [&](auto k, auto v) { attend_few_rows_bf16(s, h, k, v); });
     });
     return;
   }
@@ -1185,15 +1194,10 @@ void emulator_attention(const AttentionShape& s, const AttentionHead* heads, siz
       float* scores = scratch(sc.s, sc.s_cap, static_cast<size_t>(M * T + M * D + M));
       float *qb = scores + M * T, *l = qb + M * D;
       const AttentionHead& h = heads[i];
-      if (few == FewRowKernel::kAvx2) {
-        if (h.kt_bf16 && h.v_bf16) attend_few_rows_avx2(s, h, h.kt_bf16, h.v_bf16, scores, qb, l);
-        else if (h.kt_bf16) attend_few_rows_avx2(s, h, h.kt_bf16, h.v, scores, qb, l);
-        else if (h.v_bf16) attend_few_rows_avx2(s, h, h.kt, h.v_bf16, scores, qb, l);
-        else attend_few_rows_avx2(s, h, h.kt, h.v, scores, qb, l);
-      } else if (h.kt_bf16 && h.v_bf16) attend_few_rows(s, h, h.kt_bf16, h.v_bf16, scores, qb, l);
-      else if (h.kt_bf16) attend_few_rows(s, h, h.kt_bf16, h.v, scores, qb, l);
-      else if (h.v_bf16) attend_few_rows(s, h, h.kt, h.v_bf16, scores, qb, l);
-      else attend_few_rows(s, h, h.kt, h.v, scores, qb, l);
+      if (few == FewRowKernel::kAvx2)
+        with_kv_types(h, [&](auto k, auto v) { attend_few_rows_avx2(s, h, k, v, scores, qb, l); });
+      else
+        with_kv_types(h, [&](auto k, auto v) { attend_few_rows(s, h, k, v, scores, qb, l); });
     });
     return;
   }
