@@ -34,14 +34,15 @@ ATTENTION_DECODER = "decoder_model_cross_attention.v1.onnx"
 
 
 def attention_decoder(model_dir: Path, layers: Sequence[int], cache_dir: str | os.PathLike | None = None) -> Path:
-    """The word-timing decoder variant of `model_dir` (built once next to the model, or into <cache>/attention/ when
-    that directory is read-only): decoder_model.onnx with the Softmax outputs of the cross-attention of `layers` as
+    """The word-timing decoder variant of `model_dir` (built once into <cache>/attention/, or next to the model when
+    the cache is not writable): decoder_model.onnx with the Softmax outputs of the cross-attention of `layers` as
     graph outputs `cross_attention.<layer>` (batch, heads, tokens, encoder frames). The default path never runs
     it, so decoding without word timestamps costs exactly what it did.
 
     Keyed by what makes it: the content of decoder_model.onnx (hashed once per file version; the index is shared
-    with the optimised copies, which hash the same file), a hash of this module's source (the builder) and onnx's
-    version. A model re-converted into the same directory, or another package version, gets its own variant."""
+    with the optimised copies, which hash the same file), a hash of this function's source (builder_digest) and
+    onnx's version. A model re-converted into the same directory, or another package version whose builder
+    differs, gets its own variant; `xdna compile --clear-cache` removes them."""
     import tempfile
 
     try:
@@ -49,15 +50,16 @@ def attention_decoder(model_dir: Path, layers: Sequence[int], cache_dir: str | o
         from onnx import helper
     except ImportError:
         raise TranscribeError("word timestamps need the onnx package: pip install 'onnxruntime-ep-xdna[whisper]'") from None
-    from .._compile import _model_hash, source_digest
+    from .._compile import _model_hash
     from .model import cache_root
 
     key = "-".join(str(x) for x in sorted(set(layers)))
     source = model_dir / FILES[1]
     root = cache_root(cache_dir)
-    digest = (f"{_model_hash(source, root / 'optimised')}-{source_digest([Path(__file__)])}-onnx{onnx.__version__}")
-    name = ATTENTION_DECODER.replace(".onnx", f".layers-{key}.{digest}.onnx")
-    candidates = [model_dir / name, root / "attention" / digest / name]
+    digest = f"{_model_hash(source, root / 'optimised')}-{builder_digest()}-onnx{onnx.__version__}"
+    name = ATTENTION_DECODER.replace(".onnx", f".layers-{key}.onnx")
+    candidates = [root / "attention" / digest / name,
+                  model_dir / ATTENTION_DECODER.replace(".onnx", f".layers-{key}.{digest}.onnx")]
     for path in candidates:
         if path.is_file():
             return path
@@ -87,7 +89,23 @@ def attention_decoder(model_dir: Path, layers: Sequence[int], cache_dir: str | o
             return path
         except OSError:
             continue
-    raise TranscribeError(f"cannot write the word-timing decoder next to {model_dir} nor into the cache ({root})")
+    raise TranscribeError(f"cannot write the word-timing decoder into the cache ({root}) nor next to {model_dir}")
+
+
+def builder_digest() -> str:
+    """A hash of attention_decoder's own source (what the variant holds is decided there alone): a change of it
+    keys new variants, a change elsewhere in this module does not. Without source (a sourceless install): the
+    package version."""
+    import hashlib
+    import inspect
+
+    try:
+        text = inspect.getsource(attention_decoder)
+    except (OSError, TypeError):
+        from .. import __version__
+
+        text = f"version {__version__}"
+    return hashlib.sha256(f"{ATTENTION_DECODER}\n{text}".encode()).hexdigest()[:12]
 
 
 class TranscribeError(Exception):
