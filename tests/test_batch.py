@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,6 +203,55 @@ def test_local_batch_outputs_index_bad_files_and_resume(tiny, tmp_path):
     s = run_batch([str(tmp_path / "in")], out, model=str(tiny), provider="cpu", options=FAST,
                   formats=("txt", "json"), force=True)
     assert (s.done, s.skipped, s.exit_code) == (4, 0, 0)
+
+
+def test_resume_redoes_outputs_made_with_another_model_or_other_options(tiny, tmp_path):
+    """A complete output is reused only when the model, the decoding options and the input are those of this run;
+    otherwise it is transcribed again, and the batch says so."""
+    inputs = [write_wav(tmp_path / "in" / f"f{i}.wav", 1.0, 250 + 100 * i) for i in range(2)]
+    out = tmp_path / "out"
+    log: list[str] = []
+
+    def run(options=FAST, model=tiny):
+        log.clear()
+        return run_batch([str(tmp_path / "in")], out, model=str(model), provider="cpu", options=options,
+                         formats=("txt",), log=log.append)
+
+    s = run()
+    assert (s.done, s.skipped) == (2, 0)
+    s = run()
+    assert (s.done, s.skipped) == (0, 2) and not any("transcribed again" in m for m in log)
+
+    s = run(TranscriptionOptions(beam_size=1, temperature=(0.0,), sample_len=4, language="en"))  # other options
+    assert (s.done, s.skipped) == (2, 0)
+    assert any("2 inputs complete from an earlier run" in m and "transcribed again" in m for m in log), log
+    s = run(TranscriptionOptions(beam_size=1, temperature=(0.0,), sample_len=4, language="en"))
+    assert (s.done, s.skipped) == (0, 2)
+
+    s = run()  # back to the first options: the outputs on disk are the second options', so redone again
+    assert (s.done, s.skipped) == (2, 0)
+
+    other = tmp_path / "other-model"  # another model directory (here: a copy of the same files)
+    other.mkdir()
+    for f in tiny.iterdir():
+        if f.is_file():
+            shutil.copy2(f, other / f.name)
+    s = run(model=other)
+    assert (s.done, s.skipped) == (2, 0)
+    s = run(model=other)
+    assert (s.done, s.skipped) == (0, 2)
+    st = (other / "decoder_model.onnx").stat()  # its decoder written again (the model converted again in place)
+    os.utime(other / "decoder_model.onnx", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    s = run(model=other)
+    assert (s.done, s.skipped) == (2, 0)
+
+    record = J.record_path(out, J.Job(0, str(inputs[0]), "f0"))  # a record from before the config was recorded
+    rec = json.loads(record.read_text())
+    del rec["config"]
+    record.write_text(json.dumps(rec))
+    s = run(model=other)
+    assert (s.done, s.skipped) == (1, 1)
+    assert any("1 input complete from an earlier run" in m for m in log), log
 
 
 def run_cli(*args, env=None, **kw) -> subprocess.CompletedProcess:

@@ -76,11 +76,16 @@ def _model_files(path: Path) -> list[Path]:
 
 
 def _model_hash(path: Path, cache: Path) -> str:
-    """Content hash of the model and its data files, remembered per (path, size, mtime) in `cache`/hashes.json so
-    that a later start does not read hundreds of MB to find its cache entry."""
+    """Content hash of the model and its data files (see files_hash)."""
+    return files_hash(_model_files(path), cache)
+
+
+def files_hash(files: list[Path], cache: Path) -> str:
+    """Content hash of `files`, remembered per (path, size, mtime) in `cache`/hashes.json so that a later start does
+    not read hundreds of MB to find its cache entry (a rewritten file has a new mtime, so it is hashed again)."""
     import json
 
-    files = _model_files(path)
+    files = [Path(f) for f in files]
     stamp = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     index = cache / "hashes.json"
     try:
@@ -103,6 +108,30 @@ def _model_hash(path: Path, cache: Path) -> str:
     except OSError:
         pass
     return digest
+
+
+_SOURCE_DIGESTS: dict[tuple, str] = {}
+
+
+def source_digest(files) -> str:
+    """A hash of the bytes of the source files of the code that builds a cache entry (e.g. whisper/decoder_graph.py),
+    so that an entry made by other code (a pass changed without a version bump, another package version) is not
+    found. A few hundred KB at most, read once per process per file version."""
+    files = tuple(Path(f) for f in files)
+    key = tuple((str(f), *((f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else ())) for f in files)
+    if key not in _SOURCE_DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            try:
+                h.update(f.read_bytes())
+            except OSError:  # no source installed (a sourceless build): the package version stands in for it
+                from . import __version__
+
+                h.update(f"missing:{__version__}".encode())
+            h.update(b"\0")
+        _SOURCE_DIGESTS[key] = h.hexdigest()[:12]
+    return _SOURCE_DIGESTS[key]
 
 
 def backend_name(options: dict | None = None) -> str:
@@ -151,11 +180,15 @@ def ep_build_id() -> str:
 
 
 def cache_key(model: Path, backend: str, cache: Path, options: dict | None = None) -> str:
-    """Model content, EP version and build, backend and precision policy: what a cached compiled model is valid
-    for."""
+    """Model content, EP version and build, onnxruntime's version (its compile API runs ORT's basic graph
+    optimizations first, which may change between versions), this module's own code (compile_model), backend and
+    precision policy: what a cached compiled model is valid for."""
+    import onnxruntime as ort
+
     from . import __version__
 
-    return f"{_model_hash(model, cache)}-ep{__version__}-{ep_build_id()}-{backend}-{precision_key(options)}"
+    return (f"{_model_hash(model, cache)}-ep{__version__}-{ep_build_id()}-ort{ort.__version__}-"
+            f"{source_digest([Path(__file__)])}-{backend}-{precision_key(options)}")
 
 
 def cached_compile(model: str | os.PathLike, backend: str, *, cache_dir: str | os.PathLike | None = None,
@@ -202,12 +235,16 @@ def discard_cached(compiled: Path) -> None:
     shutil.rmtree(Path(compiled).parent, ignore_errors=True)
 
 
+CACHE_DIRS = ("compiled", "optimised", "attention")  # derived from the models; `xdna compile --clear-cache` empties them
+
+
 def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
-    """Removes every cached compiled model and every optimised decoder copy (whisper/decoder_graph.py, under
-    <cache>/optimised): both are derived from the models and rebuilt on demand. Returns (entries, bytes) removed."""
+    """Removes every cached compiled model, every optimised decoder copy (whisper/decoder_graph.py, under
+    <cache>/optimised) and every word-timing decoder (whisper/onnx_model.py `attention_decoder`, <cache>/attention):
+    all are derived from the models and rebuilt on demand. Returns (entries, bytes) removed."""
     root = compiled_cache_root(cache_dir)
     entries = size = 0
-    for directory in (root, root.parent / "optimised"):
+    for directory in (root.parent / name for name in CACHE_DIRS):
         if not directory.is_dir():
             continue
         for entry in directory.iterdir():

@@ -132,7 +132,8 @@ def cmd_compile(args) -> int:
         entries, size = clear_cache(args.cache_dir)
         root = compiled_cache_root(args.cache_dir)
         print(f"removed {entries} cache entr{'y' if entries == 1 else 'ies'} (compiled models, optimised decoder "
-              f"copies), {size / 1e6:.1f} MB, from {root} and {root.parent / 'optimised'}")
+              f"copies, word-timing decoders), {size / 1e6:.1f} MB, from {root}, {root.parent / 'optimised'} and "
+              f"{root.parent / 'attention'}")
         if not args.model:
             return 0
     if not args.model or not args.output:
@@ -198,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="precision policy as in xdna transcribe (bf16, int8, bf16x3, mixed, mixed-conv or rules); "
                            "the compiled model loads only in sessions with the same policy")
     comp.add_argument("--clear-cache", action="store_true",
-                      help="remove the compiled models and optimised decoder copies the Whisper layer cached (under "
-                           "$XDNA_CACHE_DIR/compiled and /optimised)")
+                      help="remove the compiled models, optimised decoder copies and word-timing decoders the "
+                           "Whisper layer cached (under $XDNA_CACHE_DIR/compiled, /optimised and /attention)")
     comp.add_argument("--cache-dir", help="the cache to clear (default: $XDNA_CACHE_DIR or ~/.cache/onnxruntime-ep-xdna)")
     comp.set_defaults(func=cmd_compile)
 

@@ -8,7 +8,9 @@ Layout of OUT_DIR:
     .xdna-batch/<rel>.done.json     the completion record of an input, written after all its outputs
 
 An input is complete when its completion record exists, names every requested format, and every output it names
-exists with the size it records (and, for a local input, the input's size and mtime are unchanged). Outputs and
+exists with the size it records (and, for a local input, the input's size and mtime are unchanged); the batch
+reuses it only when the record's `config` (worker.config_key: model, provider, precision policy and decoding
+options) is also this run's, and transcribes it again otherwise (saying how many). Outputs and
 records are written to a temporary file in the same directory, flushed to disk and renamed over the target, so
 a reader (or a crashed run) sees either the previous file or the new one, never half of one; and since only the
 driver writes, and the first result of an input wins, no input is ever written twice in one run.

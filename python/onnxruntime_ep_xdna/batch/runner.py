@@ -92,6 +92,10 @@ class BatchRunner:
 
     # -- planning --------------------------------------------------------------------------------------------
     def _plan(self) -> None:
+        from .worker import config_key
+
+        self.config_key = config_key(self.config)
+        redone = 0
         for job in self.jobs:
             job.stat = J.local_stat(job.source)
             if job.error:
@@ -99,6 +103,9 @@ class BatchRunner:
                 self.log(f"xdna batch: {job.source}: failed: {job.error}")
                 continue
             rec = None if self.force else J.completed_record(self.out_dir, job, self.config.formats)
+            if rec is not None and rec.get("config") != self.config_key:
+                redone += 1  # made with another model, other options or precision (or not recorded): redo it
+                rec = None
             if rec is not None:
                 job.record = rec
                 self.status[job.index] = "skipped"
@@ -106,6 +113,10 @@ class BatchRunner:
             job.duration = _probe_duration(job.source)
             self.status[job.index] = "pending"
             self.queue.append(job)
+        if redone:
+            self.log(f"xdna batch: {redone} input{'s' if redone > 1 else ''} complete from an earlier run with another "
+                     "model, other decoding options or another precision (or from a version that did not record "
+                     "them): transcribed again")
         self.total_audio = sum(j.duration or 0.0 for j in self.queue)
         self.unknown_length = sum(1 for j in self.queue if j.duration is None)
         self.write_index()  # from the start: what this run will do (all pending), even if it is killed early
@@ -134,6 +145,7 @@ class BatchRunner:
             return  # a late duplicate answer: the first one won, nothing is written twice
         if result.get("ok"):
             meta = {k: result.get(k) for k in ("duration", "language", "time", "provider", "host")}
+            meta["config"] = self.config_key  # what made the outputs: a re-run with another one redoes them
             try:
                 job.record = J.commit(self.out_dir, job, result["rendered"], meta)
             except OSError as e:

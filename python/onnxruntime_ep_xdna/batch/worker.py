@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..whisper.options import TranscriptionOptions
 
@@ -26,6 +27,61 @@ class WorkerConfig:
     # Tests only: "SUBSTRING:DIR". The first time a worker starts an input whose path contains SUBSTRING it writes
     # its pid to DIR/held and waits (at most 60 s) so that a test can kill it mid-file.
     test_hold: str | None = None
+
+
+# The files of a model directory whose content makes the transcript: the ONNX export's and the tokenizer/config
+# files, or a CTranslate2 model's (converted on first use).
+_MODEL_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "model.bin",
+                "config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json")
+
+
+def _model_identity(model: str) -> dict:
+    """A model as the completion records name it: a directory by its path and its files' sizes and mtimes (a
+    model converted or copied into it again changes them; nothing is hashed), a registry name by the pinned
+    packages it is built from."""
+    from ..whisper.model import MODELS
+
+    path = Path(model).expanduser()
+    if model not in MODELS and path.is_dir():
+        files = {}
+        for name in _MODEL_FILES:
+            try:
+                st = (path / name).stat()
+            except OSError:
+                continue
+            files[name] = [st.st_size, st.st_mtime_ns]
+        return {"dir": str(path.resolve()), "files": files}
+    if model in MODELS:
+        return {"name": model, "packages": list(MODELS[model].packages)}
+    return {"name": model}
+
+
+def config_identity(config: "WorkerConfig") -> dict:
+    """What makes an input's outputs besides the input itself: the model, the provider, the precision policy (as
+    the EP would take it) and every decoding option. Threads, engine and test settings are not in it."""
+    import dataclasses
+
+    provider = config.provider.lower()
+    precision = None
+    if provider in ("xdna", "xdnaexecutionprovider"):
+        precision = (config.precision or "").strip()
+        if precision != "auto":  # "auto" is the machine's choice (auto_policy), named as such
+            try:
+                from .._precision import provider_options
+
+                precision = provider_options(precision)  # a named policy by its rules
+            except Exception:  # noqa: BLE001 - a bad policy fails in the worker, with its message
+                pass
+    return {"model": _model_identity(config.model), "provider": provider, "precision": precision,
+            "options": dataclasses.asdict(config.options)}
+
+
+def config_key(config: "WorkerConfig") -> str:
+    import hashlib
+    import json
+
+    text = json.dumps(config_identity(config), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class ConfigError(Exception):

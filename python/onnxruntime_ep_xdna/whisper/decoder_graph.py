@@ -93,7 +93,8 @@ Every MatMul stays as it was, so the XDNA EP claims exactly what it claimed befo
    is used instead) and from chains of one-axis Unsqueezes (merged into one Unsqueeze each). Integer work only:
    the same numbers with 6 of its 21 nodes left to the CPU EP fewer per step (whisper-base decoder_with_past).
 
-The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<versions>/, written
+The originals are never changed: copies live in <cache>/optimised/<content hash of the source>-<pass version>-<hash of
+this file>-<ORT and onnx versions>[-bf16kv[-self]]/, written
 atomically, and a copy that fails to build or load is logged and the original is used (onnx_model.WhisperOnnx).
 XDNA_OPTIMISED_DECODERS=0 switches the copies off; XDNA_BF16_CROSS_KV=0 only the bf16 cross-attention K/V (and
 with them the bf16 self-attention cache); XDNA_BF16_SELF_KV=0 only the latter.
@@ -108,8 +109,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Bump when a pass changes what it writes: older copies are then simply not used.
+# Bump when a pass changes what it writes: older copies are then simply not used. (The cache key also holds a
+# hash of BUILDER_SOURCES, so a pass changed without a bump, or another package version, cannot serve an old copy.)
 VERSION = 9
+# The code that makes a copy: every pass lives in this file.
+BUILDER_SOURCES = (Path(__file__),)
 DECODER_FILES = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 ENCODER_FILE = "encoder_model.onnx"
 OPTIMISED_FILES = (ENCODER_FILE, *DECODER_FILES)  # the files with a copy (onnx_model.WhisperOnnx)
@@ -820,16 +824,20 @@ def optimise_encoder(source: Path, output: Path) -> dict:
 
 
 def _versions() -> str:
+    """The pass version, a hash of the passes' own source (BUILDER_SOURCES) and the versions of the libraries
+    that load, infer shapes of and write the copy."""
     import onnx
     import onnxruntime as ort
 
-    return f"v{VERSION}-ort{ort.__version__}-onnx{onnx.__version__}"
+    from .._compile import source_digest
+
+    return f"v{VERSION}-{source_digest(BUILDER_SOURCES)}-ort{ort.__version__}-onnx{onnx.__version__}"
 
 
 def cache_entry(source: Path, cache_dir: str | os.PathLike | None = None, bf16_kv: bool = False,
                 bf16_self: bool = False) -> Path:
-    """Where the optimised copy of `source` lives: keyed by its content, the versions that made the copy and
-    whether it holds the cross-attention K/V (and the self-attention cache) in bf16."""
+    """Where the optimised copy of `source` lives: keyed by its content, the code and versions that made the copy
+    (_versions) and whether it holds the cross-attention K/V (and the self-attention cache) in bf16."""
     from .._compile import _model_hash
     from .model import cache_root
 

@@ -38,6 +38,7 @@ ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_mod
 EXPORT_TASK = "automatic-speech-recognition-with-past"
 # Written last into a finished model directory: its presence means "complete"; it also records how it was made.
 MARKER = "xdna-model.json"
+CT2_MARKER = "xdna-ct2.json"  # ensure_ct2_model's: the packages its model.bin was joined from
 
 
 class ModelFetchError(RuntimeError):
@@ -310,8 +311,12 @@ def ensure_model(name: str = "base", cache_dir: str | Path | None = None, log=pr
     else:
         raise ModelFetchError(f"unknown model {name!r}: use one of {sorted(MODELS)} or a model directory")
 
-    if (target / MARKER).is_file() and is_complete_export(target):
+    made_from = _source_identity(source, local, models_dir)
+    if _is_current(target, made_from):
         return target
+    if (target / MARKER).is_file():
+        log(f"[whisper] {target} was made from another source ({name}: the registry packages or the CTranslate2 "
+            "model changed since): building it again")
     import importlib.util
 
     missing = [m for m in ("torch", "transformers", "optimum", "soundfile") if importlib.util.find_spec(m) is None]
@@ -370,11 +375,12 @@ def ensure_model(name: str = "base", cache_dir: str | Path | None = None, log=pr
         log(f"[whisper] verified: encoder max |diff| {verification['encoder_max_abs_diff']:.2e}, "
             f"transcript {verification['onnx_transcript']!r} (WER {verification['wer']:.3f})")
         info = {"name": name, "source": list(source.packages) if source else str(local), "task": EXPORT_TASK,
-                "timings_s": steps.timings, "verification": verification, "files": _sizes(out_dir)}
+                "made_from": made_from, "timings_s": steps.timings, "verification": verification,
+                "files": _sizes(out_dir)}
         (out_dir / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         with steps("install into cache"):
-            if target.exists():  # an incomplete leftover, or another process finished first
-                if (target / MARKER).is_file() and is_complete_export(target):
+            if target.exists():  # an incomplete or stale leftover, or another process finished first
+                if _is_current(target, made_from):
                     return target
                 shutil.rmtree(target)
             os.replace(out_dir, target)
@@ -382,6 +388,35 @@ def ensure_model(name: str = "base", cache_dir: str | Path | None = None, log=pr
         shutil.rmtree(build, ignore_errors=True)
     log(f"[whisper] model {name} ready in {target}")
     return target
+
+
+CT2_FILES = ("model.bin", "config.json", "tokenizer.json")  # what convert.build_transformers_dir reads
+
+
+def _source_identity(source: RegistryModel | None, local: Path, models_dir: Path) -> dict:
+    """What a model directory is made from, recorded in its marker: the pinned registry packages (and the joined
+    model.bin's size), or a local CTranslate2 directory's content hash (hashed once per file version, the index in
+    <models>/hashes.json)."""
+    if source is not None:
+        return {"packages": list(source.packages), "model_bin_size": source.model_bin_size}
+    from .._compile import files_hash
+
+    return {"ct2_dir": str(local.resolve()), "ct2_hash": files_hash([local / f for f in CT2_FILES], models_dir)}
+
+
+def _is_current(target: Path, made_from: dict) -> bool:
+    """A complete model directory made from `made_from`. A marker without `made_from` (written before it was
+    recorded) is taken for a registry model whose packages it names, never for a local directory (its content
+    was not recorded: it is converted again)."""
+    if not ((target / MARKER).is_file() and is_complete_export(target)):
+        return False
+    try:
+        info = json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if "made_from" in info:
+        return info["made_from"] == made_from
+    return "packages" in made_from and info.get("source") == made_from["packages"]
 
 
 def _build_transformers(ct2_dir: Path, hf_dir: Path):
@@ -423,9 +458,16 @@ def ensure_ct2_model(name: str = "base", cache_dir: str | Path | None = None, lo
         raise ModelFetchError(f"unknown model {name!r}: use one of {sorted(MODELS)}")
     target = cache_root(cache_dir) / "ct2" / name
     needed = ("model.bin", "config.json", "tokenizer.json")
-    if all((target / f).is_file() for f in needed):
-        return target
     source = MODELS[name]
+    made_from = {"packages": list(source.packages), "model_bin_size": source.model_bin_size}
+    if all((target / f).is_file() for f in needed):
+        try:
+            recorded = json.loads((target / CT2_MARKER).read_text()).get("made_from")
+        except (OSError, ValueError):  # written before the marker was: its joined model.bin's size must match
+            recorded = made_from if (target / "model.bin").stat().st_size == source.model_bin_size else None
+        if recorded == made_from:
+            return target
+        log(f"[whisper] {target} was made from other packages than {' '.join(source.packages)}: building it again")
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"[whisper] building {target} from {' '.join(source.packages)} ...")
     with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as tmp:
@@ -446,6 +488,7 @@ def ensure_ct2_model(name: str = "base", cache_dir: str | Path | None = None, lo
         missing = [f for f in needed if not (out / f).is_file()]
         if missing:
             raise ModelFetchError(f"the wheels carry no {', '.join(missing)}")
+        (out / CT2_MARKER).write_text(json.dumps({"made_from": made_from}) + "\n")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(out, target)  # atomic: a half-built directory is never taken for a model
     return target

@@ -29,34 +29,41 @@ from .rules import SpecialTokens
 CPU_EP = "CPUExecutionProvider"
 FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
 # decoder_model.onnx + the cross-attention probabilities of the alignment-head layers as extra outputs (word
-# timestamps only). Versioned: a change of what it outputs gets a new name, old copies are simply not used.
+# timestamps only). Cached per content of decoder_model.onnx and per this module's source (attention_decoder).
 ATTENTION_DECODER = "decoder_model_cross_attention.v1.onnx"
 
 
-def attention_decoder(model_dir: Path, layers: Sequence[int]) -> Path:
-    """The word-timing decoder variant of `model_dir` (built once next to the model, or in the cache when that
-    directory is read-only): decoder_model.onnx with the Softmax outputs of the cross-attention of `layers` as
+def attention_decoder(model_dir: Path, layers: Sequence[int], cache_dir: str | os.PathLike | None = None) -> Path:
+    """The word-timing decoder variant of `model_dir` (built once into <cache>/attention/, or next to the model when
+    the cache is not writable): decoder_model.onnx with the Softmax outputs of the cross-attention of `layers` as
     graph outputs `cross_attention.<layer>` (batch, heads, tokens, encoder frames). The default path never runs
-    it, so decoding without word timestamps costs exactly what it did."""
-    import hashlib
+    it, so decoding without word timestamps costs exactly what it did.
+
+    Keyed by what makes it: the content of decoder_model.onnx (hashed once per file version; the index is shared
+    with the optimised copies, which hash the same file), a hash of this function's source (builder_digest) and
+    onnx's version. A model re-converted into the same directory, or another package version whose builder
+    differs, gets its own variant; `xdna compile --clear-cache` removes them."""
     import tempfile
 
-    key = "-".join(str(x) for x in sorted(set(layers)))
-    name = ATTENTION_DECODER.replace(".onnx", f".layers-{key}.onnx")
-    candidates = [model_dir / name]
-    from .model import cache_root
-
-    digest = hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()[:12]
-    candidates.append(cache_root() / "attention" / f"{model_dir.resolve().name}-{digest}" / name)
-    for path in candidates:
-        if path.is_file():
-            return path
     try:
         import onnx
         from onnx import helper
     except ImportError:
         raise TranscribeError("word timestamps need the onnx package: pip install 'onnxruntime-ep-xdna[whisper]'") from None
-    graph_model = onnx.load(str(model_dir / FILES[1]))
+    from .._compile import _model_hash
+    from .model import cache_root
+
+    key = "-".join(str(x) for x in sorted(set(layers)))
+    source = model_dir / FILES[1]
+    root = cache_root(cache_dir)
+    digest = f"{_model_hash(source, root / 'optimised')}-{builder_digest()}-onnx{onnx.__version__}"
+    name = ATTENTION_DECODER.replace(".onnx", f".layers-{key}.onnx")
+    candidates = [root / "attention" / digest / name,
+                  model_dir / ATTENTION_DECODER.replace(".onnx", f".layers-{key}.{digest}.onnx")]
+    for path in candidates:
+        if path.is_file():
+            return path
+    graph_model = onnx.load(str(source))
     softmax = {}
     for node in graph_model.graph.node:
         if node.op_type == "Softmax" and "encoder_attn" in node.name:
@@ -82,7 +89,23 @@ def attention_decoder(model_dir: Path, layers: Sequence[int]) -> Path:
             return path
         except OSError:
             continue
-    raise TranscribeError(f"cannot write the word-timing decoder next to {model_dir} nor into the cache")
+    raise TranscribeError(f"cannot write the word-timing decoder into the cache ({root}) nor next to {model_dir}")
+
+
+def builder_digest() -> str:
+    """A hash of attention_decoder's own source (what the variant holds is decided there alone): a change of it
+    keys new variants, a change elsewhere in this module does not. Without source (a sourceless install): the
+    package version."""
+    import hashlib
+    import inspect
+
+    try:
+        text = inspect.getsource(attention_decoder)
+    except (OSError, TypeError):
+        from .. import __version__
+
+        text = f"version {__version__}"
+    return hashlib.sha256(f"{ATTENTION_DECODER}\n{text}".encode()).hexdigest()[:12]
 
 
 class TranscribeError(Exception):
