@@ -700,8 +700,7 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
     if (!residual_broadcasts) epilogue.residual = residual.data, epilogue.ldr = N;
   }
   auto with_epilogue = [&](kernels::GemmArgs args, int64_t row0) {
-    args.epilogue = epilogue;
-    if (epilogue.residual) args.epilogue.residual = epilogue.residual + row0 * N;
+    args.epilogue = epilogue.from_row(row0);
     return args;
   };
   auto add_broadcast_residual = [&] {

@@ -745,9 +745,7 @@ bool emulator_gemm_int8_chain(const GemmArgs& first, const QuantizedB& b1, const
     float* qa2 = h + h_floats;
     float* sa = emu::scratch(5, static_cast<size_t>(2 * panel));
     // Each epilogue as the unchained call applies it, its residual rows offset to the panel's.
-    GemmEpilogue e1 = first.epilogue, e2 = second.epilogue;
-    if (e1.residual) e1.residual += m0 * e1.ldr;
-    if (e2.residual) e2.residual += m0 * e2.ldr;
+    const GemmEpilogue e1 = first.epilogue.from_row(m0), e2 = second.epilogue.from_row(m0);
     const emu::Int8Problem p1{first.a + m0 * first.lda, first.lda, qa1, sa, b1.q.data(), b1.scale.data(),
                               b1.colsum.data(), h, ldh, rows, K1, N1, b1.Kpad, e1.empty() ? nullptr : &e1};
     kern.quantize_rows(p1, 0, rows);
@@ -813,8 +811,7 @@ bool emulator_gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const S
     if (!split[i].block(t - first_task[i], &m0, &m1, &n0, &n1)) return;
     // The problem seen from row r0: quantised A, scales, residual and C start at that row.
     auto block = [&](int64_t r0, int64_t r1, float* c, int64_t ldc) {
-      GemmEpilogue e = pr.epilogue;
-      if (e.residual) e.residual += r0 * e.ldr;
+      const GemmEpilogue e = pr.epilogue.from_row(r0);
       const emu::Int8Problem p{a + r0 * lda, lda, static_cast<char*>(qa) + r0 * Kpad * kern.a_bytes, sa + r0,
                                qb.q.data(), qb.scale.data(), qb.colsum.data(), c, ldc, r1 - r0, K, qb.N, Kpad,
                                e.empty() ? nullptr : &e};
