@@ -599,6 +599,25 @@ void write_head_split(const OpPlan& plan, TensorIo& io, const float* y, const Di
 
 }  // namespace
 
+std::string matmul_epilogue(const OpPlan& plan, TensorIo& io, int64_t N, const Dims& out_dims,
+                            kernels::GemmEpilogue* epilogue, Tensor* broadcast_residual) {
+  *epilogue = {};
+  *broadcast_residual = {};
+  if (!plan.bias_value.empty()) {
+    if (static_cast<int64_t>(plan.bias_value.size()) != N)
+      return "bias of " + std::to_string(plan.bias_value.size()) + " values for N=" + std::to_string(N);
+    epilogue->bias = plan.bias_value.data();
+  }
+  epilogue->gelu = plan.epilogue_gelu;
+  if (plan.residual.present) {
+    Tensor residual = io.input(plan.residual.name);
+    if (!residual.data) return "residual is not float32";
+    if (residual.dims != out_dims) *broadcast_residual = std::move(residual);
+    else epilogue->residual = residual.data, epilogue->ldr = N;
+  }
+  return "";
+}
+
 Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io) {
   if (io.made(plan.layernorm_output)) return io.input(plan.layernorm_output);
   const Tensor x = io.input(plan.a.name);
@@ -682,23 +701,10 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   // The epilogue (kernels/gemm_contract.h): bias and GELU per product; the residual too when it has the output's
   // shape, else (symbolic dims that broadcast at run time) added here after every product has run.
   kernels::GemmEpilogue epilogue;
-  if (!plan.bias_value.empty()) {
-    if (static_cast<int64_t>(plan.bias_value.size()) != N)
-      throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': bias of " +
-                                                   std::to_string(plan.bias_value.size()) + " values for N=" +
-                                                   std::to_string(N));
-    epilogue.bias = plan.bias_value.data();
-  }
-  epilogue.gelu = plan.epilogue_gelu;
-  Tensor residual;
-  bool residual_broadcasts = false;
-  if (plan.residual.present) {
-    residual = io.input(plan.residual.name);
-    if (!residual.data)
-      throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': residual is not float32");
-    residual_broadcasts = residual.dims != out_dims;
-    if (!residual_broadcasts) epilogue.residual = residual.data, epilogue.ldr = N;
-  }
+  Tensor residual;  // the residual that broadcasts (data null: none)
+  if (std::string why = matmul_epilogue(plan, io, N, out_dims, &epilogue, &residual); !why.empty())
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': " + why);
+  const bool residual_broadcasts = residual.data != nullptr;
   auto with_epilogue = [&](kernels::GemmArgs args, int64_t row0) {
     args.epilogue = epilogue.from_row(row0);
     return args;

@@ -188,6 +188,15 @@ class TensorIo {
 // the first reader of this call (kernels::layernorm_rows) into a tensor of the group that the others then read.
 Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io);
 
+// The GEMM epilogue (kernels/gemm_contract.h, "Epilogue") a MatMul plan asks of its product, whose output is
+// `out_dims` with N columns: its bias and GELU, and its residual where that has the output's shape (read from row 0,
+// N apart). A residual of another shape (symbolic dims that broadcast at run time) is left out of *epilogue and
+// given in *broadcast_residual (data null: none), for the caller to add after the products or to decline. Returns
+// why the plan's epilogue cannot run at all ("" when it can): a bias of another size, a residual not float32.
+// run_matmul and the int8 multi-product paths (ops/int8_chain.h, ops/int8_shared_a.h) build their epilogues here.
+std::string matmul_epilogue(const OpPlan& plan, TensorIo& io, int64_t N, const std::vector<int64_t>& out_dims,
+                            kernels::GemmEpilogue* epilogue, Tensor* broadcast_residual);
+
 // One row of the op table.
 struct OpModule {
   const char* domain;
