@@ -10,12 +10,10 @@ namespace {
 
 using Dims = std::vector<int64_t>;
 
-// What a MatMul plan must be for either end of the chain: int8, a constant 2-D weight, A read as it lies.
+// What a MatMul plan must be for either end of the chain: an int8 product of a constant 2-D weight, A read as it
+// lies (int8_constant_product_miss), its output fp32.
 std::string not_a_chain_end(const OpPlan& p) {
-  if (p.op != OpPlan::Op::kMatMul) return "not a MatMul";
-  if (p.precision != kernels::Precision::kInt8) return std::string("runs in ") + kernels::precision_name(p.precision);
-  if (!p.b.constant || p.weight_shape.size() != 2 || p.b.rank != 2) return "its weight is not a constant 2-D B";
-  if (!p.a.perm.empty() || !p.a.split.empty()) return "reads A through a Transpose or Reshape";
+  if (std::string why = int8_constant_product_miss(p); !why.empty()) return why;
   if (p.output_bf16 || p.cache_past.present) return "writes a bfloat16 output or a cache";
   return "";
 }

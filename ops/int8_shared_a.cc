@@ -13,10 +13,7 @@ bool int8_shared_a_enabled() {
 }
 
 std::string int8_shared_a_miss(const OpPlan& p) {
-  if (p.op != OpPlan::Op::kMatMul) return "not a MatMul";
-  if (p.precision != kernels::Precision::kInt8) return std::string("runs in ") + kernels::precision_name(p.precision);
-  if (!p.b.constant || p.weight_shape.size() != 2 || p.b.rank != 2) return "its weight is not a constant 2-D B";
-  if (!p.a.perm.empty() || !p.a.split.empty()) return "reads A through a Transpose or Reshape";
+  if (std::string why = int8_constant_product_miss(p); !why.empty()) return why;
   if (p.cache_past.present) return "appends to a cache";
   if (p.residual.present) return "adds a residual";
   return "";

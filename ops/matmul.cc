@@ -618,6 +618,14 @@ std::string matmul_epilogue(const OpPlan& plan, TensorIo& io, int64_t N, const D
   return "";
 }
 
+std::string int8_constant_product_miss(const OpPlan& p) {
+  if (p.op != OpPlan::Op::kMatMul) return "not a MatMul";
+  if (p.precision != kernels::Precision::kInt8) return std::string("runs in ") + kernels::precision_name(p.precision);
+  if (!p.b.constant || p.weight_shape.size() != 2 || p.b.rank != 2) return "its weight is not a constant 2-D B";
+  if (!p.a.perm.empty() || !p.a.split.empty()) return "reads A through a Transpose or Reshape";
+  return "";
+}
+
 Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io) {
   if (io.made(plan.layernorm_output)) return io.input(plan.layernorm_output);
   const Tensor x = io.input(plan.a.name);

@@ -197,6 +197,10 @@ Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io);
 std::string matmul_epilogue(const OpPlan& plan, TensorIo& io, int64_t N, const std::vector<int64_t>& out_dims,
                             kernels::GemmEpilogue* epilogue, Tensor* broadcast_residual);
 
+// Why a MatMul plan cannot be a product of the int8 multi-product paths (ops/int8_chain.h, ops/int8_shared_a.h;
+// "" when it can): int8, a constant 2-D weight, A read as it lies. Each path adds its own conditions.
+std::string int8_constant_product_miss(const OpPlan& plan);
+
 // One row of the op table.
 struct OpModule {
   const char* domain;
