@@ -51,8 +51,9 @@ bool run_int8_shared_a(const std::vector<const OpPlan*>& plans, const std::vecto
     if (std::string w = matmul_epilogue(p, io, N, out_dims[i], &products[i].epilogue, &broadcast_residual);
         !w.empty() || broadcast_residual.data)
       return *why = "node '" + p.node_name + "': " + (w.empty() ? "a residual that broadcasts" : w), false;
-    if (p.head_split_heads > 0 && (x.dims.size() != 3 || p.head_split_heads * p.head_split_depth != N))
-      return *why = "node '" + p.node_name + "': its product does not split into its heads", false;
+    if (p.head_split_heads > 0)
+      if (std::string w = head_split_miss(p, out_dims[i]); !w.empty())
+        return *why = "node '" + p.node_name + "': " + w, false;
   }
   if (!ep::Dispatcher::int8_shared_a_ready(dispatchers, M)) return *why = "the backend runs them one by one", false;
   const Tensor a = first.layernorm_output.empty() ? x : layernorm_prologue(first, io);
@@ -62,11 +63,10 @@ bool run_int8_shared_a(const std::vector<const OpPlan*>& plans, const std::vecto
     const int64_t N = dispatchers[i]->weight_shape(0).N;
     kernels::SharedAProduct& pr = products[i];
     if (p.head_split_heads > 0) {
-      const int64_t B = out_dims[i][0], T = out_dims[i][1], H = p.head_split_heads, D = p.head_split_depth;
-      pr.heads_bf16 = io.output_bf16(p.output, {B, H, T, D});
-      pr.heads = H, pr.depth = D, pr.rows_per_batch = T;
-      if (!p.head_split_frames_first.empty())
-        pr.c_bf16 = io.output_bf16(p.head_split_frames_first, {B, T, H, D}), pr.ldc_bf16 = N;
+      const HeadSplitOutputs out = head_split_outputs(p, io, out_dims[i]);
+      pr.heads_bf16 = out.split;
+      pr.heads = p.head_split_heads, pr.depth = p.head_split_depth, pr.rows_per_batch = out_dims[i][1];
+      if (out.frames) pr.c_bf16 = out.frames, pr.ldc_bf16 = N;
     } else if (p.output_bf16) {
       pr.c_bf16 = io.output_bf16(p.output, out_dims[i]), pr.ldc_bf16 = N;
     } else {

@@ -569,14 +569,12 @@ void append_to_cache(const OpPlan& plan, TensorIo& io, const float* y, const Dim
 // each value rounded as ORT's Cast rounds it, and as [B, T, H, D] too where the plan says so. y may be null when it
 // has no element.
 void write_head_split(const OpPlan& plan, TensorIo& io, const float* y, const Dims& y_dims) {
-  const int64_t H = plan.head_split_heads, D = plan.head_split_depth;
-  if (y_dims.size() != 3 || y_dims[2] != H * D)
-    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': its product does not split into " +
-                                                 std::to_string(H) + " heads of " + std::to_string(D));
-  const int64_t B = y_dims[0], T = y_dims[1];
-  uint16_t* split = io.output_bf16(plan.output, {B, H, T, D});
-  uint16_t* frames =
-      plan.head_split_frames_first.empty() ? nullptr : io.output_bf16(plan.head_split_frames_first, {B, T, H, D});
+  if (std::string why = head_split_miss(plan, y_dims); !why.empty())
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': " + why);
+  const int64_t H = plan.head_split_heads, D = plan.head_split_depth, B = y_dims[0], T = y_dims[1];
+  const HeadSplitOutputs out = head_split_outputs(plan, io, y_dims);
+  uint16_t* split = out.split;
+  uint16_t* frames = out.frames;
   const int64_t rows = B * T, width = H * D;
   if (rows * width == 0) return;
   // One pass over y, row by row (contiguous reads): each row rounded once, into the frames-first output or a
@@ -598,6 +596,21 @@ void write_head_split(const OpPlan& plan, TensorIo& io, const float* y, const Di
 }
 
 }  // namespace
+
+std::string head_split_miss(const OpPlan& plan, const Dims& y_dims) {
+  const int64_t H = plan.head_split_heads, D = plan.head_split_depth;
+  if (y_dims.size() != 3 || y_dims[2] != H * D)
+    return "its product does not split into " + std::to_string(H) + " heads of " + std::to_string(D);
+  return "";
+}
+
+HeadSplitOutputs head_split_outputs(const OpPlan& plan, TensorIo& io, const Dims& y_dims) {
+  const int64_t B = y_dims[0], T = y_dims[1], H = plan.head_split_heads, D = plan.head_split_depth;
+  HeadSplitOutputs out;
+  out.split = io.output_bf16(plan.output, {B, H, T, D});
+  if (!plan.head_split_frames_first.empty()) out.frames = io.output_bf16(plan.head_split_frames_first, {B, T, H, D});
+  return out;
+}
 
 std::string matmul_epilogue(const OpPlan& plan, TensorIo& io, int64_t N, const Dims& out_dims,
                             kernels::GemmEpilogue* epilogue, Tensor* broadcast_residual) {

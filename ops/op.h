@@ -201,6 +201,17 @@ std::string matmul_epilogue(const OpPlan& plan, TensorIo& io, int64_t N, const s
 // "" when it can): int8, a constant 2-D weight, A read as it lies. Each path adds its own conditions.
 std::string int8_constant_product_miss(const OpPlan& plan);
 
+// The head split of a MatMul's product (OpPlan::head_split_heads): why a product of `y_dims` does not split into
+// the plan's heads ("" when it does: [B, T, H * D]).
+std::string head_split_miss(const OpPlan& plan, const std::vector<int64_t>& y_dims);
+// Its bfloat16 outputs for a product of `y_dims` (head_split_miss says ""): [B, H, T, D], and [B, T, H, D] where the
+// plan makes it (frames null: not made).
+struct HeadSplitOutputs {
+  uint16_t* split = nullptr;
+  uint16_t* frames = nullptr;
+};
+HeadSplitOutputs head_split_outputs(const OpPlan& plan, TensorIo& io, const std::vector<int64_t>& y_dims);
+
 // One row of the op table.
 struct OpModule {
   const char* domain;
