@@ -162,15 +162,18 @@ void Dispatcher::gemm(const kernels::GemmArgs& args, size_t weight) {
   run(args, w);
 }
 
+bool Dispatcher::int8_product_on(const kernels::Backend* primary, int64_t M) const {
+  if (weights_.size() != 1 || primary_.get() != primary || !primary_ok_) return false;
+  const Weight& w = weights_[0];
+  const auto& s = w.host->shape;
+  const auto int8 = kernels::Precision::kInt8;
+  return w.host->precision == int8 && w.device && primary->can_run_in(int8, M, s.K, s.N, nullptr);
+}
+
 bool Dispatcher::gemm_int8_chain(const kernels::GemmArgs& first, Dispatcher& next, const kernels::GemmArgs& second) {
-  if (weights_.size() != 1 || next.weights_.size() != 1 || primary_ != next.primary_) return false;
+  if (!int8_product_on(primary_.get(), first.M) || !next.int8_product_on(primary_.get(), second.M)) return false;
   const Weight &w1 = weights_[0], &w2 = next.weights_[0];
   const auto &s1 = w1.host->shape, &s2 = w2.host->shape;
-  const auto int8 = kernels::Precision::kInt8;
-  if (w1.host->precision != int8 || w2.host->precision != int8 || !w1.device || !w2.device || !primary_ok_ ||
-      !next.primary_ok_ || !primary_->can_run_in(int8, first.M, s1.K, s1.N, nullptr) ||
-      !primary_->can_run_in(int8, second.M, s2.K, s2.N, nullptr))
-    return false;
   if (!primary_->gemm_int8_chain({first, w1.device.get(), second, w2.device.get()})) return false;
   ++device_calls_;
   device_flop_ += flop_of(first.M, s1.K, s1.N);
@@ -183,14 +186,8 @@ bool Dispatcher::gemm_int8_chain(const kernels::GemmArgs& first, Dispatcher& nex
 
 bool Dispatcher::int8_shared_a_ready(const std::vector<Dispatcher*>& nodes, int64_t M) {
   if (nodes.empty() || !nodes[0]->primary_->runs_int8_shared_a()) return false;
-  const auto& primary = nodes[0]->primary_;
-  const auto int8 = kernels::Precision::kInt8;
-  for (const Dispatcher* d : nodes) {
-    if (d->weights_.size() != 1 || d->primary_ != primary || !d->primary_ok_) return false;
-    const Weight& w = d->weights_[0];
-    const auto& s = w.host->shape;
-    if (w.host->precision != int8 || !w.device || !primary->can_run_in(int8, M, s.K, s.N, nullptr)) return false;
-  }
+  for (const Dispatcher* d : nodes)
+    if (!d->int8_product_on(nodes[0]->primary_.get(), M)) return false;
   return true;
 }
 

@@ -107,6 +107,10 @@ class Dispatcher {
     std::shared_ptr<kernels::DeviceWeight> cpu;     // the fallback's copy (no upload: the host data itself)
   };
   Weight make_weight(std::shared_ptr<const kernels::PackedB> packed);
+  // Whether this node's product of M rows can be one of the int8 multi-product calls on `primary` (gemm_int8_chain,
+  // gemm_int8_shared_a): one constant int8 weight, held by `primary` as this node's primary backend, which has not
+  // faulted and runs the shape in int8.
+  bool int8_product_on(const kernels::Backend* primary, int64_t M) const;
   void run(const kernels::GemmArgs& args, const Weight& w);
   void run_batch(const std::vector<std::pair<kernels::GemmArgs, const Weight*>>& items);
   void on_cpu(CpuReason reason, uint64_t calls, uint64_t flop, const std::string& detail);

@@ -191,6 +191,12 @@ struct GemmEpilogue {
   const float* residual = nullptr;  // residual[m * ldr + n]; null: none. Never aliases C.
   int64_t ldr = 0;
   bool empty() const { return !bias && !gelu && !residual; }
+  // The same epilogue for a block of C that starts at row m of the product: its residual rows from m on.
+  GemmEpilogue from_row(int64_t m) const {
+    GemmEpilogue e = *this;
+    if (e.residual) e.residual += m * e.ldr;
+    return e;
+  }
 };
 
 // gelu_erf's rational x P(t) / Q(t), t = x^2: the coefficients from the highest power down, evaluated by Horner's

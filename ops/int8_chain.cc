@@ -10,12 +10,10 @@ namespace {
 
 using Dims = std::vector<int64_t>;
 
-// What a MatMul plan must be for either end of the chain: int8, a constant 2-D weight, A read as it lies.
+// What a MatMul plan must be for either end of the chain: an int8 product of a constant 2-D weight, A read as it
+// lies (int8_constant_product_miss), its output fp32.
 std::string not_a_chain_end(const OpPlan& p) {
-  if (p.op != OpPlan::Op::kMatMul) return "not a MatMul";
-  if (p.precision != kernels::Precision::kInt8) return std::string("runs in ") + kernels::precision_name(p.precision);
-  if (!p.b.constant || p.weight_shape.size() != 2 || p.b.rank != 2) return "its weight is not a constant 2-D B";
-  if (!p.a.perm.empty() || !p.a.split.empty()) return "reads A through a Transpose or Reshape";
+  if (std::string why = int8_constant_product_miss(p); !why.empty()) return why;
   if (p.output_bf16 || p.cache_past.present) return "writes a bfloat16 output or a cache";
   return "";
 }
@@ -49,23 +47,17 @@ bool run_int8_chain(const OpPlan& first, ep::Dispatcher& first_dispatch, const O
   Dims mid_dims(a.dims.begin(), a.dims.end() - 1), out_dims = mid_dims;
   mid_dims.push_back(s1.N);
   out_dims.push_back(s2.N);
-  // Each node's epilogue as run_matmul builds it; a residual that broadcasts (added after the products) declines.
+  // Each node's epilogue as run_matmul builds it (matmul_epilogue); one it cannot run (run_matmul says why) or a
+  // residual that broadcasts (added after the products) declines.
   kernels::GemmEpilogue e[2];
   const OpPlan* plans[2] = {&first, &second};
   const int64_t n_of[2] = {s1.N, s2.N};
   const Dims* dims_of[2] = {&mid_dims, &out_dims};
   for (int i = 0; i < 2; ++i) {
-    const OpPlan& p = *plans[i];
-    if (!p.bias_value.empty()) {
-      if (static_cast<int64_t>(p.bias_value.size()) != n_of[i]) return false;  // run_matmul says why
-      e[i].bias = p.bias_value.data();
-    }
-    e[i].gelu = p.epilogue_gelu;
-    if (p.residual.present) {
-      const Tensor r = io.input(p.residual.name);
-      if (!r.data || r.dims != *dims_of[i]) return false;
-      e[i].residual = r.data, e[i].ldr = n_of[i];
-    }
+    Tensor broadcast_residual;
+    if (!matmul_epilogue(*plans[i], io, n_of[i], *dims_of[i], &e[i], &broadcast_residual).empty() ||
+        broadcast_residual.data)
+      return false;
   }
   if (s2.N == 0) return false;  // nothing to chain: run_matmul handles empty outputs
   float* y = io.output(second.output, out_dims);

@@ -13,10 +13,7 @@ bool int8_shared_a_enabled() {
 }
 
 std::string int8_shared_a_miss(const OpPlan& p) {
-  if (p.op != OpPlan::Op::kMatMul) return "not a MatMul";
-  if (p.precision != kernels::Precision::kInt8) return std::string("runs in ") + kernels::precision_name(p.precision);
-  if (!p.b.constant || p.weight_shape.size() != 2 || p.b.rank != 2) return "its weight is not a constant 2-D B";
-  if (!p.a.perm.empty() || !p.a.split.empty()) return "reads A through a Transpose or Reshape";
+  if (std::string why = int8_constant_product_miss(p); !why.empty()) return why;
   if (p.cache_past.present) return "appends to a cache";
   if (p.residual.present) return "adds a residual";
   return "";
@@ -39,38 +36,41 @@ bool run_int8_shared_a(const std::vector<const OpPlan*>& plans, const std::vecto
   if (M < kernels::kInt8ChainMinRows)
     return *why = "few rows (" + std::to_string(M) + "): each product is bound by reading its weight", false;
   const int64_t K = x.dims.back();
+  // Each product's output shape and epilogue (as run_matmul has them: matmul_epilogue); the outputs themselves are
+  // placed only once the set is sure to run.
+  std::vector<kernels::SharedAProduct> products(plans.size());
+  std::vector<Dims> out_dims(plans.size(), Dims(x.dims.begin(), x.dims.end() - 1));
   for (size_t i = 0; i < plans.size(); ++i) {
+    const OpPlan& p = *plans[i];
     const ep::Dispatcher& d = *dispatchers[i];
     if (!d.weight_batch_shape().empty() || d.weight_shape(0).K != K)
-      return *why = "node '" + plans[i]->node_name + "' has another inner dimension", false;  // run_matmul says so
-    if (!plans[i]->bias_value.empty() && static_cast<int64_t>(plans[i]->bias_value.size()) != d.weight_shape(0).N)
-      return *why = "node '" + plans[i]->node_name + "' has a bias of another size", false;
-    if (plans[i]->head_split_heads > 0 &&
-        (x.dims.size() != 3 || plans[i]->head_split_heads * plans[i]->head_split_depth != d.weight_shape(0).N))
-      return *why = "node '" + plans[i]->node_name + "': its product does not split into its heads", false;
+      return *why = "node '" + p.node_name + "' has another inner dimension", false;  // run_matmul says so
+    const int64_t N = d.weight_shape(0).N;
+    out_dims[i].push_back(N);
+    Tensor broadcast_residual;  // (int8_shared_a_miss: no residual)
+    if (std::string w = matmul_epilogue(p, io, N, out_dims[i], &products[i].epilogue, &broadcast_residual);
+        !w.empty() || broadcast_residual.data)
+      return *why = "node '" + p.node_name + "': " + (w.empty() ? "a residual that broadcasts" : w), false;
+    if (p.head_split_heads > 0)
+      if (std::string w = head_split_miss(p, out_dims[i]); !w.empty())
+        return *why = "node '" + p.node_name + "': " + w, false;
   }
   if (!ep::Dispatcher::int8_shared_a_ready(dispatchers, M)) return *why = "the backend runs them one by one", false;
   const Tensor a = first.layernorm_output.empty() ? x : layernorm_prologue(first, io);
   if (!a.data || a.dims != x.dims) return *why = "A prologue of another shape", false;
-  std::vector<kernels::SharedAProduct> products(plans.size());
   for (size_t i = 0; i < plans.size(); ++i) {
     const OpPlan& p = *plans[i];
     const int64_t N = dispatchers[i]->weight_shape(0).N;
-    Dims out_dims(a.dims.begin(), a.dims.end() - 1);
-    out_dims.push_back(N);
     kernels::SharedAProduct& pr = products[i];
-    if (!p.bias_value.empty()) pr.epilogue.bias = p.bias_value.data();
-    pr.epilogue.gelu = p.epilogue_gelu;
     if (p.head_split_heads > 0) {
-      const int64_t B = out_dims[0], T = out_dims[1], H = p.head_split_heads, D = p.head_split_depth;
-      pr.heads_bf16 = io.output_bf16(p.output, {B, H, T, D});
-      pr.heads = H, pr.depth = D, pr.rows_per_batch = T;
-      if (!p.head_split_frames_first.empty())
-        pr.c_bf16 = io.output_bf16(p.head_split_frames_first, {B, T, H, D}), pr.ldc_bf16 = N;
+      const HeadSplitOutputs out = head_split_outputs(p, io, out_dims[i]);
+      pr.heads_bf16 = out.split;
+      pr.heads = p.head_split_heads, pr.depth = p.head_split_depth, pr.rows_per_batch = out_dims[i][1];
+      if (out.frames) pr.c_bf16 = out.frames, pr.ldc_bf16 = N;
     } else if (p.output_bf16) {
-      pr.c_bf16 = io.output_bf16(p.output, out_dims), pr.ldc_bf16 = N;
+      pr.c_bf16 = io.output_bf16(p.output, out_dims[i]), pr.ldc_bf16 = N;
     } else {
-      pr.c = io.output(p.output, out_dims), pr.ldc = N;
+      pr.c = io.output(p.output, out_dims[i]), pr.ldc = N;
     }
   }
   if (!ep::Dispatcher::gemm_int8_shared_a(dispatchers, a.data, M, K, products))

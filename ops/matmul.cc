@@ -569,14 +569,12 @@ void append_to_cache(const OpPlan& plan, TensorIo& io, const float* y, const Dim
 // each value rounded as ORT's Cast rounds it, and as [B, T, H, D] too where the plan says so. y may be null when it
 // has no element.
 void write_head_split(const OpPlan& plan, TensorIo& io, const float* y, const Dims& y_dims) {
-  const int64_t H = plan.head_split_heads, D = plan.head_split_depth;
-  if (y_dims.size() != 3 || y_dims[2] != H * D)
-    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': its product does not split into " +
-                                                 std::to_string(H) + " heads of " + std::to_string(D));
-  const int64_t B = y_dims[0], T = y_dims[1];
-  uint16_t* split = io.output_bf16(plan.output, {B, H, T, D});
-  uint16_t* frames =
-      plan.head_split_frames_first.empty() ? nullptr : io.output_bf16(plan.head_split_frames_first, {B, T, H, D});
+  if (std::string why = head_split_miss(plan, y_dims); !why.empty())
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': " + why);
+  const int64_t H = plan.head_split_heads, D = plan.head_split_depth, B = y_dims[0], T = y_dims[1];
+  const HeadSplitOutputs out = head_split_outputs(plan, io, y_dims);
+  uint16_t* split = out.split;
+  uint16_t* frames = out.frames;
   const int64_t rows = B * T, width = H * D;
   if (rows * width == 0) return;
   // One pass over y, row by row (contiguous reads): each row rounded once, into the frames-first output or a
@@ -598,6 +596,48 @@ void write_head_split(const OpPlan& plan, TensorIo& io, const float* y, const Di
 }
 
 }  // namespace
+
+std::string head_split_miss(const OpPlan& plan, const Dims& y_dims) {
+  const int64_t H = plan.head_split_heads, D = plan.head_split_depth;
+  if (y_dims.size() != 3 || y_dims[2] != H * D)
+    return "its product does not split into " + std::to_string(H) + " heads of " + std::to_string(D);
+  return "";
+}
+
+HeadSplitOutputs head_split_outputs(const OpPlan& plan, TensorIo& io, const Dims& y_dims) {
+  const int64_t B = y_dims[0], T = y_dims[1], H = plan.head_split_heads, D = plan.head_split_depth;
+  HeadSplitOutputs out;
+  out.split = io.output_bf16(plan.output, {B, H, T, D});
+  if (!plan.head_split_frames_first.empty()) out.frames = io.output_bf16(plan.head_split_frames_first, {B, T, H, D});
+  return out;
+}
+
+std::string matmul_epilogue(const OpPlan& plan, TensorIo& io, int64_t N, const Dims& out_dims,
+                            kernels::GemmEpilogue* epilogue, Tensor* broadcast_residual) {
+  *epilogue = {};
+  *broadcast_residual = {};
+  if (!plan.bias_value.empty()) {
+    if (static_cast<int64_t>(plan.bias_value.size()) != N)
+      return "bias of " + std::to_string(plan.bias_value.size()) + " values for N=" + std::to_string(N);
+    epilogue->bias = plan.bias_value.data();
+  }
+  epilogue->gelu = plan.epilogue_gelu;
+  if (plan.residual.present) {
+    Tensor residual = io.input(plan.residual.name);
+    if (!residual.data) return "residual is not float32";
+    if (residual.dims != out_dims) *broadcast_residual = std::move(residual);
+    else epilogue->residual = residual.data, epilogue->ldr = N;
+  }
+  return "";
+}
+
+std::string int8_constant_product_miss(const OpPlan& p) {
+  if (p.op != OpPlan::Op::kMatMul) return "not a MatMul";
+  if (p.precision != kernels::Precision::kInt8) return std::string("runs in ") + kernels::precision_name(p.precision);
+  if (!p.b.constant || p.weight_shape.size() != 2 || p.b.rank != 2) return "its weight is not a constant 2-D B";
+  if (!p.a.perm.empty() || !p.a.split.empty()) return "reads A through a Transpose or Reshape";
+  return "";
+}
 
 Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io) {
   if (io.made(plan.layernorm_output)) return io.input(plan.layernorm_output);
@@ -682,26 +722,12 @@ void run_matmul(const OpPlan& plan, TensorIo& io, ep::Dispatcher& dispatch) {
   // The epilogue (kernels/gemm_contract.h): bias and GELU per product; the residual too when it has the output's
   // shape, else (symbolic dims that broadcast at run time) added here after every product has run.
   kernels::GemmEpilogue epilogue;
-  if (!plan.bias_value.empty()) {
-    if (static_cast<int64_t>(plan.bias_value.size()) != N)
-      throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': bias of " +
-                                                   std::to_string(plan.bias_value.size()) + " values for N=" +
-                                                   std::to_string(N));
-    epilogue.bias = plan.bias_value.data();
-  }
-  epilogue.gelu = plan.epilogue_gelu;
-  Tensor residual;
-  bool residual_broadcasts = false;
-  if (plan.residual.present) {
-    residual = io.input(plan.residual.name);
-    if (!residual.data)
-      throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': residual is not float32");
-    residual_broadcasts = residual.dims != out_dims;
-    if (!residual_broadcasts) epilogue.residual = residual.data, epilogue.ldr = N;
-  }
+  Tensor residual;  // the residual that broadcasts (data null: none)
+  if (std::string why = matmul_epilogue(plan, io, N, out_dims, &epilogue, &residual); !why.empty())
+    throw ep::OrtError(ORT_INVALID_ARGUMENT, "node '" + plan.node_name + "': " + why);
+  const bool residual_broadcasts = residual.data != nullptr;
   auto with_epilogue = [&](kernels::GemmArgs args, int64_t row0) {
-    args.epilogue = epilogue;
-    if (epilogue.residual) args.epilogue.residual = epilogue.residual + row0 * N;
+    args.epilogue = epilogue.from_row(row0);
     return args;
   };
   auto add_broadcast_residual = [&] {

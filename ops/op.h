@@ -188,6 +188,30 @@ class TensorIo {
 // the first reader of this call (kernels::layernorm_rows) into a tensor of the group that the others then read.
 Tensor layernorm_prologue(const OpPlan& plan, TensorIo& io);
 
+// The GEMM epilogue (kernels/gemm_contract.h, "Epilogue") a MatMul plan asks of its product, whose output is
+// `out_dims` with N columns: its bias and GELU, and its residual where that has the output's shape (read from row 0,
+// N apart). A residual of another shape (symbolic dims that broadcast at run time) is left out of *epilogue and
+// given in *broadcast_residual (data null: none), for the caller to add after the products or to decline. Returns
+// why the plan's epilogue cannot run at all ("" when it can): a bias of another size, a residual not float32.
+// run_matmul and the int8 multi-product paths (ops/int8_chain.h, ops/int8_shared_a.h) build their epilogues here.
+std::string matmul_epilogue(const OpPlan& plan, TensorIo& io, int64_t N, const std::vector<int64_t>& out_dims,
+                            kernels::GemmEpilogue* epilogue, Tensor* broadcast_residual);
+
+// Why a MatMul plan cannot be a product of the int8 multi-product paths (ops/int8_chain.h, ops/int8_shared_a.h;
+// "" when it can): int8, a constant 2-D weight, A read as it lies. Each path adds its own conditions.
+std::string int8_constant_product_miss(const OpPlan& plan);
+
+// The head split of a MatMul's product (OpPlan::head_split_heads): why a product of `y_dims` does not split into
+// the plan's heads ("" when it does: [B, T, H * D]).
+std::string head_split_miss(const OpPlan& plan, const std::vector<int64_t>& y_dims);
+// Its bfloat16 outputs for a product of `y_dims` (head_split_miss says ""): [B, H, T, D], and [B, T, H, D] where the
+// plan makes it (frames null: not made).
+struct HeadSplitOutputs {
+  uint16_t* split = nullptr;
+  uint16_t* frames = nullptr;
+};
+HeadSplitOutputs head_split_outputs(const OpPlan& plan, TensorIo& io, const std::vector<int64_t>& y_dims);
+
 // One row of the op table.
 struct OpModule {
   const char* domain;

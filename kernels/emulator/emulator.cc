@@ -326,25 +326,45 @@ void split_columns(int64_t N, int64_t b_bytes, int threads, RunCols&& run_cols) 
 }
 
 
-// For compute-bound calls: tasks are (row block, column block) pairs, enough of them to balance `threads`; row
-// blocks are at most `block_m` rows, column blocks whole 64-wide tiles; run_block(m0, m1, n0, n1) computes one.
+// The task geometry of a compute-bound call: (row block, column block) pairs, enough of them to balance `threads`;
+// row blocks are at most `block_m` rows, column blocks whole 64-wide tiles. Task t is row block t / n_blocks,
+// column block t % n_blocks. split_blocks runs one product's tasks; emulator_gemm_int8_shared_a runs several
+// products' tasks as one job, each product split as split_blocks splits it alone.
+struct BlockSplit {
+  int64_t M = 0, N = 0;
+  int64_t m_blocks = 0, rows_per_block = 0;  // row blocks: m_blocks of rows_per_block rows (the last may be short)
+  int64_t n_blocks = 0, cols_per_block = 0;  // column blocks: n_blocks of cols_per_block columns (whole tiles)
+
+  BlockSplit() = default;
+  BlockSplit(int64_t M_, int64_t N_, int64_t block_m, int threads) : M(M_), N(N_) {
+    const int64_t n_tiles = ceil_div(N, kTileN);
+    m_blocks = ceil_div(M, block_m);
+    rows_per_block = ceil_div(M, m_blocks);
+    n_blocks = std::min(n_tiles, threads == 1 ? 1 : ceil_div(kTasksPerThread * threads, m_blocks));
+    cols_per_block = ceil_div(n_tiles, n_blocks) * kTileN;
+  }
+  int64_t tasks() const { return m_blocks * n_blocks; }
+  // Task t's block [m0, m1) x [n0, n1); false when it is empty.
+  bool block(int64_t t, int64_t* m0, int64_t* m1, int64_t* n0, int64_t* n1) const {
+    const int64_t mb = t / n_blocks, nb = t % n_blocks;
+    *m0 = mb * rows_per_block, *m1 = std::min(M, *m0 + rows_per_block);
+    *n0 = nb * cols_per_block, *n1 = std::min(N, *n0 + cols_per_block);
+    return *m0 < *m1 && *n0 < *n1;
+  }
+};
+
+// For compute-bound calls: the tasks of BlockSplit(M, N, block_m, threads); run_block(m0, m1, n0, n1) computes one.
 template <class RunBlock>
 void split_blocks(int64_t M, int64_t N, int64_t block_m, int threads, RunBlock&& run_block) {
-  const int64_t n_tiles = ceil_div(N, kTileN);
-  const int64_t m_blocks = ceil_div(M, block_m);
-  const int64_t rows_per_block = ceil_div(M, m_blocks);
-  const int64_t n_blocks = std::min(n_tiles, threads == 1 ? 1 : ceil_div(kTasksPerThread * threads, m_blocks));
-  const int64_t tiles_per_block = ceil_div(n_tiles, n_blocks);
+  const BlockSplit split(M, N, block_m, threads);
   auto task = [&](int64_t t) {
-    const int64_t mb = t / n_blocks, nb = t % n_blocks;
-    const int64_t m0 = mb * rows_per_block, m1 = std::min(M, m0 + rows_per_block);
-    const int64_t n0 = nb * tiles_per_block * kTileN, n1 = std::min(N, n0 + tiles_per_block * kTileN);
-    if (m0 < m1 && n0 < n1) run_block(m0, m1, n0, n1);
+    int64_t m0, m1, n0, n1;
+    if (split.block(t, &m0, &m1, &n0, &n1)) run_block(m0, m1, n0, n1);
   };
   if (threads == 1) {
-    for (int64_t t = 0; t < m_blocks * n_blocks; ++t) task(t);
+    for (int64_t t = 0; t < split.tasks(); ++t) task(t);
   } else {
-    ThreadPool::instance().run(threads, m_blocks * n_blocks, task);
+    ThreadPool::instance().run(threads, split.tasks(), task);
   }
 }
 
@@ -725,9 +745,7 @@ bool emulator_gemm_int8_chain(const GemmArgs& first, const QuantizedB& b1, const
     float* qa2 = h + h_floats;
     float* sa = emu::scratch(5, static_cast<size_t>(2 * panel));
     // Each epilogue as the unchained call applies it, its residual rows offset to the panel's.
-    GemmEpilogue e1 = first.epilogue, e2 = second.epilogue;
-    if (e1.residual) e1.residual += m0 * e1.ldr;
-    if (e2.residual) e2.residual += m0 * e2.ldr;
+    const GemmEpilogue e1 = first.epilogue.from_row(m0), e2 = second.epilogue.from_row(m0);
     const emu::Int8Problem p1{first.a + m0 * first.lda, first.lda, qa1, sa, b1.q.data(), b1.scale.data(),
                               b1.colsum.data(), h, ldh, rows, K1, N1, b1.Kpad, e1.empty() ? nullptr : &e1};
     kern.quantize_rows(p1, 0, rows);
@@ -776,33 +794,24 @@ bool emulator_gemm_int8_shared_a(const float* a, int64_t M, int64_t lda, const S
   void* qa = sa + sa_floats;
   const emu::Int8Problem pa{a, lda, qa, sa, nullptr, nullptr, nullptr, nullptr, 0, M, K, 0, Kpad, nullptr};
   quantize_a(kern, pa, threads);
-  // Tasks: (product, row block, column block), the blocks emulator_gemm_int8's split_blocks makes for each product.
+  // Tasks: (product, row block, column block), each product's blocks as emulator_gemm_int8 splits it (BlockSplit).
   threads = static_cast<int>(std::clamp<int64_t>(macs / (2 * kMinMacsPerThread), 1, threads));
-  const int64_t m_blocks = emu::ceil_div(M, kInt8BlockM), rows_per_block = emu::ceil_div(M, m_blocks);
-  struct Split {
-    int64_t n_blocks, tiles_per_block;
-  };
-  std::vector<Split> split(count);
+  std::vector<emu::BlockSplit> split(count);
   std::vector<int64_t> first_task(count + 1, 0);
   for (size_t i = 0; i < count; ++i) {
-    const int64_t n_tiles = emu::ceil_div(b[i]->N, kTileN);
-    const int64_t n_blocks = std::min(n_tiles, threads == 1 ? 1 : emu::ceil_div(kTasksPerThread * threads, m_blocks));
-    split[i] = {n_blocks, emu::ceil_div(n_tiles, n_blocks)};
-    first_task[i + 1] = first_task[i] + m_blocks * n_blocks;
+    split[i] = emu::BlockSplit(M, b[i]->N, kInt8BlockM, threads);
+    first_task[i + 1] = first_task[i] + split[i].tasks();
   }
   auto task = [&](int64_t t) {
     const size_t i = static_cast<size_t>(std::upper_bound(first_task.begin(), first_task.end(), t) -
                                          first_task.begin()) - 1;
     const SharedAProduct& pr = products[i];
     const QuantizedB& qb = *b[i];
-    const int64_t local = t - first_task[i], mb = local / split[i].n_blocks, nb = local % split[i].n_blocks;
-    const int64_t m0 = mb * rows_per_block, m1 = std::min(M, m0 + rows_per_block);
-    const int64_t n0 = nb * split[i].tiles_per_block * kTileN, n1 = std::min(qb.N, n0 + split[i].tiles_per_block * kTileN);
-    if (m0 >= m1 || n0 >= n1) return;
+    int64_t m0, m1, n0, n1;
+    if (!split[i].block(t - first_task[i], &m0, &m1, &n0, &n1)) return;
     // The problem seen from row r0: quantised A, scales, residual and C start at that row.
     auto block = [&](int64_t r0, int64_t r1, float* c, int64_t ldc) {
-      GemmEpilogue e = pr.epilogue;
-      if (e.residual) e.residual += r0 * e.ldr;
+      const GemmEpilogue e = pr.epilogue.from_row(r0);
       const emu::Int8Problem p{a + r0 * lda, lda, static_cast<char*>(qa) + r0 * Kpad * kern.a_bytes, sa + r0,
                                qb.q.data(), qb.scale.data(), qb.colsum.data(), c, ldc, r1 - r0, K, qb.N, Kpad,
                                e.empty() ? nullptr : &e};
