@@ -6,6 +6,10 @@ the per-turn ratios. CPU/emulator figures; on a shared machine note the load (up
   --what attention: _native.emulator_attention on whisper-base's encoder self-attention (8 heads x 1500 x 1500 x 64,
                     threads=2), the fused many-row path alone
   --what window:    one encoder window of xdna transcribe's whisper-base model (precision auto), the whole graph
+  --what prompt:    one prompt run of that model, start(window, [50258, 50259, 50359]) (the 12 cross K/V projections
+                    and the decoder on 3 tokens, with its 3-row cross-attention)
+  --what step:      20 greedy decoder steps of that model (one token, batch 1) from the same prompt state; the time
+                    printed is per step
 """
 from __future__ import annotations
 
@@ -32,6 +36,25 @@ wm = m.model if hasattr(m, "model") else m
 mel = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32) * 0.3
 run = lambda: wm.encode(mel)
 run(); run()
+'''
+PROMPT = WINDOW + r'''
+w = wm.encode(mel)
+def prompt():
+    w.cross = None  # the window's cross K/V computed again (start() keeps them for its later prompts)
+    wm.start(w, [50258, 50259, 50359])
+run = prompt
+run(); run()
+'''
+STEP = PROMPT + r'''
+w.cross = None
+_, s0 = wm.start(w, [50258, 50259, 50359])
+tok = np.array([[440]], dtype=np.int64)
+def steps():
+    s = s0
+    for _ in range(20):
+        _, s = wm.step(s, tok, None)
+run = steps
+run()
 '''
 LOOP = r'''
 print("ready", flush=True)
@@ -61,10 +84,11 @@ def timed(p: subprocess.Popen) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="PYTHONPATH directory of the baseline build's package")
-    ap.add_argument("--what", choices=["attention", "window"], default="attention")
+    ap.add_argument("--what", choices=["attention", "window", "prompt", "step"], default="attention")
     ap.add_argument("--turns", type=int, default=21)
     a = ap.parse_args()
-    script = ATTENTION if a.what == "attention" else WINDOW
+    script = {"attention": ATTENTION, "window": WINDOW, "prompt": PROMPT, "step": STEP}[a.what]
+    per = 20 if a.what == "step" else 1
     base, new = start(script, a.base), start(script, None)
     tb, tn = [], []
     for i in range(a.turns):
@@ -77,9 +101,12 @@ def main() -> None:
     for p in (base, new):
         p.stdin.close()
         p.wait()
-    ratio = statistics.median(b / n for b, n in zip(tb, tn))
-    print(f"{a.what}: before {statistics.median(tb) * 1e3:.1f} ms, after {statistics.median(tn) * 1e3:.1f} ms "
-          f"(medians), median per-turn ratio {ratio:.2f}x over {a.turns} alternating turns; load {os.getloadavg()[0]:.1f}")
+    ratios = sorted(b / n for b, n in zip(tb, tn))
+    q = len(ratios) // 4
+    print(f"{a.what}: before {statistics.median(tb) / per * 1e3:.2f} ms, after {statistics.median(tn) / per * 1e3:.2f} ms "
+          f"(medians{', per step' if per > 1 else ''}), median per-turn ratio {statistics.median(ratios):.3f}x "
+          f"(quartiles {ratios[q]:.3f}-{ratios[-1 - q]:.3f}) over {a.turns} alternating turns; "
+          f"load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -455,17 +455,20 @@ PYBIND11_MODULE(_native, m) {
         "avx2 or unpacked (the generic kernel set's per-product path)");
   m.def("emulator_attention_bf16_kv", [set_mask](F32Array q, py::array_t<uint16_t, py::array::c_style> k,
                                                  py::array_t<uint16_t, py::array::c_style> v, float scale, int threads,
-                                                 std::optional<F32Array> mask, bool zero_nan_rows) {
+                                                 std::optional<F32Array> mask, bool zero_nan_rows,
+                                                 bool k_frames_first) {
         // emulator_attention with K and V given as bf16 bits (a graph's Cast to bfloat16, read as it lies): q
         // [H, M, D], k [H, T, D], v [H, T, Dv] (K and V as rows: the decoder's cross-attention layout).
-        if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0) ||
-            k.shape(2) != q.shape(2) || v.shape(1) != k.shape(1))
-          throw std::invalid_argument("q must be [H, M, D], k [H, T, D] and v [H, T, Dv]");
+        // k_frames_first: k is [T, H, D] (the prompt run's frames-first copy), each head's key rows H * D apart.
+        const int64_t kh = k_frames_first ? 1 : 0, kt = k_frames_first ? 0 : 1;
+        if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || k.shape(kh) != q.shape(0) || v.shape(0) != q.shape(0) ||
+            k.shape(2) != q.shape(2) || v.shape(1) != k.shape(kt))
+          throw std::invalid_argument("q must be [H, M, D], k [H, T, D] (or [T, H, D]) and v [H, T, Dv]");
         k::AttentionShape shape;
         const int64_t H = q.shape(0);
         shape.M = q.shape(1);
         shape.D = q.shape(2);
-        shape.T = k.shape(1);
+        shape.T = k.shape(kt);
         shape.Dv = v.shape(2);
         shape.scale = scale;
         shape.zero_nan_rows = zero_nan_rows;
@@ -473,9 +476,9 @@ PYBIND11_MODULE(_native, m) {
         py::array_t<float> o(std::vector<py::ssize_t>{H, M, Dv});
         std::vector<k::AttentionHead> heads(H);
         for (int64_t h = 0; h < H; ++h) {
-          heads[h] = k::AttentionHead{q.data() + h * M * D, D, nullptr, 1, D, nullptr, Dv, 1,
+          heads[h] = k::AttentionHead{q.data() + h * M * D, D, nullptr, 1, k_frames_first ? H * D : D, nullptr, Dv, 1,
                                       o.mutable_data() + h * M * Dv, Dv};
-          heads[h].kt_bf16 = k.data() + h * T * D;
+          heads[h].kt_bf16 = k.data() + (k_frames_first ? h * D : h * T * D);
           heads[h].v_bf16 = v.data() + h * T * Dv;
         }
         set_mask(heads, shape, mask);
@@ -485,8 +488,9 @@ PYBIND11_MODULE(_native, m) {
         }
         return o;
       }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("threads") = 0,
-      py::arg("mask") = py::none(), py::arg("zero_nan_rows") = false,
-      "emulator_attention with bf16 K and V (uint16 bits) as rows, all heads in one call");
+      py::arg("mask") = py::none(), py::arg("zero_nan_rows") = false, py::arg("k_frames_first") = false,
+      "emulator_attention with bf16 K and V (uint16 bits) as rows, all heads in one call; k_frames_first: k is "
+      "[T, H, D]");
   m.def("emulator_gemm_unpacked", [](F32Array a, F32Array b, int threads, bool b_transposed) {
         // b_transposed: `b` holds B^T [N, K] (B read as it lies, column by column).
         const int64_t Kb = b.ndim() == 2 ? b.shape(b_transposed ? 1 : 0) : -1;

@@ -3,8 +3,9 @@
 sets), attend_few_rows (avx512), attend_few_rows_avx2 (avx2), the unpacked GEMM kernels (generic). Against float64 within
 numerics.attention_bound: T off the 16-key blocks and odd (a key pair half empty), head dims off the 32-lane chunks,
 M = 1..16; bf16 K/V read as they lie give the bits of their fp32 values; each row alone gives the bits it gives among
-others, 1 and 2 threads alike; NaN/Inf rows and NaN in V as the contract says; every kernel set this CPU runs
-(XDNA_EMULATOR_ISA, one subprocess each)."""
+others, 1 and 2 threads alike; K frames-first (rows H * D apart, prefetched on avx2) gives the bits of K as rows;
+NaN/Inf rows and NaN in V as the contract says; every kernel set this CPU runs (XDNA_EMULATOR_ISA, one subprocess
+each)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,31 @@ def check_shape(H, M, T, D, Dv, scale, seed=0):
         np.testing.assert_array_equal(alone[:, 0].view(np.uint32), o[:, m].view(np.uint32))
 
 
+# K frames-first ([T, H, D], the prompt run's K: each head's key rows H * D apart), H, M, T, D, Dv, scale: rows 512
+# bytes apart or more are prefetched ahead on the avx2 set (T off the prefetch distance, odd, D off 16, M over the
+# row block), and 256 bytes apart are not.
+FRAMES_FIRST_SHAPES = [
+    (8, 3, 1500, 64, 64, 0.125),  # whisper-base's prompt run: 3 tokens
+    (8, 1, 1500, 64, 64, 0.125),
+    (8, 5, 1500, 64, 64, 0.125),
+    (4, 3, 77, 64, 64, 0.125),
+    (16, 2, 33, 40, 24, 40 ** -0.5),
+    (2, 3, 17, 64, 64, 0.125),
+]
+
+
+def check_frames_first(H, M, T, D, Dv, scale, seed=0):
+    """K read with its rows H * D apart gives the bits of K as rows (the same values)."""
+    q, k, v, k_bits, v_bits = operands(H, M, T, D, Dv, seed)
+    o = _native.emulator_attention_bf16_kv(q, k_bits, v_bits, scale, threads=2)
+    frames = np.ascontiguousarray(k_bits.transpose(1, 0, 2))
+    np.testing.assert_array_equal(
+        _native.emulator_attention_bf16_kv(q, frames, v_bits, scale, threads=2, k_frames_first=True).view(np.uint32),
+        o.view(np.uint32))
+    kt = k.transpose(0, 2, 1)
+    assert_within(o, attention_exact(q, kt, v, scale), attention_bound(q, kt, v, scale), f"{H}x{M}x{T}x{D}x{Dv}")
+
+
 def check_nan_rows():
     """A row whose scores hold NaN or +Inf, or only -Inf, gives NaN in that row only (ORT's Softmax); a NaN in V
     gives NaN in its column of every row (0 x NaN is NaN, as ORT's MatMul gives)."""
@@ -104,6 +130,11 @@ def test_few_rows_nan_and_inf():
     check_nan_rows()
 
 
+@pytest.mark.parametrize("shape", FRAMES_FIRST_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+def test_frames_first_keys_same_bits(shape):
+    check_frames_first(*shape)
+
+
 # The per-head few-row kernel each forced kernel set runs (emulator_attention.cc, few_row_kernel).
 FEW_ROW_KERNEL = {"generic": "unpacked", "avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512bf16",
                   "amx": "avx512bf16"}
@@ -117,6 +148,8 @@ _ISA_CHECK = textwrap.dedent("""
     for i, shape in enumerate(t.SHAPES):
         t.check_shape(*shape, seed=10 + i)
     t.check_nan_rows()
+    for i, shape in enumerate(t.FRAMES_FIRST_SHAPES):
+        t.check_frames_first(*shape, seed=40 + i)
     print("ok")
 """)
 

@@ -646,11 +646,35 @@ __attribute__((always_inline)) inline void scores_keys_avx2(const float* qb, int
   }
 }
 
+// The cache lines of key t's row (D elements at k + t ldk), fetched ahead of their use.
+template <typename KT>
+__attribute__((always_inline)) inline void prefetch_key(const KT* k, int64_t ldk, int64_t t, int64_t D) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(k + t * ldk), last = first + D * sizeof(KT) - 1;
+  for (uintptr_t line = first & ~uintptr_t{63}; line <= last; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
+}
+
+// Key rows this many bytes apart or more are prefetched kPrefetchKeys keys ahead: the prompt run's cross-attention
+// reads K through the frames-first [B, T, H, D] copy, one head's 64 bf16 values of each key 1 KB apart, 4 keys per
+// 4 KB page, which the hardware prefetchers (they stay within a page) do not follow: ~2x the time of K as rows at
+// 3 rows on Zen 3, ~1.4x with these prefetches (benchmarks/README.md, "few-row attention on AVX2"). K as rows (a
+// decoder step's cross K/V, the self-attention cache: 128 bytes apart) is read as before. Prefetches change no
+// value.
+constexpr int64_t kPrefetchStrideBytes = 512, kPrefetchKeys = 32;
+
 // Keys t0 .. t1 - 1 (a key's score does not depend on which others share its call: any range gives its bits).
 template <int R, int KK, typename KT>
 void scores_rows_avx2(const float* qb, int64_t D, const KT* k, int64_t ldk, int64_t T, float* s, int64_t t0,
                       int64_t t1) {
   int64_t t = t0;
+  if (ldk * static_cast<int64_t>(sizeof(KT)) >= kPrefetchStrideBytes) {
+    for (int64_t p = t0; p < std::min(t1, t0 + kPrefetchKeys); ++p) prefetch_key(k, ldk, p, D);
+    for (; t + KK <= t1; t += KK) {
+      for (int j = 0; j < KK; ++j)
+        if (t + kPrefetchKeys + j < t1) prefetch_key(k, ldk, t + kPrefetchKeys + j, D);
+      scores_keys_avx2<R, KK>(qb, D, k, ldk, t, s, T);
+    }
+  }
   for (; t + KK <= t1; t += KK) scores_keys_avx2<R, KK>(qb, D, k, ldk, t, s, T);
   for (; t < t1; ++t) scores_keys_avx2<R, 1>(qb, D, k, ldk, t, s, T);
 }
